@@ -111,9 +111,13 @@ pub fn print(graph: &Graph) -> String {
                 line.push(' ');
                 line.push_str(&quote(tensor));
             }
-            Op::Constant { value, .. } => {
+            Op::Constant { value, dtype } => {
                 line.push(' ');
-                line.push_str(&float_text(*value));
+                if dtype.is_float() {
+                    line.push_str(&float_text(*value));
+                } else {
+                    line.push_str(&format!("{}", *value as i64));
+                }
             }
             _ => {}
         }

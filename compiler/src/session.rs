@@ -1,0 +1,206 @@
+//! A loaded model and a running session over it: the carried state, the position, and the
+//! calls that feed tokens through the prefill and decode graphs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use griffin_ir::{verify, Graph, InputRole, ValueType};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{ModelError, RunError};
+use crate::interp::{Interpreter, Tensor};
+use crate::trace::{names, trace, GraphKind};
+
+/// A validated checkpoint with its traced graphs.
+pub struct Model {
+    pub checkpoint: Checkpoint,
+    pub prefill: Graph,
+    pub decode: Graph,
+}
+
+impl Model {
+    pub fn load(dir: &Path) -> Result<Model, ModelError> {
+        let checkpoint = Checkpoint::open(dir)?;
+        let params: BTreeMap<String, ValueType> = checkpoint
+            .config
+            .expected_tensors()
+            .into_iter()
+            .map(|(name, _)| {
+                let ty = checkpoint.value_type(&name).expect("validated checkpoint has every tensor");
+                (name, ty)
+            })
+            .collect();
+        let mut graphs = [GraphKind::Prefill, GraphKind::Decode].into_iter().map(|kind| {
+            let g = trace(&checkpoint.config, &params, kind).map_err(|source| ModelError::Trace {
+                graph: kind.name(),
+                source,
+            })?;
+            verify(&g).unwrap_or_else(|e| panic!("traced {} graph does not verify: {e}", kind.name()));
+            Ok::<_, ModelError>(g)
+        });
+        let prefill = graphs.next().expect("two graphs")?;
+        let decode = graphs.next().expect("two graphs")?;
+        Ok(Model {
+            checkpoint,
+            prefill,
+            decode,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.checkpoint.config.vocab_size
+    }
+
+    /// Rejects empty input and ids outside the vocabulary before anything runs.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<(), RunError> {
+        if ids.is_empty() {
+            return Err(RunError::EmptyIds);
+        }
+        let vocab = self.vocab_size();
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(&id) => Err(RunError::TokenOutOfRange { id, vocab }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One document in flight: carried state and the position of the next token.
+pub struct Session<'m> {
+    model: &'m Model,
+    interp: Interpreter<'m>,
+    state: HashMap<String, Tensor>,
+    position: usize,
+}
+
+fn zero_state(graph: &Graph) -> HashMap<String, Tensor> {
+    graph
+        .inputs()
+        .into_iter()
+        .filter(|(_, _, role, _)| *role == InputRole::State)
+        .map(|(_, name, _, ty)| {
+            let shape = ty
+                .shape
+                .dims()
+                .iter()
+                .map(|d| d.fixed().expect("state has a fixed shape") as usize)
+                .collect();
+            (name.to_string(), Tensor::zeros(shape))
+        })
+        .collect()
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m Model) -> Session<'m> {
+        Session {
+            model,
+            interp: Interpreter::new(&model.checkpoint),
+            state: zero_state(&model.decode),
+            position: 0,
+        }
+    }
+
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// Feeds `ids` through `graph`, carrying state; returns logits `[len, V]`.
+    fn call(&mut self, graph: &Graph, ids: &[u32]) -> Result<Tensor, RunError> {
+        self.model.check_ids(ids)?;
+        let mut inputs = std::mem::take(&mut self.state);
+        inputs.insert(
+            names::TOKENS.into(),
+            Tensor::i32(vec![ids.len()], ids.iter().map(|&i| i as i64).collect()),
+        );
+        inputs.insert(names::START.into(), Tensor::i32(vec![], vec![self.position as i64]));
+        let result = self.interp.run(graph, &inputs);
+        inputs.remove(names::TOKENS);
+        inputs.remove(names::START);
+        let mut outputs = match result {
+            Ok(o) => o,
+            Err(e) => {
+                self.state = inputs;
+                return Err(RunError::Interp(e));
+            }
+        };
+        let logits = outputs.remove(names::LOGITS).expect("graph has a logits output");
+        self.state = outputs;
+        self.position += ids.len();
+        Ok(logits)
+    }
+
+    /// Runs a prompt chunk through the prefill graph; logits for every position.
+    pub fn prefill(&mut self, ids: &[u32]) -> Result<Tensor, RunError> {
+        let graph = &self.model.prefill;
+        self.call(graph, ids)
+    }
+
+    /// Runs one token through the decode graph; its logits.
+    pub fn step(&mut self, id: u32) -> Result<Vec<f32>, RunError> {
+        let graph = &self.model.decode;
+        let logits = self.call(graph, &[id])?;
+        Ok(logits.floats().to_vec())
+    }
+}
+
+/// Logits `[T, V]` for `ids`: the first `prefill` ids (default all) through the prefill graph,
+/// each later id through one decode step; row t is the logits after id t.
+pub fn eval(model: &Model, ids: &[u32], prefill: Option<usize>) -> Result<Tensor, RunError> {
+    model.check_ids(ids)?;
+    let prefill = prefill.unwrap_or(ids.len());
+    if prefill > ids.len() {
+        return Err(RunError::PrefillTooLong {
+            prefill,
+            ids: ids.len(),
+        });
+    }
+    let vocab = model.vocab_size();
+    let mut session = Session::new(model);
+    let mut rows: Vec<f32> = Vec::with_capacity(ids.len() * vocab);
+    if prefill > 0 {
+        rows.extend_from_slice(session.prefill(&ids[..prefill])?.floats());
+    }
+    for &id in &ids[prefill..] {
+        rows.extend(session.step(id)?);
+    }
+    Ok(Tensor::f32(vec![ids.len(), vocab], rows))
+}
+
+/// Index of the largest value; the first one on ties, as the reference's argmax.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy continuation of `prompt`: up to `max_new` new ids, stopping after EOS unless
+/// `ignore_eos`. `on_token` sees each new id as it is produced.
+pub fn generate_greedy(
+    model: &Model,
+    prompt: &[u32],
+    max_new: usize,
+    ignore_eos: bool,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>, RunError> {
+    model.check_ids(prompt)?;
+    let eos = model.checkpoint.config.eos_token_id;
+    let mut session = Session::new(model);
+    let mut out = Vec::with_capacity(max_new);
+    if max_new == 0 {
+        return Ok(out);
+    }
+    let logits = session.prefill(prompt)?;
+    let vocab = model.vocab_size();
+    let mut next = argmax(&logits.floats()[(prompt.len() - 1) * vocab..]);
+    loop {
+        out.push(next);
+        on_token(next);
+        if out.len() == max_new || (next == eos && !ignore_eos) {
+            return Ok(out);
+        }
+        next = argmax(&session.step(next)?);
+    }
+}

@@ -1,0 +1,63 @@
+//! Shared by the integration tests: where the golden cases are and how to read them.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use safetensors::SafeTensors;
+
+/// The golden cases copied into the repository (`tests/golden/`), never `../shared`.
+pub fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden")
+}
+
+pub const CASES: [&str; 3] = ["tiny-f32", "tiny-bf16-sharded", "tiny-text"];
+
+pub struct Expected {
+    pub input_ids: Vec<u32>,
+    /// [T, V]
+    pub logits: Vec<f32>,
+    /// [S, V]: the last S positions, prefill(T-S) then S single steps.
+    pub decode_logits: Vec<f32>,
+    pub decode_steps: usize,
+    pub generated_ids: Vec<u32>,
+    pub vocab: usize,
+    pub prompt: Option<String>,
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn i64s_as_ids(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect()
+}
+
+pub fn expected(case: &str) -> Expected {
+    let dir = golden_dir().join(case);
+    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let logits = st.tensor("logits").unwrap();
+    let decode = st.tensor("decode_logits").unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    Expected {
+        input_ids: i64s_as_ids(st.tensor("input_ids").unwrap().data()),
+        logits: f32s(logits.data()),
+        decode_logits: f32s(decode.data()),
+        decode_steps: decode.shape()[0],
+        generated_ids: i64s_as_ids(st.tensor("generated_ids").unwrap().data()),
+        vocab: logits.shape()[1],
+        prompt: meta.get("prompt").and_then(|p| p.as_str()).map(str::to_string),
+    }
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Tolerance of an f32 engine against the float64 reference (golden/README.md).
+pub const F32_TOLERANCE: f32 = 5e-4;
