@@ -191,7 +191,9 @@ pub fn write_logits(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> 
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let given_ids = args.ids.as_deref().map(parse_ids).transpose()?;
     let model = load(&args.model_dir)?;
-    let bos = model.checkpoint.config.bos_token_id;
+    let config = &model.checkpoint.config;
+    let bos = config.bos_token_id;
+    let control_ids = [bos, config.eos_token_id, config.pad_token_id];
     let has_tokenizer = args.model_dir.join("tokenizer.json").is_file();
     let format = args
         .format
@@ -222,7 +224,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         OutputFormat::Text => tokenizer
             .as_ref()
             .expect("loaded for --format text")
-            .decode(&new_ids)
+            .decode(&new_ids, &control_ids)
             .map_err(|e| anyhow::anyhow!("cannot decode generated ids: {e}"))?,
     };
     write_stdout(&format!("{out}\n"))

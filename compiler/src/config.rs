@@ -53,6 +53,7 @@ pub struct Config {
     pub layers: Vec<BlockType>,
     pub bos_token_id: u32,
     pub eos_token_id: u32,
+    pub pad_token_id: u32,
 }
 
 fn bad(field: &str, message: impl Into<String>) -> ModelError {
@@ -248,6 +249,7 @@ impl Config {
             layers,
             bos_token_id: optional_token(obj, "bos_token_id", 2)?,
             eos_token_id: optional_token(obj, "eos_token_id", 1)?,
+            pad_token_id: optional_token(obj, "pad_token_id", 0)?,
         })
     }
 

@@ -38,8 +38,10 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// Text of `ids`, special tokens left out.
-    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
-        self.inner.decode(ids, true).map_err(|e| e.to_string())
+    /// Text of `ids`, with BOS, EOS and padding left out. Other special tokens stay: Gemma-style
+    /// tokenizers mark the byte-fallback pieces `<0x..>` special, and they are text.
+    pub fn decode(&self, ids: &[u32], control: &[u32]) -> Result<String, String> {
+        let kept: Vec<u32> = ids.iter().copied().filter(|id| !control.contains(id)).collect();
+        self.inner.decode(&kept, false).map_err(|e| e.to_string())
     }
 }

@@ -61,3 +61,24 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Tolerance of an f32 engine against the float64 reference (golden/README.md).
 pub const F32_TOLERANCE: f32 = 5e-4;
+
+/// Runs the built `griffinc` binary.
+pub fn griffinc(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_griffinc"))
+        .args(args)
+        .output()
+        .expect("griffinc runs")
+}
+
+/// Reads the `logits` tensor written by `griffinc eval`.
+pub fn read_logits(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    (t.shape().to_vec(), f32s(t.data()))
+}
+
+pub fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}

@@ -1,0 +1,99 @@
+//! The golden cases through the `griffinc` binary, as a user runs it.
+
+mod common;
+
+use common::{expected, golden_dir, griffinc, ids_arg, max_abs_diff, read_logits, CASES, F32_TOLERANCE};
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "griffinc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[test]
+fn eval_full_and_stepwise_match_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in CASES {
+        let e = expected(case);
+        let dir = golden_dir().join(case);
+        let ids = ids_arg(&e.input_ids);
+        let full = tmp.path().join(format!("{case}-full.safetensors"));
+        stdout(&griffinc(&["eval", dir.to_str().unwrap(), "--ids", &ids, "--out", full.to_str().unwrap()]));
+        let (shape, logits) = read_logits(&full);
+        assert_eq!(shape, vec![e.input_ids.len(), e.vocab]);
+        assert!(max_abs_diff(&logits, &e.logits) <= F32_TOLERANCE, "{case}");
+
+        let prefill = (e.input_ids.len() - e.decode_steps).to_string();
+        let steps = tmp.path().join(format!("{case}-steps.safetensors"));
+        stdout(&griffinc(&[
+            "eval",
+            dir.to_str().unwrap(),
+            "--ids",
+            &ids,
+            "--prefill",
+            &prefill,
+            "--backend",
+            "interp",
+            "--out",
+            steps.to_str().unwrap(),
+        ]));
+        let (_, logits) = read_logits(&steps);
+        let tail = &logits[(e.input_ids.len() - e.decode_steps) * e.vocab..];
+        assert!(max_abs_diff(tail, &e.decode_logits) <= F32_TOLERANCE, "{case}");
+    }
+}
+
+#[test]
+fn generate_ids_match_reference() {
+    for case in CASES {
+        let e = expected(case);
+        let dir = golden_dir().join(case);
+        let out = stdout(&griffinc(&[
+            "generate",
+            dir.to_str().unwrap(),
+            "--ids",
+            &ids_arg(&e.input_ids),
+            "--max-new-tokens",
+            &e.generated_ids.len().to_string(),
+            "--ignore-eos",
+            "--format",
+            "ids",
+        ]));
+        assert_eq!(out.trim(), ids_arg(&e.generated_ids), "{case}");
+    }
+}
+
+#[test]
+fn generate_from_prompt_text() {
+    let e = expected("tiny-text");
+    let dir = golden_dir().join("tiny-text");
+    let n = e.generated_ids.len().to_string();
+    let prompt = e.prompt.clone().unwrap();
+    let base = ["generate", dir.to_str().unwrap(), "--prompt", &prompt, "--max-new-tokens", &n, "--ignore-eos"];
+    let ids = stdout(&griffinc(&[&base[..], &["--format", "ids"]].concat()));
+    assert_eq!(ids.trim(), ids_arg(&e.generated_ids));
+    // Text is the default where the folder has a tokenizer.
+    let text = stdout(&griffinc(&base));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    assert_eq!(text.strip_suffix('\n').unwrap(), meta["generated_text"].as_str().unwrap());
+}
+
+#[test]
+fn ir_dump_parses_and_verifies() {
+    for case in CASES {
+        let dir = golden_dir().join(case);
+        for graph in ["prefill", "decode"] {
+            let text = stdout(&griffinc(&["ir", dir.to_str().unwrap(), "--graph", graph]));
+            let parsed = griffin_ir::text::parse(&text).unwrap();
+            griffin_ir::verify(&parsed).unwrap();
+            assert_eq!(griffin_ir::text::print(&parsed), text);
+        }
+        let dot = stdout(&griffinc(&["ir", dir.to_str().unwrap(), "--format", "dot"]));
+        assert!(dot.starts_with("digraph \"prefill\" {"));
+        assert!(dot.contains("local_attention"));
+    }
+}
