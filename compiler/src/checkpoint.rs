@@ -56,9 +56,12 @@ fn map_dtype(d: Dtype) -> Option<DType> {
     }
 }
 
+/// A tensor as a file header lists it: name, dtype, shape, byte range in the file.
+type HeaderEntry = (String, Dtype, Vec<usize>, usize, usize);
+
 /// Maps one safetensors file and reads its header; the header is checked against the file's
 /// length, so a truncated file or an oversized header length is caught here.
-fn open_safetensors(path: &Path) -> Result<(Mmap, Vec<(String, Dtype, Vec<usize>, usize, usize)>), ModelError> {
+fn open_safetensors(path: &Path) -> Result<(Mmap, Vec<HeaderEntry>), ModelError> {
     let bad = |message: String| ModelError::BadSafetensors {
         file: path.to_path_buf(),
         message,
@@ -75,7 +78,9 @@ fn open_safetensors(path: &Path) -> Result<(Mmap, Vec<(String, Dtype, Vec<usize>
         })?
         .len();
     if len < 8 {
-        return Err(bad(format!("{len} bytes is shorter than the 8-byte header length")));
+        return Err(bad(format!(
+            "{len} bytes is shorter than the 8-byte header length"
+        )));
     }
     // SAFETY: the mapping is read-only; a checkpoint modified while it is mapped is outside
     // what we support, as for every engine that maps its weights.
@@ -104,7 +109,13 @@ fn open_safetensors(path: &Path) -> Result<(Mmap, Vec<(String, Dtype, Vec<usize>
         .into_iter()
         .map(|(name, info)| {
             let (s, e) = info.data_offsets;
-            (name, info.dtype, info.shape.clone(), data_start + s, data_start + e)
+            (
+                name,
+                info.dtype,
+                info.shape.clone(),
+                data_start + s,
+                data_start + e,
+            )
         })
         .collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -138,20 +149,27 @@ impl Checkpoint {
             path: index_path.to_path_buf(),
             source,
         })?;
-        let index: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::BadIndex(format!("invalid JSON: {e}")))?;
+        let index: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::BadIndex(format!("invalid JSON: {e}")))?;
         let Some(map) = index.get("weight_map").and_then(|m| m.as_object()) else {
             return Err(ModelError::BadIndex("no `weight_map` object".into()));
         };
         let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (name, file) in map {
             let Some(file) = file.as_str() else {
-                return Err(ModelError::BadIndex(format!("`{name}` maps to {file}, not a file name")));
+                return Err(ModelError::BadIndex(format!(
+                    "`{name}` maps to {file}, not a file name"
+                )));
             };
             if file.contains('/') || file.contains('\\') || file == ".." {
-                return Err(ModelError::BadIndex(format!("shard name {file:?} is not a plain file name")));
+                return Err(ModelError::BadIndex(format!(
+                    "shard name {file:?} is not a plain file name"
+                )));
             }
-            by_file.entry(file.to_string()).or_default().push(name.clone());
+            by_file
+                .entry(file.to_string())
+                .or_default()
+                .push(name.clone());
         }
         for (file, names) in by_file {
             if !self.dir.join(&file).is_file() {
@@ -223,11 +241,19 @@ impl Checkpoint {
                 });
             }
         }
-        let expected: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-        if let Some((name, entry)) = self.tensors.iter().find(|(n, _)| !expected.contains(n.as_str())) {
+        let expected: std::collections::HashSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
+        if let Some((name, entry)) = self
+            .tensors
+            .iter()
+            .find(|(n, _)| !expected.contains(n.as_str()))
+        {
             return Err(ModelError::UnexpectedTensor {
                 name: name.clone(),
-                file: self.files.get(entry.file).map_or_else(|| "?".into(), |f| f.name.clone()),
+                file: self
+                    .files
+                    .get(entry.file)
+                    .map_or_else(|| "?".into(), |f| f.name.clone()),
             });
         }
         Ok(())
@@ -239,9 +265,12 @@ impl Checkpoint {
 
     /// The IR type of a stored tensor.
     pub fn value_type(&self, name: &str) -> Option<ValueType> {
-        self.tensors
-            .get(name)
-            .map(|e| ValueType::new(e.dtype, e.shape.iter().map(|&n| n.into()).collect::<Vec<_>>()))
+        self.tensors.get(name).map(|e| {
+            ValueType::new(
+                e.dtype,
+                e.shape.iter().map(|&n| n.into()).collect::<Vec<_>>(),
+            )
+        })
     }
 
     /// The raw little-endian bytes of a tensor, straight from the mapping.

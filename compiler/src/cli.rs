@@ -12,7 +12,11 @@ use crate::session::{eval, generate_greedy, Model};
 use crate::tokenizer::TextTokenizer;
 
 #[derive(Parser, Debug)]
-#[command(name = "griffinc", version, about = "Ahead-of-time compiler for Griffin (RecurrentGemma) models")]
+#[command(
+    name = "griffinc",
+    version,
+    about = "Ahead-of-time compiler for Griffin (RecurrentGemma) models"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -107,8 +111,9 @@ pub fn parse_ids(text: &str) -> Result<Vec<u32>> {
     text.split(',')
         .map(|part| {
             let part = part.trim();
-            part.parse::<u32>()
-                .with_context(|| format!("--ids: `{part}` is not a token id (expected a non-negative integer)"))
+            part.parse::<u32>().with_context(|| {
+                format!("--ids: `{part}` is not a token id (expected a non-negative integer)")
+            })
         })
         .collect()
 }
@@ -169,9 +174,11 @@ fn run_eval(args: EvalArgs) -> Result<()> {
 /// leaves a partial file behind.
 pub fn write_logits(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
-        .context("cannot build the logits tensor")?;
-    let serialized = safetensors::serialize([("logits", view)], None).context("cannot serialize logits")?;
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
+            .context("cannot build the logits tensor")?;
+    let serialized =
+        safetensors::serialize([("logits", view)], None).context("cannot serialize logits")?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -179,7 +186,11 @@ pub fn write_logits(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> 
     let file_name = path
         .file_name()
         .with_context(|| format!("--out {}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let written = std::fs::write(&tmp, &serialized).and_then(|_| std::fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
@@ -195,9 +206,11 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let bos = config.bos_token_id;
     let control_ids = [bos, config.eos_token_id, config.pad_token_id];
     let has_tokenizer = args.model_dir.join("tokenizer.json").is_file();
-    let format = args
-        .format
-        .unwrap_or(if has_tokenizer { OutputFormat::Text } else { OutputFormat::Ids });
+    let format = args.format.unwrap_or(if has_tokenizer {
+        OutputFormat::Text
+    } else {
+        OutputFormat::Ids
+    });
     let tokenizer = if args.prompt.is_some() || format == OutputFormat::Text {
         Some(TextTokenizer::load(&args.model_dir, bos)?)
     } else {
@@ -214,7 +227,13 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     model.check_ids(&prompt)?;
     let new_ids = match args.backend {
-        Backend::Interp => generate_greedy(&model, &prompt, args.max_new_tokens, args.ignore_eos, |_| {})?,
+        Backend::Interp => generate_greedy(
+            &model,
+            &prompt,
+            args.max_new_tokens,
+            args.ignore_eos,
+            |_| {},
+        )?,
     };
     let out = match format {
         OutputFormat::Ids => {

@@ -75,7 +75,9 @@ fn required_usize(obj: &Map<String, Value>, field: &str) -> Result<usize, ModelE
 }
 
 fn optional_usize(obj: &Map<String, Value>, field: &str) -> Result<Option<usize>, ModelError> {
-    get(obj, field).map(|v| positive_usize(v, field)).transpose()
+    get(obj, field)
+        .map(|v| positive_usize(v, field))
+        .transpose()
 }
 
 fn positive_usize(v: &Value, field: &str) -> Result<usize, ModelError> {
@@ -120,7 +122,8 @@ impl Config {
     }
 
     pub fn from_json(text: &str) -> Result<Config, ModelError> {
-        let value: Value = serde_json::from_str(text).map_err(|e| ModelError::ConfigJson(e.to_string()))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| ModelError::ConfigJson(e.to_string()))?;
         let Value::Object(obj) = value else {
             return Err(ModelError::ConfigJson("expected a JSON object".into()));
         };
@@ -130,12 +133,18 @@ impl Config {
     fn from_object(obj: &Map<String, Value>) -> Result<Config, ModelError> {
         if let Some(model_type) = get(obj, "model_type").and_then(Value::as_str) {
             if model_type != "recurrent_gemma" {
-                return Err(bad("model_type", format!("{model_type:?} is not \"recurrent_gemma\"")));
+                return Err(bad(
+                    "model_type",
+                    format!("{model_type:?} is not \"recurrent_gemma\""),
+                ));
             }
         }
         if let Some(act) = get(obj, "hidden_activation").and_then(Value::as_str) {
             if act != "gelu_pytorch_tanh" {
-                return Err(bad("hidden_activation", format!("{act:?} is not supported (only \"gelu_pytorch_tanh\")")));
+                return Err(bad(
+                    "hidden_activation",
+                    format!("{act:?} is not supported (only \"gelu_pytorch_tanh\")"),
+                ));
             }
         }
         let hidden_size = required_usize(obj, "hidden_size")?;
@@ -158,15 +167,27 @@ impl Config {
                     _ => Err(ModelError::UnknownBlockType(item.to_string())),
                 })
                 .collect::<Result<Vec<_>, _>>()?,
-            Some(v) => return Err(bad("block_types", format!("expected a non-empty list, got {v}"))),
+            Some(v) => {
+                return Err(bad(
+                    "block_types",
+                    format!("expected a non-empty list, got {v}"),
+                ))
+            }
         };
-        let layers = (0..num_layers).map(|i| pattern[i % pattern.len()]).collect();
+        let layers = (0..num_layers)
+            .map(|i| pattern[i % pattern.len()])
+            .collect();
 
         // Rotary settings: top-level in the configs published with the checkpoints,
         // inside `rope_parameters` in newer ones.
         let rope = match get(obj, "rope_parameters") {
             Some(Value::Object(r)) => r.clone(),
-            Some(v) => return Err(bad("rope_parameters", format!("expected an object, got {v}"))),
+            Some(v) => {
+                return Err(bad(
+                    "rope_parameters",
+                    format!("expected an object, got {v}"),
+                ))
+            }
             None => Map::new(),
         };
         let rope_theta = match optional_f64(&rope, "rope_theta")? {
@@ -213,7 +234,10 @@ impl Config {
         // `head_dim` field says; so do we.
         let head_dim = hidden_size / num_heads;
         if !(0.0..=1.0).contains(&rotary_fraction) {
-            return Err(bad("partial_rotary_factor", format!("{rotary_fraction} is not in [0, 1]")));
+            return Err(bad(
+                "partial_rotary_factor",
+                format!("{rotary_fraction} is not in [0, 1]"),
+            ));
         }
         let rotary_dims = (head_dim as f64 * rotary_fraction) as usize;
         if rotary_dims % 2 != 0 {
@@ -221,13 +245,16 @@ impl Config {
                 "rotary dims {rotary_dims} (head_dim {head_dim} × partial_rotary_factor {rotary_fraction}) must be even"
             )));
         }
-        if !(rope_theta > 0.0) {
+        if !is_positive(rope_theta) {
             return Err(bad("rope_theta", format!("{rope_theta} is not positive")));
         }
-        if !(soft_cap > 0.0) {
-            return Err(bad("logits_soft_cap", format!("{soft_cap} is not positive")));
+        if !is_positive(soft_cap) {
+            return Err(bad(
+                "logits_soft_cap",
+                format!("{soft_cap} is not positive"),
+            ));
         }
-        if !(eps > 0.0) {
+        if !is_positive(eps) {
             return Err(bad("rms_norm_eps", format!("{eps} is not positive")));
         }
 
@@ -260,10 +287,18 @@ impl Config {
 
     /// Every tensor the checkpoint must hold, with its shape, in a fixed order.
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
-        let (d, l, f, k) = (self.hidden_size, self.lru_width, self.mlp_width, self.conv_width);
+        let (d, l, f, k) = (
+            self.hidden_size,
+            self.lru_width,
+            self.mlp_width,
+            self.conv_width,
+        );
         let (h, hd, hkv) = (self.num_heads, self.head_dim, self.num_kv_heads);
         let bw = l / h;
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, d])];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, d],
+        )];
         for (i, block) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let mut add = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
@@ -278,7 +313,10 @@ impl Config {
                     add("temporal_block.conv_1d.bias", vec![l]);
                     add("temporal_block.rg_lru.input_gate_weight", vec![h, bw, bw]);
                     add("temporal_block.rg_lru.input_gate_bias", vec![h, bw]);
-                    add("temporal_block.rg_lru.recurrent_gate_weight", vec![h, bw, bw]);
+                    add(
+                        "temporal_block.rg_lru.recurrent_gate_weight",
+                        vec![h, bw, bw],
+                    );
                     add("temporal_block.rg_lru.recurrent_gate_bias", vec![h, bw]);
                     add("temporal_block.rg_lru.recurrent_param", vec![l]);
                     add("temporal_block.linear_out.weight", vec![d, l]);
@@ -310,6 +348,11 @@ impl Config {
     }
 }
 
+/// False for zero, negatives and NaN.
+fn is_positive(x: f64) -> bool {
+    x > 0.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,7 +371,12 @@ mod tests {
         assert_eq!(c.lru_width, 80);
         assert_eq!(
             c.layers,
-            [BlockType::Recurrent, BlockType::Recurrent, BlockType::Attention, BlockType::Recurrent]
+            [
+                BlockType::Recurrent,
+                BlockType::Recurrent,
+                BlockType::Attention,
+                BlockType::Recurrent
+            ]
         );
     }
 
@@ -336,16 +384,25 @@ mod tests {
     fn embed_scale_is_rounded_to_bf16() {
         let c = Config::from_json(BASE).unwrap();
         assert_eq!(c.embed_scale(), 8.9375);
-        let c2560 = Config { hidden_size: 2560, ..c };
+        let c2560 = Config {
+            hidden_size: 2560,
+            ..c
+        };
         assert_eq!(c2560.embed_scale(), 50.5);
     }
 
     #[test]
     fn rejects_inconsistent_configs() {
-        let e = Config::from_json(&BASE.replace("\"num_attention_heads\": 5", "\"num_attention_heads\": 3")).unwrap_err();
+        let e = Config::from_json(
+            &BASE.replace("\"num_attention_heads\": 5", "\"num_attention_heads\": 3"),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("does not divide hidden_size"), "{e}");
         let e = Config::from_json(&BASE.replace("\"attention\"]", "\"mamba\"]")).unwrap_err();
-        assert!(e.to_string().contains("unknown block type \"mamba\""), "{e}");
+        assert!(
+            e.to_string().contains("unknown block type \"mamba\""),
+            "{e}"
+        );
         let e = Config::from_json(&BASE.replace("\"vocab_size\": 512,", "")).unwrap_err();
         assert!(e.to_string().contains("missing field `vocab_size`"), "{e}");
     }

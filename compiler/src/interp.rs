@@ -23,7 +23,9 @@ impl WeightSource for crate::checkpoint::Checkpoint {
 
 impl WeightSource for HashMap<String, Vec<f32>> {
     fn load_f32(&self, tensor: &str) -> Result<Vec<f32>, String> {
-        self.get(tensor).cloned().ok_or_else(|| format!("no tensor `{tensor}`"))
+        self.get(tensor)
+            .cloned()
+            .ok_or_else(|| format!("no tensor `{tensor}`"))
     }
 }
 
@@ -46,7 +48,11 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn f32(shape: Vec<usize>, values: Vec<f32>) -> Tensor {
-        assert_eq!(shape.iter().product::<usize>(), values.len(), "shape {shape:?}");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            values.len(),
+            "shape {shape:?}"
+        );
         Tensor {
             dtype: DType::F32,
             shape,
@@ -60,7 +66,11 @@ impl Tensor {
     }
 
     pub fn i32(shape: Vec<usize>, values: Vec<i64>) -> Tensor {
-        assert_eq!(shape.iter().product::<usize>(), values.len(), "shape {shape:?}");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            values.len(),
+            "shape {shape:?}"
+        );
         Tensor {
             dtype: DType::I32,
             shape,
@@ -155,7 +165,9 @@ fn binary_int(b: BinaryOp, x: i64, y: i64) -> i64 {
         BinaryOp::Mul => x.wrapping_mul(y),
         BinaryOp::Max => x.max(y),
         BinaryOp::Min => x.min(y),
-        BinaryOp::Div | BinaryOp::Eq | BinaryOp::Lt => unreachable!("rejected by the verifier or handled apart"),
+        BinaryOp::Div | BinaryOp::Eq | BinaryOp::Lt => {
+            unreachable!("rejected by the verifier or handled apart")
+        }
     }
 }
 
@@ -233,12 +245,18 @@ impl<'w> Interpreter<'w> {
             shape,
             data: Data::Float(values),
         });
-        self.params.borrow_mut().insert(tensor.to_string(), t.clone());
+        self.params
+            .borrow_mut()
+            .insert(tensor.to_string(), t.clone());
         Ok(t)
     }
 
     /// Runs a graph on named inputs and returns its named outputs.
-    pub fn run(&self, graph: &Graph, inputs: &HashMap<String, Tensor>) -> Res<HashMap<String, Tensor>> {
+    pub fn run(
+        &self,
+        graph: &Graph,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Res<HashMap<String, Tensor>> {
         verify(graph).map_err(|e| format!("graph {} does not verify: {e}", graph.name))?;
         let mut symbols: HashMap<String, usize> = HashMap::new();
         let mut values: HashMap<Value, Rc<Tensor>> = HashMap::new();
@@ -253,10 +271,15 @@ impl<'w> Interpreter<'w> {
             let x: Vec<&Tensor> = operands.iter().map(|t| t.as_ref()).collect();
             let results: Vec<Tensor> = match &node.op {
                 Op::Input { name, ty, .. } => {
-                    let t = inputs.get(name).ok_or_else(|| format!("missing input `{name}`"))?;
+                    let t = inputs
+                        .get(name)
+                        .ok_or_else(|| format!("missing input `{name}`"))?;
                     bind(&mut symbols, name, &ty.shape.0, &t.shape)?;
                     if t.dtype != ty.dtype {
-                        return Err(format!("input `{name}` is {}, expected {}", t.dtype, ty.dtype));
+                        return Err(format!(
+                            "input `{name}` is {}, expected {}",
+                            t.dtype, ty.dtype
+                        ));
                     }
                     vec![t.clone()]
                 }
@@ -267,7 +290,13 @@ impl<'w> Interpreter<'w> {
                 Op::Param { tensor, ty } => {
                     let shape = resolve(&symbols, &ty.shape.0)?;
                     let t = self.param(tensor, ty.dtype, shape)?;
-                    values.insert(Value { node: id, output: 0 }, t);
+                    values.insert(
+                        Value {
+                            node: id,
+                            output: 0,
+                        },
+                        t,
+                    );
                     continue;
                 }
                 other => eval(other, &x, &symbols)?,
@@ -286,17 +315,31 @@ impl<'w> Interpreter<'w> {
     }
 }
 
-fn bind(symbols: &mut HashMap<String, usize>, name: &str, declared: &[Dim], actual: &[usize]) -> Res<()> {
+fn bind(
+    symbols: &mut HashMap<String, usize>,
+    name: &str,
+    declared: &[Dim],
+    actual: &[usize],
+) -> Res<()> {
     if declared.len() != actual.len() {
-        return Err(format!("input `{name}` has shape {actual:?}, expected rank {}", declared.len()));
+        return Err(format!(
+            "input `{name}` has shape {actual:?}, expected rank {}",
+            declared.len()
+        ));
     }
     for (d, &n) in declared.iter().zip(actual) {
         match d {
             Dim::Fixed(f) if *f as usize == n => {}
-            Dim::Fixed(f) => return Err(format!("input `{name}` has shape {actual:?}, expected {f} at a fixed dimension")),
+            Dim::Fixed(f) => {
+                return Err(format!(
+                    "input `{name}` has shape {actual:?}, expected {f} at a fixed dimension"
+                ))
+            }
             Dim::Sym(s) => match symbols.get(s) {
                 Some(&bound) if bound != n => {
-                    return Err(format!("input `{name}`: {s} is {n} here but {bound} elsewhere"))
+                    return Err(format!(
+                        "input `{name}`: {s} is {n} here but {bound} elsewhere"
+                    ))
                 }
                 _ => {
                     symbols.insert(s.clone(), n);
@@ -311,7 +354,10 @@ fn resolve(symbols: &HashMap<String, usize>, dims: &[Dim]) -> Res<Vec<usize>> {
     dims.iter()
         .map(|d| match d {
             Dim::Fixed(n) => Ok(*n as usize),
-            Dim::Sym(s) => symbols.get(s).copied().ok_or_else(|| format!("symbol {s} is unbound")),
+            Dim::Sym(s) => symbols
+                .get(s)
+                .copied()
+                .ok_or_else(|| format!("symbol {s} is unbound")),
         })
         .collect()
 }
@@ -337,7 +383,10 @@ fn eval(op: &Op, x: &[&Tensor], symbols: &HashMap<String, usize>) -> Res<Vec<Ten
         Op::Positions => {
             let start = x[0].ints()[0];
             let t = x[1].shape[0];
-            one(Tensor::i32(vec![t], (0..t as i64).map(|i| start + i).collect()))
+            one(Tensor::i32(
+                vec![t],
+                (0..t as i64).map(|i| start + i).collect(),
+            ))
         }
         Op::Cast { to } => one(cast(x[0], *to)),
         Op::Reshape { shape } => {
@@ -349,7 +398,11 @@ fn eval(op: &Op, x: &[&Tensor], symbols: &HashMap<String, usize>) -> Res<Vec<Ten
         Op::Linear { .. } => one(linear(x[0], x[1], x.get(2).copied())),
         Op::BlockDiagonalLinear { .. } => one(block_diagonal_linear(x[0], x[1], x.get(2).copied())),
         Op::Unary(u) => {
-            let v = x[0].floats().iter().map(|&a| round_to(x[0].dtype, unary(*u, a as f64))).collect();
+            let v = x[0]
+                .floats()
+                .iter()
+                .map(|&a| round_to(x[0].dtype, unary(*u, a as f64)))
+                .collect();
             one(Tensor {
                 dtype: x[0].dtype,
                 shape: x[0].shape.clone(),
@@ -363,17 +416,35 @@ fn eval(op: &Op, x: &[&Tensor], symbols: &HashMap<String, usize>) -> Res<Vec<Ten
             let data = match (&x[1].data, &x[2].data) {
                 (Data::Float(a), Data::Float(b)) => Data::Float(
                     (0..offs[0].len())
-                        .map(|i| if cond[offs[0][i]] { a[offs[1][i]] } else { b[offs[2][i]] })
+                        .map(|i| {
+                            if cond[offs[0][i]] {
+                                a[offs[1][i]]
+                            } else {
+                                b[offs[2][i]]
+                            }
+                        })
                         .collect(),
                 ),
                 (Data::Int(a), Data::Int(b)) => Data::Int(
                     (0..offs[0].len())
-                        .map(|i| if cond[offs[0][i]] { a[offs[1][i]] } else { b[offs[2][i]] })
+                        .map(|i| {
+                            if cond[offs[0][i]] {
+                                a[offs[1][i]]
+                            } else {
+                                b[offs[2][i]]
+                            }
+                        })
                         .collect(),
                 ),
                 (Data::Bool(a), Data::Bool(b)) => Data::Bool(
                     (0..offs[0].len())
-                        .map(|i| if cond[offs[0][i]] { a[offs[1][i]] } else { b[offs[2][i]] })
+                        .map(|i| {
+                            if cond[offs[0][i]] {
+                                a[offs[1][i]]
+                            } else {
+                                b[offs[2][i]]
+                            }
+                        })
                         .collect(),
                 ),
                 _ => return Err("select branches differ in kind".into()),
@@ -407,13 +478,19 @@ fn eval(op: &Op, x: &[&Tensor], symbols: &HashMap<String, usize>) -> Res<Vec<Ten
 
 fn cast(x: &Tensor, to: DType) -> Tensor {
     let data = match (&x.data, to) {
-        (Data::Float(v), t) if t.is_float() => Data::Float(v.iter().map(|&a| round_to(t, a as f64)).collect()),
+        (Data::Float(v), t) if t.is_float() => {
+            Data::Float(v.iter().map(|&a| round_to(t, a as f64)).collect())
+        }
         (Data::Float(v), DType::Bool) => Data::Bool(v.iter().map(|&a| a != 0.0).collect()),
         (Data::Float(v), _) => Data::Int(v.iter().map(|&a| a as i64).collect()),
-        (Data::Int(v), t) if t.is_float() => Data::Float(v.iter().map(|&a| round_to(t, a as f64)).collect()),
+        (Data::Int(v), t) if t.is_float() => {
+            Data::Float(v.iter().map(|&a| round_to(t, a as f64)).collect())
+        }
         (Data::Int(v), DType::Bool) => Data::Bool(v.iter().map(|&a| a != 0).collect()),
         (Data::Int(v), t) => Data::Int(v.iter().map(|&a| wrap_int(t, a)).collect()),
-        (Data::Bool(v), t) if t.is_float() => Data::Float(v.iter().map(|&a| a as u8 as f32).collect()),
+        (Data::Bool(v), t) if t.is_float() => {
+            Data::Float(v.iter().map(|&a| a as u8 as f32).collect())
+        }
         (Data::Bool(v), DType::Bool) => Data::Bool(v.clone()),
         (Data::Bool(v), _) => Data::Int(v.iter().map(|&a| a as i64).collect()),
     };
@@ -438,7 +515,9 @@ fn gather(table: &Tensor, ids: &Tensor) -> Res<Tensor> {
     let mut out = Vec::with_capacity(ids.len() * width);
     for &id in ids.ints() {
         if id < 0 || id as usize >= vocab {
-            return Err(format!("token id {id} is out of range for a table of {vocab} rows"));
+            return Err(format!(
+                "token id {id} is out of range for a table of {vocab} rows"
+            ));
         }
         let row = id as usize * width;
         out.extend_from_slice(&t[row..row + width]);
@@ -478,7 +557,8 @@ fn block_diagonal_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Tenso
             for j in 0..block {
                 let mut acc = bias.map_or(0.0, |b| b.floats()[h * block + j] as f64);
                 for i in 0..block {
-                    acc += xv[r * width + h * block + i] as f64 * wv[(h * block + i) * block + j] as f64;
+                    acc += xv[r * width + h * block + i] as f64
+                        * wv[(h * block + i) * block + j] as f64;
                 }
                 out[r * width + h * block + j] = acc as f32;
             }
@@ -496,7 +576,11 @@ fn binary(b: BinaryOp, x: &Tensor, y: &Tensor) -> Tensor {
             match b {
                 BinaryOp::Eq => Data::Bool(pairs.map(|(p, q)| p == q).collect()),
                 BinaryOp::Lt => Data::Bool(pairs.map(|(p, q)| p < q).collect()),
-                _ => Data::Float(pairs.map(|(p, q)| round_to(x.dtype, binary_float(b, p, q))).collect()),
+                _ => Data::Float(
+                    pairs
+                        .map(|(p, q)| round_to(x.dtype, binary_float(b, p, q)))
+                        .collect(),
+                ),
             }
         }
         (Data::Int(a), Data::Int(c)) => {
@@ -504,12 +588,20 @@ fn binary(b: BinaryOp, x: &Tensor, y: &Tensor) -> Tensor {
             match b {
                 BinaryOp::Eq => Data::Bool(pairs.map(|(p, q)| p == q).collect()),
                 BinaryOp::Lt => Data::Bool(pairs.map(|(p, q)| p < q).collect()),
-                _ => Data::Int(pairs.map(|(p, q)| wrap_int(x.dtype, binary_int(b, p, q))).collect()),
+                _ => Data::Int(
+                    pairs
+                        .map(|(p, q)| wrap_int(x.dtype, binary_int(b, p, q)))
+                        .collect(),
+                ),
             }
         }
         _ => unreachable!("the verifier requires operands of one dtype"),
     };
-    let dtype = if b.is_comparison() { DType::Bool } else { x.dtype };
+    let dtype = if b.is_comparison() {
+        DType::Bool
+    } else {
+        x.dtype
+    };
     Tensor { dtype, shape, data }
 }
 
@@ -546,12 +638,23 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, offset: f64) -> Tensor {
     for row in xv.chunks_exact(d.max(1)) {
         let mean_sq = row.iter().map(|&a| a as f64 * a as f64).sum::<f64>() / d as f64;
         let inv = 1.0 / (mean_sq + eps).sqrt();
-        out.extend(row.iter().zip(wv).map(|(&a, &g)| (a as f64 * inv * (offset + g as f64)) as f32));
+        out.extend(
+            row.iter()
+                .zip(wv)
+                .map(|(&a, &g)| (a as f64 * inv * (offset + g as f64)) as f32),
+        );
     }
     Tensor::f32(x.shape.clone(), out)
 }
 
-fn conv1d(x: &Tensor, positions: &Tensor, window: &Tensor, w: &Tensor, bias: &Tensor, k: usize) -> Vec<Tensor> {
+fn conv1d(
+    x: &Tensor,
+    positions: &Tensor,
+    window: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    k: usize,
+) -> Vec<Tensor> {
     let (t_len, c) = (x.shape[0], x.shape[1]);
     let (xv, win, wv, bv) = (x.floats(), window.floats(), w.floats(), bias.floats());
     let pos = positions.ints();
@@ -597,7 +700,11 @@ fn linear_scan(a: &Tensor, b: &Tensor, positions: &Tensor, state: &Tensor) -> Ve
     let mut out = vec![0f32; t_len * c];
     for t in 0..t_len {
         for ch in 0..c {
-            let decay = if pos[t] == 0 { 0.0 } else { av[t * c + ch] as f64 };
+            let decay = if pos[t] == 0 {
+                0.0
+            } else {
+                av[t * c + ch] as f64
+            };
             h[ch] = decay * h[ch] + bv[t * c + ch] as f64;
             out[t * c + ch] = h[ch] as f32;
         }
@@ -609,18 +716,20 @@ fn linear_scan(a: &Tensor, b: &Tensor, positions: &Tensor, state: &Tensor) -> Ve
 }
 
 fn rotary(x: &Tensor, positions: &Tensor, theta: f64, rotary_dims: usize) -> Tensor {
-    let (t_len, heads, hd) = (x.shape[0], x.shape[1], x.shape[2]);
+    let (heads, hd) = (x.shape[1], x.shape[2]);
     let half = rotary_dims / 2;
     let mut out = x.floats().to_vec();
-    let pos = positions.ints();
-    for t in 0..t_len {
+    for (t, &p) in positions.ints().iter().enumerate() {
         for i in 0..half {
             let inv_freq = theta.powf(-(2.0 * i as f64) / rotary_dims as f64);
-            let angle = pos[t] as f64 * inv_freq;
+            let angle = p as f64 * inv_freq;
             let (sin, cos) = angle.sin_cos();
             for h in 0..heads {
                 let base = (t * heads + h) * hd;
-                let (a, b) = (x.floats()[base + i] as f64, x.floats()[base + i + half] as f64);
+                let (a, b) = (
+                    x.floats()[base + i] as f64,
+                    x.floats()[base + i + half] as f64,
+                );
                 out[base + i] = (a * cos - b * sin) as f32;
                 out[base + i + half] = (b * cos + a * sin) as f32;
             }
@@ -636,7 +745,13 @@ fn local_attention(x: &[&Tensor], window: usize, scale: f64) -> Vec<Tensor> {
     let group = heads / kv_heads;
     let pos = positions.ints();
     let start = pos.first().copied().unwrap_or(0);
-    let (qv, kv, vv, ring_k, ring_v) = (q.floats(), k.floats(), v.floats(), keys.floats(), values.floats());
+    let (qv, kv, vv, ring_k, ring_v) = (
+        q.floats(),
+        k.floats(),
+        v.floats(),
+        keys.floats(),
+        values.floats(),
+    );
 
     // Candidate keys: ring slots from before this call, then this call's own tokens.
     // Each is (position, key row, value row) with rows as slices of hd.
@@ -647,7 +762,11 @@ fn local_attention(x: &[&Tensor], window: usize, scale: f64) -> Vec<Tensor> {
         }
         let p = start - 1 - (start - 1 - slot as i64).rem_euclid(window as i64);
         if p >= 0 {
-            candidates.push((p, &ring_k[slot * kv_heads * hd..], &ring_v[slot * kv_heads * hd..]));
+            candidates.push((
+                p,
+                &ring_k[slot * kv_heads * hd..],
+                &ring_v[slot * kv_heads * hd..],
+            ));
         }
     }
     for t in 0..t_len {
@@ -665,15 +784,27 @@ fn local_attention(x: &[&Tensor], window: usize, scale: f64) -> Vec<Tensor> {
                 .filter(|(kp, ..)| *kp <= p && *kp > p - window as i64)
                 .map(|(_, krow, vrow)| {
                     let key = &krow[g * hd..(g + 1) * hd];
-                    let score = qrow.iter().zip(key).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale;
+                    let score = qrow
+                        .iter()
+                        .zip(key)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                        * scale;
                     (score, &vrow[g * hd..(g + 1) * hd])
                 })
                 .collect();
-            let max = visible.iter().map(|(s, _)| *s).fold(f64::NEG_INFINITY, f64::max);
+            let max = visible
+                .iter()
+                .map(|(s, _)| *s)
+                .fold(f64::NEG_INFINITY, f64::max);
             let weights: Vec<f64> = visible.iter().map(|(s, _)| (s - max).exp()).collect();
             let total: f64 = weights.iter().sum();
             for d in 0..hd {
-                let acc: f64 = visible.iter().zip(&weights).map(|((_, vrow), w)| w * vrow[d] as f64).sum();
+                let acc: f64 = visible
+                    .iter()
+                    .zip(&weights)
+                    .map(|((_, vrow), w)| w * vrow[d] as f64)
+                    .sum();
                 out[(t * heads + h) * hd + d] = (acc / total) as f32;
             }
         }

@@ -26,18 +26,26 @@ impl Model {
             .expected_tensors()
             .into_iter()
             .map(|(name, _)| {
-                let ty = checkpoint.value_type(&name).expect("validated checkpoint has every tensor");
+                let ty = checkpoint
+                    .value_type(&name)
+                    .expect("validated checkpoint has every tensor");
                 (name, ty)
             })
             .collect();
-        let mut graphs = [GraphKind::Prefill, GraphKind::Decode].into_iter().map(|kind| {
-            let g = trace(&checkpoint.config, &params, kind).map_err(|source| ModelError::Trace {
-                graph: kind.name(),
-                source,
-            })?;
-            verify(&g).unwrap_or_else(|e| panic!("traced {} graph does not verify: {e}", kind.name()));
-            Ok::<_, ModelError>(g)
-        });
+        let mut graphs = [GraphKind::Prefill, GraphKind::Decode]
+            .into_iter()
+            .map(|kind| {
+                let g = trace(&checkpoint.config, &params, kind).map_err(|source| {
+                    ModelError::Trace {
+                        graph: kind.name(),
+                        source,
+                    }
+                })?;
+                verify(&g).unwrap_or_else(|e| {
+                    panic!("traced {} graph does not verify: {e}", kind.name())
+                });
+                Ok::<_, ModelError>(g)
+            });
         let prefill = graphs.next().expect("two graphs")?;
         let decode = graphs.next().expect("two graphs")?;
         Ok(Model {
@@ -111,7 +119,10 @@ impl<'m> Session<'m> {
             names::TOKENS.into(),
             Tensor::i32(vec![ids.len()], ids.iter().map(|&i| i as i64).collect()),
         );
-        inputs.insert(names::START.into(), Tensor::i32(vec![], vec![self.position as i64]));
+        inputs.insert(
+            names::START.into(),
+            Tensor::i32(vec![], vec![self.position as i64]),
+        );
         let result = self.interp.run(graph, &inputs);
         inputs.remove(names::TOKENS);
         inputs.remove(names::START);
@@ -122,7 +133,9 @@ impl<'m> Session<'m> {
                 return Err(RunError::Interp(e));
             }
         };
-        let logits = outputs.remove(names::LOGITS).expect("graph has a logits output");
+        let logits = outputs
+            .remove(names::LOGITS)
+            .expect("graph has a logits output");
         self.state = outputs;
         self.position += ids.len();
         Ok(logits)

@@ -41,7 +41,11 @@ impl TextTokenizer {
     /// Text of `ids`, with BOS, EOS and padding left out. Other special tokens stay: Gemma-style
     /// tokenizers mark the byte-fallback pieces `<0x..>` special, and they are text.
     pub fn decode(&self, ids: &[u32], control: &[u32]) -> Result<String, String> {
-        let kept: Vec<u32> = ids.iter().copied().filter(|id| !control.contains(id)).collect();
+        let kept: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|id| !control.contains(id))
+            .collect();
         self.inner.decode(&kept, false).map_err(|e| e.to_string())
     }
 }

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use griffin_ir::{
-    BinaryOp, DType, Dim, Graph, InputRole, IrError, Op, OutputRole, Shape, UnaryOp, Value, ValueType,
+    BinaryOp, DType, Dim, Graph, InputRole, IrError, Op, OutputRole, Shape, UnaryOp, Value,
+    ValueType,
 };
 
 use crate::config::{BlockType, Config};
@@ -78,7 +79,11 @@ struct Tracer<'a> {
 
 /// Traces one graph. `params` gives the stored type of every tensor in
 /// `config.expected_tensors()`.
-pub fn trace(config: &Config, params: &BTreeMap<String, ValueType>, kind: GraphKind) -> Result<Graph, IrError> {
+pub fn trace(
+    config: &Config,
+    params: &BTreeMap<String, ValueType>,
+    kind: GraphKind,
+) -> Result<Graph, IrError> {
     let mut t = Tracer {
         config,
         params,
@@ -101,7 +106,9 @@ impl Tracer<'_> {
     fn results(&mut self, op: Op, operands: &[Value]) -> Result<Vec<Value>, IrError> {
         let n = op.num_results();
         let id = self.g.add(op, operands)?;
-        Ok((0..n as u32).map(|output| Value { node: id, output }).collect())
+        Ok((0..n as u32)
+            .map(|output| Value { node: id, output })
+            .collect())
     }
 
     fn unary(&mut self, u: UnaryOp, x: Value) -> Result<Value, IrError> {
@@ -138,10 +145,14 @@ impl Tracer<'_> {
         if let Some(v) = self.param_values.get(name) {
             return Ok(*v);
         }
-        let ty = self.params.get(name).cloned().ok_or_else(|| IrError::Type {
-            op: "param".into(),
-            message: format!("no type given for tensor `{name}`"),
-        })?;
+        let ty = self
+            .params
+            .get(name)
+            .cloned()
+            .ok_or_else(|| IrError::Type {
+                op: "param".into(),
+                message: format!("no type given for tensor `{name}`"),
+            })?;
         let v = self.op(
             Op::Param {
                 tensor: name.to_string(),
@@ -213,7 +224,11 @@ impl Tracer<'_> {
             InputRole::Tokens,
             ValueType::new(DType::I32, vec![self.tokens.clone()]),
         )?;
-        let start = self.input(names::START.into(), InputRole::Position, ValueType::scalar(DType::I32))?;
+        let start = self.input(
+            names::START.into(),
+            InputRole::Position,
+            ValueType::scalar(DType::I32),
+        )?;
         self.positions = Some(self.op(Op::Positions, &[start, ids])?);
 
         let embed = self.param("model.embed_tokens.weight")?;
@@ -257,7 +272,10 @@ impl Tracer<'_> {
         let y = self.unary(UnaryOp::GeluTanh, y)?;
         let u = self.linear(h, &format!("{p}.linear_x"), true)?;
 
-        let window = self.state(names::conv_window(layer), vec![Dim::from(k - 1), Dim::from(l)])?;
+        let window = self.state(
+            names::conv_window(layer),
+            vec![Dim::from(k - 1), Dim::from(l)],
+        )?;
         let conv_w = self.param(&format!("{p}.conv_1d.weight"))?;
         let conv_b = self.param(&format!("{p}.conv_1d.bias"))?;
         let positions = self.positions();

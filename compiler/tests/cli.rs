@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{expected, golden_dir, griffinc, ids_arg, max_abs_diff, read_logits, CASES, F32_TOLERANCE};
+use common::{
+    expected, golden_dir, griffinc, ids_arg, max_abs_diff, read_logits, CASES, F32_TOLERANCE,
+};
 
 fn stdout(out: &std::process::Output) -> String {
     assert!(
@@ -21,7 +23,14 @@ fn eval_full_and_stepwise_match_reference() {
         let dir = golden_dir().join(case);
         let ids = ids_arg(&e.input_ids);
         let full = tmp.path().join(format!("{case}-full.safetensors"));
-        stdout(&griffinc(&["eval", dir.to_str().unwrap(), "--ids", &ids, "--out", full.to_str().unwrap()]));
+        stdout(&griffinc(&[
+            "eval",
+            dir.to_str().unwrap(),
+            "--ids",
+            &ids,
+            "--out",
+            full.to_str().unwrap(),
+        ]));
         let (shape, logits) = read_logits(&full);
         assert_eq!(shape, vec![e.input_ids.len(), e.vocab]);
         assert!(max_abs_diff(&logits, &e.logits) <= F32_TOLERANCE, "{case}");
@@ -42,7 +51,10 @@ fn eval_full_and_stepwise_match_reference() {
         ]));
         let (_, logits) = read_logits(&steps);
         let tail = &logits[(e.input_ids.len() - e.decode_steps) * e.vocab..];
-        assert!(max_abs_diff(tail, &e.decode_logits) <= F32_TOLERANCE, "{case}");
+        assert!(
+            max_abs_diff(tail, &e.decode_logits) <= F32_TOLERANCE,
+            "{case}"
+        );
     }
 }
 
@@ -72,14 +84,25 @@ fn generate_from_prompt_text() {
     let dir = golden_dir().join("tiny-text");
     let n = e.generated_ids.len().to_string();
     let prompt = e.prompt.clone().unwrap();
-    let base = ["generate", dir.to_str().unwrap(), "--prompt", &prompt, "--max-new-tokens", &n, "--ignore-eos"];
+    let base = [
+        "generate",
+        dir.to_str().unwrap(),
+        "--prompt",
+        &prompt,
+        "--max-new-tokens",
+        &n,
+        "--ignore-eos",
+    ];
     let ids = stdout(&griffinc(&[&base[..], &["--format", "ids"]].concat()));
     assert_eq!(ids.trim(), ids_arg(&e.generated_ids));
     // Text is the default where the folder has a tokenizer.
     let text = stdout(&griffinc(&base));
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    assert_eq!(text.strip_suffix('\n').unwrap(), meta["generated_text"].as_str().unwrap());
+    assert_eq!(
+        text.strip_suffix('\n').unwrap(),
+        meta["generated_text"].as_str().unwrap()
+    );
 }
 
 #[test]

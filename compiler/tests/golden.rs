@@ -30,7 +30,10 @@ fn stepwise_decode_matches_reference() {
         let logits = eval(&m, &e.input_ids, Some(prefill)).unwrap();
         let tail = &logits.floats()[prefill * e.vocab..];
         let diff = max_abs_diff(tail, &e.decode_logits);
-        println!("{case}: prefill {prefill} + {} steps max |diff| = {diff:e}", e.decode_steps);
+        println!(
+            "{case}: prefill {prefill} + {} steps max |diff| = {diff:e}",
+            e.decode_steps
+        );
         assert!(diff <= F32_TOLERANCE, "{case}: {diff}");
     }
 }
@@ -60,7 +63,8 @@ fn greedy_ids_match_reference_exactly() {
 fn tokenizer_ids_match_reference() {
     let case = "tiny-text";
     let (m, e) = (model(case), expected(case));
-    let tok = TextTokenizer::load(&golden_dir().join(case), m.checkpoint.config.bos_token_id).unwrap();
+    let tok =
+        TextTokenizer::load(&golden_dir().join(case), m.checkpoint.config.bos_token_id).unwrap();
     let ids = tok.encode(e.prompt.as_deref().unwrap()).unwrap();
     assert_eq!(ids, e.input_ids);
 }

@@ -13,7 +13,8 @@ fn escape(s: &str) -> String {
 /// The graph in DOT; node labels carry the op, its name and its result types.
 pub fn to_dot(graph: &Graph) -> String {
     let order = graph.topo_order();
-    let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let position: HashMap<NodeId, usize> =
+        order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     let mut out = String::new();
     let _ = writeln!(out, "digraph \"{}\" {{", escape(&graph.name));
     out.push_str("  node [shape=box, fontname=monospace];\n");
@@ -35,7 +36,13 @@ pub fn to_dot(graph: &Graph) -> String {
             _ if node.op.carries_state() => ", style=filled, fillcolor=orange",
             _ => "",
         };
-        let _ = writeln!(out, "  n{} [label=\"{}\"{}];", position[id], escape(&label).replace("\\\\n", "\\n"), style);
+        let _ = writeln!(
+            out,
+            "  n{} [label=\"{}\"{}];",
+            position[id],
+            escape(&label).replace("\\\\n", "\\n"),
+            style
+        );
     }
     for id in &order {
         for (slot, v) in graph.operands(*id).iter().enumerate() {

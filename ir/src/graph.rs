@@ -96,7 +96,10 @@ impl Graph {
     /// Adds a single-result node and returns its result.
     pub fn add1(&mut self, op: Op, operands: &[Value]) -> Result<Value, IrError> {
         let id = self.add(op, operands)?;
-        Ok(Value { node: id, output: 0 })
+        Ok(Value {
+            node: id,
+            output: 0,
+        })
     }
 
     pub fn contains(&self, id: NodeId) -> bool {

@@ -66,7 +66,9 @@ pub fn broadcast(a: &Shape, b: &Shape) -> Res<Shape> {
             (Some(x), Some(y)) if x == y => x.clone(),
             (Some(Dim::Fixed(1)), Some(y)) => y.clone(),
             (Some(x), Some(Dim::Fixed(1))) => x.clone(),
-            (Some(x), Some(y)) => return Err(format!("shapes {a} and {b} do not broadcast ({x} vs {y})")),
+            (Some(x), Some(y)) => {
+                return Err(format!("shapes {a} and {b} do not broadcast ({x} vs {y})"))
+            }
             (None, None) => unreachable!("i < rank of at least one operand"),
         };
         dims.push(d);
@@ -116,8 +118,15 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
             f32_only(x[0], "linear input")?;
             float(x[1], "linear weight")?;
             rank(x[1], 2, "linear weight")?;
-            let in_dim = x[0].shape.last().ok_or("linear input must not be a scalar")?;
-            same_dim(in_dim, dim(x[1], 1), "linear input width vs weight [out,in]")?;
+            let in_dim = x[0]
+                .shape
+                .last()
+                .ok_or("linear input must not be a scalar")?;
+            same_dim(
+                in_dim,
+                dim(x[1], 1),
+                "linear input width vs weight [out,in]",
+            )?;
             let out = dim(x[1], 0).clone();
             if *bias {
                 float(x[2], "linear bias")?;
@@ -132,7 +141,11 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
             f32_only(x[0], "block_diagonal_linear input")?;
             float(x[1], "block_diagonal_linear weight")?;
             rank(x[1], 3, "block_diagonal_linear weight")?;
-            same_dim(dim(x[1], 1), dim(x[1], 2), "block_diagonal_linear blocks must be square")?;
+            same_dim(
+                dim(x[1], 1),
+                dim(x[1], 2),
+                "block_diagonal_linear blocks must be square",
+            )?;
             let heads = fixed(dim(x[1], 0), "block count")?;
             let block = fixed(dim(x[1], 1), "block width")?;
             let in_dim = x[0]
@@ -158,13 +171,22 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
         }
         Op::Binary(b) => {
             if x[0].dtype != x[1].dtype {
-                return Err(format!("{} operands differ in dtype: {} vs {}", b.name(), x[0], x[1]));
+                return Err(format!(
+                    "{} operands differ in dtype: {} vs {}",
+                    b.name(),
+                    x[0],
+                    x[1]
+                ));
             }
             if x[0].dtype == DType::Bool {
                 return Err(format!("{} of bool operands", b.name()));
             }
             let shape = broadcast(&x[0].shape, &x[1].shape)?;
-            let dtype = if b.is_comparison() { DType::Bool } else { x[0].dtype };
+            let dtype = if b.is_comparison() {
+                DType::Bool
+            } else {
+                x[0].dtype
+            };
             if matches!(b, BinaryOp::Div) && !x[0].dtype.is_float() {
                 return Err("div needs float operands".into());
             }
@@ -175,7 +197,10 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
                 return Err(format!("select condition must be bool, got {}", x[0]));
             }
             if x[1].dtype != x[2].dtype {
-                return Err(format!("select branches differ in dtype: {} vs {}", x[1], x[2]));
+                return Err(format!(
+                    "select branches differ in dtype: {} vs {}",
+                    x[1], x[2]
+                ));
             }
             let shape = broadcast(&broadcast(&x[0].shape, &x[1].shape)?, &x[2].shape)?;
             one(ValueType::new(x[1].dtype, shape))
@@ -194,16 +219,19 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
             f32_only(x[0], "rms_norm input")?;
             float(x[1], "rms_norm weight")?;
             rank(x[1], 1, "rms_norm weight")?;
-            let d = x[0].shape.last().ok_or("rms_norm input must not be a scalar")?;
+            let d = x[0]
+                .shape
+                .last()
+                .ok_or("rms_norm input must not be a scalar")?;
             same_dim(d, dim(x[1], 0), "rms_norm width vs weight")?;
-            if !(*eps > 0.0) {
+            if !is_positive(*eps) {
                 return Err(format!("rms_norm eps must be positive, got {eps}"));
             }
             one(x[0].clone())
         }
         Op::SoftCap { cap } => {
             float(x[0], "soft_cap operand")?;
-            if !(*cap > 0.0) {
+            if !is_positive(*cap) {
                 return Err(format!("soft_cap cap must be positive, got {cap}"));
             }
             one(x[0].clone())
@@ -217,19 +245,31 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
                 return Err("conv1d width must be at least 1".into());
             }
             let channels = dim(input, 1);
-            let expected_window =
-                ValueType::new(DType::F32, vec![Dim::Fixed(*width as u64 - 1), channels.clone()]);
+            let expected_window = ValueType::new(
+                DType::F32,
+                vec![Dim::Fixed(*width as u64 - 1), channels.clone()],
+            );
             if *window != expected_window {
-                return Err(format!("conv1d window must be {expected_window}, got {window}"));
+                return Err(format!(
+                    "conv1d window must be {expected_window}, got {window}"
+                ));
             }
             float(weight, "conv1d weight")?;
-            let expected_weight = Shape(vec![channels.clone(), Dim::Fixed(1), Dim::Fixed(*width as u64)]);
+            let expected_weight = Shape(vec![
+                channels.clone(),
+                Dim::Fixed(1),
+                Dim::Fixed(*width as u64),
+            ]);
             if weight.shape != expected_weight {
-                return Err(format!("conv1d weight must have shape {expected_weight}, got {weight}"));
+                return Err(format!(
+                    "conv1d weight must have shape {expected_weight}, got {weight}"
+                ));
             }
             float(bias, "conv1d bias")?;
             if bias.shape != Shape(vec![channels.clone()]) {
-                return Err(format!("conv1d bias must have shape [{channels}], got {bias}"));
+                return Err(format!(
+                    "conv1d bias must have shape [{channels}], got {bias}"
+                ));
             }
             Ok(vec![input.clone(), expected_window])
         }
@@ -243,7 +283,9 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
             positions_of(positions, dim(a, 0))?;
             let expected_state = ValueType::new(DType::F32, vec![dim(a, 1).clone()]);
             if *state != expected_state {
-                return Err(format!("linear_scan state must be {expected_state}, got {state}"));
+                return Err(format!(
+                    "linear_scan state must be {expected_state}, got {state}"
+                ));
             }
             Ok(vec![a.clone(), expected_state])
         }
@@ -253,9 +295,11 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
             positions_of(x[1], dim(x[0], 0))?;
             let hd = fixed(dim(x[0], 2), "rotary head dim")?;
             if *rotary_dims % 2 != 0 || *rotary_dims as u64 > hd {
-                return Err(format!("rotary dims {rotary_dims} must be even and at most {hd}"));
+                return Err(format!(
+                    "rotary dims {rotary_dims} must be even and at most {hd}"
+                ));
             }
-            if !(*theta > 0.0) {
+            if !is_positive(*theta) {
                 return Err(format!("rotary theta must be positive, got {theta}"));
             }
             one(x[0].clone())
@@ -274,7 +318,9 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
             let heads = fixed(dim(q, 1), "query heads")?;
             let kv_heads = fixed(dim(k, 1), "key heads")?;
             if kv_heads == 0 || heads % kv_heads != 0 {
-                return Err(format!("{heads} query heads are not a multiple of {kv_heads} key heads"));
+                return Err(format!(
+                    "{heads} query heads are not a multiple of {kv_heads} key heads"
+                ));
             }
             positions_of(positions, dim(q, 0))?;
             if *window < 1 {
@@ -282,10 +328,16 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
             }
             let ring = ValueType::new(
                 DType::F32,
-                vec![Dim::Fixed(*window as u64), dim(k, 1).clone(), dim(k, 2).clone()],
+                vec![
+                    Dim::Fixed(*window as u64),
+                    dim(k, 1).clone(),
+                    dim(k, 2).clone(),
+                ],
             );
             if *keys != ring || *values != ring {
-                return Err(format!("key/value rings must be {ring}, got {keys} and {values}"));
+                return Err(format!(
+                    "key/value rings must be {ring}, got {keys} and {values}"
+                ));
             }
             Ok(vec![q.clone(), ring.clone(), ring])
         }
@@ -301,6 +353,11 @@ fn positions_of(positions: &ValueType, tokens: &Dim) -> Res<()> {
     }
 }
 
+/// False for zero, negatives and NaN.
+fn is_positive(x: f64) -> bool {
+    x > 0.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,7 +370,10 @@ mod tests {
     fn broadcasting_follows_numpy() {
         let a = Shape(vec![Dim::sym("T"), Dim::Fixed(1)]);
         let b = Shape(vec![Dim::Fixed(64)]);
-        assert_eq!(broadcast(&a, &b).unwrap(), Shape(vec![Dim::sym("T"), Dim::Fixed(64)]));
+        assert_eq!(
+            broadcast(&a, &b).unwrap(),
+            Shape(vec![Dim::sym("T"), Dim::Fixed(64)])
+        );
         assert!(broadcast(&Shape::from([3u64]), &Shape::from([4u64])).is_err());
         assert_eq!(broadcast(&Shape::scalar(), &b).unwrap(), b);
     }

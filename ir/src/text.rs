@@ -184,7 +184,9 @@ impl<'a> Cursor<'a> {
         self.skip_ws();
         let end = self
             .rest
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' || c == '+'))
+            .find(|c: char| {
+                !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' || c == '+')
+            })
             .unwrap_or(self.rest.len());
         if end == 0 {
             return self.err(format!("expected a word at `{}`", self.rest));
@@ -356,7 +358,9 @@ fn parse_attributes(c: &mut Cursor, op: &mut Op) -> Result<(), ParseError> {
                 };
             }
             (Op::Reshape { shape }, "shape") => *shape = c.shape()?,
-            (Op::Linear { bias } | Op::BlockDiagonalLinear { bias }, "bias") => *bias = c.number()?,
+            (Op::Linear { bias } | Op::BlockDiagonalLinear { bias }, "bias") => {
+                *bias = c.number()?
+            }
             (Op::Reduce { axis, .. }, "axis") => *axis = c.number()?,
             (Op::RmsNorm { eps, .. }, "eps") => *eps = c.number()?,
             (Op::RmsNorm { weight_offset, .. }, "weight_offset") => *weight_offset = c.number()?,
@@ -385,7 +389,10 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
-        let mut c = Cursor { rest: trimmed, line };
+        let mut c = Cursor {
+            rest: trimmed,
+            line,
+        };
         if closed {
             return c.err("text after the closing `}`");
         }

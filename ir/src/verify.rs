@@ -19,7 +19,9 @@ pub enum VerifyError {
         output: u32,
         available: usize,
     },
-    #[error("node n{node} ({op}): expected operands in slots 0..{expected}, found slots {found:?}")]
+    #[error(
+        "node n{node} ({op}): expected operands in slots 0..{expected}, found slots {found:?}"
+    )]
     Arity {
         node: usize,
         op: String,
@@ -144,7 +146,8 @@ fn verify_interface(graph: &Graph, ids: &[NodeId]) -> Result<(), VerifyError> {
     for &id in ids {
         match &graph.node(id).op {
             Op::Input { name, role, ty } => {
-                if inputs.insert(name, (*role, ty)).is_some() {
+                let previous = inputs.insert(name, (*role, ty));
+                if previous.is_some() {
                     return Err(VerifyError::DuplicateName {
                         kind: "input",
                         name: name.clone(),
@@ -154,7 +157,8 @@ fn verify_interface(graph: &Graph, ids: &[NodeId]) -> Result<(), VerifyError> {
             Op::Output { name, role } => {
                 let operand = graph.operands(id)[0];
                 let ty = &graph.node(operand.node).results[operand.output as usize];
-                if outputs.insert(name, (*role, ty)).is_some() {
+                let previous = outputs.insert(name, (*role, ty));
+                if previous.is_some() {
                     return Err(VerifyError::DuplicateName {
                         kind: "output",
                         name: name.clone(),
@@ -196,9 +200,7 @@ fn verify_interface(graph: &Graph, ids: &[NodeId]) -> Result<(), VerifyError> {
         }
     }
     for (name, (role, _)) in &outputs {
-        if *role == OutputRole::State
-            && !matches!(inputs.get(name), Some((InputRole::State, _)))
-        {
+        if *role == OutputRole::State && !matches!(inputs.get(name), Some((InputRole::State, _))) {
             return Err(VerifyError::UnpairedStateOutput {
                 name: name.to_string(),
             });

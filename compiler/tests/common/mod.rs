@@ -25,7 +25,10 @@ pub struct Expected {
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn i64s_as_ids(bytes: &[u8]) -> Vec<u32> {
@@ -50,13 +53,19 @@ pub fn expected(case: &str) -> Expected {
         decode_steps: decode.shape()[0],
         generated_ids: i64s_as_ids(st.tensor("generated_ids").unwrap().data()),
         vocab: logits.shape()[1],
-        prompt: meta.get("prompt").and_then(|p| p.as_str()).map(str::to_string),
+        prompt: meta
+            .get("prompt")
+            .and_then(|p| p.as_str())
+            .map(str::to_string),
     }
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Tolerance of an f32 engine against the float64 reference (golden/README.md).
