@@ -1,0 +1,12 @@
+# `make test`: set up what the tests need, then run every test. CI runs this (.ci/run).
+.PHONY: test setup lint
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	cargo test --workspace --locked
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
