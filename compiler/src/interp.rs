@@ -8,7 +8,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use griffin_ir::{verify, BinaryOp, DType, Dim, Graph, Op, ReduceOp, UnaryOp, Value};
+use griffin_ir::text::op_signature;
+use griffin_ir::{
+    verify, BinaryOp, DType, Dim, Epilogue, Expr, Graph, NodeId, Op, ReduceOp, UnaryOp, Value,
+};
 
 /// Where the interpreter gets weights from, by checkpoint tensor name.
 pub trait WeightSource {
@@ -217,6 +220,9 @@ fn broadcast_offsets(shapes: &[&[usize]]) -> (Vec<usize>, Vec<Vec<usize>>) {
 pub struct Interpreter<'w> {
     weights: &'w dyn WeightSource,
     params: RefCell<HashMap<String, Rc<Tensor>>>,
+    /// Values computed from weights and constants alone (packed, folded weights), by their
+    /// expression, so each is computed once as a backend would at build time.
+    weight_values: RefCell<HashMap<String, Vec<Rc<Tensor>>>>,
 }
 
 type Res<T> = Result<T, String>;
@@ -226,6 +232,7 @@ impl<'w> Interpreter<'w> {
         Interpreter {
             weights,
             params: RefCell::new(HashMap::new()),
+            weight_values: RefCell::new(HashMap::new()),
         }
     }
 
@@ -261,13 +268,32 @@ impl<'w> Interpreter<'w> {
         let mut symbols: HashMap<String, usize> = HashMap::new();
         let mut values: HashMap<Value, Rc<Tensor>> = HashMap::new();
         let mut outputs = HashMap::new();
+        // Expression key of each node computed from weights and constants alone.
+        let mut weight_keys: HashMap<NodeId, String> = HashMap::new();
         for id in graph.topo_order() {
             let node = graph.node(id);
-            let operands: Vec<Rc<Tensor>> = graph
-                .operands(id)
-                .iter()
-                .map(|v| values[v].clone())
-                .collect();
+            let operand_values = graph.operands(id);
+            let weight_key = match &node.op {
+                Op::Param { .. } | Op::Constant { .. } => Some(op_signature(&node.op)),
+                Op::Input { .. } | Op::Output { .. } => None,
+                op if !op.carries_state() && !operand_values.is_empty() => operand_values
+                    .iter()
+                    .map(|v| weight_keys.get(&v.node).map(|k| format!("{k}#{}", v.output)))
+                    .collect::<Option<Vec<_>>>()
+                    .map(|parts| format!("{}({})", op_signature(op), parts.join(", "))),
+                _ => None,
+            };
+            if let Some(key) = &weight_key {
+                weight_keys.insert(id, key.clone());
+                let cached = self.weight_values.borrow().get(key).cloned();
+                if let Some(results) = cached {
+                    for (i, t) in results.into_iter().enumerate() {
+                        values.insert(Value { node: id, output: i as u32 }, t);
+                    }
+                    continue;
+                }
+            }
+            let operands: Vec<Rc<Tensor>> = operand_values.iter().map(|v| values[v].clone()).collect();
             let x: Vec<&Tensor> = operands.iter().map(|t| t.as_ref()).collect();
             let results: Vec<Tensor> = match &node.op {
                 Op::Input { name, ty, .. } => {
@@ -301,13 +327,19 @@ impl<'w> Interpreter<'w> {
                 }
                 other => eval(other, &x, &symbols)?,
             };
+            let results: Vec<Rc<Tensor>> = results.into_iter().map(Rc::new).collect();
+            if let Some(key) = weight_key {
+                if !matches!(node.op, Op::Constant { .. }) {
+                    self.weight_values.borrow_mut().insert(key, results.clone());
+                }
+            }
             for (i, t) in results.into_iter().enumerate() {
                 values.insert(
                     Value {
                         node: id,
                         output: i as u32,
                     },
-                    Rc::new(t),
+                    t,
                 );
             }
         }
@@ -394,8 +426,35 @@ fn eval(op: &Op, x: &[&Tensor], symbols: &HashMap<String, usize>) -> Res<Vec<Ten
             t.shape = resolve(symbols, &shape.0)?;
             one(t)
         }
-        Op::Gather => gather(x[0], x[1]).map(|t| vec![t]),
-        Op::Linear { .. } => one(linear(x[0], x[1], x.get(2).copied())),
+        Op::Gather { scale } => gather(x[0], x[1], *scale).map(|t| vec![t]),
+        Op::Linear {
+            bias,
+            norm,
+            epilogue,
+            residual,
+            splits,
+        } => {
+            let mut rest = x.iter().copied();
+            let mut input = rest.next().expect("arity checked").clone();
+            if let Some(n) = norm {
+                input = rms_norm(&input, rest.next().expect("arity"), n.eps, n.weight_offset);
+            }
+            let w = rest.next().expect("arity");
+            let b = if *bias { rest.next() } else { None };
+            let mut out = linear(&input, w, b);
+            match epilogue {
+                Epilogue::None => {}
+                Epilogue::GeGlu => out = geglu(&out),
+                Epilogue::SoftCap(cap) => out = soft_cap(&out, *cap),
+            }
+            if *residual {
+                out = binary(BinaryOp::Add, rest.next().expect("arity"), &out);
+            }
+            Ok(split_columns(out, splits))
+        }
+        Op::Concat { axis, .. } => one(concat(x, *axis as usize)),
+        Op::RgLru { width, gate_output } => Ok(rg_lru(x, *width as usize, *gate_output)),
+        Op::Elementwise { body } => one(elementwise(body, x, symbols)?),
         Op::BlockDiagonalLinear { .. } => one(block_diagonal_linear(x[0], x[1], x.get(2).copied())),
         Op::Unary(u) => {
             let v = x[0]
@@ -457,22 +516,25 @@ fn eval(op: &Op, x: &[&Tensor], symbols: &HashMap<String, usize>) -> Res<Vec<Ten
         }
         Op::Reduce { op, axis } => one(reduce(*op, *axis as usize, x[0])),
         Op::RmsNorm { eps, weight_offset } => one(rms_norm(x[0], x[1], *eps, *weight_offset)),
-        Op::SoftCap { cap } => {
-            let v = x[0]
-                .floats()
-                .iter()
-                .map(|&a| round_to(x[0].dtype, cap * (a as f64 / cap).tanh()))
-                .collect();
-            one(Tensor {
-                dtype: x[0].dtype,
-                shape: x[0].shape.clone(),
-                data: Data::Float(v),
-            })
-        }
+        Op::SoftCap { cap } => one(soft_cap(x[0], *cap)),
         Op::Conv1d { width } => Ok(conv1d(x[0], x[1], x[2], x[3], x[4], *width as usize)),
         Op::LinearScan => Ok(linear_scan(x[0], x[1], x[2], x[3])),
         Op::Rotary { theta, rotary_dims } => one(rotary(x[0], x[1], *theta, *rotary_dims as usize)),
-        Op::LocalAttention { window, scale } => Ok(local_attention(x, *window as usize, *scale)),
+        Op::LocalAttention {
+            window,
+            scale,
+            rotary: spec,
+        } => match spec {
+            None => Ok(local_attention(x, *window as usize, *scale)),
+            Some(r) => {
+                let q = rotary(x[0], x[3], r.theta, r.dims as usize);
+                let k = rotary(x[1], x[3], r.theta, r.dims as usize);
+                let mut operands = x.to_vec();
+                operands[0] = &q;
+                operands[1] = &k;
+                Ok(local_attention(&operands, *window as usize, *scale))
+            }
+        },
     }
 }
 
@@ -509,7 +571,7 @@ fn wrap_int(to: DType, a: i64) -> i64 {
     }
 }
 
-fn gather(table: &Tensor, ids: &Tensor) -> Res<Tensor> {
+fn gather(table: &Tensor, ids: &Tensor, scale: Option<f64>) -> Res<Tensor> {
     let (vocab, width) = (table.shape[0], table.shape[1]);
     let t = table.floats();
     let mut out = Vec::with_capacity(ids.len() * width);
@@ -519,10 +581,154 @@ fn gather(table: &Tensor, ids: &Tensor) -> Res<Tensor> {
                 "token id {id} is out of range for a table of {vocab} rows"
             ));
         }
-        let row = id as usize * width;
-        out.extend_from_slice(&t[row..row + width]);
+        let row = &t[id as usize * width..(id as usize + 1) * width];
+        match scale {
+            None => out.extend_from_slice(row),
+            Some(s) => out.extend(row.iter().map(|&v| (v as f64 * s) as f32)),
+        }
     }
     Ok(Tensor::f32(vec![ids.len(), width], out))
+}
+
+fn soft_cap(x: &Tensor, cap: f64) -> Tensor {
+    let v = x
+        .floats()
+        .iter()
+        .map(|&a| round_to(x.dtype, cap * (a as f64 / cap).tanh()))
+        .collect();
+    Tensor {
+        dtype: x.dtype,
+        shape: x.shape.clone(),
+        data: Data::Float(v),
+    }
+}
+
+/// `gelu(first half) · second half` along the last axis.
+fn geglu(z: &Tensor) -> Tensor {
+    let width = *z.shape.last().expect("rank >= 1");
+    let half = width / 2;
+    let mut out = Vec::with_capacity(z.len() / 2);
+    for row in z.floats().chunks_exact(width) {
+        for j in 0..half {
+            out.push((gelu_tanh(row[j] as f64) * row[half + j] as f64) as f32);
+        }
+    }
+    let mut shape = z.shape.clone();
+    *shape.last_mut().expect("rank >= 1") = half;
+    Tensor::f32(shape, out)
+}
+
+/// Cuts the last axis into consecutive column blocks; no splits gives the tensor back.
+fn split_columns(z: Tensor, splits: &[u64]) -> Vec<Tensor> {
+    if splits.is_empty() {
+        return vec![z];
+    }
+    let width = *z.shape.last().expect("rank >= 1");
+    let mut start = 0;
+    splits
+        .iter()
+        .map(|&n| {
+            let n = n as usize;
+            let values = z
+                .floats()
+                .chunks_exact(width)
+                .flat_map(|row| row[start..start + n].iter().copied())
+                .collect();
+            start += n;
+            let mut shape = z.shape.clone();
+            *shape.last_mut().expect("rank >= 1") = n;
+            Tensor::f32(shape, values)
+        })
+        .collect()
+}
+
+fn concat(parts: &[&Tensor], axis: usize) -> Tensor {
+    let first = parts[0];
+    let outer: usize = first.shape[..axis].iter().product();
+    let inner: usize = first.shape[axis + 1..].iter().product();
+    let mut out = Vec::new();
+    for o in 0..outer {
+        for p in parts {
+            let block = p.shape[axis] * inner;
+            out.extend_from_slice(&p.floats()[o * block..(o + 1) * block]);
+        }
+    }
+    let mut shape = first.shape.clone();
+    shape[axis] = parts.iter().map(|p| p.shape[axis]).sum();
+    Tensor {
+        dtype: first.dtype,
+        shape,
+        data: Data::Float(out),
+    }
+}
+
+/// The fused recurrent operation, composed from the same pieces as the unfused graph but
+/// keeping the decay and normaliser in f64 between them.
+fn rg_lru(x: &[&Tensor], width: usize, gate_output: bool) -> Vec<Tensor> {
+    let conv = conv1d(x[0], x[1], x[2], x[3], x[4], width);
+    let c = &conv[0];
+    let input_gate = block_diagonal_linear(c, x[5], Some(x[6]));
+    let recurrent_gate = block_diagonal_linear(c, x[7], Some(x[8]));
+    let (decay_rate, state, positions) = (x[9].floats(), x[10], x[1].ints());
+    let channels = decay_rate.len();
+    let sigmoid = |v: f32| unary(UnaryOp::Sigmoid, v as f64);
+    let mut a = Vec::with_capacity(c.len());
+    let mut b = Vec::with_capacity(c.len());
+    for (i, &cv) in c.floats().iter().enumerate() {
+        let (t, ch) = (i / channels, i % channels);
+        let log_a = -8.0 * sigmoid(recurrent_gate.floats()[i]) * decay_rate[ch] as f64;
+        let normaliser = if positions[t] == 0 {
+            1.0
+        } else {
+            (-(2.0 * log_a).exp_m1()).sqrt()
+        };
+        a.push(log_a.exp() as f32);
+        b.push((cv as f64 * sigmoid(input_gate.floats()[i]) * normaliser) as f32);
+    }
+    let shape = c.shape.clone();
+    let scan = linear_scan(
+        &Tensor::f32(shape.clone(), a),
+        &Tensor::f32(shape.clone(), b),
+        x[1],
+        state,
+    );
+    let mut out = scan[0].clone();
+    if gate_output {
+        let y = x[11].floats();
+        let gated = out
+            .floats()
+            .iter()
+            .zip(y)
+            .map(|(&h, &yv)| (h as f64 * gelu_tanh(yv as f64)) as f32)
+            .collect();
+        out = Tensor::f32(shape, gated);
+    }
+    vec![out, conv[1].clone(), scan[1].clone()]
+}
+
+/// A fused elementwise tree, evaluated node by node with the unfused ops' own rules.
+fn elementwise(body: &Expr, x: &[&Tensor], symbols: &HashMap<String, usize>) -> Res<Tensor> {
+    let apply = |op: Op, operands: &[&Tensor]| -> Res<Tensor> {
+        Ok(eval(&op, operands, symbols)?.remove(0))
+    };
+    match body {
+        Expr::Operand(i) => Ok(x[*i as usize].clone()),
+        Expr::Unary(u, a) => apply(Op::Unary(*u), &[&elementwise(a, x, symbols)?]),
+        Expr::Binary(b, p, q) => apply(
+            Op::Binary(*b),
+            &[&elementwise(p, x, symbols)?, &elementwise(q, x, symbols)?],
+        ),
+        Expr::Select(c, p, q) => apply(
+            Op::Select,
+            &[
+                &elementwise(c, x, symbols)?,
+                &elementwise(p, x, symbols)?,
+                &elementwise(q, x, symbols)?,
+            ],
+        ),
+        Expr::SoftCap(cap, a) => Ok(soft_cap(&elementwise(a, x, symbols)?, *cap)),
+        Expr::Cast(to, a) => Ok(cast(&elementwise(a, x, symbols)?, *to)),
+    }
 }
 
 fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Tensor {

@@ -180,9 +180,9 @@ impl Tracer<'_> {
         let w = self.param(&format!("{prefix}.weight"))?;
         if bias {
             let b = self.param(&format!("{prefix}.bias"))?;
-            self.op(Op::Linear { bias: true }, &[x, w, b])
+            self.op(Op::linear(true), &[x, w, b])
         } else {
-            self.op(Op::Linear { bias: false }, &[x, w])
+            self.op(Op::linear(false), &[x, w])
         }
     }
 
@@ -232,7 +232,7 @@ impl Tracer<'_> {
         self.positions = Some(self.op(Op::Positions, &[start, ids])?);
 
         let embed = self.param("model.embed_tokens.weight")?;
-        let gathered = self.op(Op::Gather, &[embed, ids])?;
+        let gathered = self.op(Op::Gather { scale: None }, &[embed, ids])?;
         let scale = self.constant(c.embed_scale() as f64, DType::F32)?;
         let mut x = self.binary(BinaryOp::Mul, gathered, scale)?;
 
@@ -250,7 +250,7 @@ impl Tracer<'_> {
         }
 
         let x = self.rms_norm(x, "model.final_norm.weight")?;
-        let logits = self.op(Op::Linear { bias: false }, &[x, embed])?;
+        let logits = self.op(Op::linear(false), &[x, embed])?;
         let logits = self.op(Op::SoftCap { cap: c.soft_cap }, &[logits])?;
         self.output(names::LOGITS.into(), OutputRole::Logits, logits)
     }
@@ -358,6 +358,7 @@ impl Tracer<'_> {
             Op::LocalAttention {
                 window: c.window as u32,
                 scale: 1.0 / (hd as f64).sqrt(),
+                rotary: None,
             },
             &[q, k, v, positions, keys, values],
         )?;

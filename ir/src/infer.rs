@@ -1,6 +1,6 @@
 //! Result types of each op: the rules the builder applies and the verifier re-checks.
 
-use crate::op::{BinaryOp, Op};
+use crate::op::{BinaryOp, Epilogue, Expr, Op};
 use crate::types::{DType, Dim, Shape, ValueType};
 
 type Res<T> = Result<T, String>;
@@ -104,38 +104,50 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
             }
             one(ValueType::new(x[0].dtype, shape.clone()))
         }
-        Op::Gather => {
+        Op::Gather { scale } => {
             float(x[0], "gather table")?;
             rank(x[0], 2, "gather table")?;
             int(x[1], "gather ids")?;
             rank(x[1], 1, "gather ids")?;
+            if scale.is_some_and(|s| !s.is_finite()) {
+                return Err("gather scale must be finite".into());
+            }
             one(ValueType::new(
                 DType::F32,
                 vec![dim(x[1], 0).clone(), dim(x[0], 1).clone()],
             ))
         }
-        Op::Linear { bias } => {
-            f32_only(x[0], "linear input")?;
-            float(x[1], "linear weight")?;
-            rank(x[1], 2, "linear weight")?;
-            let in_dim = x[0]
-                .shape
-                .last()
-                .ok_or("linear input must not be a scalar")?;
-            same_dim(
-                in_dim,
-                dim(x[1], 1),
-                "linear input width vs weight [out,in]",
-            )?;
-            let out = dim(x[1], 0).clone();
-            if *bias {
-                float(x[2], "linear bias")?;
-                rank(x[2], 1, "linear bias")?;
-                same_dim(dim(x[2], 0), &out, "linear bias vs weight rows")?;
+        Op::Linear {
+            bias,
+            norm,
+            epilogue,
+            residual,
+            splits,
+        } => linear(x, *bias, norm.is_some(), *epilogue, *residual, splits),
+        Op::Concat { axis, parts } => {
+            if *parts == 0 {
+                return Err("concat needs at least one part".into());
             }
-            let mut dims = x[0].shape.0.clone();
-            *dims.last_mut().expect("rank checked") = out;
-            one(ValueType::new(DType::F32, dims))
+            let axis = *axis as usize;
+            let first = x[0];
+            if axis >= first.shape.rank() {
+                return Err(format!("concat axis {axis} out of range for {first}"));
+            }
+            let mut total = 0;
+            for t in x {
+                if t.dtype != first.dtype || t.shape.rank() != first.shape.rank() {
+                    return Err(format!("concat parts differ: {first} vs {t}"));
+                }
+                for (i, (a, b)) in t.shape.0.iter().zip(&first.shape.0).enumerate() {
+                    if i != axis && a != b {
+                        return Err(format!("concat parts differ off axis {axis}: {first} vs {t}"));
+                    }
+                }
+                total += fixed(dim(t, axis), "concat axis")?;
+            }
+            let mut dims = first.shape.0.clone();
+            dims[axis] = Dim::Fixed(total);
+            one(ValueType::new(first.dtype, dims))
         }
         Op::BlockDiagonalLinear { bias } => {
             f32_only(x[0], "block_diagonal_linear input")?;
@@ -304,8 +316,16 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
             }
             one(x[0].clone())
         }
-        Op::LocalAttention { window, .. } => {
+        Op::LocalAttention { window, rotary, .. } => {
             let (q, k, v, positions, keys, values) = (x[0], x[1], x[2], x[3], x[4], x[5]);
+            if let Some(r) = rotary {
+                let spec = Op::Rotary {
+                    theta: r.theta,
+                    rotary_dims: r.dims,
+                };
+                infer_checked_arity(&spec, &[q, positions])?;
+                infer_checked_arity(&spec, &[k, positions])?;
+            }
             for (t, what) in [(q, "query"), (k, "key"), (v, "value")] {
                 f32_only(t, what)?;
                 rank(t, 3, what)?;
@@ -341,7 +361,115 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
             }
             Ok(vec![q.clone(), ring.clone(), ring])
         }
+        Op::RgLru { width, gate_output } => {
+            let conv = infer_checked_arity(&Op::Conv1d { width: *width }, &x[..5])?;
+            let gate = Op::BlockDiagonalLinear { bias: true };
+            infer_checked_arity(&gate, &[&conv[0], x[5], x[6]]).map_err(|e| format!("input gate: {e}"))?;
+            infer_checked_arity(&gate, &[&conv[0], x[7], x[8]]).map_err(|e| format!("recurrent gate: {e}"))?;
+            let channels = ValueType::new(DType::F32, vec![dim(x[0], 1).clone()]);
+            if *x[9] != channels {
+                return Err(format!("rg_lru decay rate must be {channels}, got {}", x[9]));
+            }
+            if *x[10] != channels {
+                return Err(format!("rg_lru state must be {channels}, got {}", x[10]));
+            }
+            if *gate_output && x[11] != x[0] {
+                return Err(format!("rg_lru output gate must be {}, got {}", x[0], x[11]));
+            }
+            Ok(vec![x[0].clone(), conv[1].clone(), channels])
+        }
+        Op::Elementwise { body } => one(expr_type(body, x)?),
     }
+}
+
+/// Result type of an elementwise tree, by the rules of the ops it is made of.
+fn expr_type(e: &Expr, x: &[&ValueType]) -> Res<ValueType> {
+    let op_type = |op: Op, operands: &[&ValueType]| {
+        infer_checked_arity(&op, operands).map(|mut v| v.remove(0))
+    };
+    match e {
+        Expr::Operand(i) => x
+            .get(*i as usize)
+            .map(|t| (*t).clone())
+            .ok_or_else(|| format!("operand ${i} is missing")),
+        Expr::Unary(u, a) => op_type(Op::Unary(*u), &[&expr_type(a, x)?]),
+        Expr::Binary(b, p, q) => op_type(Op::Binary(*b), &[&expr_type(p, x)?, &expr_type(q, x)?]),
+        Expr::Select(c, p, q) => op_type(
+            Op::Select,
+            &[&expr_type(c, x)?, &expr_type(p, x)?, &expr_type(q, x)?],
+        ),
+        Expr::SoftCap(cap, a) => op_type(Op::SoftCap { cap: *cap }, &[&expr_type(a, x)?]),
+        Expr::Cast(to, a) => op_type(Op::Cast { to: *to }, &[&expr_type(a, x)?]),
+    }
+}
+
+/// Operands: x, norm weight if `norm`, weight, bias if `bias`, residual if `residual`.
+fn linear(
+    x: &[&ValueType],
+    bias: bool,
+    norm: bool,
+    epilogue: Epilogue,
+    residual: bool,
+    splits: &[u64],
+) -> Res<Vec<ValueType>> {
+    let mut next = 0;
+    let mut take = || {
+        next += 1;
+        x[next - 1]
+    };
+    let input = take();
+    f32_only(input, "linear input")?;
+    let in_dim = input.shape.last().ok_or("linear input must not be a scalar")?;
+    if norm {
+        let w = take();
+        float(w, "linear norm weight")?;
+        rank(w, 1, "linear norm weight")?;
+        same_dim(in_dim, dim(w, 0), "linear input width vs norm weight")?;
+    }
+    let w = take();
+    float(w, "linear weight")?;
+    rank(w, 2, "linear weight")?;
+    same_dim(in_dim, dim(w, 1), "linear input width vs weight [out,in]")?;
+    let mut out = dim(w, 0).clone();
+    if bias {
+        let b = take();
+        float(b, "linear bias")?;
+        rank(b, 1, "linear bias")?;
+        same_dim(dim(b, 0), &out, "linear bias vs weight rows")?;
+    }
+    match epilogue {
+        Epilogue::GeGlu => {
+            let rows = fixed(&out, "geglu weight rows")?;
+            if rows % 2 != 0 {
+                return Err(format!("geglu needs an even number of weight rows, got {rows}"));
+            }
+            out = Dim::Fixed(rows / 2);
+        }
+        Epilogue::SoftCap(cap) if !is_positive(cap) => {
+            return Err(format!("soft_cap cap must be positive, got {cap}"));
+        }
+        _ => {}
+    }
+    let with_last = |d: Dim| {
+        let mut dims = input.shape.0.clone();
+        *dims.last_mut().expect("rank checked") = d;
+        ValueType::new(DType::F32, dims)
+    };
+    let full = with_last(out.clone());
+    if residual {
+        let r = take();
+        if *r != full {
+            return Err(format!("linear residual must be {full}, got {r}"));
+        }
+    }
+    if splits.is_empty() {
+        return Ok(vec![full]);
+    }
+    let width = fixed(&out, "split linear output width")?;
+    if splits.iter().sum::<u64>() != width || splits.contains(&0) {
+        return Err(format!("splits {splits:?} do not cut {width} columns"));
+    }
+    Ok(splits.iter().map(|&s| with_last(Dim::Fixed(s))).collect())
 }
 
 fn positions_of(positions: &ValueType, tokens: &Dim) -> Res<()> {
@@ -382,10 +510,10 @@ mod tests {
     fn linear_replaces_last_dim() {
         let x = t(DType::F32, vec![Dim::sym("T"), Dim::Fixed(64)]);
         let w = t(DType::BF16, vec![Dim::Fixed(96), Dim::Fixed(64)]);
-        let out = crate::op::infer(&Op::Linear { bias: false }, &[&x, &w]).unwrap();
+        let out = crate::op::infer(&Op::linear(false), &[&x, &w]).unwrap();
         assert_eq!(out[0].to_string(), "f32[T,96]");
         let bad = t(DType::BF16, vec![Dim::Fixed(96), Dim::Fixed(65)]);
-        assert!(crate::op::infer(&Op::Linear { bias: false }, &[&x, &bad]).is_err());
+        assert!(crate::op::infer(&Op::linear(false), &[&x, &bad]).is_err());
     }
 
     #[test]

@@ -15,7 +15,10 @@ pub mod verify;
 
 pub use graph::{Graph, Node, NodeId, Value};
 pub use infer::broadcast;
-pub use op::{infer, BinaryOp, InputRole, Op, OutputRole, ReduceOp, UnaryOp};
+pub use op::{
+    infer, BinaryOp, Epilogue, Expr, InputRole, NormPrologue, Op, OutputRole, ReduceOp, RotarySpec,
+    UnaryOp,
+};
 pub use types::{DType, Dim, Shape, ValueType};
 pub use verify::{verify, VerifyError};
 

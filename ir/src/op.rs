@@ -161,6 +161,77 @@ impl ReduceOp {
     }
 }
 
+/// RMS normalisation applied to a projection's input row before the matmul.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NormPrologue {
+    pub eps: f64,
+    pub weight_offset: f64,
+}
+
+/// What a projection applies to its output before the optional residual add.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Epilogue {
+    None,
+    /// The output's first half is the gate, the second half the up branch:
+    /// the result is `gelu_tanh(gate) · up`, half as wide.
+    GeGlu,
+    /// `cap · tanh(z / cap)`.
+    SoftCap(f64),
+}
+
+/// Rotary embedding applied by attention to queries and keys before the scores.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RotarySpec {
+    pub theta: f64,
+    pub dims: u32,
+}
+
+/// The body of a fused elementwise kernel: a tree over the kernel's operands `$i`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Expr {
+    Operand(u32),
+    Unary(UnaryOp, Box<Expr>),
+    Binary(BinaryOp, Box<Expr>, Box<Expr>),
+    Select(Box<Expr>, Box<Expr>, Box<Expr>),
+    SoftCap(f64, Box<Expr>),
+    Cast(DType, Box<Expr>),
+}
+
+impl Expr {
+    /// One more than the largest operand index used.
+    pub fn num_operands(&self) -> usize {
+        match self {
+            Expr::Operand(i) => *i as usize + 1,
+            Expr::Unary(_, a) | Expr::SoftCap(_, a) | Expr::Cast(_, a) => a.num_operands(),
+            Expr::Binary(_, a, b) => a.num_operands().max(b.num_operands()),
+            Expr::Select(c, a, b) => c.num_operands().max(a.num_operands()).max(b.num_operands()),
+        }
+    }
+
+    /// Number of elementwise operations in the tree.
+    pub fn size(&self) -> usize {
+        match self {
+            Expr::Operand(_) => 0,
+            Expr::Unary(_, a) | Expr::SoftCap(_, a) | Expr::Cast(_, a) => 1 + a.size(),
+            Expr::Binary(_, a, b) => 1 + a.size() + b.size(),
+            Expr::Select(c, a, b) => 1 + c.size() + a.size() + b.size(),
+        }
+    }
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::Operand(i) => write!(f, "${i}"),
+            Expr::Unary(u, a) => write!(f, "{}({a})", u.name()),
+            Expr::Binary(b, x, y) => write!(f, "{}({x}, {y})", b.name()),
+            Expr::Select(c, a, b) => write!(f, "select({c}, {a}, {b})"),
+            Expr::SoftCap(cap, a) => write!(f, "soft_cap[{cap:?}]({a})"),
+            Expr::Cast(to, a) => write!(f, "cast[{}]({a})", to.name()),
+        }
+    }
+}
+
 /// One operation. Operand lists below are in slot order; `T` is the token count of the call.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Op {
@@ -182,10 +253,23 @@ pub enum Op {
     Cast { to: DType },
     /// `(x) -> x` with the same elements in a new shape of equal volume.
     Reshape { shape: Shape },
-    /// Embedding lookup: `(table float[V,D], ids int[T]) -> f32[T,D]`.
-    Gather,
-    /// `(x f32[..,I], w float[O,I], bias float[O] if bias) -> f32[..,O]`: `x·wᵀ + bias`.
-    Linear { bias: bool },
+    /// Embedding lookup: `(table float[V,D], ids int[T]) -> f32[T,D]`, rows times `scale`.
+    Gather { scale: Option<f64> },
+    /// A projection, `x·wᵀ + bias`, with what fusion folded into it:
+    /// `(x f32[..,I], norm_weight float[I] if norm, w float[O,I], bias float[O] if bias,
+    ///   residual f32[..,O'] if residual) -> one f32[..,n] per split` (one result of width O'
+    /// when `splits` is empty). In order: the input is RMS-normalised (`norm`), projected,
+    /// biased, passed through the epilogue (O' = O/2 for GeGLU), the residual added, and the
+    /// columns cut into `splits`.
+    Linear {
+        bias: bool,
+        norm: Option<NormPrologue>,
+        epilogue: Epilogue,
+        residual: bool,
+        splits: Vec<u64>,
+    },
+    /// Joins `parts` operands of one dtype along `axis`; used for weights packed at build time.
+    Concat { axis: u32, parts: u32 },
     /// Per-block matmul with untransposed weights, as the RG-LRU gates use them:
     /// `(x f32[..,H·B], w float[H,B,B], bias float[H,B] if bias) -> f32[..,H·B]`,
     /// block h of the result is `x[h]·w[h] + bias[h]`.
@@ -220,8 +304,24 @@ pub enum Op {
     /// a ring of the last `window` keys and values (slot = position mod window):
     /// `(q f32[T,H,hd], k f32[T,G,hd], v f32[T,G,hd], positions i32[T],
     ///   keys f32[W,G,hd], values f32[W,G,hd]) -> (o f32[T,H,hd], keys', values')`.
-    /// Query at p attends keys at p' with `p - W < p' <= p` and `p' >= 0`.
-    LocalAttention { window: u32, scale: f64 },
+    /// Query at p attends keys at p' with `p - W < p' <= p` and `p' >= 0`. With `rotary`,
+    /// queries and keys are first rotated as by `Rotary` (the ring stores rotated keys).
+    LocalAttention {
+        window: u32,
+        scale: f64,
+        rotary: Option<RotarySpec>,
+    },
+    /// The fused recurrent operation of a Griffin block: causal conv1d, both RG-LRU gates, the
+    /// decay `a = exp(-8·recurrent_gate·decay_rate)`, the normaliser `sqrt(1-a²)` (1 at the
+    /// document start), the scan and, with `gate_output`, the output gating `h·gelu(y)`:
+    /// `(x f32[T,C], positions i32[T], window f32[K-1,C], conv_w float[C,1,K], conv_bias float[C],
+    ///   input_gate_w float[H,B,B], input_gate_bias float[H,B], recurrent_gate_w float[H,B,B],
+    ///   recurrent_gate_bias float[H,B], decay_rate f32[C], state f32[C], y f32[T,C] if gate_output)
+    ///  -> (out f32[T,C], window' f32[K-1,C], state' f32[C])`.
+    /// `decay_rate` is `softplus(recurrent_param)`, computed at build time.
+    RgLru { width: u32, gate_output: bool },
+    /// A fused tree of elementwise ops over its operands (numpy broadcasting).
+    Elementwise { body: Expr },
 }
 
 /// How an op is spelled in the text format, without attributes.
@@ -235,8 +335,9 @@ impl Op {
             Op::Positions => "positions".into(),
             Op::Cast { .. } => "cast".into(),
             Op::Reshape { .. } => "reshape".into(),
-            Op::Gather => "gather".into(),
+            Op::Gather { .. } => "gather".into(),
             Op::Linear { .. } => "linear".into(),
+            Op::Concat { .. } => "concat".into(),
             Op::BlockDiagonalLinear { .. } => "block_diagonal_linear".into(),
             Op::Unary(u) => u.name().into(),
             Op::Binary(b) => b.name().into(),
@@ -248,6 +349,8 @@ impl Op {
             Op::LinearScan => "linear_scan".into(),
             Op::Rotary { .. } => "rotary".into(),
             Op::LocalAttention { .. } => "local_attention".into(),
+            Op::RgLru { .. } => "rg_lru".into(),
+            Op::Elementwise { .. } => "elementwise".into(),
         }
     }
 
@@ -258,9 +361,18 @@ impl Op {
             Op::Output { .. } => 1,
             Op::Cast { .. } | Op::Reshape { .. } | Op::Unary(_) => 1,
             Op::Reduce { .. } | Op::SoftCap { .. } => 1,
-            Op::Positions | Op::Gather | Op::Binary(_) | Op::RmsNorm { .. } => 2,
+            Op::Positions | Op::Gather { .. } | Op::Binary(_) | Op::RmsNorm { .. } => 2,
             Op::Rotary { .. } => 2,
-            Op::Linear { bias } | Op::BlockDiagonalLinear { bias } => 2 + usize::from(*bias),
+            Op::BlockDiagonalLinear { bias } => 2 + usize::from(*bias),
+            Op::Linear {
+                bias,
+                norm,
+                residual,
+                ..
+            } => 2 + usize::from(*bias) + usize::from(norm.is_some()) + usize::from(*residual),
+            Op::Concat { parts, .. } => *parts as usize,
+            Op::RgLru { gate_output, .. } => 11 + usize::from(*gate_output),
+            Op::Elementwise { body } => body.num_operands(),
             Op::Select => 3,
             Op::LinearScan => 4,
             Op::Conv1d { .. } => 5,
@@ -273,7 +385,8 @@ impl Op {
         match self {
             Op::Output { .. } => 0,
             Op::Conv1d { .. } | Op::LinearScan => 2,
-            Op::LocalAttention { .. } => 3,
+            Op::LocalAttention { .. } | Op::RgLru { .. } => 3,
+            Op::Linear { splits, .. } => splits.len().max(1),
             _ => 1,
         }
     }
@@ -282,7 +395,12 @@ impl Op {
     pub fn is_elementwise(&self) -> bool {
         matches!(
             self,
-            Op::Unary(_) | Op::Binary(_) | Op::Select | Op::SoftCap { .. } | Op::Cast { .. }
+            Op::Unary(_)
+                | Op::Binary(_)
+                | Op::Select
+                | Op::SoftCap { .. }
+                | Op::Cast { .. }
+                | Op::Elementwise { .. }
         )
     }
 
@@ -290,8 +408,19 @@ impl Op {
     pub fn carries_state(&self) -> bool {
         matches!(
             self,
-            Op::Conv1d { .. } | Op::LinearScan | Op::LocalAttention { .. }
+            Op::Conv1d { .. } | Op::LinearScan | Op::LocalAttention { .. } | Op::RgLru { .. }
         )
+    }
+
+    /// A plain projection `x·wᵀ (+ bias)` with nothing fused into it.
+    pub fn linear(bias: bool) -> Op {
+        Op::Linear {
+            bias,
+            norm: None,
+            epilogue: Epilogue::None,
+            residual: false,
+            splits: Vec::new(),
+        }
     }
 
     pub fn is_source(&self) -> bool {

@@ -19,7 +19,9 @@ use std::fmt::Write as _;
 use thiserror::Error;
 
 use crate::graph::{Graph, Value};
-use crate::op::{BinaryOp, InputRole, Op, OutputRole, ReduceOp, UnaryOp};
+use crate::op::{
+    BinaryOp, Epilogue, Expr, InputRole, NormPrologue, Op, OutputRole, ReduceOp, RotarySpec, UnaryOp,
+};
 use crate::types::{DType, Dim, Shape, ValueType};
 
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -49,28 +51,97 @@ fn float_text(x: f64) -> String {
     format!("{x:?}")
 }
 
+/// Attributes in their fixed printing order; optional ones only when set.
 fn attributes(op: &Op) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
     match op {
-        Op::Cast { to } => vec![("to", to.name().to_string())],
-        Op::Reshape { shape } => vec![("shape", shape.to_string())],
-        Op::Linear { bias } | Op::BlockDiagonalLinear { bias } => vec![("bias", bias.to_string())],
-        Op::Reduce { axis, .. } => vec![("axis", axis.to_string())],
-        Op::RmsNorm { eps, weight_offset } => vec![
-            ("eps", float_text(*eps)),
-            ("weight_offset", float_text(*weight_offset)),
-        ],
-        Op::SoftCap { cap } => vec![("cap", float_text(*cap))],
-        Op::Conv1d { width } => vec![("width", width.to_string())],
-        Op::Rotary { theta, rotary_dims } => vec![
-            ("theta", float_text(*theta)),
-            ("rotary_dims", rotary_dims.to_string()),
-        ],
-        Op::LocalAttention { window, scale } => vec![
-            ("window", window.to_string()),
-            ("scale", float_text(*scale)),
-        ],
-        _ => vec![],
+        Op::Cast { to } => out.push(("to", to.name().to_string())),
+        Op::Reshape { shape } => out.push(("shape", shape.to_string())),
+        Op::Gather { scale } => {
+            if let Some(s) = scale {
+                out.push(("scale", float_text(*s)));
+            }
+        }
+        Op::Linear {
+            bias,
+            norm,
+            epilogue,
+            residual,
+            splits,
+        } => {
+            out.push(("bias", bias.to_string()));
+            if let Some(n) = norm {
+                out.push(("norm_eps", float_text(n.eps)));
+                out.push(("norm_offset", float_text(n.weight_offset)));
+            }
+            match epilogue {
+                Epilogue::None => {}
+                Epilogue::GeGlu => out.push(("epilogue", "geglu".into())),
+                Epilogue::SoftCap(cap) => out.push(("soft_cap", float_text(*cap))),
+            }
+            if *residual {
+                out.push(("residual", "true".into()));
+            }
+            if !splits.is_empty() {
+                let parts: Vec<String> = splits.iter().map(u64::to_string).collect();
+                out.push(("splits", format!("[{}]", parts.join(","))));
+            }
+        }
+        Op::BlockDiagonalLinear { bias } => out.push(("bias", bias.to_string())),
+        Op::Concat { axis, parts } => {
+            out.push(("axis", axis.to_string()));
+            out.push(("parts", parts.to_string()));
+        }
+        Op::Reduce { axis, .. } => out.push(("axis", axis.to_string())),
+        Op::RmsNorm { eps, weight_offset } => {
+            out.push(("eps", float_text(*eps)));
+            out.push(("weight_offset", float_text(*weight_offset)));
+        }
+        Op::SoftCap { cap } => out.push(("cap", float_text(*cap))),
+        Op::Conv1d { width } => out.push(("width", width.to_string())),
+        Op::Rotary { theta, rotary_dims } => {
+            out.push(("theta", float_text(*theta)));
+            out.push(("rotary_dims", rotary_dims.to_string()));
+        }
+        Op::LocalAttention {
+            window,
+            scale,
+            rotary,
+        } => {
+            out.push(("window", window.to_string()));
+            out.push(("scale", float_text(*scale)));
+            if let Some(r) = rotary {
+                out.push(("rotary_theta", float_text(r.theta)));
+                out.push(("rotary_dims", r.dims.to_string()));
+            }
+        }
+        Op::RgLru { width, gate_output } => {
+            out.push(("width", width.to_string()));
+            out.push(("gate_output", gate_output.to_string()));
+        }
+        Op::Elementwise { body } => out.push(("body", body.to_string())),
+        _ => {}
     }
+    out
+}
+
+/// The op as the text format spells it, without operands: mnemonic, name or value, attributes.
+/// Two nodes with the same signature and the same operands compute the same values.
+pub fn op_signature(op: &Op) -> String {
+    let mut s = op.mnemonic();
+    match op {
+        Op::Input { name, ty, .. } => s.push_str(&format!(" {} {ty}", quote(name))),
+        Op::Output { name, .. } => s.push_str(&format!(" {}", quote(name))),
+        Op::Param { tensor, ty } => s.push_str(&format!(" {} {ty}", quote(tensor))),
+        Op::Constant { value, dtype } => s.push_str(&format!(" {} {dtype}", float_text(*value))),
+        _ => {}
+    }
+    let attrs = attributes(op);
+    if !attrs.is_empty() {
+        let parts: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        s.push_str(&format!(" {{{}}}", parts.join(", ")));
+    }
+    s
 }
 
 /// Prints the graph in the canonical text format.
@@ -265,31 +336,161 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn op_from_mnemonic(m: &str) -> Option<Op> {
+/// Attribute values by key, as raw text; each key must be consumed.
+struct Attrs {
+    items: Vec<(String, String)>,
+}
+
+impl Attrs {
+    fn take(&mut self, key: &str) -> Option<String> {
+        let i = self.items.iter().position(|(k, _)| k == key)?;
+        Some(self.items.remove(i).1)
+    }
+
+    fn req<T: std::str::FromStr>(&mut self, key: &str) -> Result<T, String> {
+        let v = self.take(key).ok_or_else(|| format!("missing attribute `{key}`"))?;
+        v.parse().map_err(|_| format!("bad value `{v}` for attribute `{key}`"))
+    }
+
+    fn opt<T: std::str::FromStr>(&mut self, key: &str) -> Result<Option<T>, String> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("bad value `{v}` for attribute `{key}`")),
+        }
+    }
+}
+
+fn parse_shape_text(text: &str) -> Result<Shape, String> {
+    let mut c = Cursor { rest: text, line: 0 };
+    let shape = c.shape().map_err(|e| e.message)?;
+    if !c.rest.trim().is_empty() {
+        return Err(format!("unexpected `{}` after shape", c.rest));
+    }
+    Ok(shape)
+}
+
+fn parse_dtype(text: &str) -> Result<DType, String> {
+    DType::from_name(text).ok_or_else(|| format!("unknown dtype `{text}`"))
+}
+
+fn parse_splits(text: &str) -> Result<Vec<u64>, String> {
+    let inner = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .ok_or_else(|| format!("splits must be a list, got `{text}`"))?;
+    inner
+        .split(',')
+        .map(|p| p.trim().parse().map_err(|_| format!("bad split `{p}`")))
+        .collect()
+}
+
+/// Parses an elementwise body such as `mul(gelu_tanh($0), $1)`.
+pub fn parse_expr(text: &str) -> Result<Expr, String> {
+    fn parse(s: &str) -> Result<(Expr, &str), String> {
+        let s = s.trim_start();
+        if let Some(rest) = s.strip_prefix('$') {
+            let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let i = rest[..end].parse().map_err(|_| format!("bad operand at `{s}`"))?;
+            return Ok((Expr::Operand(i), &rest[end..]));
+        }
+        let end = s
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(s.len());
+        let (name, mut rest) = s.split_at(end);
+        let mut param = None;
+        if let Some(r) = rest.strip_prefix('[') {
+            let close = r.find(']').ok_or("unclosed `[`")?;
+            param = Some(&r[..close]);
+            rest = &r[close + 1..];
+        }
+        rest = rest.strip_prefix('(').ok_or_else(|| format!("expected `(` after `{name}`"))?;
+        let mut args = Vec::new();
+        loop {
+            let (e, r) = parse(rest)?;
+            args.push(e);
+            let r = r.trim_start();
+            if let Some(r) = r.strip_prefix(',') {
+                rest = r;
+            } else if let Some(r) = r.strip_prefix(')') {
+                rest = r;
+                break;
+            } else {
+                return Err(format!("expected `,` or `)` at `{r}`"));
+            }
+        }
+        let given = args.len();
+        let arity = |n: usize| {
+            if given == n {
+                Ok(())
+            } else {
+                Err(format!("`{name}` takes {n} arguments, got {given}"))
+            }
+        };
+        let mut boxed = args.into_iter().map(Box::new);
+        let mut next = || boxed.next().expect("arity checked");
+        let e = if let Some(u) = UnaryOp::ALL.into_iter().find(|u| u.name() == name) {
+            arity(1)?;
+            Expr::Unary(u, next())
+        } else if let Some(b) = BinaryOp::ALL.into_iter().find(|b| b.name() == name) {
+            arity(2)?;
+            Expr::Binary(b, next(), next())
+        } else {
+            match (name, param) {
+                ("select", None) => {
+                    arity(3)?;
+                    Expr::Select(next(), next(), next())
+                }
+                ("soft_cap", Some(p)) => {
+                    arity(1)?;
+                    Expr::SoftCap(p.parse().map_err(|_| format!("bad cap `{p}`"))?, next())
+                }
+                ("cast", Some(p)) => {
+                    arity(1)?;
+                    Expr::Cast(parse_dtype(p)?, next())
+                }
+                _ => return Err(format!("unknown elementwise op `{name}`")),
+            }
+        };
+        Ok((e, rest))
+    }
+    let (e, rest) = parse(text)?;
+    if !rest.trim().is_empty() {
+        return Err(format!("unexpected `{rest}` after expression"));
+    }
+    Ok(e)
+}
+
+/// Builds the op named `m` from its attributes (names and sources filled in by the caller).
+fn op_from_text(m: &str, a: &mut Attrs) -> Result<Op, String> {
     if let Some(u) = UnaryOp::ALL.into_iter().find(|u| u.name() == m) {
-        return Some(Op::Unary(u));
+        return Ok(Op::Unary(u));
     }
     if let Some(b) = BinaryOp::ALL.into_iter().find(|b| b.name() == m) {
-        return Some(Op::Binary(b));
+        return Ok(Op::Binary(b));
     }
     if let Some(r) = ReduceOp::ALL
         .into_iter()
         .find(|r| m.strip_prefix("reduce_") == Some(r.name()))
     {
-        return Some(Op::Reduce { op: r, axis: 0 });
+        return Ok(Op::Reduce {
+            op: r,
+            axis: a.req("axis")?,
+        });
     }
-    // Attribute fields are placeholders here; `parse_line` fills them in.
+    // Names, types and values of sources are placeholders here; `parse_node` fills them in.
     let placeholder_ty = ValueType::scalar(DType::F32);
-    Some(match m {
-        "input.tokens" | "input.position" | "input.state" => Op::Input {
-            name: String::new(),
-            role: match m {
-                "input.tokens" => InputRole::Tokens,
-                "input.position" => InputRole::Position,
-                _ => InputRole::State,
-            },
-            ty: placeholder_ty,
-        },
+    let input = |role| Op::Input {
+        name: String::new(),
+        role,
+        ty: placeholder_ty.clone(),
+    };
+    Ok(match m {
+        "input.tokens" => input(InputRole::Tokens),
+        "input.position" => input(InputRole::Position),
+        "input.state" => input(InputRole::State),
         "output.logits" => Op::Output {
             name: String::new(),
             role: OutputRole::Logits,
@@ -300,80 +501,126 @@ fn op_from_mnemonic(m: &str) -> Option<Op> {
         },
         "param" => Op::Param {
             tensor: String::new(),
-            ty: placeholder_ty,
+            ty: placeholder_ty.clone(),
         },
         "constant" => Op::Constant {
             value: 0.0,
             dtype: DType::F32,
         },
         "positions" => Op::Positions,
-        "cast" => Op::Cast { to: DType::F32 },
-        "reshape" => Op::Reshape {
-            shape: Shape::scalar(),
+        "cast" => Op::Cast {
+            to: parse_dtype(&a.take("to").ok_or("missing attribute `to`")?)?,
         },
-        "gather" => Op::Gather,
-        "linear" => Op::Linear { bias: false },
-        "block_diagonal_linear" => Op::BlockDiagonalLinear { bias: false },
+        "reshape" => Op::Reshape {
+            shape: parse_shape_text(&a.take("shape").ok_or("missing attribute `shape`")?)?,
+        },
+        "gather" => Op::Gather {
+            scale: a.opt("scale")?,
+        },
+        "linear" => {
+            let bias = a.req("bias")?;
+            let norm = match a.opt::<f64>("norm_eps")? {
+                Some(eps) => Some(NormPrologue {
+                    eps,
+                    weight_offset: a.req("norm_offset")?,
+                }),
+                None => None,
+            };
+            let epilogue = match (a.take("epilogue").as_deref(), a.opt::<f64>("soft_cap")?) {
+                (None, None) => Epilogue::None,
+                (Some("geglu"), None) => Epilogue::GeGlu,
+                (None, Some(cap)) => Epilogue::SoftCap(cap),
+                (e, cap) => return Err(format!("bad epilogue {e:?} with soft_cap {cap:?}")),
+            };
+            Op::Linear {
+                bias,
+                norm,
+                epilogue,
+                residual: a.opt("residual")?.unwrap_or(false),
+                splits: match a.take("splits") {
+                    Some(t) => parse_splits(&t)?,
+                    None => Vec::new(),
+                },
+            }
+        }
+        "block_diagonal_linear" => Op::BlockDiagonalLinear {
+            bias: a.req("bias")?,
+        },
+        "concat" => Op::Concat {
+            axis: a.req("axis")?,
+            parts: a.req("parts")?,
+        },
         "select" => Op::Select,
         "rms_norm" => Op::RmsNorm {
-            eps: 0.0,
-            weight_offset: 0.0,
+            eps: a.req("eps")?,
+            weight_offset: a.req("weight_offset")?,
         },
-        "soft_cap" => Op::SoftCap { cap: 0.0 },
-        "conv1d" => Op::Conv1d { width: 0 },
+        "soft_cap" => Op::SoftCap { cap: a.req("cap")? },
+        "conv1d" => Op::Conv1d {
+            width: a.req("width")?,
+        },
         "linear_scan" => Op::LinearScan,
         "rotary" => Op::Rotary {
-            theta: 0.0,
-            rotary_dims: 0,
+            theta: a.req("theta")?,
+            rotary_dims: a.req("rotary_dims")?,
         },
         "local_attention" => Op::LocalAttention {
-            window: 0,
-            scale: 0.0,
+            window: a.req("window")?,
+            scale: a.req("scale")?,
+            rotary: match a.opt::<f64>("rotary_theta")? {
+                Some(theta) => Some(RotarySpec {
+                    theta,
+                    dims: a.req("rotary_dims")?,
+                }),
+                None => None,
+            },
         },
-        _ => return None,
+        "rg_lru" => Op::RgLru {
+            width: a.req("width")?,
+            gate_output: a.req("gate_output")?,
+        },
+        "elementwise" => Op::Elementwise {
+            body: parse_expr(&a.take("body").ok_or("missing attribute `body`")?)?,
+        },
+        _ => return Err(format!("unknown op `{m}`")),
     })
 }
 
-fn parse_attributes(c: &mut Cursor, op: &mut Op) -> Result<(), ParseError> {
-    let expected: Vec<&str> = attributes(op).into_iter().map(|(k, _)| k).collect();
-    if expected.is_empty() {
-        return Ok(());
+/// Reads `{key=value, ...}`; a value runs to the next top-level `,` or `}`.
+fn parse_attribute_block(c: &mut Cursor) -> Result<Attrs, ParseError> {
+    let mut items = Vec::new();
+    c.skip_ws();
+    if !c.rest.starts_with('{') {
+        return Ok(Attrs { items });
     }
-    c.expect("{")?;
-    for (i, key) in expected.iter().enumerate() {
-        if i > 0 {
-            c.expect(",")?;
-        }
-        let got = c.word()?;
-        if got != *key {
-            return c.err(format!("expected attribute `{key}`, got `{got}`"));
-        }
+    c.rest = &c.rest[1..];
+    loop {
+        let key = c.word()?.to_string();
         c.expect("=")?;
-        match (&mut *op, *key) {
-            (Op::Cast { to }, "to") => {
-                let w = c.word()?;
-                *to = match DType::from_name(w) {
-                    Some(d) => d,
-                    None => return c.err(format!("unknown dtype `{w}`")),
-                };
+        c.skip_ws();
+        let mut depth = 0i32;
+        let mut end = None;
+        for (i, ch) in c.rest.char_indices() {
+            match ch {
+                '(' | '[' => depth += 1,
+                ')' | ']' => depth -= 1,
+                ',' | '}' if depth == 0 => {
+                    end = Some(i);
+                    break;
+                }
+                _ => {}
             }
-            (Op::Reshape { shape }, "shape") => *shape = c.shape()?,
-            (Op::Linear { bias } | Op::BlockDiagonalLinear { bias }, "bias") => {
-                *bias = c.number()?
-            }
-            (Op::Reduce { axis, .. }, "axis") => *axis = c.number()?,
-            (Op::RmsNorm { eps, .. }, "eps") => *eps = c.number()?,
-            (Op::RmsNorm { weight_offset, .. }, "weight_offset") => *weight_offset = c.number()?,
-            (Op::SoftCap { cap }, "cap") => *cap = c.number()?,
-            (Op::Conv1d { width }, "width") => *width = c.number()?,
-            (Op::Rotary { theta, .. }, "theta") => *theta = c.number()?,
-            (Op::Rotary { rotary_dims, .. }, "rotary_dims") => *rotary_dims = c.number()?,
-            (Op::LocalAttention { window, .. }, "window") => *window = c.number()?,
-            (Op::LocalAttention { scale, .. }, "scale") => *scale = c.number()?,
-            _ => unreachable!("attributes() and this match list the same keys"),
+        }
+        let Some(end) = end else {
+            return c.err("unterminated attribute block");
+        };
+        items.push((key, c.rest[..end].trim().to_string()));
+        let closing = c.rest[end..].starts_with('}');
+        c.rest = &c.rest[end + 1..];
+        if closing {
+            return Ok(Attrs { items });
         }
     }
-    c.expect("}")
 }
 
 /// Parses the text format. The result is not verified: run [`crate::verify`] on it.
@@ -443,29 +690,22 @@ fn parse_node(
         }
     }
     let mnemonic = c.word()?;
-    let Some(mut op) = op_from_mnemonic(mnemonic) else {
+    if op_from_text(mnemonic, &mut Attrs { items: Vec::new() })
+        .is_err_and(|e| e.starts_with("unknown op"))
+    {
         return c.err(format!("unknown op `{mnemonic}`"));
-    };
+    }
     let first_result = results.first().map(|(_, t)| t.clone());
     let needs_result = |c: &Cursor| match &first_result {
         Some(t) => Ok(t.clone()),
         None => c.err(format!("`{mnemonic}` needs a typed result")),
     };
-    match &mut op {
-        Op::Input { name, ty, .. } => {
-            *name = c.string()?;
-            *ty = needs_result(c)?;
-        }
-        Op::Output { name, .. } => *name = c.string()?,
-        Op::Param { tensor, ty } => {
-            *tensor = c.string()?;
-            *ty = needs_result(c)?;
-        }
-        Op::Constant { value, dtype } => {
-            *value = c.number()?;
-            *dtype = needs_result(c)?.dtype;
-        }
-        _ => {}
+    let mut source_name = None;
+    let mut source_value = None;
+    if mnemonic.starts_with("input.") || mnemonic.starts_with("output.") || mnemonic == "param" {
+        source_name = Some(c.string()?);
+    } else if mnemonic == "constant" {
+        source_value = Some(c.number::<f64>()?);
     }
     let mut operands = Vec::new();
     c.skip_ws();
@@ -481,7 +721,30 @@ fn parse_node(
             }
         }
     }
-    parse_attributes(c, &mut op)?;
+    let mut attrs = parse_attribute_block(c)?;
+    let mut op = match op_from_text(mnemonic, &mut attrs) {
+        Ok(op) => op,
+        Err(e) => return c.err(e),
+    };
+    if let Some((key, _)) = attrs.items.first() {
+        return c.err(format!("unknown attribute `{key}` for `{mnemonic}`"));
+    }
+    match &mut op {
+        Op::Input { name, ty, .. } => {
+            *name = source_name.take().expect("read above");
+            *ty = needs_result(c)?;
+        }
+        Op::Output { name, .. } => *name = source_name.take().expect("read above"),
+        Op::Param { tensor, ty } => {
+            *tensor = source_name.take().expect("read above");
+            *ty = needs_result(c)?;
+        }
+        Op::Constant { value, dtype } => {
+            *value = source_value.expect("read above");
+            *dtype = needs_result(c)?.dtype;
+        }
+        _ => {}
+    }
     c.skip_ws();
     if !c.rest.is_empty() {
         return c.err(format!("unexpected `{}`", c.rest));

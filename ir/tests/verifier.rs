@@ -81,7 +81,7 @@ fn rejects_dangling_edge() {
     let mut g = parse(GOOD).unwrap();
     let gather = g
         .node_ids()
-        .find(|id| g.node(*id).op == Op::Gather)
+        .find(|id| g.node(*id).op == Op::Gather { scale: None })
         .unwrap();
     let out = g
         .node_ids()
