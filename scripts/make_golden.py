@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+from transformers import DynamicCache, RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 
 
 def parse_args():
@@ -134,9 +134,14 @@ def stepwise_logits(model, ids, steps):
     t = ids.shape[0]
     rows = []
     with torch.no_grad():
-        out = model(ids[None, : t - steps], use_cache=True)
+        # The recurrent layers keep their state inside the modules; passing a cache object
+        # keeps the model from resetting it between calls.
+        cache = DynamicCache(config=model.config)
+        model._setup_cache(model.config, 1, ids.device, torch.float64)
+        prefix = torch.arange(t - steps)[None]
+        model(ids[None, : t - steps], position_ids=prefix, use_cache=True, cache=cache)
         for p in range(t - steps, t):
-            out = model(ids[None, p:p + 1], cache_position=torch.tensor([p]), use_cache=True)
+            out = model(ids[None, p:p + 1], position_ids=torch.tensor([[p]]), use_cache=True, cache=cache)
             rows.append(out.logits[0, -1])
     return torch.stack(rows)
 

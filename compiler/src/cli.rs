@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use griffin_ir::{dot, text};
+use griffin_ir::{dot, text, Graph};
 
+use crate::passes::{self, stats::kernel_stats, Pass};
 use crate::session::{eval, generate_greedy, Model};
 use crate::tokenizer::TextTokenizer;
 
@@ -59,10 +60,29 @@ pub enum OutputFormat {
 #[derive(Args, Debug)]
 pub struct IrArgs {
     pub model_dir: PathBuf,
-    #[arg(long, value_enum, default_value_t = GraphChoice::Prefill)]
-    pub graph: GraphChoice,
+    /// Which graph (default prefill; with --stats, both).
+    #[arg(long, value_enum)]
+    pub graph: Option<GraphChoice>,
     #[arg(long, value_enum, default_value_t = IrFormat::Text)]
     pub format: IrFormat,
+    /// `default`, `none`, or pass names separated by commas.
+    #[arg(long, default_value = "default")]
+    pub passes: String,
+    /// Print the graph after every pass.
+    #[arg(long, conflicts_with = "print_after")]
+    pub print_after_all: bool,
+    /// Print the graph after the named pass.
+    #[arg(long, value_name = "NAME")]
+    pub print_after: Option<String>,
+    /// Stop the pipeline after the named pass.
+    #[arg(long, value_name = "NAME")]
+    pub stop_after: Option<String>,
+    /// Print each pass's time and rewrite count to stderr.
+    #[arg(long)]
+    pub time_passes: bool,
+    /// Print node and kernel counts, one JSON object per line and graph, instead of the IR.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 #[derive(Args, Debug)]
@@ -77,6 +97,9 @@ pub struct EvalArgs {
     pub prefill: Option<usize>,
     #[arg(long, value_enum, default_value_t = Backend::Interp)]
     pub backend: Backend,
+    /// `default`, `none`, or pass names separated by commas.
+    #[arg(long, default_value = "default")]
+    pub passes: String,
     /// Where to write the `logits` tensor, f32 [T, V].
     #[arg(long)]
     pub out: PathBuf,
@@ -101,6 +124,9 @@ pub struct GenerateArgs {
     pub format: Option<OutputFormat>,
     #[arg(long, value_enum, default_value_t = Backend::Interp)]
     pub backend: Backend,
+    /// `default`, `none`, or pass names separated by commas.
+    #[arg(long, default_value = "default")]
+    pub passes: String,
 }
 
 /// Parses `2,17,5`; spaces around ids are allowed.
@@ -118,8 +144,13 @@ pub fn parse_ids(text: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-fn load(dir: &Path) -> Result<Model> {
-    Model::load(dir).with_context(|| format!("cannot load model from {}", dir.display()))
+fn pipeline(spec: &str) -> Result<Vec<&'static Pass>> {
+    passes::parse_pipeline(spec).map_err(|e| anyhow::anyhow!("--passes: {e}"))
+}
+
+fn load(dir: &Path, passes: &[&'static Pass]) -> Result<Model> {
+    Model::load_with_passes(dir, passes)
+        .with_context(|| format!("cannot load model from {}", dir.display()))
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -131,15 +162,69 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn run_ir(args: IrArgs) -> Result<()> {
-    let model = load(&args.model_dir)?;
-    let graph = match args.graph {
-        GraphChoice::Prefill => &model.prefill,
-        GraphChoice::Decode => &model.decode,
+    let passes = pipeline(&args.passes)?;
+    for name in [&args.print_after, &args.stop_after].into_iter().flatten() {
+        if !passes.iter().any(|p| p.name == name.as_str()) {
+            bail!("pass `{name}` is not in the pipeline `{}`", args.passes);
+        }
+    }
+    let model = Model::load_traced(&args.model_dir)
+        .with_context(|| format!("cannot load model from {}", args.model_dir.display()))?;
+    let layer_types = model.layer_types();
+    let graphs: Vec<&Graph> = match (args.graph, args.stats) {
+        (Some(GraphChoice::Prefill), _) | (None, false) => vec![&model.prefill],
+        (Some(GraphChoice::Decode), _) => vec![&model.decode],
+        (None, true) => vec![&model.prefill, &model.decode],
     };
-    let out = match args.format {
-        IrFormat::Text => text::print(graph),
-        IrFormat::Dot => dot::to_dot(graph),
+    let render = |g: &Graph| match args.format {
+        IrFormat::Text => text::print(g),
+        IrFormat::Dot => dot::to_dot(g),
     };
+    let mut out = String::new();
+    for traced in graphs {
+        let mut graph = traced.clone();
+        let reports = passes::run_pipeline(
+            &mut graph,
+            &passes,
+            cfg!(debug_assertions),
+            args.stop_after.as_deref(),
+            |report, g| {
+                if args.print_after_all || args.print_after.as_deref() == Some(report.pass) {
+                    out.push_str(&format!("# after {} ({} rewrites)\n", report.pass, report.rewrites));
+                    out.push_str(&render(g));
+                }
+            },
+        )?;
+        if args.time_passes {
+            for r in &reports {
+                eprintln!(
+                    "{:>8.3} ms  {:>4} rewrites  {:>5} nodes  {} ({})",
+                    r.time.as_secs_f64() * 1e3,
+                    r.rewrites,
+                    r.nodes_after,
+                    r.pass,
+                    graph.name
+                );
+            }
+        }
+        if args.stats {
+            let s = kernel_stats(&graph, &layer_types);
+            let unfused = kernel_stats(traced, &layer_types);
+            let line = serde_json::json!({
+                "graph": graph.name,
+                "passes": args.passes,
+                "nodes": s.nodes,
+                "kernels": s.kernels,
+                "kernels_per_layer": s.kernels_per_layer,
+                "kernels_outside_layers": s.kernels_outside_layers,
+                "unfused_kernels": unfused.kernels,
+                "unfused_kernels_per_layer": unfused.kernels_per_layer,
+            });
+            out.push_str(&format!("{line}\n"));
+        } else if !args.print_after_all && args.print_after.is_none() {
+            out.push_str(&render(&graph));
+        }
+    }
     write_stdout(&out)
 }
 
@@ -154,7 +239,8 @@ fn write_stdout(s: &str) -> Result<()> {
 
 fn run_eval(args: EvalArgs) -> Result<()> {
     let ids = parse_ids(&args.ids)?;
-    let model = load(&args.model_dir)?;
+    let passes = pipeline(&args.passes)?;
+    let model = load(&args.model_dir, &passes)?;
     if let Some(p) = args.prefill {
         if p > ids.len() {
             bail!(crate::RunError::PrefillTooLong {
@@ -201,7 +287,8 @@ pub fn write_logits(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> 
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let given_ids = args.ids.as_deref().map(parse_ids).transpose()?;
-    let model = load(&args.model_dir)?;
+    let passes = pipeline(&args.passes)?;
+    let model = load(&args.model_dir, &passes)?;
     let config = &model.checkpoint.config;
     let bos = config.bos_token_id;
     let control_ids = [bos, config.eos_token_id, config.pad_token_id];

@@ -57,6 +57,11 @@ pub enum ModelError {
         graph: &'static str,
         source: griffin_ir::IrError,
     },
+    #[error("optimising the {graph} graph: {source}")]
+    Pass {
+        graph: &'static str,
+        source: crate::passes::PassError,
+    },
     #[error("{}: cannot load tokenizer: {message}", path.display())]
     Tokenizer { path: PathBuf, message: String },
 }

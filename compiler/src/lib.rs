@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod interp;
+pub mod passes;
 pub mod session;
 pub mod tokenizer;
 pub mod trace;

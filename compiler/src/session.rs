@@ -9,6 +9,7 @@ use griffin_ir::{verify, Graph, InputRole, ValueType};
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, RunError};
 use crate::interp::{Interpreter, Tensor};
+use crate::passes::{optimize, Pass, PASSES};
 use crate::trace::{names, trace, GraphKind};
 
 /// A validated checkpoint with its traced graphs.
@@ -19,7 +20,26 @@ pub struct Model {
 }
 
 impl Model {
+    /// Loads, traces and optimises with the default pipeline.
     pub fn load(dir: &Path) -> Result<Model, ModelError> {
+        let passes: Vec<&'static Pass> = PASSES.iter().collect();
+        Model::load_with_passes(dir, &passes)
+    }
+
+    /// Loads and traces, then runs `passes` on both graphs.
+    pub fn load_with_passes(dir: &Path, passes: &[&'static Pass]) -> Result<Model, ModelError> {
+        let mut model = Model::load_traced(dir)?;
+        for graph in [&mut model.prefill, &mut model.decode] {
+            optimize(graph, passes).map_err(|source| ModelError::Pass {
+                graph: if graph.name == "prefill" { "prefill" } else { "decode" },
+                source,
+            })?;
+        }
+        Ok(model)
+    }
+
+    /// Loads and traces, with no pass run.
+    pub fn load_traced(dir: &Path) -> Result<Model, ModelError> {
         let checkpoint = Checkpoint::open(dir)?;
         let params: BTreeMap<String, ValueType> = checkpoint
             .config
@@ -53,6 +73,11 @@ impl Model {
             prefill,
             decode,
         })
+    }
+
+    /// Type names of the layers, in order (for kernel statistics).
+    pub fn layer_types(&self) -> Vec<&'static str> {
+        self.checkpoint.config.layers.iter().map(|b| b.name()).collect()
     }
 
     pub fn vocab_size(&self) -> usize {

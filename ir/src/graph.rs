@@ -176,6 +176,54 @@ impl Graph {
         users
     }
 
+    /// Readers of one result: (node, operand slot), in index order.
+    pub fn value_users(&self, v: Value) -> Vec<(NodeId, u32)> {
+        let mut users: Vec<(NodeId, u32)> = self
+            .g
+            .edges_directed(v.node.0, Direction::Outgoing)
+            .filter(|e| e.weight().output == v.output)
+            .map(|e| (NodeId(e.target()), e.weight().slot))
+            .collect();
+        users.sort();
+        users
+    }
+
+    /// The single reader of `v`, if it has exactly one use.
+    pub fn sole_user(&self, v: Value) -> Option<NodeId> {
+        match self.value_users(v).as_slice() {
+            [(n, _)] => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// Makes operand `slot` of `node` read `v`.
+    pub fn set_operand(&mut self, node: NodeId, slot: u32, v: Value) {
+        let old: Vec<_> = self
+            .g
+            .edges_directed(node.0, Direction::Incoming)
+            .filter(|e| e.weight().slot == slot)
+            .map(|e| e.id())
+            .collect();
+        for e in old {
+            self.g.remove_edge(e);
+        }
+        self.g.add_edge(
+            v.node.0,
+            node.0,
+            Edge {
+                output: v.output,
+                slot,
+            },
+        );
+    }
+
+    /// Makes every reader of any result of `old` read the same result of `new`.
+    pub fn replace_results(&mut self, old: NodeId, new: NodeId) {
+        for output in 0..self.node(old).results.len() as u32 {
+            self.replace_all_uses(Value { node: old, output }, Value { node: new, output });
+        }
+    }
+
     /// Makes every reader of `old` read `new` instead.
     pub fn replace_all_uses(&mut self, old: Value, new: Value) {
         let edges: Vec<_> = self
