@@ -9,20 +9,20 @@ use griffinc::session::Model;
 
 #[test]
 fn tiny_text_prefill_ir() {
-    let m = Model::load(&golden_dir().join("tiny-text")).unwrap();
+    let m = Model::load_traced(&golden_dir().join("tiny-text")).unwrap();
     insta::assert_snapshot!("tiny_text_prefill", print(&m.prefill));
 }
 
 #[test]
 fn tiny_text_decode_ir() {
-    let m = Model::load(&golden_dir().join("tiny-text")).unwrap();
+    let m = Model::load_traced(&golden_dir().join("tiny-text")).unwrap();
     insta::assert_snapshot!("tiny_text_decode", print(&m.decode));
 }
 
 #[test]
 fn tiny_bf16_decode_ir() {
     // bf16 weights: params keep their stored dtype, the recurrent param is cast for elementwise use.
-    let m = Model::load(&golden_dir().join("tiny-bf16-sharded")).unwrap();
+    let m = Model::load_traced(&golden_dir().join("tiny-bf16-sharded")).unwrap();
     insta::assert_snapshot!("tiny_bf16_decode", print(&m.decode));
 }
 
