@@ -190,7 +190,10 @@ fn run_ir(args: IrArgs) -> Result<()> {
             args.stop_after.as_deref(),
             |report, g| {
                 if args.print_after_all || args.print_after.as_deref() == Some(report.pass) {
-                    out.push_str(&format!("# after {} ({} rewrites)\n", report.pass, report.rewrites));
+                    out.push_str(&format!(
+                        "# after {} ({} rewrites)\n",
+                        report.pass, report.rewrites
+                    ));
                     out.push_str(&render(g));
                 }
             },

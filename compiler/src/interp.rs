@@ -278,7 +278,11 @@ impl<'w> Interpreter<'w> {
                 Op::Input { .. } | Op::Output { .. } => None,
                 op if !op.carries_state() && !operand_values.is_empty() => operand_values
                     .iter()
-                    .map(|v| weight_keys.get(&v.node).map(|k| format!("{k}#{}", v.output)))
+                    .map(|v| {
+                        weight_keys
+                            .get(&v.node)
+                            .map(|k| format!("{k}#{}", v.output))
+                    })
                     .collect::<Option<Vec<_>>>()
                     .map(|parts| format!("{}({})", op_signature(op), parts.join(", "))),
                 _ => None,
@@ -288,12 +292,19 @@ impl<'w> Interpreter<'w> {
                 let cached = self.weight_values.borrow().get(key).cloned();
                 if let Some(results) = cached {
                     for (i, t) in results.into_iter().enumerate() {
-                        values.insert(Value { node: id, output: i as u32 }, t);
+                        values.insert(
+                            Value {
+                                node: id,
+                                output: i as u32,
+                            },
+                            t,
+                        );
                     }
                     continue;
                 }
             }
-            let operands: Vec<Rc<Tensor>> = operand_values.iter().map(|v| values[v].clone()).collect();
+            let operands: Vec<Rc<Tensor>> =
+                operand_values.iter().map(|v| values[v].clone()).collect();
             let x: Vec<&Tensor> = operands.iter().map(|t| t.as_ref()).collect();
             let results: Vec<Tensor> = match &node.op {
                 Op::Input { name, ty, .. } => {

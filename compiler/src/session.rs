@@ -31,7 +31,11 @@ impl Model {
         let mut model = Model::load_traced(dir)?;
         for graph in [&mut model.prefill, &mut model.decode] {
             optimize(graph, passes).map_err(|source| ModelError::Pass {
-                graph: if graph.name == "prefill" { "prefill" } else { "decode" },
+                graph: if graph.name == "prefill" {
+                    "prefill"
+                } else {
+                    "decode"
+                },
                 source,
             })?;
         }
@@ -77,7 +81,12 @@ impl Model {
 
     /// Type names of the layers, in order (for kernel statistics).
     pub fn layer_types(&self) -> Vec<&'static str> {
-        self.checkpoint.config.layers.iter().map(|b| b.name()).collect()
+        self.checkpoint
+            .config
+            .layers
+            .iter()
+            .map(|b| b.name())
+            .collect()
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -46,6 +46,8 @@ fn eval_full_and_stepwise_match_reference() {
             &prefill,
             "--backend",
             "interp",
+            "--passes",
+            "none",
             "--out",
             steps.to_str().unwrap(),
         ]));

@@ -13,11 +13,15 @@ fn model(case: &str) -> Model {
 #[test]
 fn full_logits_match_reference() {
     for case in CASES {
-        let (m, e) = (model(case), expected(case));
-        let logits = eval(&m, &e.input_ids, None).unwrap();
-        let diff = max_abs_diff(logits.floats(), &e.logits);
-        println!("{case}: full pass max |diff| = {diff:e}");
-        assert!(diff <= F32_TOLERANCE, "{case}: {diff}");
+        let e = expected(case);
+        // The traced graph and the optimised one (`model` runs the default pipeline).
+        let traced = Model::load_traced(&golden_dir().join(case)).unwrap();
+        for (pipeline, m) in [("none", traced), ("default", model(case))] {
+            let logits = eval(&m, &e.input_ids, None).unwrap();
+            let diff = max_abs_diff(logits.floats(), &e.logits);
+            println!("{case} (passes {pipeline}): full pass max |diff| = {diff:e}");
+            assert!(diff <= F32_TOLERANCE, "{case}, passes {pipeline}: {diff}");
+        }
     }
 }
 

@@ -99,7 +99,10 @@ fn two_b_decode_meets_the_kernel_target() {
         assert_eq!(before.kernels, 18 * 30 + 8 * 16 + 7);
         assert_eq!(before.kernels_per_layer["recurrent"], 30);
         assert_eq!(before.kernels_per_layer["attention"], 16);
-        assert!(after.kernels_per_layer.values().all(|&k| k <= 6), "{after:?}");
+        assert!(
+            after.kernels_per_layer.values().all(|&k| k <= 6),
+            "{after:?}"
+        );
         assert!(after.kernels_outside_layers <= 3, "{after:?}");
         assert_eq!(after.kernels, 26 * 5 + 3);
     }

@@ -140,7 +140,9 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
                 }
                 for (i, (a, b)) in t.shape.0.iter().zip(&first.shape.0).enumerate() {
                     if i != axis && a != b {
-                        return Err(format!("concat parts differ off axis {axis}: {first} vs {t}"));
+                        return Err(format!(
+                            "concat parts differ off axis {axis}: {first} vs {t}"
+                        ));
                     }
                 }
                 total += fixed(dim(t, axis), "concat axis")?;
@@ -364,17 +366,25 @@ pub(crate) fn infer_checked_arity(op: &Op, x: &[&ValueType]) -> Res<Vec<ValueTyp
         Op::RgLru { width, gate_output } => {
             let conv = infer_checked_arity(&Op::Conv1d { width: *width }, &x[..5])?;
             let gate = Op::BlockDiagonalLinear { bias: true };
-            infer_checked_arity(&gate, &[&conv[0], x[5], x[6]]).map_err(|e| format!("input gate: {e}"))?;
-            infer_checked_arity(&gate, &[&conv[0], x[7], x[8]]).map_err(|e| format!("recurrent gate: {e}"))?;
+            infer_checked_arity(&gate, &[&conv[0], x[5], x[6]])
+                .map_err(|e| format!("input gate: {e}"))?;
+            infer_checked_arity(&gate, &[&conv[0], x[7], x[8]])
+                .map_err(|e| format!("recurrent gate: {e}"))?;
             let channels = ValueType::new(DType::F32, vec![dim(x[0], 1).clone()]);
             if *x[9] != channels {
-                return Err(format!("rg_lru decay rate must be {channels}, got {}", x[9]));
+                return Err(format!(
+                    "rg_lru decay rate must be {channels}, got {}",
+                    x[9]
+                ));
             }
             if *x[10] != channels {
                 return Err(format!("rg_lru state must be {channels}, got {}", x[10]));
             }
             if *gate_output && x[11] != x[0] {
-                return Err(format!("rg_lru output gate must be {}, got {}", x[0], x[11]));
+                return Err(format!(
+                    "rg_lru output gate must be {}, got {}",
+                    x[0], x[11]
+                ));
             }
             Ok(vec![x[0].clone(), conv[1].clone(), channels])
         }
@@ -419,7 +429,10 @@ fn linear(
     };
     let input = take();
     f32_only(input, "linear input")?;
-    let in_dim = input.shape.last().ok_or("linear input must not be a scalar")?;
+    let in_dim = input
+        .shape
+        .last()
+        .ok_or("linear input must not be a scalar")?;
     if norm {
         let w = take();
         float(w, "linear norm weight")?;
@@ -441,7 +454,9 @@ fn linear(
         Epilogue::GeGlu => {
             let rows = fixed(&out, "geglu weight rows")?;
             if rows % 2 != 0 {
-                return Err(format!("geglu needs an even number of weight rows, got {rows}"));
+                return Err(format!(
+                    "geglu needs an even number of weight rows, got {rows}"
+                ));
             }
             out = Dim::Fixed(rows / 2);
         }

@@ -20,7 +20,8 @@ use thiserror::Error;
 
 use crate::graph::{Graph, Value};
 use crate::op::{
-    BinaryOp, Epilogue, Expr, InputRole, NormPrologue, Op, OutputRole, ReduceOp, RotarySpec, UnaryOp,
+    BinaryOp, Epilogue, Expr, InputRole, NormPrologue, Op, OutputRole, ReduceOp, RotarySpec,
+    UnaryOp,
 };
 use crate::types::{DType, Dim, Shape, ValueType};
 
@@ -57,11 +58,7 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
     match op {
         Op::Cast { to } => out.push(("to", to.name().to_string())),
         Op::Reshape { shape } => out.push(("shape", shape.to_string())),
-        Op::Gather { scale } => {
-            if let Some(s) = scale {
-                out.push(("scale", float_text(*s)));
-            }
-        }
+        Op::Gather { scale: Some(s) } => out.push(("scale", float_text(*s))),
         Op::Linear {
             bias,
             norm,
@@ -348,8 +345,11 @@ impl Attrs {
     }
 
     fn req<T: std::str::FromStr>(&mut self, key: &str) -> Result<T, String> {
-        let v = self.take(key).ok_or_else(|| format!("missing attribute `{key}`"))?;
-        v.parse().map_err(|_| format!("bad value `{v}` for attribute `{key}`"))
+        let v = self
+            .take(key)
+            .ok_or_else(|| format!("missing attribute `{key}`"))?;
+        v.parse()
+            .map_err(|_| format!("bad value `{v}` for attribute `{key}`"))
     }
 
     fn opt<T: std::str::FromStr>(&mut self, key: &str) -> Result<Option<T>, String> {
@@ -364,7 +364,10 @@ impl Attrs {
 }
 
 fn parse_shape_text(text: &str) -> Result<Shape, String> {
-    let mut c = Cursor { rest: text, line: 0 };
+    let mut c = Cursor {
+        rest: text,
+        line: 0,
+    };
     let shape = c.shape().map_err(|e| e.message)?;
     if !c.rest.trim().is_empty() {
         return Err(format!("unexpected `{}` after shape", c.rest));
@@ -392,8 +395,12 @@ pub fn parse_expr(text: &str) -> Result<Expr, String> {
     fn parse(s: &str) -> Result<(Expr, &str), String> {
         let s = s.trim_start();
         if let Some(rest) = s.strip_prefix('$') {
-            let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-            let i = rest[..end].parse().map_err(|_| format!("bad operand at `{s}`"))?;
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let i = rest[..end]
+                .parse()
+                .map_err(|_| format!("bad operand at `{s}`"))?;
             return Ok((Expr::Operand(i), &rest[end..]));
         }
         let end = s
@@ -406,7 +413,9 @@ pub fn parse_expr(text: &str) -> Result<Expr, String> {
             param = Some(&r[..close]);
             rest = &r[close + 1..];
         }
-        rest = rest.strip_prefix('(').ok_or_else(|| format!("expected `(` after `{name}`"))?;
+        rest = rest
+            .strip_prefix('(')
+            .ok_or_else(|| format!("expected `(` after `{name}`"))?;
         let mut args = Vec::new();
         loop {
             let (e, r) = parse(rest)?;

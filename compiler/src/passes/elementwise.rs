@@ -27,7 +27,13 @@ fn expr_of(op: &Op, args: Vec<Expr>) -> Expr {
 
 /// Builds the tree rooted at `v`, absorbing fusible producers read only by the tree;
 /// `leaves` collects the kernel's operands, each once.
-fn build(g: &Graph, v: Value, root: NodeId, absorbed: &mut Vec<NodeId>, leaves: &mut Vec<Value>) -> Expr {
+fn build(
+    g: &Graph,
+    v: Value,
+    root: NodeId,
+    absorbed: &mut Vec<NodeId>,
+    leaves: &mut Vec<Value>,
+) -> Expr {
     let absorbable = v.node == root
         || (fusible(g, v.node) && g.sole_user(v).is_some_and(|u| absorbed.contains(&u)));
     if absorbable {
@@ -84,7 +90,10 @@ pub fn fuse_elementwise(g: &mut Graph) -> Result<usize, IrError> {
         if done.contains(&root) || !g.contains(root) || !fusible(g, root) {
             continue;
         }
-        let out = Value { node: root, output: 0 };
+        let out = Value {
+            node: root,
+            output: 0,
+        };
         if g.sole_user(out).is_some_and(|u| fusible(g, u)) {
             continue; // absorbed by its reader's tree
         }

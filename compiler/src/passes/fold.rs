@@ -43,7 +43,10 @@ pub fn fold_weights(g: &mut Graph) -> Result<usize, IrError> {
         if !g.contains(id) || g.node(id).op != (Op::Gather { scale: None }) {
             continue;
         }
-        let gathered = Value { node: id, output: 0 };
+        let gathered = Value {
+            node: id,
+            output: 0,
+        };
         let Some(mul) = g.sole_user(gathered) else {
             continue;
         };
@@ -51,7 +54,11 @@ pub fn fold_weights(g: &mut Graph) -> Result<usize, IrError> {
             continue;
         }
         let mul_operands = g.operands(mul);
-        let other = if mul_operands[0] == gathered { mul_operands[1] } else { mul_operands[0] };
+        let other = if mul_operands[0] == gathered {
+            mul_operands[1]
+        } else {
+            mul_operands[0]
+        };
         let Some(scale) = constant(g, other) else {
             continue;
         };

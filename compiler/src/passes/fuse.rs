@@ -1,6 +1,8 @@
 //! Prologue and epilogue fusions onto projections, the recurrence and attention.
 
-use griffin_ir::{BinaryOp, Epilogue, Graph, IrError, NodeId, NormPrologue, Op, RotarySpec, UnaryOp, Value};
+use griffin_ir::{
+    BinaryOp, Epilogue, Graph, IrError, NodeId, NormPrologue, Op, RotarySpec, UnaryOp, Value,
+};
 
 use super::util::{def, only_read_by, prune, replace_node};
 
@@ -74,7 +76,15 @@ pub fn fuse_geglu(g: &mut Graph) -> Result<usize, IrError> {
         g.remove(id);
         rewrites += 1;
     }
-    for id in nodes_with(g, |op| matches!(op, Op::RgLru { gate_output: false, .. })) {
+    for id in nodes_with(g, |op| {
+        matches!(
+            op,
+            Op::RgLru {
+                gate_output: false,
+                ..
+            }
+        )
+    }) {
         let Op::RgLru { width, .. } = g.node(id).op else {
             continue;
         };
@@ -102,7 +112,13 @@ pub fn fuse_geglu(g: &mut Graph) -> Result<usize, IrError> {
             },
             &operands,
         )?;
-        g.replace_all_uses(Value { node: mul, output: 0 }, result(fused, 0));
+        g.replace_all_uses(
+            Value {
+                node: mul,
+                output: 0,
+            },
+            result(fused, 0),
+        );
         g.remove(mul);
         g.replace_all_uses(result(id, 1), result(fused, 1));
         g.replace_all_uses(result(id, 2), result(fused, 2));
@@ -234,7 +250,9 @@ pub fn fuse_soft_cap(g: &mut Graph) -> Result<usize, IrError> {
 /// positions, both rotaries read only by it → `local_attention{rotary}(q, k, ..)`.
 pub fn fuse_rotary(g: &mut Graph) -> Result<usize, IrError> {
     let mut rewrites = 0;
-    for attn in nodes_with(g, |op| matches!(op, Op::LocalAttention { rotary: None, .. })) {
+    for attn in nodes_with(g, |op| {
+        matches!(op, Op::LocalAttention { rotary: None, .. })
+    }) {
         let Op::LocalAttention { window, scale, .. } = g.node(attn).op else {
             continue;
         };
@@ -242,17 +260,22 @@ pub fn fuse_rotary(g: &mut Graph) -> Result<usize, IrError> {
         let rotated = |v: Value| -> Option<(RotarySpec, Value)> {
             let (op, x) = def(g, v);
             match op {
-                Op::Rotary { theta, rotary_dims } if x[1] == operands[3] && only_read_by(g, v, attn) => Some((
-                    RotarySpec {
-                        theta: *theta,
-                        dims: *rotary_dims,
-                    },
-                    x[0],
-                )),
+                Op::Rotary { theta, rotary_dims }
+                    if x[1] == operands[3] && only_read_by(g, v, attn) =>
+                {
+                    Some((
+                        RotarySpec {
+                            theta: *theta,
+                            dims: *rotary_dims,
+                        },
+                        x[0],
+                    ))
+                }
                 _ => None,
             }
         };
-        let (Some((q_spec, q)), Some((k_spec, k))) = (rotated(operands[0]), rotated(operands[1])) else {
+        let (Some((q_spec, q)), Some((k_spec, k))) = (rotated(operands[0]), rotated(operands[1]))
+        else {
             continue;
         };
         if q_spec != k_spec {

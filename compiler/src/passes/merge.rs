@@ -49,7 +49,10 @@ pub fn merge_projections(g: &mut Graph) -> Result<usize, IrError> {
     let mut groups: BTreeMap<(Value, bool), Vec<NodeId>> = BTreeMap::new();
     for id in g.topo_order() {
         if let Some(bias) = plain(&g.node(id).op) {
-            groups.entry((g.operands(id)[0], bias)).or_default().push(id);
+            groups
+                .entry((g.operands(id)[0], bias))
+                .or_default()
+                .push(id);
         }
     }
     let mut rewrites = 0;
@@ -85,7 +88,13 @@ pub fn merge_projections(g: &mut Graph) -> Result<usize, IrError> {
             &merged_operands,
         )?;
         for (i, &m) in members.iter().enumerate() {
-            g.replace_all_uses(Value { node: m, output: 0 }, Value { node: merged, output: i as u32 });
+            g.replace_all_uses(
+                Value { node: m, output: 0 },
+                Value {
+                    node: merged,
+                    output: i as u32,
+                },
+            );
             g.remove(m);
         }
         rewrites += 1;

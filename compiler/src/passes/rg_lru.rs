@@ -16,7 +16,12 @@ struct Matched {
 }
 
 /// `(p, q)` of a binary `op` at `v`, in either order: `pick` says which operand order fits.
-fn commutative<T>(g: &Graph, v: Value, op: BinaryOp, mut pick: impl FnMut(Value, Value) -> Option<T>) -> Option<T> {
+fn commutative<T>(
+    g: &Graph,
+    v: Value,
+    op: BinaryOp,
+    mut pick: impl FnMut(Value, Value) -> Option<T>,
+) -> Option<T> {
     let (o, x) = def(g, v);
     if *o != Op::Binary(op) {
         return None;
@@ -37,7 +42,8 @@ fn is_const(g: &Graph, v: Value, value: f64) -> bool {
 fn gate(g: &Graph, v: Value, c: Value) -> Option<(Value, Value, [NodeId; 2])> {
     let z = unary(g, v, UnaryOp::Sigmoid)?;
     let (o, x) = def(g, z);
-    (*o == Op::BlockDiagonalLinear { bias: true } && x[0] == c).then(|| (x[1], x[2], [v.node, z.node]))
+    (*o == Op::BlockDiagonalLinear { bias: true } && x[0] == c)
+        .then(|| (x[1], x[2], [v.node, z.node]))
 }
 
 fn match_scan(g: &Graph, scan: NodeId) -> Option<Matched> {
@@ -53,7 +59,9 @@ fn match_scan(g: &Graph, scan: NodeId) -> Option<Matched> {
         is_weight_expression(g, q.node).then_some((p, q))
     })?;
     inner.insert(log_a.node);
-    let recurrent_gate = commutative(g, scaled, BinaryOp::Mul, |p, q| is_const(g, p, -8.0).then_some(q))?;
+    let recurrent_gate = commutative(g, scaled, BinaryOp::Mul, |p, q| {
+        is_const(g, p, -8.0).then_some(q)
+    })?;
     inner.insert(scaled.node);
 
     // b = (c · input_gate) · normaliser
@@ -96,7 +104,9 @@ fn match_scan(g: &Graph, scan: NodeId) -> Option<Matched> {
     let neg = unary(g, sel[2], UnaryOp::Sqrt)?;
     let expm1 = unary(g, neg, UnaryOp::Neg)?;
     let twice = unary(g, expm1, UnaryOp::Expm1)?;
-    let again = commutative(g, twice, BinaryOp::Mul, |p, q| is_const(g, p, 2.0).then_some(q))?;
+    let again = commutative(g, twice, BinaryOp::Mul, |p, q| {
+        is_const(g, p, 2.0).then_some(q)
+    })?;
     if again != log_a {
         return None;
     }
@@ -104,7 +114,8 @@ fn match_scan(g: &Graph, scan: NodeId) -> Option<Matched> {
 
     Some(Matched {
         operands: vec![
-            conv_x[0], positions, conv_x[2], conv_x[3], conv_x[4], igw, igb, rgw, rgb, decay_rate, state,
+            conv_x[0], positions, conv_x[2], conv_x[3], conv_x[4], igw, igb, rgw, rgb, decay_rate,
+            state,
         ],
         width,
         conv: c.node,
@@ -130,8 +141,16 @@ pub fn fuse_rg_lru(g: &mut Graph) -> Result<usize, IrError> {
                 .iter()
                 .all(|(user, _)| m.inner.contains(user) || *user == scan)
         };
-        let conv_out = Value { node: m.conv, output: 0 };
-        if !private(conv_out) || !m.inner.iter().all(|&n| private(Value { node: n, output: 0 })) {
+        let conv_out = Value {
+            node: m.conv,
+            output: 0,
+        };
+        if !private(conv_out)
+            || !m
+                .inner
+                .iter()
+                .all(|&n| private(Value { node: n, output: 0 }))
+        {
             continue;
         }
         let fused = g.add(
@@ -141,10 +160,31 @@ pub fn fuse_rg_lru(g: &mut Graph) -> Result<usize, IrError> {
             },
             &m.operands,
         )?;
-        let result = |output| Value { node: fused, output };
-        g.replace_all_uses(Value { node: scan, output: 0 }, result(0));
-        g.replace_all_uses(Value { node: m.conv, output: 1 }, result(1));
-        g.replace_all_uses(Value { node: scan, output: 1 }, result(2));
+        let result = |output| Value {
+            node: fused,
+            output,
+        };
+        g.replace_all_uses(
+            Value {
+                node: scan,
+                output: 0,
+            },
+            result(0),
+        );
+        g.replace_all_uses(
+            Value {
+                node: m.conv,
+                output: 1,
+            },
+            result(1),
+        );
+        g.replace_all_uses(
+            Value {
+                node: scan,
+                output: 1,
+            },
+            result(2),
+        );
         g.remove(scan);
         rewrites += 1;
     }

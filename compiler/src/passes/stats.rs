@@ -11,7 +11,11 @@ use super::util::is_weight_expression;
 pub fn is_kernel(g: &Graph, id: NodeId) -> bool {
     !matches!(
         g.node(id).op,
-        Op::Input { .. } | Op::Output { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Reshape { .. }
+        Op::Input { .. }
+            | Op::Output { .. }
+            | Op::Param { .. }
+            | Op::Constant { .. }
+            | Op::Reshape { .. }
     ) && !is_weight_expression(g, id)
 }
 

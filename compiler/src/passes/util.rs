@@ -35,7 +35,12 @@ pub fn only_read_by(g: &Graph, v: Value, user: NodeId) -> bool {
 
 /// Adds `op` over `operands`, moves every reader of `old`'s results to the new node's results
 /// of the same index, and removes `old`.
-pub fn replace_node(g: &mut Graph, old: NodeId, op: Op, operands: &[Value]) -> Result<NodeId, IrError> {
+pub fn replace_node(
+    g: &mut Graph,
+    old: NodeId,
+    op: Op,
+    operands: &[Value],
+) -> Result<NodeId, IrError> {
     let new = g.add(op, operands)?;
     g.replace_results(old, new);
     g.remove(old);
@@ -49,7 +54,8 @@ pub fn prune(g: &mut Graph) -> usize {
         let dead: Vec<NodeId> = g
             .node_ids()
             .filter(|&id| {
-                !matches!(g.node(id).op, Op::Input { .. } | Op::Output { .. }) && g.users(id).is_empty()
+                !matches!(g.node(id).op, Op::Input { .. } | Op::Output { .. })
+                    && g.users(id).is_empty()
             })
             .collect();
         if dead.is_empty() {
