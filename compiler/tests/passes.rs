@@ -235,3 +235,28 @@ fn elementwise_fusion_groups_trees() {
     let text = print(&g);
     assert!(text.contains("= elementwise "), "{text}");
 }
+
+/// A pass that breaks the graph: the verifier names it.
+fn retype_first_linear(g: &mut griffin_ir::Graph) -> Result<usize, griffin_ir::IrError> {
+    let id = g
+        .node_ids()
+        .find(|&id| matches!(g.node(id).op, griffin_ir::Op::Linear { .. }))
+        .unwrap();
+    g.node_mut(id).results[0].dtype = griffin_ir::DType::BF16;
+    Ok(1)
+}
+
+#[test]
+fn verifier_failure_names_the_pass() {
+    static BREAKS: griffinc::passes::Pass = griffinc::passes::Pass {
+        name: "break-types",
+        contract: "retypes a linear's result, which no pass may do",
+        run: retype_first_linear,
+    };
+    let m = Model::load_traced(&golden_dir().join("tiny-f32")).unwrap();
+    let mut g = m.decode.clone();
+    let err = run_pipeline(&mut g, &[find("fold-weights").unwrap(), &BREAKS], true, None, |_, _| {})
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(message.starts_with("graph does not verify after pass `break-types`"), "{message}");
+}
