@@ -483,40 +483,12 @@ fn eval(op: &Op, x: &[&Tensor], symbols: &HashMap<String, usize>) -> Res<Vec<Ten
         Op::Select => {
             let (shape, offs) = broadcast_offsets(&[&x[0].shape, &x[1].shape, &x[2].shape]);
             let cond = x[0].bools();
+            let pick = |i: usize| cond[offs[0][i]];
+            let n = offs[0].len();
             let data = match (&x[1].data, &x[2].data) {
-                (Data::Float(a), Data::Float(b)) => Data::Float(
-                    (0..offs[0].len())
-                        .map(|i| {
-                            if cond[offs[0][i]] {
-                                a[offs[1][i]]
-                            } else {
-                                b[offs[2][i]]
-                            }
-                        })
-                        .collect(),
-                ),
-                (Data::Int(a), Data::Int(b)) => Data::Int(
-                    (0..offs[0].len())
-                        .map(|i| {
-                            if cond[offs[0][i]] {
-                                a[offs[1][i]]
-                            } else {
-                                b[offs[2][i]]
-                            }
-                        })
-                        .collect(),
-                ),
-                (Data::Bool(a), Data::Bool(b)) => Data::Bool(
-                    (0..offs[0].len())
-                        .map(|i| {
-                            if cond[offs[0][i]] {
-                                a[offs[1][i]]
-                            } else {
-                                b[offs[2][i]]
-                            }
-                        })
-                        .collect(),
-                ),
+                (Data::Float(a), Data::Float(b)) => Data::Float(select(n, pick, a, b, &offs)),
+                (Data::Int(a), Data::Int(b)) => Data::Int(select(n, pick, a, b, &offs)),
+                (Data::Bool(a), Data::Bool(b)) => Data::Bool(select(n, pick, a, b, &offs)),
                 _ => return Err("select branches differ in kind".into()),
             };
             one(Tensor {
@@ -547,6 +519,25 @@ fn eval(op: &Op, x: &[&Tensor], symbols: &HashMap<String, usize>) -> Res<Vec<Ten
             }
         },
     }
+}
+
+/// Element i of the broadcast result: `a` where `pick(i)`, else `b`.
+fn select<T: Copy>(
+    n: usize,
+    pick: impl Fn(usize) -> bool,
+    a: &[T],
+    b: &[T],
+    offs: &[Vec<usize>],
+) -> Vec<T> {
+    (0..n)
+        .map(|i| {
+            if pick(i) {
+                a[offs[1][i]]
+            } else {
+                b[offs[2][i]]
+            }
+        })
+        .collect()
 }
 
 fn cast(x: &Tensor, to: DType) -> Tensor {

@@ -127,7 +127,10 @@ fn ir_dump_parses_and_verifies() {
 fn ir_stats_report_kernel_counts() {
     let dir = golden_dir().join("tiny-text");
     let out = stdout(&griffinc(&["ir", dir.to_str().unwrap(), "--stats"]));
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2, "one line per graph: {out}");
     assert_eq!(lines[0]["graph"], "prefill");
     assert_eq!(lines[1]["graph"], "decode");
@@ -138,7 +141,15 @@ fn ir_stats_report_kernel_counts() {
         assert_eq!(line["kernels_outside_layers"], 3);
         assert_eq!(line["unfused_kernels"], 83);
     }
-    let none = stdout(&griffinc(&["ir", dir.to_str().unwrap(), "--stats", "--graph", "decode", "--passes", "none"]));
+    let none = stdout(&griffinc(&[
+        "ir",
+        dir.to_str().unwrap(),
+        "--stats",
+        "--graph",
+        "decode",
+        "--passes",
+        "none",
+    ]));
     let line: serde_json::Value = serde_json::from_str(none.trim()).unwrap();
     assert_eq!(line["kernels"], 83);
 }
@@ -147,22 +158,55 @@ fn ir_stats_report_kernel_counts() {
 fn ir_prints_after_passes_and_stops() {
     let dir = golden_dir().join("tiny-text");
     let d = dir.to_str().unwrap();
-    let all = stdout(&griffinc(&["ir", d, "--graph", "decode", "--print-after-all"]));
-    assert_eq!(all.matches("# after ").count(), griffinc::passes::PASSES.len());
+    let all = stdout(&griffinc(&[
+        "ir",
+        d,
+        "--graph",
+        "decode",
+        "--print-after-all",
+    ]));
+    assert_eq!(
+        all.matches("# after ").count(),
+        griffinc::passes::PASSES.len()
+    );
     assert!(all.contains("# after fuse-rg-lru (2 rewrites)\ngraph decode {"));
 
-    let one = stdout(&griffinc(&["ir", d, "--graph", "decode", "--print-after", "fuse-norm"]));
-    assert!(one.starts_with("# after fuse-norm (7 rewrites)\ngraph decode {"), "{one}");
+    let one = stdout(&griffinc(&[
+        "ir",
+        d,
+        "--graph",
+        "decode",
+        "--print-after",
+        "fuse-norm",
+    ]));
+    assert!(
+        one.starts_with("# after fuse-norm (7 rewrites)\ngraph decode {"),
+        "{one}"
+    );
     assert_eq!(one.matches("graph decode").count(), 1);
 
     // Stopping after RG-LRU fusion leaves the projections unmerged.
-    let stopped = stdout(&griffinc(&["ir", d, "--graph", "decode", "--stop-after", "fuse-rg-lru"]));
+    let stopped = stdout(&griffinc(&[
+        "ir",
+        d,
+        "--graph",
+        "decode",
+        "--stop-after",
+        "fuse-rg-lru",
+    ]));
     assert!(stopped.contains("= rg_lru "));
     assert!(!stopped.contains("splits="));
     let parsed = griffin_ir::text::parse(&stopped).unwrap();
     griffin_ir::verify(&parsed).unwrap();
 
-    let chosen = stdout(&griffinc(&["ir", d, "--graph", "decode", "--passes", "fold-weights,fuse-rg-lru,dce"]));
+    let chosen = stdout(&griffinc(&[
+        "ir",
+        d,
+        "--graph",
+        "decode",
+        "--passes",
+        "fold-weights,fuse-rg-lru,dce",
+    ]));
     assert_eq!(chosen, stopped);
 
     let timed = griffinc(&["ir", d, "--time-passes"]);
@@ -178,13 +222,25 @@ fn unknown_pass_is_a_one_line_error() {
     for args in [
         vec!["ir", dir.to_str().unwrap(), "--passes", "fuse-everything"],
         vec!["ir", dir.to_str().unwrap(), "--print-after", "nope"],
-        vec!["eval", dir.to_str().unwrap(), "--ids", "2", "--passes", "nope", "--out", "/tmp/never.safetensors"],
+        vec![
+            "eval",
+            dir.to_str().unwrap(),
+            "--ids",
+            "2",
+            "--passes",
+            "nope",
+            "--out",
+            "/tmp/never.safetensors",
+        ],
     ] {
         let out = griffinc(&args);
         assert_eq!(out.status.code(), Some(1));
         let stderr = String::from_utf8(out.stderr).unwrap();
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
-        assert!(stderr.contains("nope") || stderr.contains("fuse-everything"), "{stderr}");
+        assert!(
+            stderr.contains("nope") || stderr.contains("fuse-everything"),
+            "{stderr}"
+        );
     }
     assert!(!std::path::Path::new("/tmp/never.safetensors").exists());
 }

@@ -255,8 +255,17 @@ fn verifier_failure_names_the_pass() {
     };
     let m = Model::load_traced(&golden_dir().join("tiny-f32")).unwrap();
     let mut g = m.decode.clone();
-    let err = run_pipeline(&mut g, &[find("fold-weights").unwrap(), &BREAKS], true, None, |_, _| {})
-        .unwrap_err();
+    let err = run_pipeline(
+        &mut g,
+        &[find("fold-weights").unwrap(), &BREAKS],
+        true,
+        None,
+        |_, _| {},
+    )
+    .unwrap_err();
     let message = err.to_string();
-    assert!(message.starts_with("graph does not verify after pass `break-types`"), "{message}");
+    assert!(
+        message.starts_with("graph does not verify after pass `break-types`"),
+        "{message}"
+    );
 }
