@@ -1,0 +1,106 @@
+//! LLVM: parse the generated module, optimise it for the target, emit an object file or load
+//! it in process.
+
+use std::path::Path;
+
+use inkwell::context::Context;
+use inkwell::memory_buffer::MemoryBuffer;
+use inkwell::module::Module;
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine};
+use inkwell::OptimizationLevel;
+
+use crate::BackendError;
+
+/// Which CPU to generate code for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetCpu {
+    /// The machine griffinc runs on (all its vector extensions).
+    Host,
+    /// Portable x86-64 (SSE2 only), for executables that must run anywhere.
+    Baseline,
+    /// An LLVM CPU name, e.g. `skylake`, `znver3`.
+    Named(String),
+}
+
+impl TargetCpu {
+    pub fn parse(s: &str) -> TargetCpu {
+        match s {
+            "native" | "host" => TargetCpu::Host,
+            "baseline" | "x86-64" => TargetCpu::Baseline,
+            other => TargetCpu::Named(other.to_string()),
+        }
+    }
+}
+
+fn machine(cpu: &TargetCpu, reloc: RelocMode) -> Result<TargetMachine, BackendError> {
+    Target::initialize_native(&InitializationConfig::default()).map_err(BackendError::Llvm)?;
+    let triple = TargetMachine::get_default_triple();
+    let target = Target::from_triple(&triple).map_err(|e| BackendError::Llvm(e.to_string()))?;
+    let (name, features) = match cpu {
+        TargetCpu::Host => (
+            TargetMachine::get_host_cpu_name().to_string(),
+            TargetMachine::get_host_cpu_features().to_string(),
+        ),
+        TargetCpu::Baseline => ("x86-64".to_string(), String::new()),
+        TargetCpu::Named(n) => (n.clone(), String::new()),
+    };
+    target
+        .create_target_machine(&triple, &name, &features, OptimizationLevel::Aggressive, reloc, CodeModel::Default)
+        .ok_or_else(|| BackendError::Llvm(format!("no target machine for {triple:?} / {name}")))
+}
+
+fn parse<'c>(context: &'c Context, ir: &str) -> Result<Module<'c>, BackendError> {
+    let buffer = MemoryBuffer::create_from_memory_range_copy(ir.as_bytes(), "griffin_kernels");
+    let module = context
+        .create_module_from_ir(buffer)
+        .map_err(|e| BackendError::Llvm(format!("generated IR does not parse: {e}")))?;
+    module
+        .verify()
+        .map_err(|e| BackendError::Llvm(format!("generated IR does not verify: {e}")))?;
+    Ok(module)
+}
+
+fn optimise(module: &Module, machine: &TargetMachine) -> Result<(), BackendError> {
+    module.set_triple(&machine.get_triple());
+    module.set_data_layout(&machine.get_target_data().get_data_layout());
+    let options = PassBuilderOptions::create();
+    options.set_loop_vectorization(true);
+    options.set_loop_slp_vectorization(true);
+    options.set_loop_unrolling(true);
+    module
+        .run_passes("default<O3>", machine, options)
+        .map_err(|e| BackendError::Llvm(e.to_string()))
+}
+
+/// The optimised module as LLVM IR text (for inspection).
+pub fn optimised_ir(ir: &str, cpu: &TargetCpu) -> Result<String, BackendError> {
+    let context = Context::create();
+    let module = parse(&context, ir)?;
+    let machine = machine(cpu, RelocMode::PIC)?;
+    optimise(&module, &machine)?;
+    Ok(module.print_to_string().to_string())
+}
+
+/// Compiles the module to a relocatable object file.
+pub fn compile_object(ir: &str, cpu: &TargetCpu, path: &Path) -> Result<(), BackendError> {
+    let context = Context::create();
+    let module = parse(&context, ir)?;
+    let machine = machine(cpu, RelocMode::PIC)?;
+    optimise(&module, &machine)?;
+    machine
+        .write_to_file(&module, FileType::Object, path)
+        .map_err(|e| BackendError::Llvm(e.to_string()))
+}
+
+/// Compiles the module to a position-independent object in memory.
+pub fn compile_object_bytes(ir: &str, cpu: &TargetCpu) -> Result<Vec<u8>, BackendError> {
+    let context = Context::create();
+    let module = parse(&context, ir)?;
+    let machine = machine(cpu, RelocMode::PIC)?;
+    optimise(&module, &machine)?;
+    let buffer = machine
+        .write_to_memory_buffer(&module, FileType::Object)
+        .map_err(|e| BackendError::Llvm(e.to_string()))?;
+    Ok(buffer.as_slice().to_vec())
+}

@@ -1,0 +1,70 @@
+//! The execution plan a backend writes and the runtime follows: buffers, launches, interface.
+
+use serde::{Deserialize, Serialize};
+
+pub const PLAN_VERSION: u32 = 1;
+
+/// Element type of a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Elem {
+    F32,
+    I32,
+}
+
+impl Elem {
+    pub fn size(self) -> usize {
+        4
+    }
+}
+
+/// What a buffer holds and so how long it lives.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum BufferKind {
+    /// Activations and scratch of one call; slots reused by liveness (the plan already did).
+    Activation,
+    /// Carried between calls: zeroed at the start of a document, never reused.
+    State { name: String },
+    /// A packed weight: `bytes` at `offset` in the weights file.
+    Weight { name: String, offset: u64, bytes: u64 },
+}
+
+/// One buffer: `per_token · tokens + fixed` elements, allocated once for the largest chunk.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    pub kind: BufferKind,
+    pub elem: Elem,
+    pub per_token: u64,
+    pub fixed: u64,
+}
+
+impl Buffer {
+    pub fn bytes(&self, max_tokens: u64) -> u64 {
+        (self.per_token * max_tokens + self.fixed) * self.elem.size() as u64
+    }
+}
+
+/// One kernel call: the kernel's symbol and the buffers it reads and writes, in its order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Launch {
+    pub kernel: String,
+    pub args: Vec<usize>,
+}
+
+/// Everything the runtime needs besides the kernels' code and the weights' bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub version: u32,
+    /// Tokens per call at most (the prefill chunk); buffers are sized for it.
+    pub max_tokens: u64,
+    pub vocab_size: u64,
+    pub bos_token_id: u32,
+    pub eos_token_id: u32,
+    pub buffers: Vec<Buffer>,
+    pub launches: Vec<Launch>,
+    /// The i32 buffer the token ids of a call go into.
+    pub tokens: usize,
+    /// The f32 buffer of logits `[tokens, vocab]`.
+    pub logits: usize,
+    /// Identifies the packed weights this plan was built for.
+    pub weights_hash: String,
+}
