@@ -77,4 +77,6 @@ pub enum RunError {
     PrefillTooLong { prefill: usize, ids: usize },
     #[error("interpreter: {0}")]
     Interp(String),
+    #[error("{0}")]
+    Backend(String),
 }

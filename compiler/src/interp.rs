@@ -5,7 +5,7 @@
 //! f32 once. Weights are widened to f32 on first use and kept for later calls.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 use griffin_ir::text::op_signature;
@@ -265,12 +265,42 @@ impl<'w> Interpreter<'w> {
         inputs: &HashMap<String, Tensor>,
     ) -> Res<HashMap<String, Tensor>> {
         verify(graph).map_err(|e| format!("graph {} does not verify: {e}", graph.name))?;
+        let order = graph.topo_order();
+        Ok(self.execute(graph, &order, inputs)?.1)
+    }
+
+    /// Values of weight expressions (or params) of a graph, as a backend packs them.
+    pub fn evaluate_weights(&self, graph: &Graph, wanted: &[Value]) -> Res<Vec<Tensor>> {
+        let mut needed: HashSet<NodeId> = HashSet::new();
+        let mut stack: Vec<NodeId> = wanted.iter().map(|v| v.node).collect();
+        while let Some(id) = stack.pop() {
+            if needed.insert(id) {
+                stack.extend(graph.operands(id).iter().map(|v| v.node));
+            }
+        }
+        let order: Vec<NodeId> = graph
+            .topo_order()
+            .into_iter()
+            .filter(|id| needed.contains(id))
+            .collect();
+        let (values, _) = self.execute(graph, &order, &HashMap::new())?;
+        Ok(wanted.iter().map(|v| values[v].as_ref().clone()).collect())
+    }
+
+    /// Runs the nodes of `order` (a topological order of the nodes to run).
+    #[allow(clippy::type_complexity)]
+    fn execute(
+        &self,
+        graph: &Graph,
+        order: &[NodeId],
+        inputs: &HashMap<String, Tensor>,
+    ) -> Res<(HashMap<Value, Rc<Tensor>>, HashMap<String, Tensor>)> {
         let mut symbols: HashMap<String, usize> = HashMap::new();
         let mut values: HashMap<Value, Rc<Tensor>> = HashMap::new();
         let mut outputs = HashMap::new();
         // Expression key of each node computed from weights and constants alone.
         let mut weight_keys: HashMap<NodeId, String> = HashMap::new();
-        for id in graph.topo_order() {
+        for &id in order {
             let node = graph.node(id);
             let operand_values = graph.operands(id);
             let weight_key = match &node.op {
@@ -354,7 +384,7 @@ impl<'w> Interpreter<'w> {
                 );
             }
         }
-        Ok(outputs)
+        Ok((values, outputs))
     }
 }
 

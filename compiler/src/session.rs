@@ -176,23 +176,58 @@ impl<'m> Session<'m> {
     }
 
     /// Runs a prompt chunk through the prefill graph; logits for every position.
-    pub fn prefill(&mut self, ids: &[u32]) -> Result<Tensor, RunError> {
+    pub fn prefill_all(&mut self, ids: &[u32]) -> Result<Tensor, RunError> {
         let graph = &self.model.prefill;
         self.call(graph, ids)
     }
 
     /// Runs one token through the decode graph; its logits.
-    pub fn step(&mut self, id: u32) -> Result<Vec<f32>, RunError> {
+    pub fn step_one(&mut self, id: u32) -> Result<Vec<f32>, RunError> {
         let graph = &self.model.decode;
         let logits = self.call(graph, &[id])?;
         Ok(logits.floats().to_vec())
     }
 }
 
-/// Logits `[T, V]` for `ids`: the first `prefill` ids (default all) through the prefill graph,
-/// each later id through one decode step; row t is the logits after id t.
-pub fn eval(model: &Model, ids: &[u32], prefill: Option<usize>) -> Result<Tensor, RunError> {
-    model.check_ids(ids)?;
+/// Something that runs a model over a document, carrying its state: the interpreter session,
+/// or a compiled backend.
+pub trait Engine {
+    /// Starts a new document.
+    fn reset(&mut self);
+    /// Runs `ids` as (part of) the prompt; `on_logits` sees the logits rows `[n, V]` of each
+    /// chunk it ran, in order.
+    fn prefill(&mut self, ids: &[u32], on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError>;
+    /// Runs one token; `on_logits` sees its logits `[V]`.
+    fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError>;
+}
+
+impl Engine for Session<'_> {
+    fn reset(&mut self) {
+        self.state = zero_state(&self.model.decode);
+        self.position = 0;
+    }
+
+    fn prefill(&mut self, ids: &[u32], on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+        let logits = self.prefill_all(ids)?;
+        on_logits(logits.floats());
+        Ok(())
+    }
+
+    fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+        let logits = self.step_one(id)?;
+        on_logits(&logits);
+        Ok(())
+    }
+}
+
+/// Logits `[T, V]` for `ids`: the first `prefill` ids (default all) through prefill, each later
+/// id through one decode step; row t is the logits after id t.
+pub fn eval_with(
+    engine: &mut dyn Engine,
+    vocab: usize,
+    ids: &[u32],
+    prefill: Option<usize>,
+) -> Result<Tensor, RunError> {
     let prefill = prefill.unwrap_or(ids.len());
     if prefill > ids.len() {
         return Err(RunError::PrefillTooLong {
@@ -200,16 +235,24 @@ pub fn eval(model: &Model, ids: &[u32], prefill: Option<usize>) -> Result<Tensor
             ids: ids.len(),
         });
     }
-    let vocab = model.vocab_size();
-    let mut session = Session::new(model);
+    if ids.is_empty() {
+        return Err(RunError::EmptyIds);
+    }
+    engine.reset();
     let mut rows: Vec<f32> = Vec::with_capacity(ids.len() * vocab);
     if prefill > 0 {
-        rows.extend_from_slice(session.prefill(&ids[..prefill])?.floats());
+        engine.prefill(&ids[..prefill], &mut |l| rows.extend_from_slice(l))?;
     }
     for &id in &ids[prefill..] {
-        rows.extend(session.step(id)?);
+        engine.step(id, &mut |l| rows.extend_from_slice(l))?;
     }
     Ok(Tensor::f32(vec![ids.len(), vocab], rows))
+}
+
+/// `eval_with` on the reference interpreter.
+pub fn eval(model: &Model, ids: &[u32], prefill: Option<usize>) -> Result<Tensor, RunError> {
+    model.check_ids(ids)?;
+    eval_with(&mut Session::new(model), model.vocab_size(), ids, prefill)
 }
 
 /// Index of the largest value; the first one on ties, as the reference's argmax.
@@ -223,31 +266,55 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// Greedy continuation of `prompt`: up to `max_new` new ids, stopping after EOS unless
+/// Greedy continuation of `prompt`: up to `max_new` new ids, stopping after `eos` unless
 /// `ignore_eos`. `on_token` sees each new id as it is produced.
+pub fn generate_greedy_with(
+    engine: &mut dyn Engine,
+    vocab: usize,
+    prompt: &[u32],
+    max_new: usize,
+    eos: Option<u32>,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>, RunError> {
+    if prompt.is_empty() {
+        return Err(RunError::EmptyIds);
+    }
+    engine.reset();
+    let mut out = Vec::with_capacity(max_new);
+    if max_new == 0 {
+        return Ok(out);
+    }
+    // Only the last row matters: keep the argmax of each chunk's last row.
+    let mut next = 0;
+    engine.prefill(prompt, &mut |rows| {
+        next = argmax(&rows[rows.len() - vocab..])
+    })?;
+    loop {
+        out.push(next);
+        on_token(next);
+        if out.len() == max_new || Some(next) == eos {
+            return Ok(out);
+        }
+        engine.step(next, &mut |logits| next = argmax(logits))?;
+    }
+}
+
+/// `generate_greedy_with` on the reference interpreter.
 pub fn generate_greedy(
     model: &Model,
     prompt: &[u32],
     max_new: usize,
     ignore_eos: bool,
-    mut on_token: impl FnMut(u32),
+    on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>, RunError> {
     model.check_ids(prompt)?;
-    let eos = model.checkpoint.config.eos_token_id;
-    let mut session = Session::new(model);
-    let mut out = Vec::with_capacity(max_new);
-    if max_new == 0 {
-        return Ok(out);
-    }
-    let logits = session.prefill(prompt)?;
-    let vocab = model.vocab_size();
-    let mut next = argmax(&logits.floats()[(prompt.len() - 1) * vocab..]);
-    loop {
-        out.push(next);
-        on_token(next);
-        if out.len() == max_new || (next == eos && !ignore_eos) {
-            return Ok(out);
-        }
-        next = argmax(&session.step(next)?);
-    }
+    let eos = (!ignore_eos).then_some(model.checkpoint.config.eos_token_id);
+    generate_greedy_with(
+        &mut Session::new(model),
+        model.vocab_size(),
+        prompt,
+        max_new,
+        eos,
+        on_token,
+    )
 }

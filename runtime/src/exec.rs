@@ -9,7 +9,8 @@ use crate::weights::Weights;
 use crate::RuntimeError;
 
 /// The ABI of every generated kernel.
-pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8, tokens: i64, start: i64, thread: i32, threads: i32);
+pub type KernelFn =
+    unsafe extern "C" fn(args: *const *mut u8, tokens: i64, start: i64, thread: i32, threads: i32);
 
 struct Allocation {
     ptr: *mut u8,
@@ -61,9 +62,17 @@ impl Executor {
         for (i, b) in plan.buffers.iter().enumerate() {
             let bytes = b.bytes(plan.max_tokens) as usize;
             let ptr = match &b.kind {
-                BufferKind::Weight { name, offset, bytes } => weights
+                BufferKind::Weight {
+                    name,
+                    offset,
+                    bytes,
+                } => weights
                     .slice(*offset, *bytes)
-                    .ok_or_else(|| RuntimeError::Weights(format!("weight `{name}` lies outside the weights file")))?
+                    .ok_or_else(|| {
+                        RuntimeError::Weights(format!(
+                            "weight `{name}` lies outside the weights file"
+                        ))
+                    })?
                     .as_ptr() as *mut u8,
                 kind => {
                     let layout = Layout::from_size_align(bytes.max(64), 64)
@@ -85,11 +94,19 @@ impl Executor {
         let mut kernels = Vec::with_capacity(plan.launches.len());
         let mut args = Vec::with_capacity(plan.launches.len());
         for l in &plan.launches {
-            kernels.push(resolve(&l.kernel).ok_or_else(|| RuntimeError::Plan(format!("no kernel `{}`", l.kernel)))?);
+            kernels.push(
+                resolve(&l.kernel)
+                    .ok_or_else(|| RuntimeError::Plan(format!("no kernel `{}`", l.kernel)))?,
+            );
             let a: Vec<*mut u8> = l
                 .args
                 .iter()
-                .map(|&b| buffers.get(b).copied().ok_or_else(|| RuntimeError::Plan(format!("no buffer {b}"))))
+                .map(|&b| {
+                    buffers
+                        .get(b)
+                        .copied()
+                        .ok_or_else(|| RuntimeError::Plan(format!("no buffer {b}")))
+                })
                 .collect::<Result<_, _>>()?;
             args.push(a);
         }
@@ -181,6 +198,10 @@ impl Executor {
         self.position += ids.len() as u64;
         let logits = self.buffers[self.plan.logits] as *const f32;
         // SAFETY: the logits buffer holds max_tokens · vocab f32 values, written above.
-        Ok(unsafe { std::slice::from_raw_parts(logits, ids.len() * self.plan.vocab_size as usize) })
+        Ok(
+            unsafe {
+                std::slice::from_raw_parts(logits, ids.len() * self.plan.vocab_size as usize)
+            },
+        )
     }
 }

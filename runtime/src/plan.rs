@@ -25,7 +25,11 @@ pub enum BufferKind {
     /// Carried between calls: zeroed at the start of a document, never reused.
     State { name: String },
     /// A packed weight: `bytes` at `offset` in the weights file.
-    Weight { name: String, offset: u64, bytes: u64 },
+    Weight {
+        name: String,
+        offset: u64,
+        bytes: u64,
+    },
 }
 
 /// One buffer: `per_token · tokens + fixed` elements, allocated once for the largest chunk.

@@ -66,10 +66,25 @@ pub fn write(path: &Path, hash: &str, data: &[u8]) -> Result<(), RuntimeError> {
     })
 }
 
-/// A mapped weights file, checked against the hash the plan expects.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u8; 64]);
+
+enum Backing {
+    Mapped {
+        map: Mmap,
+        start: usize,
+    },
+    /// Packed in memory (in-process runs): 64-byte aligned like the file's data.
+    Owned {
+        lines: Vec<Line>,
+        len: usize,
+    },
+}
+
+/// Packed weights: a mapped file checked against the hash the plan expects, or bytes in memory.
 pub struct Weights {
-    map: Mmap,
-    start: usize,
+    backing: Backing,
 }
 
 impl Weights {
@@ -104,14 +119,40 @@ impl Weights {
             )));
         }
         Ok(Weights {
-            map,
-            start: start as usize,
+            backing: Backing::Mapped {
+                map,
+                start: start as usize,
+            },
         })
     }
 
-    /// The bytes of one weight; `None` if the range lies outside the file.
+    /// Weights packed in memory, laid out as in the file's data section.
+    pub fn from_bytes(data: &[u8]) -> Weights {
+        let mut lines = vec![Line([0; 64]); data.len().div_ceil(64)];
+        for (line, chunk) in lines.iter_mut().zip(data.chunks(64)) {
+            line.0[..chunk.len()].copy_from_slice(chunk);
+        }
+        Weights {
+            backing: Backing::Owned {
+                lines,
+                len: data.len(),
+            },
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        match &self.backing {
+            Backing::Mapped { map, start } => &map[*start..],
+            Backing::Owned { lines, len } => {
+                // SAFETY: `Line` is 64 plain bytes; the vector holds at least `len` of them.
+                unsafe { std::slice::from_raw_parts(lines.as_ptr() as *const u8, *len) }
+            }
+        }
+    }
+
+    /// The bytes of one weight; `None` if the range lies outside the data.
     pub fn slice(&self, offset: u64, bytes: u64) -> Option<&[u8]> {
-        let a = self.start.checked_add(offset as usize)?;
-        self.map.get(a..a.checked_add(bytes as usize)?)
+        let a = offset as usize;
+        self.data().get(a..a.checked_add(bytes as usize)?)
     }
 }

@@ -4,10 +4,13 @@
 use std::path::Path;
 
 use inkwell::context::Context;
+use inkwell::execution_engine::ExecutionEngine;
 use inkwell::memory_buffer::MemoryBuffer;
 use inkwell::module::Module;
 use inkwell::passes::PassBuilderOptions;
-use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine};
+use inkwell::targets::{
+    CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine,
+};
 use inkwell::OptimizationLevel;
 
 use crate::BackendError;
@@ -46,11 +49,33 @@ fn machine(cpu: &TargetCpu, reloc: RelocMode) -> Result<TargetMachine, BackendEr
         TargetCpu::Named(n) => (n.clone(), String::new()),
     };
     target
-        .create_target_machine(&triple, &name, &features, OptimizationLevel::Aggressive, reloc, CodeModel::Default)
+        .create_target_machine(
+            &triple,
+            &name,
+            &features,
+            OptimizationLevel::Aggressive,
+            reloc,
+            CodeModel::Default,
+        )
         .ok_or_else(|| BackendError::Llvm(format!("no target machine for {triple:?} / {name}")))
 }
 
-fn parse<'c>(context: &'c Context, ir: &str) -> Result<Module<'c>, BackendError> {
+/// The CPU name and features for `cpu`, recorded on every function so that any code generator
+/// (object emission or the in-process JIT) targets the same vector extensions.
+fn cpu_attributes(cpu: &TargetCpu) -> String {
+    let (name, features) = match cpu {
+        TargetCpu::Host => (
+            TargetMachine::get_host_cpu_name().to_string(),
+            TargetMachine::get_host_cpu_features().to_string(),
+        ),
+        TargetCpu::Baseline => ("x86-64".to_string(), String::new()),
+        TargetCpu::Named(n) => (n.clone(), String::new()),
+    };
+    format!("attributes #0 = {{ nounwind \"target-cpu\"=\"{name}\" \"target-features\"=\"{features}\" }}")
+}
+
+fn parse<'c>(context: &'c Context, ir: &str, cpu: &TargetCpu) -> Result<Module<'c>, BackendError> {
+    let ir = ir.replace(crate::ll::ATTRIBUTES.trim_end(), &cpu_attributes(cpu));
     let buffer = MemoryBuffer::create_from_memory_range_copy(ir.as_bytes(), "griffin_kernels");
     let module = context
         .create_module_from_ir(buffer)
@@ -76,7 +101,7 @@ fn optimise(module: &Module, machine: &TargetMachine) -> Result<(), BackendError
 /// The optimised module as LLVM IR text (for inspection).
 pub fn optimised_ir(ir: &str, cpu: &TargetCpu) -> Result<String, BackendError> {
     let context = Context::create();
-    let module = parse(&context, ir)?;
+    let module = parse(&context, ir, cpu)?;
     let machine = machine(cpu, RelocMode::PIC)?;
     optimise(&module, &machine)?;
     Ok(module.print_to_string().to_string())
@@ -85,7 +110,7 @@ pub fn optimised_ir(ir: &str, cpu: &TargetCpu) -> Result<String, BackendError> {
 /// Compiles the module to a relocatable object file.
 pub fn compile_object(ir: &str, cpu: &TargetCpu, path: &Path) -> Result<(), BackendError> {
     let context = Context::create();
-    let module = parse(&context, ir)?;
+    let module = parse(&context, ir, cpu)?;
     let machine = machine(cpu, RelocMode::PIC)?;
     optimise(&module, &machine)?;
     machine
@@ -96,11 +121,42 @@ pub fn compile_object(ir: &str, cpu: &TargetCpu, path: &Path) -> Result<(), Back
 /// Compiles the module to a position-independent object in memory.
 pub fn compile_object_bytes(ir: &str, cpu: &TargetCpu) -> Result<Vec<u8>, BackendError> {
     let context = Context::create();
-    let module = parse(&context, ir)?;
+    let module = parse(&context, ir, cpu)?;
     let machine = machine(cpu, RelocMode::PIC)?;
     optimise(&module, &machine)?;
     let buffer = machine
         .write_to_memory_buffer(&module, FileType::Object)
         .map_err(|e| BackendError::Llvm(e.to_string()))?;
     Ok(buffer.as_slice().to_vec())
+}
+
+/// Kernels compiled and loaded into this process.
+pub struct Jit {
+    engine: ExecutionEngine<'static>,
+}
+
+// SAFETY: after construction the engine is only asked for function addresses, which is
+// read-only; the compiled code itself is immutable.
+unsafe impl Send for Jit {}
+
+impl Jit {
+    /// Optimises the module for `cpu` and compiles it in memory. The LLVM context is leaked:
+    /// the code it owns lives as long as the process may call it.
+    pub fn new(ir: &str, cpu: &TargetCpu) -> Result<Jit, BackendError> {
+        let context: &'static Context = Box::leak(Box::new(Context::create()));
+        let module = parse(context, ir, cpu)?;
+        let machine = machine(cpu, RelocMode::Default)?;
+        optimise(&module, &machine)?;
+        let engine = module
+            .create_jit_execution_engine(OptimizationLevel::Aggressive)
+            .map_err(|e| BackendError::Llvm(e.to_string()))?;
+        Ok(Jit { engine })
+    }
+
+    /// The address of a kernel, as the runtime calls it.
+    pub fn kernel(&self, symbol: &str) -> Option<griffin_runtime::KernelFn> {
+        let address = self.engine.get_function_address(symbol).ok()?;
+        // SAFETY: every kernel is generated with the runtime's `KernelFn` signature.
+        Some(unsafe { std::mem::transmute::<usize, griffin_runtime::KernelFn>(address) })
+    }
 }

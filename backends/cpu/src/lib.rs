@@ -7,8 +7,8 @@ pub mod kernels;
 pub mod ll;
 pub mod lower;
 
-pub use compile::{compile_object, compile_object_bytes, optimised_ir, TargetCpu};
-pub use lower::{lower, Lowered, Options, WeightSlot};
+pub use compile::{compile_object, compile_object_bytes, optimised_ir, Jit, TargetCpu};
+pub use lower::{lower, Lowered, Options, WeightSlot, WeightsDtype};
 
 use thiserror::Error;
 

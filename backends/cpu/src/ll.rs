@@ -59,7 +59,9 @@ impl Func {
     pub fn arg(&mut self, index: usize) -> String {
         let slot = format!("%{}", self.fresh("argslot"));
         let ptr = format!("%{}", self.fresh("arg"));
-        self.entry.push(format!("{slot} = getelementptr ptr, ptr %args, i64 {index}"));
+        self.entry.push(format!(
+            "{slot} = getelementptr ptr, ptr %args, i64 {index}"
+        ));
         self.entry.push(format!("{ptr} = load ptr, ptr {slot}"));
         ptr
     }
@@ -186,7 +188,7 @@ impl Func {
         for l in &self.entry {
             let _ = writeln!(out, "  {l}");
         }
-        out.push_str("  br label %start\nstart:\n");
+        out.push_str("  br label %kernel\nkernel:\n");
         for l in &self.body {
             if l.ends_with(':') {
                 let _ = writeln!(out, "{l}");

@@ -39,8 +39,16 @@ pub struct Options {
     pub vocab_size: u64,
     pub bos_token_id: u32,
     pub eos_token_id: u32,
-    /// Store bf16 params as bf16 (f32 params always stay f32).
-    pub keep_bf16: bool,
+    pub weights: WeightsDtype,
+}
+
+/// How params are packed; weight expressions are always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightsDtype {
+    /// bf16 stays bf16, f32 stays f32, f16 is widened to f32.
+    AsStored,
+    F32,
+    Bf16,
 }
 
 fn is_weight_expression(g: &Graph, node: NodeId) -> bool {
@@ -48,7 +56,10 @@ fn is_weight_expression(g: &Graph, node: NodeId) -> bool {
         Op::Param { .. } | Op::Constant { .. } => true,
         Op::Input { .. } | Op::Output { .. } => false,
         op if op.carries_state() => false,
-        _ => g.operands(node).iter().all(|v| is_weight_expression(g, v.node)),
+        _ => g
+            .operands(node)
+            .iter()
+            .all(|v| is_weight_expression(g, v.node)),
     }
 }
 
@@ -57,7 +68,11 @@ fn extent(ty: &ValueType) -> Result<(u64, u64), BackendError> {
     let dims = ty.shape.dims();
     let rest = |ds: &[Dim]| -> Result<u64, BackendError> {
         ds.iter()
-            .map(|d| d.fixed().ok_or_else(|| BackendError::Unsupported(format!("shape {ty} has an inner symbolic dimension"))))
+            .map(|d| {
+                d.fixed().ok_or_else(|| {
+                    BackendError::Unsupported(format!("shape {ty} has an inner symbolic dimension"))
+                })
+            })
             .product()
     };
     match dims.first() {
@@ -82,7 +97,12 @@ struct Lowering<'g> {
 }
 
 impl Lowering<'_> {
-    fn add_buffer(&mut self, kind: BufferKind, elem: Elem, (per_token, fixed): (u64, u64)) -> usize {
+    fn add_buffer(
+        &mut self,
+        kind: BufferKind,
+        elem: Elem,
+        (per_token, fixed): (u64, u64),
+    ) -> usize {
         self.buffers.push(Buffer {
             kind,
             elem,
@@ -102,10 +122,15 @@ impl Lowering<'_> {
     }
 
     fn storage_of(&self, v: Value) -> Result<Storage, BackendError> {
-        let ty = self.g.value_type(v).map_err(|e| BackendError::Graph(e.to_string()))?;
+        let ty = self
+            .g
+            .value_type(v)
+            .map_err(|e| BackendError::Graph(e.to_string()))?;
         let is_param = matches!(self.g.node(v.node).op, Op::Param { .. });
-        Ok(match ty.dtype {
-            DType::BF16 if is_param && self.opts.keep_bf16 => Storage::Bf16,
+        Ok(match (is_param, ty.dtype, self.opts.weights) {
+            (true, DType::BF16, WeightsDtype::AsStored) | (true, _, WeightsDtype::Bf16) => {
+                Storage::Bf16
+            }
             _ => Storage::F32,
         })
     }
@@ -116,14 +141,24 @@ impl Lowering<'_> {
         if let Some(&b) = self.weight_of.get(&v) {
             return Ok((b, storage));
         }
-        let ty = self.g.value_type(v).map_err(|e| BackendError::Graph(e.to_string()))?.clone();
+        let ty = self
+            .g
+            .value_type(v)
+            .map_err(|e| BackendError::Graph(e.to_string()))?
+            .clone();
         let (per_token, elements) = extent(&ty)?;
         if per_token != 0 {
-            return Err(BackendError::Unsupported(format!("weight {ty} depends on the token count")));
+            return Err(BackendError::Unsupported(format!(
+                "weight {ty} depends on the token count"
+            )));
         }
         let name = match &self.g.node(v.node).op {
             Op::Param { tensor, .. } => tensor.clone(),
-            _ => format!("{}#{}", griffin_ir::text::op_signature(&self.g.node(v.node).op), v.node.index()),
+            _ => format!(
+                "{}#{}",
+                griffin_ir::text::op_signature(&self.g.node(v.node).op),
+                v.node.index()
+            ),
         };
         let elem = Elem::F32;
         let bytes = elements * if storage == Storage::Bf16 { 2 } else { 4 };
@@ -156,7 +191,11 @@ impl Lowering<'_> {
     }
 
     fn result_buffer(&mut self, v: Value) -> Result<usize, BackendError> {
-        let ty = self.g.value_type(v).map_err(|e| BackendError::Graph(e.to_string()))?.clone();
+        let ty = self
+            .g
+            .value_type(v)
+            .map_err(|e| BackendError::Graph(e.to_string()))?
+            .clone();
         let b = self.activation(Elem::F32, extent(&ty)?);
         self.buffer_of.insert(v, b);
         Ok(b)
@@ -164,14 +203,20 @@ impl Lowering<'_> {
 
     fn launch(&mut self, symbol: String, function: String, args: Vec<usize>) {
         self.functions.insert(symbol.clone(), function);
-        self.launches.push(Launch { kernel: symbol, args });
+        self.launches.push(Launch {
+            kernel: symbol,
+            args,
+        });
     }
 
     fn fixed_dim(&self, v: Value, axis: usize) -> Result<u64, BackendError> {
-        let ty = self.g.value_type(v).map_err(|e| BackendError::Graph(e.to_string()))?;
-        ty.shape.dims()[axis]
-            .fixed()
-            .ok_or_else(|| BackendError::Unsupported(format!("{ty}: dimension {axis} must be fixed")))
+        let ty = self
+            .g
+            .value_type(v)
+            .map_err(|e| BackendError::Graph(e.to_string()))?;
+        ty.shape.dims()[axis].fixed().ok_or_else(|| {
+            BackendError::Unsupported(format!("{ty}: dimension {axis} must be fixed"))
+        })
     }
 
     fn node(&mut self, id: NodeId, index: usize) -> Result<(), BackendError> {
@@ -190,7 +235,11 @@ impl Lowering<'_> {
                 // Kernels compute positions as start + t from their `start` argument.
                 InputRole::Position => {}
                 InputRole::State => {
-                    let b = self.add_buffer(BufferKind::State { name: name.clone() }, Elem::F32, extent(ty)?);
+                    let b = self.add_buffer(
+                        BufferKind::State { name: name.clone() },
+                        Elem::F32,
+                        extent(ty)?,
+                    );
                     self.buffer_of.insert(r(0), b);
                 }
             },
@@ -220,7 +269,11 @@ impl Lowering<'_> {
                 let ids = self.value(x[1])?;
                 let out = self.result_buffer(r(0))?;
                 let width = self.fixed_dim(x[0], 1)?;
-                self.launch(symbol.clone(), gather(&symbol, width, storage, *scale), vec![table, ids, out]);
+                self.launch(
+                    symbol.clone(),
+                    gather(&symbol, width, storage, *scale),
+                    vec![table, ids, out],
+                );
             }
             Op::Linear {
                 bias,
@@ -256,8 +309,16 @@ impl Lowering<'_> {
                 if *residual {
                     args.push(self.value(x[next])?);
                 }
-                let width = if *epilogue == griffin_ir::Epilogue::GeGlu { rows / 2 } else { rows };
-                let split_sizes = if splits.is_empty() { vec![width] } else { splits.clone() };
+                let width = if *epilogue == griffin_ir::Epilogue::GeGlu {
+                    rows / 2
+                } else {
+                    rows
+                };
+                let split_sizes = if splits.is_empty() {
+                    vec![width]
+                } else {
+                    splits.clone()
+                };
                 for i in 0..split_sizes.len() {
                     args.push(self.result_buffer(r(i as u32))?);
                 }
@@ -286,7 +347,9 @@ impl Lowering<'_> {
                 let (rgb, _) = self.weight(x[8])?;
                 let (decay, _) = self.weight(x[9])?;
                 let state = self.value(x[10])?;
-                let mut args = vec![input, window, conv_w, conv_b, igw, igb, rgw, rgb, decay, state];
+                let mut args = vec![
+                    input, window, conv_w, conv_b, igw, igb, rgw, rgb, decay, state,
+                ];
                 if *gate_output {
                     args.push(self.value(x[11])?);
                 }
@@ -310,7 +373,11 @@ impl Lowering<'_> {
                 self.launch(symbol, rg_lru(&spec), args);
                 self.free.push(scratch);
             }
-            Op::LocalAttention { window, scale, rotary } => {
+            Op::LocalAttention {
+                window,
+                scale,
+                rotary,
+            } => {
                 let (q, k, v) = (self.value(x[0])?, self.value(x[1])?, self.value(x[2])?);
                 let (keys, values) = (self.value(x[4])?, self.value(x[5])?);
                 let spec = AttentionSpec {
@@ -326,40 +393,63 @@ impl Lowering<'_> {
                     self.launch(format!("{symbol}_rotate_keys"), function, vec![k]);
                 }
                 let out = self.result_buffer(r(0))?;
-                self.launch(format!("{symbol}_attend"), attend(&spec), vec![q, k, v, keys, values, out]);
-                self.launch(format!("{symbol}_write_ring"), write_ring(&spec), vec![k, v, keys, values]);
+                self.launch(
+                    format!("{symbol}_attend"),
+                    attend(&spec),
+                    vec![q, k, v, keys, values, out],
+                );
+                self.launch(
+                    format!("{symbol}_write_ring"),
+                    write_ring(&spec),
+                    vec![k, v, keys, values],
+                );
                 self.buffer_of.insert(r(1), keys);
                 self.buffer_of.insert(r(2), values);
             }
             Op::Elementwise { .. } | Op::Unary(_) | Op::Binary(_) | Op::SoftCap { .. } => {
                 let body = match &op {
                     Op::Elementwise { body } => body.clone(),
-                    Op::Unary(u) => griffin_ir::Expr::Unary(*u, Box::new(griffin_ir::Expr::Operand(0))),
+                    Op::Unary(u) => {
+                        griffin_ir::Expr::Unary(*u, Box::new(griffin_ir::Expr::Operand(0)))
+                    }
                     Op::Binary(b) => griffin_ir::Expr::Binary(
                         *b,
                         Box::new(griffin_ir::Expr::Operand(0)),
                         Box::new(griffin_ir::Expr::Operand(1)),
                     ),
-                    Op::SoftCap { cap } => griffin_ir::Expr::SoftCap(*cap, Box::new(griffin_ir::Expr::Operand(0))),
+                    Op::SoftCap { cap } => {
+                        griffin_ir::Expr::SoftCap(*cap, Box::new(griffin_ir::Expr::Operand(0)))
+                    }
                     _ => unreachable!("matched above"),
                 };
                 let out_ty = g.node(id).results[0].clone();
                 if out_ty.dtype != DType::F32 {
-                    return Err(BackendError::Unsupported(format!("elementwise result {out_ty}")));
+                    return Err(BackendError::Unsupported(format!(
+                        "elementwise result {out_ty}"
+                    )));
                 }
                 let mut args = Vec::new();
                 let mut kinds = Vec::new();
                 for o in &x {
-                    let ty = g.value_type(*o).map_err(|e| BackendError::Graph(e.to_string()))?.clone();
+                    let ty = g
+                        .value_type(*o)
+                        .map_err(|e| BackendError::Graph(e.to_string()))?
+                        .clone();
                     let kind = if ty.shape.dims().is_empty() {
                         Operand::Scalar
                     } else if ty.shape == out_ty.shape && ty.dtype == DType::F32 {
                         Operand::Full
                     } else {
-                        return Err(BackendError::Unsupported(format!("elementwise operand {ty} broadcast to {out_ty}")));
+                        return Err(BackendError::Unsupported(format!(
+                            "elementwise operand {ty} broadcast to {out_ty}"
+                        )));
                     };
                     kinds.push(kind);
-                    args.push(if is_weight_expression(g, o.node) { self.weight(*o)?.0 } else { self.value(*o)? });
+                    args.push(if is_weight_expression(g, o.node) {
+                        self.weight(*o)?.0
+                    } else {
+                        self.value(*o)?
+                    });
                 }
                 let (per_token, fixed) = extent(&out_ty)?;
                 let out = self.result_buffer(r(0))?;
@@ -367,12 +457,10 @@ impl Lowering<'_> {
                 let function = elementwise(&symbol, &body, &kinds, per_token, fixed)?;
                 self.launch(symbol, function, args);
             }
-            other => {
-                return Err(BackendError::Unsupported(format!(
-                    "`{}` is not lowered by the CPU backend (compile with the default pass pipeline)",
-                    other.mnemonic()
-                )))
-            }
+            other => return Err(BackendError::Unsupported(format!(
+                "`{}` is not lowered by the CPU backend (compile with the default pass pipeline)",
+                other.mnemonic()
+            ))),
         }
         Ok(())
     }
@@ -397,7 +485,8 @@ pub fn lower(graph: &Graph, opts: &Options) -> Result<Lowered, BackendError> {
     let order = graph.topo_order();
     // The last node reading each value, to free activation buffers after it.
     let mut last_use: HashMap<usize, usize> = HashMap::new();
-    let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let position: HashMap<NodeId, usize> =
+        order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     for (i, id) in order.iter().enumerate() {
         for v in graph.operands(*id) {
             last_use.insert(position[&v.node], i);
@@ -409,11 +498,12 @@ pub fn lower(graph: &Graph, opts: &Options) -> Result<Lowered, BackendError> {
         // source) is read after this node; state, tokens and logits are never reused.
         let mut freed = Vec::new();
         for v in graph.operands(id) {
-            let Some(&b) = l.buffer_of.get(&v) else { continue };
-            let read_later = l
-                .buffer_of
-                .iter()
-                .any(|(val, &buf)| buf == b && last_use.get(&position[&val.node]).is_some_and(|&u| u > i));
+            let Some(&b) = l.buffer_of.get(&v) else {
+                continue;
+            };
+            let read_later = l.buffer_of.iter().any(|(val, &buf)| {
+                buf == b && last_use.get(&position[&val.node]).is_some_and(|&u| u > i)
+            });
             let reusable = matches!(l.buffers[b].kind, BufferKind::Activation)
                 && Some(b) != l.tokens
                 && Some(b) != l.logits;
@@ -423,8 +513,12 @@ pub fn lower(graph: &Graph, opts: &Options) -> Result<Lowered, BackendError> {
         }
         l.free.extend(freed);
     }
-    let tokens = l.tokens.ok_or_else(|| BackendError::Graph("no token input".into()))?;
-    let logits = l.logits.ok_or_else(|| BackendError::Graph("no logits output".into()))?;
+    let tokens = l
+        .tokens
+        .ok_or_else(|| BackendError::Graph("no token input".into()))?;
+    let logits = l
+        .logits
+        .ok_or_else(|| BackendError::Graph("no logits output".into()))?;
     let mut module = String::from(PRELUDE);
     for f in l.functions.values() {
         module.push('\n');

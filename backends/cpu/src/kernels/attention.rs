@@ -17,12 +17,21 @@ pub struct AttentionSpec {
 
 /// Rotates `rows` vectors of `head_dim` at `base` (row r belongs to token r / per_token) by
 /// position; rotate-half on the first `dims` features.
-fn rotate_row(f: &mut Func, src: &str, dst: &str, src_at: &str, dst_at: &str, p: &str, theta: f64, dims: u64) {
+fn rotate_row(
+    f: &mut Func,
+    src: &str,
+    dst: &str,
+    src_at: &str,
+    dst_at: &str,
+    p: &str,
+    theta: f64,
+    dims: u64,
+) {
     let half = dims / 2;
     let pf = f.op(format!("sitofp i64 {p} to double"));
     for i in 0..half {
         let inv_freq = theta.powf(-(2.0 * i as f64) / dims as f64);
-        let angle = f.op(format!("fmul double {pf}, {:e}", inv_freq));
+        let angle = f.op(format!("fmul double {pf}, 0x{:016X}", inv_freq.to_bits()));
         let sin_d = f.op(format!("call double @sin(double {angle})"));
         let cos_d = f.op(format!("call double @cos(double {angle})"));
         let sin = f.op(format!("fptrunc double {sin_d} to float"));
@@ -64,7 +73,8 @@ pub fn rotate_keys(s: &AttentionSpec) -> Option<String> {
 /// out `[T,H,hd]`.
 pub fn attend(s: &AttentionSpec) -> String {
     let mut f = Func::new(&format!("{}_attend", s.symbol));
-    let (q, k, v, ring_k, ring_v, out) = (f.arg(0), f.arg(1), f.arg(2), f.arg(3), f.arg(4), f.arg(5));
+    let (q, k, v, ring_k, ring_v, out) =
+        (f.arg(0), f.arg(1), f.arg(2), f.arg(3), f.arg(4), f.arg(5));
     let (hd, g_count, w) = (s.head_dim, s.kv_heads, s.window);
     let hds = hd.to_string();
     let group = s.heads / s.kv_heads;
@@ -102,7 +112,9 @@ pub fn attend(s: &AttentionSpec) -> String {
                 let slot = f.op(format!("srem i64 {pp}, {w}"));
                 let ring_row_t = f.ibin("mul", &slot, &g_count.to_string());
                 let ring_row = f.ibin("add", &ring_row_t, &g);
-                let row = f.op(format!("select i1 {in_call}, i64 {call_row}, i64 {ring_row}"));
+                let row = f.op(format!(
+                    "select i1 {in_call}, i64 {call_row}, i64 {ring_row}"
+                ));
                 let at = f.ibin("mul", &row, &hds);
                 let kp = f.op(format!("select i1 {in_call}, ptr {k}, ptr {ring_k}"));
                 let vp = f.op(format!("select i1 {in_call}, ptr {v}, ptr {ring_v}"));
@@ -122,7 +134,9 @@ pub fn attend(s: &AttentionSpec) -> String {
                 let sc = f.fbin("fmul", &dot, &f32_const(s.scale));
                 f.store_f32(&sc, &scores, n);
                 let m = f.op(format!("load float, ptr {max_slot}"));
-                let mx = f.op(format!("call fast float @llvm.maxnum.f32(float {m}, float {sc})"));
+                let mx = f.op(format!(
+                    "call fast float @llvm.maxnum.f32(float {m}, float {sc})"
+                ));
                 f.line(format!("store float {mx}, ptr {max_slot}"));
             });
             let m = f.op(format!("load float, ptr {max_slot}"));

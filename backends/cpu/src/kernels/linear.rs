@@ -35,7 +35,11 @@ pub fn linear(s: &LinearSpec) -> String {
     let bias = s.bias.map(|_| arg(&mut f));
     let residual = s.residual.then(|| arg(&mut f));
     let outs: Vec<String> = s.splits.iter().map(|_| arg(&mut f)).collect();
-    let width = if s.epilogue == Epilogue::GeGlu { s.rows / 2 } else { s.rows };
+    let width = if s.epilogue == Epilogue::GeGlu {
+        s.rows / 2
+    } else {
+        s.rows
+    };
     let inputs = s.inputs.to_string();
 
     // 1/rms of every token of the call, once per thread.
@@ -60,7 +64,8 @@ pub fn linear(s: &LinearSpec) -> String {
     let (begin, end) = f.partition(&width.to_string());
     f.for_range(&begin, &end, |f, o| {
         // Where column o goes: the split it falls in, and its column there.
-        let (mut dest, mut stride, mut col) = (outs[0].clone(), s.splits[0].to_string(), o.to_string());
+        let (mut dest, mut stride, mut col) =
+            (outs[0].clone(), s.splits[0].to_string(), o.to_string());
         let mut boundary = 0;
         for (k, &n) in s.splits.iter().enumerate().skip(1) {
             boundary += s.splits[k - 1];
@@ -80,7 +85,11 @@ pub fn linear(s: &LinearSpec) -> String {
                     let mut xv = f.load_f32(&x, &xi);
                     if let (Some((_, offset, storage)), Some(nw)) = (s.norm, &norm_w) {
                         let g = f.load_weight(storage, nw, i);
-                        let scale = if offset == 0.0 { g } else { f.fbin("fadd", &f32_const(offset), &g) };
+                        let scale = if offset == 0.0 {
+                            g
+                        } else {
+                            f.fbin("fadd", &f32_const(offset), &g)
+                        };
                         xv = f.fbin("fmul", &xv, &scale);
                     }
                     let wi = f.ibin("add", &wrow, i);

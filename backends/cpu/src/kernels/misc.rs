@@ -66,10 +66,17 @@ fn emit_expr(f: &mut Func, e: &Expr, leaves: &[String]) -> Result<String, Backen
                 BinaryOp::Sub => f.fbin("fsub", &x, &y),
                 BinaryOp::Mul => f.fbin("fmul", &x, &y),
                 BinaryOp::Div => f.fbin("fdiv", &x, &y),
-                BinaryOp::Max => f.op(format!("call fast float @llvm.maxnum.f32(float {x}, float {y})")),
-                BinaryOp::Min => f.op(format!("call fast float @llvm.minnum.f32(float {x}, float {y})")),
+                BinaryOp::Max => f.op(format!(
+                    "call fast float @llvm.maxnum.f32(float {x}, float {y})"
+                )),
+                BinaryOp::Min => f.op(format!(
+                    "call fast float @llvm.minnum.f32(float {x}, float {y})"
+                )),
                 BinaryOp::Eq | BinaryOp::Lt => {
-                    return Err(BackendError::Unsupported(format!("{} (a bool result)", b.name())))
+                    return Err(BackendError::Unsupported(format!(
+                        "{} (a bool result)",
+                        b.name()
+                    )))
                 }
             }
         }
@@ -83,7 +90,13 @@ fn emit_expr(f: &mut Func, e: &Expr, leaves: &[String]) -> Result<String, Backen
 }
 
 /// Arguments: each operand, then the output. Threads split the elements.
-pub fn elementwise(symbol: &str, body: &Expr, operands: &[Operand], per_token: u64, fixed: u64) -> Result<String, BackendError> {
+pub fn elementwise(
+    symbol: &str,
+    body: &Expr,
+    operands: &[Operand],
+    per_token: u64,
+    fixed: u64,
+) -> Result<String, BackendError> {
     let mut f = Func::new(symbol);
     let ptrs: Vec<String> = (0..operands.len()).map(|i| f.arg(i)).collect();
     let out = f.arg(operands.len());

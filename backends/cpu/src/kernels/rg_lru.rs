@@ -21,8 +21,9 @@ pub struct RgLruSpec {
 pub fn rg_lru(s: &RgLruSpec) -> String {
     let mut f = Func::new(&s.symbol);
     let a: Vec<String> = (0..10).map(|i| f.arg(i)).collect();
-    let (x, window, conv_w, conv_b, igw, igb, rgw, rgb, decay, state) =
-        (&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9]);
+    let (x, window, conv_w, conv_b, igw, igb, rgw, rgb, decay, state) = (
+        &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9],
+    );
     let y = s.gate_output.then(|| f.arg(10));
     let base = if s.gate_output { 11 } else { 10 };
     let (out, scratch) = (f.arg(base), f.arg(base + 1));
@@ -131,7 +132,8 @@ pub fn rg_lru(s: &RgLruSpec) -> String {
                 let one_minus = f.op(format!("fneg fast float {em1}"));
                 let root = f.call_f32("llvm.sqrt.f32", &[&one_minus]);
                 let norm = f.op(format!("select i1 {at_start}, float 1.0, float {root}"));
-                let decay_or_reset = f.op(format!("select i1 {at_start}, float 0.0, float {a_val}"));
+                let decay_or_reset =
+                    f.op(format!("select i1 {at_start}, float 0.0, float {a_val}"));
                 let gated = f.fbin("fmul", &cv, &gx);
                 let bv = f.fbin("fmul", &gated, &norm);
                 let old = f.load_f32(state, &j);
