@@ -96,3 +96,25 @@ fn bf16_weights_stay_within_bf16_tolerance() {
     assert!(diff <= 0.02, "{diff}");
     assert!(diff > 1e-5, "bf16 packing did not happen: {diff}");
 }
+
+/// The generated LLVM IR of one fused recurrent kernel and one projection kernel.
+#[test]
+fn kernel_ir_snapshots() {
+    let m = Model::load(&golden_dir().join("tiny-text")).unwrap();
+    let artifact = griffinc::cpu::build(&m, &options(1, 64)).unwrap();
+    let functions = &artifact.lowered.functions;
+    let pick = |suffix: &str| {
+        functions
+            .iter()
+            .find(|(name, _)| name.ends_with(suffix))
+            .map(|(_, body)| body.clone())
+            .unwrap_or_else(|| panic!("no kernel ending in {suffix}: {:?}", functions.keys()))
+    };
+    insta::assert_snapshot!("tiny_text_rg_lru_kernel", pick("_rg_lru"));
+    let projection = functions
+        .iter()
+        .find(|(name, body)| name.ends_with("_linear") && body.contains("icmp sge i64"))
+        .map(|(_, body)| body.clone())
+        .unwrap();
+    insta::assert_snapshot!("tiny_text_split_projection_kernel", projection);
+}
