@@ -5,6 +5,8 @@ setup:
 	bash scripts/setup.sh
 
 test: setup
+	# The runner library is what `griffinc build` links executables with; tests build executables.
+	cargo build --workspace --locked
 	cargo test --workspace --locked
 
 lint:

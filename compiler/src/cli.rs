@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use griffin_ir::{dot, text, Graph};
 
 use crate::cpu::{CpuEngine, CpuOptions};
+use crate::executable::build_executable;
 use crate::passes::{self, stats::kernel_stats, Pass};
 use crate::session::{eval_with, generate_greedy_with, Engine, Model, Session};
 use crate::tokenizer::TextTokenizer;
@@ -33,6 +34,31 @@ pub enum Command {
     Eval(EvalArgs),
     /// Continue a prompt greedily.
     Generate(GenerateArgs),
+    /// Compile a checkpoint into a standalone executable and its weights file.
+    Build(BuildArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BuildTarget {
+    Cpu,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    pub model_dir: PathBuf,
+    #[arg(long, value_enum, default_value_t = BuildTarget::Cpu)]
+    pub target: BuildTarget,
+    /// Output folder: gets `NAME` and `NAME.weights`.
+    #[arg(short = 'o', long = "out-dir")]
+    pub out_dir: PathBuf,
+    /// Executable name (default: the model folder's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// `default`, `none`, or pass names separated by commas.
+    #[arg(long, default_value = "default")]
+    pub passes: String,
+    #[command(flatten)]
+    pub compile: CompileArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -228,6 +254,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ir(args) => run_ir(args),
         Command::Eval(args) => run_eval(args),
         Command::Generate(args) => run_generate(args),
+        Command::Build(args) => run_build(args),
     }
 }
 
@@ -325,35 +352,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     model.check_ids(&ids)?;
     let mut engine = engine(args.backend, &model, &args.compile)?;
     let logits = eval_with(engine.as_mut(), model.vocab_size(), &ids, args.prefill)?;
-    write_logits(&args.out, &logits.shape, logits.floats())
-}
-
-/// Writes `logits` to `path` through a temporary file in the same folder, so a failure never
-/// leaves a partial file behind.
-pub fn write_logits(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
-            .context("cannot build the logits tensor")?;
-    let serialized =
-        safetensors::serialize([("logits", view)], None).context("cannot serialize logits")?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("--out {}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = std::fs::write(&tmp, &serialized).and_then(|_| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
-    }
+    griffin_runtime::output::write_logits(&args.out, &logits.shape, logits.floats())?;
     Ok(())
 }
 
@@ -407,4 +406,30 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot decode generated ids: {e}"))?,
     };
     write_stdout(&format!("{out}\n"))
+}
+
+fn run_build(args: BuildArgs) -> Result<()> {
+    let passes = pipeline(&args.passes)?;
+    let opts = args.compile.cpu_options()?;
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => args
+            .model_dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "model".into()),
+    };
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        bail!("--name {name:?}: give a plain file name");
+    }
+    let model = load(&args.model_dir, &passes)?;
+    let built = build_executable(&model, &opts, &args.out_dir, &name)?;
+    eprintln!(
+        "built {} and {} ({:.1} MB of weights)",
+        built.executable.display(),
+        built.weights.display(),
+        built.weights_bytes as f64 / 1e6
+    );
+    Ok(())
 }

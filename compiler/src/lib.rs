@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod executable;
 pub mod interp;
 pub mod passes;
 pub mod session;

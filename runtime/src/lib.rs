@@ -4,6 +4,7 @@
 //! Memory does not grow with the length of the text. No LLVM, no compiler.
 
 pub mod exec;
+pub mod output;
 pub mod plan;
 pub mod pool;
 pub mod weights;
@@ -25,6 +26,8 @@ pub enum RuntimeError {
     EmptyIds,
     #[error("token id {id} is out of range: the vocabulary has {vocab} entries (ids 0..{vocab})")]
     TokenOutOfRange { id: u32, vocab: u64 },
+    #[error("{0}")]
+    Output(String),
     #[error("{tokens} tokens in one call, at most {max}")]
     ChunkTooLong { tokens: usize, max: u64 },
 }

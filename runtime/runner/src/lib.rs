@@ -1,0 +1,218 @@
+//! The main program of every executable `griffinc build` writes. It is linked, as a static
+//! library, with the object file holding the generated kernels, the kernel table and the
+//! execution plan; the packed weights lie beside the executable in `<name>.weights`.
+
+use std::ffi::c_int;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use griffin_runtime::plan::Plan;
+use griffin_runtime::weights::Weights;
+use griffin_runtime::{Executor, KernelFn};
+
+extern "C" {
+    /// The execution plan as JSON.
+    static griffin_plan: u8;
+    static griffin_plan_len: u64;
+    /// One kernel per launch of the plan, in launch order.
+    static griffin_kernel_table: KernelFn;
+    static griffin_kernel_count: u64;
+}
+
+const USAGE: &str = "usage: MODEL (--ids 2,17,5) [--max-new-tokens N] [--ignore-eos] [--format ids] \
+[--prefill N --logits-out FILE] [--threads N] [--weights FILE] [--stats]";
+
+struct Args {
+    ids: Vec<u32>,
+    max_new_tokens: usize,
+    ignore_eos: bool,
+    prefill: Option<usize>,
+    logits_out: Option<PathBuf>,
+    threads: usize,
+    weights: Option<PathBuf>,
+    stats: bool,
+}
+
+fn parse_ids(text: &str) -> Result<Vec<u32>, String> {
+    if text.trim().is_empty() {
+        return Err("--ids is empty: give comma-separated token ids, e.g. --ids 2,17,5".into());
+    }
+    text.split(',')
+        .map(|p| {
+            let p = p.trim();
+            p.parse()
+                .map_err(|_| format!("--ids: `{p}` is not a token id (expected a non-negative integer)"))
+        })
+        .collect()
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        ids: Vec::new(),
+        max_new_tokens: 32,
+        ignore_eos: false,
+        prefill: None,
+        logits_out: None,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        weights: None,
+        stats: false,
+    };
+    let mut have_ids = false;
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value ({USAGE})"));
+        let number = |name: &str, v: String| v.parse::<usize>().map_err(|_| format!("{name}: `{v}` is not a number"));
+        match flag.as_str() {
+            "--ids" => {
+                args.ids = parse_ids(&value("--ids")?)?;
+                have_ids = true;
+            }
+            "--max-new-tokens" => args.max_new_tokens = number("--max-new-tokens", value("--max-new-tokens")?)?,
+            "--ignore-eos" => args.ignore_eos = true,
+            "--prefill" => args.prefill = Some(number("--prefill", value("--prefill")?)?),
+            "--logits-out" => args.logits_out = Some(PathBuf::from(value("--logits-out")?)),
+            "--threads" => {
+                args.threads = number("--threads", value("--threads")?)?;
+                if args.threads == 0 {
+                    return Err("--threads must be at least 1".into());
+                }
+            }
+            "--weights" => args.weights = Some(PathBuf::from(value("--weights")?)),
+            "--stats" => args.stats = true,
+            "--format" => {
+                let f = value("--format")?;
+                if f != "ids" {
+                    return Err(format!("--format {f}: this executable prints ids only (no tokenizer packed)"));
+                }
+            }
+            "--prompt" => return Err("--prompt: this executable has no tokenizer packed; pass --ids".into()),
+            "--help" | "-h" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument `{other}` ({USAGE})")),
+        }
+    }
+    if !have_ids {
+        return Err(format!("give the prompt as --ids ({USAGE})"));
+    }
+    Ok(args)
+}
+
+fn embedded_plan() -> Result<Plan, String> {
+    // SAFETY: the object file defines these symbols with these types.
+    let (bytes, table) = unsafe {
+        let bytes = std::slice::from_raw_parts(&griffin_plan as *const u8, griffin_plan_len as usize);
+        let table = std::slice::from_raw_parts(&griffin_kernel_table as *const KernelFn, griffin_kernel_count as usize);
+        (bytes, table)
+    };
+    let plan: Plan = serde_json::from_slice(bytes).map_err(|e| format!("embedded plan is corrupt: {e}"))?;
+    if plan.launches.len() != table.len() {
+        return Err("embedded plan and kernel table disagree".into());
+    }
+    Ok(plan)
+}
+
+fn kernel_table() -> &'static [KernelFn] {
+    // SAFETY: as in `embedded_plan`.
+    unsafe { std::slice::from_raw_parts(&griffin_kernel_table as *const KernelFn, griffin_kernel_count as usize) }
+}
+
+fn default_weights_path() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable's path: {e}"))?;
+    let mut name = exe.file_name().unwrap_or_default().to_os_string();
+    name.push(".weights");
+    Ok(exe.with_file_name(name))
+}
+
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn run() -> Result<(), String> {
+    let args = parse_args()?;
+    let plan = embedded_plan()?;
+    let vocab = plan.vocab_size as usize;
+    let eos = plan.eos_token_id;
+    let chunk = plan.max_tokens as usize;
+    let weights_path = match &args.weights {
+        Some(p) => p.clone(),
+        None => default_weights_path()?,
+    };
+    let weights = Weights::open(&weights_path, &plan.weights_hash).map_err(|e| e.to_string())?;
+    let table = kernel_table();
+    let symbols: Vec<String> = plan.launches.iter().map(|l| l.kernel.clone()).collect();
+    let resolve = |s: &str| symbols.iter().position(|k| k == s).map(|i| table[i]);
+    let mut exec = Executor::new(plan, &resolve, weights, args.threads).map_err(|e| e.to_string())?;
+    exec.check_ids(&args.ids).map_err(|e| e.to_string())?;
+
+    if let Some(path) = &args.logits_out {
+        let prefill = args.prefill.unwrap_or(args.ids.len());
+        if prefill > args.ids.len() {
+            return Err(format!("--prefill {prefill} is larger than the {} ids given", args.ids.len()));
+        }
+        let mut rows = Vec::with_capacity(args.ids.len() * vocab);
+        for c in args.ids[..prefill].chunks(chunk) {
+            rows.extend_from_slice(exec.call(c).map_err(|e| e.to_string())?);
+        }
+        for &id in &args.ids[prefill..] {
+            rows.extend_from_slice(exec.call(&[id]).map_err(|e| e.to_string())?);
+        }
+        return griffin_runtime::output::write_logits(path, &[args.ids.len(), vocab], &rows).map_err(|e| e.to_string());
+    }
+    if args.prefill.is_some() {
+        return Err("--prefill goes with --logits-out".into());
+    }
+
+    let started = Instant::now();
+    let mut next = 0;
+    for c in args.ids.chunks(chunk) {
+        let logits = exec.call(c).map_err(|e| e.to_string())?;
+        next = argmax(&logits[logits.len() - vocab..]);
+    }
+    let first_token = started.elapsed();
+    let mut out = Vec::with_capacity(args.max_new_tokens);
+    let decode_start = Instant::now();
+    while out.len() < args.max_new_tokens {
+        out.push(next);
+        if (next == eos && !args.ignore_eos) || out.len() == args.max_new_tokens {
+            break;
+        }
+        next = argmax(exec.call(&[next]).map_err(|e| e.to_string())?);
+    }
+    let decode = decode_start.elapsed();
+    let text: Vec<String> = out.iter().map(u32::to_string).collect();
+    println!("{}", text.join(","));
+    if args.stats {
+        let steps = out.len().saturating_sub(1).max(1) as f64;
+        eprintln!(
+            "time to first token {:.1} ms, prefill {:.1} tokens/s ({} tokens), decode {:.1} tokens/s ({} tokens), {} threads",
+            first_token.as_secs_f64() * 1e3,
+            args.ids.len() as f64 / first_token.as_secs_f64(),
+            args.ids.len(),
+            steps / decode.as_secs_f64().max(1e-9),
+            out.len(),
+            exec.threads()
+        );
+    }
+    Ok(())
+}
+
+/// The C entry point of the executable.
+#[no_mangle]
+pub extern "C" fn main(_argc: c_int, _argv: *const *const std::ffi::c_char) -> c_int {
+    match std::panic::catch_unwind(run) {
+        Ok(Ok(())) => 0,
+        Ok(Err(message)) => {
+            eprintln!("error: {}", message.replace('\n', " "));
+            1
+        }
+        Err(_) => {
+            eprintln!("error: internal error (a bug: please report it)");
+            2
+        }
+    }
+}
