@@ -19,11 +19,15 @@ pub fn runner_library() -> Result<PathBuf, RunError> {
     if let Some(p) = std::env::var_os("GRIFFIN_RUNNER_LIB") {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            return Err(RunError::Backend(format!("GRIFFIN_RUNNER_LIB={}: no such file", p.display())));
+            return Err(RunError::Backend(format!(
+                "GRIFFIN_RUNNER_LIB={}: no such file",
+                p.display()
+            )));
         }
         return Ok(p);
     }
-    let exe = std::env::current_exe().map_err(|e| RunError::Backend(format!("cannot locate griffinc: {e}")))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| RunError::Backend(format!("cannot locate griffinc: {e}")))?;
     let candidates = exe
         .ancestors()
         .skip(1)
@@ -60,7 +64,12 @@ pub struct Built {
 }
 
 /// Builds `out_dir/name` and `out_dir/name.weights`. Nothing is left behind on failure.
-pub fn build_executable(model: &Model, opts: &CpuOptions, out_dir: &Path, name: &str) -> Result<Built, RunError> {
+pub fn build_executable(
+    model: &Model,
+    opts: &CpuOptions,
+    out_dir: &Path,
+    name: &str,
+) -> Result<Built, RunError> {
     let fail = |m: String| RunError::Backend(m);
     let runner = runner_library()?;
     let artifact = build(model, opts)?;
@@ -71,14 +80,20 @@ pub fn build_executable(model: &Model, opts: &CpuOptions, out_dir: &Path, name: 
         n = plan_json.len(),
         text = byte_string(&plan_json)
     ));
-    let table: Vec<String> = artifact.plan.launches.iter().map(|l| format!("ptr @{}", l.kernel)).collect();
+    let table: Vec<String> = artifact
+        .plan
+        .launches
+        .iter()
+        .map(|l| format!("ptr @{}", l.kernel))
+        .collect();
     module.push_str(&format!(
         "@griffin_kernel_table = constant [{k} x ptr] [{}]\n@griffin_kernel_count = constant i64 {k}\n",
         table.join(", "),
         k = table.len()
     ));
 
-    std::fs::create_dir_all(out_dir).map_err(|e| fail(format!("cannot create {}: {e}", out_dir.display())))?;
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| fail(format!("cannot create {}: {e}", out_dir.display())))?;
     let executable = out_dir.join(name);
     let weights = out_dir.join(format!("{name}.weights"));
     let scratch = tempfile_dir(out_dir)?;
@@ -96,11 +111,15 @@ pub fn build_executable(model: &Model, opts: &CpuOptions, out_dir: &Path, name: 
             .map_err(|e| fail(format!("cannot run the system linker `cc`: {e}")))?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(fail(format!("linking failed: {}", stderr.lines().take(3).collect::<Vec<_>>().join(" "))));
+            return Err(fail(format!(
+                "linking failed: {}",
+                stderr.lines().take(3).collect::<Vec<_>>().join(" ")
+            )));
         }
         griffin_runtime::weights::write(&weights, &artifact.plan.weights_hash, &artifact.weights)
             .map_err(|e| fail(e.to_string()))?;
-        std::fs::rename(&linked, &executable).map_err(|e| fail(format!("cannot write {}: {e}", executable.display())))
+        std::fs::rename(&linked, &executable)
+            .map_err(|e| fail(format!("cannot write {}: {e}", executable.display())))
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     if let Err(e) = result {
@@ -122,5 +141,8 @@ fn tempfile_dir(dir: &Path) -> Result<PathBuf, RunError> {
             return Ok(p);
         }
     }
-    Err(RunError::Backend(format!("cannot create a scratch folder in {}", dir.display())))
+    Err(RunError::Backend(format!(
+        "cannot create a scratch folder in {}",
+        dir.display()
+    )))
 }

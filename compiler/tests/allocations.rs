@@ -56,11 +56,22 @@ fn decode_allocates_nothing_and_memory_stays_flat() {
     for _ in 0..100 {
         next = argmax(exec.call(&[next]).unwrap());
     }
-    let (allocations, live) = (ALLOCATIONS.load(Ordering::SeqCst), LIVE_BYTES.load(Ordering::SeqCst));
+    let (allocations, live) = (
+        ALLOCATIONS.load(Ordering::SeqCst),
+        LIVE_BYTES.load(Ordering::SeqCst),
+    );
     for _ in 0..5000 {
         next = argmax(exec.call(&[next]).unwrap());
     }
-    assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), allocations, "decode steps allocated");
-    assert_eq!(LIVE_BYTES.load(Ordering::SeqCst), live, "live heap grew over 5000 tokens");
+    assert_eq!(
+        ALLOCATIONS.load(Ordering::SeqCst),
+        allocations,
+        "decode steps allocated"
+    );
+    assert_eq!(
+        LIVE_BYTES.load(Ordering::SeqCst),
+        live,
+        "live heap grew over 5000 tokens"
+    );
     assert_eq!(exec.position(), 28 + 5100);
 }

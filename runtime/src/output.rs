@@ -9,15 +9,23 @@ use crate::RuntimeError;
 pub fn write_logits(path: &Path, shape: &[usize], values: &[f32]) -> Result<(), RuntimeError> {
     let fail = |m: String| RuntimeError::Output(format!("cannot write {}: {m}", path.display()));
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
-        .map_err(|e| fail(e.to_string()))?;
-    let serialized = safetensors::serialize([("logits", view)], None).map_err(|e| fail(e.to_string()))?;
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
+            .map_err(|e| fail(e.to_string()))?;
+    let serialized =
+        safetensors::serialize([("logits", view)], None).map_err(|e| fail(e.to_string()))?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path.file_name().ok_or_else(|| fail("not a file path".into()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| fail("not a file path".into()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let written = std::fs::write(&tmp, &serialized).and_then(|_| std::fs::rename(&tmp, path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);

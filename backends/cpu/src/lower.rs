@@ -457,10 +457,12 @@ impl Lowering<'_> {
                 let function = elementwise(&symbol, &body, &kinds, per_token, fixed)?;
                 self.launch(symbol, function, args);
             }
-            other => return Err(BackendError::Unsupported(format!(
+            other => {
+                return Err(BackendError::Unsupported(format!(
                 "`{}` is not lowered by the CPU backend (compile with the default pass pipeline)",
                 other.mnemonic()
-            ))),
+            )))
+            }
         }
         Ok(())
     }

@@ -19,7 +19,8 @@ extern "C" {
     static griffin_kernel_count: u64;
 }
 
-const USAGE: &str = "usage: MODEL (--ids 2,17,5) [--max-new-tokens N] [--ignore-eos] [--format ids] \
+const USAGE: &str =
+    "usage: MODEL (--ids 2,17,5) [--max-new-tokens N] [--ignore-eos] [--format ids] \
 [--prefill N --logits-out FILE] [--threads N] [--weights FILE] [--stats]";
 
 struct Args {
@@ -40,8 +41,9 @@ fn parse_ids(text: &str) -> Result<Vec<u32>, String> {
     text.split(',')
         .map(|p| {
             let p = p.trim();
-            p.parse()
-                .map_err(|_| format!("--ids: `{p}` is not a token id (expected a non-negative integer)"))
+            p.parse().map_err(|_| {
+                format!("--ids: `{p}` is not a token id (expected a non-negative integer)")
+            })
         })
         .collect()
 }
@@ -60,14 +62,22 @@ fn parse_args() -> Result<Args, String> {
     let mut have_ids = false;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value ({USAGE})"));
-        let number = |name: &str, v: String| v.parse::<usize>().map_err(|_| format!("{name}: `{v}` is not a number"));
+        let mut value = |name: &str| {
+            it.next()
+                .ok_or_else(|| format!("{name} needs a value ({USAGE})"))
+        };
+        let number = |name: &str, v: String| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{name}: `{v}` is not a number"))
+        };
         match flag.as_str() {
             "--ids" => {
                 args.ids = parse_ids(&value("--ids")?)?;
                 have_ids = true;
             }
-            "--max-new-tokens" => args.max_new_tokens = number("--max-new-tokens", value("--max-new-tokens")?)?,
+            "--max-new-tokens" => {
+                args.max_new_tokens = number("--max-new-tokens", value("--max-new-tokens")?)?
+            }
             "--ignore-eos" => args.ignore_eos = true,
             "--prefill" => args.prefill = Some(number("--prefill", value("--prefill")?)?),
             "--logits-out" => args.logits_out = Some(PathBuf::from(value("--logits-out")?)),
@@ -82,10 +92,14 @@ fn parse_args() -> Result<Args, String> {
             "--format" => {
                 let f = value("--format")?;
                 if f != "ids" {
-                    return Err(format!("--format {f}: this executable prints ids only (no tokenizer packed)"));
+                    return Err(format!(
+                        "--format {f}: this executable prints ids only (no tokenizer packed)"
+                    ));
                 }
             }
-            "--prompt" => return Err("--prompt: this executable has no tokenizer packed; pass --ids".into()),
+            "--prompt" => {
+                return Err("--prompt: this executable has no tokenizer packed; pass --ids".into())
+            }
             "--help" | "-h" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument `{other}` ({USAGE})")),
         }
@@ -99,11 +113,16 @@ fn parse_args() -> Result<Args, String> {
 fn embedded_plan() -> Result<Plan, String> {
     // SAFETY: the object file defines these symbols with these types.
     let (bytes, table) = unsafe {
-        let bytes = std::slice::from_raw_parts(&griffin_plan as *const u8, griffin_plan_len as usize);
-        let table = std::slice::from_raw_parts(&griffin_kernel_table as *const KernelFn, griffin_kernel_count as usize);
+        let bytes =
+            std::slice::from_raw_parts(&griffin_plan as *const u8, griffin_plan_len as usize);
+        let table = std::slice::from_raw_parts(
+            &griffin_kernel_table as *const KernelFn,
+            griffin_kernel_count as usize,
+        );
         (bytes, table)
     };
-    let plan: Plan = serde_json::from_slice(bytes).map_err(|e| format!("embedded plan is corrupt: {e}"))?;
+    let plan: Plan =
+        serde_json::from_slice(bytes).map_err(|e| format!("embedded plan is corrupt: {e}"))?;
     if plan.launches.len() != table.len() {
         return Err("embedded plan and kernel table disagree".into());
     }
@@ -112,11 +131,17 @@ fn embedded_plan() -> Result<Plan, String> {
 
 fn kernel_table() -> &'static [KernelFn] {
     // SAFETY: as in `embedded_plan`.
-    unsafe { std::slice::from_raw_parts(&griffin_kernel_table as *const KernelFn, griffin_kernel_count as usize) }
+    unsafe {
+        std::slice::from_raw_parts(
+            &griffin_kernel_table as *const KernelFn,
+            griffin_kernel_count as usize,
+        )
+    }
 }
 
 fn default_weights_path() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable's path: {e}"))?;
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find this executable's path: {e}"))?;
     let mut name = exe.file_name().unwrap_or_default().to_os_string();
     name.push(".weights");
     Ok(exe.with_file_name(name))
@@ -146,13 +171,17 @@ fn run() -> Result<(), String> {
     let table = kernel_table();
     let symbols: Vec<String> = plan.launches.iter().map(|l| l.kernel.clone()).collect();
     let resolve = |s: &str| symbols.iter().position(|k| k == s).map(|i| table[i]);
-    let mut exec = Executor::new(plan, &resolve, weights, args.threads).map_err(|e| e.to_string())?;
+    let mut exec =
+        Executor::new(plan, &resolve, weights, args.threads).map_err(|e| e.to_string())?;
     exec.check_ids(&args.ids).map_err(|e| e.to_string())?;
 
     if let Some(path) = &args.logits_out {
         let prefill = args.prefill.unwrap_or(args.ids.len());
         if prefill > args.ids.len() {
-            return Err(format!("--prefill {prefill} is larger than the {} ids given", args.ids.len()));
+            return Err(format!(
+                "--prefill {prefill} is larger than the {} ids given",
+                args.ids.len()
+            ));
         }
         let mut rows = Vec::with_capacity(args.ids.len() * vocab);
         for c in args.ids[..prefill].chunks(chunk) {
@@ -161,7 +190,8 @@ fn run() -> Result<(), String> {
         for &id in &args.ids[prefill..] {
             rows.extend_from_slice(exec.call(&[id]).map_err(|e| e.to_string())?);
         }
-        return griffin_runtime::output::write_logits(path, &[args.ids.len(), vocab], &rows).map_err(|e| e.to_string());
+        return griffin_runtime::output::write_logits(path, &[args.ids.len(), vocab], &rows)
+            .map_err(|e| e.to_string());
     }
     if args.prefill.is_some() {
         return Err("--prefill goes with --logits-out".into());

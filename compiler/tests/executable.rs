@@ -1,0 +1,253 @@
+//! Executables built by `griffinc build`: golden cases, and bad input to the executable.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::{
+    expected, golden_dir, griffinc, ids_arg, max_abs_diff, read_logits, CASES, F32_TOLERANCE,
+};
+
+fn build(case: &str, out: &Path, extra: &[&str]) -> PathBuf {
+    let dir = golden_dir().join(case);
+    let mut args = vec![
+        "build",
+        dir.to_str().unwrap(),
+        "--target",
+        "cpu",
+        "-o",
+        out.to_str().unwrap(),
+        "--threads",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let o = griffinc(&args);
+    assert!(
+        o.status.success(),
+        "build failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out.join(case)
+}
+
+fn run(exe: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(exe).args(args).output().unwrap()
+}
+
+fn fails_with(o: &Output, parts: &[&str]) {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    for p in parts {
+        assert!(stderr.contains(p), "{stderr:?} lacks {p:?}");
+    }
+}
+
+#[test]
+fn golden_cases_through_built_executables() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in CASES {
+        let e = expected(case);
+        let exe = build(case, tmp.path(), &[]);
+        let ids = ids_arg(&e.input_ids);
+        let full = tmp.path().join(format!("{case}.logits"));
+        let o = run(
+            &exe,
+            &[
+                "--ids",
+                &ids,
+                "--logits-out",
+                full.to_str().unwrap(),
+                "--threads",
+                "2",
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (shape, logits) = read_logits(&full);
+        assert_eq!(shape, vec![e.input_ids.len(), e.vocab]);
+        assert!(max_abs_diff(&logits, &e.logits) <= F32_TOLERANCE, "{case}");
+
+        let prefill = (e.input_ids.len() - e.decode_steps).to_string();
+        let steps = tmp.path().join(format!("{case}.steps"));
+        let o = run(
+            &exe,
+            &[
+                "--ids",
+                &ids,
+                "--prefill",
+                &prefill,
+                "--logits-out",
+                steps.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (_, logits) = read_logits(&steps);
+        let tail = &logits[(e.input_ids.len() - e.decode_steps) * e.vocab..];
+        assert!(
+            max_abs_diff(tail, &e.decode_logits) <= F32_TOLERANCE,
+            "{case}"
+        );
+
+        let n = e.generated_ids.len().to_string();
+        let o = run(
+            &exe,
+            &[
+                "--ids",
+                &ids,
+                "--max-new-tokens",
+                &n,
+                "--ignore-eos",
+                "--format",
+                "ids",
+                "--stats",
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            ids_arg(&e.generated_ids),
+            "{case}"
+        );
+        let stats = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            stats.contains("time to first token") && stats.contains("decode"),
+            "{stats}"
+        );
+    }
+}
+
+#[test]
+fn bf16_packed_executable_stays_within_bf16_tolerance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = expected("tiny-f32");
+    let exe = build(
+        "tiny-f32",
+        tmp.path(),
+        &["--weights-dtype", "bf16", "--target-cpu", "baseline"],
+    );
+    let out = tmp.path().join("l");
+    let o = run(
+        &exe,
+        &[
+            "--ids",
+            &ids_arg(&e.input_ids),
+            "--logits-out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let diff = max_abs_diff(&read_logits(&out).1, &e.logits);
+    assert!(diff <= 0.02, "{diff}");
+}
+
+#[test]
+fn bad_input_to_the_executable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = build("tiny-f32", tmp.path(), &[]);
+    let weights = tmp.path().join("tiny-f32.weights");
+    let good = std::fs::read(&weights).unwrap();
+
+    fails_with(
+        &run(&exe, &["--ids", "2,512"]),
+        &["token id 512", "512 entries"],
+    );
+    fails_with(&run(&exe, &["--ids", ""]), &["--ids is empty"]);
+    fails_with(&run(&exe, &["--ids", "2,x"]), &["`x` is not a token id"]);
+    fails_with(&run(&exe, &["--max-new-tokens", "3"]), &["--ids"]);
+    fails_with(
+        &run(&exe, &["--ids", "2", "--prompt", "hi"]),
+        &["no tokenizer"],
+    );
+    fails_with(
+        &run(&exe, &["--ids", "2", "--frobnicate"]),
+        &["unknown argument `--frobnicate`"],
+    );
+    let logits = tmp.path().join("never.safetensors");
+    fails_with(
+        &run(
+            &exe,
+            &[
+                "--ids",
+                "2,3",
+                "--prefill",
+                "3",
+                "--logits-out",
+                logits.to_str().unwrap(),
+            ],
+        ),
+        &["--prefill 3", "2 ids"],
+    );
+    assert!(!logits.exists());
+
+    std::fs::write(&weights, &good[..good.len() - 1000]).unwrap();
+    fails_with(
+        &run(&exe, &["--ids", "2"]),
+        &["tiny-f32.weights", "truncated"],
+    );
+
+    std::fs::remove_file(&weights).unwrap();
+    fails_with(
+        &run(&exe, &["--ids", "2"]),
+        &["tiny-f32.weights", "cannot open"],
+    );
+
+    // Weights of another build: same size, another model's bytes.
+    let other_dir = tmp.path().join("other");
+    build("tiny-text", &other_dir, &["--name", "tiny-f32"]);
+    std::fs::copy(other_dir.join("tiny-f32.weights"), &weights).unwrap();
+    fails_with(&run(&exe, &["--ids", "2"]), &["packed for another build"]);
+
+    std::fs::write(&weights, b"not weights at all").unwrap();
+    fails_with(
+        &run(&exe, &["--ids", "2"]),
+        &["not a griffinc weights file"],
+    );
+
+    // An explicit --weights path is honoured.
+    std::fs::write(tmp.path().join("elsewhere.weights"), &good).unwrap();
+    let o = run(
+        &exe,
+        &[
+            "--ids",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--weights",
+            tmp.path().join("elsewhere.weights").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn build_failures_leave_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let dir = golden_dir().join("tiny-f32");
+    let o = griffinc(&[
+        "build",
+        dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--passes",
+        "none",
+    ]);
+    fails_with(&o, &["not lowered by the CPU backend"]);
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .map(|d| d.collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_griffinc"))
+        .args(["build", dir.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .env("GRIFFIN_RUNNER_LIB", "/nonexistent/libgriffin_runner.a")
+        .output()
+        .unwrap();
+    fails_with(&o, &["GRIFFIN_RUNNER_LIB", "no such file"]);
+}
