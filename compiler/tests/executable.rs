@@ -251,3 +251,77 @@ fn build_failures_leave_nothing_behind() {
         .unwrap();
     fails_with(&o, &["GRIFFIN_RUNNER_LIB", "no such file"]);
 }
+
+fn peak_rss_kb(o: &Output) -> u64 {
+    let stats = String::from_utf8_lossy(&o.stderr);
+    let after = stats
+        .split("peak RSS ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no peak RSS in {stats}"));
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn memory_does_not_grow_with_text_length() {
+    // A model large enough (about 20 MB of weights) that page-level noise in the process's
+    // resident set stays well under 1%.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("medium");
+    common::write_random_checkpoint(
+        &model,
+        r#"{"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4,
+            "num_key_value_heads": 1, "intermediate_size": 1536, "vocab_size": 8192,
+            "attention_window_size": 64, "conv1d_width": 4,
+            "block_types": ["recurrent", "recurrent", "attention"]}"#,
+        7,
+    );
+    let out = tmp.path().join("out");
+    let o = griffinc(&[
+        "build",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--prefill-chunk",
+        "32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exe = out.join("medium");
+    let gen = |n: &str, prompt: &str| {
+        let o = run(
+            &exe,
+            &[
+                "--ids",
+                prompt,
+                "--max-new-tokens",
+                n,
+                "--ignore-eos",
+                "--stats",
+                "--threads",
+                "2",
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        peak_rss_kb(&o)
+    };
+    let short = gen("100", "2,5");
+    let long = gen("5000", "2,5");
+    println!("peak RSS: 100 tokens {short} kB, 5000 tokens {long} kB");
+    assert!(
+        (long as f64 - short as f64).abs() <= short as f64 * 0.01,
+        "100 tokens: {short} kB, 5000 tokens: {long} kB"
+    );
+    // Prefill in chunks: a 3000-token prompt needs no more memory than a 40-token one.
+    let prompt = |n: usize| {
+        (0..n)
+            .map(|i| (2 + i % 5000).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let small = gen("1", &prompt(40));
+    let big = gen("1", &prompt(3000));
+    println!("peak RSS: prompt 40 {small} kB, prompt 3000 {big} kB");
+    assert!(
+        (big as f64 - small as f64).abs() <= small as f64 * 0.01,
+        "prompt 40: {small} kB, prompt 3000: {big} kB"
+    );
+}

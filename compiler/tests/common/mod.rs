@@ -91,3 +91,38 @@ pub fn read_logits(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
 pub fn ids_arg(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
+
+/// Writes a checkpoint with random f32 weights for `config_json` into `dir` (for tests that
+/// need a model larger than the golden ones).
+pub fn write_random_checkpoint(dir: &std::path::Path, config_json: &str, seed: u64) {
+    let config = griffinc::Config::from_json(config_json).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config_json).unwrap();
+    let mut state = seed | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * 0.1
+    };
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = config
+        .expected_tensors()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let bytes = (0..n).flat_map(|_| next().to_le_bytes()).collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}

@@ -3,6 +3,7 @@
 //! execution plan; the packed weights lie beside the executable in `<name>.weights`.
 
 use std::ffi::c_int;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -147,6 +148,13 @@ fn default_weights_path() -> Result<PathBuf, String> {
     Ok(exe.with_file_name(name))
 }
 
+/// Peak resident memory of this process (Linux `VmHWM`).
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in values.iter().enumerate() {
@@ -204,28 +212,36 @@ fn run() -> Result<(), String> {
         next = argmax(&logits[logits.len() - vocab..]);
     }
     let first_token = started.elapsed();
-    let mut out = Vec::with_capacity(args.max_new_tokens);
+    // Ids are printed as they come, through a fixed buffer: memory stays flat however many
+    // tokens are generated.
+    let stdout = std::io::stdout();
+    let mut writer = std::io::BufWriter::with_capacity(8192, stdout.lock());
+    let mut produced = 0usize;
     let decode_start = Instant::now();
-    while out.len() < args.max_new_tokens {
-        out.push(next);
-        if (next == eos && !args.ignore_eos) || out.len() == args.max_new_tokens {
+    while produced < args.max_new_tokens {
+        let separator = if produced == 0 { "" } else { "," };
+        write!(writer, "{separator}{next}").map_err(|e| format!("cannot write output: {e}"))?;
+        produced += 1;
+        if (next == eos && !args.ignore_eos) || produced == args.max_new_tokens {
             break;
         }
         next = argmax(exec.call(&[next]).map_err(|e| e.to_string())?);
     }
     let decode = decode_start.elapsed();
-    let text: Vec<String> = out.iter().map(u32::to_string).collect();
-    println!("{}", text.join(","));
+    writeln!(writer)
+        .and_then(|_| writer.flush())
+        .map_err(|e| format!("cannot write output: {e}"))?;
     if args.stats {
-        let steps = out.len().saturating_sub(1).max(1) as f64;
+        let steps = produced.saturating_sub(1).max(1) as f64;
         eprintln!(
-            "time to first token {:.1} ms, prefill {:.1} tokens/s ({} tokens), decode {:.1} tokens/s ({} tokens), {} threads",
+            "time to first token {:.1} ms, prefill {:.1} tokens/s ({} tokens), decode {:.1} tokens/s ({} tokens), {} threads, peak RSS {} kB",
             first_token.as_secs_f64() * 1e3,
             args.ids.len() as f64 / first_token.as_secs_f64(),
             args.ids.len(),
             steps / decode.as_secs_f64().max(1e-9),
-            out.len(),
-            exec.threads()
+            produced,
+            exec.threads(),
+            peak_rss_kb().map_or_else(|| "?".to_string(), |k| k.to_string())
         );
     }
     Ok(())
