@@ -100,7 +100,11 @@ pub fn build(model: &Model, opts: &CpuOptions) -> Result<Artifact, RunError> {
             }
             _ => {
                 let (_, tensor) = evaluated.next().expect("one value per expression slot");
-                f32_bytes(tensor.floats())
+                match slot.storage {
+                    Storage::F32 => f32_bytes(tensor.floats()),
+                    // Only exact in bf16 (lowering keeps concatenations of bf16 params narrow).
+                    Storage::Bf16 => bf16_bytes(tensor.floats()),
+                }
             }
         };
         let offset = align(data.len() as u64);

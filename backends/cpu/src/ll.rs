@@ -181,6 +181,24 @@ impl Func {
         self.op(format!("load float, ptr {acc}"))
     }
 
+    /// Several sums over the same `i in 0..n` in one loop: `terms(i)` gives one term per sum.
+    pub fn sums(&mut self, n: &str, count: usize, terms: impl FnOnce(&mut Func, &str) -> Vec<String>) -> Vec<String> {
+        let accs: Vec<String> = (0..count).map(|_| self.alloca("float")).collect();
+        for a in &accs {
+            self.line(format!("store float 0.0, ptr {a}"));
+        }
+        self.for_range("0", n, |f, i| {
+            let ts = terms(f, i);
+            assert_eq!(ts.len(), accs.len(), "one term per sum");
+            for (acc, t) in accs.iter().zip(ts) {
+                let old = f.op(format!("load float, ptr {acc}"));
+                let new = f.fbin("fadd", &old, &t);
+                f.line(format!("store float {new}, ptr {acc}"));
+            }
+        });
+        accs.iter().map(|a| self.op(format!("load float, ptr {a}"))).collect()
+    }
+
     pub fn finish(self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "define void @{}{} #0 {{", self.symbol, SIGNATURE);

@@ -126,13 +126,23 @@ impl Lowering<'_> {
             .g
             .value_type(v)
             .map_err(|e| BackendError::Graph(e.to_string()))?;
-        let is_param = matches!(self.g.node(v.node).op, Op::Param { .. });
-        Ok(match (is_param, ty.dtype, self.opts.weights) {
-            (true, DType::BF16, WeightsDtype::AsStored) | (true, _, WeightsDtype::Bf16) => {
-                Storage::Bf16
+        match &self.g.node(v.node).op {
+            Op::Param { .. } => Ok(match (ty.dtype, self.opts.weights) {
+                (DType::BF16, WeightsDtype::AsStored) | (_, WeightsDtype::Bf16) => Storage::Bf16,
+                _ => Storage::F32,
+            }),
+            // Concatenating bf16 weights is exact in bf16: keep the packed projection narrow.
+            Op::Concat { .. } => {
+                let parts = self.g.operands(v.node);
+                let mut all_bf16 = true;
+                for p in parts {
+                    let is_param = matches!(self.g.node(p.node).op, Op::Param { .. });
+                    all_bf16 &= is_param && self.storage_of(p)? == Storage::Bf16;
+                }
+                Ok(if all_bf16 { Storage::Bf16 } else { Storage::F32 })
             }
-            _ => Storage::F32,
-        })
+            _ => Ok(Storage::F32),
+        }
     }
 
     /// The buffer of a weight operand, adding a weight slot on first use.

@@ -21,6 +21,9 @@ pub struct LinearSpec {
     pub max_tokens: u64,
 }
 
+/// Tokens whose dot products share one pass over a weight row (prefill).
+const TOKEN_BLOCK: usize = 4;
+
 /// Arguments: x, [norm weight], weight, [bias], [residual], one output per split.
 pub fn linear(s: &LinearSpec) -> String {
     let mut f = Func::new(&s.symbol);
@@ -62,10 +65,10 @@ pub fn linear(s: &LinearSpec) -> String {
     });
 
     let (begin, end) = f.partition(&width.to_string());
+    let geglu = s.epilogue == Epilogue::GeGlu;
     f.for_range(&begin, &end, |f, o| {
         // Where column o goes: the split it falls in, and its column there.
-        let (mut dest, mut stride, mut col) =
-            (outs[0].clone(), s.splits[0].to_string(), o.to_string());
+        let (mut dest, mut stride, mut col) = (outs[0].clone(), s.splits[0].to_string(), o.to_string());
         let mut boundary = 0;
         for (k, &n) in s.splits.iter().enumerate().skip(1) {
             boundary += s.splits[k - 1];
@@ -75,49 +78,75 @@ pub fn linear(s: &LinearSpec) -> String {
             let shifted = f.ibin("sub", o, &boundary.to_string());
             col = f.op(format!("select i1 {past}, i64 {shifted}, i64 {col}"));
         }
-        let up_row = f.ibin("add", o, &width.to_string());
-        f.for_range("0", "%tokens", |f, t| {
-            let xrow = f.ibin("mul", t, &inputs);
-            let dot = |f: &mut Func, row: &str| {
-                let wrow = f.ibin("mul", row, &inputs);
-                let acc = f.sum(&inputs, |f, i| {
-                    let xi = f.ibin("add", &xrow, i);
-                    let mut xv = f.load_f32(&x, &xi);
-                    if let (Some((_, offset, storage)), Some(nw)) = (s.norm, &norm_w) {
-                        let g = f.load_weight(storage, nw, i);
-                        let scale = if offset == 0.0 {
-                            g
-                        } else {
-                            f.fbin("fadd", &f32_const(offset), &g)
-                        };
-                        xv = f.fbin("fmul", &xv, &scale);
-                    }
-                    let wi = f.ibin("add", &wrow, i);
-                    let wv = f.load_weight(s.weight, &w, &wi);
-                    f.fbin("fmul", &wv, &xv)
-                });
-                let acc = match &inv_rms {
-                    Some(slot) => {
-                        let inv = f.load_f32(slot, t);
-                        f.fbin("fmul", &acc, &inv)
-                    }
-                    None => acc,
-                };
-                match (s.bias, &bias) {
-                    (Some(storage), Some(b)) => {
-                        let bv = f.load_weight(storage, b, row);
-                        f.fbin("fadd", &acc, &bv)
-                    }
-                    _ => acc,
+        let rows: Vec<String> = if geglu {
+            vec![o.to_string(), f.ibin("add", o, &width.to_string())]
+        } else {
+            vec![o.to_string()]
+        };
+        let row_starts: Vec<String> = rows.iter().map(|r| f.ibin("mul", r, &inputs)).collect();
+
+        // Weight element (row r, input i), with the norm weight folded in: the norm scales
+        // inputs, so `w·(x·g)` is computed as `(w·g)·x`, once for every token of a block.
+        let weight = |f: &mut Func, r: usize, i: &str| -> String {
+            let wi = f.ibin("add", &row_starts[r], i);
+            let wv = f.load_weight(s.weight, &w, &wi);
+            match (s.norm, &norm_w) {
+                (Some((_, offset, storage)), Some(nw)) => {
+                    let g = f.load_weight(storage, nw, i);
+                    let scale = if offset == 0.0 { g } else { f.fbin("fadd", &f32_const(offset), &g) };
+                    f.fbin("fmul", &wv, &scale)
                 }
-            };
-            let mut v = dot(f, o);
+                _ => wv,
+            }
+        };
+        // Dot products of every row with `tokens` consecutive tokens from `t0`, in one pass over
+        // the weights: `sums[r · tokens + j]`.
+        let dots = |f: &mut Func, t0: &str, tokens: usize| -> Vec<String> {
+            let x_rows: Vec<String> = (0..tokens)
+                .map(|j| {
+                    let t = f.ibin("add", t0, &j.to_string());
+                    f.ibin("mul", &t, &inputs)
+                })
+                .collect();
+            f.sums(&inputs, rows.len() * tokens, |f, i| {
+                let mut terms = Vec::new();
+                let xs: Vec<String> = x_rows
+                    .iter()
+                    .map(|xr| {
+                        let at = f.ibin("add", xr, i);
+                        f.load_f32(&x, &at)
+                    })
+                    .collect();
+                for r in 0..rows.len() {
+                    let wv = weight(f, r, i);
+                    for xv in &xs {
+                        terms.push(f.fbin("fmul", &wv, xv));
+                    }
+                }
+                terms
+            })
+        };
+        // Bias, epilogue, residual and store of token t, from its dot products.
+        let finish = |f: &mut Func, t: &str, accs: &[String]| {
+            let mut vals = Vec::new();
+            for (r, acc) in accs.iter().enumerate() {
+                let mut v = acc.clone();
+                if let Some(slot) = &inv_rms {
+                    let inv = f.load_f32(slot, t);
+                    v = f.fbin("fmul", &v, &inv);
+                }
+                if let (Some(storage), Some(b)) = (s.bias, &bias) {
+                    let bv = f.load_weight(storage, b, &rows[r]);
+                    v = f.fbin("fadd", &v, &bv);
+                }
+                vals.push(v);
+            }
+            let mut v = vals[0].clone();
             match s.epilogue {
                 Epilogue::None => {}
                 Epilogue::GeGlu => {
-                    let up = dot(f, &up_row);
                     let g = f.gelu_tanh(&v);
-                    v = f.fbin("fmul", &g, &up);
+                    v = f.fbin("fmul", &g, &vals[1]);
                 }
                 Epilogue::SoftCap(cap) => v = f.soft_cap(&v, cap),
             }
@@ -130,6 +159,23 @@ pub fn linear(s: &LinearSpec) -> String {
             let dest_row = f.ibin("mul", t, &stride);
             let at = f.ibin("add", &dest_row, &col);
             f.store_f32(&v, &dest, &at);
+        };
+
+        // Blocks of TOKEN_BLOCK tokens share each weight load; the rest go one by one.
+        let blocks = f.op(format!("sdiv i64 %tokens, {TOKEN_BLOCK}"));
+        f.for_range("0", &blocks, |f, b| {
+            let t0 = f.ibin("mul", b, &TOKEN_BLOCK.to_string());
+            let accs = dots(f, &t0, TOKEN_BLOCK);
+            for j in 0..TOKEN_BLOCK {
+                let t = f.ibin("add", &t0, &j.to_string());
+                let mine: Vec<String> = (0..rows.len()).map(|r| accs[r * TOKEN_BLOCK + j].clone()).collect();
+                finish(f, &t, &mine);
+            }
+        });
+        let done = f.ibin("mul", &blocks, &TOKEN_BLOCK.to_string());
+        f.for_range(&done, "%tokens", |f, t| {
+            let accs = dots(f, t, 1);
+            finish(f, t, &accs);
         });
     });
     f.finish()
