@@ -66,22 +66,30 @@ pub fn linear(s: &LinearSpec) -> String {
 
     let (begin, end) = f.partition(&width.to_string());
     let geglu = s.epilogue == Epilogue::GeGlu;
-    f.for_range(&begin, &end, |f, o| {
-        // Where column o goes: the split it falls in, and its column there.
-        let (mut dest, mut stride, mut col) = (outs[0].clone(), s.splits[0].to_string(), o.to_string());
+
+    // Where output column c goes: the split it falls in, its row stride and its column there.
+    let route = |f: &mut Func, c: &str| -> (String, String, String) {
+        let (mut dest, mut stride, mut col) = (outs[0].clone(), s.splits[0].to_string(), c.to_string());
         let mut boundary = 0;
         for (k, &n) in s.splits.iter().enumerate().skip(1) {
             boundary += s.splits[k - 1];
-            let past = f.op(format!("icmp sge i64 {o}, {boundary}"));
+            let past = f.op(format!("icmp sge i64 {c}, {boundary}"));
             dest = f.op(format!("select i1 {past}, ptr {}, ptr {dest}", outs[k]));
             stride = f.op(format!("select i1 {past}, i64 {n}, i64 {stride}"));
-            let shifted = f.ibin("sub", o, &boundary.to_string());
+            let shifted = f.ibin("sub", c, &boundary.to_string());
             col = f.op(format!("select i1 {past}, i64 {shifted}, i64 {col}"));
         }
+        (dest, stride, col)
+    };
+
+    // Computes output columns `cols` together: each weight element is loaded once for a block
+    // of tokens and every column. With GeGLU a column reads two weight rows (gate, up).
+    let columns = |f: &mut Func, cols: &[String]| {
+        let routes: Vec<_> = cols.iter().map(|c| route(f, c)).collect();
         let rows: Vec<String> = if geglu {
-            vec![o.to_string(), f.ibin("add", o, &width.to_string())]
+            vec![cols[0].clone(), f.ibin("add", &cols[0], &width.to_string())]
         } else {
-            vec![o.to_string()]
+            cols.to_vec()
         };
         let row_starts: Vec<String> = rows.iter().map(|r| f.ibin("mul", r, &inputs)).collect();
 
@@ -99,8 +107,8 @@ pub fn linear(s: &LinearSpec) -> String {
                 _ => wv,
             }
         };
-        // Dot products of every row with `tokens` consecutive tokens from `t0`, in one pass over
-        // the weights: `sums[r · tokens + j]`.
+        // Dot products of every row with `tokens` consecutive tokens from `t0`, in one pass
+        // over the weights: `sums[r · tokens + j]`.
         let dots = |f: &mut Func, t0: &str, tokens: usize| -> Vec<String> {
             let x_rows: Vec<String> = (0..tokens)
                 .map(|j| {
@@ -109,7 +117,6 @@ pub fn linear(s: &LinearSpec) -> String {
                 })
                 .collect();
             f.sums(&inputs, rows.len() * tokens, |f, i| {
-                let mut terms = Vec::new();
                 let xs: Vec<String> = x_rows
                     .iter()
                     .map(|xr| {
@@ -117,6 +124,7 @@ pub fn linear(s: &LinearSpec) -> String {
                         f.load_f32(&x, &at)
                     })
                     .collect();
+                let mut terms = Vec::new();
                 for r in 0..rows.len() {
                     let wv = weight(f, r, i);
                     for xv in &xs {
@@ -126,7 +134,7 @@ pub fn linear(s: &LinearSpec) -> String {
                 terms
             })
         };
-        // Bias, epilogue, residual and store of token t, from its dot products.
+        // Scale, bias, epilogue, residual and store of token t for every column.
         let finish = |f: &mut Func, t: &str, accs: &[String]| {
             let mut vals = Vec::new();
             for (r, acc) in accs.iter().enumerate() {
@@ -141,24 +149,24 @@ pub fn linear(s: &LinearSpec) -> String {
                 }
                 vals.push(v);
             }
-            let mut v = vals[0].clone();
-            match s.epilogue {
-                Epilogue::None => {}
-                Epilogue::GeGlu => {
-                    let g = f.gelu_tanh(&v);
-                    v = f.fbin("fmul", &g, &vals[1]);
-                }
-                Epilogue::SoftCap(cap) => v = f.soft_cap(&v, cap),
+            if geglu {
+                let g = f.gelu_tanh(&vals[0]);
+                vals = vec![f.fbin("fmul", &g, &vals[1])];
             }
             let out_row = f.ibin("mul", t, &width.to_string());
-            if let Some(r) = &residual {
-                let at = f.ibin("add", &out_row, o);
-                let rv = f.load_f32(r, &at);
-                v = f.fbin("fadd", &v, &rv);
+            for ((c, (dest, stride, col)), mut v) in cols.iter().zip(&routes).zip(vals) {
+                if let Epilogue::SoftCap(cap) = s.epilogue {
+                    v = f.soft_cap(&v, cap);
+                }
+                if let Some(r) = &residual {
+                    let at = f.ibin("add", &out_row, c);
+                    let rv = f.load_f32(r, &at);
+                    v = f.fbin("fadd", &v, &rv);
+                }
+                let dest_row = f.ibin("mul", t, stride);
+                let at = f.ibin("add", &dest_row, col);
+                f.store_f32(&v, dest, &at);
             }
-            let dest_row = f.ibin("mul", t, &stride);
-            let at = f.ibin("add", &dest_row, &col);
-            f.store_f32(&v, &dest, &at);
         };
 
         // Blocks of TOKEN_BLOCK tokens share each weight load; the rest go one by one.
@@ -177,6 +185,20 @@ pub fn linear(s: &LinearSpec) -> String {
             let accs = dots(f, t, 1);
             finish(f, t, &accs);
         });
+    };
+
+    // Columns in pairs (GeGLU already reads two rows per column), then the odd one out.
+    let per_step = if geglu { 1 } else { 2 };
+    let count = f.ibin("sub", &end, &begin);
+    let steps = f.op(format!("sdiv i64 {count}, {per_step}"));
+    f.for_range("0", &steps, |f, k| {
+        let first_offset = f.ibin("mul", k, &per_step.to_string());
+        let first = f.ibin("add", &begin, &first_offset);
+        let cols: Vec<String> = (0..per_step).map(|j| f.ibin("add", &first, &j.to_string())).collect();
+        columns(f, &cols);
     });
+    let covered_offset = f.ibin("mul", &steps, &per_step.to_string());
+    let covered = f.ibin("add", &begin, &covered_offset);
+    f.for_range(&covered, &end, |f, c| columns(f, &[c.to_string()]));
     f.finish()
 }
