@@ -308,3 +308,9 @@ pub fn widen_to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
         other => unreachable!("checkpoints hold only float tensors, not {other}"),
     }
 }
+
+impl griffin_runtime::pack::TensorSource for Checkpoint {
+    fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, String> {
+        Checkpoint::tensor_f32(self, name).map_err(|e| e.to_string())
+    }
+}

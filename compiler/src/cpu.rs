@@ -1,17 +1,14 @@
 //! The CPU backend from the compiler's side: lower the optimised prefill graph, pack every
-//! weight the kernels read (params converted to their storage dtype, weight expressions
-//! evaluated once by the interpreter), compile, and run through the runtime.
+//! weight the kernels read (by the plan's recipes: params converted to their storage dtype,
+//! weight expressions computed once), compile, and run through the runtime.
 
-use griffin_backend_cpu::ll::Storage;
 use griffin_backend_cpu::{lower, Jit, Lowered, Options, TargetCpu, WeightsDtype};
-use griffin_ir::{DType, Op};
-use griffin_runtime::plan::{BufferKind, Plan};
-use griffin_runtime::weights::{align, Fnv, Weights};
+use griffin_runtime::pack::pack;
+use griffin_runtime::plan::Plan;
+use griffin_runtime::weights::Weights;
 use griffin_runtime::Executor;
 
-use crate::checkpoint::widen_to_f32;
 use crate::error::RunError;
-use crate::interp::Interpreter;
 use crate::session::{Engine, Model};
 
 #[derive(Clone, Debug)]
@@ -40,17 +37,6 @@ pub struct Artifact {
     pub weights: Vec<u8>,
 }
 
-fn bf16_bytes(values: &[f32]) -> Vec<u8> {
-    values
-        .iter()
-        .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
-        .collect()
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
 /// Lowers and packs `model` (its graphs already optimised by the default pipeline).
 pub fn build(model: &Model, opts: &CpuOptions) -> Result<Artifact, RunError> {
     let config = &model.checkpoint.config;
@@ -66,67 +52,13 @@ pub fn build(model: &Model, opts: &CpuOptions) -> Result<Artifact, RunError> {
         },
     )
     .map_err(backend)?;
+    // The same packing code an executable runs for `--pack-weights-from`.
     let mut plan = lowered.plan.clone();
-
-    let expressions: Vec<_> = lowered
-        .weights
-        .iter()
-        .filter(|w| !matches!(model.prefill.node(w.value.node).op, Op::Param { .. }))
-        .map(|w| w.value)
-        .collect();
-    let interp = Interpreter::new(&model.checkpoint);
-    let evaluated = interp
-        .evaluate_weights(&model.prefill, &expressions)
-        .map_err(RunError::Interp)?;
-    let mut evaluated = expressions.into_iter().zip(evaluated);
-
-    let mut data = Vec::new();
-    for slot in &lowered.weights {
-        let bytes = match &model.prefill.node(slot.value.node).op {
-            Op::Param { tensor, .. } => {
-                let entry = model
-                    .checkpoint
-                    .entry(tensor)
-                    .expect("validated checkpoint");
-                let raw = model
-                    .checkpoint
-                    .bytes(tensor)
-                    .expect("validated checkpoint");
-                match (entry.dtype, slot.storage) {
-                    (DType::F32, Storage::F32) | (DType::BF16, Storage::Bf16) => raw.to_vec(),
-                    (d, Storage::F32) => f32_bytes(&widen_to_f32(d, raw)),
-                    (d, Storage::Bf16) => bf16_bytes(&widen_to_f32(d, raw)),
-                }
-            }
-            _ => {
-                let (_, tensor) = evaluated.next().expect("one value per expression slot");
-                match slot.storage {
-                    Storage::F32 => f32_bytes(tensor.floats()),
-                    // Only exact in bf16 (lowering keeps concatenations of bf16 params narrow).
-                    Storage::Bf16 => bf16_bytes(tensor.floats()),
-                }
-            }
-        };
-        let offset = align(data.len() as u64);
-        data.resize(offset as usize, 0);
-        data.extend_from_slice(&bytes);
-        if let BufferKind::Weight {
-            offset: o,
-            bytes: b,
-            ..
-        } = &mut plan.buffers[slot.buffer].kind
-        {
-            *o = offset;
-            *b = bytes.len() as u64;
-        }
-    }
-    let mut hash = Fnv::default();
-    hash.update(&data);
-    plan.weights_hash = hash.hex();
+    let weights = pack(&mut plan, &model.checkpoint).map_err(RunError::Backend)?;
     Ok(Artifact {
         plan,
         lowered,
-        weights: data,
+        weights,
     })
 }
 

@@ -66,6 +66,7 @@ impl Executor {
                     name,
                     offset,
                     bytes,
+                    ..
                 } => weights
                     .slice(*offset, *bytes)
                     .ok_or_else(|| {

@@ -5,6 +5,8 @@
 
 pub mod exec;
 pub mod output;
+pub mod pack;
+pub mod safetensors_dir;
 pub mod plan;
 pub mod pool;
 pub mod weights;

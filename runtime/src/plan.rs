@@ -24,12 +24,37 @@ pub enum BufferKind {
     Activation,
     /// Carried between calls: zeroed at the start of a document, never reused.
     State { name: String },
-    /// A packed weight: `bytes` at `offset` in the weights file.
+    /// A packed weight: `bytes` at `offset` in the weights file, computed by `recipe` from the
+    /// checkpoint's tensors and stored as `storage`.
     Weight {
         name: String,
         offset: u64,
         bytes: u64,
+        storage: Storage,
+        recipe: Recipe,
     },
+}
+
+/// How a packed weight's elements are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Storage {
+    F32,
+    Bf16,
+}
+
+/// How to compute a packed weight from checkpoint tensors, elementwise in f64 over values
+/// widened to f32 (the same arithmetic as the compiler's interpreter). A scalar broadcasts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Recipe {
+    /// A checkpoint tensor by name, widened to f32.
+    Tensor(String),
+    Scalar(f64),
+    /// `neg`, `exp`, `expm1`, `log`, `sqrt`, `rsqrt`, `tanh`, `sigmoid`, `softplus`, `gelu_tanh`.
+    Unary(String, Box<Recipe>),
+    /// `add`, `sub`, `mul`, `div`, `max`, `min`.
+    Binary(String, Box<Recipe>, Box<Recipe>),
+    /// Row-major parts joined along their first axis.
+    Concat(Vec<Recipe>),
 }
 
 /// One buffer: `per_token · tokens + fixed` elements, allocated once for the largest chunk.

@@ -8,12 +8,8 @@ pub fn f32_const(x: f64) -> String {
     format!("0x{:016X}", ((x as f32) as f64).to_bits())
 }
 
-/// How a weight's elements are stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Storage {
-    F32,
-    Bf16,
-}
+/// How a weight's elements are stored (the plan's type).
+pub use griffin_runtime::plan::Storage;
 
 pub struct Func {
     symbol: String,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use griffin_ir::{DType, Dim, Graph, InputRole, NodeId, Op, OutputRole, Value, ValueType};
-use griffin_runtime::plan::{Buffer, BufferKind, Elem, Launch, Plan, PLAN_VERSION};
+use griffin_runtime::plan::{Buffer, BufferKind, Elem, Launch, Plan, Recipe, PLAN_VERSION};
 
 use crate::kernels::attention::{attend, rotate_keys, write_ring, AttentionSpec};
 use crate::kernels::linear::{linear, LinearSpec};
@@ -173,11 +173,14 @@ impl Lowering<'_> {
         let elem = Elem::F32;
         let bytes = elements * if storage == Storage::Bf16 { 2 } else { 4 };
         let fixed = bytes.div_ceil(4);
+        let recipe = self.recipe(v)?;
         let b = self.add_buffer(
             BufferKind::Weight {
                 name: name.clone(),
                 offset: 0,
                 bytes,
+                storage,
+                recipe,
             },
             elem,
             (0, fixed),
@@ -191,6 +194,28 @@ impl Lowering<'_> {
         });
         self.weight_of.insert(v, b);
         Ok((b, storage))
+    }
+
+    /// How to compute a weight expression from checkpoint tensors.
+    fn recipe(&self, v: Value) -> Result<Recipe, BackendError> {
+        let g = self.g;
+        let x = g.operands(v.node);
+        let boxed = |i: usize| -> Result<Box<Recipe>, BackendError> { Ok(Box::new(self.recipe(x[i])?)) };
+        Ok(match &g.node(v.node).op {
+            Op::Param { tensor, .. } => Recipe::Tensor(tensor.clone()),
+            Op::Constant { value, .. } => Recipe::Scalar(*value),
+            // Values are f32 already; a cast to f32 changes nothing.
+            Op::Cast { to: DType::F32 } => self.recipe(x[0])?,
+            Op::Unary(u) => Recipe::Unary(u.name().to_string(), boxed(0)?),
+            Op::Binary(b) if !b.is_comparison() => Recipe::Binary(b.name().to_string(), boxed(0)?, boxed(1)?),
+            Op::Concat { axis: 0, .. } => Recipe::Concat(x.iter().map(|p| self.recipe(*p)).collect::<Result<_, _>>()?),
+            other => {
+                return Err(BackendError::Unsupported(format!(
+                    "weight expression `{}` cannot be packed",
+                    other.mnemonic()
+                )))
+            }
+        })
     }
 
     fn value(&self, v: Value) -> Result<usize, BackendError> {

@@ -32,6 +32,7 @@ struct Args {
     logits_out: Option<PathBuf>,
     threads: usize,
     weights: Option<PathBuf>,
+    pack_from: Option<PathBuf>,
     stats: bool,
 }
 
@@ -58,6 +59,7 @@ fn parse_args() -> Result<Args, String> {
         logits_out: None,
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         weights: None,
+        pack_from: None,
         stats: false,
     };
     let mut have_ids = false;
@@ -89,6 +91,7 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--weights" => args.weights = Some(PathBuf::from(value("--weights")?)),
+            "--pack-weights-from" => args.pack_from = Some(PathBuf::from(value("--pack-weights-from")?)),
             "--stats" => args.stats = true,
             "--format" => {
                 let f = value("--format")?;
@@ -105,7 +108,7 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument `{other}` ({USAGE})")),
         }
     }
-    if !have_ids {
+    if !have_ids && args.pack_from.is_none() {
         return Err(format!("give the prompt as --ids ({USAGE})"));
     }
     Ok(args)
@@ -148,6 +151,29 @@ fn default_weights_path() -> Result<PathBuf, String> {
     Ok(exe.with_file_name(name))
 }
 
+/// Packs the weights file from the original checkpoint folder, on the machine where the
+/// executable runs; the result must hash to what the build recorded.
+fn pack_weights(plan: &Plan, dir: &std::path::Path, out: &std::path::Path) -> Result<(), String> {
+    if !dir.join("config.json").is_file() {
+        return Err(format!("{}: no config.json in this folder (is it the checkpoint this was built from?)", dir.display()));
+    }
+    let source = griffin_runtime::safetensors_dir::SafetensorsDir::open(dir)?;
+    let mut packed = plan.clone();
+    let data = griffin_runtime::pack::pack(&mut packed, &source)
+        .map_err(|e| format!("{}: cannot pack: {e}", dir.display()))?;
+    if packed.weights_hash != plan.weights_hash {
+        return Err(format!(
+            "{}: this checkpoint is not the one the executable was built from (packed weights hash {}, expected {})",
+            dir.display(),
+            packed.weights_hash,
+            plan.weights_hash
+        ));
+    }
+    griffin_runtime::weights::write(out, &plan.weights_hash, &data).map_err(|e| e.to_string())?;
+    eprintln!("packed {:.1} MB of weights into {}", data.len() as f64 / 1e6, out.display());
+    Ok(())
+}
+
 /// Peak resident memory of this process (Linux `VmHWM`).
 fn peak_rss_kb() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -175,6 +201,12 @@ fn run() -> Result<(), String> {
         Some(p) => p.clone(),
         None => default_weights_path()?,
     };
+    if let Some(dir) = &args.pack_from {
+        pack_weights(&plan, dir, &weights_path)?;
+        if args.ids.is_empty() {
+            return Ok(());
+        }
+    }
     let weights = Weights::open(&weights_path, &plan.weights_hash).map_err(|e| e.to_string())?;
     let table = kernel_table();
     let symbols: Vec<String> = plan.launches.iter().map(|l| l.kernel.clone()).collect();

@@ -1,0 +1,110 @@
+//! Packing weights from a checkpoint by the plan's recipes: the compiler at build time and an
+//! executable (`--pack-weights-from`) run this same code, so both produce the same bytes.
+
+use crate::plan::{BufferKind, Plan, Recipe, Storage};
+use crate::weights::{align, Fnv};
+
+/// Checkpoint tensors by name, widened to f32.
+pub trait TensorSource {
+    fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, String>;
+}
+
+fn unary(op: &str, x: f64) -> Result<f64, String> {
+    Ok(match op {
+        "neg" => -x,
+        "exp" => x.exp(),
+        "expm1" => x.exp_m1(),
+        "log" => x.ln(),
+        "sqrt" => x.sqrt(),
+        "rsqrt" => 1.0 / x.sqrt(),
+        "tanh" => x.tanh(),
+        "sigmoid" => 1.0 / (1.0 + (-x).exp()),
+        // log(1 + e^x) without overflow for large x.
+        "softplus" if x > 30.0 => x,
+        "softplus" => x.exp().ln_1p(),
+        "gelu_tanh" => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+        }
+        other => return Err(format!("unknown unary op `{other}` in a weight recipe")),
+    })
+}
+
+fn binary(op: &str, a: f64, b: f64) -> Result<f64, String> {
+    Ok(match op {
+        "add" => a + b,
+        "sub" => a - b,
+        "mul" => a * b,
+        "div" => a / b,
+        "max" => a.max(b),
+        "min" => a.min(b),
+        other => return Err(format!("unknown binary op `{other}` in a weight recipe")),
+    })
+}
+
+/// The values a recipe computes, as f32.
+pub fn evaluate(recipe: &Recipe, source: &dyn TensorSource) -> Result<Vec<f32>, String> {
+    Ok(match recipe {
+        Recipe::Tensor(name) => source.tensor_f32(name)?,
+        Recipe::Scalar(v) => vec![*v as f32],
+        Recipe::Unary(op, a) => evaluate(a, source)?
+            .into_iter()
+            .map(|x| unary(op, x as f64).map(|y| y as f32))
+            .collect::<Result<_, _>>()?,
+        Recipe::Binary(op, a, b) => {
+            let (x, y) = (evaluate(a, source)?, evaluate(b, source)?);
+            let n = x.len().max(y.len());
+            if !(x.len() == n || x.len() == 1) || !(y.len() == n || y.len() == 1) {
+                return Err(format!("weight recipe `{op}` of {} and {} elements", x.len(), y.len()));
+            }
+            let at = |v: &[f32], i: usize| v[if v.len() == 1 { 0 } else { i }] as f64;
+            (0..n)
+                .map(|i| binary(op, at(&x, i), at(&y, i)).map(|r| r as f32))
+                .collect::<Result<_, _>>()?
+        }
+        Recipe::Concat(parts) => {
+            let mut out = Vec::new();
+            for p in parts {
+                out.extend(evaluate(p, source)?);
+            }
+            out
+        }
+    })
+}
+
+fn store(values: &[f32], storage: Storage) -> Vec<u8> {
+    match storage {
+        Storage::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Storage::Bf16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Computes every weight of `plan` from `source` and lays them out 64-byte aligned in buffer
+/// order; writes each one's offset and size into the plan and its hash into `weights_hash`.
+pub fn pack(plan: &mut Plan, source: &dyn TensorSource) -> Result<Vec<u8>, String> {
+    let mut data = Vec::new();
+    for buffer in &mut plan.buffers {
+        if let BufferKind::Weight {
+            name,
+            offset,
+            bytes,
+            storage,
+            recipe,
+        } = &mut buffer.kind
+        {
+            let values = evaluate(recipe, source).map_err(|e| format!("weight `{name}`: {e}"))?;
+            let packed = store(&values, *storage);
+            *offset = align(data.len() as u64);
+            *bytes = packed.len() as u64;
+            data.resize(*offset as usize, 0);
+            data.extend_from_slice(&packed);
+        }
+    }
+    let mut hash = Fnv::default();
+    hash.update(&data);
+    plan.weights_hash = hash.hex();
+    Ok(data)
+}
