@@ -54,6 +54,9 @@ pub struct BuildArgs {
     /// Executable name (default: the model folder's name).
     #[arg(long)]
     pub name: Option<String>,
+    /// Put the packed weights inside the executable instead of a `.weights` file beside it.
+    #[arg(long)]
+    pub embed_weights: bool,
     /// `default`, `none`, or pass names separated by commas.
     #[arg(long, default_value = "default")]
     pub passes: String,
@@ -424,11 +427,14 @@ fn run_build(args: BuildArgs) -> Result<()> {
         bail!("--name {name:?}: give a plain file name");
     }
     let model = load(&args.model_dir, &passes)?;
-    let built = build_executable(&model, &opts, &args.out_dir, &name)?;
+    let built = build_executable(&model, &opts, &args.out_dir, &name, args.embed_weights)?;
+    let weights = match &built.weights {
+        Some(path) => path.display().to_string(),
+        None => "embedded".to_string(),
+    };
     eprintln!(
-        "built {} and {} ({:.1} MB of weights)",
+        "built {} (weights: {weights}, {:.1} MB)",
         built.executable.display(),
-        built.weights.display(),
         built.weights_bytes as f64 / 1e6
     );
     Ok(())

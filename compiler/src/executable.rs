@@ -59,16 +59,19 @@ fn byte_string(bytes: &[u8]) -> String {
 /// What `build_executable` wrote.
 pub struct Built {
     pub executable: PathBuf,
-    pub weights: PathBuf,
+    /// The weights file, unless the weights are embedded.
+    pub weights: Option<PathBuf>,
     pub weights_bytes: u64,
 }
 
-/// Builds `out_dir/name` and `out_dir/name.weights`. Nothing is left behind on failure.
+/// Builds `out_dir/name` and, unless `embed_weights`, `out_dir/name.weights`. Nothing is left
+/// behind on failure.
 pub fn build_executable(
     model: &Model,
     opts: &CpuOptions,
     out_dir: &Path,
     name: &str,
+    embed_weights: bool,
 ) -> Result<Built, RunError> {
     let fail = |m: String| RunError::Backend(m);
     let runner = runner_library()?;
@@ -91,6 +94,11 @@ pub fn build_executable(
         table.join(", "),
         k = table.len()
     ));
+    if !embed_weights {
+        module.push_str(
+            "@griffin_embedded_weights = constant [0 x i8] zeroinitializer\n@griffin_embedded_weights_len = constant i64 0\n",
+        );
+    }
 
     std::fs::create_dir_all(out_dir)
         .map_err(|e| fail(format!("cannot create {}: {e}", out_dir.display())))?;
@@ -101,10 +109,39 @@ pub fn build_executable(
     let result = (|| {
         compile_object(&module, &opts.target_cpu, &object).map_err(|e| fail(e.to_string()))?;
         let linked = scratch.join(name);
-        let output = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+        let mut objects = vec![object.clone()];
+        if embed_weights {
+            // The weights go in as raw bytes through the assembler's .incbin: no text copy.
+            let data = scratch.join("weights.bin");
+            std::fs::write(&data, &artifact.weights)
+                .map_err(|e| fail(format!("cannot write {}: {e}", data.display())))?;
+            let asm = scratch.join("weights.S");
+            let source = format!(
+                ".section .rodata\n.balign 64\n.globl griffin_embedded_weights\ngriffin_embedded_weights:\n.incbin \"{}\"\n\
+                 .balign 8\n.globl griffin_embedded_weights_len\ngriffin_embedded_weights_len:\n.quad {}\n\
+                 .section .note.GNU-stack,\"\",@progbits\n",
+                data.display(),
+                artifact.weights.len()
+            );
+            std::fs::write(&asm, source).map_err(|e| fail(e.to_string()))?;
+            let weights_object = scratch.join("weights.o");
+            let status = Command::new(&cc)
+                .arg("-c")
+                .arg(&asm)
+                .arg("-o")
+                .arg(&weights_object)
+                .status()
+                .map_err(|e| fail(format!("cannot run the system assembler `{cc}`: {e}")))?;
+            if !status.success() {
+                return Err(fail("assembling the embedded weights failed".into()));
+            }
+            objects.push(weights_object);
+        }
+        let output = Command::new(&cc)
             .arg("-o")
             .arg(&linked)
-            .arg(&object)
+            .args(&objects)
             .arg(&runner)
             .args(["-static-libgcc", "-lm", "-lpthread", "-ldl"])
             .output()
@@ -116,19 +153,27 @@ pub fn build_executable(
                 stderr.lines().take(3).collect::<Vec<_>>().join(" ")
             )));
         }
-        griffin_runtime::weights::write(&weights, &artifact.plan.weights_hash, &artifact.weights)
+        if !embed_weights {
+            griffin_runtime::weights::write(
+                &weights,
+                &artifact.plan.weights_hash,
+                &artifact.weights,
+            )
             .map_err(|e| fail(e.to_string()))?;
+        }
         std::fs::rename(&linked, &executable)
             .map_err(|e| fail(format!("cannot write {}: {e}", executable.display())))
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     if let Err(e) = result {
-        let _ = std::fs::remove_file(&weights);
+        if !embed_weights {
+            let _ = std::fs::remove_file(&weights);
+        }
         return Err(e);
     }
     Ok(Built {
         executable,
-        weights,
+        weights: (!embed_weights).then_some(weights),
         weights_bytes: artifact.weights.len() as u64,
     })
 }

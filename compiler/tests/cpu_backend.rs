@@ -118,3 +118,28 @@ fn kernel_ir_snapshots() {
         .unwrap();
     insta::assert_snapshot!("tiny_text_split_projection_kernel", projection);
 }
+
+/// The plan's weight recipes compute what the interpreter computes for the same expressions.
+#[test]
+fn weight_recipes_equal_the_interpreter() {
+    use griffin_runtime::plan::BufferKind;
+    for case in ["tiny-f32", "tiny-bf16-sharded"] {
+        let m = Model::load(&golden_dir().join(case)).unwrap();
+        let artifact = griffinc::cpu::build(&m, &options(1, 64)).unwrap();
+        let values: Vec<_> = artifact.lowered.weights.iter().map(|w| w.value).collect();
+        let interp = griffinc::interp::Interpreter::new(&m.checkpoint);
+        let expected = interp.evaluate_weights(&m.prefill, &values).unwrap();
+        assert!(
+            expected.len() > 10,
+            "{case}: only {} weights",
+            expected.len()
+        );
+        for (slot, want) in artifact.lowered.weights.iter().zip(&expected) {
+            let BufferKind::Weight { recipe, .. } = &artifact.plan.buffers[slot.buffer].kind else {
+                panic!("{}: not a weight buffer", slot.name);
+            };
+            let got = griffin_runtime::pack::evaluate(recipe, &m.checkpoint).unwrap();
+            assert_eq!(got, want.floats(), "{case}: {}", slot.name);
+        }
+    }
+}

@@ -325,3 +325,59 @@ fn memory_does_not_grow_with_text_length() {
         "prompt 40: {small} kB, prompt 3000: {big} kB"
     );
 }
+
+#[test]
+fn executables_pack_their_own_weights_or_embed_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = "tiny-bf16-sharded";
+    let e = expected(case);
+    let ids = ids_arg(&e.input_ids);
+    let check = |exe: &Path, extra: &[&str]| {
+        let out = tmp.path().join("check.safetensors");
+        let mut args = vec!["--ids", ids.as_str(), "--logits-out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = run(exe, &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(max_abs_diff(&read_logits(&out).1, &e.logits) <= F32_TOLERANCE);
+    };
+
+    // Shipped alone, the executable packs its weights from the checkpoint where it runs.
+    let exe = build(case, tmp.path(), &[]);
+    let weights = tmp.path().join(format!("{case}.weights"));
+    let built = std::fs::read(&weights).unwrap();
+    std::fs::remove_file(&weights).unwrap();
+    let dir = golden_dir().join(case);
+    let o = run(&exe, &["--pack-weights-from", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        built,
+        "packed where it runs == packed at build"
+    );
+    check(&exe, &[]);
+
+    // Another checkpoint does not match the build: refused, the weights file left as it was.
+    let other = golden_dir().join("tiny-f32");
+    fails_with(
+        &run(
+            &exe,
+            &["--pack-weights-from", other.to_str().unwrap(), "--ids", "2"],
+        ),
+        &["not the one the executable was built from"],
+    );
+    assert_eq!(std::fs::read(&weights).unwrap(), built);
+    fails_with(
+        &run(&exe, &["--pack-weights-from", tmp.path().to_str().unwrap()]),
+        &["no config.json"],
+    );
+
+    // Embedded: one file, nothing beside it.
+    let embedded_dir = tmp.path().join("embedded");
+    let exe = build(case, &embedded_dir, &["--embed-weights"]);
+    let files: Vec<_> = std::fs::read_dir(&embedded_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(files, vec![std::ffi::OsString::from(case)]);
+    check(&exe, &[]);
+}

@@ -6,9 +6,9 @@
 pub mod exec;
 pub mod output;
 pub mod pack;
-pub mod safetensors_dir;
 pub mod plan;
 pub mod pool;
+pub mod safetensors_dir;
 pub mod weights;
 
 pub use exec::{Executor, KernelFn};

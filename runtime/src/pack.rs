@@ -55,7 +55,11 @@ pub fn evaluate(recipe: &Recipe, source: &dyn TensorSource) -> Result<Vec<f32>, 
             let (x, y) = (evaluate(a, source)?, evaluate(b, source)?);
             let n = x.len().max(y.len());
             if !(x.len() == n || x.len() == 1) || !(y.len() == n || y.len() == 1) {
-                return Err(format!("weight recipe `{op}` of {} and {} elements", x.len(), y.len()));
+                return Err(format!(
+                    "weight recipe `{op}` of {} and {} elements",
+                    x.len(),
+                    y.len()
+                ));
             }
             let at = |v: &[f32], i: usize| v[if v.len() == 1 { 0 } else { i }] as f64;
             (0..n)

@@ -80,6 +80,8 @@ enum Backing {
         lines: Vec<Line>,
         len: usize,
     },
+    /// Linked into the executable (64-byte aligned by the assembler).
+    Static(&'static [u8]),
 }
 
 /// Packed weights: a mapped file checked against the hash the plan expects, or bytes in memory.
@@ -140,8 +142,16 @@ impl Weights {
         }
     }
 
+    /// Weights linked into the executable itself.
+    pub fn from_static(data: &'static [u8]) -> Weights {
+        Weights {
+            backing: Backing::Static(data),
+        }
+    }
+
     fn data(&self) -> &[u8] {
         match &self.backing {
+            Backing::Static(data) => data,
             Backing::Mapped { map, start } => &map[*start..],
             Backing::Owned { lines, len } => {
                 // SAFETY: `Line` is 64 plain bytes; the vector holds at least `len` of them.

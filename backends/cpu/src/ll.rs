@@ -178,7 +178,12 @@ impl Func {
     }
 
     /// Several sums over the same `i in 0..n` in one loop: `terms(i)` gives one term per sum.
-    pub fn sums(&mut self, n: &str, count: usize, terms: impl FnOnce(&mut Func, &str) -> Vec<String>) -> Vec<String> {
+    pub fn sums(
+        &mut self,
+        n: &str,
+        count: usize,
+        terms: impl FnOnce(&mut Func, &str) -> Vec<String>,
+    ) -> Vec<String> {
         let accs: Vec<String> = (0..count).map(|_| self.alloca("float")).collect();
         for a in &accs {
             self.line(format!("store float 0.0, ptr {a}"));
@@ -192,7 +197,9 @@ impl Func {
                 f.line(format!("store float {new}, ptr {acc}"));
             }
         });
-        accs.iter().map(|a| self.op(format!("load float, ptr {a}"))).collect()
+        accs.iter()
+            .map(|a| self.op(format!("load float, ptr {a}")))
+            .collect()
     }
 
     pub fn finish(self) -> String {

@@ -139,7 +139,11 @@ impl Lowering<'_> {
                     let is_param = matches!(self.g.node(p.node).op, Op::Param { .. });
                     all_bf16 &= is_param && self.storage_of(p)? == Storage::Bf16;
                 }
-                Ok(if all_bf16 { Storage::Bf16 } else { Storage::F32 })
+                Ok(if all_bf16 {
+                    Storage::Bf16
+                } else {
+                    Storage::F32
+                })
             }
             _ => Ok(Storage::F32),
         }
@@ -200,15 +204,22 @@ impl Lowering<'_> {
     fn recipe(&self, v: Value) -> Result<Recipe, BackendError> {
         let g = self.g;
         let x = g.operands(v.node);
-        let boxed = |i: usize| -> Result<Box<Recipe>, BackendError> { Ok(Box::new(self.recipe(x[i])?)) };
+        let boxed =
+            |i: usize| -> Result<Box<Recipe>, BackendError> { Ok(Box::new(self.recipe(x[i])?)) };
         Ok(match &g.node(v.node).op {
             Op::Param { tensor, .. } => Recipe::Tensor(tensor.clone()),
             Op::Constant { value, .. } => Recipe::Scalar(*value),
             // Values are f32 already; a cast to f32 changes nothing.
             Op::Cast { to: DType::F32 } => self.recipe(x[0])?,
             Op::Unary(u) => Recipe::Unary(u.name().to_string(), boxed(0)?),
-            Op::Binary(b) if !b.is_comparison() => Recipe::Binary(b.name().to_string(), boxed(0)?, boxed(1)?),
-            Op::Concat { axis: 0, .. } => Recipe::Concat(x.iter().map(|p| self.recipe(*p)).collect::<Result<_, _>>()?),
+            Op::Binary(b) if !b.is_comparison() => {
+                Recipe::Binary(b.name().to_string(), boxed(0)?, boxed(1)?)
+            }
+            Op::Concat { axis: 0, .. } => Recipe::Concat(
+                x.iter()
+                    .map(|p| self.recipe(*p))
+                    .collect::<Result<_, _>>()?,
+            ),
             other => {
                 return Err(BackendError::Unsupported(format!(
                     "weight expression `{}` cannot be packed",

@@ -18,6 +18,20 @@ extern "C" {
     /// One kernel per launch of the plan, in launch order.
     static griffin_kernel_table: KernelFn;
     static griffin_kernel_count: u64;
+    /// Packed weights linked in with `--embed-weights` (length 0 otherwise).
+    static griffin_embedded_weights: u8;
+    static griffin_embedded_weights_len: u64;
+}
+
+fn embedded_weights() -> Option<&'static [u8]> {
+    // SAFETY: the object files define these symbols with these types.
+    let data = unsafe {
+        std::slice::from_raw_parts(
+            &griffin_embedded_weights as *const u8,
+            griffin_embedded_weights_len as usize,
+        )
+    };
+    (!data.is_empty()).then_some(data)
 }
 
 const USAGE: &str =
@@ -91,7 +105,9 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--weights" => args.weights = Some(PathBuf::from(value("--weights")?)),
-            "--pack-weights-from" => args.pack_from = Some(PathBuf::from(value("--pack-weights-from")?)),
+            "--pack-weights-from" => {
+                args.pack_from = Some(PathBuf::from(value("--pack-weights-from")?))
+            }
             "--stats" => args.stats = true,
             "--format" => {
                 let f = value("--format")?;
@@ -155,7 +171,10 @@ fn default_weights_path() -> Result<PathBuf, String> {
 /// executable runs; the result must hash to what the build recorded.
 fn pack_weights(plan: &Plan, dir: &std::path::Path, out: &std::path::Path) -> Result<(), String> {
     if !dir.join("config.json").is_file() {
-        return Err(format!("{}: no config.json in this folder (is it the checkpoint this was built from?)", dir.display()));
+        return Err(format!(
+            "{}: no config.json in this folder (is it the checkpoint this was built from?)",
+            dir.display()
+        ));
     }
     let source = griffin_runtime::safetensors_dir::SafetensorsDir::open(dir)?;
     let mut packed = plan.clone();
@@ -170,7 +189,11 @@ fn pack_weights(plan: &Plan, dir: &std::path::Path, out: &std::path::Path) -> Re
         ));
     }
     griffin_runtime::weights::write(out, &plan.weights_hash, &data).map_err(|e| e.to_string())?;
-    eprintln!("packed {:.1} MB of weights into {}", data.len() as f64 / 1e6, out.display());
+    eprintln!(
+        "packed {:.1} MB of weights into {}",
+        data.len() as f64 / 1e6,
+        out.display()
+    );
     Ok(())
 }
 
@@ -207,7 +230,10 @@ fn run() -> Result<(), String> {
             return Ok(());
         }
     }
-    let weights = Weights::open(&weights_path, &plan.weights_hash).map_err(|e| e.to_string())?;
+    let weights = match (embedded_weights(), &args.weights) {
+        (Some(data), None) => Weights::from_static(data),
+        _ => Weights::open(&weights_path, &plan.weights_hash).map_err(|e| e.to_string())?,
+    };
     let table = kernel_table();
     let symbols: Vec<String> = plan.launches.iter().map(|l| l.kernel.clone()).collect();
     let resolve = |s: &str| symbols.iter().position(|k| k == s).map(|i| table[i]);

@@ -24,8 +24,7 @@ fn rotate_row(
     src_at: &str,
     dst_at: &str,
     p: &str,
-    theta: f64,
-    dims: u64,
+    (theta, dims): (f64, u64),
 ) {
     let half = dims / 2;
     let pf = f.op(format!("sitofp i64 {p} to double"));
@@ -64,7 +63,7 @@ pub fn rotate_keys(s: &AttentionSpec) -> Option<String> {
         let t = f.op(format!("sdiv i64 {r}, {}", s.kv_heads));
         let p = f.ibin("add", "%start", &t);
         let at = f.ibin("mul", r, &s.head_dim.to_string());
-        rotate_row(f, &k, &k, &at, &at, &p, theta, dims);
+        rotate_row(f, &k, &k, &at, &at, &p, (theta, dims));
     });
     Some(f.finish())
 }
@@ -96,7 +95,7 @@ pub fn attend(s: &AttentionSpec) -> String {
                 f.store_f32(&val, &qr, d);
             });
             if let Some((theta, dims)) = s.rotary {
-                rotate_row(f, &q, &qr, &q_at, "0", &p, theta, dims);
+                rotate_row(f, &q, &qr, &q_at, "0", &p, (theta, dims));
             }
             let lo_raw = f.ibin("sub", &p, &(w - 1).to_string());
             let lo = f.max_i64(&lo_raw, "0");

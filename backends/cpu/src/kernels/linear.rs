@@ -69,7 +69,8 @@ pub fn linear(s: &LinearSpec) -> String {
 
     // Where output column c goes: the split it falls in, its row stride and its column there.
     let route = |f: &mut Func, c: &str| -> (String, String, String) {
-        let (mut dest, mut stride, mut col) = (outs[0].clone(), s.splits[0].to_string(), c.to_string());
+        let (mut dest, mut stride, mut col) =
+            (outs[0].clone(), s.splits[0].to_string(), c.to_string());
         let mut boundary = 0;
         for (k, &n) in s.splits.iter().enumerate().skip(1) {
             boundary += s.splits[k - 1];
@@ -101,7 +102,11 @@ pub fn linear(s: &LinearSpec) -> String {
             match (s.norm, &norm_w) {
                 (Some((_, offset, storage)), Some(nw)) => {
                     let g = f.load_weight(storage, nw, i);
-                    let scale = if offset == 0.0 { g } else { f.fbin("fadd", &f32_const(offset), &g) };
+                    let scale = if offset == 0.0 {
+                        g
+                    } else {
+                        f.fbin("fadd", &f32_const(offset), &g)
+                    };
                     f.fbin("fmul", &wv, &scale)
                 }
                 _ => wv,
@@ -176,7 +181,9 @@ pub fn linear(s: &LinearSpec) -> String {
             let accs = dots(f, &t0, TOKEN_BLOCK);
             for j in 0..TOKEN_BLOCK {
                 let t = f.ibin("add", &t0, &j.to_string());
-                let mine: Vec<String> = (0..rows.len()).map(|r| accs[r * TOKEN_BLOCK + j].clone()).collect();
+                let mine: Vec<String> = (0..rows.len())
+                    .map(|r| accs[r * TOKEN_BLOCK + j].clone())
+                    .collect();
                 finish(f, &t, &mine);
             }
         });
@@ -194,7 +201,9 @@ pub fn linear(s: &LinearSpec) -> String {
     f.for_range("0", &steps, |f, k| {
         let first_offset = f.ibin("mul", k, &per_step.to_string());
         let first = f.ibin("add", &begin, &first_offset);
-        let cols: Vec<String> = (0..per_step).map(|j| f.ibin("add", &first, &j.to_string())).collect();
+        let cols: Vec<String> = (0..per_step)
+            .map(|j| f.ibin("add", &first, &j.to_string()))
+            .collect();
         columns(f, &cols);
     });
     let covered_offset = f.ibin("mul", &steps, &per_step.to_string());
