@@ -16,7 +16,9 @@ work=${BENCH_DIR:-/tmp/griffin-bench}/$config
 prefill=${PREFILL:-512}
 decode=${DECODE:-64}
 
-[ -f "$work/model/config.json" ] || "$py" scripts/make_random_checkpoint.py "$work/model" --config "$config" --dtype f32 >&2
+# The 2B checkpoint is written in bf16 (5.4 GB) like the published one; the reference loads it in f32.
+ckpt_dtype=${CHECKPOINT_DTYPE:-$([ "$config" = 2b ] && echo bf16 || echo f32)}
+[ -f "$work/model/config.json" ] || "$py" scripts/make_random_checkpoint.py "$work/model" --config "$config" --dtype "$ckpt_dtype" >&2
 cargo build --release -q
 vocab=$("$py" -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$work/model/config.json")
 prompt=$("$py" -c "import random,sys; random.seed(0); v=int(sys.argv[1]); n=int(sys.argv[2]); print(','.join(['2']+[str(random.randrange(3,v)) for _ in range(n-1)]))" "$vocab" "$prefill")
