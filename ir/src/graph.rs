@@ -262,6 +262,20 @@ impl Graph {
         );
     }
 
+    /// Computed from params and constants alone: a backend materialises it once, at build
+    /// time, and it is not a kernel.
+    pub fn is_weight_expression(&self, node: NodeId) -> bool {
+        match &self.node(node).op {
+            Op::Param { .. } | Op::Constant { .. } => true,
+            Op::Input { .. } | Op::Output { .. } => false,
+            op if op.carries_state() => false,
+            _ => self
+                .operands(node)
+                .iter()
+                .all(|v| self.is_weight_expression(v.node)),
+        }
+    }
+
     pub fn is_cyclic(&self) -> bool {
         petgraph::algo::is_cyclic_directed(&self.g)
     }

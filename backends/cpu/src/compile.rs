@@ -36,18 +36,25 @@ impl TargetCpu {
     }
 }
 
+impl TargetCpu {
+    /// The LLVM CPU name and feature string.
+    fn name_and_features(&self) -> (String, String) {
+        match self {
+            TargetCpu::Host => (
+                TargetMachine::get_host_cpu_name().to_string(),
+                TargetMachine::get_host_cpu_features().to_string(),
+            ),
+            TargetCpu::Baseline => ("x86-64".to_string(), String::new()),
+            TargetCpu::Named(n) => (n.clone(), String::new()),
+        }
+    }
+}
+
 fn machine(cpu: &TargetCpu, reloc: RelocMode) -> Result<TargetMachine, BackendError> {
     Target::initialize_native(&InitializationConfig::default()).map_err(BackendError::Llvm)?;
     let triple = TargetMachine::get_default_triple();
     let target = Target::from_triple(&triple).map_err(|e| BackendError::Llvm(e.to_string()))?;
-    let (name, features) = match cpu {
-        TargetCpu::Host => (
-            TargetMachine::get_host_cpu_name().to_string(),
-            TargetMachine::get_host_cpu_features().to_string(),
-        ),
-        TargetCpu::Baseline => ("x86-64".to_string(), String::new()),
-        TargetCpu::Named(n) => (n.clone(), String::new()),
-    };
+    let (name, features) = cpu.name_and_features();
     target
         .create_target_machine(
             &triple,
@@ -63,14 +70,7 @@ fn machine(cpu: &TargetCpu, reloc: RelocMode) -> Result<TargetMachine, BackendEr
 /// The CPU name and features for `cpu`, recorded on every function so that any code generator
 /// (object emission or the in-process JIT) targets the same vector extensions.
 fn cpu_attributes(cpu: &TargetCpu) -> String {
-    let (name, features) = match cpu {
-        TargetCpu::Host => (
-            TargetMachine::get_host_cpu_name().to_string(),
-            TargetMachine::get_host_cpu_features().to_string(),
-        ),
-        TargetCpu::Baseline => ("x86-64".to_string(), String::new()),
-        TargetCpu::Named(n) => (n.clone(), String::new()),
-    };
+    let (name, features) = cpu.name_and_features();
     format!("attributes #0 = {{ nounwind \"target-cpu\"=\"{name}\" \"target-features\"=\"{features}\" }}")
 }
 

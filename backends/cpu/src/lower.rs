@@ -51,18 +51,6 @@ pub enum WeightsDtype {
     Bf16,
 }
 
-fn is_weight_expression(g: &Graph, node: NodeId) -> bool {
-    match &g.node(node).op {
-        Op::Param { .. } | Op::Constant { .. } => true,
-        Op::Input { .. } | Op::Output { .. } => false,
-        op if op.carries_state() => false,
-        _ => g
-            .operands(node)
-            .iter()
-            .all(|v| is_weight_expression(g, v.node)),
-    }
-}
-
 /// Elements per token (when the first dimension is the token count) and fixed elements.
 fn extent(ty: &ValueType) -> Result<(u64, u64), BackendError> {
     let dims = ty.shape.dims();
@@ -304,7 +292,7 @@ impl Lowering<'_> {
                 }
             }
             Op::Param { .. } | Op::Constant { .. } => {}
-            _ if is_weight_expression(g, id) => {}
+            _ if g.is_weight_expression(id) => {}
             Op::Positions => {}
             Op::Reshape { .. } => {
                 let b = self.value(x[0])?;
@@ -491,7 +479,7 @@ impl Lowering<'_> {
                         )));
                     };
                     kinds.push(kind);
-                    args.push(if is_weight_expression(g, o.node) {
+                    args.push(if g.is_weight_expression(o.node) {
                         self.weight(*o)?.0
                     } else {
                         self.value(*o)?

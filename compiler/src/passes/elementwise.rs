@@ -4,11 +4,11 @@ use std::collections::HashSet;
 
 use griffin_ir::{Expr, Graph, IrError, NodeId, Op, Value};
 
-use super::util::{is_weight_expression, prune};
+use super::util::prune;
 
 /// An elementwise op that runs as a kernel (not one computed at build time).
 fn fusible(g: &Graph, id: NodeId) -> bool {
-    g.node(id).op.is_elementwise() && !is_weight_expression(g, id)
+    g.node(id).op.is_elementwise() && !g.is_weight_expression(id)
 }
 
 /// The node's op as an expression over `args`.

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use griffin_ir::{BinaryOp, Graph, IrError, NodeId, Op, UnaryOp, Value};
 
-use super::util::{constant, def, is_weight_expression, prune};
+use super::util::{constant, def, prune};
 
 /// The pieces of one matched recurrence, in the fused op's operand order.
 struct Matched {
@@ -56,7 +56,7 @@ fn match_scan(g: &Graph, scan: NodeId) -> Option<Matched> {
     let log_a = unary(g, a, UnaryOp::Exp)?;
     inner.insert(a.node);
     let (scaled, decay_rate) = commutative(g, log_a, BinaryOp::Mul, |p, q| {
-        is_weight_expression(g, q.node).then_some((p, q))
+        g.is_weight_expression(q.node).then_some((p, q))
     })?;
     inner.insert(log_a.node);
     let recurrent_gate = commutative(g, scaled, BinaryOp::Mul, |p, q| {

@@ -4,8 +4,6 @@ use std::collections::{BTreeMap, HashMap};
 
 use griffin_ir::{Graph, NodeId, Op};
 
-use super::util::is_weight_expression;
-
 /// A node a backend runs at run time as one kernel. Inputs, outputs, weights, constants,
 /// reshapes (views) and weight expressions (materialised at build time) are not kernels.
 pub fn is_kernel(g: &Graph, id: NodeId) -> bool {
@@ -16,7 +14,7 @@ pub fn is_kernel(g: &Graph, id: NodeId) -> bool {
             | Op::Param { .. }
             | Op::Constant { .. }
             | Op::Reshape { .. }
-    ) && !is_weight_expression(g, id)
+    ) && !g.is_weight_expression(id)
 }
 
 /// Where a node belongs: a layer, or outside every layer (embedding, final norm, logits).
@@ -53,7 +51,7 @@ pub fn homes(g: &Graph) -> HashMap<NodeId, Option<Home>> {
                 let operands = g.operands(id);
                 let from_weights = operands
                     .iter()
-                    .filter(|v| is_weight_expression(g, v.node))
+                    .filter(|v| g.is_weight_expression(v.node))
                     .filter_map(|v| home[&v.node])
                     .max();
                 let latest_layer = operands

@@ -15,19 +15,6 @@ pub fn constant(g: &Graph, v: Value) -> Option<f64> {
     }
 }
 
-/// Computed from weights and constants alone: a backend materialises it at build time.
-pub fn is_weight_expression(g: &Graph, node: NodeId) -> bool {
-    match &g.node(node).op {
-        Op::Param { .. } | Op::Constant { .. } => true,
-        Op::Input { .. } | Op::Output { .. } => false,
-        op if op.carries_state() => false,
-        _ => g
-            .operands(node)
-            .iter()
-            .all(|v| is_weight_expression(g, v.node)),
-    }
-}
-
 /// `v` is read exactly once, by `user`.
 pub fn only_read_by(g: &Graph, v: Value, user: NodeId) -> bool {
     g.sole_user(v) == Some(user)
