@@ -106,6 +106,15 @@ impl Engine for CpuEngine {
         Ok(())
     }
 
+    fn prefill_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
+        self.executor.check_ids(ids).map_err(runtime)?;
+        let mut last = &[][..];
+        for chunk in ids.chunks(self.chunk) {
+            last = self.executor.call_last(chunk).map_err(runtime)?;
+        }
+        Ok(last.to_vec())
+    }
+
     fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
         on_logits(self.executor.call(&[id]).map_err(runtime)?);
         Ok(())

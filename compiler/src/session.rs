@@ -199,6 +199,16 @@ pub trait Engine {
     fn prefill(&mut self, ids: &[u32], on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError>;
     /// Runs one token; `on_logits` sees its logits `[V]`.
     fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError>;
+    /// Runs `ids` as the prompt and returns the logits of its last token only (an engine may
+    /// skip computing the others).
+    fn prefill_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
+        let mut last = Vec::new();
+        self.prefill(ids, &mut |rows| {
+            last.clear();
+            last.extend_from_slice(rows);
+        })?;
+        Ok(last)
+    }
 }
 
 impl Engine for Session<'_> {

@@ -46,6 +46,8 @@ pub struct Executor {
     _weights: Weights,
     pool: ThreadPool,
     position: u64,
+    /// Arguments of the logits launch moved to the last row (reused, never reallocated).
+    last_row_args: Vec<*mut u8>,
 }
 
 impl Executor {
@@ -121,6 +123,7 @@ impl Executor {
             _weights: weights,
             pool: ThreadPool::new(threads),
             position: 0,
+            last_row_args: Vec::with_capacity(64),
         })
     }
 
@@ -161,6 +164,27 @@ impl Executor {
     /// Runs at most `max_tokens` ids as one call; returns their logits `[ids.len(), V]`.
     /// Allocates nothing.
     pub fn call(&mut self, ids: &[u32]) -> Result<&[f32], RuntimeError> {
+        self.run(ids, false)?;
+        let logits = self.buffers[self.plan.logits] as *const f32;
+        // SAFETY: the logits buffer holds max_tokens · vocab f32 values, written by `run`.
+        Ok(
+            unsafe {
+                std::slice::from_raw_parts(logits, ids.len() * self.plan.vocab_size as usize)
+            },
+        )
+    }
+
+    /// Like `call`, but returns (and, where the plan allows, computes) the logits of the last
+    /// token only: what generation needs.
+    pub fn call_last(&mut self, ids: &[u32]) -> Result<&[f32], RuntimeError> {
+        self.run(ids, true)?;
+        let vocab = self.plan.vocab_size as usize;
+        let logits = self.buffers[self.plan.logits] as *const f32;
+        // SAFETY: row ids.len()-1 of the logits buffer was written by `run`.
+        Ok(unsafe { std::slice::from_raw_parts(logits.add((ids.len() - 1) * vocab), vocab) })
+    }
+
+    fn run(&mut self, ids: &[u32], last_only: bool) -> Result<(), RuntimeError> {
         self.check_ids(ids)?;
         if ids.len() as u64 > self.plan.max_tokens {
             return Err(RuntimeError::ChunkTooLong {
@@ -174,12 +198,30 @@ impl Executor {
             unsafe { *tokens.add(i) = id as i32 };
         }
         let threads = self.pool.threads() as i32;
-        for (kernel, args) in self.kernels.iter().zip(&self.args) {
+        let last_row = if last_only {
+            self.plan.logits_launch.as_ref()
+        } else {
+            None
+        };
+        for (index, (kernel, args)) in self.kernels.iter().zip(&self.args).enumerate() {
+            let (args, count) = match last_row {
+                Some(l) if l.launch == index => {
+                    self.last_row_args.clear();
+                    self.last_row_args.extend_from_slice(args);
+                    for &(arg, per_token) in &l.row_args {
+                        let offset = (ids.len() - 1) * per_token as usize * 4;
+                        // SAFETY: row ids.len()-1 lies inside a buffer of max_tokens rows.
+                        self.last_row_args[arg] = unsafe { self.last_row_args[arg].add(offset) };
+                    }
+                    (self.last_row_args.as_slice(), 1)
+                }
+                _ => (args.as_slice(), ids.len()),
+            };
             let launch = LaunchArgs {
                 kernel: *kernel,
                 args,
-                tokens: ids.len() as i64,
-                start: self.position as i64,
+                tokens: count as i64,
+                start: self.position as i64 + (ids.len() - count) as i64,
                 threads,
             };
             let launch = &launch;
@@ -197,12 +239,6 @@ impl Executor {
             });
         }
         self.position += ids.len() as u64;
-        let logits = self.buffers[self.plan.logits] as *const f32;
-        // SAFETY: the logits buffer holds max_tokens · vocab f32 values, written above.
-        Ok(
-            unsafe {
-                std::slice::from_raw_parts(logits, ids.len() * self.plan.vocab_size as usize)
-            },
-        )
+        Ok(())
     }
 }

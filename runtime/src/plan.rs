@@ -79,6 +79,12 @@ pub struct Launch {
     pub args: Vec<usize>,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastRowLaunch {
+    pub launch: usize,
+    pub row_args: Vec<(usize, u64)>,
+}
+
 /// Everything the runtime needs besides the kernels' code and the weights' bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
@@ -94,6 +100,10 @@ pub struct Plan {
     pub tokens: usize,
     /// The f32 buffer of logits `[tokens, vocab]`.
     pub logits: usize,
+    /// The launch that writes the logits, if it can run for the last token alone (generation
+    /// needs no other row): its index, and its per-token arguments with their row sizes in
+    /// elements, to be moved to the last row.
+    pub logits_launch: Option<LastRowLaunch>,
     /// Identifies the packed weights this plan was built for.
     pub weights_hash: String,
 }

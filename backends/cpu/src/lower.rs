@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use griffin_ir::{DType, Dim, Graph, InputRole, NodeId, Op, OutputRole, Value, ValueType};
-use griffin_runtime::plan::{Buffer, BufferKind, Elem, Launch, Plan, Recipe, PLAN_VERSION};
+use griffin_runtime::plan::{
+    Buffer, BufferKind, Elem, LastRowLaunch, Launch, Plan, Recipe, PLAN_VERSION,
+};
 
 use crate::kernels::attention::{attend, rotate_keys, write_ring, AttentionSpec};
 use crate::kernels::linear::{linear, LinearSpec};
@@ -555,6 +557,32 @@ pub fn lower(graph: &Graph, opts: &Options) -> Result<Lowered, BackendError> {
     let logits = l
         .logits
         .ok_or_else(|| BackendError::Graph("no logits output".into()))?;
+    // The logits projection reads the final hidden rows and writes only logits: for generation
+    // it can run on the last token alone.
+    let logits_launch = l
+        .launches
+        .iter()
+        .rposition(|launch| launch.args.last() == Some(&logits))
+        .and_then(|i| {
+            let launch = &l.launches[i];
+            if !launch.kernel.ends_with("_linear") {
+                return None;
+            }
+            let row_args = launch
+                .args
+                .iter()
+                .enumerate()
+                .filter(|(_, &b)| {
+                    matches!(l.buffers[b].kind, BufferKind::Activation)
+                        && l.buffers[b].per_token > 0
+                })
+                .map(|(a, &b)| (a, l.buffers[b].per_token))
+                .collect();
+            Some(LastRowLaunch {
+                launch: i,
+                row_args,
+            })
+        });
     let mut module = String::from(PRELUDE);
     for f in l.functions.values() {
         module.push('\n');
@@ -573,6 +601,7 @@ pub fn lower(graph: &Graph, opts: &Options) -> Result<Lowered, BackendError> {
             launches: l.launches,
             tokens,
             logits,
+            logits_launch,
             weights_hash: String::new(),
         },
         module,

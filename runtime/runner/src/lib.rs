@@ -266,8 +266,7 @@ fn run() -> Result<(), String> {
     let started = Instant::now();
     let mut next = 0;
     for c in args.ids.chunks(chunk) {
-        let logits = exec.call(c).map_err(|e| e.to_string())?;
-        next = argmax(&logits[logits.len() - vocab..]);
+        next = argmax(exec.call_last(c).map_err(|e| e.to_string())?);
     }
     let first_token = started.elapsed();
     // Ids are printed as they come, through a fixed buffer: memory stays flat however many
@@ -283,7 +282,7 @@ fn run() -> Result<(), String> {
         if (next == eos && !args.ignore_eos) || produced == args.max_new_tokens {
             break;
         }
-        next = argmax(exec.call(&[next]).map_err(|e| e.to_string())?);
+        next = argmax(exec.call_last(&[next]).map_err(|e| e.to_string())?);
     }
     let decode = decode_start.elapsed();
     writeln!(writer)
