@@ -232,6 +232,7 @@ declare float @llvm.sqrt.f32(float)
 declare double @sin(double)
 declare double @cos(double)
 declare float @llvm.maxnum.f32(float, float)
+declare float @llvm.rint.f32(float)
 declare float @llvm.minnum.f32(float, float)
 ";
 
@@ -243,8 +244,63 @@ impl Func {
         f32_const(x)
     }
 
+    /// `e^x` in straight-line arithmetic (no libm call), so loops using it vectorise: range
+    /// reduction `x = n·ln2 + r`, a degree-6 Taylor polynomial on |r| ≤ ln2/2 (relative error
+    /// below 2e-7), scaled by `2^n` built in the exponent bits.
     pub fn exp(&mut self, x: &str) -> String {
-        self.call_f32("expf", &[x])
+        let lo = self.op(format!(
+            "call float @llvm.maxnum.f32(float {x}, float {})",
+            f32_const(-87.0)
+        ));
+        let x = self.op(format!(
+            "call float @llvm.minnum.f32(float {lo}, float {})",
+            f32_const(88.0)
+        ));
+        let scaled = self.op(format!(
+            "fmul float {x}, {}",
+            f32_const(std::f64::consts::LOG2_E)
+        ));
+        let n = self.op(format!("call float @llvm.rint.f32(float {scaled})"));
+        let hi = self.op(format!(
+            "fmul float {n}, {}",
+            f32_const(0.693_145_751_953_125)
+        ));
+        let r0 = self.op(format!("fsub float {x}, {hi}"));
+        let lo_part = self.op(format!(
+            "fmul float {n}, {}",
+            f32_const(1.428_606_765_330_187e-6)
+        ));
+        let r = self.op(format!("fsub float {r0}, {lo_part}"));
+        // Horner: 1 + r(1 + r/2(1 + r/3(1 + r/4(1 + r/5(1 + r/6)))))
+        let mut p = "1.0".to_string();
+        for k in (1..=6).rev() {
+            let t = self.op(format!("fmul float {r}, {}", f32_const(1.0 / k as f64)));
+            let tp = self.op(format!("fmul float {t}, {p}"));
+            p = self.op(format!("fadd float {tp}, 1.0"));
+        }
+        let ni = self.op(format!("fptosi float {n} to i32"));
+        let biased = self.op(format!("add i32 {ni}, 127"));
+        let bits = self.op(format!("shl i32 {biased}, 23"));
+        let scale = self.op(format!("bitcast i32 {bits} to float"));
+        self.op(format!("fmul float {p}, {scale}"))
+    }
+
+    /// `tanh(x)` as `1 - 2/(e^{2x} + 1)` with the vectorisable `exp` (x clamped to ±9, where
+    /// tanh is 1 to f32 precision).
+    pub fn tanh(&mut self, x: &str) -> String {
+        let lo = self.op(format!(
+            "call float @llvm.maxnum.f32(float {x}, float {})",
+            f32_const(-9.0)
+        ));
+        let x = self.op(format!(
+            "call float @llvm.minnum.f32(float {lo}, float {})",
+            f32_const(9.0)
+        ));
+        let twice = self.op(format!("fmul float {x}, 2.0"));
+        let e = self.exp(&twice);
+        let d = self.op(format!("fadd float {e}, 1.0"));
+        let q = self.op(format!("fdiv float 2.0, {d}"));
+        self.op(format!("fsub float 1.0, {q}"))
     }
 
     pub fn sigmoid(&mut self, x: &str) -> String {
@@ -262,7 +318,7 @@ impl Func {
         let kx3 = self.fbin("fmul", &k, &x3);
         let inner = self.fbin("fadd", x, &kx3);
         let scaled = self.fbin("fmul", &c, &inner);
-        let t = self.call_f32("tanhf", &[&scaled]);
+        let t = self.tanh(&scaled);
         let one_plus = self.fbin("fadd", "1.0", &t);
         let half_x = self.fbin("fmul", "0.5", x);
         self.fbin("fmul", &half_x, &one_plus)
