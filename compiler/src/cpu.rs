@@ -48,6 +48,7 @@ pub fn build(model: &Model, opts: &CpuOptions) -> Result<Artifact, RunError> {
             vocab_size: config.vocab_size as u64,
             bos_token_id: config.bos_token_id,
             eos_token_id: config.eos_token_id,
+            pad_token_id: config.pad_token_id,
             weights: opts.weights,
         },
     )

@@ -94,6 +94,19 @@ pub fn build_executable(
         table.join(", "),
         k = table.len()
     ));
+    // The tokenizer goes in too, so the executable takes --prompt and prints text.
+    let tokenizer_path = model.checkpoint.dir.join("tokenizer.json");
+    let tokenizer = if tokenizer_path.is_file() {
+        std::fs::read(&tokenizer_path)
+            .map_err(|e| fail(format!("cannot read {}: {e}", tokenizer_path.display())))?
+    } else {
+        Vec::new()
+    };
+    module.push_str(&format!(
+        "@griffin_tokenizer = constant [{n} x i8] c\"{text}\"\n@griffin_tokenizer_len = constant i64 {n}\n",
+        n = tokenizer.len(),
+        text = byte_string(&tokenizer)
+    ));
     if !embed_weights {
         module.push_str(
             "@griffin_embedded_weights = constant [0 x i8] zeroinitializer\n@griffin_embedded_weights_len = constant i64 0\n",

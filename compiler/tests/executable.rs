@@ -161,10 +161,6 @@ fn bad_input_to_the_executable() {
     fails_with(&run(&exe, &["--ids", "2,x"]), &["`x` is not a token id"]);
     fails_with(&run(&exe, &["--max-new-tokens", "3"]), &["--ids"]);
     fails_with(
-        &run(&exe, &["--ids", "2", "--prompt", "hi"]),
-        &["no tokenizer"],
-    );
-    fails_with(
         &run(&exe, &["--ids", "2", "--frobnicate"]),
         &["unknown argument `--frobnicate`"],
     );
@@ -380,4 +376,64 @@ fn executables_pack_their_own_weights_or_embed_them() {
         .collect();
     assert_eq!(files, vec![std::ffi::OsString::from(case)]);
     check(&exe, &[]);
+}
+
+#[test]
+fn executables_take_prompts_and_print_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = expected("tiny-text");
+    let exe = build("tiny-text", tmp.path(), &[]);
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(golden_dir().join("tiny-text/case.json")).unwrap(),
+    )
+    .unwrap();
+    let prompt = e.prompt.clone().unwrap();
+    let n = e.generated_ids.len().to_string();
+    let text = run(
+        &exe,
+        &["--prompt", &prompt, "--max-new-tokens", &n, "--ignore-eos"],
+    );
+    assert!(
+        text.status.success(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(text.stdout)
+            .unwrap()
+            .trim_end_matches('\n'),
+        meta["generated_text"].as_str().unwrap()
+    );
+    let ids = run(
+        &exe,
+        &[
+            "--prompt",
+            &prompt,
+            "--max-new-tokens",
+            &n,
+            "--ignore-eos",
+            "--format",
+            "ids",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ids.stdout).trim(),
+        ids_arg(&e.generated_ids)
+    );
+    fails_with(&run(&exe, &["--prompt", "a", "--ids", "2"]), &["not both"]);
+    fails_with(
+        &run(&exe, &["--prompt", "a", "--format", "yaml"]),
+        &["expected `text` or `ids`"],
+    );
+
+    // A model folder without tokenizer.json gives an executable that says so.
+    let plain = build("tiny-f32", tmp.path(), &[]);
+    fails_with(
+        &run(&plain, &["--prompt", "hello"]),
+        &["no tokenizer packed", "--ids"],
+    );
+    fails_with(
+        &run(&plain, &["--ids", "2", "--format", "text"]),
+        &["no tokenizer packed"],
+    );
 }

@@ -94,6 +94,7 @@ pub struct Plan {
     pub vocab_size: u64,
     pub bos_token_id: u32,
     pub eos_token_id: u32,
+    pub pad_token_id: u32,
     pub buffers: Vec<Buffer>,
     pub launches: Vec<Launch>,
     /// The i32 buffer the token ids of a call go into.

@@ -41,6 +41,7 @@ pub struct Options {
     pub vocab_size: u64,
     pub bos_token_id: u32,
     pub eos_token_id: u32,
+    pub pad_token_id: u32,
     pub weights: WeightsDtype,
 }
 
@@ -597,6 +598,7 @@ pub fn lower(graph: &Graph, opts: &Options) -> Result<Lowered, BackendError> {
             vocab_size: opts.vocab_size,
             bos_token_id: opts.bos_token_id,
             eos_token_id: opts.eos_token_id,
+            pad_token_id: opts.pad_token_id,
             buffers: l.buffers,
             launches: l.launches,
             tokens,

@@ -21,6 +21,30 @@ extern "C" {
     /// Packed weights linked in with `--embed-weights` (length 0 otherwise).
     static griffin_embedded_weights: u8;
     static griffin_embedded_weights_len: u64;
+    /// `tokenizer.json` of the model folder (length 0 if it had none).
+    static griffin_tokenizer: u8;
+    static griffin_tokenizer_len: u64;
+}
+
+fn embedded_tokenizer() -> Result<Option<tokenizers::Tokenizer>, String> {
+    // SAFETY: the object file defines these symbols with these types.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            &griffin_tokenizer as *const u8,
+            griffin_tokenizer_len as usize,
+        )
+    };
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    tokenizers::Tokenizer::from_bytes(bytes)
+        .map(Some)
+        .map_err(|e| {
+            format!(
+                "packed tokenizer is corrupt: {}",
+                e.to_string().replace('\n', " ")
+            )
+        })
 }
 
 fn embedded_weights() -> Option<&'static [u8]> {
@@ -35,11 +59,19 @@ fn embedded_weights() -> Option<&'static [u8]> {
 }
 
 const USAGE: &str =
-    "usage: MODEL (--ids 2,17,5) [--max-new-tokens N] [--ignore-eos] [--format ids] \
-[--prefill N --logits-out FILE] [--threads N] [--weights FILE] [--stats]";
+    "usage: MODEL (--prompt TEXT | --ids 2,17,5) [--max-new-tokens N] [--ignore-eos] [--format text|ids] \
+[--prefill N --logits-out FILE] [--threads N] [--weights FILE] [--pack-weights-from MODEL_DIR] [--stats]";
+
+#[derive(PartialEq)]
+enum Format {
+    Text,
+    Ids,
+}
 
 struct Args {
     ids: Vec<u32>,
+    prompt: Option<String>,
+    format: Option<Format>,
     max_new_tokens: usize,
     ignore_eos: bool,
     prefill: Option<usize>,
@@ -67,6 +99,8 @@ fn parse_ids(text: &str) -> Result<Vec<u32>, String> {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         ids: Vec::new(),
+        prompt: None,
+        format: None,
         max_new_tokens: 32,
         ignore_eos: false,
         prefill: None,
@@ -110,22 +144,24 @@ fn parse_args() -> Result<Args, String> {
             }
             "--stats" => args.stats = true,
             "--format" => {
-                let f = value("--format")?;
-                if f != "ids" {
-                    return Err(format!(
-                        "--format {f}: this executable prints ids only (no tokenizer packed)"
-                    ));
-                }
+                args.format = Some(match value("--format")?.as_str() {
+                    "text" => Format::Text,
+                    "ids" => Format::Ids,
+                    other => return Err(format!("--format {other}: expected `text` or `ids`")),
+                })
             }
-            "--prompt" => {
-                return Err("--prompt: this executable has no tokenizer packed; pass --ids".into())
-            }
+            "--prompt" => args.prompt = Some(value("--prompt")?),
             "--help" | "-h" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument `{other}` ({USAGE})")),
         }
     }
-    if !have_ids && args.pack_from.is_none() {
-        return Err(format!("give the prompt as --ids ({USAGE})"));
+    if have_ids && args.prompt.is_some() {
+        return Err("give --prompt or --ids, not both".into());
+    }
+    if !have_ids && args.prompt.is_none() && args.pack_from.is_none() {
+        return Err(format!(
+            "give a prompt with --prompt TEXT or --ids ({USAGE})"
+        ));
     }
     Ok(args)
 }
@@ -226,10 +262,33 @@ fn run() -> Result<(), String> {
     };
     if let Some(dir) = &args.pack_from {
         pack_weights(&plan, dir, &weights_path)?;
-        if args.ids.is_empty() {
+        if args.ids.is_empty() && args.prompt.is_none() {
             return Ok(());
         }
     }
+    let tokenizer = embedded_tokenizer()?;
+    let format = match (&args.format, &tokenizer) {
+        (Some(Format::Text), None) => {
+            return Err("--format text: this executable has no tokenizer packed".into())
+        }
+        (Some(Format::Ids), _) | (None, None) => Format::Ids,
+        (Some(Format::Text), Some(_)) | (None, Some(_)) => Format::Text,
+    };
+    let mut args = args;
+    if let Some(prompt) = &args.prompt {
+        let tok = tokenizer
+            .as_ref()
+            .ok_or("--prompt: this executable has no tokenizer packed (its model folder had no tokenizer.json); pass --ids")?;
+        let encoding = tok
+            .encode(prompt.as_str(), true)
+            .map_err(|e| format!("cannot tokenize the prompt: {e}"))?;
+        let mut ids = encoding.get_ids().to_vec();
+        if ids.first() != Some(&plan.bos_token_id) {
+            ids.insert(0, plan.bos_token_id);
+        }
+        args.ids = ids;
+    }
+    let control = [plan.bos_token_id, plan.eos_token_id, plan.pad_token_id];
     let weights = match (embedded_weights(), &args.weights) {
         (Some(data), None) => Weights::from_static(data),
         _ => Weights::open(&weights_path, &plan.weights_hash).map_err(|e| e.to_string())?,
@@ -275,9 +334,54 @@ fn run() -> Result<(), String> {
     let mut writer = std::io::BufWriter::with_capacity(8192, stdout.lock());
     let mut produced = 0usize;
     let decode_start = Instant::now();
+    // Text: pieces are held back until they decode to whole characters (byte-fallback tokens),
+    // and decoded after the last piece printed, so decoders that treat the start of a text
+    // specially (a leading space stripped) see the same text as one decode of everything.
+    let mut pending: Vec<u32> = Vec::with_capacity(16);
+    let mut context: Option<u32> = None;
+    let emit = |tok: &tokenizers::Tokenizer,
+                context: Option<u32>,
+                pending: &[u32]|
+     -> Result<String, String> {
+        let decode = |ids: &[u32]| {
+            tok.decode(ids, false)
+                .map_err(|e| format!("cannot decode: {e}"))
+        };
+        match context {
+            None => decode(pending),
+            Some(c) => {
+                let mut with = vec![c];
+                with.extend_from_slice(pending);
+                let (full, before) = (decode(&with)?, decode(&[c])?);
+                Ok(full
+                    .strip_prefix(before.as_str())
+                    .map_or(full.clone(), str::to_string))
+            }
+        }
+    };
     while produced < args.max_new_tokens {
-        let separator = if produced == 0 { "" } else { "," };
-        write!(writer, "{separator}{next}").map_err(|e| format!("cannot write output: {e}"))?;
+        match (&format, &tokenizer) {
+            (Format::Text, Some(tok)) => {
+                if !control.contains(&next) {
+                    pending.push(next);
+                    let text = emit(tok, context, &pending)?;
+                    if !text.ends_with('\u{FFFD}') || pending.len() >= 8 {
+                        write!(writer, "{text}")
+                            .map_err(|e| format!("cannot write output: {e}"))?;
+                        writer
+                            .flush()
+                            .map_err(|e| format!("cannot write output: {e}"))?;
+                        context = pending.last().copied();
+                        pending.clear();
+                    }
+                }
+            }
+            _ => {
+                let separator = if produced == 0 { "" } else { "," };
+                write!(writer, "{separator}{next}")
+                    .map_err(|e| format!("cannot write output: {e}"))?;
+            }
+        }
         produced += 1;
         if (next == eos && !args.ignore_eos) || produced == args.max_new_tokens {
             break;
@@ -285,6 +389,10 @@ fn run() -> Result<(), String> {
         next = argmax(exec.call_last(&[next]).map_err(|e| e.to_string())?);
     }
     let decode = decode_start.elapsed();
+    if let (false, Some(tok)) = (pending.is_empty(), &tokenizer) {
+        let text = emit(tok, context, &pending)?;
+        write!(writer, "{text}").map_err(|e| format!("cannot write output: {e}"))?;
+    }
     writeln!(writer)
         .and_then(|_| writer.flush())
         .map_err(|e| format!("cannot write output: {e}"))?;
