@@ -3,7 +3,7 @@
 # (transformers, eager, same thread count) on one random-weight checkpoint, plus this machine's
 # measured read bandwidth. Prints a table last.
 #
-#   REFERENCE_PYTHON=/path/to/venv/bin/python scripts/bench_cpu.sh [small|2b] [THREADS]
+#   REFERENCE_PYTHON=/path/to/venv/bin/python [VARIANTS="f32 bf16"] [PREFILL=512] [DECODE=64] scripts/bench_cpu.sh [small|2b] [THREADS]
 #
 # The reference needs torch + transformers + safetensors + numpy in REFERENCE_PYTHON's
 # environment (python3 -m venv /tmp/ref && /tmp/ref/bin/pip install torch transformers safetensors numpy).
@@ -25,7 +25,7 @@ prompt=$("$py" -c "import random,sys; random.seed(0); v=int(sys.argv[1]); n=int(
 
 row() { printf '| %-34s | %14s | %14s | %12s |\n' "$@"; }
 results=()
-for wd in f32 bf16; do
+for wd in ${VARIANTS:-f32 bf16}; do
   target/release/griffinc build "$work/model" -o "$work/out-$wd" --name griffin --threads "$threads" --weights-dtype "$wd" >&2
   p=$("$work/out-$wd/griffin" --ids "$prompt" --max-new-tokens 1 --stats --threads "$threads" 2>&1 >/dev/null)
   d=$("$work/out-$wd/griffin" --ids 2,5 --max-new-tokens $((decode + 1)) --ignore-eos --stats --threads "$threads" 2>&1 >/dev/null)
