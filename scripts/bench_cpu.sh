@@ -43,11 +43,13 @@ import numpy as np, time
 a = np.ones(1 << 28, dtype=np.float32)  # 1 GiB
 best = min((lambda t: (a.sum(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))
 print('%.1f' % (a.nbytes / best / 1e9))")
-weights_mb=$(du -m "$work/out-bf16/griffin.weights" | cut -f1)
+pool_bw=$(cargo bench -q -p griffin-runtime --bench bandwidth -- "$threads" 2>/dev/null | tail -1)
+weights_mb=$(du -m "$work"/out-*/griffin.weights | tail -1 | cut -f1)
 
 echo
 echo "config $config, $threads threads, prompt $prefill tokens, $decode decode steps; $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "single-thread read bandwidth (numpy sum over 1 GiB): $bw GB/s; bf16 weights file: $weights_mb MB"
+echo "single-thread read bandwidth (numpy sum over 1 GiB): $bw GB/s; with our thread pool: $pool_bw"
+echo "weights file of the last variant built: $weights_mb MB"
 echo
 row "engine" "prefill tok/s" "decode tok/s" "peak RSS"
 row "---" "---" "---" "---"
