@@ -43,17 +43,39 @@ pub fn runner_library() -> Result<PathBuf, RunError> {
     })
 }
 
-/// LLVM IR for a constant byte string.
-fn byte_string(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() + 8);
-    for &b in bytes {
-        if b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ' {
-            s.push(b as char);
-        } else {
-            s.push_str(&format!("\\{b:02X}"));
-        }
+/// An object holding each blob as `NAME` (64-byte aligned bytes) and `NAME_len` (u64), put in
+/// by the assembler's `.incbin`: large blobs (weights, a real tokenizer) are never copied
+/// through text.
+fn data_object(scratch: &Path, cc: &str, blobs: &[(&str, &[u8])]) -> Result<PathBuf, RunError> {
+    let fail = |m: String| RunError::Backend(m);
+    let mut asm = String::from(".section .rodata\n");
+    for (name, bytes) in blobs {
+        // Relative to the scratch folder the assembler runs in: no quoting of user paths.
+        let file = format!("{name}.bin");
+        std::fs::write(scratch.join(&file), bytes)
+            .map_err(|e| fail(format!("cannot write {file}: {e}")))?;
+        asm.push_str(&format!(
+            ".balign 64\n.globl {name}\n{name}:\n.incbin \"{file}\"\n.balign 8\n.globl {name}_len\n{name}_len:\n.quad {}\n",
+            bytes.len()
+        ));
     }
-    s
+    asm.push_str(".section .note.GNU-stack,\"\",@progbits\n");
+    let source = scratch.join("data.S");
+    std::fs::write(&source, asm).map_err(|e| fail(e.to_string()))?;
+    let object = scratch.join("data.o");
+    let output = Command::new(cc)
+        .current_dir(scratch)
+        .args(["-c", "data.S", "-o", "data.o"])
+        .output()
+        .map_err(|e| fail(format!("cannot run the system assembler `{cc}`: {e}")))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(fail(format!(
+            "assembling the executable's data failed: {}",
+            stderr.lines().next().unwrap_or("")
+        )));
+    }
+    Ok(object)
 }
 
 /// What `build_executable` wrote.
@@ -78,11 +100,6 @@ pub fn build_executable(
     let artifact = build(model, opts)?;
     let plan_json = serde_json::to_vec(&artifact.plan).map_err(|e| fail(e.to_string()))?;
     let mut module = artifact.lowered.module.clone();
-    module.push_str(&format!(
-        "\n@griffin_plan = constant [{n} x i8] c\"{text}\"\n@griffin_plan_len = constant i64 {n}\n",
-        n = plan_json.len(),
-        text = byte_string(&plan_json)
-    ));
     let table: Vec<String> = artifact
         .plan
         .launches
@@ -90,7 +107,7 @@ pub fn build_executable(
         .map(|l| format!("ptr @{}", l.kernel))
         .collect();
     module.push_str(&format!(
-        "@griffin_kernel_table = constant [{k} x ptr] [{}]\n@griffin_kernel_count = constant i64 {k}\n",
+        "\n@griffin_kernel_table = constant [{k} x ptr] [{}]\n@griffin_kernel_count = constant i64 {k}\n",
         table.join(", "),
         k = table.len()
     ));
@@ -102,16 +119,19 @@ pub fn build_executable(
     } else {
         Vec::new()
     };
-    module.push_str(&format!(
-        "@griffin_tokenizer = constant [{n} x i8] c\"{text}\"\n@griffin_tokenizer_len = constant i64 {n}\n",
-        n = tokenizer.len(),
-        text = byte_string(&tokenizer)
-    ));
-    if !embed_weights {
-        module.push_str(
-            "@griffin_embedded_weights = constant [0 x i8] zeroinitializer\n@griffin_embedded_weights_len = constant i64 0\n",
-        );
-    }
+    let empty = Vec::new();
+    let blobs: [(&str, &[u8]); 3] = [
+        ("griffin_plan", &plan_json),
+        ("griffin_tokenizer", &tokenizer),
+        (
+            "griffin_embedded_weights",
+            if embed_weights {
+                &artifact.weights
+            } else {
+                &empty
+            },
+        ),
+    ];
 
     std::fs::create_dir_all(out_dir)
         .map_err(|e| fail(format!("cannot create {}: {e}", out_dir.display())))?;
@@ -123,38 +143,12 @@ pub fn build_executable(
         compile_object(&module, &opts.target_cpu, &object).map_err(|e| fail(e.to_string()))?;
         let linked = scratch.join(name);
         let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-        let mut objects = vec![object.clone()];
-        if embed_weights {
-            // The weights go in as raw bytes through the assembler's .incbin: no text copy.
-            let data = scratch.join("weights.bin");
-            std::fs::write(&data, &artifact.weights)
-                .map_err(|e| fail(format!("cannot write {}: {e}", data.display())))?;
-            let asm = scratch.join("weights.S");
-            let source = format!(
-                ".section .rodata\n.balign 64\n.globl griffin_embedded_weights\ngriffin_embedded_weights:\n.incbin \"{}\"\n\
-                 .balign 8\n.globl griffin_embedded_weights_len\ngriffin_embedded_weights_len:\n.quad {}\n\
-                 .section .note.GNU-stack,\"\",@progbits\n",
-                data.display(),
-                artifact.weights.len()
-            );
-            std::fs::write(&asm, source).map_err(|e| fail(e.to_string()))?;
-            let weights_object = scratch.join("weights.o");
-            let status = Command::new(&cc)
-                .arg("-c")
-                .arg(&asm)
-                .arg("-o")
-                .arg(&weights_object)
-                .status()
-                .map_err(|e| fail(format!("cannot run the system assembler `{cc}`: {e}")))?;
-            if !status.success() {
-                return Err(fail("assembling the embedded weights failed".into()));
-            }
-            objects.push(weights_object);
-        }
+        let data = data_object(&scratch, &cc, &blobs)?;
         let output = Command::new(&cc)
             .arg("-o")
             .arg(&linked)
-            .args(&objects)
+            .arg(&object)
+            .arg(&data)
             .arg(&runner)
             .args(["-static-libgcc", "-lm", "-lpthread", "-ldl"])
             .output()
