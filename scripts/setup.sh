@@ -20,3 +20,16 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
 fi
+
+# A real ptxas (from PyPI's nvidia-cuda-nvcc, no GPU or CUDA toolkit needed) for the PTX tests.
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if ! ls "$root"/.tools/venv/lib/python*/site-packages/nvidia/cu13/bin/ptxas >/dev/null 2>&1; then
+  echo "setup: installing ptxas (nvidia-cuda-nvcc) into .tools/venv"
+  if ! python3 -m venv "$root/.tools/venv" 2>/dev/null; then
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get install -y -qq python3-venv
+    python3 -m venv "$root/.tools/venv"
+  fi
+  "$root/.tools/venv/bin/pip" install -q nvidia-cuda-nvcc
+fi

@@ -1,0 +1,138 @@
+//! A small typed PTX writer: virtual registers by class, numbered as they are created and
+//! declared at the top of the kernel when it is finished.
+
+use std::fmt::Write as _;
+
+/// PTX register classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    Pred,
+    B32,
+    B64,
+    F32,
+}
+
+impl Class {
+    fn prefix(self) -> &'static str {
+        match self {
+            Class::Pred => "p",
+            Class::B32 => "r",
+            Class::B64 => "rd",
+            Class::F32 => "f",
+        }
+    }
+
+    fn decl(self) -> &'static str {
+        match self {
+            Class::Pred => ".pred",
+            Class::B32 => ".b32",
+            Class::B64 => ".b64",
+            Class::F32 => ".f32",
+        }
+    }
+}
+
+/// A register: its class and number, printed `%f3`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reg(Class, u32);
+
+impl std::fmt::Display for Reg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "%{}{}", self.0.prefix(), self.1)
+    }
+}
+
+pub struct Kernel {
+    name: String,
+    params: Vec<String>,
+    counts: [u32; 4],
+    body: String,
+    labels: u32,
+}
+
+/// The module header for sm_90 with PTX ISA 8.0 (loaded by driver 580 / CUDA 13.0).
+pub const HEADER: &str = ".version 8.0\n.target sm_90\n.address_size 64\n";
+
+impl Kernel {
+    pub fn new(name: &str) -> Kernel {
+        Kernel {
+            name: name.to_string(),
+            params: Vec::new(),
+            counts: [0; 4],
+            body: String::new(),
+            labels: 0,
+        }
+    }
+
+    fn index(class: Class) -> usize {
+        match class {
+            Class::Pred => 0,
+            Class::B32 => 1,
+            Class::B64 => 2,
+            Class::F32 => 3,
+        }
+    }
+
+    pub fn reg(&mut self, class: Class) -> Reg {
+        let i = Self::index(class);
+        let r = Reg(class, self.counts[i]);
+        self.counts[i] += 1;
+        r
+    }
+
+    /// A `.u64` pointer parameter, loaded into a register.
+    pub fn param_ptr(&mut self, name: &str) -> Reg {
+        self.params.push(format!(".param .u64 {name}"));
+        let r = self.reg(Class::B64);
+        self.ins(format!("ld.param.u64 {r}, [{name}];"));
+        let g = self.reg(Class::B64);
+        self.ins(format!("cvta.to.global.u64 {g}, {r};"));
+        g
+    }
+
+    /// One instruction (or directive) line.
+    pub fn ins(&mut self, line: impl AsRef<str>) {
+        let _ = writeln!(self.body, "\t{}", line.as_ref());
+    }
+
+    pub fn label(&mut self, hint: &str) -> String {
+        self.labels += 1;
+        format!("${hint}_{}", self.labels)
+    }
+
+    pub fn place(&mut self, label: &str) {
+        let _ = writeln!(self.body, "{label}:");
+    }
+
+    /// A 32-bit immediate into a fresh register.
+    pub fn imm_u32(&mut self, v: u32) -> Reg {
+        let r = self.reg(Class::B32);
+        self.ins(format!("mov.u32 {r}, {v};"));
+        r
+    }
+
+    /// `value` as an f32 immediate, exactly (`0fXXXXXXXX`).
+    pub fn f32_imm(value: f32) -> String {
+        format!("0f{:08X}", value.to_bits())
+    }
+
+    pub fn finish(self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            ".visible .entry {}(\n\t{}\n)",
+            self.name,
+            self.params.join(",\n\t")
+        );
+        out.push_str("{\n");
+        for class in [Class::Pred, Class::B32, Class::B64, Class::F32] {
+            let n = self.counts[Self::index(class)];
+            if n > 0 {
+                let _ = writeln!(out, "\t.reg {} %{}<{}>;", class.decl(), class.prefix(), n);
+            }
+        }
+        out.push_str(&self.body);
+        out.push_str("\tret;\n}\n");
+        out
+    }
+}
