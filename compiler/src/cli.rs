@@ -11,7 +11,8 @@ use griffin_ir::{dot, text, Graph};
 use crate::cpu::{CpuEngine, CpuOptions};
 use crate::executable::build_executable;
 use crate::passes::{self, stats::kernel_stats, Pass};
-use crate::session::{eval_with, generate_greedy_with, Engine, Model, Session};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::session::{eval_with, generate_with, Engine, Model, Session};
 use crate::tokenizer::TextTokenizer;
 use griffin_backend_cpu::{TargetCpu, WeightsDtype};
 
@@ -216,6 +217,27 @@ pub struct GenerateArgs {
     /// Keep going after the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample among the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample from the smallest set of tokens whose probability reaches p.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Penalise tokens already in the text (1: off; the reference's repetition_penalty).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed of the sampler: the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the generated text contains this string (repeatable); the text is cut before it.
+    #[arg(long = "stop", value_name = "STRING")]
+    pub stops: Vec<String>,
     /// `text` (default when MODEL_DIR has tokenizer.json) or `ids`, comma-separated.
     #[arg(long, value_enum)]
     pub format: Option<OutputFormat>,
@@ -372,11 +394,12 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     } else {
         OutputFormat::Ids
     });
-    let tokenizer = if args.prompt.is_some() || format == OutputFormat::Text {
-        Some(TextTokenizer::load(&args.model_dir, bos)?)
-    } else {
-        None
-    };
+    let tokenizer =
+        if args.prompt.is_some() || format == OutputFormat::Text || !args.stops.is_empty() {
+            Some(TextTokenizer::load(&args.model_dir, bos)?)
+        } else {
+            None
+        };
     let prompt = match (&args.prompt, given_ids) {
         (Some(text), _) => tokenizer
             .as_ref()
@@ -387,26 +410,64 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         (None, None) => bail!("give a prompt with --prompt TEXT or --ids 2,17,5"),
     };
     model.check_ids(&prompt)?;
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    sampling.validate().map_err(anyhow::Error::msg)?;
+    if !args.stops.is_empty() && tokenizer.is_none() {
+        bail!("--stop needs tokenizer.json in the model folder to read the generated text");
+    }
+    let mut sampler = Sampler::new(sampling);
     let mut engine = engine(args.backend, &model, &args.compile)?;
     let eos = (!args.ignore_eos).then_some(config.eos_token_id);
-    let new_ids = generate_greedy_with(
+    // With --stop, the text so far is decoded after each token and checked for a stop string.
+    let mut so_far: Vec<u32> = Vec::new();
+    let mut stopped_at: Option<usize> = None;
+    let new_ids = generate_with(
         engine.as_mut(),
         model.vocab_size(),
         &prompt,
         args.max_new_tokens,
         eos,
-        |_| {},
+        &mut sampler,
+        |id| {
+            if args.stops.is_empty() {
+                return true;
+            }
+            so_far.push(id);
+            let text = tokenizer
+                .as_ref()
+                .and_then(|t| t.decode(&so_far, &control_ids).ok())
+                .unwrap_or_default();
+            stopped_at = args
+                .stops
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min();
+            stopped_at.is_none()
+        },
     )?;
     let out = match format {
         OutputFormat::Ids => {
             let parts: Vec<String> = new_ids.iter().map(u32::to_string).collect();
             parts.join(",")
         }
-        OutputFormat::Text => tokenizer
-            .as_ref()
-            .expect("loaded for --format text")
-            .decode(&new_ids, &control_ids)
-            .map_err(|e| anyhow::anyhow!("cannot decode generated ids: {e}"))?,
+        OutputFormat::Text => {
+            let mut text = tokenizer
+                .as_ref()
+                .expect("loaded for --format text")
+                .decode(&new_ids, &control_ids)
+                .map_err(|e| anyhow::anyhow!("cannot decode generated ids: {e}"))?;
+            if let Some(at) = stopped_at {
+                text.truncate(at);
+            }
+            text
+        }
     };
     write_stdout(&format!("{out}\n"))
 }

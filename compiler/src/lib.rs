@@ -13,6 +13,7 @@ pub mod error;
 pub mod executable;
 pub mod interp;
 pub mod passes;
+pub mod sampling;
 pub mod session;
 pub mod tokenizer;
 pub mod trace;

@@ -10,6 +10,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, RunError};
 use crate::interp::{Interpreter, Tensor};
 use crate::passes::{optimize, Pass, PASSES};
+use crate::sampling::{Sampler, SamplingParams};
 use crate::trace::{names, trace, GraphKind};
 
 /// A validated checkpoint with its traced graphs.
@@ -276,8 +277,41 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// Greedy continuation of `prompt`: up to `max_new` new ids, stopping after `eos` unless
-/// `ignore_eos`. `on_token` sees each new id as it is produced.
+/// Continuation of `prompt`: up to `max_new` new ids chosen by `sampler`, stopping after
+/// `eos` (if given) or when `on_token` returns false for the id just produced.
+pub fn generate_with(
+    engine: &mut dyn Engine,
+    vocab: usize,
+    prompt: &[u32],
+    max_new: usize,
+    eos: Option<u32>,
+    sampler: &mut Sampler,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>, RunError> {
+    if prompt.is_empty() {
+        return Err(RunError::EmptyIds);
+    }
+    engine.reset();
+    let mut history = prompt.to_vec();
+    if max_new == 0 {
+        return Ok(Vec::new());
+    }
+    let rows = engine.prefill_last(prompt)?;
+    let mut next = sampler.sample(&rows[rows.len() - vocab..], &history);
+    let mut logits = Vec::with_capacity(vocab);
+    loop {
+        history.push(next);
+        let go_on = on_token(next);
+        if !go_on || history.len() - prompt.len() == max_new || Some(next) == eos {
+            return Ok(history.split_off(prompt.len()));
+        }
+        logits.clear();
+        engine.step(next, &mut |l| logits.extend_from_slice(l))?;
+        next = sampler.sample(&logits, &history);
+    }
+}
+
+/// Greedy continuation of `prompt` (argmax every step).
 pub fn generate_greedy_with(
     engine: &mut dyn Engine,
     vocab: usize,
@@ -286,27 +320,11 @@ pub fn generate_greedy_with(
     eos: Option<u32>,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>, RunError> {
-    if prompt.is_empty() {
-        return Err(RunError::EmptyIds);
-    }
-    engine.reset();
-    let mut out = Vec::with_capacity(max_new);
-    if max_new == 0 {
-        return Ok(out);
-    }
-    // Only the last row matters: keep the argmax of each chunk's last row.
-    let mut next = 0;
-    engine.prefill(prompt, &mut |rows| {
-        next = argmax(&rows[rows.len() - vocab..])
-    })?;
-    loop {
-        out.push(next);
-        on_token(next);
-        if out.len() == max_new || Some(next) == eos {
-            return Ok(out);
-        }
-        engine.step(next, &mut |logits| next = argmax(logits))?;
-    }
+    let mut greedy = Sampler::new(SamplingParams::default());
+    generate_with(engine, vocab, prompt, max_new, eos, &mut greedy, |id| {
+        on_token(id);
+        true
+    })
 }
 
 /// `generate_greedy_with` on the reference interpreter.

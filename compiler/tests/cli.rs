@@ -244,3 +244,70 @@ fn unknown_pass_is_a_one_line_error() {
     }
     assert!(!std::path::Path::new("/tmp/never.safetensors").exists());
 }
+
+#[test]
+fn sampling_is_seeded_and_stops_at_strings() {
+    let dir = golden_dir().join("tiny-text");
+    let d = dir.to_str().unwrap();
+    let sample = |seed: &str| {
+        stdout(&griffinc(&[
+            "generate",
+            d,
+            "--ids",
+            "2,40,41,42",
+            "--max-new-tokens",
+            "24",
+            "--ignore-eos",
+            "--format",
+            "ids",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--min-p",
+            "0.01",
+            "--repetition-penalty",
+            "1.1",
+            "--seed",
+            seed,
+        ]))
+    };
+    let (a, b, c) = (sample("5"), sample("5"), sample("6"));
+    assert_eq!(a, b, "same seed, same ids");
+    assert_ne!(a, c, "another seed, other ids");
+    assert_eq!(a.trim().split(',').count(), 24);
+
+    // Greedy text is "xxxxxx" then byte pieces: stop at "xxx" after the third token.
+    let e = expected("tiny-text");
+    let prompt = e.prompt.clone().unwrap();
+    let text = stdout(&griffinc(&[
+        "generate",
+        d,
+        "--prompt",
+        &prompt,
+        "--max-new-tokens",
+        "24",
+        "--stop",
+        "xxx",
+    ]));
+    assert_eq!(text, "\n");
+    let ids = stdout(&griffinc(&[
+        "generate",
+        d,
+        "--prompt",
+        &prompt,
+        "--max-new-tokens",
+        "24",
+        "--stop",
+        "xxx",
+        "--format",
+        "ids",
+    ]));
+    assert_eq!(ids.trim(), "349,349,349");
+
+    let bad = griffinc(&["generate", d, "--ids", "2", "--top-p", "0"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--top-p 0 must be in (0, 1]"));
+}
