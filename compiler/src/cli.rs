@@ -15,6 +15,7 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::session::{eval_with, generate_with, Engine, Model, Session};
 use crate::tokenizer::TextTokenizer;
 use griffin_backend_cpu::{TargetCpu, WeightsDtype};
+use griffin_runtime::text::{StopScanner, TextStream};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -425,10 +426,29 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let mut sampler = Sampler::new(sampling);
     let mut engine = engine(args.backend, &model, &args.compile)?;
     let eos = (!args.ignore_eos).then_some(config.eos_token_id);
-    // With --stop, the text so far is decoded after each token and checked for a stop string.
-    let mut so_far: Vec<u32> = Vec::new();
-    let mut stopped_at: Option<usize> = None;
-    let new_ids = generate_with(
+    // Output streams as tokens come: text through a TextStream (whole characters only), cut at
+    // the first stop string; ids comma-separated (stop strings are still read from the text).
+    let mut text_stream = tokenizer
+        .as_ref()
+        .map(|t| TextStream::new(t.inner(), &control_ids));
+    let mut stops = StopScanner::new(&args.stops);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut failure: Option<anyhow::Error> = None;
+    let mut count = 0usize;
+    let emit = |out: &mut std::io::StdoutLock, s: &str| -> Result<()> {
+        out.write_all(s.as_bytes())
+            .and_then(|_| out.flush())
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
+        Ok(())
+    };
+    generate_with(
         engine.as_mut(),
         model.vocab_size(),
         &prompt,
@@ -436,40 +456,41 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         eos,
         &mut sampler,
         |id| {
-            if args.stops.is_empty() {
-                return true;
-            }
-            so_far.push(id);
-            let text = tokenizer
-                .as_ref()
-                .and_then(|t| t.decode(&so_far, &control_ids).ok())
-                .unwrap_or_default();
-            stopped_at = args
-                .stops
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min();
-            stopped_at.is_none()
+            let step = (|| -> Result<bool> {
+                let piece = match &mut text_stream {
+                    Some(t) => t.push(id).map_err(anyhow::Error::msg)?,
+                    None => String::new(),
+                };
+                let (printable, hit) = stops.push(&piece);
+                match format {
+                    OutputFormat::Text => emit(&mut out, &printable)?,
+                    OutputFormat::Ids => {
+                        let sep = if count == 0 { "" } else { "," };
+                        emit(&mut out, &format!("{sep}{id}"))?;
+                    }
+                }
+                count += 1;
+                Ok(!hit)
+            })();
+            step.unwrap_or_else(|e| {
+                failure = Some(e);
+                false
+            })
         },
     )?;
-    let out = match format {
-        OutputFormat::Ids => {
-            let parts: Vec<String> = new_ids.iter().map(u32::to_string).collect();
-            parts.join(",")
-        }
-        OutputFormat::Text => {
-            let mut text = tokenizer
-                .as_ref()
-                .expect("loaded for --format text")
-                .decode(&new_ids, &control_ids)
-                .map_err(|e| anyhow::anyhow!("cannot decode generated ids: {e}"))?;
-            if let Some(at) = stopped_at {
-                text.truncate(at);
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if format == OutputFormat::Text {
+        if let Some(t) = &mut text_stream {
+            let (printable, hit) = stops.push(&t.finish().map_err(anyhow::Error::msg)?);
+            emit(&mut out, &printable)?;
+            if !hit {
+                emit(&mut out, &stops.finish())?;
             }
-            text
         }
-    };
-    write_stdout(&format!("{out}\n"))
+    }
+    emit(&mut out, "\n")
 }
 
 fn run_build(args: BuildArgs) -> Result<()> {

@@ -13,8 +13,9 @@ pub mod error;
 pub mod executable;
 pub mod interp;
 pub mod passes;
-pub mod sampling;
 pub mod session;
+/// Sampling lives in the runtime, shared with built executables.
+pub use griffin_runtime::sampling;
 pub mod tokenizer;
 pub mod trace;
 

@@ -38,6 +38,10 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     /// Text of `ids`, with BOS, EOS and padding left out. Other special tokens stay: Gemma-style
     /// tokenizers mark the byte-fallback pieces `<0x..>` special, and they are text.
     pub fn decode(&self, ids: &[u32], control: &[u32]) -> Result<String, String> {

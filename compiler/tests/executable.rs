@@ -437,3 +437,96 @@ fn executables_take_prompts_and_print_text() {
         &["no tokenizer packed"],
     );
 }
+
+#[test]
+fn executables_sample_with_a_seed_and_stop_at_strings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = expected("tiny-text");
+    let exe = build("tiny-text", tmp.path(), &[]);
+    let prompt = e.prompt.clone().unwrap();
+    let sample = |seed: &str| {
+        let o = run(
+            &exe,
+            &[
+                "--prompt",
+                &prompt,
+                "--max-new-tokens",
+                "20",
+                "--ignore-eos",
+                "--format",
+                "ids",
+                "--temperature",
+                "1.3",
+                "--top-k",
+                "40",
+                "--top-p",
+                "0.9",
+                "--repetition-penalty",
+                "1.2",
+                "--seed",
+                seed,
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    assert_eq!(sample("3"), sample("3"));
+    assert_ne!(sample("3"), sample("4"));
+    // The same seed and settings give the same ids as `griffinc generate --backend cpu`.
+    let dir = golden_dir().join("tiny-text");
+    let ours = griffinc(&[
+        "generate",
+        dir.to_str().unwrap(),
+        "--prompt",
+        &prompt,
+        "--max-new-tokens",
+        "20",
+        "--ignore-eos",
+        "--format",
+        "ids",
+        "--temperature",
+        "1.3",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.2",
+        "--seed",
+        "3",
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(String::from_utf8(ours.stdout).unwrap(), sample("3"));
+
+    let stop = run(
+        &exe,
+        &[
+            "--prompt",
+            &prompt,
+            "--max-new-tokens",
+            "24",
+            "--stop",
+            "xxx",
+        ],
+    );
+    assert_eq!(String::from_utf8(stop.stdout).unwrap(), "\n");
+    let ids = run(
+        &exe,
+        &[
+            "--prompt",
+            &prompt,
+            "--max-new-tokens",
+            "24",
+            "--stop",
+            "xxx",
+            "--format",
+            "ids",
+        ],
+    );
+    assert_eq!(String::from_utf8(ids.stdout).unwrap().trim(), "349,349,349");
+    fails_with(
+        &run(&exe, &["--ids", "2", "--top-p", "1.5"]),
+        &["--top-p 1.5"],
+    );
+}

@@ -9,6 +9,8 @@ pub mod pack;
 pub mod plan;
 pub mod pool;
 pub mod safetensors_dir;
+pub mod sampling;
+pub mod text;
 pub mod weights;
 
 pub use exec::{Executor, KernelFn};

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use griffin_runtime::plan::Plan;
+use griffin_runtime::sampling::{Sampler, SamplingParams};
+use griffin_runtime::text::{StopScanner, TextStream};
 use griffin_runtime::weights::Weights;
 use griffin_runtime::{Executor, KernelFn};
 
@@ -60,6 +62,7 @@ fn embedded_weights() -> Option<&'static [u8]> {
 
 const USAGE: &str =
     "usage: MODEL (--prompt TEXT | --ids 2,17,5) [--max-new-tokens N] [--ignore-eos] [--format text|ids] \
+[--temperature T] [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--seed S] [--stop STRING] \
 [--prefill N --logits-out FILE] [--threads N] [--weights FILE] [--pack-weights-from MODEL_DIR] [--stats]";
 
 #[derive(PartialEq)]
@@ -80,6 +83,8 @@ struct Args {
     weights: Option<PathBuf>,
     pack_from: Option<PathBuf>,
     stats: bool,
+    sampling: SamplingParams,
+    stops: Vec<String>,
 }
 
 fn parse_ids(text: &str) -> Result<Vec<u32>, String> {
@@ -109,6 +114,8 @@ fn parse_args() -> Result<Args, String> {
         weights: None,
         pack_from: None,
         stats: false,
+        sampling: SamplingParams::default(),
+        stops: Vec::new(),
     };
     let mut have_ids = false;
     let mut it = std::env::args().skip(1);
@@ -119,6 +126,10 @@ fn parse_args() -> Result<Args, String> {
         };
         let number = |name: &str, v: String| {
             v.parse::<usize>()
+                .map_err(|_| format!("{name}: `{v}` is not a number"))
+        };
+        let float = |name: &str, v: String| {
+            v.parse::<f32>()
                 .map_err(|_| format!("{name}: `{v}` is not a number"))
         };
         match flag.as_str() {
@@ -143,6 +154,18 @@ fn parse_args() -> Result<Args, String> {
                 args.pack_from = Some(PathBuf::from(value("--pack-weights-from")?))
             }
             "--stats" => args.stats = true,
+            "--temperature" => {
+                args.sampling.temperature = float("--temperature", value("--temperature")?)?
+            }
+            "--top-k" => args.sampling.top_k = number("--top-k", value("--top-k")?)?,
+            "--top-p" => args.sampling.top_p = float("--top-p", value("--top-p")?)?,
+            "--min-p" => args.sampling.min_p = float("--min-p", value("--min-p")?)?,
+            "--repetition-penalty" => {
+                args.sampling.repetition_penalty =
+                    float("--repetition-penalty", value("--repetition-penalty")?)?
+            }
+            "--seed" => args.sampling.seed = number("--seed", value("--seed")?)? as u64,
+            "--stop" => args.stops.push(value("--stop")?),
             "--format" => {
                 args.format = Some(match value("--format")?.as_str() {
                     "text" => Format::Text,
@@ -155,6 +178,7 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument `{other}` ({USAGE})")),
         }
     }
+    args.sampling.validate()?;
     if have_ids && args.prompt.is_some() {
         return Err("give --prompt or --ids, not both".into());
     }
@@ -240,16 +264,6 @@ fn peak_rss_kb() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn run() -> Result<(), String> {
     let args = parse_args()?;
     let plan = embedded_plan()?;
@@ -322,10 +336,18 @@ fn run() -> Result<(), String> {
         return Err("--prefill goes with --logits-out".into());
     }
 
+    let mut sampler = Sampler::new(args.sampling.clone());
+    // History is kept only for the repetition penalty, so greedy runs stay in constant memory.
+    let mut history: Vec<u32> = if args.sampling.repetition_penalty != 1.0 {
+        args.ids.clone()
+    } else {
+        Vec::new()
+    };
     let started = Instant::now();
     let mut next = 0;
     for c in args.ids.chunks(chunk) {
-        next = argmax(exec.call_last(c).map_err(|e| e.to_string())?);
+        let logits = exec.call_last(c).map_err(|e| e.to_string())?;
+        next = sampler.sample(logits, &history);
     }
     let first_token = started.elapsed();
     // Ids are printed as they come, through a fixed buffer: memory stays flat however many
@@ -334,64 +356,46 @@ fn run() -> Result<(), String> {
     let mut writer = std::io::BufWriter::with_capacity(8192, stdout.lock());
     let mut produced = 0usize;
     let decode_start = Instant::now();
-    // Text: pieces are held back until they decode to whole characters (byte-fallback tokens),
-    // and decoded after the last piece printed, so decoders that treat the start of a text
-    // specially (a leading space stripped) see the same text as one decode of everything.
-    let mut pending: Vec<u32> = Vec::with_capacity(16);
-    let mut context: Option<u32> = None;
-    let emit = |tok: &tokenizers::Tokenizer,
-                context: Option<u32>,
-                pending: &[u32]|
-     -> Result<String, String> {
-        let decode = |ids: &[u32]| {
-            tok.decode(ids, false)
-                .map_err(|e| format!("cannot decode: {e}"))
-        };
-        match context {
-            None => decode(pending),
-            Some(c) => {
-                let mut with = vec![c];
-                with.extend_from_slice(pending);
-                let (full, before) = (decode(&with)?, decode(&[c])?);
-                Ok(full
-                    .strip_prefix(before.as_str())
-                    .map_or(full.clone(), str::to_string))
-            }
-        }
-    };
+    let mut stream = tokenizer.as_ref().map(|t| TextStream::new(t, &control));
+    if !args.stops.is_empty() && stream.is_none() {
+        return Err("--stop: this executable has no tokenizer packed to read the text with".into());
+    }
+    let mut stops = StopScanner::new(&args.stops);
+    let mut stopped = false;
     while produced < args.max_new_tokens {
-        match (&format, &tokenizer) {
-            (Format::Text, Some(tok)) => {
-                if !control.contains(&next) {
-                    pending.push(next);
-                    let text = emit(tok, context, &pending)?;
-                    if !text.ends_with('\u{FFFD}') || pending.len() >= 8 {
-                        write!(writer, "{text}")
-                            .map_err(|e| format!("cannot write output: {e}"))?;
-                        writer
-                            .flush()
-                            .map_err(|e| format!("cannot write output: {e}"))?;
-                        context = pending.last().copied();
-                        pending.clear();
-                    }
-                }
-            }
-            _ => {
-                let separator = if produced == 0 { "" } else { "," };
-                write!(writer, "{separator}{next}")
-                    .map_err(|e| format!("cannot write output: {e}"))?;
-            }
+        let piece = match &mut stream {
+            Some(s) => s.push(next)?,
+            None => String::new(),
+        };
+        let (printable, hit) = stops.push(&piece);
+        stopped = hit;
+        if format == Format::Text {
+            write!(writer, "{printable}").map_err(|e| format!("cannot write output: {e}"))?;
+            writer
+                .flush()
+                .map_err(|e| format!("cannot write output: {e}"))?;
+        } else {
+            let separator = if produced == 0 { "" } else { "," };
+            write!(writer, "{separator}{next}").map_err(|e| format!("cannot write output: {e}"))?;
         }
         produced += 1;
-        if (next == eos && !args.ignore_eos) || produced == args.max_new_tokens {
+        if hit || (next == eos && !args.ignore_eos) || produced == args.max_new_tokens {
             break;
         }
-        next = argmax(exec.call_last(&[next]).map_err(|e| e.to_string())?);
+        if args.sampling.repetition_penalty != 1.0 {
+            history.push(next);
+        }
+        let logits = exec.call_last(&[next]).map_err(|e| e.to_string())?;
+        next = sampler.sample(logits, &history);
     }
     let decode = decode_start.elapsed();
-    if let (false, Some(tok)) = (pending.is_empty(), &tokenizer) {
-        let text = emit(tok, context, &pending)?;
-        write!(writer, "{text}").map_err(|e| format!("cannot write output: {e}"))?;
+    if let (Format::Text, Some(s), false) = (&format, &mut stream, stopped) {
+        let (printable, hit) = stops.push(&s.finish()?);
+        write!(writer, "{printable}").map_err(|e| format!("cannot write output: {e}"))?;
+        if !hit {
+            write!(writer, "{}", stops.finish())
+                .map_err(|e| format!("cannot write output: {e}"))?;
+        }
     }
     writeln!(writer)
         .and_then(|_| writer.flush())
