@@ -208,7 +208,7 @@ pub struct EvalArgs {
 pub struct GenerateArgs {
     pub model_dir: PathBuf,
     /// Prompt text; needs tokenizer.json in MODEL_DIR. BOS is prepended.
-    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    #[arg(long, conflicts_with = "ids", required_unless_present_any = ["ids", "chat"])]
     pub prompt: Option<String>,
     /// Prompt as comma-separated token ids (BOS included if wanted).
     #[arg(long)]
@@ -239,6 +239,10 @@ pub struct GenerateArgs {
     /// Stop when the generated text contains this string (repeatable); the text is cut before it.
     #[arg(long = "stop", value_name = "STRING")]
     pub stops: Vec<String>,
+    /// Chat: read user turns from standard input, one per line, and answer each in Gemma's turn
+    /// format. The recurrent state is kept between turns: no turn re-reads the history.
+    #[arg(long, conflicts_with_all = ["prompt", "ids"])]
+    pub chat: bool,
     /// `text` (default when MODEL_DIR has tokenizer.json) or `ids`, comma-separated.
     #[arg(long, value_enum)]
     pub format: Option<OutputFormat>,
@@ -382,6 +386,103 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// The text that opens a user turn and asks for the model's, in Gemma's format. `after_reply`
+/// closes the previous model turn: "\n" after an `<end_of_turn>` the model produced, the whole
+/// marker if its reply was cut short.
+pub fn chat_turn(message: &str, after_reply: Option<bool>) -> String {
+    let close = match after_reply {
+        None => "",
+        Some(true) => "\n",
+        Some(false) => "<end_of_turn>\n",
+    };
+    format!("{close}<start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n")
+}
+
+fn run_chat(
+    args: &GenerateArgs,
+    model: &Model,
+    tokenizer: &TextTokenizer,
+    format: OutputFormat,
+) -> Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    let config = &model.checkpoint.config;
+    let end_of_turn = tokenizer.token_id("<end_of_turn>");
+    let control = [
+        config.bos_token_id,
+        config.eos_token_id,
+        config.pad_token_id,
+    ];
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    });
+    let mut engine = engine(args.backend, model, &args.compile)?;
+    engine.reset();
+    let vocab = model.vocab_size();
+    let interactive = std::io::stdin().is_terminal();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    // The last token the model produced: not yet fed, it opens the next turn.
+    let mut pending: Option<u32> = None;
+    let mut history: Vec<u32> = Vec::new();
+    let mut logits = Vec::with_capacity(vocab);
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("cannot read standard input")?;
+        if interactive && line.trim().is_empty() {
+            continue;
+        }
+        let text = chat_turn(&line, pending.map(|p| Some(p) == end_of_turn));
+        let mut ids: Vec<u32> = pending.into_iter().collect();
+        let encoded = if history.is_empty() {
+            tokenizer.encode(&text)
+        } else {
+            tokenizer.encode_continuation(&text)
+        };
+        ids.extend(encoded.map_err(|e| anyhow::anyhow!("cannot tokenize: {e}"))?);
+        model.check_ids(&ids)?;
+        history.extend_from_slice(&ids);
+        let rows = engine.prefill_last(&ids)?;
+        let mut next = sampler.sample(&rows[rows.len() - vocab..], &history);
+        let mut stream = TextStream::new(tokenizer.inner(), &control);
+        let mut reply_ids = Vec::new();
+        loop {
+            history.push(next);
+            reply_ids.push(next);
+            let done = Some(next) == end_of_turn
+                || next == config.eos_token_id
+                || reply_ids.len() >= args.max_new_tokens;
+            if format == OutputFormat::Text && Some(next) != end_of_turn {
+                let piece = stream.push(next).map_err(anyhow::Error::msg)?;
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+            }
+            if done {
+                break;
+            }
+            logits.clear();
+            engine.step(next, &mut |l| logits.extend_from_slice(l))?;
+            next = sampler.sample(&logits, &history);
+        }
+        match format {
+            OutputFormat::Text => {
+                out.write_all(stream.finish().map_err(anyhow::Error::msg)?.as_bytes())?
+            }
+            OutputFormat::Ids => {
+                let parts: Vec<String> = reply_ids.iter().map(u32::to_string).collect();
+                out.write_all(parts.join(",").as_bytes())?;
+            }
+        }
+        out.write_all(b"\n")?;
+        out.flush()?;
+        pending = Some(next);
+    }
+    Ok(())
+}
+
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let given_ids = args.ids.as_deref().map(parse_ids).transpose()?;
     let passes = pipeline(&args.passes)?;
@@ -395,12 +496,21 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     } else {
         OutputFormat::Ids
     });
-    let tokenizer =
-        if args.prompt.is_some() || format == OutputFormat::Text || !args.stops.is_empty() {
-            Some(TextTokenizer::load(&args.model_dir, bos)?)
-        } else {
-            None
-        };
+    let needs_tokenizer = args.prompt.is_some()
+        || args.chat
+        || format == OutputFormat::Text
+        || !args.stops.is_empty();
+    let tokenizer = if needs_tokenizer {
+        Some(TextTokenizer::load(&args.model_dir, bos)?)
+    } else {
+        None
+    };
+    if args.chat {
+        let tok = tokenizer
+            .as_ref()
+            .context("--chat needs tokenizer.json in the model folder")?;
+        return run_chat(&args, &model, tok, format);
+    }
     let prompt = match (&args.prompt, given_ids) {
         (Some(text), _) => tokenizer
             .as_ref()

@@ -38,6 +38,17 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Token ids of a text that continues a document: no BOS.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>, String> {
+        let encoding = self.inner.encode(text, false).map_err(|e| e.to_string())?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The id of a token written as text (`<end_of_turn>`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }

@@ -311,3 +311,70 @@ fn sampling_is_seeded_and_stops_at_strings() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--top-p 0 must be in (0, 1]"));
 }
+
+#[test]
+fn chat_keeps_state_between_turns() {
+    use std::io::Write;
+    let dir = golden_dir().join("tiny-text");
+    let d = dir.to_str().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_griffinc"))
+        .args([
+            "generate",
+            d,
+            "--chat",
+            "--max-new-tokens",
+            "5",
+            "--format",
+            "ids",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello there\nand the fox?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replies: Vec<Vec<u32>> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').map(|x| x.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(replies.len(), 2);
+    assert!(replies.iter().all(|r| r.len() == 5));
+
+    // The second reply is what one pass over the whole transcript gives: the chat continued the
+    // recurrent state instead of re-reading the history.
+    let m = griffinc::session::Model::load(&dir).unwrap();
+    let tok =
+        griffinc::tokenizer::TextTokenizer::load(&dir, m.checkpoint.config.bos_token_id).unwrap();
+    let mut transcript = tok
+        .encode(&griffinc::cli::chat_turn("hello there", None))
+        .unwrap();
+    transcript.extend(&replies[0]);
+    transcript.extend(
+        tok.encode_continuation(&griffinc::cli::chat_turn("and the fox?", Some(false)))
+            .unwrap(),
+    );
+    let whole = stdout(&griffinc(&[
+        "generate",
+        d,
+        "--ids",
+        &ids_arg(&transcript),
+        "--max-new-tokens",
+        "5",
+        "--ignore-eos",
+        "--format",
+        "ids",
+    ]));
+    assert_eq!(whole.trim(), ids_arg(&replies[1]));
+}
