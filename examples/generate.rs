@@ -18,7 +18,9 @@ use griffinc::tokenizer::TextTokenizer;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let dir = PathBuf::from(args.next().ok_or("usage: generate MODEL_DIR [PROMPT]")?);
-    let prompt = args.next().unwrap_or_else(|| "In the beginning".to_string());
+    let prompt = args
+        .next()
+        .unwrap_or_else(|| "In the beginning".to_string());
 
     let model = Model::load(&dir)?;
     let config = &model.checkpoint.config;
@@ -40,7 +42,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for c in ids.chunks(chunk) {
         next = sampler.sample(executor.call_last(c)?, &[]);
     }
-    let control = [config.bos_token_id, config.eos_token_id, config.pad_token_id];
+    let control = [
+        config.bos_token_id,
+        config.eos_token_id,
+        config.pad_token_id,
+    ];
     let mut text = TextStream::new(tokenizer.inner(), &control);
     print!("{prompt}");
     for _ in 0..48 {

@@ -15,6 +15,7 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::session::{eval_with, generate_with, Engine, Model, Session};
 use crate::tokenizer::TextTokenizer;
 use griffin_backend_cpu::{TargetCpu, WeightsDtype};
+use griffin_runtime::stats::GenerationTimer;
 use griffin_runtime::text::{StopScanner, TextStream};
 
 #[derive(Parser, Debug)]
@@ -24,6 +25,10 @@ use griffin_runtime::text::{StopScanner, TextStream};
     about = "Ahead-of-time compiler for Griffin (RecurrentGemma) models"
 )]
 pub struct Cli {
+    /// Log each stage (loading, passes, lowering, packing, compiling) and its duration to
+    /// stderr; repeat for more detail (-vv).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -246,6 +251,10 @@ pub struct GenerateArgs {
     /// `text` (default when MODEL_DIR has tokenizer.json) or `ids`, comma-separated.
     #[arg(long, value_enum)]
     pub format: Option<OutputFormat>,
+    /// After generating, print time to first token, prefill and decode tokens/s and peak memory
+    /// to stderr.
+    #[arg(long)]
+    pub stats: bool,
     #[arg(long, value_enum, default_value_t = Backend::Interp)]
     pub backend: Backend,
     /// `default`, `none`, or pass names separated by commas.
@@ -280,6 +289,7 @@ fn load(dir: &Path, passes: &[&'static Pass]) -> Result<Model> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    crate::progress::init_logging(cli.verbose);
     match cli.command {
         Command::Ir(args) => run_ir(args),
         Command::Eval(args) => run_eval(args),
@@ -535,6 +545,10 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     }
     let mut sampler = Sampler::new(sampling);
     let mut engine = engine(args.backend, &model, &args.compile)?;
+    let threads = match args.backend {
+        Backend::Interp => 1,
+        Backend::Cpu => args.compile.cpu_options()?.threads,
+    };
     let eos = (!args.ignore_eos).then_some(config.eos_token_id);
     // Output streams as tokens come: text through a TextStream (whole characters only), cut at
     // the first stop string; ids comma-separated (stop strings are still read from the text).
@@ -546,6 +560,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let mut out = stdout.lock();
     let mut failure: Option<anyhow::Error> = None;
     let mut count = 0usize;
+    let mut timer = GenerationTimer::start(prompt.len());
     let emit = |out: &mut std::io::StdoutLock, s: &str| -> Result<()> {
         out.write_all(s.as_bytes())
             .and_then(|_| out.flush())
@@ -580,6 +595,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
                     }
                 }
                 count += 1;
+                timer.token();
                 Ok(!hit)
             })();
             step.unwrap_or_else(|e| {
@@ -600,7 +616,11 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             }
         }
     }
-    emit(&mut out, "\n")
+    emit(&mut out, "\n")?;
+    if args.stats {
+        eprintln!("{}", timer.report(threads));
+    }
+    Ok(())
 }
 
 fn run_build(args: BuildArgs) -> Result<()> {

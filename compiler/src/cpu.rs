@@ -3,12 +3,13 @@
 //! weight expressions computed once), compile, and run through the runtime.
 
 use griffin_backend_cpu::{lower, Jit, Lowered, Options, TargetCpu, WeightsDtype};
-use griffin_runtime::pack::pack;
+use griffin_runtime::pack::pack_with_progress;
 use griffin_runtime::plan::Plan;
 use griffin_runtime::weights::Weights;
 use griffin_runtime::Executor;
 
 use crate::error::RunError;
+use crate::progress;
 use crate::session::{Engine, Model};
 
 #[derive(Clone, Debug)]
@@ -41,6 +42,7 @@ pub struct Artifact {
 pub fn build(model: &Model, opts: &CpuOptions) -> Result<Artifact, RunError> {
     let config = &model.checkpoint.config;
     let backend = |e: griffin_backend_cpu::BackendError| RunError::Backend(e.to_string());
+    let stage = progress::spinner("lowering", "the prefill graph to CPU kernels");
     let lowered = lower(
         &model.prefill,
         &Options {
@@ -53,9 +55,22 @@ pub fn build(model: &Model, opts: &CpuOptions) -> Result<Artifact, RunError> {
         },
     )
     .map_err(backend)?;
+    tracing::info!(
+        kernels = lowered.plan.launches.len(),
+        buffers = lowered.plan.buffers.len(),
+        "lowered"
+    );
+    drop(stage);
     // The same packing code an executable runs for `--pack-weights-from`.
     let mut plan = lowered.plan.clone();
-    let weights = pack(&mut plan, &model.checkpoint).map_err(RunError::Backend)?;
+    let stage = progress::counted("packing", "weights", 0, "tensors");
+    let weights = pack_with_progress(&mut plan, &model.checkpoint, &mut |done, total| {
+        stage.set_total(total as u64);
+        stage.set(done as u64);
+    })
+    .map_err(RunError::Backend)?;
+    tracing::info!(bytes = weights.len(), "packed weights");
+    drop(stage);
     Ok(Artifact {
         plan,
         lowered,
@@ -73,8 +88,10 @@ pub struct CpuEngine {
 impl CpuEngine {
     pub fn new(model: &Model, opts: &CpuOptions) -> Result<CpuEngine, RunError> {
         let artifact = build(model, opts)?;
+        let stage = progress::spinner("compiling", "kernels with LLVM");
         let jit = Jit::new(&artifact.lowered.module, &opts.target_cpu)
             .map_err(|e| RunError::Backend(e.to_string()))?;
+        drop(stage);
         let weights = Weights::from_bytes(&artifact.weights);
         let executor = Executor::new(artifact.plan, &|s| jit.kernel(s), weights, opts.threads)
             .map_err(|e| RunError::Backend(e.to_string()))?;

@@ -9,6 +9,7 @@ use griffin_backend_cpu::compile_object;
 
 use crate::cpu::{build, CpuOptions};
 use crate::error::RunError;
+use crate::progress;
 use crate::session::Model;
 
 const RUNNER: &str = "libgriffin_runner.a";
@@ -140,7 +141,10 @@ pub fn build_executable(
     let scratch = tempfile_dir(out_dir)?;
     let object = scratch.join("kernels.o");
     let result = (|| {
+        let stage = progress::spinner("compiling", "kernels with LLVM");
         compile_object(&module, &opts.target_cpu, &object).map_err(|e| fail(e.to_string()))?;
+        drop(stage);
+        let stage = progress::spinner("linking", name.to_string());
         let linked = scratch.join(name);
         let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
         let data = data_object(&scratch, &cc, &blobs)?;
@@ -160,7 +164,9 @@ pub fn build_executable(
                 stderr.lines().take(3).collect::<Vec<_>>().join(" ")
             )));
         }
+        drop(stage);
         if !embed_weights {
+            let _stage = progress::spinner("writing", weights.display().to_string());
             griffin_runtime::weights::write(
                 &weights,
                 &artifact.plan.weights_hash,

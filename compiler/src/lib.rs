@@ -13,6 +13,7 @@ pub mod error;
 pub mod executable;
 pub mod interp;
 pub mod passes;
+pub mod progress;
 pub mod session;
 /// Sampling lives in the runtime, shared with built executables.
 pub use griffin_runtime::sampling;

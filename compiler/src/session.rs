@@ -30,6 +30,7 @@ impl Model {
     /// Loads and traces, then runs `passes` on both graphs.
     pub fn load_with_passes(dir: &Path, passes: &[&'static Pass]) -> Result<Model, ModelError> {
         let mut model = Model::load_traced(dir)?;
+        let _stage = crate::progress::spinner("optimizing", format!("{} passes", passes.len()));
         for graph in [&mut model.prefill, &mut model.decode] {
             optimize(graph, passes).map_err(|source| ModelError::Pass {
                 graph: if graph.name == "prefill" {
@@ -45,7 +46,16 @@ impl Model {
 
     /// Loads and traces, with no pass run.
     pub fn load_traced(dir: &Path) -> Result<Model, ModelError> {
+        let stage = crate::progress::spinner("loading", dir.display().to_string());
         let checkpoint = Checkpoint::open(dir)?;
+        drop(stage);
+        tracing::info!(
+            layers = checkpoint.config.layers.len(),
+            hidden = checkpoint.config.hidden_size,
+            vocab = checkpoint.config.vocab_size,
+            "checkpoint validated"
+        );
+        let _stage = crate::progress::spinner("tracing", "prefill and decode graphs");
         let params: BTreeMap<String, ValueType> = checkpoint
             .config
             .expected_tensors()

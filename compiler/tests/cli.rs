@@ -378,3 +378,55 @@ fn chat_keeps_state_between_turns() {
     ]));
     assert_eq!(whole.trim(), ids_arg(&replies[1]));
 }
+
+#[test]
+fn verbose_logs_stages_to_stderr_and_stats_report_rates() {
+    let dir = golden_dir().join("tiny-text");
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "generate",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "hello",
+            "--max-new-tokens",
+            "5",
+            "--backend",
+            "cpu",
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>| griffinc(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let quiet = run(args(&[]));
+    let loud = run(args(&["-v", "--stats"]));
+    // Logging and stats go to stderr only: the text is the same.
+    assert_eq!(stdout(&quiet), stdout(&loud));
+    assert!(
+        quiet.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
+    let log = String::from_utf8(loud.stderr).unwrap();
+    for stage in [
+        "loading",
+        "tracing",
+        "optimizing",
+        "lowering",
+        "packing",
+        "compiling",
+    ] {
+        assert!(
+            log.contains(&format!("stage=\"{stage}\"")),
+            "no {stage} in:\n{log}"
+        );
+    }
+    let last = log.lines().last().unwrap();
+    assert!(
+        last.starts_with("time to first token ") && last.contains("(5 tokens)"),
+        "{last}"
+    );
+    // -vv adds one line per pass.
+    let debug = run(args(&["-vv"]));
+    let log = String::from_utf8(debug.stderr).unwrap();
+    assert!(log.contains("pass=\"fuse-rg-lru\""), "{log}");
+}

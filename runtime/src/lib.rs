@@ -10,6 +10,7 @@ pub mod plan;
 pub mod pool;
 pub mod safetensors_dir;
 pub mod sampling;
+pub mod stats;
 pub mod text;
 pub mod weights;
 

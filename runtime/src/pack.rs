@@ -89,6 +89,21 @@ fn store(values: &[f32], storage: Storage) -> Vec<u8> {
 /// Computes every weight of `plan` from `source` and lays them out 64-byte aligned in buffer
 /// order; writes each one's offset and size into the plan and its hash into `weights_hash`.
 pub fn pack(plan: &mut Plan, source: &dyn TensorSource) -> Result<Vec<u8>, String> {
+    pack_with_progress(plan, source, &mut |_, _| {})
+}
+
+/// `pack`, calling `progress(done, total)` after each weight (for progress bars).
+pub fn pack_with_progress(
+    plan: &mut Plan,
+    source: &dyn TensorSource,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<u8>, String> {
+    let total = plan
+        .buffers
+        .iter()
+        .filter(|b| matches!(b.kind, BufferKind::Weight { .. }))
+        .count();
+    let mut done = 0;
     let mut data = Vec::new();
     for buffer in &mut plan.buffers {
         if let BufferKind::Weight {
@@ -105,6 +120,8 @@ pub fn pack(plan: &mut Plan, source: &dyn TensorSource) -> Result<Vec<u8>, Strin
             *bytes = packed.len() as u64;
             data.resize(*offset as usize, 0);
             data.extend_from_slice(&packed);
+            done += 1;
+            progress(done, total);
         }
     }
     let mut hash = Fnv::default();

@@ -165,6 +165,14 @@ pub fn run_pipeline(
             time,
             nodes_after: graph.node_count(),
         };
+        tracing::debug!(
+            graph = %graph.name,
+            pass = pass.name,
+            rewrites,
+            nodes = report.nodes_after,
+            micros = time.as_micros() as u64,
+            "pass"
+        );
         after_pass(&report, graph);
         reports.push(report);
         if stop_after == Some(pass.name) {

@@ -5,10 +5,10 @@
 use std::ffi::c_int;
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use griffin_runtime::plan::Plan;
 use griffin_runtime::sampling::{Sampler, SamplingParams};
+use griffin_runtime::stats::GenerationTimer;
 use griffin_runtime::text::{StopScanner, TextStream};
 use griffin_runtime::weights::Weights;
 use griffin_runtime::{Executor, KernelFn};
@@ -257,13 +257,6 @@ fn pack_weights(plan: &Plan, dir: &std::path::Path, out: &std::path::Path) -> Re
     Ok(())
 }
 
-/// Peak resident memory of this process (Linux `VmHWM`).
-fn peak_rss_kb() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn run() -> Result<(), String> {
     let args = parse_args()?;
     let plan = embedded_plan()?;
@@ -343,19 +336,17 @@ fn run() -> Result<(), String> {
     } else {
         Vec::new()
     };
-    let started = Instant::now();
+    let mut timer = GenerationTimer::start(args.ids.len());
     let mut next = 0;
     for c in args.ids.chunks(chunk) {
         let logits = exec.call_last(c).map_err(|e| e.to_string())?;
         next = sampler.sample(logits, &history);
     }
-    let first_token = started.elapsed();
     // Ids are printed as they come, through a fixed buffer: memory stays flat however many
     // tokens are generated.
     let stdout = std::io::stdout();
     let mut writer = std::io::BufWriter::with_capacity(8192, stdout.lock());
     let mut produced = 0usize;
-    let decode_start = Instant::now();
     let mut stream = tokenizer.as_ref().map(|t| TextStream::new(t, &control));
     if !args.stops.is_empty() && stream.is_none() {
         return Err("--stop: this executable has no tokenizer packed to read the text with".into());
@@ -379,6 +370,7 @@ fn run() -> Result<(), String> {
             write!(writer, "{separator}{next}").map_err(|e| format!("cannot write output: {e}"))?;
         }
         produced += 1;
+        timer.token();
         if hit || (next == eos && !args.ignore_eos) || produced == args.max_new_tokens {
             break;
         }
@@ -388,7 +380,6 @@ fn run() -> Result<(), String> {
         let logits = exec.call_last(&[next]).map_err(|e| e.to_string())?;
         next = sampler.sample(logits, &history);
     }
-    let decode = decode_start.elapsed();
     if let (Format::Text, Some(s), false) = (&format, &mut stream, stopped) {
         let (printable, hit) = stops.push(&s.finish()?);
         write!(writer, "{printable}").map_err(|e| format!("cannot write output: {e}"))?;
@@ -401,17 +392,7 @@ fn run() -> Result<(), String> {
         .and_then(|_| writer.flush())
         .map_err(|e| format!("cannot write output: {e}"))?;
     if args.stats {
-        let steps = produced.saturating_sub(1).max(1) as f64;
-        eprintln!(
-            "time to first token {:.1} ms, prefill {:.1} tokens/s ({} tokens), decode {:.1} tokens/s ({} tokens), {} threads, peak RSS {} kB",
-            first_token.as_secs_f64() * 1e3,
-            args.ids.len() as f64 / first_token.as_secs_f64(),
-            args.ids.len(),
-            steps / decode.as_secs_f64().max(1e-9),
-            produced,
-            exec.threads(),
-            peak_rss_kb().map_or_else(|| "?".to_string(), |k| k.to_string())
-        );
+        eprintln!("{}", timer.report(exec.threads()));
     }
     Ok(())
 }
