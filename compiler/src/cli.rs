@@ -43,6 +43,24 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Compile a checkpoint into a standalone executable and its weights file.
     Build(BuildArgs),
+    /// Compile a model (default: the small demo model inside griffinc) into an executable and
+    /// run it on a prompt.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Checkpoint folder (default: the embedded demo model, trained on the King James Bible).
+    pub model_dir: Option<PathBuf>,
+    #[arg(long, default_value = "And God said")]
+    pub prompt: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Where to put the executable (default: a temporary folder removed afterwards).
+    #[arg(short = 'o', long = "out-dir")]
+    pub out_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub compile: CompileArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -295,6 +313,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => run_eval(args),
         Command::Generate(args) => run_generate(args),
         Command::Build(args) => run_build(args),
+        Command::Demo(args) => run_demo(args),
     }
 }
 
@@ -620,6 +639,29 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     if args.stats {
         eprintln!("{}", timer.report(threads));
     }
+    Ok(())
+}
+
+fn run_demo(args: DemoArgs) -> Result<()> {
+    let opts = args.compile.cpu_options()?;
+    let scratch;
+    let out_dir = match &args.out_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            scratch = tempfile::Builder::new()
+                .prefix("griffin-demo")
+                .tempdir()
+                .context("cannot create a temporary folder")?;
+            scratch.path().to_path_buf()
+        }
+    };
+    crate::demo::run_demo(&crate::demo::DemoRequest {
+        model_dir: args.model_dir.as_deref(),
+        out_dir: &out_dir,
+        prompt: &args.prompt,
+        max_new_tokens: args.max_new_tokens,
+        options: &opts,
+    })?;
     Ok(())
 }
 

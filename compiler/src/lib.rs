@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod cpu;
+pub mod demo;
 pub mod error;
 pub mod executable;
 pub mod interp;

@@ -10,6 +10,7 @@ pub enum Class {
     B32,
     B64,
     F32,
+    F64,
 }
 
 impl Class {
@@ -19,6 +20,7 @@ impl Class {
             Class::B32 => "r",
             Class::B64 => "rd",
             Class::F32 => "f",
+            Class::F64 => "fd",
         }
     }
 
@@ -28,6 +30,7 @@ impl Class {
             Class::B32 => ".b32",
             Class::B64 => ".b64",
             Class::F32 => ".f32",
+            Class::F64 => ".f64",
         }
     }
 }
@@ -45,7 +48,8 @@ impl std::fmt::Display for Reg {
 pub struct Kernel {
     name: String,
     params: Vec<String>,
-    counts: [u32; 4],
+    counts: [u32; 5],
+    shared: Vec<String>,
     body: String,
     labels: u32,
 }
@@ -58,7 +62,8 @@ impl Kernel {
         Kernel {
             name: name.to_string(),
             params: Vec::new(),
-            counts: [0; 4],
+            counts: [0; 5],
+            shared: Vec::new(),
             body: String::new(),
             labels: 0,
         }
@@ -70,6 +75,7 @@ impl Kernel {
             Class::B32 => 1,
             Class::B64 => 2,
             Class::F32 => 3,
+            Class::F64 => 4,
         }
     }
 
@@ -88,6 +94,13 @@ impl Kernel {
         let g = self.reg(Class::B64);
         self.ins(format!("cvta.to.global.u64 {g}, {r};"));
         g
+    }
+
+    /// A block-shared array of `bytes` bytes named `name` (`mov.u64 %rd, name;` takes its
+    /// address in the shared window).
+    pub fn shared(&mut self, name: &str, bytes: u32, align: u32) {
+        self.shared
+            .push(format!(".shared .align {align} .b8 {name}[{bytes}];"));
     }
 
     /// One instruction (or directive) line.
@@ -116,6 +129,11 @@ impl Kernel {
         format!("0f{:08X}", value.to_bits())
     }
 
+    /// `value` as an f64 immediate, exactly (`0dXXXXXXXXXXXXXXXX`).
+    pub fn f64_imm(value: f64) -> String {
+        format!("0d{:016X}", value.to_bits())
+    }
+
     pub fn finish(self) -> String {
         let mut out = String::new();
         let _ = writeln!(
@@ -125,11 +143,14 @@ impl Kernel {
             self.params.join(",\n\t")
         );
         out.push_str("{\n");
-        for class in [Class::Pred, Class::B32, Class::B64, Class::F32] {
+        for class in [Class::Pred, Class::B32, Class::B64, Class::F32, Class::F64] {
             let n = self.counts[Self::index(class)];
             if n > 0 {
                 let _ = writeln!(out, "\t.reg {} %{}<{}>;", class.decl(), class.prefix(), n);
             }
+        }
+        for decl in &self.shared {
+            let _ = writeln!(out, "\t{decl}");
         }
         out.push_str(&self.body);
         out.push_str("\tret;\n}\n");

@@ -3,6 +3,7 @@
 //! (bias, GeGLU, soft-cap, residual) in lane 0. Eight warps per block.
 
 use crate::builder::{Class, Kernel, Reg};
+use crate::math::{gelu, tanh, warp_sum};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Epilogue {
@@ -22,6 +23,10 @@ pub struct GemvSpec {
     pub bias: bool,
     pub epilogue: Epilogue,
     pub residual: bool,
+    /// RMS-normalise x first (epsilon); the kernel then takes the norm's gain (`1 + w`,
+    /// folded at packing) after x. `Σ w·(x·g·r) = r · Σ w·(x·g)`: the gain multiplies each
+    /// input and the common factor r the sum.
+    pub norm: Option<f32>,
 }
 
 pub const WARPS_PER_BLOCK: u32 = 8;
@@ -32,7 +37,17 @@ pub fn grid(spec: &GemvSpec) -> u32 {
 }
 
 /// Accumulates `w[row, i..i+8] · x[i..i+8]` into `acc`.
-fn dot8(k: &mut Kernel, w: Reg, x: Reg, row: Reg, i: Reg, inputs: u32, acc: Reg) {
+#[allow(clippy::too_many_arguments)]
+fn dot8(
+    k: &mut Kernel,
+    w: Reg,
+    x: Reg,
+    gain: Option<Reg>,
+    row: Reg,
+    i: Reg,
+    inputs: u32,
+    acc: Reg,
+) {
     let elem = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {elem}, {row}, {inputs}, {i};"));
     let off = k.reg(Class::B64);
@@ -57,6 +72,22 @@ fn dot8(k: &mut Kernel, w: Reg, x: Reg, row: Reg, i: Reg, inputs: u32, acc: Reg)
         "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{xp}+16];",
         xs[4], xs[5], xs[6], xs[7]
     ));
+    if let Some(g) = gain {
+        let gp = k.reg(Class::B64);
+        k.ins(format!("add.u64 {gp}, {g}, {xoff};"));
+        let gs: Vec<Reg> = (0..8).map(|_| k.reg(Class::F32)).collect();
+        k.ins(format!(
+            "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{gp}];",
+            gs[0], gs[1], gs[2], gs[3]
+        ));
+        k.ins(format!(
+            "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{gp}+16];",
+            gs[4], gs[5], gs[6], gs[7]
+        ));
+        for (xv, gv) in xs.iter().zip(&gs) {
+            k.ins(format!("mul.f32 {xv}, {xv}, {gv};"));
+        }
+    }
     for (j, word) in words.iter().enumerate() {
         // A 32-bit word holds two bf16: the low half is the earlier element.
         let lo_bits = k.reg(Class::B32);
@@ -71,16 +102,6 @@ fn dot8(k: &mut Kernel, w: Reg, x: Reg, row: Reg, i: Reg, inputs: u32, acc: Reg)
     }
 }
 
-fn warp_sum(k: &mut Kernel, acc: Reg) {
-    for offset in [16, 8, 4, 2, 1] {
-        let other = k.reg(Class::F32);
-        k.ins(format!(
-            "shfl.sync.bfly.b32 {other}, {acc}, {offset}, 31, -1;"
-        ));
-        k.ins(format!("add.f32 {acc}, {acc}, {other};"));
-    }
-}
-
 fn load_f32_at(k: &mut Kernel, base: Reg, index: Reg) -> Reg {
     let off = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {off}, {index}, 4;"));
@@ -91,35 +112,43 @@ fn load_f32_at(k: &mut Kernel, base: Reg, index: Reg) -> Reg {
     v
 }
 
-fn gelu(k: &mut Kernel, x: Reg) -> Reg {
-    let x3 = k.reg(Class::F32);
-    k.ins(format!("mul.f32 {x3}, {x}, {x};"));
-    k.ins(format!("mul.f32 {x3}, {x3}, {x};"));
-    let inner = k.reg(Class::F32);
+/// `1 / sqrt(mean(x²) + eps)`, computed by each warp over the whole input (every lane ends
+/// with it).
+fn rms_factor(k: &mut Kernel, x: Reg, lane: Reg, inputs: u32, eps: f32) -> Reg {
+    let ss = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {ss}, 0f00000000;"));
+    let i = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {i}, {lane};"));
+    let (head, end) = (k.label("norm"), k.label("norm_end"));
+    k.place(&head);
+    let stop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {stop}, {i}, {inputs};"));
+    k.ins(format!("@{stop} bra {end};"));
+    let v = load_f32_at(k, x, i);
+    k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
+    k.ins(format!("add.u32 {i}, {i}, 32;"));
+    k.ins(format!("bra {head};"));
+    k.place(&end);
+    warp_sum(k, ss);
     k.ins(format!(
-        "fma.rn.f32 {inner}, {x3}, {}, {x};",
-        Kernel::f32_imm(0.044715)
+        "fma.rn.f32 {ss}, {ss}, {}, {};",
+        Kernel::f32_imm(1.0 / inputs as f32),
+        Kernel::f32_imm(eps)
     ));
-    k.ins(format!(
-        "mul.f32 {inner}, {inner}, {};",
-        Kernel::f32_imm((2.0f64 / std::f64::consts::PI).sqrt() as f32)
-    ));
-    let t = k.reg(Class::F32);
-    k.ins(format!("tanh.approx.f32 {t}, {inner};"));
-    k.ins(format!("add.f32 {t}, {t}, {};", Kernel::f32_imm(1.0)));
-    let half = k.reg(Class::F32);
-    k.ins(format!("mul.f32 {half}, {x}, {};", Kernel::f32_imm(0.5)));
-    let out = k.reg(Class::F32);
-    k.ins(format!("mul.f32 {out}, {half}, {t};"));
-    out
+    let r = k.reg(Class::F32);
+    // sqrt.rn then an IEEE reciprocal: as exact as the reference's 1/sqrt in f32.
+    k.ins(format!("sqrt.rn.f32 {r}, {ss};"));
+    k.ins(format!("rcp.rn.f32 {r}, {r};"));
+    r
 }
 
-/// Parameters, in order: x `f32[I]`, w `bf16[rows, I]`, [bias `f32[rows]`], [residual
-/// `f32[width]`], out `f32[width]`.
+/// Parameters, in order: x `f32[I]`, [gain `f32[I]`], w `bf16[rows, I]`, [bias `f32[rows]`],
+/// [residual `f32[width]`], out `f32[width]`.
 pub fn gemv(spec: &GemvSpec) -> String {
     assert!(spec.inputs % 8 == 0, "inputs must be a multiple of 8");
     let mut k = Kernel::new(&spec.name);
     let x = k.param_ptr("x");
+    let gain = spec.norm.map(|_| k.param_ptr("gain"));
     let w = k.param_ptr("w");
     let bias = spec.bias.then(|| k.param_ptr("bias"));
     let residual = spec.residual.then(|| k.param_ptr("residual"));
@@ -156,9 +185,9 @@ pub fn gemv(spec: &GemvSpec) -> String {
     let stop = k.reg(Class::Pred);
     k.ins(format!("setp.ge.u32 {stop}, {i}, {};", spec.inputs));
     k.ins(format!("@{stop} bra {end};"));
-    dot8(&mut k, w, x, col, i, spec.inputs, acc);
+    dot8(&mut k, w, x, gain, col, i, spec.inputs, acc);
     if geglu {
-        dot8(&mut k, w, x, up_row, i, spec.inputs, acc_up);
+        dot8(&mut k, w, x, gain, up_row, i, spec.inputs, acc_up);
     }
     k.ins(format!("add.u32 {i}, {i}, 256;"));
     k.ins(format!("bra {head};"));
@@ -167,6 +196,13 @@ pub fn gemv(spec: &GemvSpec) -> String {
     warp_sum(&mut k, acc);
     if geglu {
         warp_sum(&mut k, acc_up);
+    }
+    if let Some(eps) = spec.norm {
+        let r = rms_factor(&mut k, x, lane, spec.inputs, eps);
+        k.ins(format!("mul.f32 {acc}, {acc}, {r};"));
+        if geglu {
+            k.ins(format!("mul.f32 {acc_up}, {acc_up}, {r};"));
+        }
     }
     let not_first = k.reg(Class::Pred);
     k.ins(format!("setp.ne.u32 {not_first}, {lane}, 0;"));
@@ -194,9 +230,9 @@ pub fn gemv(spec: &GemvSpec) -> String {
                 "mul.f32 {v}, {acc}, {};",
                 Kernel::f32_imm(1.0 / cap)
             ));
-            k.ins(format!("tanh.approx.f32 {v}, {v};"));
-            k.ins(format!("mul.f32 {v}, {v}, {};", Kernel::f32_imm(cap)));
-            value = v;
+            let t = tanh(&mut k, v);
+            k.ins(format!("mul.f32 {t}, {t}, {};", Kernel::f32_imm(cap)));
+            value = t;
         }
     }
     if let Some(r) = residual {

@@ -3,8 +3,12 @@
 //! Not yet: the recurrent, attention, gather and prefill kernels, the CUDA runtime
 //! (cudarc) and executables for `--target cuda`.
 
+pub mod attention;
 pub mod builder;
+pub mod emu;
 pub mod gemv;
+pub mod math;
+pub mod rg_lru;
 
 /// A module of kernels: the header, then each kernel.
 pub fn module(kernels: &[String]) -> String {

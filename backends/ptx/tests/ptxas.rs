@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use griffin_backend_ptx::attention::{attend, rotate_store, AttentionSpec};
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::module;
+use griffin_backend_ptx::rg_lru::{rg_lru_step, RgLruSpec, Storage};
 
 /// `$PTXAS`, else the copy `scripts/setup.sh` installs under `.tools/`, else `ptxas` on PATH.
 fn ptxas() -> PathBuf {
@@ -55,6 +57,8 @@ fn specs() -> Vec<GemvSpec> {
         bias,
         epilogue,
         residual,
+        // Projections that read the residual stream normalise it first.
+        norm: (!residual).then_some(1e-6),
     };
     vec![
         // tiny configs (D=64, F=96)
@@ -84,15 +88,71 @@ fn specs() -> Vec<GemvSpec> {
     ]
 }
 
+fn rg_lru_specs() -> Vec<RgLruSpec> {
+    let spec = |name: &str, channels, blocks, gates| RgLruSpec {
+        name: name.into(),
+        channels,
+        blocks,
+        width: 4,
+        conv: gates,
+        gates,
+        gate_output: true,
+    };
+    vec![
+        spec("tiny_rg_lru", 64, 4, Storage::F32),
+        spec("b2_rg_lru", 2560, 10, Storage::Bf16),
+    ]
+}
+
+fn attention_specs() -> Vec<AttentionSpec> {
+    vec![
+        AttentionSpec {
+            name: "tiny_attention".into(),
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 16,
+            window: 8,
+            scale: 0.25,
+            rotary: Some((10000.0, 8)),
+        },
+        AttentionSpec {
+            name: "b2_attention".into(),
+            heads: 10,
+            kv_heads: 1,
+            head_dim: 256,
+            window: 2048,
+            scale: 1.0 / 16.0,
+            rotary: Some((10000.0, 128)),
+        },
+    ]
+}
+
+/// Every kernel of the tiny configs and of the 2B shape, with its name.
+fn all_kernels() -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> =
+        specs().iter().map(|s| (s.name.clone(), gemv(s))).collect();
+    out.extend(
+        rg_lru_specs()
+            .iter()
+            .map(|s| (s.name.clone(), rg_lru_step(s))),
+    );
+    for s in attention_specs() {
+        out.push((format!("{}_rotate_store", s.name), rotate_store(&s)));
+        out.push((format!("{}_attend", s.name), attend(&s)));
+    }
+    out
+}
+
 #[test]
-fn gemv_kernels_assemble_for_sm90() {
-    let kernels: Vec<String> = specs().iter().map(gemv).collect();
-    let report = assemble(&module(&kernels));
-    for s in specs() {
+fn kernels_assemble_for_sm90() {
+    let kernels = all_kernels();
+    let report = assemble(&module(
+        &kernels.iter().map(|(_, k)| k.clone()).collect::<Vec<_>>(),
+    ));
+    for (name, _) in &kernels {
         assert!(
-            report.contains(&s.name),
-            "{} not in the ptxas report:\n{report}",
-            s.name
+            report.contains(&format!("'{name}'")),
+            "{name} not in the ptxas report:\n{report}"
         );
     }
     // Print registers and spills per kernel (recorded in docs/ptx-backend.md).
@@ -120,4 +180,9 @@ fn gemv_kernels_assemble_for_sm90() {
 fn gemv_ptx_snapshot() {
     let spec = &specs()[1];
     insta::assert_snapshot!("tiny_mlp_gate_up_gemv", module(&[gemv(spec)]));
+}
+
+#[test]
+fn rg_lru_ptx_snapshot() {
+    insta::assert_snapshot!("tiny_rg_lru", module(&[rg_lru_step(&rg_lru_specs()[0])]));
 }

@@ -1,0 +1,416 @@
+//! Local attention for one decode token, in two launches:
+//!
+//! 1. `rotate_store`: one thread per element of this token's q, k and v rows. Rotary embedding
+//!    (rotate-half on the first `dims` features) for q and k; q goes to a scratch buffer, k and
+//!    v into the KV ring at slot `position mod W`. Angles are reduced modulo 2π in f64 before
+//!    `sin.approx`/`cos.approx` (accurate to about 2^-21 on [-π, π]), so positions far into a
+//!    long text keep their precision; the inverse frequencies come as an f64 table.
+//! 2. `attend`: one thread block per query head, eight warps. Each warp takes every eighth
+//!    position of the window and reduces its dot product with shuffles; scores live in shared
+//!    memory; the block reduces max and sum; each thread accumulates output features.
+
+use crate::builder::{Class, Kernel, Reg};
+use crate::math::{exp, warp_sum};
+use crate::rg_lru::addr4;
+
+#[derive(Clone, Debug)]
+pub struct AttentionSpec {
+    pub name: String,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub window: u32,
+    pub scale: f32,
+    /// (theta, rotated dims)
+    pub rotary: Option<(f64, u32)>,
+}
+
+pub const ATTEND_WARPS: u32 = 8;
+pub const ROTATE_BLOCK: u32 = 256;
+
+/// The inverse frequencies `rotate_store` reads: `theta^(-2i/dims)` for i < dims/2.
+pub fn inverse_frequencies(theta: f64, dims: u32) -> Vec<f64> {
+    (0..dims / 2)
+        .map(|i| theta.powf(-(2.0 * i as f64) / dims as f64))
+        .collect()
+}
+
+/// Threads `rotate_store` needs: one per element of the q, k and v rows.
+pub fn rotate_threads(s: &AttentionSpec) -> u32 {
+    (s.heads + 2 * s.kv_heads) * s.head_dim
+}
+
+/// `sin` and `cos` of `p · inv_freq[i]`, reduced modulo 2π in f64.
+fn sin_cos(k: &mut Kernel, pos: Reg, inv_freq: Reg, i: Reg) -> (Reg, Reg) {
+    let off = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {off}, {i}, 8;"));
+    let at = k.reg(Class::B64);
+    k.ins(format!("add.u64 {at}, {inv_freq}, {off};"));
+    let f = k.reg(Class::F64);
+    k.ins(format!("ld.global.nc.f64 {f}, [{at}];"));
+    let p = k.reg(Class::F64);
+    k.ins(format!("cvt.rn.f64.u32 {p}, {pos};"));
+    let angle = k.reg(Class::F64);
+    k.ins(format!("mul.f64 {angle}, {p}, {f};"));
+    let turns = k.reg(Class::F64);
+    k.ins(format!(
+        "mul.f64 {turns}, {angle}, {};",
+        Kernel::f64_imm(1.0 / std::f64::consts::TAU)
+    ));
+    k.ins(format!("cvt.rni.f64.f64 {turns}, {turns};"));
+    k.ins(format!(
+        "fma.rn.f64 {angle}, {turns}, {}, {angle};",
+        Kernel::f64_imm(-std::f64::consts::TAU)
+    ));
+    let r = k.reg(Class::F32);
+    k.ins(format!("cvt.rn.f32.f64 {r}, {angle};"));
+    let (sin, cos) = (k.reg(Class::F32), k.reg(Class::F32));
+    k.ins(format!("sin.approx.f32 {sin}, {r};"));
+    k.ins(format!("cos.approx.f32 {cos}, {r};"));
+    (sin, cos)
+}
+
+/// Parameters: q `f32[H,hd]`, k `f32[G,hd]`, v `f32[G,hd]`, position `i32[1]`, [inv_freq
+/// `f64[dims/2]`], q_out `f32[H,hd]`, keys `f32[W,G,hd]`, values `f32[W,G,hd]`.
+pub fn rotate_store(s: &AttentionSpec) -> String {
+    let mut k = Kernel::new(&format!("{}_rotate_store", s.name));
+    let q = k.param_ptr("q");
+    let kk = k.param_ptr("k");
+    let v = k.param_ptr("v");
+    let position = k.param_ptr("position");
+    let inv_freq = s.rotary.map(|_| k.param_ptr("inv_freq"));
+    let q_out = k.param_ptr("q_out");
+    let keys = k.param_ptr("keys");
+    let values = k.param_ptr("values");
+    let hd = s.head_dim;
+
+    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
+    let e = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {e}, {block}, {ROTATE_BLOCK}, {tid};"));
+    let done = k.label("done");
+    let outside = k.reg(Class::Pred);
+    k.ins(format!(
+        "setp.ge.u32 {outside}, {e}, {};",
+        rotate_threads(s)
+    ));
+    k.ins(format!("@{outside} bra {done};"));
+    let pos = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {pos}, [{position}];"));
+    let (row, d) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("div.u32 {row}, {e}, {hd};"));
+    k.ins(format!("rem.u32 {d}, {e}, {hd};"));
+    // Row ranges: [0, H) queries, [H, H+G) keys, [H+G, H+2G) values.
+    let (q_end, k_end) = (s.heads, s.heads + s.kv_heads);
+    let slot = k.reg(Class::B32);
+    k.ins(format!("rem.u32 {slot}, {pos}, {};", s.window));
+    // Source pointer and destination address of this element.
+    let src = k.reg(Class::B64);
+    let dst = k.reg(Class::B64);
+    let is_q = k.reg(Class::Pred);
+    let is_k = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {is_q}, {row}, {q_end};"));
+    k.ins(format!("setp.lt.u32 {is_k}, {row}, {k_end};"));
+    let (l_q, l_k, l_v, l_go) = (
+        k.label("q"),
+        k.label("k"),
+        k.label("v"),
+        k.label("addressed"),
+    );
+    k.ins(format!("@{is_q} bra {l_q};"));
+    k.ins(format!("@{is_k} bra {l_k};"));
+    k.ins(format!("bra {l_v};"));
+    // Ring element of (slot, g, d): (slot · G + g) · hd + d.
+    let ring_index = |k: &mut Kernel, g_row: Reg| -> Reg {
+        let idx = k.reg(Class::B32);
+        k.ins(format!(
+            "mad.lo.u32 {idx}, {slot}, {}, {g_row};",
+            s.kv_heads
+        ));
+        k.ins(format!("mad.lo.u32 {idx}, {idx}, {hd}, {d};"));
+        idx
+    };
+    k.place(&l_q);
+    k.ins(format!("mov.u64 {src}, {q};"));
+    let qa = addr4(&mut k, q_out, e);
+    k.ins(format!("mov.u64 {dst}, {qa};"));
+    let qrow = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {qrow}, {row};"));
+    let src_row = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {src_row}, {row};"));
+    k.ins(format!("bra {l_go};"));
+    k.place(&l_k);
+    let g = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {g}, {row}, {q_end};"));
+    k.ins(format!("mov.u64 {src}, {kk};"));
+    k.ins(format!("mov.u32 {src_row}, {g};"));
+    let ki = ring_index(&mut k, g);
+    let ka = addr4(&mut k, keys, ki);
+    k.ins(format!("mov.u64 {dst}, {ka};"));
+    k.ins(format!("bra {l_go};"));
+    k.place(&l_v);
+    let gv = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {gv}, {row}, {k_end};"));
+    let vi = ring_index(&mut k, gv);
+    let va = addr4(&mut k, values, vi);
+    let vsrc_i = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {vsrc_i}, {gv}, {hd}, {d};"));
+    let vs = addr4(&mut k, v, vsrc_i);
+    let vv = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {vv}, [{vs}];"));
+    k.ins(format!("st.global.f32 [{va}], {vv};"));
+    k.ins(format!("bra {done};"));
+
+    k.place(&l_go);
+    // q or k element d of row src_row of src, rotated.
+    let base_i = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {base_i}, {src_row}, {hd};"));
+    let own_i = k.reg(Class::B32);
+    k.ins(format!("add.u32 {own_i}, {base_i}, {d};"));
+    let own_at = addr4(&mut k, src, own_i);
+    let own = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {own}, [{own_at}];"));
+    let value = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {value}, {own};"));
+    if let (Some((_, dims)), Some(inv_freq)) = (s.rotary, inv_freq) {
+        let half = dims / 2;
+        let skip = k.label("unrotated");
+        let beyond = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.u32 {beyond}, {d}, {dims};"));
+        k.ins(format!("@{beyond} bra {skip};"));
+        // First half: a·cos - b·sin with b = x[d + half]; second half: b·cos + a·sin with
+        // a = x[d - half] (b is this element).
+        let first = k.reg(Class::Pred);
+        k.ins(format!("setp.lt.u32 {first}, {d}, {half};"));
+        let i = k.reg(Class::B32);
+        k.ins(format!("sub.u32 {i}, {d}, {half};"));
+        k.ins(format!("selp.b32 {i}, {d}, {i}, {first};"));
+        let partner_i = k.reg(Class::B32);
+        k.ins(format!("add.u32 {partner_i}, {own_i}, {half};"));
+        let back = k.reg(Class::B32);
+        k.ins(format!("sub.u32 {back}, {own_i}, {half};"));
+        k.ins(format!(
+            "selp.b32 {partner_i}, {partner_i}, {back}, {first};"
+        ));
+        let partner_at = addr4(&mut k, src, partner_i);
+        let partner = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {partner}, [{partner_at}];"));
+        let (sin, cos) = sin_cos(&mut k, pos, inv_freq, i);
+        // first: own·cos - partner·sin; second: own·cos + partner·sin.
+        let signed_sin = k.reg(Class::F32);
+        k.ins(format!("neg.f32 {signed_sin}, {sin};"));
+        k.ins(format!(
+            "selp.f32 {signed_sin}, {signed_sin}, {sin}, {first};"
+        ));
+        let ps = k.reg(Class::F32);
+        k.ins(format!("mul.f32 {ps}, {partner}, {signed_sin};"));
+        k.ins(format!("fma.rn.f32 {value}, {own}, {cos}, {ps};"));
+        k.place(&skip);
+    }
+    let _ = qrow;
+    k.ins(format!("st.global.f32 [{dst}], {value};"));
+    k.place(&done);
+    k.finish()
+}
+
+/// Shared memory `attend` uses: the scores of the window and one slot per warp.
+fn scores_bytes(s: &AttentionSpec) -> u32 {
+    4 * s.window
+}
+
+/// Parameters: q `f32[H,hd]` (rotated), position `i32[1]`, keys `f32[W,G,hd]`, values
+/// `f32[W,G,hd]`, out `f32[H,hd]`. Launch: H blocks of `32 · ATTEND_WARPS` threads.
+pub fn attend(s: &AttentionSpec) -> String {
+    let mut k = Kernel::new(&format!("{}_attend", s.name));
+    k.shared("scores", scores_bytes(s), 16);
+    k.shared("partial", 4 * ATTEND_WARPS, 16);
+    let q = k.param_ptr("q");
+    let position = k.param_ptr("position");
+    let keys = k.param_ptr("keys");
+    let values = k.param_ptr("values");
+    let out = k.param_ptr("out");
+    let (hd, w) = (s.head_dim, s.window);
+    let group = s.heads / s.kv_heads;
+    let threads = 32 * ATTEND_WARPS;
+
+    let (tid, h) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    k.ins(format!("mov.u32 {h}, %ctaid.x;"));
+    let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
+    k.ins(format!("and.b32 {lane}, {tid}, 31;"));
+    let g = k.reg(Class::B32);
+    k.ins(format!("div.u32 {g}, {h}, {group};"));
+    let pos = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {pos}, [{position}];"));
+    // Positions lo..=pos, count of them.
+    let lo = k.reg(Class::B32);
+    k.ins(format!("max.u32 {lo}, {pos}, {};", w - 1));
+    k.ins(format!("sub.u32 {lo}, {lo}, {};", w - 1));
+    let count = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {count}, {pos}, {lo};"));
+    k.ins(format!("add.u32 {count}, {count}, 1;"));
+    let scores = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {scores}, scores;"));
+    let partial = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {partial}, partial;"));
+
+    // Scores: warp takes n = warp, warp + 8, …; lanes split the head's features.
+    let n = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {n}, {warp};"));
+    let (head, end) = (k.label("score"), k.label("score_end"));
+    k.place(&head);
+    let stop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {stop}, {n}, {count};"));
+    k.ins(format!("@{stop} bra {end};"));
+    let slot = k.reg(Class::B32);
+    k.ins(format!("add.u32 {slot}, {lo}, {n};"));
+    k.ins(format!("rem.u32 {slot}, {slot}, {w};"));
+    let krow = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {krow}, {slot}, {}, {g};", s.kv_heads));
+    k.ins(format!("mul.lo.u32 {krow}, {krow}, {hd};"));
+    let qrow = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {qrow}, {h}, {hd};"));
+    let acc = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {acc}, 0f00000000;"));
+    let d = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {d}, {lane};"));
+    let (dh, de) = (k.label("dot"), k.label("dot_end"));
+    k.place(&dh);
+    let dstop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {dstop}, {d}, {hd};"));
+    k.ins(format!("@{dstop} bra {de};"));
+    let qi = k.reg(Class::B32);
+    k.ins(format!("add.u32 {qi}, {qrow}, {d};"));
+    let qa = addr4(&mut k, q, qi);
+    let qv = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {qv}, [{qa}];"));
+    let ki = k.reg(Class::B32);
+    k.ins(format!("add.u32 {ki}, {krow}, {d};"));
+    let ka = addr4(&mut k, keys, ki);
+    let kv = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {kv}, [{ka}];"));
+    k.ins(format!("fma.rn.f32 {acc}, {qv}, {kv}, {acc};"));
+    k.ins(format!("add.u32 {d}, {d}, 32;"));
+    k.ins(format!("bra {dh};"));
+    k.place(&de);
+    warp_sum(&mut k, acc);
+    k.ins(format!(
+        "mul.f32 {acc}, {acc}, {};",
+        Kernel::f32_imm(s.scale)
+    ));
+    let lane0 = k.reg(Class::Pred);
+    k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
+    let so = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {so}, {n}, 4;"));
+    k.ins(format!("add.u64 {so}, {so}, {scores};"));
+    k.ins(format!("@{lane0} st.shared.f32 [{so}], {acc};"));
+    k.ins(format!("add.u32 {n}, {n}, {ATTEND_WARPS};"));
+    k.ins(format!("bra {head};"));
+    k.place(&end);
+    k.ins("bar.sync 0;");
+
+    // Block reductions over the scores: max, then the sum of exp(score - max).
+    let reduce = |k: &mut Kernel, op: &str, init: &str, map_exp: Option<Reg>| -> Reg {
+        let v = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {v}, {init};"));
+        let i = k.reg(Class::B32);
+        k.ins(format!("mov.u32 {i}, {tid};"));
+        let (lh, le) = (k.label("reduce"), k.label("reduce_end"));
+        k.place(&lh);
+        let st = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.u32 {st}, {i}, {count};"));
+        k.ins(format!("@{st} bra {le};"));
+        let at = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {at}, {i}, 4;"));
+        k.ins(format!("add.u64 {at}, {at}, {scores};"));
+        let x = k.reg(Class::F32);
+        k.ins(format!("ld.shared.f32 {x}, [{at}];"));
+        let term = match map_exp {
+            Some(m) => {
+                k.ins(format!("sub.f32 {x}, {x}, {m};"));
+                let e = exp(k, x);
+                // Keep exp(score - max) for the weighted sum of values.
+                k.ins(format!("st.shared.f32 [{at}], {e};"));
+                e
+            }
+            None => x,
+        };
+        k.ins(format!("{op}.f32 {v}, {v}, {term};"));
+        k.ins(format!("add.u32 {i}, {i}, {threads};"));
+        k.ins(format!("bra {lh};"));
+        k.place(&le);
+        for offset in [16, 8, 4, 2, 1] {
+            let other = k.reg(Class::F32);
+            k.ins(format!(
+                "shfl.sync.bfly.b32 {other}, {v}, {offset}, 31, -1;"
+            ));
+            k.ins(format!("{op}.f32 {v}, {v}, {other};"));
+        }
+        let pa = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {pa}, {warp}, 4;"));
+        k.ins(format!("add.u64 {pa}, {pa}, {partial};"));
+        k.ins(format!("@{lane0} st.shared.f32 [{pa}], {v};"));
+        k.ins("bar.sync 0;");
+        let total = k.reg(Class::F32);
+        k.ins(format!("ld.shared.f32 {total}, [{partial}];"));
+        for wi in 1..ATTEND_WARPS {
+            let o = k.reg(Class::F32);
+            k.ins(format!("ld.shared.f32 {o}, [{partial}+{}];", 4 * wi));
+            k.ins(format!("{op}.f32 {total}, {total}, {o};"));
+        }
+        // Everyone has read `partial` before it is reused.
+        k.ins("bar.sync 0;");
+        total
+    };
+    let m = reduce(&mut k, "max", "0fFF800000", None);
+    let sum = reduce(&mut k, "add", "0f00000000", Some(m));
+    let inv = k.reg(Class::F32);
+    k.ins(format!("rcp.rn.f32 {inv}, {sum};"));
+
+    // Output features: thread d accumulates Σ_n e_n · v[n, d].
+    let od = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {od}, {tid};"));
+    let (oh, oe) = (k.label("out"), k.label("out_end"));
+    k.place(&oh);
+    let ostop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {ostop}, {od}, {hd};"));
+    k.ins(format!("@{ostop} bra {oe};"));
+    let oacc = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {oacc}, 0f00000000;"));
+    let nn = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {nn}, 0;"));
+    let (nh, ne) = (k.label("sum"), k.label("sum_end"));
+    k.place(&nh);
+    let nstop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {nstop}, {nn}, {count};"));
+    k.ins(format!("@{nstop} bra {ne};"));
+    let ea = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {ea}, {nn}, 4;"));
+    k.ins(format!("add.u64 {ea}, {ea}, {scores};"));
+    let ev = k.reg(Class::F32);
+    k.ins(format!("ld.shared.f32 {ev}, [{ea}];"));
+    let vslot = k.reg(Class::B32);
+    k.ins(format!("add.u32 {vslot}, {lo}, {nn};"));
+    k.ins(format!("rem.u32 {vslot}, {vslot}, {w};"));
+    let vi = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {vi}, {vslot}, {}, {g};", s.kv_heads));
+    k.ins(format!("mad.lo.u32 {vi}, {vi}, {hd}, {od};"));
+    let va = addr4(&mut k, values, vi);
+    let vv = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {vv}, [{va}];"));
+    k.ins(format!("fma.rn.f32 {oacc}, {ev}, {vv}, {oacc};"));
+    k.ins(format!("add.u32 {nn}, {nn}, 1;"));
+    k.ins(format!("bra {nh};"));
+    k.place(&ne);
+    k.ins(format!("mul.f32 {oacc}, {oacc}, {inv};"));
+    let oi = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {oi}, {h}, {hd}, {od};"));
+    let oa = addr4(&mut k, out, oi);
+    k.ins(format!("st.global.f32 [{oa}], {oacc};"));
+    k.ins(format!("add.u32 {od}, {od}, {threads};"));
+    k.ins(format!("bra {oh};"));
+    k.place(&oe);
+    k.finish()
+}

@@ -1,0 +1,1060 @@
+//! A PTX interpreter for the subset of PTX this backend writes, so every kernel's numbers are
+//! checked on machines without a GPU (CI included) before a GPU ever runs it.
+//!
+//! Each thread runs on its own until it reaches a `shfl.sync`, a `bar.sync` or its end; a
+//! shuffle executes once every lane of the warp waits at the same one (a lane that has left or
+//! waits elsewhere is an error: on hardware a full-mask shuffle would be undefined), a barrier
+//! releases once every live thread of the block waits at it. Approximate instructions
+//! (`ex2.approx`, `rsqrt.approx`, …) are computed exactly in f32, so tests compare against a
+//! tolerance that covers the hardware's documented error.
+
+use std::collections::HashMap;
+
+/// A failure to parse or run a kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmuError(pub String);
+
+impl std::fmt::Display for EmuError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for EmuError {}
+
+fn err<T>(m: impl Into<String>) -> Result<T, EmuError> {
+    Err(EmuError(m.into()))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Special {
+    Tid,
+    Ntid,
+    Ctaid,
+    Nctaid,
+    Laneid,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Base {
+    Reg(usize),
+    Param(usize),
+    Shared(u64),
+    Abs,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Operand {
+    Reg(usize),
+    Imm(u64),
+    Special(Special),
+    Mem(Base, i64),
+    Vec(Vec<usize>),
+    Label(usize),
+    /// A `.shared` variable's address.
+    Symbol(u64),
+}
+
+#[derive(Clone, Debug)]
+struct Instr {
+    guard: Option<(bool, usize)>,
+    /// The opcode split at dots: `ld.global.nc.v4.u32` → `["ld","global","nc","v4","u32"]`.
+    op: Vec<String>,
+    args: Vec<Operand>,
+    line: String,
+}
+
+/// One parsed `.entry`.
+#[derive(Clone, Debug)]
+pub struct Function {
+    pub name: String,
+    params: Vec<String>,
+    registers: usize,
+    shared_bytes: u64,
+    code: Vec<Instr>,
+}
+
+/// A parsed PTX module.
+#[derive(Clone, Debug)]
+pub struct Module {
+    functions: Vec<Function>,
+}
+
+fn strip_comment(line: &str) -> &str {
+    match line.find("//") {
+        Some(i) => &line[..i],
+        None => line,
+    }
+}
+
+/// Splits operands at top-level commas (not inside `{}` or `[]`).
+fn split_operands(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut depth = 0;
+    let mut cur = String::new();
+    for c in s.chars() {
+        match c {
+            '{' | '[' => {
+                depth += 1;
+                cur.push(c)
+            }
+            '}' | ']' => {
+                depth -= 1;
+                cur.push(c)
+            }
+            ',' if depth == 0 => out.push(std::mem::take(&mut cur).trim().to_string()),
+            _ => cur.push(c),
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_string());
+    }
+    out
+}
+
+struct Parser {
+    regs: HashMap<String, usize>,
+    labels: HashMap<String, usize>,
+    params: Vec<String>,
+    shared: HashMap<String, u64>,
+}
+
+impl Parser {
+    fn reg(&mut self, name: &str) -> usize {
+        let n = self.regs.len();
+        *self.regs.entry(name.to_string()).or_insert(n)
+    }
+
+    fn int(s: &str) -> Option<i64> {
+        let (neg, body) = match s.strip_prefix('-') {
+            Some(b) => (true, b),
+            None => (false, s),
+        };
+        let v = if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+            i64::from_str_radix(h, 16).ok()?
+        } else {
+            body.parse::<i64>().ok()?
+        };
+        Some(if neg { -v } else { v })
+    }
+
+    fn operand(&mut self, s: &str) -> Result<Operand, EmuError> {
+        let s = s.trim();
+        if let Some(inner) = s.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+            let regs = inner
+                .split(',')
+                .map(|r| self.reg(r.trim()))
+                .collect::<Vec<_>>();
+            return Ok(Operand::Vec(regs));
+        }
+        if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            let (base, off) = match inner.find('+') {
+                Some(i) => (
+                    inner[..i].trim(),
+                    Self::int(inner[i + 1..].trim())
+                        .ok_or_else(|| EmuError(format!("bad offset in {s}")))?,
+                ),
+                None => (inner.trim(), 0),
+            };
+            let base = if base.starts_with('%') {
+                Base::Reg(self.reg(base))
+            } else if let Some(i) = self.params.iter().position(|p| p == base) {
+                Base::Param(i)
+            } else if let Some(&a) = self.shared.get(base) {
+                Base::Shared(a)
+            } else if let Some(v) = Self::int(base) {
+                return Ok(Operand::Mem(Base::Abs, v + off));
+            } else {
+                return err(format!("unknown address `{base}`"));
+            };
+            return Ok(Operand::Mem(base, off));
+        }
+        let special = match s {
+            "%tid.x" => Some(Special::Tid),
+            "%ntid.x" => Some(Special::Ntid),
+            "%ctaid.x" => Some(Special::Ctaid),
+            "%nctaid.x" => Some(Special::Nctaid),
+            "%laneid" => Some(Special::Laneid),
+            _ => None,
+        };
+        if let Some(sp) = special {
+            return Ok(Operand::Special(sp));
+        }
+        if s.starts_with('%') {
+            return Ok(Operand::Reg(self.reg(s)));
+        }
+        if let Some(hex) = s.strip_prefix("0d").or_else(|| s.strip_prefix("0D")) {
+            let bits =
+                u64::from_str_radix(hex, 16).map_err(|_| EmuError(format!("bad double {s}")))?;
+            return Ok(Operand::Imm(bits));
+        }
+        if let Some(hex) = s.strip_prefix("0f").or_else(|| s.strip_prefix("0F")) {
+            let bits =
+                u32::from_str_radix(hex, 16).map_err(|_| EmuError(format!("bad float {s}")))?;
+            return Ok(Operand::Imm(bits as u64));
+        }
+        if let Some(v) = Self::int(s) {
+            return Ok(Operand::Imm(v as u64));
+        }
+        if let Some(&l) = self.labels.get(s) {
+            return Ok(Operand::Label(l));
+        }
+        if let Some(&a) = self.shared.get(s) {
+            return Ok(Operand::Symbol(a));
+        }
+        err(format!("cannot read operand `{s}`"))
+    }
+}
+
+impl Module {
+    /// Parses the module text this backend writes.
+    pub fn parse(text: &str) -> Result<Module, EmuError> {
+        let mut functions = Vec::new();
+        let mut lines = text.lines().map(strip_comment).peekable();
+        while let Some(line) = lines.next() {
+            let Some(rest) = line.trim().strip_prefix(".visible .entry ") else {
+                continue;
+            };
+            let name = rest.split('(').next().unwrap_or("").trim().to_string();
+            // Parameters until `)`, then the body between `{` and the matching `}`.
+            let mut params = Vec::new();
+            for l in lines.by_ref() {
+                let l = l.trim();
+                if l == ")" {
+                    break;
+                }
+                if let Some(p) = l.trim_end_matches(',').split_whitespace().last() {
+                    if l.starts_with(".param") {
+                        params.push(p.to_string());
+                    }
+                }
+            }
+            let mut body = Vec::new();
+            let mut depth = 0;
+            for l in lines.by_ref() {
+                let t = l.trim();
+                if t == "{" {
+                    depth += 1;
+                    if depth == 1 {
+                        continue;
+                    }
+                }
+                if t == "}" {
+                    depth -= 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                body.push(t.to_string());
+            }
+            functions.push(Self::function(name, params, &body)?);
+        }
+        Ok(Module { functions })
+    }
+
+    fn function(name: String, params: Vec<String>, body: &[String]) -> Result<Function, EmuError> {
+        let mut p = Parser {
+            regs: HashMap::new(),
+            labels: HashMap::new(),
+            params: params.clone(),
+            shared: HashMap::new(),
+        };
+        let mut shared_bytes = 0u64;
+        // First pass: labels, shared variables, and the statements.
+        let mut statements = Vec::new();
+        for l in body {
+            if l.is_empty() || l.starts_with(".reg") {
+                continue;
+            }
+            if let Some(decl) = l.strip_prefix(".shared") {
+                // `.shared .align 16 .b8 name[bytes];`
+                let words: Vec<&str> = decl.trim_end_matches(';').split_whitespace().collect();
+                let align = words
+                    .windows(2)
+                    .find(|w| w[0] == ".align")
+                    .and_then(|w| w[1].parse::<u64>().ok())
+                    .unwrap_or(4);
+                let last = words.last().copied().unwrap_or("");
+                let (var, bytes) = last
+                    .split_once('[')
+                    .map(|(v, n)| (v, n.trim_end_matches(']').parse::<u64>().unwrap_or(0)))
+                    .ok_or_else(|| EmuError(format!("cannot read `{l}`")))?;
+                shared_bytes = shared_bytes.div_ceil(align) * align;
+                p.shared.insert(var.to_string(), shared_bytes);
+                shared_bytes += bytes;
+                continue;
+            }
+            if let Some(label) = l.strip_suffix(':') {
+                p.labels.insert(label.to_string(), statements.len());
+                continue;
+            }
+            statements.push(l.trim_end_matches(';').trim().to_string());
+        }
+        let mut code = Vec::new();
+        for s in statements {
+            let (guard, rest) = match s.strip_prefix('@') {
+                Some(r) => {
+                    let (g, rest) = r
+                        .split_once(char::is_whitespace)
+                        .ok_or_else(|| EmuError(format!("cannot read `{s}`")))?;
+                    let (neg, g) = match g.strip_prefix('!') {
+                        Some(g) => (true, g),
+                        None => (false, g),
+                    };
+                    (Some((neg, p.reg(g))), rest.trim().to_string())
+                }
+                None => (None, s.clone()),
+            };
+            let (op, operands) = match rest.split_once(char::is_whitespace) {
+                Some((o, a)) => (o.to_string(), a.to_string()),
+                None => (rest.clone(), String::new()),
+            };
+            let args = split_operands(&operands)
+                .iter()
+                .map(|a| p.operand(a))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| EmuError(format!("{name}: `{s}`: {e}")))?;
+            code.push(Instr {
+                guard,
+                op: op.split('.').map(str::to_string).collect(),
+                args,
+                line: s,
+            });
+        }
+        Ok(Function {
+            name,
+            params,
+            registers: p.regs.len(),
+            shared_bytes,
+            code,
+        })
+    }
+
+    pub fn function_named(&self, name: &str) -> Result<&Function, EmuError> {
+        self.functions
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| EmuError(format!("no kernel `{name}` in the module")))
+    }
+}
+
+/// Device memory: buffers in one arena at fake addresses.
+pub struct Memory {
+    bytes: Vec<u8>,
+}
+
+const BASE: u64 = 0x1000_0000;
+
+impl Default for Memory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Memory {
+    pub fn new() -> Memory {
+        Memory { bytes: Vec::new() }
+    }
+
+    /// Allocates `data` (256-byte aligned) and returns its device address.
+    pub fn alloc(&mut self, data: &[u8]) -> u64 {
+        let at = self.bytes.len().div_ceil(256) * 256;
+        self.bytes.resize(at, 0);
+        self.bytes.extend_from_slice(data);
+        // A guard gap so an overrun reads into nothing that belongs to another buffer.
+        self.bytes.resize(self.bytes.len() + 256, 0xEE);
+        BASE + at as u64
+    }
+
+    pub fn alloc_f32(&mut self, data: &[f32]) -> u64 {
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.alloc(&bytes)
+    }
+
+    pub fn alloc_u32(&mut self, data: &[u32]) -> u64 {
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.alloc(&bytes)
+    }
+
+    fn range(&self, addr: u64, len: usize) -> Result<std::ops::Range<usize>, EmuError> {
+        let start = addr
+            .checked_sub(BASE)
+            .ok_or_else(|| EmuError(format!("global access at {addr:#x}, below memory")))?
+            as usize;
+        if start + len > self.bytes.len() {
+            return err(format!("global access at {addr:#x} past the end of memory"));
+        }
+        Ok(start..start + len)
+    }
+
+    pub fn read(&self, addr: u64, len: usize) -> Result<&[u8], EmuError> {
+        let r = self.range(addr, len)?;
+        Ok(&self.bytes[r])
+    }
+
+    pub fn read_f32(&self, addr: u64, n: usize) -> Result<Vec<f32>, EmuError> {
+        Ok(self
+            .read(addr, 4 * n)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    pub fn read_u32(&self, addr: u64, n: usize) -> Result<Vec<u32>, EmuError> {
+        Ok(self
+            .read(addr, 4 * n)?
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), EmuError> {
+        let r = self.range(addr, data.len())?;
+        self.bytes[r].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Wait {
+    Running,
+    Shfl,
+    Bar,
+    Done,
+}
+
+struct Thread {
+    regs: Vec<u64>,
+    pc: usize,
+    wait: Wait,
+}
+
+/// A launch: grid and block size (one dimension) and the parameter values, in order.
+pub struct Launch<'a> {
+    pub grid: u32,
+    pub block: u32,
+    pub params: &'a [u64],
+}
+
+/// Instructions executed, for tests that check work per launch.
+pub fn run(
+    module: &Module,
+    kernel: &str,
+    launch: &Launch,
+    memory: &mut Memory,
+) -> Result<u64, EmuError> {
+    let f = module.function_named(kernel)?;
+    if launch.params.len() != f.params.len() {
+        return err(format!(
+            "{kernel}: {} parameters given, the kernel takes {}",
+            launch.params.len(),
+            f.params.len()
+        ));
+    }
+    let mut executed = 0u64;
+    for block in 0..launch.grid {
+        executed += run_block(f, launch, block, memory)?;
+    }
+    Ok(executed)
+}
+
+fn run_block(
+    f: &Function,
+    launch: &Launch,
+    block: u32,
+    memory: &mut Memory,
+) -> Result<u64, EmuError> {
+    let n = launch.block as usize;
+    let mut shared = vec![0u8; f.shared_bytes as usize];
+    let mut threads: Vec<Thread> = (0..n)
+        .map(|_| Thread {
+            regs: vec![0; f.registers],
+            pc: 0,
+            wait: Wait::Running,
+        })
+        .collect();
+    let mut executed = 0;
+    loop {
+        for t in 0..n {
+            if threads[t].wait == Wait::Running {
+                let ctx = Ctx {
+                    f,
+                    launch,
+                    block,
+                    tid: t as u32,
+                };
+                executed += ctx.run_thread(&mut threads[t], memory, &mut shared)?;
+            }
+        }
+        if threads.iter().all(|t| t.wait == Wait::Done) {
+            return Ok(executed);
+        }
+        let mut progressed = false;
+        // Shuffles: per warp, every lane must wait at the same instruction.
+        for warp in threads.chunks_mut(32) {
+            if warp.iter().all(|t| t.wait != Wait::Shfl) {
+                continue;
+            }
+            let pc = warp.iter().find(|t| t.wait == Wait::Shfl).unwrap().pc;
+            if warp.iter().any(|t| t.wait != Wait::Shfl || t.pc != pc) {
+                if warp.iter().any(|t| t.wait == Wait::Running) {
+                    continue;
+                }
+                return err(format!(
+                    "{}: `{}` reached by only part of a warp (full mask): lanes {:?}",
+                    f.name,
+                    f.code[pc].line,
+                    warp.iter().map(|t| (t.wait, t.pc)).collect::<Vec<_>>()
+                ));
+            }
+            shuffle(&f.code[pc], warp)?;
+            for t in warp.iter_mut() {
+                t.pc += 1;
+                t.wait = Wait::Running;
+            }
+            progressed = true;
+        }
+        let live: Vec<&Thread> = threads.iter().filter(|t| t.wait != Wait::Done).collect();
+        if !progressed && !live.is_empty() && live.iter().all(|t| t.wait == Wait::Bar) {
+            for t in threads.iter_mut().filter(|t| t.wait == Wait::Bar) {
+                t.pc += 1;
+                t.wait = Wait::Running;
+            }
+            progressed = true;
+        }
+        if !progressed && threads.iter().all(|t| t.wait != Wait::Running) {
+            return err(format!(
+                "{}: block {block} deadlocked (threads wait at a barrier others never reach)",
+                f.name
+            ));
+        }
+    }
+}
+
+fn shuffle(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
+    // shfl.sync.MODE.b32 d, a, b, c, mask
+    let mode = ins.op[2].as_str();
+    let (Operand::Reg(d), Operand::Reg(a)) = (&ins.args[0], &ins.args[1]) else {
+        return err(format!("`{}`: registers expected", ins.line));
+    };
+    let values: Vec<u64> = warp.iter().map(|t| t.regs[*a]).collect();
+    let lanes = warp.len();
+    for (lane, t) in warp.iter_mut().enumerate() {
+        let b = match &ins.args[2] {
+            Operand::Imm(v) => *v as usize,
+            Operand::Reg(r) => t.regs[*r] as u32 as usize,
+            _ => return err(format!("`{}`: bad lane operand", ins.line)),
+        };
+        let src = match mode {
+            "bfly" => lane ^ b,
+            "down" => {
+                if lane + b < lanes {
+                    lane + b
+                } else {
+                    lane
+                }
+            }
+            "up" => lane.checked_sub(b).unwrap_or(lane),
+            "idx" => b & 31,
+            other => return err(format!("shfl mode `{other}` not supported")),
+        };
+        t.regs[*d] = values[src.min(lanes - 1)];
+    }
+    Ok(())
+}
+
+struct Ctx<'a> {
+    f: &'a Function,
+    launch: &'a Launch<'a>,
+    block: u32,
+    tid: u32,
+}
+
+fn f32_of(bits: u64) -> f32 {
+    f32::from_bits(bits as u32)
+}
+
+fn bits_f32(v: f32) -> u64 {
+    v.to_bits() as u64
+}
+
+fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Round to nearest even, as `cvt.rn.bf16.f32`.
+fn f32_to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return 0x7FC0;
+    }
+    let round = ((b >> 16) & 1) + 0x7FFF;
+    ((b + round) >> 16) as u16
+}
+
+impl Ctx<'_> {
+    fn value(&self, t: &Thread, o: &Operand) -> Result<u64, EmuError> {
+        Ok(match o {
+            Operand::Reg(r) => t.regs[*r],
+            Operand::Imm(v) => *v,
+            Operand::Symbol(a) => *a,
+            Operand::Special(s) => match s {
+                Special::Tid => self.tid as u64,
+                Special::Ntid => self.launch.block as u64,
+                Special::Ctaid => self.block as u64,
+                Special::Nctaid => self.launch.grid as u64,
+                Special::Laneid => (self.tid % 32) as u64,
+            },
+            other => return err(format!("value expected, found {other:?}")),
+        })
+    }
+
+    /// The address an operand names, in the space the opcode says (`op[1]`).
+    fn address(&self, t: &Thread, o: &Operand, space: &str) -> Result<(Base, u64), EmuError> {
+        let Operand::Mem(base, off) = o else {
+            return err(format!("address expected, found {o:?}"));
+        };
+        let at = match base {
+            Base::Param(i) => return Ok((Base::Param(*i), 0)),
+            Base::Reg(r) => t.regs[*r].wrapping_add(*off as u64),
+            Base::Shared(a) => a.wrapping_add(*off as u64),
+            Base::Abs => *off as u64,
+        };
+        Ok(match space {
+            "shared" => (Base::Shared(0), at),
+            "param" => return err("parameter loads take a parameter name"),
+            _ => (Base::Abs, at),
+        })
+    }
+
+    /// Runs until the thread must wait or ends; returns instructions executed.
+    fn run_thread(
+        &self,
+        t: &mut Thread,
+        memory: &mut Memory,
+        shared: &mut [u8],
+    ) -> Result<u64, EmuError> {
+        let mut executed = 0;
+        loop {
+            let Some(ins) = self.f.code.get(t.pc) else {
+                t.wait = Wait::Done;
+                return Ok(executed);
+            };
+            executed += 1;
+            if executed > 50_000_000 {
+                return err(format!("{}: thread {} runs away", self.f.name, self.tid));
+            }
+            if let Some((neg, p)) = ins.guard {
+                if (t.regs[p] != 0) == neg {
+                    t.pc += 1;
+                    continue;
+                }
+            }
+            match ins.op[0].as_str() {
+                "ret" | "exit" => {
+                    t.wait = Wait::Done;
+                    return Ok(executed);
+                }
+                "bra" => {
+                    let Operand::Label(l) = ins.args[0] else {
+                        return err(format!("`{}`: label expected", ins.line));
+                    };
+                    t.pc = l;
+                    continue;
+                }
+                "shfl" => {
+                    t.wait = Wait::Shfl;
+                    return Ok(executed);
+                }
+                "bar" => {
+                    t.wait = Wait::Bar;
+                    return Ok(executed);
+                }
+                _ => self
+                    .step(ins, t, memory, shared)
+                    .map_err(|e| EmuError(format!("{}: `{}`: {e}", self.f.name, ins.line)))?,
+            }
+            t.pc += 1;
+        }
+    }
+
+    fn load(
+        &self,
+        base: &Base,
+        addr: u64,
+        size: usize,
+        memory: &Memory,
+        shared: &[u8],
+    ) -> Result<u64, EmuError> {
+        let bytes: &[u8] = match base {
+            Base::Param(i) => {
+                return Ok(self.launch.params[*i]);
+            }
+            Base::Shared(_) => {
+                let a = addr as usize;
+                shared
+                    .get(a..a + size)
+                    .ok_or_else(|| EmuError(format!("shared access at {a} out of bounds")))?
+            }
+            _ => memory.read(addr, size)?,
+        };
+        let mut v = [0u8; 8];
+        v[..size].copy_from_slice(bytes);
+        Ok(u64::from_le_bytes(v))
+    }
+
+    fn store(
+        &self,
+        base: &Base,
+        addr: u64,
+        size: usize,
+        value: u64,
+        memory: &mut Memory,
+        shared: &mut [u8],
+    ) -> Result<(), EmuError> {
+        let bytes = &value.to_le_bytes()[..size];
+        match base {
+            Base::Shared(_) => {
+                let a = addr as usize;
+                shared
+                    .get_mut(a..a + size)
+                    .ok_or_else(|| EmuError(format!("shared access at {a} out of bounds")))?
+                    .copy_from_slice(bytes);
+                Ok(())
+            }
+            Base::Param(_) => err("store to a parameter"),
+            _ => memory.write(addr, bytes),
+        }
+    }
+
+    fn step(
+        &self,
+        ins: &Instr,
+        t: &mut Thread,
+        memory: &mut Memory,
+        shared: &mut [u8],
+    ) -> Result<(), EmuError> {
+        let op: Vec<&str> = ins.op.iter().map(String::as_str).collect();
+        let ty = *op.last().unwrap();
+        let size = match ty {
+            "u8" | "s8" | "b8" => 1,
+            "u16" | "s16" | "b16" | "f16" | "bf16" => 2,
+            "u64" | "s64" | "b64" | "f64" => 8,
+            _ => 4,
+        };
+        let dst = |t: &mut Thread, v: u64| -> Result<(), EmuError> {
+            match &ins.args[0] {
+                Operand::Reg(r) => {
+                    t.regs[*r] = v;
+                    Ok(())
+                }
+                other => err(format!("register destination expected, found {other:?}")),
+            }
+        };
+        let arg = |t: &Thread, i: usize| self.value(t, &ins.args[i]);
+        // Float operands widened to f64; results rounded back to the instruction's type (for
+        // +, -, ×, ÷ and sqrt on f32 values this rounds exactly as f32 hardware does).
+        let fa = |t: &Thread, i: usize| {
+            arg(t, i).map(|v| {
+                if ty == "f64" {
+                    f64::from_bits(v)
+                } else {
+                    f32_of(v) as f64
+                }
+            })
+        };
+        let fr = |v: f64| {
+            if ty == "f64" {
+                v.to_bits()
+            } else {
+                bits_f32(v as f32)
+            }
+        };
+        let mask = |v: u64| if size == 8 { v } else { v & 0xFFFF_FFFF };
+        let signed = |v: u64| -> i64 {
+            if size == 8 {
+                v as i64
+            } else {
+                v as u32 as i32 as i64
+            }
+        };
+        let is_float = ty == "f32" || ty == "f64";
+        match op[0] {
+            "ld" => {
+                let vec = op
+                    .iter()
+                    .find_map(|m| m.strip_prefix('v')?.parse::<usize>().ok());
+                let (base, addr) = self.address(t, &ins.args[1], op[1])?;
+                match (&ins.args[0], vec) {
+                    (Operand::Vec(regs), Some(n)) if regs.len() == n => {
+                        for (k, r) in regs.iter().enumerate() {
+                            t.regs[*r] =
+                                self.load(&base, addr + (k * size) as u64, size, memory, shared)?;
+                        }
+                    }
+                    (Operand::Reg(r), None) => {
+                        let mut v = self.load(&base, addr, size, memory, shared)?;
+                        if ty.starts_with('s') && size < 8 {
+                            v = (v as i64).wrapping_shl(64 - 8 * size as u32) as u64;
+                            v = ((v as i64) >> (64 - 8 * size as u32)) as u64;
+                        }
+                        t.regs[*r] = v;
+                    }
+                    _ => return err("vector load shape"),
+                }
+            }
+            "st" => {
+                let vec = op
+                    .iter()
+                    .find_map(|m| m.strip_prefix('v')?.parse::<usize>().ok());
+                let (base, addr) = self.address(t, &ins.args[0], op[1])?;
+                match (&ins.args[1], vec) {
+                    (Operand::Vec(regs), Some(n)) if regs.len() == n => {
+                        for (k, r) in regs.iter().enumerate() {
+                            let v = t.regs[*r];
+                            self.store(&base, addr + (k * size) as u64, size, v, memory, shared)?;
+                        }
+                    }
+                    (o, None) => {
+                        let v = self.value(t, o)?;
+                        self.store(&base, addr, size, v, memory, shared)?;
+                    }
+                    _ => return err("vector store shape"),
+                }
+            }
+            "cvta" => dst(t, arg(t, 1)?)?,
+            "mov" => dst(t, mask(arg(t, 1)?))?,
+            "selp" => {
+                let p = arg(t, 3)? != 0;
+                dst(t, if p { arg(t, 1)? } else { arg(t, 2)? })?
+            }
+            "setp" => {
+                let cmp = op[1];
+                let (a, b) = (arg(t, 1)?, arg(t, 2)?);
+                let r = if is_float {
+                    let (x, y) = (fa(t, 1)?, fa(t, 2)?);
+                    let _ = (a, b);
+                    match cmp {
+                        "eq" => x == y,
+                        "ne" => x != y,
+                        "lt" => x < y,
+                        "le" => x <= y,
+                        "gt" => x > y,
+                        "ge" => x >= y,
+                        _ => return err(format!("setp .{cmp}")),
+                    }
+                } else if ty.starts_with('s') {
+                    let (x, y) = (signed(a), signed(b));
+                    match cmp {
+                        "eq" => x == y,
+                        "ne" => x != y,
+                        "lt" => x < y,
+                        "le" => x <= y,
+                        "gt" => x > y,
+                        "ge" => x >= y,
+                        _ => return err(format!("setp .{cmp}")),
+                    }
+                } else {
+                    let (x, y) = (mask(a), mask(b));
+                    match cmp {
+                        "eq" => x == y,
+                        "ne" => x != y,
+                        "lt" | "lo" => x < y,
+                        "le" | "ls" => x <= y,
+                        "gt" | "hi" => x > y,
+                        "ge" | "hs" => x >= y,
+                        _ => return err(format!("setp .{cmp}")),
+                    }
+                };
+                dst(t, r as u64)?
+            }
+            "cvt" => {
+                // cvt[.rn|.rzi|.rmi].DST.SRC
+                let (dt, st) = (op[op.len() - 2], op[op.len() - 1]);
+                let v = arg(t, 1)?;
+                let as_f64 = match st {
+                    "f32" => f32_of(v) as f64,
+                    "f64" => f64::from_bits(v),
+                    "bf16" => bf16_to_f32(v as u16) as f64,
+                    "u32" => v as u32 as f64,
+                    "s32" => v as u32 as i32 as f64,
+                    "u64" => v as f64,
+                    "s64" => v as i64 as f64,
+                    _ => return err(format!("cvt from .{st}")),
+                };
+                let rounded = if op.contains(&"rzi") {
+                    as_f64.trunc()
+                } else if op.contains(&"rmi") {
+                    as_f64.floor()
+                } else if op.contains(&"rni") {
+                    as_f64.round_ties_even()
+                } else {
+                    as_f64
+                };
+                let out = match dt {
+                    "f32" => bits_f32(rounded as f32),
+                    "f64" => rounded.to_bits(),
+                    "bf16" => f32_to_bf16(rounded as f32) as u64,
+                    "u32" => (rounded.max(0.0) as u64) & 0xFFFF_FFFF,
+                    "s32" => (rounded as i64 as i32 as u32) as u64,
+                    "u64" if st == "u32" => v & 0xFFFF_FFFF,
+                    "u64" | "s64" if st == "s32" => v as u32 as i32 as i64 as u64,
+                    "u64" => rounded as u64,
+                    "s64" => rounded as i64 as u64,
+                    _ => return err(format!("cvt to .{dt}")),
+                };
+                dst(t, out)?
+            }
+            "add" | "sub" | "mul" | "div" | "min" | "max" if is_float => {
+                let (a, b) = (fa(t, 1)?, fa(t, 2)?);
+                let r = match op[0] {
+                    "add" => a + b,
+                    "sub" => a - b,
+                    "mul" => a * b,
+                    "div" => a / b,
+                    "min" => a.min(b),
+                    _ => a.max(b),
+                };
+                dst(t, fr(r))?
+            }
+            "fma" | "mad" if is_float => {
+                let r = fa(t, 1)?.mul_add(fa(t, 2)?, fa(t, 3)?);
+                dst(t, fr(r))?
+            }
+            "neg" | "abs" | "sqrt" | "rsqrt" | "rcp" | "ex2" | "lg2" | "tanh" | "sin" | "cos"
+                if is_float =>
+            {
+                let a = fa(t, 1)?;
+                let r = match op[0] {
+                    "neg" => -a,
+                    "abs" => a.abs(),
+                    "sqrt" => a.sqrt(),
+                    "rsqrt" => 1.0 / a.sqrt(),
+                    "rcp" => 1.0 / a,
+                    "ex2" => a.exp2(),
+                    "lg2" => a.log2(),
+                    "tanh" => a.tanh(),
+                    "sin" => a.sin(),
+                    _ => a.cos(),
+                };
+                dst(t, fr(r))?
+            }
+            "add" | "sub" | "min" | "max" | "and" | "or" | "xor" | "shl" | "shr" | "rem"
+            | "div" => {
+                let (a, b) = (arg(t, 1)?, arg(t, 2)?);
+                let sgn = ty.starts_with('s');
+                let r = match op[0] {
+                    "add" => a.wrapping_add(b),
+                    "sub" => a.wrapping_sub(b),
+                    "min" if sgn => signed(a).min(signed(b)) as u64,
+                    "max" if sgn => signed(a).max(signed(b)) as u64,
+                    "min" => mask(a).min(mask(b)),
+                    "max" => mask(a).max(mask(b)),
+                    "and" => a & b,
+                    "or" => a | b,
+                    "xor" => a ^ b,
+                    "shl" => {
+                        if b >= 8 * size as u64 {
+                            0
+                        } else {
+                            a << b
+                        }
+                    }
+                    "shr" if sgn => (signed(a) >> b.min(63)) as u64,
+                    "shr" => {
+                        if b >= 8 * size as u64 {
+                            0
+                        } else {
+                            mask(a) >> b
+                        }
+                    }
+                    "div" | "rem" if mask(b) == 0 => return err("integer division by zero"),
+                    "div" if sgn => (signed(a) / signed(b)) as u64,
+                    "rem" if sgn => (signed(a) % signed(b)) as u64,
+                    "div" => mask(a) / mask(b),
+                    _ => mask(a) % mask(b),
+                };
+                dst(t, mask(r))?
+            }
+            "not" => dst(t, mask(!arg(t, 1)?))?,
+            "mul" => {
+                let (a, b) = (arg(t, 1)?, arg(t, 2)?);
+                let r = match op[1] {
+                    "wide" if ty.starts_with('s') => (signed(a) * signed(b)) as u64,
+                    "wide" => mask(a) * mask(b),
+                    "lo" => mask(a.wrapping_mul(b)),
+                    "hi" => (mask(a) * mask(b)) >> 32,
+                    other => return err(format!("mul.{other}")),
+                };
+                dst(t, r)?
+            }
+            "mad" => {
+                let (a, b, c) = (arg(t, 1)?, arg(t, 2)?, arg(t, 3)?);
+                let r = match op[1] {
+                    "lo" => mask(a.wrapping_mul(b).wrapping_add(c)),
+                    "wide" => mask(a).wrapping_mul(mask(b)).wrapping_add(c),
+                    other => return err(format!("mad.{other}")),
+                };
+                dst(t, r)?
+            }
+            other => return err(format!("instruction `{other}` is not emulated")),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        assert_eq!(f32_to_bf16(1.0), 0x3F80);
+        // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0).
+        assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3F80);
+        assert_eq!(f32_to_bf16(1.0 + 3.0 / 256.0), 0x3F82);
+        assert_eq!(bf16_to_f32(0x3F80), 1.0);
+    }
+
+    #[test]
+    fn partial_warp_shuffle_is_an_error() {
+        let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.reg .b32 %r<3>;\n\t.reg .pred %p<1>;\n\tmov.u32 %r0, %tid.x;\n\tsetp.eq.u32 %p0, %r0, 3;\n\t@%p0 bra $end;\n\tshfl.sync.bfly.b32 %r1, %r0, 1, 31, -1;\n$end:\n\tret;\n}\n";
+        let m = Module::parse(ptx).unwrap();
+        let mut mem = Memory::new();
+        let out = mem.alloc(&[0; 4]);
+        let e = run(
+            &m,
+            "k",
+            &Launch {
+                grid: 1,
+                block: 32,
+                params: &[out],
+            },
+            &mut mem,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("only part of a warp"), "{e}");
+    }
+
+    #[test]
+    fn barrier_orders_shared_memory() {
+        // Thread i writes i to shared[i]; after the barrier it reads shared[31 - i].
+        let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.shared .align 4 .b8 s[128];\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<6>;\n\tld.param.u64 %rd0, [out];\n\tcvta.to.global.u64 %rd1, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.u32 [%rd4], %r0;\n\tbar.sync 0;\n\tsub.u32 %r1, 31, %r0;\n\tmul.wide.u32 %rd3, %r1, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tld.shared.u32 %r2, [%rd4];\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd5, %rd1, %rd3;\n\tst.global.u32 [%rd5], %r2;\n\tret;\n}\n";
+        let m = Module::parse(ptx).unwrap();
+        let mut mem = Memory::new();
+        let out = mem.alloc(&[0; 128]);
+        run(
+            &m,
+            "k",
+            &Launch {
+                grid: 1,
+                block: 32,
+                params: &[out],
+            },
+            &mut mem,
+        )
+        .unwrap();
+        let got = mem.read_u32(out, 32).unwrap();
+        assert_eq!(got, (0..32).rev().collect::<Vec<u32>>());
+    }
+}
