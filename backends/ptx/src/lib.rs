@@ -8,6 +8,7 @@ pub mod builder;
 pub mod emu;
 pub mod gemv;
 pub mod math;
+pub mod misc;
 pub mod rg_lru;
 
 /// A module of kernels: the header, then each kernel.

@@ -454,3 +454,94 @@ fn attention_step_matches_reference_across_the_ring() {
     }
     assert!(worst < 2e-5, "max |diff| {worst}");
 }
+
+#[test]
+fn gather_scales_the_row_of_the_id() {
+    use griffin_backend_ptx::misc::{gather, GATHER_BLOCK};
+    use griffin_backend_ptx::rg_lru::Storage;
+    let (vocab, width) = (50usize, 300usize);
+    let mut rng = Rng(3);
+    let table: Vec<u16> = rng
+        .vec(vocab * width)
+        .iter()
+        .map(|v| bf16_bits(*v))
+        .collect();
+    let m = Module::parse(&module(&[gather(
+        "g",
+        width as u32,
+        Storage::Bf16,
+        Some(8.0),
+    )]))
+    .unwrap();
+    let mut mem = Memory::new();
+    let ta = mem.alloc(
+        &table
+            .iter()
+            .flat_map(|h| h.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    );
+    let ia = mem.alloc_u32(&[37]);
+    let oa = mem.alloc_f32(&vec![0.0; width]);
+    run(
+        &m,
+        "g",
+        &Launch {
+            grid: (width as u32).div_ceil(GATHER_BLOCK),
+            block: GATHER_BLOCK,
+            params: &[ta, ia, oa],
+        },
+        &mut mem,
+    )
+    .unwrap();
+    let want: Vec<f32> = (0..width)
+        .map(|c| bf16_value(table[37 * width + c]) * 8.0)
+        .collect();
+    assert_eq!(mem.read_f32(oa, width).unwrap(), want);
+}
+
+#[test]
+fn argmax_takes_the_first_maximum_and_skips_nan() {
+    use griffin_backend_ptx::misc::{argmax, ARGMAX_THREADS};
+    let vocab = 5000usize;
+    let m = Module::parse(&module(&[argmax("a", vocab as u32)])).unwrap();
+    let mut rng = Rng(11);
+    let cases: Vec<(Vec<f32>, u32)> = vec![
+        {
+            let mut v = rng.vec(vocab);
+            v[4321] = 7.0;
+            (v, 4321)
+        },
+        {
+            // Ties: the lowest index wins, whichever thread saw it.
+            let mut v = rng.vec(vocab);
+            v[2049] = 9.0;
+            v[17] = 9.0;
+            v[4999] = 9.0;
+            (v, 17)
+        },
+        {
+            let mut v = rng.vec(vocab);
+            v[0] = f32::NAN;
+            v[3] = 5.0;
+            (v, 3)
+        },
+        (vec![f32::NAN; vocab], 0),
+    ];
+    for (logits, want) in cases {
+        let mut mem = Memory::new();
+        let la = mem.alloc_f32(&logits);
+        let oa = mem.alloc_u32(&[u32::MAX]);
+        run(
+            &m,
+            "a",
+            &Launch {
+                grid: 1,
+                block: ARGMAX_THREADS,
+                params: &[la, oa],
+            },
+            &mut mem,
+        )
+        .unwrap();
+        assert_eq!(mem.read_u32(oa, 1).unwrap()[0], want);
+    }
+}

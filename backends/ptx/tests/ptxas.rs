@@ -6,6 +6,7 @@ use std::process::Command;
 
 use griffin_backend_ptx::attention::{attend, rotate_store, AttentionSpec};
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
+use griffin_backend_ptx::misc::{advance, argmax, gather};
 use griffin_backend_ptx::module;
 use griffin_backend_ptx::rg_lru::{rg_lru_step, RgLruSpec, Storage};
 
@@ -140,6 +141,16 @@ fn all_kernels() -> Vec<(String, String)> {
         out.push((format!("{}_rotate_store", s.name), rotate_store(&s)));
         out.push((format!("{}_attend", s.name), attend(&s)));
     }
+    out.push((
+        "tiny_gather".into(),
+        gather("tiny_gather", 64, Storage::F32, Some(8.0)),
+    ));
+    out.push((
+        "b2_gather".into(),
+        gather("b2_gather", 2560, Storage::Bf16, Some(50.5)),
+    ));
+    out.push(("b2_argmax".into(), argmax("b2_argmax", 256000)));
+    out.push(("advance".into(), advance("advance")));
     out
 }
 

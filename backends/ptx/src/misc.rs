@@ -1,0 +1,139 @@
+//! The small kernels around the layers: the embedding gather at the start of a decode step,
+//! on-device argmax at its end (so greedy decoding copies one id back per token), and the
+//! position counter's advance (the step replays as one captured graph, so the position lives
+//! in device memory).
+
+use crate::builder::{Class, Kernel};
+use crate::rg_lru::{addr4, load_weight, Storage};
+
+pub const GATHER_BLOCK: u32 = 256;
+pub const ARGMAX_THREADS: u32 = 1024;
+
+/// Parameters: table `[V, D]`, ids `i32[1]`, out `f32[D]`. `scale` multiplies each value
+/// (sqrt(D) as the reference rounds it). Launch: ceil(D / 256) blocks of 256.
+pub fn gather(name: &str, width: u32, table: Storage, scale: Option<f32>) -> String {
+    let mut k = Kernel::new(name);
+    let tab = k.param_ptr("table");
+    let ids = k.param_ptr("ids");
+    let out = k.param_ptr("out");
+    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
+    let c = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {c}, {block}, {GATHER_BLOCK}, {tid};"));
+    let done = k.label("done");
+    let outside = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {outside}, {c}, {width};"));
+    k.ins(format!("@{outside} bra {done};"));
+    let id = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {id}, [{ids}];"));
+    let at = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {at}, {id}, {width}, {c};"));
+    let v = load_weight(&mut k, table, tab, at);
+    if let Some(s) = scale {
+        k.ins(format!("mul.f32 {v}, {v}, {};", Kernel::f32_imm(s)));
+    }
+    let o = addr4(&mut k, out, c);
+    k.ins(format!("st.global.f32 [{o}], {v};"));
+    k.place(&done);
+    k.finish()
+}
+
+/// Parameters: logits `f32[V]`, out `i32[1]`. One block of 1024 threads; the lowest index
+/// wins ties, as the host's argmax. NaN never wins.
+pub fn argmax(name: &str, vocab: u32) -> String {
+    let warps = ARGMAX_THREADS / 32;
+    let mut k = Kernel::new(name);
+    k.shared("best_v", 4 * warps, 16);
+    k.shared("best_i", 4 * warps, 16);
+    let logits = k.param_ptr("logits");
+    let out = k.param_ptr("out");
+    let tid = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
+    k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
+    k.ins(format!("mov.u32 {bi}, {vocab};"));
+    let i = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {i}, {tid};"));
+    let (head, end) = (k.label("scan"), k.label("scan_end"));
+    k.place(&head);
+    let stop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {stop}, {i}, {vocab};"));
+    k.ins(format!("@{stop} bra {end};"));
+    let a = addr4(&mut k, logits, i);
+    let v = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {v}, [{a}];"));
+    // Strictly greater: a thread visits indices in increasing order, so the first max stays.
+    let better = k.reg(Class::Pred);
+    k.ins(format!("setp.gt.f32 {better}, {v}, {bv};"));
+    k.ins(format!("@{better} mov.f32 {bv}, {v};"));
+    k.ins(format!("@{better} mov.u32 {bi}, {i};"));
+    k.ins(format!("add.u32 {i}, {i}, {ARGMAX_THREADS};"));
+    k.ins(format!("bra {head};"));
+    k.place(&end);
+    // (value, index) pairs reduced: larger value, or equal value and smaller index.
+    let combine = |k: &mut Kernel, bv, bi, ov, oi| {
+        let gt = k.reg(Class::Pred);
+        k.ins(format!("setp.gt.f32 {gt}, {ov}, {bv};"));
+        let eq = k.reg(Class::Pred);
+        k.ins(format!("setp.eq.f32 {eq}, {ov}, {bv};"));
+        let lower = k.reg(Class::Pred);
+        k.ins(format!("setp.lt.u32 {lower}, {oi}, {bi};"));
+        k.ins(format!("and.pred {eq}, {eq}, {lower};"));
+        k.ins(format!("or.pred {gt}, {gt}, {eq};"));
+        k.ins(format!("@{gt} mov.f32 {bv}, {ov};"));
+        k.ins(format!("@{gt} mov.u32 {bi}, {oi};"));
+    };
+    for offset in [16, 8, 4, 2, 1] {
+        let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
+        k.ins(format!("shfl.sync.bfly.b32 {ov}, {bv}, {offset}, 31, -1;"));
+        k.ins(format!("shfl.sync.bfly.b32 {oi}, {bi}, {offset}, 31, -1;"));
+        combine(&mut k, bv, bi, ov, oi);
+    }
+    let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
+    k.ins(format!("and.b32 {lane}, {tid}, 31;"));
+    let lane0 = k.reg(Class::Pred);
+    k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
+    let (sv, si) = (k.reg(Class::B64), k.reg(Class::B64));
+    k.ins(format!("mov.u64 {sv}, best_v;"));
+    k.ins(format!("mov.u64 {si}, best_i;"));
+    let off = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {off}, {warp}, 4;"));
+    let (pv, pi) = (k.reg(Class::B64), k.reg(Class::B64));
+    k.ins(format!("add.u64 {pv}, {sv}, {off};"));
+    k.ins(format!("add.u64 {pi}, {si}, {off};"));
+    k.ins(format!("@{lane0} st.shared.f32 [{pv}], {bv};"));
+    k.ins(format!("@{lane0} st.shared.u32 [{pi}], {bi};"));
+    k.ins("bar.sync 0;");
+    let done = k.label("done");
+    let not_first = k.reg(Class::Pred);
+    k.ins(format!("setp.ne.u32 {not_first}, {tid}, 0;"));
+    k.ins(format!("@{not_first} bra {done};"));
+    k.ins(format!("ld.shared.f32 {bv}, [{sv}];"));
+    k.ins(format!("ld.shared.u32 {bi}, [{si}];"));
+    for w in 1..warps {
+        let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
+        k.ins(format!("ld.shared.f32 {ov}, [{sv}+{}];", 4 * w));
+        k.ins(format!("ld.shared.u32 {oi}, [{si}+{}];", 4 * w));
+        combine(&mut k, bv, bi, ov, oi);
+    }
+    // All logits NaN: id 0 rather than an out-of-range id.
+    let none = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {none}, {bi}, {vocab};"));
+    k.ins(format!("@{none} mov.u32 {bi}, 0;"));
+    k.ins(format!("st.global.u32 [{out}], {bi};"));
+    k.place(&done);
+    k.finish()
+}
+
+/// Parameters: position `i32[1]`. One thread adds one.
+pub fn advance(name: &str) -> String {
+    let mut k = Kernel::new(name);
+    let position = k.param_ptr("position");
+    let p = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {p}, [{position}];"));
+    k.ins(format!("add.u32 {p}, {p}, 1;"));
+    k.ins(format!("st.global.u32 [{position}], {p};"));
+    k.finish()
+}
