@@ -94,6 +94,12 @@ pub fn run_demo(req: &DemoRequest) -> Result<PathBuf, RunError> {
         req.max_new_tokens,
         DEMO_SAMPLING.join(" ")
     );
+    // The prompt first, so the continuation reads as one text.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "{}", req.prompt).and_then(|_| out.flush());
+    }
     let status = Command::new(&built.executable)
         .arg("--prompt")
         .arg(req.prompt)

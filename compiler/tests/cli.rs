@@ -430,3 +430,23 @@ fn verbose_logs_stages_to_stderr_and_stats_report_rates() {
     let log = String::from_utf8(debug.stderr).unwrap();
     assert!(log.contains("pass=\"fuse-rg-lru\""), "{log}");
 }
+
+#[test]
+fn demo_model_greedy_text_matches_the_reference_sample() {
+    // scripts/train_demo_model.py recorded the reference implementation's greedy text (40 new
+    // tokens); the interpreter on the committed bf16 weights writes the same words.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-model");
+    let training: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("training.json")).unwrap()).unwrap();
+    let prompt = training["greedy_sample"]["prompt"].as_str().unwrap();
+    let want = training["greedy_sample"]["text"].as_str().unwrap();
+    let out = stdout(&griffinc(&[
+        "generate",
+        dir.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "40",
+    ]));
+    assert_eq!(format!("{prompt}{}", out.trim_end_matches('\n')), want);
+}

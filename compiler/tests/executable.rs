@@ -530,3 +530,62 @@ fn executables_sample_with_a_seed_and_stop_at_strings() {
         &["--top-p 1.5"],
     );
 }
+
+#[test]
+fn demo_compiles_the_embedded_model_and_writes_seeded_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |out: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_griffinc"))
+            .args([
+                "demo",
+                "--max-new-tokens",
+                "24",
+                "--threads",
+                "1",
+                "-o",
+                out,
+            ])
+            .output()
+            .unwrap()
+    };
+    let first = tmp.path().join("a");
+    let o = run(first.to_str().unwrap());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    // The prompt, then the model's continuation in English words of the corpus.
+    assert!(text.starts_with("And God said"), "{text}");
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert!(words.len() >= 10, "{text}");
+    let english = [
+        "the", "and", "of", "unto", "he", "that", "to", "in", "shall", "his",
+    ];
+    assert!(
+        words
+            .iter()
+            .any(|w| english.contains(&w.to_lowercase().as_str())),
+        "{text}"
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("time to first token"), "{stderr}");
+    // The executable and the demo model's files stay in --out-dir.
+    assert!(first.join("griffin-demo").is_file());
+    assert!(first.join("demo-model/model.safetensors").is_file());
+    // Same seed, same text.
+    let again = run(tmp.path().join("b").to_str().unwrap());
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), text);
+}
+
+#[test]
+fn demo_with_a_missing_model_folder_is_a_one_line_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_griffinc"))
+        .args([
+            "demo",
+            "/nonexistent/model",
+            "-o",
+            tmp.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    fails_with(&o, &["/nonexistent/model"]);
+}

@@ -475,15 +475,15 @@ fn run_block(
         .collect();
     let mut executed = 0;
     loop {
-        for t in 0..n {
-            if threads[t].wait == Wait::Running {
+        for (t, thread) in threads.iter_mut().enumerate() {
+            if thread.wait == Wait::Running {
                 let ctx = Ctx {
                     f,
                     launch,
                     block,
                     tid: t as u32,
                 };
-                executed += ctx.run_thread(&mut threads[t], memory, &mut shared)?;
+                executed += ctx.run_thread(thread, memory, &mut shared)?;
             }
         }
         if threads.iter().all(|t| t.wait == Wait::Done) {
