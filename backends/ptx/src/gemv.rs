@@ -4,6 +4,7 @@
 
 use crate::builder::{Class, Kernel, Reg};
 use crate::math::{gelu, tanh, warp_sum};
+use crate::rg_lru::Storage;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Epilogue {
@@ -23,6 +24,9 @@ pub struct GemvSpec {
     pub bias: bool,
     pub epilogue: Epilogue,
     pub residual: bool,
+    /// How the weight matrix is stored (bf16 halves the bytes decode streams; f32 keeps the
+    /// f32 path exact).
+    pub weights: Storage,
     /// RMS-normalise x first (epsilon); the kernel then takes the norm's gain (`1 + w`,
     /// folded at packing) after x. `Σ w·(x·g·r) = r · Σ w·(x·g)`: the gain multiplies each
     /// input and the common factor r the sum.
@@ -40,6 +44,7 @@ pub fn grid(spec: &GemvSpec) -> u32 {
 #[allow(clippy::too_many_arguments)]
 fn dot8(
     k: &mut Kernel,
+    storage: Storage,
     w: Reg,
     x: Reg,
     gain: Option<Reg>,
@@ -50,15 +55,7 @@ fn dot8(
 ) {
     let elem = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {elem}, {row}, {inputs}, {i};"));
-    let off = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {off}, {elem}, 2;"));
-    let wp = k.reg(Class::B64);
-    k.ins(format!("add.u64 {wp}, {w}, {off};"));
-    let words: Vec<Reg> = (0..4).map(|_| k.reg(Class::B32)).collect();
-    k.ins(format!(
-        "ld.global.nc.v4.u32 {{{}, {}, {}, {}}}, [{wp}];",
-        words[0], words[1], words[2], words[3]
-    ));
+    let ws = load_weights8(k, storage, w, elem);
     let xoff = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {xoff}, {i}, 4;"));
     let xp = k.reg(Class::B64);
@@ -88,16 +85,52 @@ fn dot8(
             k.ins(format!("mul.f32 {xv}, {xv}, {gv};"));
         }
     }
-    for (j, word) in words.iter().enumerate() {
-        // A 32-bit word holds two bf16: the low half is the earlier element.
-        let lo_bits = k.reg(Class::B32);
-        k.ins(format!("shl.b32 {lo_bits}, {word}, 16;"));
-        let hi_bits = k.reg(Class::B32);
-        k.ins(format!("and.b32 {hi_bits}, {word}, -65536;"));
-        for (bits, xv) in [(lo_bits, xs[2 * j]), (hi_bits, xs[2 * j + 1])] {
-            let wv = k.reg(Class::F32);
-            k.ins(format!("mov.b32 {wv}, {bits};"));
-            k.ins(format!("fma.rn.f32 {acc}, {wv}, {xv}, {acc};"));
+    for (wv, xv) in ws.iter().zip(&xs) {
+        k.ins(format!("fma.rn.f32 {acc}, {wv}, {xv}, {acc};"));
+    }
+}
+
+/// Eight consecutive weights from element `elem` on, as f32: one 16-byte load of bf16
+/// (widened in registers) or two of f32.
+fn load_weights8(k: &mut Kernel, storage: Storage, w: Reg, elem: Reg) -> Vec<Reg> {
+    let off = k.reg(Class::B64);
+    let wp = k.reg(Class::B64);
+    match storage {
+        Storage::Bf16 => {
+            k.ins(format!("mul.wide.u32 {off}, {elem}, 2;"));
+            k.ins(format!("add.u64 {wp}, {w}, {off};"));
+            let words: Vec<Reg> = (0..4).map(|_| k.reg(Class::B32)).collect();
+            k.ins(format!(
+                "ld.global.nc.v4.u32 {{{}, {}, {}, {}}}, [{wp}];",
+                words[0], words[1], words[2], words[3]
+            ));
+            let mut out = Vec::new();
+            for word in words {
+                // A 32-bit word holds two bf16: the low half is the earlier element.
+                let (lo, hi) = (k.reg(Class::B32), k.reg(Class::B32));
+                k.ins(format!("shl.b32 {lo}, {word}, 16;"));
+                k.ins(format!("and.b32 {hi}, {word}, -65536;"));
+                for bits in [lo, hi] {
+                    let v = k.reg(Class::F32);
+                    k.ins(format!("mov.b32 {v}, {bits};"));
+                    out.push(v);
+                }
+            }
+            out
+        }
+        Storage::F32 => {
+            k.ins(format!("mul.wide.u32 {off}, {elem}, 4;"));
+            k.ins(format!("add.u64 {wp}, {w}, {off};"));
+            let out: Vec<Reg> = (0..8).map(|_| k.reg(Class::F32)).collect();
+            k.ins(format!(
+                "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{wp}];",
+                out[0], out[1], out[2], out[3]
+            ));
+            k.ins(format!(
+                "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{wp}+16];",
+                out[4], out[5], out[6], out[7]
+            ));
+            out
         }
     }
 }
@@ -185,9 +218,19 @@ pub fn gemv(spec: &GemvSpec) -> String {
     let stop = k.reg(Class::Pred);
     k.ins(format!("setp.ge.u32 {stop}, {i}, {};", spec.inputs));
     k.ins(format!("@{stop} bra {end};"));
-    dot8(&mut k, w, x, gain, col, i, spec.inputs, acc);
+    dot8(&mut k, spec.weights, w, x, gain, col, i, spec.inputs, acc);
     if geglu {
-        dot8(&mut k, w, x, gain, up_row, i, spec.inputs, acc_up);
+        dot8(
+            &mut k,
+            spec.weights,
+            w,
+            x,
+            gain,
+            up_row,
+            i,
+            spec.inputs,
+            acc_up,
+        );
     }
     k.ins(format!("add.u32 {i}, {i}, 256;"));
     k.ins(format!("bra {head};"));

@@ -75,6 +75,11 @@ fn gemv_kernels_compute_their_epilogues() {
             epilogue,
             residual,
             norm,
+            weights: if name == "f32_weights" {
+                griffin_backend_ptx::rg_lru::Storage::F32
+            } else {
+                griffin_backend_ptx::rg_lru::Storage::Bf16
+            },
         };
         let rows = if epilogue == Epilogue::GeGlu {
             2 * width
@@ -100,7 +105,12 @@ fn gemv_kernels_compute_their_epilogues() {
 
         let mut mem = Memory::new();
         let xa = mem.alloc_f32(&x);
-        let wa = mem.alloc(&wq.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>());
+        // f32 weights hold the same (bf16-representable) values, widened.
+        let wa = if name == "f32_weights" {
+            mem.alloc_f32(&wq.iter().map(|h| bf16_value(*h)).collect::<Vec<f32>>())
+        } else {
+            mem.alloc(&wq.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>())
+        };
         let ba = mem.alloc_f32(&b);
         let ra = mem.alloc_f32(&r);
         let oa = mem.alloc_f32(&vec![f32::NAN; w]);

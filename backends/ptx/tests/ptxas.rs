@@ -60,6 +60,7 @@ fn specs() -> Vec<GemvSpec> {
         residual,
         // Projections that read the residual stream normalise it first.
         norm: (!residual).then_some(1e-6),
+        weights: Storage::Bf16,
     };
     vec![
         // tiny configs (D=64, F=96)
