@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod demo;
 pub mod error;
 pub mod executable;
+pub mod gpu;
 pub mod interp;
 pub mod passes;
 pub mod progress;

@@ -72,6 +72,35 @@ fn extent(ty: &ValueType) -> Result<(u64, u64), BackendError> {
     }
 }
 
+/// How to compute a weight (a param or a weight expression of `g`) from checkpoint tensors:
+/// the recipe both the CPU and the GPU lowering pack weights by.
+pub fn recipe_of(g: &Graph, v: Value) -> Result<Recipe, BackendError> {
+    let x = g.operands(v.node);
+    let boxed =
+        |i: usize| -> Result<Box<Recipe>, BackendError> { Ok(Box::new(recipe_of(g, x[i])?)) };
+    Ok(match &g.node(v.node).op {
+        Op::Param { tensor, .. } => Recipe::Tensor(tensor.clone()),
+        Op::Constant { value, .. } => Recipe::Scalar(*value),
+        // Values are f32 already; a cast to f32 changes nothing.
+        Op::Cast { to: DType::F32 } => recipe_of(g, x[0])?,
+        Op::Unary(u) => Recipe::Unary(u.name().to_string(), boxed(0)?),
+        Op::Binary(b) if !b.is_comparison() => {
+            Recipe::Binary(b.name().to_string(), boxed(0)?, boxed(1)?)
+        }
+        Op::Concat { axis: 0, .. } => Recipe::Concat(
+            x.iter()
+                .map(|p| recipe_of(g, *p))
+                .collect::<Result<_, _>>()?,
+        ),
+        other => {
+            return Err(BackendError::Unsupported(format!(
+                "weight expression `{}` cannot be packed",
+                other.mnemonic()
+            )))
+        }
+    })
+}
+
 struct Lowering<'g> {
     g: &'g Graph,
     opts: &'g Options,
@@ -191,33 +220,8 @@ impl Lowering<'_> {
         Ok((b, storage))
     }
 
-    /// How to compute a weight expression from checkpoint tensors.
     fn recipe(&self, v: Value) -> Result<Recipe, BackendError> {
-        let g = self.g;
-        let x = g.operands(v.node);
-        let boxed =
-            |i: usize| -> Result<Box<Recipe>, BackendError> { Ok(Box::new(self.recipe(x[i])?)) };
-        Ok(match &g.node(v.node).op {
-            Op::Param { tensor, .. } => Recipe::Tensor(tensor.clone()),
-            Op::Constant { value, .. } => Recipe::Scalar(*value),
-            // Values are f32 already; a cast to f32 changes nothing.
-            Op::Cast { to: DType::F32 } => self.recipe(x[0])?,
-            Op::Unary(u) => Recipe::Unary(u.name().to_string(), boxed(0)?),
-            Op::Binary(b) if !b.is_comparison() => {
-                Recipe::Binary(b.name().to_string(), boxed(0)?, boxed(1)?)
-            }
-            Op::Concat { axis: 0, .. } => Recipe::Concat(
-                x.iter()
-                    .map(|p| self.recipe(*p))
-                    .collect::<Result<_, _>>()?,
-            ),
-            other => {
-                return Err(BackendError::Unsupported(format!(
-                    "weight expression `{}` cannot be packed",
-                    other.mnemonic()
-                )))
-            }
-        })
+        recipe_of(self.g, v)
     }
 
     fn value(&self, v: Value) -> Result<usize, BackendError> {

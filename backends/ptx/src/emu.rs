@@ -408,7 +408,8 @@ impl Memory {
             .collect())
     }
 
-    fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), EmuError> {
+    /// Writes `data` at a device address (host-to-device copy).
+    pub fn write_bytes(&mut self, addr: u64, data: &[u8]) -> Result<(), EmuError> {
         let r = self.range(addr, data.len())?;
         self.bytes[r].copy_from_slice(data);
         Ok(())
@@ -561,6 +562,27 @@ fn shuffle(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
         t.regs[*d] = values[src.min(lanes - 1)];
     }
     Ok(())
+}
+
+/// An opcode's dot-separated parts, read without allocating.
+struct Op<'a>(&'a [String]);
+
+impl<'a> Op<'a> {
+    fn at(&self, i: usize) -> &'a str {
+        self.0[i].as_str()
+    }
+    fn last(&self) -> &'a str {
+        self.0[self.0.len() - 1].as_str()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn has(&self, m: &str) -> bool {
+        self.0.iter().any(|p| p == m)
+    }
+    fn iter(&self) -> impl Iterator<Item = &'a str> + 'a {
+        self.0.iter().map(String::as_str)
+    }
 }
 
 struct Ctx<'a> {
@@ -723,7 +745,7 @@ impl Ctx<'_> {
                 Ok(())
             }
             Base::Param(_) => err("store to a parameter"),
-            _ => memory.write(addr, bytes),
+            _ => memory.write_bytes(addr, bytes),
         }
     }
 
@@ -734,8 +756,8 @@ impl Ctx<'_> {
         memory: &mut Memory,
         shared: &mut [u8],
     ) -> Result<(), EmuError> {
-        let op: Vec<&str> = ins.op.iter().map(String::as_str).collect();
-        let ty = *op.last().unwrap();
+        let op = Op(&ins.op);
+        let ty = op.last();
         let size = match ty {
             "u8" | "s8" | "b8" => 1,
             "u16" | "s16" | "b16" | "f16" | "bf16" => 2,
@@ -779,12 +801,12 @@ impl Ctx<'_> {
             }
         };
         let is_float = ty == "f32" || ty == "f64";
-        match op[0] {
+        match op.at(0) {
             "ld" => {
                 let vec = op
                     .iter()
                     .find_map(|m| m.strip_prefix('v')?.parse::<usize>().ok());
-                let (base, addr) = self.address(t, &ins.args[1], op[1])?;
+                let (base, addr) = self.address(t, &ins.args[1], op.at(1))?;
                 match (&ins.args[0], vec) {
                     (Operand::Vec(regs), Some(n)) if regs.len() == n => {
                         for (k, r) in regs.iter().enumerate() {
@@ -807,7 +829,7 @@ impl Ctx<'_> {
                 let vec = op
                     .iter()
                     .find_map(|m| m.strip_prefix('v')?.parse::<usize>().ok());
-                let (base, addr) = self.address(t, &ins.args[0], op[1])?;
+                let (base, addr) = self.address(t, &ins.args[0], op.at(1))?;
                 match (&ins.args[1], vec) {
                     (Operand::Vec(regs), Some(n)) if regs.len() == n => {
                         for (k, r) in regs.iter().enumerate() {
@@ -829,7 +851,7 @@ impl Ctx<'_> {
                 dst(t, if p { arg(t, 1)? } else { arg(t, 2)? })?
             }
             "setp" => {
-                let cmp = op[1];
+                let cmp = op.at(1);
                 let (a, b) = (arg(t, 1)?, arg(t, 2)?);
                 let r = if is_float {
                     let (x, y) = (fa(t, 1)?, fa(t, 2)?);
@@ -870,7 +892,7 @@ impl Ctx<'_> {
             }
             "cvt" => {
                 // cvt[.rn|.rzi|.rmi].DST.SRC
-                let (dt, st) = (op[op.len() - 2], op[op.len() - 1]);
+                let (dt, st) = (op.at(op.len() - 2), op.last());
                 let v = arg(t, 1)?;
                 let as_f64 = match st {
                     "f32" => f32_of(v) as f64,
@@ -882,11 +904,11 @@ impl Ctx<'_> {
                     "s64" => v as i64 as f64,
                     _ => return err(format!("cvt from .{st}")),
                 };
-                let rounded = if op.contains(&"rzi") {
+                let rounded = if op.has("rzi") {
                     as_f64.trunc()
-                } else if op.contains(&"rmi") {
+                } else if op.has("rmi") {
                     as_f64.floor()
-                } else if op.contains(&"rni") {
+                } else if op.has("rni") {
                     as_f64.round_ties_even()
                 } else {
                     as_f64
@@ -907,7 +929,7 @@ impl Ctx<'_> {
             }
             "add" | "sub" | "mul" | "div" | "min" | "max" if is_float => {
                 let (a, b) = (fa(t, 1)?, fa(t, 2)?);
-                let r = match op[0] {
+                let r = match op.at(0) {
                     "add" => a + b,
                     "sub" => a - b,
                     "mul" => a * b,
@@ -925,7 +947,7 @@ impl Ctx<'_> {
                 if is_float =>
             {
                 let a = fa(t, 1)?;
-                let r = match op[0] {
+                let r = match op.at(0) {
                     "neg" => -a,
                     "abs" => a.abs(),
                     "sqrt" => a.sqrt(),
@@ -943,7 +965,7 @@ impl Ctx<'_> {
             | "div" => {
                 let (a, b) = (arg(t, 1)?, arg(t, 2)?);
                 let sgn = ty.starts_with('s');
-                let r = match op[0] {
+                let r = match op.at(0) {
                     "add" => a.wrapping_add(b),
                     "sub" => a.wrapping_sub(b),
                     "min" if sgn => signed(a).min(signed(b)) as u64,
@@ -979,7 +1001,7 @@ impl Ctx<'_> {
             "not" => dst(t, mask(!arg(t, 1)?))?,
             "mul" => {
                 let (a, b) = (arg(t, 1)?, arg(t, 2)?);
-                let r = match op[1] {
+                let r = match op.at(1) {
                     "wide" if ty.starts_with('s') => (signed(a) * signed(b)) as u64,
                     "wide" => mask(a) * mask(b),
                     "lo" => mask(a.wrapping_mul(b)),
@@ -990,7 +1012,7 @@ impl Ctx<'_> {
             }
             "mad" => {
                 let (a, b, c) = (arg(t, 1)?, arg(t, 2)?, arg(t, 3)?);
-                let r = match op[1] {
+                let r = match op.at(1) {
                     "lo" => mask(a.wrapping_mul(b).wrapping_add(c)),
                     "wide" => mask(a).wrapping_mul(mask(b)).wrapping_add(c),
                     other => return err(format!("mad.{other}")),

@@ -9,7 +9,7 @@ use crate::builder::{Class, Kernel, Reg};
 use crate::math::{exp, gelu, sigmoid};
 
 /// How a weight is stored in device memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Storage {
     F32,
     Bf16,

@@ -1,0 +1,699 @@
+//! The GPU path from the compiler's side: lower the optimised decode graph to PTX kernels and a
+//! launch list (a `GpuProgram`), with its weights packed by the same recipes and code as the
+//! CPU path. `EmuEngine` runs a program on the PTX interpreter (`--backend ptx-emu`), so the
+//! whole GPU decode step is checked against the golden cases on machines without a GPU.
+//!
+//! Every buffer is allocated once: weights, carried state (conv windows, recurrence states, KV
+//! rings), one buffer per activation (a decode step's activations are a few vectors per
+//! layer), the token id and the position (kept in device memory so a captured step can replay).
+//! Not yet: the CUDA runtime that runs a program on a GPU, and prefill kernels (a prompt runs
+//! as decode steps).
+
+use std::collections::{BTreeMap, HashMap};
+
+use griffin_backend_ptx::attention::{
+    attend, inverse_frequencies, rotate_store, rotate_threads, AttentionSpec, ATTEND_WARPS,
+    ROTATE_BLOCK,
+};
+use griffin_backend_ptx::emu;
+use griffin_backend_ptx::gemv::{gemv, grid, Epilogue as GemvEpilogue, GemvSpec, WARPS_PER_BLOCK};
+use griffin_backend_ptx::misc::{argmax, gather, ARGMAX_THREADS, GATHER_BLOCK};
+use griffin_backend_ptx::rg_lru::{block_size, rg_lru_step, RgLruSpec, Storage};
+use griffin_ir::{DType, Epilogue, Graph, InputRole, NodeId, Op, OutputRole, Value};
+use griffin_runtime::pack::pack;
+use griffin_runtime::plan::{Buffer, BufferKind, Elem, Plan, Storage as PackStorage, PLAN_VERSION};
+
+use crate::error::RunError;
+use crate::session::{Engine, Model};
+
+/// What a device buffer holds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GpuBufferKind {
+    Activation,
+    /// Carried between steps; zeroed at the start of a document.
+    State(String),
+    /// The packed weight at this index of `GpuProgram::weights`' buffers.
+    Weight(usize),
+    /// Bytes computed at compile time (rotary inverse frequencies).
+    Constant(Vec<u8>),
+    /// The step's token id (i32).
+    Ids,
+    /// The step's position (i32).
+    Position,
+    /// The greedy next id (i32), written by the argmax launch.
+    NextId,
+}
+
+#[derive(Clone, Debug)]
+pub struct GpuBuffer {
+    pub kind: GpuBufferKind,
+    pub bytes: u64,
+}
+
+/// A kernel argument: a buffer's address plus a byte offset (split projections write views).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Arg {
+    pub buffer: usize,
+    pub offset: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct GpuLaunch {
+    pub kernel: String,
+    pub grid: u32,
+    pub block: u32,
+    pub args: Vec<Arg>,
+}
+
+/// A compiled decode step.
+pub struct GpuProgram {
+    /// The PTX module holding every kernel.
+    pub ptx: String,
+    /// Each kernel's PTX, by name (for `--emit-ptx` and inspection).
+    pub kernels: BTreeMap<String, String>,
+    pub buffers: Vec<GpuBuffer>,
+    /// One decode step, in order.
+    pub launches: Vec<GpuLaunch>,
+    /// Greedy decoding's tail: argmax of the logits into the next-id buffer.
+    pub argmax: GpuLaunch,
+    /// The weights to pack (only weight buffers), by the runtime's packing code.
+    pub weights: Plan,
+    pub ids: usize,
+    pub position: usize,
+    pub logits: usize,
+    pub next_id: usize,
+    pub vocab: usize,
+}
+
+fn unsupported(m: impl Into<String>) -> RunError {
+    RunError::Backend(format!("GPU backend: {}", m.into()))
+}
+
+struct Lowering<'g> {
+    g: &'g Graph,
+    buffers: Vec<GpuBuffer>,
+    launches: Vec<GpuLaunch>,
+    kernels: BTreeMap<String, String>,
+    weights: Vec<Buffer>,
+    weight_of: HashMap<(Value, Storage), usize>,
+    value_of: HashMap<Value, Arg>,
+    ids: Option<usize>,
+    position: Option<usize>,
+    logits: Option<usize>,
+}
+
+impl Lowering<'_> {
+    fn buffer(&mut self, kind: GpuBufferKind, bytes: u64) -> usize {
+        self.buffers.push(GpuBuffer { kind, bytes });
+        self.buffers.len() - 1
+    }
+
+    fn elements(&self, v: Value) -> Result<u64, RunError> {
+        let ty = self
+            .g
+            .value_type(v)
+            .map_err(|e| unsupported(e.to_string()))?;
+        ty.shape
+            .dims()
+            .iter()
+            .map(|d| {
+                d.fixed()
+                    .ok_or_else(|| unsupported(format!("{ty} has a symbolic dimension")))
+            })
+            .product()
+    }
+
+    fn dim(&self, v: Value, axis: usize) -> Result<u32, RunError> {
+        let ty = self
+            .g
+            .value_type(v)
+            .map_err(|e| unsupported(e.to_string()))?;
+        ty.shape
+            .dims()
+            .get(axis)
+            .and_then(|d| d.fixed())
+            .map(|d| d as u32)
+            .ok_or_else(|| unsupported(format!("{ty}: dimension {axis} must be fixed")))
+    }
+
+    /// bf16 for matrices whose every source tensor is bf16 (concatenation is exact), else f32.
+    fn matrix_storage(&self, v: Value) -> Storage {
+        let g = self.g;
+        let bf16_param = |v: Value| {
+            matches!(g.node(v.node).op, Op::Param { .. })
+                && g.value_type(v).is_ok_and(|t| t.dtype == DType::BF16)
+        };
+        let all_bf16 = match g.node(v.node).op {
+            Op::Concat { .. } => g.operands(v.node).into_iter().all(bf16_param),
+            _ => bf16_param(v),
+        };
+        if all_bf16 {
+            Storage::Bf16
+        } else {
+            Storage::F32
+        }
+    }
+
+    /// The device buffer of a weight stored as `storage`, packed on first use.
+    fn weight(&mut self, v: Value, storage: Storage) -> Result<Arg, RunError> {
+        if let Some(&b) = self.weight_of.get(&(v, storage)) {
+            return Ok(Arg {
+                buffer: b,
+                offset: 0,
+            });
+        }
+        let elements = self.elements(v)?;
+        let bytes = elements * if storage == Storage::Bf16 { 2 } else { 4 };
+        let name = match &self.g.node(v.node).op {
+            Op::Param { tensor, .. } => tensor.clone(),
+            op => format!("{}#{}", griffin_ir::text::op_signature(op), v.node.index()),
+        };
+        let recipe = griffin_backend_cpu::lower::recipe_of(self.g, v)
+            .map_err(|e| unsupported(e.to_string()))?;
+        self.weights.push(Buffer {
+            kind: BufferKind::Weight {
+                name,
+                offset: 0,
+                bytes,
+                storage: match storage {
+                    Storage::Bf16 => PackStorage::Bf16,
+                    Storage::F32 => PackStorage::F32,
+                },
+                recipe,
+            },
+            elem: Elem::F32,
+            per_token: 0,
+            fixed: bytes.div_ceil(4),
+        });
+        let b = self.buffer(GpuBufferKind::Weight(self.weights.len() - 1), bytes);
+        self.weight_of.insert((v, storage), b);
+        Ok(Arg {
+            buffer: b,
+            offset: 0,
+        })
+    }
+
+    fn value(&self, v: Value) -> Result<Arg, RunError> {
+        self.value_of
+            .get(&v)
+            .copied()
+            .ok_or_else(|| unsupported(format!("value {v} has no buffer")))
+    }
+
+    fn activation(&mut self, v: Value) -> Result<Arg, RunError> {
+        let bytes = 4 * self.elements(v)?;
+        let b = self.buffer(GpuBufferKind::Activation, bytes);
+        let arg = Arg {
+            buffer: b,
+            offset: 0,
+        };
+        self.value_of.insert(v, arg);
+        Ok(arg)
+    }
+
+    fn position_arg(&self) -> Result<Arg, RunError> {
+        self.position
+            .map(|b| Arg {
+                buffer: b,
+                offset: 0,
+            })
+            .ok_or_else(|| unsupported("no position input"))
+    }
+
+    fn launch(&mut self, kernel: String, ptx: String, grid: u32, block: u32, args: Vec<Arg>) {
+        self.kernels.insert(kernel.clone(), ptx);
+        self.launches.push(GpuLaunch {
+            kernel,
+            grid,
+            block,
+            args,
+        });
+    }
+
+    fn node(&mut self, id: NodeId, index: usize) -> Result<(), RunError> {
+        let g = self.g;
+        let op = g.node(id).op.clone();
+        let x = g.operands(id);
+        let r = |output: u32| Value { node: id, output };
+        let name = format!("k{index}_{}", op.mnemonic());
+        match &op {
+            Op::Input { role, name, .. } => {
+                let bytes = 4 * self.elements(r(0))?;
+                let b = match role {
+                    InputRole::Tokens => {
+                        let b = self.buffer(GpuBufferKind::Ids, bytes);
+                        self.ids = Some(b);
+                        b
+                    }
+                    InputRole::Position => {
+                        let b = self.buffer(GpuBufferKind::Position, bytes);
+                        self.position = Some(b);
+                        b
+                    }
+                    InputRole::State => self.buffer(GpuBufferKind::State(name.clone()), bytes),
+                };
+                self.value_of.insert(
+                    r(0),
+                    Arg {
+                        buffer: b,
+                        offset: 0,
+                    },
+                );
+            }
+            Op::Output { role, name } => {
+                let a = self.value(x[0])?;
+                match role {
+                    OutputRole::Logits if a.offset == 0 => self.logits = Some(a.buffer),
+                    OutputRole::Logits => return Err(unsupported("logits in a view")),
+                    OutputRole::State => match &self.buffers[a.buffer].kind {
+                        GpuBufferKind::State(held) if held == name => {}
+                        _ => {
+                            return Err(unsupported(format!(
+                                "state `{name}` is not updated in place by one kernel"
+                            )))
+                        }
+                    },
+                }
+            }
+            Op::Param { .. } | Op::Constant { .. } => {}
+            _ if g.is_weight_expression(id) => {}
+            // Kernels read the position from its buffer.
+            Op::Positions => {
+                let p = self.position_arg()?;
+                self.value_of.insert(r(0), p);
+            }
+            Op::Reshape { .. } => {
+                let a = self.value(x[0])?;
+                self.value_of.insert(r(0), a);
+            }
+            Op::Gather { scale } => {
+                let storage = self.matrix_storage(x[0]);
+                let table = self.weight(x[0], storage)?;
+                let ids = self.value(x[1])?;
+                let width = self.dim(x[0], 1)?;
+                if self.elements(x[1])? != 1 {
+                    return Err(unsupported("gather of more than one token"));
+                }
+                let out = self.activation(r(0))?;
+                let ptx = gather(&name, width, storage, scale.map(|s| s as f32));
+                self.launch(
+                    name,
+                    ptx,
+                    width.div_ceil(GATHER_BLOCK),
+                    GATHER_BLOCK,
+                    vec![table, ids, out],
+                );
+            }
+            Op::Linear {
+                bias,
+                norm,
+                epilogue,
+                residual,
+                splits,
+            } => {
+                let mut args = vec![self.value(x[0])?];
+                let mut next = 1;
+                if let Some(n) = norm {
+                    if n.weight_offset != 0.0 {
+                        return Err(unsupported(
+                            "a norm prologue with a weight offset (run the default passes)",
+                        ));
+                    }
+                    args.push(self.weight(x[next], Storage::F32)?);
+                    next += 1;
+                }
+                let storage = self.matrix_storage(x[next]);
+                let rows = self.dim(x[next], 0)?;
+                let inputs = self.dim(x[next], 1)?;
+                if inputs % 8 != 0 {
+                    return Err(unsupported(format!(
+                        "a projection of {inputs} inputs (a multiple of 8 is needed)"
+                    )));
+                }
+                args.push(self.weight(x[next], storage)?);
+                next += 1;
+                if *bias {
+                    args.push(self.weight(x[next], Storage::F32)?);
+                    next += 1;
+                }
+                if *residual {
+                    args.push(self.value(x[next])?);
+                }
+                let width = if *epilogue == Epilogue::GeGlu {
+                    rows / 2
+                } else {
+                    rows
+                };
+                // One output buffer; split results are views into it.
+                let out = self.activation(r(0))?;
+                let out = Arg {
+                    buffer: out.buffer,
+                    offset: 0,
+                };
+                self.buffers[out.buffer].bytes = 4 * width as u64;
+                let mut offset = 0u64;
+                for (i, part) in splits.iter().enumerate() {
+                    if part % 4 != 0 {
+                        return Err(unsupported(format!(
+                            "a split of {part} columns (views need 16-byte alignment)"
+                        )));
+                    }
+                    self.value_of.insert(
+                        r(i as u32),
+                        Arg {
+                            buffer: out.buffer,
+                            offset,
+                        },
+                    );
+                    offset += 4 * part;
+                }
+                args.push(out);
+                let spec = GemvSpec {
+                    name: name.clone(),
+                    inputs,
+                    width,
+                    bias: *bias,
+                    epilogue: match epilogue {
+                        Epilogue::None => GemvEpilogue::None,
+                        Epilogue::GeGlu => GemvEpilogue::GeGlu,
+                        Epilogue::SoftCap(c) => GemvEpilogue::SoftCap(*c as f32),
+                    },
+                    residual: *residual,
+                    norm: norm.map(|n| n.eps as f32),
+                    weights: storage,
+                };
+                let g = grid(&spec);
+                self.launch(name, gemv(&spec), g, 32 * WARPS_PER_BLOCK, args);
+            }
+            Op::RgLru { width, gate_output } => {
+                let input = self.value(x[0])?;
+                let position = self.position_arg()?;
+                let window = self.value(x[2])?;
+                let mut args = vec![input, position, window];
+                for w in &x[3..10] {
+                    args.push(self.weight(*w, Storage::F32)?);
+                }
+                let state = self.value(x[10])?;
+                args.push(state);
+                if *gate_output {
+                    args.push(self.value(x[11])?);
+                }
+                let spec = RgLruSpec {
+                    name: name.clone(),
+                    channels: self.dim(x[0], 1)?,
+                    blocks: self.dim(x[5], 0)?,
+                    width: *width,
+                    conv: Storage::F32,
+                    gates: Storage::F32,
+                    gate_output: *gate_output,
+                };
+                if spec.channels % spec.blocks != 0 || block_size(&spec) > 1024 {
+                    return Err(unsupported("RG-LRU blocks of more than 1024 channels"));
+                }
+                let out = self.activation(r(0))?;
+                args.push(out);
+                self.value_of.insert(r(1), window);
+                self.value_of.insert(r(2), state);
+                self.launch(
+                    name,
+                    rg_lru_step(&spec),
+                    spec.blocks,
+                    block_size(&spec),
+                    args,
+                );
+            }
+            Op::LocalAttention {
+                window,
+                scale,
+                rotary,
+            } => {
+                let (q, k, v) = (self.value(x[0])?, self.value(x[1])?, self.value(x[2])?);
+                let (keys, values) = (self.value(x[4])?, self.value(x[5])?);
+                let position = self.position_arg()?;
+                let spec = AttentionSpec {
+                    name: name.clone(),
+                    heads: self.dim(x[0], 1)?,
+                    kv_heads: self.dim(x[1], 1)?,
+                    head_dim: self.dim(x[0], 2)?,
+                    window: *window,
+                    scale: *scale as f32,
+                    rotary: rotary.map(|r| (r.theta, r.dims)),
+                };
+                let mut args = vec![q, k, v, position];
+                if let Some((theta, dims)) = spec.rotary {
+                    let table: Vec<u8> = inverse_frequencies(theta, dims)
+                        .iter()
+                        .flat_map(|f| f.to_le_bytes())
+                        .collect();
+                    let bytes = table.len() as u64;
+                    let b = self.buffer(GpuBufferKind::Constant(table), bytes);
+                    args.push(Arg {
+                        buffer: b,
+                        offset: 0,
+                    });
+                }
+                let q_rot = self.buffer(
+                    GpuBufferKind::Activation,
+                    4 * (spec.heads * spec.head_dim) as u64,
+                );
+                let q_rot = Arg {
+                    buffer: q_rot,
+                    offset: 0,
+                };
+                args.extend([q_rot, keys, values]);
+                self.launch(
+                    format!("{name}_rotate_store"),
+                    rotate_store(&spec),
+                    rotate_threads(&spec).div_ceil(ROTATE_BLOCK),
+                    ROTATE_BLOCK,
+                    args,
+                );
+                let out = self.activation(r(0))?;
+                self.launch(
+                    format!("{name}_attend"),
+                    attend(&spec),
+                    spec.heads,
+                    32 * ATTEND_WARPS,
+                    vec![q_rot, position, keys, values, out],
+                );
+                self.value_of.insert(r(1), keys);
+                self.value_of.insert(r(2), values);
+            }
+            other => {
+                return Err(unsupported(format!(
+                    "`{}` has no GPU kernel (compile with the default pass pipeline)",
+                    other.mnemonic()
+                )))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lowers the decode graph of `model` (after the default pipeline) to a GPU program.
+pub fn lower_decode(model: &Model) -> Result<GpuProgram, RunError> {
+    let g = &model.decode;
+    let mut l = Lowering {
+        g,
+        buffers: Vec::new(),
+        launches: Vec::new(),
+        kernels: BTreeMap::new(),
+        weights: Vec::new(),
+        weight_of: HashMap::new(),
+        value_of: HashMap::new(),
+        ids: None,
+        position: None,
+        logits: None,
+    };
+    for (i, id) in g.topo_order().into_iter().enumerate() {
+        l.node(id, i)?;
+    }
+    let ids = l.ids.ok_or_else(|| unsupported("no token input"))?;
+    let position = l.position.ok_or_else(|| unsupported("no position input"))?;
+    let logits = l.logits.ok_or_else(|| unsupported("no logits output"))?;
+    let vocab = model.vocab_size();
+    let next_id = l.buffer(GpuBufferKind::NextId, 4);
+    let argmax_ptx = argmax("greedy_argmax", vocab as u32);
+    l.kernels.insert("greedy_argmax".into(), argmax_ptx);
+    let at = |buffer| Arg { buffer, offset: 0 };
+    let argmax_launch = GpuLaunch {
+        kernel: "greedy_argmax".into(),
+        grid: 1,
+        block: ARGMAX_THREADS,
+        args: vec![at(logits), at(next_id)],
+    };
+    let ptx = griffin_backend_ptx::module(&l.kernels.values().cloned().collect::<Vec<_>>());
+    let config = &model.checkpoint.config;
+    Ok(GpuProgram {
+        ptx,
+        kernels: l.kernels,
+        buffers: l.buffers,
+        launches: l.launches,
+        argmax: argmax_launch,
+        weights: Plan {
+            version: PLAN_VERSION,
+            max_tokens: 1,
+            vocab_size: vocab as u64,
+            bos_token_id: config.bos_token_id,
+            eos_token_id: config.eos_token_id,
+            pad_token_id: config.pad_token_id,
+            buffers: l.weights,
+            launches: Vec::new(),
+            tokens: 0,
+            logits: 0,
+            logits_launch: None,
+            weights_hash: String::new(),
+        },
+        ids,
+        position,
+        logits,
+        next_id,
+        vocab,
+    })
+}
+
+/// Packs the program's weights from the checkpoint; returns the bytes and writes each weight's
+/// offset into `program.weights`.
+pub fn pack_weights(program: &mut GpuProgram, model: &Model) -> Result<Vec<u8>, RunError> {
+    pack(&mut program.weights, &model.checkpoint).map_err(RunError::Backend)
+}
+
+/// A GPU program run by the PTX interpreter: slow (every thread of every kernel interpreted),
+/// but the same kernels, launches and buffers a GPU would run.
+pub struct EmuEngine {
+    program: GpuProgram,
+    module: emu::Module,
+    memory: emu::Memory,
+    addresses: Vec<u64>,
+    position: u32,
+}
+
+fn emu_error(e: emu::EmuError) -> RunError {
+    RunError::Backend(format!("PTX interpreter: {e}"))
+}
+
+impl EmuEngine {
+    pub fn new(model: &Model) -> Result<EmuEngine, RunError> {
+        let mut program = lower_decode(model)?;
+        let weights = pack_weights(&mut program, model)?;
+        let module = emu::Module::parse(&program.ptx).map_err(emu_error)?;
+        let mut memory = emu::Memory::new();
+        let mut addresses = Vec::new();
+        for b in &program.buffers {
+            let bytes = match &b.kind {
+                GpuBufferKind::Weight(i) => match &program.weights.buffers[*i].kind {
+                    BufferKind::Weight { offset, bytes, .. } => {
+                        weights[*offset as usize..(*offset + *bytes) as usize].to_vec()
+                    }
+                    _ => unreachable!("weight plans hold weights only"),
+                },
+                GpuBufferKind::Constant(c) => c.clone(),
+                _ => vec![0; b.bytes as usize],
+            };
+            addresses.push(memory.alloc(&bytes));
+        }
+        Ok(EmuEngine {
+            program,
+            module,
+            memory,
+            addresses,
+            position: 0,
+        })
+    }
+
+    fn run(&mut self, launch: &GpuLaunch) -> Result<(), RunError> {
+        let params: Vec<u64> = launch
+            .args
+            .iter()
+            .map(|a| self.addresses[a.buffer] + a.offset)
+            .collect();
+        emu::run(
+            &self.module,
+            &launch.kernel,
+            &emu::Launch {
+                grid: launch.grid,
+                block: launch.block,
+                params: &params,
+            },
+            &mut self.memory,
+        )
+        .map_err(emu_error)?;
+        Ok(())
+    }
+
+    /// Runs one decode step for `id`; the logits stay in device memory.
+    fn step_device(&mut self, id: u32) -> Result<(), RunError> {
+        if id as usize >= self.program.vocab {
+            return Err(RunError::TokenOutOfRange {
+                id,
+                vocab: self.program.vocab,
+            });
+        }
+        let (ids, pos) = (
+            self.addresses[self.program.ids],
+            self.addresses[self.program.position],
+        );
+        self.memory
+            .write_bytes(ids, &id.to_le_bytes())
+            .and_then(|_| self.memory.write_bytes(pos, &self.position.to_le_bytes()))
+            .map_err(emu_error)?;
+        let launches = self.program.launches.clone();
+        for l in &launches {
+            self.run(l)?;
+        }
+        self.position += 1;
+        Ok(())
+    }
+
+    fn logits(&self) -> Result<Vec<f32>, RunError> {
+        self.memory
+            .read_f32(self.addresses[self.program.logits], self.program.vocab)
+            .map_err(emu_error)
+    }
+
+    /// The greedy next id, computed on the device by the argmax kernel.
+    pub fn device_argmax(&mut self) -> Result<u32, RunError> {
+        let launch = self.program.argmax.clone();
+        self.run(&launch)?;
+        let v = self
+            .memory
+            .read_u32(self.addresses[self.program.next_id], 1)
+            .map_err(emu_error)?;
+        Ok(v[0])
+    }
+
+    pub fn program(&self) -> &GpuProgram {
+        &self.program
+    }
+}
+
+impl Engine for EmuEngine {
+    fn reset(&mut self) {
+        self.position = 0;
+        for (i, b) in self.program.buffers.iter().enumerate() {
+            if matches!(b.kind, GpuBufferKind::State(_)) {
+                let zeros = vec![0u8; b.bytes as usize];
+                self.memory
+                    .write_bytes(self.addresses[i], &zeros)
+                    .expect("state buffers are allocated");
+            }
+        }
+    }
+
+    fn prefill(&mut self, ids: &[u32], on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+        if ids.is_empty() {
+            return Err(RunError::EmptyIds);
+        }
+        for &id in ids {
+            self.step_device(id)?;
+            on_logits(&self.logits()?);
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+        self.step_device(id)?;
+        on_logits(&self.logits()?);
+        Ok(())
+    }
+}
