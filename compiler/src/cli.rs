@@ -110,6 +110,8 @@ pub enum Backend {
     /// The GPU decode kernels (PTX) run by a PTX interpreter on the CPU: checks the GPU path
     /// without a GPU; slow (every GPU thread is interpreted), for small models.
     PtxEmu,
+    /// The GPU decode kernels on an NVIDIA GPU (CUDA driver loaded at run time).
+    Cuda,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -172,6 +174,7 @@ fn engine<'m>(
         Backend::Interp => Box::new(Session::new(model)),
         Backend::Cpu => Box::new(CpuEngine::new(model, &compile.cpu_options()?)?),
         Backend::PtxEmu => Box::new(crate::gpu::EmuEngine::new(model)?),
+        Backend::Cuda => Box::new(crate::gpu::CudaEngine::new(model)?),
     })
 }
 
@@ -569,7 +572,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let mut sampler = Sampler::new(sampling);
     let mut engine = engine(args.backend, &model, &args.compile)?;
     let threads = match args.backend {
-        Backend::Interp | Backend::PtxEmu => 1,
+        Backend::Interp | Backend::PtxEmu | Backend::Cuda => 1,
         Backend::Cpu => args.compile.cpu_options()?.threads,
     };
     let eos = (!args.ignore_eos).then_some(config.eos_token_id);

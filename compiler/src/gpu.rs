@@ -20,69 +20,22 @@ use griffin_backend_ptx::gemv::{gemv, grid, Epilogue as GemvEpilogue, GemvSpec, 
 use griffin_backend_ptx::misc::{argmax, gather, ARGMAX_THREADS, GATHER_BLOCK};
 use griffin_backend_ptx::rg_lru::{block_size, rg_lru_step, RgLruSpec, Storage};
 use griffin_ir::{DType, Epilogue, Graph, InputRole, NodeId, Op, OutputRole, Value};
+use griffin_runtime::gpu_plan::{
+    Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GPU_PLAN_VERSION,
+};
 use griffin_runtime::pack::pack;
 use griffin_runtime::plan::{Buffer, BufferKind, Elem, Plan, Storage as PackStorage, PLAN_VERSION};
 
 use crate::error::RunError;
 use crate::session::{Engine, Model};
 
-/// What a device buffer holds.
-#[derive(Clone, Debug, PartialEq)]
-pub enum GpuBufferKind {
-    Activation,
-    /// Carried between steps; zeroed at the start of a document.
-    State(String),
-    /// The packed weight at this index of `GpuProgram::weights`' buffers.
-    Weight(usize),
-    /// Bytes computed at compile time (rotary inverse frequencies).
-    Constant(Vec<u8>),
-    /// The step's token id (i32).
-    Ids,
-    /// The step's position (i32).
-    Position,
-    /// The greedy next id (i32), written by the argmax launch.
-    NextId,
-}
-
-#[derive(Clone, Debug)]
-pub struct GpuBuffer {
-    pub kind: GpuBufferKind,
-    pub bytes: u64,
-}
-
-/// A kernel argument: a buffer's address plus a byte offset (split projections write views).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Arg {
-    pub buffer: usize,
-    pub offset: u64,
-}
-
-#[derive(Clone, Debug)]
-pub struct GpuLaunch {
-    pub kernel: String,
-    pub grid: u32,
-    pub block: u32,
-    pub args: Vec<Arg>,
-}
-
-/// A compiled decode step.
+/// A compiled decode step: the PTX module and the plan that launches it.
 pub struct GpuProgram {
     /// The PTX module holding every kernel.
     pub ptx: String,
     /// Each kernel's PTX, by name (for `--emit-ptx` and inspection).
     pub kernels: BTreeMap<String, String>,
-    pub buffers: Vec<GpuBuffer>,
-    /// One decode step, in order.
-    pub launches: Vec<GpuLaunch>,
-    /// Greedy decoding's tail: argmax of the logits into the next-id buffer.
-    pub argmax: GpuLaunch,
-    /// The weights to pack (only weight buffers), by the runtime's packing code.
-    pub weights: Plan,
-    pub ids: usize,
-    pub position: usize,
-    pub logits: usize,
-    pub next_id: usize,
-    pub vocab: usize,
+    pub plan: GpuPlan,
 }
 
 fn unsupported(m: impl Into<String>) -> RunError {
@@ -527,35 +480,37 @@ pub fn lower_decode(model: &Model) -> Result<GpuProgram, RunError> {
     Ok(GpuProgram {
         ptx,
         kernels: l.kernels,
-        buffers: l.buffers,
-        launches: l.launches,
-        argmax: argmax_launch,
-        weights: Plan {
-            version: PLAN_VERSION,
-            max_tokens: 1,
-            vocab_size: vocab as u64,
-            bos_token_id: config.bos_token_id,
-            eos_token_id: config.eos_token_id,
-            pad_token_id: config.pad_token_id,
-            buffers: l.weights,
-            launches: Vec::new(),
-            tokens: 0,
-            logits: 0,
-            logits_launch: None,
-            weights_hash: String::new(),
+        plan: GpuPlan {
+            version: GPU_PLAN_VERSION,
+            buffers: l.buffers,
+            launches: l.launches,
+            argmax: argmax_launch,
+            weights: Plan {
+                version: PLAN_VERSION,
+                max_tokens: 1,
+                vocab_size: vocab as u64,
+                bos_token_id: config.bos_token_id,
+                eos_token_id: config.eos_token_id,
+                pad_token_id: config.pad_token_id,
+                buffers: l.weights,
+                launches: Vec::new(),
+                tokens: 0,
+                logits: 0,
+                logits_launch: None,
+                weights_hash: String::new(),
+            },
+            ids,
+            position,
+            logits,
+            next_id,
         },
-        ids,
-        position,
-        logits,
-        next_id,
-        vocab,
     })
 }
 
 /// Packs the program's weights from the checkpoint; returns the bytes and writes each weight's
 /// offset into `program.weights`.
 pub fn pack_weights(program: &mut GpuProgram, model: &Model) -> Result<Vec<u8>, RunError> {
-    pack(&mut program.weights, &model.checkpoint).map_err(RunError::Backend)
+    pack(&mut program.plan.weights, &model.checkpoint).map_err(RunError::Backend)
 }
 
 /// A GPU program run by the PTX interpreter: slow (every thread of every kernel interpreted),
@@ -579,14 +534,15 @@ impl EmuEngine {
         let module = emu::Module::parse(&program.ptx).map_err(emu_error)?;
         let mut memory = emu::Memory::new();
         let mut addresses = Vec::new();
-        for b in &program.buffers {
+        for (i, b) in program.plan.buffers.iter().enumerate() {
             let bytes = match &b.kind {
-                GpuBufferKind::Weight(i) => match &program.weights.buffers[*i].kind {
-                    BufferKind::Weight { offset, bytes, .. } => {
-                        weights[*offset as usize..(*offset + *bytes) as usize].to_vec()
-                    }
-                    _ => unreachable!("weight plans hold weights only"),
-                },
+                GpuBufferKind::Weight(_) => {
+                    let (offset, bytes) = program
+                        .plan
+                        .weight_range(i)
+                        .expect("packed weights have ranges");
+                    weights[offset as usize..(offset + bytes) as usize].to_vec()
+                }
                 GpuBufferKind::Constant(c) => c.clone(),
                 _ => vec![0; b.bytes as usize],
             };
@@ -623,21 +579,21 @@ impl EmuEngine {
 
     /// Runs one decode step for `id`; the logits stay in device memory.
     fn step_device(&mut self, id: u32) -> Result<(), RunError> {
-        if id as usize >= self.program.vocab {
+        if id as usize >= self.program.plan.vocab() {
             return Err(RunError::TokenOutOfRange {
                 id,
-                vocab: self.program.vocab,
+                vocab: self.program.plan.vocab(),
             });
         }
         let (ids, pos) = (
-            self.addresses[self.program.ids],
-            self.addresses[self.program.position],
+            self.addresses[self.program.plan.ids],
+            self.addresses[self.program.plan.position],
         );
         self.memory
             .write_bytes(ids, &id.to_le_bytes())
             .and_then(|_| self.memory.write_bytes(pos, &self.position.to_le_bytes()))
             .map_err(emu_error)?;
-        let launches = self.program.launches.clone();
+        let launches = self.program.plan.launches.clone();
         for l in &launches {
             self.run(l)?;
         }
@@ -647,17 +603,20 @@ impl EmuEngine {
 
     fn logits(&self) -> Result<Vec<f32>, RunError> {
         self.memory
-            .read_f32(self.addresses[self.program.logits], self.program.vocab)
+            .read_f32(
+                self.addresses[self.program.plan.logits],
+                self.program.plan.vocab(),
+            )
             .map_err(emu_error)
     }
 
     /// The greedy next id, computed on the device by the argmax kernel.
     pub fn device_argmax(&mut self) -> Result<u32, RunError> {
-        let launch = self.program.argmax.clone();
+        let launch = self.program.plan.argmax.clone();
         self.run(&launch)?;
         let v = self
             .memory
-            .read_u32(self.addresses[self.program.next_id], 1)
+            .read_u32(self.addresses[self.program.plan.next_id], 1)
             .map_err(emu_error)?;
         Ok(v[0])
     }
@@ -670,7 +629,7 @@ impl EmuEngine {
 impl Engine for EmuEngine {
     fn reset(&mut self) {
         self.position = 0;
-        for (i, b) in self.program.buffers.iter().enumerate() {
+        for (i, b) in self.program.plan.buffers.iter().enumerate() {
             if matches!(b.kind, GpuBufferKind::State(_)) {
                 let zeros = vec![0u8; b.bytes as usize];
                 self.memory
@@ -694,6 +653,59 @@ impl Engine for EmuEngine {
     fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
         self.step_device(id)?;
         on_logits(&self.logits()?);
+        Ok(())
+    }
+}
+
+/// A GPU program on the GPU, through the CUDA runtime (`--backend cuda`).
+pub struct CudaEngine {
+    executor: griffin_runtime::cuda::CudaExecutor,
+}
+
+impl CudaEngine {
+    pub fn new(model: &Model) -> Result<CudaEngine, RunError> {
+        // Before any work: a machine without the driver gets the one-line reason at once.
+        griffin_runtime::cuda::probe().map_err(|e| RunError::Backend(e.to_string()))?;
+        let mut program = lower_decode(model)?;
+        let weights = pack_weights(&mut program, model)?;
+        let executor =
+            griffin_runtime::cuda::CudaExecutor::new(program.plan, &program.ptx, &weights)
+                .map_err(|e| RunError::Backend(e.to_string()))?;
+        Ok(CudaEngine { executor })
+    }
+
+    /// Greedy decoding with the argmax on the device: the next id after `id`.
+    pub fn step_greedy(&mut self, id: u32) -> Result<u32, RunError> {
+        self.executor
+            .step_greedy(id)
+            .map_err(|e| RunError::Backend(e.to_string()))
+    }
+}
+
+impl Engine for CudaEngine {
+    fn reset(&mut self) {
+        if let Err(e) = self.executor.reset() {
+            // The next step reports the device's error; reset itself has no error channel.
+            tracing::warn!("resetting the GPU state: {e}");
+        }
+    }
+
+    fn prefill(&mut self, ids: &[u32], on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+        if ids.is_empty() {
+            return Err(RunError::EmptyIds);
+        }
+        for &id in ids {
+            self.step(id, on_logits)?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+        let logits = self
+            .executor
+            .step(id)
+            .map_err(|e| RunError::Backend(e.to_string()))?;
+        on_logits(logits);
         Ok(())
     }
 }

@@ -59,13 +59,77 @@ fn program_allocates_every_buffer_once_with_state_in_place() {
         .iter()
         .filter(|t| format!("{t:?}").to_lowercase().contains("attention"))
         .count();
-    assert_eq!(p.launches.len(), 5 * layers + attention + 2);
+    assert_eq!(p.plan.launches.len(), 5 * layers + attention + 2);
     let states = p
+        .plan
         .buffers
         .iter()
-        .filter(|b| matches!(b.kind, griffinc::gpu::GpuBufferKind::State(_)))
+        .filter(|b| matches!(b.kind, griffin_runtime::gpu_plan::GpuBufferKind::State(_)))
         .count();
     // A conv window and a recurrence state per recurrent layer, keys and values per attention
     // layer.
     assert_eq!(states, 2 * layers);
+}
+
+/// Whether this machine can run the CUDA tests; prints why not.
+fn cuda_available() -> bool {
+    match griffin_runtime::cuda::probe() {
+        Ok(()) => true,
+        Err(e) => {
+            println!("skipped: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn golden_cases_on_the_gpu() {
+    if !cuda_available() {
+        return;
+    }
+    for case in CASES {
+        let e = expected(case);
+        let model = Model::load(&golden_dir().join(case)).unwrap();
+        let mut engine = griffinc::gpu::CudaEngine::new(&model).unwrap();
+        engine.reset();
+        let mut rows = Vec::new();
+        engine
+            .prefill(&e.input_ids, &mut |r| rows.extend_from_slice(r))
+            .unwrap();
+        let diff = max_abs_diff(&rows, &e.logits);
+        println!("{case}: max |diff| {diff:.2e} on the GPU");
+        assert!(diff <= F32_TOLERANCE, "{case}: {diff}");
+        engine.reset();
+        let (prompt, last) = e.input_ids.split_at(e.input_ids.len() - 1);
+        engine.prefill(prompt, &mut |_| {}).unwrap();
+        let mut next = engine.step_greedy(last[0]).unwrap();
+        let mut ids = vec![next];
+        while ids.len() < e.generated_ids.len() {
+            next = engine.step_greedy(next).unwrap();
+            ids.push(next);
+        }
+        assert_eq!(ids, e.generated_ids, "{case}");
+    }
+}
+
+#[test]
+fn cuda_backend_without_a_driver_is_a_one_line_error() {
+    if griffin_runtime::cuda::probe().is_ok() {
+        println!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    let dir = golden_dir().join("tiny-f32");
+    let o = common::griffinc(&[
+        "generate",
+        dir.to_str().unwrap(),
+        "--ids",
+        "2,3",
+        "--backend",
+        "cuda",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no CUDA driver"), "{stderr}");
+    assert!(o.stdout.is_empty());
 }

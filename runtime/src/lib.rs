@@ -3,7 +3,9 @@
 //! every buffer once (recurrent state included), and runs calls of up to `max_tokens` tokens.
 //! Memory does not grow with the length of the text. No LLVM, no compiler.
 
+pub mod cuda;
 pub mod exec;
+pub mod gpu_plan;
 pub mod output;
 pub mod pack;
 pub mod plan;
@@ -33,6 +35,8 @@ pub enum RuntimeError {
     TokenOutOfRange { id: u32, vocab: u64 },
     #[error("{0}")]
     Output(String),
+    #[error("{0}")]
+    Device(String),
     #[error("{tokens} tokens in one call, at most {max}")]
     ChunkTooLong { tokens: usize, max: u64 },
 }

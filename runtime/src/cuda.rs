@@ -1,0 +1,307 @@
+//! Running a GPU plan on an NVIDIA GPU through the CUDA driver (cudarc, loaded dynamically: every
+//! crate builds and every test runs where there is no CUDA). The PTX module is loaded once;
+//! two device allocations hold everything (the packed weights, and an arena of every other
+//! buffer: activations, carried state, KV rings, token id, position); the decode step's
+//! launches are captured once as a CUDA graph and replayed per token; greedy decoding copies
+//! one token id back per step.
+//!
+//! Written without a GPU at hand: it builds and reports a missing driver here, but has not yet
+//! run on a device (the kernels and plan it runs are checked by the PTX interpreter).
+
+use std::sync::Arc;
+
+use cudarc::driver::result as cu;
+use cudarc::driver::sys::{CUdeviceptr, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
+
+use crate::gpu_plan::{GpuBufferKind, GpuLaunch, GpuPlan};
+use crate::RuntimeError;
+
+fn driver(what: &str, e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Device(format!("{what}: {e}"))
+}
+
+/// Err with "no CUDA driver" unless libcuda can be loaded (cudarc panics on first use
+/// otherwise).
+pub fn probe() -> Result<(), RuntimeError> {
+    // SAFETY: only tries to open the library.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(RuntimeError::Device(
+            "no CUDA driver: libcuda.so could not be loaded (install the NVIDIA driver, or use the CPU backend)"
+                .into(),
+        ))
+    }
+}
+
+/// A device allocation freed on drop.
+struct DeviceMemory {
+    ptr: CUdeviceptr,
+    ctx: Arc<CudaContext>,
+}
+
+impl DeviceMemory {
+    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<DeviceMemory, RuntimeError> {
+        ctx.bind_to_thread()
+            .map_err(|e| driver("binding the context", e))?;
+        // SAFETY: plain allocation; freed in Drop.
+        let ptr = unsafe { cu::malloc_sync(bytes.max(1)) }
+            .map_err(|e| driver(&format!("allocating {bytes} bytes"), e))?;
+        Ok(DeviceMemory {
+            ptr,
+            ctx: ctx.clone(),
+        })
+    }
+}
+
+impl Drop for DeviceMemory {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by malloc_sync, freed once.
+        let _ = unsafe { cu::free_sync(self.ptr) };
+    }
+}
+
+/// A GPU plan loaded on device 0.
+pub struct CudaExecutor {
+    plan: GpuPlan,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    functions: Vec<CudaFunction>,
+    argmax: CudaFunction,
+    /// Each launch's parameters: device addresses.
+    params: Vec<Vec<u64>>,
+    argmax_params: Vec<u64>,
+    addresses: Vec<u64>,
+    _weights: DeviceMemory,
+    _arena: DeviceMemory,
+    graph: Option<CudaGraph>,
+    position: u32,
+    logits: Vec<f32>,
+    /// Bytes of device memory this executor allocated.
+    pub device_bytes: u64,
+}
+
+const ALIGN: u64 = 256;
+
+impl CudaExecutor {
+    /// Loads `ptx`, allocates every buffer, uploads the packed `weights`.
+    pub fn new(plan: GpuPlan, ptx: &str, weights: &[u8]) -> Result<CudaExecutor, RuntimeError> {
+        probe()?;
+        let ctx = CudaContext::new(0).map_err(|e| driver("opening GPU 0", e))?;
+        // One stream, synchronised by hand: no per-buffer events (they would also get in the
+        // way of graph capture).
+        // SAFETY: everything below runs on this one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(|e| driver("loading the PTX module", e))?;
+        let function = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| driver(&format!("kernel `{name}`"), e))
+        };
+        let functions = plan
+            .launches
+            .iter()
+            .map(|l| function(&l.kernel))
+            .collect::<Result<Vec<_>, _>>()?;
+        let argmax = function(&plan.argmax.kernel)?;
+
+        let weights_mem = DeviceMemory::new(&ctx, weights.len())?;
+        // SAFETY: the allocation holds weights.len() bytes.
+        unsafe { cu::memcpy_htod_async(weights_mem.ptr, weights, stream.cu_stream()) }
+            .map_err(|e| driver("uploading the weights", e))?;
+        // Every other buffer in one arena, 256-byte aligned.
+        let mut offsets = Vec::new();
+        let mut arena_bytes = 0u64;
+        for b in &plan.buffers {
+            offsets.push(arena_bytes);
+            if !matches!(b.kind, GpuBufferKind::Weight(_)) {
+                arena_bytes += b.bytes.div_ceil(ALIGN) * ALIGN;
+            }
+        }
+        let arena = DeviceMemory::new(&ctx, arena_bytes as usize)?;
+        let mut addresses = Vec::new();
+        for (i, b) in plan.buffers.iter().enumerate() {
+            addresses.push(match &b.kind {
+                GpuBufferKind::Weight(_) => {
+                    let (offset, _) = plan.weight_range(i).ok_or_else(|| {
+                        RuntimeError::Plan(format!("buffer {i}: weight without a range"))
+                    })?;
+                    if offset + b.bytes > weights.len() as u64 {
+                        return Err(RuntimeError::Weights(format!(
+                            "buffer {i} lies past the end of the weights"
+                        )));
+                    }
+                    weights_mem.ptr + offset
+                }
+                _ => arena.ptr + offsets[i],
+            });
+        }
+        // SAFETY: the arena holds arena_bytes bytes.
+        unsafe { cu::memset_d8_async(arena.ptr, 0, arena_bytes as usize, stream.cu_stream()) }
+            .map_err(|e| driver("clearing device memory", e))?;
+        for (i, b) in plan.buffers.iter().enumerate() {
+            if let GpuBufferKind::Constant(bytes) = &b.kind {
+                // SAFETY: the buffer was sized for these bytes.
+                unsafe { cu::memcpy_htod_async(addresses[i], bytes, stream.cu_stream()) }
+                    .map_err(|e| driver("uploading constants", e))?;
+            }
+        }
+        let params_of = |l: &GpuLaunch| -> Vec<u64> {
+            l.args
+                .iter()
+                .map(|a| addresses[a.buffer] + a.offset)
+                .collect()
+        };
+        let params = plan.launches.iter().map(params_of).collect();
+        let argmax_params = params_of(&plan.argmax);
+        stream
+            .synchronize()
+            .map_err(|e| driver("setting up the device", e))?;
+        let vocab = plan.vocab();
+        Ok(CudaExecutor {
+            device_bytes: weights.len() as u64 + arena_bytes,
+            plan,
+            stream,
+            _module: module,
+            functions,
+            argmax,
+            params,
+            argmax_params,
+            addresses,
+            _weights: weights_mem,
+            _arena: arena,
+            graph: None,
+            position: 0,
+            logits: vec![0.0; vocab],
+        })
+    }
+
+    fn launch(&self, f: &CudaFunction, l: &GpuLaunch, params: &[u64]) -> Result<(), RuntimeError> {
+        let mut b = self.stream.launch_builder(f);
+        for p in params {
+            b.arg(p);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (l.grid, 1, 1),
+            block_dim: (l.block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the parameters are device addresses of buffers sized by the plan the
+        // kernels were generated with.
+        unsafe { b.launch(cfg) }.map_err(|e| driver(&format!("launching `{}`", l.kernel), e))?;
+        Ok(())
+    }
+
+    fn launch_step(&self) -> Result<(), RuntimeError> {
+        for ((f, l), p) in self
+            .functions
+            .iter()
+            .zip(&self.plan.launches)
+            .zip(&self.params)
+        {
+            self.launch(f, l, p)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new document: state zeroed, position 0.
+    pub fn reset(&mut self) -> Result<(), RuntimeError> {
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            if matches!(b.kind, GpuBufferKind::State(_)) {
+                // SAFETY: the buffer holds b.bytes bytes.
+                unsafe {
+                    cu::memset_d8_async(
+                        self.addresses[i],
+                        0,
+                        b.bytes as usize,
+                        self.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| driver("clearing state", e))?;
+            }
+        }
+        self.position = 0;
+        Ok(())
+    }
+
+    /// Runs one token: uploads its id and position, replays the captured step (capturing it
+    /// on first use).
+    fn run_step(&mut self, id: u32) -> Result<(), RuntimeError> {
+        let vocab = self.plan.vocab();
+        if id as usize >= vocab {
+            return Err(RuntimeError::TokenOutOfRange {
+                id,
+                vocab: vocab as u64,
+            });
+        }
+        let s = self.stream.cu_stream();
+        // SAFETY: both buffers hold one i32.
+        unsafe {
+            cu::memcpy_htod_async(self.addresses[self.plan.ids], &[id], s).and_then(|_| {
+                cu::memcpy_htod_async(self.addresses[self.plan.position], &[self.position], s)
+            })
+        }
+        .map_err(|e| driver("uploading the token", e))?;
+        if self.graph.is_none() {
+            self.stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(|e| driver("capturing the decode step", e))?;
+            let captured = self.launch_step();
+            let graph = self
+                .stream
+                .end_capture(
+                    CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+                )
+                .map_err(|e| driver("capturing the decode step", e))?;
+            captured?;
+            self.graph = graph;
+        }
+        match &self.graph {
+            Some(g) => g
+                .launch()
+                .map_err(|e| driver("replaying the decode step", e))?,
+            None => self.launch_step()?,
+        }
+        self.position += 1;
+        Ok(())
+    }
+
+    /// One token; its logits.
+    pub fn step(&mut self, id: u32) -> Result<&[f32], RuntimeError> {
+        self.run_step(id)?;
+        let s = self.stream.cu_stream();
+        // SAFETY: the logits buffer holds vocab f32.
+        unsafe { cu::memcpy_dtoh_async(&mut self.logits, self.addresses[self.plan.logits], s) }
+            .map_err(|e| driver("reading the logits", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| driver("running the decode step", e))?;
+        Ok(&self.logits)
+    }
+
+    /// One token; the greedy next id, chosen on the device (4 bytes copied back).
+    pub fn step_greedy(&mut self, id: u32) -> Result<u32, RuntimeError> {
+        self.run_step(id)?;
+        self.launch(&self.argmax, &self.plan.argmax, &self.argmax_params)?;
+        let mut next = [0u32];
+        let s = self.stream.cu_stream();
+        // SAFETY: the next-id buffer holds one i32.
+        unsafe { cu::memcpy_dtoh_async(&mut next, self.addresses[self.plan.next_id], s) }
+            .map_err(|e| driver("reading the next id", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| driver("running the decode step", e))?;
+        Ok(next[0])
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.plan.vocab()
+    }
+}
