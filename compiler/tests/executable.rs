@@ -302,8 +302,9 @@ fn memory_does_not_grow_with_text_length() {
     let short = gen("100", "2,5");
     let long = gen("5000", "2,5");
     println!("peak RSS: 100 tokens {short} kB, 5000 tokens {long} kB");
+    // Growth is what matters: page-level noise may also make the longer run a little smaller.
     assert!(
-        (long as f64 - short as f64).abs() <= short as f64 * 0.01,
+        long as f64 <= short as f64 * 1.01,
         "100 tokens: {short} kB, 5000 tokens: {long} kB"
     );
     // Prefill in chunks: a 3000-token prompt needs no more memory than a 40-token one.
@@ -317,7 +318,7 @@ fn memory_does_not_grow_with_text_length() {
     let big = gen("1", &prompt(3000));
     println!("peak RSS: prompt 40 {small} kB, prompt 3000 {big} kB");
     assert!(
-        (big as f64 - small as f64).abs() <= small as f64 * 0.01,
+        big as f64 <= small as f64 * 1.01,
         "prompt 40: {small} kB, prompt 3000: {big} kB"
     );
 }
