@@ -66,6 +66,8 @@ pub struct DemoArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BuildTarget {
     Cpu,
+    /// NVIDIA GPUs (sm_90): PTX decode kernels run through the CUDA driver at run time.
+    Cuda,
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +87,9 @@ pub struct BuildArgs {
     /// `default`, `none`, or pass names separated by commas.
     #[arg(long, default_value = "default")]
     pub passes: String,
+    /// With --target cuda: also write the PTX module and each kernel's PTX to this folder.
+    #[arg(long, value_name = "DIR")]
+    pub emit_ptx: Option<PathBuf>,
     #[command(flatten)]
     pub compile: CompileArgs,
 }
@@ -687,8 +692,22 @@ fn run_build(args: BuildArgs) -> Result<()> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         bail!("--name {name:?}: give a plain file name");
     }
+    if args.emit_ptx.is_some() && args.target != BuildTarget::Cuda {
+        bail!("--emit-ptx goes with --target cuda");
+    }
     let model = load(&args.model_dir, &passes)?;
-    let built = build_executable(&model, &opts, &args.out_dir, &name, args.embed_weights)?;
+    let built = match args.target {
+        BuildTarget::Cpu => {
+            build_executable(&model, &opts, &args.out_dir, &name, args.embed_weights)?
+        }
+        BuildTarget::Cuda => crate::executable::build_cuda_executable(
+            &model,
+            &args.out_dir,
+            &name,
+            args.embed_weights,
+            args.emit_ptx.as_deref(),
+        )?,
+    };
     let weights = match &built.weights {
         Some(path) => path.display().to_string(),
         None => "embedded".to_string(),

@@ -47,9 +47,15 @@ pub fn runner_library() -> Result<PathBuf, RunError> {
 /// An object holding each blob as `NAME` (64-byte aligned bytes) and `NAME_len` (u64), put in
 /// by the assembler's `.incbin`: large blobs (weights, a real tokenizer) are never copied
 /// through text.
-fn data_object(scratch: &Path, cc: &str, blobs: &[(&str, &[u8])]) -> Result<PathBuf, RunError> {
+fn data_object(
+    scratch: &Path,
+    cc: &str,
+    blobs: &[(&str, &[u8])],
+    extra: &str,
+) -> Result<PathBuf, RunError> {
     let fail = |m: String| RunError::Backend(m);
     let mut asm = String::from(".section .rodata\n");
+    asm.push_str(extra);
     for (name, bytes) in blobs {
         // Relative to the scratch folder the assembler runs in: no quoting of user paths.
         let file = format!("{name}.bin");
@@ -87,6 +93,28 @@ pub struct Built {
     pub weights_bytes: u64,
 }
 
+/// What goes into an executable besides the runner library.
+struct Parts<'a> {
+    /// The kernels' LLVM module (CPU builds), compiled to an object.
+    llvm_module: Option<(&'a str, &'a CpuOptions)>,
+    /// Assembly defining further symbols (the empty kernel table of GPU builds).
+    extra_asm: &'a str,
+    blobs: Vec<(&'a str, &'a [u8])>,
+    weights_hash: &'a str,
+    weights: &'a [u8],
+}
+
+/// The model folder's tokenizer.json, if it has one (it goes into the executable so it takes
+/// --prompt and prints text).
+fn tokenizer_bytes(model: &Model) -> Result<Vec<u8>, RunError> {
+    let path = model.checkpoint.dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    std::fs::read(&path)
+        .map_err(|e| RunError::Backend(format!("cannot read {}: {e}", path.display())))
+}
+
 /// Builds `out_dir/name` and, unless `embed_weights`, `out_dir/name.weights`. Nothing is left
 /// behind on failure.
 pub fn build_executable(
@@ -112,48 +140,115 @@ pub fn build_executable(
         table.join(", "),
         k = table.len()
     ));
-    // The tokenizer goes in too, so the executable takes --prompt and prints text.
-    let tokenizer_path = model.checkpoint.dir.join("tokenizer.json");
-    let tokenizer = if tokenizer_path.is_file() {
-        std::fs::read(&tokenizer_path)
-            .map_err(|e| fail(format!("cannot read {}: {e}", tokenizer_path.display())))?
-    } else {
-        Vec::new()
+    let tokenizer = tokenizer_bytes(model)?;
+    let parts = Parts {
+        llvm_module: Some((&module, opts)),
+        extra_asm: "",
+        blobs: vec![
+            ("griffin_plan", &plan_json),
+            ("griffin_tokenizer", &tokenizer),
+            ("griffin_gpu_plan", &[]),
+            ("griffin_ptx", &[]),
+        ],
+        weights_hash: &artifact.plan.weights_hash,
+        weights: &artifact.weights,
     };
-    let empty = Vec::new();
-    let blobs: [(&str, &[u8]); 3] = [
-        ("griffin_plan", &plan_json),
-        ("griffin_tokenizer", &tokenizer),
-        (
-            "griffin_embedded_weights",
-            if embed_weights {
-                &artifact.weights
-            } else {
-                &empty
-            },
-        ),
-    ];
+    link(&runner, out_dir, name, embed_weights, parts)
+}
+
+/// `griffinc build --target cuda`: the GPU plan and PTX module go into the executable, which
+/// loads them through the CUDA driver at start. No LLVM is involved. With `emit_ptx`, each
+/// kernel's PTX and the whole module are also written to that folder.
+pub fn build_cuda_executable(
+    model: &Model,
+    out_dir: &Path,
+    name: &str,
+    embed_weights: bool,
+    emit_ptx: Option<&Path>,
+) -> Result<Built, RunError> {
+    let fail = |m: String| RunError::Backend(m);
+    let runner = runner_library()?;
+    let stage = progress::spinner("lowering", "the decode graph to PTX kernels");
+    let mut program = crate::gpu::lower_decode(model)?;
+    drop(stage);
+    let stage = progress::spinner("packing", "weights");
+    let weights = crate::gpu::pack_weights(&mut program, model)?;
+    drop(stage);
+    if let Some(dir) = emit_ptx {
+        write_ptx(dir, &program)?;
+    }
+    let plan = &program.plan;
+    let weights_plan = serde_json::to_vec(&plan.weights).map_err(|e| fail(e.to_string()))?;
+    let gpu_plan = serde_json::to_vec(plan).map_err(|e| fail(e.to_string()))?;
+    let tokenizer = tokenizer_bytes(model)?;
+    let parts = Parts {
+        llvm_module: None,
+        extra_asm: ".balign 8\n.globl griffin_kernel_table\ngriffin_kernel_table:\n.globl griffin_kernel_count\ngriffin_kernel_count:\n.quad 0\n",
+        blobs: vec![
+            ("griffin_plan", &weights_plan),
+            ("griffin_tokenizer", &tokenizer),
+            ("griffin_gpu_plan", &gpu_plan),
+            ("griffin_ptx", program.ptx.as_bytes()),
+        ],
+        weights_hash: &plan.weights.weights_hash,
+        weights: &weights,
+    };
+    link(&runner, out_dir, name, embed_weights, parts)
+}
+
+/// Writes `module.ptx` and one `KERNEL.ptx` per kernel into `dir`.
+pub fn write_ptx(dir: &Path, program: &crate::gpu::GpuProgram) -> Result<(), RunError> {
+    let fail = |p: &Path, e: std::io::Error| {
+        RunError::Backend(format!("--emit-ptx: cannot write {}: {e}", p.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| fail(dir, e))?;
+    let module = dir.join("module.ptx");
+    std::fs::write(&module, &program.ptx).map_err(|e| fail(&module, e))?;
+    for (name, ptx) in &program.kernels {
+        let path = dir.join(format!("{name}.ptx"));
+        let text = griffin_backend_ptx::module(std::slice::from_ref(ptx));
+        std::fs::write(&path, text).map_err(|e| fail(&path, e))?;
+    }
+    Ok(())
+}
+
+fn link(
+    runner: &Path,
+    out_dir: &Path,
+    name: &str,
+    embed_weights: bool,
+    parts: Parts,
+) -> Result<Built, RunError> {
+    let fail = |m: String| RunError::Backend(m);
+    let mut blobs = parts.blobs.clone();
+    blobs.push((
+        "griffin_embedded_weights",
+        if embed_weights { parts.weights } else { &[] },
+    ));
 
     std::fs::create_dir_all(out_dir)
         .map_err(|e| fail(format!("cannot create {}: {e}", out_dir.display())))?;
     let executable = out_dir.join(name);
     let weights = out_dir.join(format!("{name}.weights"));
     let scratch = tempfile_dir(out_dir)?;
-    let object = scratch.join("kernels.o");
     let result = (|| {
-        let stage = progress::spinner("compiling", "kernels with LLVM");
-        compile_object(&module, &opts.target_cpu, &object).map_err(|e| fail(e.to_string()))?;
-        drop(stage);
+        let mut objects = Vec::new();
+        if let Some((module, opts)) = parts.llvm_module {
+            let object = scratch.join("kernels.o");
+            let stage = progress::spinner("compiling", "kernels with LLVM");
+            compile_object(module, &opts.target_cpu, &object).map_err(|e| fail(e.to_string()))?;
+            drop(stage);
+            objects.push(object);
+        }
         let stage = progress::spinner("linking", name.to_string());
         let linked = scratch.join(name);
         let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-        let data = data_object(&scratch, &cc, &blobs)?;
+        objects.push(data_object(&scratch, &cc, &blobs, parts.extra_asm)?);
         let output = Command::new(&cc)
             .arg("-o")
             .arg(&linked)
-            .arg(&object)
-            .arg(&data)
-            .arg(&runner)
+            .args(&objects)
+            .arg(runner)
             .args(["-static-libgcc", "-lm", "-lpthread", "-ldl"])
             .output()
             .map_err(|e| fail(format!("cannot run the system linker `cc`: {e}")))?;
@@ -167,12 +262,8 @@ pub fn build_executable(
         drop(stage);
         if !embed_weights {
             let _stage = progress::spinner("writing", weights.display().to_string());
-            griffin_runtime::weights::write(
-                &weights,
-                &artifact.plan.weights_hash,
-                &artifact.weights,
-            )
-            .map_err(|e| fail(e.to_string()))?;
+            griffin_runtime::weights::write(&weights, parts.weights_hash, parts.weights)
+                .map_err(|e| fail(e.to_string()))?;
         }
         std::fs::rename(&linked, &executable)
             .map_err(|e| fail(format!("cannot write {}: {e}", executable.display())))
@@ -187,7 +278,7 @@ pub fn build_executable(
     Ok(Built {
         executable,
         weights: (!embed_weights).then_some(weights),
-        weights_bytes: artifact.weights.len() as u64,
+        weights_bytes: parts.weights.len() as u64,
     })
 }
 

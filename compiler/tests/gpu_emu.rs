@@ -133,3 +133,55 @@ fn cuda_backend_without_a_driver_is_a_one_line_error() {
     assert!(stderr.contains("no CUDA driver"), "{stderr}");
     assert!(o.stdout.is_empty());
 }
+
+#[test]
+fn cuda_build_writes_an_executable_and_ptx_that_ptxas_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let ptx = tmp.path().join("ptx");
+    let dir = golden_dir().join("tiny-text");
+    let o = common::griffinc(&[
+        "build",
+        dir.to_str().unwrap(),
+        "--target",
+        "cuda",
+        "-o",
+        out.to_str().unwrap(),
+        "--emit-ptx",
+        ptx.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("tiny-text").is_file() && out.join("tiny-text.weights").is_file());
+    let module = ptx.join("module.ptx");
+    let kernels = std::fs::read_dir(&ptx).unwrap().count();
+    assert!(kernels > 5, "{kernels} files in --emit-ptx");
+    // The whole program's module, as lowered from the model, assembles for sm_90.
+    let ptxas = griffin_backend_ptx::find_ptxas().expect("ptxas (scripts/setup.sh installs it)");
+    let a = std::process::Command::new(ptxas)
+        .args(["-arch=sm_90", "-o"])
+        .arg(tmp.path().join("m.cubin"))
+        .arg(&module)
+        .output()
+        .unwrap();
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    // Without a driver the executable says so in one line.
+    if griffin_runtime::cuda::probe().is_err() {
+        let r = std::process::Command::new(out.join("tiny-text"))
+            .args(["--prompt", "hello"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("no CUDA driver"), "{stderr}");
+    }
+    // --emit-ptx is for CUDA builds only.
+    let o = common::griffinc(&[
+        "build",
+        dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--emit-ptx",
+        ptx.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+}

@@ -149,6 +149,11 @@ impl Weights {
         }
     }
 
+    /// All packed bytes (a GPU uploads them in one copy).
+    pub fn bytes(&self) -> &[u8] {
+        self.data()
+    }
+
     fn data(&self) -> &[u8] {
         match &self.backing {
             Backing::Static(data) => data,

@@ -1,7 +1,9 @@
-//! The PTX backend (first part): a small typed PTX writer and the decode projection kernel.
-//! Kernels target sm_90 with PTX ISA 8.0 and are checked by a real `ptxas` in the tests.
-//! Not yet: the recurrent, attention, gather and prefill kernels, the CUDA runtime
-//! (cudarc) and executables for `--target cuda`.
+//! The PTX backend: a small typed PTX writer, the decode kernels (projections as GEMV with
+//! norm prologue and epilogues, the fused RG-LRU step, attention over the KV ring, embedding
+//! gather, argmax), and a PTX interpreter (`emu`) that checks their numbers without a GPU.
+//! Kernels target sm_90 with PTX ISA 8.0 and are assembled by a real `ptxas` in the tests.
+//! Lowering a graph to these kernels is `griffinc::gpu`; running them is
+//! `griffin_runtime::cuda`. Not yet: prefill kernels.
 
 pub mod attention;
 pub mod builder;
@@ -19,4 +21,30 @@ pub fn module(kernels: &[String]) -> String {
         out.push_str(k);
     }
     out
+}
+
+/// A `ptxas` to check generated PTX with (tests; no GPU needed): `$PTXAS`, else the copy
+/// `scripts/setup.sh` installs under `.tools/` (PyPI's nvidia-cuda-nvcc), else one on PATH.
+pub fn find_ptxas() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    if let Some(p) = std::env::var_os("PTXAS") {
+        return Some(PathBuf::from(p));
+    }
+    let tools = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/lib");
+    if let Ok(entries) = std::fs::read_dir(&tools) {
+        for e in entries.flatten() {
+            let p = e.path().join("site-packages/nvidia/cu13/bin/ptxas");
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    let on_path = std::process::Command::new("sh")
+        .args(["-c", "command -v ptxas"])
+        .output()
+        .ok()?;
+    on_path
+        .status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&on_path.stdout).trim()))
 }

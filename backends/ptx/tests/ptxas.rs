@@ -10,28 +10,10 @@ use griffin_backend_ptx::misc::{advance, argmax, gather};
 use griffin_backend_ptx::module;
 use griffin_backend_ptx::rg_lru::{rg_lru_step, RgLruSpec, Storage};
 
-/// `$PTXAS`, else the copy `scripts/setup.sh` installs under `.tools/`, else `ptxas` on PATH.
 fn ptxas() -> PathBuf {
-    if let Some(p) = std::env::var_os("PTXAS") {
-        return PathBuf::from(p);
-    }
-    let tools = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/lib");
-    if let Ok(entries) = std::fs::read_dir(&tools) {
-        for e in entries.flatten() {
-            let p = e.path().join("site-packages/nvidia/cu13/bin/ptxas");
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    let on_path = Command::new("sh")
-        .args(["-c", "command -v ptxas"])
-        .output()
-        .ok();
-    match on_path.filter(|o| o.status.success()) {
-        Some(o) => PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
-        None => panic!("ptxas not found: run scripts/setup.sh (it installs nvidia-cuda-nvcc from PyPI into .tools/) or set PTXAS"),
-    }
+    griffin_backend_ptx::find_ptxas().unwrap_or_else(|| {
+        panic!("ptxas not found: run scripts/setup.sh (it installs nvidia-cuda-nvcc from PyPI into .tools/) or set PTXAS")
+    })
 }
 
 /// Assembles `ptx`; returns ptxas's `-v` report.

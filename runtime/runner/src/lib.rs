@@ -26,6 +26,93 @@ extern "C" {
     /// `tokenizer.json` of the model folder (length 0 if it had none).
     static griffin_tokenizer: u8;
     static griffin_tokenizer_len: u64;
+    /// For `--target cuda`: the GPU plan as JSON and the PTX module (length 0 for CPU builds,
+    /// whose kernels are in the kernel table instead).
+    static griffin_gpu_plan: u8;
+    static griffin_gpu_plan_len: u64;
+    static griffin_ptx: u8;
+    static griffin_ptx_len: u64;
+}
+
+/// The GPU plan and PTX of a `--target cuda` build.
+fn embedded_gpu() -> Result<Option<(griffin_runtime::gpu_plan::GpuPlan, String)>, String> {
+    // SAFETY: the object file defines these symbols with these types.
+    let (plan, ptx) = unsafe {
+        (
+            std::slice::from_raw_parts(
+                &griffin_gpu_plan as *const u8,
+                griffin_gpu_plan_len as usize,
+            ),
+            std::slice::from_raw_parts(&griffin_ptx as *const u8, griffin_ptx_len as usize),
+        )
+    };
+    if plan.is_empty() {
+        return Ok(None);
+    }
+    let plan =
+        serde_json::from_slice(plan).map_err(|e| format!("embedded GPU plan is corrupt: {e}"))?;
+    let ptx =
+        String::from_utf8(ptx.to_vec()).map_err(|_| "embedded PTX is not text".to_string())?;
+    Ok(Some((plan, ptx)))
+}
+
+/// What runs the model: the CPU executor, or the CUDA executor of a `--target cuda` build
+/// (one token per call; greedy decoding picks the next id on the device).
+enum Engine {
+    Cpu(Executor),
+    Cuda(griffin_runtime::cuda::CudaExecutor),
+}
+
+impl Engine {
+    fn check_ids(&self, ids: &[u32]) -> Result<(), String> {
+        let vocab = match self {
+            Engine::Cpu(e) => return e.check_ids(ids).map_err(|e| e.to_string()),
+            Engine::Cuda(e) => e.vocab(),
+        };
+        if ids.is_empty() {
+            return Err("no token ids given".into());
+        }
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(format!(
+                "token id {id} is out of range: the vocabulary has {vocab} entries (ids 0..{vocab})"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Logits of every token of `ids`, appended to `rows`.
+    fn rows(&mut self, ids: &[u32], rows: &mut Vec<f32>) -> Result<(), String> {
+        match self {
+            Engine::Cpu(e) => rows.extend_from_slice(e.call(ids).map_err(|e| e.to_string())?),
+            Engine::Cuda(e) => {
+                for &id in ids {
+                    rows.extend_from_slice(e.step(id).map_err(|e| e.to_string())?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Logits of the last token of `ids`.
+    fn last(&mut self, ids: &[u32]) -> Result<&[f32], String> {
+        match self {
+            Engine::Cpu(e) => e.call_last(ids).map_err(|e| e.to_string()),
+            Engine::Cuda(e) => {
+                let (&last, before) = ids.split_last().ok_or("no token ids given")?;
+                for &id in before {
+                    e.step(id).map_err(|e| e.to_string())?;
+                }
+                e.step(last).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn threads(&self) -> usize {
+        match self {
+            Engine::Cpu(e) => e.threads(),
+            Engine::Cuda(_) => 1,
+        }
+    }
 }
 
 fn embedded_tokenizer() -> Result<Option<tokenizers::Tokenizer>, String> {
@@ -300,12 +387,21 @@ fn run() -> Result<(), String> {
         (Some(data), None) => Weights::from_static(data),
         _ => Weights::open(&weights_path, &plan.weights_hash).map_err(|e| e.to_string())?,
     };
-    let table = kernel_table();
-    let symbols: Vec<String> = plan.launches.iter().map(|l| l.kernel.clone()).collect();
-    let resolve = |s: &str| symbols.iter().position(|k| k == s).map(|i| table[i]);
-    let mut exec =
-        Executor::new(plan, &resolve, weights, args.threads).map_err(|e| e.to_string())?;
-    exec.check_ids(&args.ids).map_err(|e| e.to_string())?;
+    let mut exec = match embedded_gpu()? {
+        Some((gpu_plan, ptx)) => Engine::Cuda(
+            griffin_runtime::cuda::CudaExecutor::new(gpu_plan, &ptx, weights.bytes())
+                .map_err(|e| e.to_string())?,
+        ),
+        None => {
+            let table = kernel_table();
+            let symbols: Vec<String> = plan.launches.iter().map(|l| l.kernel.clone()).collect();
+            let resolve = |s: &str| symbols.iter().position(|k| k == s).map(|i| table[i]);
+            Engine::Cpu(
+                Executor::new(plan, &resolve, weights, args.threads).map_err(|e| e.to_string())?,
+            )
+        }
+    };
+    exec.check_ids(&args.ids)?;
 
     if let Some(path) = &args.logits_out {
         let prefill = args.prefill.unwrap_or(args.ids.len());
@@ -317,10 +413,10 @@ fn run() -> Result<(), String> {
         }
         let mut rows = Vec::with_capacity(args.ids.len() * vocab);
         for c in args.ids[..prefill].chunks(chunk) {
-            rows.extend_from_slice(exec.call(c).map_err(|e| e.to_string())?);
+            exec.rows(c, &mut rows)?;
         }
         for &id in &args.ids[prefill..] {
-            rows.extend_from_slice(exec.call(&[id]).map_err(|e| e.to_string())?);
+            exec.rows(&[id], &mut rows)?;
         }
         return griffin_runtime::output::write_logits(path, &[args.ids.len(), vocab], &rows)
             .map_err(|e| e.to_string());
@@ -339,7 +435,7 @@ fn run() -> Result<(), String> {
     let mut timer = GenerationTimer::start(args.ids.len());
     let mut next = 0;
     for c in args.ids.chunks(chunk) {
-        let logits = exec.call_last(c).map_err(|e| e.to_string())?;
+        let logits = exec.last(c)?;
         next = sampler.sample(logits, &history);
     }
     // Ids are printed as they come, through a fixed buffer: memory stays flat however many
@@ -377,8 +473,14 @@ fn run() -> Result<(), String> {
         if args.sampling.repetition_penalty != 1.0 {
             history.push(next);
         }
-        let logits = exec.call_last(&[next]).map_err(|e| e.to_string())?;
-        next = sampler.sample(logits, &history);
+        next = match (&mut exec, sampler.is_greedy()) {
+            // Greedy on the GPU: the argmax runs on the device, one id comes back.
+            (Engine::Cuda(e), true) => e.step_greedy(next).map_err(|e| e.to_string())?,
+            _ => {
+                let logits = exec.last(&[next])?;
+                sampler.sample(logits, &history)
+            }
+        };
     }
     if let (Format::Text, Some(s), false) = (&format, &mut stream, stopped) {
         let (printable, hit) = stops.push(&s.finish()?);
