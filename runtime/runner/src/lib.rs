@@ -494,7 +494,11 @@ fn run() -> Result<(), String> {
         .and_then(|_| writer.flush())
         .map_err(|e| format!("cannot write output: {e}"))?;
     if args.stats {
-        eprintln!("{}", timer.report(exec.threads()));
+        let device = match &exec {
+            Engine::Cuda(e) => format!(", device memory {:.1} MB", e.device_bytes as f64 / 1e6),
+            Engine::Cpu(_) => String::new(),
+        };
+        eprintln!("{}{device}", timer.report(exec.threads()));
     }
     Ok(())
 }

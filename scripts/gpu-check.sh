@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU check, run on the GPU machine (one H200; no Rust, no LLVM, no network; torch and
+# transformers installed) from the repository root, with target/gpu-carry built here by
+# scripts/gpu-prepare.sh. One device call:
+#
+#   run(command="bash scripts/gpu-check.sh", carry=["target/gpu-carry"], timeout_s=480)
+#
+# 1. Every golden case through its `--target cuda` executable: logits at every position against
+#    the float64 reference (f32 path within 5e-4, bf16 within 0.02), greedy ids exactly.
+# 2. The 2B shape with deterministic random bf16 weights (the same bytes as the executable was
+#    built from): our executable and the reference implementation (transformers, eager, bf16,
+#    cuda) side by side: prefill tokens/s (2048 tokens), decode tokens/s (batch 1), memory,
+#    achieved bandwidth in decode. A table last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+carry=target/gpu-carry
+py=${PYTHON:-python3}
+work=${WORK:-/tmp/griffin-gpu}
+mkdir -p "$work"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+echo "== golden cases"
+golden_rows=()
+for dir in "$carry"/golden/*/; do
+  case=$(basename "$dir")
+  ids=$("$py" -c "
+from safetensors.numpy import load_file; import sys
+print(','.join(str(int(i)) for i in load_file(sys.argv[1])['input_ids']))" "$dir/expected.safetensors")
+  "$dir/griffin" --ids "$ids" --logits-out "$work/$case.safetensors" 2>"$work/$case.err" || { cat "$work/$case.err"; golden_rows+=("| $case | failed | | |"); continue; }
+  gen=$("$dir/griffin" --ids "$ids" --max-new-tokens 64 --ignore-eos --format ids 2>>"$work/$case.err")
+  golden_rows+=("$("$py" - "$dir" "$work/$case.safetensors" "$gen" <<'PY'
+import json, sys
+from safetensors.numpy import load_file
+d, got_path, gen = sys.argv[1], sys.argv[2], sys.argv[3]
+exp = load_file(d + "/expected.safetensors")
+got = load_file(got_path)["logits"]
+diff = float(abs(got - exp["logits"]).max())
+dtype = json.load(open(d + "/case.json")).get("weights_dtype", "")
+bound = 5e-4 if "float32" in dtype else 0.02
+want = [int(i) for i in exp["generated_ids"]]
+ids = [int(i) for i in gen.split(",")][: len(want)]
+ok = diff <= bound and (ids == want or "float32" not in dtype)
+print(f"| {d.rstrip('/').split('/')[-1]} | {diff:.2e} (bound {bound}) | {'exact' if ids == want else 'DIFFER'} | {'ok' if ok else 'FAIL'} |")
+PY
+)")
+done
+
+echo "== 2B shape"
+ck="$work/2b-model"
+[ -f "$ck/config.json" ] || "$py" scripts/make_random_checkpoint.py "$ck" --config 2b --dtype bf16 --values hash
+exe="$carry/2b/griffin-2b"
+"$exe" --pack-weights-from "$ck" || echo "packing failed"
+prompt=$("$py" -c "import random; random.seed(0); print(','.join(['2']+[str(random.randrange(3,256000)) for _ in range(2047)]))")
+pre=$("$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
+dec=$("$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats 2>&1 >/dev/null | tail -1)
+echo "prefill: $pre"
+echo "decode:  $dec"
+ref=$("$py" scripts/bench_reference.py "$ck" --threads 16 --prefill 2048 --decode 64 --device cuda --dtype bf16 2>/dev/null | tail -1)
+echo "reference: $ref"
+
+"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" <<'PY'
+import json, os, re, sys
+pre, dec, ref, exe = sys.argv[1:5]
+def num(pattern, s):
+    m = re.search(pattern, s)
+    return float(m.group(1)) if m else float("nan")
+ours_pre = num(r"prefill ([0-9.]+) tokens/s", pre)
+ours_dec = num(r"decode ([0-9.]+) tokens/s", dec)
+dev_mb = num(r"device memory ([0-9.]+) MB", dec)
+weights_gb = os.path.getsize(exe + ".weights") / 1e9 if os.path.exists(exe + ".weights") else float("nan")
+try:
+    r = json.loads(ref)
+except Exception:
+    r = {}
+print()
+print("| engine | prefill tok/s (2048) | decode tok/s | memory | decode bandwidth |")
+print("| --- | --- | --- | --- | --- |")
+print(f"| griffinc --target cuda | {ours_pre:.0f} | {ours_dec:.1f} | {dev_mb:.0f} MB device | {ours_dec * weights_gb:.0f} GB/s of weights |")
+print(f"| reference (transformers eager, bf16) | {r.get('prefill_tokens_per_s', float('nan')):.0f} | {r.get('decode_tokens_per_s', float('nan')):.1f} | {r.get('peak_gpu_mb', float('nan')):.0f} MB peak allocated | |")
+PY
+echo
+echo "| golden case | max abs diff | greedy ids | |"
+echo "| --- | --- | --- | --- |"
+printf '%s\n' "${golden_rows[@]}"

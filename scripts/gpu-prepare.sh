@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds, here (Rust and LLVM needed), everything scripts/gpu-check.sh runs on the GPU machine
+# (which has neither): release `--target cuda` executables for every golden case (weights
+# embedded) and for the 2B shape (weights packed there from a checkpoint made there), stripped,
+# with the golden answers and the scripts, under target/gpu-carry (kept well under the 64 MiB a
+# device call carries). Needs torch + transformers in REFERENCE_PYTHON to write the 2B checkpoint
+# (5.4 GB, deterministic: `--values hash`).
+#
+#   REFERENCE_PYTHON=/tmp/refenv/bin/python scripts/gpu-prepare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${REFERENCE_PYTHON:-python3}
+carry=target/gpu-carry
+rm -rf "$carry" && mkdir -p "$carry/golden" "$carry/2b"
+cargo build --release --workspace --locked -q
+for case in tiny-f32 tiny-bf16-sharded tiny-text gen-h3-bf16; do
+  target/release/griffinc build "tests/golden/$case" --target cuda --embed-weights --name griffin -o "$carry/golden/$case"
+  cp "tests/golden/$case/expected.safetensors" "tests/golden/$case/case.json" "$carry/golden/$case/"
+done
+ckpt=${CHECKPOINT_2B:-/tmp/griffin-2b-hash}
+[ -f "$ckpt/config.json" ] || "$py" scripts/make_random_checkpoint.py "$ckpt" --config 2b --dtype bf16 --values hash
+target/release/griffinc build "$ckpt" --target cuda --name griffin-2b -o "$carry/2b" --emit-ptx "$carry/2b/ptx"
+rm -f "$carry/2b/griffin-2b.weights"   # packed there from the same checkpoint, rebuilt there
+cp "$ckpt/config.json" "$carry/2b/"
+strip "$carry"/golden/*/griffin "$carry/2b/griffin-2b"
+du -sh "$carry"
