@@ -9,7 +9,7 @@ use griffin_runtime::plan::{
 };
 
 use crate::kernels::attention::{attend, rotate_keys, write_ring, AttentionSpec};
-use crate::kernels::linear::{linear, LinearSpec};
+use crate::kernels::linear::{linear, rms_norm_rows, LinearSpec};
 use crate::kernels::misc::{elementwise, gather, Operand};
 use crate::kernels::rg_lru::{rg_lru, RgLruSpec};
 use crate::ll::{Storage, ATTRIBUTES, PRELUDE};
@@ -325,15 +325,24 @@ impl Lowering<'_> {
             } => {
                 let mut args = vec![self.value(x[0])?];
                 let mut next = 1;
-                let norm_spec = match norm {
-                    Some(n) => {
-                        let (b, s) = self.weight(x[next])?;
-                        args.push(b);
-                        next += 1;
-                        Some((n.eps, n.weight_offset, s))
-                    }
-                    None => None,
-                };
+                // The norm prologue runs as its own kernel into a scratch buffer (see
+                // `rms_norm_rows`); the projection then reads normalised inputs.
+                let mut scratch = None;
+                if let Some(n) = norm {
+                    let (g, storage) = self.weight(x[next])?;
+                    next += 1;
+                    let inputs = self.fixed_dim(x[0], 1)?;
+                    let normed = self.activation(Elem::F32, (inputs, 0));
+                    let name = format!("{symbol}_norm");
+                    self.launch(
+                        name.clone(),
+                        rms_norm_rows(&name, inputs, n.eps, n.weight_offset, storage),
+                        vec![args[0], g, normed],
+                    );
+                    args[0] = normed;
+                    scratch = Some(normed);
+                }
+                let norm_spec = None;
                 let (w, weight_storage) = self.weight(x[next])?;
                 let rows = self.fixed_dim(x[next], 0)?;
                 let inputs = self.fixed_dim(x[next], 1)?;
@@ -376,6 +385,9 @@ impl Lowering<'_> {
                     max_tokens: self.opts.max_tokens,
                 };
                 self.launch(symbol, linear(&spec), args);
+                if let Some(b) = scratch {
+                    self.free.push(b);
+                }
             }
             Op::RgLru { width, gate_output } => {
                 let input = self.value(x[0])?;

@@ -580,8 +580,11 @@ impl<'a> Op<'a> {
     fn has(&self, m: &str) -> bool {
         self.0.iter().any(|p| p == m)
     }
-    fn iter(&self) -> impl Iterator<Item = &'a str> + 'a {
-        self.0.iter().map(String::as_str)
+    /// `n` of a `.vN` vector access.
+    fn vector_width(&self) -> Option<usize> {
+        self.0
+            .iter()
+            .find_map(|m| m.strip_prefix('v')?.parse::<usize>().ok())
     }
 }
 
@@ -803,9 +806,7 @@ impl Ctx<'_> {
         let is_float = ty == "f32" || ty == "f64";
         match op.at(0) {
             "ld" => {
-                let vec = op
-                    .iter()
-                    .find_map(|m| m.strip_prefix('v')?.parse::<usize>().ok());
+                let vec = op.vector_width();
                 let (base, addr) = self.address(t, &ins.args[1], op.at(1))?;
                 match (&ins.args[0], vec) {
                     (Operand::Vec(regs), Some(n)) if regs.len() == n => {
@@ -826,9 +827,7 @@ impl Ctx<'_> {
                 }
             }
             "st" => {
-                let vec = op
-                    .iter()
-                    .find_map(|m| m.strip_prefix('v')?.parse::<usize>().ok());
+                let vec = op.vector_width();
                 let (base, addr) = self.address(t, &ins.args[0], op.at(1))?;
                 match (&ins.args[1], vec) {
                     (Operand::Vec(regs), Some(n)) if regs.len() == n => {

@@ -211,3 +211,42 @@ pub fn linear(s: &LinearSpec) -> String {
     f.for_range(&covered, &end, |f, c| columns(f, &[c.to_string()]));
     f.finish()
 }
+
+/// The RMS norm a projection's prologue asks for, as its own kernel: `out[t] = x[t] ·
+/// (offset + g) / sqrt(mean(x[t]²) + eps)`. Run before a normed projection so that the
+/// projection's inner loop multiplies weights by inputs only (the gain would otherwise be
+/// loaded and applied once per weight row). Threads split the tokens.
+///
+/// Arguments: x `[T, I]`, norm weight `[I]`, out `[T, I]`.
+pub fn rms_norm_rows(symbol: &str, inputs: u64, eps: f64, offset: f64, gain: Storage) -> String {
+    let mut f = Func::new(symbol);
+    let (x, g, out) = (f.arg(0), f.arg(1), f.arg(2));
+    let n = inputs.to_string();
+    let (begin, end) = f.partition("%tokens");
+    f.for_range(&begin, &end, |f, t| {
+        let row = f.ibin("mul", t, &n);
+        let ss = f.sum(&n, |f, i| {
+            let at = f.ibin("add", &row, i);
+            let v = f.load_f32(&x, &at);
+            f.fbin("fmul", &v, &v)
+        });
+        let mean = f.fbin("fdiv", &ss, &f32_const(inputs as f64));
+        let shifted = f.fbin("fadd", &mean, &f32_const(eps));
+        let root = f.call_f32("llvm.sqrt.f32", &[&shifted]);
+        let inv = f.fbin("fdiv", "1.0", &root);
+        f.for_range("0", &n, |f, i| {
+            let at = f.ibin("add", &row, i);
+            let v = f.load_f32(&x, &at);
+            let gv = f.load_weight(gain, &g, i);
+            let scale = if offset == 0.0 {
+                gv
+            } else {
+                f.fbin("fadd", &f32_const(offset), &gv)
+            };
+            let scaled = f.fbin("fmul", &v, &inv);
+            let y = f.fbin("fmul", &scaled, &scale);
+            f.store_f32(&y, &out, &at);
+        });
+    });
+    f.finish()
+}
