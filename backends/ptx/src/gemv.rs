@@ -46,7 +46,7 @@ fn dot8(
     k: &mut Kernel,
     storage: Storage,
     w: Reg,
-    x: Reg,
+    x: Input,
     gain: Option<Reg>,
     row: Reg,
     i: Reg,
@@ -59,14 +59,18 @@ fn dot8(
     let xoff = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {xoff}, {i}, 4;"));
     let xp = k.reg(Class::B64);
-    k.ins(format!("add.u64 {xp}, {x}, {xoff};"));
+    let (base, space) = match x {
+        Input::Global(r) => (r, "global"),
+        Input::Shared(r) => (r, "shared"),
+    };
+    k.ins(format!("add.u64 {xp}, {base}, {xoff};"));
     let xs: Vec<Reg> = (0..8).map(|_| k.reg(Class::F32)).collect();
     k.ins(format!(
-        "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{xp}];",
+        "ld.{space}.v4.f32 {{{}, {}, {}, {}}}, [{xp}];",
         xs[0], xs[1], xs[2], xs[3]
     ));
     k.ins(format!(
-        "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{xp}+16];",
+        "ld.{space}.v4.f32 {{{}, {}, {}, {}}}, [{xp}+16];",
         xs[4], xs[5], xs[6], xs[7]
     ));
     if let Some(g) = gain {
@@ -88,6 +92,99 @@ fn dot8(
     for (wv, xv) in ws.iter().zip(&xs) {
         k.ins(format!("fma.rn.f32 {acc}, {wv}, {xv}, {acc};"));
     }
+}
+
+/// Where a GEMV reads its inputs: global memory, or the block's staged copy in shared memory.
+#[derive(Clone, Copy)]
+enum Input {
+    Global(Reg),
+    Shared(Reg),
+}
+
+/// Inputs up to this width are staged in shared memory (48 KiB of static shared memory, less
+/// the per-warp partial sums).
+pub const MAX_STAGED_INPUTS: u32 = (48 * 1024 - 4 * WARPS_PER_BLOCK) / 4;
+
+/// The block stages its inputs once in shared memory (normalised and scaled by the gain when
+/// there is a norm prologue): every warp then reads them from there, and the norm's sum of
+/// squares is computed once per block instead of once per warp. Returns the input source, and
+/// the norm factor for the unstaged path (computed later, per warp).
+fn stage_inputs(
+    k: &mut Kernel,
+    spec: &GemvSpec,
+    x: Reg,
+    gain: Option<Reg>,
+    tid: Reg,
+    warp: Reg,
+    lane: Reg,
+) -> Input {
+    let threads = 32 * WARPS_PER_BLOCK;
+    k.shared("xs", 4 * spec.inputs, 16);
+    k.shared("partial", 4 * WARPS_PER_BLOCK, 16);
+    let xs = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {xs}, xs;"));
+    let ss = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {ss}, 0f00000000;"));
+    let i = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {i}, {tid};"));
+    let (head, end) = (k.label("stage"), k.label("stage_end"));
+    k.place(&head);
+    let stop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {stop}, {i}, {};", spec.inputs));
+    k.ins(format!("@{stop} bra {end};"));
+    let v = load_f32_at(k, x, i);
+    if let Some(g) = gain {
+        k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
+        let gv = load_f32_at(k, g, i);
+        k.ins(format!("mul.f32 {v}, {v}, {gv};"));
+    }
+    let off = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {off}, {i}, 4;"));
+    k.ins(format!("add.u64 {off}, {off}, {xs};"));
+    k.ins(format!("st.shared.f32 [{off}], {v};"));
+    k.ins(format!("add.u32 {i}, {i}, {threads};"));
+    k.ins(format!("bra {head};"));
+    k.place(&end);
+    if gain.is_some() {
+        warp_sum(k, ss);
+        let p = k.reg(Class::B64);
+        k.ins(format!("mov.u64 {p}, partial;"));
+        let po = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {po}, {warp}, 4;"));
+        k.ins(format!("add.u64 {po}, {po}, {p};"));
+        let lane0 = k.reg(Class::Pred);
+        k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
+        k.ins(format!("@{lane0} st.shared.f32 [{po}], {ss};"));
+    }
+    k.ins("bar.sync 0;");
+    Input::Shared(xs)
+}
+
+/// The block's sum of squares from the per-warp partials, as `1 / sqrt(mean + eps)`.
+fn staged_rms_factor(k: &mut Kernel, inputs: u32, eps: f32) -> Reg {
+    let p = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {p}, partial;"));
+    let ss = k.reg(Class::F32);
+    k.ins(format!("ld.shared.f32 {ss}, [{p}];"));
+    for w in 1..WARPS_PER_BLOCK {
+        let o = k.reg(Class::F32);
+        k.ins(format!("ld.shared.f32 {o}, [{p}+{}];", 4 * w));
+        k.ins(format!("add.f32 {ss}, {ss}, {o};"));
+    }
+    finish_rms(k, ss, inputs, eps)
+}
+
+fn finish_rms(k: &mut Kernel, ss: Reg, inputs: u32, eps: f32) -> Reg {
+    k.ins(format!(
+        "fma.rn.f32 {ss}, {ss}, {}, {};",
+        Kernel::f32_imm(1.0 / inputs as f32),
+        Kernel::f32_imm(eps)
+    ));
+    let r = k.reg(Class::F32);
+    // sqrt.rn then an IEEE reciprocal: as exact as the reference's 1/sqrt in f32.
+    k.ins(format!("sqrt.rn.f32 {r}, {ss};"));
+    k.ins(format!("rcp.rn.f32 {r}, {r};"));
+    r
 }
 
 /// Eight consecutive weights from element `elem` on, as f32: one 16-byte load of bf16
@@ -163,16 +260,7 @@ fn rms_factor(k: &mut Kernel, x: Reg, lane: Reg, inputs: u32, eps: f32) -> Reg {
     k.ins(format!("bra {head};"));
     k.place(&end);
     warp_sum(k, ss);
-    k.ins(format!(
-        "fma.rn.f32 {ss}, {ss}, {}, {};",
-        Kernel::f32_imm(1.0 / inputs as f32),
-        Kernel::f32_imm(eps)
-    ));
-    let r = k.reg(Class::F32);
-    // sqrt.rn then an IEEE reciprocal: as exact as the reference's 1/sqrt in f32.
-    k.ins(format!("sqrt.rn.f32 {r}, {ss};"));
-    k.ins(format!("rcp.rn.f32 {r}, {r};"));
-    r
+    finish_rms(k, ss, inputs, eps)
 }
 
 /// Parameters, in order: x `f32[I]`, [gain `f32[I]`], w `bf16[rows, I]`, [bias `f32[rows]`],
@@ -197,6 +285,15 @@ pub fn gemv(spec: &GemvSpec) -> String {
     k.ins(format!(
         "mad.lo.u32 {col}, {block}, {WARPS_PER_BLOCK}, {warp};"
     ));
+    // Staging needs every thread of the block at its barrier: before any warp leaves.
+    let staged = spec.inputs <= MAX_STAGED_INPUTS;
+    let input = if staged {
+        stage_inputs(&mut k, spec, x, gain, tid, warp, lane)
+    } else {
+        Input::Global(x)
+    };
+    // Staged inputs already carry the gain.
+    let gain_in_loop = if staged { None } else { gain };
     let outside = k.reg(Class::Pred);
     let done = k.label("done");
     // Whole warps leave together, so the shuffles below always see full warps.
@@ -218,14 +315,24 @@ pub fn gemv(spec: &GemvSpec) -> String {
     let stop = k.reg(Class::Pred);
     k.ins(format!("setp.ge.u32 {stop}, {i}, {};", spec.inputs));
     k.ins(format!("@{stop} bra {end};"));
-    dot8(&mut k, spec.weights, w, x, gain, col, i, spec.inputs, acc);
+    dot8(
+        &mut k,
+        spec.weights,
+        w,
+        input,
+        gain_in_loop,
+        col,
+        i,
+        spec.inputs,
+        acc,
+    );
     if geglu {
         dot8(
             &mut k,
             spec.weights,
             w,
-            x,
-            gain,
+            input,
+            gain_in_loop,
             up_row,
             i,
             spec.inputs,
@@ -241,7 +348,11 @@ pub fn gemv(spec: &GemvSpec) -> String {
         warp_sum(&mut k, acc_up);
     }
     if let Some(eps) = spec.norm {
-        let r = rms_factor(&mut k, x, lane, spec.inputs, eps);
+        let r = if staged {
+            staged_rms_factor(&mut k, spec.inputs, eps)
+        } else {
+            rms_factor(&mut k, x, lane, spec.inputs, eps)
+        };
         k.ins(format!("mul.f32 {acc}, {acc}, {r};"));
         if geglu {
             k.ins(format!("mul.f32 {acc_up}, {acc_up}, {r};"));

@@ -61,6 +61,8 @@ fn specs() -> Vec<GemvSpec> {
         spec("b2_x_y", 2560, 5120, true, Epilogue::None, false),
         spec("b2_mlp_gate_up", 2560, 7680, true, Epilogue::GeGlu, false),
         spec("b2_down", 7680, 2560, true, Epilogue::None, true),
+        // inputs too wide to stage in shared memory (read from global memory)
+        spec("wide_down", 15360, 4096, true, Epilogue::None, true),
         spec(
             "b2_logits",
             2560,
