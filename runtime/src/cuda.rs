@@ -78,7 +78,7 @@ pub struct CudaExecutor {
     addresses: Vec<u64>,
     _weights: DeviceMemory,
     _arena: DeviceMemory,
-    graph: Option<CudaGraph>,
+    graph: Graph,
     position: u32,
     logits: Vec<f32>,
     /// Bytes of device memory this executor allocated.
@@ -86,6 +86,14 @@ pub struct CudaExecutor {
 }
 
 const ALIGN: u64 = 256;
+
+/// The decode step as a CUDA graph: captured on first use; if capture fails (an old driver, a
+/// debugger), steps run as plain launches, which compute the same thing.
+enum Graph {
+    NotYet,
+    Captured(CudaGraph),
+    Unavailable(String),
+}
 
 impl CudaExecutor {
     /// Loads `ptx`, allocates every buffer, uploads the packed `weights`.
@@ -96,7 +104,10 @@ impl CudaExecutor {
         // way of graph capture).
         // SAFETY: everything below runs on this one stream.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver("creating a stream", e))?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(|e| driver("loading the PTX module", e))?;
@@ -177,7 +188,7 @@ impl CudaExecutor {
             addresses,
             _weights: weights_mem,
             _arena: arena,
-            graph: None,
+            graph: Graph::NotYet,
             position: 0,
             logits: vec![0.0; vocab],
         })
@@ -209,6 +220,25 @@ impl CudaExecutor {
             self.launch(f, l, p)?;
         }
         Ok(())
+    }
+
+    fn capture(&self) -> Graph {
+        if let Err(e) = self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            return Graph::Unavailable(e.to_string());
+        }
+        let launched = self.launch_step();
+        let ended = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        match (launched, ended) {
+            (Ok(()), Ok(Some(g))) => Graph::Captured(g),
+            (Ok(()), Ok(None)) => Graph::Unavailable("empty capture".into()),
+            (Err(e), _) => Graph::Unavailable(e.to_string()),
+            (_, Err(e)) => Graph::Unavailable(e.to_string()),
+        }
     }
 
     /// Starts a new document: state zeroed, position 0.
@@ -249,25 +279,17 @@ impl CudaExecutor {
             })
         }
         .map_err(|e| driver("uploading the token", e))?;
-        if self.graph.is_none() {
-            self.stream
-                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(|e| driver("capturing the decode step", e))?;
-            let captured = self.launch_step();
-            let graph = self
-                .stream
-                .end_capture(
-                    CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
-                )
-                .map_err(|e| driver("capturing the decode step", e))?;
-            captured?;
-            self.graph = graph;
+        if matches!(self.graph, Graph::NotYet) {
+            self.graph = self.capture();
+            if let Graph::Unavailable(why) = &self.graph {
+                eprintln!("note: decode step not captured as a CUDA graph ({why}); launching kernels one by one");
+            }
         }
         match &self.graph {
-            Some(g) => g
+            Graph::Captured(g) => g
                 .launch()
                 .map_err(|e| driver("replaying the decode step", e))?,
-            None => self.launch_step()?,
+            _ => self.launch_step()?,
         }
         self.position += 1;
         Ok(())
