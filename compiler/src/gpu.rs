@@ -700,6 +700,18 @@ impl Engine for CudaEngine {
         Ok(())
     }
 
+    fn prefill_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
+        let (&last, before) = ids.split_last().ok_or(RunError::EmptyIds)?;
+        for &id in before {
+            self.executor
+                .advance(id)
+                .map_err(|e| RunError::Backend(e.to_string()))?;
+        }
+        let mut out = Vec::new();
+        self.step(last, &mut |l| out.extend_from_slice(l))?;
+        Ok(out)
+    }
+
     fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
         let logits = self
             .executor

@@ -295,6 +295,11 @@ impl CudaExecutor {
         Ok(())
     }
 
+    /// One token whose logits nobody reads (a prompt's tokens before its last).
+    pub fn advance(&mut self, id: u32) -> Result<(), RuntimeError> {
+        self.run_step(id)
+    }
+
     /// One token; its logits.
     pub fn step(&mut self, id: u32) -> Result<&[f32], RuntimeError> {
         self.run_step(id)?;

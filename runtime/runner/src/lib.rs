@@ -100,7 +100,7 @@ impl Engine {
             Engine::Cuda(e) => {
                 let (&last, before) = ids.split_last().ok_or("no token ids given")?;
                 for &id in before {
-                    e.step(id).map_err(|e| e.to_string())?;
+                    e.advance(id).map_err(|e| e.to_string())?;
                 }
                 e.step(last).map_err(|e| e.to_string())
             }
@@ -349,7 +349,7 @@ fn run() -> Result<(), String> {
     let plan = embedded_plan()?;
     let vocab = plan.vocab_size as usize;
     let eos = plan.eos_token_id;
-    let chunk = plan.max_tokens as usize;
+    let cpu_chunk = plan.max_tokens as usize;
     let weights_path = match &args.weights {
         Some(p) => p.clone(),
         None => default_weights_path()?,
@@ -402,6 +402,11 @@ fn run() -> Result<(), String> {
         }
     };
     exec.check_ids(&args.ids)?;
+    // The GPU runs a prompt token by token and reads back only the last logits: one chunk.
+    let chunk = match &exec {
+        Engine::Cpu(_) => cpu_chunk,
+        Engine::Cuda(_) => usize::MAX,
+    };
 
     if let Some(path) = &args.logits_out {
         let prefill = args.prefill.unwrap_or(args.ids.len());
