@@ -105,3 +105,25 @@ pub fn init_logging(verbose: u8) {
         .with_ansi(false)
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_count_and_finish_without_a_terminal() {
+        // Whether or not stderr is a terminal, stages track their counts and finish cleanly.
+        let s = counted("packing", "weights", 0, "tensors");
+        s.set_total(10);
+        for i in 1..=10 {
+            s.set(i);
+        }
+        assert_eq!(s.bar.position(), 10);
+        assert_eq!(s.bar.length(), Some(10));
+        drop(s);
+        std::env::set_var("GRIFFIN_NO_PROGRESS", "1");
+        let spin = spinner("compiling", "kernels");
+        assert!(spin.bar.is_hidden(), "GRIFFIN_NO_PROGRESS hides the spinner");
+        drop(spin);
+    }
+}
