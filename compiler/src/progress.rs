@@ -123,7 +123,10 @@ mod tests {
         drop(s);
         std::env::set_var("GRIFFIN_NO_PROGRESS", "1");
         let spin = spinner("compiling", "kernels");
-        assert!(spin.bar.is_hidden(), "GRIFFIN_NO_PROGRESS hides the spinner");
+        assert!(
+            spin.bar.is_hidden(),
+            "GRIFFIN_NO_PROGRESS hides the spinner"
+        );
         drop(spin);
     }
 }

@@ -564,6 +564,19 @@ fn shuffle(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
     Ok(())
 }
 
+/// `x CMP y` for setp's comparison names.
+fn compare<T: PartialOrd>(cmp: &str, x: T, y: T) -> Option<bool> {
+    Some(match cmp {
+        "eq" => x == y,
+        "ne" => x != y,
+        "lt" => x < y,
+        "le" => x <= y,
+        "gt" => x > y,
+        "ge" => x >= y,
+        _ => return None,
+    })
+}
+
 /// An opcode's dot-separated parts, read without allocating.
 struct Op<'a>(&'a [String]);
 
@@ -852,40 +865,23 @@ impl Ctx<'_> {
             "setp" => {
                 let cmp = op.at(1);
                 let (a, b) = (arg(t, 1)?, arg(t, 2)?);
+                // Unsigned comparisons also go by their own names (lo, ls, hi, hs).
+                let cmp = match cmp {
+                    "lo" => "lt",
+                    "ls" => "le",
+                    "hi" => "gt",
+                    "hs" => "ge",
+                    c => c,
+                };
                 let r = if is_float {
-                    let (x, y) = (fa(t, 1)?, fa(t, 2)?);
-                    let _ = (a, b);
-                    match cmp {
-                        "eq" => x == y,
-                        "ne" => x != y,
-                        "lt" => x < y,
-                        "le" => x <= y,
-                        "gt" => x > y,
-                        "ge" => x >= y,
-                        _ => return err(format!("setp .{cmp}")),
-                    }
+                    compare(cmp, fa(t, 1)?, fa(t, 2)?)
                 } else if ty.starts_with('s') {
-                    let (x, y) = (signed(a), signed(b));
-                    match cmp {
-                        "eq" => x == y,
-                        "ne" => x != y,
-                        "lt" => x < y,
-                        "le" => x <= y,
-                        "gt" => x > y,
-                        "ge" => x >= y,
-                        _ => return err(format!("setp .{cmp}")),
-                    }
+                    compare(cmp, signed(a), signed(b))
                 } else {
-                    let (x, y) = (mask(a), mask(b));
-                    match cmp {
-                        "eq" => x == y,
-                        "ne" => x != y,
-                        "lt" | "lo" => x < y,
-                        "le" | "ls" => x <= y,
-                        "gt" | "hi" => x > y,
-                        "ge" | "hs" => x >= y,
-                        _ => return err(format!("setp .{cmp}")),
-                    }
+                    compare(cmp, mask(a), mask(b))
+                };
+                let Some(r) = r else {
+                    return err(format!("setp .{cmp}"));
                 };
                 dst(t, r as u64)?
             }
