@@ -11,6 +11,7 @@ pub mod emu;
 pub mod gemv;
 pub mod math;
 pub mod misc;
+pub mod prefill;
 pub mod rg_lru;
 
 /// A module of kernels: the header, then each kernel.

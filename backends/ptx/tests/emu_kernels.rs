@@ -555,3 +555,155 @@ fn argmax_takes_the_first_maximum_and_skips_nan() {
         assert_eq!(mem.read_u32(oa, 1).unwrap()[0], want);
     }
 }
+
+#[test]
+fn prefill_projection_and_norm_over_a_chunk_of_tokens() {
+    use griffin_backend_ptx::prefill::{gemm_tokens, rms_norm_tokens, NORM_BLOCK};
+    use griffin_backend_ptx::rg_lru::Storage;
+    let mut rng = Rng(99);
+    // 6 tokens: one full group of 4 and a tail of 2; the plan is sized for 8.
+    let (tokens, max_tokens) = (6usize, 8usize);
+    let cases = [
+        (
+            "t_plain",
+            72u32,
+            20u32,
+            true,
+            Epilogue::None,
+            true,
+            Storage::Bf16,
+        ),
+        (
+            "t_geglu",
+            64,
+            12,
+            true,
+            Epilogue::GeGlu,
+            false,
+            Storage::F32,
+        ),
+        (
+            "t_softcap",
+            48,
+            30,
+            false,
+            Epilogue::SoftCap(30.0),
+            false,
+            Storage::Bf16,
+        ),
+    ];
+    for (name, inputs, width, bias, epilogue, residual, storage) in cases {
+        let (n, w) = (inputs as usize, width as usize);
+        let rows = if epilogue == Epilogue::GeGlu {
+            2 * w
+        } else {
+            w
+        };
+        let x = rng.vec(max_tokens * n);
+        let scale = if matches!(epilogue, Epilogue::SoftCap(_)) {
+            4.0
+        } else {
+            1.0
+        };
+        let wq: Vec<u16> = rng
+            .vec(rows * n)
+            .iter()
+            .map(|v| bf16_bits(v * scale))
+            .collect();
+        let b = rng.vec(rows);
+        let r = rng.vec(max_tokens * w);
+        let gain: Vec<f32> = rng.vec(n).iter().map(|v| 1.0 + v).collect();
+        let spec = GemvSpec {
+            name: name.into(),
+            inputs,
+            width,
+            bias,
+            epilogue,
+            residual,
+            norm: None,
+            weights: storage,
+        };
+        let m = Module::parse(&module(&[
+            gemm_tokens(&spec),
+            rms_norm_tokens("norm", inputs, 1e-6),
+        ]))
+        .unwrap();
+        let mut mem = Memory::new();
+        let ca = mem.alloc_u32(&[tokens as u32]);
+        let xa = mem.alloc_f32(&x);
+        let ga = mem.alloc_f32(&gain);
+        let xn = mem.alloc_f32(&vec![0.0; max_tokens * n]);
+        let wa = match storage {
+            Storage::F32 => mem.alloc_f32(&wq.iter().map(|h| bf16_value(*h)).collect::<Vec<f32>>()),
+            Storage::Bf16 => {
+                mem.alloc(&wq.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>())
+            }
+        };
+        let ba = mem.alloc_f32(&b);
+        let ra = mem.alloc_f32(&r);
+        let oa = mem.alloc_f32(&vec![f32::NAN; max_tokens * w]);
+        // Normalise the chunk, then project the normalised rows.
+        run(
+            &m,
+            "norm",
+            &Launch {
+                grid: max_tokens as u32,
+                block: NORM_BLOCK,
+                params: &[ca, xa, ga, xn],
+            },
+            &mut mem,
+        )
+        .unwrap();
+        let mut params = vec![ca, xn, wa];
+        if bias {
+            params.push(ba);
+        }
+        if residual {
+            params.push(ra);
+        }
+        params.push(oa);
+        run(
+            &m,
+            name,
+            &Launch {
+                grid: grid(&spec),
+                block: 32 * WARPS_PER_BLOCK,
+                params: &params,
+            },
+            &mut mem,
+        )
+        .unwrap();
+        let got = mem.read_f32(oa, max_tokens * w).unwrap();
+        let mut worst = 0.0f32;
+        for t in 0..tokens {
+            let row = &x[t * n..(t + 1) * n];
+            let ms = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n as f64;
+            let inv = 1.0 / (ms + 1e-6).sqrt();
+            let dot = |rr: usize| -> f64 {
+                (0..n)
+                    .map(|i| {
+                        bf16_value(wq[rr * n + i]) as f64 * row[i] as f64 * inv * gain[i] as f64
+                    })
+                    .sum::<f64>()
+                    + if bias { b[rr] as f64 } else { 0.0 }
+            };
+            for c in 0..w {
+                let mut v = match epilogue {
+                    Epilogue::None => dot(c),
+                    Epilogue::GeGlu => gelu(dot(c)) * dot(c + w),
+                    Epilogue::SoftCap(cap) => (dot(c) / cap as f64).tanh() * cap as f64,
+                };
+                if residual {
+                    v += r[t * w + c] as f64;
+                }
+                worst = worst.max((got[t * w + c] - v as f32).abs());
+            }
+        }
+        assert!(worst < 1e-4, "{name}: max |diff| {worst}");
+        // Rows past the count are left alone.
+        assert!(
+            got[tokens * w..].iter().all(|v| v.is_nan()),
+            "{name}: wrote past the count"
+        );
+    }
+}

@@ -8,6 +8,7 @@ use griffin_backend_ptx::attention::{attend, rotate_store, AttentionSpec};
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{advance, argmax, gather};
 use griffin_backend_ptx::module;
+use griffin_backend_ptx::prefill::{gemm_tokens, rms_norm_tokens};
 use griffin_backend_ptx::rg_lru::{rg_lru_step, RgLruSpec, Storage};
 
 fn ptxas() -> PathBuf {
@@ -136,6 +137,19 @@ fn all_kernels() -> Vec<(String, String)> {
     ));
     out.push(("b2_argmax".into(), argmax("b2_argmax", 256000)));
     out.push(("advance".into(), advance("advance")));
+    // Prefill (T tokens per launch): the 2B projections without their norm prologue.
+    for s in specs().into_iter().filter(|s| s.name.starts_with("b2_")) {
+        let s = GemvSpec {
+            name: format!("{}_tokens", s.name),
+            norm: None,
+            ..s
+        };
+        out.push((s.name.clone(), gemm_tokens(&s)));
+    }
+    out.push((
+        "b2_norm_tokens".into(),
+        rms_norm_tokens("b2_norm_tokens", 2560, 1e-6),
+    ));
     out
 }
 

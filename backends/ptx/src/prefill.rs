@@ -1,0 +1,336 @@
+//! The first prefill kernels: a chunk of T tokens at once, T read from a device counter (so a
+//! plan sized for the largest chunk runs any shorter one).
+//!
+//! - `rms_norm_tokens`: one block per token, `x[t]·g/rms(x[t])` into a scratch buffer (the
+//!   projection after it then reads normalised inputs).
+//! - `gemm_tokens`: the projection over T tokens. One warp per output column, as in decode, but
+//!   each 16-byte load of weights is reused for 4 tokens before the next: a chunk streams its
+//!   weights T/4 times instead of T times. Epilogues (bias, GeGLU, soft-cap, residual) per token.
+//!
+//! Not yet lowered from the prefill graph (the RG-LRU over T and attention over T queries are
+//! still to write): GPU prefill runs as decode steps for now.
+
+use crate::builder::{Class, Kernel, Reg};
+use crate::gemv::{Epilogue, GemvSpec, WARPS_PER_BLOCK};
+use crate::math::{gelu, tanh, warp_sum};
+use crate::rg_lru::{addr4, Storage};
+
+/// Tokens sharing each weight load.
+pub const TOKEN_GROUP: u32 = 4;
+pub const NORM_BLOCK: u32 = 256;
+
+/// Parameters: count `i32[1]`, x `f32[T, I]`, gain `f32[I]`, out `f32[T, I]`. Launch: one
+/// block of 256 per token of the largest chunk; blocks past the count leave.
+pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
+    let mut k = Kernel::new(name);
+    k.shared("partial", 4 * NORM_BLOCK / 32, 16);
+    let count = k.param_ptr("count");
+    let x = k.param_ptr("x");
+    let gain = k.param_ptr("gain");
+    let out = k.param_ptr("out");
+    let (tid, t) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    k.ins(format!("mov.u32 {t}, %ctaid.x;"));
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let done = k.label("done");
+    let past = k.reg(Class::Pred);
+    // The whole block leaves together: the barrier below sees every thread or none.
+    k.ins(format!("setp.ge.u32 {past}, {t}, {n};"));
+    k.ins(format!("@{past} bra {done};"));
+    let row = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {row}, {t}, {inputs};"));
+    let ss = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {ss}, 0f00000000;"));
+    let i = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {i}, {tid};"));
+    let (head, end) = (k.label("sum"), k.label("sum_end"));
+    k.place(&head);
+    let stop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {stop}, {i}, {inputs};"));
+    k.ins(format!("@{stop} bra {end};"));
+    let at = k.reg(Class::B32);
+    k.ins(format!("add.u32 {at}, {row}, {i};"));
+    let xa = addr4(&mut k, x, at);
+    let v = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {v}, [{xa}];"));
+    k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
+    k.ins(format!("add.u32 {i}, {i}, {NORM_BLOCK};"));
+    k.ins(format!("bra {head};"));
+    k.place(&end);
+    warp_sum(&mut k, ss);
+    let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
+    k.ins(format!("and.b32 {lane}, {tid}, 31;"));
+    let p = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {p}, partial;"));
+    let po = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {po}, {warp}, 4;"));
+    k.ins(format!("add.u64 {po}, {po}, {p};"));
+    let lane0 = k.reg(Class::Pred);
+    k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
+    k.ins(format!("@{lane0} st.shared.f32 [{po}], {ss};"));
+    k.ins("bar.sync 0;");
+    let total = k.reg(Class::F32);
+    k.ins(format!("ld.shared.f32 {total}, [{p}];"));
+    for w in 1..NORM_BLOCK / 32 {
+        let o = k.reg(Class::F32);
+        k.ins(format!("ld.shared.f32 {o}, [{p}+{}];", 4 * w));
+        k.ins(format!("add.f32 {total}, {total}, {o};"));
+    }
+    k.ins(format!(
+        "fma.rn.f32 {total}, {total}, {}, {};",
+        Kernel::f32_imm(1.0 / inputs as f32),
+        Kernel::f32_imm(eps)
+    ));
+    let r = k.reg(Class::F32);
+    k.ins(format!("sqrt.rn.f32 {r}, {total};"));
+    k.ins(format!("rcp.rn.f32 {r}, {r};"));
+    k.ins(format!("mov.u32 {i}, {tid};"));
+    let (h2, e2) = (k.label("scale"), k.label("scale_end"));
+    k.place(&h2);
+    let stop2 = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {stop2}, {i}, {inputs};"));
+    k.ins(format!("@{stop2} bra {e2};"));
+    let at2 = k.reg(Class::B32);
+    k.ins(format!("add.u32 {at2}, {row}, {i};"));
+    let xa2 = addr4(&mut k, x, at2);
+    let v2 = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {v2}, [{xa2}];"));
+    let ga = addr4(&mut k, gain, i);
+    let g = k.reg(Class::F32);
+    k.ins(format!("ld.global.nc.f32 {g}, [{ga}];"));
+    k.ins(format!("mul.f32 {v2}, {v2}, {r};"));
+    k.ins(format!("mul.f32 {v2}, {v2}, {g};"));
+    let oa = addr4(&mut k, out, at2);
+    k.ins(format!("st.global.f32 [{oa}], {v2};"));
+    k.ins(format!("add.u32 {i}, {i}, {NORM_BLOCK};"));
+    k.ins(format!("bra {h2};"));
+    k.place(&e2);
+    k.place(&done);
+    k.finish()
+}
+
+/// Eight weights from element `elem` on, as f32 registers.
+fn weights8(k: &mut Kernel, storage: Storage, w: Reg, elem: Reg) -> Vec<Reg> {
+    let off = k.reg(Class::B64);
+    let wp = k.reg(Class::B64);
+    match storage {
+        Storage::Bf16 => {
+            k.ins(format!("mul.wide.u32 {off}, {elem}, 2;"));
+            k.ins(format!("add.u64 {wp}, {w}, {off};"));
+            let words: Vec<Reg> = (0..4).map(|_| k.reg(Class::B32)).collect();
+            k.ins(format!(
+                "ld.global.nc.v4.u32 {{{}, {}, {}, {}}}, [{wp}];",
+                words[0], words[1], words[2], words[3]
+            ));
+            let mut out = Vec::new();
+            for word in words {
+                let (lo, hi) = (k.reg(Class::B32), k.reg(Class::B32));
+                k.ins(format!("shl.b32 {lo}, {word}, 16;"));
+                k.ins(format!("and.b32 {hi}, {word}, -65536;"));
+                for bits in [lo, hi] {
+                    let v = k.reg(Class::F32);
+                    k.ins(format!("mov.b32 {v}, {bits};"));
+                    out.push(v);
+                }
+            }
+            out
+        }
+        Storage::F32 => {
+            k.ins(format!("mul.wide.u32 {off}, {elem}, 4;"));
+            k.ins(format!("add.u64 {wp}, {w}, {off};"));
+            let out: Vec<Reg> = (0..8).map(|_| k.reg(Class::F32)).collect();
+            for (half, regs) in out.chunks(4).enumerate() {
+                k.ins(format!(
+                    "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{wp}+{}];",
+                    regs[0],
+                    regs[1],
+                    regs[2],
+                    regs[3],
+                    16 * half
+                ));
+            }
+            out
+        }
+    }
+}
+
+/// Parameters: count `i32[1]`, x `f32[T, I]`, w `[rows, I]`, [bias `f32[rows]`], [residual
+/// `f32[T, width]`], out `f32[T, width]`. Launch: `ceil(width / 8)` blocks of 256 (as decode).
+/// `spec.norm` must be None: run `rms_norm_tokens` first.
+pub fn gemm_tokens(spec: &GemvSpec) -> String {
+    assert!(spec.inputs % 8 == 0, "inputs must be a multiple of 8");
+    assert!(spec.norm.is_none(), "normalise with rms_norm_tokens first");
+    let mut k = Kernel::new(&spec.name);
+    let count = k.param_ptr("count");
+    let x = k.param_ptr("x");
+    let w = k.param_ptr("w");
+    let bias = spec.bias.then(|| k.param_ptr("bias"));
+    let residual = spec.residual.then(|| k.param_ptr("residual"));
+    let out = k.param_ptr("out");
+    let inputs = spec.inputs;
+    let geglu = spec.epilogue == Epilogue::GeGlu;
+
+    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
+    let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
+    k.ins(format!("and.b32 {lane}, {tid}, 31;"));
+    let col = k.reg(Class::B32);
+    k.ins(format!(
+        "mad.lo.u32 {col}, {block}, {WARPS_PER_BLOCK}, {warp};"
+    ));
+    let done = k.label("done");
+    let outside = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {outside}, {col}, {};", spec.width));
+    k.ins(format!("@{outside} bra {done};"));
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let rows: Vec<Reg> = if geglu {
+        let up = k.reg(Class::B32);
+        k.ins(format!("add.u32 {up}, {col}, {};", spec.width));
+        vec![col, up]
+    } else {
+        vec![col]
+    };
+
+    // Token groups: t0 = 0, 4, 8, … < n; tokens past n compute on row n-1's inputs (a valid
+    // address) and are not stored.
+    let t0 = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {t0}, 0;"));
+    let (group, group_end) = (k.label("group"), k.label("group_end"));
+    k.place(&group);
+    let gstop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {gstop}, {t0}, {n};"));
+    k.ins(format!("@{gstop} bra {group_end};"));
+    let last = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {last}, {n}, 1;"));
+    let toks: Vec<Reg> = (0..TOKEN_GROUP)
+        .map(|j| {
+            let t = k.reg(Class::B32);
+            k.ins(format!("add.u32 {t}, {t0}, {j};"));
+            k.ins(format!("min.u32 {t}, {t}, {last};"));
+            t
+        })
+        .collect();
+    let accs: Vec<Vec<Reg>> = rows
+        .iter()
+        .map(|_| {
+            (0..TOKEN_GROUP)
+                .map(|_| {
+                    let a = k.reg(Class::F32);
+                    k.ins(format!("mov.f32 {a}, 0f00000000;"));
+                    a
+                })
+                .collect()
+        })
+        .collect();
+    let i = k.reg(Class::B32);
+    k.ins(format!("shl.b32 {i}, {lane}, 3;"));
+    let (head, end) = (k.label("loop"), k.label("loop_end"));
+    k.place(&head);
+    let stop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {stop}, {i}, {inputs};"));
+    k.ins(format!("@{stop} bra {end};"));
+    let ws: Vec<Vec<Reg>> = rows
+        .iter()
+        .map(|&r| {
+            let elem = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {elem}, {r}, {inputs}, {i};"));
+            weights8(&mut k, spec.weights, w, elem)
+        })
+        .collect();
+    for (j, &t) in toks.iter().enumerate() {
+        let xe = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {xe}, {t}, {inputs}, {i};"));
+        let xp = addr4(&mut k, x, xe);
+        let xs: Vec<Reg> = (0..8).map(|_| k.reg(Class::F32)).collect();
+        for (half, regs) in xs.chunks(4).enumerate() {
+            k.ins(format!(
+                "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{xp}+{}];",
+                regs[0],
+                regs[1],
+                regs[2],
+                regs[3],
+                16 * half
+            ));
+        }
+        for (r, wr) in ws.iter().enumerate() {
+            for (wv, xv) in wr.iter().zip(&xs) {
+                let a = accs[r][j as usize];
+                k.ins(format!("fma.rn.f32 {a}, {wv}, {xv}, {a};"));
+            }
+        }
+    }
+    k.ins(format!("add.u32 {i}, {i}, 256;"));
+    k.ins(format!("bra {head};"));
+    k.place(&end);
+    for row_accs in &accs {
+        for &a in row_accs {
+            warp_sum(&mut k, a);
+        }
+    }
+    // Lane 0 finishes each token of the group that exists.
+    let lane_other = k.reg(Class::Pred);
+    k.ins(format!("setp.ne.u32 {lane_other}, {lane}, 0;"));
+    let next = k.label("next_group");
+    k.ins(format!("@{lane_other} bra {next};"));
+    for j in 0..TOKEN_GROUP as usize {
+        let skip = k.label("skip");
+        let t = k.reg(Class::B32);
+        k.ins(format!("add.u32 {t}, {t0}, {j};"));
+        let beyond = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.u32 {beyond}, {t}, {n};"));
+        k.ins(format!("@{beyond} bra {skip};"));
+        let mut vals: Vec<Reg> = accs.iter().map(|ra| ra[j]).collect();
+        if let Some(b) = bias {
+            for (v, &r) in vals.iter_mut().zip(&rows) {
+                let ba = addr4(&mut k, b, r);
+                let bv = k.reg(Class::F32);
+                k.ins(format!("ld.global.nc.f32 {bv}, [{ba}];"));
+                let s = k.reg(Class::F32);
+                k.ins(format!("add.f32 {s}, {v}, {bv};"));
+                *v = s;
+            }
+        }
+        let mut value = vals[0];
+        match spec.epilogue {
+            Epilogue::None => {}
+            Epilogue::GeGlu => {
+                let g = gelu(&mut k, vals[0]);
+                let v = k.reg(Class::F32);
+                k.ins(format!("mul.f32 {v}, {g}, {};", vals[1]));
+                value = v;
+            }
+            Epilogue::SoftCap(cap) => {
+                let v = k.reg(Class::F32);
+                k.ins(format!(
+                    "mul.f32 {v}, {value}, {};",
+                    Kernel::f32_imm(1.0 / cap)
+                ));
+                let th = tanh(&mut k, v);
+                k.ins(format!("mul.f32 {th}, {th}, {};", Kernel::f32_imm(cap)));
+                value = th;
+            }
+        }
+        let oe = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {oe}, {t}, {}, {col};", spec.width));
+        if let Some(res) = residual {
+            let ra = addr4(&mut k, res, oe);
+            let rv = k.reg(Class::F32);
+            k.ins(format!("ld.global.f32 {rv}, [{ra}];"));
+            k.ins(format!("add.f32 {value}, {value}, {rv};"));
+        }
+        let oa = addr4(&mut k, out, oe);
+        k.ins(format!("st.global.f32 [{oa}], {value};"));
+        k.place(&skip);
+    }
+    k.place(&next);
+    k.ins(format!("add.u32 {t0}, {t0}, {TOKEN_GROUP};"));
+    k.ins(format!("bra {group};"));
+    k.place(&group_end);
+    k.place(&done);
+    k.finish()
+}
