@@ -259,7 +259,7 @@ pub fn gemm_tokens(spec: &GemvSpec) -> String {
         }
         for (r, wr) in ws.iter().enumerate() {
             for (wv, xv) in wr.iter().zip(&xs) {
-                let a = accs[r][j as usize];
+                let a = accs[r][j];
                 k.ins(format!("fma.rn.f32 {a}, {wv}, {xv}, {a};"));
             }
         }
