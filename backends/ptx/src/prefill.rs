@@ -334,3 +334,185 @@ pub fn gemm_tokens(spec: &GemvSpec) -> String {
     k.place(&done);
     k.finish()
 }
+
+/// The RG-LRU over a chunk of T tokens: one block per gate block, one thread per channel, the
+/// tokens in order (the scan is sequential in time, parallel over channels). Per token: the
+/// conv (earlier tokens of the chunk, or the carried window before them), the block's conv
+/// outputs through shared memory for both gates, decay, normaliser (reset at position 0), scan,
+/// output gate. The state stays in a register across the chunk; the window takes the chunk's
+/// last K-1 inputs at the end.
+///
+/// Parameters: count `i32[1]`, x `f32[T, C]`, start `i32[1]` (the chunk's first position),
+/// window `f32[K-1, C]`, conv w `[C, K]`, conv bias, input-gate w `[H, B, B]`, input-gate bias,
+/// recurrent-gate w, recurrent-gate bias, decay `f32[C]`, state `f32[C]`, [y `f32[T, C]`],
+/// out `f32[T, C]`. Launch: H blocks of C/H threads.
+pub fn rg_lru_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
+    use crate::math::{exp, sigmoid};
+    use crate::rg_lru::{block_size, load_weight, neg_expm1};
+    let b = block_size(s);
+    let c = s.channels;
+    let kk = s.width;
+    let mut k = Kernel::new(&s.name);
+    k.shared("conv_out", 4 * b, 16);
+    let count = k.param_ptr("count");
+    let x = k.param_ptr("x");
+    let start = k.param_ptr("start");
+    let window = k.param_ptr("window");
+    let conv_w = k.param_ptr("conv_w");
+    let conv_b = k.param_ptr("conv_b");
+    let igw = k.param_ptr("input_gate_w");
+    let igb = k.param_ptr("input_gate_b");
+    let rgw = k.param_ptr("recurrent_gate_w");
+    let rgb = k.param_ptr("recurrent_gate_b");
+    let decay = k.param_ptr("decay");
+    let state = k.param_ptr("state");
+    let y = s.gate_output.then(|| k.param_ptr("y"));
+    let out = k.param_ptr("out");
+
+    let (jj, h) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mov.u32 {jj}, %tid.x;"));
+    k.ins(format!("mov.u32 {h}, %ctaid.x;"));
+    let j = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {j}, {h}, {b}, {jj};"));
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let p0 = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {p0}, [{start}];"));
+    let st_at = addr4(&mut k, state, j);
+    let hv = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {hv}, [{st_at}];"));
+    let rate_at = addr4(&mut k, decay, j);
+    let rate = k.reg(Class::F32);
+    k.ins(format!("ld.global.nc.f32 {rate}, [{rate_at}];"));
+    let sh = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {sh}, conv_out;"));
+    let sh_off = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {sh_off}, {jj}, 4;"));
+    let sh_j = k.reg(Class::B64);
+    k.ins(format!("add.u64 {sh_j}, {sh}, {sh_off};"));
+
+    /// Input of channel j at chunk offset `s` (signed): x[s] for s ≥ 0, else window row s+K-1.
+    fn input(k: &mut Kernel, x: Reg, window: Reg, j: Reg, s: Reg, c: u32, kk: u32) -> Reg {
+        let v = k.reg(Class::F32);
+        let from_x = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.s32 {from_x}, {s}, 0;"));
+        let xi = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {xi}, {s}, {c}, {j};"));
+        let wi = k.reg(Class::B32);
+        k.ins(format!("add.u32 {wi}, {s}, {};", kk - 1));
+        k.ins(format!("mad.lo.u32 {wi}, {wi}, {c}, {j};"));
+        let idx = k.reg(Class::B32);
+        k.ins(format!("selp.b32 {idx}, {xi}, {wi}, {from_x};"));
+        let base = k.reg(Class::B64);
+        k.ins(format!("selp.b64 {base}, {x}, {window}, {from_x};"));
+        let at = addr4(k, base, idx);
+        k.ins(format!("ld.global.f32 {v}, [{at}];"));
+        v
+    }
+
+    let t = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {t}, 0;"));
+    let (head, end) = (k.label("token"), k.label("token_end"));
+    k.place(&head);
+    let tstop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {tstop}, {t}, {n};"));
+    k.ins(format!("@{tstop} bra {end};"));
+    let p = k.reg(Class::B32);
+    k.ins(format!("add.u32 {p}, {p0}, {t};"));
+    let acc = load_weight(&mut k, s.conv, conv_b, j);
+    let row_taps = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {row_taps}, {j}, {kk};"));
+    for tap in 0..kk {
+        let back = kk - 1 - tap;
+        let so = k.reg(Class::B32);
+        k.ins(format!("sub.u32 {so}, {t}, {back};"));
+        let u = input(&mut k, x, window, j, so, c, kk);
+        let wi = k.reg(Class::B32);
+        k.ins(format!("add.u32 {wi}, {row_taps}, {tap};"));
+        let w = load_weight(&mut k, s.conv, conv_w, wi);
+        let valid = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.s32 {valid}, {p}, {back};"));
+        k.ins(format!("@{valid} fma.rn.f32 {acc}, {w}, {u}, {acc};"));
+    }
+    k.ins(format!("st.shared.f32 [{sh_j}], {acc};"));
+    k.ins("bar.sync 0;");
+    let zx = load_weight(&mut k, s.gates, igb, j);
+    let zr = load_weight(&mut k, s.gates, rgb, j);
+    let wi = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {wi}, {h}, {};", b * b));
+    k.ins(format!("add.u32 {wi}, {wi}, {jj};"));
+    let shi = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {shi}, {sh};"));
+    let i = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {i}, 0;"));
+    let gh = k.label("gates");
+    k.place(&gh);
+    let ci = k.reg(Class::F32);
+    k.ins(format!("ld.shared.f32 {ci}, [{shi}];"));
+    let wx = load_weight(&mut k, s.gates, igw, wi);
+    let wr = load_weight(&mut k, s.gates, rgw, wi);
+    k.ins(format!("fma.rn.f32 {zx}, {ci}, {wx}, {zx};"));
+    k.ins(format!("fma.rn.f32 {zr}, {ci}, {wr}, {zr};"));
+    k.ins(format!("add.u32 {wi}, {wi}, {b};"));
+    k.ins(format!("add.u64 {shi}, {shi}, 4;"));
+    k.ins(format!("add.u32 {i}, {i}, 1;"));
+    let more = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {more}, {i}, {b};"));
+    k.ins(format!("@{more} bra {gh};"));
+    // Every thread has read this token's conv outputs before the next token writes them.
+    k.ins("bar.sync 0;");
+    let gx = sigmoid(&mut k, zx);
+    let ga = sigmoid(&mut k, zr);
+    let log_a = k.reg(Class::F32);
+    k.ins(format!("mul.f32 {log_a}, {ga}, {rate};"));
+    k.ins(format!(
+        "mul.f32 {log_a}, {log_a}, {};",
+        Kernel::f32_imm(-8.0)
+    ));
+    let a = exp(&mut k, log_a);
+    let two = k.reg(Class::F32);
+    k.ins(format!("add.f32 {two}, {log_a}, {log_a};"));
+    let one_minus = neg_expm1(&mut k, two);
+    let norm = k.reg(Class::F32);
+    k.ins(format!("sqrt.rn.f32 {norm}, {one_minus};"));
+    let at_start = k.reg(Class::Pred);
+    k.ins(format!("setp.eq.s32 {at_start}, {p}, 0;"));
+    k.ins(format!(
+        "selp.f32 {norm}, {}, {norm}, {at_start};",
+        Kernel::f32_imm(1.0)
+    ));
+    k.ins(format!("selp.f32 {a}, 0f00000000, {a}, {at_start};"));
+    let bv = k.reg(Class::F32);
+    k.ins(format!("mul.f32 {bv}, {acc}, {gx};"));
+    k.ins(format!("mul.f32 {bv}, {bv}, {norm};"));
+    k.ins(format!("fma.rn.f32 {hv}, {a}, {hv}, {bv};"));
+    let oi = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {oi}, {t}, {c}, {j};"));
+    let mut o = hv;
+    if let Some(y) = y {
+        let ya = addr4(&mut k, y, oi);
+        let yv = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {yv}, [{ya}];"));
+        let g = gelu(&mut k, yv);
+        let v = k.reg(Class::F32);
+        k.ins(format!("mul.f32 {v}, {hv}, {g};"));
+        o = v;
+    }
+    let oa = addr4(&mut k, out, oi);
+    k.ins(format!("st.global.f32 [{oa}], {o};"));
+    k.ins(format!("add.u32 {t}, {t}, 1;"));
+    k.ins(format!("bra {head};"));
+    k.place(&end);
+    k.ins(format!("st.global.f32 [{st_at}], {hv};"));
+    // The window takes the last K-1 inputs; ascending rows read only rows not yet written.
+    for r in 0..kk.saturating_sub(1) {
+        let so = k.reg(Class::B32);
+        k.ins(format!("sub.u32 {so}, {n}, {};", kk - 1 - r));
+        let v = input(&mut k, x, window, j, so, c, kk);
+        let idx = k.reg(Class::B32);
+        k.ins(format!("add.u32 {idx}, {j}, {};", r * c));
+        let at = addr4(&mut k, window, idx);
+        k.ins(format!("st.global.f32 [{at}], {v};"));
+    }
+    k.finish()
+}

@@ -240,7 +240,7 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
 
 /// `-expm1(x)` for x ≤ 0: `1 - exp(x)`, by the series `-(x + x²/2 + x³/6 + x⁴/24)` when
 /// |x| < 2^-5 (relative error below 1e-8 there), where `1 - exp(x)` would lose digits.
-fn neg_expm1(k: &mut Kernel, x: Reg) -> Reg {
+pub(crate) fn neg_expm1(k: &mut Kernel, x: Reg) -> Reg {
     let e = exp(k, x);
     let direct = k.reg(Class::F32);
     k.ins(format!("sub.f32 {direct}, {}, {e};", Kernel::f32_imm(1.0)));

@@ -707,3 +707,96 @@ fn prefill_projection_and_norm_over_a_chunk_of_tokens() {
         );
     }
 }
+
+#[test]
+fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
+    use griffin_backend_ptx::prefill::rg_lru_tokens;
+    use griffin_backend_ptx::rg_lru::{block_size, RgLruSpec, Storage};
+    let (c, blocks, k) = (32usize, 2usize, 4usize);
+    let spec = RgLruSpec {
+        name: "scan".into(),
+        channels: c as u32,
+        blocks: blocks as u32,
+        width: k as u32,
+        conv: Storage::F32,
+        gates: Storage::F32,
+        gate_output: true,
+    };
+    let m = Module::parse(&module(&[rg_lru_tokens(&spec)])).unwrap();
+    let mut rng = Rng(5);
+    let b = c / blocks;
+    let conv_w = rng.vec(c * k);
+    let conv_b = rng.vec(c);
+    let gates: Vec<Vec<f32>> = vec![
+        rng.vec(blocks * b * b),
+        rng.vec(c),
+        rng.vec(blocks * b * b),
+        rng.vec(c),
+    ];
+    let decay: Vec<f32> = rng.vec(c).iter().map(|v| (v * 3.0).exp().ln_1p()).collect();
+    let mut window = vec![0.0f32; (k - 1) * c];
+    let mut state = vec![0.0f32; c];
+    let mut mem = Memory::new();
+    let win_a = mem.alloc_f32(&window);
+    let cw_a = mem.alloc_f32(&conv_w);
+    let cb_a = mem.alloc_f32(&conv_b);
+    let g_a: Vec<u64> = gates.iter().map(|g| mem.alloc_f32(g)).collect();
+    let d_a = mem.alloc_f32(&decay);
+    let s_a = mem.alloc_f32(&state);
+    let max_tokens = 8;
+    let out_a = mem.alloc_f32(&vec![0.0; max_tokens * c]);
+    let mut worst = 0.0f32;
+    let mut pos = 0usize;
+    // Chunks of 5, 2 (shorter than the window), 8 and 1 tokens, from the start of the text.
+    for chunk in [5usize, 2, 8, 1] {
+        let x = rng.vec(chunk * c);
+        let y = rng.vec(chunk * c);
+        let x_a = mem.alloc_f32(&x);
+        let y_a = mem.alloc_f32(&y);
+        let n_a = mem.alloc_u32(&[chunk as u32]);
+        let p_a = mem.alloc_u32(&[pos as u32]);
+        let params = [
+            n_a, x_a, p_a, win_a, cw_a, cb_a, g_a[0], g_a[1], g_a[2], g_a[3], d_a, s_a, y_a, out_a,
+        ];
+        run(
+            &m,
+            "scan",
+            &Launch {
+                grid: blocks as u32,
+                block: block_size(&spec),
+                params: &params,
+            },
+            &mut mem,
+        )
+        .unwrap();
+        let got = mem.read_f32(out_a, chunk * c).unwrap();
+        for t in 0..chunk {
+            let want = rg_lru_reference(
+                c,
+                blocks,
+                k,
+                (pos + t) as i32,
+                &x[t * c..(t + 1) * c],
+                &mut window,
+                &conv_w,
+                &conv_b,
+                [&gates[0], &gates[1], &gates[2], &gates[3]],
+                &decay,
+                &mut state,
+                &y[t * c..(t + 1) * c],
+            );
+            worst = worst.max(max_diff(&got[t * c..(t + 1) * c], &want));
+        }
+        pos += chunk;
+        assert!(
+            max_diff(&mem.read_f32(s_a, c).unwrap(), &state) < 1e-5,
+            "state after {pos}"
+        );
+        assert_eq!(
+            mem.read_f32(win_a, (k - 1) * c).unwrap(),
+            window,
+            "window after {pos}"
+        );
+    }
+    assert!(worst < 1e-5, "max |diff| {worst}");
+}

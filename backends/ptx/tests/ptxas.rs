@@ -8,7 +8,7 @@ use griffin_backend_ptx::attention::{attend, rotate_store, AttentionSpec};
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{advance, argmax, gather};
 use griffin_backend_ptx::module;
-use griffin_backend_ptx::prefill::{gemm_tokens, rms_norm_tokens};
+use griffin_backend_ptx::prefill::{gemm_tokens, rg_lru_tokens, rms_norm_tokens};
 use griffin_backend_ptx::rg_lru::{rg_lru_step, RgLruSpec, Storage};
 
 fn ptxas() -> PathBuf {
@@ -146,6 +146,11 @@ fn all_kernels() -> Vec<(String, String)> {
         };
         out.push((s.name.clone(), gemm_tokens(&s)));
     }
+    let scan = RgLruSpec {
+        name: "b2_rg_lru_tokens".into(),
+        ..rg_lru_specs()[1].clone()
+    };
+    out.push((scan.name.clone(), rg_lru_tokens(&scan)));
     out.push((
         "b2_norm_tokens".into(),
         rms_norm_tokens("b2_norm_tokens", 2560, 1e-6),
