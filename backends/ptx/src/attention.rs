@@ -70,6 +70,185 @@ fn sin_cos(k: &mut Kernel, pos: Reg, inv_freq: Reg, i: Reg) -> (Reg, Reg) {
     (sin, cos)
 }
 
+/// Element `d` of the row starting at element `base_i` of `src`, rotated for position `pos`
+/// (rotate-half on the first `dims` features; others unchanged).
+fn rotated_element(
+    k: &mut Kernel,
+    s: &AttentionSpec,
+    src: Reg,
+    base_i: Reg,
+    d: Reg,
+    pos: Reg,
+    inv_freq: Option<Reg>,
+) -> Reg {
+    let own_i = k.reg(Class::B32);
+    k.ins(format!("add.u32 {own_i}, {base_i}, {d};"));
+    let own_at = addr4(k, src, own_i);
+    let own = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {own}, [{own_at}];"));
+    let value = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {value}, {own};"));
+    if let (Some((_, dims)), Some(inv_freq)) = (s.rotary, inv_freq) {
+        let half = dims / 2;
+        let skip = k.label("unrotated");
+        let beyond = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.u32 {beyond}, {d}, {dims};"));
+        k.ins(format!("@{beyond} bra {skip};"));
+        // First half: a·cos - b·sin with b = x[d + half]; second half: b·cos + a·sin with
+        // a = x[d - half] (b is this element).
+        let first = k.reg(Class::Pred);
+        k.ins(format!("setp.lt.u32 {first}, {d}, {half};"));
+        let i = k.reg(Class::B32);
+        k.ins(format!("sub.u32 {i}, {d}, {half};"));
+        k.ins(format!("selp.b32 {i}, {d}, {i}, {first};"));
+        let partner_i = k.reg(Class::B32);
+        k.ins(format!("add.u32 {partner_i}, {own_i}, {half};"));
+        let back = k.reg(Class::B32);
+        k.ins(format!("sub.u32 {back}, {own_i}, {half};"));
+        k.ins(format!(
+            "selp.b32 {partner_i}, {partner_i}, {back}, {first};"
+        ));
+        let partner_at = addr4(k, src, partner_i);
+        let partner = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {partner}, [{partner_at}];"));
+        let (sin, cos) = sin_cos(k, pos, inv_freq, i);
+        // first: own·cos - partner·sin; second: own·cos + partner·sin.
+        let signed_sin = k.reg(Class::F32);
+        k.ins(format!("neg.f32 {signed_sin}, {sin};"));
+        k.ins(format!(
+            "selp.f32 {signed_sin}, {signed_sin}, {sin}, {first};"
+        ));
+        let ps = k.reg(Class::F32);
+        k.ins(format!("mul.f32 {ps}, {partner}, {signed_sin};"));
+        k.ins(format!("fma.rn.f32 {value}, {own}, {cos}, {ps};"));
+        k.place(&skip);
+    }
+    value
+}
+
+/// Threads `rotate_tokens` needs for a chunk of `tokens`: one per element of the q and k rows.
+pub fn rotate_tokens_threads(s: &AttentionSpec, tokens: u32) -> u32 {
+    tokens * (s.heads + s.kv_heads) * s.head_dim
+}
+
+/// Prefill: rotates a chunk's queries and keys into scratch buffers (`attend_tokens` reads
+/// them; `write_ring_tokens` stores the keys). Parameters: count `i32[1]`, start `i32[1]`, q
+/// `f32[T,H,hd]`, k `f32[T,G,hd]`, [inv_freq `f64[dims/2]`], q_out `f32[T,H,hd]`, k_out
+/// `f32[T,G,hd]`. Launch: `ceil(rotate_tokens_threads(T_max) / 256)` blocks of 256.
+pub fn rotate_tokens(s: &AttentionSpec, max_tokens: u32) -> String {
+    let mut k = Kernel::new(&format!("{}_rotate_tokens", s.name));
+    let count = k.param_ptr("count");
+    let start = k.param_ptr("start");
+    let q = k.param_ptr("q");
+    let kk = k.param_ptr("k");
+    let inv_freq = s.rotary.map(|_| k.param_ptr("inv_freq"));
+    let q_out = k.param_ptr("q_out");
+    let k_out = k.param_ptr("k_out");
+    let (hd, rows) = (s.head_dim, s.heads + s.kv_heads);
+    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
+    let e = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {e}, {block}, {ROTATE_BLOCK}, {tid};"));
+    let done = k.label("done");
+    let outside = k.reg(Class::Pred);
+    k.ins(format!(
+        "setp.ge.u32 {outside}, {e}, {};",
+        rotate_tokens_threads(s, max_tokens)
+    ));
+    k.ins(format!("@{outside} bra {done};"));
+    // e = (t · rows + row) · hd + d
+    let (d, rest) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("rem.u32 {d}, {e}, {hd};"));
+    k.ins(format!("div.u32 {rest}, {e}, {hd};"));
+    let (row, t) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("rem.u32 {row}, {rest}, {rows};"));
+    k.ins(format!("div.u32 {t}, {rest}, {rows};"));
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let past = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {past}, {t}, {n};"));
+    k.ins(format!("@{past} bra {done};"));
+    let pos = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {pos}, [{start}];"));
+    k.ins(format!("add.u32 {pos}, {pos}, {t};"));
+    let is_q = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {is_q}, {row}, {};", s.heads));
+    // Row index within q ([T,H]) or k ([T,G]), and the buffers.
+    let qr = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {qr}, {t}, {}, {row};", s.heads));
+    let kr = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {kr}, {row}, {};", s.heads));
+    k.ins(format!("mad.lo.u32 {kr}, {t}, {}, {kr};", s.kv_heads));
+    let r = k.reg(Class::B32);
+    k.ins(format!("selp.b32 {r}, {qr}, {kr}, {is_q};"));
+    let (src, dst) = (k.reg(Class::B64), k.reg(Class::B64));
+    k.ins(format!("selp.b64 {src}, {q}, {kk}, {is_q};"));
+    k.ins(format!("selp.b64 {dst}, {q_out}, {k_out}, {is_q};"));
+    let base_i = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {base_i}, {r}, {hd};"));
+    let value = rotated_element(&mut k, s, src, base_i, d, pos, inv_freq);
+    let oi = k.reg(Class::B32);
+    k.ins(format!("add.u32 {oi}, {base_i}, {d};"));
+    let oa = addr4(&mut k, dst, oi);
+    k.ins(format!("st.global.f32 [{oa}], {value};"));
+    k.place(&done);
+    k.finish()
+}
+
+/// Prefill: stores the chunk's last `min(T, W)` rotated keys and values into the ring at slot
+/// `position mod W`. Parameters: count `i32[1]`, start `i32[1]`, k `f32[T,G,hd]` (rotated), v
+/// `f32[T,G,hd]`, keys, values. Launch: `ceil(T_max·G·hd / 256)` blocks of 256.
+pub fn write_ring_tokens(s: &AttentionSpec, max_tokens: u32) -> String {
+    let mut k = Kernel::new(&format!("{}_write_ring_tokens", s.name));
+    let count = k.param_ptr("count");
+    let start = k.param_ptr("start");
+    let kk = k.param_ptr("k");
+    let v = k.param_ptr("v");
+    let keys = k.param_ptr("keys");
+    let values = k.param_ptr("values");
+    let row = s.kv_heads * s.head_dim;
+    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
+    let e = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {e}, {block}, {ROTATE_BLOCK}, {tid};"));
+    let done = k.label("done");
+    let outside = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {outside}, {e}, {};", max_tokens * row));
+    k.ins(format!("@{outside} bra {done};"));
+    let (t, within) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("div.u32 {t}, {e}, {row};"));
+    k.ins(format!("rem.u32 {within}, {e}, {row};"));
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let past = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {past}, {t}, {n};"));
+    k.ins(format!("@{past} bra {done};"));
+    // Only the last W tokens survive in the ring: earlier ones would be overwritten in the
+    // same launch, in no defined order.
+    let keep = k.reg(Class::B32);
+    k.ins(format!("add.u32 {keep}, {t}, {};", s.window));
+    let early = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {early}, {keep}, {n};"));
+    k.ins(format!("@{early} bra {done};"));
+    let slot = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {slot}, [{start}];"));
+    k.ins(format!("add.u32 {slot}, {slot}, {t};"));
+    k.ins(format!("rem.u32 {slot}, {slot}, {};", s.window));
+    let di = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {di}, {slot}, {row}, {within};"));
+    for (src, dst) in [(kk, keys), (v, values)] {
+        let sa = addr4(&mut k, src, e);
+        let val = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {val}, [{sa}];"));
+        let da = addr4(&mut k, dst, di);
+        k.ins(format!("st.global.f32 [{da}], {val};"));
+    }
+    k.place(&done);
+    k.finish()
+}
+
 /// Parameters: q `f32[H,hd]`, k `f32[G,hd]`, v `f32[G,hd]`, position `i32[1]`, [inv_freq
 /// `f64[dims/2]`], q_out `f32[H,hd]`, keys `f32[W,G,hd]`, values `f32[W,G,hd]`.
 pub fn rotate_store(s: &AttentionSpec) -> String {
@@ -163,51 +342,9 @@ pub fn rotate_store(s: &AttentionSpec) -> String {
     k.ins(format!("bra {done};"));
 
     k.place(&l_go);
-    // q or k element d of row src_row of src, rotated.
     let base_i = k.reg(Class::B32);
     k.ins(format!("mul.lo.u32 {base_i}, {src_row}, {hd};"));
-    let own_i = k.reg(Class::B32);
-    k.ins(format!("add.u32 {own_i}, {base_i}, {d};"));
-    let own_at = addr4(&mut k, src, own_i);
-    let own = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {own}, [{own_at}];"));
-    let value = k.reg(Class::F32);
-    k.ins(format!("mov.f32 {value}, {own};"));
-    if let (Some((_, dims)), Some(inv_freq)) = (s.rotary, inv_freq) {
-        let half = dims / 2;
-        let skip = k.label("unrotated");
-        let beyond = k.reg(Class::Pred);
-        k.ins(format!("setp.ge.u32 {beyond}, {d}, {dims};"));
-        k.ins(format!("@{beyond} bra {skip};"));
-        // First half: a·cos - b·sin with b = x[d + half]; second half: b·cos + a·sin with
-        // a = x[d - half] (b is this element).
-        let first = k.reg(Class::Pred);
-        k.ins(format!("setp.lt.u32 {first}, {d}, {half};"));
-        let i = k.reg(Class::B32);
-        k.ins(format!("sub.u32 {i}, {d}, {half};"));
-        k.ins(format!("selp.b32 {i}, {d}, {i}, {first};"));
-        let partner_i = k.reg(Class::B32);
-        k.ins(format!("add.u32 {partner_i}, {own_i}, {half};"));
-        let back = k.reg(Class::B32);
-        k.ins(format!("sub.u32 {back}, {own_i}, {half};"));
-        k.ins(format!(
-            "selp.b32 {partner_i}, {partner_i}, {back}, {first};"
-        ));
-        let partner_at = addr4(&mut k, src, partner_i);
-        let partner = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {partner}, [{partner_at}];"));
-        let (sin, cos) = sin_cos(&mut k, pos, inv_freq, i);
-        // first: own·cos - partner·sin; second: own·cos + partner·sin.
-        let signed_sin = k.reg(Class::F32);
-        k.ins(format!("neg.f32 {signed_sin}, {sin};"));
-        k.ins(format!(
-            "selp.f32 {signed_sin}, {signed_sin}, {sin}, {first};"
-        ));
-        let ps = k.reg(Class::F32);
-        k.ins(format!("mul.f32 {ps}, {partner}, {signed_sin};"));
-        k.ins(format!("fma.rn.f32 {value}, {own}, {cos}, {ps};"));
-        k.place(&skip);
-    }
+    let value = rotated_element(&mut k, s, src, base_i, d, pos, inv_freq);
     let _ = qrow;
     k.ins(format!("st.global.f32 [{dst}], {value};"));
     k.place(&done);
@@ -222,11 +359,35 @@ fn scores_bytes(s: &AttentionSpec) -> u32 {
 /// Parameters: q `f32[H,hd]` (rotated), position `i32[1]`, keys `f32[W,G,hd]`, values
 /// `f32[W,G,hd]`, out `f32[H,hd]`. Launch: H blocks of `32 · ATTEND_WARPS` threads.
 pub fn attend(s: &AttentionSpec) -> String {
-    let mut k = Kernel::new(&format!("{}_attend", s.name));
+    attend_impl(s, false)
+}
+
+/// Attention for a chunk of T queries (prefill): keys and values of positions before the chunk
+/// come from the ring, the chunk's own from its rotated keys and its values (the ring is
+/// written after, by `write_ring_tokens`, so no query loses a key a later token would
+/// overwrite). Parameters: q `f32[T,H,hd]` (rotated), count `i32[1]`, start `i32[1]`, chunk
+/// keys `f32[T,G,hd]` (rotated), chunk values `f32[T,G,hd]`, keys, values (the ring), out
+/// `f32[T,H,hd]`. Launch: `T_max · H` blocks of `32 · ATTEND_WARPS`; blocks past the count
+/// leave.
+pub fn attend_tokens(s: &AttentionSpec) -> String {
+    attend_impl(s, true)
+}
+
+fn attend_impl(s: &AttentionSpec, chunked: bool) -> String {
+    let suffix = if chunked { "attend_tokens" } else { "attend" };
+    let mut k = Kernel::new(&format!("{}_{suffix}", s.name));
     k.shared("scores", scores_bytes(s), 16);
     k.shared("partial", 4 * ATTEND_WARPS, 16);
     let q = k.param_ptr("q");
-    let position = k.param_ptr("position");
+    let (position, chunk) = if chunked {
+        let count = k.param_ptr("count");
+        let start = k.param_ptr("start");
+        let ck = k.param_ptr("chunk_keys");
+        let cv = k.param_ptr("chunk_values");
+        (start, Some((count, ck, cv)))
+    } else {
+        (k.param_ptr("position"), None)
+    };
     let keys = k.param_ptr("keys");
     let values = k.param_ptr("values");
     let out = k.param_ptr("out");
@@ -237,13 +398,54 @@ pub fn attend(s: &AttentionSpec) -> String {
     let (tid, h) = (k.reg(Class::B32), k.reg(Class::B32));
     k.ins(format!("mov.u32 {tid}, %tid.x;"));
     k.ins(format!("mov.u32 {h}, %ctaid.x;"));
+    // Query row (token t, head h) and its position.
+    let t = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {t}, 0;"));
+    let pos = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {pos}, [{position}];"));
+    let start = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {start}, {pos};"));
+    let finished = k.label("finished");
+    if let Some((count, _, _)) = chunk {
+        k.ins(format!("div.u32 {t}, {h}, {};", s.heads));
+        k.ins(format!("rem.u32 {h}, {h}, {};", s.heads));
+        let n = k.reg(Class::B32);
+        k.ins(format!("ld.global.u32 {n}, [{count}];"));
+        let past = k.reg(Class::Pred);
+        // The whole block leaves together, before any barrier.
+        k.ins(format!("setp.ge.u32 {past}, {t}, {n};"));
+        k.ins(format!("@{past} bra {finished};"));
+        k.ins(format!("add.u32 {pos}, {start}, {t};"));
+    }
+    let qhead = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {qhead}, {t}, {}, {h};", s.heads));
     let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
     k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
     k.ins(format!("and.b32 {lane}, {tid}, 31;"));
     let g = k.reg(Class::B32);
     k.ins(format!("div.u32 {g}, {h}, {group};"));
-    let pos = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {pos}, [{position}];"));
+    // The first element of position pp's key (or value) row for KV head g, and which buffer
+    // holds it: the ring at slot pp mod W, or (chunked) this chunk's rows from `start` on.
+    let row_of = |k: &mut Kernel, pp: Reg, ring: Reg, in_chunk_buf: Option<Reg>| -> (Reg, Reg) {
+        let slot = k.reg(Class::B32);
+        k.ins(format!("rem.u32 {slot}, {pp}, {w};"));
+        let row = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {row}, {slot}, {}, {g};", s.kv_heads));
+        k.ins(format!("mul.lo.u32 {row}, {row}, {hd};"));
+        let base = k.reg(Class::B64);
+        k.ins(format!("mov.u64 {base}, {ring};"));
+        if let Some(buf) = in_chunk_buf {
+            let in_chunk = k.reg(Class::Pred);
+            k.ins(format!("setp.ge.u32 {in_chunk}, {pp}, {start};"));
+            let crow = k.reg(Class::B32);
+            k.ins(format!("sub.u32 {crow}, {pp}, {start};"));
+            k.ins(format!("mad.lo.u32 {crow}, {crow}, {}, {g};", s.kv_heads));
+            k.ins(format!("mul.lo.u32 {crow}, {crow}, {hd};"));
+            k.ins(format!("selp.b32 {row}, {crow}, {row}, {in_chunk};"));
+            k.ins(format!("selp.b64 {base}, {buf}, {base}, {in_chunk};"));
+        }
+        (base, row)
+    };
     // Positions lo..=pos, count of them.
     let lo = k.reg(Class::B32);
     k.ins(format!("max.u32 {lo}, {pos}, {};", w - 1));
@@ -264,14 +466,11 @@ pub fn attend(s: &AttentionSpec) -> String {
     let stop = k.reg(Class::Pred);
     k.ins(format!("setp.ge.u32 {stop}, {n}, {count};"));
     k.ins(format!("@{stop} bra {end};"));
-    let slot = k.reg(Class::B32);
-    k.ins(format!("add.u32 {slot}, {lo}, {n};"));
-    k.ins(format!("rem.u32 {slot}, {slot}, {w};"));
-    let krow = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {krow}, {slot}, {}, {g};", s.kv_heads));
-    k.ins(format!("mul.lo.u32 {krow}, {krow}, {hd};"));
+    let pp = k.reg(Class::B32);
+    k.ins(format!("add.u32 {pp}, {lo}, {n};"));
+    let (kbase, krow) = row_of(&mut k, pp, keys, chunk.map(|c| c.1));
     let qrow = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {qrow}, {h}, {hd};"));
+    k.ins(format!("mul.lo.u32 {qrow}, {qhead}, {hd};"));
     let acc = k.reg(Class::F32);
     k.ins(format!("mov.f32 {acc}, 0f00000000;"));
     let d = k.reg(Class::B32);
@@ -288,7 +487,7 @@ pub fn attend(s: &AttentionSpec) -> String {
     k.ins(format!("ld.global.f32 {qv}, [{qa}];"));
     let ki = k.reg(Class::B32);
     k.ins(format!("add.u32 {ki}, {krow}, {d};"));
-    let ka = addr4(&mut k, keys, ki);
+    let ka = addr4(&mut k, kbase, ki);
     let kv = k.reg(Class::F32);
     k.ins(format!("ld.global.f32 {kv}, [{ka}];"));
     k.ins(format!("fma.rn.f32 {acc}, {qv}, {kv}, {acc};"));
@@ -391,13 +590,12 @@ pub fn attend(s: &AttentionSpec) -> String {
     k.ins(format!("add.u64 {ea}, {ea}, {scores};"));
     let ev = k.reg(Class::F32);
     k.ins(format!("ld.shared.f32 {ev}, [{ea}];"));
-    let vslot = k.reg(Class::B32);
-    k.ins(format!("add.u32 {vslot}, {lo}, {nn};"));
-    k.ins(format!("rem.u32 {vslot}, {vslot}, {w};"));
+    let vpp = k.reg(Class::B32);
+    k.ins(format!("add.u32 {vpp}, {lo}, {nn};"));
+    let (vbase, vrow) = row_of(&mut k, vpp, values, chunk.map(|c| c.2));
     let vi = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {vi}, {vslot}, {}, {g};", s.kv_heads));
-    k.ins(format!("mad.lo.u32 {vi}, {vi}, {hd}, {od};"));
-    let va = addr4(&mut k, values, vi);
+    k.ins(format!("add.u32 {vi}, {vrow}, {od};"));
+    let va = addr4(&mut k, vbase, vi);
     let vv = k.reg(Class::F32);
     k.ins(format!("ld.global.f32 {vv}, [{va}];"));
     k.ins(format!("fma.rn.f32 {oacc}, {ev}, {vv}, {oacc};"));
@@ -406,11 +604,12 @@ pub fn attend(s: &AttentionSpec) -> String {
     k.place(&ne);
     k.ins(format!("mul.f32 {oacc}, {oacc}, {inv};"));
     let oi = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {oi}, {h}, {hd}, {od};"));
+    k.ins(format!("mad.lo.u32 {oi}, {qhead}, {hd}, {od};"));
     let oa = addr4(&mut k, out, oi);
     k.ins(format!("st.global.f32 [{oa}], {oacc};"));
     k.ins(format!("add.u32 {od}, {od}, {threads};"));
     k.ins(format!("bra {oh};"));
     k.place(&oe);
+    k.place(&finished);
     k.finish()
 }

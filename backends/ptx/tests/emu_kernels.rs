@@ -800,3 +800,132 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
     }
     assert!(worst < 1e-5, "max |diff| {worst}");
 }
+
+#[test]
+fn prefill_attention_over_chunks_equals_the_reference() {
+    use griffin_backend_ptx::attention::{
+        attend_tokens, inverse_frequencies, rotate_tokens, rotate_tokens_threads,
+        write_ring_tokens, AttentionSpec, ATTEND_WARPS, ROTATE_BLOCK,
+    };
+    let (heads, kv_heads, hd, window) = (4usize, 2usize, 16usize, 8usize);
+    let (theta, dims) = (10000.0, 8u32);
+    let max_tokens = 10u32;
+    let spec = AttentionSpec {
+        name: "pa".into(),
+        heads: heads as u32,
+        kv_heads: kv_heads as u32,
+        head_dim: hd as u32,
+        window: window as u32,
+        scale: 0.25,
+        rotary: Some((theta, dims)),
+    };
+    let m = Module::parse(&module(&[
+        rotate_tokens(&spec, max_tokens),
+        attend_tokens(&spec),
+        write_ring_tokens(&spec, max_tokens),
+    ]))
+    .unwrap();
+    let mut rng = Rng(17);
+    let mut mem = Memory::new();
+    let inv = inverse_frequencies(theta, dims);
+    let inv_a = mem.alloc(
+        &inv.iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    );
+    let ring = window * kv_heads * hd;
+    let keys_a = mem.alloc_f32(&vec![0.0; ring]);
+    let values_a = mem.alloc_f32(&vec![0.0; ring]);
+    let mt = max_tokens as usize;
+    let qr_a = mem.alloc_f32(&vec![0.0; mt * heads * hd]);
+    let kr_a = mem.alloc_f32(&vec![0.0; mt * kv_heads * hd]);
+    let out_a = mem.alloc_f32(&vec![0.0; mt * heads * hd]);
+    let mut past: Vec<(Vec<f64>, Vec<f32>)> = Vec::new();
+    let mut worst = 0.0f32;
+    let mut pos = 0usize;
+    // A chunk of 5, one of 3, one longer than the window (10 > 8), then 1.
+    for chunk in [5usize, 3, 10, 1] {
+        let q = rng.vec(chunk * heads * hd);
+        let k = rng.vec(chunk * kv_heads * hd);
+        let v = rng.vec(chunk * kv_heads * hd);
+        let (qa, ka, va) = (mem.alloc_f32(&q), mem.alloc_f32(&k), mem.alloc_f32(&v));
+        let n_a = mem.alloc_u32(&[chunk as u32]);
+        let s_a = mem.alloc_u32(&[pos as u32]);
+        let launch =
+            |m: &Module, mem: &mut Memory, name: &str, grid: u32, block: u32, p: &[u64]| {
+                run(
+                    m,
+                    name,
+                    &Launch {
+                        grid,
+                        block,
+                        params: p,
+                    },
+                    mem,
+                )
+                .unwrap();
+            };
+        let rot_grid = rotate_tokens_threads(&spec, max_tokens).div_ceil(ROTATE_BLOCK);
+        launch(
+            &m,
+            &mut mem,
+            "pa_rotate_tokens",
+            rot_grid,
+            ROTATE_BLOCK,
+            &[n_a, s_a, qa, ka, inv_a, qr_a, kr_a],
+        );
+        launch(
+            &m,
+            &mut mem,
+            "pa_attend_tokens",
+            max_tokens * heads as u32,
+            32 * ATTEND_WARPS,
+            &[qr_a, n_a, s_a, kr_a, va, keys_a, values_a, out_a],
+        );
+        let ring_grid = (max_tokens * (kv_heads * hd) as u32).div_ceil(ROTATE_BLOCK);
+        launch(
+            &m,
+            &mut mem,
+            "pa_write_ring_tokens",
+            ring_grid,
+            ROTATE_BLOCK,
+            &[n_a, s_a, kr_a, va, keys_a, values_a],
+        );
+        let got = mem.read_f32(out_a, chunk * heads * hd).unwrap();
+        for t in 0..chunk {
+            let p = pos + t;
+            let krow = |g: usize| &k[(t * kv_heads + g) * hd..(t * kv_heads + g + 1) * hd];
+            let rotated: Vec<f64> = (0..kv_heads)
+                .flat_map(|g| rotate(krow(g), p, theta, dims as usize))
+                .collect();
+            past.push((
+                rotated,
+                v[t * kv_heads * hd..(t + 1) * kv_heads * hd].to_vec(),
+            ));
+            let lo = past.len().saturating_sub(window);
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
+                let qh = &q[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+                let want_q = rotate(qh, p, theta, dims as usize);
+                let scores: Vec<f64> = past[lo..]
+                    .iter()
+                    .map(|(kr, _)| (0..hd).map(|d| want_q[d] * kr[g * hd + d]).sum::<f64>() * 0.25)
+                    .collect();
+                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                let total: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let o: f64 = past[lo..]
+                        .iter()
+                        .zip(&e)
+                        .map(|((_, vv), w)| w * vv[g * hd + d] as f64)
+                        .sum::<f64>()
+                        / total;
+                    worst = worst.max((got[(t * heads + h) * hd + d] - o as f32).abs());
+                }
+            }
+        }
+        pos += chunk;
+    }
+    assert!(worst < 2e-5, "max |diff| {worst}");
+}

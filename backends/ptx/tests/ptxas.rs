@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use griffin_backend_ptx::attention::{attend, rotate_store, AttentionSpec};
+use griffin_backend_ptx::attention::{
+    attend, attend_tokens, rotate_store, rotate_tokens, write_ring_tokens, AttentionSpec,
+};
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{advance, argmax, gather};
 use griffin_backend_ptx::module;
@@ -126,6 +128,13 @@ fn all_kernels() -> Vec<(String, String)> {
     for s in attention_specs() {
         out.push((format!("{}_rotate_store", s.name), rotate_store(&s)));
         out.push((format!("{}_attend", s.name), attend(&s)));
+        // Prefill, chunks of up to 64 tokens.
+        out.push((format!("{}_rotate_tokens", s.name), rotate_tokens(&s, 64)));
+        out.push((format!("{}_attend_tokens", s.name), attend_tokens(&s)));
+        out.push((
+            format!("{}_write_ring_tokens", s.name),
+            write_ring_tokens(&s, 64),
+        ));
     }
     out.push((
         "tiny_gather".into(),
