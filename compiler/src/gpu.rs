@@ -21,7 +21,7 @@ use griffin_backend_ptx::misc::{argmax, gather, ARGMAX_THREADS, GATHER_BLOCK};
 use griffin_backend_ptx::rg_lru::{block_size, rg_lru_step, RgLruSpec, Storage};
 use griffin_ir::{DType, Epilogue, Graph, InputRole, NodeId, Op, OutputRole, Value};
 use griffin_runtime::gpu_plan::{
-    Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GPU_PLAN_VERSION,
+    Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GpuPrefill, GPU_PLAN_VERSION,
 };
 use griffin_runtime::pack::pack;
 use griffin_runtime::plan::{Buffer, BufferKind, Elem, Plan, Storage as PackStorage, PLAN_VERSION};
@@ -42,17 +42,26 @@ fn unsupported(m: impl Into<String>) -> RunError {
     RunError::Backend(format!("GPU backend: {}", m.into()))
 }
 
+/// Lowers the decode graph, then (with a prefill chunk) the prefill graph into the same
+/// buffers: state by name, weights by recipe, the position buffer as the chunk's start.
 struct Lowering<'g> {
     g: &'g Graph,
+    /// The largest chunk, while lowering the prefill graph.
+    prefill: Option<u32>,
     buffers: Vec<GpuBuffer>,
     launches: Vec<GpuLaunch>,
     kernels: BTreeMap<String, String>,
     weights: Vec<Buffer>,
-    weight_of: HashMap<(Value, Storage), usize>,
+    /// Weight buffers by (recipe, storage): both graphs share them.
+    weight_of: HashMap<(String, Storage), usize>,
+    /// State buffers by name: both graphs share them.
+    state_of: HashMap<String, usize>,
     value_of: HashMap<Value, Arg>,
     ids: Option<usize>,
     position: Option<usize>,
     logits: Option<usize>,
+    /// The prefill chunk's token count (device counter).
+    count: Option<usize>,
 }
 
 impl Lowering<'_> {
@@ -66,11 +75,13 @@ impl Lowering<'_> {
             .g
             .value_type(v)
             .map_err(|e| unsupported(e.to_string()))?;
+        let max_tokens = self.prefill;
         ty.shape
             .dims()
             .iter()
             .map(|d| {
                 d.fixed()
+                    .or(max_tokens.map(u64::from))
                     .ok_or_else(|| unsupported(format!("{ty} has a symbolic dimension")))
             })
             .product()
@@ -109,7 +120,13 @@ impl Lowering<'_> {
 
     /// The device buffer of a weight stored as `storage`, packed on first use.
     fn weight(&mut self, v: Value, storage: Storage) -> Result<Arg, RunError> {
-        if let Some(&b) = self.weight_of.get(&(v, storage)) {
+        let recipe = griffin_backend_cpu::lower::recipe_of(self.g, v)
+            .map_err(|e| unsupported(e.to_string()))?;
+        let key = (
+            serde_json::to_string(&recipe).map_err(|e| unsupported(e.to_string()))?,
+            storage,
+        );
+        if let Some(&b) = self.weight_of.get(&key) {
             return Ok(Arg {
                 buffer: b,
                 offset: 0,
@@ -121,8 +138,6 @@ impl Lowering<'_> {
             Op::Param { tensor, .. } => tensor.clone(),
             op => format!("{}#{}", griffin_ir::text::op_signature(op), v.node.index()),
         };
-        let recipe = griffin_backend_cpu::lower::recipe_of(self.g, v)
-            .map_err(|e| unsupported(e.to_string()))?;
         self.weights.push(Buffer {
             kind: BufferKind::Weight {
                 name,
@@ -139,7 +154,7 @@ impl Lowering<'_> {
             fixed: bytes.div_ceil(4),
         });
         let b = self.buffer(GpuBufferKind::Weight(self.weights.len() - 1), bytes);
-        self.weight_of.insert((v, storage), b);
+        self.weight_of.insert(key, b);
         Ok(Arg {
             buffer: b,
             offset: 0,
@@ -183,12 +198,278 @@ impl Lowering<'_> {
         });
     }
 
+    fn count_arg(&self) -> Result<Arg, RunError> {
+        self.count
+            .map(|b| Arg {
+                buffer: b,
+                offset: 0,
+            })
+            .ok_or_else(|| unsupported("no chunk counter"))
+    }
+
+    /// The prefill graph's kernel ops, over a chunk of up to `max_tokens` tokens; `false` for
+    /// ops handled as in decode (inputs, outputs, weights, aliases).
+    fn prefill_node(
+        &mut self,
+        id: NodeId,
+        op: &Op,
+        name: &str,
+        max_tokens: u32,
+    ) -> Result<bool, RunError> {
+        use griffin_backend_ptx::attention::{
+            attend_tokens, rotate_tokens, rotate_tokens_threads, write_ring_tokens,
+        };
+        use griffin_backend_ptx::prefill::{
+            gather_tokens, gemm_tokens_split, rg_lru_tokens, rms_norm_tokens, NORM_BLOCK,
+        };
+        let g = self.g;
+        let x = g.operands(id);
+        let r = |output: u32| Value { node: id, output };
+        let count = self.count_arg()?;
+        let name = name.to_string();
+        match op {
+            Op::Input {
+                role: InputRole::Tokens,
+                ..
+            } => {
+                let b = self.buffer(GpuBufferKind::Activation, 4 * max_tokens as u64);
+                self.ids = Some(b);
+                self.value_of.insert(
+                    r(0),
+                    Arg {
+                        buffer: b,
+                        offset: 0,
+                    },
+                );
+            }
+            Op::Gather { scale } => {
+                let storage = self.matrix_storage(x[0]);
+                let table = self.weight(x[0], storage)?;
+                let ids = self.value(x[1])?;
+                let width = self.dim(x[0], 1)?;
+                let out = self.activation(r(0))?;
+                let ptx = gather_tokens(&name, width, max_tokens, storage, scale.map(|s| s as f32));
+                self.launch(
+                    name,
+                    ptx,
+                    (max_tokens * width).div_ceil(NORM_BLOCK),
+                    NORM_BLOCK,
+                    vec![count, table, ids, out],
+                );
+            }
+            Op::Linear {
+                bias,
+                norm,
+                epilogue,
+                residual,
+                splits,
+            } => {
+                let mut input = self.value(x[0])?;
+                let mut next = 1;
+                let inputs = self.dim(x[0], 1)?;
+                if let Some(n) = norm {
+                    if n.weight_offset != 0.0 {
+                        return Err(unsupported(
+                            "a norm prologue with a weight offset (run the default passes)",
+                        ));
+                    }
+                    let gain = self.weight(x[next], Storage::F32)?;
+                    next += 1;
+                    let scratch =
+                        self.buffer(GpuBufferKind::Activation, 4 * (max_tokens * inputs) as u64);
+                    let scratch = Arg {
+                        buffer: scratch,
+                        offset: 0,
+                    };
+                    let norm_name = format!("{name}_norm");
+                    self.launch(
+                        norm_name.clone(),
+                        rms_norm_tokens(&norm_name, inputs, n.eps as f32),
+                        max_tokens,
+                        NORM_BLOCK,
+                        vec![count, input, gain, scratch],
+                    );
+                    input = scratch;
+                }
+                let storage = self.matrix_storage(x[next]);
+                let rows = self.dim(x[next], 0)?;
+                if inputs % 8 != 0 {
+                    return Err(unsupported(format!(
+                        "a projection of {inputs} inputs (a multiple of 8 is needed)"
+                    )));
+                }
+                let mut args = vec![count, input, self.weight(x[next], storage)?];
+                next += 1;
+                if *bias {
+                    args.push(self.weight(x[next], Storage::F32)?);
+                    next += 1;
+                }
+                if *residual {
+                    args.push(self.value(x[next])?);
+                }
+                let width = if *epilogue == Epilogue::GeGlu {
+                    rows / 2
+                } else {
+                    rows
+                };
+                let parts: Vec<u32> = splits.iter().map(|&p| p as u32).collect();
+                let outputs = if parts.is_empty() { 1 } else { parts.len() };
+                for i in 0..outputs {
+                    args.push(self.activation(r(i as u32))?);
+                }
+                let spec = GemvSpec {
+                    name: name.clone(),
+                    inputs,
+                    width,
+                    bias: *bias,
+                    epilogue: match epilogue {
+                        Epilogue::None => GemvEpilogue::None,
+                        Epilogue::GeGlu => GemvEpilogue::GeGlu,
+                        Epilogue::SoftCap(c) => GemvEpilogue::SoftCap(*c as f32),
+                    },
+                    residual: *residual,
+                    norm: None,
+                    weights: storage,
+                };
+                let grid_size = grid(&spec);
+                self.launch(
+                    name,
+                    gemm_tokens_split(&spec, &parts),
+                    grid_size,
+                    32 * WARPS_PER_BLOCK,
+                    args,
+                );
+            }
+            Op::RgLru { width, gate_output } => {
+                let mut args = vec![
+                    count,
+                    self.value(x[0])?,
+                    self.position_arg()?,
+                    self.value(x[2])?,
+                ];
+                for w in &x[3..10] {
+                    args.push(self.weight(*w, Storage::F32)?);
+                }
+                let state = self.value(x[10])?;
+                args.push(state);
+                if *gate_output {
+                    args.push(self.value(x[11])?);
+                }
+                let spec = RgLruSpec {
+                    name: name.clone(),
+                    channels: self.dim(x[0], 1)?,
+                    blocks: self.dim(x[5], 0)?,
+                    width: *width,
+                    conv: Storage::F32,
+                    gates: Storage::F32,
+                    gate_output: *gate_output,
+                };
+                let window = self.value(x[2])?;
+                let out = self.activation(r(0))?;
+                args.push(out);
+                self.value_of.insert(r(1), window);
+                self.value_of.insert(r(2), state);
+                self.launch(
+                    name,
+                    rg_lru_tokens(&spec),
+                    spec.blocks,
+                    block_size(&spec),
+                    args,
+                );
+            }
+            Op::LocalAttention {
+                window,
+                scale,
+                rotary,
+            } => {
+                let (q, k, v) = (self.value(x[0])?, self.value(x[1])?, self.value(x[2])?);
+                let (keys, values) = (self.value(x[4])?, self.value(x[5])?);
+                let start = self.position_arg()?;
+                let spec = AttentionSpec {
+                    name: name.clone(),
+                    heads: self.dim(x[0], 1)?,
+                    kv_heads: self.dim(x[1], 1)?,
+                    head_dim: self.dim(x[0], 2)?,
+                    window: *window,
+                    scale: *scale as f32,
+                    rotary: rotary.map(|r| (r.theta, r.dims)),
+                };
+                let scratch = |l: &mut Self, rows: u32| Arg {
+                    buffer: l.buffer(
+                        GpuBufferKind::Activation,
+                        4 * (max_tokens * rows * spec.head_dim) as u64,
+                    ),
+                    offset: 0,
+                };
+                let q_rot = scratch(self, spec.heads);
+                let k_rot = scratch(self, spec.kv_heads);
+                let mut args = vec![count, start, q, k];
+                if let Some((theta, dims)) = spec.rotary {
+                    args.push(self.constant_table(theta, dims));
+                }
+                args.extend([q_rot, k_rot]);
+                self.launch(
+                    format!("{name}_rotate_tokens"),
+                    rotate_tokens(&spec, max_tokens),
+                    rotate_tokens_threads(&spec, max_tokens).div_ceil(ROTATE_BLOCK),
+                    ROTATE_BLOCK,
+                    args,
+                );
+                let out = self.activation(r(0))?;
+                self.launch(
+                    format!("{name}_attend_tokens"),
+                    attend_tokens(&spec),
+                    max_tokens * spec.heads,
+                    32 * ATTEND_WARPS,
+                    vec![q_rot, count, start, k_rot, v, keys, values, out],
+                );
+                self.launch(
+                    format!("{name}_write_ring_tokens"),
+                    write_ring_tokens(&spec, max_tokens),
+                    (max_tokens * spec.kv_heads * spec.head_dim).div_ceil(ROTATE_BLOCK),
+                    ROTATE_BLOCK,
+                    vec![count, start, k_rot, v, keys, values],
+                );
+                self.value_of.insert(r(1), keys);
+                self.value_of.insert(r(2), values);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The rotary inverse-frequency table (f64), shared by every attention layer.
+    fn constant_table(&mut self, theta: f64, dims: u32) -> Arg {
+        let table: Vec<u8> = inverse_frequencies(theta, dims)
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
+        let existing = self
+            .buffers
+            .iter()
+            .position(|b| b.kind == GpuBufferKind::Constant(table.clone()));
+        let buffer = match existing {
+            Some(b) => b,
+            None => {
+                let bytes = table.len() as u64;
+                self.buffer(GpuBufferKind::Constant(table), bytes)
+            }
+        };
+        Arg { buffer, offset: 0 }
+    }
+
     fn node(&mut self, id: NodeId, index: usize) -> Result<(), RunError> {
         let g = self.g;
         let op = g.node(id).op.clone();
         let x = g.operands(id);
         let r = |output: u32| Value { node: id, output };
-        let name = format!("k{index}_{}", op.mnemonic());
+        let prefix = if self.prefill.is_some() { "p" } else { "k" };
+        let name = format!("{prefix}{index}_{}", op.mnemonic());
+        if let Some(max_tokens) = self.prefill {
+            if self.prefill_node(id, &op, &name, max_tokens)? {
+                return Ok(());
+            }
+        }
         match &op {
             Op::Input { role, name, .. } => {
                 let bytes = 4 * self.elements(r(0))?;
@@ -198,12 +479,23 @@ impl Lowering<'_> {
                         self.ids = Some(b);
                         b
                     }
-                    InputRole::Position => {
-                        let b = self.buffer(GpuBufferKind::Position, bytes);
-                        self.position = Some(b);
-                        b
-                    }
-                    InputRole::State => self.buffer(GpuBufferKind::State(name.clone()), bytes),
+                    // Prefill's start is decode's position: one buffer.
+                    InputRole::Position => match self.position {
+                        Some(b) => b,
+                        None => {
+                            let b = self.buffer(GpuBufferKind::Position, bytes);
+                            self.position = Some(b);
+                            b
+                        }
+                    },
+                    InputRole::State => match self.state_of.get(name) {
+                        Some(&b) => b,
+                        None => {
+                            let b = self.buffer(GpuBufferKind::State(name.clone()), bytes);
+                            self.state_of.insert(name.clone(), b);
+                            b
+                        }
+                    },
                 };
                 self.value_of.insert(
                     r(0),
@@ -394,16 +686,7 @@ impl Lowering<'_> {
                 };
                 let mut args = vec![q, k, v, position];
                 if let Some((theta, dims)) = spec.rotary {
-                    let table: Vec<u8> = inverse_frequencies(theta, dims)
-                        .iter()
-                        .flat_map(|f| f.to_le_bytes())
-                        .collect();
-                    let bytes = table.len() as u64;
-                    let b = self.buffer(GpuBufferKind::Constant(table), bytes);
-                    args.push(Arg {
-                        buffer: b,
-                        offset: 0,
-                    });
+                    args.push(self.constant_table(theta, dims));
                 }
                 let q_rot = self.buffer(
                     GpuBufferKind::Activation,
@@ -443,20 +726,33 @@ impl Lowering<'_> {
     }
 }
 
-/// Lowers the decode graph of `model` (after the default pipeline) to a GPU program.
+/// Tokens per prefill chunk on the GPU (buffers are sized for it).
+pub const PREFILL_CHUNK: u32 = 64;
+
+/// Lowers the decode graph of `model` (after the default pipeline) to a GPU program, and its
+/// prefill graph for chunks of up to `PREFILL_CHUNK` tokens.
 pub fn lower_decode(model: &Model) -> Result<GpuProgram, RunError> {
+    lower(model, Some(PREFILL_CHUNK))
+}
+
+/// `lower_decode` with a chosen prefill chunk (`None`: decode only; prompts then run as decode
+/// steps).
+pub fn lower(model: &Model, prefill_chunk: Option<u32>) -> Result<GpuProgram, RunError> {
     let g = &model.decode;
     let mut l = Lowering {
         g,
+        prefill: None,
         buffers: Vec::new(),
         launches: Vec::new(),
         kernels: BTreeMap::new(),
         weights: Vec::new(),
         weight_of: HashMap::new(),
+        state_of: HashMap::new(),
         value_of: HashMap::new(),
         ids: None,
         position: None,
         logits: None,
+        count: None,
     };
     for (i, id) in g.topo_order().into_iter().enumerate() {
         l.node(id, i)?;
@@ -464,6 +760,34 @@ pub fn lower_decode(model: &Model) -> Result<GpuProgram, RunError> {
     let ids = l.ids.ok_or_else(|| unsupported("no token input"))?;
     let position = l.position.ok_or_else(|| unsupported("no position input"))?;
     let logits = l.logits.ok_or_else(|| unsupported("no logits output"))?;
+    // The prefill graph into the same state, weights and position buffers.
+    let prefill = match prefill_chunk {
+        None => None,
+        Some(max_tokens) => {
+            let decode_launches = std::mem::take(&mut l.launches);
+            l.g = &model.prefill;
+            l.prefill = Some(max_tokens);
+            l.value_of.clear();
+            l.ids = None;
+            l.logits = None;
+            l.count = Some(l.buffer(GpuBufferKind::Activation, 4));
+            for (i, id) in model.prefill.topo_order().into_iter().enumerate() {
+                l.node(id, i)?;
+            }
+            let prefill = GpuPrefill {
+                launches: std::mem::replace(&mut l.launches, decode_launches),
+                ids: l
+                    .ids
+                    .ok_or_else(|| unsupported("no token input in prefill"))?,
+                count: l.count.expect("set above"),
+                logits: l
+                    .logits
+                    .ok_or_else(|| unsupported("no logits in prefill"))?,
+                max_tokens,
+            };
+            Some(prefill)
+        }
+    };
     let vocab = model.vocab_size();
     let next_id = l.buffer(GpuBufferKind::NextId, 4);
     let argmax_ptx = argmax("greedy_argmax", vocab as u32);
@@ -503,6 +827,7 @@ pub fn lower_decode(model: &Model) -> Result<GpuProgram, RunError> {
             position,
             logits,
             next_id,
+            prefill,
         },
     })
 }
@@ -529,7 +854,12 @@ fn emu_error(e: emu::EmuError) -> RunError {
 
 impl EmuEngine {
     pub fn new(model: &Model) -> Result<EmuEngine, RunError> {
-        let mut program = lower_decode(model)?;
+        EmuEngine::with_prefill_chunk(model, Some(PREFILL_CHUNK))
+    }
+
+    /// With prompts in chunks of `chunk` tokens (`None`: as decode steps).
+    pub fn with_prefill_chunk(model: &Model, chunk: Option<u32>) -> Result<EmuEngine, RunError> {
+        let mut program = lower(model, chunk)?;
         let weights = pack_weights(&mut program, model)?;
         let module = emu::Module::parse(&program.ptx).map_err(emu_error)?;
         let mut memory = emu::Memory::new();
@@ -643,9 +973,44 @@ impl Engine for EmuEngine {
         if ids.is_empty() {
             return Err(RunError::EmptyIds);
         }
-        for &id in ids {
-            self.step_device(id)?;
-            on_logits(&self.logits()?);
+        let Some(prefill) = self.program.plan.prefill.clone() else {
+            for &id in ids {
+                self.step_device(id)?;
+                on_logits(&self.logits()?);
+            }
+            return Ok(());
+        };
+        let vocab = self.program.plan.vocab();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(RunError::TokenOutOfRange { id, vocab });
+        }
+        for chunk in ids.chunks(prefill.max_tokens as usize) {
+            let bytes: Vec<u8> = chunk.iter().flat_map(|i| i.to_le_bytes()).collect();
+            let (ids_at, count_at, pos_at) = (
+                self.addresses[prefill.ids],
+                self.addresses[prefill.count],
+                self.addresses[self.program.plan.position],
+            );
+            self.memory
+                .write_bytes(ids_at, &bytes)
+                .and_then(|_| {
+                    self.memory
+                        .write_bytes(count_at, &(chunk.len() as u32).to_le_bytes())
+                })
+                .and_then(|_| {
+                    self.memory
+                        .write_bytes(pos_at, &self.position.to_le_bytes())
+                })
+                .map_err(emu_error)?;
+            for l in &prefill.launches {
+                self.run(l)?;
+            }
+            self.position += chunk.len() as u32;
+            let rows = self
+                .memory
+                .read_f32(self.addresses[prefill.logits], chunk.len() * vocab)
+                .map_err(emu_error)?;
+            on_logits(&rows);
         }
         Ok(())
     }

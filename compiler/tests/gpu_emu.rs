@@ -28,12 +28,12 @@ fn golden_cases_through_the_ptx_kernels() {
         // tolerance holds for every case (bf16 weights are read exactly).
         assert!(diff <= F32_TOLERANCE, "{case}: {diff}");
 
-        // Greedy continuation with the argmax on the device, from a fresh document.
+        // Greedy continuation with the argmax on the device, from a fresh document: the prompt
+        // but its last token as a prefill chunk, the last token as a decode step.
         engine.reset();
-        let mut last = Vec::new();
-        engine
-            .prefill(&e.input_ids, &mut |r| last = r.to_vec())
-            .unwrap();
+        let (prompt, last) = e.input_ids.split_at(e.input_ids.len() - 1);
+        engine.prefill(prompt, &mut |_| {}).unwrap();
+        engine.step(last[0], &mut |_| {}).unwrap();
         let mut next = engine.device_argmax().unwrap();
         let mut ids = vec![next];
         while ids.len() < e.generated_ids.len() {
@@ -46,9 +46,44 @@ fn golden_cases_through_the_ptx_kernels() {
 }
 
 #[test]
+fn prefill_chunks_and_decode_steps_compute_the_same_function() {
+    // Chunks of 5 (several per prompt, some shorter than the attention window, a last one
+    // partial), then the stepwise split of the golden case: prefill T-S, then S decode steps.
+    for case in ["tiny-f32", "gen-h3-bf16"] {
+        let e = expected(case);
+        let model = Model::load(&golden_dir().join(case)).unwrap();
+        for chunk in [Some(5), None] {
+            let mut engine = EmuEngine::with_prefill_chunk(&model, chunk).unwrap();
+            engine.reset();
+            let mut rows = Vec::new();
+            engine
+                .prefill(&e.input_ids, &mut |r| rows.extend_from_slice(r))
+                .unwrap();
+            let diff = max_abs_diff(&rows, &e.logits);
+            assert!(diff <= F32_TOLERANCE, "{case} chunk {chunk:?}: {diff}");
+
+            engine.reset();
+            let split = e.input_ids.len() - e.decode_steps;
+            engine.prefill(&e.input_ids[..split], &mut |_| {}).unwrap();
+            let mut steps = Vec::new();
+            for &id in &e.input_ids[split..] {
+                engine
+                    .step(id, &mut |r| steps.extend_from_slice(r))
+                    .unwrap();
+            }
+            let diff = max_abs_diff(&steps, &e.decode_logits);
+            assert!(
+                diff <= F32_TOLERANCE,
+                "{case} chunk {chunk:?} stepwise: {diff}"
+            );
+        }
+    }
+}
+
+#[test]
 fn program_allocates_every_buffer_once_with_state_in_place() {
     let model = Model::load(&golden_dir().join("tiny-f32")).unwrap();
-    let engine = EmuEngine::new(&model).unwrap();
+    let engine = EmuEngine::with_prefill_chunk(&model, None).unwrap();
     let p = engine.program();
     // 5 launches per recurrent layer, 6 per attention layer (rotate-and-store, attend), and
     // 2 outside the layers (gather, logits).

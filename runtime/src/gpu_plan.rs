@@ -62,6 +62,23 @@ pub struct GpuPlan {
     pub position: usize,
     pub logits: usize,
     pub next_id: usize,
+    /// The prefill program, if compiled: chunks of up to `max_tokens` tokens in one go, into
+    /// the same state and weight buffers (the position buffer is the chunk's start).
+    #[serde(default)]
+    pub prefill: Option<GpuPrefill>,
+}
+
+/// A chunk of prompt tokens at once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GpuPrefill {
+    pub launches: Vec<GpuLaunch>,
+    /// `i32[max_tokens]`: the chunk's ids.
+    pub ids: usize,
+    /// `i32[1]`: how many of them.
+    pub count: usize,
+    /// `f32[max_tokens, V]`: logits of every token of the chunk.
+    pub logits: usize,
+    pub max_tokens: u32,
 }
 
 impl GpuPlan {

@@ -160,15 +160,33 @@ fn weights8(k: &mut Kernel, storage: Storage, w: Reg, elem: Reg) -> Vec<Reg> {
 /// `f32[T, width]`], out `f32[T, width]`. Launch: `ceil(width / 8)` blocks of 256 (as decode).
 /// `spec.norm` must be None: run `rms_norm_tokens` first.
 pub fn gemm_tokens(spec: &GemvSpec) -> String {
+    gemm_tokens_split(spec, &[])
+}
+
+/// `gemm_tokens` writing column blocks to separate outputs `[T, part]` (q/k/v, x/y): one `out`
+/// parameter per part, in order. `splits` empty means one output.
+pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
     assert!(spec.inputs % 8 == 0, "inputs must be a multiple of 8");
     assert!(spec.norm.is_none(), "normalise with rms_norm_tokens first");
+    let parts: Vec<u32> = if splits.is_empty() {
+        vec![spec.width]
+    } else {
+        splits.to_vec()
+    };
+    assert_eq!(
+        parts.iter().sum::<u32>(),
+        spec.width,
+        "splits cover the width"
+    );
     let mut k = Kernel::new(&spec.name);
     let count = k.param_ptr("count");
     let x = k.param_ptr("x");
     let w = k.param_ptr("w");
     let bias = spec.bias.then(|| k.param_ptr("bias"));
     let residual = spec.residual.then(|| k.param_ptr("residual"));
-    let out = k.param_ptr("out");
+    let outs: Vec<Reg> = (0..parts.len())
+        .map(|i| k.param_ptr(&format!("out{i}")))
+        .collect();
     let inputs = spec.inputs;
     let geglu = spec.epilogue == Epilogue::GeGlu;
 
@@ -188,6 +206,22 @@ pub fn gemm_tokens(spec: &GemvSpec) -> String {
     k.ins(format!("@{outside} bra {done};"));
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    // This column's output: the part it falls in, that part's row stride, its column there.
+    let out = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {out}, {};", outs[0]));
+    let stride = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {stride}, {};", parts[0]));
+    let ocol = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {ocol}, {col};"));
+    let mut boundary = 0;
+    for (i, part) in parts.iter().enumerate().skip(1) {
+        boundary += parts[i - 1];
+        let past = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.u32 {past}, {col}, {boundary};"));
+        k.ins(format!("@{past} mov.u64 {out}, {};", outs[i]));
+        k.ins(format!("@{past} mov.u32 {stride}, {part};"));
+        k.ins(format!("@{past} sub.u32 {ocol}, {col}, {boundary};"));
+    }
     let rows: Vec<Reg> = if geglu {
         let up = k.reg(Class::B32);
         k.ins(format!("add.u32 {up}, {col}, {};", spec.width));
@@ -316,9 +350,12 @@ pub fn gemm_tokens(spec: &GemvSpec) -> String {
             }
         }
         let oe = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {oe}, {t}, {}, {col};", spec.width));
+        k.ins(format!("mad.lo.u32 {oe}, {t}, {stride}, {ocol};"));
         if let Some(res) = residual {
-            let ra = addr4(&mut k, res, oe);
+            // The residual has the whole output's layout (residual projections are unsplit).
+            let re = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {re}, {t}, {}, {col};", spec.width));
+            let ra = addr4(&mut k, res, re);
             let rv = k.reg(Class::F32);
             k.ins(format!("ld.global.f32 {rv}, [{ra}];"));
             k.ins(format!("add.f32 {value}, {value}, {rv};"));
@@ -514,5 +551,56 @@ pub fn rg_lru_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
         let at = addr4(&mut k, window, idx);
         k.ins(format!("st.global.f32 [{at}], {v};"));
     }
+    k.finish()
+}
+
+/// Prefill embedding gather: `out[t] = table[ids[t]] · scale` for t < count. Parameters:
+/// count `i32[1]`, table `[V, D]`, ids `i32[T]`, out `f32[T, D]`. Launch:
+/// `ceil(T_max·D / 256)` blocks of 256.
+pub fn gather_tokens(
+    name: &str,
+    width: u32,
+    max_tokens: u32,
+    table: Storage,
+    scale: Option<f32>,
+) -> String {
+    use crate::rg_lru::load_weight;
+    let mut k = Kernel::new(name);
+    let count = k.param_ptr("count");
+    let tab = k.param_ptr("table");
+    let ids = k.param_ptr("ids");
+    let out = k.param_ptr("out");
+    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
+    let e = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {e}, {block}, {NORM_BLOCK}, {tid};"));
+    let done = k.label("done");
+    let outside = k.reg(Class::Pred);
+    k.ins(format!(
+        "setp.ge.u32 {outside}, {e}, {};",
+        max_tokens * width
+    ));
+    k.ins(format!("@{outside} bra {done};"));
+    let (t, c) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("div.u32 {t}, {e}, {width};"));
+    k.ins(format!("rem.u32 {c}, {e}, {width};"));
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let past = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {past}, {t}, {n};"));
+    k.ins(format!("@{past} bra {done};"));
+    let ia = addr4(&mut k, ids, t);
+    let id = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {id}, [{ia}];"));
+    let at = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {at}, {id}, {width}, {c};"));
+    let v = load_weight(&mut k, table, tab, at);
+    if let Some(sc) = scale {
+        k.ins(format!("mul.f32 {v}, {v}, {};", Kernel::f32_imm(sc)));
+    }
+    let oa = addr4(&mut k, out, e);
+    k.ins(format!("st.global.f32 [{oa}], {v};"));
+    k.place(&done);
     k.finish()
 }
