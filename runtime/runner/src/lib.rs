@@ -60,7 +60,7 @@ fn embedded_gpu() -> Result<Option<(griffin_runtime::gpu_plan::GpuPlan, String)>
 /// (one token per call; greedy decoding picks the next id on the device).
 enum Engine {
     Cpu(Executor),
-    Cuda(griffin_runtime::cuda::CudaExecutor),
+    Cuda(Box<griffin_runtime::cuda::CudaExecutor>),
 }
 
 impl Engine {
@@ -388,10 +388,10 @@ fn run() -> Result<(), String> {
         _ => Weights::open(&weights_path, &plan.weights_hash).map_err(|e| e.to_string())?,
     };
     let mut exec = match embedded_gpu()? {
-        Some((gpu_plan, ptx)) => Engine::Cuda(
+        Some((gpu_plan, ptx)) => Engine::Cuda(Box::new(
             griffin_runtime::cuda::CudaExecutor::new(gpu_plan, &ptx, weights.bytes())
                 .map_err(|e| e.to_string())?,
-        ),
+        )),
         None => {
             let table = kernel_table();
             let symbols: Vec<String> = plan.launches.iter().map(|l| l.kernel.clone()).collect();
