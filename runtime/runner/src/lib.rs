@@ -57,10 +57,12 @@ fn embedded_gpu() -> Result<Option<(griffin_runtime::gpu_plan::GpuPlan, String)>
 }
 
 /// What runs the model: the CPU executor, or the CUDA executor of a `--target cuda` build
-/// (one token per call; greedy decoding picks the next id on the device).
+/// (one token per call; greedy decoding picks the next id on the device). One lives per
+/// process, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Engine {
     Cpu(Executor),
-    Cuda(Box<griffin_runtime::cuda::CudaExecutor>),
+    Cuda(griffin_runtime::cuda::CudaExecutor),
 }
 
 impl Engine {
@@ -388,10 +390,10 @@ fn run() -> Result<(), String> {
         _ => Weights::open(&weights_path, &plan.weights_hash).map_err(|e| e.to_string())?,
     };
     let mut exec = match embedded_gpu()? {
-        Some((gpu_plan, ptx)) => Engine::Cuda(Box::new(
+        Some((gpu_plan, ptx)) => Engine::Cuda(
             griffin_runtime::cuda::CudaExecutor::new(gpu_plan, &ptx, weights.bytes())
                 .map_err(|e| e.to_string())?,
-        )),
+        ),
         None => {
             let table = kernel_table();
             let symbols: Vec<String> = plan.launches.iter().map(|l| l.kernel.clone()).collect();
