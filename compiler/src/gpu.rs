@@ -1059,22 +1059,29 @@ impl Engine for CudaEngine {
         if ids.is_empty() {
             return Err(RunError::EmptyIds);
         }
-        for &id in ids {
-            self.step(id, on_logits)?;
+        for chunk in ids.chunks(self.executor.prefill_max_tokens()) {
+            let rows = self
+                .executor
+                .prefill_chunk(chunk, true)
+                .map_err(|e| RunError::Backend(e.to_string()))?;
+            on_logits(rows);
         }
         Ok(())
     }
 
     fn prefill_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
-        let (&last, before) = ids.split_last().ok_or(RunError::EmptyIds)?;
-        for &id in before {
-            self.executor
-                .advance(id)
-                .map_err(|e| RunError::Backend(e.to_string()))?;
+        if ids.is_empty() {
+            return Err(RunError::EmptyIds);
         }
-        let mut out = Vec::new();
-        self.step(last, &mut |l| out.extend_from_slice(l))?;
-        Ok(out)
+        let mut last = Vec::new();
+        for chunk in ids.chunks(self.executor.prefill_max_tokens()) {
+            let row = self
+                .executor
+                .prefill_chunk(chunk, false)
+                .map_err(|e| RunError::Backend(e.to_string()))?;
+            last = row.to_vec();
+        }
+        Ok(last)
     }
 
     fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {

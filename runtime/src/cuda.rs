@@ -70,15 +70,15 @@ pub struct CudaExecutor {
     plan: GpuPlan,
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
-    functions: Vec<CudaFunction>,
+    /// The decode step.
+    step_program: Program,
+    /// The prefill chunk, if the plan has one.
+    prefill_program: Option<Program>,
     argmax: CudaFunction,
-    /// Each launch's parameters: device addresses.
-    params: Vec<Vec<u64>>,
     argmax_params: Vec<u64>,
     addresses: Vec<u64>,
     _weights: DeviceMemory,
     _arena: DeviceMemory,
-    graph: Graph,
     position: u32,
     logits: Vec<f32>,
     /// Bytes of device memory this executor allocated.
@@ -87,12 +87,23 @@ pub struct CudaExecutor {
 
 const ALIGN: u64 = 256;
 
-/// The decode step as a CUDA graph: captured on first use; if capture fails (an old driver, a
-/// debugger), steps run as plain launches, which compute the same thing.
+/// A launch sequence as a CUDA graph: captured on first use; if capture fails (an old driver, a
+/// debugger), it runs as plain launches, which compute the same thing.
 enum Graph {
     NotYet,
     Captured(CudaGraph),
     Unavailable(String),
+}
+
+/// A launch sequence (the decode step, or a prefill chunk) with its kernels resolved and its
+/// parameters as device addresses. Its inputs (ids, count, position) live in device buffers,
+/// so one captured graph serves every call.
+struct Program {
+    name: &'static str,
+    launches: Vec<GpuLaunch>,
+    functions: Vec<CudaFunction>,
+    params: Vec<Vec<u64>>,
+    graph: Graph,
 }
 
 impl CudaExecutor {
@@ -116,11 +127,6 @@ impl CudaExecutor {
                 .load_function(name)
                 .map_err(|e| driver(&format!("kernel `{name}`"), e))
         };
-        let functions = plan
-            .launches
-            .iter()
-            .map(|l| function(&l.kernel))
-            .collect::<Result<Vec<_>, _>>()?;
         let argmax = function(&plan.argmax.kernel)?;
 
         let weights_mem = DeviceMemory::new(&ctx, weights.len())?;
@@ -170,7 +176,24 @@ impl CudaExecutor {
                 .map(|a| addresses[a.buffer] + a.offset)
                 .collect()
         };
-        let params = plan.launches.iter().map(params_of).collect();
+        let program =
+            |name: &'static str, launches: &[GpuLaunch]| -> Result<Program, RuntimeError> {
+                Ok(Program {
+                    name,
+                    launches: launches.to_vec(),
+                    functions: launches
+                        .iter()
+                        .map(|l| function(&l.kernel))
+                        .collect::<Result<Vec<_>, _>>()?,
+                    params: launches.iter().map(params_of).collect(),
+                    graph: Graph::NotYet,
+                })
+            };
+        let step_program = program("decode step", &plan.launches)?;
+        let prefill_program = match &plan.prefill {
+            Some(p) => Some(program("prefill chunk", &p.launches)?),
+            None => None,
+        };
         let argmax_params = params_of(&plan.argmax);
         stream
             .synchronize()
@@ -181,14 +204,13 @@ impl CudaExecutor {
             plan,
             stream,
             _module: module,
-            functions,
+            step_program,
+            prefill_program,
             argmax,
-            params,
             argmax_params,
             addresses,
             _weights: weights_mem,
             _arena: arena,
-            graph: Graph::NotYet,
             position: 0,
             logits: vec![0.0; vocab],
         })
@@ -210,26 +232,21 @@ impl CudaExecutor {
         Ok(())
     }
 
-    fn launch_step(&self) -> Result<(), RuntimeError> {
-        for ((f, l), p) in self
-            .functions
-            .iter()
-            .zip(&self.plan.launches)
-            .zip(&self.params)
-        {
-            self.launch(f, l, p)?;
+    fn launch_all(&self, p: &Program) -> Result<(), RuntimeError> {
+        for ((f, l), params) in p.functions.iter().zip(&p.launches).zip(&p.params) {
+            self.launch(f, l, params)?;
         }
         Ok(())
     }
 
-    fn capture(&self) -> Graph {
+    fn capture(&self, p: &Program) -> Graph {
         if let Err(e) = self
             .stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         {
             return Graph::Unavailable(e.to_string());
         }
-        let launched = self.launch_step();
+        let launched = self.launch_all(p);
         let ended = self
             .stream
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
@@ -238,6 +255,25 @@ impl CudaExecutor {
             (Ok(()), Ok(None)) => Graph::Unavailable("empty capture".into()),
             (Err(e), _) => Graph::Unavailable(e.to_string()),
             (_, Err(e)) => Graph::Unavailable(e.to_string()),
+        }
+    }
+
+    /// Runs a program: its graph, captured on first use, or its launches one by one.
+    fn run_program(&self, p: &mut Program) -> Result<(), RuntimeError> {
+        if matches!(p.graph, Graph::NotYet) {
+            p.graph = self.capture(p);
+            if let Graph::Unavailable(why) = &p.graph {
+                eprintln!(
+                    "note: {} not captured as a CUDA graph ({why}); launching kernels one by one",
+                    p.name
+                );
+            }
+        }
+        match &p.graph {
+            Graph::Captured(g) => g
+                .launch()
+                .map_err(|e| driver(&format!("replaying the {}", p.name), e)),
+            _ => self.launch_all(p),
         }
     }
 
@@ -279,18 +315,19 @@ impl CudaExecutor {
             })
         }
         .map_err(|e| driver("uploading the token", e))?;
-        if matches!(self.graph, Graph::NotYet) {
-            self.graph = self.capture();
-            if let Graph::Unavailable(why) = &self.graph {
-                eprintln!("note: decode step not captured as a CUDA graph ({why}); launching kernels one by one");
-            }
-        }
-        match &self.graph {
-            Graph::Captured(g) => g
-                .launch()
-                .map_err(|e| driver("replaying the decode step", e))?,
-            _ => self.launch_step()?,
-        }
+        let mut step = std::mem::replace(
+            &mut self.step_program,
+            Program {
+                name: "decode step",
+                launches: Vec::new(),
+                functions: Vec::new(),
+                params: Vec::new(),
+                graph: Graph::NotYet,
+            },
+        );
+        let ran = self.run_program(&mut step);
+        self.step_program = step;
+        ran?;
         self.position += 1;
         Ok(())
     }
@@ -303,6 +340,7 @@ impl CudaExecutor {
     /// One token; its logits.
     pub fn step(&mut self, id: u32) -> Result<&[f32], RuntimeError> {
         self.run_step(id)?;
+        self.logits.resize(self.plan.vocab(), 0.0);
         let s = self.stream.cu_stream();
         // SAFETY: the logits buffer holds vocab f32.
         unsafe { cu::memcpy_dtoh_async(&mut self.logits, self.addresses[self.plan.logits], s) }
@@ -330,5 +368,79 @@ impl CudaExecutor {
 
     pub fn vocab(&self) -> usize {
         self.plan.vocab()
+    }
+
+    /// Runs `ids` (at most the plan's prefill chunk) as one prefill chunk; with `all_rows`,
+    /// returns the logits of every token, else of the last only. Without a prefill program the
+    /// tokens run as decode steps.
+    pub fn prefill_chunk(&mut self, ids: &[u32], all_rows: bool) -> Result<&[f32], RuntimeError> {
+        let vocab = self.plan.vocab();
+        let Some(prefill) = self.plan.prefill.clone() else {
+            let mut rows = Vec::new();
+            let (&last, before) = ids.split_last().ok_or(RuntimeError::EmptyIds)?;
+            for &id in before {
+                if all_rows {
+                    rows.extend_from_slice(self.step(id)?);
+                } else {
+                    self.advance(id)?;
+                }
+            }
+            rows.extend_from_slice(self.step(last)?);
+            self.logits = rows;
+            return Ok(&self.logits);
+        };
+        if ids.is_empty() {
+            return Err(RuntimeError::EmptyIds);
+        }
+        if ids.len() > prefill.max_tokens as usize {
+            return Err(RuntimeError::ChunkTooLong {
+                tokens: ids.len(),
+                max: prefill.max_tokens as u64,
+            });
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(RuntimeError::TokenOutOfRange {
+                id,
+                vocab: vocab as u64,
+            });
+        }
+        let s = self.stream.cu_stream();
+        let n = ids.len() as u32;
+        // SAFETY: the ids buffer holds max_tokens i32, count and position one each.
+        unsafe {
+            cu::memcpy_htod_async(self.addresses[prefill.ids], ids, s)
+                .and_then(|_| cu::memcpy_htod_async(self.addresses[prefill.count], &[n], s))
+                .and_then(|_| {
+                    cu::memcpy_htod_async(self.addresses[self.plan.position], &[self.position], s)
+                })
+        }
+        .map_err(|e| driver("uploading the prompt chunk", e))?;
+        let mut program = self.prefill_program.take().expect("plan has a prefill");
+        let ran = self.run_program(&mut program);
+        self.prefill_program = Some(program);
+        ran?;
+        self.position += n;
+        let (first, rows) = if all_rows {
+            (0, ids.len())
+        } else {
+            (ids.len() - 1, 1)
+        };
+        self.logits.resize(rows * vocab, 0.0);
+        let at = self.addresses[prefill.logits] + (first * vocab * 4) as u64;
+        // SAFETY: the logits buffer holds max_tokens rows of vocab f32.
+        unsafe { cu::memcpy_dtoh_async(&mut self.logits, at, s) }
+            .map_err(|e| driver("reading the logits", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| driver("running the prefill chunk", e))?;
+        Ok(&self.logits)
+    }
+
+    /// Tokens per prefill chunk (1 without a prefill program).
+    pub fn prefill_max_tokens(&self) -> usize {
+        self.plan
+            .prefill
+            .as_ref()
+            .map_or(1, |p| p.max_tokens as usize)
     }
 }

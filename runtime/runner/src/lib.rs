@@ -82,29 +82,47 @@ impl Engine {
         }
     }
 
-    /// Logits of every token of `ids`, appended to `rows`.
+    /// Logits of every token of `ids` run as a prompt (prefill chunks), appended to `rows`.
     fn rows(&mut self, ids: &[u32], rows: &mut Vec<f32>) -> Result<(), String> {
         match self {
             Engine::Cpu(e) => rows.extend_from_slice(e.call(ids).map_err(|e| e.to_string())?),
             Engine::Cuda(e) => {
-                for &id in ids {
-                    rows.extend_from_slice(e.step(id).map_err(|e| e.to_string())?);
+                for c in ids.chunks(e.prefill_max_tokens()) {
+                    rows.extend_from_slice(e.prefill_chunk(c, true).map_err(|e| e.to_string())?);
                 }
             }
         }
         Ok(())
     }
 
-    /// Logits of the last token of `ids`.
+    /// Logits of one token run as a decode step, appended to `rows`.
+    fn step_rows(&mut self, id: u32, rows: &mut Vec<f32>) -> Result<(), String> {
+        match self {
+            Engine::Cpu(_) => self.rows(&[id], rows),
+            Engine::Cuda(e) => {
+                rows.extend_from_slice(e.step(id).map_err(|e| e.to_string())?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Logits of the last token of `ids` (a prompt chunk, or one token to decode).
     fn last(&mut self, ids: &[u32]) -> Result<&[f32], String> {
         match self {
             Engine::Cpu(e) => e.call_last(ids).map_err(|e| e.to_string()),
             Engine::Cuda(e) => {
-                let (&last, before) = ids.split_last().ok_or("no token ids given")?;
-                for &id in before {
-                    e.advance(id).map_err(|e| e.to_string())?;
+                if let [id] = ids {
+                    return e.step(*id).map_err(|e| e.to_string());
                 }
-                e.step(last).map_err(|e| e.to_string())
+                let max = e.prefill_max_tokens();
+                let mut chunks = ids.chunks(max).peekable();
+                while let Some(c) = chunks.next() {
+                    if chunks.peek().is_none() {
+                        return e.prefill_chunk(c, false).map_err(|e| e.to_string());
+                    }
+                    e.prefill_chunk(c, false).map_err(|e| e.to_string())?;
+                }
+                Err("no token ids given".into())
             }
         }
     }
@@ -423,7 +441,7 @@ fn run() -> Result<(), String> {
             exec.rows(c, &mut rows)?;
         }
         for &id in &args.ids[prefill..] {
-            exec.rows(&[id], &mut rows)?;
+            exec.step_rows(id, &mut rows)?;
         }
         return griffin_runtime::output::write_logits(path, &[args.ids.len(), vocab], &rows)
             .map_err(|e| e.to_string());
