@@ -13,7 +13,7 @@
 #    achieved bandwidth in decode. A table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-carry=target/gpu-carry
+carry=${CARRY:-target/gpu-carry}
 py=${PYTHON:-python3}
 work=${WORK:-/tmp/griffin-gpu}
 mkdir -p "$work"
