@@ -62,6 +62,8 @@ struct Lowering<'g> {
     logits: Option<usize>,
     /// The prefill chunk's token count (device counter).
     count: Option<usize>,
+    /// Each prefill projection launch's spec, by launch index (for the last-row logits).
+    gemm_specs: HashMap<usize, GemvSpec>,
 }
 
 impl Lowering<'_> {
@@ -332,6 +334,7 @@ impl Lowering<'_> {
                     weights: storage,
                 };
                 let grid_size = grid(&spec);
+                self.gemm_specs.insert(self.launches.len(), spec.clone());
                 self.launch(
                     name,
                     gemm_tokens_split(&spec, &parts),
@@ -753,6 +756,7 @@ pub fn lower(model: &Model, prefill_chunk: Option<u32>) -> Result<GpuProgram, Ru
         position: None,
         logits: None,
         count: None,
+        gemm_specs: HashMap::new(),
     };
     for (i, id) in g.topo_order().into_iter().enumerate() {
         l.node(id, i)?;
@@ -774,16 +778,23 @@ pub fn lower(model: &Model, prefill_chunk: Option<u32>) -> Result<GpuProgram, Ru
             for (i, id) in model.prefill.topo_order().into_iter().enumerate() {
                 l.node(id, i)?;
             }
+            let logits = l
+                .logits
+                .ok_or_else(|| unsupported("no logits in prefill"))?;
+            let (last_row_launches, last_logits) = match last_row_variant(&mut l, logits) {
+                Some((launches, buffer)) => (Some(launches), Some(buffer)),
+                None => (None, None),
+            };
             let prefill = GpuPrefill {
                 launches: std::mem::replace(&mut l.launches, decode_launches),
                 ids: l
                     .ids
                     .ok_or_else(|| unsupported("no token input in prefill"))?,
                 count: l.count.expect("set above"),
-                logits: l
-                    .logits
-                    .ok_or_else(|| unsupported("no logits in prefill"))?,
+                logits,
                 max_tokens,
+                last_row_launches,
+                last_logits,
             };
             Some(prefill)
         }
@@ -830,6 +841,60 @@ pub fn lower(model: &Model, prefill_chunk: Option<u32>) -> Result<GpuProgram, Ru
             prefill,
         },
     })
+}
+
+/// The prefill launches with the logits projection run on the chunk's last row only (one
+/// decode-style GEMV after copying that row), for generation; `None` when the logits come
+/// from something else than an unsplit projection without residual.
+fn last_row_variant(l: &mut Lowering, logits: usize) -> Option<(Vec<GpuLaunch>, usize)> {
+    use griffin_backend_ptx::prefill::{last_row, NORM_BLOCK};
+    let index = l
+        .launches
+        .iter()
+        .rposition(|launch| launch.args.last().map(|a| a.buffer) == Some(logits))?;
+    let spec = l.gemm_specs.get(&index)?.clone();
+    if spec.residual {
+        return None;
+    }
+    let launch = l.launches[index].clone();
+    let (count, x) = (launch.args[0], launch.args[1]);
+    let row = l.buffer(GpuBufferKind::Activation, 4 * spec.inputs as u64);
+    let row = Arg {
+        buffer: row,
+        offset: 0,
+    };
+    let out = l.buffer(GpuBufferKind::Activation, 4 * spec.width as u64);
+    let out = Arg {
+        buffer: out,
+        offset: 0,
+    };
+    let copy_name = format!("{}_last_row", spec.name);
+    let copy = GpuLaunch {
+        kernel: copy_name.clone(),
+        grid: spec.inputs.div_ceil(NORM_BLOCK),
+        block: NORM_BLOCK,
+        args: vec![count, x, row],
+    };
+    l.kernels
+        .insert(copy_name.clone(), last_row(&copy_name, spec.inputs));
+    let gemv_spec = GemvSpec {
+        name: format!("{}_last", spec.name),
+        ..spec.clone()
+    };
+    // [count, x, w, (bias), out] -> [row, w, (bias), out_last]
+    let mut args = vec![row];
+    args.extend_from_slice(&launch.args[2..launch.args.len() - 1]);
+    args.push(out);
+    let project = GpuLaunch {
+        kernel: gemv_spec.name.clone(),
+        grid: grid(&gemv_spec),
+        block: 32 * WARPS_PER_BLOCK,
+        args,
+    };
+    l.kernels.insert(gemv_spec.name.clone(), gemv(&gemv_spec));
+    let mut launches = l.launches.clone();
+    launches.splice(index..=index, [copy, project]);
+    Some((launches, out.buffer))
 }
 
 /// Packs the program's weights from the checkpoint; returns the bytes and writes each weight's
@@ -940,6 +1005,27 @@ impl EmuEngine {
             .map_err(emu_error)
     }
 
+    /// Writes a prompt chunk's ids, count and start position to the device.
+    fn upload_chunk(&mut self, prefill: &GpuPrefill, chunk: &[u32]) -> Result<(), RunError> {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|i| i.to_le_bytes()).collect();
+        let (ids_at, count_at, pos_at) = (
+            self.addresses[prefill.ids],
+            self.addresses[prefill.count],
+            self.addresses[self.program.plan.position],
+        );
+        self.memory
+            .write_bytes(ids_at, &bytes)
+            .and_then(|_| {
+                self.memory
+                    .write_bytes(count_at, &(chunk.len() as u32).to_le_bytes())
+            })
+            .and_then(|_| {
+                self.memory
+                    .write_bytes(pos_at, &self.position.to_le_bytes())
+            })
+            .map_err(emu_error)
+    }
+
     /// The greedy next id, computed on the device by the argmax kernel.
     pub fn device_argmax(&mut self) -> Result<u32, RunError> {
         let launch = self.program.plan.argmax.clone();
@@ -985,23 +1071,7 @@ impl Engine for EmuEngine {
             return Err(RunError::TokenOutOfRange { id, vocab });
         }
         for chunk in ids.chunks(prefill.max_tokens as usize) {
-            let bytes: Vec<u8> = chunk.iter().flat_map(|i| i.to_le_bytes()).collect();
-            let (ids_at, count_at, pos_at) = (
-                self.addresses[prefill.ids],
-                self.addresses[prefill.count],
-                self.addresses[self.program.plan.position],
-            );
-            self.memory
-                .write_bytes(ids_at, &bytes)
-                .and_then(|_| {
-                    self.memory
-                        .write_bytes(count_at, &(chunk.len() as u32).to_le_bytes())
-                })
-                .and_then(|_| {
-                    self.memory
-                        .write_bytes(pos_at, &self.position.to_le_bytes())
-                })
-                .map_err(emu_error)?;
+            self.upload_chunk(&prefill, chunk)?;
             for l in &prefill.launches {
                 self.run(l)?;
             }
@@ -1013,6 +1083,37 @@ impl Engine for EmuEngine {
             on_logits(&rows);
         }
         Ok(())
+    }
+
+    fn prefill_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
+        let prefill = self.program.plan.prefill.clone();
+        let Some((prefill, launches, last)) = prefill.and_then(|p| {
+            let launches = p.last_row_launches.clone()?;
+            let last = p.last_logits?;
+            Some((p, launches, last))
+        }) else {
+            let mut last = Vec::new();
+            self.prefill(ids, &mut |rows| last = rows.to_vec())?;
+            let vocab = self.program.plan.vocab();
+            return Ok(last[last.len() - vocab..].to_vec());
+        };
+        if ids.is_empty() {
+            return Err(RunError::EmptyIds);
+        }
+        let vocab = self.program.plan.vocab();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(RunError::TokenOutOfRange { id, vocab });
+        }
+        for chunk in ids.chunks(prefill.max_tokens as usize) {
+            self.upload_chunk(&prefill, chunk)?;
+            for l in &launches {
+                self.run(l)?;
+            }
+            self.position += chunk.len() as u32;
+        }
+        self.memory
+            .read_f32(self.addresses[last], vocab)
+            .map_err(emu_error)
     }
 
     fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {

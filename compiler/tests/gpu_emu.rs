@@ -76,6 +76,26 @@ fn prefill_chunks_and_decode_steps_compute_the_same_function() {
                 diff <= F32_TOLERANCE,
                 "{case} chunk {chunk:?} stepwise: {diff}"
             );
+
+            // Generation's prefill: the last row only (its own launch list), then decoding
+            // carries on from the same state.
+            engine.reset();
+            let last = engine.prefill_last(&e.input_ids[..split]).unwrap();
+            let want = &e.logits[(split - 1) * e.vocab..split * e.vocab];
+            let diff = max_abs_diff(&last, want);
+            assert!(
+                diff <= F32_TOLERANCE,
+                "{case} chunk {chunk:?} last row: {diff}"
+            );
+            let mut after = Vec::new();
+            engine
+                .step(e.input_ids[split], &mut |r| after.extend_from_slice(r))
+                .unwrap();
+            let diff = max_abs_diff(&after, &e.decode_logits[..e.vocab]);
+            assert!(
+                diff <= F32_TOLERANCE,
+                "{case} chunk {chunk:?} after last row: {diff}"
+            );
         }
     }
 }

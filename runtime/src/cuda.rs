@@ -74,6 +74,8 @@ pub struct CudaExecutor {
     step_program: Program,
     /// The prefill chunk, if the plan has one.
     prefill_program: Option<Program>,
+    /// The prefill chunk computing its last token's logits only (generation).
+    prefill_last_program: Option<Program>,
     argmax: CudaFunction,
     argmax_params: Vec<u64>,
     addresses: Vec<u64>,
@@ -194,6 +196,14 @@ impl CudaExecutor {
             Some(p) => Some(program("prefill chunk", &p.launches)?),
             None => None,
         };
+        let last_row = plan
+            .prefill
+            .as_ref()
+            .and_then(|p| p.last_row_launches.as_ref());
+        let prefill_last_program = match last_row {
+            Some(launches) => Some(program("prefill chunk (last row)", launches)?),
+            None => None,
+        };
         let argmax_params = params_of(&plan.argmax);
         stream
             .synchronize()
@@ -206,6 +216,7 @@ impl CudaExecutor {
             _module: module,
             step_program,
             prefill_program,
+            prefill_last_program,
             argmax,
             argmax_params,
             addresses,
@@ -415,18 +426,31 @@ impl CudaExecutor {
                 })
         }
         .map_err(|e| driver("uploading the prompt chunk", e))?;
-        let mut program = self.prefill_program.take().expect("plan has a prefill");
+        // The last-row variant when only the last logits are wanted and the plan has one.
+        let last_only = !all_rows && self.prefill_last_program.is_some();
+        let slot = if last_only {
+            &mut self.prefill_last_program
+        } else {
+            &mut self.prefill_program
+        };
+        let mut program = slot.take().expect("plan has a prefill");
         let ran = self.run_program(&mut program);
-        self.prefill_program = Some(program);
+        if last_only {
+            self.prefill_last_program = Some(program);
+        } else {
+            self.prefill_program = Some(program);
+        }
         ran?;
         self.position += n;
-        let (first, rows) = if all_rows {
-            (0, ids.len())
-        } else {
-            (ids.len() - 1, 1)
+        let (at, rows) = match (last_only, prefill.last_logits) {
+            (true, Some(last)) => (self.addresses[last], 1),
+            _ if all_rows => (self.addresses[prefill.logits], ids.len()),
+            _ => (
+                self.addresses[prefill.logits] + ((ids.len() - 1) * vocab * 4) as u64,
+                1,
+            ),
         };
         self.logits.resize(rows * vocab, 0.0);
-        let at = self.addresses[prefill.logits] + (first * vocab * 4) as u64;
         // SAFETY: the logits buffer holds max_tokens rows of vocab f32.
         unsafe { cu::memcpy_dtoh_async(&mut self.logits, at, s) }
             .map_err(|e| driver("reading the logits", e))?;

@@ -79,6 +79,12 @@ pub struct GpuPrefill {
     /// `f32[max_tokens, V]`: logits of every token of the chunk.
     pub logits: usize,
     pub max_tokens: u32,
+    /// The same chunk computing the logits of its last token only (generation), into
+    /// `last_logits` (`f32[V]`).
+    #[serde(default)]
+    pub last_row_launches: Option<Vec<GpuLaunch>>,
+    #[serde(default)]
+    pub last_logits: Option<usize>,
 }
 
 impl GpuPlan {

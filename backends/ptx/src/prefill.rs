@@ -604,3 +604,34 @@ pub fn gather_tokens(
     k.place(&done);
     k.finish()
 }
+
+/// Copies row `count - 1` of `x [T, D]` to `out [D]`: generation needs the logits of a chunk's
+/// last token only, so its projection runs as one decode-style GEMV on this row. Parameters:
+/// count `i32[1]`, x, out. Launch: `ceil(D / 256)` blocks of 256.
+pub fn last_row(name: &str, width: u32) -> String {
+    let mut k = Kernel::new(name);
+    let count = k.param_ptr("count");
+    let x = k.param_ptr("x");
+    let out = k.param_ptr("out");
+    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
+    let c = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {c}, {block}, {NORM_BLOCK}, {tid};"));
+    let done = k.label("done");
+    let outside = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {outside}, {c}, {width};"));
+    k.ins(format!("@{outside} bra {done};"));
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    k.ins(format!("sub.u32 {n}, {n}, 1;"));
+    let at = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {at}, {n}, {width}, {c};"));
+    let xa = addr4(&mut k, x, at);
+    let v = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {v}, [{xa}];"));
+    let oa = addr4(&mut k, out, c);
+    k.ins(format!("st.global.f32 [{oa}], {v};"));
+    k.place(&done);
+    k.finish()
+}
