@@ -240,3 +240,88 @@ fn cuda_build_writes_an_executable_and_ptx_that_ptxas_accepts() {
     ]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+mod random_configs {
+    use super::*;
+    use griffinc::session::Session;
+    use proptest::prelude::*;
+
+    /// A random small Griffin whose projections the GPU kernels take (widths multiples of 8):
+    /// heads, grouped or not, head width, LRU block, MLP width, window, conv width, block
+    /// pattern, layer count.
+    fn config_json() -> impl Strategy<Value = (String, usize, u64)> {
+        let pattern = prop_oneof![
+            Just(vec!["recurrent", "recurrent", "attention"]),
+            Just(vec!["attention", "recurrent"]),
+            Just(vec!["recurrent"]),
+            Just(vec!["attention"]),
+        ];
+        (
+            (
+                1usize..=4,
+                prop::bool::ANY,
+                prop_oneof![Just(8usize), Just(16)],
+            ),
+            (
+                prop_oneof![Just(8usize), Just(16), Just(24)],
+                1usize..=6,
+                1usize..=4,
+            ),
+            (pattern, 1usize..=4, 2usize..=13, any::<u64>()),
+        )
+            .prop_map(
+                |(
+                    (heads, grouped, head_dim),
+                    (mlp, window, conv),
+                    (pattern, layers, tokens, seed),
+                )| {
+                    let json = serde_json::json!({
+                        "hidden_size": heads * head_dim,
+                        "lru_width": heads * 8,
+                        "num_attention_heads": heads,
+                        "num_key_value_heads": if grouped { 1 } else { heads },
+                        "num_hidden_layers": layers,
+                        "intermediate_size": 2 * mlp,
+                        "vocab_size": 40,
+                        "attention_window_size": window,
+                        "conv1d_width": conv,
+                        "block_types": pattern,
+                        "rope_theta": 100.0,
+                        "partial_rotary_factor": 0.5,
+                    });
+                    (json.to_string(), tokens, seed)
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        /// The GPU program (prefill chunks of 3, then decode steps) computes what the
+        /// interpreter computes, for random configurations.
+        #[test]
+        fn gpu_program_equals_the_interpreter((json, tokens, seed) in config_json()) {
+            let tmp = tempfile::tempdir().unwrap();
+            common::write_random_checkpoint(tmp.path(), &json, seed);
+            let model = Model::load(tmp.path()).unwrap();
+            let ids: Vec<u32> = (0..tokens).map(|i| 1 + ((i as u64 * 7 + seed) % 39) as u32).collect();
+            let split = tokens / 2;
+            let mut reference = Session::new(&model);
+            let mut want = Vec::new();
+            reference.reset();
+            reference.prefill(&ids[..split.max(1)], &mut |r| want.extend_from_slice(r)).unwrap();
+            for &id in &ids[split.max(1)..] {
+                reference.step(id, &mut |r| want.extend_from_slice(r)).unwrap();
+            }
+            let mut gpu = EmuEngine::with_prefill_chunk(&model, Some(3)).unwrap();
+            let mut got = Vec::new();
+            gpu.reset();
+            gpu.prefill(&ids[..split.max(1)], &mut |r| got.extend_from_slice(r)).unwrap();
+            for &id in &ids[split.max(1)..] {
+                gpu.step(id, &mut |r| got.extend_from_slice(r)).unwrap();
+            }
+            let diff = max_abs_diff(&got, &want);
+            prop_assert!(diff <= 1e-4, "max |diff| {} for {}", diff, json);
+        }
+    }
+}
