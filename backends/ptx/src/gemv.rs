@@ -189,7 +189,7 @@ fn finish_rms(k: &mut Kernel, ss: Reg, inputs: u32, eps: f32) -> Reg {
 
 /// Eight consecutive weights from element `elem` on, as f32: one 16-byte load of bf16
 /// (widened in registers) or two of f32.
-fn load_weights8(k: &mut Kernel, storage: Storage, w: Reg, elem: Reg) -> Vec<Reg> {
+pub(crate) fn load_weights8(k: &mut Kernel, storage: Storage, w: Reg, elem: Reg) -> Vec<Reg> {
     let off = k.reg(Class::B64);
     let wp = k.reg(Class::B64);
     match storage {

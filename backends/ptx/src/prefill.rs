@@ -11,7 +11,7 @@
 //! still to write): GPU prefill runs as decode steps for now.
 
 use crate::builder::{Class, Kernel, Reg};
-use crate::gemv::{Epilogue, GemvSpec, WARPS_PER_BLOCK};
+use crate::gemv::{load_weights8, Epilogue, GemvSpec, WARPS_PER_BLOCK};
 use crate::math::{gelu, tanh, warp_sum};
 use crate::rg_lru::{addr4, Storage};
 
@@ -109,51 +109,6 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
     k.place(&e2);
     k.place(&done);
     k.finish()
-}
-
-/// Eight weights from element `elem` on, as f32 registers.
-fn weights8(k: &mut Kernel, storage: Storage, w: Reg, elem: Reg) -> Vec<Reg> {
-    let off = k.reg(Class::B64);
-    let wp = k.reg(Class::B64);
-    match storage {
-        Storage::Bf16 => {
-            k.ins(format!("mul.wide.u32 {off}, {elem}, 2;"));
-            k.ins(format!("add.u64 {wp}, {w}, {off};"));
-            let words: Vec<Reg> = (0..4).map(|_| k.reg(Class::B32)).collect();
-            k.ins(format!(
-                "ld.global.nc.v4.u32 {{{}, {}, {}, {}}}, [{wp}];",
-                words[0], words[1], words[2], words[3]
-            ));
-            let mut out = Vec::new();
-            for word in words {
-                let (lo, hi) = (k.reg(Class::B32), k.reg(Class::B32));
-                k.ins(format!("shl.b32 {lo}, {word}, 16;"));
-                k.ins(format!("and.b32 {hi}, {word}, -65536;"));
-                for bits in [lo, hi] {
-                    let v = k.reg(Class::F32);
-                    k.ins(format!("mov.b32 {v}, {bits};"));
-                    out.push(v);
-                }
-            }
-            out
-        }
-        Storage::F32 => {
-            k.ins(format!("mul.wide.u32 {off}, {elem}, 4;"));
-            k.ins(format!("add.u64 {wp}, {w}, {off};"));
-            let out: Vec<Reg> = (0..8).map(|_| k.reg(Class::F32)).collect();
-            for (half, regs) in out.chunks(4).enumerate() {
-                k.ins(format!(
-                    "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{wp}+{}];",
-                    regs[0],
-                    regs[1],
-                    regs[2],
-                    regs[3],
-                    16 * half
-                ));
-            }
-            out
-        }
-    }
 }
 
 /// Parameters: count `i32[1]`, x `f32[T, I]`, w `[rows, I]`, [bias `f32[rows]`], [residual
@@ -273,7 +228,7 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
         .map(|&r| {
             let elem = k.reg(Class::B32);
             k.ins(format!("mad.lo.u32 {elem}, {r}, {inputs}, {i};"));
-            weights8(&mut k, spec.weights, w, elem)
+            load_weights8(&mut k, spec.weights, w, elem)
         })
         .collect();
     for (j, &t) in toks.iter().enumerate() {
@@ -384,8 +339,7 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
 /// recurrent-gate w, recurrent-gate bias, decay `f32[C]`, state `f32[C]`, [y `f32[T, C]`],
 /// out `f32[T, C]`. Launch: H blocks of C/H threads.
 pub fn rg_lru_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
-    use crate::math::{exp, sigmoid};
-    use crate::rg_lru::{block_size, load_weight, neg_expm1};
+    use crate::rg_lru::{block_size, gated_input, load_weight};
     let b = block_size(s);
     let c = s.channels;
     let kk = s.width;
@@ -498,30 +452,7 @@ pub fn rg_lru_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     k.ins(format!("@{more} bra {gh};"));
     // Every thread has read this token's conv outputs before the next token writes them.
     k.ins("bar.sync 0;");
-    let gx = sigmoid(&mut k, zx);
-    let ga = sigmoid(&mut k, zr);
-    let log_a = k.reg(Class::F32);
-    k.ins(format!("mul.f32 {log_a}, {ga}, {rate};"));
-    k.ins(format!(
-        "mul.f32 {log_a}, {log_a}, {};",
-        Kernel::f32_imm(-8.0)
-    ));
-    let a = exp(&mut k, log_a);
-    let two = k.reg(Class::F32);
-    k.ins(format!("add.f32 {two}, {log_a}, {log_a};"));
-    let one_minus = neg_expm1(&mut k, two);
-    let norm = k.reg(Class::F32);
-    k.ins(format!("sqrt.rn.f32 {norm}, {one_minus};"));
-    let at_start = k.reg(Class::Pred);
-    k.ins(format!("setp.eq.s32 {at_start}, {p}, 0;"));
-    k.ins(format!(
-        "selp.f32 {norm}, {}, {norm}, {at_start};",
-        Kernel::f32_imm(1.0)
-    ));
-    k.ins(format!("selp.f32 {a}, 0f00000000, {a}, {at_start};"));
-    let bv = k.reg(Class::F32);
-    k.ins(format!("mul.f32 {bv}, {acc}, {gx};"));
-    k.ins(format!("mul.f32 {bv}, {bv}, {norm};"));
+    let (a, bv) = gated_input(&mut k, zx, zr, rate, acc, p);
     k.ins(format!("fma.rn.f32 {hv}, {a}, {hv}, {bv};"));
     let oi = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {oi}, {t}, {c}, {j};"));

@@ -188,35 +188,12 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     // log a = -8 · sigmoid(zr) · softplus(Λ); a = exp(log a); the normaliser
     // sqrt(1 - a²) = sqrt(-expm1(2 log a)), with expm1 by its series near 0 where 1 - exp
     // would cancel (the reference computes it the same way).
-    let gx = sigmoid(&mut k, zx);
-    let ga = sigmoid(&mut k, zr);
     let rate = addr4(&mut k, decay, j);
     let rv = k.reg(Class::F32);
     k.ins(format!("ld.global.nc.f32 {rv}, [{rate}];"));
-    let log_a = k.reg(Class::F32);
-    k.ins(format!("mul.f32 {log_a}, {ga}, {rv};"));
-    k.ins(format!(
-        "mul.f32 {log_a}, {log_a}, {};",
-        Kernel::f32_imm(-8.0)
-    ));
-    let a = exp(&mut k, log_a);
-    let two = k.reg(Class::F32);
-    k.ins(format!("add.f32 {two}, {log_a}, {log_a};"));
-    let one_minus = neg_expm1(&mut k, two);
-    let norm = k.reg(Class::F32);
-    k.ins(format!("sqrt.rn.f32 {norm}, {one_minus};"));
-    let at_start = k.reg(Class::Pred);
-    k.ins(format!("setp.eq.s32 {at_start}, {pos}, 0;"));
-    k.ins(format!(
-        "selp.f32 {norm}, {}, {norm}, {at_start};",
-        Kernel::f32_imm(1.0)
-    ));
-    k.ins(format!("selp.f32 {a}, 0f00000000, {a}, {at_start};"));
     let c = k.reg(Class::F32);
     k.ins(format!("ld.shared.f32 {c}, [{sh_j}];"));
-    let bv = k.reg(Class::F32);
-    k.ins(format!("mul.f32 {bv}, {c}, {gx};"));
-    k.ins(format!("mul.f32 {bv}, {bv}, {norm};"));
+    let (a, bv) = gated_input(&mut k, zx, zr, rv, c, pos);
     let st_at = addr4(&mut k, state, j);
     let old = k.reg(Class::F32);
     k.ins(format!("ld.global.f32 {old}, [{st_at}];"));
@@ -236,6 +213,45 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     let out_at = addr4(&mut k, out, j);
     k.ins(format!("st.global.f32 [{out_at}], {o};"));
     k.finish()
+}
+
+/// One RG-LRU update's coefficients: `h' = a·h + b`. From the gate pre-activations `zx`, `zr`,
+/// the decay rate (softplus of the recurrent parameter), the conv output `c` and the position:
+/// `log a = -8·sigmoid(zr)·rate`, `b = c·sigmoid(zx)·sqrt(1 - a²)`, and at position 0 `a = 0`,
+/// `b = c·sigmoid(zx)` (the document start resets the recurrence).
+pub(crate) fn gated_input(
+    k: &mut Kernel,
+    zx: Reg,
+    zr: Reg,
+    rate: Reg,
+    c: Reg,
+    pos: Reg,
+) -> (Reg, Reg) {
+    let gx = sigmoid(k, zx);
+    let ga = sigmoid(k, zr);
+    let log_a = k.reg(Class::F32);
+    k.ins(format!("mul.f32 {log_a}, {ga}, {rate};"));
+    k.ins(format!(
+        "mul.f32 {log_a}, {log_a}, {};",
+        Kernel::f32_imm(-8.0)
+    ));
+    let a = exp(k, log_a);
+    let two = k.reg(Class::F32);
+    k.ins(format!("add.f32 {two}, {log_a}, {log_a};"));
+    let one_minus = neg_expm1(k, two);
+    let norm = k.reg(Class::F32);
+    k.ins(format!("sqrt.rn.f32 {norm}, {one_minus};"));
+    let at_start = k.reg(Class::Pred);
+    k.ins(format!("setp.eq.s32 {at_start}, {pos}, 0;"));
+    k.ins(format!(
+        "selp.f32 {norm}, {}, {norm}, {at_start};",
+        Kernel::f32_imm(1.0)
+    ));
+    k.ins(format!("selp.f32 {a}, 0f00000000, {a}, {at_start};"));
+    let bv = k.reg(Class::F32);
+    k.ins(format!("mul.f32 {bv}, {c}, {gx};"));
+    k.ins(format!("mul.f32 {bv}, {bv}, {norm};"));
+    (a, bv)
 }
 
 /// `-expm1(x)` for x ≤ 0: `1 - exp(x)`, by the series `-(x + x²/2 + x³/6 + x⁴/24)` when
