@@ -200,6 +200,49 @@ impl Lowering<'_> {
         });
     }
 
+    /// The fused recurrence's kernel spec from its operands (both graphs).
+    fn rg_lru_spec(
+        &self,
+        name: &str,
+        x: &[Value],
+        width: u32,
+        gate_output: bool,
+    ) -> Result<RgLruSpec, RunError> {
+        let spec = RgLruSpec {
+            name: name.to_string(),
+            channels: self.dim(x[0], 1)?,
+            blocks: self.dim(x[5], 0)?,
+            width,
+            conv: Storage::F32,
+            gates: Storage::F32,
+            gate_output,
+        };
+        if spec.channels % spec.blocks != 0 || block_size(&spec) > 1024 {
+            return Err(unsupported("RG-LRU blocks of more than 1024 channels"));
+        }
+        Ok(spec)
+    }
+
+    /// Local attention's kernel spec from its operands (both graphs).
+    fn attention_spec(
+        &self,
+        name: &str,
+        x: &[Value],
+        window: u32,
+        scale: f64,
+        rotary: Option<griffin_ir::RotarySpec>,
+    ) -> Result<AttentionSpec, RunError> {
+        Ok(AttentionSpec {
+            name: name.to_string(),
+            heads: self.dim(x[0], 1)?,
+            kv_heads: self.dim(x[1], 1)?,
+            head_dim: self.dim(x[0], 2)?,
+            window,
+            scale: scale as f32,
+            rotary: rotary.map(|r| (r.theta, r.dims)),
+        })
+    }
+
     fn count_arg(&self) -> Result<Arg, RunError> {
         self.count
             .map(|b| Arg {
@@ -358,15 +401,7 @@ impl Lowering<'_> {
                 if *gate_output {
                     args.push(self.value(x[11])?);
                 }
-                let spec = RgLruSpec {
-                    name: name.clone(),
-                    channels: self.dim(x[0], 1)?,
-                    blocks: self.dim(x[5], 0)?,
-                    width: *width,
-                    conv: Storage::F32,
-                    gates: Storage::F32,
-                    gate_output: *gate_output,
-                };
+                let spec = self.rg_lru_spec(&name, &x, *width, *gate_output)?;
                 let window = self.value(x[2])?;
                 let out = self.activation(r(0))?;
                 args.push(out);
@@ -388,15 +423,7 @@ impl Lowering<'_> {
                 let (q, k, v) = (self.value(x[0])?, self.value(x[1])?, self.value(x[2])?);
                 let (keys, values) = (self.value(x[4])?, self.value(x[5])?);
                 let start = self.position_arg()?;
-                let spec = AttentionSpec {
-                    name: name.clone(),
-                    heads: self.dim(x[0], 1)?,
-                    kv_heads: self.dim(x[1], 1)?,
-                    head_dim: self.dim(x[0], 2)?,
-                    window: *window,
-                    scale: *scale as f32,
-                    rotary: rotary.map(|r| (r.theta, r.dims)),
-                };
+                let spec = self.attention_spec(&name, &x, *window, *scale, *rotary)?;
                 let scratch = |l: &mut Self, rows: u32| Arg {
                     buffer: l.buffer(
                         GpuBufferKind::Activation,
@@ -646,18 +673,7 @@ impl Lowering<'_> {
                 if *gate_output {
                     args.push(self.value(x[11])?);
                 }
-                let spec = RgLruSpec {
-                    name: name.clone(),
-                    channels: self.dim(x[0], 1)?,
-                    blocks: self.dim(x[5], 0)?,
-                    width: *width,
-                    conv: Storage::F32,
-                    gates: Storage::F32,
-                    gate_output: *gate_output,
-                };
-                if spec.channels % spec.blocks != 0 || block_size(&spec) > 1024 {
-                    return Err(unsupported("RG-LRU blocks of more than 1024 channels"));
-                }
+                let spec = self.rg_lru_spec(&name, &x, *width, *gate_output)?;
                 let out = self.activation(r(0))?;
                 args.push(out);
                 self.value_of.insert(r(1), window);
@@ -678,15 +694,7 @@ impl Lowering<'_> {
                 let (q, k, v) = (self.value(x[0])?, self.value(x[1])?, self.value(x[2])?);
                 let (keys, values) = (self.value(x[4])?, self.value(x[5])?);
                 let position = self.position_arg()?;
-                let spec = AttentionSpec {
-                    name: name.clone(),
-                    heads: self.dim(x[0], 1)?,
-                    kv_heads: self.dim(x[1], 1)?,
-                    head_dim: self.dim(x[0], 2)?,
-                    window: *window,
-                    scale: *scale as f32,
-                    rotary: rotary.map(|r| (r.theta, r.dims)),
-                };
+                let spec = self.attention_spec(&name, &x, *window, *scale, *rotary)?;
                 let mut args = vec![q, k, v, position];
                 if let Some((theta, dims)) = spec.rotary {
                     args.push(self.constant_table(theta, dims));
