@@ -145,6 +145,17 @@ pub struct CompileArgs {
 }
 
 impl CompileArgs {
+    /// The GPU lowering's options: `--prefill-chunk` and `--weights-dtype` as for the CPU.
+    pub fn gpu_options(&self) -> Result<crate::gpu::GpuOptions> {
+        let cpu = self.cpu_options()?;
+        let chunk = u32::try_from(self.prefill_chunk)
+            .map_err(|_| anyhow::anyhow!("--prefill-chunk {} is too large", self.prefill_chunk))?;
+        Ok(crate::gpu::GpuOptions {
+            prefill_chunk: Some(chunk),
+            weights: cpu.weights,
+        })
+    }
+
     pub fn cpu_options(&self) -> Result<CpuOptions> {
         if self.prefill_chunk == 0 {
             bail!("--prefill-chunk must be at least 1");
@@ -178,8 +189,14 @@ fn engine<'m>(
     Ok(match backend {
         Backend::Interp => Box::new(Session::new(model)),
         Backend::Cpu => Box::new(CpuEngine::new(model, &compile.cpu_options()?)?),
-        Backend::PtxEmu => Box::new(crate::gpu::EmuEngine::new(model)?),
-        Backend::Cuda => Box::new(crate::gpu::CudaEngine::new(model)?),
+        Backend::PtxEmu => Box::new(crate::gpu::EmuEngine::with_options(
+            model,
+            &compile.gpu_options()?,
+        )?),
+        Backend::Cuda => Box::new(crate::gpu::CudaEngine::with_options(
+            model,
+            &compile.gpu_options()?,
+        )?),
     })
 }
 
@@ -702,6 +719,7 @@ fn run_build(args: BuildArgs) -> Result<()> {
         }
         BuildTarget::Cuda => crate::executable::build_cuda_executable(
             &model,
+            &args.compile.gpu_options()?,
             &args.out_dir,
             &name,
             args.embed_weights,

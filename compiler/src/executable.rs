@@ -161,6 +161,7 @@ pub fn build_executable(
 /// kernel's PTX and the whole module are also written to that folder.
 pub fn build_cuda_executable(
     model: &Model,
+    opts: &crate::gpu::GpuOptions,
     out_dir: &Path,
     name: &str,
     embed_weights: bool,
@@ -169,7 +170,7 @@ pub fn build_cuda_executable(
     let fail = |m: String| RunError::Backend(m);
     let runner = runner_library()?;
     let stage = progress::spinner("lowering", "the decode graph to PTX kernels");
-    let mut program = crate::gpu::lower_decode(model)?;
+    let mut program = crate::gpu::lower(model, opts)?;
     drop(stage);
     let stage = progress::spinner("packing", "weights");
     let weights = crate::gpu::pack_weights(&mut program, model)?;

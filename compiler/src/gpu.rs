@@ -46,6 +46,8 @@ fn unsupported(m: impl Into<String>) -> RunError {
 /// buffers: state by name, weights by recipe, the position buffer as the chunk's start.
 struct Lowering<'g> {
     g: &'g Graph,
+    /// How matrices are stored.
+    matrices: griffin_backend_cpu::WeightsDtype,
     /// The largest chunk, while lowering the prefill graph.
     prefill: Option<u32>,
     buffers: Vec<GpuBuffer>,
@@ -102,8 +104,15 @@ impl Lowering<'_> {
             .ok_or_else(|| unsupported(format!("{ty}: dimension {axis} must be fixed")))
     }
 
-    /// bf16 for matrices whose every source tensor is bf16 (concatenation is exact), else f32.
+    /// As chosen, or (as stored) bf16 for matrices whose every source tensor is bf16
+    /// (concatenation is exact), else f32.
     fn matrix_storage(&self, v: Value) -> Storage {
+        use griffin_backend_cpu::WeightsDtype;
+        match self.matrices {
+            WeightsDtype::Bf16 => return Storage::Bf16,
+            WeightsDtype::F32 => return Storage::F32,
+            WeightsDtype::AsStored => {}
+        }
         let g = self.g;
         let bf16_param = |v: Value| {
             matches!(g.node(v.node).op, Op::Param { .. })
@@ -737,21 +746,41 @@ impl Lowering<'_> {
     }
 }
 
-/// Tokens per prefill chunk on the GPU (buffers are sized for it).
+/// Tokens per prefill chunk on the GPU by default (buffers are sized for it).
 pub const PREFILL_CHUNK: u32 = 64;
+
+/// Choices of the GPU lowering.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuOptions {
+    /// Tokens per prefill chunk; `None` runs prompts as decode steps.
+    pub prefill_chunk: Option<u32>,
+    /// How projection and embedding matrices are stored (other weights are f32).
+    pub weights: griffin_backend_cpu::WeightsDtype,
+}
+
+impl Default for GpuOptions {
+    fn default() -> GpuOptions {
+        GpuOptions {
+            prefill_chunk: Some(PREFILL_CHUNK),
+            weights: griffin_backend_cpu::WeightsDtype::AsStored,
+        }
+    }
+}
 
 /// Lowers the decode graph of `model` (after the default pipeline) to a GPU program, and its
 /// prefill graph for chunks of up to `PREFILL_CHUNK` tokens.
 pub fn lower_decode(model: &Model) -> Result<GpuProgram, RunError> {
-    lower(model, Some(PREFILL_CHUNK))
+    lower(model, &GpuOptions::default())
 }
 
 /// `lower_decode` with a chosen prefill chunk (`None`: decode only; prompts then run as decode
 /// steps).
-pub fn lower(model: &Model, prefill_chunk: Option<u32>) -> Result<GpuProgram, RunError> {
+pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
+    let prefill_chunk = opts.prefill_chunk;
     let g = &model.decode;
     let mut l = Lowering {
         g,
+        matrices: opts.weights,
         prefill: None,
         buffers: Vec::new(),
         launches: Vec::new(),
@@ -932,7 +961,17 @@ impl EmuEngine {
 
     /// With prompts in chunks of `chunk` tokens (`None`: as decode steps).
     pub fn with_prefill_chunk(model: &Model, chunk: Option<u32>) -> Result<EmuEngine, RunError> {
-        let mut program = lower(model, chunk)?;
+        EmuEngine::with_options(
+            model,
+            &GpuOptions {
+                prefill_chunk: chunk,
+                ..GpuOptions::default()
+            },
+        )
+    }
+
+    pub fn with_options(model: &Model, opts: &GpuOptions) -> Result<EmuEngine, RunError> {
+        let mut program = lower(model, opts)?;
         let weights = pack_weights(&mut program, model)?;
         let module = emu::Module::parse(&program.ptx).map_err(emu_error)?;
         let mut memory = emu::Memory::new();
@@ -1138,9 +1177,13 @@ pub struct CudaEngine {
 
 impl CudaEngine {
     pub fn new(model: &Model) -> Result<CudaEngine, RunError> {
+        CudaEngine::with_options(model, &GpuOptions::default())
+    }
+
+    pub fn with_options(model: &Model, opts: &GpuOptions) -> Result<CudaEngine, RunError> {
         // Before any work: a machine without the driver gets the one-line reason at once.
         griffin_runtime::cuda::probe().map_err(|e| RunError::Backend(e.to_string()))?;
-        let mut program = lower_decode(model)?;
+        let mut program = lower(model, opts)?;
         let weights = pack_weights(&mut program, model)?;
         let executor =
             griffin_runtime::cuda::CudaExecutor::new(program.plan, &program.ptx, &weights)

@@ -325,3 +325,23 @@ mod random_configs {
         }
     }
 }
+
+#[test]
+fn bf16_matrices_on_an_f32_checkpoint_stay_within_the_bf16_bound() {
+    use griffinc::gpu::GpuOptions;
+    let e = expected("tiny-f32");
+    let model = Model::load(&golden_dir().join("tiny-f32")).unwrap();
+    let opts = GpuOptions {
+        weights: griffin_backend_cpu::WeightsDtype::Bf16,
+        ..GpuOptions::default()
+    };
+    let mut engine = EmuEngine::with_options(&model, &opts).unwrap();
+    engine.reset();
+    let mut rows = Vec::new();
+    engine
+        .prefill(&e.input_ids, &mut |r| rows.extend_from_slice(r))
+        .unwrap();
+    let diff = max_abs_diff(&rows, &e.logits);
+    // Rounded weights: no longer f32-exact, within the bf16 bound.
+    assert!(diff > 1e-5 && diff <= 0.02, "{diff}");
+}
