@@ -508,7 +508,11 @@ fn run_block(
                     warp.iter().map(|t| (t.wait, t.pc)).collect::<Vec<_>>()
                 ));
             }
-            shuffle(&f.code[pc], warp)?;
+            if f.code[pc].op[0] == "mma" {
+                mma(&f.code[pc], warp)?;
+            } else {
+                shuffle(&f.code[pc], warp)?;
+            }
             for t in warp.iter_mut() {
                 t.pc += 1;
                 t.wait = Wait::Running;
@@ -530,6 +534,64 @@ fn run_block(
             ));
         }
     }
+}
+
+/// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {d0..d3}, {a0..a3}, {b0, b1},
+/// {c0..c3}`: D (16×8) = A (16×16) · B (16×8) + C, fragments laid out over the warp as the PTX
+/// ISA's "Matrix Fragments for mma.m16n8k16" says: with g = lane / 4 and q = lane % 4, register
+/// a_r holds A[g + 8·(r & 1)][2q + 8·(r >> 1) + {0, 1}] (low half first), b_r holds
+/// B[2q + 8·r + {0, 1}][g], c/d_i holds C[g + 8·(i >> 1)][2q + (i & 1)].
+fn mma(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
+    let shape_ok = ins.op.iter().any(|m| m == "m16n8k16")
+        && ins.op.iter().filter(|m| *m == "bf16").count() == 2;
+    if !shape_ok || warp.len() != 32 {
+        return err(format!("`{}`: only m16n8k16 bf16 is emulated", ins.line));
+    }
+    let regs = |o: &Operand, n: usize| -> Result<Vec<usize>, EmuError> {
+        match o {
+            Operand::Vec(v) if v.len() == n => Ok(v.clone()),
+            _ => err(format!("`{}`: a {{…}} of {n} registers expected", ins.line)),
+        }
+    };
+    let (d, a, b, c) = (
+        regs(&ins.args[0], 4)?,
+        regs(&ins.args[1], 4)?,
+        regs(&ins.args[2], 2)?,
+        regs(&ins.args[3], 4)?,
+    );
+    let half =
+        |word: u64, hi: bool| bf16_to_f32(if hi { (word >> 16) as u16 } else { word as u16 });
+    let mut am = [[0f32; 16]; 16];
+    let mut bm = [[0f32; 8]; 16];
+    let mut cm = [[0f32; 8]; 16];
+    for (lane, t) in warp.iter().enumerate() {
+        let (g, q) = (lane / 4, lane % 4);
+        for (r, &reg) in a.iter().enumerate() {
+            let (row, col) = (g + 8 * (r & 1), 2 * q + 8 * (r >> 1));
+            am[row][col] = half(t.regs[reg], false);
+            am[row][col + 1] = half(t.regs[reg], true);
+        }
+        for (r, &reg) in b.iter().enumerate() {
+            let k = 2 * q + 8 * r;
+            bm[k][g] = half(t.regs[reg], false);
+            bm[k + 1][g] = half(t.regs[reg], true);
+        }
+        for (i, &reg) in c.iter().enumerate() {
+            cm[g + 8 * (i >> 1)][2 * q + (i & 1)] = f32_of(t.regs[reg]);
+        }
+    }
+    for (lane, t) in warp.iter_mut().enumerate() {
+        let (g, q) = (lane / 4, lane % 4);
+        for (i, &reg) in d.iter().enumerate() {
+            let (row, col) = (g + 8 * (i >> 1), 2 * q + (i & 1));
+            let mut acc = cm[row][col] as f64;
+            for (k, arow) in am[row].iter().enumerate() {
+                acc += *arow as f64 * bm[k][col] as f64;
+            }
+            t.regs[reg] = bits_f32(acc as f32);
+        }
+    }
+    Ok(())
 }
 
 fn shuffle(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
@@ -700,7 +762,8 @@ impl Ctx<'_> {
                     t.pc = l;
                     continue;
                 }
-                "shfl" => {
+                // Warp-collective: the whole warp meets at the instruction (as at a shuffle).
+                "shfl" | "mma" => {
                     t.wait = Wait::Shfl;
                     return Ok(executed);
                 }
@@ -884,6 +947,12 @@ impl Ctx<'_> {
                     return err(format!("setp .{cmp}"));
                 };
                 dst(t, r as u64)?
+            }
+            // cvt.rn.bf16x2.f32 d, a, b: d's upper half is a, its lower half b.
+            "cvt" if op.has("bf16x2") => {
+                let hi = f32_to_bf16(fa(t, 1)? as f32) as u64;
+                let lo = f32_to_bf16(fa(t, 2)? as f32) as u64;
+                dst(t, (hi << 16) | lo)?
             }
             "cvt" => {
                 // cvt[.rn|.rzi|.rmi].DST.SRC

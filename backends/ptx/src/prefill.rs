@@ -566,3 +566,280 @@ pub fn last_row(name: &str, width: u32) -> String {
     k.place(&done);
     k.finish()
 }
+
+/// Token tiles of a tensor-core projection (16 tokens each) for a chunk of `max_tokens`.
+fn token_tiles(max_tokens: u32) -> u32 {
+    max_tokens.div_ceil(16)
+}
+
+pub const TC_WARPS: u32 = 4;
+
+/// Whether `gemm_tokens_tc` takes this projection: bf16 weights, inputs a multiple of 16,
+/// output width and every split part multiples of 8 (a tile never straddles two outputs).
+pub fn tensor_cores_fit(spec: &GemvSpec, splits: &[u32]) -> bool {
+    spec.weights == Storage::Bf16
+        && spec.norm.is_none()
+        && spec.inputs % 16 == 0
+        && spec.width % 8 == 0
+        && splits.iter().all(|p| p % 8 == 0)
+}
+
+/// Thread blocks for `gemm_tokens_tc` (`TC_WARPS` warps of 32, a warp per 8 output columns).
+pub fn tc_grid(spec: &GemvSpec) -> u32 {
+    spec.width.div_ceil(8 * TC_WARPS)
+}
+
+/// The chunk projection on tensor cores: `mma.sync.m16n8k16` with bf16 weights and f32
+/// accumulation. A warp owns 8 output columns and every token tile of the chunk; each k-step
+/// loads its weight fragment once for all tiles. Inputs are split as `x = hi + lo` (both bf16,
+/// two MMAs) so the product keeps about 16 bits of the f32 input, close to the f32 path.
+/// Parameters as `gemm_tokens_split`. Launch: `tc_grid` blocks of `32 · TC_WARPS`.
+pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> String {
+    assert!(
+        tensor_cores_fit(spec, splits),
+        "projection does not fit tensor cores"
+    );
+    let parts: Vec<u32> = if splits.is_empty() {
+        vec![spec.width]
+    } else {
+        splits.to_vec()
+    };
+    let tiles = token_tiles(max_tokens);
+    let mut k = Kernel::new(&spec.name);
+    let count = k.param_ptr("count");
+    let x = k.param_ptr("x");
+    let w = k.param_ptr("w");
+    let bias = spec.bias.then(|| k.param_ptr("bias"));
+    let residual = spec.residual.then(|| k.param_ptr("residual"));
+    let outs: Vec<Reg> = (0..parts.len())
+        .map(|i| k.param_ptr(&format!("out{i}")))
+        .collect();
+    let inputs = spec.inputs;
+    let geglu = spec.epilogue == Epilogue::GeGlu;
+
+    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
+    let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
+    k.ins(format!("and.b32 {lane}, {tid}, 31;"));
+    let (g, q) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shr.u32 {g}, {lane}, 2;"));
+    k.ins(format!("and.b32 {q}, {lane}, 3;"));
+    let col0 = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {col0}, {block}, {TC_WARPS}, {warp};"));
+    k.ins(format!("shl.b32 {col0}, {col0}, 3;"));
+    let done = k.label("done");
+    let outside = k.reg(Class::Pred);
+    // Whole warps leave together: the MMAs below need every lane.
+    k.ins(format!("setp.ge.u32 {outside}, {col0}, {};", spec.width));
+    k.ins(format!("@{outside} bra {done};"));
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let last = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {last}, {n}, 1;"));
+
+    // Weight rows this lane's B fragments read: column col0 + g (and its up row for GeGLU).
+    let brow = k.reg(Class::B32);
+    k.ins(format!("add.u32 {brow}, {col0}, {g};"));
+    let b_rows: Vec<Reg> = if geglu {
+        let up = k.reg(Class::B32);
+        k.ins(format!("add.u32 {up}, {brow}, {};", spec.width));
+        vec![brow, up]
+    } else {
+        vec![brow]
+    };
+    // Token rows of this lane's A fragments in each tile: g and g + 8, clamped to the chunk.
+    let a_rows: Vec<[Reg; 2]> = (0..tiles)
+        .map(|tile| {
+            let pair = [k.reg(Class::B32), k.reg(Class::B32)];
+            for (h, r) in pair.iter().enumerate() {
+                k.ins(format!("add.u32 {r}, {g}, {};", 16 * tile + 8 * h as u32));
+                k.ins(format!("min.u32 {r}, {r}, {last};"));
+            }
+            pair
+        })
+        .collect();
+    // Accumulators: [tile][gate/up][4].
+    let accs: Vec<Vec<[Reg; 4]>> = (0..tiles)
+        .map(|_| {
+            b_rows
+                .iter()
+                .map(|_| {
+                    let r = [
+                        k.reg(Class::F32),
+                        k.reg(Class::F32),
+                        k.reg(Class::F32),
+                        k.reg(Class::F32),
+                    ];
+                    for a in r {
+                        k.ins(format!("mov.f32 {a}, 0f00000000;"));
+                    }
+                    r
+                })
+                .collect()
+        })
+        .collect();
+
+    let k0 = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {k0}, 0;"));
+    let (head, end) = (k.label("k"), k.label("k_end"));
+    k.place(&head);
+    let kstop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {kstop}, {k0}, {inputs};"));
+    k.ins(format!("@{kstop} bra {end};"));
+    // This lane's input columns: k0 + 2q (+1) and k0 + 2q + 8 (+1).
+    let kc = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {kc}, {q}, 2, {k0};"));
+    // B fragments: two bf16 pairs per weight row, one 32-bit load each.
+    let b_frags: Vec<[Reg; 2]> = b_rows
+        .iter()
+        .map(|&row| {
+            let pair = [k.reg(Class::B32), k.reg(Class::B32)];
+            for (h, r) in pair.iter().enumerate() {
+                let e = k.reg(Class::B32);
+                k.ins(format!("mad.lo.u32 {e}, {row}, {inputs}, {kc};"));
+                if h == 1 {
+                    k.ins(format!("add.u32 {e}, {e}, 8;"));
+                }
+                let off = k.reg(Class::B64);
+                k.ins(format!("mul.wide.u32 {off}, {e}, 2;"));
+                k.ins(format!("add.u64 {off}, {off}, {w};"));
+                k.ins(format!("ld.global.nc.u32 {r}, [{off}];"));
+            }
+            pair
+        })
+        .collect();
+    for (tile, rows) in a_rows.iter().enumerate() {
+        // A fragments (hi and lo): registers 0..4 hold (row g, cols c..c+1), (row g+8, c..),
+        // (row g, c+8..), (row g+8, c+8..).
+        let mut hi = Vec::new();
+        let mut lo = Vec::new();
+        for r in 0..4usize {
+            let row = rows[r & 1];
+            let e = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {e}, {row}, {inputs}, {kc};"));
+            if r >= 2 {
+                k.ins(format!("add.u32 {e}, {e}, 8;"));
+            }
+            let xa = addr4(&mut k, x, e);
+            let (v0, v1) = (k.reg(Class::F32), k.reg(Class::F32));
+            k.ins(format!("ld.global.v2.f32 {{{v0}, {v1}}}, [{xa}];"));
+            let h = k.reg(Class::B32);
+            k.ins(format!("cvt.rn.bf16x2.f32 {h}, {v1}, {v0};"));
+            // What the bf16 pair missed, as a second pair.
+            let (h0, h1) = (k.reg(Class::B32), k.reg(Class::B32));
+            k.ins(format!("shl.b32 {h0}, {h}, 16;"));
+            k.ins(format!("and.b32 {h1}, {h}, -65536;"));
+            let (f0, f1) = (k.reg(Class::F32), k.reg(Class::F32));
+            k.ins(format!("mov.b32 {f0}, {h0};"));
+            k.ins(format!("mov.b32 {f1}, {h1};"));
+            k.ins(format!("sub.f32 {f0}, {v0}, {f0};"));
+            k.ins(format!("sub.f32 {f1}, {v1}, {f1};"));
+            let l = k.reg(Class::B32);
+            k.ins(format!("cvt.rn.bf16x2.f32 {l}, {f1}, {f0};"));
+            hi.push(h);
+            lo.push(l);
+        }
+        for (acc, b) in accs[tile].iter().zip(&b_frags) {
+            for a in [&hi, &lo] {
+                k.ins(format!(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
+                    acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1], acc[0], acc[1], acc[2], acc[3]
+                ));
+            }
+        }
+    }
+    k.ins(format!("add.u32 {k0}, {k0}, 16;"));
+    k.ins(format!("bra {head};"));
+    k.place(&end);
+
+    // Epilogue: accumulator i of a tile is (token 16·tile + g + 8·(i >> 1), column
+    // col0 + 2q + (i & 1)).
+    for (tile, tile_accs) in accs.iter().enumerate() {
+        for i in 0..4usize {
+            let skip = k.label("skip");
+            let t = k.reg(Class::B32);
+            k.ins(format!("add.u32 {t}, {g}, {};", 16 * tile + 8 * (i >> 1)));
+            let beyond = k.reg(Class::Pred);
+            k.ins(format!("setp.ge.u32 {beyond}, {t}, {n};"));
+            k.ins(format!("@{beyond} bra {skip};"));
+            let col = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {col}, {q}, 2, {col0};"));
+            if i & 1 == 1 {
+                k.ins(format!("add.u32 {col}, {col}, 1;"));
+            }
+            let mut vals: Vec<Reg> = tile_accs.iter().map(|a| a[i]).collect();
+            if let Some(b) = bias {
+                let rows: Vec<Reg> = if geglu {
+                    let up = k.reg(Class::B32);
+                    k.ins(format!("add.u32 {up}, {col}, {};", spec.width));
+                    vec![col, up]
+                } else {
+                    vec![col]
+                };
+                for (v, r) in vals.iter_mut().zip(rows) {
+                    let ba = addr4(&mut k, b, r);
+                    let bv = k.reg(Class::F32);
+                    k.ins(format!("ld.global.nc.f32 {bv}, [{ba}];"));
+                    let s = k.reg(Class::F32);
+                    k.ins(format!("add.f32 {s}, {v}, {bv};"));
+                    *v = s;
+                }
+            }
+            let mut value = vals[0];
+            match spec.epilogue {
+                Epilogue::None => {}
+                Epilogue::GeGlu => {
+                    let gl = gelu(&mut k, vals[0]);
+                    let v = k.reg(Class::F32);
+                    k.ins(format!("mul.f32 {v}, {gl}, {};", vals[1]));
+                    value = v;
+                }
+                Epilogue::SoftCap(cap) => {
+                    let v = k.reg(Class::F32);
+                    k.ins(format!(
+                        "mul.f32 {v}, {value}, {};",
+                        Kernel::f32_imm(1.0 / cap)
+                    ));
+                    let th = tanh(&mut k, v);
+                    k.ins(format!("mul.f32 {th}, {th}, {};", Kernel::f32_imm(cap)));
+                    value = th;
+                }
+            }
+            if let Some(res) = residual {
+                let re = k.reg(Class::B32);
+                k.ins(format!("mad.lo.u32 {re}, {t}, {}, {col};", spec.width));
+                let ra = addr4(&mut k, res, re);
+                let rv = k.reg(Class::F32);
+                k.ins(format!("ld.global.f32 {rv}, [{ra}];"));
+                let s = k.reg(Class::F32);
+                k.ins(format!("add.f32 {s}, {value}, {rv};"));
+                value = s;
+            }
+            // Route the column to its split output.
+            let out = k.reg(Class::B64);
+            k.ins(format!("mov.u64 {out}, {};", outs[0]));
+            let stride = k.reg(Class::B32);
+            k.ins(format!("mov.u32 {stride}, {};", parts[0]));
+            let ocol = k.reg(Class::B32);
+            k.ins(format!("mov.u32 {ocol}, {col};"));
+            let mut boundary = 0;
+            for (pi, part) in parts.iter().enumerate().skip(1) {
+                boundary += parts[pi - 1];
+                let past = k.reg(Class::Pred);
+                k.ins(format!("setp.ge.u32 {past}, {col}, {boundary};"));
+                k.ins(format!("@{past} mov.u64 {out}, {};", outs[pi]));
+                k.ins(format!("@{past} mov.u32 {stride}, {part};"));
+                k.ins(format!("@{past} sub.u32 {ocol}, {col}, {boundary};"));
+            }
+            let oe = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {oe}, {t}, {stride}, {ocol};"));
+            let oa = addr4(&mut k, out, oe);
+            k.ins(format!("st.global.f32 [{oa}], {value};"));
+            k.place(&skip);
+        }
+    }
+    k.place(&done);
+    k.finish()
+}

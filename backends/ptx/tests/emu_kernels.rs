@@ -929,3 +929,140 @@ fn prefill_attention_over_chunks_equals_the_reference() {
     }
     assert!(worst < 2e-5, "max |diff| {worst}");
 }
+
+#[test]
+fn tensor_core_projection_over_a_chunk_equals_the_reference() {
+    use griffin_backend_ptx::prefill::{gemm_tokens_tc, tc_grid, TC_WARPS};
+    use griffin_backend_ptx::rg_lru::Storage;
+    let mut rng = Rng(2024);
+    // 20 tokens in a plan for 32: a full 16-token tile and a partial one.
+    let (tokens, max_tokens) = (20usize, 32u32);
+    let cases: [(&str, u32, u32, bool, Epilogue, bool, Vec<u32>); 4] = [
+        ("tc_plain", 64, 24, true, Epilogue::None, true, vec![]),
+        ("tc_geglu", 48, 16, true, Epilogue::GeGlu, false, vec![]),
+        (
+            "tc_softcap",
+            32,
+            40,
+            false,
+            Epilogue::SoftCap(30.0),
+            false,
+            vec![],
+        ),
+        (
+            "tc_split",
+            32,
+            32,
+            true,
+            Epilogue::None,
+            false,
+            vec![16, 8, 8],
+        ),
+    ];
+    for (name, inputs, width, bias, epilogue, residual, splits) in cases {
+        let (n, w) = (inputs as usize, width as usize);
+        let rows = if epilogue == Epilogue::GeGlu {
+            2 * w
+        } else {
+            w
+        };
+        let mt = max_tokens as usize;
+        let x = rng.vec(mt * n);
+        let scale = if matches!(epilogue, Epilogue::SoftCap(_)) {
+            4.0
+        } else {
+            1.0
+        };
+        let wq: Vec<u16> = rng
+            .vec(rows * n)
+            .iter()
+            .map(|v| bf16_bits(v * scale))
+            .collect();
+        let b = rng.vec(rows);
+        let r = rng.vec(mt * w);
+        let spec = GemvSpec {
+            name: name.into(),
+            inputs,
+            width,
+            bias,
+            epilogue,
+            residual,
+            norm: None,
+            weights: Storage::Bf16,
+        };
+        let m = Module::parse(&module(&[gemm_tokens_tc(&spec, &splits, max_tokens)])).unwrap();
+        let mut mem = Memory::new();
+        let ca = mem.alloc_u32(&[tokens as u32]);
+        let xa = mem.alloc_f32(&x);
+        let wa = mem.alloc(&wq.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>());
+        let ba = mem.alloc_f32(&b);
+        let ra = mem.alloc_f32(&r);
+        let parts: Vec<usize> = if splits.is_empty() {
+            vec![w]
+        } else {
+            splits.iter().map(|&p| p as usize).collect()
+        };
+        let outs: Vec<u64> = parts
+            .iter()
+            .map(|p| mem.alloc_f32(&vec![f32::NAN; mt * p]))
+            .collect();
+        let mut params = vec![ca, xa, wa];
+        if bias {
+            params.push(ba);
+        }
+        if residual {
+            params.push(ra);
+        }
+        params.extend(&outs);
+        run(
+            &m,
+            name,
+            &Launch {
+                grid: tc_grid(&spec),
+                block: 32 * TC_WARPS,
+                params: &params,
+            },
+            &mut mem,
+        )
+        .unwrap();
+        let got: Vec<Vec<f32>> = outs
+            .iter()
+            .zip(&parts)
+            .map(|(&o, &p)| mem.read_f32(o, mt * p).unwrap())
+            .collect();
+        let mut worst = 0.0f32;
+        for t in 0..tokens {
+            let row = &x[t * n..(t + 1) * n];
+            let dot = |rr: usize| -> f64 {
+                (0..n)
+                    .map(|i| bf16_value(wq[rr * n + i]) as f64 * row[i] as f64)
+                    .sum::<f64>()
+                    + if bias { b[rr] as f64 } else { 0.0 }
+            };
+            for c in 0..w {
+                let mut v = match epilogue {
+                    Epilogue::None => dot(c),
+                    Epilogue::GeGlu => gelu(dot(c)) * dot(c + w),
+                    Epilogue::SoftCap(cap) => (dot(c) / cap as f64).tanh() * cap as f64,
+                };
+                if residual {
+                    v += r[t * w + c] as f64;
+                }
+                // Column c lands in part k at column c - (parts before it).
+                let (mut k, mut cc) = (0, c);
+                while cc >= parts[k] {
+                    cc -= parts[k];
+                    k += 1;
+                }
+                worst = worst.max((got[k][t * parts[k] + cc] - v as f32).abs());
+            }
+        }
+        assert!(worst < 1e-4, "{name}: max |diff| {worst}");
+        for (o, &p) in got.iter().zip(&parts) {
+            assert!(
+                o[tokens * p..].iter().all(|v| v.is_nan()),
+                "{name}: wrote past the count"
+            );
+        }
+    }
+}

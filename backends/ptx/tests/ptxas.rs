@@ -10,7 +10,7 @@ use griffin_backend_ptx::attention::{
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{advance, argmax, gather};
 use griffin_backend_ptx::module;
-use griffin_backend_ptx::prefill::{gemm_tokens, rg_lru_tokens, rms_norm_tokens};
+use griffin_backend_ptx::prefill::{gemm_tokens, gemm_tokens_tc, rg_lru_tokens, rms_norm_tokens};
 use griffin_backend_ptx::rg_lru::{rg_lru_step, RgLruSpec, Storage};
 
 fn ptxas() -> PathBuf {
@@ -154,6 +154,17 @@ fn all_kernels() -> Vec<(String, String)> {
             ..s
         };
         out.push((s.name.clone(), gemm_tokens(&s)));
+        // The same on tensor cores, chunks of 64 tokens (the x/y projection split in two).
+        let splits: Vec<u32> = if s.name == "b2_x_y_tokens" {
+            vec![2560, 2560]
+        } else {
+            vec![]
+        };
+        let tc = GemvSpec {
+            name: format!("{}_tc", s.name),
+            ..s
+        };
+        out.push((tc.name.clone(), gemm_tokens_tc(&tc, &splits, 64)));
     }
     let scan = RgLruSpec {
         name: "b2_rg_lru_tokens".into(),
