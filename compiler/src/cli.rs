@@ -142,6 +142,9 @@ pub struct CompileArgs {
     /// Storage dtype of packed weights.
     #[arg(long, value_enum, default_value_t = WeightsChoice::Stored)]
     pub weights_dtype: WeightsChoice,
+    /// GPU: run prefill projections on CUDA cores instead of tensor cores.
+    #[arg(long)]
+    pub no_tensor_cores: bool,
 }
 
 impl CompileArgs {
@@ -153,6 +156,7 @@ impl CompileArgs {
         Ok(crate::gpu::GpuOptions {
             prefill_chunk: Some(chunk),
             weights: cpu.weights,
+            tensor_cores: !self.no_tensor_cores,
         })
     }
 

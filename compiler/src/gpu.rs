@@ -48,6 +48,7 @@ struct Lowering<'g> {
     g: &'g Graph,
     /// How matrices are stored.
     matrices: griffin_backend_cpu::WeightsDtype,
+    tensor_cores: bool,
     /// The largest chunk, while lowering the prefill graph.
     prefill: Option<u32>,
     buffers: Vec<GpuBuffer>,
@@ -274,7 +275,8 @@ impl Lowering<'_> {
             attend_tokens, rotate_tokens, rotate_tokens_threads, write_ring_tokens,
         };
         use griffin_backend_ptx::prefill::{
-            gather_tokens, gemm_tokens_split, rg_lru_tokens, rms_norm_tokens, NORM_BLOCK,
+            gather_tokens, gemm_tokens_split, gemm_tokens_tc, rg_lru_tokens, rms_norm_tokens,
+            tc_grid, tensor_cores_fit, NORM_BLOCK, TC_WARPS,
         };
         let g = self.g;
         let x = g.operands(id);
@@ -385,15 +387,25 @@ impl Lowering<'_> {
                     norm: None,
                     weights: storage,
                 };
-                let grid_size = grid(&spec);
                 self.gemm_specs.insert(self.launches.len(), spec.clone());
-                self.launch(
-                    name,
-                    gemm_tokens_split(&spec, &parts),
-                    grid_size,
-                    32 * WARPS_PER_BLOCK,
-                    args,
-                );
+                if self.tensor_cores && tensor_cores_fit(&spec, &parts) {
+                    self.launch(
+                        name,
+                        gemm_tokens_tc(&spec, &parts, max_tokens),
+                        tc_grid(&spec),
+                        32 * TC_WARPS,
+                        args,
+                    );
+                } else {
+                    let grid_size = grid(&spec);
+                    self.launch(
+                        name,
+                        gemm_tokens_split(&spec, &parts),
+                        grid_size,
+                        32 * WARPS_PER_BLOCK,
+                        args,
+                    );
+                }
             }
             Op::RgLru { width, gate_output } => {
                 let mut args = vec![
@@ -756,6 +768,8 @@ pub struct GpuOptions {
     pub prefill_chunk: Option<u32>,
     /// How projection and embedding matrices are stored (other weights are f32).
     pub weights: griffin_backend_cpu::WeightsDtype,
+    /// Prefill projections with bf16 weights on tensor cores (`mma.sync`) where they fit.
+    pub tensor_cores: bool,
 }
 
 impl Default for GpuOptions {
@@ -763,6 +777,7 @@ impl Default for GpuOptions {
         GpuOptions {
             prefill_chunk: Some(PREFILL_CHUNK),
             weights: griffin_backend_cpu::WeightsDtype::AsStored,
+            tensor_cores: true,
         }
     }
 }
@@ -781,6 +796,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
     let mut l = Lowering {
         g,
         matrices: opts.weights,
+        tensor_cores: opts.tensor_cores,
         prefill: None,
         buffers: Vec::new(),
         launches: Vec::new(),

@@ -345,3 +345,26 @@ fn bf16_matrices_on_an_f32_checkpoint_stay_within_the_bf16_bound() {
     // Rounded weights: no longer f32-exact, within the bf16 bound.
     assert!(diff > 1e-5 && diff <= 0.02, "{diff}");
 }
+
+#[test]
+fn bf16_prefill_projections_use_tensor_cores_unless_told_not_to() {
+    use griffinc::gpu::{lower, GpuOptions};
+    let e = expected("gen-h3-bf16");
+    let model = Model::load(&golden_dir().join("gen-h3-bf16")).unwrap();
+    let on = lower(&model, &GpuOptions::default()).unwrap();
+    assert!(on.ptx.contains("mma.sync.aligned.m16n8k16"));
+    let off_opts = GpuOptions {
+        tensor_cores: false,
+        ..GpuOptions::default()
+    };
+    let off = lower(&model, &off_opts).unwrap();
+    assert!(!off.ptx.contains("mma.sync"));
+    // Both compute the golden logits.
+    let mut engine = EmuEngine::with_options(&model, &off_opts).unwrap();
+    engine.reset();
+    let mut rows = Vec::new();
+    engine
+        .prefill(&e.input_ids, &mut |r| rows.extend_from_slice(r))
+        .unwrap();
+    assert!(max_abs_diff(&rows, &e.logits) <= F32_TOLERANCE);
+}

@@ -937,7 +937,9 @@ fn tensor_core_projection_over_a_chunk_equals_the_reference() {
     let mut rng = Rng(2024);
     // 20 tokens in a plan for 32: a full 16-token tile and a partial one.
     let (tokens, max_tokens) = (20usize, 32u32);
-    let cases: [(&str, u32, u32, bool, Epilogue, bool, Vec<u32>); 4] = [
+    // (name, inputs, width, bias, epilogue, residual, splits)
+    type Case = (&'static str, u32, u32, bool, Epilogue, bool, Vec<u32>);
+    let cases: [Case; 4] = [
         ("tc_plain", 64, 24, true, Epilogue::None, true, vec![]),
         ("tc_geglu", 48, 16, true, Epilogue::GeGlu, false, vec![]),
         (
