@@ -52,15 +52,17 @@ exe="$carry/2b/griffin-2b"
 "$exe" --pack-weights-from "$ck" || echo "packing failed"
 prompt=$("$py" -c "import random; random.seed(0); print(','.join(['2']+[str(random.randrange(3,256000)) for _ in range(2047)]))")
 pre=$("$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
+pre_simt=$("$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 dec=$("$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats 2>&1 >/dev/null | tail -1)
 echo "prefill: $pre"
+echo "prefill (CUDA cores): $pre_simt"
 echo "decode:  $dec"
 ref=$("$py" scripts/bench_reference.py "$ck" --threads 16 --prefill 2048 --decode 64 --device cuda --dtype bf16 2>/dev/null | tail -1)
 echo "reference: $ref"
 
-"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" <<'PY'
+"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" <<'PY'
 import json, os, re, sys
-pre, dec, ref, exe = sys.argv[1:5]
+pre, dec, ref, exe, pre_simt = sys.argv[1:6]
 def num(pattern, s):
     m = re.search(pattern, s)
     return float(m.group(1)) if m else float("nan")
@@ -76,6 +78,7 @@ print()
 print("| engine | prefill tok/s (2048) | decode tok/s | memory | decode bandwidth |")
 print("| --- | --- | --- | --- | --- |")
 print(f"| griffinc --target cuda | {ours_pre:.0f} | {ours_dec:.1f} | {dev_mb:.0f} MB device | {ours_dec * weights_gb:.0f} GB/s of weights |")
+print(f"| griffinc --target cuda --no-tensor-cores | {num(r'prefill ([0-9.]+) tokens/s', pre_simt):.0f} | | | |")
 print(f"| reference (transformers eager, bf16) | {r.get('prefill_tokens_per_s', float('nan')):.0f} | {r.get('decode_tokens_per_s', float('nan')):.1f} | {r.get('peak_gpu_mb', float('nan')):.0f} MB peak allocated | |")
 PY
 echo
