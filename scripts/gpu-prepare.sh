@@ -19,7 +19,7 @@ for case in tiny-f32 tiny-bf16-sharded tiny-text gen-h3-bf16; do
 done
 ckpt=${CHECKPOINT_2B:-/tmp/griffin-2b-hash}
 [ -f "$ckpt/config.json" ] || "$py" scripts/make_random_checkpoint.py "$ckpt" --config 2b --dtype bf16 --values hash
-target/release/griffinc build "$ckpt" --target cuda --name griffin-2b -o "$carry/2b" --emit-ptx "$carry/2b/ptx"
+target/release/griffinc build "$ckpt" --target cuda --name griffin-2b -o "$carry/2b" --emit-ptx target/gpu-ptx   # for reading; not carried
 # The same with prefill projections on CUDA cores, to compare (same weights file).
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-simt -o "$carry/2b" --no-tensor-cores
 rm -f "$carry"/2b/*.weights   # packed there from the same checkpoint, rebuilt there
