@@ -111,6 +111,87 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
     k.finish()
 }
 
+/// Where a chunk projection's results go and what finishes them.
+struct Outputs<'a> {
+    spec: &'a GemvSpec,
+    /// Output widths of the split parts, in order.
+    parts: &'a [u32],
+    outs: &'a [Reg],
+    bias: Option<Reg>,
+    residual: Option<Reg>,
+}
+
+/// Finishes the result of (token `t`, output column `col`) from its accumulator(s) `vals`
+/// (gate and up for GeGLU) and stores it: bias, the epilogue, the residual (in the unsplit
+/// layout), then the split output the column falls in.
+fn finish_token(k: &mut Kernel, o: &Outputs, mut vals: Vec<Reg>, t: Reg, col: Reg) {
+    let spec = o.spec;
+    if let Some(b) = o.bias {
+        let mut row = col;
+        for v in vals.iter_mut() {
+            let ba = addr4(k, b, row);
+            let bv = k.reg(Class::F32);
+            k.ins(format!("ld.global.nc.f32 {bv}, [{ba}];"));
+            let s = k.reg(Class::F32);
+            k.ins(format!("add.f32 {s}, {v}, {bv};"));
+            *v = s;
+            // The up row of GeGLU.
+            let up = k.reg(Class::B32);
+            k.ins(format!("add.u32 {up}, {col}, {};", spec.width));
+            row = up;
+        }
+    }
+    let mut value = vals[0];
+    match spec.epilogue {
+        Epilogue::None => {}
+        Epilogue::GeGlu => {
+            let g = gelu(k, vals[0]);
+            let v = k.reg(Class::F32);
+            k.ins(format!("mul.f32 {v}, {g}, {};", vals[1]));
+            value = v;
+        }
+        Epilogue::SoftCap(cap) => {
+            let v = k.reg(Class::F32);
+            k.ins(format!(
+                "mul.f32 {v}, {value}, {};",
+                Kernel::f32_imm(1.0 / cap)
+            ));
+            let th = tanh(k, v);
+            k.ins(format!("mul.f32 {th}, {th}, {};", Kernel::f32_imm(cap)));
+            value = th;
+        }
+    }
+    if let Some(res) = o.residual {
+        let re = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {re}, {t}, {}, {col};", spec.width));
+        let ra = addr4(k, res, re);
+        let rv = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {rv}, [{ra}];"));
+        let s = k.reg(Class::F32);
+        k.ins(format!("add.f32 {s}, {value}, {rv};"));
+        value = s;
+    }
+    let out = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {out}, {};", o.outs[0]));
+    let stride = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {stride}, {};", o.parts[0]));
+    let ocol = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {ocol}, {col};"));
+    let mut boundary = 0;
+    for (i, part) in o.parts.iter().enumerate().skip(1) {
+        boundary += o.parts[i - 1];
+        let past = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.u32 {past}, {col}, {boundary};"));
+        k.ins(format!("@{past} mov.u64 {out}, {};", o.outs[i]));
+        k.ins(format!("@{past} mov.u32 {stride}, {part};"));
+        k.ins(format!("@{past} sub.u32 {ocol}, {col}, {boundary};"));
+    }
+    let oe = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {oe}, {t}, {stride}, {ocol};"));
+    let oa = addr4(k, out, oe);
+    k.ins(format!("st.global.f32 [{oa}], {value};"));
+}
+
 /// Parameters: count `i32[1]`, x `f32[T, I]`, w `[rows, I]`, [bias `f32[rows]`], [residual
 /// `f32[T, width]`], out `f32[T, width]`. Launch: `ceil(width / 8)` blocks of 256 (as decode).
 /// `spec.norm` must be None: run `rms_norm_tokens` first.
@@ -161,22 +242,13 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
     k.ins(format!("@{outside} bra {done};"));
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
-    // This column's output: the part it falls in, that part's row stride, its column there.
-    let out = k.reg(Class::B64);
-    k.ins(format!("mov.u64 {out}, {};", outs[0]));
-    let stride = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {stride}, {};", parts[0]));
-    let ocol = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {ocol}, {col};"));
-    let mut boundary = 0;
-    for (i, part) in parts.iter().enumerate().skip(1) {
-        boundary += parts[i - 1];
-        let past = k.reg(Class::Pred);
-        k.ins(format!("setp.ge.u32 {past}, {col}, {boundary};"));
-        k.ins(format!("@{past} mov.u64 {out}, {};", outs[i]));
-        k.ins(format!("@{past} mov.u32 {stride}, {part};"));
-        k.ins(format!("@{past} sub.u32 {ocol}, {col}, {boundary};"));
-    }
+    let outputs = Outputs {
+        spec,
+        parts: &parts,
+        outs: &outs,
+        bias,
+        residual,
+    };
     let rows: Vec<Reg> = if geglu {
         let up = k.reg(Class::B32);
         k.ins(format!("add.u32 {up}, {col}, {};", spec.width));
@@ -273,50 +345,8 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
         let beyond = k.reg(Class::Pred);
         k.ins(format!("setp.ge.u32 {beyond}, {t}, {n};"));
         k.ins(format!("@{beyond} bra {skip};"));
-        let mut vals: Vec<Reg> = accs.iter().map(|ra| ra[j]).collect();
-        if let Some(b) = bias {
-            for (v, &r) in vals.iter_mut().zip(&rows) {
-                let ba = addr4(&mut k, b, r);
-                let bv = k.reg(Class::F32);
-                k.ins(format!("ld.global.nc.f32 {bv}, [{ba}];"));
-                let s = k.reg(Class::F32);
-                k.ins(format!("add.f32 {s}, {v}, {bv};"));
-                *v = s;
-            }
-        }
-        let mut value = vals[0];
-        match spec.epilogue {
-            Epilogue::None => {}
-            Epilogue::GeGlu => {
-                let g = gelu(&mut k, vals[0]);
-                let v = k.reg(Class::F32);
-                k.ins(format!("mul.f32 {v}, {g}, {};", vals[1]));
-                value = v;
-            }
-            Epilogue::SoftCap(cap) => {
-                let v = k.reg(Class::F32);
-                k.ins(format!(
-                    "mul.f32 {v}, {value}, {};",
-                    Kernel::f32_imm(1.0 / cap)
-                ));
-                let th = tanh(&mut k, v);
-                k.ins(format!("mul.f32 {th}, {th}, {};", Kernel::f32_imm(cap)));
-                value = th;
-            }
-        }
-        let oe = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {oe}, {t}, {stride}, {ocol};"));
-        if let Some(res) = residual {
-            // The residual has the whole output's layout (residual projections are unsplit).
-            let re = k.reg(Class::B32);
-            k.ins(format!("mad.lo.u32 {re}, {t}, {}, {col};", spec.width));
-            let ra = addr4(&mut k, res, re);
-            let rv = k.reg(Class::F32);
-            k.ins(format!("ld.global.f32 {rv}, [{ra}];"));
-            k.ins(format!("add.f32 {value}, {value}, {rv};"));
-        }
-        let oa = addr4(&mut k, out, oe);
-        k.ins(format!("st.global.f32 [{oa}], {value};"));
+        let vals: Vec<Reg> = accs.iter().map(|ra| ra[j]).collect();
+        finish_token(&mut k, &outputs, vals, t, col);
         k.place(&skip);
     }
     k.place(&next);
@@ -614,6 +644,13 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
     let outs: Vec<Reg> = (0..parts.len())
         .map(|i| k.param_ptr(&format!("out{i}")))
         .collect();
+    let outputs = Outputs {
+        spec,
+        parts: &parts,
+        outs: &outs,
+        bias,
+        residual,
+    };
     let inputs = spec.inputs;
     let geglu = spec.epilogue == Epilogue::GeGlu;
 
@@ -769,74 +806,8 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
             if i & 1 == 1 {
                 k.ins(format!("add.u32 {col}, {col}, 1;"));
             }
-            let mut vals: Vec<Reg> = tile_accs.iter().map(|a| a[i]).collect();
-            if let Some(b) = bias {
-                let rows: Vec<Reg> = if geglu {
-                    let up = k.reg(Class::B32);
-                    k.ins(format!("add.u32 {up}, {col}, {};", spec.width));
-                    vec![col, up]
-                } else {
-                    vec![col]
-                };
-                for (v, r) in vals.iter_mut().zip(rows) {
-                    let ba = addr4(&mut k, b, r);
-                    let bv = k.reg(Class::F32);
-                    k.ins(format!("ld.global.nc.f32 {bv}, [{ba}];"));
-                    let s = k.reg(Class::F32);
-                    k.ins(format!("add.f32 {s}, {v}, {bv};"));
-                    *v = s;
-                }
-            }
-            let mut value = vals[0];
-            match spec.epilogue {
-                Epilogue::None => {}
-                Epilogue::GeGlu => {
-                    let gl = gelu(&mut k, vals[0]);
-                    let v = k.reg(Class::F32);
-                    k.ins(format!("mul.f32 {v}, {gl}, {};", vals[1]));
-                    value = v;
-                }
-                Epilogue::SoftCap(cap) => {
-                    let v = k.reg(Class::F32);
-                    k.ins(format!(
-                        "mul.f32 {v}, {value}, {};",
-                        Kernel::f32_imm(1.0 / cap)
-                    ));
-                    let th = tanh(&mut k, v);
-                    k.ins(format!("mul.f32 {th}, {th}, {};", Kernel::f32_imm(cap)));
-                    value = th;
-                }
-            }
-            if let Some(res) = residual {
-                let re = k.reg(Class::B32);
-                k.ins(format!("mad.lo.u32 {re}, {t}, {}, {col};", spec.width));
-                let ra = addr4(&mut k, res, re);
-                let rv = k.reg(Class::F32);
-                k.ins(format!("ld.global.f32 {rv}, [{ra}];"));
-                let s = k.reg(Class::F32);
-                k.ins(format!("add.f32 {s}, {value}, {rv};"));
-                value = s;
-            }
-            // Route the column to its split output.
-            let out = k.reg(Class::B64);
-            k.ins(format!("mov.u64 {out}, {};", outs[0]));
-            let stride = k.reg(Class::B32);
-            k.ins(format!("mov.u32 {stride}, {};", parts[0]));
-            let ocol = k.reg(Class::B32);
-            k.ins(format!("mov.u32 {ocol}, {col};"));
-            let mut boundary = 0;
-            for (pi, part) in parts.iter().enumerate().skip(1) {
-                boundary += parts[pi - 1];
-                let past = k.reg(Class::Pred);
-                k.ins(format!("setp.ge.u32 {past}, {col}, {boundary};"));
-                k.ins(format!("@{past} mov.u64 {out}, {};", outs[pi]));
-                k.ins(format!("@{past} mov.u32 {stride}, {part};"));
-                k.ins(format!("@{past} sub.u32 {ocol}, {col}, {boundary};"));
-            }
-            let oe = k.reg(Class::B32);
-            k.ins(format!("mad.lo.u32 {oe}, {t}, {stride}, {ocol};"));
-            let oa = addr4(&mut k, out, oe);
-            k.ins(format!("st.global.f32 [{oa}], {value};"));
+            let vals: Vec<Reg> = tile_accs.iter().map(|a| a[i]).collect();
+            finish_token(&mut k, &outputs, vals, t, col);
             k.place(&skip);
         }
     }
