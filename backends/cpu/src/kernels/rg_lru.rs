@@ -128,7 +128,7 @@ pub fn rg_lru(s: &RgLruSpec) -> String {
                 let log_a = f.fbin("fmul", &m8, &rate);
                 let a_val = f.exp(&log_a);
                 let twice = f.fbin("fmul", "2.0", &log_a);
-                let em1 = f.call_f32("expm1f", &[&twice]);
+                let em1 = f.expm1(&twice);
                 let one_minus = f.op(format!("fneg fast float {em1}"));
                 let root = f.call_f32("llvm.sqrt.f32", &[&one_minus]);
                 let norm = f.op(format!("select i1 {at_start}, float 1.0, float {root}"));
