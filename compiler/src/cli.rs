@@ -39,7 +39,7 @@ pub enum Command {
     Ir(IrArgs),
     /// Compute logits for given token ids and write them to a safetensors file.
     Eval(EvalArgs),
-    /// Continue a prompt greedily.
+    /// Continue a prompt (greedy or sampled), or chat with --chat.
     Generate(GenerateArgs),
     /// Compile a checkpoint into a standalone executable and its weights file.
     Build(BuildArgs),
