@@ -21,13 +21,13 @@ use griffin_backend_ptx::misc::{argmax, gather, ARGMAX_THREADS, GATHER_BLOCK};
 use griffin_backend_ptx::rg_lru::{block_size, rg_lru_step, RgLruSpec, Storage};
 use griffin_ir::{DType, Epilogue, Graph, InputRole, NodeId, Op, OutputRole, Value};
 use griffin_runtime::gpu_plan::{
-    Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GpuPrefill, GPU_PLAN_VERSION,
+    Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GpuPrefill, LastRow, GPU_PLAN_VERSION,
 };
 use griffin_runtime::pack::pack;
 use griffin_runtime::plan::{Buffer, BufferKind, Elem, Plan, Storage as PackStorage, PLAN_VERSION};
 
 use crate::error::RunError;
-use crate::session::{Engine, Model};
+use crate::session::{check_ids, Engine, Model};
 
 /// A compiled decode step: the PTX module and the plan that launches it.
 pub struct GpuProgram {
@@ -210,6 +210,44 @@ impl Lowering<'_> {
         });
     }
 
+    /// The fused recurrence: one step in the decode graph, the chunk's tokens in the prefill
+    /// graph (the same operands, the chunk kernel taking the token counter first).
+    fn rg_lru(
+        &mut self,
+        id: NodeId,
+        name: String,
+        width: u32,
+        gate_output: bool,
+    ) -> Result<(), RunError> {
+        let x = self.g.operands(id);
+        let r = |output: u32| Value { node: id, output };
+        let mut args = Vec::new();
+        if self.prefill.is_some() {
+            args.push(self.count_arg()?);
+        }
+        let window = self.value(x[2])?;
+        args.extend([self.value(x[0])?, self.position_arg()?, window]);
+        for w in &x[3..10] {
+            args.push(self.weight(*w, Storage::F32)?);
+        }
+        let state = self.value(x[10])?;
+        args.push(state);
+        if gate_output {
+            args.push(self.value(x[11])?);
+        }
+        let spec = self.rg_lru_spec(&name, &x, width, gate_output)?;
+        args.push(self.activation(r(0))?);
+        self.value_of.insert(r(1), window);
+        self.value_of.insert(r(2), state);
+        let ptx = if self.prefill.is_some() {
+            griffin_backend_ptx::prefill::rg_lru_tokens(&spec)
+        } else {
+            rg_lru_step(&spec)
+        };
+        self.launch(name, ptx, spec.blocks, block_size(&spec), args);
+        Ok(())
+    }
+
     /// The fused recurrence's kernel spec from its operands (both graphs).
     fn rg_lru_spec(
         &self,
@@ -275,8 +313,8 @@ impl Lowering<'_> {
             attend_tokens, rotate_tokens, rotate_tokens_threads, write_ring_tokens,
         };
         use griffin_backend_ptx::prefill::{
-            gather_tokens, gemm_tokens_split, gemm_tokens_tc, rg_lru_tokens, rms_norm_tokens,
-            tc_grid, tensor_cores_fit, NORM_BLOCK, TC_WARPS,
+            gather_tokens, gemm_tokens_split, gemm_tokens_tc, rms_norm_tokens, tc_grid,
+            tensor_cores_fit, NORM_BLOCK, TC_WARPS,
         };
         let g = self.g;
         let x = g.operands(id);
@@ -406,35 +444,6 @@ impl Lowering<'_> {
                         args,
                     );
                 }
-            }
-            Op::RgLru { width, gate_output } => {
-                let mut args = vec![
-                    count,
-                    self.value(x[0])?,
-                    self.position_arg()?,
-                    self.value(x[2])?,
-                ];
-                for w in &x[3..10] {
-                    args.push(self.weight(*w, Storage::F32)?);
-                }
-                let state = self.value(x[10])?;
-                args.push(state);
-                if *gate_output {
-                    args.push(self.value(x[11])?);
-                }
-                let spec = self.rg_lru_spec(&name, &x, *width, *gate_output)?;
-                let window = self.value(x[2])?;
-                let out = self.activation(r(0))?;
-                args.push(out);
-                self.value_of.insert(r(1), window);
-                self.value_of.insert(r(2), state);
-                self.launch(
-                    name,
-                    rg_lru_tokens(&spec),
-                    spec.blocks,
-                    block_size(&spec),
-                    args,
-                );
             }
             Op::LocalAttention {
                 window,
@@ -682,30 +691,7 @@ impl Lowering<'_> {
                 self.launch(name, gemv(&spec), g, 32 * WARPS_PER_BLOCK, args);
             }
             Op::RgLru { width, gate_output } => {
-                let input = self.value(x[0])?;
-                let position = self.position_arg()?;
-                let window = self.value(x[2])?;
-                let mut args = vec![input, position, window];
-                for w in &x[3..10] {
-                    args.push(self.weight(*w, Storage::F32)?);
-                }
-                let state = self.value(x[10])?;
-                args.push(state);
-                if *gate_output {
-                    args.push(self.value(x[11])?);
-                }
-                let spec = self.rg_lru_spec(&name, &x, *width, *gate_output)?;
-                let out = self.activation(r(0))?;
-                args.push(out);
-                self.value_of.insert(r(1), window);
-                self.value_of.insert(r(2), state);
-                self.launch(
-                    name,
-                    rg_lru_step(&spec),
-                    spec.blocks,
-                    block_size(&spec),
-                    args,
-                );
+                self.rg_lru(id, name, *width, *gate_output)?;
             }
             Op::LocalAttention {
                 window,
@@ -834,10 +820,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
             let logits = l
                 .logits
                 .ok_or_else(|| unsupported("no logits in prefill"))?;
-            let (last_row_launches, last_logits) = match last_row_variant(&mut l, logits) {
-                Some((launches, buffer)) => (Some(launches), Some(buffer)),
-                None => (None, None),
-            };
+            let last_row = last_row_variant(&mut l, logits);
             let prefill = GpuPrefill {
                 launches: std::mem::replace(&mut l.launches, decode_launches),
                 ids: l
@@ -846,8 +829,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
                 count: l.count.expect("set above"),
                 logits,
                 max_tokens,
-                last_row_launches,
-                last_logits,
+                last_row,
             };
             Some(prefill)
         }
@@ -899,7 +881,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
 /// The prefill launches with the logits projection run on the chunk's last row only (one
 /// decode-style GEMV after copying that row), for generation; `None` when the logits come
 /// from something else than an unsplit projection without residual.
-fn last_row_variant(l: &mut Lowering, logits: usize) -> Option<(Vec<GpuLaunch>, usize)> {
+fn last_row_variant(l: &mut Lowering, logits: usize) -> Option<LastRow> {
     use griffin_backend_ptx::prefill::{last_row, NORM_BLOCK};
     let index = l
         .launches
@@ -947,7 +929,10 @@ fn last_row_variant(l: &mut Lowering, logits: usize) -> Option<(Vec<GpuLaunch>, 
     l.kernels.insert(gemv_spec.name.clone(), gemv(&gemv_spec));
     let mut launches = l.launches.clone();
     launches.splice(index..=index, [copy, project]);
-    Some((launches, out.buffer))
+    Some(LastRow {
+        launches,
+        logits: out.buffer,
+    })
 }
 
 /// Packs the program's weights from the checkpoint; returns the bytes and writes each weight's
@@ -1015,34 +1000,32 @@ impl EmuEngine {
         })
     }
 
-    fn run(&mut self, launch: &GpuLaunch) -> Result<(), RunError> {
-        let params: Vec<u64> = launch
-            .args
-            .iter()
-            .map(|a| self.addresses[a.buffer] + a.offset)
-            .collect();
-        emu::run(
-            &self.module,
-            &launch.kernel,
-            &emu::Launch {
-                grid: launch.grid,
-                block: launch.block,
-                params: &params,
-            },
-            &mut self.memory,
-        )
-        .map_err(emu_error)?;
+    /// Runs `launches` in order.
+    fn run(&mut self, launches: &[GpuLaunch]) -> Result<(), RunError> {
+        for launch in launches {
+            let params: Vec<u64> = launch
+                .args
+                .iter()
+                .map(|a| self.addresses[a.buffer] + a.offset)
+                .collect();
+            emu::run(
+                &self.module,
+                &launch.kernel,
+                &emu::Launch {
+                    grid: launch.grid,
+                    block: launch.block,
+                    params: &params,
+                },
+                &mut self.memory,
+            )
+            .map_err(emu_error)?;
+        }
         Ok(())
     }
 
     /// Runs one decode step for `id`; the logits stay in device memory.
     fn step_device(&mut self, id: u32) -> Result<(), RunError> {
-        if id as usize >= self.program.plan.vocab() {
-            return Err(RunError::TokenOutOfRange {
-                id,
-                vocab: self.program.plan.vocab(),
-            });
-        }
+        check_ids(&[id], self.program.plan.vocab())?;
         let (ids, pos) = (
             self.addresses[self.program.plan.ids],
             self.addresses[self.program.plan.position],
@@ -1051,10 +1034,11 @@ impl EmuEngine {
             .write_bytes(ids, &id.to_le_bytes())
             .and_then(|_| self.memory.write_bytes(pos, &self.position.to_le_bytes()))
             .map_err(emu_error)?;
-        let launches = self.program.plan.launches.clone();
-        for l in &launches {
-            self.run(l)?;
-        }
+        // The plan moves out for the launches and back: the steps borrow the engine mutably.
+        let plan = std::mem::take(&mut self.program.plan.launches);
+        let ran = self.run(&plan);
+        self.program.plan.launches = plan;
+        ran?;
         self.position += 1;
         Ok(())
     }
@@ -1089,10 +1073,52 @@ impl EmuEngine {
             .map_err(emu_error)
     }
 
+    /// Runs `ids` through the prefill program in chunks; `on_rows` sees each chunk's logits
+    /// (every row, or with `last_only` and a last-row program, the last row alone).
+    fn prefill_chunks(
+        &mut self,
+        ids: &[u32],
+        last_only: bool,
+        on_rows: &mut dyn FnMut(&[f32]),
+    ) -> Result<(), RunError> {
+        check_ids(ids, self.program.plan.vocab())?;
+        let vocab = self.program.plan.vocab();
+        // Taken out while the launches run (they borrow the engine mutably), put back after.
+        let prefill = self
+            .program
+            .plan
+            .prefill
+            .take()
+            .expect("checked by the caller");
+        let result = (|| {
+            let (launches, last) = match (&prefill.last_row, last_only) {
+                (Some(l), true) => (&l.launches, Some(l.logits)),
+                _ => (&prefill.launches, None),
+            };
+            for chunk in ids.chunks(prefill.max_tokens as usize) {
+                self.upload_chunk(&prefill, chunk)?;
+                self.run(launches)?;
+                self.position += chunk.len() as u32;
+                let (buffer, rows) = match last {
+                    Some(b) => (b, 1),
+                    None => (prefill.logits, chunk.len()),
+                };
+                let logits = self
+                    .memory
+                    .read_f32(self.addresses[buffer], rows * vocab)
+                    .map_err(emu_error)?;
+                on_rows(&logits);
+            }
+            Ok(())
+        })();
+        self.program.plan.prefill = Some(prefill);
+        result
+    }
+
     /// The greedy next id, computed on the device by the argmax kernel.
     pub fn device_argmax(&mut self) -> Result<u32, RunError> {
         let launch = self.program.plan.argmax.clone();
-        self.run(&launch)?;
+        self.run(std::slice::from_ref(&launch))?;
         let v = self
             .memory
             .read_u32(self.addresses[self.program.plan.next_id], 1)
@@ -1119,64 +1145,26 @@ impl Engine for EmuEngine {
     }
 
     fn prefill(&mut self, ids: &[u32], on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
-        if ids.is_empty() {
-            return Err(RunError::EmptyIds);
-        }
-        let Some(prefill) = self.program.plan.prefill.clone() else {
+        if self.program.plan.prefill.is_none() {
+            check_ids(ids, self.program.plan.vocab())?;
             for &id in ids {
                 self.step_device(id)?;
                 on_logits(&self.logits()?);
             }
             return Ok(());
-        };
-        let vocab = self.program.plan.vocab();
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(RunError::TokenOutOfRange { id, vocab });
         }
-        for chunk in ids.chunks(prefill.max_tokens as usize) {
-            self.upload_chunk(&prefill, chunk)?;
-            for l in &prefill.launches {
-                self.run(l)?;
-            }
-            self.position += chunk.len() as u32;
-            let rows = self
-                .memory
-                .read_f32(self.addresses[prefill.logits], chunk.len() * vocab)
-                .map_err(emu_error)?;
-            on_logits(&rows);
-        }
-        Ok(())
+        self.prefill_chunks(ids, false, on_logits)
     }
 
     fn prefill_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
-        let prefill = self.program.plan.prefill.clone();
-        let Some((prefill, launches, last)) = prefill.and_then(|p| {
-            let launches = p.last_row_launches.clone()?;
-            let last = p.last_logits?;
-            Some((p, launches, last))
-        }) else {
-            let mut last = Vec::new();
+        let mut last = Vec::new();
+        if self.program.plan.prefill.is_none() {
             self.prefill(ids, &mut |rows| last = rows.to_vec())?;
-            let vocab = self.program.plan.vocab();
-            return Ok(last[last.len() - vocab..].to_vec());
-        };
-        if ids.is_empty() {
-            return Err(RunError::EmptyIds);
+        } else {
+            self.prefill_chunks(ids, true, &mut |rows| last = rows.to_vec())?;
         }
         let vocab = self.program.plan.vocab();
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(RunError::TokenOutOfRange { id, vocab });
-        }
-        for chunk in ids.chunks(prefill.max_tokens as usize) {
-            self.upload_chunk(&prefill, chunk)?;
-            for l in &launches {
-                self.run(l)?;
-            }
-            self.position += chunk.len() as u32;
-        }
-        self.memory
-            .read_f32(self.addresses[last], vocab)
-            .map_err(emu_error)
+        Ok(last[last.len() - vocab..].to_vec())
     }
 
     fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {

@@ -106,14 +106,18 @@ impl Model {
 
     /// Rejects empty input and ids outside the vocabulary before anything runs.
     pub fn check_ids(&self, ids: &[u32]) -> Result<(), RunError> {
-        if ids.is_empty() {
-            return Err(RunError::EmptyIds);
-        }
-        let vocab = self.vocab_size();
-        match ids.iter().find(|&&id| id as usize >= vocab) {
-            Some(&id) => Err(RunError::TokenOutOfRange { id, vocab }),
-            None => Ok(()),
-        }
+        check_ids(ids, self.vocab_size())
+    }
+}
+
+/// Token ids a call may take: at least one, each below the vocabulary size.
+pub fn check_ids(ids: &[u32], vocab: usize) -> Result<(), RunError> {
+    if ids.is_empty() {
+        return Err(RunError::EmptyIds);
+    }
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(&id) => Err(RunError::TokenOutOfRange { id, vocab }),
+        None => Ok(()),
     }
 }
 

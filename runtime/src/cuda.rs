@@ -105,7 +105,9 @@ struct Program {
     launches: Vec<GpuLaunch>,
     functions: Vec<CudaFunction>,
     params: Vec<Vec<u64>>,
-    graph: Graph,
+    /// Captured on first run; a cell so a program runs through a shared borrow of the
+    /// executor.
+    graph: std::cell::RefCell<Graph>,
 }
 
 impl CudaExecutor {
@@ -188,7 +190,7 @@ impl CudaExecutor {
                         .map(|l| function(&l.kernel))
                         .collect::<Result<Vec<_>, _>>()?,
                     params: launches.iter().map(params_of).collect(),
-                    graph: Graph::NotYet,
+                    graph: std::cell::RefCell::new(Graph::NotYet),
                 })
             };
         let step_program = program("decode step", &plan.launches)?;
@@ -196,12 +198,9 @@ impl CudaExecutor {
             Some(p) => Some(program("prefill chunk", &p.launches)?),
             None => None,
         };
-        let last_row = plan
-            .prefill
-            .as_ref()
-            .and_then(|p| p.last_row_launches.as_ref());
+        let last_row = plan.prefill.as_ref().and_then(|p| p.last_row.as_ref());
         let prefill_last_program = match last_row {
-            Some(launches) => Some(program("prefill chunk (last row)", launches)?),
+            Some(l) => Some(program("prefill chunk (last row)", &l.launches)?),
             None => None,
         };
         let argmax_params = params_of(&plan.argmax);
@@ -270,17 +269,18 @@ impl CudaExecutor {
     }
 
     /// Runs a program: its graph, captured on first use, or its launches one by one.
-    fn run_program(&self, p: &mut Program) -> Result<(), RuntimeError> {
-        if matches!(p.graph, Graph::NotYet) {
-            p.graph = self.capture(p);
-            if let Graph::Unavailable(why) = &p.graph {
+    fn run_program(&self, p: &Program) -> Result<(), RuntimeError> {
+        if matches!(*p.graph.borrow(), Graph::NotYet) {
+            let captured = self.capture(p);
+            if let Graph::Unavailable(why) = &captured {
                 eprintln!(
                     "note: {} not captured as a CUDA graph ({why}); launching kernels one by one",
                     p.name
                 );
             }
+            *p.graph.borrow_mut() = captured;
         }
-        match &p.graph {
+        match &*p.graph.borrow() {
             Graph::Captured(g) => g
                 .launch()
                 .map_err(|e| driver(&format!("replaying the {}", p.name), e)),
@@ -311,13 +311,7 @@ impl CudaExecutor {
     /// Runs one token: uploads its id and position, replays the captured step (capturing it
     /// on first use).
     fn run_step(&mut self, id: u32) -> Result<(), RuntimeError> {
-        let vocab = self.plan.vocab();
-        if id as usize >= vocab {
-            return Err(RuntimeError::TokenOutOfRange {
-                id,
-                vocab: vocab as u64,
-            });
-        }
+        self.check_ids(&[id])?;
         let s = self.stream.cu_stream();
         // SAFETY: both buffers hold one i32.
         unsafe {
@@ -326,19 +320,7 @@ impl CudaExecutor {
             })
         }
         .map_err(|e| driver("uploading the token", e))?;
-        let mut step = std::mem::replace(
-            &mut self.step_program,
-            Program {
-                name: "decode step",
-                launches: Vec::new(),
-                functions: Vec::new(),
-                params: Vec::new(),
-                graph: Graph::NotYet,
-            },
-        );
-        let ran = self.run_program(&mut step);
-        self.step_program = step;
-        ran?;
+        self.run_program(&self.step_program)?;
         self.position += 1;
         Ok(())
     }
@@ -381,12 +363,18 @@ impl CudaExecutor {
         self.plan.vocab()
     }
 
+    /// At least one id, each within the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<(), RuntimeError> {
+        crate::check_ids(ids, self.plan.vocab() as u64)
+    }
+
     /// Runs `ids` (at most the plan's prefill chunk) as one prefill chunk; with `all_rows`,
     /// returns the logits of every token, else of the last only. Without a prefill program the
     /// tokens run as decode steps.
     pub fn prefill_chunk(&mut self, ids: &[u32], all_rows: bool) -> Result<&[f32], RuntimeError> {
+        self.check_ids(ids)?;
         let vocab = self.plan.vocab();
-        let Some(prefill) = self.plan.prefill.clone() else {
+        let Some(prefill) = &self.plan.prefill else {
             let mut rows = Vec::new();
             let (&last, before) = ids.split_last().ok_or(RuntimeError::EmptyIds)?;
             for &id in before {
@@ -400,19 +388,10 @@ impl CudaExecutor {
             self.logits = rows;
             return Ok(&self.logits);
         };
-        if ids.is_empty() {
-            return Err(RuntimeError::EmptyIds);
-        }
         if ids.len() > prefill.max_tokens as usize {
             return Err(RuntimeError::ChunkTooLong {
                 tokens: ids.len(),
                 max: prefill.max_tokens as u64,
-            });
-        }
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(RuntimeError::TokenOutOfRange {
-                id,
-                vocab: vocab as u64,
             });
         }
         let s = self.stream.cu_stream();
@@ -427,25 +406,17 @@ impl CudaExecutor {
         }
         .map_err(|e| driver("uploading the prompt chunk", e))?;
         // The last-row variant when only the last logits are wanted and the plan has one.
-        let last_only = !all_rows && self.prefill_last_program.is_some();
-        let slot = if last_only {
-            &mut self.prefill_last_program
-        } else {
-            &mut self.prefill_program
+        let last_row = prefill.last_row.as_ref().filter(|_| !all_rows);
+        let program = match (last_row, &self.prefill_last_program) {
+            (Some(_), Some(p)) => p,
+            _ => self.prefill_program.as_ref().expect("plan has a prefill"),
         };
-        let mut program = slot.take().expect("plan has a prefill");
-        let ran = self.run_program(&mut program);
-        if last_only {
-            self.prefill_last_program = Some(program);
-        } else {
-            self.prefill_program = Some(program);
-        }
-        ran?;
+        self.run_program(program)?;
         self.position += n;
-        let (at, rows) = match (last_only, prefill.last_logits) {
-            (true, Some(last)) => (self.addresses[last], 1),
-            _ if all_rows => (self.addresses[prefill.logits], ids.len()),
-            _ => (
+        let (at, rows) = match last_row {
+            Some(l) => (self.addresses[l.logits], 1),
+            None if all_rows => (self.addresses[prefill.logits], ids.len()),
+            None => (
                 self.addresses[prefill.logits] + ((ids.len() - 1) * vocab * 4) as u64,
                 1,
             ),

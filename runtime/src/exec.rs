@@ -151,14 +151,7 @@ impl Executor {
 
     /// Checks ids before anything runs.
     pub fn check_ids(&self, ids: &[u32]) -> Result<(), RuntimeError> {
-        if ids.is_empty() {
-            return Err(RuntimeError::EmptyIds);
-        }
-        let vocab = self.plan.vocab_size;
-        match ids.iter().find(|&&id| id as u64 >= vocab) {
-            Some(&id) => Err(RuntimeError::TokenOutOfRange { id, vocab }),
-            None => Ok(()),
-        }
+        crate::check_ids(ids, self.plan.vocab_size)
     }
 
     /// Runs at most `max_tokens` ids as one call; returns their logits `[ids.len(), V]`.

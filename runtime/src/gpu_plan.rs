@@ -68,6 +68,14 @@ pub struct GpuPlan {
     pub prefill: Option<GpuPrefill>,
 }
 
+/// A prefill chunk's launches when only its last token's logits are wanted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastRow {
+    pub launches: Vec<GpuLaunch>,
+    /// `f32[V]`: the last token's logits.
+    pub logits: usize,
+}
+
 /// A chunk of prompt tokens at once.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GpuPrefill {
@@ -79,12 +87,9 @@ pub struct GpuPrefill {
     /// `f32[max_tokens, V]`: logits of every token of the chunk.
     pub logits: usize,
     pub max_tokens: u32,
-    /// The same chunk computing the logits of its last token only (generation), into
-    /// `last_logits` (`f32[V]`).
+    /// The same chunk computing the logits of its last token only (generation).
     #[serde(default)]
-    pub last_row_launches: Option<Vec<GpuLaunch>>,
-    #[serde(default)]
-    pub last_logits: Option<usize>,
+    pub last_row: Option<LastRow>,
 }
 
 impl GpuPlan {

@@ -40,3 +40,14 @@ pub enum RuntimeError {
     #[error("{tokens} tokens in one call, at most {max}")]
     ChunkTooLong { tokens: usize, max: u64 },
 }
+
+/// Token ids a call may take: at least one, each below the vocabulary size.
+pub fn check_ids(ids: &[u32], vocab: u64) -> Result<(), RuntimeError> {
+    if ids.is_empty() {
+        return Err(RuntimeError::EmptyIds);
+    }
+    match ids.iter().find(|&&id| id as u64 >= vocab) {
+        Some(&id) => Err(RuntimeError::TokenOutOfRange { id, vocab }),
+        None => Ok(()),
+    }
+}

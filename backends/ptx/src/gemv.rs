@@ -174,7 +174,8 @@ fn staged_rms_factor(k: &mut Kernel, inputs: u32, eps: f32) -> Reg {
     finish_rms(k, ss, inputs, eps)
 }
 
-fn finish_rms(k: &mut Kernel, ss: Reg, inputs: u32, eps: f32) -> Reg {
+/// `1 / sqrt(ss / inputs + eps)` from a sum of squares.
+pub(crate) fn finish_rms(k: &mut Kernel, ss: Reg, inputs: u32, eps: f32) -> Reg {
     k.ins(format!(
         "fma.rn.f32 {ss}, {ss}, {}, {};",
         Kernel::f32_imm(1.0 / inputs as f32),

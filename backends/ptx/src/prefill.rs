@@ -11,7 +11,7 @@
 //! still to write): GPU prefill runs as decode steps for now.
 
 use crate::builder::{Class, Kernel, Reg};
-use crate::gemv::{load_weights8, Epilogue, GemvSpec, WARPS_PER_BLOCK};
+use crate::gemv::{finish_rms, load_weights8, Epilogue, GemvSpec, WARPS_PER_BLOCK};
 use crate::math::{gelu, tanh, warp_sum};
 use crate::rg_lru::{addr4, Storage};
 
@@ -78,14 +78,7 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
         k.ins(format!("ld.shared.f32 {o}, [{p}+{}];", 4 * w));
         k.ins(format!("add.f32 {total}, {total}, {o};"));
     }
-    k.ins(format!(
-        "fma.rn.f32 {total}, {total}, {}, {};",
-        Kernel::f32_imm(1.0 / inputs as f32),
-        Kernel::f32_imm(eps)
-    ));
-    let r = k.reg(Class::F32);
-    k.ins(format!("sqrt.rn.f32 {r}, {total};"));
-    k.ins(format!("rcp.rn.f32 {r}, {r};"));
+    let r = finish_rms(&mut k, total, inputs, eps);
     k.ins(format!("mov.u32 {i}, {tid};"));
     let (h2, e2) = (k.label("scale"), k.label("scale_end"));
     k.place(&h2);

@@ -21,18 +21,13 @@ impl Rng {
     }
 }
 
+/// Round to nearest even bf16 (the `half` crate: independent of the interpreter's rounding).
 fn bf16_bits(v: f32) -> u16 {
-    half_round(v)
-}
-
-/// Round to nearest even bf16.
-fn half_round(v: f32) -> u16 {
-    let b = v.to_bits();
-    ((b + ((b >> 16) & 1) + 0x7FFF) >> 16) as u16
+    half::bf16::from_f32(v).to_bits()
 }
 
 fn bf16_value(h: u16) -> f32 {
-    f32::from_bits((h as u32) << 16)
+    half::bf16::from_bits(h).to_f32()
 }
 
 fn gelu(x: f64) -> f64 {
