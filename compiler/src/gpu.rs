@@ -955,6 +955,35 @@ fn emu_error(e: emu::EmuError) -> RunError {
     RunError::Backend(format!("PTX interpreter: {e}"))
 }
 
+/// Runs `launches` in order on the interpreter (a free function over the engine's fields, so
+/// the launch list can stay borrowed from the plan).
+fn run_launches(
+    module: &emu::Module,
+    memory: &mut emu::Memory,
+    addresses: &[u64],
+    launches: &[GpuLaunch],
+) -> Result<(), RunError> {
+    for launch in launches {
+        let params: Vec<u64> = launch
+            .args
+            .iter()
+            .map(|a| addresses[a.buffer] + a.offset)
+            .collect();
+        emu::run(
+            module,
+            &launch.kernel,
+            &emu::Launch {
+                grid: launch.grid,
+                block: launch.block,
+                params: &params,
+            },
+            memory,
+        )
+        .map_err(emu_error)?;
+    }
+    Ok(())
+}
+
 impl EmuEngine {
     pub fn new(model: &Model) -> Result<EmuEngine, RunError> {
         EmuEngine::with_prefill_chunk(model, Some(PREFILL_CHUNK))
@@ -1000,29 +1029,6 @@ impl EmuEngine {
         })
     }
 
-    /// Runs `launches` in order.
-    fn run(&mut self, launches: &[GpuLaunch]) -> Result<(), RunError> {
-        for launch in launches {
-            let params: Vec<u64> = launch
-                .args
-                .iter()
-                .map(|a| self.addresses[a.buffer] + a.offset)
-                .collect();
-            emu::run(
-                &self.module,
-                &launch.kernel,
-                &emu::Launch {
-                    grid: launch.grid,
-                    block: launch.block,
-                    params: &params,
-                },
-                &mut self.memory,
-            )
-            .map_err(emu_error)?;
-        }
-        Ok(())
-    }
-
     /// Runs one decode step for `id`; the logits stay in device memory.
     fn step_device(&mut self, id: u32) -> Result<(), RunError> {
         check_ids(&[id], self.program.plan.vocab())?;
@@ -1034,11 +1040,12 @@ impl EmuEngine {
             .write_bytes(ids, &id.to_le_bytes())
             .and_then(|_| self.memory.write_bytes(pos, &self.position.to_le_bytes()))
             .map_err(emu_error)?;
-        // The plan moves out for the launches and back: the steps borrow the engine mutably.
-        let plan = std::mem::take(&mut self.program.plan.launches);
-        let ran = self.run(&plan);
-        self.program.plan.launches = plan;
-        ran?;
+        run_launches(
+            &self.module,
+            &mut self.memory,
+            &self.addresses,
+            &self.program.plan.launches,
+        )?;
         self.position += 1;
         Ok(())
     }
@@ -1052,27 +1059,6 @@ impl EmuEngine {
             .map_err(emu_error)
     }
 
-    /// Writes a prompt chunk's ids, count and start position to the device.
-    fn upload_chunk(&mut self, prefill: &GpuPrefill, chunk: &[u32]) -> Result<(), RunError> {
-        let bytes: Vec<u8> = chunk.iter().flat_map(|i| i.to_le_bytes()).collect();
-        let (ids_at, count_at, pos_at) = (
-            self.addresses[prefill.ids],
-            self.addresses[prefill.count],
-            self.addresses[self.program.plan.position],
-        );
-        self.memory
-            .write_bytes(ids_at, &bytes)
-            .and_then(|_| {
-                self.memory
-                    .write_bytes(count_at, &(chunk.len() as u32).to_le_bytes())
-            })
-            .and_then(|_| {
-                self.memory
-                    .write_bytes(pos_at, &self.position.to_le_bytes())
-            })
-            .map_err(emu_error)
-    }
-
     /// Runs `ids` through the prefill program in chunks; `on_rows` sees each chunk's logits
     /// (every row, or with `last_only` and a last-row program, the last row alone).
     fn prefill_chunks(
@@ -1083,42 +1069,51 @@ impl EmuEngine {
     ) -> Result<(), RunError> {
         check_ids(ids, self.program.plan.vocab())?;
         let vocab = self.program.plan.vocab();
-        // Taken out while the launches run (they borrow the engine mutably), put back after.
         let prefill = self
             .program
             .plan
             .prefill
-            .take()
+            .as_ref()
             .expect("checked by the caller");
-        let result = (|| {
-            let (launches, last) = match (&prefill.last_row, last_only) {
-                (Some(l), true) => (&l.launches, Some(l.logits)),
-                _ => (&prefill.launches, None),
-            };
-            for chunk in ids.chunks(prefill.max_tokens as usize) {
-                self.upload_chunk(&prefill, chunk)?;
-                self.run(launches)?;
-                self.position += chunk.len() as u32;
-                let (buffer, rows) = match last {
-                    Some(b) => (b, 1),
-                    None => (prefill.logits, chunk.len()),
-                };
-                let logits = self
-                    .memory
-                    .read_f32(self.addresses[buffer], rows * vocab)
-                    .map_err(emu_error)?;
-                on_rows(&logits);
+        let (launches, last) = match (&prefill.last_row, last_only) {
+            (Some(l), true) => (&l.launches, Some(l.logits)),
+            _ => (&prefill.launches, None),
+        };
+        let position = self.addresses[self.program.plan.position];
+        for chunk in ids.chunks(prefill.max_tokens as usize) {
+            // The chunk's ids, count and start position.
+            let bytes: Vec<u8> = chunk.iter().flat_map(|i| i.to_le_bytes()).collect();
+            let count = (chunk.len() as u32).to_le_bytes();
+            for (buffer, data) in [
+                (self.addresses[prefill.ids], &bytes[..]),
+                (self.addresses[prefill.count], &count[..]),
+                (position, &self.position.to_le_bytes()[..]),
+            ] {
+                self.memory.write_bytes(buffer, data).map_err(emu_error)?;
             }
-            Ok(())
-        })();
-        self.program.plan.prefill = Some(prefill);
-        result
+            run_launches(&self.module, &mut self.memory, &self.addresses, launches)?;
+            self.position += chunk.len() as u32;
+            let (buffer, rows) = match last {
+                Some(b) => (b, 1),
+                None => (prefill.logits, chunk.len()),
+            };
+            let logits = self
+                .memory
+                .read_f32(self.addresses[buffer], rows * vocab)
+                .map_err(emu_error)?;
+            on_rows(&logits);
+        }
+        Ok(())
     }
 
     /// The greedy next id, computed on the device by the argmax kernel.
     pub fn device_argmax(&mut self) -> Result<u32, RunError> {
-        let launch = self.program.plan.argmax.clone();
-        self.run(std::slice::from_ref(&launch))?;
+        run_launches(
+            &self.module,
+            &mut self.memory,
+            &self.addresses,
+            std::slice::from_ref(&self.program.plan.argmax),
+        )?;
         let v = self
             .memory
             .read_u32(self.addresses[self.program.plan.next_id], 1)
