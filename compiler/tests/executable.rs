@@ -449,41 +449,8 @@ fn executables_sample_with_a_seed_and_stop_at_strings() {
     let e = expected("tiny-text");
     let exe = build("tiny-text", tmp.path(), &[]);
     let prompt = e.prompt.clone().unwrap();
-    let sample = |seed: &str| {
-        let o = run(
-            &exe,
-            &[
-                "--prompt",
-                &prompt,
-                "--max-new-tokens",
-                "20",
-                "--ignore-eos",
-                "--format",
-                "ids",
-                "--temperature",
-                "1.3",
-                "--top-k",
-                "40",
-                "--top-p",
-                "0.9",
-                "--repetition-penalty",
-                "1.2",
-                "--seed",
-                seed,
-            ],
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8(o.stdout).unwrap()
-    };
-    assert_eq!(sample("3"), sample("3"));
-    assert_ne!(sample("3"), sample("4"));
-    // The same seed and settings give the same ids as `griffinc generate --backend cpu`.
-    let dir = golden_dir().join("tiny-text");
-    let ours = griffinc(&[
-        "generate",
-        dir.to_str().unwrap(),
-        "--prompt",
-        &prompt,
+    // The same generation settings for the executable and for `griffinc generate`.
+    let settings = [
         "--max-new-tokens",
         "20",
         "--ignore-eos",
@@ -497,11 +464,23 @@ fn executables_sample_with_a_seed_and_stop_at_strings() {
         "0.9",
         "--repetition-penalty",
         "1.2",
-        "--seed",
-        "3",
-        "--backend",
-        "cpu",
-    ]);
+    ];
+    let sample = |seed: &str| {
+        let mut args = vec!["--prompt", &prompt];
+        args.extend(settings);
+        args.extend(["--seed", seed]);
+        let o = run(&exe, &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    assert_eq!(sample("3"), sample("3"));
+    assert_ne!(sample("3"), sample("4"));
+    // The same seed and settings give the same ids as `griffinc generate --backend cpu`.
+    let dir = golden_dir().join("tiny-text");
+    let mut args = vec!["generate", dir.to_str().unwrap(), "--prompt", &prompt];
+    args.extend(settings);
+    args.extend(["--seed", "3", "--backend", "cpu"]);
+    let ours = griffinc(&args);
     assert_eq!(String::from_utf8(ours.stdout).unwrap(), sample("3"));
 
     let stop = run(
