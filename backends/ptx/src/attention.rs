@@ -314,8 +314,6 @@ pub fn rotate_store(s: &AttentionSpec) -> String {
     k.ins(format!("mov.u64 {src}, {q};"));
     let qa = addr4(&mut k, q_out, e);
     k.ins(format!("mov.u64 {dst}, {qa};"));
-    let qrow = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {qrow}, {row};"));
     let src_row = k.reg(Class::B32);
     k.ins(format!("mov.u32 {src_row}, {row};"));
     k.ins(format!("bra {l_go};"));
@@ -345,7 +343,6 @@ pub fn rotate_store(s: &AttentionSpec) -> String {
     let base_i = k.reg(Class::B32);
     k.ins(format!("mul.lo.u32 {base_i}, {src_row}, {hd};"));
     let value = rotated_element(&mut k, s, src, base_i, d, pos, inv_freq);
-    let _ = qrow;
     k.ins(format!("st.global.f32 [{dst}], {value};"));
     k.place(&done);
     k.finish()

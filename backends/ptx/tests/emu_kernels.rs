@@ -243,6 +243,99 @@ fn rg_lru_reference(
     out
 }
 
+/// Random RG-LRU weights (f32) for `c` channels in `blocks` gate blocks with conv width `k`,
+/// and the step's carried state, both on the host and in the interpreter's memory.
+struct RgLruCase {
+    c: usize,
+    blocks: usize,
+    k: usize,
+    conv_w: Vec<f32>,
+    conv_b: Vec<f32>,
+    /// Input-gate w, input-gate b, recurrent-gate w, recurrent-gate b.
+    gates: Vec<Vec<f32>>,
+    decay: Vec<f32>,
+    window: Vec<f32>,
+    state: Vec<f32>,
+    /// Device addresses: window, conv w, conv b, the four gate tensors, decay, state.
+    device: Vec<u64>,
+}
+
+impl RgLruCase {
+    fn new(rng: &mut Rng, mem: &mut Memory, c: usize, blocks: usize, k: usize) -> RgLruCase {
+        let b = c / blocks;
+        let conv_w = rng.vec(c * k);
+        let conv_b = rng.vec(c);
+        let gates = vec![
+            rng.vec(blocks * b * b),
+            rng.vec(c),
+            rng.vec(blocks * b * b),
+            rng.vec(c),
+        ];
+        // softplus of a parameter: positive, small and large decays both.
+        let decay: Vec<f32> = rng.vec(c).iter().map(|v| (v * 3.0).exp().ln_1p()).collect();
+        let window = vec![0.0f32; (k - 1) * c];
+        let state = vec![0.0f32; c];
+        let mut device = vec![
+            mem.alloc_f32(&window),
+            mem.alloc_f32(&conv_w),
+            mem.alloc_f32(&conv_b),
+        ];
+        device.extend(gates.iter().map(|g| mem.alloc_f32(g)));
+        device.push(mem.alloc_f32(&decay));
+        device.push(mem.alloc_f32(&state));
+        RgLruCase {
+            c,
+            blocks,
+            k,
+            conv_w,
+            conv_b,
+            gates,
+            decay,
+            window,
+            state,
+            device,
+        }
+    }
+
+    /// The kernels' parameters from the window on: window, conv w, conv b, gates, decay,
+    /// state.
+    fn params(&self) -> &[u64] {
+        &self.device
+    }
+
+    /// One reference step at `pos`, updating the host window and state.
+    fn reference_step(&mut self, pos: i32, x: &[f32], y: &[f32]) -> Vec<f32> {
+        rg_lru_reference(
+            self.c,
+            self.blocks,
+            self.k,
+            pos,
+            x,
+            &mut self.window,
+            &self.conv_w,
+            &self.conv_b,
+            [
+                &self.gates[0],
+                &self.gates[1],
+                &self.gates[2],
+                &self.gates[3],
+            ],
+            &self.decay,
+            &mut self.state,
+            y,
+        )
+    }
+
+    /// Window and state in the interpreter's memory equal the reference's.
+    fn check_carried(&self, mem: &Memory, after: usize) {
+        let (window_at, state_at) = (self.device[0], self.device[8]);
+        let state = mem.read_f32(state_at, self.c).unwrap();
+        assert!(max_diff(&state, &self.state) < 1e-5, "state after {after}");
+        let window = mem.read_f32(window_at, (self.k - 1) * self.c).unwrap();
+        assert_eq!(window, self.window, "window after {after}");
+    }
+}
+
 #[test]
 fn rg_lru_step_matches_reference_over_several_tokens() {
     use griffin_backend_ptx::rg_lru::{block_size, rg_lru_step, RgLruSpec, Storage};
@@ -258,41 +351,19 @@ fn rg_lru_step_matches_reference_over_several_tokens() {
     };
     let m = Module::parse(&module(&[rg_lru_step(&spec)])).unwrap();
     let mut rng = Rng(42);
-    let b = c / blocks;
-    let conv_w = rng.vec(c * k);
-    let conv_b = rng.vec(c);
-    let gates: Vec<Vec<f32>> = vec![
-        rng.vec(blocks * b * b),
-        rng.vec(c),
-        rng.vec(blocks * b * b),
-        rng.vec(c),
-    ];
-    // softplus of a parameter: positive, small and large decays both.
-    let decay: Vec<f32> = rng.vec(c).iter().map(|v| (v * 3.0).exp().ln_1p()).collect();
-    let mut window = vec![0.0f32; (k - 1) * c];
-    let mut state = vec![0.0f32; c];
-
     let mut mem = Memory::new();
-    let pos_a = mem.alloc_u32(&[0]);
-    let win_a = mem.alloc_f32(&window);
-    let cw_a = mem.alloc_f32(&conv_w);
-    let cb_a = mem.alloc_f32(&conv_b);
-    let g_a: Vec<u64> = gates.iter().map(|g| mem.alloc_f32(g)).collect();
-    let d_a = mem.alloc_f32(&decay);
-    let s_a = mem.alloc_f32(&state);
+    let mut case = RgLruCase::new(&mut rng, &mut mem, c, blocks, k);
     let out_a = mem.alloc_f32(&vec![0.0; c]);
     let mut worst = 0.0f32;
     // Positions 0.. cover the start-of-text reset and taps before the start.
     for pos in 0..6 {
         let x = rng.vec(c);
         let y = rng.vec(c);
-        let x_a = mem.alloc_f32(&x);
-        let y_a = mem.alloc_f32(&y);
-        let pos_now = mem.alloc_u32(&[pos as u32]);
-        let _ = pos_a;
-        let params = [
-            x_a, pos_now, win_a, cw_a, cb_a, g_a[0], g_a[1], g_a[2], g_a[3], d_a, s_a, y_a, out_a,
-        ];
+        let (x_a, y_a) = (mem.alloc_f32(&x), mem.alloc_f32(&y));
+        let pos_a = mem.alloc_u32(&[pos as u32]);
+        let mut params = vec![x_a, pos_a];
+        params.extend_from_slice(case.params());
+        params.extend([y_a, out_a]);
         run(
             &m,
             "rg_lru",
@@ -304,31 +375,10 @@ fn rg_lru_step_matches_reference_over_several_tokens() {
             &mut mem,
         )
         .unwrap();
-        let want = rg_lru_reference(
-            c,
-            blocks,
-            k,
-            pos,
-            &x,
-            &mut window,
-            &conv_w,
-            &conv_b,
-            [&gates[0], &gates[1], &gates[2], &gates[3]],
-            &decay,
-            &mut state,
-            &y,
-        );
+        let want = case.reference_step(pos, &x, &y);
         let got = mem.read_f32(out_a, c).unwrap();
         worst = worst.max(max_diff(&got, &want));
-        assert!(
-            max_diff(&mem.read_f32(s_a, c).unwrap(), &state) < 1e-5,
-            "state at {pos}"
-        );
-        assert_eq!(
-            mem.read_f32(win_a, (k - 1) * c).unwrap(),
-            window,
-            "window at {pos}"
-        );
+        case.check_carried(&mem, pos as usize);
     }
     assert!(worst < 1e-5, "max |diff| {worst}");
 }
@@ -390,8 +440,6 @@ fn attention_step_matches_reference_across_the_ring() {
         );
         let (qa, ka, va) = (mem.alloc_f32(&q), mem.alloc_f32(&k), mem.alloc_f32(&v));
         let pa = mem.alloc_u32(&[p as u32]);
-        let rot = rotate_store(&spec);
-        let _ = rot;
         run(
             &m,
             "attn_rotate_store",
@@ -719,25 +767,8 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
     };
     let m = Module::parse(&module(&[rg_lru_tokens(&spec)])).unwrap();
     let mut rng = Rng(5);
-    let b = c / blocks;
-    let conv_w = rng.vec(c * k);
-    let conv_b = rng.vec(c);
-    let gates: Vec<Vec<f32>> = vec![
-        rng.vec(blocks * b * b),
-        rng.vec(c),
-        rng.vec(blocks * b * b),
-        rng.vec(c),
-    ];
-    let decay: Vec<f32> = rng.vec(c).iter().map(|v| (v * 3.0).exp().ln_1p()).collect();
-    let mut window = vec![0.0f32; (k - 1) * c];
-    let mut state = vec![0.0f32; c];
     let mut mem = Memory::new();
-    let win_a = mem.alloc_f32(&window);
-    let cw_a = mem.alloc_f32(&conv_w);
-    let cb_a = mem.alloc_f32(&conv_b);
-    let g_a: Vec<u64> = gates.iter().map(|g| mem.alloc_f32(g)).collect();
-    let d_a = mem.alloc_f32(&decay);
-    let s_a = mem.alloc_f32(&state);
+    let mut case = RgLruCase::new(&mut rng, &mut mem, c, blocks, k);
     let max_tokens = 8;
     let out_a = mem.alloc_f32(&vec![0.0; max_tokens * c]);
     let mut worst = 0.0f32;
@@ -746,13 +777,12 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
     for chunk in [5usize, 2, 8, 1] {
         let x = rng.vec(chunk * c);
         let y = rng.vec(chunk * c);
-        let x_a = mem.alloc_f32(&x);
-        let y_a = mem.alloc_f32(&y);
+        let (x_a, y_a) = (mem.alloc_f32(&x), mem.alloc_f32(&y));
         let n_a = mem.alloc_u32(&[chunk as u32]);
         let p_a = mem.alloc_u32(&[pos as u32]);
-        let params = [
-            n_a, x_a, p_a, win_a, cw_a, cb_a, g_a[0], g_a[1], g_a[2], g_a[3], d_a, s_a, y_a, out_a,
-        ];
+        let mut params = vec![n_a, x_a, p_a];
+        params.extend_from_slice(case.params());
+        params.extend([y_a, out_a]);
         run(
             &m,
             "scan",
@@ -766,32 +796,15 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
         .unwrap();
         let got = mem.read_f32(out_a, chunk * c).unwrap();
         for t in 0..chunk {
-            let want = rg_lru_reference(
-                c,
-                blocks,
-                k,
+            let want = case.reference_step(
                 (pos + t) as i32,
                 &x[t * c..(t + 1) * c],
-                &mut window,
-                &conv_w,
-                &conv_b,
-                [&gates[0], &gates[1], &gates[2], &gates[3]],
-                &decay,
-                &mut state,
                 &y[t * c..(t + 1) * c],
             );
             worst = worst.max(max_diff(&got[t * c..(t + 1) * c], &want));
         }
         pos += chunk;
-        assert!(
-            max_diff(&mem.read_f32(s_a, c).unwrap(), &state) < 1e-5,
-            "state after {pos}"
-        );
-        assert_eq!(
-            mem.read_f32(win_a, (k - 1) * c).unwrap(),
-            window,
-            "window after {pos}"
-        );
+        case.check_carried(&mem, pos);
     }
     assert!(worst < 1e-5, "max |diff| {worst}");
 }
