@@ -52,6 +52,7 @@ pub fn build(model: &Model, opts: &CpuOptions) -> Result<Artifact, RunError> {
             eos_token_id: config.eos_token_id,
             pad_token_id: config.pad_token_id,
             weights: opts.weights,
+            tile: opts.target_cpu.tile(),
         },
     )
     .map_err(backend)?;

@@ -160,6 +160,8 @@ impl Lowering<'_> {
                     Storage::F32 => PackStorage::F32,
                 },
                 recipe,
+                // The GPU kernels read projection weights row by row.
+                layout: Default::default(),
             },
             elem: Elem::F32,
             per_token: 0,

@@ -1,7 +1,7 @@
 //! Packing weights from a checkpoint by the plan's recipes: the compiler at build time and an
 //! executable (`--pack-weights-from`) run this same code, so both produce the same bytes.
 
-use crate::plan::{BufferKind, Plan, Recipe, Storage};
+use crate::plan::{BufferKind, Layout, Plan, Recipe, Storage};
 use crate::weights::{align, Fnv};
 
 /// Checkpoint tensors by name, widened to f32.
@@ -86,6 +86,33 @@ fn store(values: &[f32], storage: Storage) -> Vec<u8> {
     }
 }
 
+/// Puts row-major values in `layout`'s order (zeros where it pads).
+pub fn arrange(values: Vec<f32>, layout: Layout, storage: Storage) -> Result<Vec<f32>, String> {
+    let Layout::Blocked { rows, cols, .. } = layout else {
+        return Ok(values);
+    };
+    if values.len() as u64 != rows * cols {
+        return Err(format!(
+            "{} values for a [{rows}, {cols}] projection",
+            values.len()
+        ));
+    }
+    let mut out = vec![0f32; layout.elements(rows * cols, storage) as usize];
+    if cols == 0 {
+        return Ok(out);
+    }
+    let col_offsets: Vec<usize> = (0..cols)
+        .map(|c| layout.col_offset(c, storage) as usize)
+        .collect();
+    for (r, row) in values.chunks_exact(cols as usize).enumerate() {
+        let base = layout.row_offset(r as u64, storage) as usize;
+        for (v, off) in row.iter().zip(&col_offsets) {
+            out[base + off] = *v;
+        }
+    }
+    Ok(out)
+}
+
 /// Computes every weight of `plan` from `source` and lays them out 64-byte aligned in buffer
 /// order; writes each one's offset and size into the plan and its hash into `weights_hash`.
 pub fn pack(plan: &mut Plan, source: &dyn TensorSource) -> Result<Vec<u8>, String> {
@@ -112,9 +139,12 @@ pub fn pack_with_progress(
             bytes,
             storage,
             recipe,
+            layout,
         } = &mut buffer.kind
         {
             let values = evaluate(recipe, source).map_err(|e| format!("weight `{name}`: {e}"))?;
+            let values =
+                arrange(values, *layout, *storage).map_err(|e| format!("weight `{name}`: {e}"))?;
             let packed = store(&values, *storage);
             *offset = align(data.len() as u64);
             *bytes = packed.len() as u64;
@@ -128,4 +158,57 @@ pub fn pack_with_progress(
     hash.update(&data);
     plan.weights_hash = hash.hex();
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every element lands in its own slot of the blocked layout, the rest is zero padding,
+    /// and `index` finds each element where `arrange` put it.
+    #[test]
+    fn blocked_layouts_place_every_element_once() {
+        for storage in [Storage::F32, Storage::Bf16] {
+            for (rows, cols, panels, geglu) in [
+                (40, 7, 1, false),
+                (40, 8, 4, false),
+                (70, 3, 2, true),
+                (16, 1, 1, true),
+                (100, 33, 4, false),
+            ] {
+                let layout = Layout::Blocked {
+                    rows,
+                    cols,
+                    panels,
+                    geglu,
+                };
+                let values: Vec<f32> = (1..=rows * cols).map(|v| v as f32).collect();
+                let packed = arrange(values, layout, storage).unwrap();
+                assert_eq!(packed.len() as u64, layout.elements(rows * cols, storage));
+                let mut seen = vec![false; packed.len()];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let at = layout.index(r, c, storage) as usize;
+                        assert_eq!(packed[at], (r * cols + c + 1) as f32, "{layout:?}");
+                        assert!(!seen[at], "{layout:?}: ({r}, {c}) shares a slot");
+                        seen[at] = true;
+                    }
+                }
+                let padding = packed.iter().zip(&seen).filter(|(_, s)| !**s);
+                assert!(padding.clone().all(|(v, _)| *v == 0.0), "{layout:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_blocked_weight_of_the_wrong_size_is_refused() {
+        let layout = Layout::Blocked {
+            rows: 4,
+            cols: 4,
+            panels: 1,
+            geglu: false,
+        };
+        let err = arrange(vec![0.0; 15], layout, Storage::F32).unwrap_err();
+        assert_eq!(err, "15 values for a [4, 4] projection");
+    }
 }

@@ -32,7 +32,118 @@ pub enum BufferKind {
         bytes: u64,
         storage: Storage,
         recipe: Recipe,
+        /// Absent in plans that predate blocked projections: row-major.
+        #[serde(default)]
+        layout: Layout,
     },
+}
+
+/// Output rows per panel of a blocked projection weight: one 16-lane f32 vector.
+pub const PANEL: u64 = 16;
+
+/// The order a packed weight's elements are stored in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layout {
+    /// As the recipe computes them.
+    #[default]
+    RowMajor,
+    /// A projection weight `[rows, cols]` (output rows, input columns) in blocks of
+    /// `panels · PANEL` output rows, the order the CPU projection kernel reads them in: within
+    /// a block, input column by input column, all the block's rows side by side, so one vector
+    /// load gives one input's weights for 16 outputs. bf16 blocks store columns in pairs
+    /// (`[cols/2][rows of the block][2]`, cols padded to even), so one 32-bit lane holds two
+    /// consecutive inputs and widening is one shift or one mask. With `geglu` (gate rows first,
+    /// then as many up rows), each block of gate rows is followed by the block of their up
+    /// rows, so the kernel computes both before its epilogue. Rows past the end are zero.
+    Blocked {
+        rows: u64,
+        cols: u64,
+        panels: u64,
+        geglu: bool,
+    },
+}
+
+impl Layout {
+    /// Rows of one block.
+    pub fn block_rows(panels: u64) -> u64 {
+        panels * PANEL
+    }
+
+    /// Packed elements (padding included) of a weight of `count` elements in this layout.
+    pub fn elements(&self, count: u64, storage: Storage) -> u64 {
+        match *self {
+            Layout::RowMajor => count,
+            Layout::Blocked {
+                rows,
+                cols,
+                panels,
+                geglu,
+            } => {
+                let per_block = Layout::block_rows(panels);
+                let blocks = if geglu {
+                    (rows / 2).div_ceil(per_block) * 2
+                } else {
+                    rows.div_ceil(per_block)
+                };
+                blocks * per_block * Layout::padded_cols(cols, storage)
+            }
+        }
+    }
+
+    /// Input columns as stored: bf16 pairs pad an odd count.
+    pub fn padded_cols(cols: u64, storage: Storage) -> u64 {
+        match storage {
+            Storage::F32 => cols,
+            Storage::Bf16 => cols.next_multiple_of(2),
+        }
+    }
+
+    /// Where element (row, col) goes, as an element index: `row_offset(row) + col_offset(col)`.
+    pub fn index(&self, row: u64, col: u64, storage: Storage) -> u64 {
+        self.row_offset(row, storage) + self.col_offset(col, storage)
+    }
+
+    /// The element index of (row, 0).
+    pub fn row_offset(&self, row: u64, storage: Storage) -> u64 {
+        let Layout::Blocked {
+            rows,
+            cols,
+            panels,
+            geglu,
+        } = *self
+        else {
+            unreachable!("row-major weights are stored as computed")
+        };
+        let per_block = Layout::block_rows(panels);
+        let (block, slot) = if geglu {
+            let width = rows / 2;
+            let (gate_row, up) = if row < width {
+                (row, 0)
+            } else {
+                (row - width, 1)
+            };
+            (2 * (gate_row / per_block) + up, gate_row % per_block)
+        } else {
+            (row / per_block, row % per_block)
+        };
+        let base = block * per_block * Layout::padded_cols(cols, storage);
+        match storage {
+            Storage::F32 => base + slot,
+            Storage::Bf16 => base + slot * 2,
+        }
+    }
+
+    /// How far column `col` is from column 0 of the same row, in elements.
+    pub fn col_offset(&self, col: u64, storage: Storage) -> u64 {
+        let Layout::Blocked { panels, .. } = *self else {
+            unreachable!("row-major weights are stored as computed")
+        };
+        let per_block = Layout::block_rows(panels);
+        match storage {
+            Storage::F32 => col * per_block,
+            Storage::Bf16 => (col / 2) * per_block * 2 + col % 2,
+        }
+    }
 }
 
 /// How a packed weight's elements are stored.

@@ -3,6 +3,9 @@
 //!
 //!     cargo bench -p griffin-backend-cpu --bench prefill_matmul [-- THREADS]
 //!
+//! `CPU=name` compiles for an LLVM CPU instead of this machine; `TILE=panels,tokens` overrides
+//! the register tile that target gets (how `Tile`'s choices were measured).
+//!
 //! Both compute `y[t, o] = Σ_i x[t, i] · w[o, i]` for a 64-token chunk with f32 weights (the
 //! GEMM crate has no bf16 input; our kernel with bf16 weights is measured too).
 
@@ -10,31 +13,45 @@ use std::time::Instant;
 
 use griffin_backend_cpu::kernels::linear::{linear, LinearSpec};
 use griffin_backend_cpu::ll::{Storage, ATTRIBUTES, PRELUDE};
-use griffin_backend_cpu::{Jit, TargetCpu};
+use griffin_backend_cpu::{Jit, TargetCpu, Tile};
 use griffin_ir::Epilogue;
+use griffin_runtime::pack::arrange;
 use griffin_runtime::pool::ThreadPool;
 
 const TOKENS: usize = 64;
 
-fn kernel(inputs: u64, rows: u64, weight: Storage) -> (Jit, String) {
-    let symbol = format!("bench_linear_{inputs}_{rows}_{weight:?}");
-    let spec = LinearSpec {
-        symbol: symbol.clone(),
+fn cpu() -> TargetCpu {
+    std::env::var("CPU").map_or(TargetCpu::Host, |c| TargetCpu::parse(&c))
+}
+
+fn tile() -> Tile {
+    let Ok(t) = std::env::var("TILE") else {
+        return cpu().tile();
+    };
+    let (panels, tokens) = t.split_once(',').expect("TILE=panels,tokens");
+    Tile {
+        panels: panels.parse().expect("panels"),
+        tokens: tokens.parse().expect("tokens"),
+    }
+}
+
+fn spec(inputs: u64, rows: u64, weight: Storage) -> LinearSpec {
+    LinearSpec {
+        symbol: format!("bench_linear_{inputs}_{rows}_{weight:?}"),
         inputs,
         rows,
         weight,
-        norm: None,
         bias: None,
         epilogue: Epilogue::None,
         residual: false,
         splits: vec![rows],
-        max_tokens: TOKENS as u64,
-    };
-    let module = format!("{PRELUDE}\n{}\n{ATTRIBUTES}", linear(&spec));
-    (
-        Jit::new(&module, &TargetCpu::Host).expect("kernel compiles"),
-        symbol,
-    )
+        tile: tile(),
+    }
+}
+
+fn kernel(spec: &LinearSpec) -> Jit {
+    let module = format!("{PRELUDE}\n{}\n{ATTRIBUTES}", linear(spec));
+    Jit::new(&module, &cpu()).expect("kernel compiles")
 }
 
 struct Ptrs([*mut u8; 3]);
@@ -76,13 +93,23 @@ fn main() {
         let w: Vec<f32> = (0..rows * inputs)
             .map(|i| ((i % 89) as f32 - 44.0) / 890.0)
             .collect();
-        let w_bf16: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        // The layouts the kernel reads (bf16 by truncation: the values are exact either way).
+        let blocked = |storage: Storage| {
+            let layout = spec(inputs as u64, rows as u64, storage).layout();
+            arrange(w.clone(), layout, storage).expect("weights arrange")
+        };
+        let w_f32 = blocked(Storage::F32);
+        let w_bf16: Vec<u16> = blocked(Storage::Bf16)
+            .iter()
+            .map(|v| (v.to_bits() >> 16) as u16)
+            .collect();
         let flops = 2.0 * (TOKENS * inputs * rows) as f64;
         let mut y = vec![0f32; TOKENS * rows];
 
         let generated = |storage: Storage, weights: *const u8, y: &mut Vec<f32>| {
-            let (jit, symbol) = kernel(inputs as u64, rows as u64, storage);
-            let f = jit.kernel(&symbol).expect("kernel symbol");
+            let spec = spec(inputs as u64, rows as u64, storage);
+            let jit = kernel(&spec);
+            let f = jit.kernel(&spec.symbol).expect("kernel symbol");
             let ptrs = Ptrs([
                 x.as_ptr() as *mut u8,
                 weights as *mut u8,
@@ -102,7 +129,7 @@ fn main() {
             });
             flops / t / 1e9
         };
-        let ours_f32 = generated(Storage::F32, w.as_ptr() as *const u8, &mut y);
+        let ours_f32 = generated(Storage::F32, w_f32.as_ptr() as *const u8, &mut y);
         let check = y.clone();
         let ours_bf16 = generated(Storage::Bf16, w_bf16.as_ptr() as *const u8, &mut y);
 

@@ -13,6 +13,7 @@ use inkwell::targets::{
 };
 use inkwell::OptimizationLevel;
 
+use crate::kernels::linear::Tile;
 use crate::BackendError;
 
 /// Which CPU to generate code for.
@@ -36,7 +37,42 @@ impl TargetCpu {
     }
 }
 
+/// LLVM CPU names with AVX-512 (32 vector registers of 512 bits).
+const AVX512_CPUS: &[&str] = &[
+    "skylake-avx512",
+    "cascadelake",
+    "cooperlake",
+    "cannonlake",
+    "icelake-client",
+    "icelake-server",
+    "tigerlake",
+    "rocketlake",
+    "sapphirerapids",
+    "emeraldrapids",
+    "graniterapids",
+    "graniterapids-d",
+    "znver4",
+    "znver5",
+    "x86-64-v4",
+];
+
 impl TargetCpu {
+    /// The projection kernel's register tile for this target's vector registers: a named CPU
+    /// is judged by name (LLVM does not report a named CPU's features), an unknown name as
+    /// AVX2.
+    pub fn tile(&self) -> Tile {
+        let (name, features) = self.name_and_features();
+        let has = |f: &str| features.split(',').any(|x| x == f);
+        match self {
+            TargetCpu::Baseline => Tile::BASELINE,
+            TargetCpu::Host if has("+avx512f") => Tile::WIDE,
+            TargetCpu::Host if has("+avx2") => Tile::NARROW,
+            TargetCpu::Host => Tile::BASELINE,
+            TargetCpu::Named(_) if AVX512_CPUS.contains(&name.as_str()) => Tile::WIDE,
+            TargetCpu::Named(_) => Tile::NARROW,
+        }
+    }
+
     /// The LLVM CPU name and feature string.
     fn name_and_features(&self) -> (String, String) {
         match self {

@@ -8,6 +8,7 @@ pub mod ll;
 pub mod lower;
 
 pub use compile::{compile_object, compile_object_bytes, optimised_ir, Jit, TargetCpu};
+pub use kernels::linear::Tile;
 pub use lower::{lower, Lowered, Options, WeightSlot, WeightsDtype};
 
 use thiserror::Error;

@@ -235,6 +235,7 @@ declare float @llvm.maxnum.f32(float, float)
 declare float @llvm.rint.f32(float)
 declare float @llvm.minnum.f32(float, float)
 declare float @llvm.fabs.f32(float)
+declare <16 x float> @llvm.fmuladd.v16f32(<16 x float>, <16 x float>, <16 x float>)
 ";
 
 pub const ATTRIBUTES: &str = "attributes #0 = { nounwind }\n";

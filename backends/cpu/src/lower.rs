@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use griffin_ir::{DType, Dim, Graph, InputRole, NodeId, Op, OutputRole, Value, ValueType};
 use griffin_runtime::plan::{
-    Buffer, BufferKind, Elem, LastRowLaunch, Launch, Plan, Recipe, PLAN_VERSION,
+    Buffer, BufferKind, Elem, LastRowLaunch, Launch, Layout, Plan, Recipe, PLAN_VERSION,
 };
 
 use crate::kernels::attention::{attend, rotate_keys, write_ring, AttentionSpec};
-use crate::kernels::linear::{linear, rms_norm_rows, LinearSpec};
+use crate::kernels::linear::{linear, rms_norm_rows, LinearSpec, Tile};
 use crate::kernels::misc::{elementwise, gather, Operand};
 use crate::kernels::rg_lru::{rg_lru, RgLruSpec};
 use crate::ll::{Storage, ATTRIBUTES, PRELUDE};
@@ -43,6 +43,8 @@ pub struct Options {
     pub eos_token_id: u32,
     pub pad_token_id: u32,
     pub weights: WeightsDtype,
+    /// The projection kernel's register tile (`TargetCpu::tile`).
+    pub tile: Tile,
 }
 
 /// How params are packed; weight expressions are always f32.
@@ -110,6 +112,8 @@ struct Lowering<'g> {
     weights: Vec<WeightSlot>,
     weight_of: HashMap<Value, usize>,
     buffer_of: HashMap<Value, usize>,
+    /// Weights that projections read, in the layout the projection kernel wants.
+    layouts: HashMap<Value, Layout>,
     free: Vec<usize>,
     /// Launch index after which each activation buffer may be reused.
     tokens: Option<usize>,
@@ -195,7 +199,9 @@ impl Lowering<'_> {
             ),
         };
         let elem = Elem::F32;
-        let bytes = elements * if storage == Storage::Bf16 { 2 } else { 4 };
+        let layout = self.layouts.get(&v).copied().unwrap_or_default();
+        let bytes =
+            layout.elements(elements, storage) * if storage == Storage::Bf16 { 2 } else { 4 };
         let fixed = bytes.div_ceil(4);
         let recipe = self.recipe(v)?;
         let b = self.add_buffer(
@@ -205,6 +211,7 @@ impl Lowering<'_> {
                 bytes,
                 storage,
                 recipe,
+                layout,
             },
             elem,
             (0, fixed),
@@ -306,13 +313,14 @@ impl Lowering<'_> {
                 self.buffer_of.insert(r(0), b);
             }
             Op::Gather { scale } => {
+                let layout = self.layouts.get(&x[0]).copied().unwrap_or_default();
                 let (table, storage) = self.weight(x[0])?;
                 let ids = self.value(x[1])?;
                 let out = self.result_buffer(r(0))?;
                 let width = self.fixed_dim(x[0], 1)?;
                 self.launch(
                     symbol.clone(),
-                    gather(&symbol, width, storage, *scale),
+                    gather(&symbol, width, storage, layout, *scale)?,
                     vec![table, ids, out],
                 );
             }
@@ -342,7 +350,6 @@ impl Lowering<'_> {
                     args[0] = normed;
                     scratch = Some(normed);
                 }
-                let norm_spec = None;
                 let (w, weight_storage) = self.weight(x[next])?;
                 let rows = self.fixed_dim(x[next], 0)?;
                 let inputs = self.fixed_dim(x[next], 1)?;
@@ -377,12 +384,11 @@ impl Lowering<'_> {
                     inputs,
                     rows,
                     weight: weight_storage,
-                    norm: norm_spec,
                     bias: bias_storage,
                     epilogue: *epilogue,
                     residual: *residual,
                     splits: split_sizes,
-                    max_tokens: self.opts.max_tokens,
+                    tile: self.opts.tile,
                 };
                 self.launch(symbol, linear(&spec), args);
                 if let Some(b) = scratch {
@@ -521,6 +527,39 @@ impl Lowering<'_> {
     }
 }
 
+/// The layout of every weight a projection reads (`LinearSpec::layout`), known before lowering
+/// starts because a tied embedding is gathered before the logits projection reads it.
+fn projection_layouts(g: &Graph, tile: Tile) -> Result<HashMap<Value, Layout>, BackendError> {
+    let mut layouts = HashMap::new();
+    for id in g.topo_order() {
+        let Op::Linear { norm, epilogue, .. } = &g.node(id).op else {
+            continue;
+        };
+        let w = g.operands(id)[1 + usize::from(norm.is_some())];
+        let ty = g
+            .value_type(w)
+            .map_err(|e| BackendError::Graph(e.to_string()))?;
+        let dims = ty.shape.dims();
+        let (Some(rows), Some(cols)) = (dims[0].fixed(), dims[1].fixed()) else {
+            return Err(BackendError::Unsupported(format!(
+                "projection weight {ty} is not fixed"
+            )));
+        };
+        let layout = Layout::Blocked {
+            rows,
+            cols,
+            panels: tile.panels,
+            geglu: *epilogue == griffin_ir::Epilogue::GeGlu,
+        };
+        if layouts.insert(w, layout).is_some_and(|old| old != layout) {
+            return Err(BackendError::Unsupported(format!(
+                "weight {w} is read by two projections with different epilogues"
+            )));
+        }
+    }
+    Ok(layouts)
+}
+
 /// Lowers `graph` (after the default pipeline; its token dimension symbolic) into kernels and a
 /// plan for calls of up to `opts.max_tokens` tokens.
 pub fn lower(graph: &Graph, opts: &Options) -> Result<Lowered, BackendError> {
@@ -533,6 +572,7 @@ pub fn lower(graph: &Graph, opts: &Options) -> Result<Lowered, BackendError> {
         weights: Vec::new(),
         weight_of: HashMap::new(),
         buffer_of: HashMap::new(),
+        layouts: projection_layouts(graph, opts.tile)?,
         free: Vec::new(),
         tokens: None,
         logits: None,

@@ -95,6 +95,13 @@ pub fn ids_arg(ids: &[u32]) -> String {
 /// Writes a checkpoint with random f32 weights for `config_json` into `dir` (for tests that
 /// need a model larger than the golden ones).
 pub fn write_random_checkpoint(dir: &std::path::Path, config_json: &str, seed: u64) {
+    write_random_checkpoint_as(dir, config_json, seed, false)
+}
+
+/// `write_random_checkpoint`, its tensors stored as bf16 when `bf16` (values rounded to
+/// nearest even).
+#[allow(dead_code)]
+pub fn write_random_checkpoint_as(dir: &std::path::Path, config_json: &str, seed: u64, bf16: bool) {
     let config = griffinc::Config::from_json(config_json).unwrap();
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), config_json).unwrap();
@@ -110,7 +117,13 @@ pub fn write_random_checkpoint(dir: &std::path::Path, config_json: &str, seed: u
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
-            let bytes = (0..n).flat_map(|_| next().to_le_bytes()).collect();
+            let bytes = if bf16 {
+                (0..n)
+                    .flat_map(|_| half::bf16::from_f32(next()).to_bits().to_le_bytes())
+                    .collect()
+            } else {
+                (0..n).flat_map(|_| next().to_le_bytes()).collect()
+            };
             (name, shape, bytes)
         })
         .collect();
@@ -119,8 +132,16 @@ pub fn write_random_checkpoint(dir: &std::path::Path, config_json: &str, seed: u
         .map(|(n, s, b)| {
             (
                 n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
+                safetensors::tensor::TensorView::new(
+                    if bf16 {
+                        safetensors::Dtype::BF16
+                    } else {
+                        safetensors::Dtype::F32
+                    },
+                    s.clone(),
+                    b,
+                )
+                .unwrap(),
             )
         })
         .collect();

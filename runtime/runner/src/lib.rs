@@ -337,8 +337,12 @@ fn pack_weights(plan: &Plan, dir: &std::path::Path, out: &std::path::Path) -> Re
     }
     let source = griffin_runtime::safetensors_dir::SafetensorsDir::open(dir)?;
     let mut packed = plan.clone();
-    let data = griffin_runtime::pack::pack(&mut packed, &source)
-        .map_err(|e| format!("{}: cannot pack: {e}", dir.display()))?;
+    let data = griffin_runtime::pack::pack(&mut packed, &source).map_err(|e| {
+        format!(
+            "{}: this checkpoint is not the one the executable was built from (cannot pack: {e})",
+            dir.display()
+        )
+    })?;
     if packed.weights_hash != plan.weights_hash {
         return Err(format!(
             "{}: this checkpoint is not the one the executable was built from (packed weights hash {}, expected {})",

@@ -2,21 +2,36 @@
 
 use griffin_ir::{BinaryOp, Expr, UnaryOp};
 
+use griffin_runtime::plan::Layout;
+
 use crate::ll::{f32_const, Func, Storage};
 use crate::BackendError;
 
-/// Arguments: table `[V, D]`, ids `i32[T]`, out `[T, D]`. Threads split the columns.
-pub fn gather(symbol: &str, width: u64, table: Storage, scale: Option<f64>) -> String {
+/// Arguments: table `[V, D]` (row-major, or blocked when a tied projection reads it too), ids
+/// `i32[T]`, out `[T, D]`. Threads split the columns.
+pub fn gather(
+    symbol: &str,
+    width: u64,
+    table: Storage,
+    layout: Layout,
+    scale: Option<f64>,
+) -> Result<String, BackendError> {
     let mut f = Func::new(symbol);
     let (tab, ids, out) = (f.arg(0), f.arg(1), f.arg(2));
     let d = width.to_string();
     let (begin, end) = f.partition(&d);
+    if let Layout::Blocked { geglu: true, .. } = layout {
+        return Err(BackendError::Unsupported(
+            "gather from a GeGLU projection's weight".into(),
+        ));
+    }
     f.for_range("0", "%tokens", |f, t| {
         let id = f.load_i32_as_i64(&ids, t);
-        let src = f.ibin("mul", &id, &d);
+        let src = row_offset(f, layout, table, &id, &d);
         let dst = f.ibin("mul", t, &d);
         f.for_range(&begin, &end, |f, c| {
-            let si = f.ibin("add", &src, c);
+            let off = col_offset(f, layout, table, c);
+            let si = f.ibin("add", &src, &off);
             let mut v = f.load_weight(table, &tab, &si);
             if let Some(s) = scale {
                 v = f.fbin("fmul", &v, &f32_const(s));
@@ -25,7 +40,40 @@ pub fn gather(symbol: &str, width: u64, table: Storage, scale: Option<f64>) -> S
             f.store_f32(&v, &out, &di);
         });
     });
-    f.finish()
+    Ok(f.finish())
+}
+
+/// The element index of (row, 0) of a `[rows, width]` weight, as `Layout::row_offset` says.
+fn row_offset(f: &mut Func, layout: Layout, storage: Storage, row: &str, width: &str) -> String {
+    match layout {
+        Layout::RowMajor => f.ibin("mul", row, width),
+        Layout::Blocked { cols, panels, .. } => {
+            let block_rows = Layout::block_rows(panels);
+            let per_block = block_rows * Layout::padded_cols(cols, storage);
+            let block = f.op(format!("udiv i64 {row}, {block_rows}"));
+            let slot = f.op(format!("urem i64 {row}, {block_rows}"));
+            let base = f.ibin("mul", &block, &per_block.to_string());
+            let lanes = if storage == Storage::Bf16 { "2" } else { "1" };
+            let within = f.ibin("mul", &slot, lanes);
+            f.ibin("add", &base, &within)
+        }
+    }
+}
+
+/// How far column `col` is from column 0 of its row, as `Layout::col_offset` says.
+fn col_offset(f: &mut Func, layout: Layout, storage: Storage, col: &str) -> String {
+    match (layout, storage) {
+        (Layout::RowMajor, _) => col.to_string(),
+        (Layout::Blocked { panels, .. }, Storage::F32) => {
+            f.ibin("mul", col, &Layout::block_rows(panels).to_string())
+        }
+        (Layout::Blocked { panels, .. }, Storage::Bf16) => {
+            let pair = f.op(format!("udiv i64 {col}, 2"));
+            let odd = f.op(format!("urem i64 {col}, 2"));
+            let at = f.ibin("mul", &pair, &(Layout::block_rows(panels) * 2).to_string());
+            f.ibin("add", &at, &odd)
+        }
+    }
 }
 
 /// How an elementwise operand is indexed: like the output, or one scalar.
