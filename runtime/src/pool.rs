@@ -1,27 +1,42 @@
 //! A fixed pool of threads created once; dispatching a job allocates nothing.
+//!
+//! Kernels come back to back (a decode step is ~60 launches of a few hundred microseconds), so
+//! waking a sleeping thread per launch (a futex wake and a reschedule, tens of microseconds on
+//! a virtual machine) would cost a large share of the step. Workers therefore spin on the
+//! job counter for a while after each job and only then sleep on a condition variable; the
+//! caller spins for the last workers to finish.
 
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it sleeps.
+const SPIN: Duration = Duration::from_millis(2);
 
 /// A borrowed job, valid while `ThreadPool::run` waits for every worker to finish it.
 #[derive(Clone, Copy)]
 struct Job(*const (dyn Fn(usize) + Sync));
 
-// SAFETY: the pointee is `Sync`, and `run` keeps it alive until every worker is done with it.
-unsafe impl Send for Job {}
-
-struct State {
-    generation: u64,
-    job: Option<Job>,
-    remaining: usize,
-    shutdown: bool,
-}
-
 struct Shared {
-    state: Mutex<State>,
-    start: Condvar,
-    done: Condvar,
+    /// Bumped once per job, after `job` is written.
+    generation: AtomicU64,
+    /// Written by `run` only while no worker reads it (every worker finished the last job).
+    job: UnsafeCell<Option<Job>>,
+    /// Workers still running the current job.
+    remaining: AtomicUsize,
+    /// Workers asleep (or about to be) on `wake`.
+    sleepers: AtomicUsize,
+    shutdown: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
 }
+
+// SAFETY: `job` is written by `run` before `generation` is bumped and read by workers only
+// after they see the bump; the pointee is `Sync` and outlives every read (`run` waits).
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
 
 pub struct ThreadPool {
     shared: Arc<Shared>,
@@ -32,14 +47,13 @@ impl ThreadPool {
     /// `threads` workers in all, the calling thread included.
     pub fn new(threads: usize) -> ThreadPool {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                generation: 0,
-                job: None,
-                remaining: 0,
-                shutdown: false,
-            }),
-            start: Condvar::new(),
-            done: Condvar::new(),
+            generation: AtomicU64::new(0),
+            job: UnsafeCell::new(None),
+            remaining: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
         });
         let workers = (1..threads.max(1))
             .map(|index| {
@@ -63,50 +77,76 @@ impl ThreadPool {
         }
         // SAFETY: only the lifetime is erased; we wait below until no worker holds the job.
         let erased: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(job) };
-        {
-            let mut s = self.shared.state.lock().expect("pool lock");
-            s.job = Some(Job(erased));
-            s.remaining = self.workers.len();
-            s.generation += 1;
-        }
-        self.shared.start.notify_all();
+        let shared = &*self.shared;
+        // SAFETY: every worker finished the previous job, so none reads `job` now.
+        unsafe { *shared.job.get() = Some(Job(erased)) };
+        shared.remaining.store(self.workers.len(), SeqCst);
+        shared.generation.fetch_add(1, SeqCst);
+        shared.wake_sleepers();
         job(0);
-        let mut s = self.shared.state.lock().expect("pool lock");
-        while s.remaining > 0 {
-            s = self.shared.done.wait(s).expect("pool lock");
+        let mut spins = 0u32;
+        while shared.remaining.load(SeqCst) > 0 {
+            spins = spins.wrapping_add(1);
+            if spins % 1024 == 0 {
+                // More threads than cores: let the others run.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
-        s.job = None;
+    }
+}
+
+impl Shared {
+    /// Wakes sleeping workers after a bump of `generation` or `shutdown`. A worker announces
+    /// itself in `sleepers` under the lock and checks again before it waits, so either it sees
+    /// the bump or we see it and notify under the same lock.
+    fn wake_sleepers(&self) {
+        if self.sleepers.load(SeqCst) > 0 {
+            let _guard = self.lock.lock().expect("pool lock");
+            self.wake.notify_all();
+        }
     }
 }
 
 fn worker(shared: &Shared, index: usize) {
     let mut seen = 0;
     loop {
-        let job = {
-            let mut s = shared.state.lock().expect("pool lock");
-            while s.generation == seen && !s.shutdown {
-                s = shared.start.wait(s).expect("pool lock");
+        // Spin for the next job, then sleep.
+        let idle = Instant::now();
+        let mut spins = 0u32;
+        while shared.generation.load(SeqCst) == seen && !shared.shutdown.load(SeqCst) {
+            spins = spins.wrapping_add(1);
+            if spins % 256 != 0 {
+                std::hint::spin_loop();
+                continue;
             }
-            if s.shutdown {
-                return;
+            if idle.elapsed() < SPIN {
+                continue;
             }
-            seen = s.generation;
-            s.job.expect("a job comes with each generation")
-        };
-        // SAFETY: `run` keeps the job alive until `remaining` drops to zero.
-        unsafe { (*job.0)(index) };
-        let mut s = shared.state.lock().expect("pool lock");
-        s.remaining -= 1;
-        if s.remaining == 0 {
-            shared.done.notify_one();
+            let mut guard = shared.lock.lock().expect("pool lock");
+            shared.sleepers.fetch_add(1, SeqCst);
+            while shared.generation.load(SeqCst) == seen && !shared.shutdown.load(SeqCst) {
+                guard = shared.wake.wait(guard).expect("pool lock");
+            }
+            shared.sleepers.fetch_sub(1, SeqCst);
         }
+        if shared.shutdown.load(SeqCst) {
+            return;
+        }
+        seen = shared.generation.load(SeqCst);
+        // SAFETY: `run` wrote the job before bumping `generation` and keeps it alive until
+        // `remaining` drops to zero.
+        let job = unsafe { (*shared.job.get()).expect("a job comes with each generation") };
+        unsafe { (*job.0)(index) };
+        shared.remaining.fetch_sub(1, SeqCst);
     }
 }
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
-        self.shared.state.lock().expect("pool lock").shutdown = true;
-        self.shared.start.notify_all();
+        self.shared.shutdown.store(true, SeqCst);
+        self.shared.wake_sleepers();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -128,5 +168,19 @@ mod tests {
             });
         }
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 100));
+    }
+
+    /// Jobs after the workers fell asleep still run on every thread (no lost wake-up).
+    #[test]
+    fn sleeping_workers_wake_for_the_next_job() {
+        let pool = ThreadPool::new(3);
+        let hits = [const { AtomicUsize::new(0) }; 3];
+        for round in 0..3 {
+            std::thread::sleep(SPIN * 3);
+            pool.run(&|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == round + 1));
+        }
     }
 }
