@@ -27,6 +27,8 @@ row() { printf '| %-34s | %14s | %14s | %12s |\n' "$@"; }
 results=()
 for wd in ${VARIANTS:-f32 bf16}; do
   target/release/griffinc build "$work/model" -o "$work/out-$wd" --name griffin --threads "$threads" --weights-dtype "$wd" >&2
+  # Write the fresh weights file out now, not while the executable is being timed.
+  sync
   p=$("$work/out-$wd/griffin" --ids "$prompt" --max-new-tokens 1 --stats --threads "$threads" 2>&1 >/dev/null)
   d=$("$work/out-$wd/griffin" --ids 2,5 --max-new-tokens $((decode + 1)) --ignore-eos --stats --threads "$threads" 2>&1 >/dev/null)
   pt=$(sed -E 's/.*prefill ([0-9.]+) tokens\/s.*/\1/' <<<"$p")
