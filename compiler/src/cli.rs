@@ -133,9 +133,10 @@ pub struct CompileArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Tokens per prefill call; bounds activation memory for any prompt length.
-    #[arg(long, default_value_t = 64)]
-    pub prefill_chunk: usize,
+    /// Tokens per prefill call; bounds activation memory for any prompt length (default: 64 on
+    /// the CPU, 256 on the GPU, where each chunk streams every weight once).
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
     /// CPU to generate code for: `native`, `baseline` (portable x86-64) or an LLVM CPU name.
     #[arg(long, default_value = "native")]
     pub target_cpu: String,
@@ -151,8 +152,12 @@ impl CompileArgs {
     /// The GPU lowering's options: `--prefill-chunk` and `--weights-dtype` as for the CPU.
     pub fn gpu_options(&self) -> Result<crate::gpu::GpuOptions> {
         let cpu = self.cpu_options()?;
-        let chunk = u32::try_from(self.prefill_chunk)
-            .map_err(|_| anyhow::anyhow!("--prefill-chunk {} is too large", self.prefill_chunk))?;
+        let chunk = match self.prefill_chunk {
+            None => crate::gpu::PREFILL_CHUNK,
+            Some(c) => {
+                u32::try_from(c).map_err(|_| anyhow::anyhow!("--prefill-chunk {c} is too large"))?
+            }
+        };
         Ok(crate::gpu::GpuOptions {
             prefill_chunk: Some(chunk),
             weights: cpu.weights,
@@ -161,14 +166,16 @@ impl CompileArgs {
     }
 
     pub fn cpu_options(&self) -> Result<CpuOptions> {
-        if self.prefill_chunk == 0 {
+        if self.prefill_chunk == Some(0) {
             bail!("--prefill-chunk must be at least 1");
         }
         if self.threads == Some(0) {
             bail!("--threads must be at least 1");
         }
         let mut opts = CpuOptions {
-            prefill_chunk: self.prefill_chunk,
+            prefill_chunk: self
+                .prefill_chunk
+                .unwrap_or(CpuOptions::default().prefill_chunk),
             target_cpu: TargetCpu::parse(&self.target_cpu),
             weights: match self.weights_dtype {
                 WeightsChoice::Stored => WeightsDtype::AsStored,

@@ -368,3 +368,45 @@ fn bf16_prefill_projections_use_tensor_cores_unless_told_not_to() {
         .unwrap();
     assert!(max_abs_diff(&rows, &e.logits) <= F32_TOLERANCE);
 }
+
+/// A bf16 model whose projections all take the tensor-core path, a 150-token prompt in one
+/// chunk of 256 (so each projection goes through the chunk in three groups of up to 64 tokens,
+/// the last one partial) and in chunks of 100: the same logits as the interpreter.
+#[test]
+fn long_chunks_on_tensor_cores_equal_the_interpreter() {
+    use griffinc::gpu::GpuOptions;
+    use griffinc::session::{eval_with, Session};
+    let json = serde_json::json!({
+        "hidden_size": 48,
+        "lru_width": 48,
+        "num_attention_heads": 3,
+        "num_key_value_heads": 1,
+        "num_hidden_layers": 3,
+        "intermediate_size": 96,
+        "vocab_size": 80,
+        "attention_window_size": 40,
+        "conv1d_width": 4,
+        "block_types": ["recurrent", "attention", "recurrent"],
+        "rope_theta": 100.0,
+        "partial_rotary_factor": 0.5,
+    })
+    .to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_random_checkpoint_as(tmp.path(), &json, 7, true);
+    let model = Model::load(tmp.path()).unwrap();
+    let ids: Vec<u32> = (0..150).map(|i| 1 + (i * 37 % 79) as u32).collect();
+    let want = eval_with(&mut Session::new(&model), 80, &ids, None).unwrap();
+    for chunk in [256, 100] {
+        let opts = GpuOptions {
+            prefill_chunk: Some(chunk),
+            ..GpuOptions::default()
+        };
+        let program = griffinc::gpu::lower(&model, &opts).unwrap();
+        assert!(program.ptx.contains("mma.sync.aligned.m16n8k16"));
+        let mut engine = EmuEngine::with_options(&model, &opts).unwrap();
+        let got = eval_with(&mut engine, 80, &ids, None).unwrap();
+        let diff = max_abs_diff(got.floats(), want.floats());
+        println!("chunk {chunk}: max |diff| = {diff:e}");
+        assert!(diff <= 1e-4, "chunk {chunk}: max |diff| {diff}");
+    }
+}

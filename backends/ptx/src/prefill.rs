@@ -590,15 +590,30 @@ pub fn last_row(name: &str, width: u32) -> String {
     k.finish()
 }
 
-/// Token tiles of a tensor-core projection (16 tokens each) for a chunk of `max_tokens`.
+/// Token tiles (16 tokens each) a tensor-core projection keeps accumulators for: a chunk of up
+/// to 64 tokens at once, longer chunks in groups of 64.
 fn token_tiles(max_tokens: u32) -> u32 {
-    max_tokens.div_ceil(16)
+    max_tokens.div_ceil(16).min(TC_GROUP / 16)
 }
 
 pub const TC_WARPS: u32 = 4;
 
+/// Tokens a tensor-core projection's warp computes per pass over its weights.
+pub const TC_GROUP: u32 = 64;
+
+/// Output columns a warp of `gemm_tokens_tc` owns, in tiles of 8: each input fragment (the
+/// costly part: loaded as f32 and split into two bf16 halves) feeds that many MMAs. GeGLU
+/// reads two weight rows per column, so half as many.
+pub fn tc_column_tiles(spec: &GemvSpec) -> u32 {
+    if spec.epilogue == Epilogue::GeGlu {
+        2
+    } else {
+        4
+    }
+}
+
 /// Whether `gemm_tokens_tc` takes this projection: bf16 weights, inputs a multiple of 16,
-/// output width and every split part multiples of 8 (a tile never straddles two outputs).
+/// output width and every split part multiples of 8.
 pub fn tensor_cores_fit(spec: &GemvSpec, splits: &[u32]) -> bool {
     spec.weights == Storage::Bf16
         && spec.norm.is_none()
@@ -607,16 +622,19 @@ pub fn tensor_cores_fit(spec: &GemvSpec, splits: &[u32]) -> bool {
         && splits.iter().all(|p| p % 8 == 0)
 }
 
-/// Thread blocks for `gemm_tokens_tc` (`TC_WARPS` warps of 32, a warp per 8 output columns).
+/// Thread blocks for `gemm_tokens_tc` (`TC_WARPS` warps of 32, a warp per
+/// `8 · tc_column_tiles` output columns).
 pub fn tc_grid(spec: &GemvSpec) -> u32 {
-    spec.width.div_ceil(8 * TC_WARPS)
+    spec.width.div_ceil(8 * tc_column_tiles(spec) * TC_WARPS)
 }
 
 /// The chunk projection on tensor cores: `mma.sync.m16n8k16` with bf16 weights and f32
-/// accumulation. A warp owns 8 output columns and every token tile of the chunk; each k-step
-/// loads its weight fragment once for all tiles. Inputs are split as `x = hi + lo` (both bf16,
-/// two MMAs) so the product keeps about 16 bits of the f32 input, close to the f32 path.
-/// Parameters as `gemm_tokens_split`. Launch: `tc_grid` blocks of `32 · TC_WARPS`.
+/// accumulation. A warp owns `8 · tc_column_tiles` output columns and goes through the chunk in
+/// groups of up to 64 tokens (4 token tiles); each k-step loads its input fragments once for
+/// all its column tiles and its weight fragments once for all token tiles. Inputs are split as
+/// `x = hi + lo` (both bf16, two MMAs) so the product keeps about 16 bits of the f32 input,
+/// close to the f32 path. Parameters as `gemm_tokens_split`. Launch: `tc_grid` blocks of
+/// `32 · TC_WARPS`.
 pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> String {
     assert!(
         tensor_cores_fit(spec, splits),
@@ -656,9 +674,10 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
     let (g, q) = (k.reg(Class::B32), k.reg(Class::B32));
     k.ins(format!("shr.u32 {g}, {lane}, 2;"));
     k.ins(format!("and.b32 {q}, {lane}, 3;"));
+    let column_tiles = tc_column_tiles(spec);
     let col0 = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {col0}, {block}, {TC_WARPS}, {warp};"));
-    k.ins(format!("shl.b32 {col0}, {col0}, 3;"));
+    k.ins(format!("mul.lo.u32 {col0}, {col0}, {};", 8 * column_tiles));
     let done = k.label("done");
     let outside = k.reg(Class::Pred);
     // Whole warps leave together: the MMAs below need every lane.
@@ -669,45 +688,66 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
     let last = k.reg(Class::B32);
     k.ins(format!("sub.u32 {last}, {n}, 1;"));
 
-    // Weight rows this lane's B fragments read: column col0 + g (and its up row for GeGLU).
-    let brow = k.reg(Class::B32);
-    k.ins(format!("add.u32 {brow}, {col0}, {g};"));
-    let b_rows: Vec<Reg> = if geglu {
-        let up = k.reg(Class::B32);
-        k.ins(format!("add.u32 {up}, {brow}, {};", spec.width));
-        vec![brow, up]
-    } else {
-        vec![brow]
-    };
-    // Token rows of this lane's A fragments in each tile: g and g + 8, clamped to the chunk.
+    // Weight rows this lane's B fragments read, per column tile j: column col0 + 8j + g
+    // (clamped to the last column; such columns are not stored), and its up row for GeGLU.
+    let b_rows: Vec<Vec<Reg>> = (0..column_tiles)
+        .map(|j| {
+            let row = k.reg(Class::B32);
+            k.ins(format!("add.u32 {row}, {col0}, {g};"));
+            k.ins(format!("add.u32 {row}, {row}, {};", 8 * j));
+            k.ins(format!("min.u32 {row}, {row}, {};", spec.width - 1));
+            if geglu {
+                let up = k.reg(Class::B32);
+                k.ins(format!("add.u32 {up}, {row}, {};", spec.width));
+                vec![row, up]
+            } else {
+                vec![row]
+            }
+        })
+        .collect();
+    // Accumulators: [token tile][column tile][gate/up][4], zeroed per group.
+    let accs: Vec<Vec<Vec<[Reg; 4]>>> = (0..tiles)
+        .map(|_| {
+            b_rows
+                .iter()
+                .map(|rows| {
+                    rows.iter()
+                        .map(|_| {
+                            [
+                                k.reg(Class::F32),
+                                k.reg(Class::F32),
+                                k.reg(Class::F32),
+                                k.reg(Class::F32),
+                            ]
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+
+    // Groups of up to 64 tokens: t0 = 0, 64, ... while t0 < n.
+    let t0 = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {t0}, 0;"));
+    let (group_head, group_end) = (k.label("group"), k.label("group_end"));
+    k.place(&group_head);
+    let group_stop = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {group_stop}, {t0}, {n};"));
+    k.ins(format!("@{group_stop} bra {group_end};"));
+    for a in accs.iter().flatten().flatten().flatten() {
+        k.ins(format!("mov.f32 {a}, 0f00000000;"));
+    }
+    // Token rows of this lane's A fragments in each tile: t0 + g and t0 + g + 8, clamped to
+    // the chunk.
     let a_rows: Vec<[Reg; 2]> = (0..tiles)
         .map(|tile| {
             let pair = [k.reg(Class::B32), k.reg(Class::B32)];
             for (h, r) in pair.iter().enumerate() {
-                k.ins(format!("add.u32 {r}, {g}, {};", 16 * tile + 8 * h as u32));
+                k.ins(format!("add.u32 {r}, {t0}, {g};"));
+                k.ins(format!("add.u32 {r}, {r}, {};", 16 * tile + 8 * h as u32));
                 k.ins(format!("min.u32 {r}, {r}, {last};"));
             }
             pair
-        })
-        .collect();
-    // Accumulators: [tile][gate/up][4].
-    let accs: Vec<Vec<[Reg; 4]>> = (0..tiles)
-        .map(|_| {
-            b_rows
-                .iter()
-                .map(|_| {
-                    let r = [
-                        k.reg(Class::F32),
-                        k.reg(Class::F32),
-                        k.reg(Class::F32),
-                        k.reg(Class::F32),
-                    ];
-                    for a in r {
-                        k.ins(format!("mov.f32 {a}, 0f00000000;"));
-                    }
-                    r
-                })
-                .collect()
         })
         .collect();
 
@@ -722,22 +762,26 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
     let kc = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {kc}, {q}, 2, {k0};"));
     // B fragments: two bf16 pairs per weight row, one 32-bit load each.
-    let b_frags: Vec<[Reg; 2]> = b_rows
+    let b_frags: Vec<Vec<[Reg; 2]>> = b_rows
         .iter()
-        .map(|&row| {
-            let pair = [k.reg(Class::B32), k.reg(Class::B32)];
-            for (h, r) in pair.iter().enumerate() {
-                let e = k.reg(Class::B32);
-                k.ins(format!("mad.lo.u32 {e}, {row}, {inputs}, {kc};"));
-                if h == 1 {
-                    k.ins(format!("add.u32 {e}, {e}, 8;"));
-                }
-                let off = k.reg(Class::B64);
-                k.ins(format!("mul.wide.u32 {off}, {e}, 2;"));
-                k.ins(format!("add.u64 {off}, {off}, {w};"));
-                k.ins(format!("ld.global.nc.u32 {r}, [{off}];"));
-            }
-            pair
+        .map(|rows| {
+            rows.iter()
+                .map(|&row| {
+                    let pair = [k.reg(Class::B32), k.reg(Class::B32)];
+                    for (h, r) in pair.iter().enumerate() {
+                        let e = k.reg(Class::B32);
+                        k.ins(format!("mad.lo.u32 {e}, {row}, {inputs}, {kc};"));
+                        if h == 1 {
+                            k.ins(format!("add.u32 {e}, {e}, 8;"));
+                        }
+                        let off = k.reg(Class::B64);
+                        k.ins(format!("mul.wide.u32 {off}, {e}, 2;"));
+                        k.ins(format!("add.u64 {off}, {off}, {w};"));
+                        k.ins(format!("ld.global.nc.u32 {r}, [{off}];"));
+                    }
+                    pair
+                })
+                .collect()
         })
         .collect();
     for (tile, rows) in a_rows.iter().enumerate() {
@@ -771,12 +815,14 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
             hi.push(h);
             lo.push(l);
         }
-        for (acc, b) in accs[tile].iter().zip(&b_frags) {
-            for a in [&hi, &lo] {
-                k.ins(format!(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
-                    acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1], acc[0], acc[1], acc[2], acc[3]
-                ));
+        for (tile_accs, frags) in accs[tile].iter().zip(&b_frags) {
+            for (acc, b) in tile_accs.iter().zip(frags) {
+                for a in [&hi, &lo] {
+                    k.ins(format!(
+                        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
+                        acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1], acc[0], acc[1], acc[2], acc[3]
+                    ));
+                }
             }
         }
     }
@@ -784,26 +830,33 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
     k.ins(format!("bra {head};"));
     k.place(&end);
 
-    // Epilogue: accumulator i of a tile is (token 16·tile + g + 8·(i >> 1), column
-    // col0 + 2q + (i & 1)).
+    // Epilogue: accumulator i of (token tile, column tile j) is (token t0 + 16·tile + g +
+    // 8·(i >> 1), column col0 + 8j + 2q + (i & 1)).
     for (tile, tile_accs) in accs.iter().enumerate() {
-        for i in 0..4usize {
-            let skip = k.label("skip");
-            let t = k.reg(Class::B32);
-            k.ins(format!("add.u32 {t}, {g}, {};", 16 * tile + 8 * (i >> 1)));
-            let beyond = k.reg(Class::Pred);
-            k.ins(format!("setp.ge.u32 {beyond}, {t}, {n};"));
-            k.ins(format!("@{beyond} bra {skip};"));
-            let col = k.reg(Class::B32);
-            k.ins(format!("mad.lo.u32 {col}, {q}, 2, {col0};"));
-            if i & 1 == 1 {
-                k.ins(format!("add.u32 {col}, {col}, 1;"));
+        for (j, column_accs) in tile_accs.iter().enumerate() {
+            for i in 0..4usize {
+                let skip = k.label("skip");
+                let t = k.reg(Class::B32);
+                k.ins(format!("add.u32 {t}, {t0}, {g};"));
+                k.ins(format!("add.u32 {t}, {t}, {};", 16 * tile + 8 * (i >> 1)));
+                let beyond = k.reg(Class::Pred);
+                k.ins(format!("setp.ge.u32 {beyond}, {t}, {n};"));
+                k.ins(format!("@{beyond} bra {skip};"));
+                let col = k.reg(Class::B32);
+                k.ins(format!("mad.lo.u32 {col}, {q}, 2, {col0};"));
+                k.ins(format!("add.u32 {col}, {col}, {};", 8 * j + (i & 1)));
+                let past_end = k.reg(Class::Pred);
+                k.ins(format!("setp.ge.u32 {past_end}, {col}, {};", spec.width));
+                k.ins(format!("@{past_end} bra {skip};"));
+                let vals: Vec<Reg> = column_accs.iter().map(|a| a[i]).collect();
+                finish_token(&mut k, &outputs, vals, t, col);
+                k.place(&skip);
             }
-            let vals: Vec<Reg> = tile_accs.iter().map(|a| a[i]).collect();
-            finish_token(&mut k, &outputs, vals, t, col);
-            k.place(&skip);
         }
     }
+    k.ins(format!("add.u32 {t0}, {t0}, {TC_GROUP};"));
+    k.ins(format!("bra {group_head};"));
+    k.place(&group_end);
     k.place(&done);
     k.finish()
 }

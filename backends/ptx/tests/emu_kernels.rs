@@ -938,16 +938,31 @@ fn prefill_attention_over_chunks_equals_the_reference() {
     assert!(worst < 2e-5, "max |diff| {worst}");
 }
 
+/// 20 tokens in a plan for 32: a full 16-token tile and a partial one; 100 tokens in a plan
+/// for 128: a full group of 64 and a partial one.
 #[test]
 fn tensor_core_projection_over_a_chunk_equals_the_reference() {
+    tensor_core_projection_case(20, 32);
+    tensor_core_projection_case(100, 128);
+}
+
+fn tensor_core_projection_case(tokens: usize, max_tokens: u32) {
     use griffin_backend_ptx::prefill::{gemm_tokens_tc, tc_grid, TC_WARPS};
     use griffin_backend_ptx::rg_lru::Storage;
     let mut rng = Rng(2024);
-    // 20 tokens in a plan for 32: a full 16-token tile and a partial one.
-    let (tokens, max_tokens) = (20usize, 32u32);
-    // (name, inputs, width, bias, epilogue, residual, splits)
+    // (name, inputs, width, bias, epilogue, residual, splits); widths that leave a warp's
+    // column tiles partly past the end.
     type Case = (&'static str, u32, u32, bool, Epilogue, bool, Vec<u32>);
-    let cases: [Case; 4] = [
+    let cases: [Case; 5] = [
+        (
+            "tc_geglu_partial",
+            32,
+            24,
+            false,
+            Epilogue::GeGlu,
+            true,
+            vec![],
+        ),
         ("tc_plain", 64, 24, true, Epilogue::None, true, vec![]),
         ("tc_geglu", 48, 16, true, Epilogue::GeGlu, false, vec![]),
         (
