@@ -91,9 +91,7 @@ fn rotated_element(
     if let (Some((_, dims)), Some(inv_freq)) = (s.rotary, inv_freq) {
         let half = dims / 2;
         let skip = k.label("unrotated");
-        let beyond = k.reg(Class::Pred);
-        k.ins(format!("setp.ge.u32 {beyond}, {d}, {dims};"));
-        k.ins(format!("@{beyond} bra {skip};"));
+        k.leave_unless_below(d, dims, &skip);
         // First half: a·cos - b·sin with b = x[d + half]; second half: b·cos + a·sin with
         // a = x[d - half] (b is this element).
         let first = k.reg(Class::Pred);
@@ -145,11 +143,7 @@ pub fn rotate_tokens(s: &AttentionSpec, max_tokens: u32) -> String {
     let q_out = k.param_ptr("q_out");
     let k_out = k.param_ptr("k_out");
     let (hd, rows) = (s.head_dim, s.heads + s.kv_heads);
-    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
-    let e = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {e}, {block}, {ROTATE_BLOCK}, {tid};"));
+    let e = k.global_index(ROTATE_BLOCK);
     let done = k.label("done");
     let outside = k.reg(Class::Pred);
     k.ins(format!(
@@ -208,11 +202,7 @@ pub fn write_ring_tokens(s: &AttentionSpec, max_tokens: u32) -> String {
     let keys = k.param_ptr("keys");
     let values = k.param_ptr("values");
     let row = s.kv_heads * s.head_dim;
-    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
-    let e = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {e}, {block}, {ROTATE_BLOCK}, {tid};"));
+    let e = k.global_index(ROTATE_BLOCK);
     let done = k.label("done");
     let outside = k.reg(Class::Pred);
     k.ins(format!("setp.ge.u32 {outside}, {e}, {};", max_tokens * row));
@@ -263,11 +253,7 @@ pub fn rotate_store(s: &AttentionSpec) -> String {
     let values = k.param_ptr("values");
     let hd = s.head_dim;
 
-    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
-    let e = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {e}, {block}, {ROTATE_BLOCK}, {tid};"));
+    let e = k.global_index(ROTATE_BLOCK);
     let done = k.label("done");
     let outside = k.reg(Class::Pred);
     k.ins(format!(
@@ -392,9 +378,7 @@ fn attend_impl(s: &AttentionSpec, chunked: bool) -> String {
     let group = s.heads / s.kv_heads;
     let threads = 32 * ATTEND_WARPS;
 
-    let (tid, h) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    k.ins(format!("mov.u32 {h}, %ctaid.x;"));
+    let (tid, h) = k.thread_and_block();
     // Query row (token t, head h) and its position.
     let t = k.reg(Class::B32);
     k.ins(format!("mov.u32 {t}, 0;"));
@@ -416,9 +400,7 @@ fn attend_impl(s: &AttentionSpec, chunked: bool) -> String {
     }
     let qhead = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {qhead}, {t}, {}, {h};", s.heads));
-    let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
-    k.ins(format!("and.b32 {lane}, {tid}, 31;"));
+    let (warp, lane) = k.warp_and_lane(tid);
     let g = k.reg(Class::B32);
     k.ins(format!("div.u32 {g}, {h}, {group};"));
     // The first element of position pp's key (or value) row for KV head g, and which buffer
@@ -460,9 +442,7 @@ fn attend_impl(s: &AttentionSpec, chunked: bool) -> String {
     k.ins(format!("mov.u32 {n}, {warp};"));
     let (head, end) = (k.label("score"), k.label("score_end"));
     k.place(&head);
-    let stop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {stop}, {n}, {count};"));
-    k.ins(format!("@{stop} bra {end};"));
+    k.leave_unless_below(n, count, &end);
     let pp = k.reg(Class::B32);
     k.ins(format!("add.u32 {pp}, {lo}, {n};"));
     let (kbase, krow) = row_of(&mut k, pp, keys, chunk.map(|c| c.1));
@@ -474,9 +454,7 @@ fn attend_impl(s: &AttentionSpec, chunked: bool) -> String {
     k.ins(format!("mov.u32 {d}, {lane};"));
     let (dh, de) = (k.label("dot"), k.label("dot_end"));
     k.place(&dh);
-    let dstop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {dstop}, {d}, {hd};"));
-    k.ins(format!("@{dstop} bra {de};"));
+    k.leave_unless_below(d, hd, &de);
     let qi = k.reg(Class::B32);
     k.ins(format!("add.u32 {qi}, {qrow}, {d};"));
     let qa = addr4(&mut k, q, qi);
@@ -570,18 +548,14 @@ fn attend_impl(s: &AttentionSpec, chunked: bool) -> String {
     k.ins(format!("mov.u32 {od}, {tid};"));
     let (oh, oe) = (k.label("out"), k.label("out_end"));
     k.place(&oh);
-    let ostop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {ostop}, {od}, {hd};"));
-    k.ins(format!("@{ostop} bra {oe};"));
+    k.leave_unless_below(od, hd, &oe);
     let oacc = k.reg(Class::F32);
     k.ins(format!("mov.f32 {oacc}, 0f00000000;"));
     let nn = k.reg(Class::B32);
     k.ins(format!("mov.u32 {nn}, 0;"));
     let (nh, ne) = (k.label("sum"), k.label("sum_end"));
     k.place(&nh);
-    let nstop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {nstop}, {nn}, {count};"));
-    k.ins(format!("@{nstop} bra {ne};"));
+    k.leave_unless_below(nn, count, &ne);
     let ea = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {ea}, {nn}, 4;"));
     k.ins(format!("add.u64 {ea}, {ea}, {scores};"));

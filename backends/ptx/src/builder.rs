@@ -117,6 +117,37 @@ impl Kernel {
         let _ = writeln!(self.body, "{label}:");
     }
 
+    /// This thread's index in its block and the block's index in the grid.
+    pub fn thread_and_block(&mut self) -> (Reg, Reg) {
+        let (tid, block) = (self.reg(Class::B32), self.reg(Class::B32));
+        self.ins(format!("mov.u32 {tid}, %tid.x;"));
+        self.ins(format!("mov.u32 {block}, %ctaid.x;"));
+        (tid, block)
+    }
+
+    /// This thread's index in the grid, for blocks of `block_size` threads.
+    pub fn global_index(&mut self, block_size: u32) -> Reg {
+        let (tid, block) = self.thread_and_block();
+        let e = self.reg(Class::B32);
+        self.ins(format!("mad.lo.u32 {e}, {block}, {block_size}, {tid};"));
+        e
+    }
+
+    /// The warp of thread `tid` in its block and its lane in the warp.
+    pub fn warp_and_lane(&mut self, tid: Reg) -> (Reg, Reg) {
+        let (warp, lane) = (self.reg(Class::B32), self.reg(Class::B32));
+        self.ins(format!("shr.u32 {warp}, {tid}, 5;"));
+        self.ins(format!("and.b32 {lane}, {tid}, 31;"));
+        (warp, lane)
+    }
+
+    /// Branches to `to` where `value >= bound` (unsigned).
+    pub fn leave_unless_below(&mut self, value: Reg, bound: impl std::fmt::Display, to: &str) {
+        let past = self.reg(Class::Pred);
+        self.ins(format!("setp.ge.u32 {past}, {value}, {bound};"));
+        self.ins(format!("@{past} bra {to};"));
+    }
+
     /// A 32-bit immediate into a fresh register.
     pub fn imm_u32(&mut self, v: u32) -> Reg {
         let r = self.reg(Class::B32);

@@ -276,12 +276,8 @@ pub fn gemv(spec: &GemvSpec) -> String {
     let residual = spec.residual.then(|| k.param_ptr("residual"));
     let out = k.param_ptr("out");
 
-    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
-    let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
-    k.ins(format!("and.b32 {lane}, {tid}, 31;"));
+    let (tid, block) = k.thread_and_block();
+    let (warp, lane) = k.warp_and_lane(tid);
     let col = k.reg(Class::B32);
     k.ins(format!(
         "mad.lo.u32 {col}, {block}, {WARPS_PER_BLOCK}, {warp};"

@@ -16,15 +16,11 @@ pub fn gather(name: &str, width: u32, table: Storage, scale: Option<f32>) -> Str
     let tab = k.param_ptr("table");
     let ids = k.param_ptr("ids");
     let out = k.param_ptr("out");
-    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
+    let (tid, block) = k.thread_and_block();
     let c = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {c}, {block}, {GATHER_BLOCK}, {tid};"));
     let done = k.label("done");
-    let outside = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {outside}, {c}, {width};"));
-    k.ins(format!("@{outside} bra {done};"));
+    k.leave_unless_below(c, width, &done);
     let id = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {id}, [{ids}];"));
     let at = k.reg(Class::B32);
@@ -57,9 +53,7 @@ pub fn argmax(name: &str, vocab: u32) -> String {
     k.ins(format!("mov.u32 {i}, {tid};"));
     let (head, end) = (k.label("scan"), k.label("scan_end"));
     k.place(&head);
-    let stop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {stop}, {i}, {vocab};"));
-    k.ins(format!("@{stop} bra {end};"));
+    k.leave_unless_below(i, vocab, &end);
     let a = addr4(&mut k, logits, i);
     let v = k.reg(Class::F32);
     k.ins(format!("ld.global.f32 {v}, [{a}];"));
@@ -90,9 +84,7 @@ pub fn argmax(name: &str, vocab: u32) -> String {
         k.ins(format!("shfl.sync.bfly.b32 {oi}, {bi}, {offset}, 31, -1;"));
         combine(&mut k, bv, bi, ov, oi);
     }
-    let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
-    k.ins(format!("and.b32 {lane}, {tid}, 31;"));
+    let (warp, lane) = k.warp_and_lane(tid);
     let lane0 = k.reg(Class::Pred);
     k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
     let (sv, si) = (k.reg(Class::B64), k.reg(Class::B64));

@@ -19,6 +19,38 @@ use crate::rg_lru::{addr4, Storage};
 pub const TOKEN_GROUP: u32 = 4;
 pub const NORM_BLOCK: u32 = 256;
 
+/// The parameters of a chunk projection, in order: count `i32[1]`, x `f32[T, I]`, w, [bias],
+/// [residual], one output per split part.
+struct ProjectionParams {
+    count: Reg,
+    x: Reg,
+    w: Reg,
+    bias: Option<Reg>,
+    residual: Option<Reg>,
+    outs: Vec<Reg>,
+}
+
+impl ProjectionParams {
+    fn declare(k: &mut Kernel, spec: &GemvSpec, parts: usize) -> ProjectionParams {
+        let count = k.param_ptr("count");
+        let x = k.param_ptr("x");
+        let w = k.param_ptr("w");
+        let bias = spec.bias.then(|| k.param_ptr("bias"));
+        let residual = spec.residual.then(|| k.param_ptr("residual"));
+        let outs = (0..parts)
+            .map(|i| k.param_ptr(&format!("out{i}")))
+            .collect();
+        ProjectionParams {
+            count,
+            x,
+            w,
+            bias,
+            residual,
+            outs,
+        }
+    }
+}
+
 /// Parameters: count `i32[1]`, x `f32[T, I]`, gain `f32[I]`, out `f32[T, I]`. Launch: one
 /// block of 256 per token of the largest chunk; blocks past the count leave.
 pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
@@ -28,9 +60,7 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
     let x = k.param_ptr("x");
     let gain = k.param_ptr("gain");
     let out = k.param_ptr("out");
-    let (tid, t) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    k.ins(format!("mov.u32 {t}, %ctaid.x;"));
+    let (tid, t) = k.thread_and_block();
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
     let done = k.label("done");
@@ -59,9 +89,7 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
     k.ins(format!("bra {head};"));
     k.place(&end);
     warp_sum(&mut k, ss);
-    let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
-    k.ins(format!("and.b32 {lane}, {tid}, 31;"));
+    let (warp, lane) = k.warp_and_lane(tid);
     let p = k.reg(Class::B64);
     k.ins(format!("mov.u64 {p}, partial;"));
     let po = k.reg(Class::B64);
@@ -82,9 +110,7 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
     k.ins(format!("mov.u32 {i}, {tid};"));
     let (h2, e2) = (k.label("scale"), k.label("scale_end"));
     k.place(&h2);
-    let stop2 = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {stop2}, {i}, {inputs};"));
-    k.ins(format!("@{stop2} bra {e2};"));
+    k.leave_unless_below(i, inputs, &e2);
     let at2 = k.reg(Class::B32);
     k.ins(format!("add.u32 {at2}, {row}, {i};"));
     let xa2 = addr4(&mut k, x, at2);
@@ -208,23 +234,19 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
         "splits cover the width"
     );
     let mut k = Kernel::new(&spec.name);
-    let count = k.param_ptr("count");
-    let x = k.param_ptr("x");
-    let w = k.param_ptr("w");
-    let bias = spec.bias.then(|| k.param_ptr("bias"));
-    let residual = spec.residual.then(|| k.param_ptr("residual"));
-    let outs: Vec<Reg> = (0..parts.len())
-        .map(|i| k.param_ptr(&format!("out{i}")))
-        .collect();
+    let ProjectionParams {
+        count,
+        x,
+        w,
+        bias,
+        residual,
+        outs,
+    } = ProjectionParams::declare(&mut k, spec, parts.len());
     let inputs = spec.inputs;
     let geglu = spec.epilogue == Epilogue::GeGlu;
 
-    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
-    let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
-    k.ins(format!("and.b32 {lane}, {tid}, 31;"));
+    let (tid, block) = k.thread_and_block();
+    let (warp, lane) = k.warp_and_lane(tid);
     let col = k.reg(Class::B32);
     k.ins(format!(
         "mad.lo.u32 {col}, {block}, {WARPS_PER_BLOCK}, {warp};"
@@ -256,9 +278,7 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
     k.ins(format!("mov.u32 {t0}, 0;"));
     let (group, group_end) = (k.label("group"), k.label("group_end"));
     k.place(&group);
-    let gstop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {gstop}, {t0}, {n};"));
-    k.ins(format!("@{gstop} bra {group_end};"));
+    k.leave_unless_below(t0, n, &group_end);
     let last = k.reg(Class::B32);
     k.ins(format!("sub.u32 {last}, {n}, 1;"));
     let toks: Vec<Reg> = (0..TOKEN_GROUP)
@@ -362,7 +382,7 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
 /// recurrent-gate w, recurrent-gate bias, decay `f32[C]`, state `f32[C]`, [y `f32[T, C]`],
 /// out `f32[T, C]`. Launch: H blocks of C/H threads.
 pub fn rg_lru_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
-    use crate::rg_lru::{block_size, gated_input, load_weight};
+    use crate::rg_lru::{block_size, gated_input, load_weight, RgLruParams};
     let b = block_size(s);
     let c = s.channels;
     let kk = s.width;
@@ -371,21 +391,21 @@ pub fn rg_lru_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     let count = k.param_ptr("count");
     let x = k.param_ptr("x");
     let start = k.param_ptr("start");
-    let window = k.param_ptr("window");
-    let conv_w = k.param_ptr("conv_w");
-    let conv_b = k.param_ptr("conv_b");
-    let igw = k.param_ptr("input_gate_w");
-    let igb = k.param_ptr("input_gate_b");
-    let rgw = k.param_ptr("recurrent_gate_w");
-    let rgb = k.param_ptr("recurrent_gate_b");
-    let decay = k.param_ptr("decay");
-    let state = k.param_ptr("state");
-    let y = s.gate_output.then(|| k.param_ptr("y"));
-    let out = k.param_ptr("out");
+    let RgLruParams {
+        window,
+        conv_w,
+        conv_b,
+        igw,
+        igb,
+        rgw,
+        rgb,
+        decay,
+        state,
+        y,
+        out,
+    } = RgLruParams::declare(&mut k, s);
 
-    let (jj, h) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {jj}, %tid.x;"));
-    k.ins(format!("mov.u32 {h}, %ctaid.x;"));
+    let (jj, h) = k.thread_and_block();
     let j = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {j}, {h}, {b}, {jj};"));
     let n = k.reg(Class::B32);
@@ -428,9 +448,7 @@ pub fn rg_lru_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     k.ins(format!("mov.u32 {t}, 0;"));
     let (head, end) = (k.label("token"), k.label("token_end"));
     k.place(&head);
-    let tstop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {tstop}, {t}, {n};"));
-    k.ins(format!("@{tstop} bra {end};"));
+    k.leave_unless_below(t, n, &end);
     let p = k.reg(Class::B32);
     k.ins(format!("add.u32 {p}, {p0}, {t};"));
     let acc = load_weight(&mut k, s.conv, conv_b, j);
@@ -524,11 +542,7 @@ pub fn gather_tokens(
     let tab = k.param_ptr("table");
     let ids = k.param_ptr("ids");
     let out = k.param_ptr("out");
-    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
-    let e = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {e}, {block}, {NORM_BLOCK}, {tid};"));
+    let e = k.global_index(NORM_BLOCK);
     let done = k.label("done");
     let outside = k.reg(Class::Pred);
     k.ins(format!(
@@ -567,11 +581,7 @@ pub fn last_row(name: &str, width: u32) -> String {
     let count = k.param_ptr("count");
     let x = k.param_ptr("x");
     let out = k.param_ptr("out");
-    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
-    let c = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {c}, {block}, {NORM_BLOCK}, {tid};"));
+    let c = k.global_index(NORM_BLOCK);
     let done = k.label("done");
     let outside = k.reg(Class::Pred);
     k.ins(format!("setp.ge.u32 {outside}, {c}, {width};"));
@@ -647,14 +657,14 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
     };
     let tiles = token_tiles(max_tokens);
     let mut k = Kernel::new(&spec.name);
-    let count = k.param_ptr("count");
-    let x = k.param_ptr("x");
-    let w = k.param_ptr("w");
-    let bias = spec.bias.then(|| k.param_ptr("bias"));
-    let residual = spec.residual.then(|| k.param_ptr("residual"));
-    let outs: Vec<Reg> = (0..parts.len())
-        .map(|i| k.param_ptr(&format!("out{i}")))
-        .collect();
+    let ProjectionParams {
+        count,
+        x,
+        w,
+        bias,
+        residual,
+        outs,
+    } = ProjectionParams::declare(&mut k, spec, parts.len());
     let outputs = Outputs {
         spec,
         parts: &parts,
@@ -665,12 +675,8 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
     let inputs = spec.inputs;
     let geglu = spec.epilogue == Epilogue::GeGlu;
 
-    let (tid, block) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    k.ins(format!("mov.u32 {block}, %ctaid.x;"));
-    let (warp, lane) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("shr.u32 {warp}, {tid}, 5;"));
-    k.ins(format!("and.b32 {lane}, {tid}, 31;"));
+    let (tid, block) = k.thread_and_block();
+    let (warp, lane) = k.warp_and_lane(tid);
     let (g, q) = (k.reg(Class::B32), k.reg(Class::B32));
     k.ins(format!("shr.u32 {g}, {lane}, 2;"));
     k.ins(format!("and.b32 {q}, {lane}, 3;"));
@@ -731,9 +737,7 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
     k.ins(format!("mov.u32 {t0}, 0;"));
     let (group_head, group_end) = (k.label("group"), k.label("group_end"));
     k.place(&group_head);
-    let group_stop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {group_stop}, {t0}, {n};"));
-    k.ins(format!("@{group_stop} bra {group_end};"));
+    k.leave_unless_below(t0, n, &group_end);
     for a in accs.iter().flatten().flatten().flatten() {
         k.ins(format!("mov.f32 {a}, 0f00000000;"));
     }
@@ -755,9 +759,7 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
     k.ins(format!("mov.u32 {k0}, 0;"));
     let (head, end) = (k.label("k"), k.label("k_end"));
     k.place(&head);
-    let kstop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {kstop}, {k0}, {inputs};"));
-    k.ins(format!("@{kstop} bra {end};"));
+    k.leave_unless_below(k0, inputs, &end);
     // This lane's input columns: k0 + 2q (+1) and k0 + 2q + 8 (+1).
     let kc = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {kc}, {q}, 2, {k0};"));
