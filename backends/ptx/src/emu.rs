@@ -508,10 +508,10 @@ fn run_block(
                     warp.iter().map(|t| (t.wait, t.pc)).collect::<Vec<_>>()
                 ));
             }
-            if f.code[pc].op[0] == "mma" {
-                mma(&f.code[pc], warp)?;
-            } else {
-                shuffle(&f.code[pc], warp)?;
+            match f.code[pc].op[0].as_str() {
+                "mma" => mma(&f.code[pc], warp)?,
+                "ldmatrix" => ldmatrix(&f.code[pc], warp, &shared)?,
+                _ => shuffle(&f.code[pc], warp)?,
             }
             for t in warp.iter_mut() {
                 t.pc += 1;
@@ -589,6 +589,72 @@ fn mma(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
                 acc += *arow as f64 * bm[k][col] as f64;
             }
             t.regs[reg] = bits_f32(acc as f32);
+        }
+    }
+    Ok(())
+}
+
+/// `ldmatrix.sync.aligned.m8n8.xN.shared.b16 {r0..}, [addr]` (N = 1, 2, 4, not transposed):
+/// lanes 8m..8m+7 give the shared addresses of the 8 rows (16 bytes each) of matrix m, and
+/// register r_m of lane L receives the 32 bits at row L / 4, bytes 4·(L % 4) of matrix m, as the
+/// PTX ISA's "Warp-level matrix load instruction: ldmatrix" lays them out.
+fn ldmatrix(ins: &Instr, warp: &mut [Thread], shared: &[u8]) -> Result<(), EmuError> {
+    let count = match ins
+        .op
+        .iter()
+        .find(|m| m.starts_with('x'))
+        .map(|m| m.as_str())
+    {
+        Some("x1") => 1,
+        Some("x2") => 2,
+        Some("x4") => 4,
+        _ => return err(format!("`{}`: ldmatrix .x1, .x2 or .x4 expected", ins.line)),
+    };
+    if ins.op.iter().any(|m| m == "trans") || !ins.op.iter().any(|m| m == "shared") {
+        return err(format!(
+            "`{}`: only shared, non-transposed ldmatrix is emulated",
+            ins.line
+        ));
+    }
+    if warp.len() != 32 {
+        return err(format!("`{}`: a whole warp must take part", ins.line));
+    }
+    let Operand::Vec(dst) = &ins.args[0] else {
+        return err(format!("`{}`: a {{…}} of registers expected", ins.line));
+    };
+    if dst.len() != count {
+        return err(format!("`{}`: {count} registers expected", ins.line));
+    }
+    let Operand::Mem(base, off) = &ins.args[1] else {
+        return err(format!("`{}`: an address expected", ins.line));
+    };
+    let row_address = |lane: usize| -> Result<usize, EmuError> {
+        let at = match base {
+            Base::Reg(r) => warp[lane].regs[*r].wrapping_add(*off as u64),
+            Base::Shared(a) => a.wrapping_add(*off as u64),
+            _ => return err(format!("`{}`: a shared address expected", ins.line)),
+        } as usize;
+        if at % 16 != 0 || at + 16 > shared.len() {
+            return err(format!(
+                "`{}`: row address {at} unaligned or out of shared memory",
+                ins.line
+            ));
+        }
+        Ok(at)
+    };
+    let mut words = vec![[0u64; 4]; 32];
+    for m in 0..count {
+        for (lane, w) in words.iter_mut().enumerate() {
+            let row = row_address(8 * m + lane / 4)?;
+            let at = row + 4 * (lane % 4);
+            let mut b = [0u8; 8];
+            b[..4].copy_from_slice(&shared[at..at + 4]);
+            w[m] = u64::from_le_bytes(b);
+        }
+    }
+    for (t, w) in warp.iter_mut().zip(&words) {
+        for (m, &reg) in dst.iter().enumerate() {
+            t.regs[reg] = w[m];
         }
     }
     Ok(())
@@ -763,7 +829,7 @@ impl Ctx<'_> {
                     continue;
                 }
                 // Warp-collective: the whole warp meets at the instruction (as at a shuffle).
-                "shfl" | "mma" => {
+                "shfl" | "mma" | "ldmatrix" => {
                     t.wait = Wait::Shfl;
                     return Ok(executed);
                 }
@@ -1120,6 +1186,40 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("only part of a warp"), "{e}");
+    }
+
+    /// Lane 8m + r gives the address of row r of matrix m; register m of lane L receives word
+    /// L % 4 of row L / 4 of matrix m. Rows are interleaved in shared memory so that the
+    /// addresses, not the order, decide.
+    #[test]
+    fn ldmatrix_distributes_rows_as_the_isa_says() {
+        let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.shared .align 16 .b8 s[512];\n\t.reg .b32 %r<12>;\n\t.reg .b64 %rd<8>;\n\tld.param.u64 %rd0, [out];\n\tcvta.to.global.u64 %rd1, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tshl.b32 %r1, %r0, 2;\n\tadd.u32 %r2, %r1, 1;\n\tadd.u32 %r3, %r1, 2;\n\tadd.u32 %r4, %r1, 3;\n\tmul.wide.u32 %rd3, %r0, 16;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.v4.b32 [%rd4], {%r1, %r2, %r3, %r4};\n\tbar.sync 0;\n\tand.b32 %r5, %r0, 7;\n\tshr.u32 %r6, %r0, 3;\n\tmad.lo.u32 %r7, %r5, 4, %r6;\n\tmul.wide.u32 %rd3, %r7, 16;\n\tadd.u64 %rd5, %rd2, %rd3;\n\tldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r8, %r9, %r10, %r11}, [%rd5];\n\tmul.wide.u32 %rd3, %r0, 16;\n\tadd.u64 %rd6, %rd1, %rd3;\n\tst.global.v4.u32 [%rd6], {%r8, %r9, %r10, %r11};\n\tret;\n}\n";
+        let m = Module::parse(ptx).unwrap();
+        let mut mem = Memory::new();
+        let out = mem.alloc(&[0; 512]);
+        run(
+            &m,
+            "k",
+            &Launch {
+                grid: 1,
+                block: 32,
+                params: &[out],
+            },
+            &mut mem,
+        )
+        .unwrap();
+        let got = mem.read_u32(out, 128).unwrap();
+        for lane in 0..32u32 {
+            for matrix in 0..4u32 {
+                // Row (matrix, lane / 4) is stored at row slot (lane / 4) · 4 + matrix.
+                let want = ((lane / 4) * 4 + matrix) * 4 + lane % 4;
+                assert_eq!(
+                    got[(lane * 4 + matrix) as usize],
+                    want,
+                    "lane {lane} matrix {matrix}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -600,12 +600,6 @@ pub fn last_row(name: &str, width: u32) -> String {
     k.finish()
 }
 
-/// Token tiles (16 tokens each) a tensor-core projection keeps accumulators for: a chunk of up
-/// to 64 tokens at once, longer chunks in groups of 64.
-fn token_tiles(max_tokens: u32) -> u32 {
-    max_tokens.div_ceil(16).min(TC_GROUP / 16)
-}
-
 pub const TC_WARPS: u32 = 4;
 
 /// Tokens a tensor-core projection's warp computes per pass over its weights.
@@ -638,25 +632,34 @@ pub fn tc_grid(spec: &GemvSpec) -> u32 {
     spec.width.div_ceil(8 * tc_column_tiles(spec) * TC_WARPS)
 }
 
+/// Bytes between rows of a shared-memory tile of `gemm_tokens_tc`: 16 bf16 (one k-step) and 16
+/// bytes of padding, so the 8 rows an `ldmatrix` reads fall in 8 different groups of 4 banks.
+const TC_ROW: u32 = 48;
+/// Shared bytes of one stage: inputs as bf16 hi and lo halves (64 token rows each) and 128
+/// weight rows.
+const TC_STAGE: u32 = (2 * TC_GROUP + 128) * TC_ROW;
+
 /// The chunk projection on tensor cores: `mma.sync.m16n8k16` with bf16 weights and f32
-/// accumulation. A warp owns `8 · tc_column_tiles` output columns and goes through the chunk in
-/// groups of up to 64 tokens (4 token tiles); each k-step loads its input fragments once for
-/// all its column tiles and its weight fragments once for all token tiles. Inputs are split as
-/// `x = hi + lo` (both bf16, two MMAs) so the product keeps about 16 bits of the f32 input,
-/// close to the f32 path. Parameters as `gemm_tokens_split`. Launch: `tc_grid` blocks of
-/// `32 · TC_WARPS`.
-pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> String {
+/// accumulation. A block of 4 warps computes 128 output columns (64 with GeGLU, whose gate and
+/// up rows make 128 weight rows) for the chunk in groups of up to 64 tokens. Per k-step of 16
+/// the block stages its inputs, split once into bf16 hi and lo halves (`x = hi + lo`, so the
+/// product keeps about 16 bits of each f32 input), and its weight rows in shared memory (two
+/// buffers: the next step's global loads are in flight while this one computes); each warp
+/// takes its fragments with `ldmatrix` and runs 4 token tiles × 4 column tiles × 2 halves = 32
+/// MMAs. Parameters as `gemm_tokens_split`. Launch: `tc_grid` blocks of `32 · TC_WARPS`.
+pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], _max_tokens: u32) -> String {
     assert!(
         tensor_cores_fit(spec, splits),
         "projection does not fit tensor cores"
     );
+    assert_eq!(TC_WARPS, 4, "the staging below is written for 128 threads");
     let parts: Vec<u32> = if splits.is_empty() {
         vec![spec.width]
     } else {
         splits.to_vec()
     };
-    let tiles = token_tiles(max_tokens);
     let mut k = Kernel::new(&spec.name);
+    k.shared("tc_tiles", 2 * TC_STAGE, 16);
     let ProjectionParams {
         count,
         x,
@@ -673,51 +676,104 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
         residual,
     };
     let inputs = spec.inputs;
+    let width = spec.width;
     let geglu = spec.epilogue == Epilogue::GeGlu;
+    let column_tiles = tc_column_tiles(spec);
+    let block_columns = 8 * column_tiles * TC_WARPS;
+    let (a_hi, a_lo, b_at) = (0, TC_GROUP * TC_ROW, 2 * TC_GROUP * TC_ROW);
 
     let (tid, block) = k.thread_and_block();
     let (warp, lane) = k.warp_and_lane(tid);
     let (g, q) = (k.reg(Class::B32), k.reg(Class::B32));
     k.ins(format!("shr.u32 {g}, {lane}, 2;"));
     k.ins(format!("and.b32 {q}, {lane}, 3;"));
-    let column_tiles = tc_column_tiles(spec);
-    let col0 = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {col0}, {block}, {TC_WARPS}, {warp};"));
-    k.ins(format!("mul.lo.u32 {col0}, {col0}, {};", 8 * column_tiles));
-    let done = k.label("done");
-    let outside = k.reg(Class::Pred);
-    // Whole warps leave together: the MMAs below need every lane.
-    k.ins(format!("setp.ge.u32 {outside}, {col0}, {};", spec.width));
-    k.ins(format!("@{outside} bra {done};"));
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
     let last = k.reg(Class::B32);
     k.ins(format!("sub.u32 {last}, {n}, 1;"));
+    let col0 = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {col0}, {block}, {block_columns};"));
+    let tiles = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {tiles}, tc_tiles;"));
 
-    // Weight rows this lane's B fragments read, per column tile j: column col0 + 8j + g
-    // (clamped to the last column; such columns are not stored), and its up row for GeGLU.
-    let b_rows: Vec<Vec<Reg>> = (0..column_tiles)
-        .map(|j| {
+    // What this thread stages per k-step: 2 float4 of inputs (token row f / 4, inputs
+    // 4·(f % 4)..) and 2 × 16 bytes of weights (row f / 2, inputs 8·(f % 2)..), f = tid + 128r.
+    let a_slots: Vec<(Reg, Reg)> = (0..2)
+        .map(|r| {
+            let f = k.reg(Class::B32);
+            k.ins(format!("add.u32 {f}, {tid}, {};", 128 * r));
             let row = k.reg(Class::B32);
-            k.ins(format!("add.u32 {row}, {col0}, {g};"));
-            k.ins(format!("add.u32 {row}, {row}, {};", 8 * j));
-            k.ins(format!("min.u32 {row}, {row}, {};", spec.width - 1));
-            if geglu {
-                let up = k.reg(Class::B32);
-                k.ins(format!("add.u32 {up}, {row}, {};", spec.width));
-                vec![row, up]
-            } else {
-                vec![row]
-            }
+            k.ins(format!("shr.u32 {row}, {f}, 2;"));
+            let kq = k.reg(Class::B32);
+            k.ins(format!("and.b32 {kq}, {f}, 3;"));
+            k.ins(format!("shl.b32 {kq}, {kq}, 2;"));
+            (row, kq)
         })
         .collect();
+    // Weight rows: block rows 0..128 are output columns col0.. (GeGLU: gate rows of columns
+    // col0..col0+64, then their up rows), clamped to the last column (never stored).
+    let b_slots: Vec<(Reg, Reg, Reg)> = (0..2)
+        .map(|r| {
+            let f = k.reg(Class::B32);
+            k.ins(format!("add.u32 {f}, {tid}, {};", 128 * r));
+            let row = k.reg(Class::B32);
+            k.ins(format!("shr.u32 {row}, {f}, 1;"));
+            let half = k.reg(Class::B32);
+            k.ins(format!("and.b32 {half}, {f}, 1;"));
+            let grow = k.reg(Class::B32);
+            if geglu {
+                let up = k.reg(Class::B32);
+                k.ins(format!("shr.u32 {up}, {row}, 6;"));
+                k.ins(format!("and.b32 {grow}, {row}, 63;"));
+                k.ins(format!("add.u32 {grow}, {grow}, {col0};"));
+                k.ins(format!("min.u32 {grow}, {grow}, {};", width - 1));
+                k.ins(format!("mad.lo.u32 {grow}, {up}, {width}, {grow};"));
+            } else {
+                k.ins(format!("add.u32 {grow}, {row}, {col0};"));
+                k.ins(format!("min.u32 {grow}, {grow}, {};", width - 1));
+            }
+            (row, half, grow)
+        })
+        .collect();
+    // This lane's ldmatrix row addresses within a stage: A (token row (lane % 8) + 8·((lane / 8)
+    // % 2), inputs 8·(lane / 16)..) and B (weight row (lane % 8) + 8·(lane / 16), inputs
+    // 8·((lane / 8) % 2)..), before the tile's own row offset.
+    let lane8 = k.reg(Class::B32);
+    k.ins(format!("and.b32 {lane8}, {lane}, 7;"));
+    let bit3 = k.reg(Class::B32);
+    k.ins(format!("shr.u32 {bit3}, {lane}, 3;"));
+    k.ins(format!("and.b32 {bit3}, {bit3}, 1;"));
+    let bit4 = k.reg(Class::B32);
+    k.ins(format!("shr.u32 {bit4}, {lane}, 4;"));
+    let a_lane = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {a_lane}, {bit3}, 8, {lane8};"));
+    k.ins(format!("mul.lo.u32 {a_lane}, {a_lane}, {TC_ROW};"));
+    k.ins(format!("mad.lo.u32 {a_lane}, {bit4}, 16, {a_lane};"));
+    let b_lane = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {b_lane}, {bit4}, 8, {lane8};"));
+    k.ins(format!("mul.lo.u32 {b_lane}, {b_lane}, {TC_ROW};"));
+    k.ins(format!("mad.lo.u32 {b_lane}, {bit3}, 16, {b_lane};"));
+    // This warp's weight rows in the block: 32 columns from 32·warp (two ldmatrix.x4 of 16 rows,
+    // 2 column tiles each), or 16 gate columns from 16·warp and their up rows from 64 + 16·warp
+    // (one each).
+    let b_loads: Vec<(u32, [usize; 2])> = if geglu {
+        vec![(0, [0, 1]), (64, [0, 1])]
+    } else {
+        vec![(0, [0, 1]), (16, [2, 3])]
+    };
+    let warp_row = k.reg(Class::B32);
+    k.ins(format!(
+        "mul.lo.u32 {warp_row}, {warp}, {};",
+        8 * column_tiles
+    ));
+
     // Accumulators: [token tile][column tile][gate/up][4], zeroed per group.
-    let accs: Vec<Vec<Vec<[Reg; 4]>>> = (0..tiles)
+    let halves = if geglu { 2 } else { 1 };
+    let accs: Vec<Vec<Vec<[Reg; 4]>>> = (0..4)
         .map(|_| {
-            b_rows
-                .iter()
-                .map(|rows| {
-                    rows.iter()
+            (0..column_tiles)
+                .map(|_| {
+                    (0..halves)
                         .map(|_| {
                             [
                                 k.reg(Class::F32),
@@ -731,9 +787,113 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
                 .collect()
         })
         .collect();
+    // Staged registers: 2 × 4 input floats and 2 × 4 weight words.
+    let a_regs: Vec<[Reg; 4]> = (0..2)
+        .map(|_| {
+            [
+                k.reg(Class::F32),
+                k.reg(Class::F32),
+                k.reg(Class::F32),
+                k.reg(Class::F32),
+            ]
+        })
+        .collect();
+    let b_regs: Vec<[Reg; 4]> = (0..2)
+        .map(|_| {
+            [
+                k.reg(Class::B32),
+                k.reg(Class::B32),
+                k.reg(Class::B32),
+                k.reg(Class::B32),
+            ]
+        })
+        .collect();
+
+    let t0 = k.reg(Class::B32);
+    let k0 = k.reg(Class::B32);
+    // Global loads of the k-step at k0 for the group at t0 into the staged registers.
+    let fetch = |k: &mut Kernel| {
+        for ((row, kq), regs) in a_slots.iter().zip(&a_regs) {
+            let t = k.reg(Class::B32);
+            k.ins(format!("add.u32 {t}, {t0}, {row};"));
+            k.ins(format!("min.u32 {t}, {t}, {last};"));
+            let e = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {e}, {t}, {inputs}, {k0};"));
+            k.ins(format!("add.u32 {e}, {e}, {kq};"));
+            let at = addr4(k, x, e);
+            k.ins(format!(
+                "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{at}];",
+                regs[0], regs[1], regs[2], regs[3]
+            ));
+        }
+        for ((_, half, grow), regs) in b_slots.iter().zip(&b_regs) {
+            let e = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {e}, {grow}, {inputs}, {k0};"));
+            k.ins(format!("mad.lo.u32 {e}, {half}, 8, {e};"));
+            let off = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {off}, {e}, 2;"));
+            k.ins(format!("add.u64 {off}, {off}, {w};"));
+            k.ins(format!(
+                "ld.global.nc.v4.u32 {{{}, {}, {}, {}}}, [{off}];",
+                regs[0], regs[1], regs[2], regs[3]
+            ));
+        }
+    };
+    // The staged registers into the stage buffer at byte offset `buf` (a register): inputs
+    // split into bf16 hi and lo pairs, weights as they are.
+    let commit = |k: &mut Kernel, buf: Reg| {
+        let base = k.reg(Class::B64);
+        k.ins(format!("cvt.u64.u32 {base}, {buf};"));
+        k.ins(format!("add.u64 {base}, {base}, {tiles};"));
+        for ((row, kq), v) in a_slots.iter().zip(&a_regs) {
+            let mut hi = Vec::new();
+            let mut lo = Vec::new();
+            for pair in [[v[0], v[1]], [v[2], v[3]]] {
+                let h = k.reg(Class::B32);
+                k.ins(format!("cvt.rn.bf16x2.f32 {h}, {}, {};", pair[1], pair[0]));
+                let (h0, h1) = (k.reg(Class::B32), k.reg(Class::B32));
+                k.ins(format!("shl.b32 {h0}, {h}, 16;"));
+                k.ins(format!("and.b32 {h1}, {h}, -65536;"));
+                let (f0, f1) = (k.reg(Class::F32), k.reg(Class::F32));
+                k.ins(format!("mov.b32 {f0}, {h0};"));
+                k.ins(format!("mov.b32 {f1}, {h1};"));
+                k.ins(format!("sub.f32 {f0}, {}, {f0};", pair[0]));
+                k.ins(format!("sub.f32 {f1}, {}, {f1};", pair[1]));
+                let l = k.reg(Class::B32);
+                k.ins(format!("cvt.rn.bf16x2.f32 {l}, {f1}, {f0};"));
+                hi.push(h);
+                lo.push(l);
+            }
+            let off = k.reg(Class::B32);
+            k.ins(format!("mul.lo.u32 {off}, {row}, {TC_ROW};"));
+            k.ins(format!("mad.lo.u32 {off}, {kq}, 2, {off};"));
+            let at = k.reg(Class::B64);
+            k.ins(format!("cvt.u64.u32 {at}, {off};"));
+            k.ins(format!("add.u64 {at}, {at}, {base};"));
+            k.ins(format!(
+                "st.shared.v2.b32 [{at}+{a_hi}], {{{}, {}}};",
+                hi[0], hi[1]
+            ));
+            k.ins(format!(
+                "st.shared.v2.b32 [{at}+{a_lo}], {{{}, {}}};",
+                lo[0], lo[1]
+            ));
+        }
+        for ((row, half, _), v) in b_slots.iter().zip(&b_regs) {
+            let off = k.reg(Class::B32);
+            k.ins(format!("mul.lo.u32 {off}, {row}, {TC_ROW};"));
+            k.ins(format!("mad.lo.u32 {off}, {half}, 16, {off};"));
+            let at = k.reg(Class::B64);
+            k.ins(format!("cvt.u64.u32 {at}, {off};"));
+            k.ins(format!("add.u64 {at}, {at}, {base};"));
+            k.ins(format!(
+                "st.shared.v4.b32 [{at}+{b_at}], {{{}, {}, {}, {}}};",
+                v[0], v[1], v[2], v[3]
+            ));
+        }
+    };
 
     // Groups of up to 64 tokens: t0 = 0, 64, ... while t0 < n.
-    let t0 = k.reg(Class::B32);
     k.ins(format!("mov.u32 {t0}, 0;"));
     let (group_head, group_end) = (k.label("group"), k.label("group_end"));
     k.place(&group_head);
@@ -741,85 +901,82 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
     for a in accs.iter().flatten().flatten().flatten() {
         k.ins(format!("mov.f32 {a}, 0f00000000;"));
     }
-    // Token rows of this lane's A fragments in each tile: t0 + g and t0 + g + 8, clamped to
-    // the chunk.
-    let a_rows: Vec<[Reg; 2]> = (0..tiles)
-        .map(|tile| {
-            let pair = [k.reg(Class::B32), k.reg(Class::B32)];
-            for (h, r) in pair.iter().enumerate() {
-                k.ins(format!("add.u32 {r}, {t0}, {g};"));
-                k.ins(format!("add.u32 {r}, {r}, {};", 16 * tile + 8 * h as u32));
-                k.ins(format!("min.u32 {r}, {r}, {last};"));
-            }
-            pair
-        })
-        .collect();
-
-    let k0 = k.reg(Class::B32);
+    // Prologue: the first k-step into buffer 0.
     k.ins(format!("mov.u32 {k0}, 0;"));
+    fetch(&mut k);
+    let buf = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {buf}, 0;"));
+    commit(&mut k, buf);
+    k.ins("bar.sync 0;");
+
     let (head, end) = (k.label("k"), k.label("k_end"));
     k.place(&head);
     k.leave_unless_below(k0, inputs, &end);
-    // This lane's input columns: k0 + 2q (+1) and k0 + 2q + 8 (+1).
-    let kc = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {kc}, {q}, 2, {k0};"));
-    // B fragments: two bf16 pairs per weight row, one 32-bit load each.
-    let b_frags: Vec<Vec<[Reg; 2]>> = b_rows
-        .iter()
-        .map(|rows| {
-            rows.iter()
-                .map(|&row| {
-                    let pair = [k.reg(Class::B32), k.reg(Class::B32)];
-                    for (h, r) in pair.iter().enumerate() {
-                        let e = k.reg(Class::B32);
-                        k.ins(format!("mad.lo.u32 {e}, {row}, {inputs}, {kc};"));
-                        if h == 1 {
-                            k.ins(format!("add.u32 {e}, {e}, 8;"));
-                        }
-                        let off = k.reg(Class::B64);
-                        k.ins(format!("mul.wide.u32 {off}, {e}, 2;"));
-                        k.ins(format!("add.u64 {off}, {off}, {w};"));
-                        k.ins(format!("ld.global.nc.u32 {r}, [{off}];"));
-                    }
-                    pair
-                })
-                .collect()
-        })
-        .collect();
-    for (tile, rows) in a_rows.iter().enumerate() {
-        // A fragments (hi and lo): registers 0..4 hold (row g, cols c..c+1), (row g+8, c..),
-        // (row g, c+8..), (row g+8, c+8..).
-        let mut hi = Vec::new();
-        let mut lo = Vec::new();
-        for r in 0..4usize {
-            let row = rows[r & 1];
-            let e = k.reg(Class::B32);
-            k.ins(format!("mad.lo.u32 {e}, {row}, {inputs}, {kc};"));
-            if r >= 2 {
-                k.ins(format!("add.u32 {e}, {e}, 8;"));
-            }
-            let xa = addr4(&mut k, x, e);
-            let (v0, v1) = (k.reg(Class::F32), k.reg(Class::F32));
-            k.ins(format!("ld.global.v2.f32 {{{v0}, {v1}}}, [{xa}];"));
-            let h = k.reg(Class::B32);
-            k.ins(format!("cvt.rn.bf16x2.f32 {h}, {v1}, {v0};"));
-            // What the bf16 pair missed, as a second pair.
-            let (h0, h1) = (k.reg(Class::B32), k.reg(Class::B32));
-            k.ins(format!("shl.b32 {h0}, {h}, 16;"));
-            k.ins(format!("and.b32 {h1}, {h}, -65536;"));
-            let (f0, f1) = (k.reg(Class::F32), k.reg(Class::F32));
-            k.ins(format!("mov.b32 {f0}, {h0};"));
-            k.ins(format!("mov.b32 {f1}, {h1};"));
-            k.ins(format!("sub.f32 {f0}, {v0}, {f0};"));
-            k.ins(format!("sub.f32 {f1}, {v1}, {f1};"));
-            let l = k.reg(Class::B32);
-            k.ins(format!("cvt.rn.bf16x2.f32 {l}, {f1}, {f0};"));
-            hi.push(h);
-            lo.push(l);
+    // The next k-step's loads go out before this one's MMAs.
+    let next = k.reg(Class::B32);
+    k.ins(format!("add.u32 {next}, {k0}, 16;"));
+    let more = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {more}, {next}, {inputs};"));
+    let skip_fetch = k.label("skip_fetch");
+    k.ins(format!("@!{more} bra {skip_fetch};"));
+    k.ins(format!("mov.u32 {k0}, {next};"));
+    fetch(&mut k);
+    k.ins(format!("sub.u32 {k0}, {k0}, 16;"));
+    k.place(&skip_fetch);
+    // Fragments from this buffer.
+    let stage = k.reg(Class::B64);
+    k.ins(format!("cvt.u64.u32 {stage}, {buf};"));
+    k.ins(format!("add.u64 {stage}, {stage}, {tiles};"));
+    let b_frags: Vec<Vec<[Reg; 2]>> = {
+        // [column tile][gate/up] -> (b0, b1).
+        let mut frags: Vec<Vec<[Reg; 2]>> = (0..column_tiles).map(|_| Vec::new()).collect();
+        for &(rows, [first, second]) in &b_loads {
+            let at = k.reg(Class::B32);
+            k.ins(format!("add.u32 {at}, {warp_row}, {rows};"));
+            k.ins(format!("mad.lo.u32 {at}, {at}, {TC_ROW}, {b_lane};"));
+            let a64 = k.reg(Class::B64);
+            k.ins(format!("cvt.u64.u32 {a64}, {at};"));
+            k.ins(format!("add.u64 {a64}, {a64}, {stage};"));
+            let r = [
+                k.reg(Class::B32),
+                k.reg(Class::B32),
+                k.reg(Class::B32),
+                k.reg(Class::B32),
+            ];
+            k.ins(format!(
+                "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}, {}, {}, {}}}, [{a64}+{b_at}];",
+                r[0], r[1], r[2], r[3]
+            ));
+            frags[first].push([r[0], r[1]]);
+            frags[second].push([r[2], r[3]]);
         }
-        for (tile_accs, frags) in accs[tile].iter().zip(&b_frags) {
-            for (acc, b) in tile_accs.iter().zip(frags) {
-                for a in [&hi, &lo] {
+        frags
+    };
+    for (tile, tile_accs) in accs.iter().enumerate() {
+        let mut a_frags = Vec::new();
+        for part in [a_hi, a_lo] {
+            let a64 = k.reg(Class::B64);
+            k.ins(format!("cvt.u64.u32 {a64}, {a_lane};"));
+            k.ins(format!("add.u64 {a64}, {a64}, {stage};"));
+            let r = [
+                k.reg(Class::B32),
+                k.reg(Class::B32),
+                k.reg(Class::B32),
+                k.reg(Class::B32),
+            ];
+            k.ins(format!(
+                "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}, {}, {}, {}}}, [{a64}+{}];",
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                part + 16 * tile as u32 * TC_ROW
+            ));
+            a_frags.push(r);
+        }
+        for (column_accs, frags) in tile_accs.iter().zip(&b_frags) {
+            for (acc, b) in column_accs.iter().zip(frags) {
+                for a in &a_frags {
                     k.ins(format!(
                         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
                         acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1], acc[0], acc[1], acc[2], acc[3]
@@ -828,12 +985,20 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
             }
         }
     }
-    k.ins(format!("add.u32 {k0}, {k0}, 16;"));
+    // The next k-step's registers into the other buffer; every warp is past its reads of that
+    // buffer (the barrier at the end of the previous k-step).
+    let skip_commit = k.label("skip_commit");
+    k.ins(format!("@!{more} bra {skip_commit};"));
+    k.ins(format!("xor.b32 {buf}, {buf}, {TC_STAGE};"));
+    commit(&mut k, buf);
+    k.place(&skip_commit);
+    k.ins("bar.sync 0;");
+    k.ins(format!("mov.u32 {k0}, {next};"));
     k.ins(format!("bra {head};"));
     k.place(&end);
 
     // Epilogue: accumulator i of (token tile, column tile j) is (token t0 + 16·tile + g +
-    // 8·(i >> 1), column col0 + 8j + 2q + (i & 1)).
+    // 8·(i >> 1), column col0 + warp's first + 8j + 2q + (i & 1)).
     for (tile, tile_accs) in accs.iter().enumerate() {
         for (j, column_accs) in tile_accs.iter().enumerate() {
             for i in 0..4usize {
@@ -841,15 +1006,12 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
                 let t = k.reg(Class::B32);
                 k.ins(format!("add.u32 {t}, {t0}, {g};"));
                 k.ins(format!("add.u32 {t}, {t}, {};", 16 * tile + 8 * (i >> 1)));
-                let beyond = k.reg(Class::Pred);
-                k.ins(format!("setp.ge.u32 {beyond}, {t}, {n};"));
-                k.ins(format!("@{beyond} bra {skip};"));
+                k.leave_unless_below(t, n, &skip);
                 let col = k.reg(Class::B32);
                 k.ins(format!("mad.lo.u32 {col}, {q}, 2, {col0};"));
+                k.ins(format!("add.u32 {col}, {col}, {warp_row};"));
                 k.ins(format!("add.u32 {col}, {col}, {};", 8 * j + (i & 1)));
-                let past_end = k.reg(Class::Pred);
-                k.ins(format!("setp.ge.u32 {past_end}, {col}, {};", spec.width));
-                k.ins(format!("@{past_end} bra {skip};"));
+                k.leave_unless_below(col, width, &skip);
                 let vals: Vec<Reg> = column_accs.iter().map(|a| a[i]).collect();
                 finish_token(&mut k, &outputs, vals, t, col);
                 k.place(&skip);
@@ -859,6 +1021,5 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], max_tokens: u32) -> Strin
     k.ins(format!("add.u32 {t0}, {t0}, {TC_GROUP};"));
     k.ins(format!("bra {group_head};"));
     k.place(&group_end);
-    k.place(&done);
     k.finish()
 }
