@@ -13,10 +13,15 @@
 #    achieved bandwidth in decode. A table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-carry=${CARRY:-target/gpu-carry}
 py=${PYTHON:-python3}
 work=${WORK:-/tmp/griffin-gpu}
 mkdir -p "$work"
+# gpu-prepare.sh packs the executables into one archive (they share most of their bytes).
+carry=${CARRY:-$work/carry}
+if [ -z "${CARRY:-}" ]; then
+  rm -rf "$carry" && mkdir -p "$carry"
+  "$py" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" target/gpu-carry/carry.tar.xz "$carry"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
 echo "== golden cases"

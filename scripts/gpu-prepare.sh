@@ -2,16 +2,17 @@
 # Builds, here (Rust and LLVM needed), everything scripts/gpu-check.sh runs on the GPU machine
 # (which has neither): release `--target cuda` executables for every golden case (weights
 # embedded) and for the 2B shape (weights packed there from a checkpoint made there), stripped,
-# with the golden answers and the scripts, under target/gpu-carry (kept well under the 64 MiB a
-# device call carries). Needs torch + transformers in REFERENCE_PYTHON to write the 2B checkpoint
+# with the golden answers, packed as target/gpu-carry/carry.tar.xz (the executables share most
+# of their bytes: 59 MB unpacked, ~14 MB packed; a device call carries 64 MiB with the
+# working tree). Needs torch + transformers in REFERENCE_PYTHON to write the 2B checkpoint
 # (5.4 GB, deterministic: `--values hash`).
 #
 #   REFERENCE_PYTHON=/tmp/refenv/bin/python scripts/gpu-prepare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${REFERENCE_PYTHON:-python3}
-carry=target/gpu-carry
-rm -rf "$carry" && mkdir -p "$carry/golden" "$carry/2b"
+carry=target/gpu-stage
+rm -rf "$carry" target/gpu-carry && mkdir -p "$carry/golden" "$carry/2b" target/gpu-carry
 cargo build --release --workspace --locked -q
 for case in tiny-f32 tiny-bf16-sharded tiny-text gen-h3-bf16; do
   target/release/griffinc build "tests/golden/$case" --target cuda --embed-weights --name griffin -o "$carry/golden/$case"
@@ -26,3 +27,5 @@ rm -f "$carry"/2b/*.weights   # packed there from the same checkpoint, rebuilt t
 cp "$ckpt/config.json" "$carry/2b/"
 strip "$carry"/golden/*/griffin "$carry/2b/griffin-2b" "$carry/2b/griffin-2b-simt"
 du -sh "$carry"
+tar -C "$carry" -cf - . | xz -T0 -6 > target/gpu-carry/carry.tar.xz
+du -sh target/gpu-carry
