@@ -67,6 +67,9 @@ struct Lowering<'g> {
     count: Option<usize>,
     /// Each prefill projection launch's spec, by launch index (for the last-row logits).
     gemm_specs: HashMap<usize, GemvSpec>,
+    /// The first kernel of each body (its text with the entry name taken out): the layers'
+    /// kernels are mostly the same, and the module keeps one of each.
+    kernel_of_body: HashMap<String, String>,
 }
 
 impl Lowering<'_> {
@@ -203,7 +206,16 @@ impl Lowering<'_> {
     }
 
     fn launch(&mut self, kernel: String, ptx: String, grid: u32, block: u32, args: Vec<Arg>) {
-        self.kernels.insert(kernel.clone(), ptx);
+        let entry = format!(".entry {kernel}(");
+        let body = ptx.replacen(&entry, ".entry (", 1);
+        let kernel = match self.kernel_of_body.get(&body) {
+            Some(same) => same.clone(),
+            None => {
+                self.kernel_of_body.insert(body, kernel.clone());
+                self.kernels.insert(kernel.clone(), ptx);
+                kernel
+            }
+        };
         self.launches.push(GpuLaunch {
             kernel,
             grid,
@@ -791,6 +803,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
         buffers: Vec::new(),
         launches: Vec::new(),
         kernels: BTreeMap::new(),
+        kernel_of_body: HashMap::new(),
         weights: Vec::new(),
         weight_of: HashMap::new(),
         state_of: HashMap::new(),
