@@ -109,6 +109,7 @@ struct Lowering<'g> {
     buffers: Vec<Buffer>,
     launches: Vec<Launch>,
     functions: BTreeMap<String, String>,
+    function_of_body: HashMap<String, String>,
     weights: Vec<WeightSlot>,
     weight_of: HashMap<Value, usize>,
     buffer_of: HashMap<Value, usize>,
@@ -249,8 +250,18 @@ impl Lowering<'_> {
         Ok(b)
     }
 
+    /// A launch of `function`, or of an earlier kernel with the same body (the layers' kernels
+    /// differ only in name: LLVM compiles each body once).
     fn launch(&mut self, symbol: String, function: String, args: Vec<usize>) {
-        self.functions.insert(symbol.clone(), function);
+        let body = function.replacen(&format!("@{symbol}("), "@(", 1);
+        let symbol = match self.function_of_body.get(&body) {
+            Some(same) => same.clone(),
+            None => {
+                self.function_of_body.insert(body, symbol.clone());
+                self.functions.insert(symbol.clone(), function);
+                symbol
+            }
+        };
         self.launches.push(Launch {
             kernel: symbol,
             args,
@@ -569,6 +580,7 @@ pub fn lower(graph: &Graph, opts: &Options) -> Result<Lowered, BackendError> {
         buffers: Vec::new(),
         launches: Vec::new(),
         functions: BTreeMap::new(),
+        function_of_body: HashMap::new(),
         weights: Vec::new(),
         weight_of: HashMap::new(),
         buffer_of: HashMap::new(),
