@@ -594,6 +594,15 @@ fn mma(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
     Ok(())
 }
 
+/// Memory accesses must be aligned to their whole width (a `v4.f32` to 16 bytes), as on the
+/// hardware, where a misaligned access is a launch error.
+fn aligned(addr: u64, width: usize) -> Result<(), EmuError> {
+    if addr % width as u64 != 0 {
+        return err(format!("misaligned {width}-byte access at {addr:#x}"));
+    }
+    Ok(())
+}
+
 /// `ldmatrix.sync.aligned.m8n8.xN.shared.b16 {r0..}, [addr]` (N = 1, 2, 4, not transposed):
 /// lanes 8m..8m+7 give the shared addresses of the 8 rows (16 bytes each) of matrix m, and
 /// register r_m of lane L receives the 32 bits at row L / 4, bytes 4·(L % 4) of matrix m, as the
@@ -950,6 +959,7 @@ impl Ctx<'_> {
             "ld" => {
                 let vec = op.vector_width();
                 let (base, addr) = self.address(t, &ins.args[1], op.at(1))?;
+                aligned(addr, size * vec.unwrap_or(1))?;
                 match (&ins.args[0], vec) {
                     (Operand::Vec(regs), Some(n)) if regs.len() == n => {
                         for (k, r) in regs.iter().enumerate() {
@@ -971,6 +981,7 @@ impl Ctx<'_> {
             "st" => {
                 let vec = op.vector_width();
                 let (base, addr) = self.address(t, &ins.args[0], op.at(1))?;
+                aligned(addr, size * vec.unwrap_or(1))?;
                 match (&ins.args[1], vec) {
                     (Operand::Vec(regs), Some(n)) if regs.len() == n => {
                         for (k, r) in regs.iter().enumerate() {
