@@ -35,6 +35,9 @@ pub struct GemvSpec {
 
 pub const WARPS_PER_BLOCK: u32 = 8;
 
+/// Steps (256 inputs per warp each) the decode GEMV takes per unrolled iteration.
+const UNROLL: u32 = 4;
+
 /// Thread blocks to launch for `spec` (each of `32 · WARPS_PER_BLOCK` threads).
 pub fn grid(spec: &GemvSpec) -> u32 {
     spec.width.div_ceil(WARPS_PER_BLOCK)
@@ -307,7 +310,45 @@ pub fn gemv(spec: &GemvSpec) -> String {
 
     let i = k.reg(Class::B32);
     k.ins(format!("shl.b32 {i}, {lane}, 3;"));
-    let (head, end) = (k.label("loop"), k.label("end"));
+    // UNROLL steps at a time while all of them are in the row, in one basic block, so their
+    // loads are all in flight before the first multiply (memory-level parallelism is what
+    // decode's bandwidth needs); then the rest one step at a time.
+    let (unrolled, rolled) = (k.label("unrolled"), k.label("loop"));
+    k.place(&unrolled);
+    let last_step = k.reg(Class::B32);
+    k.ins(format!("add.u32 {last_step}, {i}, {};", 256 * (UNROLL - 1)));
+    k.leave_unless_below(last_step, spec.inputs, &rolled);
+    for step in 0..UNROLL {
+        let at = k.reg(Class::B32);
+        k.ins(format!("add.u32 {at}, {i}, {};", 256 * step));
+        dot8(
+            &mut k,
+            spec.weights,
+            w,
+            input,
+            gain_in_loop,
+            col,
+            at,
+            spec.inputs,
+            acc,
+        );
+        if geglu {
+            dot8(
+                &mut k,
+                spec.weights,
+                w,
+                input,
+                gain_in_loop,
+                up_row,
+                at,
+                spec.inputs,
+                acc_up,
+            );
+        }
+    }
+    k.ins(format!("add.u32 {i}, {i}, {};", 256 * UNROLL));
+    k.ins(format!("bra {unrolled};"));
+    let (head, end) = (rolled, k.label("end"));
     k.place(&head);
     let stop = k.reg(Class::Pred);
     k.ins(format!("setp.ge.u32 {stop}, {i}, {};", spec.inputs));

@@ -50,6 +50,9 @@ fn gemv_kernels_compute_their_epilogues() {
         ("bias_residual", 96, 64, true, Epilogue::None, true, None),
         ("geglu", 64, 24, true, Epilogue::GeGlu, false, Some(1e-6)),
         ("normed", 264, 17, true, Epilogue::None, false, Some(1e-6)),
+        // Long rows: four steps at a time in every lane, then a tail some lanes take and
+        // others do not (2056 = 8·256 + 8).
+        ("long", 2056, 9, true, Epilogue::None, true, None),
         (
             "softcap",
             520,
