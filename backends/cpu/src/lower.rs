@@ -228,6 +228,16 @@ impl Lowering<'_> {
         Ok((b, storage))
     }
 
+    /// A weight read element by element in row-major order (not by a projection or a gather).
+    fn plain_weight(&mut self, v: Value) -> Result<(usize, Storage), BackendError> {
+        if self.layouts.contains_key(&v) {
+            return Err(BackendError::Unsupported(format!(
+                "weight {v} is read both by a projection (blocked) and row by row"
+            )));
+        }
+        self.weight(v)
+    }
+
     fn recipe(&self, v: Value) -> Result<Recipe, BackendError> {
         recipe_of(self.g, v)
     }
@@ -348,7 +358,7 @@ impl Lowering<'_> {
                 // `rms_norm_rows`); the projection then reads normalised inputs.
                 let mut scratch = None;
                 if let Some(n) = norm {
-                    let (g, storage) = self.weight(x[next])?;
+                    let (g, storage) = self.plain_weight(x[next])?;
                     next += 1;
                     let inputs = self.fixed_dim(x[0], 1)?;
                     let normed = self.activation(Elem::F32, (inputs, 0));
@@ -367,7 +377,7 @@ impl Lowering<'_> {
                 args.push(w);
                 next += 1;
                 let bias_storage = if *bias {
-                    let (b, s) = self.weight(x[next])?;
+                    let (b, s) = self.plain_weight(x[next])?;
                     args.push(b);
                     next += 1;
                     Some(s)
@@ -409,13 +419,13 @@ impl Lowering<'_> {
             Op::RgLru { width, gate_output } => {
                 let input = self.value(x[0])?;
                 let window = self.value(x[2])?;
-                let (conv_w, conv) = self.weight(x[3])?;
-                let (conv_b, _) = self.weight(x[4])?;
-                let (igw, gates) = self.weight(x[5])?;
-                let (igb, _) = self.weight(x[6])?;
-                let (rgw, _) = self.weight(x[7])?;
-                let (rgb, _) = self.weight(x[8])?;
-                let (decay, _) = self.weight(x[9])?;
+                let (conv_w, conv) = self.plain_weight(x[3])?;
+                let (conv_b, _) = self.plain_weight(x[4])?;
+                let (igw, gates) = self.plain_weight(x[5])?;
+                let (igb, _) = self.plain_weight(x[6])?;
+                let (rgw, _) = self.plain_weight(x[7])?;
+                let (rgb, _) = self.plain_weight(x[8])?;
+                let (decay, _) = self.plain_weight(x[9])?;
                 let state = self.value(x[10])?;
                 let mut args = vec![
                     input, window, conv_w, conv_b, igw, igb, rgw, rgb, decay, state,
@@ -516,7 +526,7 @@ impl Lowering<'_> {
                     };
                     kinds.push(kind);
                     args.push(if g.is_weight_expression(o.node) {
-                        self.weight(*o)?.0
+                        self.plain_weight(*o)?.0
                     } else {
                         self.value(*o)?
                     });
