@@ -235,30 +235,72 @@ impl Lowering<'_> {
     ) -> Result<(), RunError> {
         let x = self.g.operands(id);
         let r = |output: u32| Value { node: id, output };
-        let mut args = Vec::new();
-        if self.prefill.is_some() {
-            args.push(self.count_arg()?);
-        }
-        let window = self.value(x[2])?;
-        args.extend([self.value(x[0])?, self.position_arg()?, window]);
-        for w in &x[3..10] {
-            args.push(self.weight(*w, Storage::F32)?);
-        }
-        let state = self.value(x[10])?;
-        args.push(state);
-        if gate_output {
-            args.push(self.value(x[11])?);
-        }
         let spec = self.rg_lru_spec(&name, &x, width, gate_output)?;
-        args.push(self.activation(r(0))?);
+        let window = self.value(x[2])?;
+        let state = self.value(x[10])?;
+        let input = self.value(x[0])?;
+        let mut weights = Vec::new();
+        for w in &x[3..10] {
+            weights.push(self.weight(*w, Storage::F32)?);
+        }
+        let y = if gate_output {
+            Some(self.value(x[11])?)
+        } else {
+            None
+        };
+        let out = self.activation(r(0))?;
         self.value_of.insert(r(1), window);
         self.value_of.insert(r(2), state);
-        let ptx = if self.prefill.is_some() {
-            griffin_backend_ptx::prefill::rg_lru_tokens(&spec)
-        } else {
-            rg_lru_step(&spec)
+        let Some(max_tokens) = self.prefill else {
+            let mut args = vec![input, self.position_arg()?, window];
+            args.extend(weights);
+            args.push(state);
+            args.extend(y);
+            args.push(out);
+            self.launch(
+                name,
+                rg_lru_step(&spec),
+                spec.blocks,
+                block_size(&spec),
+                args,
+            );
+            return Ok(());
         };
-        self.launch(name, ptx, spec.blocks, block_size(&spec), args);
+        // Prefill: the gates of every token in parallel, then the scan over their coefficients.
+        use griffin_backend_ptx::prefill::{
+            rg_lru_gates_grid, rg_lru_gates_tokens, rg_lru_scan_grid, rg_lru_scan_tokens,
+            SCAN_BLOCK,
+        };
+        let count = self.count_arg()?;
+        let coefficients = 4 * (max_tokens * spec.channels) as u64;
+        let [a, b] = [(); 2].map(|_| Arg {
+            buffer: self.buffer(GpuBufferKind::Activation, coefficients),
+            offset: 0,
+        });
+        let gates = RgLruSpec {
+            name: format!("{name}_gates"),
+            ..spec.clone()
+        };
+        let mut args = vec![count, input, self.position_arg()?, window];
+        args.extend(weights);
+        args.extend([a, b]);
+        self.launch(
+            gates.name.clone(),
+            rg_lru_gates_tokens(&gates),
+            rg_lru_gates_grid(&spec, max_tokens),
+            block_size(&spec),
+            args,
+        );
+        let mut args = vec![count, input, window, state, a, b];
+        args.extend(y);
+        args.push(out);
+        self.launch(
+            name,
+            rg_lru_scan_tokens(&spec),
+            rg_lru_scan_grid(&spec),
+            SCAN_BLOCK,
+            args,
+        );
         Ok(())
     }
 

@@ -370,159 +370,287 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
     k.finish()
 }
 
-/// The RG-LRU over a chunk of T tokens: one block per gate block, one thread per channel, the
-/// tokens in order (the scan is sequential in time, parallel over channels). Per token: the
-/// conv (earlier tokens of the chunk, or the carried window before them), the block's conv
-/// outputs through shared memory for both gates, decay, normaliser (reset at position 0), scan,
-/// output gate. The state stays in a register across the chunk; the window takes the chunk's
-/// last K-1 inputs at the end.
+/// Tokens whose gates one block of `rg_lru_gates_tokens` computes: each gate weight it loads
+/// serves that many tokens.
+pub const GATE_TOKENS: u32 = 16;
+
+/// Threads per block of `rg_lru_scan_tokens`.
+pub const SCAN_BLOCK: u32 = 256;
+
+/// Blocks of `rg_lru_gates_tokens` for a chunk of up to `max_tokens`: one per (token group,
+/// gate block).
+pub fn rg_lru_gates_grid(s: &crate::rg_lru::RgLruSpec, max_tokens: u32) -> u32 {
+    max_tokens.div_ceil(GATE_TOKENS) * s.blocks
+}
+
+/// Blocks of `rg_lru_scan_tokens`: one thread per channel.
+pub fn rg_lru_scan_grid(s: &crate::rg_lru::RgLruSpec) -> u32 {
+    s.channels.div_ceil(SCAN_BLOCK)
+}
+
+/// Input of channel j at chunk offset `s` (signed): x[s] for s ≥ 0, else window row s+K-1.
+fn rg_input(k: &mut Kernel, x: Reg, window: Reg, j: Reg, s: Reg, c: u32, kk: u32) -> Reg {
+    let v = k.reg(Class::F32);
+    let from_x = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.s32 {from_x}, {s}, 0;"));
+    let xi = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {xi}, {s}, {c}, {j};"));
+    let wi = k.reg(Class::B32);
+    k.ins(format!("add.u32 {wi}, {s}, {};", kk - 1));
+    k.ins(format!("mad.lo.u32 {wi}, {wi}, {c}, {j};"));
+    let idx = k.reg(Class::B32);
+    k.ins(format!("selp.b32 {idx}, {xi}, {wi}, {from_x};"));
+    let base = k.reg(Class::B64);
+    k.ins(format!("selp.b64 {base}, {x}, {window}, {from_x};"));
+    let at = addr4(k, base, idx);
+    k.ins(format!("ld.global.f32 {v}, [{at}];"));
+    v
+}
+
+/// The RG-LRU over a chunk, first half: everything that does not depend on the recurrence,
+/// for all tokens at once. The gates depend only on each token's conv output, so they need not
+/// wait for the scan: one block per (group of `GATE_TOKENS` tokens, gate block), one thread
+/// per channel of the block. The block's conv outputs go to shared memory ([channel][token], so
+/// one 16-byte load gives four tokens), then each thread runs both gates of its channel for the
+/// group's tokens (each gate weight loaded once for the group), and writes the scan's
+/// coefficients: `h_t = a_t · h_{t-1} + b_t` (reset at position 0). The window is only read.
 ///
-/// Parameters: count `i32[1]`, x `f32[T, C]`, start `i32[1]` (the chunk's first position),
-/// window `f32[K-1, C]`, conv w `[C, K]`, conv bias, input-gate w `[H, B, B]`, input-gate bias,
-/// recurrent-gate w, recurrent-gate bias, decay `f32[C]`, state `f32[C]`, [y `f32[T, C]`],
-/// out `f32[T, C]`. Launch: H blocks of C/H threads.
-pub fn rg_lru_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
-    use crate::rg_lru::{block_size, gated_input, load_weight, RgLruParams};
+/// Parameters: count `i32[1]`, x `f32[T, C]`, start `i32[1]`, window `f32[K-1, C]`, conv w
+/// `[C, K]`, conv bias, input-gate w `[H, B, B]`, input-gate bias, recurrent-gate w,
+/// recurrent-gate bias, decay `f32[C]`, a `f32[T, C]`, b `f32[T, C]`. Launch:
+/// `rg_lru_gates_grid` blocks of C/H threads.
+pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
+    use crate::rg_lru::{block_size, gated_input, load_weight};
     let b = block_size(s);
-    let c = s.channels;
-    let kk = s.width;
+    let (c, kk, tt) = (s.channels, s.width, GATE_TOKENS);
     let mut k = Kernel::new(&s.name);
-    k.shared("conv_out", 4 * b, 16);
+    k.shared("conv_out", 4 * b * tt, 16);
     let count = k.param_ptr("count");
     let x = k.param_ptr("x");
     let start = k.param_ptr("start");
-    let RgLruParams {
-        window,
-        conv_w,
-        conv_b,
-        igw,
-        igb,
-        rgw,
-        rgb,
-        decay,
-        state,
-        y,
-        out,
-    } = RgLruParams::declare(&mut k, s);
+    let window = k.param_ptr("window");
+    let conv_w = k.param_ptr("conv_w");
+    let conv_b = k.param_ptr("conv_b");
+    let igw = k.param_ptr("input_gate_w");
+    let igb = k.param_ptr("input_gate_b");
+    let rgw = k.param_ptr("recurrent_gate_w");
+    let rgb = k.param_ptr("recurrent_gate_b");
+    let decay = k.param_ptr("decay");
+    let a_out = k.param_ptr("a");
+    let b_out = k.param_ptr("b");
 
-    let (jj, h) = k.thread_and_block();
+    let (jj, blk) = k.thread_and_block();
+    let (group, h) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("div.u32 {group}, {blk}, {};", s.blocks));
+    k.ins(format!("rem.u32 {h}, {blk}, {};", s.blocks));
     let j = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {j}, {h}, {b}, {jj};"));
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let t0 = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {t0}, {group}, {tt};"));
+    let done = k.label("done");
+    // Whole blocks leave together: the barrier below sees every thread or none.
+    k.leave_unless_below(t0, n, &done);
     let p0 = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {p0}, [{start}];"));
-    let st_at = addr4(&mut k, state, j);
-    let hv = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {hv}, [{st_at}];"));
-    let rate_at = addr4(&mut k, decay, j);
-    let rate = k.reg(Class::F32);
-    k.ins(format!("ld.global.nc.f32 {rate}, [{rate_at}];"));
+    let rate = load_weight(&mut k, Storage::F32, decay, j);
+    let bias = load_weight(&mut k, s.conv, conv_b, j);
+    let taps: Vec<Reg> = (0..kk)
+        .map(|tap| {
+            let wi = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {wi}, {j}, {kk}, {tap};"));
+            load_weight(&mut k, s.conv, conv_w, wi)
+        })
+        .collect();
     let sh = k.reg(Class::B64);
     k.ins(format!("mov.u64 {sh}, conv_out;"));
-    let sh_off = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {sh_off}, {jj}, 4;"));
-    let sh_j = k.reg(Class::B64);
-    k.ins(format!("add.u64 {sh_j}, {sh}, {sh_off};"));
+    // This channel's column of conv outputs: conv_out[jj][0..tt].
+    let mine = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {mine}, {jj}, {};", 4 * tt));
+    k.ins(format!("add.u64 {mine}, {mine}, {sh};"));
 
-    /// Input of channel j at chunk offset `s` (signed): x[s] for s ≥ 0, else window row s+K-1.
-    fn input(k: &mut Kernel, x: Reg, window: Reg, j: Reg, s: Reg, c: u32, kk: u32) -> Reg {
-        let v = k.reg(Class::F32);
-        let from_x = k.reg(Class::Pred);
-        k.ins(format!("setp.ge.s32 {from_x}, {s}, 0;"));
-        let xi = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {xi}, {s}, {c}, {j};"));
-        let wi = k.reg(Class::B32);
-        k.ins(format!("add.u32 {wi}, {s}, {};", kk - 1));
-        k.ins(format!("mad.lo.u32 {wi}, {wi}, {c}, {j};"));
-        let idx = k.reg(Class::B32);
-        k.ins(format!("selp.b32 {idx}, {xi}, {wi}, {from_x};"));
-        let base = k.reg(Class::B64);
-        k.ins(format!("selp.b64 {base}, {x}, {window}, {from_x};"));
-        let at = addr4(k, base, idx);
-        k.ins(format!("ld.global.f32 {v}, [{at}];"));
-        v
+    // Conv of each token of the group (zero past the chunk's end).
+    for u in 0..tt {
+        let t = k.reg(Class::B32);
+        k.ins(format!("add.u32 {t}, {t0}, {u};"));
+        let acc = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {acc}, 0f00000000;"));
+        let skip = k.label("past_end");
+        k.leave_unless_below(t, n, &skip);
+        k.ins(format!("mov.f32 {acc}, {bias};"));
+        let p = k.reg(Class::B32);
+        k.ins(format!("add.u32 {p}, {p0}, {t};"));
+        for (tap, w) in taps.iter().enumerate() {
+            let back = kk - 1 - tap as u32;
+            let so = k.reg(Class::B32);
+            k.ins(format!("sub.u32 {so}, {t}, {back};"));
+            let v = rg_input(&mut k, x, window, j, so, c, kk);
+            // Taps before the document's first position read nothing (zero padding).
+            let valid = k.reg(Class::Pred);
+            k.ins(format!("setp.ge.s32 {valid}, {p}, {back};"));
+            k.ins(format!("@{valid} fma.rn.f32 {acc}, {w}, {v}, {acc};"));
+        }
+        k.place(&skip);
+        k.ins(format!("st.shared.f32 [{mine}+{}], {acc};", 4 * u));
     }
-
-    let t = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {t}, 0;"));
-    let (head, end) = (k.label("token"), k.label("token_end"));
-    k.place(&head);
-    k.leave_unless_below(t, n, &end);
-    let p = k.reg(Class::B32);
-    k.ins(format!("add.u32 {p}, {p0}, {t};"));
-    let acc = load_weight(&mut k, s.conv, conv_b, j);
-    let row_taps = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {row_taps}, {j}, {kk};"));
-    for tap in 0..kk {
-        let back = kk - 1 - tap;
-        let so = k.reg(Class::B32);
-        k.ins(format!("sub.u32 {so}, {t}, {back};"));
-        let u = input(&mut k, x, window, j, so, c, kk);
-        let wi = k.reg(Class::B32);
-        k.ins(format!("add.u32 {wi}, {row_taps}, {tap};"));
-        let w = load_weight(&mut k, s.conv, conv_w, wi);
-        let valid = k.reg(Class::Pred);
-        k.ins(format!("setp.ge.s32 {valid}, {p}, {back};"));
-        k.ins(format!("@{valid} fma.rn.f32 {acc}, {w}, {u}, {acc};"));
-    }
-    k.ins(format!("st.shared.f32 [{sh_j}], {acc};"));
     k.ins("bar.sync 0;");
-    let zx = load_weight(&mut k, s.gates, igb, j);
-    let zr = load_weight(&mut k, s.gates, rgb, j);
+
+    // Both gates for every token of the group: z[u] = bias + Σ_i conv[i][u] · W[h][i][jj].
+    let zx: Vec<Reg> = (0..tt).map(|_| k.reg(Class::F32)).collect();
+    let zr: Vec<Reg> = (0..tt).map(|_| k.reg(Class::F32)).collect();
+    let bx = load_weight(&mut k, s.gates, igb, j);
+    let br = load_weight(&mut k, s.gates, rgb, j);
+    for (x_acc, r_acc) in zx.iter().zip(&zr) {
+        k.ins(format!("mov.f32 {x_acc}, {bx};"));
+        k.ins(format!("mov.f32 {r_acc}, {br};"));
+    }
     let wi = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {wi}, {h}, {};", b * b));
-    k.ins(format!("add.u32 {wi}, {wi}, {jj};"));
+    k.ins(format!("mad.lo.u32 {wi}, {h}, {}, {jj};", b * b));
     let shi = k.reg(Class::B64);
     k.ins(format!("mov.u64 {shi}, {sh};"));
     let i = k.reg(Class::B32);
     k.ins(format!("mov.u32 {i}, 0;"));
-    let gh = k.label("gates");
-    k.place(&gh);
-    let ci = k.reg(Class::F32);
-    k.ins(format!("ld.shared.f32 {ci}, [{shi}];"));
+    let gates = k.label("gates");
+    k.place(&gates);
     let wx = load_weight(&mut k, s.gates, igw, wi);
     let wr = load_weight(&mut k, s.gates, rgw, wi);
-    k.ins(format!("fma.rn.f32 {zx}, {ci}, {wx}, {zx};"));
-    k.ins(format!("fma.rn.f32 {zr}, {ci}, {wr}, {zr};"));
+    for quad in 0..tt / 4 {
+        let cs: Vec<Reg> = (0..4).map(|_| k.reg(Class::F32)).collect();
+        k.ins(format!(
+            "ld.shared.v4.f32 {{{}, {}, {}, {}}}, [{shi}+{}];",
+            cs[0],
+            cs[1],
+            cs[2],
+            cs[3],
+            16 * quad
+        ));
+        for (q, cv) in cs.iter().enumerate() {
+            let u = (4 * quad) as usize + q;
+            k.ins(format!("fma.rn.f32 {}, {cv}, {wx}, {};", zx[u], zx[u]));
+            k.ins(format!("fma.rn.f32 {}, {cv}, {wr}, {};", zr[u], zr[u]));
+        }
+    }
     k.ins(format!("add.u32 {wi}, {wi}, {b};"));
-    k.ins(format!("add.u64 {shi}, {shi}, 4;"));
+    k.ins(format!("add.u64 {shi}, {shi}, {};", 4 * tt));
     k.ins(format!("add.u32 {i}, {i}, 1;"));
     let more = k.reg(Class::Pred);
     k.ins(format!("setp.lt.u32 {more}, {i}, {b};"));
-    k.ins(format!("@{more} bra {gh};"));
-    // Every thread has read this token's conv outputs before the next token writes them.
-    k.ins("bar.sync 0;");
-    let (a, bv) = gated_input(&mut k, zx, zr, rate, acc, p);
-    k.ins(format!("fma.rn.f32 {hv}, {a}, {hv}, {bv};"));
-    let oi = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {oi}, {t}, {c}, {j};"));
-    let mut o = hv;
-    if let Some(y) = y {
-        let ya = addr4(&mut k, y, oi);
-        let yv = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {yv}, [{ya}];"));
-        let g = gelu(&mut k, yv);
-        let v = k.reg(Class::F32);
-        k.ins(format!("mul.f32 {v}, {hv}, {g};"));
-        o = v;
+    k.ins(format!("@{more} bra {gates};"));
+
+    // The scan's coefficients of each token in the chunk.
+    for u in 0..tt {
+        let t = k.reg(Class::B32);
+        k.ins(format!("add.u32 {t}, {t0}, {u};"));
+        k.leave_unless_below(t, n, &done);
+        let cv = k.reg(Class::F32);
+        k.ins(format!("ld.shared.f32 {cv}, [{mine}+{}];", 4 * u));
+        let p = k.reg(Class::B32);
+        k.ins(format!("add.u32 {p}, {p0}, {t};"));
+        let (a, bv) = gated_input(&mut k, zx[u as usize], zr[u as usize], rate, cv, p);
+        let oi = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {oi}, {t}, {c}, {j};"));
+        let aa = addr4(&mut k, a_out, oi);
+        k.ins(format!("st.global.f32 [{aa}], {a};"));
+        let ba = addr4(&mut k, b_out, oi);
+        k.ins(format!("st.global.f32 [{ba}], {bv};"));
     }
-    let oa = addr4(&mut k, out, oi);
-    k.ins(format!("st.global.f32 [{oa}], {o};"));
+    k.place(&done);
+    k.finish()
+}
+
+/// The RG-LRU over a chunk, second half: the scan `h_t = a_t · h_{t-1} + b_t`, sequential in
+/// time, one thread per channel, four tokens per unrolled step (their loads do not depend on
+/// h, so they are all in flight before the first update); the output gate `h_t · gelu(y_t)`;
+/// then the state, and the window takes the chunk's last K-1 inputs (after the gates kernel
+/// has read it).
+///
+/// Parameters: count `i32[1]`, x `f32[T, C]`, window `f32[K-1, C]`, state `f32[C]`, a, b
+/// `f32[T, C]`, [y `f32[T, C]`], out `f32[T, C]`. Launch: `rg_lru_scan_grid` blocks of
+/// `SCAN_BLOCK`.
+pub fn rg_lru_scan_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
+    let (c, kk) = (s.channels, s.width);
+    let mut k = Kernel::new(&s.name);
+    let count = k.param_ptr("count");
+    let x = k.param_ptr("x");
+    let window = k.param_ptr("window");
+    let state = k.param_ptr("state");
+    let a_in = k.param_ptr("a");
+    let b_in = k.param_ptr("b");
+    let y = s.gate_output.then(|| k.param_ptr("y"));
+    let out = k.param_ptr("out");
+    let j = k.global_index(SCAN_BLOCK);
+    let done = k.label("done");
+    k.leave_unless_below(j, c, &done);
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let st_at = addr4(&mut k, state, j);
+    let hv = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {hv}, [{st_at}];"));
+
+    // `steps` tokens from t: every load first, then the updates in order.
+    let run = |k: &mut Kernel, t: Reg, steps: u32| {
+        let mut loaded = Vec::new();
+        for u in 0..steps {
+            let oi = k.reg(Class::B32);
+            k.ins(format!("add.u32 {oi}, {t}, {u};"));
+            k.ins(format!("mad.lo.u32 {oi}, {oi}, {c}, {j};"));
+            let (av, bv) = (k.reg(Class::F32), k.reg(Class::F32));
+            let aa = addr4(k, a_in, oi);
+            k.ins(format!("ld.global.f32 {av}, [{aa}];"));
+            let ba = addr4(k, b_in, oi);
+            k.ins(format!("ld.global.f32 {bv}, [{ba}];"));
+            let yv = y.map(|y| {
+                let ya = addr4(k, y, oi);
+                let yv = k.reg(Class::F32);
+                k.ins(format!("ld.global.f32 {yv}, [{ya}];"));
+                yv
+            });
+            loaded.push((oi, av, bv, yv));
+        }
+        for (oi, av, bv, yv) in loaded {
+            k.ins(format!("fma.rn.f32 {hv}, {av}, {hv}, {bv};"));
+            let o = match yv {
+                Some(yv) => {
+                    let g = gelu(k, yv);
+                    let v = k.reg(Class::F32);
+                    k.ins(format!("mul.f32 {v}, {hv}, {g};"));
+                    v
+                }
+                None => hv,
+            };
+            let oa = addr4(k, out, oi);
+            k.ins(format!("st.global.f32 [{oa}], {o};"));
+        }
+    };
+    let t = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {t}, 0;"));
+    let (four, one, end) = (k.label("four"), k.label("one"), k.label("scan_end"));
+    k.place(&four);
+    let last = k.reg(Class::B32);
+    k.ins(format!("add.u32 {last}, {t}, 3;"));
+    k.leave_unless_below(last, n, &one);
+    run(&mut k, t, 4);
+    k.ins(format!("add.u32 {t}, {t}, 4;"));
+    k.ins(format!("bra {four};"));
+    k.place(&one);
+    k.leave_unless_below(t, n, &end);
+    run(&mut k, t, 1);
     k.ins(format!("add.u32 {t}, {t}, 1;"));
-    k.ins(format!("bra {head};"));
+    k.ins(format!("bra {one};"));
     k.place(&end);
     k.ins(format!("st.global.f32 [{st_at}], {hv};"));
     // The window takes the last K-1 inputs; ascending rows read only rows not yet written.
     for r in 0..kk.saturating_sub(1) {
         let so = k.reg(Class::B32);
         k.ins(format!("sub.u32 {so}, {n}, {};", kk - 1 - r));
-        let v = input(&mut k, x, window, j, so, c, kk);
+        let v = rg_input(&mut k, x, window, j, so, c, kk);
         let idx = k.reg(Class::B32);
         k.ins(format!("add.u32 {idx}, {j}, {};", r * c));
         let at = addr4(&mut k, window, idx);
         k.ins(format!("st.global.f32 [{at}], {v};"));
     }
+    k.place(&done);
     k.finish()
 }
 

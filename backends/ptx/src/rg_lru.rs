@@ -63,52 +63,6 @@ pub struct RgLruSpec {
 }
 
 /// Threads per block for `spec`.
-/// The parameters both RG-LRU kernels (step and chunk) take after their own leading ones, in
-/// order: window, conv w, conv bias, input-gate w and bias, recurrent-gate w and bias, decay,
-/// state, [y], out.
-pub struct RgLruParams {
-    pub window: Reg,
-    pub conv_w: Reg,
-    pub conv_b: Reg,
-    pub igw: Reg,
-    pub igb: Reg,
-    pub rgw: Reg,
-    pub rgb: Reg,
-    pub decay: Reg,
-    pub state: Reg,
-    pub y: Option<Reg>,
-    pub out: Reg,
-}
-
-impl RgLruParams {
-    pub fn declare(k: &mut Kernel, s: &RgLruSpec) -> RgLruParams {
-        let window = k.param_ptr("window");
-        let conv_w = k.param_ptr("conv_w");
-        let conv_b = k.param_ptr("conv_b");
-        let igw = k.param_ptr("input_gate_w");
-        let igb = k.param_ptr("input_gate_b");
-        let rgw = k.param_ptr("recurrent_gate_w");
-        let rgb = k.param_ptr("recurrent_gate_b");
-        let decay = k.param_ptr("decay");
-        let state = k.param_ptr("state");
-        let y = s.gate_output.then(|| k.param_ptr("y"));
-        let out = k.param_ptr("out");
-        RgLruParams {
-            window,
-            conv_w,
-            conv_b,
-            igw,
-            igb,
-            rgw,
-            rgb,
-            decay,
-            state,
-            y,
-            out,
-        }
-    }
-}
-
 pub fn block_size(spec: &RgLruSpec) -> u32 {
     spec.channels / spec.blocks
 }
@@ -127,19 +81,17 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     k.shared("conv_out", 4 * b, 16);
     let x = k.param_ptr("x");
     let position = k.param_ptr("position");
-    let RgLruParams {
-        window,
-        conv_w,
-        conv_b,
-        igw,
-        igb,
-        rgw,
-        rgb,
-        decay,
-        state,
-        y,
-        out,
-    } = RgLruParams::declare(&mut k, s);
+    let window = k.param_ptr("window");
+    let conv_w = k.param_ptr("conv_w");
+    let conv_b = k.param_ptr("conv_b");
+    let igw = k.param_ptr("input_gate_w");
+    let igb = k.param_ptr("input_gate_b");
+    let rgw = k.param_ptr("recurrent_gate_w");
+    let rgb = k.param_ptr("recurrent_gate_b");
+    let decay = k.param_ptr("decay");
+    let state = k.param_ptr("state");
+    let y = s.gate_output.then(|| k.param_ptr("y"));
+    let out = k.param_ptr("out");
 
     let (jj, h) = k.thread_and_block();
     let j = k.reg(Class::B32);

@@ -756,7 +756,9 @@ fn prefill_projection_and_norm_over_a_chunk_of_tokens() {
 
 #[test]
 fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
-    use griffin_backend_ptx::prefill::rg_lru_tokens;
+    use griffin_backend_ptx::prefill::{
+        rg_lru_gates_grid, rg_lru_gates_tokens, rg_lru_scan_grid, rg_lru_scan_tokens, SCAN_BLOCK,
+    };
     use griffin_backend_ptx::rg_lru::{block_size, RgLruSpec, Storage};
     let (c, blocks, k) = (32usize, 2usize, 4usize);
     let spec = RgLruSpec {
@@ -768,35 +770,51 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
         gates: Storage::F32,
         gate_output: true,
     };
-    let m = Module::parse(&module(&[rg_lru_tokens(&spec)])).unwrap();
+    let gates = RgLruSpec {
+        name: "gates".into(),
+        ..spec.clone()
+    };
+    let m = Module::parse(&module(&[
+        rg_lru_gates_tokens(&gates),
+        rg_lru_scan_tokens(&spec),
+    ]))
+    .unwrap();
     let mut rng = Rng(5);
     let mut mem = Memory::new();
     let mut case = RgLruCase::new(&mut rng, &mut mem, c, blocks, k);
-    let max_tokens = 8;
+    let max_tokens = 40;
     let out_a = mem.alloc_f32(&vec![0.0; max_tokens * c]);
+    let a_a = mem.alloc_f32(&vec![0.0; max_tokens * c]);
+    let b_a = mem.alloc_f32(&vec![0.0; max_tokens * c]);
     let mut worst = 0.0f32;
     let mut pos = 0usize;
-    // Chunks of 5, 2 (shorter than the window), 8 and 1 tokens, from the start of the text.
-    for chunk in [5usize, 2, 8, 1] {
+    // Chunks of 5, 2 (shorter than the window), 37 (three gate groups; the scan's unrolled
+    // steps and its tail) and 1 token, from the start of the text.
+    for chunk in [5usize, 2, 37, 1] {
         let x = rng.vec(chunk * c);
         let y = rng.vec(chunk * c);
         let (x_a, y_a) = (mem.alloc_f32(&x), mem.alloc_f32(&y));
         let n_a = mem.alloc_u32(&[chunk as u32]);
         let p_a = mem.alloc_u32(&[pos as u32]);
+        // Gates: window, conv, gates and decay (not the state), then the coefficients.
+        let carried = case.params();
         let mut params = vec![n_a, x_a, p_a];
-        params.extend_from_slice(case.params());
-        params.extend([y_a, out_a]);
-        run(
-            &m,
-            "scan",
-            &Launch {
-                grid: blocks as u32,
-                block: block_size(&spec),
-                params: &params,
-            },
-            &mut mem,
-        )
-        .unwrap();
+        params.extend_from_slice(&carried[..carried.len() - 1]);
+        params.extend([a_a, b_a]);
+        let launch = Launch {
+            grid: rg_lru_gates_grid(&spec, max_tokens as u32),
+            block: block_size(&spec),
+            params: &params,
+        };
+        run(&m, "gates", &launch, &mut mem).unwrap();
+        let (window_a, state_a) = (carried[0], carried[carried.len() - 1]);
+        let params = vec![n_a, x_a, window_a, state_a, a_a, b_a, y_a, out_a];
+        let launch = Launch {
+            grid: rg_lru_scan_grid(&spec),
+            block: SCAN_BLOCK,
+            params: &params,
+        };
+        run(&m, "scan", &launch, &mut mem).unwrap();
         let got = mem.read_f32(out_a, chunk * c).unwrap();
         for t in 0..chunk {
             let want = case.reference_step(

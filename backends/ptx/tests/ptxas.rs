@@ -10,7 +10,9 @@ use griffin_backend_ptx::attention::{
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{advance, argmax, gather};
 use griffin_backend_ptx::module;
-use griffin_backend_ptx::prefill::{gemm_tokens, gemm_tokens_tc, rg_lru_tokens, rms_norm_tokens};
+use griffin_backend_ptx::prefill::{
+    gemm_tokens, gemm_tokens_tc, rg_lru_gates_tokens, rg_lru_scan_tokens, rms_norm_tokens,
+};
 use griffin_backend_ptx::rg_lru::{rg_lru_step, RgLruSpec, Storage};
 
 fn ptxas() -> PathBuf {
@@ -166,11 +168,16 @@ fn all_kernels() -> Vec<(String, String)> {
         };
         out.push((tc.name.clone(), gemm_tokens_tc(&tc, &splits, 64)));
     }
-    let scan = RgLruSpec {
-        name: "b2_rg_lru_tokens".into(),
+    let gates = RgLruSpec {
+        name: "b2_rg_lru_gates_tokens".into(),
         ..rg_lru_specs()[1].clone()
     };
-    out.push((scan.name.clone(), rg_lru_tokens(&scan)));
+    out.push((gates.name.clone(), rg_lru_gates_tokens(&gates)));
+    let scan = RgLruSpec {
+        name: "b2_rg_lru_scan_tokens".into(),
+        ..rg_lru_specs()[1].clone()
+    };
+    out.push((scan.name.clone(), rg_lru_scan_tokens(&scan)));
     out.push((
         "b2_norm_tokens".into(),
         rms_norm_tokens("b2_norm_tokens", 2560, 1e-6),
