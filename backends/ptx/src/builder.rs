@@ -86,6 +86,16 @@ impl Kernel {
         r
     }
 
+    /// Four fresh registers of one class (a vector load's or an MMA fragment's).
+    pub fn regs4(&mut self, class: Class) -> [Reg; 4] {
+        [
+            self.reg(class),
+            self.reg(class),
+            self.reg(class),
+            self.reg(class),
+        ]
+    }
+
     /// A `.u64` pointer parameter, loaded into a register.
     pub fn param_ptr(&mut self, name: &str) -> Reg {
         self.params.push(format!(".param .u64 {name}"));

@@ -318,11 +318,10 @@ pub fn gemv(spec: &GemvSpec) -> String {
     let last_step = k.reg(Class::B32);
     k.ins(format!("add.u32 {last_step}, {i}, {};", 256 * (UNROLL - 1)));
     k.leave_unless_below(last_step, spec.inputs, &rolled);
-    for step in 0..UNROLL {
-        let at = k.reg(Class::B32);
-        k.ins(format!("add.u32 {at}, {i}, {};", 256 * step));
+    // One step at input `at`: the gate row, and the up row with GeGLU.
+    let step = |k: &mut Kernel, at: Reg| {
         dot8(
-            &mut k,
+            k,
             spec.weights,
             w,
             input,
@@ -334,7 +333,7 @@ pub fn gemv(spec: &GemvSpec) -> String {
         );
         if geglu {
             dot8(
-                &mut k,
+                k,
                 spec.weights,
                 w,
                 input,
@@ -345,6 +344,11 @@ pub fn gemv(spec: &GemvSpec) -> String {
                 acc_up,
             );
         }
+    };
+    for u in 0..UNROLL {
+        let at = k.reg(Class::B32);
+        k.ins(format!("add.u32 {at}, {i}, {};", 256 * u));
+        step(&mut k, at);
     }
     k.ins(format!("add.u32 {i}, {i}, {};", 256 * UNROLL));
     k.ins(format!("bra {unrolled};"));
@@ -353,30 +357,7 @@ pub fn gemv(spec: &GemvSpec) -> String {
     let stop = k.reg(Class::Pred);
     k.ins(format!("setp.ge.u32 {stop}, {i}, {};", spec.inputs));
     k.ins(format!("@{stop} bra {end};"));
-    dot8(
-        &mut k,
-        spec.weights,
-        w,
-        input,
-        gain_in_loop,
-        col,
-        i,
-        spec.inputs,
-        acc,
-    );
-    if geglu {
-        dot8(
-            &mut k,
-            spec.weights,
-            w,
-            input,
-            gain_in_loop,
-            up_row,
-            i,
-            spec.inputs,
-            acc_up,
-        );
-    }
+    step(&mut k, i);
     k.ins(format!("add.u32 {i}, {i}, 256;"));
     k.ins(format!("bra {head};"));
     k.place(&end);

@@ -767,6 +767,21 @@ const TC_ROW: u32 = 48;
 /// weight rows.
 const TC_STAGE: u32 = (2 * TC_GROUP + 128) * TC_ROW;
 
+/// `ldmatrix.x4` with this lane's row address at `base + offset + imm` in shared memory (`base`
+/// a 64-bit shared address, `offset` a 32-bit register): four 8×8 bf16 matrices, one register
+/// each.
+fn ldmatrix_x4(k: &mut Kernel, base: Reg, offset: Reg, imm: u32) -> [Reg; 4] {
+    let at = k.reg(Class::B64);
+    k.ins(format!("cvt.u64.u32 {at}, {offset};"));
+    k.ins(format!("add.u64 {at}, {at}, {base};"));
+    let r = k.regs4(Class::B32);
+    k.ins(format!(
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}, {}, {}, {}}}, [{at}+{imm}];",
+        r[0], r[1], r[2], r[3]
+    ));
+    r
+}
+
 /// The chunk projection on tensor cores: `mma.sync.m16n8k16` with bf16 weights and f32
 /// accumulation. A block of 4 warps computes 128 output columns (64 with GeGLU, whose gate and
 /// up rows make 128 weight rows) for the chunk in groups of up to 64 tokens. Per k-step of 16
@@ -900,42 +915,13 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], _max_tokens: u32) -> Stri
     let accs: Vec<Vec<Vec<[Reg; 4]>>> = (0..4)
         .map(|_| {
             (0..column_tiles)
-                .map(|_| {
-                    (0..halves)
-                        .map(|_| {
-                            [
-                                k.reg(Class::F32),
-                                k.reg(Class::F32),
-                                k.reg(Class::F32),
-                                k.reg(Class::F32),
-                            ]
-                        })
-                        .collect()
-                })
+                .map(|_| (0..halves).map(|_| k.regs4(Class::F32)).collect())
                 .collect()
         })
         .collect();
     // Staged registers: 2 × 4 input floats and 2 × 4 weight words.
-    let a_regs: Vec<[Reg; 4]> = (0..2)
-        .map(|_| {
-            [
-                k.reg(Class::F32),
-                k.reg(Class::F32),
-                k.reg(Class::F32),
-                k.reg(Class::F32),
-            ]
-        })
-        .collect();
-    let b_regs: Vec<[Reg; 4]> = (0..2)
-        .map(|_| {
-            [
-                k.reg(Class::B32),
-                k.reg(Class::B32),
-                k.reg(Class::B32),
-                k.reg(Class::B32),
-            ]
-        })
-        .collect();
+    let a_regs: Vec<[Reg; 4]> = (0..2).map(|_| k.regs4(Class::F32)).collect();
+    let b_regs: Vec<[Reg; 4]> = (0..2).map(|_| k.regs4(Class::B32)).collect();
 
     let t0 = k.reg(Class::B32);
     let k0 = k.reg(Class::B32);
@@ -1062,19 +1048,7 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], _max_tokens: u32) -> Stri
             let at = k.reg(Class::B32);
             k.ins(format!("add.u32 {at}, {warp_row}, {rows};"));
             k.ins(format!("mad.lo.u32 {at}, {at}, {TC_ROW}, {b_lane};"));
-            let a64 = k.reg(Class::B64);
-            k.ins(format!("cvt.u64.u32 {a64}, {at};"));
-            k.ins(format!("add.u64 {a64}, {a64}, {stage};"));
-            let r = [
-                k.reg(Class::B32),
-                k.reg(Class::B32),
-                k.reg(Class::B32),
-                k.reg(Class::B32),
-            ];
-            k.ins(format!(
-                "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}, {}, {}, {}}}, [{a64}+{b_at}];",
-                r[0], r[1], r[2], r[3]
-            ));
+            let r = ldmatrix_x4(&mut k, stage, at, b_at);
             frags[first].push([r[0], r[1]]);
             frags[second].push([r[2], r[3]]);
         }
@@ -1083,23 +1057,7 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], _max_tokens: u32) -> Stri
     for (tile, tile_accs) in accs.iter().enumerate() {
         let mut a_frags = Vec::new();
         for part in [a_hi, a_lo] {
-            let a64 = k.reg(Class::B64);
-            k.ins(format!("cvt.u64.u32 {a64}, {a_lane};"));
-            k.ins(format!("add.u64 {a64}, {a64}, {stage};"));
-            let r = [
-                k.reg(Class::B32),
-                k.reg(Class::B32),
-                k.reg(Class::B32),
-                k.reg(Class::B32),
-            ];
-            k.ins(format!(
-                "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}, {}, {}, {}}}, [{a64}+{}];",
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                part + 16 * tile as u32 * TC_ROW
-            ));
+            let r = ldmatrix_x4(&mut k, stage, a_lane, part + 16 * tile as u32 * TC_ROW);
             a_frags.push(r);
         }
         for (column_accs, frags) in tile_accs.iter().zip(&b_frags) {
