@@ -366,7 +366,8 @@ impl Lowering<'_> {
         max_tokens: u32,
     ) -> Result<bool, RunError> {
         use griffin_backend_ptx::attention::{
-            attend_tokens, rotate_tokens, rotate_tokens_threads, write_ring_tokens,
+            attend_tokens, attend_tokens_block, attend_tokens_grid, rotate_tokens,
+            rotate_tokens_threads, write_ring_tokens,
         };
         use griffin_backend_ptx::prefill::{
             gather_tokens, gemm_tokens_split, gemm_tokens_tc, rms_norm_tokens, tc_grid,
@@ -532,11 +533,17 @@ impl Lowering<'_> {
                     args,
                 );
                 let out = self.activation(r(0))?;
+                if spec.heads / spec.kv_heads > 32 {
+                    return Err(unsupported(format!(
+                        "{} query heads per KV head (prefill attention takes at most 32)",
+                        spec.heads / spec.kv_heads
+                    )));
+                }
                 self.launch(
                     format!("{name}_attend_tokens"),
                     attend_tokens(&spec),
-                    max_tokens * spec.heads,
-                    32 * ATTEND_WARPS,
+                    attend_tokens_grid(&spec, max_tokens),
+                    attend_tokens_block(&spec),
                     vec![q_rot, count, start, k_rot, v, keys, values, out],
                 );
                 self.launch(

@@ -342,35 +342,11 @@ fn scores_bytes(s: &AttentionSpec) -> u32 {
 /// Parameters: q `f32[H,hd]` (rotated), position `i32[1]`, keys `f32[W,G,hd]`, values
 /// `f32[W,G,hd]`, out `f32[H,hd]`. Launch: H blocks of `32 · ATTEND_WARPS` threads.
 pub fn attend(s: &AttentionSpec) -> String {
-    attend_impl(s, false)
-}
-
-/// Attention for a chunk of T queries (prefill): keys and values of positions before the chunk
-/// come from the ring, the chunk's own from its rotated keys and its values (the ring is
-/// written after, by `write_ring_tokens`, so no query loses a key a later token would
-/// overwrite). Parameters: q `f32[T,H,hd]` (rotated), count `i32[1]`, start `i32[1]`, chunk
-/// keys `f32[T,G,hd]` (rotated), chunk values `f32[T,G,hd]`, keys, values (the ring), out
-/// `f32[T,H,hd]`. Launch: `T_max · H` blocks of `32 · ATTEND_WARPS`; blocks past the count
-/// leave.
-pub fn attend_tokens(s: &AttentionSpec) -> String {
-    attend_impl(s, true)
-}
-
-fn attend_impl(s: &AttentionSpec, chunked: bool) -> String {
-    let suffix = if chunked { "attend_tokens" } else { "attend" };
-    let mut k = Kernel::new(&format!("{}_{suffix}", s.name));
+    let mut k = Kernel::new(&format!("{}_attend", s.name));
     k.shared("scores", scores_bytes(s), 16);
     k.shared("partial", 4 * ATTEND_WARPS, 16);
     let q = k.param_ptr("q");
-    let (position, chunk) = if chunked {
-        let count = k.param_ptr("count");
-        let start = k.param_ptr("start");
-        let ck = k.param_ptr("chunk_keys");
-        let cv = k.param_ptr("chunk_values");
-        (start, Some((count, ck, cv)))
-    } else {
-        (k.param_ptr("position"), None)
-    };
+    let position = k.param_ptr("position");
     let keys = k.param_ptr("keys");
     let values = k.param_ptr("values");
     let out = k.param_ptr("out");
@@ -378,52 +354,23 @@ fn attend_impl(s: &AttentionSpec, chunked: bool) -> String {
     let group = s.heads / s.kv_heads;
     let threads = 32 * ATTEND_WARPS;
 
-    let (tid, h) = k.thread_and_block();
-    // Query row (token t, head h) and its position.
-    let t = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {t}, 0;"));
+    // A block per query head h, at the step's position.
+    let (tid, qhead) = k.thread_and_block();
+    let h = qhead;
     let pos = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {pos}, [{position}];"));
-    let start = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {start}, {pos};"));
-    let finished = k.label("finished");
-    if let Some((count, _, _)) = chunk {
-        k.ins(format!("div.u32 {t}, {h}, {};", s.heads));
-        k.ins(format!("rem.u32 {h}, {h}, {};", s.heads));
-        let n = k.reg(Class::B32);
-        k.ins(format!("ld.global.u32 {n}, [{count}];"));
-        let past = k.reg(Class::Pred);
-        // The whole block leaves together, before any barrier.
-        k.ins(format!("setp.ge.u32 {past}, {t}, {n};"));
-        k.ins(format!("@{past} bra {finished};"));
-        k.ins(format!("add.u32 {pos}, {start}, {t};"));
-    }
-    let qhead = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {qhead}, {t}, {}, {h};", s.heads));
     let (warp, lane) = k.warp_and_lane(tid);
     let g = k.reg(Class::B32);
     k.ins(format!("div.u32 {g}, {h}, {group};"));
-    // The first element of position pp's key (or value) row for KV head g, and which buffer
-    // holds it: the ring at slot pp mod W, or (chunked) this chunk's rows from `start` on.
-    let row_of = |k: &mut Kernel, pp: Reg, ring: Reg, in_chunk_buf: Option<Reg>| -> (Reg, Reg) {
+    // The first element of position pp's key (or value) row for KV head g in the ring (slot
+    // pp mod W).
+    let row_of = |k: &mut Kernel, pp: Reg, ring: Reg| -> (Reg, Reg) {
         let slot = k.reg(Class::B32);
         k.ins(format!("rem.u32 {slot}, {pp}, {w};"));
         let row = k.reg(Class::B32);
         k.ins(format!("mad.lo.u32 {row}, {slot}, {}, {g};", s.kv_heads));
         k.ins(format!("mul.lo.u32 {row}, {row}, {hd};"));
-        let base = k.reg(Class::B64);
-        k.ins(format!("mov.u64 {base}, {ring};"));
-        if let Some(buf) = in_chunk_buf {
-            let in_chunk = k.reg(Class::Pred);
-            k.ins(format!("setp.ge.u32 {in_chunk}, {pp}, {start};"));
-            let crow = k.reg(Class::B32);
-            k.ins(format!("sub.u32 {crow}, {pp}, {start};"));
-            k.ins(format!("mad.lo.u32 {crow}, {crow}, {}, {g};", s.kv_heads));
-            k.ins(format!("mul.lo.u32 {crow}, {crow}, {hd};"));
-            k.ins(format!("selp.b32 {row}, {crow}, {row}, {in_chunk};"));
-            k.ins(format!("selp.b64 {base}, {buf}, {base}, {in_chunk};"));
-        }
-        (base, row)
+        (ring, row)
     };
     // Positions lo..=pos, count of them.
     let lo = k.reg(Class::B32);
@@ -445,7 +392,7 @@ fn attend_impl(s: &AttentionSpec, chunked: bool) -> String {
     k.leave_unless_below(n, count, &end);
     let pp = k.reg(Class::B32);
     k.ins(format!("add.u32 {pp}, {lo}, {n};"));
-    let (kbase, krow) = row_of(&mut k, pp, keys, chunk.map(|c| c.1));
+    let (kbase, krow) = row_of(&mut k, pp, keys);
     let qrow = k.reg(Class::B32);
     k.ins(format!("mul.lo.u32 {qrow}, {qhead}, {hd};"));
     let acc = k.reg(Class::F32);
@@ -563,7 +510,7 @@ fn attend_impl(s: &AttentionSpec, chunked: bool) -> String {
     k.ins(format!("ld.shared.f32 {ev}, [{ea}];"));
     let vpp = k.reg(Class::B32);
     k.ins(format!("add.u32 {vpp}, {lo}, {nn};"));
-    let (vbase, vrow) = row_of(&mut k, vpp, values, chunk.map(|c| c.2));
+    let (vbase, vrow) = row_of(&mut k, vpp, values);
     let vi = k.reg(Class::B32);
     k.ins(format!("add.u32 {vi}, {vrow}, {od};"));
     let va = addr4(&mut k, vbase, vi);
@@ -581,6 +528,183 @@ fn attend_impl(s: &AttentionSpec, chunked: bool) -> String {
     k.ins(format!("add.u32 {od}, {od}, {threads};"));
     k.ins(format!("bra {oh};"));
     k.place(&oe);
-    k.place(&finished);
+    k.finish()
+}
+
+/// Blocks of `attend_tokens` for a chunk of up to `max_tokens`: one per (token, KV head).
+pub fn attend_tokens_grid(s: &AttentionSpec, max_tokens: u32) -> u32 {
+    max_tokens * s.kv_heads
+}
+
+/// Threads per block of `attend_tokens`: a warp per query head of the KV group.
+pub fn attend_tokens_block(s: &AttentionSpec) -> u32 {
+    32 * (s.heads / s.kv_heads)
+}
+
+/// Attention for a chunk of T queries (prefill). A block per (token, KV head), a warp per query
+/// head sharing that KV head: each key and value row is read by the block's warps together (the
+/// 2B shape's 10 heads share one KV head, so one read from L2 serves ten heads; a block per
+/// (token, head) read every row ten times), with the softmax online (running max and sum, no
+/// scores kept): per key, the lanes' partial dot products are summed across the warp, the
+/// accumulator rescaled, the value row added. Keys and values of positions before the chunk
+/// come from the ring, the chunk's own from its rotated keys and its values (the ring is written
+/// after, by `write_ring_tokens`, so no query loses a key a later token would overwrite).
+/// Parameters: q `f32[T,H,hd]` (rotated), count `i32[1]`, start `i32[1]`, chunk keys
+/// `f32[T,G,hd]` (rotated), chunk values `f32[T,G,hd]`, keys, values (the ring), out
+/// `f32[T,H,hd]`. Launch: `attend_tokens_grid` blocks of `attend_tokens_block`; blocks past the
+/// count leave.
+pub fn attend_tokens(s: &AttentionSpec) -> String {
+    let group = s.heads / s.kv_heads;
+    assert!(group <= 32, "a block holds at most 32 query heads");
+    let (hd, w) = (s.head_dim, s.window);
+    let mut k = Kernel::new(&format!("{}_attend_tokens", s.name));
+    let q = k.param_ptr("q");
+    let count = k.param_ptr("count");
+    let start_at = k.param_ptr("start");
+    let chunk_keys = k.param_ptr("chunk_keys");
+    let chunk_values = k.param_ptr("chunk_values");
+    let keys = k.param_ptr("keys");
+    let values = k.param_ptr("values");
+    let out = k.param_ptr("out");
+
+    let (tid, blk) = k.thread_and_block();
+    let (warp, lane) = k.warp_and_lane(tid);
+    let (t, g) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("div.u32 {t}, {blk}, {};", s.kv_heads));
+    k.ins(format!("rem.u32 {g}, {blk}, {};", s.kv_heads));
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let done = k.label("done");
+    // No barriers and no cross-warp traffic: a warp may leave on its own.
+    k.leave_unless_below(t, n, &done);
+    let start = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {start}, [{start_at}];"));
+    let pos = k.reg(Class::B32);
+    k.ins(format!("add.u32 {pos}, {start}, {t};"));
+    // Query head h = g·group + warp, row (t, h).
+    let qrow = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {qrow}, {g}, {group}, {warp};"));
+    k.ins(format!("mad.lo.u32 {qrow}, {t}, {}, {qrow};", s.heads));
+    k.ins(format!("mul.lo.u32 {qrow}, {qrow}, {hd};"));
+    // This lane's features d = lane + 32e (those below hd).
+    let lanes_e = hd.div_ceil(32);
+    let has: Vec<Option<Reg>> = (0..lanes_e)
+        .map(|e| {
+            (32 * e + 32 > hd).then(|| {
+                let d = k.reg(Class::B32);
+                k.ins(format!("add.u32 {d}, {lane}, {};", 32 * e));
+                let p = k.reg(Class::Pred);
+                k.ins(format!("setp.lt.u32 {p}, {d}, {hd};"));
+                p
+            })
+        })
+        .collect();
+    let guarded = |p: Option<Reg>, ins: String| match p {
+        Some(p) => format!("@{p} {ins}"),
+        None => ins,
+    };
+    let qv: Vec<Reg> = (0..lanes_e)
+        .map(|e| {
+            let v = k.reg(Class::F32);
+            k.ins(format!("mov.f32 {v}, 0f00000000;"));
+            let qi = k.reg(Class::B32);
+            k.ins(format!("add.u32 {qi}, {qrow}, {lane};"));
+            k.ins(format!("add.u32 {qi}, {qi}, {};", 32 * e));
+            let qa = addr4(&mut k, q, qi);
+            k.ins(guarded(
+                has[e as usize],
+                format!("ld.global.f32 {v}, [{qa}];"),
+            ));
+            v
+        })
+        .collect();
+    let acc: Vec<Reg> = (0..lanes_e)
+        .map(|_| {
+            let a = k.reg(Class::F32);
+            k.ins(format!("mov.f32 {a}, 0f00000000;"));
+            a
+        })
+        .collect();
+    let (m, l) = (k.reg(Class::F32), k.reg(Class::F32));
+    k.ins(format!("mov.f32 {m}, 0fFF800000;"));
+    k.ins(format!("mov.f32 {l}, 0f00000000;"));
+
+    // Positions lo..=pos.
+    let pp = k.reg(Class::B32);
+    k.ins(format!("max.u32 {pp}, {pos}, {};", w - 1));
+    k.ins(format!("sub.u32 {pp}, {pp}, {};", w - 1));
+    let (head, end) = (k.label("key"), k.label("key_end"));
+    k.place(&head);
+    let past = k.reg(Class::Pred);
+    k.ins(format!("setp.gt.u32 {past}, {pp}, {pos};"));
+    k.ins(format!("@{past} bra {end};"));
+    // Row of position pp for KV head g: the chunk's own rows from `start` on, else the ring at
+    // slot pp mod W.
+    let in_chunk = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {in_chunk}, {pp}, {start};"));
+    let row = k.reg(Class::B32);
+    k.ins(format!("rem.u32 {row}, {pp}, {w};"));
+    let crow = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {crow}, {pp}, {start};"));
+    k.ins(format!("selp.b32 {row}, {crow}, {row}, {in_chunk};"));
+    k.ins(format!("mad.lo.u32 {row}, {row}, {}, {g};", s.kv_heads));
+    k.ins(format!("mul.lo.u32 {row}, {row}, {hd};"));
+    k.ins(format!("add.u32 {row}, {row}, {lane};"));
+    let (kb, vb) = (k.reg(Class::B64), k.reg(Class::B64));
+    k.ins(format!("selp.b64 {kb}, {chunk_keys}, {keys}, {in_chunk};"));
+    k.ins(format!(
+        "selp.b64 {vb}, {chunk_values}, {values}, {in_chunk};"
+    ));
+    let score = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {score}, 0f00000000;"));
+    for (e, qe) in qv.iter().enumerate() {
+        let ki = k.reg(Class::B32);
+        k.ins(format!("add.u32 {ki}, {row}, {};", 32 * e));
+        let ka = addr4(&mut k, kb, ki);
+        let kv = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {kv}, 0f00000000;"));
+        k.ins(guarded(has[e], format!("ld.global.f32 {kv}, [{ka}];")));
+        k.ins(format!("fma.rn.f32 {score}, {qe}, {kv}, {score};"));
+    }
+    warp_sum(&mut k, score);
+    k.ins(format!(
+        "mul.f32 {score}, {score}, {};",
+        Kernel::f32_imm(s.scale)
+    ));
+    // Online softmax: m' = max(m, s), acc = acc·e^(m-m') + e^(s-m')·v, l likewise.
+    let m_new = k.reg(Class::F32);
+    k.ins(format!("max.f32 {m_new}, {m}, {score};"));
+    let keep = k.reg(Class::F32);
+    k.ins(format!("sub.f32 {keep}, {m}, {m_new};"));
+    let keep = exp(&mut k, keep);
+    let weight = k.reg(Class::F32);
+    k.ins(format!("sub.f32 {weight}, {score}, {m_new};"));
+    let weight = exp(&mut k, weight);
+    k.ins(format!("fma.rn.f32 {l}, {l}, {keep}, {weight};"));
+    for (e, a) in acc.iter().enumerate() {
+        let vi = k.reg(Class::B32);
+        k.ins(format!("add.u32 {vi}, {row}, {};", 32 * e));
+        let va = addr4(&mut k, vb, vi);
+        let vv = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {vv}, 0f00000000;"));
+        k.ins(guarded(has[e], format!("ld.global.f32 {vv}, [{va}];")));
+        k.ins(format!("mul.f32 {a}, {a}, {keep};"));
+        k.ins(format!("fma.rn.f32 {a}, {weight}, {vv}, {a};"));
+    }
+    k.ins(format!("mov.f32 {m}, {m_new};"));
+    k.ins(format!("add.u32 {pp}, {pp}, 1;"));
+    k.ins(format!("bra {head};"));
+    k.place(&end);
+    let inv = k.reg(Class::F32);
+    k.ins(format!("rcp.rn.f32 {inv}, {l};"));
+    for (e, a) in acc.iter().enumerate() {
+        k.ins(format!("mul.f32 {a}, {a}, {inv};"));
+        let oi = k.reg(Class::B32);
+        k.ins(format!("add.u32 {oi}, {qrow}, {lane};"));
+        k.ins(format!("add.u32 {oi}, {oi}, {};", 32 * e));
+        let oa = addr4(&mut k, out, oi);
+        k.ins(guarded(has[e], format!("st.global.f32 [{oa}], {a};")));
+    }
+    k.place(&done);
     k.finish()
 }

@@ -832,11 +832,19 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
 
 #[test]
 fn prefill_attention_over_chunks_equals_the_reference() {
+    // Head widths below a warp and across two (features per lane: one, or two with the second
+    // only for some lanes); query heads per KV head: 2, and 3 in one group.
+    for (heads, kv_heads, hd) in [(4, 2, 16), (3, 1, 40)] {
+        prefill_attention_case(heads, kv_heads, hd);
+    }
+}
+
+fn prefill_attention_case(heads: usize, kv_heads: usize, hd: usize) {
     use griffin_backend_ptx::attention::{
-        attend_tokens, inverse_frequencies, rotate_tokens, rotate_tokens_threads,
-        write_ring_tokens, AttentionSpec, ATTEND_WARPS, ROTATE_BLOCK,
+        attend_tokens, attend_tokens_block, attend_tokens_grid, inverse_frequencies, rotate_tokens,
+        rotate_tokens_threads, write_ring_tokens, AttentionSpec, ROTATE_BLOCK,
     };
-    let (heads, kv_heads, hd, window) = (4usize, 2usize, 16usize, 8usize);
+    let window = 8usize;
     let (theta, dims) = (10000.0, 8u32);
     let max_tokens = 10u32;
     let spec = AttentionSpec {
@@ -907,8 +915,8 @@ fn prefill_attention_over_chunks_equals_the_reference() {
             &m,
             &mut mem,
             "pa_attend_tokens",
-            max_tokens * heads as u32,
-            32 * ATTEND_WARPS,
+            attend_tokens_grid(&spec, max_tokens),
+            attend_tokens_block(&spec),
             &[qr_a, n_a, s_a, kr_a, va, keys_a, values_a, out_a],
         );
         let ring_grid = (max_tokens * (kv_heads * hd) as u32).div_ceil(ROTATE_BLOCK);
