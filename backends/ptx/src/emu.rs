@@ -1170,6 +1170,25 @@ impl Ctx<'_> {
 mod tests {
     use super::*;
 
+    /// Runs kernel `k` of `ptx` on one warp with an output buffer of `words` u32 (its only
+    /// parameter); returns what the kernel left there.
+    fn run_one_warp(ptx: &str, words: usize) -> Result<Vec<u32>, EmuError> {
+        let m = Module::parse(ptx)?;
+        let mut mem = Memory::new();
+        let out = mem.alloc(&vec![0; 4 * words]);
+        run(
+            &m,
+            "k",
+            &Launch {
+                grid: 1,
+                block: 32,
+                params: &[out],
+            },
+            &mut mem,
+        )?;
+        mem.read_u32(out, words)
+    }
+
     #[test]
     fn bf16_rounding_is_to_nearest_even() {
         assert_eq!(f32_to_bf16(1.0), 0x3F80);
@@ -1182,20 +1201,7 @@ mod tests {
     #[test]
     fn partial_warp_shuffle_is_an_error() {
         let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.reg .b32 %r<3>;\n\t.reg .pred %p<1>;\n\tmov.u32 %r0, %tid.x;\n\tsetp.eq.u32 %p0, %r0, 3;\n\t@%p0 bra $end;\n\tshfl.sync.bfly.b32 %r1, %r0, 1, 31, -1;\n$end:\n\tret;\n}\n";
-        let m = Module::parse(ptx).unwrap();
-        let mut mem = Memory::new();
-        let out = mem.alloc(&[0; 4]);
-        let e = run(
-            &m,
-            "k",
-            &Launch {
-                grid: 1,
-                block: 32,
-                params: &[out],
-            },
-            &mut mem,
-        )
-        .unwrap_err();
+        let e = run_one_warp(ptx, 1).unwrap_err();
         assert!(e.0.contains("only part of a warp"), "{e}");
     }
 
@@ -1205,21 +1211,7 @@ mod tests {
     #[test]
     fn ldmatrix_distributes_rows_as_the_isa_says() {
         let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.shared .align 16 .b8 s[512];\n\t.reg .b32 %r<12>;\n\t.reg .b64 %rd<8>;\n\tld.param.u64 %rd0, [out];\n\tcvta.to.global.u64 %rd1, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tshl.b32 %r1, %r0, 2;\n\tadd.u32 %r2, %r1, 1;\n\tadd.u32 %r3, %r1, 2;\n\tadd.u32 %r4, %r1, 3;\n\tmul.wide.u32 %rd3, %r0, 16;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.v4.b32 [%rd4], {%r1, %r2, %r3, %r4};\n\tbar.sync 0;\n\tand.b32 %r5, %r0, 7;\n\tshr.u32 %r6, %r0, 3;\n\tmad.lo.u32 %r7, %r5, 4, %r6;\n\tmul.wide.u32 %rd3, %r7, 16;\n\tadd.u64 %rd5, %rd2, %rd3;\n\tldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r8, %r9, %r10, %r11}, [%rd5];\n\tmul.wide.u32 %rd3, %r0, 16;\n\tadd.u64 %rd6, %rd1, %rd3;\n\tst.global.v4.u32 [%rd6], {%r8, %r9, %r10, %r11};\n\tret;\n}\n";
-        let m = Module::parse(ptx).unwrap();
-        let mut mem = Memory::new();
-        let out = mem.alloc(&[0; 512]);
-        run(
-            &m,
-            "k",
-            &Launch {
-                grid: 1,
-                block: 32,
-                params: &[out],
-            },
-            &mut mem,
-        )
-        .unwrap();
-        let got = mem.read_u32(out, 128).unwrap();
+        let got = run_one_warp(ptx, 128).unwrap();
         for lane in 0..32u32 {
             for matrix in 0..4u32 {
                 // Row (matrix, lane / 4) is stored at row slot (lane / 4) · 4 + matrix.
@@ -1237,21 +1229,7 @@ mod tests {
     fn barrier_orders_shared_memory() {
         // Thread i writes i to shared[i]; after the barrier it reads shared[31 - i].
         let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.shared .align 4 .b8 s[128];\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<6>;\n\tld.param.u64 %rd0, [out];\n\tcvta.to.global.u64 %rd1, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.u32 [%rd4], %r0;\n\tbar.sync 0;\n\tsub.u32 %r1, 31, %r0;\n\tmul.wide.u32 %rd3, %r1, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tld.shared.u32 %r2, [%rd4];\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd5, %rd1, %rd3;\n\tst.global.u32 [%rd5], %r2;\n\tret;\n}\n";
-        let m = Module::parse(ptx).unwrap();
-        let mut mem = Memory::new();
-        let out = mem.alloc(&[0; 128]);
-        run(
-            &m,
-            "k",
-            &Launch {
-                grid: 1,
-                block: 32,
-                params: &[out],
-            },
-            &mut mem,
-        )
-        .unwrap();
-        let got = mem.read_u32(out, 32).unwrap();
+        let got = run_one_warp(ptx, 32).unwrap();
         assert_eq!(got, (0..32).rev().collect::<Vec<u32>>());
     }
 }

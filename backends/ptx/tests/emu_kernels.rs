@@ -30,6 +30,95 @@ fn bf16_value(h: u16) -> f32 {
     half::bf16::from_bits(h).to_f32()
 }
 
+/// A random projection case shared by the projection kernels' tests: inputs for `tokens` rows,
+/// weights holding bf16 values (scaled up under a soft-cap so it has something to cap), bias
+/// and residual, and the f64 reference output.
+struct ProjectionCase {
+    n: usize,
+    w: usize,
+    epilogue: Epilogue,
+    x: Vec<f32>,
+    wq: Vec<u16>,
+    b: Vec<f32>,
+    r: Vec<f32>,
+}
+
+impl ProjectionCase {
+    fn new(rng: &mut Rng, tokens: usize, inputs: u32, width: u32, epilogue: Epilogue) -> Self {
+        let (n, w) = (inputs as usize, width as usize);
+        let rows = if epilogue == Epilogue::GeGlu {
+            2 * w
+        } else {
+            w
+        };
+        let x = rng.vec(tokens * n);
+        let scale = if matches!(epilogue, Epilogue::SoftCap(_)) {
+            4.0
+        } else {
+            1.0
+        };
+        let wq = rng
+            .vec(rows * n)
+            .iter()
+            .map(|v| bf16_bits(v * scale))
+            .collect();
+        let b = rng.vec(rows);
+        let r = rng.vec(tokens * w);
+        ProjectionCase {
+            n,
+            w,
+            epilogue,
+            x,
+            wq,
+            b,
+            r,
+        }
+    }
+
+    /// The weights as bf16 bytes, or widened to f32 (the same values).
+    fn weights(&self, storage: griffin_backend_ptx::rg_lru::Storage) -> Vec<u8> {
+        match storage {
+            griffin_backend_ptx::rg_lru::Storage::Bf16 => {
+                self.wq.iter().flat_map(|h| h.to_le_bytes()).collect()
+            }
+            griffin_backend_ptx::rg_lru::Storage::F32 => self
+                .wq
+                .iter()
+                .flat_map(|h| bf16_value(*h).to_le_bytes())
+                .collect(),
+        }
+    }
+
+    /// Output column c of token t, where `input(i)` is input i of token t as the kernel
+    /// multiplies it (after any norm).
+    fn want(
+        &self,
+        t: usize,
+        c: usize,
+        bias: bool,
+        residual: bool,
+        input: impl Fn(usize) -> f64,
+    ) -> f64 {
+        let n = self.n;
+        let dot = |rr: usize| -> f64 {
+            (0..n)
+                .map(|i| bf16_value(self.wq[rr * n + i]) as f64 * input(i))
+                .sum::<f64>()
+                + if bias { self.b[rr] as f64 } else { 0.0 }
+        };
+        let w = self.w;
+        let mut v = match self.epilogue {
+            Epilogue::None => dot(c),
+            Epilogue::GeGlu => gelu(dot(c)) * dot(c + w),
+            Epilogue::SoftCap(cap) => (dot(c) / cap as f64).tanh() * cap as f64,
+        };
+        if residual {
+            v += self.r[t * w + c] as f64;
+        }
+        v
+    }
+}
+
 fn gelu(x: f64) -> f64 {
     let c = (2.0 / std::f64::consts::PI).sqrt();
     0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
@@ -79,38 +168,15 @@ fn gemv_kernels_compute_their_epilogues() {
                 griffin_backend_ptx::rg_lru::Storage::Bf16
             },
         };
-        let rows = if epilogue == Epilogue::GeGlu {
-            2 * width
-        } else {
-            width
-        } as usize;
-        let (n, w) = (inputs as usize, width as usize);
-        let x = rng.vec(n);
-        // Scale the weights so soft-capping has something to cap.
-        let scale = if matches!(epilogue, Epilogue::SoftCap(_)) {
-            4.0
-        } else {
-            1.0
-        };
-        let wq: Vec<u16> = rng
-            .vec(rows * n)
-            .iter()
-            .map(|v| bf16_bits(v * scale))
-            .collect();
-        let b = rng.vec(rows);
-        let r = rng.vec(w);
+        let case = ProjectionCase::new(&mut rng, 1, inputs, width, epilogue);
+        let (n, w, x) = (case.n, case.w, &case.x);
         let gain: Vec<f32> = rng.vec(n).iter().map(|v| 1.0 + v).collect();
 
         let mut mem = Memory::new();
-        let xa = mem.alloc_f32(&x);
-        // f32 weights hold the same (bf16-representable) values, widened.
-        let wa = if name == "f32_weights" {
-            mem.alloc_f32(&wq.iter().map(|h| bf16_value(*h)).collect::<Vec<f32>>())
-        } else {
-            mem.alloc(&wq.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>())
-        };
-        let ba = mem.alloc_f32(&b);
-        let ra = mem.alloc_f32(&r);
+        let xa = mem.alloc_f32(x);
+        let wa = mem.alloc(&case.weights(spec.weights));
+        let ba = mem.alloc_f32(&case.b);
+        let ra = mem.alloc_f32(&case.r);
         let oa = mem.alloc_f32(&vec![f32::NAN; w]);
         let ga = mem.alloc_f32(&gain);
         let mut params = vec![xa];
@@ -146,28 +212,12 @@ fn gemv_kernels_compute_their_epilogues() {
             }
             None => 1.0,
         };
-        let dot = |row: usize| -> f64 {
-            let mut s = 0.0f64;
-            for i in 0..n {
-                let xi = match norm {
-                    Some(_) => x[i] as f64 * r_norm * gain[i] as f64,
-                    None => x[i] as f64,
-                };
-                s += bf16_value(wq[row * n + i]) as f64 * xi;
-            }
-            s + if bias { b[row] as f64 } else { 0.0 }
-        };
         let want: Vec<f32> = (0..w)
             .map(|c| {
-                let mut v = match epilogue {
-                    Epilogue::None => dot(c),
-                    Epilogue::GeGlu => gelu(dot(c)) * dot(c + w),
-                    Epilogue::SoftCap(cap) => (dot(c) / cap as f64).tanh() * cap as f64,
-                };
-                if residual {
-                    v += r[c] as f64;
-                }
-                v as f32
+                case.want(0, c, bias, residual, |i| match norm {
+                    Some(_) => x[i] as f64 * r_norm * gain[i] as f64,
+                    None => x[i] as f64,
+                }) as f32
             })
             .collect();
         let diff = max_diff(&got, &want);
@@ -387,6 +437,33 @@ fn rg_lru_step_matches_reference_over_several_tokens() {
 }
 
 /// Rotate-half rotary embedding of one row at position p, in f64.
+/// One query's attention output in f64: scores `q·k · 0.25` over `keys_values` (rotated key
+/// rows and value rows of every KV head, KV head `g` used), softmax, weighted values.
+fn attention_reference(
+    q: &[f64],
+    keys_values: &[(Vec<f64>, Vec<f32>)],
+    g: usize,
+    hd: usize,
+) -> Vec<f64> {
+    let scores: Vec<f64> = keys_values
+        .iter()
+        .map(|(kr, _)| (0..hd).map(|d| q[d] * kr[g * hd + d]).sum::<f64>() * 0.25)
+        .collect();
+    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+    let total: f64 = e.iter().sum();
+    (0..hd)
+        .map(|d| {
+            keys_values
+                .iter()
+                .zip(&e)
+                .map(|((_, vv), w)| w * vv[g * hd + d] as f64)
+                .sum::<f64>()
+                / total
+        })
+        .collect()
+}
+
 fn rotate(row: &[f32], p: usize, theta: f64, dims: usize) -> Vec<f64> {
     let mut out: Vec<f64> = row.iter().map(|&v| v as f64).collect();
     let half = dims / 2;
@@ -490,21 +567,9 @@ fn attention_step_matches_reference_across_the_ring() {
         for h in 0..heads {
             let g = h / (heads / kv_heads);
             let want_q = rotate(&q[h * hd..(h + 1) * hd], p, theta, dims as usize);
-            let scores: Vec<f64> = past[lo..]
-                .iter()
-                .map(|(kr, _)| (0..hd).map(|d| want_q[d] * kr[g * hd + d]).sum::<f64>() * 0.25)
-                .collect();
-            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-            let total: f64 = e.iter().sum();
-            for d in 0..hd {
-                let o: f64 = past[lo..]
-                    .iter()
-                    .zip(&e)
-                    .map(|((_, vv), w)| w * vv[g * hd + d] as f64)
-                    .sum::<f64>()
-                    / total;
-                worst = worst.max((got[h * hd + d] - o as f32).abs());
+            let want = attention_reference(&want_q, &past[lo..], g, hd);
+            for (d, o) in want.iter().enumerate() {
+                worst = worst.max((got[h * hd + d] - *o as f32).abs());
             }
         }
     }
@@ -639,25 +704,8 @@ fn prefill_projection_and_norm_over_a_chunk_of_tokens() {
         ),
     ];
     for (name, inputs, width, bias, epilogue, residual, storage) in cases {
-        let (n, w) = (inputs as usize, width as usize);
-        let rows = if epilogue == Epilogue::GeGlu {
-            2 * w
-        } else {
-            w
-        };
-        let x = rng.vec(max_tokens * n);
-        let scale = if matches!(epilogue, Epilogue::SoftCap(_)) {
-            4.0
-        } else {
-            1.0
-        };
-        let wq: Vec<u16> = rng
-            .vec(rows * n)
-            .iter()
-            .map(|v| bf16_bits(v * scale))
-            .collect();
-        let b = rng.vec(rows);
-        let r = rng.vec(max_tokens * w);
+        let case = ProjectionCase::new(&mut rng, max_tokens, inputs, width, epilogue);
+        let (n, w, x) = (case.n, case.w, &case.x);
         let gain: Vec<f32> = rng.vec(n).iter().map(|v| 1.0 + v).collect();
         let spec = GemvSpec {
             name: name.into(),
@@ -676,17 +724,12 @@ fn prefill_projection_and_norm_over_a_chunk_of_tokens() {
         .unwrap();
         let mut mem = Memory::new();
         let ca = mem.alloc_u32(&[tokens as u32]);
-        let xa = mem.alloc_f32(&x);
+        let xa = mem.alloc_f32(x);
         let ga = mem.alloc_f32(&gain);
         let xn = mem.alloc_f32(&vec![0.0; max_tokens * n]);
-        let wa = match storage {
-            Storage::F32 => mem.alloc_f32(&wq.iter().map(|h| bf16_value(*h)).collect::<Vec<f32>>()),
-            Storage::Bf16 => {
-                mem.alloc(&wq.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>())
-            }
-        };
-        let ba = mem.alloc_f32(&b);
-        let ra = mem.alloc_f32(&r);
+        let wa = mem.alloc(&case.weights(storage));
+        let ba = mem.alloc_f32(&case.b);
+        let ra = mem.alloc_f32(&case.r);
         let oa = mem.alloc_f32(&vec![f32::NAN; max_tokens * w]);
         // Normalise the chunk, then project the normalised rows.
         run(
@@ -725,23 +768,10 @@ fn prefill_projection_and_norm_over_a_chunk_of_tokens() {
             let row = &x[t * n..(t + 1) * n];
             let ms = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n as f64;
             let inv = 1.0 / (ms + 1e-6).sqrt();
-            let dot = |rr: usize| -> f64 {
-                (0..n)
-                    .map(|i| {
-                        bf16_value(wq[rr * n + i]) as f64 * row[i] as f64 * inv * gain[i] as f64
-                    })
-                    .sum::<f64>()
-                    + if bias { b[rr] as f64 } else { 0.0 }
-            };
             for c in 0..w {
-                let mut v = match epilogue {
-                    Epilogue::None => dot(c),
-                    Epilogue::GeGlu => gelu(dot(c)) * dot(c + w),
-                    Epilogue::SoftCap(cap) => (dot(c) / cap as f64).tanh() * cap as f64,
-                };
-                if residual {
-                    v += r[t * w + c] as f64;
-                }
+                let v = case.want(t, c, bias, residual, |i| {
+                    row[i] as f64 * inv * gain[i] as f64
+                });
                 worst = worst.max((got[t * w + c] - v as f32).abs());
             }
         }
@@ -944,21 +974,9 @@ fn prefill_attention_case(heads: usize, kv_heads: usize, hd: usize) {
                 let g = h / (heads / kv_heads);
                 let qh = &q[(t * heads + h) * hd..(t * heads + h + 1) * hd];
                 let want_q = rotate(qh, p, theta, dims as usize);
-                let scores: Vec<f64> = past[lo..]
-                    .iter()
-                    .map(|(kr, _)| (0..hd).map(|d| want_q[d] * kr[g * hd + d]).sum::<f64>() * 0.25)
-                    .collect();
-                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-                let total: f64 = e.iter().sum();
-                for d in 0..hd {
-                    let o: f64 = past[lo..]
-                        .iter()
-                        .zip(&e)
-                        .map(|((_, vv), w)| w * vv[g * hd + d] as f64)
-                        .sum::<f64>()
-                        / total;
-                    worst = worst.max((got[(t * heads + h) * hd + d] - o as f32).abs());
+                let want = attention_reference(&want_q, &past[lo..], g, hd);
+                for (d, o) in want.iter().enumerate() {
+                    worst = worst.max((got[(t * heads + h) * hd + d] - *o as f32).abs());
                 }
             }
         }
@@ -1014,26 +1032,9 @@ fn tensor_core_projection_case(tokens: usize, max_tokens: u32) {
         ),
     ];
     for (name, inputs, width, bias, epilogue, residual, splits) in cases {
-        let (n, w) = (inputs as usize, width as usize);
-        let rows = if epilogue == Epilogue::GeGlu {
-            2 * w
-        } else {
-            w
-        };
         let mt = max_tokens as usize;
-        let x = rng.vec(mt * n);
-        let scale = if matches!(epilogue, Epilogue::SoftCap(_)) {
-            4.0
-        } else {
-            1.0
-        };
-        let wq: Vec<u16> = rng
-            .vec(rows * n)
-            .iter()
-            .map(|v| bf16_bits(v * scale))
-            .collect();
-        let b = rng.vec(rows);
-        let r = rng.vec(mt * w);
+        let case = ProjectionCase::new(&mut rng, mt, inputs, width, epilogue);
+        let (n, w, x) = (case.n, case.w, &case.x);
         let spec = GemvSpec {
             name: name.into(),
             inputs,
@@ -1047,10 +1048,10 @@ fn tensor_core_projection_case(tokens: usize, max_tokens: u32) {
         let m = Module::parse(&module(&[gemm_tokens_tc(&spec, &splits, max_tokens)])).unwrap();
         let mut mem = Memory::new();
         let ca = mem.alloc_u32(&[tokens as u32]);
-        let xa = mem.alloc_f32(&x);
-        let wa = mem.alloc(&wq.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>());
-        let ba = mem.alloc_f32(&b);
-        let ra = mem.alloc_f32(&r);
+        let xa = mem.alloc_f32(x);
+        let wa = mem.alloc(&case.weights(Storage::Bf16));
+        let ba = mem.alloc_f32(&case.b);
+        let ra = mem.alloc_f32(&case.r);
         let parts: Vec<usize> = if splits.is_empty() {
             vec![w]
         } else {
@@ -1087,21 +1088,8 @@ fn tensor_core_projection_case(tokens: usize, max_tokens: u32) {
         let mut worst = 0.0f32;
         for t in 0..tokens {
             let row = &x[t * n..(t + 1) * n];
-            let dot = |rr: usize| -> f64 {
-                (0..n)
-                    .map(|i| bf16_value(wq[rr * n + i]) as f64 * row[i] as f64)
-                    .sum::<f64>()
-                    + if bias { b[rr] as f64 } else { 0.0 }
-            };
             for c in 0..w {
-                let mut v = match epilogue {
-                    Epilogue::None => dot(c),
-                    Epilogue::GeGlu => gelu(dot(c)) * dot(c + w),
-                    Epilogue::SoftCap(cap) => (dot(c) / cap as f64).tanh() * cap as f64,
-                };
-                if residual {
-                    v += r[t * w + c] as f64;
-                }
+                let v = case.want(t, c, bias, residual, |i| row[i] as f64);
                 // Column c lands in part k at column c - (parts before it).
                 let (mut k, mut cc) = (0, c);
                 while cc >= parts[k] {
