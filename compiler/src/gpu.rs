@@ -304,6 +304,57 @@ impl Lowering<'_> {
         Ok(())
     }
 
+    /// A projection's weight, [bias] and [residual] arguments (its operands from `next` on) and
+    /// its kernel spec: both graphs lower projections through this.
+    #[allow(clippy::too_many_arguments)]
+    fn projection(
+        &mut self,
+        name: &str,
+        x: &[Value],
+        mut next: usize,
+        bias: bool,
+        residual: bool,
+        epilogue: Epilogue,
+        norm: Option<f32>,
+    ) -> Result<(Vec<Arg>, GemvSpec), RunError> {
+        let storage = self.matrix_storage(x[next]);
+        let rows = self.dim(x[next], 0)?;
+        let inputs = self.dim(x[next], 1)?;
+        if inputs % 8 != 0 {
+            return Err(unsupported(format!(
+                "a projection of {inputs} inputs (a multiple of 8 is needed)"
+            )));
+        }
+        let mut args = vec![self.weight(x[next], storage)?];
+        next += 1;
+        if bias {
+            args.push(self.weight(x[next], Storage::F32)?);
+            next += 1;
+        }
+        if residual {
+            args.push(self.value(x[next])?);
+        }
+        let spec = GemvSpec {
+            name: name.to_string(),
+            inputs,
+            width: if epilogue == Epilogue::GeGlu {
+                rows / 2
+            } else {
+                rows
+            },
+            bias,
+            epilogue: match epilogue {
+                Epilogue::None => GemvEpilogue::None,
+                Epilogue::GeGlu => GemvEpilogue::GeGlu,
+                Epilogue::SoftCap(c) => GemvEpilogue::SoftCap(c as f32),
+            },
+            residual,
+            norm,
+            weights: storage,
+        };
+        Ok((args, spec))
+    }
+
     /// The fused recurrence's kernel spec from its operands (both graphs).
     fn rg_lru_spec(
         &self,
@@ -442,46 +493,15 @@ impl Lowering<'_> {
                     );
                     input = scratch;
                 }
-                let storage = self.matrix_storage(x[next]);
-                let rows = self.dim(x[next], 0)?;
-                if inputs % 8 != 0 {
-                    return Err(unsupported(format!(
-                        "a projection of {inputs} inputs (a multiple of 8 is needed)"
-                    )));
-                }
-                let mut args = vec![count, input, self.weight(x[next], storage)?];
-                next += 1;
-                if *bias {
-                    args.push(self.weight(x[next], Storage::F32)?);
-                    next += 1;
-                }
-                if *residual {
-                    args.push(self.value(x[next])?);
-                }
-                let width = if *epilogue == Epilogue::GeGlu {
-                    rows / 2
-                } else {
-                    rows
-                };
+                let (weight_args, spec) =
+                    self.projection(&name, &x, next, *bias, *residual, *epilogue, None)?;
+                let mut args = vec![count, input];
+                args.extend(weight_args);
                 let parts: Vec<u32> = splits.iter().map(|&p| p as u32).collect();
                 let outputs = if parts.is_empty() { 1 } else { parts.len() };
                 for i in 0..outputs {
                     args.push(self.activation(r(i as u32))?);
                 }
-                let spec = GemvSpec {
-                    name: name.clone(),
-                    inputs,
-                    width,
-                    bias: *bias,
-                    epilogue: match epilogue {
-                        Epilogue::None => GemvEpilogue::None,
-                        Epilogue::GeGlu => GemvEpilogue::GeGlu,
-                        Epilogue::SoftCap(c) => GemvEpilogue::SoftCap(*c as f32),
-                    },
-                    residual: *residual,
-                    norm: None,
-                    weights: storage,
-                };
                 self.gemm_specs.insert(self.launches.len(), spec.clone());
                 if self.tensor_cores && tensor_cores_fit(&spec, &parts) {
                     self.launch(
@@ -690,28 +710,17 @@ impl Lowering<'_> {
                     args.push(self.weight(x[next], Storage::F32)?);
                     next += 1;
                 }
-                let storage = self.matrix_storage(x[next]);
-                let rows = self.dim(x[next], 0)?;
-                let inputs = self.dim(x[next], 1)?;
-                if inputs % 8 != 0 {
-                    return Err(unsupported(format!(
-                        "a projection of {inputs} inputs (a multiple of 8 is needed)"
-                    )));
-                }
-                args.push(self.weight(x[next], storage)?);
-                next += 1;
-                if *bias {
-                    args.push(self.weight(x[next], Storage::F32)?);
-                    next += 1;
-                }
-                if *residual {
-                    args.push(self.value(x[next])?);
-                }
-                let width = if *epilogue == Epilogue::GeGlu {
-                    rows / 2
-                } else {
-                    rows
-                };
+                let (weight_args, spec) = self.projection(
+                    &name,
+                    &x,
+                    next,
+                    *bias,
+                    *residual,
+                    *epilogue,
+                    norm.map(|n| n.eps as f32),
+                )?;
+                args.extend(weight_args);
+                let width = spec.width;
                 // One output buffer; split results are views into it.
                 let out = self.activation(r(0))?;
                 let out = Arg {
@@ -736,20 +745,6 @@ impl Lowering<'_> {
                     offset += 4 * part;
                 }
                 args.push(out);
-                let spec = GemvSpec {
-                    name: name.clone(),
-                    inputs,
-                    width,
-                    bias: *bias,
-                    epilogue: match epilogue {
-                        Epilogue::None => GemvEpilogue::None,
-                        Epilogue::GeGlu => GemvEpilogue::GeGlu,
-                        Epilogue::SoftCap(c) => GemvEpilogue::SoftCap(*c as f32),
-                    },
-                    residual: *residual,
-                    norm: norm.map(|n| n.eps as f32),
-                    weights: storage,
-                };
                 let g = grid(&spec);
                 self.launch(name, gemv(&spec), g, 32 * WARPS_PER_BLOCK, args);
             }
