@@ -10,7 +10,7 @@
 //!    memory; the block reduces max and sum; each thread accumulates output features.
 
 use crate::builder::{Class, Kernel, Reg};
-use crate::math::{exp, warp_sum};
+use crate::math::{combine_partials, exp, store_warp_partial, warp_reduce, warp_sum};
 use crate::rg_lru::addr4;
 
 #[derive(Clone, Debug)]
@@ -381,8 +381,6 @@ pub fn attend(s: &AttentionSpec) -> String {
     k.ins(format!("add.u32 {count}, {count}, 1;"));
     let scores = k.reg(Class::B64);
     k.ins(format!("mov.u64 {scores}, scores;"));
-    let partial = k.reg(Class::B64);
-    k.ins(format!("mov.u64 {partial}, partial;"));
 
     // Scores: warp takes n = warp, warp + 8, …; lanes split the head's features.
     let n = k.reg(Class::B32);
@@ -462,25 +460,10 @@ pub fn attend(s: &AttentionSpec) -> String {
         k.ins(format!("add.u32 {i}, {i}, {threads};"));
         k.ins(format!("bra {lh};"));
         k.place(&le);
-        for offset in [16, 8, 4, 2, 1] {
-            let other = k.reg(Class::F32);
-            k.ins(format!(
-                "shfl.sync.bfly.b32 {other}, {v}, {offset}, 31, -1;"
-            ));
-            k.ins(format!("{op}.f32 {v}, {v}, {other};"));
-        }
-        let pa = k.reg(Class::B64);
-        k.ins(format!("mul.wide.u32 {pa}, {warp}, 4;"));
-        k.ins(format!("add.u64 {pa}, {pa}, {partial};"));
-        k.ins(format!("@{lane0} st.shared.f32 [{pa}], {v};"));
+        warp_reduce(k, op, v);
+        store_warp_partial(k, v, warp, lane);
         k.ins("bar.sync 0;");
-        let total = k.reg(Class::F32);
-        k.ins(format!("ld.shared.f32 {total}, [{partial}];"));
-        for wi in 1..ATTEND_WARPS {
-            let o = k.reg(Class::F32);
-            k.ins(format!("ld.shared.f32 {o}, [{partial}+{}];", 4 * wi));
-            k.ins(format!("{op}.f32 {total}, {total}, {o};"));
-        }
+        let total = combine_partials(k, op, ATTEND_WARPS);
         // Everyone has read `partial` before it is reused.
         k.ins("bar.sync 0;");
         total

@@ -3,7 +3,7 @@
 //! (bias, GeGLU, soft-cap, residual) in lane 0. Eight warps per block.
 
 use crate::builder::{Class, Kernel, Reg};
-use crate::math::{gelu, tanh, warp_sum};
+use crate::math::{combine_partials, gelu, store_warp_partial, tanh, warp_sum};
 use crate::rg_lru::Storage;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -150,14 +150,7 @@ fn stage_inputs(
     k.place(&end);
     if gain.is_some() {
         warp_sum(k, ss);
-        let p = k.reg(Class::B64);
-        k.ins(format!("mov.u64 {p}, partial;"));
-        let po = k.reg(Class::B64);
-        k.ins(format!("mul.wide.u32 {po}, {warp}, 4;"));
-        k.ins(format!("add.u64 {po}, {po}, {p};"));
-        let lane0 = k.reg(Class::Pred);
-        k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
-        k.ins(format!("@{lane0} st.shared.f32 [{po}], {ss};"));
+        store_warp_partial(k, ss, warp, lane);
     }
     k.ins("bar.sync 0;");
     Input::Shared(xs)
@@ -165,15 +158,7 @@ fn stage_inputs(
 
 /// The block's sum of squares from the per-warp partials, as `1 / sqrt(mean + eps)`.
 fn staged_rms_factor(k: &mut Kernel, inputs: u32, eps: f32) -> Reg {
-    let p = k.reg(Class::B64);
-    k.ins(format!("mov.u64 {p}, partial;"));
-    let ss = k.reg(Class::F32);
-    k.ins(format!("ld.shared.f32 {ss}, [{p}];"));
-    for w in 1..WARPS_PER_BLOCK {
-        let o = k.reg(Class::F32);
-        k.ins(format!("ld.shared.f32 {o}, [{p}+{}];", 4 * w));
-        k.ins(format!("add.f32 {ss}, {ss}, {o};"));
-    }
+    let ss = combine_partials(k, "add", WARPS_PER_BLOCK);
     finish_rms(k, ss, inputs, eps)
 }
 

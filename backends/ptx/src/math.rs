@@ -94,11 +94,43 @@ pub fn gelu(k: &mut Kernel, x: Reg) -> Reg {
 
 /// The sum of `acc` over the warp, in every lane.
 pub fn warp_sum(k: &mut Kernel, acc: Reg) {
+    warp_reduce(k, "add", acc);
+}
+
+/// `acc` combined over the warp with `op` (`add`, `max`), in every lane.
+pub fn warp_reduce(k: &mut Kernel, op: &str, acc: Reg) {
     for offset in [16, 8, 4, 2, 1] {
         let other = k.reg(Class::F32);
         k.ins(format!(
             "shfl.sync.bfly.b32 {other}, {acc}, {offset}, 31, -1;"
         ));
-        k.ins(format!("add.f32 {acc}, {acc}, {other};"));
+        k.ins(format!("{op}.f32 {acc}, {acc}, {other};"));
     }
+}
+
+/// Lane 0 of each warp writes its (warp-reduced) `v` to the kernel's shared f32 array
+/// `partial[warp]`; the block's threads read them back with `combine_partials` after a barrier.
+pub fn store_warp_partial(k: &mut Kernel, v: Reg, warp: Reg, lane: Reg) {
+    let p = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {p}, partial;"));
+    let po = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {po}, {warp}, 4;"));
+    k.ins(format!("add.u64 {po}, {po}, {p};"));
+    let lane0 = k.reg(Class::Pred);
+    k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
+    k.ins(format!("@{lane0} st.shared.f32 [{po}], {v};"));
+}
+
+/// The `warps` entries of `partial` combined with `op`, in every thread.
+pub fn combine_partials(k: &mut Kernel, op: &str, warps: u32) -> Reg {
+    let p = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {p}, partial;"));
+    let total = k.reg(Class::F32);
+    k.ins(format!("ld.shared.f32 {total}, [{p}];"));
+    for w in 1..warps {
+        let o = k.reg(Class::F32);
+        k.ins(format!("ld.shared.f32 {o}, [{p}+{}];", 4 * w));
+        k.ins(format!("{op}.f32 {total}, {total}, {o};"));
+    }
+    total
 }

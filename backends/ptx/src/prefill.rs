@@ -12,7 +12,7 @@
 
 use crate::builder::{Class, Kernel, Reg};
 use crate::gemv::{finish_rms, load_weights8, Epilogue, GemvSpec, WARPS_PER_BLOCK};
-use crate::math::{gelu, tanh, warp_sum};
+use crate::math::{combine_partials, gelu, store_warp_partial, tanh, warp_sum};
 use crate::rg_lru::{addr4, Storage};
 
 /// Tokens sharing each weight load.
@@ -90,22 +90,9 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
     k.place(&end);
     warp_sum(&mut k, ss);
     let (warp, lane) = k.warp_and_lane(tid);
-    let p = k.reg(Class::B64);
-    k.ins(format!("mov.u64 {p}, partial;"));
-    let po = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {po}, {warp}, 4;"));
-    k.ins(format!("add.u64 {po}, {po}, {p};"));
-    let lane0 = k.reg(Class::Pred);
-    k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
-    k.ins(format!("@{lane0} st.shared.f32 [{po}], {ss};"));
+    store_warp_partial(&mut k, ss, warp, lane);
     k.ins("bar.sync 0;");
-    let total = k.reg(Class::F32);
-    k.ins(format!("ld.shared.f32 {total}, [{p}];"));
-    for w in 1..NORM_BLOCK / 32 {
-        let o = k.reg(Class::F32);
-        k.ins(format!("ld.shared.f32 {o}, [{p}+{}];", 4 * w));
-        k.ins(format!("add.f32 {total}, {total}, {o};"));
-    }
+    let total = combine_partials(&mut k, "add", NORM_BLOCK / 32);
     let r = finish_rms(&mut k, total, inputs, eps);
     k.ins(format!("mov.u32 {i}, {tid};"));
     let (h2, e2) = (k.label("scale"), k.label("scale_end"));
