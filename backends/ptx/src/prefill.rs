@@ -407,7 +407,7 @@ fn rg_input(k: &mut Kernel, x: Reg, window: Reg, j: Reg, s: Reg, c: u32, kk: u32
 /// recurrent-gate bias, decay `f32[C]`, a `f32[T, C]`, b `f32[T, C]`. Launch:
 /// `rg_lru_gates_grid` blocks of C/H threads.
 pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
-    use crate::rg_lru::{block_size, gated_input, load_weight};
+    use crate::rg_lru::{block_size, gated_input, load_weight, RgLruWeights};
     let b = block_size(s);
     let (c, kk, tt) = (s.channels, s.width, GATE_TOKENS);
     let mut k = Kernel::new(&s.name);
@@ -415,14 +415,16 @@ pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     let count = k.param_ptr("count");
     let x = k.param_ptr("x");
     let start = k.param_ptr("start");
-    let window = k.param_ptr("window");
-    let conv_w = k.param_ptr("conv_w");
-    let conv_b = k.param_ptr("conv_b");
-    let igw = k.param_ptr("input_gate_w");
-    let igb = k.param_ptr("input_gate_b");
-    let rgw = k.param_ptr("recurrent_gate_w");
-    let rgb = k.param_ptr("recurrent_gate_b");
-    let decay = k.param_ptr("decay");
+    let RgLruWeights {
+        window,
+        conv_w,
+        conv_b,
+        igw,
+        igb,
+        rgw,
+        rgb,
+        decay,
+    } = RgLruWeights::declare(&mut k);
     let a_out = k.param_ptr("a");
     let b_out = k.param_ptr("b");
 

@@ -63,6 +63,35 @@ pub struct RgLruSpec {
 }
 
 /// Threads per block for `spec`.
+/// The parameters both RG-LRU kernels with a conv (the decode step and the chunk's gates) take
+/// in this order after their own leading ones: window, conv w and bias, input-gate w and bias,
+/// recurrent-gate w and bias, decay.
+pub struct RgLruWeights {
+    pub window: Reg,
+    pub conv_w: Reg,
+    pub conv_b: Reg,
+    pub igw: Reg,
+    pub igb: Reg,
+    pub rgw: Reg,
+    pub rgb: Reg,
+    pub decay: Reg,
+}
+
+impl RgLruWeights {
+    pub fn declare(k: &mut Kernel) -> RgLruWeights {
+        RgLruWeights {
+            window: k.param_ptr("window"),
+            conv_w: k.param_ptr("conv_w"),
+            conv_b: k.param_ptr("conv_b"),
+            igw: k.param_ptr("input_gate_w"),
+            igb: k.param_ptr("input_gate_b"),
+            rgw: k.param_ptr("recurrent_gate_w"),
+            rgb: k.param_ptr("recurrent_gate_b"),
+            decay: k.param_ptr("decay"),
+        }
+    }
+}
+
 pub fn block_size(spec: &RgLruSpec) -> u32 {
     spec.channels / spec.blocks
 }
@@ -81,14 +110,16 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     k.shared("conv_out", 4 * b, 16);
     let x = k.param_ptr("x");
     let position = k.param_ptr("position");
-    let window = k.param_ptr("window");
-    let conv_w = k.param_ptr("conv_w");
-    let conv_b = k.param_ptr("conv_b");
-    let igw = k.param_ptr("input_gate_w");
-    let igb = k.param_ptr("input_gate_b");
-    let rgw = k.param_ptr("recurrent_gate_w");
-    let rgb = k.param_ptr("recurrent_gate_b");
-    let decay = k.param_ptr("decay");
+    let RgLruWeights {
+        window,
+        conv_w,
+        conv_b,
+        igw,
+        igb,
+        rgw,
+        rgb,
+        decay,
+    } = RgLruWeights::declare(&mut k);
     let state = k.param_ptr("state");
     let y = s.gate_output.then(|| k.param_ptr("y"));
     let out = k.param_ptr("out");
