@@ -76,20 +76,33 @@ pub fn evaluate(recipe: &Recipe, source: &dyn TensorSource) -> Result<Vec<f32>, 
     })
 }
 
-fn store(values: &[f32], storage: Storage) -> Vec<u8> {
+/// Bytes of one element in `storage`.
+fn element_bytes(storage: Storage) -> usize {
     match storage {
-        Storage::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Storage::Bf16 => values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
-            .collect(),
+        Storage::F32 => 4,
+        Storage::Bf16 => 2,
     }
 }
 
-/// Puts row-major values in `layout`'s order (zeros where it pads).
-pub fn arrange(values: Vec<f32>, layout: Layout, storage: Storage) -> Result<Vec<f32>, String> {
+/// Writes `v` as element `at` of `out` in `storage`.
+fn put(out: &mut [u8], at: usize, v: f32, storage: Storage) {
+    match storage {
+        Storage::F32 => out[4 * at..4 * at + 4].copy_from_slice(&v.to_le_bytes()),
+        Storage::Bf16 => out[2 * at..2 * at + 2]
+            .copy_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes()),
+    }
+}
+
+/// Row-major values as the bytes of `storage`, in `layout`'s order (zeros where it pads):
+/// converted and placed in one pass, with no rearranged copy of the values.
+pub fn store(values: &[f32], layout: Layout, storage: Storage) -> Result<Vec<u8>, String> {
+    let size = element_bytes(storage);
     let Layout::Blocked { rows, cols, .. } = layout else {
-        return Ok(values);
+        let mut out = vec![0u8; values.len() * size];
+        for (at, v) in values.iter().enumerate() {
+            put(&mut out, at, *v, storage);
+        }
+        return Ok(out);
     };
     if values.len() as u64 != rows * cols {
         return Err(format!(
@@ -97,7 +110,7 @@ pub fn arrange(values: Vec<f32>, layout: Layout, storage: Storage) -> Result<Vec
             values.len()
         ));
     }
-    let mut out = vec![0f32; layout.elements(rows * cols, storage) as usize];
+    let mut out = vec![0u8; layout.elements(rows * cols, storage) as usize * size];
     if cols == 0 {
         return Ok(out);
     }
@@ -107,7 +120,7 @@ pub fn arrange(values: Vec<f32>, layout: Layout, storage: Storage) -> Result<Vec
     for (r, row) in values.chunks_exact(cols as usize).enumerate() {
         let base = layout.row_offset(r as u64, storage) as usize;
         for (v, off) in row.iter().zip(&col_offsets) {
-            out[base + off] = *v;
+            put(&mut out, base + off, *v, storage);
         }
     }
     Ok(out)
@@ -143,9 +156,8 @@ pub fn pack_with_progress(
         } = &mut buffer.kind
         {
             let values = evaluate(recipe, source).map_err(|e| format!("weight `{name}`: {e}"))?;
-            let values =
-                arrange(values, *layout, *storage).map_err(|e| format!("weight `{name}`: {e}"))?;
-            let packed = store(&values, *storage);
+            let packed =
+                store(&values, *layout, *storage).map_err(|e| format!("weight `{name}`: {e}"))?;
             *offset = align(data.len() as u64);
             *bytes = packed.len() as u64;
             data.resize(*offset as usize, 0);
@@ -182,14 +194,26 @@ mod tests {
                     panels,
                     geglu,
                 };
-                let values: Vec<f32> = (1..=rows * cols).map(|v| v as f32).collect();
-                let packed = arrange(values, layout, storage).unwrap();
+                // Distinct values exact in bf16 (7 fraction bits), none zero.
+                let value = |i: u64| (1.0 + (i % 128) as f32 / 128.0) * 2f32.powi((i / 128) as i32);
+                let values: Vec<f32> = (0..rows * cols).map(value).collect();
+                let bytes = store(&values, layout, storage).unwrap();
+                let packed: Vec<f32> = match storage {
+                    Storage::F32 => bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                        .collect(),
+                    Storage::Bf16 => bytes
+                        .chunks_exact(2)
+                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                        .collect(),
+                };
                 assert_eq!(packed.len() as u64, layout.elements(rows * cols, storage));
                 let mut seen = vec![false; packed.len()];
                 for r in 0..rows {
                     for c in 0..cols {
                         let at = layout.index(r, c, storage) as usize;
-                        assert_eq!(packed[at], (r * cols + c + 1) as f32, "{layout:?}");
+                        assert_eq!(packed[at], value(r * cols + c), "{layout:?}");
                         assert!(!seen[at], "{layout:?}: ({r}, {c}) shares a slot");
                         seen[at] = true;
                     }
@@ -208,7 +232,7 @@ mod tests {
             panels: 1,
             geglu: false,
         };
-        let err = arrange(vec![0.0; 15], layout, Storage::F32).unwrap_err();
+        let err = store(&[0.0; 15], layout, Storage::F32).unwrap_err();
         assert_eq!(err, "15 values for a [4, 4] projection");
     }
 }

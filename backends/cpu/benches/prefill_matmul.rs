@@ -15,7 +15,7 @@ use griffin_backend_cpu::kernels::linear::{linear, LinearSpec};
 use griffin_backend_cpu::ll::{Storage, ATTRIBUTES, PRELUDE};
 use griffin_backend_cpu::{Jit, TargetCpu, Tile};
 use griffin_ir::Epilogue;
-use griffin_runtime::pack::arrange;
+use griffin_runtime::pack::store;
 use griffin_runtime::pool::ThreadPool;
 
 const TOKENS: usize = 64;
@@ -93,16 +93,12 @@ fn main() {
         let w: Vec<f32> = (0..rows * inputs)
             .map(|i| ((i % 89) as f32 - 44.0) / 890.0)
             .collect();
-        // The layouts the kernel reads (bf16 by truncation: the values are exact either way).
-        let blocked = |storage: Storage| {
+        // The weights packed as the kernel reads them (the runtime's own packing).
+        let packed = |storage: Storage| {
             let layout = spec(inputs as u64, rows as u64, storage).layout();
-            arrange(w.clone(), layout, storage).expect("weights arrange")
+            store(&w, layout, storage).expect("weights pack")
         };
-        let w_f32 = blocked(Storage::F32);
-        let w_bf16: Vec<u16> = blocked(Storage::Bf16)
-            .iter()
-            .map(|v| (v.to_bits() >> 16) as u16)
-            .collect();
+        let (w_f32, w_bf16) = (packed(Storage::F32), packed(Storage::Bf16));
         let flops = 2.0 * (TOKENS * inputs * rows) as f64;
         let mut y = vec![0f32; TOKENS * rows];
 
@@ -129,9 +125,9 @@ fn main() {
             });
             flops / t / 1e9
         };
-        let ours_f32 = generated(Storage::F32, w_f32.as_ptr() as *const u8, &mut y);
+        let ours_f32 = generated(Storage::F32, w_f32.as_ptr(), &mut y);
         let check = y.clone();
-        let ours_bf16 = generated(Storage::Bf16, w_bf16.as_ptr() as *const u8, &mut y);
+        let ours_bf16 = generated(Storage::Bf16, w_bf16.as_ptr(), &mut y);
 
         let t = best(5, || unsafe {
             // y[t, o] = x[t, :] · w[o, :]  (w read transposed: row stride 1, column stride K)
