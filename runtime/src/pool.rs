@@ -88,11 +88,13 @@ impl ThreadPool {
         shared.generation.fetch_add(1, SeqCst);
         shared.wake_sleepers();
         job(0);
-        let waiting = Instant::now();
+        // The clock is read only once a wait lasts 256 spins: most waits end sooner.
+        let mut waiting: Option<Instant> = None;
         let mut spins = 0u32;
         while shared.remaining.load(SeqCst) > 0 {
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && waiting.elapsed() >= SPIN_ALONE {
+            if spins % 256 == 0 && waiting.get_or_insert_with(Instant::now).elapsed() >= SPIN_ALONE
+            {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -116,8 +118,9 @@ impl Shared {
 fn worker(shared: &Shared, index: usize) {
     let mut seen = 0;
     loop {
-        // Spin for the next job, then sleep.
-        let idle = Instant::now();
+        // Spin for the next job, then sleep; the clock is read only once the wait lasts 256
+        // spins.
+        let mut idle: Option<Instant> = None;
         let mut spins = 0u32;
         while shared.generation.load(SeqCst) == seen && !shared.shutdown.load(SeqCst) {
             spins = spins.wrapping_add(1);
@@ -125,7 +128,7 @@ fn worker(shared: &Shared, index: usize) {
                 std::hint::spin_loop();
                 continue;
             }
-            let waited = idle.elapsed();
+            let waited = idle.get_or_insert_with(Instant::now).elapsed();
             if waited < SPIN_ALONE {
                 continue;
             }
