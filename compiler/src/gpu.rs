@@ -506,7 +506,7 @@ impl Lowering<'_> {
                 if self.tensor_cores && tensor_cores_fit(&spec, &parts) {
                     self.launch(
                         name,
-                        gemm_tokens_tc(&spec, &parts, max_tokens),
+                        gemm_tokens_tc(&spec, &parts),
                         tc_grid(&spec),
                         32 * TC_WARPS,
                         args,

@@ -779,7 +779,7 @@ fn ldmatrix_x4(k: &mut Kernel, base: Reg, offset: Reg, imm: u32) -> [Reg; 4] {
 /// buffers: the next step's global loads are in flight while this one computes); each warp
 /// takes its fragments with `ldmatrix` and runs 4 token tiles × 4 column tiles × 2 halves = 32
 /// MMAs. Parameters as `gemm_tokens_split`. Launch: `tc_grid` blocks of `32 · TC_WARPS`.
-pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], _max_tokens: u32) -> String {
+pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32]) -> String {
     assert!(
         tensor_cores_fit(spec, splits),
         "projection does not fit tensor cores"

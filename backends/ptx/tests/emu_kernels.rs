@@ -1045,7 +1045,7 @@ fn tensor_core_projection_case(tokens: usize, max_tokens: u32) {
             norm: None,
             weights: Storage::Bf16,
         };
-        let m = Module::parse(&module(&[gemm_tokens_tc(&spec, &splits, max_tokens)])).unwrap();
+        let m = Module::parse(&module(&[gemm_tokens_tc(&spec, &splits)])).unwrap();
         let mut mem = Memory::new();
         let ca = mem.alloc_u32(&[tokens as u32]);
         let xa = mem.alloc_f32(x);

@@ -166,7 +166,7 @@ fn all_kernels() -> Vec<(String, String)> {
             name: format!("{}_tc", s.name),
             ..s
         };
-        out.push((tc.name.clone(), gemm_tokens_tc(&tc, &splits, 64)));
+        out.push((tc.name.clone(), gemm_tokens_tc(&tc, &splits)));
     }
     let gates = RgLruSpec {
         name: "b2_rg_lru_gates_tokens".into(),
