@@ -357,9 +357,13 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
     k.finish()
 }
 
-/// Tokens whose gates one block of `rg_lru_gates_tokens` computes: each gate weight it loads
-/// serves that many tokens.
-pub const GATE_TOKENS: u32 = 16;
+/// Tokens whose gates one block of `rg_lru_gates_tokens` computes (each gate weight it loads
+/// serves that many): 16, fewer (a multiple of 4) where the block's conv outputs for 16 tokens
+/// would not fit in 48 KiB of static shared memory (gate blocks of more than 768 channels).
+pub fn gate_tokens(s: &crate::rg_lru::RgLruSpec) -> u32 {
+    let b = crate::rg_lru::block_size(s);
+    (48 * 1024 / (4 * b)).clamp(4, 16) / 4 * 4
+}
 
 /// Threads per block of `rg_lru_scan_tokens`.
 pub const SCAN_BLOCK: u32 = 256;
@@ -367,7 +371,7 @@ pub const SCAN_BLOCK: u32 = 256;
 /// Blocks of `rg_lru_gates_tokens` for a chunk of up to `max_tokens`: one per (token group,
 /// gate block).
 pub fn rg_lru_gates_grid(s: &crate::rg_lru::RgLruSpec, max_tokens: u32) -> u32 {
-    max_tokens.div_ceil(GATE_TOKENS) * s.blocks
+    max_tokens.div_ceil(gate_tokens(s)) * s.blocks
 }
 
 /// Blocks of `rg_lru_scan_tokens`: one thread per channel.
@@ -396,7 +400,7 @@ fn rg_input(k: &mut Kernel, x: Reg, window: Reg, j: Reg, s: Reg, c: u32, kk: u32
 
 /// The RG-LRU over a chunk, first half: everything that does not depend on the recurrence,
 /// for all tokens at once. The gates depend only on each token's conv output, so they need not
-/// wait for the scan: one block per (group of `GATE_TOKENS` tokens, gate block), one thread
+/// wait for the scan: one block per (group of `gate_tokens` tokens, gate block), one thread
 /// per channel of the block. The block's conv outputs go to shared memory ([channel][token], so
 /// one 16-byte load gives four tokens), then each thread runs both gates of its channel for the
 /// group's tokens (each gate weight loaded once for the group), and writes the scan's
@@ -409,7 +413,7 @@ fn rg_input(k: &mut Kernel, x: Reg, window: Reg, j: Reg, s: Reg, c: u32, kk: u32
 pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     use crate::rg_lru::{block_size, gated_input, load_weight, RgLruWeights};
     let b = block_size(s);
-    let (c, kk, tt) = (s.channels, s.width, GATE_TOKENS);
+    let (c, kk, tt) = (s.channels, s.width, gate_tokens(s));
     let mut k = Kernel::new(&s.name);
     k.shared("conv_out", 4 * b * tt, 16);
     let count = k.param_ptr("count");

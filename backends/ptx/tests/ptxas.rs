@@ -92,6 +92,9 @@ fn rg_lru_specs() -> Vec<RgLruSpec> {
     vec![
         spec("tiny_rg_lru", 64, 4, Storage::F32),
         spec("b2_rg_lru", 2560, 10, Storage::Bf16),
+        // The widest gate block taken (1024 channels): the chunk-gates kernel's shared memory
+        // must stay within 48 KiB.
+        spec("wide_rg_lru", 1024, 1, Storage::F32),
     ]
 }
 
@@ -168,16 +171,18 @@ fn all_kernels() -> Vec<(String, String)> {
         };
         out.push((tc.name.clone(), gemm_tokens_tc(&tc, &splits)));
     }
-    let gates = RgLruSpec {
-        name: "b2_rg_lru_gates_tokens".into(),
-        ..rg_lru_specs()[1].clone()
-    };
-    out.push((gates.name.clone(), rg_lru_gates_tokens(&gates)));
-    let scan = RgLruSpec {
-        name: "b2_rg_lru_scan_tokens".into(),
-        ..rg_lru_specs()[1].clone()
-    };
-    out.push((scan.name.clone(), rg_lru_scan_tokens(&scan)));
+    for s in rg_lru_specs().into_iter().skip(1) {
+        let gates = RgLruSpec {
+            name: format!("{}_gates_tokens", s.name),
+            ..s.clone()
+        };
+        out.push((gates.name.clone(), rg_lru_gates_tokens(&gates)));
+        let scan = RgLruSpec {
+            name: format!("{}_scan_tokens", s.name),
+            ..s
+        };
+        out.push((scan.name.clone(), rg_lru_scan_tokens(&scan)));
+    }
     out.push((
         "b2_norm_tokens".into(),
         rms_norm_tokens("b2_norm_tokens", 2560, 1e-6),
