@@ -18,7 +18,9 @@ use griffin_backend_ptx::attention::{
 use griffin_backend_ptx::emu;
 use griffin_backend_ptx::gemv::{gemv, grid, Epilogue as GemvEpilogue, GemvSpec, WARPS_PER_BLOCK};
 use griffin_backend_ptx::misc::{argmax, gather, ARGMAX_THREADS, GATHER_BLOCK};
-use griffin_backend_ptx::rg_lru::{block_size, rg_lru_step, RgLruSpec, Storage};
+use griffin_backend_ptx::rg_lru::{
+    block_size, rg_lru_step, step_block, step_grid, RgLruSpec, Storage,
+};
 use griffin_ir::{DType, Epilogue, Graph, InputRole, NodeId, Op, OutputRole, Value};
 use griffin_runtime::gpu_plan::{
     Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GpuPrefill, LastRow, GPU_PLAN_VERSION,
@@ -237,11 +239,20 @@ impl Lowering<'_> {
         let r = |output: u32| Value { node: id, output };
         let spec = self.rg_lru_spec(&name, &x, width, gate_output)?;
         let window = self.value(x[2])?;
+        // The window is a ring of K rows on the GPU (`rg_lru::ring_row`), one more than the
+        // graph's K-1: decode and prefill share the buffer and set the same size.
+        self.buffers[window.buffer].bytes = 4 * (spec.width * spec.channels) as u64;
         let state = self.value(x[10])?;
         let input = self.value(x[0])?;
+        // Conv weights, biases and decay in f32; the gate matrices as stored.
         let mut weights = Vec::new();
-        for w in &x[3..10] {
-            weights.push(self.weight(*w, Storage::F32)?);
+        for (i, w) in x.iter().enumerate().take(10).skip(3) {
+            let storage = if i == 5 || i == 7 {
+                spec.gates
+            } else {
+                Storage::F32
+            };
+            weights.push(self.weight(*w, storage)?);
         }
         let y = if gate_output {
             Some(self.value(x[11])?)
@@ -260,8 +271,8 @@ impl Lowering<'_> {
             self.launch(
                 name,
                 rg_lru_step(&spec),
-                spec.blocks,
-                block_size(&spec),
+                step_grid(&spec),
+                step_block(&spec),
                 args,
             );
             return Ok(());
@@ -291,7 +302,7 @@ impl Lowering<'_> {
             block_size(&spec),
             args,
         );
-        let mut args = vec![count, input, window, state, a, b];
+        let mut args = vec![count, input, self.position_arg()?, window, state, a, b];
         args.extend(y);
         args.push(out);
         self.launch(
@@ -369,7 +380,10 @@ impl Lowering<'_> {
             blocks: self.dim(x[5], 0)?,
             width,
             conv: Storage::F32,
-            gates: Storage::F32,
+            gates: match (self.matrix_storage(x[5]), self.matrix_storage(x[7])) {
+                (Storage::Bf16, Storage::Bf16) => Storage::Bf16,
+                _ => Storage::F32,
+            },
             gate_output,
         };
         if spec.channels % spec.blocks != 0 || block_size(&spec) > 1024 {

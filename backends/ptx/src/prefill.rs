@@ -379,15 +379,21 @@ pub fn rg_lru_scan_grid(s: &crate::rg_lru::RgLruSpec) -> u32 {
     s.channels.div_ceil(SCAN_BLOCK)
 }
 
-/// Input of channel j at chunk offset `s` (signed): x[s] for s ≥ 0, else window row s+K-1.
-fn rg_input(k: &mut Kernel, x: Reg, window: Reg, j: Reg, s: Reg, c: u32, kk: u32) -> Reg {
+/// Input of channel j at chunk offset `s` (signed): x[s] for s ≥ 0, else the window's ring row
+/// of position `p0 + s` (`rg_lru::ring_row`; any row when that position is before the text,
+/// whose taps count zero).
+#[allow(clippy::too_many_arguments)]
+fn rg_input(k: &mut Kernel, x: Reg, window: Reg, j: Reg, s: Reg, p0: Reg, c: u32, kk: u32) -> Reg {
     let v = k.reg(Class::F32);
     let from_x = k.reg(Class::Pred);
     k.ins(format!("setp.ge.s32 {from_x}, {s}, 0;"));
     let xi = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {xi}, {s}, {c}, {j};"));
+    // p0 + s ≥ -(K-1), so p0 + s + K is positive.
     let wi = k.reg(Class::B32);
-    k.ins(format!("add.u32 {wi}, {s}, {};", kk - 1));
+    k.ins(format!("add.u32 {wi}, {p0}, {s};"));
+    k.ins(format!("add.u32 {wi}, {wi}, {kk};"));
+    k.ins(format!("rem.u32 {wi}, {wi}, {kk};"));
     k.ins(format!("mad.lo.u32 {wi}, {wi}, {c}, {j};"));
     let idx = k.reg(Class::B32);
     k.ins(format!("selp.b32 {idx}, {xi}, {wi}, {from_x};"));
@@ -406,7 +412,7 @@ fn rg_input(k: &mut Kernel, x: Reg, window: Reg, j: Reg, s: Reg, c: u32, kk: u32
 /// group's tokens (each gate weight loaded once for the group), and writes the scan's
 /// coefficients: `h_t = a_t · h_{t-1} + b_t` (reset at position 0). The window is only read.
 ///
-/// Parameters: count `i32[1]`, x `f32[T, C]`, start `i32[1]`, window `f32[K-1, C]`, conv w
+/// Parameters: count `i32[1]`, x `f32[T, C]`, start `i32[1]`, window `f32[K, C]` (a ring), conv w
 /// `[C, K]`, conv bias, input-gate w `[H, B, B]`, input-gate bias, recurrent-gate w,
 /// recurrent-gate bias, decay `f32[C]`, a `f32[T, C]`, b `f32[T, C]`. Launch:
 /// `rg_lru_gates_grid` blocks of C/H threads.
@@ -478,7 +484,7 @@ pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
             let back = kk - 1 - tap as u32;
             let so = k.reg(Class::B32);
             k.ins(format!("sub.u32 {so}, {t}, {back};"));
-            let v = rg_input(&mut k, x, window, j, so, c, kk);
+            let v = rg_input(&mut k, x, window, j, so, p0, c, kk);
             // Taps before the document's first position read nothing (zero padding).
             let valid = k.reg(Class::Pred);
             k.ins(format!("setp.ge.s32 {valid}, {p}, {back};"));
@@ -492,8 +498,8 @@ pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     // Both gates for every token of the group: z[u] = bias + Σ_i conv[i][u] · W[h][i][jj].
     let zx: Vec<Reg> = (0..tt).map(|_| k.reg(Class::F32)).collect();
     let zr: Vec<Reg> = (0..tt).map(|_| k.reg(Class::F32)).collect();
-    let bx = load_weight(&mut k, s.gates, igb, j);
-    let br = load_weight(&mut k, s.gates, rgb, j);
+    let bx = load_weight(&mut k, Storage::F32, igb, j);
+    let br = load_weight(&mut k, Storage::F32, rgb, j);
     for (x_acc, r_acc) in zx.iter().zip(&zr) {
         k.ins(format!("mov.f32 {x_acc}, {bx};"));
         k.ins(format!("mov.f32 {r_acc}, {br};"));
@@ -555,10 +561,11 @@ pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
 /// The RG-LRU over a chunk, second half: the scan `h_t = a_t · h_{t-1} + b_t`, sequential in
 /// time, one thread per channel, four tokens per unrolled step (their loads do not depend on
 /// h, so they are all in flight before the first update); the output gate `h_t · gelu(y_t)`;
-/// then the state, and the window takes the chunk's last K-1 inputs (after the gates kernel
-/// has read it).
+/// then the state, and the window's ring takes the chunk's last K-1 inputs (after the gates
+/// kernel has read it).
 ///
-/// Parameters: count `i32[1]`, x `f32[T, C]`, window `f32[K-1, C]`, state `f32[C]`, a, b
+/// Parameters: count `i32[1]`, x `f32[T, C]`, start `i32[1]`, window `f32[K, C]` (a ring),
+/// state `f32[C]`, a, b
 /// `f32[T, C]`, [y `f32[T, C]`], out `f32[T, C]`. Launch: `rg_lru_scan_grid` blocks of
 /// `SCAN_BLOCK`.
 pub fn rg_lru_scan_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
@@ -566,6 +573,7 @@ pub fn rg_lru_scan_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     let mut k = Kernel::new(&s.name);
     let count = k.param_ptr("count");
     let x = k.param_ptr("x");
+    let start = k.param_ptr("start");
     let window = k.param_ptr("window");
     let state = k.param_ptr("state");
     let a_in = k.param_ptr("a");
@@ -633,15 +641,30 @@ pub fn rg_lru_scan_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     k.ins(format!("bra {one};"));
     k.place(&end);
     k.ins(format!("st.global.f32 [{st_at}], {hv};"));
-    // The window takes the last K-1 inputs; ascending rows read only rows not yet written.
+    // The chunk's last K-1 inputs into their ring rows (inputs from before the chunk are
+    // there already). The gates kernel has read the ring.
+    let p0 = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {p0}, [{start}];"));
     for r in 0..kk.saturating_sub(1) {
         let so = k.reg(Class::B32);
         k.ins(format!("sub.u32 {so}, {n}, {};", kk - 1 - r));
-        let v = rg_input(&mut k, x, window, j, so, c, kk);
+        let before = k.reg(Class::Pred);
+        k.ins(format!("setp.lt.s32 {before}, {so}, 0;"));
+        let skip = k.label("kept");
+        k.ins(format!("@{before} bra {skip};"));
+        let xi = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {xi}, {so}, {c}, {j};"));
+        let xa = addr4(&mut k, x, xi);
+        let v = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {v}, [{xa}];"));
+        let row = k.reg(Class::B32);
+        k.ins(format!("add.u32 {row}, {p0}, {so};"));
+        k.ins(format!("rem.u32 {row}, {row}, {kk};"));
         let idx = k.reg(Class::B32);
-        k.ins(format!("add.u32 {idx}, {j}, {};", r * c));
+        k.ins(format!("mad.lo.u32 {idx}, {row}, {c}, {j};"));
         let at = addr4(&mut k, window, idx);
         k.ins(format!("st.global.f32 [{at}], {v};"));
+        k.place(&skip);
     }
     k.place(&done);
     k.finish()

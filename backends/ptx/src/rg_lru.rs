@@ -1,10 +1,7 @@
 //! The fused RG-LRU step for one decode token: causal conv1d over the carried window, both
 //! block-diagonal gates, decay and normaliser, the scan and the output gate (GELU of the `y`
-//! branch), in one launch. One thread block per gate block (its channels depend only on each
-//! other), one thread per channel: each thread convolves its channel into shared memory, the
-//! block meets at a barrier, then each thread reads the block's conv outputs for its two gate
-//! dot products (coalesced weight rows), updates its recurrence state and shifts its window.
-
+//! branch), in one launch of many blocks, each finishing a few channels of one gate block
+//! (`rg_lru_step`). The window is a ring of K rows on the GPU (`ring_row`).
 use crate::builder::{Class, Kernel, Reg};
 use crate::math::{exp, gelu, sigmoid};
 
@@ -57,12 +54,12 @@ pub struct RgLruSpec {
     /// Conv taps K; the window holds K-1 rows.
     pub width: u32,
     pub conv: Storage,
+    /// How both gates' matrices are stored (their biases are f32).
     pub gates: Storage,
     /// Multiply by GELU(y) (the recurrent block's other branch).
     pub gate_output: bool,
 }
 
-/// Threads per block for `spec`.
 /// The parameters both RG-LRU kernels with a conv (the decode step and the chunk's gates) take
 /// in this order after their own leading ones: window, conv w and bias, input-gate w and bias,
 /// recurrent-gate w and bias, decay.
@@ -92,22 +89,73 @@ impl RgLruWeights {
     }
 }
 
+/// Threads per block of the chunk's gates kernel (`prefill::rg_lru_gates_tokens`): one per
+/// channel of a gate block.
 pub fn block_size(spec: &RgLruSpec) -> u32 {
     spec.channels / spec.blocks
 }
 
-/// Parameters, in order: x `f32[C]`, position `i32[1]`, window `f32[K-1,C]`, conv w `[C,K]`,
-/// conv bias `[C]`, input-gate w `[H,B,B]`, input-gate bias `[H,B]`, recurrent-gate w,
-/// recurrent-gate bias, decay rate `f32[C]` (softplus of the recurrent parameter), state
-/// `f32[C]`, [y `f32[C]`], out `f32[C]`. Window and state are updated in place.
+/// Channels of a gate block that one block of the decode step finishes: the largest divisor
+/// of the gate block's width up to 16 (16 for the published models' 256-channel blocks, so
+/// their 10 gate blocks make 160 thread blocks).
+pub fn step_columns(spec: &RgLruSpec) -> u32 {
+    let b = block_size(spec);
+    (1..=16.min(b)).rev().find(|d| b % d == 0).unwrap_or(1)
+}
+
+/// Groups of gate rows a decode-step block splits its dot products into: one thread per
+/// (row group, column), about 256 threads.
+fn step_row_groups(spec: &RgLruSpec) -> u32 {
+    (256 / step_columns(spec)).max(1)
+}
+
+/// Blocks of the decode step: one per (gate block, group of `step_columns` channels).
+pub fn step_grid(spec: &RgLruSpec) -> u32 {
+    spec.channels / step_columns(spec)
+}
+
+/// Threads per block of the decode step.
+pub fn step_block(spec: &RgLruSpec) -> u32 {
+    step_columns(spec) * step_row_groups(spec)
+}
+
+/// The conv window on the GPU is a ring of K rows: the input at position p sits in row
+/// `p mod K`. A step reads the rows of positions p-K+1..p-1 and writes row `p mod K`, which
+/// holds p-K and which nobody reads at p, so the blocks that split a gate block (each
+/// convolving all of its channels) never race with the block that stores a channel's input.
+/// Row of position `pos - back` (for `pos ≥ back`; any row otherwise, the tap then counting
+/// zero).
+pub(crate) fn ring_row(k: &mut Kernel, pos: Reg, back: u32, width: u32) -> Reg {
+    let row = k.reg(Class::B32);
+    k.ins(format!("add.u32 {row}, {pos}, {};", width - back));
+    k.ins(format!("rem.u32 {row}, {row}, {width};"));
+    row
+}
+
+/// Parameters, in order: x `f32[C]`, position `i32[1]`, window `f32[K,C]` (a ring, see
+/// `ring_row`), conv w `[C,K]`, conv bias `[C]`, input-gate w `[H,B,B]`, input-gate bias
+/// `[H,B]`, recurrent-gate w, recurrent-gate bias, decay rate `f32[C]` (softplus of the
+/// recurrent parameter), state `f32[C]`, [y `f32[C]`], out `f32[C]`. Window and state are
+/// updated in place. Launch: `step_grid` blocks of `step_block` threads.
+///
+/// The two block-diagonal gates read 2·B² weights per gate block, most of the step's bytes: a
+/// block per gate block (10 for the 2B model) would leave most of the GPU idle, so each block
+/// takes `step_columns` channels of one gate block. It convolves all B channels of its gate
+/// block into shared memory (cheap, and read from the ring only), splits the B rows of its
+/// columns' dot products over its row groups (a warp reads whole row segments), sums the
+/// groups' partials, then one thread per channel finishes the gates, the scan, the output
+/// gate, and stores the channel's input into the ring.
 pub fn rg_lru_step(s: &RgLruSpec) -> String {
     assert!(
         s.channels % s.blocks == 0,
         "channels must split into blocks"
     );
     let b = block_size(s);
+    let (cs, rg, kk, c) = (step_columns(s), step_row_groups(s), s.width, s.channels);
+    let threads = cs * rg;
     let mut k = Kernel::new(&s.name);
     k.shared("conv_out", 4 * b, 16);
+    k.shared("partials", 4 * 2 * threads, 16);
     let x = k.param_ptr("x");
     let position = k.param_ptr("position");
     let RgLruWeights {
@@ -124,35 +172,51 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     let y = s.gate_output.then(|| k.param_ptr("y"));
     let out = k.param_ptr("out");
 
-    let (jj, h) = k.thread_and_block();
-    let j = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {j}, {h}, {b}, {jj};"));
+    let (tid, blk) = k.thread_and_block();
+    let (h, split) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("div.u32 {h}, {blk}, {};", b / cs));
+    k.ins(format!("rem.u32 {split}, {blk}, {};", b / cs));
     let pos = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {pos}, [{position}];"));
+    let sh = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {sh}, conv_out;"));
+    // The ring rows of the previous K-1 positions, the same for every channel.
+    let rows: Vec<Reg> = (1..kk)
+        .map(|back| ring_row(&mut k, pos, back, kk))
+        .collect();
 
-    // Convolution: tap t < K-1 reads window row t, the last tap reads x; taps before the
-    // start of the text (position - (K-1-t) < 0) count zero.
+    // Convolution of every channel of the gate block: tap t < K-1 reads the ring row of
+    // position pos-(K-1-t), the last tap reads x; taps before the start of the text (position
+    // < 0) count zero.
+    let jj = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {jj}, {tid};"));
+    let (conv_head, conv_end) = (k.label("conv"), k.label("conv_end"));
+    k.place(&conv_head);
+    k.leave_unless_below(jj, b, &conv_end);
+    let j = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {j}, {h}, {b}, {jj};"));
     let acc = load_weight(&mut k, s.conv, conv_b, j);
-    let xj_at = addr4(&mut k, x, j);
-    let xj = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {xj}, [{xj_at}];"));
     let row_taps = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {row_taps}, {j}, {};", s.width));
-    for tap in 0..s.width {
-        let u = if tap + 1 == s.width {
-            xj
+    k.ins(format!("mul.lo.u32 {row_taps}, {j}, {kk};"));
+    for tap in 0..kk {
+        let back = kk - 1 - tap;
+        let u = k.reg(Class::F32);
+        let idx = k.reg(Class::B32);
+        if back == 0 {
+            k.ins(format!("mov.u32 {idx}, {j};"));
+            let at = addr4(&mut k, x, idx);
+            k.ins(format!("ld.global.f32 {u}, [{at}];"));
         } else {
-            let idx = k.reg(Class::B32);
-            k.ins(format!("add.u32 {idx}, {j}, {};", tap * s.channels));
+            k.ins(format!(
+                "mad.lo.u32 {idx}, {}, {c}, {j};",
+                rows[back as usize - 1]
+            ));
             let at = addr4(&mut k, window, idx);
-            let v = k.reg(Class::F32);
-            k.ins(format!("ld.global.f32 {v}, [{at}];"));
-            v
-        };
+            k.ins(format!("ld.global.f32 {u}, [{at}];"));
+        }
         let wi = k.reg(Class::B32);
         k.ins(format!("add.u32 {wi}, {row_taps}, {tap};"));
         let w = load_weight(&mut k, s.conv, conv_w, wi);
-        let back = s.width - 1 - tap;
         if back == 0 {
             k.ins(format!("fma.rn.f32 {acc}, {w}, {u}, {acc};"));
         } else {
@@ -161,58 +225,93 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
             k.ins(format!("@{valid} fma.rn.f32 {acc}, {w}, {u}, {acc};"));
         }
     }
-    // Window shift for this channel: row r takes row r+1, the last row takes x.
-    for r in 0..s.width.saturating_sub(1) {
-        let v = if r + 2 == s.width {
-            xj
-        } else {
-            let idx = k.reg(Class::B32);
-            k.ins(format!("add.u32 {idx}, {j}, {};", (r + 1) * s.channels));
-            let at = addr4(&mut k, window, idx);
-            let v = k.reg(Class::F32);
-            k.ins(format!("ld.global.f32 {v}, [{at}];"));
-            v
-        };
-        let idx = k.reg(Class::B32);
-        k.ins(format!("add.u32 {idx}, {j}, {};", r * s.channels));
-        let at = addr4(&mut k, window, idx);
-        k.ins(format!("st.global.f32 [{at}], {v};"));
-    }
-    let sh = k.reg(Class::B64);
-    k.ins(format!("mov.u64 {sh}, conv_out;"));
     let sh_off = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {sh_off}, {jj}, 4;"));
-    let sh_j = k.reg(Class::B64);
-    k.ins(format!("add.u64 {sh_j}, {sh}, {sh_off};"));
-    k.ins(format!("st.shared.f32 [{sh_j}], {acc};"));
+    k.ins(format!("add.u64 {sh_off}, {sh_off}, {sh};"));
+    k.ins(format!("st.shared.f32 [{sh_off}], {acc};"));
+    k.ins(format!("add.u32 {jj}, {jj}, {threads};"));
+    k.ins(format!("bra {conv_head};"));
+    k.place(&conv_end);
     k.ins("bar.sync 0;");
 
-    // Gates: z[j] = bias[j] + Σ_i c[i] · W[h, i, jj]; the weight row index walks i.
-    let zx = load_weight(&mut k, s.gates, igb, j);
-    let zr = load_weight(&mut k, s.gates, rgb, j);
+    // This thread's share of both gates' dot products: column `col` of the gate block, rows
+    // r, r + rg, r + 2·rg, ... (W[h, i, col] at (h·B + i)·B + col).
+    let (cc, r) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("rem.u32 {cc}, {tid}, {cs};"));
+    k.ins(format!("div.u32 {r}, {tid}, {cs};"));
+    let col = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {col}, {split}, {cs}, {cc};"));
+    let (zx, zr) = (k.reg(Class::F32), k.reg(Class::F32));
+    k.ins(format!("mov.f32 {zx}, 0f00000000;"));
+    k.ins(format!("mov.f32 {zr}, 0f00000000;"));
     let i = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {i}, 0;"));
+    k.ins(format!("mov.u32 {i}, {r};"));
     let wi = k.reg(Class::B32);
-    // W[h, i, jj] = ((h·B + i)·B + jj); start at i = 0.
-    k.ins(format!("mul.lo.u32 {wi}, {h}, {};", b * b));
-    k.ins(format!("add.u32 {wi}, {wi}, {jj};"));
-    let shi = k.reg(Class::B64);
-    k.ins(format!("mov.u64 {shi}, {sh};"));
-    let (head, end) = (k.label("gates"), k.label("gates_end"));
-    k.place(&head);
-    let ci = k.reg(Class::F32);
-    k.ins(format!("ld.shared.f32 {ci}, [{shi}];"));
-    let wx = load_weight(&mut k, s.gates, igw, wi);
-    let wr = load_weight(&mut k, s.gates, rgw, wi);
-    k.ins(format!("fma.rn.f32 {zx}, {ci}, {wx}, {zx};"));
-    k.ins(format!("fma.rn.f32 {zr}, {ci}, {wr}, {zr};"));
-    k.ins(format!("add.u32 {wi}, {wi}, {b};"));
-    k.ins(format!("add.u64 {shi}, {shi}, 4;"));
-    k.ins(format!("add.u32 {i}, {i}, 1;"));
-    let more = k.reg(Class::Pred);
-    k.ins(format!("setp.lt.u32 {more}, {i}, {b};"));
-    k.ins(format!("@{more} bra {head};"));
-    k.place(&end);
+    k.ins(format!("mad.lo.u32 {wi}, {h}, {b}, {r};"));
+    k.ins(format!("mad.lo.u32 {wi}, {wi}, {b}, {col};"));
+    // Four rows per unrolled step while they are all in range (their loads in flight
+    // together), then one at a time.
+    let step = |k: &mut Kernel, i: Reg, wi: Reg, n: u32| {
+        let mut loaded = Vec::new();
+        for u in 0..n {
+            let (iu, wu) = (k.reg(Class::B32), k.reg(Class::B32));
+            k.ins(format!("add.u32 {iu}, {i}, {};", u * rg));
+            k.ins(format!("add.u32 {wu}, {wi}, {};", u * rg * b));
+            let wx = load_weight(k, s.gates, igw, wu);
+            let wr = load_weight(k, s.gates, rgw, wu);
+            let at = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {at}, {iu}, 4;"));
+            k.ins(format!("add.u64 {at}, {at}, {sh};"));
+            let cv = k.reg(Class::F32);
+            k.ins(format!("ld.shared.f32 {cv}, [{at}];"));
+            loaded.push((cv, wx, wr));
+        }
+        for (cv, wx, wr) in loaded {
+            k.ins(format!("fma.rn.f32 {zx}, {cv}, {wx}, {zx};"));
+            k.ins(format!("fma.rn.f32 {zr}, {cv}, {wr}, {zr};"));
+        }
+        k.ins(format!("add.u32 {i}, {i}, {};", n * rg));
+        k.ins(format!("add.u32 {wi}, {wi}, {};", n * rg * b));
+    };
+    let (four, one, rows_end) = (k.label("four"), k.label("one"), k.label("rows_end"));
+    k.place(&four);
+    let last = k.reg(Class::B32);
+    k.ins(format!("add.u32 {last}, {i}, {};", 3 * rg));
+    k.leave_unless_below(last, b, &one);
+    step(&mut k, i, wi, 4);
+    k.ins(format!("bra {four};"));
+    k.place(&one);
+    k.leave_unless_below(i, b, &rows_end);
+    step(&mut k, i, wi, 1);
+    k.ins(format!("bra {one};"));
+    k.place(&rows_end);
+    // Partials at [gate][r][cc].
+    let ps = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {ps}, partials;"));
+    let mine = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {mine}, {tid}, 4;"));
+    k.ins(format!("add.u64 {mine}, {mine}, {ps};"));
+    k.ins(format!("st.shared.f32 [{mine}], {zx};"));
+    k.ins(format!("st.shared.f32 [{mine}+{}], {zr};", 4 * threads));
+    k.ins("bar.sync 0;");
+
+    // One thread per channel of this block finishes it.
+    let done = k.label("done");
+    k.leave_unless_below(tid, cs, &done);
+    let j = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {j}, {h}, {b}, {col};"));
+    let zx = load_weight(&mut k, Storage::F32, igb, j);
+    let zr = load_weight(&mut k, Storage::F32, rgb, j);
+    for group in 0..rg {
+        let (px, pr) = (k.reg(Class::F32), k.reg(Class::F32));
+        k.ins(format!("ld.shared.f32 {px}, [{mine}+{}];", 4 * cs * group));
+        k.ins(format!(
+            "ld.shared.f32 {pr}, [{mine}+{}];",
+            4 * (threads + cs * group)
+        ));
+        k.ins(format!("add.f32 {zx}, {zx}, {px};"));
+        k.ins(format!("add.f32 {zr}, {zr}, {pr};"));
+    }
 
     // log a = -8 · sigmoid(zr) · softplus(Λ); a = exp(log a); the normaliser
     // sqrt(1 - a²) = sqrt(-expm1(2 log a)), with expm1 by its series near 0 where 1 - exp
@@ -220,9 +319,12 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     let rate = addr4(&mut k, decay, j);
     let rv = k.reg(Class::F32);
     k.ins(format!("ld.global.nc.f32 {rv}, [{rate}];"));
-    let c = k.reg(Class::F32);
-    k.ins(format!("ld.shared.f32 {c}, [{sh_j}];"));
-    let (a, bv) = gated_input(&mut k, zx, zr, rv, c, pos);
+    let cv = k.reg(Class::F32);
+    let c_at = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {c_at}, {col}, 4;"));
+    k.ins(format!("add.u64 {c_at}, {c_at}, {sh};"));
+    k.ins(format!("ld.shared.f32 {cv}, [{c_at}];"));
+    let (a, bv) = gated_input(&mut k, zx, zr, rv, cv, pos);
     let st_at = addr4(&mut k, state, j);
     let old = k.reg(Class::F32);
     k.ins(format!("ld.global.f32 {old}, [{st_at}];"));
@@ -241,6 +343,16 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     }
     let out_at = addr4(&mut k, out, j);
     k.ins(format!("st.global.f32 [{out_at}], {o};"));
+    // This position's input into its ring row.
+    let xj_at = addr4(&mut k, x, j);
+    let xj = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {xj}, [{xj_at}];"));
+    let slot = ring_row(&mut k, pos, 0, kk);
+    let idx = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {idx}, {slot}, {c}, {j};"));
+    let at = addr4(&mut k, window, idx);
+    k.ins(format!("st.global.f32 [{at}], {xj};"));
+    k.place(&done);
     k.finish()
 }
 

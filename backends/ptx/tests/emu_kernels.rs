@@ -314,26 +314,45 @@ struct RgLruCase {
 }
 
 impl RgLruCase {
-    fn new(rng: &mut Rng, mem: &mut Memory, c: usize, blocks: usize, k: usize) -> RgLruCase {
+    /// Gate matrices stored as `gates` (bf16: values rounded first, the reference reads the
+    /// rounded values).
+    fn new(
+        rng: &mut Rng,
+        mem: &mut Memory,
+        c: usize,
+        blocks: usize,
+        k: usize,
+        gates_storage: griffin_backend_ptx::rg_lru::Storage,
+    ) -> RgLruCase {
+        use griffin_backend_ptx::rg_lru::Storage;
         let b = c / blocks;
         let conv_w = rng.vec(c * k);
         let conv_b = rng.vec(c);
-        let gates = vec![
-            rng.vec(blocks * b * b),
-            rng.vec(c),
-            rng.vec(blocks * b * b),
-            rng.vec(c),
-        ];
+        let matrix = |rng: &mut Rng| -> Vec<f32> {
+            let m = rng.vec(blocks * b * b);
+            match gates_storage {
+                Storage::F32 => m,
+                Storage::Bf16 => m.iter().map(|v| bf16_value(bf16_bits(*v))).collect(),
+            }
+        };
+        let gates = vec![matrix(rng), rng.vec(c), matrix(rng), rng.vec(c)];
         // softplus of a parameter: positive, small and large decays both.
         let decay: Vec<f32> = rng.vec(c).iter().map(|v| (v * 3.0).exp().ln_1p()).collect();
         let window = vec![0.0f32; (k - 1) * c];
         let state = vec![0.0f32; c];
         let mut device = vec![
-            mem.alloc_f32(&window),
+            mem.alloc_f32(&vec![0.0; k * c]),
             mem.alloc_f32(&conv_w),
             mem.alloc_f32(&conv_b),
         ];
-        device.extend(gates.iter().map(|g| mem.alloc_f32(g)));
+        for (i, g) in gates.iter().enumerate() {
+            device.push(if i % 2 == 0 && gates_storage == Storage::Bf16 {
+                let bytes: Vec<u8> = g.iter().flat_map(|v| bf16_bits(*v).to_le_bytes()).collect();
+                mem.alloc(&bytes)
+            } else {
+                mem.alloc_f32(g)
+            });
+        }
         device.push(mem.alloc_f32(&decay));
         device.push(mem.alloc_f32(&state));
         RgLruCase {
@@ -379,37 +398,71 @@ impl RgLruCase {
         )
     }
 
-    /// Window and state in the interpreter's memory equal the reference's.
-    fn check_carried(&self, mem: &Memory, after: usize) {
-        let (window_at, state_at) = (self.device[0], self.device[8]);
-        let state = mem.read_f32(state_at, self.c).unwrap();
-        assert!(max_diff(&state, &self.state) < 1e-5, "state after {after}");
-        let window = mem.read_f32(window_at, (self.k - 1) * self.c).unwrap();
-        assert_eq!(window, self.window, "window after {after}");
+    /// Window and state in the interpreter's memory equal the reference's before position
+    /// `next`: the reference shifts its K-1 rows, the kernels keep a ring of K rows where the
+    /// input at position p sits in row p mod K.
+    fn check_carried(&self, mem: &Memory, next: usize) {
+        let (window_at, state_at, c, k) = (self.device[0], self.device[8], self.c, self.k);
+        let state = mem.read_f32(state_at, c).unwrap();
+        assert!(max_diff(&state, &self.state) < 1e-5, "state before {next}");
+        let ring = mem.read_f32(window_at, k * c).unwrap();
+        for r in 0..k - 1 {
+            let Some(p) = (next + r).checked_sub(k - 1) else {
+                continue;
+            };
+            let row = &ring[(p % k) * c..(p % k + 1) * c];
+            assert_eq!(
+                row,
+                &self.window[r * c..(r + 1) * c],
+                "input of {p} before {next}"
+            );
+        }
     }
 }
 
 #[test]
 fn rg_lru_step_matches_reference_over_several_tokens() {
-    use griffin_backend_ptx::rg_lru::{block_size, rg_lru_step, RgLruSpec, Storage};
-    let (c, blocks, k) = (64usize, 4usize, 4usize);
+    use griffin_backend_ptx::rg_lru::{step_columns, step_grid, Storage};
+    // Gate blocks of 16 channels (one thread block each), of 80 (five blocks of 16 columns
+    // each, five rows per thread: an unrolled step of four and one more) and of 12 (threads
+    // without rows).
+    // The middle case keeps its gate matrices in bf16.
+    for (c, blocks, grid, gates) in [
+        (64, 4, 4, Storage::F32),
+        (160, 2, 10, Storage::Bf16),
+        (24, 2, 2, Storage::F32),
+    ] {
+        let spec = rg_lru_step_case(c, blocks, gates);
+        assert_eq!(step_grid(&spec), grid, "{c} channels in {blocks} blocks");
+        assert_eq!(step_columns(&spec), if c == 24 { 12 } else { 16 });
+    }
+}
+
+fn rg_lru_step_case(
+    c: usize,
+    blocks: usize,
+    gates: griffin_backend_ptx::rg_lru::Storage,
+) -> griffin_backend_ptx::rg_lru::RgLruSpec {
+    use griffin_backend_ptx::rg_lru::{rg_lru_step, step_block, step_grid, RgLruSpec, Storage};
+    let k = 4usize;
     let spec = RgLruSpec {
         name: "rg_lru".into(),
         channels: c as u32,
         blocks: blocks as u32,
         width: k as u32,
         conv: Storage::F32,
-        gates: Storage::F32,
+        gates,
         gate_output: true,
     };
     let m = Module::parse(&module(&[rg_lru_step(&spec)])).unwrap();
     let mut rng = Rng(42);
     let mut mem = Memory::new();
-    let mut case = RgLruCase::new(&mut rng, &mut mem, c, blocks, k);
+    let mut case = RgLruCase::new(&mut rng, &mut mem, c, blocks, k, gates);
     let out_a = mem.alloc_f32(&vec![0.0; c]);
     let mut worst = 0.0f32;
-    // Positions 0.. cover the start-of-text reset and taps before the start.
-    for pos in 0..6 {
+    // Positions 0.. cover the start-of-text reset, taps before the start, and the ring's
+    // rows reused twice.
+    for pos in 0..10 {
         let x = rng.vec(c);
         let y = rng.vec(c);
         let (x_a, y_a) = (mem.alloc_f32(&x), mem.alloc_f32(&y));
@@ -421,8 +474,8 @@ fn rg_lru_step_matches_reference_over_several_tokens() {
             &m,
             "rg_lru",
             &Launch {
-                grid: blocks as u32,
-                block: block_size(&spec),
+                grid: step_grid(&spec),
+                block: step_block(&spec),
                 params: &params,
             },
             &mut mem,
@@ -431,9 +484,10 @@ fn rg_lru_step_matches_reference_over_several_tokens() {
         let want = case.reference_step(pos, &x, &y);
         let got = mem.read_f32(out_a, c).unwrap();
         worst = worst.max(max_diff(&got, &want));
-        case.check_carried(&mem, pos as usize);
+        case.check_carried(&mem, pos as usize + 1);
     }
-    assert!(worst < 1e-5, "max |diff| {worst}");
+    assert!(worst < 1e-5, "{c} channels: max |diff| {worst}");
+    spec
 }
 
 /// Rotate-half rotary embedding of one row at position p, in f64.
@@ -797,7 +851,8 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
         blocks: blocks as u32,
         width: k as u32,
         conv: Storage::F32,
-        gates: Storage::F32,
+        // Gate matrices in bf16 (the decode test covers f32 too).
+        gates: Storage::Bf16,
         gate_output: true,
     };
     let gates = RgLruSpec {
@@ -811,7 +866,7 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
     .unwrap();
     let mut rng = Rng(5);
     let mut mem = Memory::new();
-    let mut case = RgLruCase::new(&mut rng, &mut mem, c, blocks, k);
+    let mut case = RgLruCase::new(&mut rng, &mut mem, c, blocks, k, Storage::Bf16);
     let max_tokens = 40;
     let out_a = mem.alloc_f32(&vec![0.0; max_tokens * c]);
     let a_a = mem.alloc_f32(&vec![0.0; max_tokens * c]);
@@ -838,7 +893,7 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
         };
         run(&m, "gates", &launch, &mut mem).unwrap();
         let (window_a, state_a) = (carried[0], carried[carried.len() - 1]);
-        let params = vec![n_a, x_a, window_a, state_a, a_a, b_a, y_a, out_a];
+        let params = vec![n_a, x_a, p_a, window_a, state_a, a_a, b_a, y_a, out_a];
         let launch = Launch {
             grid: rg_lru_scan_grid(&spec),
             block: SCAN_BLOCK,
