@@ -52,6 +52,8 @@ pub struct Kernel {
     shared: Vec<String>,
     body: String,
     labels: u32,
+    /// `.maxntid` and `.minnctapersm`: see `launch_bounds`.
+    bounds: Option<(u32, u32)>,
 }
 
 /// The module header for sm_90 with PTX ISA 8.0 (loaded by driver 580 / CUDA 13.0).
@@ -66,7 +68,16 @@ impl Kernel {
             shared: Vec::new(),
             body: String::new(),
             labels: 0,
+            bounds: None,
         }
+    }
+
+    /// Tells ptxas the kernel runs in blocks of at most `threads` and should fit `blocks` of
+    /// them on one SM (`.maxntid`, `.minnctapersm`): it then keeps registers within
+    /// 65536 / (threads · blocks) per thread. A launch with more threads fails, on the
+    /// hardware and in the interpreter.
+    pub fn launch_bounds(&mut self, threads: u32, blocks: u32) {
+        self.bounds = Some((threads, blocks));
     }
 
     fn index(class: Class) -> usize {
@@ -183,6 +194,9 @@ impl Kernel {
             self.name,
             self.params.join(",\n\t")
         );
+        if let Some((threads, blocks)) = self.bounds {
+            let _ = writeln!(out, ".maxntid {threads}, 1, 1\n.minnctapersm {blocks}");
+        }
         out.push_str("{\n");
         for class in [Class::Pred, Class::B32, Class::B64, Class::F32, Class::F64] {
             let n = self.counts[Self::index(class)];

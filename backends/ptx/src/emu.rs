@@ -71,6 +71,8 @@ pub struct Function {
     params: Vec<String>,
     registers: usize,
     shared_bytes: u64,
+    /// `.maxntid`: the most threads a block of this kernel may have.
+    max_threads: Option<u32>,
     code: Vec<Instr>,
 }
 
@@ -231,8 +233,20 @@ impl Module {
             }
             let mut body = Vec::new();
             let mut depth = 0;
+            let mut max_threads = None;
             for l in lines.by_ref() {
                 let t = l.trim();
+                if depth == 0 && t != "{" {
+                    // Performance directives between the parameters and the body.
+                    if let Some(n) = t.strip_prefix(".maxntid") {
+                        let n = n.split(',').next().unwrap_or("").trim();
+                        max_threads = Some(
+                            n.parse::<u32>()
+                                .map_err(|_| EmuError(format!("{name}: cannot read `{t}`")))?,
+                        );
+                    }
+                    continue;
+                }
                 if t == "{" {
                     depth += 1;
                     if depth == 1 {
@@ -247,7 +261,9 @@ impl Module {
                 }
                 body.push(t.to_string());
             }
-            functions.push(Self::function(name, params, &body)?);
+            let mut f = Self::function(name, params, &body)?;
+            f.max_threads = max_threads;
+            functions.push(f);
         }
         Ok(Module { functions })
     }
@@ -326,6 +342,7 @@ impl Module {
             params,
             registers: p.regs.len(),
             shared_bytes,
+            max_threads: None,
             code,
         })
     }
@@ -450,6 +467,12 @@ pub fn run(
             "{kernel}: {} parameters given, the kernel takes {}",
             launch.params.len(),
             f.params.len()
+        ));
+    }
+    if let Some(max) = f.max_threads.filter(|&m| launch.block > m) {
+        return err(format!(
+            "{kernel}: blocks of {} threads, the kernel allows {max} (.maxntid)",
+            launch.block
         ));
     }
     let mut executed = 0u64;
@@ -996,6 +1019,12 @@ impl Ctx<'_> {
                     _ => return err("vector store shape"),
                 }
             }
+            // A hint with no effect on results; its address must still be one the kernel may
+            // read (the hardware would fetch from it).
+            "prefetch" => {
+                let (base, addr) = self.address(t, &ins.args[0], op.at(1))?;
+                self.load(&base, addr, 1, memory, shared)?;
+            }
             "cvta" => dst(t, arg(t, 1)?)?,
             "mov" => dst(t, mask(arg(t, 1)?))?,
             "selp" => {
@@ -1203,6 +1232,13 @@ mod tests {
         let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.reg .b32 %r<3>;\n\t.reg .pred %p<1>;\n\tmov.u32 %r0, %tid.x;\n\tsetp.eq.u32 %p0, %r0, 3;\n\t@%p0 bra $end;\n\tshfl.sync.bfly.b32 %r1, %r0, 1, 31, -1;\n$end:\n\tret;\n}\n";
         let e = run_one_warp(ptx, 1).unwrap_err();
         assert!(e.0.contains("only part of a warp"), "{e}");
+    }
+
+    #[test]
+    fn launch_beyond_maxntid_is_an_error() {
+        let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n.maxntid 16, 1, 1\n.minnctapersm 8\n{\n\tret;\n}\n";
+        let e = run_one_warp(ptx, 1).unwrap_err();
+        assert!(e.0.contains(".maxntid"), "{e}");
     }
 
     /// Lane 8m + r gives the address of row r of matrix m; register m of lane L receives word

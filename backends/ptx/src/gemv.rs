@@ -1,6 +1,8 @@
 //! The decode projection: one warp per output column streams a bf16 weight row with 16-byte
 //! loads, accumulates in f32, reduces across the warp with shuffles, and applies the epilogue
-//! (bias, GeGLU, soft-cap, residual) in lane 0. Eight warps per block.
+//! (bias, GeGLU, soft-cap, residual) in lane 0. Eight warps per block; each block stages its
+//! inputs in shared memory while the first bytes of its warps' rows come into L2; outputs wider
+//! than 8192 columns take a fixed grid whose warps walk several rows.
 
 use crate::builder::{Class, Kernel, Reg};
 use crate::math::{combine_partials, gelu, store_warp_partial, tanh, warp_sum};
@@ -38,9 +40,24 @@ pub const WARPS_PER_BLOCK: u32 = 8;
 /// Steps (256 inputs per warp each) the decode GEMV takes per unrolled iteration.
 const UNROLL: u32 = 4;
 
+/// Outputs up to this many blocks' warps (8192 rows) get a warp per row: every block of the
+/// grid resident at once on an H200 (132 SMs, up to 8 blocks of 256 threads each at 32
+/// registers per thread).
+const MAX_ROW_BLOCKS: u32 = 1024;
+
+/// Blocks for wider outputs (the 2B model's 256,000 logits): 4 per SM of an H200, each warp
+/// taking every `stride`-th row (~61 for the logits), so inputs are staged and normalised 528
+/// times instead of 32,000 and no block waits for a second wave.
+const PERSISTENT_BLOCKS: u32 = 528;
+
 /// Thread blocks to launch for `spec` (each of `32 · WARPS_PER_BLOCK` threads).
 pub fn grid(spec: &GemvSpec) -> u32 {
-    spec.width.div_ceil(WARPS_PER_BLOCK)
+    let row_blocks = spec.width.div_ceil(WARPS_PER_BLOCK);
+    if row_blocks <= MAX_ROW_BLOCKS {
+        row_blocks
+    } else {
+        PERSISTENT_BLOCKS
+    }
 }
 
 /// Accumulates `w[row, i..i+8] · x[i..i+8]` into `acc`.
@@ -110,8 +127,9 @@ pub const MAX_STAGED_INPUTS: u32 = (48 * 1024 - 4 * WARPS_PER_BLOCK) / 4;
 
 /// The block stages its inputs once in shared memory (normalised and scaled by the gain when
 /// there is a norm prologue): every warp then reads them from there, and the norm's sum of
-/// squares is computed once per block instead of once per warp. Returns the input source, and
-/// the norm factor for the unstaged path (computed later, per warp).
+/// squares is computed once per block instead of once per warp. Each thread takes every 256th
+/// group of four inputs with 16-byte loads, up to four groups' loads in flight before the
+/// first store (the whole block waits for this at its barrier).
 fn stage_inputs(
     k: &mut Kernel,
     spec: &GemvSpec,
@@ -128,26 +146,60 @@ fn stage_inputs(
     k.ins(format!("mov.u64 {xs}, xs;"));
     let ss = k.reg(Class::F32);
     k.ins(format!("mov.f32 {ss}, 0f00000000;"));
-    let i = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {i}, {tid};"));
-    let (head, end) = (k.label("stage"), k.label("stage_end"));
-    k.place(&head);
-    let stop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {stop}, {i}, {};", spec.inputs));
-    k.ins(format!("@{stop} bra {end};"));
-    let v = load_f32_at(k, x, i);
-    if let Some(g) = gain {
-        k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
-        let gv = load_f32_at(k, g, i);
-        k.ins(format!("mul.f32 {v}, {v}, {gv};"));
+    let quads = spec.inputs / 4;
+    let per_thread = quads.div_ceil(threads);
+    let mine = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {mine}, {tid}, 16;"));
+    let (xp, sp) = (k.reg(Class::B64), k.reg(Class::B64));
+    k.ins(format!("add.u64 {xp}, {x}, {mine};"));
+    k.ins(format!("add.u64 {sp}, {xs}, {mine};"));
+    let gp = gain.map(|g| {
+        let gp = k.reg(Class::B64);
+        k.ins(format!("add.u64 {gp}, {g}, {mine};"));
+        gp
+    });
+    for round in (0..per_thread).step_by(4) {
+        let mut loaded = Vec::new();
+        for m in round..(round + 4).min(per_thread) {
+            // Only the last group of a thread can fall past the end.
+            let guard = if threads * (m + 1) <= quads {
+                String::new()
+            } else {
+                let q = k.reg(Class::B32);
+                k.ins(format!("add.u32 {q}, {tid}, {};", threads * m));
+                let p = k.reg(Class::Pred);
+                k.ins(format!("setp.lt.u32 {p}, {q}, {quads};"));
+                format!("@{p} ")
+            };
+            let at = 16 * threads * m;
+            let v = k.regs4(Class::F32);
+            k.ins(format!(
+                "{guard}ld.global.v4.f32 {{{}, {}, {}, {}}}, [{xp}+{at}];",
+                v[0], v[1], v[2], v[3]
+            ));
+            let g = gp.map(|gp| {
+                let g = k.regs4(Class::F32);
+                k.ins(format!(
+                    "{guard}ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{gp}+{at}];",
+                    g[0], g[1], g[2], g[3]
+                ));
+                g
+            });
+            loaded.push((guard, at, v, g));
+        }
+        for (guard, at, v, g) in loaded {
+            if let Some(g) = g {
+                for (xv, gv) in v.iter().zip(&g) {
+                    k.ins(format!("{guard}fma.rn.f32 {ss}, {xv}, {xv}, {ss};"));
+                    k.ins(format!("mul.f32 {xv}, {xv}, {gv};"));
+                }
+            }
+            k.ins(format!(
+                "{guard}st.shared.v4.f32 [{sp}+{at}], {{{}, {}, {}, {}}};",
+                v[0], v[1], v[2], v[3]
+            ));
+        }
     }
-    let off = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {off}, {i}, 4;"));
-    k.ins(format!("add.u64 {off}, {off}, {xs};"));
-    k.ins(format!("st.shared.f32 [{off}], {v};"));
-    k.ins(format!("add.u32 {i}, {i}, {threads};"));
-    k.ins(format!("bra {head};"));
-    k.place(&end);
     if gain.is_some() {
         warp_sum(k, ss);
         store_warp_partial(k, ss, warp, lane);
@@ -253,10 +305,14 @@ fn rms_factor(k: &mut Kernel, x: Reg, lane: Reg, inputs: u32, eps: f32) -> Reg {
 }
 
 /// Parameters, in order: x `f32[I]`, [gain `f32[I]`], w `bf16[rows, I]`, [bias `f32[rows]`],
-/// [residual `f32[width]`], out `f32[width]`.
+/// [residual `f32[width]`], out `f32[width]`. Launch: `grid(spec)` blocks of
+/// `32 · WARPS_PER_BLOCK` threads.
 pub fn gemv(spec: &GemvSpec) -> String {
     assert!(spec.inputs % 8 == 0, "inputs must be a multiple of 8");
     let mut k = Kernel::new(&spec.name);
+    // Eight blocks per SM (32 registers per thread): up to `MAX_ROW_BLOCKS` blocks all
+    // resident at once on an H200, so no block waits for a second wave.
+    k.launch_bounds(32 * WARPS_PER_BLOCK, 8);
     let x = k.param_ptr("x");
     let gain = spec.norm.map(|_| k.param_ptr("gain"));
     let w = k.param_ptr("w");
@@ -270,6 +326,11 @@ pub fn gemv(spec: &GemvSpec) -> String {
     k.ins(format!(
         "mad.lo.u32 {col}, {block}, {WARPS_PER_BLOCK}, {warp};"
     ));
+    let geglu = spec.epilogue == Epilogue::GeGlu;
+    let up_row = k.reg(Class::B32);
+    // The first bytes of this warp's first row(s) start coming into L2 while the block
+    // stages its inputs.
+    prefetch_rows(&mut k, spec, w, col, up_row, lane);
     // Staging needs every thread of the block at its barrier: before any warp leaves.
     let staged = spec.inputs <= MAX_STAGED_INPUTS;
     let input = if staged {
@@ -279,15 +340,31 @@ pub fn gemv(spec: &GemvSpec) -> String {
     };
     // Staged inputs already carry the gain.
     let gain_in_loop = if staged { None } else { gain };
-    let outside = k.reg(Class::Pred);
-    let done = k.label("done");
-    // Whole warps leave together, so the shuffles below always see full warps.
-    k.ins(format!("setp.ge.u32 {outside}, {col}, {};", spec.width));
-    k.ins(format!("@{outside} bra {done};"));
+    // Unstaged inputs: the norm's factor once for all of the warp's rows (a pass over x).
+    // Staged: from the block's partials after each row (a few shared loads; kept across the
+    // row it would cost a register past the 32 that eight blocks per SM allow).
+    let unstaged_factor = match spec.norm {
+        Some(eps) if !staged => Some(rms_factor(&mut k, x, lane, spec.inputs, eps)),
+        _ => None,
+    };
 
-    let geglu = spec.epilogue == Epilogue::GeGlu;
-    let up_row = k.reg(Class::B32);
+    // Rows col, col + stride, ... (one unless the output is wider than the grid's warps).
+    let stride = grid(spec) * WARPS_PER_BLOCK;
+    let persistent = stride < spec.width;
+    let (row_head, row_next, done) = (k.label("row"), k.label("row_next"), k.label("done"));
+    k.place(&row_head);
+    // Whole warps leave together, so the shuffles below always see full warps.
+    k.leave_unless_below(col, spec.width, &done);
     k.ins(format!("add.u32 {up_row}, {col}, {};", spec.width));
+    if persistent {
+        // The next row's first bytes start coming while this one is read.
+        let (next, next_up) = (k.reg(Class::B32), k.reg(Class::B32));
+        k.ins(format!("add.u32 {next}, {col}, {stride};"));
+        let last = k.label("last_row");
+        k.leave_unless_below(next, spec.width, &last);
+        prefetch_rows(&mut k, spec, w, next, next_up, lane);
+        k.place(&last);
+    }
     let acc = k.reg(Class::F32);
     k.ins(format!("mov.f32 {acc}, 0f00000000;"));
     let acc_up = k.reg(Class::F32);
@@ -351,12 +428,11 @@ pub fn gemv(spec: &GemvSpec) -> String {
     if geglu {
         warp_sum(&mut k, acc_up);
     }
-    if let Some(eps) = spec.norm {
-        let r = if staged {
-            staged_rms_factor(&mut k, spec.inputs, eps)
-        } else {
-            rms_factor(&mut k, x, lane, spec.inputs, eps)
-        };
+    let norm_factor = match spec.norm {
+        Some(eps) if staged => Some(staged_rms_factor(&mut k, spec.inputs, eps)),
+        _ => unstaged_factor,
+    };
+    if let Some(r) = norm_factor {
         k.ins(format!("mul.f32 {acc}, {acc}, {r};"));
         if geglu {
             k.ins(format!("mul.f32 {acc_up}, {acc_up}, {r};"));
@@ -364,7 +440,7 @@ pub fn gemv(spec: &GemvSpec) -> String {
     }
     let not_first = k.reg(Class::Pred);
     k.ins(format!("setp.ne.u32 {not_first}, {lane}, 0;"));
-    k.ins(format!("@{not_first} bra {done};"));
+    k.ins(format!("@{not_first} bra {row_next};"));
     if let Some(b) = bias {
         let bv = load_f32_at(&mut k, b, col);
         k.ins(format!("add.f32 {acc}, {acc}, {bv};"));
@@ -402,6 +478,44 @@ pub fn gemv(spec: &GemvSpec) -> String {
     let p = k.reg(Class::B64);
     k.ins(format!("add.u64 {p}, {out}, {off};"));
     k.ins(format!("st.global.f32 [{p}], {value};"));
+    k.place(&row_next);
+    if persistent {
+        k.ins(format!("add.u32 {col}, {col}, {stride};"));
+        k.ins(format!("bra {row_head};"));
+    }
     k.place(&done);
     k.finish()
+}
+
+/// Bytes of each of its rows a warp asks L2 for ahead of reading them (`prefetch_rows`).
+const PREFETCH_BYTES: u32 = 2048;
+
+/// `prefetch.global.L2` of the first `PREFETCH_BYTES` of weight row `row` (and of `row +
+/// width`, the up row, with GeGLU; `up_row` is set to it): one 128-byte line per lane. Costs no
+/// registers, and the loads that follow find the lines in L2 instead of waiting on DRAM.
+fn prefetch_rows(k: &mut Kernel, spec: &GemvSpec, w: Reg, row: Reg, up_row: Reg, lane: Reg) {
+    let elem = match spec.weights {
+        Storage::Bf16 => 2,
+        Storage::F32 => 4,
+    };
+    let row_bytes = spec.inputs * elem;
+    let lines = row_bytes.min(PREFETCH_BYTES).div_ceil(128);
+    let skip = k.label("no_prefetch");
+    k.leave_unless_below(row, spec.width, &skip);
+    k.leave_unless_below(lane, lines, &skip);
+    let line = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {line}, {lane}, 128;"));
+    k.ins(format!("add.u64 {line}, {line}, {w};"));
+    let mut rows = vec![row];
+    if spec.epilogue == Epilogue::GeGlu {
+        k.ins(format!("add.u32 {up_row}, {row}, {};", spec.width));
+        rows.push(up_row);
+    }
+    for r in rows {
+        let at = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {at}, {r}, {row_bytes};"));
+        k.ins(format!("add.u64 {at}, {at}, {line};"));
+        k.ins(format!("prefetch.global.L2 [{at}];"));
+    }
+    k.place(&skip);
 }

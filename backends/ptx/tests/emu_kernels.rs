@@ -124,11 +124,23 @@ fn gelu(x: f64) -> f64 {
     0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
 }
 
+/// |a - b|, infinite where either is NaN (an output a kernel never wrote).
+fn gap(a: f32, b: f32) -> f32 {
+    let d = (a - b).abs();
+    if d.is_nan() {
+        f32::INFINITY
+    } else {
+        d
+    }
+}
+
+/// The largest |a - b|; infinite where either is NaN (outputs start as NaN, so an element a
+/// kernel never wrote fails, which `f32::max` alone would skip).
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
-        .map(|(x, y)| (x - y).abs())
+        .map(|(x, y)| gap(*x, *y))
         .fold(0.0, f32::max)
 }
 
@@ -151,6 +163,17 @@ fn gemv_kernels_compute_their_epilogues() {
             false,
             Some(1e-6),
         ),
+        (
+            "f32_weights",
+            1040,
+            20,
+            false,
+            Epilogue::None,
+            false,
+            Some(1e-6),
+        ),
+        // Wider than a warp per row allows (8192 columns): each warp walks 2 or 3 rows.
+        ("wide", 64, 8456, true, Epilogue::GeGlu, true, Some(1e-6)),
     ];
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     for (name, inputs, width, bias, epilogue, residual, norm) in cases {
@@ -192,6 +215,9 @@ fn gemv_kernels_compute_their_epilogues() {
         }
         params.push(oa);
         let m = Module::parse(&module(&[gemv(&spec)])).unwrap();
+        if name == "wide" {
+            assert!(grid(&spec) * WARPS_PER_BLOCK * 2 < width, "{}", grid(&spec));
+        }
         run(
             &m,
             name,
@@ -610,7 +636,7 @@ fn attention_step_matches_reference_across_the_ring() {
         for h in 0..heads {
             let want = rotate(&q[h * hd..(h + 1) * hd], p, theta, dims as usize);
             for d in 0..hd {
-                worst = worst.max((qrot[h * hd + d] - want[d] as f32).abs());
+                worst = worst.max(gap(qrot[h * hd + d], want[d] as f32));
             }
         }
         if p >= 100_000 {
@@ -623,7 +649,7 @@ fn attention_step_matches_reference_across_the_ring() {
             let want_q = rotate(&q[h * hd..(h + 1) * hd], p, theta, dims as usize);
             let want = attention_reference(&want_q, &past[lo..], g, hd);
             for (d, o) in want.iter().enumerate() {
-                worst = worst.max((got[h * hd + d] - *o as f32).abs());
+                worst = worst.max(gap(got[h * hd + d], *o as f32));
             }
         }
     }
@@ -826,7 +852,7 @@ fn prefill_projection_and_norm_over_a_chunk_of_tokens() {
                 let v = case.want(t, c, bias, residual, |i| {
                     row[i] as f64 * inv * gain[i] as f64
                 });
-                worst = worst.max((got[t * w + c] - v as f32).abs());
+                worst = worst.max(gap(got[t * w + c], v as f32));
             }
         }
         assert!(worst < 1e-4, "{name}: max |diff| {worst}");
@@ -1031,7 +1057,7 @@ fn prefill_attention_case(heads: usize, kv_heads: usize, hd: usize) {
                 let want_q = rotate(qh, p, theta, dims as usize);
                 let want = attention_reference(&want_q, &past[lo..], g, hd);
                 for (d, o) in want.iter().enumerate() {
-                    worst = worst.max((got[(t * heads + h) * hd + d] - *o as f32).abs());
+                    worst = worst.max(gap(got[(t * heads + h) * hd + d], *o as f32));
                 }
             }
         }
@@ -1151,7 +1177,7 @@ fn tensor_core_projection_case(tokens: usize, max_tokens: u32) {
                     cc -= parts[k];
                     k += 1;
                 }
-                worst = worst.max((got[k][t * parts[k] + cc] - v as f32).abs());
+                worst = worst.max(gap(got[k][t * parts[k] + cc], v as f32));
             }
         }
         assert!(worst < 1e-4, "{name}: max |diff| {worst}");

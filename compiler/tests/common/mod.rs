@@ -60,11 +60,20 @@ pub fn expected(case: &str) -> Expected {
     }
 }
 
+/// The largest |a - b|; infinite where either is NaN (`f32::max` alone would skip a NaN, and a
+/// NaN logit must fail every bound).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
     a.iter()
         .zip(b)
-        .map(|(x, y)| (x - y).abs())
+        .map(|(x, y)| {
+            let d = (x - y).abs();
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                d
+            }
+        })
         .fold(0.0, f32::max)
 }
 
