@@ -12,7 +12,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use griffin_backend_ptx::attention::{
-    attend, inverse_frequencies, rotate_store, rotate_threads, AttentionSpec, ATTEND_WARPS,
+    attend, attend_combine, attend_combine_grid, attend_grid, attend_scratch, inverse_frequencies,
+    rotate_store, rotate_threads, AttentionSpec, ATTEND_WARPS, COMBINE_BLOCK, MAX_GROUP,
     ROTATE_BLOCK,
 };
 use griffin_backend_ptx::emu;
@@ -401,7 +402,7 @@ impl Lowering<'_> {
         scale: f64,
         rotary: Option<griffin_ir::RotarySpec>,
     ) -> Result<AttentionSpec, RunError> {
-        Ok(AttentionSpec {
+        let spec = AttentionSpec {
             name: name.to_string(),
             heads: self.dim(x[0], 1)?,
             kv_heads: self.dim(x[1], 1)?,
@@ -409,7 +410,13 @@ impl Lowering<'_> {
             window,
             scale: scale as f32,
             rotary: rotary.map(|r| (r.theta, r.dims)),
-        })
+        };
+        if spec.heads / spec.kv_heads > MAX_GROUP {
+            return Err(unsupported(format!(
+                "more than {MAX_GROUP} query heads per KV head"
+            )));
+        }
+        Ok(spec)
     }
 
     fn count_arg(&self) -> Result<Arg, RunError> {
@@ -794,13 +801,26 @@ impl Lowering<'_> {
                     ROTATE_BLOCK,
                     args,
                 );
-                let out = self.activation(r(0))?;
+                // Split keys (flash-decoding): partial results per split, then combined.
+                let (o_elems, ml_elems) = attend_scratch(&spec);
+                let [o_part, ml_part] = [o_elems, ml_elems].map(|n| Arg {
+                    buffer: self.buffer(GpuBufferKind::Activation, 4 * n as u64),
+                    offset: 0,
+                });
                 self.launch(
                     format!("{name}_attend"),
                     attend(&spec),
-                    spec.heads,
+                    attend_grid(&spec),
                     32 * ATTEND_WARPS,
-                    vec![q_rot, position, keys, values, out],
+                    vec![q_rot, position, keys, values, o_part, ml_part],
+                );
+                let out = self.activation(r(0))?;
+                self.launch(
+                    format!("{name}_combine"),
+                    attend_combine(&spec),
+                    attend_combine_grid(&spec),
+                    COMBINE_BLOCK,
+                    vec![position, o_part, ml_part, out],
                 );
                 self.value_of.insert(r(1), keys);
                 self.value_of.insert(r(2), values);

@@ -1,16 +1,15 @@
-//! Local attention for one decode token, in two launches:
+//! Local attention for one decode token, in three launches:
 //!
 //! 1. `rotate_store`: one thread per element of this token's q, k and v rows. Rotary embedding
 //!    (rotate-half on the first `dims` features) for q and k; q goes to a scratch buffer, k and
 //!    v into the KV ring at slot `position mod W`. Angles are reduced modulo 2π in f64 before
 //!    `sin.approx`/`cos.approx` (accurate to about 2^-21 on [-π, π]), so positions far into a
 //!    long text keep their precision; the inverse frequencies come as an f64 table.
-//! 2. `attend`: one thread block per query head, eight warps. Each warp takes every eighth
-//!    position of the window and reduces its dot product with shuffles; scores live in shared
-//!    memory; the block reduces max and sum; each thread accumulates output features.
-
+//! 2. `attend`: a block per (KV head, split of 32 window positions) for all the query heads
+//!    sharing that KV head: scores, the split's softmax max and sum, unnormalised outputs.
+//! 3. `attend_combine`: a thread per output element merges the splits.
 use crate::builder::{Class, Kernel, Reg};
-use crate::math::{combine_partials, exp, store_warp_partial, warp_reduce, warp_sum};
+use crate::math::{exp, warp_reduce, warp_sum};
 use crate::rg_lru::addr4;
 
 #[derive(Clone, Debug)]
@@ -334,183 +333,404 @@ pub fn rotate_store(s: &AttentionSpec) -> String {
     k.finish()
 }
 
-/// Shared memory `attend` uses: the scores of the window and one slot per warp.
-fn scores_bytes(s: &AttentionSpec) -> u32 {
-    4 * s.window
+/// Keys one block of `attend` takes: one per lane in its softmax.
+pub const SPLIT_KEYS: u32 = 32;
+
+/// Key splits of the window: `attend` runs a block per (KV head, split).
+pub fn attend_splits(s: &AttentionSpec) -> u32 {
+    s.window.div_ceil(SPLIT_KEYS)
 }
 
-/// Parameters: q `f32[H,hd]` (rotated), position `i32[1]`, keys `f32[W,G,hd]`, values
-/// `f32[W,G,hd]`, out `f32[H,hd]`. Launch: H blocks of `32 · ATTEND_WARPS` threads.
+/// Blocks of `attend`.
+pub fn attend_grid(s: &AttentionSpec) -> u32 {
+    s.kv_heads * attend_splits(s)
+}
+
+/// Query heads per KV head.
+fn group(s: &AttentionSpec) -> u32 {
+    s.heads / s.kv_heads
+}
+
+/// Largest group of query heads per KV head `attend` takes (one accumulator per head and
+/// output feature in each thread).
+pub const MAX_GROUP: u32 = 32;
+
+/// Scratch `attend` writes and `attend_combine` reads, in f32 elements: each split's
+/// unnormalised output `[S, H, hd]`, and its max and sum of exponentials `[S, H, 2]`.
+pub fn attend_scratch(s: &AttentionSpec) -> (u32, u32) {
+    let splits = attend_splits(s);
+    (splits * s.heads * s.head_dim, splits * s.heads * 2)
+}
+
+/// Decode attention, first half (split keys, as in flash-decoding): a block per (KV head g,
+/// split of `SPLIT_KEYS` window positions) computes, for every query head of g's group, the
+/// scores of its keys, their max m and `exp(score - m)` with sum l, and the unnormalised
+/// output `Σ exp(score - m) · v`. Each key and value row is read once for the whole group (the
+/// 2B model's 10 heads share one KV head) and the window is spread over W/32 blocks (64 for
+/// W = 2048) instead of walked by one block per head. Splits past the positions seen so far
+/// leave at once.
+///
+/// Warps take keys n = warp, warp + 8, ... of the split (all their loads issued first), lanes
+/// split the features, one shuffle reduction per head; then a warp per head: lane n holds key
+/// n's score for the softmax; then a thread per feature accumulates the group's heads over
+/// the split's values. Parameters: q `f32[H,hd]` (rotated), position `i32[1]`, keys
+/// `f32[W,G,hd]`, values `f32[W,G,hd]`, partial out `f32[S,H,hd]`, partial max and sum
+/// `f32[S,H,2]`. Launch: `attend_grid` blocks of `32 · ATTEND_WARPS`.
 pub fn attend(s: &AttentionSpec) -> String {
+    let (hd, w, hg) = (s.head_dim, s.window, group(s));
+    assert!(
+        hg <= MAX_GROUP,
+        "more than {MAX_GROUP} query heads per KV head"
+    );
+    let threads = 32 * ATTEND_WARPS;
+    let splits = attend_splits(s);
     let mut k = Kernel::new(&format!("{}_attend", s.name));
-    k.shared("scores", scores_bytes(s), 16);
-    k.shared("partial", 4 * ATTEND_WARPS, 16);
+    k.shared("qs", 4 * hg * hd, 16);
+    k.shared("scores", 4 * hg * SPLIT_KEYS, 16);
     let q = k.param_ptr("q");
     let position = k.param_ptr("position");
     let keys = k.param_ptr("keys");
     let values = k.param_ptr("values");
-    let out = k.param_ptr("out");
-    let (hd, w) = (s.head_dim, s.window);
-    let group = s.heads / s.kv_heads;
-    let threads = 32 * ATTEND_WARPS;
+    let o_part = k.param_ptr("o_part");
+    let ml_part = k.param_ptr("ml_part");
 
-    // A block per query head h, at the step's position.
-    let (tid, qhead) = k.thread_and_block();
-    let h = qhead;
+    let (tid, blk) = k.thread_and_block();
+    let (warp, lane) = k.warp_and_lane(tid);
+    let (g, split) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("div.u32 {g}, {blk}, {splits};"));
+    k.ins(format!("rem.u32 {split}, {blk}, {splits};"));
     let pos = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {pos}, [{position}];"));
-    let (warp, lane) = k.warp_and_lane(tid);
-    let g = k.reg(Class::B32);
-    k.ins(format!("div.u32 {g}, {h}, {group};"));
-    // The first element of position pp's key (or value) row for KV head g in the ring (slot
-    // pp mod W).
-    let row_of = |k: &mut Kernel, pp: Reg, ring: Reg| -> (Reg, Reg) {
-        let slot = k.reg(Class::B32);
-        k.ins(format!("rem.u32 {slot}, {pp}, {w};"));
-        let row = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {row}, {slot}, {}, {g};", s.kv_heads));
-        k.ins(format!("mul.lo.u32 {row}, {row}, {hd};"));
-        (ring, row)
-    };
-    // Positions lo..=pos, count of them.
+    // Positions lo..=pos are in the window, `count` of them; this split takes n0..n0+32.
     let lo = k.reg(Class::B32);
     k.ins(format!("max.u32 {lo}, {pos}, {};", w - 1));
     k.ins(format!("sub.u32 {lo}, {lo}, {};", w - 1));
     let count = k.reg(Class::B32);
     k.ins(format!("sub.u32 {count}, {pos}, {lo};"));
     k.ins(format!("add.u32 {count}, {count}, 1;"));
-    let scores = k.reg(Class::B64);
-    k.ins(format!("mov.u64 {scores}, scores;"));
+    let n0 = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {n0}, {split}, {SPLIT_KEYS};"));
+    let done = k.label("done");
+    // Whole blocks leave together: the barriers below see every thread or none.
+    k.leave_unless_below(n0, count, &done);
+    // Keys of this split: min(32, count - n0).
+    let nkeys = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {nkeys}, {count}, {n0};"));
+    k.ins(format!("min.u32 {nkeys}, {nkeys}, {SPLIT_KEYS};"));
+    // Element of the ring row of window index n (position lo + n, slot mod W) for KV head g.
+    let row_of = |k: &mut Kernel, n: Reg| -> Reg {
+        let slot = k.reg(Class::B32);
+        k.ins(format!("add.u32 {slot}, {lo}, {n};"));
+        k.ins(format!("rem.u32 {slot}, {slot}, {w};"));
+        k.ins(format!("mad.lo.u32 {slot}, {slot}, {}, {g};", s.kv_heads));
+        k.ins(format!("mul.lo.u32 {slot}, {slot}, {hd};"));
+        slot
+    };
 
-    // Scores: warp takes n = warp, warp + 8, …; lanes split the head's features.
-    let n = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {n}, {warp};"));
-    let (head, end) = (k.label("score"), k.label("score_end"));
-    k.place(&head);
-    k.leave_unless_below(n, count, &end);
-    let pp = k.reg(Class::B32);
-    k.ins(format!("add.u32 {pp}, {lo}, {n};"));
-    let (kbase, krow) = row_of(&mut k, pp, keys);
-    let qrow = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {qrow}, {qhead}, {hd};"));
-    let acc = k.reg(Class::F32);
-    k.ins(format!("mov.f32 {acc}, 0f00000000;"));
-    let d = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {d}, {lane};"));
-    let (dh, de) = (k.label("dot"), k.label("dot_end"));
-    k.place(&dh);
-    k.leave_unless_below(d, hd, &de);
+    // The group's query rows into shared memory: heads g·hg .. g·hg + hg.
+    let qs = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {qs}, qs;"));
+    let q0 = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {q0}, {g}, {};", hg * hd));
+    let i = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {i}, {tid};"));
+    let (qh, qe) = (k.label("stage_q"), k.label("stage_q_end"));
+    k.place(&qh);
+    k.leave_unless_below(i, hg * hd, &qe);
     let qi = k.reg(Class::B32);
-    k.ins(format!("add.u32 {qi}, {qrow}, {d};"));
+    k.ins(format!("add.u32 {qi}, {q0}, {i};"));
     let qa = addr4(&mut k, q, qi);
     let qv = k.reg(Class::F32);
     k.ins(format!("ld.global.f32 {qv}, [{qa}];"));
-    let ki = k.reg(Class::B32);
-    k.ins(format!("add.u32 {ki}, {krow}, {d};"));
-    let ka = addr4(&mut k, kbase, ki);
-    let kv = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {kv}, [{ka}];"));
-    k.ins(format!("fma.rn.f32 {acc}, {qv}, {kv}, {acc};"));
-    k.ins(format!("add.u32 {d}, {d}, 32;"));
-    k.ins(format!("bra {dh};"));
-    k.place(&de);
-    warp_sum(&mut k, acc);
-    k.ins(format!(
-        "mul.f32 {acc}, {acc}, {};",
-        Kernel::f32_imm(s.scale)
-    ));
-    let lane0 = k.reg(Class::Pred);
-    k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
-    let so = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {so}, {n}, 4;"));
-    k.ins(format!("add.u64 {so}, {so}, {scores};"));
-    k.ins(format!("@{lane0} st.shared.f32 [{so}], {acc};"));
-    k.ins(format!("add.u32 {n}, {n}, {ATTEND_WARPS};"));
-    k.ins(format!("bra {head};"));
-    k.place(&end);
+    let sa = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {sa}, {i}, 4;"));
+    k.ins(format!("add.u64 {sa}, {sa}, {qs};"));
+    k.ins(format!("st.shared.f32 [{sa}], {qv};"));
+    k.ins(format!("add.u32 {i}, {i}, {threads};"));
+    k.ins(format!("bra {qh};"));
+    k.place(&qe);
     k.ins("bar.sync 0;");
 
-    // Block reductions over the scores: max, then the sum of exp(score - max).
-    let reduce = |k: &mut Kernel, op: &str, init: &str, map_exp: Option<Reg>| -> Reg {
-        let v = k.reg(Class::F32);
-        k.ins(format!("mov.f32 {v}, {init};"));
-        let i = k.reg(Class::B32);
-        k.ins(format!("mov.u32 {i}, {tid};"));
-        let (lh, le) = (k.label("reduce"), k.label("reduce_end"));
-        k.place(&lh);
-        let st = k.reg(Class::Pred);
-        k.ins(format!("setp.ge.u32 {st}, {i}, {count};"));
-        k.ins(format!("@{st} bra {le};"));
-        let at = k.reg(Class::B64);
-        k.ins(format!("mul.wide.u32 {at}, {i}, 4;"));
-        k.ins(format!("add.u64 {at}, {at}, {scores};"));
-        let x = k.reg(Class::F32);
-        k.ins(format!("ld.shared.f32 {x}, [{at}];"));
-        let term = match map_exp {
-            Some(m) => {
-                k.ins(format!("sub.f32 {x}, {x}, {m};"));
-                let e = exp(k, x);
-                // Keep exp(score - max) for the weighted sum of values.
-                k.ins(format!("st.shared.f32 [{at}], {e};"));
-                e
+    // Scores. Warp w takes keys w, w + 8, w + 16, w + 24 of the split; lane l holds features
+    // l, l + 32, ... of each (loaded first, all keys at once), then one reduction per head.
+    let scores = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {scores}, scores;"));
+    let per_lane = hd.div_ceil(32);
+    let keys_per_warp = SPLIT_KEYS / ATTEND_WARPS;
+    let mut rows = Vec::new();
+    for u in 0..keys_per_warp {
+        let n = k.reg(Class::B32);
+        k.ins(format!("add.u32 {n}, {warp}, {};", u * ATTEND_WARPS));
+        // A key past the split's end loads nothing (its score is -inf below).
+        let valid = k.reg(Class::Pred);
+        k.ins(format!("setp.lt.u32 {valid}, {n}, {nkeys};"));
+        let wn = k.reg(Class::B32);
+        k.ins(format!("add.u32 {wn}, {n0}, {n};"));
+        let row = row_of(&mut k, wn);
+        let mut feats = Vec::new();
+        for j in 0..per_lane {
+            let f = k.reg(Class::F32);
+            k.ins(format!("mov.f32 {f}, 0f00000000;"));
+            let d = k.reg(Class::B32);
+            k.ins(format!("add.u32 {d}, {lane}, {};", 32 * j));
+            let ok = k.reg(Class::Pred);
+            k.ins(format!("setp.lt.u32 {ok}, {d}, {hd};"));
+            k.ins(format!("and.pred {ok}, {ok}, {valid};"));
+            let ki = k.reg(Class::B32);
+            k.ins(format!("add.u32 {ki}, {row}, {d};"));
+            let ka = addr4(&mut k, keys, ki);
+            k.ins(format!("@{ok} ld.global.f32 {f}, [{ka}];"));
+            feats.push(f);
+        }
+        rows.push((n, valid, feats));
+    }
+    let lane0 = k.reg(Class::Pred);
+    k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
+    for (n, valid, feats) in rows {
+        for h in 0..hg {
+            let acc = k.reg(Class::F32);
+            k.ins(format!("mov.f32 {acc}, 0f00000000;"));
+            for (j, f) in feats.iter().enumerate() {
+                let d = 32 * j as u32;
+                if d >= hd {
+                    break;
+                }
+                // q[h][lane + d]: lanes past hd read zeros multiplied by zero features, but
+                // must stay inside the staged rows.
+                let qo = k.reg(Class::B64);
+                k.ins(format!("mul.wide.u32 {qo}, {lane}, 4;"));
+                k.ins(format!("add.u64 {qo}, {qo}, {qs};"));
+                let qv = k.reg(Class::F32);
+                let at = 4 * (h * hd + d);
+                if d + 32 > hd {
+                    let ok = k.reg(Class::Pred);
+                    k.ins(format!("setp.lt.u32 {ok}, {lane}, {};", hd - d));
+                    k.ins(format!("mov.f32 {qv}, 0f00000000;"));
+                    k.ins(format!("@{ok} ld.shared.f32 {qv}, [{qo}+{at}];"));
+                } else {
+                    k.ins(format!("ld.shared.f32 {qv}, [{qo}+{at}];"));
+                }
+                k.ins(format!("fma.rn.f32 {acc}, {qv}, {f}, {acc};"));
             }
-            None => x,
-        };
-        k.ins(format!("{op}.f32 {v}, {v}, {term};"));
-        k.ins(format!("add.u32 {i}, {i}, {threads};"));
-        k.ins(format!("bra {lh};"));
-        k.place(&le);
-        warp_reduce(k, op, v);
-        store_warp_partial(k, v, warp, lane);
-        k.ins("bar.sync 0;");
-        let total = combine_partials(k, op, ATTEND_WARPS);
-        // Everyone has read `partial` before it is reused.
-        k.ins("bar.sync 0;");
-        total
-    };
-    let m = reduce(&mut k, "max", "0fFF800000", None);
-    let sum = reduce(&mut k, "add", "0f00000000", Some(m));
-    let inv = k.reg(Class::F32);
-    k.ins(format!("rcp.rn.f32 {inv}, {sum};"));
+            warp_sum(&mut k, acc);
+            k.ins(format!(
+                "mul.f32 {acc}, {acc}, {};",
+                Kernel::f32_imm(s.scale)
+            ));
+            k.ins(format!("selp.f32 {acc}, {acc}, 0fFF800000, {valid};"));
+            let so = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {so}, {n}, 4;"));
+            k.ins(format!("add.u64 {so}, {so}, {scores};"));
+            k.ins(format!(
+                "@{lane0} st.shared.f32 [{so}+{}], {acc};",
+                4 * h * SPLIT_KEYS
+            ));
+        }
+    }
+    k.ins("bar.sync 0;");
 
-    // Output features: thread d accumulates Σ_n e_n · v[n, d].
+    // Softmax pieces: warp w takes heads w, w + 8, ...; lane n holds key n's score.
+    let hh = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {hh}, {warp};"));
+    let (sh, se) = (k.label("softmax"), k.label("softmax_end"));
+    k.place(&sh);
+    k.leave_unless_below(hh, hg, &se);
+    let at = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {at}, {hh}, {SPLIT_KEYS}, {lane};"));
+    let sa = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {sa}, {at}, 4;"));
+    k.ins(format!("add.u64 {sa}, {sa}, {scores};"));
+    let x = k.reg(Class::F32);
+    k.ins(format!("ld.shared.f32 {x}, [{sa}];"));
+    let m = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {m}, {x};"));
+    warp_reduce(&mut k, "max", m);
+    // Keys past the split's end: exp(-inf) = 0.
+    k.ins(format!("sub.f32 {x}, {x}, {m};"));
+    let e = exp(&mut k, x);
+    k.ins(format!("st.shared.f32 [{sa}], {e};"));
+    let l = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {l}, {e};"));
+    warp_sum(&mut k, l);
+    // ml_part[split][g·hg + hh] = (m, l).
+    let mi = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {mi}, {g}, {hg}, {hh};"));
+    k.ins(format!("mad.lo.u32 {mi}, {split}, {}, {mi};", s.heads));
+    k.ins(format!("shl.b32 {mi}, {mi}, 1;"));
+    let ma = addr4(&mut k, ml_part, mi);
+    k.ins(format!("@{lane0} st.global.v2.f32 [{ma}], {{{m}, {l}}};"));
+    k.ins(format!("add.u32 {hh}, {hh}, {ATTEND_WARPS};"));
+    k.ins(format!("bra {sh};"));
+    k.place(&se);
+    k.ins("bar.sync 0;");
+
+    // Unnormalised outputs: thread d accumulates Σ_n e[h][n] · v[n][d] for the group's heads,
+    // four keys' value loads in flight at a time.
     let od = k.reg(Class::B32);
     k.ins(format!("mov.u32 {od}, {tid};"));
     let (oh, oe) = (k.label("out"), k.label("out_end"));
     k.place(&oh);
     k.leave_unless_below(od, hd, &oe);
-    let oacc = k.reg(Class::F32);
-    k.ins(format!("mov.f32 {oacc}, 0f00000000;"));
-    let nn = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {nn}, 0;"));
-    let (nh, ne) = (k.label("sum"), k.label("sum_end"));
-    k.place(&nh);
-    k.leave_unless_below(nn, count, &ne);
-    let ea = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {ea}, {nn}, 4;"));
-    k.ins(format!("add.u64 {ea}, {ea}, {scores};"));
-    let ev = k.reg(Class::F32);
-    k.ins(format!("ld.shared.f32 {ev}, [{ea}];"));
-    let vpp = k.reg(Class::B32);
-    k.ins(format!("add.u32 {vpp}, {lo}, {nn};"));
-    let (vbase, vrow) = row_of(&mut k, vpp, values);
-    let vi = k.reg(Class::B32);
-    k.ins(format!("add.u32 {vi}, {vrow}, {od};"));
-    let va = addr4(&mut k, vbase, vi);
-    let vv = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {vv}, [{va}];"));
-    k.ins(format!("fma.rn.f32 {oacc}, {ev}, {vv}, {oacc};"));
-    k.ins(format!("add.u32 {nn}, {nn}, 1;"));
-    k.ins(format!("bra {nh};"));
-    k.place(&ne);
-    k.ins(format!("mul.f32 {oacc}, {oacc}, {inv};"));
-    let oi = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {oi}, {qhead}, {hd}, {od};"));
-    let oa = addr4(&mut k, out, oi);
-    k.ins(format!("st.global.f32 [{oa}], {oacc};"));
+    let accs: Vec<Reg> = (0..hg).map(|_| k.reg(Class::F32)).collect();
+    for a in &accs {
+        k.ins(format!("mov.f32 {a}, 0f00000000;"));
+    }
+    let n = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {n}, 0;"));
+    let values_step = |k: &mut Kernel, n: Reg, keys: u32| {
+        let mut loaded = Vec::new();
+        for u in 0..keys {
+            let nu = k.reg(Class::B32);
+            k.ins(format!("add.u32 {nu}, {n}, {u};"));
+            let wn = k.reg(Class::B32);
+            k.ins(format!("add.u32 {wn}, {n0}, {nu};"));
+            let row = row_of(k, wn);
+            k.ins(format!("add.u32 {row}, {row}, {od};"));
+            let va = addr4(k, values, row);
+            let vv = k.reg(Class::F32);
+            k.ins(format!("ld.global.f32 {vv}, [{va}];"));
+            let ea = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {ea}, {nu}, 4;"));
+            k.ins(format!("add.u64 {ea}, {ea}, {scores};"));
+            loaded.push((vv, ea));
+        }
+        for (vv, ea) in loaded {
+            for (h, a) in accs.iter().enumerate() {
+                let ev = k.reg(Class::F32);
+                k.ins(format!(
+                    "ld.shared.f32 {ev}, [{ea}+{}];",
+                    4 * h as u32 * SPLIT_KEYS
+                ));
+                k.ins(format!("fma.rn.f32 {a}, {ev}, {vv}, {a};"));
+            }
+        }
+        k.ins(format!("add.u32 {n}, {n}, {keys};"));
+    };
+    let (four, one, vend) = (k.label("four"), k.label("one"), k.label("values_end"));
+    k.place(&four);
+    let last = k.reg(Class::B32);
+    k.ins(format!("add.u32 {last}, {n}, 3;"));
+    k.leave_unless_below(last, nkeys, &one);
+    values_step(&mut k, n, 4);
+    k.ins(format!("bra {four};"));
+    k.place(&one);
+    k.leave_unless_below(n, nkeys, &vend);
+    values_step(&mut k, n, 1);
+    k.ins(format!("bra {one};"));
+    k.place(&vend);
+    // o_part[split][g·hg + h][d].
+    for (h, a) in accs.iter().enumerate() {
+        let oi = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {oi}, {g}, {hg}, {h};"));
+        k.ins(format!("mad.lo.u32 {oi}, {split}, {}, {oi};", s.heads));
+        k.ins(format!("mad.lo.u32 {oi}, {oi}, {hd}, {od};"));
+        let oa = addr4(&mut k, o_part, oi);
+        k.ins(format!("st.global.f32 [{oa}], {a};"));
+    }
     k.ins(format!("add.u32 {od}, {od}, {threads};"));
     k.ins(format!("bra {oh};"));
     k.place(&oe);
+    k.place(&done);
+    k.finish()
+}
+
+/// Threads per block of `attend_combine`.
+pub const COMBINE_BLOCK: u32 = 256;
+
+/// Blocks of `attend_combine`: a thread per output element.
+pub fn attend_combine_grid(s: &AttentionSpec) -> u32 {
+    (s.heads * s.head_dim).div_ceil(COMBINE_BLOCK)
+}
+
+/// Decode attention, second half: a thread per (head h, feature d) combines the splits that
+/// held keys: with M the largest split max, `out = Σ_s e^(m_s - M) o_s / Σ_s e^(m_s - M) l_s`.
+/// Eight splits' loads in flight at a time. Parameters: position `i32[1]`, partial out
+/// `f32[S,H,hd]`, partial max and sum `f32[S,H,2]`, out `f32[H,hd]`. Launch:
+/// `attend_combine_grid` blocks of `COMBINE_BLOCK`.
+pub fn attend_combine(s: &AttentionSpec) -> String {
+    let (hd, w) = (s.head_dim, s.window);
+    let mut k = Kernel::new(&format!("{}_combine", s.name));
+    let position = k.param_ptr("position");
+    let o_part = k.param_ptr("o_part");
+    let ml_part = k.param_ptr("ml_part");
+    let out = k.param_ptr("out");
+    let e = k.global_index(COMBINE_BLOCK);
+    let done = k.label("done");
+    k.leave_unless_below(e, s.heads * hd, &done);
+    let h = k.reg(Class::B32);
+    k.ins(format!("div.u32 {h}, {e}, {hd};"));
+    let pos = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {pos}, [{position}];"));
+    // Splits with keys: ceil(min(pos + 1, W) / 32).
+    let used = k.reg(Class::B32);
+    k.ins(format!("min.u32 {used}, {pos}, {};", w - 1));
+    k.ins(format!("add.u32 {used}, {used}, {SPLIT_KEYS};"));
+    k.ins(format!("div.u32 {used}, {used}, {SPLIT_KEYS};"));
+    // (m, l) of split sp for head h, and o of split sp at element e.
+    let ml_at = |k: &mut Kernel, sp: Reg| -> Reg {
+        let mi = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {mi}, {sp}, {}, {h};", s.heads));
+        k.ins(format!("shl.b32 {mi}, {mi}, 1;"));
+        addr4(k, ml_part, mi)
+    };
+    let big_m = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {big_m}, 0fFF800000;"));
+    let sp = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {sp}, 0;"));
+    let (mh, me) = (k.label("max"), k.label("max_end"));
+    k.place(&mh);
+    k.leave_unless_below(sp, used, &me);
+    let ma = ml_at(&mut k, sp);
+    let mv = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {mv}, [{ma}];"));
+    k.ins(format!("max.f32 {big_m}, {big_m}, {mv};"));
+    k.ins(format!("add.u32 {sp}, {sp}, 1;"));
+    k.ins(format!("bra {mh};"));
+    k.place(&me);
+
+    let (num, den) = (k.reg(Class::F32), k.reg(Class::F32));
+    k.ins(format!("mov.f32 {num}, 0f00000000;"));
+    k.ins(format!("mov.f32 {den}, 0f00000000;"));
+    k.ins(format!("mov.u32 {sp}, 0;"));
+    let step = |k: &mut Kernel, n: u32| {
+        let mut loaded = Vec::new();
+        for u in 0..n {
+            let su = k.reg(Class::B32);
+            k.ins(format!("add.u32 {su}, {sp}, {u};"));
+            let ma = ml_at(k, su);
+            let (mv, lv) = (k.reg(Class::F32), k.reg(Class::F32));
+            k.ins(format!("ld.global.v2.f32 {{{mv}, {lv}}}, [{ma}];"));
+            let oi = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {oi}, {su}, {}, {e};", s.heads * hd));
+            let oa = addr4(k, o_part, oi);
+            let ov = k.reg(Class::F32);
+            k.ins(format!("ld.global.f32 {ov}, [{oa}];"));
+            loaded.push((mv, lv, ov));
+        }
+        for (mv, lv, ov) in loaded {
+            k.ins(format!("sub.f32 {mv}, {mv}, {big_m};"));
+            let f = exp(k, mv);
+            k.ins(format!("fma.rn.f32 {num}, {f}, {ov}, {num};"));
+            k.ins(format!("fma.rn.f32 {den}, {f}, {lv}, {den};"));
+        }
+        k.ins(format!("add.u32 {sp}, {sp}, {n};"));
+    };
+    let (eight, one, end) = (k.label("eight"), k.label("one"), k.label("end"));
+    k.place(&eight);
+    let last = k.reg(Class::B32);
+    k.ins(format!("add.u32 {last}, {sp}, 7;"));
+    k.leave_unless_below(last, used, &one);
+    step(&mut k, 8);
+    k.ins(format!("bra {eight};"));
+    k.place(&one);
+    k.leave_unless_below(sp, used, &end);
+    step(&mut k, 1);
+    k.ins(format!("bra {one};"));
+    k.place(&end);
+    k.ins(format!("div.rn.f32 {num}, {num}, {den};"));
+    let oa = addr4(&mut k, out, e);
+    k.ins(format!("st.global.f32 [{oa}], {num};"));
+    k.place(&done);
     k.finish()
 }
 

@@ -558,11 +558,19 @@ fn rotate(row: &[f32], p: usize, theta: f64, dims: usize) -> Vec<f64> {
 
 #[test]
 fn attention_step_matches_reference_across_the_ring() {
+    // A window within one split of keys; and one of 80 positions in three splits (the last
+    // partly filled), head width 40 (features past the warp's width), three query heads per
+    // KV head; each far enough to wrap the ring twice.
+    attention_step_case(4, 2, 16, 8, 19);
+    attention_step_case(3, 1, 40, 80, 170);
+}
+
+fn attention_step_case(heads: usize, kv_heads: usize, hd: usize, window: usize, steps: usize) {
     use griffin_backend_ptx::attention::{
-        attend, inverse_frequencies, rotate_store, rotate_threads, AttentionSpec, ATTEND_WARPS,
-        ROTATE_BLOCK,
+        attend, attend_combine, attend_combine_grid, attend_grid, attend_scratch,
+        inverse_frequencies, rotate_store, rotate_threads, AttentionSpec, ATTEND_WARPS,
+        COMBINE_BLOCK, ROTATE_BLOCK,
     };
-    let (heads, kv_heads, hd, window) = (4usize, 2usize, 16usize, 8usize);
     let (theta, dims) = (10000.0, 8u32);
     let spec = AttentionSpec {
         name: "attn".into(),
@@ -573,7 +581,12 @@ fn attention_step_matches_reference_across_the_ring() {
         scale: 0.25,
         rotary: Some((theta, dims)),
     };
-    let m = Module::parse(&module(&[rotate_store(&spec), attend(&spec)])).unwrap();
+    let m = Module::parse(&module(&[
+        rotate_store(&spec),
+        attend(&spec),
+        attend_combine(&spec),
+    ]))
+    .unwrap();
     let mut rng = Rng(7);
     let mut mem = Memory::new();
     let inv = inverse_frequencies(theta, dims);
@@ -587,11 +600,14 @@ fn attention_step_matches_reference_across_the_ring() {
     let values_a = mem.alloc_f32(&vec![0.0; ring]);
     let qrot_a = mem.alloc_f32(&vec![0.0; heads * hd]);
     let out_a = mem.alloc_f32(&vec![0.0; heads * hd]);
+    let (o_elems, ml_elems) = attend_scratch(&spec);
+    let o_part = mem.alloc_f32(&vec![f32::NAN; o_elems as usize]);
+    let ml_part = mem.alloc_f32(&vec![f32::NAN; ml_elems as usize]);
     // Every token's rotated key and value, to attend over in the reference.
     let mut past: Vec<(Vec<f64>, Vec<f32>)> = Vec::new();
     let mut worst = 0.0f32;
     // Far enough to wrap the ring twice; then a jump to a large position (angle reduction).
-    let positions: Vec<usize> = (0..19).chain([100_000, 100_001]).collect();
+    let positions: Vec<usize> = (0..steps).chain([100_000, 100_001]).collect();
     for &p in &positions {
         let (q, k, v) = (
             rng.vec(heads * hd),
@@ -615,9 +631,20 @@ fn attention_step_matches_reference_across_the_ring() {
             &m,
             "attn_attend",
             &Launch {
-                grid: heads as u32,
+                grid: attend_grid(&spec),
                 block: 32 * ATTEND_WARPS,
-                params: &[qrot_a, pa, keys_a, values_a, out_a],
+                params: &[qrot_a, pa, keys_a, values_a, o_part, ml_part],
+            },
+            &mut mem,
+        )
+        .unwrap();
+        run(
+            &m,
+            "attn_combine",
+            &Launch {
+                grid: attend_combine_grid(&spec),
+                block: COMBINE_BLOCK,
+                params: &[pa, o_part, ml_part, out_a],
             },
             &mut mem,
         )
@@ -653,7 +680,7 @@ fn attention_step_matches_reference_across_the_ring() {
             }
         }
     }
-    assert!(worst < 2e-5, "max |diff| {worst}");
+    assert!(worst < 2e-5, "window {window}: max |diff| {worst}");
 }
 
 #[test]

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use griffin_backend_ptx::attention::{
-    attend, attend_tokens, rotate_store, rotate_tokens, write_ring_tokens, AttentionSpec,
+    attend, attend_combine, attend_tokens, rotate_store, rotate_tokens, write_ring_tokens,
+    AttentionSpec,
 };
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{advance, argmax, gather};
@@ -133,6 +134,7 @@ fn all_kernels() -> Vec<(String, String)> {
     for s in attention_specs() {
         out.push((format!("{}_rotate_store", s.name), rotate_store(&s)));
         out.push((format!("{}_attend", s.name), attend(&s)));
+        out.push((format!("{}_combine", s.name), attend_combine(&s)));
         // Prefill, chunks of up to 64 tokens.
         out.push((format!("{}_rotate_tokens", s.name), rotate_tokens(&s, 64)));
         out.push((format!("{}_attend_tokens", s.name), attend_tokens(&s)));
