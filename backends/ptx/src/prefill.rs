@@ -365,8 +365,15 @@ pub fn gate_tokens(s: &crate::rg_lru::RgLruSpec) -> u32 {
     (48 * 1024 / (4 * b)).clamp(4, 16) / 4 * 4
 }
 
-/// Threads per block of `rg_lru_scan_tokens`.
-pub const SCAN_BLOCK: u32 = 256;
+/// Threads per block of `rg_lru_scan_tokens`: small blocks, so the 2B shape's 2560 channels
+/// spread over 40 SMs (each thread keeps `SCAN_UNROLL` tokens' loads in flight; 10 blocks of
+/// 256 would queue them all on 10 SMs).
+pub const SCAN_BLOCK: u32 = 64;
+
+/// Tokens per unrolled step of `rg_lru_scan_tokens`. The scan is a chain of dependent steps
+/// per channel; each unrolled step waits for its loads once, so a 256-token chunk makes 16
+/// round trips to memory instead of 64 with steps of four.
+pub const SCAN_UNROLL: u32 = 16;
 
 /// Blocks of `rg_lru_gates_tokens` for a chunk of up to `max_tokens`: one per (token group,
 /// gate block).
@@ -559,8 +566,8 @@ pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
 }
 
 /// The RG-LRU over a chunk, second half: the scan `h_t = a_t · h_{t-1} + b_t`, sequential in
-/// time, one thread per channel, four tokens per unrolled step (their loads do not depend on
-/// h, so they are all in flight before the first update); the output gate `h_t · gelu(y_t)`;
+/// time, one thread per channel, `SCAN_UNROLL` tokens per unrolled step (their loads do not
+/// depend on h, so they are all in flight before the first update); the output gate `h_t · gelu(y_t)`;
 /// then the state, and the window's ring takes the chunk's last K-1 inputs (after the gates
 /// kernel has read it).
 ///
@@ -626,14 +633,14 @@ pub fn rg_lru_scan_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     };
     let t = k.reg(Class::B32);
     k.ins(format!("mov.u32 {t}, 0;"));
-    let (four, one, end) = (k.label("four"), k.label("one"), k.label("scan_end"));
-    k.place(&four);
+    let (many, one, end) = (k.label("many"), k.label("one"), k.label("scan_end"));
+    k.place(&many);
     let last = k.reg(Class::B32);
-    k.ins(format!("add.u32 {last}, {t}, 3;"));
+    k.ins(format!("add.u32 {last}, {t}, {};", SCAN_UNROLL - 1));
     k.leave_unless_below(last, n, &one);
-    run(&mut k, t, 4);
-    k.ins(format!("add.u32 {t}, {t}, 4;"));
-    k.ins(format!("bra {four};"));
+    run(&mut k, t, SCAN_UNROLL);
+    k.ins(format!("add.u32 {t}, {t}, {SCAN_UNROLL};"));
+    k.ins(format!("bra {many};"));
     k.place(&one);
     k.leave_unless_below(t, n, &end);
     run(&mut k, t, 1);
