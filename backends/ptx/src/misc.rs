@@ -3,7 +3,7 @@
 //! position counter's advance (the step replays as one captured graph, so the position lives
 //! in device memory).
 
-use crate::builder::{Class, Kernel};
+use crate::builder::{Class, Kernel, Reg};
 use crate::rg_lru::{addr4, load_weight, Storage};
 
 pub const GATHER_BLOCK: u32 = 256;
@@ -35,8 +35,8 @@ pub fn gather(name: &str, width: u32, table: Storage, scale: Option<f32>) -> Str
     k.finish()
 }
 
-/// Parameters: logits `f32[V]`, out `i32[1]`. One block of 1024 threads; the lowest index
-/// wins ties, as the host's argmax. NaN never wins.
+/// Parameters: logits `f32[V]` (16-byte aligned), out `i32[1]`. One block of 1024 threads;
+/// the lowest index wins ties, as the host's argmax. NaN never wins.
 pub fn argmax(name: &str, vocab: u32) -> String {
     let warps = ARGMAX_THREADS / 32;
     let mut k = Kernel::new(name);
@@ -49,22 +49,67 @@ pub fn argmax(name: &str, vocab: u32) -> String {
     let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
     k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
     k.ins(format!("mov.u32 {bi}, {vocab};"));
-    let i = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {i}, {tid};"));
-    let (head, end) = (k.label("scan"), k.label("scan_end"));
-    k.place(&head);
-    k.leave_unless_below(i, vocab, &end);
-    let a = addr4(&mut k, logits, i);
-    let v = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {v}, [{a}];"));
-    // Strictly greater: a thread visits indices in increasing order, so the first max stays.
-    let better = k.reg(Class::Pred);
-    k.ins(format!("setp.gt.f32 {better}, {v}, {bv};"));
-    k.ins(format!("@{better} mov.f32 {bv}, {v};"));
-    k.ins(format!("@{better} mov.u32 {bi}, {i};"));
-    k.ins(format!("add.u32 {i}, {i}, {ARGMAX_THREADS};"));
-    k.ins(format!("bra {head};"));
+    // Element `index` with value `v` against this thread's best. Strictly greater: a thread
+    // visits indices in increasing order, so the first max stays; NaN never wins.
+    let visit = |k: &mut Kernel, v: Reg, index: Reg| {
+        let better = k.reg(Class::Pred);
+        k.ins(format!("setp.gt.f32 {better}, {v}, {bv};"));
+        k.ins(format!("@{better} mov.f32 {bv}, {v};"));
+        k.ins(format!("@{better} mov.u32 {bi}, {index};"));
+    };
+    // Groups of four logits with 16-byte loads, thread t taking groups t, t + 1024, ...: four
+    // groups' loads in flight at a time, then one at a time.
+    let quads = vocab / 4;
+    let step = |k: &mut Kernel, qi: Reg, n: u32| {
+        let mut loaded = Vec::new();
+        for u in 0..n {
+            let qu = k.reg(Class::B32);
+            k.ins(format!("add.u32 {qu}, {qi}, {};", u * ARGMAX_THREADS));
+            let at = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {at}, {qu}, 16;"));
+            k.ins(format!("add.u64 {at}, {at}, {logits};"));
+            let v = k.regs4(Class::F32);
+            k.ins(format!(
+                "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{at}];",
+                v[0], v[1], v[2], v[3]
+            ));
+            loaded.push((qu, v));
+        }
+        for (qu, v) in loaded {
+            for (j, vj) in v.iter().enumerate() {
+                let index = k.reg(Class::B32);
+                k.ins(format!("mad.lo.u32 {index}, {qu}, 4, {j};"));
+                visit(k, *vj, index);
+            }
+        }
+        k.ins(format!("add.u32 {qi}, {qi}, {};", n * ARGMAX_THREADS));
+    };
+    let qi = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {qi}, {tid};"));
+    let (many, one, end) = (k.label("many"), k.label("one"), k.label("quads_end"));
+    k.place(&many);
+    let last = k.reg(Class::B32);
+    k.ins(format!("add.u32 {last}, {qi}, {};", 3 * ARGMAX_THREADS));
+    k.leave_unless_below(last, quads, &one);
+    step(&mut k, qi, 4);
+    k.ins(format!("bra {many};"));
+    k.place(&one);
+    k.leave_unless_below(qi, quads, &end);
+    step(&mut k, qi, 1);
+    k.ins(format!("bra {one};"));
     k.place(&end);
+    // The last vocab mod 4 logits, one per thread (after every group of four: higher indices).
+    if vocab % 4 != 0 {
+        let skip = k.label("rest_end");
+        k.leave_unless_below(tid, vocab % 4, &skip);
+        let index = k.reg(Class::B32);
+        k.ins(format!("add.u32 {index}, {tid}, {};", 4 * quads));
+        let a = addr4(&mut k, logits, index);
+        let v = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {v}, [{a}];"));
+        visit(&mut k, v, index);
+        k.place(&skip);
+    }
     // (value, index) pairs reduced: larger value, or equal value and smaller index.
     let combine = |k: &mut Kernel, bv, bi, ov, oi| {
         let gt = k.reg(Class::Pred);

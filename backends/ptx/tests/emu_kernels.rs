@@ -730,47 +730,58 @@ fn gather_scales_the_row_of_the_id() {
 #[test]
 fn argmax_takes_the_first_maximum_and_skips_nan() {
     use griffin_backend_ptx::misc::{argmax, ARGMAX_THREADS};
-    let vocab = 5000usize;
-    let m = Module::parse(&module(&[argmax("a", vocab as u32)])).unwrap();
-    let mut rng = Rng(11);
-    let cases: Vec<(Vec<f32>, u32)> = vec![
-        {
-            let mut v = rng.vec(vocab);
-            v[4321] = 7.0;
-            (v, 4321)
-        },
-        {
-            // Ties: the lowest index wins, whichever thread saw it.
-            let mut v = rng.vec(vocab);
-            v[2049] = 9.0;
-            v[17] = 9.0;
-            v[4999] = 9.0;
-            (v, 17)
-        },
-        {
-            let mut v = rng.vec(vocab);
-            v[0] = f32::NAN;
-            v[3] = 5.0;
-            (v, 3)
-        },
-        (vec![f32::NAN; vocab], 0),
-    ];
-    for (logits, want) in cases {
-        let mut mem = Memory::new();
-        let la = mem.alloc_f32(&logits);
-        let oa = mem.alloc_u32(&[u32::MAX]);
-        run(
-            &m,
-            "a",
-            &Launch {
-                grid: 1,
-                block: ARGMAX_THREADS,
-                params: &[la, oa],
+    // 5000: groups of four one at a time; 17003: rounds of four groups per thread, single
+    // groups, and three logits past the last group.
+    for vocab in [5000usize, 17003] {
+        let m = Module::parse(&module(&[argmax("a", vocab as u32)])).unwrap();
+        let mut rng = Rng(11);
+        let mut cases: Vec<(Vec<f32>, u32)> = vec![
+            {
+                let mut v = rng.vec(vocab);
+                v[4321] = 7.0;
+                (v, 4321)
             },
-            &mut mem,
-        )
-        .unwrap();
-        assert_eq!(mem.read_u32(oa, 1).unwrap()[0], want);
+            {
+                // Ties: the lowest index wins, whichever thread saw it.
+                let mut v = rng.vec(vocab);
+                v[2049] = 9.0;
+                v[17] = 9.0;
+                v[4999] = 9.0;
+                (v, 17)
+            },
+            {
+                let mut v = rng.vec(vocab);
+                v[0] = f32::NAN;
+                v[3] = 5.0;
+                (v, 3)
+            },
+            (vec![f32::NAN; vocab], 0),
+        ];
+        if vocab % 4 != 0 {
+            // The maximum past the last group of four; then tied with one inside a group.
+            let mut v = rng.vec(vocab);
+            v[vocab - 1] = 6.0;
+            cases.push((v.clone(), vocab as u32 - 1));
+            v[16_000] = 6.0;
+            cases.push((v, 16_000));
+        }
+        for (logits, want) in cases {
+            let mut mem = Memory::new();
+            let la = mem.alloc_f32(&logits);
+            let oa = mem.alloc_u32(&[u32::MAX]);
+            run(
+                &m,
+                "a",
+                &Launch {
+                    grid: 1,
+                    block: ARGMAX_THREADS,
+                    params: &[la, oa],
+                },
+                &mut mem,
+            )
+            .unwrap();
+            assert_eq!(mem.read_u32(oa, 1).unwrap()[0], want, "vocab {vocab}");
+        }
     }
 }
 
