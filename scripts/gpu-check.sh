@@ -58,16 +58,18 @@ exe="$carry/2b/griffin-2b"
 prompt=$("$py" -c "import random; random.seed(0); print(','.join(['2']+[str(random.randrange(3,256000)) for _ in range(2047)]))")
 pre=$("$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_simt=$("$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
+pre_bf16in=$("$carry/2b/griffin-2b-bf16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 dec=$("$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats 2>&1 >/dev/null | tail -1)
 echo "prefill: $pre"
 echo "prefill (CUDA cores): $pre_simt"
+echo "prefill (bf16 tensor-core inputs): $pre_bf16in"
 echo "decode:  $dec"
 ref=$("$py" scripts/bench_reference.py "$ck" --threads 16 --prefill 2048 --decode 64 --device cuda --dtype bf16 2>/dev/null | tail -1)
 echo "reference: $ref"
 
-"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" <<'PY'
+"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" <<'PY'
 import json, os, re, sys
-pre, dec, ref, exe, pre_simt = sys.argv[1:6]
+pre, dec, ref, exe, pre_simt, pre_bf16in = sys.argv[1:7]
 def num(pattern, s):
     m = re.search(pattern, s)
     return float(m.group(1)) if m else float("nan")
@@ -84,6 +86,7 @@ print("| engine | prefill tok/s (2048) | decode tok/s | memory | decode bandwidt
 print("| --- | --- | --- | --- | --- |")
 print(f"| griffinc --target cuda | {ours_pre:.0f} | {ours_dec:.1f} | {dev_mb:.0f} MB device | {ours_dec * weights_gb:.0f} GB/s of weights |")
 print(f"| griffinc --target cuda --no-tensor-cores | {num(r'prefill ([0-9.]+) tokens/s', pre_simt):.0f} | | | |")
+print(f"| griffinc --target cuda --tensor-core-inputs bf16 | {num(r'prefill ([0-9.]+) tokens/s', pre_bf16in):.0f} | | | |")
 print(f"| reference (transformers eager, bf16) | {r.get('prefill_tokens_per_s', float('nan')):.0f} | {r.get('decode_tokens_per_s', float('nan')):.1f} | {r.get('peak_gpu_mb', float('nan')):.0f} MB peak allocated | |")
 PY
 echo

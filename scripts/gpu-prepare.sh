@@ -23,9 +23,11 @@ ckpt=${CHECKPOINT_2B:-/tmp/griffin-2b-hash}
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b -o "$carry/2b" --emit-ptx target/gpu-ptx   # for reading; not carried
 # The same with prefill projections on CUDA cores, to compare (same weights file).
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-simt -o "$carry/2b" --no-tensor-cores
+# And with one MMA per tile on inputs rounded to bf16 (half the tensor-core work).
+target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-bf16in -o "$carry/2b" --tensor-core-inputs bf16
 rm -f "$carry"/2b/*.weights   # packed there from the same checkpoint, rebuilt there
 cp "$ckpt/config.json" "$carry/2b/"
-strip "$carry"/golden/*/griffin "$carry/2b/griffin-2b" "$carry/2b/griffin-2b-simt"
+strip "$carry"/golden/*/griffin "$carry"/2b/griffin-2b*
 du -sh "$carry"
 tar -C "$carry" -cf - . | xz -T0 -6 > target/gpu-carry/carry.tar.xz
 du -sh target/gpu-carry

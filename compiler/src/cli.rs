@@ -146,6 +146,18 @@ pub struct CompileArgs {
     /// GPU: run prefill projections on CUDA cores instead of tensor cores.
     #[arg(long)]
     pub no_tensor_cores: bool,
+    /// GPU: how tensor-core projections take their f32 inputs: `split` (hi + lo bf16 halves,
+    /// two MMAs, ~16 bits) or `bf16` (rounded, one MMA: half the work, as the reference's own
+    /// bf16 run; outside the golden cases' 0.02 bound on the 4-layer case).
+    #[arg(long, value_enum, default_value_t = TcInputsChoice::Split)]
+    pub tensor_core_inputs: TcInputsChoice,
+}
+
+/// `--tensor-core-inputs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcInputsChoice {
+    Split,
+    Bf16,
 }
 
 impl CompileArgs {
@@ -162,6 +174,10 @@ impl CompileArgs {
             prefill_chunk: Some(chunk),
             weights: cpu.weights,
             tensor_cores: !self.no_tensor_cores,
+            tc_inputs: match self.tensor_core_inputs {
+                TcInputsChoice::Split => crate::gpu::TcInputs::Split,
+                TcInputsChoice::Bf16 => crate::gpu::TcInputs::Bf16,
+            },
         })
     }
 

@@ -19,6 +19,7 @@ use griffin_backend_ptx::attention::{
 use griffin_backend_ptx::emu;
 use griffin_backend_ptx::gemv::{gemv, grid, Epilogue as GemvEpilogue, GemvSpec, WARPS_PER_BLOCK};
 use griffin_backend_ptx::misc::{argmax, gather, ARGMAX_THREADS, GATHER_BLOCK};
+pub use griffin_backend_ptx::prefill::TcInputs;
 use griffin_backend_ptx::rg_lru::{
     block_size, rg_lru_step, step_block, step_grid, RgLruSpec, Storage,
 };
@@ -52,6 +53,7 @@ struct Lowering<'g> {
     /// How matrices are stored.
     matrices: griffin_backend_cpu::WeightsDtype,
     tensor_cores: bool,
+    tc_inputs: TcInputs,
     /// The largest chunk, while lowering the prefill graph.
     prefill: Option<u32>,
     buffers: Vec<GpuBuffer>,
@@ -527,7 +529,7 @@ impl Lowering<'_> {
                 if self.tensor_cores && tensor_cores_fit(&spec, &parts) {
                     self.launch(
                         name,
-                        gemm_tokens_tc(&spec, &parts),
+                        gemm_tokens_tc(&spec, &parts, self.tc_inputs),
                         tc_grid(&spec),
                         32 * TC_WARPS,
                         args,
@@ -850,6 +852,8 @@ pub struct GpuOptions {
     pub weights: griffin_backend_cpu::WeightsDtype,
     /// Prefill projections with bf16 weights on tensor cores (`mma.sync`) where they fit.
     pub tensor_cores: bool,
+    /// How those projections give their inputs to the tensor cores.
+    pub tc_inputs: TcInputs,
 }
 
 impl Default for GpuOptions {
@@ -858,6 +862,7 @@ impl Default for GpuOptions {
             prefill_chunk: Some(PREFILL_CHUNK),
             weights: griffin_backend_cpu::WeightsDtype::AsStored,
             tensor_cores: true,
+            tc_inputs: TcInputs::Split,
         }
     }
 }
@@ -877,6 +882,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
         g,
         matrices: opts.weights,
         tensor_cores: opts.tensor_cores,
+        tc_inputs: opts.tc_inputs,
         prefill: None,
         buffers: Vec::new(),
         launches: Vec::new(),

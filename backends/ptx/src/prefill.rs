@@ -805,6 +805,19 @@ fn ldmatrix_x4(k: &mut Kernel, base: Reg, offset: Reg, imm: u32) -> [Reg; 4] {
     r
 }
 
+/// How `gemm_tokens_tc` gives its f32 inputs to bf16 MMAs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TcInputs {
+    /// `x = hi + lo`, both bf16, two MMAs per tile: about 16 bits of each input (the golden
+    /// cases hold the f32 tolerance).
+    #[default]
+    Split,
+    /// x rounded to bf16, one MMA per tile: half the MMAs and input staging, inputs to 8 bits
+    /// as in the reference's own bf16 run (the 4-layer golden case then differs from the
+    /// float64 reference by 2.4e-2, past the 0.02 bound; measured in the interpreter).
+    Bf16,
+}
+
 /// The chunk projection on tensor cores: `mma.sync.m16n8k16` with bf16 weights and f32
 /// accumulation. A block of 4 warps computes 128 output columns (64 with GeGLU, whose gate and
 /// up rows make 128 weight rows) for the chunk in groups of up to 64 tokens. Per k-step of 16
@@ -813,7 +826,7 @@ fn ldmatrix_x4(k: &mut Kernel, base: Reg, offset: Reg, imm: u32) -> [Reg; 4] {
 /// buffers: the next step's global loads are in flight while this one computes); each warp
 /// takes its fragments with `ldmatrix` and runs 4 token tiles × 4 column tiles × 2 halves = 32
 /// MMAs. Parameters as `gemm_tokens_split`. Launch: `tc_grid` blocks of `32 · TC_WARPS`.
-pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32]) -> String {
+pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> String {
     assert!(
         tensor_cores_fit(spec, splits),
         "projection does not fit tensor cores"
@@ -988,6 +1001,10 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32]) -> String {
             for pair in [[v[0], v[1]], [v[2], v[3]]] {
                 let h = k.reg(Class::B32);
                 k.ins(format!("cvt.rn.bf16x2.f32 {h}, {}, {};", pair[1], pair[0]));
+                hi.push(h);
+                if inputs_as == TcInputs::Bf16 {
+                    continue;
+                }
                 let (h0, h1) = (k.reg(Class::B32), k.reg(Class::B32));
                 k.ins(format!("shl.b32 {h0}, {h}, 16;"));
                 k.ins(format!("and.b32 {h1}, {h}, -65536;"));
@@ -998,7 +1015,6 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32]) -> String {
                 k.ins(format!("sub.f32 {f1}, {}, {f1};", pair[1]));
                 let l = k.reg(Class::B32);
                 k.ins(format!("cvt.rn.bf16x2.f32 {l}, {f1}, {f0};"));
-                hi.push(h);
                 lo.push(l);
             }
             let off = k.reg(Class::B32);
@@ -1011,10 +1027,9 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32]) -> String {
                 "st.shared.v2.b32 [{at}+{a_hi}], {{{}, {}}};",
                 hi[0], hi[1]
             ));
-            k.ins(format!(
-                "st.shared.v2.b32 [{at}+{a_lo}], {{{}, {}}};",
-                lo[0], lo[1]
-            ));
+            if let [l0, l1] = lo[..] {
+                k.ins(format!("st.shared.v2.b32 [{at}+{a_lo}], {{{l0}, {l1}}};"));
+            }
         }
         for ((row, half, _), v) in b_slots.iter().zip(&b_regs) {
             let off = k.reg(Class::B32);
@@ -1079,7 +1094,11 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32]) -> String {
     };
     for (tile, tile_accs) in accs.iter().enumerate() {
         let mut a_frags = Vec::new();
-        for part in [a_hi, a_lo] {
+        let parts: &[u32] = match inputs_as {
+            TcInputs::Split => &[a_hi, a_lo],
+            TcInputs::Bf16 => &[a_hi],
+        };
+        for &part in parts {
             let r = ldmatrix_x4(&mut k, stage, a_lane, part + 16 * tile as u32 * TC_ROW);
             a_frags.push(r);
         }

@@ -1108,12 +1108,19 @@ fn prefill_attention_case(heads: usize, kv_heads: usize, hd: usize) {
 /// for 128: a full group of 64 and a partial one.
 #[test]
 fn tensor_core_projection_over_a_chunk_equals_the_reference() {
-    tensor_core_projection_case(20, 32);
-    tensor_core_projection_case(100, 128);
+    use griffin_backend_ptx::prefill::TcInputs;
+    tensor_core_projection_case(20, 32, TcInputs::Split);
+    tensor_core_projection_case(100, 128, TcInputs::Split);
+    // Inputs rounded to bf16: against a reference that rounds them the same way.
+    tensor_core_projection_case(100, 128, TcInputs::Bf16);
 }
 
-fn tensor_core_projection_case(tokens: usize, max_tokens: u32) {
-    use griffin_backend_ptx::prefill::{gemm_tokens_tc, tc_grid, TC_WARPS};
+fn tensor_core_projection_case(
+    tokens: usize,
+    max_tokens: u32,
+    inputs_as: griffin_backend_ptx::prefill::TcInputs,
+) {
+    use griffin_backend_ptx::prefill::{gemm_tokens_tc, tc_grid, TcInputs, TC_WARPS};
     use griffin_backend_ptx::rg_lru::Storage;
     let mut rng = Rng(2024);
     // (name, inputs, width, bias, epilogue, residual, splits); widths that leave a warp's
@@ -1164,7 +1171,7 @@ fn tensor_core_projection_case(tokens: usize, max_tokens: u32) {
             norm: None,
             weights: Storage::Bf16,
         };
-        let m = Module::parse(&module(&[gemm_tokens_tc(&spec, &splits)])).unwrap();
+        let m = Module::parse(&module(&[gemm_tokens_tc(&spec, &splits, inputs_as)])).unwrap();
         let mut mem = Memory::new();
         let ca = mem.alloc_u32(&[tokens as u32]);
         let xa = mem.alloc_f32(x);
@@ -1207,8 +1214,12 @@ fn tensor_core_projection_case(tokens: usize, max_tokens: u32) {
         let mut worst = 0.0f32;
         for t in 0..tokens {
             let row = &x[t * n..(t + 1) * n];
+            let input = |i: usize| match inputs_as {
+                TcInputs::Split => row[i] as f64,
+                TcInputs::Bf16 => bf16_value(bf16_bits(row[i])) as f64,
+            };
             for c in 0..w {
-                let v = case.want(t, c, bias, residual, |i| row[i] as f64);
+                let v = case.want(t, c, bias, residual, input);
                 // Column c lands in part k at column c - (parts before it).
                 let (mut k, mut cc) = (0, c);
                 while cc >= parts[k] {
@@ -1218,7 +1229,7 @@ fn tensor_core_projection_case(tokens: usize, max_tokens: u32) {
                 worst = worst.max(gap(got[k][t * parts[k] + cc], v as f32));
             }
         }
-        assert!(worst < 1e-4, "{name}: max |diff| {worst}");
+        assert!(worst < 1e-4, "{name} {inputs_as:?}: max |diff| {worst}");
         for (o, &p) in got.iter().zip(&parts) {
             assert!(
                 o[tokens * p..].iter().all(|v| v.is_nan()),

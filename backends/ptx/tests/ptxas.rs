@@ -12,7 +12,7 @@ use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{advance, argmax, gather};
 use griffin_backend_ptx::module;
 use griffin_backend_ptx::prefill::{
-    gemm_tokens, gemm_tokens_tc, rg_lru_gates_tokens, rg_lru_scan_tokens, rms_norm_tokens,
+    gemm_tokens, gemm_tokens_tc, rg_lru_gates_tokens, rg_lru_scan_tokens, rms_norm_tokens, TcInputs,
 };
 use griffin_backend_ptx::rg_lru::{rg_lru_step, RgLruSpec, Storage};
 
@@ -171,7 +171,22 @@ fn all_kernels() -> Vec<(String, String)> {
             name: format!("{}_tc", s.name),
             ..s
         };
-        out.push((tc.name.clone(), gemm_tokens_tc(&tc, &splits)));
+        out.push((
+            tc.name.clone(),
+            gemm_tokens_tc(&tc, &splits, TcInputs::Split),
+        ));
+        let bf16 = format!("{}_bf16_inputs", tc.name);
+        out.push((
+            bf16.clone(),
+            gemm_tokens_tc(
+                &GemvSpec {
+                    name: bf16,
+                    ..tc.clone()
+                },
+                &splits,
+                TcInputs::Bf16,
+            ),
+        ));
     }
     for s in rg_lru_specs().into_iter().skip(1) {
         let gates = RgLruSpec {
