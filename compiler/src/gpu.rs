@@ -530,7 +530,7 @@ impl Lowering<'_> {
                     self.launch(
                         name,
                         gemm_tokens_tc(&spec, &parts, self.tc_inputs),
-                        tc_grid(&spec),
+                        tc_grid(&spec, max_tokens),
                         32 * TC_WARPS,
                         args,
                     );
@@ -840,8 +840,11 @@ impl Lowering<'_> {
 
 /// Tokens per prefill chunk on the GPU by default (buffers are sized for it). Every chunk
 /// streams every weight once: a 2048-token prompt in chunks of 64 would read the 2B model's
-/// 5.4 GB 32 times (at least 40 ms at 4.25 TB/s); in chunks of 256, 8 times.
-pub const PREFILL_CHUNK: u32 = 256;
+/// 5.4 GB 32 times (at least 40 ms at 4.25 TB/s); in chunks of 512, 4 times. Larger chunks
+/// also give the tensor-core projections more blocks (a block per 64 tokens and 128 columns:
+/// the 2B down projection has 20 column blocks, 160 blocks with 512 tokens on 132 SMs).
+/// Activations for 512 tokens of the 2B shape take about 50 MB.
+pub const PREFILL_CHUNK: u32 = 512;
 
 /// Choices of the GPU lowering.
 #[derive(Clone, Copy, Debug)]

@@ -777,10 +777,12 @@ pub fn tensor_cores_fit(spec: &GemvSpec, splits: &[u32]) -> bool {
         && splits.iter().all(|p| p % 8 == 0)
 }
 
-/// Thread blocks for `gemm_tokens_tc` (`TC_WARPS` warps of 32, a warp per
-/// `8 · tc_column_tiles` output columns).
-pub fn tc_grid(spec: &GemvSpec) -> u32 {
-    spec.width.div_ceil(8 * tc_column_tiles(spec) * TC_WARPS)
+/// Thread blocks for `gemm_tokens_tc` over chunks of up to `max_tokens`: one per (block of
+/// output columns, group of `TC_GROUP` tokens); `TC_WARPS` warps of 32, a warp per
+/// `8 · tc_column_tiles` output columns. The kernel reads the group count off the grid, so it
+/// must be launched with exactly this many.
+pub fn tc_grid(spec: &GemvSpec, max_tokens: u32) -> u32 {
+    spec.width.div_ceil(8 * tc_column_tiles(spec) * TC_WARPS) * max_tokens.div_ceil(TC_GROUP)
 }
 
 /// Bytes between rows of a shared-memory tile of `gemm_tokens_tc`: 16 bf16 (one k-step) and 16
@@ -820,9 +822,10 @@ pub enum TcInputs {
 
 /// The chunk projection on tensor cores: `mma.sync.m16n8k16` with bf16 weights and f32
 /// accumulation. A block of 4 warps computes 128 output columns (64 with GeGLU, whose gate and
-/// up rows make 128 weight rows) for the chunk in groups of up to 64 tokens. Per k-step of 16
-/// the block stages its inputs, split once into bf16 hi and lo halves (`x = hi + lo`, so the
-/// product keeps about 16 bits of each f32 input), and its weight rows in shared memory (two
+/// up rows make 128 weight rows) for one group of up to 64 tokens of the chunk. Per k-step of
+/// 16 the block stages its inputs, split once into bf16 hi and lo halves (`x = hi + lo`, so the
+/// product keeps about 16 bits of each f32 input; or rounded, `TcInputs::Bf16`), and its
+/// weight rows in shared memory (two
 /// buffers: the next step's global loads are in flight while this one computes); each warp
 /// takes its fragments with `ldmatrix` and runs 4 token tiles × 4 column tiles × 2 halves = 32
 /// MMAs. Parameters as `gemm_tokens_split`. Launch: `tc_grid` blocks of `32 · TC_WARPS`.
@@ -870,8 +873,21 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
     let last = k.reg(Class::B32);
     k.ins(format!("sub.u32 {last}, {n}, 1;"));
+    // Block b takes column block b / groups and token group b % groups: the groups of one
+    // column block are neighbours in the grid, so they run together and read its weight rows
+    // from DRAM once between them (through L2).
+    let groups = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {groups}, %nctaid.x;"));
+    k.ins(format!(
+        "div.u32 {groups}, {groups}, {};",
+        width.div_ceil(block_columns)
+    ));
     let col0 = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {col0}, {block}, {block_columns};"));
+    k.ins(format!("div.u32 {col0}, {block}, {groups};"));
+    k.ins(format!("mul.lo.u32 {col0}, {col0}, {block_columns};"));
+    let t0 = k.reg(Class::B32);
+    k.ins(format!("rem.u32 {t0}, {block}, {groups};"));
+    k.ins(format!("mul.lo.u32 {t0}, {t0}, {TC_GROUP};"));
     let tiles = k.reg(Class::B64);
     k.ins(format!("mov.u64 {tiles}, tc_tiles;"));
 
@@ -959,7 +975,6 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     let a_regs: Vec<[Reg; 4]> = (0..2).map(|_| k.regs4(Class::F32)).collect();
     let b_regs: Vec<[Reg; 4]> = (0..2).map(|_| k.regs4(Class::B32)).collect();
 
-    let t0 = k.reg(Class::B32);
     let k0 = k.reg(Class::B32);
     // Global loads of the k-step at k0 for the group at t0 into the staged registers.
     let fetch = |k: &mut Kernel| {
@@ -1045,10 +1060,8 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
         }
     };
 
-    // Groups of up to 64 tokens: t0 = 0, 64, ... while t0 < n.
-    k.ins(format!("mov.u32 {t0}, 0;"));
-    let (group_head, group_end) = (k.label("group"), k.label("group_end"));
-    k.place(&group_head);
+    // Groups past the chunk's count leave at once (whole blocks: no barrier waits for them).
+    let group_end = k.label("group_end");
     k.leave_unless_below(t0, n, &group_end);
     for a in accs.iter().flatten().flatten().flatten() {
         k.ins(format!("mov.f32 {a}, 0f00000000;"));
@@ -1146,8 +1159,6 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
             }
         }
     }
-    k.ins(format!("add.u32 {t0}, {t0}, {TC_GROUP};"));
-    k.ins(format!("bra {group_head};"));
     k.place(&group_end);
     k.finish()
 }

@@ -1110,7 +1110,9 @@ fn prefill_attention_case(heads: usize, kv_heads: usize, hd: usize) {
 fn tensor_core_projection_over_a_chunk_equals_the_reference() {
     use griffin_backend_ptx::prefill::TcInputs;
     tensor_core_projection_case(20, 32, TcInputs::Split);
+    // Two token groups in the grid; then the second one empty (its blocks leave).
     tensor_core_projection_case(100, 128, TcInputs::Split);
+    tensor_core_projection_case(20, 128, TcInputs::Split);
     // Inputs rounded to bf16: against a reference that rounds them the same way.
     tensor_core_projection_case(100, 128, TcInputs::Bf16);
 }
@@ -1199,7 +1201,7 @@ fn tensor_core_projection_case(
             &m,
             name,
             &Launch {
-                grid: tc_grid(&spec),
+                grid: tc_grid(&spec, max_tokens),
                 block: 32 * TC_WARPS,
                 params: &params,
             },
