@@ -418,6 +418,15 @@ impl Lowering<'_> {
                 "more than {MAX_GROUP} query heads per KV head"
             )));
         }
+        // The prefill kernel's 16-byte key loads, and its key tile within 48 KiB of shared
+        // memory (head widths up to 380).
+        let tile = griffin_backend_ptx::attention::attend_tokens_shared(&spec);
+        if spec.head_dim % 4 != 0 || tile > 48 * 1024 {
+            return Err(unsupported(format!(
+                "attention heads of {} features (a multiple of 4, at most 380)",
+                spec.head_dim
+            )));
+        }
         Ok(spec)
     }
 

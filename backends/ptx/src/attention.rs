@@ -744,23 +744,38 @@ pub fn attend_tokens_block(s: &AttentionSpec) -> u32 {
     32 * (s.heads / s.kv_heads)
 }
 
+/// Keys per tile of `attend_tokens`: one per lane when scoring.
+pub const TILE_KEYS: u32 = 32;
+
+/// Shared bytes of `attend_tokens`' key tile: `TILE_KEYS` rows of hd floats, padded by 4 so a
+/// warp's 16-byte loads of 32 different rows spread over all banks.
+pub fn attend_tokens_shared(s: &AttentionSpec) -> u32 {
+    4 * TILE_KEYS * (s.head_dim + 4)
+}
+
 /// Attention for a chunk of T queries (prefill). A block per (token, KV head), a warp per query
-/// head sharing that KV head: each key and value row is read by the block's warps together (the
-/// 2B shape's 10 heads share one KV head, so one read from L2 serves ten heads; a block per
-/// (token, head) read every row ten times), with the softmax online (running max and sum, no
-/// scores kept): per key, the lanes' partial dot products are summed across the warp, the
-/// accumulator rescaled, the value row added. Keys and values of positions before the chunk
-/// come from the ring, the chunk's own from its rotated keys and its values (the ring is written
-/// after, by `write_ring_tokens`, so no query loses a key a later token would overwrite).
-/// Parameters: q `f32[T,H,hd]` (rotated), count `i32[1]`, start `i32[1]`, chunk keys
-/// `f32[T,G,hd]` (rotated), chunk values `f32[T,G,hd]`, keys, values (the ring), out
-/// `f32[T,H,hd]`. Launch: `attend_tokens_grid` blocks of `attend_tokens_block`; blocks past the
-/// count leave.
+/// head sharing that KV head. The window's keys go through in tiles of 32: the block stages a
+/// tile's key rows in shared memory once for all its heads (16-byte loads, coalesced), then
+/// lane j of each warp computes key j's whole dot product with its head's query (query read
+/// as 16-byte broadcasts, the key row from shared memory: no per-key shuffle reduction), one
+/// online-softmax update per tile (running max and sum: a max and a sum over the warp, one
+/// rescale), and the value rows of the tile are added with each key's weight broadcast from
+/// its lane (`shfl.idx`), features split over lanes. Keys and values of positions before the
+/// chunk come from the ring, the chunk's own from its rotated keys and its values (the ring is
+/// written after, by `write_ring_tokens`, so no query loses a key a later token would
+/// overwrite). Parameters: q `f32[T,H,hd]` (rotated), count `i32[1]`, start `i32[1]`, chunk
+/// keys `f32[T,G,hd]` (rotated), chunk values `f32[T,G,hd]`, keys, values (the ring), out
+/// `f32[T,H,hd]`. hd a multiple of 4. Launch: `attend_tokens_grid` blocks of
+/// `attend_tokens_block`; blocks past the count leave.
 pub fn attend_tokens(s: &AttentionSpec) -> String {
     let group = s.heads / s.kv_heads;
     assert!(group <= 32, "a block holds at most 32 query heads");
-    let (hd, w) = (s.head_dim, s.window);
+    let (hd, w, gkv) = (s.head_dim, s.window, s.kv_heads);
+    assert!(hd % 4 == 0, "head width must be a multiple of 4");
+    let threads = 32 * group;
+    let row_bytes = 4 * (hd + 4);
     let mut k = Kernel::new(&format!("{}_attend_tokens", s.name));
+    k.shared("key_tile", attend_tokens_shared(s), 16);
     let q = k.param_ptr("q");
     let count = k.param_ptr("count");
     let start_at = k.param_ptr("start");
@@ -773,12 +788,12 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     let (tid, blk) = k.thread_and_block();
     let (warp, lane) = k.warp_and_lane(tid);
     let (t, g) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("div.u32 {t}, {blk}, {};", s.kv_heads));
-    k.ins(format!("rem.u32 {g}, {blk}, {};", s.kv_heads));
+    k.ins(format!("div.u32 {t}, {blk}, {gkv};"));
+    k.ins(format!("rem.u32 {g}, {blk}, {gkv};"));
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
     let done = k.label("done");
-    // No barriers and no cross-warp traffic: a warp may leave on its own.
+    // Whole blocks leave together: the barriers below see every thread or none.
     k.leave_unless_below(t, n, &done);
     let start = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {start}, [{start_at}];"));
@@ -789,6 +804,11 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     k.ins(format!("mad.lo.u32 {qrow}, {g}, {group}, {warp};"));
     k.ins(format!("mad.lo.u32 {qrow}, {t}, {}, {qrow};", s.heads));
     k.ins(format!("mul.lo.u32 {qrow}, {qrow}, {hd};"));
+    let qp = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {qp}, {qrow}, 4;"));
+    k.ins(format!("add.u64 {qp}, {qp}, {q};"));
+    let tile = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {tile}, key_tile;"));
     // This lane's features d = lane + 32e (those below hd).
     let lanes_e = hd.div_ceil(32);
     let has: Vec<Option<Reg>> = (0..lanes_e)
@@ -806,21 +826,6 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
         Some(p) => format!("@{p} {ins}"),
         None => ins,
     };
-    let qv: Vec<Reg> = (0..lanes_e)
-        .map(|e| {
-            let v = k.reg(Class::F32);
-            k.ins(format!("mov.f32 {v}, 0f00000000;"));
-            let qi = k.reg(Class::B32);
-            k.ins(format!("add.u32 {qi}, {qrow}, {lane};"));
-            k.ins(format!("add.u32 {qi}, {qi}, {};", 32 * e));
-            let qa = addr4(&mut k, q, qi);
-            k.ins(guarded(
-                has[e as usize],
-                format!("ld.global.f32 {v}, [{qa}];"),
-            ));
-            v
-        })
-        .collect();
     let acc: Vec<Reg> = (0..lanes_e)
         .map(|_| {
             let a = k.reg(Class::F32);
@@ -832,72 +837,177 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     k.ins(format!("mov.f32 {m}, 0fFF800000;"));
     k.ins(format!("mov.f32 {l}, 0f00000000;"));
 
-    // Positions lo..=pos.
-    let pp = k.reg(Class::B32);
-    k.ins(format!("max.u32 {pp}, {pos}, {};", w - 1));
-    k.ins(format!("sub.u32 {pp}, {pp}, {};", w - 1));
-    let (head, end) = (k.label("key"), k.label("key_end"));
+    // The first element of the key (or value) row of position pp: the chunk's own rows from
+    // `start` on, else ring slot `slot` (pp mod W, kept by the caller).
+    let row_of = |k: &mut Kernel, pp: Reg, slot: Reg, chunk_base: Reg, ring_base: Reg| {
+        let in_chunk = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.u32 {in_chunk}, {pp}, {start};"));
+        let row = k.reg(Class::B32);
+        k.ins(format!("sub.u32 {row}, {pp}, {start};"));
+        k.ins(format!("selp.b32 {row}, {row}, {slot}, {in_chunk};"));
+        k.ins(format!("mad.lo.u32 {row}, {row}, {gkv}, {g};"));
+        k.ins(format!("mul.lo.u32 {row}, {row}, {hd};"));
+        let base = k.reg(Class::B64);
+        k.ins(format!(
+            "selp.b64 {base}, {chunk_base}, {ring_base}, {in_chunk};"
+        ));
+        (base, row)
+    };
+    // Slot of position p0 + r from p0's slot: r < W, so one wrap at most.
+    let slot_after = |k: &mut Kernel, slot0: Reg, r: Reg| {
+        let slot = k.reg(Class::B32);
+        k.ins(format!("add.u32 {slot}, {slot0}, {r};"));
+        let wrap = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.u32 {wrap}, {slot}, {w};"));
+        k.ins(format!("@{wrap} sub.u32 {slot}, {slot}, {w};"));
+        slot
+    };
+
+    // Tiles of positions p0 .. p0 + 31 (clipped to pos), from lo = max(pos - W + 1, 0).
+    let p0 = k.reg(Class::B32);
+    k.ins(format!("max.u32 {p0}, {pos}, {};", w - 1));
+    k.ins(format!("sub.u32 {p0}, {p0}, {};", w - 1));
+    let (head, end) = (k.label("tile"), k.label("tile_end"));
     k.place(&head);
     let past = k.reg(Class::Pred);
-    k.ins(format!("setp.gt.u32 {past}, {pp}, {pos};"));
+    k.ins(format!("setp.gt.u32 {past}, {p0}, {pos};"));
     k.ins(format!("@{past} bra {end};"));
-    // Row of position pp for KV head g: the chunk's own rows from `start` on, else the ring at
-    // slot pp mod W.
-    let in_chunk = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {in_chunk}, {pp}, {start};"));
-    let row = k.reg(Class::B32);
-    k.ins(format!("rem.u32 {row}, {pp}, {w};"));
-    let crow = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {crow}, {pp}, {start};"));
-    k.ins(format!("selp.b32 {row}, {crow}, {row}, {in_chunk};"));
-    k.ins(format!("mad.lo.u32 {row}, {row}, {}, {g};", s.kv_heads));
-    k.ins(format!("mul.lo.u32 {row}, {row}, {hd};"));
-    k.ins(format!("add.u32 {row}, {row}, {lane};"));
-    let (kb, vb) = (k.reg(Class::B64), k.reg(Class::B64));
-    k.ins(format!("selp.b64 {kb}, {chunk_keys}, {keys}, {in_chunk};"));
+    let nk = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {nk}, {pos}, {p0};"));
+    k.ins(format!("add.u32 {nk}, {nk}, 1;"));
+    k.ins(format!("min.u32 {nk}, {nk}, {TILE_KEYS};"));
+    let slot0 = k.reg(Class::B32);
+    k.ins(format!("rem.u32 {slot0}, {p0}, {w};"));
+
+    // Stage the tile's key rows: element (r, c) of hd/4 16-byte pieces per row.
+    let quads = hd / 4;
+    let i = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {i}, {tid};"));
+    let (sh, se) = (k.label("stage"), k.label("stage_end"));
+    k.place(&sh);
+    let r = k.reg(Class::B32);
+    k.ins(format!("div.u32 {r}, {i}, {quads};"));
+    k.leave_unless_below(r, nk, &se);
+    let c = k.reg(Class::B32);
+    k.ins(format!("rem.u32 {c}, {i}, {quads};"));
+    let pp = k.reg(Class::B32);
+    k.ins(format!("add.u32 {pp}, {p0}, {r};"));
+    let slot = slot_after(&mut k, slot0, r);
+    let (base, row) = row_of(&mut k, pp, slot, chunk_keys, keys);
+    k.ins(format!("mad.lo.u32 {row}, {c}, 4, {row};"));
+    let src = addr4(&mut k, base, row);
+    let v = k.regs4(Class::F32);
     k.ins(format!(
-        "selp.b64 {vb}, {chunk_values}, {values}, {in_chunk};"
+        "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{src}];",
+        v[0], v[1], v[2], v[3]
     ));
+    let dst = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {dst}, {r}, {row_bytes};"));
+    k.ins(format!("mad.lo.u32 {dst}, {c}, 16, {dst};"));
+    let dp = k.reg(Class::B64);
+    k.ins(format!("cvt.u64.u32 {dp}, {dst};"));
+    k.ins(format!("add.u64 {dp}, {dp}, {tile};"));
+    k.ins(format!(
+        "st.shared.v4.f32 [{dp}], {{{}, {}, {}, {}}};",
+        v[0], v[1], v[2], v[3]
+    ));
+    k.ins(format!("add.u32 {i}, {i}, {threads};"));
+    k.ins(format!("bra {sh};"));
+    k.place(&se);
+    k.ins("bar.sync 0;");
+
+    // Lane j scores key j of the tile (rows past nk hold stale values and are masked).
+    let kp = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {kp}, {lane}, {row_bytes};"));
+    k.ins(format!("add.u64 {kp}, {kp}, {tile};"));
     let score = k.reg(Class::F32);
     k.ins(format!("mov.f32 {score}, 0f00000000;"));
-    for (e, qe) in qv.iter().enumerate() {
-        let ki = k.reg(Class::B32);
-        k.ins(format!("add.u32 {ki}, {row}, {};", 32 * e));
-        let ka = addr4(&mut k, kb, ki);
-        let kv = k.reg(Class::F32);
-        k.ins(format!("mov.f32 {kv}, 0f00000000;"));
-        k.ins(guarded(has[e], format!("ld.global.f32 {kv}, [{ka}];")));
-        k.ins(format!("fma.rn.f32 {score}, {qe}, {kv}, {score};"));
+    for cq in 0..quads {
+        let qv = k.regs4(Class::F32);
+        k.ins(format!(
+            "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{qp}+{}];",
+            qv[0],
+            qv[1],
+            qv[2],
+            qv[3],
+            16 * cq
+        ));
+        let kv = k.regs4(Class::F32);
+        k.ins(format!(
+            "ld.shared.v4.f32 {{{}, {}, {}, {}}}, [{kp}+{}];",
+            kv[0],
+            kv[1],
+            kv[2],
+            kv[3],
+            16 * cq
+        ));
+        for (a, b) in qv.iter().zip(&kv) {
+            k.ins(format!("fma.rn.f32 {score}, {a}, {b}, {score};"));
+        }
     }
-    warp_sum(&mut k, score);
     k.ins(format!(
         "mul.f32 {score}, {score}, {};",
         Kernel::f32_imm(s.scale)
     ));
-    // Online softmax: m' = max(m, s), acc = acc·e^(m-m') + e^(s-m')·v, l likewise.
+    let valid = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {valid}, {lane}, {nk};"));
+    k.ins(format!("selp.f32 {score}, {score}, 0fFF800000, {valid};"));
+    // Online softmax over the tile: m' = max(m, max_j s_j), every sum and accumulator scaled
+    // by e^(m - m'), key j weighted e^(s_j - m') (0 past nk).
     let m_new = k.reg(Class::F32);
-    k.ins(format!("max.f32 {m_new}, {m}, {score};"));
+    k.ins(format!("mov.f32 {m_new}, {score};"));
+    warp_reduce(&mut k, "max", m_new);
+    k.ins(format!("max.f32 {m_new}, {m_new}, {m};"));
     let keep = k.reg(Class::F32);
     k.ins(format!("sub.f32 {keep}, {m}, {m_new};"));
     let keep = exp(&mut k, keep);
     let weight = k.reg(Class::F32);
     k.ins(format!("sub.f32 {weight}, {score}, {m_new};"));
     let weight = exp(&mut k, weight);
-    k.ins(format!("fma.rn.f32 {l}, {l}, {keep}, {weight};"));
-    for (e, a) in acc.iter().enumerate() {
-        let vi = k.reg(Class::B32);
-        k.ins(format!("add.u32 {vi}, {row}, {};", 32 * e));
-        let va = addr4(&mut k, vb, vi);
-        let vv = k.reg(Class::F32);
-        k.ins(format!("mov.f32 {vv}, 0f00000000;"));
-        k.ins(guarded(has[e], format!("ld.global.f32 {vv}, [{va}];")));
+    let tile_sum = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {tile_sum}, {weight};"));
+    warp_sum(&mut k, tile_sum);
+    k.ins(format!("fma.rn.f32 {l}, {l}, {keep}, {tile_sum};"));
+    for a in &acc {
         k.ins(format!("mul.f32 {a}, {a}, {keep};"));
-        k.ins(format!("fma.rn.f32 {a}, {weight}, {vv}, {a};"));
     }
     k.ins(format!("mov.f32 {m}, {m_new};"));
-    k.ins(format!("add.u32 {pp}, {pp}, 1;"));
+
+    // Values: key j's weight from lane j, its value row added to this lane's features.
+    let j = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {j}, 0;"));
+    let (vh, ve) = (k.label("values"), k.label("values_end"));
+    k.place(&vh);
+    k.leave_unless_below(j, nk, &ve);
+    let wj = k.reg(Class::F32);
+    k.ins(format!("shfl.sync.idx.b32 {wj}, {weight}, {j}, 31, -1;"));
+    let pp = k.reg(Class::B32);
+    k.ins(format!("add.u32 {pp}, {p0}, {j};"));
+    let slot = slot_after(&mut k, slot0, j);
+    let (vbase, vrow) = row_of(&mut k, pp, slot, chunk_values, values);
+    k.ins(format!("add.u32 {vrow}, {vrow}, {lane};"));
+    // One address per key; the lane's features at immediate offsets from it.
+    let va = addr4(&mut k, vbase, vrow);
+    for (e, a) in acc.iter().enumerate() {
+        let vv = k.reg(Class::F32);
+        if has[e].is_some() {
+            k.ins(format!("mov.f32 {vv}, 0f00000000;"));
+        }
+        k.ins(guarded(
+            has[e],
+            format!("ld.global.f32 {vv}, [{va}+{}];", 128 * e),
+        ));
+        k.ins(format!("fma.rn.f32 {a}, {wj}, {vv}, {a};"));
+    }
+    k.ins(format!("add.u32 {j}, {j}, 1;"));
+    k.ins(format!("bra {vh};"));
+    k.place(&ve);
+    // Every warp is done with the tile before the next one overwrites it.
+    k.ins("bar.sync 0;");
+    k.ins(format!("add.u32 {p0}, {p0}, {TILE_KEYS};"));
     k.ins(format!("bra {head};"));
     k.place(&end);
+
     let inv = k.reg(Class::F32);
     k.ins(format!("rcp.rn.f32 {inv}, {l};"));
     for (e, a) in acc.iter().enumerate() {

@@ -982,20 +982,28 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
 #[test]
 fn prefill_attention_over_chunks_equals_the_reference() {
     // Head widths below a warp and across two (features per lane: one, or two with the second
-    // only for some lanes); query heads per KV head: 2, and 3 in one group.
+    // only for some lanes); query heads per KV head: 2, and 3 in one group. A window of 8 in
+    // chunks of 5, 3, 10 (longer than the window) and 1; a window of 40 (key tiles of 32 and
+    // 8, tiles spanning ring and chunk, the ring wrapping) in chunks of 30, 45, 50 and 1.
     for (heads, kv_heads, hd) in [(4, 2, 16), (3, 1, 40)] {
-        prefill_attention_case(heads, kv_heads, hd);
+        prefill_attention_case(heads, kv_heads, hd, 8, &[5, 3, 10, 1]);
+        prefill_attention_case(heads, kv_heads, hd, 40, &[30, 45, 50, 1]);
     }
 }
 
-fn prefill_attention_case(heads: usize, kv_heads: usize, hd: usize) {
+fn prefill_attention_case(
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: usize,
+    chunks: &[usize],
+) {
     use griffin_backend_ptx::attention::{
         attend_tokens, attend_tokens_block, attend_tokens_grid, inverse_frequencies, rotate_tokens,
         rotate_tokens_threads, write_ring_tokens, AttentionSpec, ROTATE_BLOCK,
     };
-    let window = 8usize;
     let (theta, dims) = (10000.0, 8u32);
-    let max_tokens = 10u32;
+    let max_tokens = *chunks.iter().max().unwrap() as u32;
     let spec = AttentionSpec {
         name: "pa".into(),
         heads: heads as u32,
@@ -1029,8 +1037,7 @@ fn prefill_attention_case(heads: usize, kv_heads: usize, hd: usize) {
     let mut past: Vec<(Vec<f64>, Vec<f32>)> = Vec::new();
     let mut worst = 0.0f32;
     let mut pos = 0usize;
-    // A chunk of 5, one of 3, one longer than the window (10 > 8), then 1.
-    for chunk in [5usize, 3, 10, 1] {
+    for &chunk in chunks {
         let q = rng.vec(chunk * heads * hd);
         let k = rng.vec(chunk * kv_heads * hd);
         let v = rng.vec(chunk * kv_heads * hd);
@@ -1101,7 +1108,7 @@ fn prefill_attention_case(heads: usize, kv_heads: usize, hd: usize) {
         }
         pos += chunk;
     }
-    assert!(worst < 2e-5, "max |diff| {worst}");
+    assert!(worst < 2e-5, "window {window}, hd {hd}: max |diff| {worst}");
 }
 
 /// 20 tokens in a plan for 32: a full 16-token tile and a partial one; 100 tokens in a plan
