@@ -792,13 +792,9 @@ const TC_ROW: u32 = 48;
 /// weight rows.
 const TC_STAGE: u32 = (2 * TC_GROUP + 128) * TC_ROW;
 
-/// `ldmatrix.x4` with this lane's row address at `base + offset + imm` in shared memory (`base`
-/// a 64-bit shared address, `offset` a 32-bit register): four 8×8 bf16 matrices, one register
-/// each.
-fn ldmatrix_x4(k: &mut Kernel, base: Reg, offset: Reg, imm: u32) -> [Reg; 4] {
-    let at = k.reg(Class::B64);
-    k.ins(format!("cvt.u64.u32 {at}, {offset};"));
-    k.ins(format!("add.u64 {at}, {at}, {base};"));
+/// `ldmatrix.x4` with this lane's row address at `at + imm` in shared memory (`at` a 64-bit
+/// shared address): four 8×8 bf16 matrices, one register each.
+fn ldmatrix_x4(k: &mut Kernel, at: Reg, imm: u32) -> [Reg; 4] {
     let r = k.regs4(Class::B32);
     k.ins(format!(
         "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}, {}, {}, {}}}, [{at}+{imm}];",
@@ -841,6 +837,8 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
         splits.to_vec()
     };
     let mut k = Kernel::new(&spec.name);
+    // Four blocks per SM (at most 128 registers per thread).
+    k.launch_bounds(32 * TC_WARPS, 4);
     k.shared("tc_tiles", 2 * TC_STAGE, 16);
     let ProjectionParams {
         count,
@@ -961,6 +959,20 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
         "mul.lo.u32 {warp_row}, {warp}, {};",
         8 * column_tiles
     ));
+    // The lane's ldmatrix offsets within a stage, as 64-bit values to add to its address.
+    let a_lane64 = k.reg(Class::B64);
+    k.ins(format!("cvt.u64.u32 {a_lane64}, {a_lane};"));
+    let b_lanes: Vec<Reg> = b_loads
+        .iter()
+        .map(|&(rows, _)| {
+            let off = k.reg(Class::B32);
+            k.ins(format!("add.u32 {off}, {warp_row}, {rows};"));
+            k.ins(format!("mad.lo.u32 {off}, {off}, {TC_ROW}, {b_lane};"));
+            let wide = k.reg(Class::B64);
+            k.ins(format!("cvt.u64.u32 {wide}, {off};"));
+            wide
+        })
+        .collect();
 
     // Accumulators: [token tile][column tile][gate/up][4], zeroed per group.
     let halves = if geglu { 2 } else { 1 };
@@ -976,41 +988,70 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     let b_regs: Vec<[Reg; 4]> = (0..2).map(|_| k.regs4(Class::B32)).collect();
 
     let k0 = k.reg(Class::B32);
-    // Global loads of the k-step at k0 for the group at t0 into the staged registers.
-    let fetch = |k: &mut Kernel| {
-        for ((row, kq), regs) in a_slots.iter().zip(&a_regs) {
+    // Per-thread addresses, computed once: the global ones advance by a k-step at each fetch,
+    // the shared ones are fixed (plus the stage buffer's offset). Token rows past the count
+    // read row n-1 (a valid address; never stored).
+    let a_ptrs: Vec<Reg> = a_slots
+        .iter()
+        .map(|(row, kq)| {
             let t = k.reg(Class::B32);
             k.ins(format!("add.u32 {t}, {t0}, {row};"));
             k.ins(format!("min.u32 {t}, {t}, {last};"));
             let e = k.reg(Class::B32);
-            k.ins(format!("mad.lo.u32 {e}, {t}, {inputs}, {k0};"));
-            k.ins(format!("add.u32 {e}, {e}, {kq};"));
-            let at = addr4(k, x, e);
+            k.ins(format!("mad.lo.u32 {e}, {t}, {inputs}, {kq};"));
+            addr4(&mut k, x, e)
+        })
+        .collect();
+    let b_ptrs: Vec<Reg> = b_slots
+        .iter()
+        .map(|(_, half, grow)| {
+            let e = k.reg(Class::B32);
+            k.ins(format!("mul.lo.u32 {e}, {grow}, {inputs};"));
+            k.ins(format!("mad.lo.u32 {e}, {half}, 8, {e};"));
+            let at = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {at}, {e}, 2;"));
+            k.ins(format!("add.u64 {at}, {at}, {w};"));
+            at
+        })
+        .collect();
+    let shared_at = |k: &mut Kernel, row: Reg, unit: Reg, unit_bytes: u32| {
+        let off = k.reg(Class::B32);
+        k.ins(format!("mul.lo.u32 {off}, {row}, {TC_ROW};"));
+        k.ins(format!("mad.lo.u32 {off}, {unit}, {unit_bytes}, {off};"));
+        let at = k.reg(Class::B64);
+        k.ins(format!("cvt.u64.u32 {at}, {off};"));
+        k.ins(format!("add.u64 {at}, {at}, {tiles};"));
+        at
+    };
+    let a_shared: Vec<Reg> = a_slots
+        .iter()
+        .map(|&(row, kq)| shared_at(&mut k, row, kq, 2))
+        .collect();
+    let b_shared: Vec<Reg> = b_slots
+        .iter()
+        .map(|&(row, half, _)| shared_at(&mut k, row, half, 16))
+        .collect();
+    // The next k-step's global loads into the staged registers.
+    let fetch = |k: &mut Kernel| {
+        for (at, regs) in a_ptrs.iter().zip(&a_regs) {
             k.ins(format!(
                 "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{at}];",
                 regs[0], regs[1], regs[2], regs[3]
             ));
+            k.ins(format!("add.u64 {at}, {at}, 64;"));
         }
-        for ((_, half, grow), regs) in b_slots.iter().zip(&b_regs) {
-            let e = k.reg(Class::B32);
-            k.ins(format!("mad.lo.u32 {e}, {grow}, {inputs}, {k0};"));
-            k.ins(format!("mad.lo.u32 {e}, {half}, 8, {e};"));
-            let off = k.reg(Class::B64);
-            k.ins(format!("mul.wide.u32 {off}, {e}, 2;"));
-            k.ins(format!("add.u64 {off}, {off}, {w};"));
+        for (at, regs) in b_ptrs.iter().zip(&b_regs) {
             k.ins(format!(
-                "ld.global.nc.v4.u32 {{{}, {}, {}, {}}}, [{off}];",
+                "ld.global.nc.v4.u32 {{{}, {}, {}, {}}}, [{at}];",
                 regs[0], regs[1], regs[2], regs[3]
             ));
+            k.ins(format!("add.u64 {at}, {at}, 32;"));
         }
     };
     // The staged registers into the stage buffer at byte offset `buf` (a register): inputs
     // split into bf16 hi and lo pairs, weights as they are.
     let commit = |k: &mut Kernel, buf: Reg| {
-        let base = k.reg(Class::B64);
-        k.ins(format!("cvt.u64.u32 {base}, {buf};"));
-        k.ins(format!("add.u64 {base}, {base}, {tiles};"));
-        for ((row, kq), v) in a_slots.iter().zip(&a_regs) {
+        for (fixed, v) in a_shared.iter().zip(&a_regs) {
             let mut hi = Vec::new();
             let mut lo = Vec::new();
             for pair in [[v[0], v[1]], [v[2], v[3]]] {
@@ -1032,12 +1073,8 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
                 k.ins(format!("cvt.rn.bf16x2.f32 {l}, {f1}, {f0};"));
                 lo.push(l);
             }
-            let off = k.reg(Class::B32);
-            k.ins(format!("mul.lo.u32 {off}, {row}, {TC_ROW};"));
-            k.ins(format!("mad.lo.u32 {off}, {kq}, 2, {off};"));
             let at = k.reg(Class::B64);
-            k.ins(format!("cvt.u64.u32 {at}, {off};"));
-            k.ins(format!("add.u64 {at}, {at}, {base};"));
+            k.ins(format!("add.u64 {at}, {fixed}, {buf};"));
             k.ins(format!(
                 "st.shared.v2.b32 [{at}+{a_hi}], {{{}, {}}};",
                 hi[0], hi[1]
@@ -1046,13 +1083,9 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
                 k.ins(format!("st.shared.v2.b32 [{at}+{a_lo}], {{{l0}, {l1}}};"));
             }
         }
-        for ((row, half, _), v) in b_slots.iter().zip(&b_regs) {
-            let off = k.reg(Class::B32);
-            k.ins(format!("mul.lo.u32 {off}, {row}, {TC_ROW};"));
-            k.ins(format!("mad.lo.u32 {off}, {half}, 16, {off};"));
+        for (fixed, v) in b_shared.iter().zip(&b_regs) {
             let at = k.reg(Class::B64);
-            k.ins(format!("cvt.u64.u32 {at}, {off};"));
-            k.ins(format!("add.u64 {at}, {at}, {base};"));
+            k.ins(format!("add.u64 {at}, {fixed}, {buf};"));
             k.ins(format!(
                 "st.shared.v4.b32 [{at}+{b_at}], {{{}, {}, {}, {}}};",
                 v[0], v[1], v[2], v[3]
@@ -1069,8 +1102,8 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     // Prologue: the first k-step into buffer 0.
     k.ins(format!("mov.u32 {k0}, 0;"));
     fetch(&mut k);
-    let buf = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {buf}, 0;"));
+    let buf = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {buf}, 0;"));
     commit(&mut k, buf);
     k.ins("bar.sync 0;");
 
@@ -1084,27 +1117,25 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     k.ins(format!("setp.lt.u32 {more}, {next}, {inputs};"));
     let skip_fetch = k.label("skip_fetch");
     k.ins(format!("@!{more} bra {skip_fetch};"));
-    k.ins(format!("mov.u32 {k0}, {next};"));
     fetch(&mut k);
-    k.ins(format!("sub.u32 {k0}, {k0}, 16;"));
     k.place(&skip_fetch);
     // Fragments from this buffer.
     let stage = k.reg(Class::B64);
-    k.ins(format!("cvt.u64.u32 {stage}, {buf};"));
-    k.ins(format!("add.u64 {stage}, {stage}, {tiles};"));
+    k.ins(format!("add.u64 {stage}, {buf}, {tiles};"));
     let b_frags: Vec<Vec<[Reg; 2]>> = {
         // [column tile][gate/up] -> (b0, b1).
         let mut frags: Vec<Vec<[Reg; 2]>> = (0..column_tiles).map(|_| Vec::new()).collect();
-        for &(rows, [first, second]) in &b_loads {
-            let at = k.reg(Class::B32);
-            k.ins(format!("add.u32 {at}, {warp_row}, {rows};"));
-            k.ins(format!("mad.lo.u32 {at}, {at}, {TC_ROW}, {b_lane};"));
-            let r = ldmatrix_x4(&mut k, stage, at, b_at);
+        for (&(_, [first, second]), fixed) in b_loads.iter().zip(&b_lanes) {
+            let at = k.reg(Class::B64);
+            k.ins(format!("add.u64 {at}, {stage}, {fixed};"));
+            let r = ldmatrix_x4(&mut k, at, b_at);
             frags[first].push([r[0], r[1]]);
             frags[second].push([r[2], r[3]]);
         }
         frags
     };
+    let a_at = k.reg(Class::B64);
+    k.ins(format!("add.u64 {a_at}, {stage}, {a_lane64};"));
     for (tile, tile_accs) in accs.iter().enumerate() {
         let mut a_frags = Vec::new();
         let parts: &[u32] = match inputs_as {
@@ -1112,7 +1143,7 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
             TcInputs::Bf16 => &[a_hi],
         };
         for &part in parts {
-            let r = ldmatrix_x4(&mut k, stage, a_lane, part + 16 * tile as u32 * TC_ROW);
+            let r = ldmatrix_x4(&mut k, a_at, part + 16 * tile as u32 * TC_ROW);
             a_frags.push(r);
         }
         for (column_accs, frags) in tile_accs.iter().zip(&b_frags) {
@@ -1130,7 +1161,7 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     // buffer (the barrier at the end of the previous k-step).
     let skip_commit = k.label("skip_commit");
     k.ins(format!("@!{more} bra {skip_commit};"));
-    k.ins(format!("xor.b32 {buf}, {buf}, {TC_STAGE};"));
+    k.ins(format!("xor.b64 {buf}, {buf}, {TC_STAGE};"));
     commit(&mut k, buf);
     k.place(&skip_commit);
     k.ins("bar.sync 0;");
