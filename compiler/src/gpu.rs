@@ -852,7 +852,8 @@ impl Lowering<'_> {
 /// 5.4 GB 32 times (at least 40 ms at 4.25 TB/s); in chunks of 512, 4 times. Larger chunks
 /// also give the tensor-core projections more blocks (a block per 64 tokens and 128 columns:
 /// the 2B down projection has 20 column blocks, 160 blocks with 512 tokens on 132 SMs).
-/// Activations for 512 tokens of the 2B shape take about 50 MB.
+/// For the 2B shape, a 31.5 MB arena of activations (pooled) and 524 MB for every row's
+/// logits.
 pub const PREFILL_CHUNK: u32 = 512;
 
 /// Choices of the GPU lowering.
@@ -960,7 +961,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
     };
     let ptx = griffin_backend_ptx::module(&l.kernels.values().cloned().collect::<Vec<_>>());
     let config = &model.checkpoint.config;
-    Ok(GpuProgram {
+    let mut program = GpuProgram {
         ptx,
         kernels: l.kernels,
         plan: GpuPlan {
@@ -988,7 +989,12 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
             next_id,
             prefill,
         },
-    })
+    };
+    // Activations whose lives do not overlap share device memory (the 2B shape with chunks of
+    // 512: 2.11 GB of activation buffers in a 31.5 MB arena; the chunk's logits, 524 MB, are
+    // read by the host and stay apart).
+    program.plan.pool_activations();
+    Ok(program)
 }
 
 /// The prefill launches with the logits projection run on the chunk's last row only (one
@@ -1129,6 +1135,9 @@ impl EmuEngine {
                     weights[offset as usize..(offset + bytes) as usize].to_vec()
                 }
                 GpuBufferKind::Constant(c) => c.clone(),
+                // NaN: a kernel reading an activation nothing wrote (in this call; pooled
+                // buffers hold other values' leftovers) spreads it to the logits.
+                GpuBufferKind::Activation => vec![0xFF; b.bytes as usize],
                 _ => vec![0; b.bytes as usize],
             };
             addresses.push(memory.alloc(&bytes));

@@ -108,3 +108,252 @@ impl GpuPlan {
         }
     }
 }
+
+/// Alignment of pooled activations in the arena (what `cudaMalloc` gives a buffer).
+pub const POOL_ALIGN: u64 = 256;
+
+impl GpuPlan {
+    /// Buffers the host reads or writes between launches: never pooled.
+    fn host_visible(&self) -> Vec<usize> {
+        let mut v = vec![self.ids, self.position, self.logits, self.next_id];
+        if let Some(p) = &self.prefill {
+            v.extend([p.ids, p.count, p.logits]);
+            if let Some(l) = &p.last_row {
+                v.push(l.logits);
+            }
+        }
+        v
+    }
+
+    /// The launch sequences, one per program that runs on its own (never two at once): the
+    /// decode step with the argmax after it, the prefill chunk, its last-row variant.
+    fn programs(&self) -> Vec<Vec<&GpuLaunch>> {
+        let mut out = vec![self.launches.iter().chain([&self.argmax]).collect()];
+        if let Some(p) = &self.prefill {
+            out.push(p.launches.iter().collect());
+            if let Some(l) = &p.last_row {
+                out.push(l.launches.iter().collect());
+            }
+        }
+        out
+    }
+
+    /// Shares device memory between activations whose lives do not overlap: every activation
+    /// buffer the host does not touch becomes a view into one arena buffer (appended), at an
+    /// offset where no buffer live at the same time in the same program lies; the old entries
+    /// keep their index with zero bytes. A buffer lives, in each program, from its first to its
+    /// last launch. Values do not live across programs or calls (state does, and is not
+    /// pooled), so programs are separate timelines. Returns the bytes saved.
+    pub fn pool_activations(&mut self) -> u64 {
+        let keep = self.host_visible();
+        let pooled: Vec<usize> = (0..self.buffers.len())
+            .filter(|b| {
+                self.buffers[*b].kind == GpuBufferKind::Activation
+                    && self.buffers[*b].bytes > 0
+                    && !keep.contains(b)
+            })
+            .collect();
+        // Live ranges: per buffer, (program, first launch, last launch).
+        let mut lives: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); self.buffers.len()];
+        for (p, launches) in self.programs().iter().enumerate() {
+            for (i, launch) in launches.iter().enumerate() {
+                for a in &launch.args {
+                    let ranges = &mut lives[a.buffer];
+                    match ranges.last_mut() {
+                        Some((q, _, last)) if *q == p => *last = i,
+                        _ => ranges.push((p, i, i)),
+                    }
+                }
+            }
+        }
+        let overlap = |a: &[(usize, usize, usize)], b: &[(usize, usize, usize)]| {
+            a.iter()
+                .any(|&(p, f, l)| b.iter().any(|&(q, g, m)| p == q && f <= m && g <= l))
+        };
+        // Largest first, each at the lowest aligned offset clear of every placed buffer whose
+        // life overlaps its own.
+        let mut order = pooled.clone();
+        order.sort_by_key(|b| (std::cmp::Reverse(self.buffers[*b].bytes), *b));
+        let mut placed: Vec<(usize, u64, u64)> = Vec::new();
+        let mut offset_of = std::collections::HashMap::new();
+        for &b in &order {
+            let bytes = self.buffers[b].bytes.div_ceil(POOL_ALIGN) * POOL_ALIGN;
+            let mut busy: Vec<(u64, u64)> = placed
+                .iter()
+                .filter(|(o, _, _)| overlap(&lives[*o], &lives[b]))
+                .map(|&(_, at, len)| (at, at + len))
+                .collect();
+            busy.sort();
+            let mut at = 0;
+            for (start, end) in busy {
+                if at + bytes <= start {
+                    break;
+                }
+                at = at.max(end);
+            }
+            placed.push((b, at, bytes));
+            offset_of.insert(b, at);
+        }
+        if pooled.is_empty() {
+            return 0;
+        }
+        let arena_bytes = placed
+            .iter()
+            .map(|(_, at, len)| at + len)
+            .max()
+            .unwrap_or(0);
+        let before: u64 = pooled.iter().map(|b| self.buffers[*b].bytes).sum();
+        let arena = self.buffers.len();
+        self.buffers.push(GpuBuffer {
+            kind: GpuBufferKind::Activation,
+            bytes: arena_bytes,
+        });
+        for b in &pooled {
+            self.buffers[*b].bytes = 0;
+        }
+        let rewrite = |launches: &mut [GpuLaunch]| {
+            for l in launches {
+                for a in &mut l.args {
+                    if let Some(at) = offset_of.get(&a.buffer) {
+                        *a = Arg {
+                            buffer: arena,
+                            offset: at + a.offset,
+                        };
+                    }
+                }
+            }
+        };
+        rewrite(&mut self.launches);
+        rewrite(std::slice::from_mut(&mut self.argmax));
+        if let Some(p) = &mut self.prefill {
+            rewrite(&mut p.launches);
+            if let Some(l) = &mut p.last_row {
+                rewrite(&mut l.launches);
+            }
+        }
+        before.saturating_sub(arena_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(args: &[usize]) -> GpuLaunch {
+        GpuLaunch {
+            kernel: "k".into(),
+            grid: 1,
+            block: 1,
+            args: args
+                .iter()
+                .map(|&buffer| Arg { buffer, offset: 0 })
+                .collect(),
+        }
+    }
+
+    fn plan(buffers: &[u64], launches: Vec<GpuLaunch>) -> GpuPlan {
+        let mut all: Vec<GpuBuffer> = [GpuBufferKind::Ids, GpuBufferKind::Position]
+            .into_iter()
+            .map(|kind| GpuBuffer { kind, bytes: 4 })
+            .collect();
+        all.extend(buffers.iter().map(|&bytes| GpuBuffer {
+            kind: GpuBufferKind::Activation,
+            bytes,
+        }));
+        GpuPlan {
+            version: GPU_PLAN_VERSION,
+            buffers: all,
+            launches,
+            argmax: launch(&[2]),
+            weights: Plan {
+                version: 0,
+                max_tokens: 1,
+                vocab_size: 1,
+                bos_token_id: 0,
+                eos_token_id: 0,
+                pad_token_id: 0,
+                buffers: Vec::new(),
+                launches: Vec::new(),
+                tokens: 0,
+                logits: 0,
+                logits_launch: None,
+                weights_hash: String::new(),
+            },
+            ids: 0,
+            position: 1,
+            logits: 2,
+            next_id: 0,
+            prefill: None,
+        }
+    }
+
+    #[test]
+    fn buffers_live_apart_share_bytes_and_overlapping_ones_do_not() {
+        // Buffer 2 is the logits (host-visible). 3 → 4 → 5 → 6: a chain where each launch
+        // reads the previous buffer and writes the next; 3 and 5 never live together.
+        let launches = vec![
+            launch(&[0, 3]),
+            launch(&[3, 4]),
+            launch(&[4, 5]),
+            launch(&[5, 6]),
+            launch(&[6, 2]),
+        ];
+        let sizes = [1000u64, 300, 1000, 300, 700];
+        let mut p = plan(&sizes, launches);
+        let saved = p.pool_activations();
+        let arena = p.buffers.len() - 1;
+        assert_eq!(p.buffers[2].bytes, 1000, "the logits are not pooled");
+        // Where each launch's arguments now point.
+        let at = |launch: usize, arg: usize| p.launches[launch].args[arg];
+        let (b3, b4, b5, b6) = (at(0, 1), at(1, 1), at(2, 1), at(3, 1));
+        for a in [b3, b4, b5, b6] {
+            assert_eq!(a.buffer, arena);
+            assert_eq!(a.offset % POOL_ALIGN, 0);
+        }
+        let span = |a: Arg, len: u64| (a.offset, a.offset + len.div_ceil(POOL_ALIGN) * POOL_ALIGN);
+        let disjoint = |x: (u64, u64), y: (u64, u64)| x.1 <= y.0 || y.1 <= x.0;
+        // Live together (one launch reads one, writes the other): apart.
+        assert!(disjoint(span(b3, 300), span(b4, 1000)));
+        assert!(disjoint(span(b4, 1000), span(b5, 300)));
+        assert!(disjoint(span(b5, 300), span(b6, 700)));
+        // 3 and 5 (and 4 and 6) never live together: the arena is two buffers wide, not four.
+        assert_eq!(p.buffers[arena].bytes, 1024 + 512);
+        assert_eq!(saved, 1000 + 300 + 300 + 700 - 1536);
+        assert!(p.buffers[3..7].iter().all(|b| b.bytes == 0));
+    }
+
+    #[test]
+    fn views_keep_their_offsets_and_separate_programs_are_separate_timelines() {
+        // Buffer 3 is split into views; buffer 4 lives across the whole decode step but only
+        // in the prefill program does it meet buffer 5.
+        // Buffer 6 lives in the decode step only, 7 in the prefill only: they may share.
+        let mut p = plan(
+            &[100, 512, 256, 256, 128, 128],
+            vec![launch(&[3, 4]), launch(&[4, 2]), launch(&[6])],
+        );
+        p.launches[0].args[0].offset = 256;
+        p.prefill = Some(GpuPrefill {
+            launches: vec![launch(&[4, 5]), launch(&[5, 3]), launch(&[7])],
+            ids: 0,
+            count: 1,
+            logits: 2,
+            max_tokens: 1,
+            last_row: None,
+        });
+        p.pool_activations();
+        let arena = p.buffers.len() - 1;
+        let view = p.launches[0].args[0];
+        let whole = p.prefill.as_ref().unwrap().launches[1].args[1];
+        assert_eq!((view.buffer, whole.buffer), (arena, arena));
+        assert_eq!(view.offset, whole.offset + 256, "a view keeps its offset");
+        let p4 = p.prefill.as_ref().unwrap().launches[0].args[0].offset;
+        let p5 = p.prefill.as_ref().unwrap().launches[0].args[1].offset;
+        assert_ne!(p4, p5, "4 and 5 live together in the prefill");
+        assert_eq!(p.launches[0].args[1].offset, p4, "one buffer, one place");
+        let (b6, b7) = (
+            p.launches[2].args[0],
+            p.prefill.as_ref().unwrap().launches[2].args[0],
+        );
+        assert_eq!(b6, b7, "lives in different programs never overlap");
+    }
+}
