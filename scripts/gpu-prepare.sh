@@ -20,12 +20,16 @@ for case in tiny-f32 tiny-bf16-sharded tiny-text gen-h3-bf16; do
 done
 ckpt=${CHECKPOINT_2B:-/tmp/griffin-2b-hash}
 [ -f "$ckpt/config.json" ] || "$py" scripts/make_random_checkpoint.py "$ckpt" --config 2b --dtype bf16 --values hash
+# Each build also writes a 5.4 GB weights file: not carried (packed there from the same
+# checkpoint), so removed at once.
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b -o "$carry/2b" --emit-ptx target/gpu-ptx   # for reading; not carried
+rm -f "$carry"/2b/*.weights
 # The same with prefill projections on CUDA cores, to compare (same weights file).
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-simt -o "$carry/2b" --no-tensor-cores
+rm -f "$carry"/2b/*.weights
 # And with one MMA per tile on inputs rounded to bf16 (half the tensor-core work).
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-bf16in -o "$carry/2b" --tensor-core-inputs bf16
-rm -f "$carry"/2b/*.weights   # packed there from the same checkpoint, rebuilt there
+rm -f "$carry"/2b/*.weights
 cp "$ckpt/config.json" "$carry/2b/"
 strip "$carry"/golden/*/griffin "$carry"/2b/griffin-2b*
 du -sh "$carry"

@@ -809,6 +809,8 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     k.ins(format!("add.u64 {qp}, {qp}, {q};"));
     let tile = k.reg(Class::B64);
     k.ins(format!("mov.u64 {tile}, key_tile;"));
+    // Value features by 16-byte quads per lane when they tile the head exactly.
+    let wide = hd % 128 == 0;
     // This lane's features d = lane + 32e (those below hd).
     let lanes_e = hd.div_ceil(32);
     let has: Vec<Option<Reg>> = (0..lanes_e)
@@ -973,34 +975,70 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     }
     k.ins(format!("mov.f32 {m}, {m_new};"));
 
-    // Values: key j's weight from lane j, its value row added to this lane's features.
+    // Values: key j's weight from lane j, its value row added to this lane's features, four
+    // keys' loads in flight at a time. One address per key, the lane's features at immediate
+    // offsets from it: 16-byte loads of features 4·lane + 128·e.. when hd is a multiple of 128
+    // (the lane's accumulators in that order), else single features lane + 32·e.
+    let keys_step = |k: &mut Kernel, j: Reg, keys: u32| {
+        let mut loaded = Vec::new();
+        for u in 0..keys {
+            let ju = k.reg(Class::B32);
+            k.ins(format!("add.u32 {ju}, {j}, {u};"));
+            let wj = k.reg(Class::F32);
+            k.ins(format!("shfl.sync.idx.b32 {wj}, {weight}, {ju}, 31, -1;"));
+            let pp = k.reg(Class::B32);
+            k.ins(format!("add.u32 {pp}, {p0}, {ju};"));
+            let slot = slot_after(k, slot0, ju);
+            let (vbase, vrow) = row_of(k, pp, slot, chunk_values, values);
+            let vals: Vec<Reg> = (0..acc.len()).map(|_| k.reg(Class::F32)).collect();
+            if wide {
+                k.ins(format!("mad.lo.u32 {vrow}, {lane}, 4, {vrow};"));
+                let va = addr4(k, vbase, vrow);
+                for (e, q) in vals.chunks(4).enumerate() {
+                    k.ins(format!(
+                        "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{va}+{}];",
+                        q[0],
+                        q[1],
+                        q[2],
+                        q[3],
+                        512 * e
+                    ));
+                }
+            } else {
+                k.ins(format!("add.u32 {vrow}, {vrow}, {lane};"));
+                let va = addr4(k, vbase, vrow);
+                for (e, vv) in vals.iter().enumerate() {
+                    if has[e].is_some() {
+                        k.ins(format!("mov.f32 {vv}, 0f00000000;"));
+                    }
+                    k.ins(guarded(
+                        has[e],
+                        format!("ld.global.f32 {vv}, [{va}+{}];", 128 * e),
+                    ));
+                }
+            }
+            loaded.push((wj, vals));
+        }
+        for (wj, vals) in loaded {
+            for (a, vv) in acc.iter().zip(&vals) {
+                k.ins(format!("fma.rn.f32 {a}, {wj}, {vv}, {a};"));
+            }
+        }
+        k.ins(format!("add.u32 {j}, {j}, {keys};"));
+    };
     let j = k.reg(Class::B32);
     k.ins(format!("mov.u32 {j}, 0;"));
-    let (vh, ve) = (k.label("values"), k.label("values_end"));
-    k.place(&vh);
+    let (four, one, ve) = (k.label("values4"), k.label("values"), k.label("values_end"));
+    k.place(&four);
+    let last = k.reg(Class::B32);
+    k.ins(format!("add.u32 {last}, {j}, 3;"));
+    k.leave_unless_below(last, nk, &one);
+    keys_step(&mut k, j, 4);
+    k.ins(format!("bra {four};"));
+    k.place(&one);
     k.leave_unless_below(j, nk, &ve);
-    let wj = k.reg(Class::F32);
-    k.ins(format!("shfl.sync.idx.b32 {wj}, {weight}, {j}, 31, -1;"));
-    let pp = k.reg(Class::B32);
-    k.ins(format!("add.u32 {pp}, {p0}, {j};"));
-    let slot = slot_after(&mut k, slot0, j);
-    let (vbase, vrow) = row_of(&mut k, pp, slot, chunk_values, values);
-    k.ins(format!("add.u32 {vrow}, {vrow}, {lane};"));
-    // One address per key; the lane's features at immediate offsets from it.
-    let va = addr4(&mut k, vbase, vrow);
-    for (e, a) in acc.iter().enumerate() {
-        let vv = k.reg(Class::F32);
-        if has[e].is_some() {
-            k.ins(format!("mov.f32 {vv}, 0f00000000;"));
-        }
-        k.ins(guarded(
-            has[e],
-            format!("ld.global.f32 {vv}, [{va}+{}];", 128 * e),
-        ));
-        k.ins(format!("fma.rn.f32 {a}, {wj}, {vv}, {a};"));
-    }
-    k.ins(format!("add.u32 {j}, {j}, 1;"));
-    k.ins(format!("bra {vh};"));
+    keys_step(&mut k, j, 1);
+    k.ins(format!("bra {one};"));
     k.place(&ve);
     // Every warp is done with the tile before the next one overwrites it.
     k.ins("bar.sync 0;");
@@ -1010,13 +1048,31 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
 
     let inv = k.reg(Class::F32);
     k.ins(format!("rcp.rn.f32 {inv}, {l};"));
-    for (e, a) in acc.iter().enumerate() {
+    for a in &acc {
         k.ins(format!("mul.f32 {a}, {a}, {inv};"));
+    }
+    if wide {
         let oi = k.reg(Class::B32);
-        k.ins(format!("add.u32 {oi}, {qrow}, {lane};"));
-        k.ins(format!("add.u32 {oi}, {oi}, {};", 32 * e));
+        k.ins(format!("mad.lo.u32 {oi}, {lane}, 4, {qrow};"));
         let oa = addr4(&mut k, out, oi);
-        k.ins(guarded(has[e], format!("st.global.f32 [{oa}], {a};")));
+        for (e, q) in acc.chunks(4).enumerate() {
+            k.ins(format!(
+                "st.global.v4.f32 [{oa}+{}], {{{}, {}, {}, {}}};",
+                512 * e,
+                q[0],
+                q[1],
+                q[2],
+                q[3]
+            ));
+        }
+    } else {
+        for (e, a) in acc.iter().enumerate() {
+            let oi = k.reg(Class::B32);
+            k.ins(format!("add.u32 {oi}, {qrow}, {lane};"));
+            k.ins(format!("add.u32 {oi}, {oi}, {};", 32 * e));
+            let oa = addr4(&mut k, out, oi);
+            k.ins(guarded(has[e], format!("st.global.f32 [{oa}], {a};")));
+        }
     }
     k.place(&done);
     k.finish()

@@ -985,7 +985,8 @@ fn prefill_attention_over_chunks_equals_the_reference() {
     // only for some lanes); query heads per KV head: 2, and 3 in one group. A window of 8 in
     // chunks of 5, 3, 10 (longer than the window) and 1; a window of 40 (key tiles of 32 and
     // 8, tiles spanning ring and chunk, the ring wrapping) in chunks of 30, 45, 50 and 1.
-    for (heads, kv_heads, hd) in [(4, 2, 16), (3, 1, 40)] {
+    // Head width 128: the value rows by 16-byte quads per lane.
+    for (heads, kv_heads, hd) in [(4, 2, 16), (3, 1, 40), (2, 1, 128)] {
         prefill_attention_case(heads, kv_heads, hd, 8, &[5, 3, 10, 1]);
         prefill_attention_case(heads, kv_heads, hd, 40, &[30, 45, 50, 1]);
     }
