@@ -358,11 +358,12 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
 }
 
 /// Tokens whose gates one block of `rg_lru_gates_tokens` computes (each gate weight it loads
-/// serves that many): 16, fewer (a multiple of 4) where the block's conv outputs for 16 tokens
-/// would not fit in 48 KiB of static shared memory (gate blocks of more than 768 channels).
+/// serves that many): 32, fewer (a multiple of 4) where the block's conv outputs for 32 tokens
+/// would not fit in 48 KiB of static shared memory (gate blocks of more than 384 channels; 12
+/// for 1024). The 2B shape reads its 2.6 MB of gate matrices 16 times per 512-token chunk.
 pub fn gate_tokens(s: &crate::rg_lru::RgLruSpec) -> u32 {
     let b = crate::rg_lru::block_size(s);
-    (48 * 1024 / (4 * b)).clamp(4, 16) / 4 * 4
+    (48 * 1024 / (4 * b)).clamp(4, 32) / 4 * 4
 }
 
 /// Threads per block of `rg_lru_scan_tokens`: small blocks, so the 2B shape's 2560 channels
