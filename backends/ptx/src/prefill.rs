@@ -786,6 +786,9 @@ pub fn tc_grid(spec: &GemvSpec, max_tokens: u32) -> u32 {
     spec.width.div_ceil(8 * tc_column_tiles(spec) * TC_WARPS) * max_tokens.div_ceil(TC_GROUP)
 }
 
+/// How many k-steps ahead of its loads `gemm_tokens_tc` asks L2 for weight rows.
+const PREFETCH_STEPS: u32 = 8;
+
 /// Bytes between rows of a shared-memory tile of `gemm_tokens_tc`: 16 bf16 (one k-step) and 16
 /// bytes of padding, so the 8 rows an `ldmatrix` reads fall in 8 different groups of 4 banks.
 const TC_ROW: u32 = 48;
@@ -1119,6 +1122,20 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     let skip_fetch = k.label("skip_fetch");
     k.ins(format!("@!{more} bra {skip_fetch};"));
     fetch(&mut k);
+    // Weight rows come from DRAM (once for a column block's token groups) while the loads
+    // above run only one k-step ahead: ask L2 for the step PREFETCH_STEPS past the one just
+    // fetched (no registers; inside the row, so never past the weights).
+    let ahead = k.reg(Class::Pred);
+    k.ins(format!(
+        "setp.lt.u32 {ahead}, {next}, {};",
+        inputs.saturating_sub(16 * PREFETCH_STEPS)
+    ));
+    for at in &b_ptrs {
+        k.ins(format!(
+            "@{ahead} prefetch.global.L2 [{at}+{}];",
+            32 * (PREFETCH_STEPS - 1)
+        ));
+    }
     k.place(&skip_fetch);
     // Fragments from this buffer.
     let stage = k.reg(Class::B64);

@@ -1136,7 +1136,9 @@ fn tensor_core_projection_case(
     // (name, inputs, width, bias, epilogue, residual, splits); widths that leave a warp's
     // column tiles partly past the end.
     type Case = (&'static str, u32, u32, bool, Epilogue, bool, Vec<u32>);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
+        // Long enough rows (160 inputs) for the weight prefetch eight k-steps ahead.
+        ("tc_long", 160, 40, true, Epilogue::None, false, vec![]),
         (
             "tc_geglu_partial",
             32,
