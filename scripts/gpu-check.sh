@@ -10,7 +10,8 @@
 # 2. The 2B shape with deterministic random bf16 weights (the same bytes as the executable was
 #    built from): our executable and the reference implementation (transformers, eager, bf16,
 #    cuda) side by side: prefill tokens/s (2048 tokens), decode tokens/s (batch 1), memory,
-#    achieved bandwidth in decode. A table last.
+#    achieved bandwidth in decode; a per-kernel profile of one prefill chunk and one decode
+#    step (`--profile`). The tables last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -60,6 +61,10 @@ pre=$("$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -
 pre_simt=$("$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_bf16in=$("$carry/2b/griffin-2b-bf16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 dec=$("$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats 2>&1 >/dev/null | tail -1)
+# Where the device time goes: one 512-token prefill chunk and one decode step after it, each
+# launch timed (kernel tables on stderr).
+echo "== profile (2B shape)"
+"$exe" --ids "$prompt" --max-new-tokens 1 --profile 2>&1 >/dev/null | grep -v '^time to first' | head -80
 echo "prefill: $pre"
 echo "prefill (CUDA cores): $pre_simt"
 echo "prefill (bf16 tensor-core inputs): $pre_bf16in"

@@ -161,6 +161,10 @@ fn bad_input_to_the_executable() {
     fails_with(&run(&exe, &["--ids", "2,x"]), &["`x` is not a token id"]);
     fails_with(&run(&exe, &["--max-new-tokens", "3"]), &["--ids"]);
     fails_with(
+        &run(&exe, &["--ids", "2", "--profile"]),
+        &["--profile", "built for the CPU"],
+    );
+    fails_with(
         &run(&exe, &["--ids", "2", "--frobnicate"]),
         &["unknown argument `--frobnicate`"],
     );

@@ -11,12 +11,15 @@
 use std::sync::Arc;
 
 use cudarc::driver::result as cu;
-use cudarc::driver::sys::{CUdeviceptr, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{
+    CUdeviceptr, CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
 };
 
 use crate::gpu_plan::{GpuBufferKind, GpuLaunch, GpuPlan};
+use crate::stats::LaunchTime;
 use crate::RuntimeError;
 
 fn driver(what: &str, e: impl std::fmt::Display) -> RuntimeError {
@@ -311,6 +314,14 @@ impl CudaExecutor {
     /// Runs one token: uploads its id and position, replays the captured step (capturing it
     /// on first use).
     fn run_step(&mut self, id: u32) -> Result<(), RuntimeError> {
+        self.upload_step(id)?;
+        self.run_program(&self.step_program)?;
+        self.position += 1;
+        Ok(())
+    }
+
+    /// The decode step's inputs: its token id and position.
+    fn upload_step(&mut self, id: u32) -> Result<(), RuntimeError> {
         self.check_ids(&[id])?;
         let s = self.stream.cu_stream();
         // SAFETY: both buffers hold one i32.
@@ -319,10 +330,93 @@ impl CudaExecutor {
                 cu::memcpy_htod_async(self.addresses[self.plan.position], &[self.position], s)
             })
         }
-        .map_err(|e| driver("uploading the token", e))?;
-        self.run_program(&self.step_program)?;
+        .map_err(|e| driver("uploading the token", e))
+    }
+
+    /// Runs `p` launch by launch (no graph) with a timing event before and after each; the
+    /// device time of every launch.
+    fn timed(&self, p: &Program) -> Result<Vec<LaunchTime>, RuntimeError> {
+        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let mut marks = Vec::new();
+        for ((f, l), params) in p.functions.iter().zip(&p.launches).zip(&p.params) {
+            let start = self
+                .stream
+                .record_event(timing)
+                .map_err(|e| driver("recording an event", e))?;
+            self.launch(f, l, params)?;
+            let end = self
+                .stream
+                .record_event(timing)
+                .map_err(|e| driver("recording an event", e))?;
+            marks.push((l, start, end));
+        }
+        self.stream
+            .synchronize()
+            .map_err(|e| driver(&format!("running the {}", p.name), e))?;
+        marks
+            .into_iter()
+            .map(|(l, start, end)| {
+                Ok(LaunchTime {
+                    kernel: l.kernel.clone(),
+                    grid: l.grid,
+                    block: l.block,
+                    ms: start
+                        .elapsed_ms(&end)
+                        .map_err(|e| driver("reading an event", e))?,
+                })
+            })
+            .collect()
+    }
+
+    /// One decode step for `id` (the position advances as for `step`), timed launch by
+    /// launch (`--profile`).
+    pub fn profile_step(&mut self, id: u32) -> Result<Vec<LaunchTime>, RuntimeError> {
+        self.upload_step(id)?;
+        let times = self.timed(&self.step_program)?;
         self.position += 1;
-        Ok(())
+        Ok(times)
+    }
+
+    /// One prefill chunk of `ids` as generation runs it (last row's logits only, where the
+    /// plan has that variant), timed launch by launch; `None` without a prefill program.
+    pub fn profile_prefill(
+        &mut self,
+        ids: &[u32],
+    ) -> Result<Option<Vec<LaunchTime>>, RuntimeError> {
+        if self.plan.prefill.is_none() {
+            return Ok(None);
+        }
+        self.upload_chunk(ids)?;
+        let program = match &self.prefill_last_program {
+            Some(p) => p,
+            None => self.prefill_program.as_ref().expect("plan has a prefill"),
+        };
+        let times = self.timed(program)?;
+        self.position += ids.len() as u32;
+        Ok(Some(times))
+    }
+
+    /// A prefill chunk's inputs: its ids, their count and the start position.
+    fn upload_chunk(&mut self, ids: &[u32]) -> Result<(), RuntimeError> {
+        self.check_ids(ids)?;
+        let prefill = self.plan.prefill.as_ref().expect("plan has a prefill");
+        if ids.len() > prefill.max_tokens as usize {
+            return Err(RuntimeError::ChunkTooLong {
+                tokens: ids.len(),
+                max: prefill.max_tokens as u64,
+            });
+        }
+        let s = self.stream.cu_stream();
+        let n = ids.len() as u32;
+        // SAFETY: the ids buffer holds max_tokens i32, count and position one each.
+        unsafe {
+            cu::memcpy_htod_async(self.addresses[prefill.ids], ids, s)
+                .and_then(|_| cu::memcpy_htod_async(self.addresses[prefill.count], &[n], s))
+                .and_then(|_| {
+                    cu::memcpy_htod_async(self.addresses[self.plan.position], &[self.position], s)
+                })
+        }
+        .map_err(|e| driver("uploading the prompt chunk", e))
     }
 
     /// One token whose logits nobody reads (a prompt's tokens before its last).
@@ -374,7 +468,7 @@ impl CudaExecutor {
     pub fn prefill_chunk(&mut self, ids: &[u32], all_rows: bool) -> Result<&[f32], RuntimeError> {
         self.check_ids(ids)?;
         let vocab = self.plan.vocab();
-        let Some(prefill) = &self.plan.prefill else {
+        if self.plan.prefill.is_none() {
             let mut rows = Vec::new();
             let (&last, before) = ids.split_last().ok_or(RuntimeError::EmptyIds)?;
             for &id in before {
@@ -387,24 +481,11 @@ impl CudaExecutor {
             rows.extend_from_slice(self.step(last)?);
             self.logits = rows;
             return Ok(&self.logits);
-        };
-        if ids.len() > prefill.max_tokens as usize {
-            return Err(RuntimeError::ChunkTooLong {
-                tokens: ids.len(),
-                max: prefill.max_tokens as u64,
-            });
         }
-        let s = self.stream.cu_stream();
         let n = ids.len() as u32;
-        // SAFETY: the ids buffer holds max_tokens i32, count and position one each.
-        unsafe {
-            cu::memcpy_htod_async(self.addresses[prefill.ids], ids, s)
-                .and_then(|_| cu::memcpy_htod_async(self.addresses[prefill.count], &[n], s))
-                .and_then(|_| {
-                    cu::memcpy_htod_async(self.addresses[self.plan.position], &[self.position], s)
-                })
-        }
-        .map_err(|e| driver("uploading the prompt chunk", e))?;
+        self.upload_chunk(ids)?;
+        let prefill = self.plan.prefill.as_ref().expect("checked above");
+        let s = self.stream.cu_stream();
         // The last-row variant when only the last logits are wanted and the plan has one.
         let last_row = prefill.last_row.as_ref().filter(|_| !all_rows);
         let program = match (last_row, &self.prefill_last_program) {

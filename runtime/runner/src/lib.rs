@@ -162,7 +162,8 @@ fn embedded_weights() -> Option<&'static [u8]> {
 const USAGE: &str =
     "usage: MODEL (--prompt TEXT | --ids 2,17,5) [--max-new-tokens N] [--ignore-eos] [--format text|ids] \
 [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--seed S] [--stop STRING] \
-[--prefill N --logits-out FILE] [--threads N] [--weights FILE] [--pack-weights-from MODEL_DIR] [--stats]";
+[--prefill N --logits-out FILE] [--threads N] [--weights FILE] [--pack-weights-from MODEL_DIR] [--stats] \
+[--profile]";
 
 #[derive(PartialEq)]
 enum Format {
@@ -182,6 +183,9 @@ struct Args {
     weights: Option<PathBuf>,
     pack_from: Option<PathBuf>,
     stats: bool,
+    /// GPU builds: after generating, time one prefill chunk and one decode step kernel by
+    /// kernel.
+    profile: bool,
     sampling: SamplingParams,
     stops: Vec<String>,
 }
@@ -213,6 +217,7 @@ fn parse_args() -> Result<Args, String> {
         weights: None,
         pack_from: None,
         stats: false,
+        profile: false,
         sampling: SamplingParams::default(),
         stops: Vec::new(),
     };
@@ -253,6 +258,7 @@ fn parse_args() -> Result<Args, String> {
                 args.pack_from = Some(PathBuf::from(value("--pack-weights-from")?))
             }
             "--stats" => args.stats = true,
+            "--profile" => args.profile = true,
             "--temperature" => {
                 args.sampling.temperature = float("--temperature", value("--temperature")?)?
             }
@@ -418,6 +424,12 @@ fn run() -> Result<(), String> {
         }
     };
     exec.check_ids(&args.ids)?;
+    if args.profile && matches!(exec, Engine::Cpu(_)) {
+        return Err(
+            "--profile times GPU kernels: this executable was built for the CPU (build with --target cuda)"
+                .into(),
+        );
+    }
     // The GPU runs a prompt token by token and reads back only the last logits: one chunk.
     let chunk = match &exec {
         Engine::Cpu(_) => cpu_chunk,
@@ -521,6 +533,29 @@ fn run() -> Result<(), String> {
         };
         eprintln!("{}{device}", timer.report(exec.threads()));
     }
+    if let (true, Engine::Cuda(e)) = (args.profile, &mut exec) {
+        profile(e, &args.ids, next)?;
+    }
+    Ok(())
+}
+
+/// `--profile`: from a fresh document, the prompt's first chunk as a prefill chunk and one
+/// decode step after it, each launch timed by events (no graph), as tables on stderr.
+fn profile(
+    e: &mut griffin_runtime::cuda::CudaExecutor,
+    ids: &[u32],
+    next: u32,
+) -> Result<(), String> {
+    use griffin_runtime::stats::profile_table;
+    e.reset().map_err(|e| e.to_string())?;
+    let chunk = &ids[..ids.len().min(e.prefill_max_tokens())];
+    if let Some(times) = e.profile_prefill(chunk).map_err(|e| e.to_string())? {
+        let title = format!("prefill chunk of {} tokens", chunk.len());
+        eprintln!("{}", profile_table(&title, &times));
+    }
+    let times = e.profile_step(next).map_err(|e| e.to_string())?;
+    let title = format!("decode step at position {}", chunk.len());
+    eprintln!("{}", profile_table(&title, &times));
     Ok(())
 }
 
