@@ -326,6 +326,18 @@ mod random_configs {
     }
 }
 
+/// Every prompt position's logits from a fresh document, the prompt as prefill chunks of the
+/// GPU program lowered with `opts`, on the interpreter.
+fn prefill_rows(model: &Model, opts: &griffinc::gpu::GpuOptions, ids: &[u32]) -> Vec<f32> {
+    let mut engine = EmuEngine::with_options(model, opts).unwrap();
+    engine.reset();
+    let mut rows = Vec::new();
+    engine
+        .prefill(ids, &mut |r| rows.extend_from_slice(r))
+        .unwrap();
+    rows
+}
+
 #[test]
 fn bf16_matrices_on_an_f32_checkpoint_stay_within_the_bf16_bound() {
     use griffinc::gpu::GpuOptions;
@@ -335,12 +347,7 @@ fn bf16_matrices_on_an_f32_checkpoint_stay_within_the_bf16_bound() {
         weights: griffin_backend_cpu::WeightsDtype::Bf16,
         ..GpuOptions::default()
     };
-    let mut engine = EmuEngine::with_options(&model, &opts).unwrap();
-    engine.reset();
-    let mut rows = Vec::new();
-    engine
-        .prefill(&e.input_ids, &mut |r| rows.extend_from_slice(r))
-        .unwrap();
+    let rows = prefill_rows(&model, &opts, &e.input_ids);
     let diff = max_abs_diff(&rows, &e.logits);
     // Rounded weights: no longer f32-exact, within the bf16 bound.
     assert!(diff > 1e-5 && diff <= 0.02, "{diff}");
@@ -360,12 +367,7 @@ fn bf16_prefill_projections_use_tensor_cores_unless_told_not_to() {
     let off = lower(&model, &off_opts).unwrap();
     assert!(!off.ptx.contains("mma.sync"));
     // Both compute the golden logits.
-    let mut engine = EmuEngine::with_options(&model, &off_opts).unwrap();
-    engine.reset();
-    let mut rows = Vec::new();
-    engine
-        .prefill(&e.input_ids, &mut |r| rows.extend_from_slice(r))
-        .unwrap();
+    let rows = prefill_rows(&model, &off_opts, &e.input_ids);
     assert!(max_abs_diff(&rows, &e.logits) <= F32_TOLERANCE);
 }
 
@@ -387,12 +389,7 @@ fn bf16_tensor_core_inputs_round_the_inputs_within_the_bf16_bound() {
     let single = lower(&model, &opts).unwrap();
     let mmas = |ptx: &str| ptx.matches("mma.sync").count();
     assert!(mmas(&single.ptx) > 0 && 2 * mmas(&single.ptx) == mmas(&split.ptx));
-    let mut engine = EmuEngine::with_options(&model, &opts).unwrap();
-    engine.reset();
-    let mut rows = Vec::new();
-    engine
-        .prefill(&e.input_ids, &mut |r| rows.extend_from_slice(r))
-        .unwrap();
+    let rows = prefill_rows(&model, &opts, &e.input_ids);
     let diff = max_abs_diff(&rows, &e.logits);
     assert!(diff > F32_TOLERANCE && diff <= 0.02, "{diff}");
 }

@@ -606,18 +606,7 @@ pub fn attend(s: &AttentionSpec) -> String {
         }
         k.ins(format!("add.u32 {n}, {n}, {keys};"));
     };
-    let (four, one, vend) = (k.label("four"), k.label("one"), k.label("values_end"));
-    k.place(&four);
-    let last = k.reg(Class::B32);
-    k.ins(format!("add.u32 {last}, {n}, 3;"));
-    k.leave_unless_below(last, nkeys, &one);
-    values_step(&mut k, n, 4);
-    k.ins(format!("bra {four};"));
-    k.place(&one);
-    k.leave_unless_below(n, nkeys, &vend);
-    values_step(&mut k, n, 1);
-    k.ins(format!("bra {one};"));
-    k.place(&vend);
+    k.unrolled(n, nkeys, 1, 4, &mut |k, m| values_step(k, n, m));
     // o_part[split][g·hg + h][d].
     for (h, a) in accs.iter().enumerate() {
         let oi = k.reg(Class::B32);
@@ -715,18 +704,7 @@ pub fn attend_combine(s: &AttentionSpec) -> String {
         }
         k.ins(format!("add.u32 {sp}, {sp}, {n};"));
     };
-    let (eight, one, end) = (k.label("eight"), k.label("one"), k.label("end"));
-    k.place(&eight);
-    let last = k.reg(Class::B32);
-    k.ins(format!("add.u32 {last}, {sp}, 7;"));
-    k.leave_unless_below(last, used, &one);
-    step(&mut k, 8);
-    k.ins(format!("bra {eight};"));
-    k.place(&one);
-    k.leave_unless_below(sp, used, &end);
-    step(&mut k, 1);
-    k.ins(format!("bra {one};"));
-    k.place(&end);
+    k.unrolled(sp, used, 1, 8, &mut |k, m| step(k, m));
     k.ins(format!("div.rn.f32 {num}, {num}, {den};"));
     let oa = addr4(&mut k, out, e);
     k.ins(format!("st.global.f32 [{oa}], {num};"));
@@ -1028,18 +1006,7 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     };
     let j = k.reg(Class::B32);
     k.ins(format!("mov.u32 {j}, 0;"));
-    let (four, one, ve) = (k.label("values4"), k.label("values"), k.label("values_end"));
-    k.place(&four);
-    let last = k.reg(Class::B32);
-    k.ins(format!("add.u32 {last}, {j}, 3;"));
-    k.leave_unless_below(last, nk, &one);
-    keys_step(&mut k, j, 4);
-    k.ins(format!("bra {four};"));
-    k.place(&one);
-    k.leave_unless_below(j, nk, &ve);
-    keys_step(&mut k, j, 1);
-    k.ins(format!("bra {one};"));
-    k.place(&ve);
+    k.unrolled(j, nk, 1, 4, &mut |k, m| keys_step(k, j, m));
     // Every warp is done with the tile before the next one overwrites it.
     k.ins("bar.sync 0;");
     k.ins(format!("add.u32 {p0}, {p0}, {TILE_KEYS};"));

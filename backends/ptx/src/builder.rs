@@ -163,6 +163,32 @@ impl Kernel {
     }
 
     /// Branches to `to` where `value >= bound` (unsigned).
+    /// A loop over `counter` (from its current value, while below `bound`): `step(k, many)`
+    /// while the last of `many` items, `stride` apart, is below the bound (one basic block, so
+    /// their loads are in flight together), then `step(k, 1)` for the rest. `step` does the
+    /// items at `counter`, `counter + stride`, … and advances `counter` by `n · stride`.
+    pub fn unrolled(
+        &mut self,
+        counter: Reg,
+        bound: impl std::fmt::Display,
+        stride: u32,
+        many: u32,
+        step: &mut dyn FnMut(&mut Kernel, u32),
+    ) {
+        let (head, one, end) = (self.label("many"), self.label("one"), self.label("loop_end"));
+        self.place(&head);
+        let last = self.reg(Class::B32);
+        self.ins(format!("add.u32 {last}, {counter}, {};", (many - 1) * stride));
+        self.leave_unless_below(last, &bound, &one);
+        step(self, many);
+        self.ins(format!("bra {head};"));
+        self.place(&one);
+        self.leave_unless_below(counter, &bound, &end);
+        step(self, 1);
+        self.ins(format!("bra {one};"));
+        self.place(&end);
+    }
+
     pub fn leave_unless_below(&mut self, value: Reg, bound: impl std::fmt::Display, to: &str) {
         let past = self.reg(Class::Pred);
         self.ins(format!("setp.ge.u32 {past}, {value}, {bound};"));

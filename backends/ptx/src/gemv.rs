@@ -375,11 +375,6 @@ pub fn gemv(spec: &GemvSpec) -> String {
     // UNROLL steps at a time while all of them are in the row, in one basic block, so their
     // loads are all in flight before the first multiply (memory-level parallelism is what
     // decode's bandwidth needs); then the rest one step at a time.
-    let (unrolled, rolled) = (k.label("unrolled"), k.label("loop"));
-    k.place(&unrolled);
-    let last_step = k.reg(Class::B32);
-    k.ins(format!("add.u32 {last_step}, {i}, {};", 256 * (UNROLL - 1)));
-    k.leave_unless_below(last_step, spec.inputs, &rolled);
     // One step at input `at`: the gate row, and the up row with GeGLU.
     let step = |k: &mut Kernel, at: Reg| {
         dot8(
@@ -407,22 +402,14 @@ pub fn gemv(spec: &GemvSpec) -> String {
             );
         }
     };
-    for u in 0..UNROLL {
-        let at = k.reg(Class::B32);
-        k.ins(format!("add.u32 {at}, {i}, {};", 256 * u));
-        step(&mut k, at);
-    }
-    k.ins(format!("add.u32 {i}, {i}, {};", 256 * UNROLL));
-    k.ins(format!("bra {unrolled};"));
-    let (head, end) = (rolled, k.label("end"));
-    k.place(&head);
-    let stop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {stop}, {i}, {};", spec.inputs));
-    k.ins(format!("@{stop} bra {end};"));
-    step(&mut k, i);
-    k.ins(format!("add.u32 {i}, {i}, 256;"));
-    k.ins(format!("bra {head};"));
-    k.place(&end);
+    k.unrolled(i, spec.inputs, 256, UNROLL, &mut |k, m| {
+        for u in 0..m {
+            let at = k.reg(Class::B32);
+            k.ins(format!("add.u32 {at}, {i}, {};", 256 * u));
+            step(k, at);
+        }
+        k.ins(format!("add.u32 {i}, {i}, {};", 256 * m));
+    });
 
     warp_sum(&mut k, acc);
     if geglu {

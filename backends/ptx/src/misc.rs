@@ -86,18 +86,7 @@ pub fn argmax(name: &str, vocab: u32) -> String {
     };
     let qi = k.reg(Class::B32);
     k.ins(format!("mov.u32 {qi}, {tid};"));
-    let (many, one, end) = (k.label("many"), k.label("one"), k.label("quads_end"));
-    k.place(&many);
-    let last = k.reg(Class::B32);
-    k.ins(format!("add.u32 {last}, {qi}, {};", 3 * ARGMAX_THREADS));
-    k.leave_unless_below(last, quads, &one);
-    step(&mut k, qi, 4);
-    k.ins(format!("bra {many};"));
-    k.place(&one);
-    k.leave_unless_below(qi, quads, &end);
-    step(&mut k, qi, 1);
-    k.ins(format!("bra {one};"));
-    k.place(&end);
+    k.unrolled(qi, quads, ARGMAX_THREADS, 4, &mut |k, m| step(k, qi, m));
     // The last vocab mod 4 logits, one per thread (after every group of four: higher indices).
     if vocab % 4 != 0 {
         let skip = k.label("rest_end");

@@ -634,20 +634,10 @@ pub fn rg_lru_scan_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     };
     let t = k.reg(Class::B32);
     k.ins(format!("mov.u32 {t}, 0;"));
-    let (many, one, end) = (k.label("many"), k.label("one"), k.label("scan_end"));
-    k.place(&many);
-    let last = k.reg(Class::B32);
-    k.ins(format!("add.u32 {last}, {t}, {};", SCAN_UNROLL - 1));
-    k.leave_unless_below(last, n, &one);
-    run(&mut k, t, SCAN_UNROLL);
-    k.ins(format!("add.u32 {t}, {t}, {SCAN_UNROLL};"));
-    k.ins(format!("bra {many};"));
-    k.place(&one);
-    k.leave_unless_below(t, n, &end);
-    run(&mut k, t, 1);
-    k.ins(format!("add.u32 {t}, {t}, 1;"));
-    k.ins(format!("bra {one};"));
-    k.place(&end);
+    k.unrolled(t, n, 1, SCAN_UNROLL, &mut |k, m| {
+        run(k, t, m);
+        k.ins(format!("add.u32 {t}, {t}, {m};"));
+    });
     k.ins(format!("st.global.f32 [{st_at}], {hv};"));
     // The chunk's last K-1 inputs into their ring rows (inputs from before the chunk are
     // there already). The gates kernel has read the ring.

@@ -273,18 +273,7 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
         k.ins(format!("add.u32 {i}, {i}, {};", n * rg));
         k.ins(format!("add.u32 {wi}, {wi}, {};", n * rg * b));
     };
-    let (four, one, rows_end) = (k.label("four"), k.label("one"), k.label("rows_end"));
-    k.place(&four);
-    let last = k.reg(Class::B32);
-    k.ins(format!("add.u32 {last}, {i}, {};", 3 * rg));
-    k.leave_unless_below(last, b, &one);
-    step(&mut k, i, wi, 4);
-    k.ins(format!("bra {four};"));
-    k.place(&one);
-    k.leave_unless_below(i, b, &rows_end);
-    step(&mut k, i, wi, 1);
-    k.ins(format!("bra {one};"));
-    k.place(&rows_end);
+    k.unrolled(i, b, rg, 4, &mut |k, m| step(k, i, wi, m));
     // Partials at [gate][r][cc].
     let ps = k.reg(Class::B64);
     k.ins(format!("mov.u64 {ps}, partials;"));
