@@ -175,10 +175,17 @@ impl Kernel {
         many: u32,
         step: &mut dyn FnMut(&mut Kernel, u32),
     ) {
-        let (head, one, end) = (self.label("many"), self.label("one"), self.label("loop_end"));
+        let (head, one, end) = (
+            self.label("many"),
+            self.label("one"),
+            self.label("loop_end"),
+        );
         self.place(&head);
         let last = self.reg(Class::B32);
-        self.ins(format!("add.u32 {last}, {counter}, {};", (many - 1) * stride));
+        self.ins(format!(
+            "add.u32 {last}, {counter}, {};",
+            (many - 1) * stride
+        ));
         self.leave_unless_below(last, &bound, &one);
         step(self, many);
         self.ins(format!("bra {head};"));

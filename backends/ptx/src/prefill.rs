@@ -742,10 +742,16 @@ pub fn last_row(name: &str, width: u32) -> String {
     k.finish()
 }
 
-pub const TC_WARPS: u32 = 4;
+/// Warps of a `gemm_tokens_tc` block across its output columns, and across its tokens (64 a
+/// warp): the block's weight tile serves 128 tokens, its inputs 128 weight rows, so each byte
+/// it stages from L2 feeds twice as many MMAs as a 64-token block's (~87 FLOP per byte against
+/// ~64: an H200's L2 would otherwise bound the MMAs).
+const TC_COLUMN_WARPS: u32 = 4;
+const TC_TOKEN_WARPS: u32 = 2;
+pub const TC_WARPS: u32 = TC_COLUMN_WARPS * TC_TOKEN_WARPS;
 
-/// Tokens a tensor-core projection's warp computes per pass over its weights.
-pub const TC_GROUP: u32 = 64;
+/// Tokens a tensor-core projection's block computes per pass over its weights.
+pub const TC_GROUP: u32 = 64 * TC_TOKEN_WARPS;
 
 /// Output columns a warp of `gemm_tokens_tc` owns, in tiles of 8: each input fragment (the
 /// costly part: loaded as f32 and split into two bf16 halves) feeds that many MMAs. GeGLU
@@ -773,7 +779,9 @@ pub fn tensor_cores_fit(spec: &GemvSpec, splits: &[u32]) -> bool {
 /// `8 · tc_column_tiles` output columns. The kernel reads the group count off the grid, so it
 /// must be launched with exactly this many.
 pub fn tc_grid(spec: &GemvSpec, max_tokens: u32) -> u32 {
-    spec.width.div_ceil(8 * tc_column_tiles(spec) * TC_WARPS) * max_tokens.div_ceil(TC_GROUP)
+    spec.width
+        .div_ceil(8 * tc_column_tiles(spec) * TC_COLUMN_WARPS)
+        * max_tokens.div_ceil(TC_GROUP)
 }
 
 /// How many k-steps ahead of its loads `gemm_tokens_tc` asks L2 for weight rows.
@@ -782,8 +790,8 @@ const PREFETCH_STEPS: u32 = 8;
 /// Bytes between rows of a shared-memory tile of `gemm_tokens_tc`: 16 bf16 (one k-step) and 16
 /// bytes of padding, so the 8 rows an `ldmatrix` reads fall in 8 different groups of 4 banks.
 const TC_ROW: u32 = 48;
-/// Shared bytes of one stage: inputs as bf16 hi and lo halves (64 token rows each) and 128
-/// weight rows.
+/// Shared bytes of one stage: inputs as bf16 hi and lo halves (`TC_GROUP` token rows each)
+/// and 128 weight rows.
 const TC_STAGE: u32 = (2 * TC_GROUP + 128) * TC_ROW;
 
 /// `ldmatrix.x4` with this lane's row address at `at + imm` in shared memory (`at` a 64-bit
@@ -811,20 +819,20 @@ pub enum TcInputs {
 }
 
 /// The chunk projection on tensor cores: `mma.sync.m16n8k16` with bf16 weights and f32
-/// accumulation. A block of 4 warps computes 128 output columns (64 with GeGLU, whose gate and
-/// up rows make 128 weight rows) for one group of up to 64 tokens of the chunk. Per k-step of
-/// 16 the block stages its inputs, split once into bf16 hi and lo halves (`x = hi + lo`, so the
-/// product keeps about 16 bits of each f32 input; or rounded, `TcInputs::Bf16`), and its
-/// weight rows in shared memory (two
-/// buffers: the next step's global loads are in flight while this one computes); each warp
-/// takes its fragments with `ldmatrix` and runs 4 token tiles × 4 column tiles × 2 halves = 32
-/// MMAs. Parameters as `gemm_tokens_split`. Launch: `tc_grid` blocks of `32 · TC_WARPS`.
+/// accumulation. A block of 8 warps computes 128 output columns (64 with GeGLU, whose gate and
+/// up rows make 128 weight rows) for one group of up to 128 tokens of the chunk: 4 warps
+/// across the columns, 2 across the tokens (64 each). Per k-step of 16 the block stages its
+/// inputs, split once into bf16 hi and lo halves (`x = hi + lo`, so the product keeps about 16
+/// bits of each f32 input; or rounded, `TcInputs::Bf16`), and its weight rows in shared memory
+/// (two buffers: the next step's global loads are in flight while this one computes); each
+/// warp takes its fragments with `ldmatrix` and runs 4 token tiles × 4 column tiles × 2 halves
+/// = 32 MMAs. Parameters as `gemm_tokens_split`. Launch: `tc_grid` blocks of `32 · TC_WARPS`.
 pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> String {
     assert!(
         tensor_cores_fit(spec, splits),
         "projection does not fit tensor cores"
     );
-    assert_eq!(TC_WARPS, 4, "the staging below is written for 128 threads");
+    assert_eq!(TC_WARPS, 8, "the staging below is written for 256 threads");
     let parts: Vec<u32> = if splits.is_empty() {
         vec![spec.width]
     } else {
@@ -832,7 +840,7 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     };
     let mut k = Kernel::new(&spec.name);
     // Four blocks per SM (at most 128 registers per thread).
-    k.launch_bounds(32 * TC_WARPS, 4);
+    k.launch_bounds(32 * TC_WARPS, 2);
     k.shared("tc_tiles", 2 * TC_STAGE, 16);
     let ProjectionParams {
         count,
@@ -853,11 +861,17 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     let width = spec.width;
     let geglu = spec.epilogue == Epilogue::GeGlu;
     let column_tiles = tc_column_tiles(spec);
-    let block_columns = 8 * column_tiles * TC_WARPS;
+    let block_columns = 8 * column_tiles * TC_COLUMN_WARPS;
     let (a_hi, a_lo, b_at) = (0, TC_GROUP * TC_ROW, 2 * TC_GROUP * TC_ROW);
 
     let (tid, block) = k.thread_and_block();
-    let (warp, lane) = k.warp_and_lane(tid);
+    let (warp_id, lane) = k.warp_and_lane(tid);
+    // Warp w takes columns of `warp = w mod 4` and tokens 64·(w / 4)...
+    let (warp, token_warp) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("rem.u32 {warp}, {warp_id}, {TC_COLUMN_WARPS};"));
+    k.ins(format!(
+        "div.u32 {token_warp}, {warp_id}, {TC_COLUMN_WARPS};"
+    ));
     let (g, q) = (k.reg(Class::B32), k.reg(Class::B32));
     k.ins(format!("shr.u32 {g}, {lane}, 2;"));
     k.ins(format!("and.b32 {q}, {lane}, 3;"));
@@ -884,11 +898,12 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     k.ins(format!("mov.u64 {tiles}, tc_tiles;"));
 
     // What this thread stages per k-step: 2 float4 of inputs (token row f / 4, inputs
-    // 4·(f % 4)..) and 2 × 16 bytes of weights (row f / 2, inputs 8·(f % 2)..), f = tid + 128r.
-    let a_slots: Vec<(Reg, Reg)> = (0..2)
+    // 4·(f % 4)..; f = tid + 256r) and 16 bytes of weights (row tid / 2, inputs 8·(tid % 2)..).
+    let threads = 32 * TC_WARPS;
+    let a_slots: Vec<(Reg, Reg)> = (0..TC_GROUP * 4 / threads)
         .map(|r| {
             let f = k.reg(Class::B32);
-            k.ins(format!("add.u32 {f}, {tid}, {};", 128 * r));
+            k.ins(format!("add.u32 {f}, {tid}, {};", threads * r));
             let row = k.reg(Class::B32);
             k.ins(format!("shr.u32 {row}, {f}, 2;"));
             let kq = k.reg(Class::B32);
@@ -899,10 +914,10 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
         .collect();
     // Weight rows: block rows 0..128 are output columns col0.. (GeGLU: gate rows of columns
     // col0..col0+64, then their up rows), clamped to the last column (never stored).
-    let b_slots: Vec<(Reg, Reg, Reg)> = (0..2)
+    let b_slots: Vec<(Reg, Reg, Reg)> = (0..128 * 2 / threads)
         .map(|r| {
             let f = k.reg(Class::B32);
-            k.ins(format!("add.u32 {f}, {tid}, {};", 128 * r));
+            k.ins(format!("add.u32 {f}, {tid}, {};", threads * r));
             let row = k.reg(Class::B32);
             k.ins(format!("shr.u32 {row}, {f}, 1;"));
             let half = k.reg(Class::B32);
@@ -953,7 +968,12 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
         "mul.lo.u32 {warp_row}, {warp}, {};",
         8 * column_tiles
     ));
-    // The lane's ldmatrix offsets within a stage, as 64-bit values to add to its address.
+    // The lane's ldmatrix offsets within a stage, as 64-bit values to add to its address (the
+    // inputs' from its warp's first token row).
+    k.ins(format!(
+        "mad.lo.u32 {a_lane}, {token_warp}, {}, {a_lane};",
+        64 * TC_ROW
+    ));
     let a_lane64 = k.reg(Class::B64);
     k.ins(format!("cvt.u64.u32 {a_lane64}, {a_lane};"));
     let b_lanes: Vec<Reg> = b_loads
@@ -977,9 +997,9 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
                 .collect()
         })
         .collect();
-    // Staged registers: 2 × 4 input floats and 2 × 4 weight words.
-    let a_regs: Vec<[Reg; 4]> = (0..2).map(|_| k.regs4(Class::F32)).collect();
-    let b_regs: Vec<[Reg; 4]> = (0..2).map(|_| k.regs4(Class::B32)).collect();
+    // Staged registers: 4 input floats and 4 weight words per slot.
+    let a_regs: Vec<[Reg; 4]> = a_slots.iter().map(|_| k.regs4(Class::F32)).collect();
+    let b_regs: Vec<[Reg; 4]> = b_slots.iter().map(|_| k.regs4(Class::B32)).collect();
 
     let k0 = k.reg(Class::B32);
     // Per-thread addresses, computed once: the global ones advance by a k-step at each fetch,
@@ -1177,8 +1197,9 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     k.ins(format!("bra {head};"));
     k.place(&end);
 
-    // Epilogue: accumulator i of (token tile, column tile j) is (token t0 + 16·tile + g +
-    // 8·(i >> 1), column col0 + warp's first + 8j + 2q + (i & 1)).
+    // Epilogue: accumulator i of (token tile, column tile j) is (token t0 + 64·token_warp +
+    // 16·tile + g + 8·(i >> 1), column col0 + warp's first + 8j + 2q + (i & 1)).
+    k.ins(format!("mad.lo.u32 {t0}, {token_warp}, 64, {t0};"));
     for (tile, tile_accs) in accs.iter().enumerate() {
         for (j, column_accs) in tile_accs.iter().enumerate() {
             for i in 0..4usize {

