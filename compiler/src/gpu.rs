@@ -453,8 +453,8 @@ impl Lowering<'_> {
             rotate_tokens_threads, write_ring_tokens,
         };
         use griffin_backend_ptx::prefill::{
-            gather_tokens, gemm_tokens_split, gemm_tokens_tc, rms_norm_tokens, tc_grid,
-            tensor_cores_fit, NORM_BLOCK, TC_WARPS,
+            gather_tokens, gemm_tokens_split, gemm_tokens_tc, rms_norm_tokens, tc_block, tc_grid,
+            tc_token_warps, tensor_cores_fit, NORM_BLOCK,
         };
         let g = self.g;
         let x = g.operands(id);
@@ -536,11 +536,12 @@ impl Lowering<'_> {
                 }
                 self.gemm_specs.insert(self.launches.len(), spec.clone());
                 if self.tensor_cores && tensor_cores_fit(&spec, &parts) {
+                    let token_warps = tc_token_warps(&spec, max_tokens);
                     self.launch(
                         name,
-                        gemm_tokens_tc(&spec, &parts, self.tc_inputs),
-                        tc_grid(&spec, max_tokens),
-                        32 * TC_WARPS,
+                        gemm_tokens_tc(&spec, &parts, self.tc_inputs, token_warps),
+                        tc_grid(&spec, max_tokens, token_warps),
+                        tc_block(token_warps),
                         args,
                     );
                 } else {

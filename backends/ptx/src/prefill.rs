@@ -742,16 +742,33 @@ pub fn last_row(name: &str, width: u32) -> String {
     k.finish()
 }
 
-/// Warps of a `gemm_tokens_tc` block across its output columns, and across its tokens (64 a
-/// warp): the block's weight tile serves 128 tokens, its inputs 128 weight rows, so each byte
-/// it stages from L2 feeds twice as many MMAs as a 64-token block's (~87 FLOP per byte against
-/// ~64: an H200's L2 would otherwise bound the MMAs).
+/// Warps of a `gemm_tokens_tc` block across its output columns.
 const TC_COLUMN_WARPS: u32 = 4;
-const TC_TOKEN_WARPS: u32 = 2;
-pub const TC_WARPS: u32 = TC_COLUMN_WARPS * TC_TOKEN_WARPS;
 
-/// Tokens a tensor-core projection's block computes per pass over its weights.
-pub const TC_GROUP: u32 = 64 * TC_TOKEN_WARPS;
+/// SMs of the GPU the grid is shaped for (H100 and H200 SXM).
+const TARGET_SMS: u32 = 132;
+
+/// Warps of a `gemm_tokens_tc` block across its tokens, 64 tokens each: two where the grid
+/// still has two blocks per SM of the target GPU, else one. With two, the block's weight tile
+/// serves 128 tokens, so each byte it stages from L2 feeds twice the MMAs (~87 FLOP per byte of
+/// L2 traffic against ~64: at ~700 TFLOP/s of `mma.sync` the L2 would otherwise bound it); the
+/// 2B model's narrow projections (2560 outputs: 20 column blocks) keep 64-token blocks so
+/// their grid fills the GPU.
+pub fn tc_token_warps(spec: &GemvSpec, max_tokens: u32) -> u32 {
+    let columns = spec
+        .width
+        .div_ceil(8 * tc_column_tiles(spec) * TC_COLUMN_WARPS);
+    if columns * max_tokens.div_ceil(128) >= 2 * TARGET_SMS {
+        2
+    } else {
+        1
+    }
+}
+
+/// Threads per block of `gemm_tokens_tc` with `token_warps` warps across its tokens.
+pub fn tc_block(token_warps: u32) -> u32 {
+    32 * TC_COLUMN_WARPS * token_warps
+}
 
 /// Output columns a warp of `gemm_tokens_tc` owns, in tiles of 8: each input fragment (the
 /// costly part: loaded as f32 and split into two bf16 halves) feeds that many MMAs. GeGLU
@@ -775,13 +792,13 @@ pub fn tensor_cores_fit(spec: &GemvSpec, splits: &[u32]) -> bool {
 }
 
 /// Thread blocks for `gemm_tokens_tc` over chunks of up to `max_tokens`: one per (block of
-/// output columns, group of `TC_GROUP` tokens); `TC_WARPS` warps of 32, a warp per
-/// `8 · tc_column_tiles` output columns. The kernel reads the group count off the grid, so it
-/// must be launched with exactly this many.
-pub fn tc_grid(spec: &GemvSpec, max_tokens: u32) -> u32 {
+/// output columns, group of 64 · `token_warps` tokens), a warp per `8 · tc_column_tiles`
+/// output columns. The kernel reads the group count off the grid, so it must be launched with
+/// exactly this many.
+pub fn tc_grid(spec: &GemvSpec, max_tokens: u32, token_warps: u32) -> u32 {
     spec.width
         .div_ceil(8 * tc_column_tiles(spec) * TC_COLUMN_WARPS)
-        * max_tokens.div_ceil(TC_GROUP)
+        * max_tokens.div_ceil(64 * token_warps)
 }
 
 /// How many k-steps ahead of its loads `gemm_tokens_tc` asks L2 for weight rows.
@@ -790,9 +807,6 @@ const PREFETCH_STEPS: u32 = 8;
 /// Bytes between rows of a shared-memory tile of `gemm_tokens_tc`: 16 bf16 (one k-step) and 16
 /// bytes of padding, so the 8 rows an `ldmatrix` reads fall in 8 different groups of 4 banks.
 const TC_ROW: u32 = 48;
-/// Shared bytes of one stage: inputs as bf16 hi and lo halves (`TC_GROUP` token rows each)
-/// and 128 weight rows.
-const TC_STAGE: u32 = (2 * TC_GROUP + 128) * TC_ROW;
 
 /// `ldmatrix.x4` with this lane's row address at `at + imm` in shared memory (`at` a 64-bit
 /// shared address): four 8×8 bf16 matrices, one register each.
@@ -826,13 +840,25 @@ pub enum TcInputs {
 /// bits of each f32 input; or rounded, `TcInputs::Bf16`), and its weight rows in shared memory
 /// (two buffers: the next step's global loads are in flight while this one computes); each
 /// warp takes its fragments with `ldmatrix` and runs 4 token tiles × 4 column tiles × 2 halves
-/// = 32 MMAs. Parameters as `gemm_tokens_split`. Launch: `tc_grid` blocks of `32 · TC_WARPS`.
-pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> String {
+/// = 32 MMAs; `token_warps` (1 or 2, `tc_token_warps`) warps across the tokens. Parameters
+/// as `gemm_tokens_split`. Launch: `tc_grid` blocks of `tc_block` threads, for the same
+/// `token_warps`.
+pub fn gemm_tokens_tc(
+    spec: &GemvSpec,
+    splits: &[u32],
+    inputs_as: TcInputs,
+    token_warps: u32,
+) -> String {
     assert!(
         tensor_cores_fit(spec, splits),
         "projection does not fit tensor cores"
     );
-    assert_eq!(TC_WARPS, 8, "the staging below is written for 256 threads");
+    assert!(token_warps == 1 || token_warps == 2, "1 or 2 token warps");
+    let threads = tc_block(token_warps);
+    // Tokens per block; shared bytes of one stage: inputs as bf16 hi and lo halves (`group`
+    // token rows each) and 128 weight rows.
+    let group = 64 * token_warps;
+    let stage_bytes = (2 * group + 128) * TC_ROW;
     let parts: Vec<u32> = if splits.is_empty() {
         vec![spec.width]
     } else {
@@ -840,8 +866,9 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     };
     let mut k = Kernel::new(&spec.name);
     // Four blocks per SM (at most 128 registers per thread).
-    k.launch_bounds(32 * TC_WARPS, 2);
-    k.shared("tc_tiles", 2 * TC_STAGE, 16);
+    // 128 registers a thread at most: 512 threads per SM.
+    k.launch_bounds(threads, 512 / threads);
+    k.shared("tc_tiles", 2 * stage_bytes, 16);
     let ProjectionParams {
         count,
         x,
@@ -862,7 +889,7 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     let geglu = spec.epilogue == Epilogue::GeGlu;
     let column_tiles = tc_column_tiles(spec);
     let block_columns = 8 * column_tiles * TC_COLUMN_WARPS;
-    let (a_hi, a_lo, b_at) = (0, TC_GROUP * TC_ROW, 2 * TC_GROUP * TC_ROW);
+    let (a_hi, a_lo, b_at) = (0, group * TC_ROW, 2 * group * TC_ROW);
 
     let (tid, block) = k.thread_and_block();
     let (warp_id, lane) = k.warp_and_lane(tid);
@@ -893,14 +920,13 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     k.ins(format!("mul.lo.u32 {col0}, {col0}, {block_columns};"));
     let t0 = k.reg(Class::B32);
     k.ins(format!("rem.u32 {t0}, {block}, {groups};"));
-    k.ins(format!("mul.lo.u32 {t0}, {t0}, {TC_GROUP};"));
+    k.ins(format!("mul.lo.u32 {t0}, {t0}, {group};"));
     let tiles = k.reg(Class::B64);
     k.ins(format!("mov.u64 {tiles}, tc_tiles;"));
 
     // What this thread stages per k-step: 2 float4 of inputs (token row f / 4, inputs
     // 4·(f % 4)..; f = tid + 256r) and 16 bytes of weights (row tid / 2, inputs 8·(tid % 2)..).
-    let threads = 32 * TC_WARPS;
-    let a_slots: Vec<(Reg, Reg)> = (0..TC_GROUP * 4 / threads)
+    let a_slots: Vec<(Reg, Reg)> = (0..group * 4 / threads)
         .map(|r| {
             let f = k.reg(Class::B32);
             k.ins(format!("add.u32 {f}, {tid}, {};", threads * r));
@@ -1189,7 +1215,7 @@ pub fn gemm_tokens_tc(spec: &GemvSpec, splits: &[u32], inputs_as: TcInputs) -> S
     // buffer (the barrier at the end of the previous k-step).
     let skip_commit = k.label("skip_commit");
     k.ins(format!("@!{more} bra {skip_commit};"));
-    k.ins(format!("xor.b64 {buf}, {buf}, {TC_STAGE};"));
+    k.ins(format!("xor.b64 {buf}, {buf}, {stage_bytes};"));
     commit(&mut k, buf);
     k.place(&skip_commit);
     k.ins("bar.sync 0;");

@@ -1117,22 +1117,26 @@ fn prefill_attention_case(
 #[test]
 fn tensor_core_projection_over_a_chunk_equals_the_reference() {
     use griffin_backend_ptx::prefill::TcInputs;
-    tensor_core_projection_case(20, 32, TcInputs::Split);
-    tensor_core_projection_case(100, 128, TcInputs::Split);
-    // Two 128-token groups in the grid, the second partial; then the second one empty (its
-    // blocks leave).
-    tensor_core_projection_case(150, 256, TcInputs::Split);
-    tensor_core_projection_case(20, 256, TcInputs::Split);
+    // Blocks of one warp row (64 tokens) and of two (128).
+    for rows in [1, 2] {
+        tensor_core_projection_case(20, 32, TcInputs::Split, rows);
+        tensor_core_projection_case(100, 128, TcInputs::Split, rows);
+        // Several token groups in the grid, the last partial; then all but the first empty
+        // (their blocks leave).
+        tensor_core_projection_case(150, 256, TcInputs::Split, rows);
+        tensor_core_projection_case(20, 256, TcInputs::Split, rows);
+    }
     // Inputs rounded to bf16: against a reference that rounds them the same way.
-    tensor_core_projection_case(100, 128, TcInputs::Bf16);
+    tensor_core_projection_case(100, 128, TcInputs::Bf16, 2);
 }
 
 fn tensor_core_projection_case(
     tokens: usize,
     max_tokens: u32,
     inputs_as: griffin_backend_ptx::prefill::TcInputs,
+    token_warps: u32,
 ) {
-    use griffin_backend_ptx::prefill::{gemm_tokens_tc, tc_grid, TcInputs, TC_WARPS};
+    use griffin_backend_ptx::prefill::{gemm_tokens_tc, tc_block, tc_grid, TcInputs};
     use griffin_backend_ptx::rg_lru::Storage;
     let mut rng = Rng(2024);
     // (name, inputs, width, bias, epilogue, residual, splits); widths that leave a warp's
@@ -1185,7 +1189,13 @@ fn tensor_core_projection_case(
             norm: None,
             weights: Storage::Bf16,
         };
-        let m = Module::parse(&module(&[gemm_tokens_tc(&spec, &splits, inputs_as)])).unwrap();
+        let m = Module::parse(&module(&[gemm_tokens_tc(
+            &spec,
+            &splits,
+            inputs_as,
+            token_warps,
+        )]))
+        .unwrap();
         let mut mem = Memory::new();
         let ca = mem.alloc_u32(&[tokens as u32]);
         let xa = mem.alloc_f32(x);
@@ -1213,8 +1223,8 @@ fn tensor_core_projection_case(
             &m,
             name,
             &Launch {
-                grid: tc_grid(&spec, max_tokens),
-                block: 32 * TC_WARPS,
+                grid: tc_grid(&spec, max_tokens, token_warps),
+                block: tc_block(token_warps),
                 params: &params,
             },
             &mut mem,

@@ -12,7 +12,8 @@ use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{advance, argmax, gather};
 use griffin_backend_ptx::module;
 use griffin_backend_ptx::prefill::{
-    gemm_tokens, gemm_tokens_tc, rg_lru_gates_tokens, rg_lru_scan_tokens, rms_norm_tokens, TcInputs,
+    gemm_tokens, gemm_tokens_tc, rg_lru_gates_tokens, rg_lru_scan_tokens, rms_norm_tokens,
+    tc_token_warps, TcInputs,
 };
 use griffin_backend_ptx::rg_lru::{rg_lru_step, RgLruSpec, Storage};
 
@@ -173,7 +174,7 @@ fn all_kernels() -> Vec<(String, String)> {
         };
         out.push((
             tc.name.clone(),
-            gemm_tokens_tc(&tc, &splits, TcInputs::Split),
+            gemm_tokens_tc(&tc, &splits, TcInputs::Split, tc_token_warps(&tc, 512)),
         ));
         let bf16 = format!("{}_bf16_inputs", tc.name);
         out.push((
@@ -185,6 +186,7 @@ fn all_kernels() -> Vec<(String, String)> {
                 },
                 &splits,
                 TcInputs::Bf16,
+                tc_token_warps(&tc, 512),
             ),
         ));
     }
