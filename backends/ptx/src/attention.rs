@@ -717,9 +717,15 @@ pub fn attend_tokens_grid(s: &AttentionSpec, max_tokens: u32) -> u32 {
     max_tokens * s.kv_heads
 }
 
-/// Threads per block of `attend_tokens`: a warp per query head of the KV group.
+/// Query heads each warp of `attend_tokens` takes: two where the KV group has two or more
+/// (key tile reads and value rows serve both).
+fn heads_per_warp(s: &AttentionSpec) -> u32 {
+    (s.heads / s.kv_heads).min(2)
+}
+
+/// Threads per block of `attend_tokens`: a warp per two query heads of the KV group.
 pub fn attend_tokens_block(s: &AttentionSpec) -> u32 {
-    32 * (s.heads / s.kv_heads)
+    32 * (s.heads / s.kv_heads).div_ceil(heads_per_warp(s))
 }
 
 /// Keys per tile of `attend_tokens`: one per lane when scoring.
@@ -731,14 +737,15 @@ pub fn attend_tokens_shared(s: &AttentionSpec) -> u32 {
     4 * TILE_KEYS * (s.head_dim + 4)
 }
 
-/// Attention for a chunk of T queries (prefill). A block per (token, KV head), a warp per query
-/// head sharing that KV head. The window's keys go through in tiles of 32: the block stages a
-/// tile's key rows in shared memory once for all its heads (16-byte loads, coalesced), then
-/// lane j of each warp computes key j's whole dot product with its head's query (query read
-/// as 16-byte broadcasts, the key row from shared memory: no per-key shuffle reduction), one
-/// online-softmax update per tile (running max and sum: a max and a sum over the warp, one
-/// rescale), and the value rows of the tile are added with each key's weight broadcast from
-/// its lane (`shfl.idx`), features split over lanes. Keys and values of positions before the
+/// Attention for a chunk of T queries (prefill). A block per (token, KV head), a warp per two
+/// query heads sharing that KV head. The window's keys go through in tiles of 32: the block
+/// stages a tile's key rows in shared memory once for all its heads (16-byte loads,
+/// coalesced), then lane j of each warp computes key j's whole dot product with each of its
+/// heads' queries (queries read as 16-byte broadcasts, the key row from shared memory once for
+/// both: no per-key shuffle reduction), one online-softmax update per tile and head (running
+/// max and sum: a max and a sum over the warp, one rescale), and the value rows of the tile are
+/// added, each loaded once for both heads, with each key's weight broadcast from its lane
+/// (`shfl.idx`), features split over lanes. Keys and values of positions before the
 /// chunk come from the ring, the chunk's own from its rotated keys and its values (the ring is
 /// written after, by `write_ring_tokens`, so no query loses a key a later token would
 /// overwrite). Parameters: q `f32[T,H,hd]` (rotated), count `i32[1]`, start `i32[1]`, chunk
@@ -750,7 +757,7 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     assert!(group <= 32, "a block holds at most 32 query heads");
     let (hd, w, gkv) = (s.head_dim, s.window, s.kv_heads);
     assert!(hd % 4 == 0, "head width must be a multiple of 4");
-    let threads = 32 * group;
+    let (threads, hp) = (attend_tokens_block(s), heads_per_warp(s));
     let row_bytes = 4 * (hd + 4);
     let mut k = Kernel::new(&format!("{}_attend_tokens", s.name));
     k.shared("key_tile", attend_tokens_shared(s), 16);
@@ -777,14 +784,25 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     k.ins(format!("ld.global.u32 {start}, [{start_at}];"));
     let pos = k.reg(Class::B32);
     k.ins(format!("add.u32 {pos}, {start}, {t};"));
-    // Query head h = g·group + warp, row (t, h).
-    let qrow = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {qrow}, {g}, {group}, {warp};"));
-    k.ins(format!("mad.lo.u32 {qrow}, {t}, {}, {qrow};", s.heads));
-    k.ins(format!("mul.lo.u32 {qrow}, {qrow}, {hd};"));
-    let qp = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {qp}, {qrow}, 4;"));
-    k.ins(format!("add.u64 {qp}, {qp}, {q};"));
+    // The warp's query heads: hp·warp + u of the group (u < hp), row (t, g·group + that). With
+    // an odd group the last warp's second head repeats its first, and is not stored.
+    let heads: Vec<(Reg, Reg, Reg)> = (0..hp)
+        .map(|u| {
+            let hh = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {hh}, {warp}, {hp}, {u};"));
+            let store = k.reg(Class::Pred);
+            k.ins(format!("setp.lt.u32 {store}, {hh}, {group};"));
+            k.ins(format!("min.u32 {hh}, {hh}, {};", group - 1));
+            let qrow = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {qrow}, {g}, {group}, {hh};"));
+            k.ins(format!("mad.lo.u32 {qrow}, {t}, {}, {qrow};", s.heads));
+            k.ins(format!("mul.lo.u32 {qrow}, {qrow}, {hd};"));
+            let qp = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {qp}, {qrow}, 4;"));
+            k.ins(format!("add.u64 {qp}, {qp}, {q};"));
+            (qrow, qp, store)
+        })
+        .collect();
     let tile = k.reg(Class::B64);
     k.ins(format!("mov.u64 {tile}, key_tile;"));
     // Value features by 16-byte quads per lane when they tile the head exactly.
@@ -806,16 +824,22 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
         Some(p) => format!("@{p} {ins}"),
         None => ins,
     };
-    let acc: Vec<Reg> = (0..lanes_e)
+    // Per head: the lane's output accumulators, running max and sum.
+    let state: Vec<(Vec<Reg>, Reg, Reg)> = (0..hp)
         .map(|_| {
-            let a = k.reg(Class::F32);
-            k.ins(format!("mov.f32 {a}, 0f00000000;"));
-            a
+            let acc: Vec<Reg> = (0..lanes_e)
+                .map(|_| {
+                    let a = k.reg(Class::F32);
+                    k.ins(format!("mov.f32 {a}, 0f00000000;"));
+                    a
+                })
+                .collect();
+            let (m, l) = (k.reg(Class::F32), k.reg(Class::F32));
+            k.ins(format!("mov.f32 {m}, 0fFF800000;"));
+            k.ins(format!("mov.f32 {l}, 0f00000000;"));
+            (acc, m, l)
         })
         .collect();
-    let (m, l) = (k.reg(Class::F32), k.reg(Class::F32));
-    k.ins(format!("mov.f32 {m}, 0fFF800000;"));
-    k.ins(format!("mov.f32 {l}, 0f00000000;"));
 
     // The first element of the key (or value) row of position pp: the chunk's own rows from
     // `start` on, else ring slot `slot` (pp mod W, kept by the caller).
@@ -896,22 +920,19 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     k.place(&se);
     k.ins("bar.sync 0;");
 
-    // Lane j scores key j of the tile (rows past nk hold stale values and are masked).
+    // Lane j scores key j of the tile for each of the warp's heads (rows past nk hold stale
+    // values and are masked); each key quad read from shared memory serves both heads.
     let kp = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {kp}, {lane}, {row_bytes};"));
     k.ins(format!("add.u64 {kp}, {kp}, {tile};"));
-    let score = k.reg(Class::F32);
-    k.ins(format!("mov.f32 {score}, 0f00000000;"));
+    let scores: Vec<Reg> = (0..hp)
+        .map(|_| {
+            let sc = k.reg(Class::F32);
+            k.ins(format!("mov.f32 {sc}, 0f00000000;"));
+            sc
+        })
+        .collect();
     for cq in 0..quads {
-        let qv = k.regs4(Class::F32);
-        k.ins(format!(
-            "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{qp}+{}];",
-            qv[0],
-            qv[1],
-            qv[2],
-            qv[3],
-            16 * cq
-        ));
         let kv = k.regs4(Class::F32);
         k.ins(format!(
             "ld.shared.v4.f32 {{{}, {}, {}, {}}}, [{kp}+{}];",
@@ -921,37 +942,52 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
             kv[3],
             16 * cq
         ));
-        for (a, b) in qv.iter().zip(&kv) {
-            k.ins(format!("fma.rn.f32 {score}, {a}, {b}, {score};"));
+        for ((_, qp, _), score) in heads.iter().zip(&scores) {
+            let qv = k.regs4(Class::F32);
+            k.ins(format!(
+                "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{qp}+{}];",
+                qv[0],
+                qv[1],
+                qv[2],
+                qv[3],
+                16 * cq
+            ));
+            for (a, b) in qv.iter().zip(&kv) {
+                k.ins(format!("fma.rn.f32 {score}, {a}, {b}, {score};"));
+            }
         }
     }
-    k.ins(format!(
-        "mul.f32 {score}, {score}, {};",
-        Kernel::f32_imm(s.scale)
-    ));
     let valid = k.reg(Class::Pred);
     k.ins(format!("setp.lt.u32 {valid}, {lane}, {nk};"));
-    k.ins(format!("selp.f32 {score}, {score}, 0fFF800000, {valid};"));
-    // Online softmax over the tile: m' = max(m, max_j s_j), every sum and accumulator scaled
-    // by e^(m - m'), key j weighted e^(s_j - m') (0 past nk).
-    let m_new = k.reg(Class::F32);
-    k.ins(format!("mov.f32 {m_new}, {score};"));
-    warp_reduce(&mut k, "max", m_new);
-    k.ins(format!("max.f32 {m_new}, {m_new}, {m};"));
-    let keep = k.reg(Class::F32);
-    k.ins(format!("sub.f32 {keep}, {m}, {m_new};"));
-    let keep = exp(&mut k, keep);
-    let weight = k.reg(Class::F32);
-    k.ins(format!("sub.f32 {weight}, {score}, {m_new};"));
-    let weight = exp(&mut k, weight);
-    let tile_sum = k.reg(Class::F32);
-    k.ins(format!("mov.f32 {tile_sum}, {weight};"));
-    warp_sum(&mut k, tile_sum);
-    k.ins(format!("fma.rn.f32 {l}, {l}, {keep}, {tile_sum};"));
-    for a in &acc {
-        k.ins(format!("mul.f32 {a}, {a}, {keep};"));
+    // Online softmax over the tile, per head: m' = max(m, max_j s_j), every sum and
+    // accumulator scaled by e^(m - m'), key j weighted e^(s_j - m') (0 past nk).
+    let mut weights = Vec::new();
+    for (score, (acc, m, l)) in scores.iter().zip(&state) {
+        k.ins(format!(
+            "mul.f32 {score}, {score}, {};",
+            Kernel::f32_imm(s.scale)
+        ));
+        k.ins(format!("selp.f32 {score}, {score}, 0fFF800000, {valid};"));
+        let m_new = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {m_new}, {score};"));
+        warp_reduce(&mut k, "max", m_new);
+        k.ins(format!("max.f32 {m_new}, {m_new}, {m};"));
+        let keep = k.reg(Class::F32);
+        k.ins(format!("sub.f32 {keep}, {m}, {m_new};"));
+        let keep = exp(&mut k, keep);
+        let weight = k.reg(Class::F32);
+        k.ins(format!("sub.f32 {weight}, {score}, {m_new};"));
+        let weight = exp(&mut k, weight);
+        let tile_sum = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {tile_sum}, {weight};"));
+        warp_sum(&mut k, tile_sum);
+        k.ins(format!("fma.rn.f32 {l}, {l}, {keep}, {tile_sum};"));
+        for a in acc {
+            k.ins(format!("mul.f32 {a}, {a}, {keep};"));
+        }
+        k.ins(format!("mov.f32 {m}, {m_new};"));
+        weights.push(weight);
     }
-    k.ins(format!("mov.f32 {m}, {m_new};"));
 
     // Values: key j's weight from lane j, its value row added to this lane's features, four
     // keys' loads in flight at a time. One address per key, the lane's features at immediate
@@ -962,13 +998,19 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
         for u in 0..keys {
             let ju = k.reg(Class::B32);
             k.ins(format!("add.u32 {ju}, {j}, {u};"));
-            let wj = k.reg(Class::F32);
-            k.ins(format!("shfl.sync.idx.b32 {wj}, {weight}, {ju}, 31, -1;"));
+            let wj: Vec<Reg> = weights
+                .iter()
+                .map(|weight| {
+                    let wj = k.reg(Class::F32);
+                    k.ins(format!("shfl.sync.idx.b32 {wj}, {weight}, {ju}, 31, -1;"));
+                    wj
+                })
+                .collect();
             let pp = k.reg(Class::B32);
             k.ins(format!("add.u32 {pp}, {p0}, {ju};"));
             let slot = slot_after(k, slot0, ju);
             let (vbase, vrow) = row_of(k, pp, slot, chunk_values, values);
-            let vals: Vec<Reg> = (0..acc.len()).map(|_| k.reg(Class::F32)).collect();
+            let vals: Vec<Reg> = (0..lanes_e).map(|_| k.reg(Class::F32)).collect();
             if wide {
                 k.ins(format!("mad.lo.u32 {vrow}, {lane}, 4, {vrow};"));
                 let va = addr4(k, vbase, vrow);
@@ -998,8 +1040,10 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
             loaded.push((wj, vals));
         }
         for (wj, vals) in loaded {
-            for (a, vv) in acc.iter().zip(&vals) {
-                k.ins(format!("fma.rn.f32 {a}, {wj}, {vv}, {a};"));
+            for (w, (acc, _, _)) in wj.iter().zip(&state) {
+                for (a, vv) in acc.iter().zip(&vals) {
+                    k.ins(format!("fma.rn.f32 {a}, {w}, {vv}, {a};"));
+                }
             }
         }
         k.ins(format!("add.u32 {j}, {j}, {keys};"));
@@ -1013,33 +1057,38 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     k.ins(format!("bra {head};"));
     k.place(&end);
 
-    let inv = k.reg(Class::F32);
-    k.ins(format!("rcp.rn.f32 {inv}, {l};"));
-    for a in &acc {
-        k.ins(format!("mul.f32 {a}, {a}, {inv};"));
-    }
-    if wide {
-        let oi = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {oi}, {lane}, 4, {qrow};"));
-        let oa = addr4(&mut k, out, oi);
-        for (e, q) in acc.chunks(4).enumerate() {
-            k.ins(format!(
-                "st.global.v4.f32 [{oa}+{}], {{{}, {}, {}, {}}};",
-                512 * e,
-                q[0],
-                q[1],
-                q[2],
-                q[3]
-            ));
+    for ((acc, _, l), (qrow, _, store)) in state.iter().zip(&heads) {
+        let inv = k.reg(Class::F32);
+        k.ins(format!("rcp.rn.f32 {inv}, {l};"));
+        for a in acc {
+            k.ins(format!("mul.f32 {a}, {a}, {inv};"));
         }
-    } else {
-        for (e, a) in acc.iter().enumerate() {
+        let skip = k.label("not_stored");
+        k.ins(format!("@!{store} bra {skip};"));
+        if wide {
             let oi = k.reg(Class::B32);
-            k.ins(format!("add.u32 {oi}, {qrow}, {lane};"));
-            k.ins(format!("add.u32 {oi}, {oi}, {};", 32 * e));
+            k.ins(format!("mad.lo.u32 {oi}, {lane}, 4, {qrow};"));
             let oa = addr4(&mut k, out, oi);
-            k.ins(guarded(has[e], format!("st.global.f32 [{oa}], {a};")));
+            for (e, q) in acc.chunks(4).enumerate() {
+                k.ins(format!(
+                    "st.global.v4.f32 [{oa}+{}], {{{}, {}, {}, {}}};",
+                    512 * e,
+                    q[0],
+                    q[1],
+                    q[2],
+                    q[3]
+                ));
+            }
+        } else {
+            for (e, a) in acc.iter().enumerate() {
+                let oi = k.reg(Class::B32);
+                k.ins(format!("add.u32 {oi}, {qrow}, {lane};"));
+                k.ins(format!("add.u32 {oi}, {oi}, {};", 32 * e));
+                let oa = addr4(&mut k, out, oi);
+                k.ins(guarded(has[e], format!("st.global.f32 [{oa}], {a};")));
+            }
         }
+        k.place(&skip);
     }
     k.place(&done);
     k.finish()
