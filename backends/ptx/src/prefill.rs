@@ -1,22 +1,26 @@
-//! The first prefill kernels: a chunk of T tokens at once, T read from a device counter (so a
-//! plan sized for the largest chunk runs any shorter one).
+//! The prefill kernels: a chunk of T tokens at once, T read from a device counter (so a plan
+//! sized for the largest chunk runs any shorter one).
 //!
 //! - `rms_norm_tokens`: one block per token, `x[t]·g/rms(x[t])` into a scratch buffer (the
 //!   projection after it then reads normalised inputs).
-//! - `gemm_tokens`: the projection over T tokens. One warp per output column, as in decode, but
-//!   each 16-byte load of weights is reused for 4 tokens before the next: a chunk streams its
-//!   weights T/4 times instead of T times. Epilogues (bias, GeGLU, soft-cap, residual) per token.
+//! - `gemm_tokens_tc`: bf16 projections on tensor cores (`mma.sync`), a block per (column
+//!   block, token group); `gemm_tokens`/`gemm_tokens_split`: the CUDA-core projection for the
+//!   rest (f32 weights), one warp per output column, as in decode, each 16-byte load of
+//!   weights reused for `TOKEN_GROUP` tokens. Epilogues (bias, GeGLU, soft-cap, residual) per
+//!   token.
+//! - `rg_lru_gates_tokens` then `rg_lru_scan_tokens`: the recurrence over the chunk (gates of
+//!   every token in parallel, then the sequential scan per channel).
+//! - `gather_tokens`, `last_row`: the chunk's embeddings; the last token's row for generation.
 //!
-//! Not yet lowered from the prefill graph (the RG-LRU over T and attention over T queries are
-//! still to write): GPU prefill runs as decode steps for now.
-
+//! Attention over the chunk's queries is in `attention.rs`.
 use crate::builder::{Class, Kernel, Reg};
 use crate::gemv::{finish_rms, load_weights8, Epilogue, GemvSpec, WARPS_PER_BLOCK};
 use crate::math::{combine_partials, gelu, store_warp_partial, tanh, warp_sum};
 use crate::rg_lru::{addr4, Storage};
 
-/// Tokens sharing each weight load.
-pub const TOKEN_GROUP: u32 = 4;
+/// Tokens sharing each weight load of the CUDA-core projection: a chunk streams its weights
+/// T/8 times (from L2 mostly) instead of T times.
+pub const TOKEN_GROUP: u32 = 8;
 pub const NORM_BLOCK: u32 = 256;
 
 /// The parameters of a chunk projection, in order: count `i32[1]`, x `f32[T, I]`, w, [bias],
@@ -259,7 +263,7 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
         vec![col]
     };
 
-    // Token groups: t0 = 0, 4, 8, … < n; tokens past n compute on row n-1's inputs (a valid
+    // Token groups: t0 = 0, 8, 16, … < n; tokens past n compute on row n-1's inputs (a valid
     // address) and are not stored.
     let t0 = k.reg(Class::B32);
     k.ins(format!("mov.u32 {t0}, 0;"));

@@ -790,8 +790,8 @@ fn prefill_projection_and_norm_over_a_chunk_of_tokens() {
     use griffin_backend_ptx::prefill::{gemm_tokens, rms_norm_tokens, NORM_BLOCK};
     use griffin_backend_ptx::rg_lru::Storage;
     let mut rng = Rng(99);
-    // 6 tokens: one full group of 4 and a tail of 2; the plan is sized for 8.
-    let (tokens, max_tokens) = (6usize, 8usize);
+    // 10 tokens: one full group of 8 and a tail of 2; the plan is sized for 16.
+    let (tokens, max_tokens) = (10usize, 16usize);
     let cases = [
         (
             "t_plain",
