@@ -1,13 +1,13 @@
-//! The GPU path from the compiler's side: lower the optimised decode graph to PTX kernels and a
-//! launch list (a `GpuProgram`), with its weights packed by the same recipes and code as the
-//! CPU path. `EmuEngine` runs a program on the PTX interpreter (`--backend ptx-emu`), so the
-//! whole GPU decode step is checked against the golden cases on machines without a GPU.
+//! The GPU path from the compiler's side: lower the optimised decode and prefill graphs to PTX
+//! kernels and launch lists (a `GpuProgram`), with its weights packed by the same recipes and
+//! code as the CPU path. `EmuEngine` runs a program on the PTX interpreter (`--backend
+//! ptx-emu`), so the whole GPU program is checked against the golden cases on machines without
+//! a GPU; `CudaEngine` runs it through `griffin_runtime::cuda` (`--backend cuda`).
 //!
-//! Every buffer is allocated once: weights, carried state (conv windows, recurrence states, KV
-//! rings), one buffer per activation (a decode step's activations are a few vectors per
-//! layer), the token id and the position (kept in device memory so a captured step can replay).
-//! Not yet: the CUDA runtime that runs a program on a GPU, and prefill kernels (a prompt runs
-//! as decode steps).
+//! Every buffer is allocated once: weights, carried state (conv windows as rings of K rows,
+//! recurrence states, KV rings), activations (pooled by liveness into one arena:
+//! `GpuPlan::pool_activations`), the token ids, the chunk's count and the position (kept in
+//! device memory so a captured step or chunk can replay).
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -1,9 +1,10 @@
-//! The PTX backend: a small typed PTX writer, the decode kernels (projections as GEMV with
-//! norm prologue and epilogues, the fused RG-LRU step, attention over the KV ring, embedding
-//! gather, argmax), and a PTX interpreter (`emu`) that checks their numbers without a GPU.
-//! Kernels target sm_90 with PTX ISA 8.0 and are assembled by a real `ptxas` in the tests.
-//! Lowering a graph to these kernels is `griffinc::gpu`; running them is
-//! `griffin_runtime::cuda`. Not yet: prefill kernels.
+//! The PTX backend: a small typed PTX writer, the kernels for sm_90 and a PTX interpreter
+//! (`emu`) that checks their numbers without a GPU. Decode: projections as GEMV with norm
+//! prologue and epilogues, the fused RG-LRU step, split-key attention over the KV ring,
+//! embedding gather, argmax. Prefill chunks: RMS norm, projections on tensor cores (or CUDA
+//! cores), the RG-LRU over the chunk, key-tiled attention, gather, last row. Kernels target
+//! sm_90 with PTX ISA 8.0 and are assembled by a real `ptxas` in the tests. Lowering a graph to
+//! these kernels is `griffinc::gpu`; running them is `griffin_runtime::cuda`.
 
 pub mod attention;
 pub mod builder;

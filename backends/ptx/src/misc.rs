@@ -1,8 +1,5 @@
 //! The small kernels around the layers: the embedding gather at the start of a decode step,
-//! on-device argmax at its end (so greedy decoding copies one id back per token), and the
-//! position counter's advance (the step replays as one captured graph, so the position lives
-//! in device memory).
-
+//! and on-device argmax at its end (so greedy decoding copies one id back per token).
 use crate::builder::{Class, Kernel, Reg};
 use crate::rg_lru::{addr4, load_weight, Storage};
 
@@ -150,16 +147,5 @@ pub fn argmax(name: &str, vocab: u32) -> String {
     k.ins(format!("@{none} mov.u32 {bi}, 0;"));
     k.ins(format!("st.global.u32 [{out}], {bi};"));
     k.place(&done);
-    k.finish()
-}
-
-/// Parameters: position `i32[1]`. One thread adds one.
-pub fn advance(name: &str) -> String {
-    let mut k = Kernel::new(name);
-    let position = k.param_ptr("position");
-    let p = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {p}, [{position}];"));
-    k.ins(format!("add.u32 {p}, {p}, 1;"));
-    k.ins(format!("st.global.u32 [{position}], {p};"));
     k.finish()
 }

@@ -9,7 +9,7 @@ use griffin_backend_ptx::attention::{
     AttentionSpec,
 };
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
-use griffin_backend_ptx::misc::{advance, argmax, gather};
+use griffin_backend_ptx::misc::{argmax, gather};
 use griffin_backend_ptx::module;
 use griffin_backend_ptx::prefill::{
     gemm_tokens, gemm_tokens_tc, rg_lru_gates_tokens, rg_lru_scan_tokens, rms_norm_tokens,
@@ -153,7 +153,6 @@ fn all_kernels() -> Vec<(String, String)> {
         gather("b2_gather", 2560, Storage::Bf16, Some(50.5)),
     ));
     out.push(("b2_argmax".into(), argmax("b2_argmax", 256000)));
-    out.push(("advance".into(), advance("advance")));
     // Prefill (T tokens per launch): the 2B projections without their norm prologue.
     for s in specs().into_iter().filter(|s| s.name.starts_with("b2_")) {
         let s = GemvSpec {
