@@ -209,21 +209,26 @@ pub fn gemm_tokens(spec: &GemvSpec) -> String {
     gemm_tokens_split(spec, &[])
 }
 
+/// The widths of a projection's outputs: `splits` (which must cover the width), or the whole
+/// width as one output.
+fn output_parts(spec: &GemvSpec, splits: &[u32]) -> Vec<u32> {
+    if splits.is_empty() {
+        return vec![spec.width];
+    }
+    assert_eq!(
+        splits.iter().sum::<u32>(),
+        spec.width,
+        "splits cover the width"
+    );
+    splits.to_vec()
+}
+
 /// `gemm_tokens` writing column blocks to separate outputs `[T, part]` (q/k/v, x/y): one `out`
 /// parameter per part, in order. `splits` empty means one output.
 pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
     assert!(spec.inputs % 8 == 0, "inputs must be a multiple of 8");
     assert!(spec.norm.is_none(), "normalise with rms_norm_tokens first");
-    let parts: Vec<u32> = if splits.is_empty() {
-        vec![spec.width]
-    } else {
-        splits.to_vec()
-    };
-    assert_eq!(
-        parts.iter().sum::<u32>(),
-        spec.width,
-        "splits cover the width"
-    );
+    let parts = output_parts(spec, splits);
     let mut k = Kernel::new(&spec.name);
     let ProjectionParams {
         count,
@@ -759,10 +764,7 @@ const TARGET_SMS: u32 = 132;
 /// 2B model's narrow projections (2560 outputs: 20 column blocks) keep 64-token blocks so
 /// their grid fills the GPU.
 pub fn tc_token_warps(spec: &GemvSpec, max_tokens: u32) -> u32 {
-    let columns = spec
-        .width
-        .div_ceil(8 * tc_column_tiles(spec) * TC_COLUMN_WARPS);
-    if columns * max_tokens.div_ceil(128) >= 2 * TARGET_SMS {
+    if tc_column_blocks(spec) * max_tokens.div_ceil(128) >= 2 * TARGET_SMS {
         2
     } else {
         1
@@ -800,9 +802,18 @@ pub fn tensor_cores_fit(spec: &GemvSpec, splits: &[u32]) -> bool {
 /// output columns. The kernel reads the group count off the grid, so it must be launched with
 /// exactly this many.
 pub fn tc_grid(spec: &GemvSpec, max_tokens: u32, token_warps: u32) -> u32 {
-    spec.width
-        .div_ceil(8 * tc_column_tiles(spec) * TC_COLUMN_WARPS)
-        * max_tokens.div_ceil(64 * token_warps)
+    tc_column_blocks(spec) * max_tokens.div_ceil(64 * token_warps)
+}
+
+/// Output columns a block of `gemm_tokens_tc` computes: `tc_column_tiles` tiles of 8 for each
+/// of its column warps.
+fn tc_block_columns(spec: &GemvSpec) -> u32 {
+    8 * tc_column_tiles(spec) * TC_COLUMN_WARPS
+}
+
+/// Blocks of `gemm_tokens_tc` across the output columns.
+fn tc_column_blocks(spec: &GemvSpec) -> u32 {
+    spec.width.div_ceil(tc_block_columns(spec))
 }
 
 /// How many k-steps ahead of its loads `gemm_tokens_tc` asks L2 for weight rows.
@@ -863,13 +874,8 @@ pub fn gemm_tokens_tc(
     // token rows each) and 128 weight rows.
     let group = 64 * token_warps;
     let stage_bytes = (2 * group + 128) * TC_ROW;
-    let parts: Vec<u32> = if splits.is_empty() {
-        vec![spec.width]
-    } else {
-        splits.to_vec()
-    };
+    let parts = output_parts(spec, splits);
     let mut k = Kernel::new(&spec.name);
-    // Four blocks per SM (at most 128 registers per thread).
     // 128 registers a thread at most: 512 threads per SM.
     k.launch_bounds(threads, 512 / threads);
     k.shared("tc_tiles", 2 * stage_bytes, 16);
@@ -892,7 +898,7 @@ pub fn gemm_tokens_tc(
     let width = spec.width;
     let geglu = spec.epilogue == Epilogue::GeGlu;
     let column_tiles = tc_column_tiles(spec);
-    let block_columns = 8 * column_tiles * TC_COLUMN_WARPS;
+    let block_columns = tc_block_columns(spec);
     let (a_hi, a_lo, b_at) = (0, group * TC_ROW, 2 * group * TC_ROW);
 
     let (tid, block) = k.thread_and_block();
@@ -917,7 +923,7 @@ pub fn gemm_tokens_tc(
     k.ins(format!("mov.u32 {groups}, %nctaid.x;"));
     k.ins(format!(
         "div.u32 {groups}, {groups}, {};",
-        width.div_ceil(block_columns)
+        tc_column_blocks(spec)
     ));
     let col0 = k.reg(Class::B32);
     k.ins(format!("div.u32 {col0}, {block}, {groups};"));
@@ -928,8 +934,9 @@ pub fn gemm_tokens_tc(
     let tiles = k.reg(Class::B64);
     k.ins(format!("mov.u64 {tiles}, tc_tiles;"));
 
-    // What this thread stages per k-step: 2 float4 of inputs (token row f / 4, inputs
-    // 4·(f % 4)..; f = tid + 256r) and 16 bytes of weights (row tid / 2, inputs 8·(tid % 2)..).
+    // What this thread stages per k-step: float4s of inputs (token row f / 4, inputs
+    // 4·(f % 4)..) and 16 bytes of weights (row f / 2, inputs 8·(f % 2)..), f = tid +
+    // threads·r: two and one with 256 threads, two and two with 128.
     let a_slots: Vec<(Reg, Reg)> = (0..group * 4 / threads)
         .map(|r| {
             let f = k.reg(Class::B32);
@@ -1018,7 +1025,7 @@ pub fn gemm_tokens_tc(
         })
         .collect();
 
-    // Accumulators: [token tile][column tile][gate/up][4], zeroed per group.
+    // Accumulators: [token tile][column tile][gate/up][4].
     let halves = if geglu { 2 } else { 1 };
     let accs: Vec<Vec<Vec<[Reg; 4]>>> = (0..4)
         .map(|_| {
