@@ -396,27 +396,35 @@ pub fn rg_lru_scan_grid(s: &crate::rg_lru::RgLruSpec) -> u32 {
     s.channels.div_ceil(SCAN_BLOCK)
 }
 
-/// Input of channel j at chunk offset `s` (signed): x[s] for s ≥ 0, else the window's ring row
-/// of position `p0 + s` (`rg_lru::ring_row`; any row when that position is before the text,
-/// whose taps count zero).
+/// Channel j's input `back` positions before the chunk's token t (at position p): x[t - back]
+/// when that is in the chunk, else the window's ring row of position p - back
+/// (`rg_lru::ring_row`; any row when that position is before the text, whose taps count zero).
 #[allow(clippy::too_many_arguments)]
-fn rg_input(k: &mut Kernel, x: Reg, window: Reg, j: Reg, s: Reg, p0: Reg, c: u32, kk: u32) -> Reg {
-    let v = k.reg(Class::F32);
+fn rg_input(
+    k: &mut Kernel,
+    x: Reg,
+    window: Reg,
+    j: Reg,
+    t: Reg,
+    p: Reg,
+    back: u32,
+    c: u32,
+    kk: u32,
+) -> Reg {
+    let s = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {s}, {t}, {back};"));
     let from_x = k.reg(Class::Pred);
     k.ins(format!("setp.ge.s32 {from_x}, {s}, 0;"));
     let xi = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {xi}, {s}, {c}, {j};"));
-    // p0 + s ≥ -(K-1), so p0 + s + K is positive.
-    let wi = k.reg(Class::B32);
-    k.ins(format!("add.u32 {wi}, {p0}, {s};"));
-    k.ins(format!("add.u32 {wi}, {wi}, {kk};"));
-    k.ins(format!("rem.u32 {wi}, {wi}, {kk};"));
+    let wi = crate::rg_lru::ring_row(k, p, back, kk);
     k.ins(format!("mad.lo.u32 {wi}, {wi}, {c}, {j};"));
     let idx = k.reg(Class::B32);
     k.ins(format!("selp.b32 {idx}, {xi}, {wi}, {from_x};"));
     let base = k.reg(Class::B64);
     k.ins(format!("selp.b64 {base}, {x}, {window}, {from_x};"));
     let at = addr4(k, base, idx);
+    let v = k.reg(Class::F32);
     k.ins(format!("ld.global.f32 {v}, [{at}];"));
     v
 }
@@ -499,9 +507,7 @@ pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
         k.ins(format!("add.u32 {p}, {p0}, {t};"));
         for (tap, w) in taps.iter().enumerate() {
             let back = kk - 1 - tap as u32;
-            let so = k.reg(Class::B32);
-            k.ins(format!("sub.u32 {so}, {t}, {back};"));
-            let v = rg_input(&mut k, x, window, j, so, p0, c, kk);
+            let v = rg_input(&mut k, x, window, j, t, p, back, c, kk);
             // Taps before the document's first position read nothing (zero padding).
             let valid = k.reg(Class::Pred);
             k.ins(format!("setp.ge.s32 {valid}, {p}, {back};"));
@@ -664,9 +670,9 @@ pub fn rg_lru_scan_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
         let xa = addr4(&mut k, x, xi);
         let v = k.reg(Class::F32);
         k.ins(format!("ld.global.f32 {v}, [{xa}];"));
-        let row = k.reg(Class::B32);
-        k.ins(format!("add.u32 {row}, {p0}, {so};"));
-        k.ins(format!("rem.u32 {row}, {row}, {kk};"));
+        let p = k.reg(Class::B32);
+        k.ins(format!("add.u32 {p}, {p0}, {so};"));
+        let row = crate::rg_lru::ring_row(&mut k, p, 0, kk);
         let idx = k.reg(Class::B32);
         k.ins(format!("mad.lo.u32 {idx}, {row}, {c}, {j};"));
         let at = addr4(&mut k, window, idx);
