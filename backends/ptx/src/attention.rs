@@ -24,6 +24,21 @@ pub struct AttentionSpec {
     pub rotary: Option<(f64, u32)>,
 }
 
+impl AttentionSpec {
+    /// Query heads per KV head.
+    pub fn group(&self) -> u32 {
+        self.heads / self.kv_heads
+    }
+}
+
+/// First position of the window ending at `pos`: `max(pos - (W-1), 0)`.
+fn window_start(k: &mut Kernel, pos: Reg, w: u32) -> Reg {
+    let lo = k.reg(Class::B32);
+    k.ins(format!("max.u32 {lo}, {pos}, {};", w - 1));
+    k.ins(format!("sub.u32 {lo}, {lo}, {};", w - 1));
+    lo
+}
+
 pub const ATTEND_WARPS: u32 = 8;
 pub const ROTATE_BLOCK: u32 = 256;
 
@@ -346,13 +361,8 @@ pub fn attend_grid(s: &AttentionSpec) -> u32 {
     s.kv_heads * attend_splits(s)
 }
 
-/// Query heads per KV head.
-fn group(s: &AttentionSpec) -> u32 {
-    s.heads / s.kv_heads
-}
-
-/// Largest group of query heads per KV head `attend` takes (one accumulator per head and
-/// output feature in each thread).
+/// Largest group of query heads per KV head the attention kernels take (`attend`: one
+/// accumulator per head and output feature in each thread; `attend_tokens`: a warp per two).
 pub const MAX_GROUP: u32 = 32;
 
 /// Scratch `attend` writes and `attend_combine` reads, in f32 elements: each split's
@@ -377,7 +387,7 @@ pub fn attend_scratch(s: &AttentionSpec) -> (u32, u32) {
 /// `f32[W,G,hd]`, values `f32[W,G,hd]`, partial out `f32[S,H,hd]`, partial max and sum
 /// `f32[S,H,2]`. Launch: `attend_grid` blocks of `32 · ATTEND_WARPS`.
 pub fn attend(s: &AttentionSpec) -> String {
-    let (hd, w, hg) = (s.head_dim, s.window, group(s));
+    let (hd, w, hg) = (s.head_dim, s.window, s.group());
     assert!(
         hg <= MAX_GROUP,
         "more than {MAX_GROUP} query heads per KV head"
@@ -402,9 +412,7 @@ pub fn attend(s: &AttentionSpec) -> String {
     let pos = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {pos}, [{position}];"));
     // Positions lo..=pos are in the window, `count` of them; this split takes n0..n0+32.
-    let lo = k.reg(Class::B32);
-    k.ins(format!("max.u32 {lo}, {pos}, {};", w - 1));
-    k.ins(format!("sub.u32 {lo}, {lo}, {};", w - 1));
+    let lo = window_start(&mut k, pos, w);
     let count = k.reg(Class::B32);
     k.ins(format!("sub.u32 {count}, {pos}, {lo};"));
     k.ins(format!("add.u32 {count}, {count}, 1;"));
@@ -486,6 +494,10 @@ pub fn attend(s: &AttentionSpec) -> String {
     }
     let lane0 = k.reg(Class::Pred);
     k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
+    // This lane's staged query feature `lane` of head 0; others at immediate offsets.
+    let qo = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {qo}, {lane}, 4;"));
+    k.ins(format!("add.u64 {qo}, {qo}, {qs};"));
     for (n, valid, feats) in rows {
         for h in 0..hg {
             let acc = k.reg(Class::F32);
@@ -497,9 +509,6 @@ pub fn attend(s: &AttentionSpec) -> String {
                 }
                 // q[h][lane + d]: lanes past hd read zeros multiplied by zero features, but
                 // must stay inside the staged rows.
-                let qo = k.reg(Class::B64);
-                k.ins(format!("mul.wide.u32 {qo}, {lane}, 4;"));
-                k.ins(format!("add.u64 {qo}, {qo}, {qs};"));
                 let qv = k.reg(Class::F32);
                 let at = 4 * (h * hd + d);
                 if d + 32 > hd {
@@ -720,12 +729,12 @@ pub fn attend_tokens_grid(s: &AttentionSpec, max_tokens: u32) -> u32 {
 /// Query heads each warp of `attend_tokens` takes: two where the KV group has two or more
 /// (key tile reads and value rows serve both).
 fn heads_per_warp(s: &AttentionSpec) -> u32 {
-    (s.heads / s.kv_heads).min(2)
+    s.group().min(2)
 }
 
 /// Threads per block of `attend_tokens`: a warp per two query heads of the KV group.
 pub fn attend_tokens_block(s: &AttentionSpec) -> u32 {
-    32 * (s.heads / s.kv_heads).div_ceil(heads_per_warp(s))
+    32 * s.group().div_ceil(heads_per_warp(s))
 }
 
 /// Keys per tile of `attend_tokens`: one per lane when scoring.
@@ -753,8 +762,11 @@ pub fn attend_tokens_shared(s: &AttentionSpec) -> u32 {
 /// `f32[T,H,hd]`. hd a multiple of 4. Launch: `attend_tokens_grid` blocks of
 /// `attend_tokens_block`; blocks past the count leave.
 pub fn attend_tokens(s: &AttentionSpec) -> String {
-    let group = s.heads / s.kv_heads;
-    assert!(group <= 32, "a block holds at most 32 query heads");
+    let group = s.group();
+    assert!(
+        group <= MAX_GROUP,
+        "more than {MAX_GROUP} query heads per KV head"
+    );
     let (hd, w, gkv) = (s.head_dim, s.window, s.kv_heads);
     assert!(hd % 4 == 0, "head width must be a multiple of 4");
     let (threads, hp) = (attend_tokens_block(s), heads_per_warp(s));
@@ -867,10 +879,8 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
         slot
     };
 
-    // Tiles of positions p0 .. p0 + 31 (clipped to pos), from lo = max(pos - W + 1, 0).
-    let p0 = k.reg(Class::B32);
-    k.ins(format!("max.u32 {p0}, {pos}, {};", w - 1));
-    k.ins(format!("sub.u32 {p0}, {p0}, {};", w - 1));
+    // Tiles of positions p0 .. p0 + 31 (clipped to pos), from the window's first position.
+    let p0 = window_start(&mut k, pos, w);
     let (head, end) = (k.label("tile"), k.label("tile_end"));
     k.place(&head);
     let past = k.reg(Class::Pred);
