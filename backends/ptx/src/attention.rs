@@ -442,21 +442,17 @@ pub fn attend(s: &AttentionSpec) -> String {
     k.ins(format!("mul.lo.u32 {q0}, {g}, {};", hg * hd));
     let i = k.reg(Class::B32);
     k.ins(format!("mov.u32 {i}, {tid};"));
-    let (qh, qe) = (k.label("stage_q"), k.label("stage_q_end"));
-    k.place(&qh);
-    k.leave_unless_below(i, hg * hd, &qe);
-    let qi = k.reg(Class::B32);
-    k.ins(format!("add.u32 {qi}, {q0}, {i};"));
-    let qa = addr4(&mut k, q, qi);
-    let qv = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {qv}, [{qa}];"));
-    let sa = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {sa}, {i}, 4;"));
-    k.ins(format!("add.u64 {sa}, {sa}, {qs};"));
-    k.ins(format!("st.shared.f32 [{sa}], {qv};"));
-    k.ins(format!("add.u32 {i}, {i}, {threads};"));
-    k.ins(format!("bra {qh};"));
-    k.place(&qe);
+    k.strided(i, hg * hd, threads, &mut |k| {
+        let qi = k.reg(Class::B32);
+        k.ins(format!("add.u32 {qi}, {q0}, {i};"));
+        let qa = addr4(k, q, qi);
+        let qv = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {qv}, [{qa}];"));
+        let sa = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {sa}, {i}, 4;"));
+        k.ins(format!("add.u64 {sa}, {sa}, {qs};"));
+        k.ins(format!("st.shared.f32 [{sa}], {qv};"));
+    });
     k.ins("bar.sync 0;");
 
     // Scores. Warp w takes keys w, w + 8, w + 16, w + 24 of the split; lane l holds features
@@ -541,93 +537,85 @@ pub fn attend(s: &AttentionSpec) -> String {
     // Softmax pieces: warp w takes heads w, w + 8, ...; lane n holds key n's score.
     let hh = k.reg(Class::B32);
     k.ins(format!("mov.u32 {hh}, {warp};"));
-    let (sh, se) = (k.label("softmax"), k.label("softmax_end"));
-    k.place(&sh);
-    k.leave_unless_below(hh, hg, &se);
-    let at = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {at}, {hh}, {SPLIT_KEYS}, {lane};"));
-    let sa = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {sa}, {at}, 4;"));
-    k.ins(format!("add.u64 {sa}, {sa}, {scores};"));
-    let x = k.reg(Class::F32);
-    k.ins(format!("ld.shared.f32 {x}, [{sa}];"));
-    let m = k.reg(Class::F32);
-    k.ins(format!("mov.f32 {m}, {x};"));
-    warp_reduce(&mut k, "max", m);
-    // Keys past the split's end: exp(-inf) = 0.
-    k.ins(format!("sub.f32 {x}, {x}, {m};"));
-    let e = exp(&mut k, x);
-    k.ins(format!("st.shared.f32 [{sa}], {e};"));
-    let l = k.reg(Class::F32);
-    k.ins(format!("mov.f32 {l}, {e};"));
-    warp_sum(&mut k, l);
-    // ml_part[split][g·hg + hh] = (m, l).
-    let mi = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {mi}, {g}, {hg}, {hh};"));
-    k.ins(format!("mad.lo.u32 {mi}, {split}, {}, {mi};", s.heads));
-    k.ins(format!("shl.b32 {mi}, {mi}, 1;"));
-    let ma = addr4(&mut k, ml_part, mi);
-    k.ins(format!("@{lane0} st.global.v2.f32 [{ma}], {{{m}, {l}}};"));
-    k.ins(format!("add.u32 {hh}, {hh}, {ATTEND_WARPS};"));
-    k.ins(format!("bra {sh};"));
-    k.place(&se);
+    k.strided(hh, hg, ATTEND_WARPS, &mut |k| {
+        let at = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {at}, {hh}, {SPLIT_KEYS}, {lane};"));
+        let sa = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {sa}, {at}, 4;"));
+        k.ins(format!("add.u64 {sa}, {sa}, {scores};"));
+        let x = k.reg(Class::F32);
+        k.ins(format!("ld.shared.f32 {x}, [{sa}];"));
+        let m = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {m}, {x};"));
+        warp_reduce(k, "max", m);
+        // Keys past the split's end: exp(-inf) = 0.
+        k.ins(format!("sub.f32 {x}, {x}, {m};"));
+        let e = exp(k, x);
+        k.ins(format!("st.shared.f32 [{sa}], {e};"));
+        let l = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {l}, {e};"));
+        warp_sum(k, l);
+        // ml_part[split][g·hg + hh] = (m, l).
+        let mi = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {mi}, {g}, {hg}, {hh};"));
+        k.ins(format!("mad.lo.u32 {mi}, {split}, {}, {mi};", s.heads));
+        k.ins(format!("shl.b32 {mi}, {mi}, 1;"));
+        let ma = addr4(k, ml_part, mi);
+        k.ins(format!("@{lane0} st.global.v2.f32 [{ma}], {{{m}, {l}}};"));
+    });
     k.ins("bar.sync 0;");
 
     // Unnormalised outputs: thread d accumulates Σ_n e[h][n] · v[n][d] for the group's heads,
     // four keys' value loads in flight at a time.
     let od = k.reg(Class::B32);
     k.ins(format!("mov.u32 {od}, {tid};"));
-    let (oh, oe) = (k.label("out"), k.label("out_end"));
-    k.place(&oh);
-    k.leave_unless_below(od, hd, &oe);
-    let accs: Vec<Reg> = (0..hg).map(|_| k.reg(Class::F32)).collect();
-    for a in &accs {
-        k.ins(format!("mov.f32 {a}, 0f00000000;"));
-    }
-    let n = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {n}, 0;"));
-    let values_step = |k: &mut Kernel, n: Reg, keys: u32| {
-        let mut loaded = Vec::new();
-        for u in 0..keys {
-            let nu = k.reg(Class::B32);
-            k.ins(format!("add.u32 {nu}, {n}, {u};"));
-            let wn = k.reg(Class::B32);
-            k.ins(format!("add.u32 {wn}, {n0}, {nu};"));
-            let row = row_of(k, wn);
-            k.ins(format!("add.u32 {row}, {row}, {od};"));
-            let va = addr4(k, values, row);
-            let vv = k.reg(Class::F32);
-            k.ins(format!("ld.global.f32 {vv}, [{va}];"));
-            let ea = k.reg(Class::B64);
-            k.ins(format!("mul.wide.u32 {ea}, {nu}, 4;"));
-            k.ins(format!("add.u64 {ea}, {ea}, {scores};"));
-            loaded.push((vv, ea));
+    k.strided(od, hd, threads, &mut |k| {
+        let accs: Vec<Reg> = (0..hg).map(|_| k.reg(Class::F32)).collect();
+        for a in &accs {
+            k.ins(format!("mov.f32 {a}, 0f00000000;"));
         }
-        for (vv, ea) in loaded {
-            for (h, a) in accs.iter().enumerate() {
-                let ev = k.reg(Class::F32);
-                k.ins(format!(
-                    "ld.shared.f32 {ev}, [{ea}+{}];",
-                    4 * h as u32 * SPLIT_KEYS
-                ));
-                k.ins(format!("fma.rn.f32 {a}, {ev}, {vv}, {a};"));
+        let n = k.reg(Class::B32);
+        k.ins(format!("mov.u32 {n}, 0;"));
+        let values_step = |k: &mut Kernel, n: Reg, keys: u32| {
+            let mut loaded = Vec::new();
+            for u in 0..keys {
+                let nu = k.reg(Class::B32);
+                k.ins(format!("add.u32 {nu}, {n}, {u};"));
+                let wn = k.reg(Class::B32);
+                k.ins(format!("add.u32 {wn}, {n0}, {nu};"));
+                let row = row_of(k, wn);
+                k.ins(format!("add.u32 {row}, {row}, {od};"));
+                let va = addr4(k, values, row);
+                let vv = k.reg(Class::F32);
+                k.ins(format!("ld.global.f32 {vv}, [{va}];"));
+                let ea = k.reg(Class::B64);
+                k.ins(format!("mul.wide.u32 {ea}, {nu}, 4;"));
+                k.ins(format!("add.u64 {ea}, {ea}, {scores};"));
+                loaded.push((vv, ea));
             }
+            for (vv, ea) in loaded {
+                for (h, a) in accs.iter().enumerate() {
+                    let ev = k.reg(Class::F32);
+                    k.ins(format!(
+                        "ld.shared.f32 {ev}, [{ea}+{}];",
+                        4 * h as u32 * SPLIT_KEYS
+                    ));
+                    k.ins(format!("fma.rn.f32 {a}, {ev}, {vv}, {a};"));
+                }
+            }
+            k.ins(format!("add.u32 {n}, {n}, {keys};"));
+        };
+        k.unrolled(n, nkeys, 1, 4, &mut |k, m| values_step(k, n, m));
+        // o_part[split][g·hg + h][d].
+        for (h, a) in accs.iter().enumerate() {
+            let oi = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {oi}, {g}, {hg}, {h};"));
+            k.ins(format!("mad.lo.u32 {oi}, {split}, {}, {oi};", s.heads));
+            k.ins(format!("mad.lo.u32 {oi}, {oi}, {hd}, {od};"));
+            let oa = addr4(k, o_part, oi);
+            k.ins(format!("st.global.f32 [{oa}], {a};"));
         }
-        k.ins(format!("add.u32 {n}, {n}, {keys};"));
-    };
-    k.unrolled(n, nkeys, 1, 4, &mut |k, m| values_step(k, n, m));
-    // o_part[split][g·hg + h][d].
-    for (h, a) in accs.iter().enumerate() {
-        let oi = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {oi}, {g}, {hg}, {h};"));
-        k.ins(format!("mad.lo.u32 {oi}, {split}, {}, {oi};", s.heads));
-        k.ins(format!("mad.lo.u32 {oi}, {oi}, {hd}, {od};"));
-        let oa = addr4(&mut k, o_part, oi);
-        k.ins(format!("st.global.f32 [{oa}], {a};"));
-    }
-    k.ins(format!("add.u32 {od}, {od}, {threads};"));
-    k.ins(format!("bra {oh};"));
-    k.place(&oe);
+    });
     k.place(&done);
     k.finish()
 }
@@ -675,16 +663,12 @@ pub fn attend_combine(s: &AttentionSpec) -> String {
     k.ins(format!("mov.f32 {big_m}, 0fFF800000;"));
     let sp = k.reg(Class::B32);
     k.ins(format!("mov.u32 {sp}, 0;"));
-    let (mh, me) = (k.label("max"), k.label("max_end"));
-    k.place(&mh);
-    k.leave_unless_below(sp, used, &me);
-    let ma = ml_at(&mut k, sp);
-    let mv = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {mv}, [{ma}];"));
-    k.ins(format!("max.f32 {big_m}, {big_m}, {mv};"));
-    k.ins(format!("add.u32 {sp}, {sp}, 1;"));
-    k.ins(format!("bra {mh};"));
-    k.place(&me);
+    k.strided(sp, used, 1, &mut |k| {
+        let ma = ml_at(k, sp);
+        let mv = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {mv}, [{ma}];"));
+        k.ins(format!("max.f32 {big_m}, {big_m}, {mv};"));
+    });
 
     let (num, den) = (k.reg(Class::F32), k.reg(Class::F32));
     k.ins(format!("mov.f32 {num}, 0f00000000;"));
@@ -897,37 +881,35 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     let quads = hd / 4;
     let i = k.reg(Class::B32);
     k.ins(format!("mov.u32 {i}, {tid};"));
-    let (sh, se) = (k.label("stage"), k.label("stage_end"));
-    k.place(&sh);
-    let r = k.reg(Class::B32);
-    k.ins(format!("div.u32 {r}, {i}, {quads};"));
-    k.leave_unless_below(r, nk, &se);
-    let c = k.reg(Class::B32);
-    k.ins(format!("rem.u32 {c}, {i}, {quads};"));
-    let pp = k.reg(Class::B32);
-    k.ins(format!("add.u32 {pp}, {p0}, {r};"));
-    let slot = slot_after(&mut k, slot0, r);
-    let (base, row) = row_of(&mut k, pp, slot, chunk_keys, keys);
-    k.ins(format!("mad.lo.u32 {row}, {c}, 4, {row};"));
-    let src = addr4(&mut k, base, row);
-    let v = k.regs4(Class::F32);
-    k.ins(format!(
-        "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{src}];",
-        v[0], v[1], v[2], v[3]
-    ));
-    let dst = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {dst}, {r}, {row_bytes};"));
-    k.ins(format!("mad.lo.u32 {dst}, {c}, 16, {dst};"));
-    let dp = k.reg(Class::B64);
-    k.ins(format!("cvt.u64.u32 {dp}, {dst};"));
-    k.ins(format!("add.u64 {dp}, {dp}, {tile};"));
-    k.ins(format!(
-        "st.shared.v4.f32 [{dp}], {{{}, {}, {}, {}}};",
-        v[0], v[1], v[2], v[3]
-    ));
-    k.ins(format!("add.u32 {i}, {i}, {threads};"));
-    k.ins(format!("bra {sh};"));
-    k.place(&se);
+    let elements = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {elements}, {nk}, {quads};"));
+    k.strided(i, elements, threads, &mut |k| {
+        let r = k.reg(Class::B32);
+        k.ins(format!("div.u32 {r}, {i}, {quads};"));
+        let c = k.reg(Class::B32);
+        k.ins(format!("rem.u32 {c}, {i}, {quads};"));
+        let pp = k.reg(Class::B32);
+        k.ins(format!("add.u32 {pp}, {p0}, {r};"));
+        let slot = slot_after(k, slot0, r);
+        let (base, row) = row_of(k, pp, slot, chunk_keys, keys);
+        k.ins(format!("mad.lo.u32 {row}, {c}, 4, {row};"));
+        let src = addr4(k, base, row);
+        let v = k.regs4(Class::F32);
+        k.ins(format!(
+            "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{src}];",
+            v[0], v[1], v[2], v[3]
+        ));
+        let dst = k.reg(Class::B32);
+        k.ins(format!("mul.lo.u32 {dst}, {r}, {row_bytes};"));
+        k.ins(format!("mad.lo.u32 {dst}, {c}, 16, {dst};"));
+        let dp = k.reg(Class::B64);
+        k.ins(format!("cvt.u64.u32 {dp}, {dst};"));
+        k.ins(format!("add.u64 {dp}, {dp}, {tile};"));
+        k.ins(format!(
+            "st.shared.v4.f32 [{dp}], {{{}, {}, {}, {}}};",
+            v[0], v[1], v[2], v[3]
+        ));
+    });
     k.ins("bar.sync 0;");
 
     // Lane j scores key j of the tile for each of the warp's heads (rows past nk hold stale

@@ -163,6 +163,24 @@ impl Kernel {
     }
 
     /// Branches to `to` where `value >= bound` (unsigned).
+    /// A loop over `counter` from its current value while it is below `bound`, `stride`
+    /// apart: `body` for each value.
+    pub fn strided(
+        &mut self,
+        counter: Reg,
+        bound: impl std::fmt::Display,
+        stride: impl std::fmt::Display,
+        body: &mut dyn FnMut(&mut Kernel),
+    ) {
+        let (head, end) = (self.label("loop"), self.label("loop_end"));
+        self.place(&head);
+        self.leave_unless_below(counter, &bound, &end);
+        body(self);
+        self.ins(format!("add.u32 {counter}, {counter}, {stride};"));
+        self.ins(format!("bra {head};"));
+        self.place(&end);
+    }
+
     /// A loop over `counter` (from its current value, while below `bound`): `step(k, many)`
     /// while the last of `many` items, `stride` apart, is below the bound (one basic block, so
     /// their loads are in flight together), then `step(k, 1)` for the rest. `step` does the

@@ -290,16 +290,10 @@ fn rms_factor(k: &mut Kernel, x: Reg, lane: Reg, inputs: u32, eps: f32) -> Reg {
     k.ins(format!("mov.f32 {ss}, 0f00000000;"));
     let i = k.reg(Class::B32);
     k.ins(format!("mov.u32 {i}, {lane};"));
-    let (head, end) = (k.label("norm"), k.label("norm_end"));
-    k.place(&head);
-    let stop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {stop}, {i}, {inputs};"));
-    k.ins(format!("@{stop} bra {end};"));
-    let v = load_f32_at(k, x, i);
-    k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
-    k.ins(format!("add.u32 {i}, {i}, 32;"));
-    k.ins(format!("bra {head};"));
-    k.place(&end);
+    k.strided(i, inputs, 32, &mut |k| {
+        let v = load_f32_at(k, x, i);
+        k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
+    });
     warp_sum(k, ss);
     finish_rms(k, ss, inputs, eps)
 }

@@ -78,20 +78,14 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
     k.ins(format!("mov.f32 {ss}, 0f00000000;"));
     let i = k.reg(Class::B32);
     k.ins(format!("mov.u32 {i}, {tid};"));
-    let (head, end) = (k.label("sum"), k.label("sum_end"));
-    k.place(&head);
-    let stop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {stop}, {i}, {inputs};"));
-    k.ins(format!("@{stop} bra {end};"));
-    let at = k.reg(Class::B32);
-    k.ins(format!("add.u32 {at}, {row}, {i};"));
-    let xa = addr4(&mut k, x, at);
-    let v = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {v}, [{xa}];"));
-    k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
-    k.ins(format!("add.u32 {i}, {i}, {NORM_BLOCK};"));
-    k.ins(format!("bra {head};"));
-    k.place(&end);
+    k.strided(i, inputs, NORM_BLOCK, &mut |k| {
+        let at = k.reg(Class::B32);
+        k.ins(format!("add.u32 {at}, {row}, {i};"));
+        let xa = addr4(k, x, at);
+        let v = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {v}, [{xa}];"));
+        k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
+    });
     warp_sum(&mut k, ss);
     let (warp, lane) = k.warp_and_lane(tid);
     store_warp_partial(&mut k, ss, warp, lane);
@@ -99,24 +93,20 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
     let total = combine_partials(&mut k, "add", NORM_BLOCK / 32);
     let r = finish_rms(&mut k, total, inputs, eps);
     k.ins(format!("mov.u32 {i}, {tid};"));
-    let (h2, e2) = (k.label("scale"), k.label("scale_end"));
-    k.place(&h2);
-    k.leave_unless_below(i, inputs, &e2);
-    let at2 = k.reg(Class::B32);
-    k.ins(format!("add.u32 {at2}, {row}, {i};"));
-    let xa2 = addr4(&mut k, x, at2);
-    let v2 = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {v2}, [{xa2}];"));
-    let ga = addr4(&mut k, gain, i);
-    let g = k.reg(Class::F32);
-    k.ins(format!("ld.global.nc.f32 {g}, [{ga}];"));
-    k.ins(format!("mul.f32 {v2}, {v2}, {r};"));
-    k.ins(format!("mul.f32 {v2}, {v2}, {g};"));
-    let oa = addr4(&mut k, out, at2);
-    k.ins(format!("st.global.f32 [{oa}], {v2};"));
-    k.ins(format!("add.u32 {i}, {i}, {NORM_BLOCK};"));
-    k.ins(format!("bra {h2};"));
-    k.place(&e2);
+    k.strided(i, inputs, NORM_BLOCK, &mut |k| {
+        let at2 = k.reg(Class::B32);
+        k.ins(format!("add.u32 {at2}, {row}, {i};"));
+        let xa2 = addr4(k, x, at2);
+        let v2 = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {v2}, [{xa2}];"));
+        let ga = addr4(k, gain, i);
+        let g = k.reg(Class::F32);
+        k.ins(format!("ld.global.nc.f32 {g}, [{ga}];"));
+        k.ins(format!("mul.f32 {v2}, {v2}, {r};"));
+        k.ins(format!("mul.f32 {v2}, {v2}, {g};"));
+        let oa = addr4(k, out, at2);
+        k.ins(format!("st.global.f32 [{oa}], {v2};"));
+    });
     k.place(&done);
     k.finish()
 }
@@ -272,96 +262,86 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
     // address) and are not stored.
     let t0 = k.reg(Class::B32);
     k.ins(format!("mov.u32 {t0}, 0;"));
-    let (group, group_end) = (k.label("group"), k.label("group_end"));
-    k.place(&group);
-    k.leave_unless_below(t0, n, &group_end);
-    let last = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {last}, {n}, 1;"));
-    let toks: Vec<Reg> = (0..TOKEN_GROUP)
-        .map(|j| {
-            let t = k.reg(Class::B32);
-            k.ins(format!("add.u32 {t}, {t0}, {j};"));
-            k.ins(format!("min.u32 {t}, {t}, {last};"));
-            t
-        })
-        .collect();
-    let accs: Vec<Vec<Reg>> = rows
-        .iter()
-        .map(|_| {
-            (0..TOKEN_GROUP)
-                .map(|_| {
-                    let a = k.reg(Class::F32);
-                    k.ins(format!("mov.f32 {a}, 0f00000000;"));
-                    a
+    k.strided(t0, n, TOKEN_GROUP, &mut |k| {
+        let last = k.reg(Class::B32);
+        k.ins(format!("sub.u32 {last}, {n}, 1;"));
+        let toks: Vec<Reg> = (0..TOKEN_GROUP)
+            .map(|j| {
+                let t = k.reg(Class::B32);
+                k.ins(format!("add.u32 {t}, {t0}, {j};"));
+                k.ins(format!("min.u32 {t}, {t}, {last};"));
+                t
+            })
+            .collect();
+        let accs: Vec<Vec<Reg>> = rows
+            .iter()
+            .map(|_| {
+                (0..TOKEN_GROUP)
+                    .map(|_| {
+                        let a = k.reg(Class::F32);
+                        k.ins(format!("mov.f32 {a}, 0f00000000;"));
+                        a
+                    })
+                    .collect()
+            })
+            .collect();
+        let i = k.reg(Class::B32);
+        k.ins(format!("shl.b32 {i}, {lane}, 3;"));
+        k.strided(i, inputs, 256, &mut |k| {
+            let ws: Vec<Vec<Reg>> = rows
+                .iter()
+                .map(|&r| {
+                    let elem = k.reg(Class::B32);
+                    k.ins(format!("mad.lo.u32 {elem}, {r}, {inputs}, {i};"));
+                    load_weights8(k, spec.weights, w, elem)
                 })
-                .collect()
-        })
-        .collect();
-    let i = k.reg(Class::B32);
-    k.ins(format!("shl.b32 {i}, {lane}, 3;"));
-    let (head, end) = (k.label("loop"), k.label("loop_end"));
-    k.place(&head);
-    let stop = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {stop}, {i}, {inputs};"));
-    k.ins(format!("@{stop} bra {end};"));
-    let ws: Vec<Vec<Reg>> = rows
-        .iter()
-        .map(|&r| {
-            let elem = k.reg(Class::B32);
-            k.ins(format!("mad.lo.u32 {elem}, {r}, {inputs}, {i};"));
-            load_weights8(&mut k, spec.weights, w, elem)
-        })
-        .collect();
-    for (j, &t) in toks.iter().enumerate() {
-        let xe = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {xe}, {t}, {inputs}, {i};"));
-        let xp = addr4(&mut k, x, xe);
-        let xs: Vec<Reg> = (0..8).map(|_| k.reg(Class::F32)).collect();
-        for (half, regs) in xs.chunks(4).enumerate() {
-            k.ins(format!(
-                "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{xp}+{}];",
-                regs[0],
-                regs[1],
-                regs[2],
-                regs[3],
-                16 * half
-            ));
-        }
-        for (r, wr) in ws.iter().enumerate() {
-            for (wv, xv) in wr.iter().zip(&xs) {
-                let a = accs[r][j];
-                k.ins(format!("fma.rn.f32 {a}, {wv}, {xv}, {a};"));
+                .collect();
+            for (j, &t) in toks.iter().enumerate() {
+                let xe = k.reg(Class::B32);
+                k.ins(format!("mad.lo.u32 {xe}, {t}, {inputs}, {i};"));
+                let xp = addr4(k, x, xe);
+                let xs: Vec<Reg> = (0..8).map(|_| k.reg(Class::F32)).collect();
+                for (half, regs) in xs.chunks(4).enumerate() {
+                    k.ins(format!(
+                        "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{xp}+{}];",
+                        regs[0],
+                        regs[1],
+                        regs[2],
+                        regs[3],
+                        16 * half
+                    ));
+                }
+                for (r, wr) in ws.iter().enumerate() {
+                    for (wv, xv) in wr.iter().zip(&xs) {
+                        let a = accs[r][j];
+                        k.ins(format!("fma.rn.f32 {a}, {wv}, {xv}, {a};"));
+                    }
+                }
+            }
+        });
+        for row_accs in &accs {
+            for &a in row_accs {
+                warp_sum(k, a);
             }
         }
-    }
-    k.ins(format!("add.u32 {i}, {i}, 256;"));
-    k.ins(format!("bra {head};"));
-    k.place(&end);
-    for row_accs in &accs {
-        for &a in row_accs {
-            warp_sum(&mut k, a);
+        // Lane 0 finishes each token of the group that exists.
+        let lane_other = k.reg(Class::Pred);
+        k.ins(format!("setp.ne.u32 {lane_other}, {lane}, 0;"));
+        let next = k.label("next_group");
+        k.ins(format!("@{lane_other} bra {next};"));
+        for j in 0..TOKEN_GROUP as usize {
+            let skip = k.label("skip");
+            let t = k.reg(Class::B32);
+            k.ins(format!("add.u32 {t}, {t0}, {j};"));
+            let beyond = k.reg(Class::Pred);
+            k.ins(format!("setp.ge.u32 {beyond}, {t}, {n};"));
+            k.ins(format!("@{beyond} bra {skip};"));
+            let vals: Vec<Reg> = accs.iter().map(|ra| ra[j]).collect();
+            finish_token(k, &outputs, vals, t, col);
+            k.place(&skip);
         }
-    }
-    // Lane 0 finishes each token of the group that exists.
-    let lane_other = k.reg(Class::Pred);
-    k.ins(format!("setp.ne.u32 {lane_other}, {lane}, 0;"));
-    let next = k.label("next_group");
-    k.ins(format!("@{lane_other} bra {next};"));
-    for j in 0..TOKEN_GROUP as usize {
-        let skip = k.label("skip");
-        let t = k.reg(Class::B32);
-        k.ins(format!("add.u32 {t}, {t0}, {j};"));
-        let beyond = k.reg(Class::Pred);
-        k.ins(format!("setp.ge.u32 {beyond}, {t}, {n};"));
-        k.ins(format!("@{beyond} bra {skip};"));
-        let vals: Vec<Reg> = accs.iter().map(|ra| ra[j]).collect();
-        finish_token(&mut k, &outputs, vals, t, col);
-        k.place(&skip);
-    }
-    k.place(&next);
-    k.ins(format!("add.u32 {t0}, {t0}, {TOKEN_GROUP};"));
-    k.ins(format!("bra {group};"));
-    k.place(&group_end);
+        k.place(&next);
+    });
     k.place(&done);
     k.finish()
 }

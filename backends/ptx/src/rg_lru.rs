@@ -190,48 +190,44 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     // < 0) count zero.
     let jj = k.reg(Class::B32);
     k.ins(format!("mov.u32 {jj}, {tid};"));
-    let (conv_head, conv_end) = (k.label("conv"), k.label("conv_end"));
-    k.place(&conv_head);
-    k.leave_unless_below(jj, b, &conv_end);
-    let j = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {j}, {h}, {b}, {jj};"));
-    let acc = load_weight(&mut k, s.conv, conv_b, j);
-    let row_taps = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {row_taps}, {j}, {kk};"));
-    for tap in 0..kk {
-        let back = kk - 1 - tap;
-        let u = k.reg(Class::F32);
-        let idx = k.reg(Class::B32);
-        if back == 0 {
-            k.ins(format!("mov.u32 {idx}, {j};"));
-            let at = addr4(&mut k, x, idx);
-            k.ins(format!("ld.global.f32 {u}, [{at}];"));
-        } else {
-            k.ins(format!(
-                "mad.lo.u32 {idx}, {}, {c}, {j};",
-                rows[back as usize - 1]
-            ));
-            let at = addr4(&mut k, window, idx);
-            k.ins(format!("ld.global.f32 {u}, [{at}];"));
+    k.strided(jj, b, threads, &mut |k| {
+        let j = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {j}, {h}, {b}, {jj};"));
+        let acc = load_weight(k, s.conv, conv_b, j);
+        let row_taps = k.reg(Class::B32);
+        k.ins(format!("mul.lo.u32 {row_taps}, {j}, {kk};"));
+        for tap in 0..kk {
+            let back = kk - 1 - tap;
+            let u = k.reg(Class::F32);
+            let idx = k.reg(Class::B32);
+            if back == 0 {
+                k.ins(format!("mov.u32 {idx}, {j};"));
+                let at = addr4(k, x, idx);
+                k.ins(format!("ld.global.f32 {u}, [{at}];"));
+            } else {
+                k.ins(format!(
+                    "mad.lo.u32 {idx}, {}, {c}, {j};",
+                    rows[back as usize - 1]
+                ));
+                let at = addr4(k, window, idx);
+                k.ins(format!("ld.global.f32 {u}, [{at}];"));
+            }
+            let wi = k.reg(Class::B32);
+            k.ins(format!("add.u32 {wi}, {row_taps}, {tap};"));
+            let w = load_weight(k, s.conv, conv_w, wi);
+            if back == 0 {
+                k.ins(format!("fma.rn.f32 {acc}, {w}, {u}, {acc};"));
+            } else {
+                let valid = k.reg(Class::Pred);
+                k.ins(format!("setp.ge.s32 {valid}, {pos}, {back};"));
+                k.ins(format!("@{valid} fma.rn.f32 {acc}, {w}, {u}, {acc};"));
+            }
         }
-        let wi = k.reg(Class::B32);
-        k.ins(format!("add.u32 {wi}, {row_taps}, {tap};"));
-        let w = load_weight(&mut k, s.conv, conv_w, wi);
-        if back == 0 {
-            k.ins(format!("fma.rn.f32 {acc}, {w}, {u}, {acc};"));
-        } else {
-            let valid = k.reg(Class::Pred);
-            k.ins(format!("setp.ge.s32 {valid}, {pos}, {back};"));
-            k.ins(format!("@{valid} fma.rn.f32 {acc}, {w}, {u}, {acc};"));
-        }
-    }
-    let sh_off = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {sh_off}, {jj}, 4;"));
-    k.ins(format!("add.u64 {sh_off}, {sh_off}, {sh};"));
-    k.ins(format!("st.shared.f32 [{sh_off}], {acc};"));
-    k.ins(format!("add.u32 {jj}, {jj}, {threads};"));
-    k.ins(format!("bra {conv_head};"));
-    k.place(&conv_end);
+        let sh_off = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {sh_off}, {jj}, 4;"));
+        k.ins(format!("add.u64 {sh_off}, {sh_off}, {sh};"));
+        k.ins(format!("st.shared.f32 [{sh_off}], {acc};"));
+    });
     k.ins("bar.sync 0;");
 
     // This thread's share of both gates' dot products: column `col` of the gate block, rows
