@@ -24,33 +24,36 @@ pub const TOKEN_GROUP: u32 = 8;
 pub const NORM_BLOCK: u32 = 256;
 
 /// The parameters of a chunk projection, in order: count `i32[1]`, x `f32[T, I]`, w, [bias],
-/// [residual], one output per split part.
-struct ProjectionParams {
+/// [residual], one output per split part (`splits`, or the whole width).
+struct ProjectionParams<'a> {
     count: Reg,
     x: Reg,
     w: Reg,
-    bias: Option<Reg>,
-    residual: Option<Reg>,
-    outs: Vec<Reg>,
+    outputs: Outputs<'a>,
 }
 
-impl ProjectionParams {
-    fn declare(k: &mut Kernel, spec: &GemvSpec, parts: usize) -> ProjectionParams {
+impl<'a> ProjectionParams<'a> {
+    fn declare(k: &mut Kernel, spec: &'a GemvSpec, splits: &[u32]) -> ProjectionParams<'a> {
+        let parts = output_parts(spec, splits);
         let count = k.param_ptr("count");
         let x = k.param_ptr("x");
         let w = k.param_ptr("w");
         let bias = spec.bias.then(|| k.param_ptr("bias"));
         let residual = spec.residual.then(|| k.param_ptr("residual"));
-        let outs = (0..parts)
+        let outs = (0..parts.len())
             .map(|i| k.param_ptr(&format!("out{i}")))
             .collect();
         ProjectionParams {
             count,
             x,
             w,
-            bias,
-            residual,
-            outs,
+            outputs: Outputs {
+                spec,
+                parts,
+                outs,
+                bias,
+                residual,
+            },
         }
     }
 }
@@ -115,8 +118,8 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
 struct Outputs<'a> {
     spec: &'a GemvSpec,
     /// Output widths of the split parts, in order.
-    parts: &'a [u32],
-    outs: &'a [Reg],
+    parts: Vec<u32>,
+    outs: Vec<Reg>,
     bias: Option<Reg>,
     residual: Option<Reg>,
 }
@@ -218,16 +221,13 @@ fn output_parts(spec: &GemvSpec, splits: &[u32]) -> Vec<u32> {
 pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
     assert!(spec.inputs % 8 == 0, "inputs must be a multiple of 8");
     assert!(spec.norm.is_none(), "normalise with rms_norm_tokens first");
-    let parts = output_parts(spec, splits);
     let mut k = Kernel::new(&spec.name);
     let ProjectionParams {
         count,
         x,
         w,
-        bias,
-        residual,
-        outs,
-    } = ProjectionParams::declare(&mut k, spec, parts.len());
+        outputs,
+    } = ProjectionParams::declare(&mut k, spec, splits);
     let inputs = spec.inputs;
     let geglu = spec.epilogue == Epilogue::GeGlu;
 
@@ -243,13 +243,6 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
     k.ins(format!("@{outside} bra {done};"));
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
-    let outputs = Outputs {
-        spec,
-        parts: &parts,
-        outs: &outs,
-        bias,
-        residual,
-    };
     let rows: Vec<Reg> = if geglu {
         let up = k.reg(Class::B32);
         k.ins(format!("add.u32 {up}, {col}, {};", spec.width));
@@ -860,7 +853,6 @@ pub fn gemm_tokens_tc(
     // token rows each) and 128 weight rows.
     let group = 64 * token_warps;
     let stage_bytes = (2 * group + 128) * TC_ROW;
-    let parts = output_parts(spec, splits);
     let mut k = Kernel::new(&spec.name);
     // 128 registers a thread at most: 512 threads per SM.
     k.launch_bounds(threads, 512 / threads);
@@ -869,17 +861,8 @@ pub fn gemm_tokens_tc(
         count,
         x,
         w,
-        bias,
-        residual,
-        outs,
-    } = ProjectionParams::declare(&mut k, spec, parts.len());
-    let outputs = Outputs {
-        spec,
-        parts: &parts,
-        outs: &outs,
-        bias,
-        residual,
-    };
+        outputs,
+    } = ProjectionParams::declare(&mut k, spec, splits);
     let inputs = spec.inputs;
     let width = spec.width;
     let geglu = spec.epilogue == Epilogue::GeGlu;
