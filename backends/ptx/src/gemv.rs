@@ -321,10 +321,9 @@ pub fn gemv(spec: &GemvSpec) -> String {
         "mad.lo.u32 {col}, {block}, {WARPS_PER_BLOCK}, {warp};"
     ));
     let geglu = spec.epilogue == Epilogue::GeGlu;
-    let up_row = k.reg(Class::B32);
     // The first bytes of this warp's first row(s) start coming into L2 while the block
     // stages its inputs.
-    prefetch_rows(&mut k, spec, w, col, up_row, lane);
+    prefetch_rows(&mut k, spec, w, col, lane);
     // Staging needs every thread of the block at its barrier: before any warp leaves.
     let staged = spec.inputs <= MAX_STAGED_INPUTS;
     let input = if staged {
@@ -349,14 +348,15 @@ pub fn gemv(spec: &GemvSpec) -> String {
     k.place(&row_head);
     // Whole warps leave together, so the shuffles below always see full warps.
     k.leave_unless_below(col, spec.width, &done);
+    let up_row = k.reg(Class::B32);
     k.ins(format!("add.u32 {up_row}, {col}, {};", spec.width));
     if persistent {
         // The next row's first bytes start coming while this one is read.
-        let (next, next_up) = (k.reg(Class::B32), k.reg(Class::B32));
+        let next = k.reg(Class::B32);
         k.ins(format!("add.u32 {next}, {col}, {stride};"));
         let last = k.label("last_row");
         k.leave_unless_below(next, spec.width, &last);
-        prefetch_rows(&mut k, spec, w, next, next_up, lane);
+        prefetch_rows(&mut k, spec, w, next, lane);
         k.place(&last);
     }
     let acc = k.reg(Class::F32);
@@ -472,9 +472,9 @@ pub fn gemv(spec: &GemvSpec) -> String {
 const PREFETCH_BYTES: u32 = 2048;
 
 /// `prefetch.global.L2` of the first `PREFETCH_BYTES` of weight row `row` (and of `row +
-/// width`, the up row, with GeGLU; `up_row` is set to it): one 128-byte line per lane. Costs no
-/// registers, and the loads that follow find the lines in L2 instead of waiting on DRAM.
-fn prefetch_rows(k: &mut Kernel, spec: &GemvSpec, w: Reg, row: Reg, up_row: Reg, lane: Reg) {
+/// width`, the up row, with GeGLU): one 128-byte line per lane. Costs no registers past its
+/// own, and the loads that follow find the lines in L2 instead of waiting on DRAM.
+fn prefetch_rows(k: &mut Kernel, spec: &GemvSpec, w: Reg, row: Reg, lane: Reg) {
     let elem = match spec.weights {
         Storage::Bf16 => 2,
         Storage::F32 => 4,
@@ -489,6 +489,7 @@ fn prefetch_rows(k: &mut Kernel, spec: &GemvSpec, w: Reg, row: Reg, up_row: Reg,
     k.ins(format!("add.u64 {line}, {line}, {w};"));
     let mut rows = vec![row];
     if spec.epilogue == Epilogue::GeGlu {
+        let up_row = k.reg(Class::B32);
         k.ins(format!("add.u32 {up_row}, {row}, {};", spec.width));
         rows.push(up_row);
     }
