@@ -228,6 +228,30 @@ pub(crate) fn finish_rms(k: &mut Kernel, ss: Reg, inputs: u32, eps: f32) -> Reg 
     r
 }
 
+/// The epilogue on a column's sum `acc` (and `up`, the up row's, with GeGLU): `gelu(acc)·up`,
+/// `cap·tanh(acc/cap)`, or `acc` itself.
+pub(crate) fn apply_epilogue(k: &mut Kernel, epilogue: Epilogue, acc: Reg, up: Reg) -> Reg {
+    match epilogue {
+        Epilogue::None => acc,
+        Epilogue::GeGlu => {
+            let g = gelu(k, acc);
+            let v = k.reg(Class::F32);
+            k.ins(format!("mul.f32 {v}, {g}, {up};"));
+            v
+        }
+        Epilogue::SoftCap(cap) => {
+            let v = k.reg(Class::F32);
+            k.ins(format!(
+                "mul.f32 {v}, {acc}, {};",
+                Kernel::f32_imm(1.0 / cap)
+            ));
+            let t = tanh(k, v);
+            k.ins(format!("mul.f32 {t}, {t}, {};", Kernel::f32_imm(cap)));
+            t
+        }
+    }
+}
+
 /// Eight consecutive weights from element `elem` on, as f32: one 16-byte load of bf16
 /// (widened in registers) or two of f32.
 pub(crate) fn load_weights8(k: &mut Kernel, storage: Storage, w: Reg, elem: Reg) -> Vec<Reg> {
@@ -430,26 +454,7 @@ pub fn gemv(spec: &GemvSpec) -> String {
             k.ins(format!("add.f32 {acc_up}, {acc_up}, {bu};"));
         }
     }
-    let mut value = acc;
-    match spec.epilogue {
-        Epilogue::None => {}
-        Epilogue::GeGlu => {
-            let g = gelu(&mut k, acc);
-            let v = k.reg(Class::F32);
-            k.ins(format!("mul.f32 {v}, {g}, {acc_up};"));
-            value = v;
-        }
-        Epilogue::SoftCap(cap) => {
-            let v = k.reg(Class::F32);
-            k.ins(format!(
-                "mul.f32 {v}, {acc}, {};",
-                Kernel::f32_imm(1.0 / cap)
-            ));
-            let t = tanh(&mut k, v);
-            k.ins(format!("mul.f32 {t}, {t}, {};", Kernel::f32_imm(cap)));
-            value = t;
-        }
-    }
+    let value = apply_epilogue(&mut k, spec.epilogue, acc, acc_up);
     if let Some(r) = residual {
         let rv = load_f32_at(&mut k, r, col);
         k.ins(format!("add.f32 {value}, {value}, {rv};"));

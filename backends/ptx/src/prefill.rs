@@ -14,8 +14,8 @@
 //!
 //! Attention over the chunk's queries is in `attention.rs`.
 use crate::builder::{Class, Kernel, Reg};
-use crate::gemv::{finish_rms, load_weights8, Epilogue, GemvSpec, WARPS_PER_BLOCK};
-use crate::math::{combine_partials, gelu, store_warp_partial, tanh, warp_sum};
+use crate::gemv::{apply_epilogue, finish_rms, load_weights8, Epilogue, GemvSpec, WARPS_PER_BLOCK};
+use crate::math::{combine_partials, gelu, store_warp_partial, warp_sum};
 use crate::rg_lru::{addr4, Storage};
 
 /// Tokens sharing each weight load of the CUDA-core projection: a chunk streams its weights
@@ -144,26 +144,8 @@ fn finish_token(k: &mut Kernel, o: &Outputs, mut vals: Vec<Reg>, t: Reg, col: Re
             row = up;
         }
     }
-    let mut value = vals[0];
-    match spec.epilogue {
-        Epilogue::None => {}
-        Epilogue::GeGlu => {
-            let g = gelu(k, vals[0]);
-            let v = k.reg(Class::F32);
-            k.ins(format!("mul.f32 {v}, {g}, {};", vals[1]));
-            value = v;
-        }
-        Epilogue::SoftCap(cap) => {
-            let v = k.reg(Class::F32);
-            k.ins(format!(
-                "mul.f32 {v}, {value}, {};",
-                Kernel::f32_imm(1.0 / cap)
-            ));
-            let th = tanh(k, v);
-            k.ins(format!("mul.f32 {th}, {th}, {};", Kernel::f32_imm(cap)));
-            value = th;
-        }
-    }
+    let up = *vals.get(1).unwrap_or(&vals[0]);
+    let mut value = apply_epilogue(k, spec.epilogue, vals[0], up);
     if let Some(res) = o.residual {
         let re = k.reg(Class::B32);
         k.ins(format!("mad.lo.u32 {re}, {t}, {}, {col};", spec.width));
