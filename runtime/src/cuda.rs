@@ -386,19 +386,25 @@ impl CudaExecutor {
         if self.plan.prefill.is_none() {
             return Ok(None);
         }
+        self.check_ids(ids)?;
         self.upload_chunk(ids)?;
-        let program = match &self.prefill_last_program {
-            Some(p) => p,
-            None => self.prefill_program.as_ref().expect("plan has a prefill"),
-        };
-        let times = self.timed(program)?;
+        let times = self.timed(self.chunk_program(false))?;
         self.position += ids.len() as u32;
         Ok(Some(times))
     }
 
-    /// A prefill chunk's inputs: its ids, their count and the start position.
+    /// The prefill chunk's program: its last-row variant when only the last token's logits
+    /// are wanted and the plan has one (the two exist together).
+    fn chunk_program(&self, all_rows: bool) -> &Program {
+        match (&self.prefill_last_program, all_rows) {
+            (Some(p), false) => p,
+            _ => self.prefill_program.as_ref().expect("plan has a prefill"),
+        }
+    }
+
+    /// A prefill chunk's inputs (ids already checked): its ids, their count and the start
+    /// position.
     fn upload_chunk(&mut self, ids: &[u32]) -> Result<(), RuntimeError> {
-        self.check_ids(ids)?;
         let prefill = self.plan.prefill.as_ref().expect("plan has a prefill");
         if ids.len() > prefill.max_tokens as usize {
             return Err(RuntimeError::ChunkTooLong {
@@ -486,13 +492,8 @@ impl CudaExecutor {
         self.upload_chunk(ids)?;
         let prefill = self.plan.prefill.as_ref().expect("checked above");
         let s = self.stream.cu_stream();
-        // The last-row variant when only the last logits are wanted and the plan has one.
         let last_row = prefill.last_row.as_ref().filter(|_| !all_rows);
-        let program = match (last_row, &self.prefill_last_program) {
-            (Some(_), Some(p)) => p,
-            _ => self.prefill_program.as_ref().expect("plan has a prefill"),
-        };
-        self.run_program(program)?;
+        self.run_program(self.chunk_program(all_rows))?;
         self.position += n;
         let (at, rows) = match last_row {
             Some(l) => (self.addresses[l.logits], 1),

@@ -153,6 +153,9 @@ impl GpuPlan {
                     && !keep.contains(b)
             })
             .collect();
+        if pooled.is_empty() {
+            return 0;
+        }
         // Live ranges: per buffer, (program, first launch, last launch).
         let mut lives: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); self.buffers.len()];
         for (p, launches) in self.programs().iter().enumerate() {
@@ -193,9 +196,6 @@ impl GpuPlan {
             }
             placed.push((b, at, bytes));
             offset_of.insert(b, at);
-        }
-        if pooled.is_empty() {
-            return 0;
         }
         let arena_bytes = placed
             .iter()
