@@ -88,18 +88,34 @@ impl ThreadPool {
         shared.generation.fetch_add(1, SeqCst);
         shared.wake_sleepers();
         job(0);
-        // The clock is read only once a wait lasts 256 spins: most waits end sooner.
-        let mut waiting: Option<Instant> = None;
-        let mut spins = 0u32;
+        let mut backoff = Backoff::default();
         while shared.remaining.load(SeqCst) > 0 {
-            spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && waiting.get_or_insert_with(Instant::now).elapsed() >= SPIN_ALONE
-            {
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
+            backoff.pause();
         }
+    }
+}
+
+/// A waiting thread's pause between checks: a spin, with the clock read only every 256 spins
+/// (most waits end sooner), and the core yielded once the wait lasts `SPIN_ALONE`.
+#[derive(Default)]
+struct Backoff {
+    started: Option<Instant>,
+    spins: u32,
+}
+
+impl Backoff {
+    /// One pause; how long the wait has lasted when the clock was read, else zero.
+    fn pause(&mut self) -> Duration {
+        self.spins = self.spins.wrapping_add(1);
+        if self.spins % 256 != 0 {
+            std::hint::spin_loop();
+            return Duration::ZERO;
+        }
+        let waited = self.started.get_or_insert_with(Instant::now).elapsed();
+        if waited >= SPIN_ALONE {
+            std::thread::yield_now();
+        }
+        waited
     }
 }
 
@@ -118,22 +134,10 @@ impl Shared {
 fn worker(shared: &Shared, index: usize) {
     let mut seen = 0;
     loop {
-        // Spin for the next job, then sleep; the clock is read only once the wait lasts 256
-        // spins.
-        let mut idle: Option<Instant> = None;
-        let mut spins = 0u32;
+        // Spin (then yield) for the next job, then sleep.
+        let mut backoff = Backoff::default();
         while shared.generation.load(SeqCst) == seen && !shared.shutdown.load(SeqCst) {
-            spins = spins.wrapping_add(1);
-            if spins % 256 != 0 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let waited = idle.get_or_insert_with(Instant::now).elapsed();
-            if waited < SPIN_ALONE {
-                continue;
-            }
-            if waited < SPIN {
-                std::thread::yield_now();
+            if backoff.pause() < SPIN {
                 continue;
             }
             let mut guard = shared.lock.lock().expect("pool lock");
