@@ -67,6 +67,11 @@ impl LinearSpec {
 const VF: &str = "<16 x float>";
 const VI: &str = "<16 x i32>";
 
+/// The constant `<16 x i32>` with `v` in every lane.
+fn lanes(v: i32) -> String {
+    format!("<{}>", vec![format!("i32 {v}"); 16].join(", "))
+}
+
 /// `x` in all 16 lanes.
 fn splat(f: &mut Func, x: &str) -> String {
     let one = f.op(format!("insertelement {VF} poison, float {x}, i64 0"));
@@ -223,19 +228,10 @@ pub fn linear(s: &LinearSpec) -> String {
                         let pa = f.ibin("add", &at, &(p * PANEL * 2).to_string());
                         let ptr = f.op(format!("getelementptr i16, ptr {w}, i64 {pa}"));
                         let v = f.op(format!("load {VI}, ptr {ptr}, align 4"));
-                        let shifted = f.op(format!(
-                            "shl {VI} {v}, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, \
-                             i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, \
-                             i32 16, i32 16>"
-                        ));
+                        let shifted = f.op(format!("shl {VI} {v}, {}", lanes(16)));
                         lo.push(f.op(format!("bitcast {VI} {shifted} to {VF}")));
                         if both {
-                            let masked = f.op(format!(
-                                "and {VI} {v}, <i32 -65536, i32 -65536, i32 -65536, \
-                                 i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, \
-                                 i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, \
-                                 i32 -65536, i32 -65536, i32 -65536>"
-                            ));
+                            let masked = f.op(format!("and {VI} {v}, {}", lanes(-65536)));
                             hi.push(f.op(format!("bitcast {VI} {masked} to {VF}")));
                         }
                     }
