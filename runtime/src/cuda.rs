@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::result as cu;
+use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys::{
     CUdeviceptr, CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
@@ -22,8 +22,16 @@ use crate::gpu_plan::{GpuBufferKind, GpuLaunch, GpuPlan};
 use crate::stats::LaunchTime;
 use crate::RuntimeError;
 
-fn driver(what: &str, e: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::Device(format!("{what}: {e}"))
+/// `what` failed with `e`, as "what: CUDA_ERROR_NAME (the driver's message)".
+fn driver(what: &str, e: DriverError) -> RuntimeError {
+    let name = e.error_name().map_or_else(
+        |_| format!("CUDA error {}", e.0 as u32),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    match e.error_string() {
+        Ok(m) => RuntimeError::Device(format!("{what}: {name} ({})", m.to_string_lossy())),
+        Err(_) => RuntimeError::Device(format!("{what}: {name}")),
+    }
 }
 
 /// Err with "no CUDA driver" unless libcuda can be loaded (cudarc panics on first use

@@ -355,6 +355,14 @@ impl Module {
     }
 }
 
+impl Function {
+    /// Parameters the kernel takes (each a 64-bit value: every parameter this backend writes
+    /// is a device address).
+    pub fn param_count(&self) -> usize {
+        self.params.len()
+    }
+}
+
 /// Device memory: buffers in one arena at fake addresses.
 pub struct Memory {
     bytes: Vec<u8>,

@@ -1,0 +1,239 @@
+//! Executables built with `--target cuda`, and `griffinc --backend cuda`, run end to end on
+//! `emucuda`: a stand-in `libcuda.so` (backends/emucuda) that runs the kernels on the PTX
+//! interpreter. The kernels are checked by the interpreter elsewhere; this is the only check
+//! of the host side that drives them through the CUDA driver API (`griffin_runtime::cuda`:
+//! module loading, allocations, uploads, kernel parameters, graph capture and replay, events,
+//! copies back) before a GPU runs it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{expected, golden_dir, ids_arg, max_abs_diff, read_logits, CASES, F32_TOLERANCE};
+
+/// A folder holding the stand-in driver as `libcuda.so`, the name cudarc opens. The library is
+/// built by `cargo build --workspace` beside griffinc under its own name, so it never shadows a
+/// real driver anywhere else.
+fn fake_driver_dir(tmp: &Path) -> PathBuf {
+    let griffinc = PathBuf::from(env!("CARGO_BIN_EXE_griffinc"));
+    let built = griffinc
+        .parent()
+        .expect("griffinc lies in a folder")
+        .join("libgriffin_emucuda.so");
+    assert!(
+        built.is_file(),
+        "{} not found: build it with `cargo build -p griffin-emucuda` (make test does)",
+        built.display()
+    );
+    let dir = tmp.join("driver");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(&built, dir.join("libcuda.so")).unwrap();
+    dir
+}
+
+fn on_fake_driver(program: &Path, driver: &Path, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .env("LD_LIBRARY_PATH", driver)
+        .output()
+        .unwrap()
+}
+
+fn succeeded(o: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{stderr}");
+    // The stand-in names every driver function it does not model, and every kernel failure.
+    assert!(!stderr.contains("emucuda:"), "{stderr}");
+    stderr
+}
+
+fn build_cuda(case: &str, out: &Path, extra: &[&str]) -> PathBuf {
+    let dir = golden_dir().join(case);
+    let mut args = vec![
+        "build",
+        dir.to_str().unwrap(),
+        "--target",
+        "cuda",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = common::griffinc(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out.join(case)
+}
+
+#[test]
+fn golden_cases_through_cuda_executables_on_the_fake_driver() {
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    for case in CASES {
+        let e = expected(case);
+        // Chunks of 5 tokens: a prompt of several chunks, the last one partial.
+        let exe = build_cuda(case, tmp.path(), &["--prefill-chunk", "5"]);
+        let ids = ids_arg(&e.input_ids);
+
+        // Every position's logits: the prompt as prefill chunks, all rows copied back.
+        let full = tmp.path().join(format!("{case}.logits"));
+        let o = on_fake_driver(
+            &exe,
+            &driver,
+            &["--ids", &ids, "--logits-out", full.to_str().unwrap()],
+        );
+        succeeded(&o);
+        let (shape, logits) = read_logits(&full);
+        assert_eq!(shape, vec![e.input_ids.len(), e.vocab]);
+        let diff = max_abs_diff(&logits, &e.logits);
+        println!("{case}: prefill chunks, max |diff| {diff:.2e}");
+        assert!(diff <= F32_TOLERANCE, "{case}: {diff}");
+
+        // Prefill T-S, then S decode steps: the step's graph is captured once and replayed.
+        let prefill = (e.input_ids.len() - e.decode_steps).to_string();
+        let steps = tmp.path().join(format!("{case}.steps"));
+        let o = on_fake_driver(
+            &exe,
+            &driver,
+            &[
+                "--ids",
+                &ids,
+                "--prefill",
+                &prefill,
+                "--logits-out",
+                steps.to_str().unwrap(),
+            ],
+        );
+        succeeded(&o);
+        let (_, logits) = read_logits(&steps);
+        let tail = &logits[(e.input_ids.len() - e.decode_steps) * e.vocab..];
+        let diff = max_abs_diff(tail, &e.decode_logits);
+        println!("{case}: decode steps, max |diff| {diff:.2e}");
+        assert!(diff <= F32_TOLERANCE, "{case}: {diff}");
+
+        // Greedy ids, chosen by the device argmax, one id copied back per token.
+        let n = e.generated_ids.len().to_string();
+        let o = on_fake_driver(
+            &exe,
+            &driver,
+            &[
+                "--ids",
+                &ids,
+                "--max-new-tokens",
+                &n,
+                "--ignore-eos",
+                "--format",
+                "ids",
+                "--stats",
+            ],
+        );
+        let stats = succeeded(&o);
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            ids_arg(&e.generated_ids),
+            "{case}"
+        );
+        assert!(stats.contains("device memory"), "{stats}");
+    }
+}
+
+#[test]
+fn griffinc_cuda_backend_on_the_fake_driver() {
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let griffinc = PathBuf::from(env!("CARGO_BIN_EXE_griffinc"));
+    let case = "gen-h3-bf16";
+    let e = expected(case);
+    let dir = golden_dir().join(case);
+    let ids = ids_arg(&e.input_ids);
+    let out = tmp.path().join("l.safetensors");
+    let o = on_fake_driver(
+        &griffinc,
+        &driver,
+        &[
+            "eval",
+            dir.to_str().unwrap(),
+            "--ids",
+            &ids,
+            "--backend",
+            "cuda",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    succeeded(&o);
+    let (_, logits) = read_logits(&out);
+    assert!(max_abs_diff(&logits, &e.logits) <= F32_TOLERANCE);
+
+    let n = e.generated_ids.len().to_string();
+    let o = on_fake_driver(
+        &griffinc,
+        &driver,
+        &[
+            "generate",
+            dir.to_str().unwrap(),
+            "--ids",
+            &ids,
+            "--backend",
+            "cuda",
+            "--max-new-tokens",
+            &n,
+            "--ignore-eos",
+            "--format",
+            "ids",
+        ],
+    );
+    succeeded(&o);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        ids_arg(&e.generated_ids)
+    );
+}
+
+#[test]
+fn profile_times_every_launch_of_a_chunk_and_a_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let exe = build_cuda("tiny-bf16-sharded", tmp.path(), &[]);
+    let o = on_fake_driver(&exe, &driver, &["--ids", "2,17,5,9", "--profile"]);
+    let stderr = succeeded(&o);
+    // One table for the prefill chunk, one for the decode step, each with its launch count
+    // and the tensor-core projection among the chunk's kernels.
+    assert!(
+        stderr.contains("profile: prefill chunk of 4 tokens"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("profile: decode step at position 4"), "{stderr}");
+    assert!(stderr.contains("| kernel | grid × block |"), "{stderr}");
+    let rows = stderr.lines().filter(|l| l.starts_with("| p")).count();
+    assert!(rows > 3, "{stderr}");
+}
+
+#[test]
+fn a_device_fault_is_a_one_line_error_without_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let exe = build_cuda("tiny-f32", tmp.path(), &["--prefill-chunk", "2"]);
+    // Kernel 3 falls in the first prefill chunk (54 launches each), kernel 100 in the second
+    // (a replay of the chunk's captured graph); with generation, kernel 1000 in a decode step.
+    for (nth, generate) in [("3", false), ("100", false), ("1000", true)] {
+        let logits = tmp.path().join(format!("fault{nth}.logits"));
+        let mut args = vec!["--ids", "2,17,5,9,11"];
+        if generate {
+            args.extend(["--max-new-tokens", "40", "--ignore-eos"]);
+        } else {
+            args.extend(["--logits-out", logits.to_str().unwrap()]);
+        }
+        let o = Command::new(&exe)
+            .args(&args)
+            .env("LD_LIBRARY_PATH", &driver)
+            .env("EMUCUDA_FAIL_KERNEL", nth)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "kernel {nth}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "kernel {nth}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(stderr.contains("CUDA_ERROR_LAUNCH_FAILED"), "{stderr}");
+        assert!(!logits.exists(), "kernel {nth}: a partial logits file");
+    }
+}
