@@ -202,7 +202,10 @@ fn profile_times_every_launch_of_a_chunk_and_a_step() {
         stderr.contains("profile: prefill chunk of 4 tokens"),
         "{stderr}"
     );
-    assert!(stderr.contains("profile: decode step at position 4"), "{stderr}");
+    assert!(
+        stderr.contains("profile: decode step at position 4"),
+        "{stderr}"
+    );
     assert!(stderr.contains("| kernel | grid × block |"), "{stderr}");
     let rows = stderr.lines().filter(|l| l.starts_with("| p")).count();
     assert!(rows > 3, "{stderr}");
@@ -231,7 +234,11 @@ fn a_device_fault_is_a_one_line_error_without_output() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "kernel {nth}: {stderr}");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "kernel {nth}: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "kernel {nth}: {stderr}"
+        );
         assert!(stderr.starts_with("error: "), "{stderr}");
         assert!(stderr.contains("CUDA_ERROR_LAUNCH_FAILED"), "{stderr}");
         assert!(!logits.exists(), "kernel {nth}: a partial logits file");

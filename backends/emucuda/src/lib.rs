@@ -232,7 +232,7 @@ impl Driver {
 // --- Initialisation, device, context ---
 
 #[no_mangle]
-pub extern "C" fn cuInit(flags: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
     if flags != 0 {
         return INVALID_VALUE;
     }
@@ -246,7 +246,7 @@ pub extern "C" fn cuInit(flags: c_uint) -> CUresult {
 }
 
 #[no_mangle]
-pub extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
+pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
     match put(version, 13000) {
         Ok(()) => SUCCESS,
         Err(e) => e,
@@ -254,12 +254,12 @@ pub extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
 }
 
 #[no_mangle]
-pub extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
     with(|_| put(count, 1))
 }
 
 #[no_mangle]
-pub extern "C" fn cuDeviceGet(device: *mut c_int, ordinal: c_int) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGet(device: *mut c_int, ordinal: c_int) -> CUresult {
     with(|_| {
         if ordinal != 0 {
             return Err(INVALID_DEVICE);
@@ -270,22 +270,26 @@ pub extern "C" fn cuDeviceGet(device: *mut c_int, ordinal: c_int) -> CUresult {
 
 /// Attributes of an H100/H200 (SXM) where a program might ask; 0 for the rest.
 #[no_mangle]
-pub extern "C" fn cuDeviceGetAttribute(value: *mut c_int, attribute: c_uint, dev: c_int) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetAttribute(
+    value: *mut c_int,
+    attribute: c_uint,
+    dev: c_int,
+) -> CUresult {
     with(|_| {
         if dev != 0 {
             return Err(INVALID_DEVICE);
         }
         let v = match attribute {
-            1 => 1024,            // max threads per block
-            2 | 5 => 1024,        // max block dim x, y (z is 64)
+            1 => 1024,     // max threads per block
+            2 | 5 => 1024, // max block dim x, y (z is 64)
             3 => 64,
-            8 => 48 * 1024,       // max shared memory per block
-            10 => 32,             // warp size
-            16 => 132,            // multiprocessors
-            75 => 9,              // compute capability major
-            76 => 0,              // minor
-            81 => 228 * 1024,     // max shared memory per multiprocessor
-            97 => 227 * 1024,     // max shared memory per block, opt-in
+            8 => 48 * 1024,   // max shared memory per block
+            10 => 32,         // warp size
+            16 => 132,        // multiprocessors
+            75 => 9,          // compute capability major
+            76 => 0,          // minor
+            81 => 228 * 1024, // max shared memory per multiprocessor
+            97 => 227 * 1024, // max shared memory per block, opt-in
             _ => 0,
         };
         put(value, v)
@@ -293,7 +297,7 @@ pub extern "C" fn cuDeviceGetAttribute(value: *mut c_int, attribute: c_uint, dev
 }
 
 #[no_mangle]
-pub extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_int) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_int) -> CUresult {
     with(|_| {
         if dev != 0 {
             return Err(INVALID_DEVICE);
@@ -309,7 +313,7 @@ pub extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_int) -> 
 }
 
 #[no_mangle]
-pub extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> CUresult {
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> CUresult {
     with(|_| {
         if dev != 0 {
             return Err(INVALID_DEVICE);
@@ -322,7 +326,7 @@ pub extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> CUresult
 const CONTEXT: Handle = 1 as Handle;
 
 #[no_mangle]
-pub extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Handle, dev: c_int) -> CUresult {
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Handle, dev: c_int) -> CUresult {
     with(|_| {
         if dev != 0 {
             return Err(INVALID_DEVICE);
@@ -332,12 +336,18 @@ pub extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Handle, dev: c_int) -> CUre
 }
 
 #[no_mangle]
-pub extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: c_int) -> CUresult {
-    with(|_| if dev != 0 { Err(INVALID_DEVICE) } else { Ok(()) })
+pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: c_int) -> CUresult {
+    with(|_| {
+        if dev != 0 {
+            Err(INVALID_DEVICE)
+        } else {
+            Ok(())
+        }
+    })
 }
 
 #[no_mangle]
-pub extern "C" fn cuCtxSetCurrent(ctx: Handle) -> CUresult {
+pub unsafe extern "C" fn cuCtxSetCurrent(ctx: Handle) -> CUresult {
     with(|_| {
         if ctx.is_null() || ctx == CONTEXT {
             Ok(())
@@ -348,12 +358,12 @@ pub extern "C" fn cuCtxSetCurrent(ctx: Handle) -> CUresult {
 }
 
 #[no_mangle]
-pub extern "C" fn cuCtxGetCurrent(ctx: *mut Handle) -> CUresult {
+pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut Handle) -> CUresult {
     with(|_| put(ctx, CONTEXT))
 }
 
 #[no_mangle]
-pub extern "C" fn cuCtxSynchronize() -> CUresult {
+pub unsafe extern "C" fn cuCtxSynchronize() -> CUresult {
     with(|_| Ok(()))
 }
 
@@ -379,7 +389,7 @@ pub unsafe extern "C" fn cuModuleLoadData(module: *mut Handle, image: *const c_v
 }
 
 #[no_mangle]
-pub extern "C" fn cuModuleUnload(module: Handle) -> CUresult {
+pub unsafe extern "C" fn cuModuleUnload(module: Handle) -> CUresult {
     with(|d| destroy(&mut d.modules, module))
 }
 
@@ -399,10 +409,7 @@ pub unsafe extern "C" fn cuModuleGetFunction(
             .map_err(|_| NOT_FOUND)?;
         let index = (module as usize).checked_sub(1).ok_or(INVALID_HANDLE)?;
         let m = entry(&mut d.modules, module)?;
-        let params = m
-            .function_named(name)
-            .map_err(|_| NOT_FOUND)?
-            .param_count();
+        let params = m.function_named(name).map_err(|_| NOT_FOUND)?.param_count();
         d.functions.push(Function {
             module: index,
             name: name.to_string(),
@@ -415,7 +422,7 @@ pub unsafe extern "C" fn cuModuleGetFunction(
 // --- Memory ---
 
 #[no_mangle]
-pub extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> CUresult {
+pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> CUresult {
     with(|d| {
         if bytes == 0 {
             return Err(INVALID_VALUE);
@@ -427,7 +434,7 @@ pub extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> CUresult
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
+pub unsafe extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
     // The interpreter's memory only grows; a freed range is no longer valid to copy to.
     with(|d| d.allocations.remove(&ptr).map(|_| ()).ok_or(INVALID_VALUE))
 }
@@ -452,7 +459,11 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, bytes: usize) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyHtoD_v2(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    bytes: usize,
+) -> CUresult {
     // SAFETY: as the asynchronous copy, on the default stream.
     unsafe { cuMemcpyHtoDAsync_v2(dst, src, bytes, std::ptr::null_mut()) }
 }
@@ -478,13 +489,22 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, bytes: usize) -> CUresult {
+pub unsafe extern "C" fn cuMemcpyDtoH_v2(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    bytes: usize,
+) -> CUresult {
     // SAFETY: as the asynchronous copy, on the default stream.
     unsafe { cuMemcpyDtoHAsync_v2(dst, src, bytes, std::ptr::null_mut()) }
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemsetD8Async(dst: CUdeviceptr, value: u8, bytes: usize, stream: Handle) -> CUresult {
+pub unsafe extern "C" fn cuMemsetD8Async(
+    dst: CUdeviceptr,
+    value: u8,
+    bytes: usize,
+    stream: Handle,
+) -> CUresult {
     with(|d| {
         d.not_while_capturing(stream)?;
         d.check_range(dst, bytes)?;
@@ -495,12 +515,13 @@ pub extern "C" fn cuMemsetD8Async(dst: CUdeviceptr, value: u8, bytes: usize, str
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, value: u8, bytes: usize) -> CUresult {
-    cuMemsetD8Async(dst, value, bytes, std::ptr::null_mut())
+pub unsafe extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, value: u8, bytes: usize) -> CUresult {
+    // SAFETY: as the asynchronous memset, on the default stream.
+    unsafe { cuMemsetD8Async(dst, value, bytes, std::ptr::null_mut()) }
 }
 
 #[no_mangle]
-pub extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
     with(|d| {
         let used: usize = d.allocations.values().sum();
         put(total, 141 << 30)?;
@@ -511,7 +532,7 @@ pub extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresu
 // --- Streams and launches ---
 
 #[no_mangle]
-pub extern "C" fn cuStreamCreate(stream: *mut Handle, _flags: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuStreamCreate(stream: *mut Handle, _flags: c_uint) -> CUresult {
     with(|d| {
         if d.streams.is_empty() {
             // Index 0 is the legacy default stream.
@@ -523,7 +544,7 @@ pub extern "C" fn cuStreamCreate(stream: *mut Handle, _flags: c_uint) -> CUresul
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamDestroy_v2(stream: Handle) -> CUresult {
+pub unsafe extern "C" fn cuStreamDestroy_v2(stream: Handle) -> CUresult {
     with(|d| {
         if stream.is_null() {
             return Err(INVALID_HANDLE);
@@ -533,13 +554,13 @@ pub extern "C" fn cuStreamDestroy_v2(stream: Handle) -> CUresult {
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamSynchronize(stream: Handle) -> CUresult {
+pub unsafe extern "C" fn cuStreamSynchronize(stream: Handle) -> CUresult {
     // Everything already ran; inside a capture this is an error, as on a GPU.
     with(|d| d.not_while_capturing(stream))
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamWaitEvent(stream: Handle, event: Handle, _flags: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuStreamWaitEvent(stream: Handle, event: Handle, _flags: c_uint) -> CUresult {
     with(|d| {
         entry(&mut d.events, event)?;
         d.stream(stream).map(|_| ())
@@ -547,7 +568,7 @@ pub extern "C" fn cuStreamWaitEvent(stream: Handle, event: Handle, _flags: c_uin
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamBeginCapture_v2(stream: Handle, _mode: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuStreamBeginCapture_v2(stream: Handle, _mode: c_uint) -> CUresult {
     with(|d| {
         if stream.is_null() {
             // The legacy default stream cannot be captured.
@@ -564,7 +585,7 @@ pub extern "C" fn cuStreamBeginCapture_v2(stream: Handle, _mode: c_uint) -> CUre
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamEndCapture(stream: Handle, graph: *mut Handle) -> CUresult {
+pub unsafe extern "C" fn cuStreamEndCapture(stream: Handle, graph: *mut Handle) -> CUresult {
     with(|d| {
         let s = d.stream(stream)?;
         let launches = s.capture.take().ok_or(INVALID_VALUE)?;
@@ -578,7 +599,7 @@ pub extern "C" fn cuStreamEndCapture(stream: Handle, graph: *mut Handle) -> CUre
 }
 
 #[no_mangle]
-pub extern "C" fn cuStreamIsCapturing(stream: Handle, status: *mut c_uint) -> CUresult {
+pub unsafe extern "C" fn cuStreamIsCapturing(stream: Handle, status: *mut c_uint) -> CUresult {
     with(|d| {
         let s = d.stream(stream)?;
         let active = match (&s.capture, s.invalidated) {
@@ -650,7 +671,11 @@ pub unsafe extern "C" fn cuLaunchKernel(
 // --- Graphs ---
 
 #[no_mangle]
-pub extern "C" fn cuGraphInstantiateWithFlags(exec: *mut Handle, graph: Handle, _flags: u64) -> CUresult {
+pub unsafe extern "C" fn cuGraphInstantiateWithFlags(
+    exec: *mut Handle,
+    graph: Handle,
+    _flags: u64,
+) -> CUresult {
     with(|d| {
         let launches = entry(&mut d.graphs, graph)?.clone();
         d.executables.push(Some(launches));
@@ -659,7 +684,7 @@ pub extern "C" fn cuGraphInstantiateWithFlags(exec: *mut Handle, graph: Handle, 
 }
 
 #[no_mangle]
-pub extern "C" fn cuGraphLaunch(exec: Handle, stream: Handle) -> CUresult {
+pub unsafe extern "C" fn cuGraphLaunch(exec: Handle, stream: Handle) -> CUresult {
     with(|d| {
         let launches = entry(&mut d.executables, exec)?.clone();
         if d.stream(stream)?.capture.is_some() {
@@ -670,19 +695,19 @@ pub extern "C" fn cuGraphLaunch(exec: Handle, stream: Handle) -> CUresult {
 }
 
 #[no_mangle]
-pub extern "C" fn cuGraphExecDestroy(exec: Handle) -> CUresult {
+pub unsafe extern "C" fn cuGraphExecDestroy(exec: Handle) -> CUresult {
     with(|d| destroy(&mut d.executables, exec))
 }
 
 #[no_mangle]
-pub extern "C" fn cuGraphDestroy(graph: Handle) -> CUresult {
+pub unsafe extern "C" fn cuGraphDestroy(graph: Handle) -> CUresult {
     with(|d| destroy(&mut d.graphs, graph))
 }
 
 // --- Events ---
 
 #[no_mangle]
-pub extern "C" fn cuEventCreate(event: *mut Handle, flags: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuEventCreate(event: *mut Handle, flags: c_uint) -> CUresult {
     with(|d| {
         d.events.push(Some(Event {
             timing: flags & EVENT_DISABLE_TIMING == 0,
@@ -693,7 +718,7 @@ pub extern "C" fn cuEventCreate(event: *mut Handle, flags: c_uint) -> CUresult {
 }
 
 #[no_mangle]
-pub extern "C" fn cuEventRecord(event: Handle, stream: Handle) -> CUresult {
+pub unsafe extern "C" fn cuEventRecord(event: Handle, stream: Handle) -> CUresult {
     with(|d| {
         d.not_while_capturing(stream)?;
         let now = d.clock_ms;
@@ -703,17 +728,18 @@ pub extern "C" fn cuEventRecord(event: Handle, stream: Handle) -> CUresult {
 }
 
 #[no_mangle]
-pub extern "C" fn cuEventSynchronize(event: Handle) -> CUresult {
+pub unsafe extern "C" fn cuEventSynchronize(event: Handle) -> CUresult {
     with(|d| entry(&mut d.events, event).map(|_| ()))
 }
 
 #[no_mangle]
-pub extern "C" fn cuEventQuery(event: Handle) -> CUresult {
-    cuEventSynchronize(event)
+pub unsafe extern "C" fn cuEventQuery(event: Handle) -> CUresult {
+    // SAFETY: the same contract.
+    unsafe { cuEventSynchronize(event) }
 }
 
 #[no_mangle]
-pub extern "C" fn cuEventElapsedTime_v2(ms: *mut f32, start: Handle, end: Handle) -> CUresult {
+pub unsafe extern "C" fn cuEventElapsedTime_v2(ms: *mut f32, start: Handle, end: Handle) -> CUresult {
     with(|d| {
         let at = |d: &mut Driver, h| -> Result<f64, CUresult> {
             let e = entry(&mut d.events, h)?;
@@ -728,12 +754,13 @@ pub extern "C" fn cuEventElapsedTime_v2(ms: *mut f32, start: Handle, end: Handle
 }
 
 #[no_mangle]
-pub extern "C" fn cuEventElapsedTime(ms: *mut f32, start: Handle, end: Handle) -> CUresult {
-    cuEventElapsedTime_v2(ms, start, end)
+pub unsafe extern "C" fn cuEventElapsedTime(ms: *mut f32, start: Handle, end: Handle) -> CUresult {
+    // SAFETY: the same contract.
+    unsafe { cuEventElapsedTime_v2(ms, start, end) }
 }
 
 #[no_mangle]
-pub extern "C" fn cuEventDestroy_v2(event: Handle) -> CUresult {
+pub unsafe extern "C" fn cuEventDestroy_v2(event: Handle) -> CUresult {
     with(|d| destroy(&mut d.events, event))
 }
 
@@ -763,7 +790,7 @@ fn error_text(code: CUresult) -> Option<(&'static CStr, &'static CStr)> {
 }
 
 #[no_mangle]
-pub extern "C" fn cuGetErrorName(code: CUresult, text: *mut *const c_char) -> CUresult {
+pub unsafe extern "C" fn cuGetErrorName(code: CUresult, text: *mut *const c_char) -> CUresult {
     match error_text(code) {
         Some((name, _)) => put(text, name.as_ptr()).err().unwrap_or(SUCCESS),
         None => INVALID_VALUE,
@@ -771,7 +798,7 @@ pub extern "C" fn cuGetErrorName(code: CUresult, text: *mut *const c_char) -> CU
 }
 
 #[no_mangle]
-pub extern "C" fn cuGetErrorString(code: CUresult, text: *mut *const c_char) -> CUresult {
+pub unsafe extern "C" fn cuGetErrorString(code: CUresult, text: *mut *const c_char) -> CUresult {
     match error_text(code) {
         Some((_, message)) => put(text, message.as_ptr()).err().unwrap_or(SUCCESS),
         None => INVALID_VALUE,

@@ -363,9 +363,178 @@ impl Function {
     }
 }
 
+/// Who touched each 4-byte word of a memory during one launch (global memory) or one block
+/// (shared memory), to find data races: two threads touching the same word, at least one
+/// writing, with no barrier of a block they share between them. Such a program reads
+/// whatever the hardware's scheduling gives it, while this interpreter runs threads in one
+/// fixed order and would compute one plausible answer. Accesses are at least word-sized
+/// except 16-bit loads, which mark their word (no kernel stores less than a word).
+#[derive(Default)]
+struct Shadow {
+    /// The launch an entry belongs to; older entries count as untouched (no clearing).
+    stamp: Vec<u32>,
+    /// Thread (1 + block · block size + tid) of the last write, 0 if none.
+    writer: Vec<u32>,
+    write_epoch: Vec<u32>,
+    /// Thread of the reads, 0 if none, `MANY` if several threads read.
+    reader: Vec<u32>,
+    /// The readers' block, `MANY` if they span blocks; the latest read's epoch.
+    read_block: Vec<u32>,
+    read_epoch: Vec<u32>,
+}
+
+const MANY: u32 = u32::MAX;
+
+/// One thread's access: its launch-wide id (1-based), block, and epoch (barriers its block
+/// has passed).
+#[derive(Clone, Copy)]
+struct Access {
+    thread: u32,
+    block: u32,
+    epoch: u32,
+    block_size: u32,
+}
+
+impl Access {
+    /// Whether this access is ordered after another thread's access (or is that thread's):
+    /// same block, an earlier epoch.
+    fn after(&self, thread: u32, block: u32, epoch: u32) -> bool {
+        thread == 0 || thread == self.thread || (block == self.block && epoch < self.epoch)
+    }
+
+    fn describe(thread: u32, block_size: u32) -> String {
+        let t = thread - 1;
+        format!("block {} thread {}", t / block_size, t % block_size)
+    }
+}
+
+impl Shadow {
+    fn reset(&mut self, words: usize) {
+        for v in [
+            &mut self.stamp,
+            &mut self.writer,
+            &mut self.write_epoch,
+            &mut self.reader,
+            &mut self.read_block,
+            &mut self.read_epoch,
+        ] {
+            v.clear();
+            v.resize(words, 0);
+        }
+    }
+
+    /// Records an access to bytes `[at, at + len)` (offsets in this memory) in launch
+    /// `stamp`; an error names the race.
+    fn access(
+        &mut self,
+        stamp: u32,
+        at: usize,
+        len: usize,
+        a: Access,
+        write: bool,
+    ) -> Result<(), EmuError> {
+        let words = at / 4..(at + len).div_ceil(4);
+        if words.end > self.stamp.len() {
+            for v in [
+                &mut self.stamp,
+                &mut self.writer,
+                &mut self.write_epoch,
+                &mut self.reader,
+                &mut self.read_block,
+                &mut self.read_epoch,
+            ] {
+                v.resize(words.end, 0);
+            }
+        }
+        for w in words {
+            if self.stamp[w] != stamp {
+                self.stamp[w] = stamp;
+                self.writer[w] = 0;
+                self.reader[w] = 0;
+            }
+            let writer = self.writer[w];
+            let writer_block = writer.wrapping_sub(1) / a.block_size;
+            if !a.after(writer, writer_block, self.write_epoch[w]) {
+                return err(format!(
+                    "data race: {} {} word {:#x}, which {} wrote with no barrier between",
+                    Access::describe(a.thread, a.block_size),
+                    if write { "writes" } else { "reads" },
+                    4 * w,
+                    Access::describe(writer, a.block_size),
+                ));
+            }
+            let reader = self.reader[w];
+            if write {
+                let (block, epoch) = (self.read_block[w], self.read_epoch[w]);
+                let ordered = reader == 0
+                    || reader == a.thread
+                    || (reader == MANY && block == a.block && epoch < a.epoch)
+                    || (reader != MANY && a.after(reader, block, epoch));
+                if !ordered {
+                    let who = if reader == MANY {
+                        "other threads".to_string()
+                    } else {
+                        Access::describe(reader, a.block_size)
+                    };
+                    return err(format!(
+                        "data race: {} writes word {:#x}, which {who} read with no barrier between",
+                        Access::describe(a.thread, a.block_size),
+                        4 * w,
+                    ));
+                }
+                self.writer[w] = a.thread;
+                self.write_epoch[w] = a.epoch;
+            } else if reader == 0 || reader == a.thread {
+                self.reader[w] = a.thread;
+                self.read_block[w] = a.block;
+                self.read_epoch[w] = a.epoch;
+            } else {
+                self.reader[w] = MANY;
+                if self.read_block[w] != a.block {
+                    self.read_block[w] = MANY;
+                }
+                self.read_epoch[w] = self.read_epoch[w].max(a.epoch);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A block's shared memory and who touched it.
+struct SharedMemory {
+    bytes: Vec<u8>,
+    shadow: Shadow,
+}
+
+impl SharedMemory {
+    fn range(&self, at: u64, len: usize) -> Result<std::ops::Range<usize>, EmuError> {
+        let a = at as usize;
+        if a.checked_add(len).map_or(true, |end| end > self.bytes.len()) {
+            return err(format!("shared access at {a} out of bounds"));
+        }
+        Ok(a..a + len)
+    }
+
+    fn read(&mut self, at: u64, len: usize, who: Access) -> Result<&[u8], EmuError> {
+        let r = self.range(at, len)?;
+        self.shadow.access(1, r.start, len, who, false)?;
+        Ok(&self.bytes[r])
+    }
+
+    fn write(&mut self, at: u64, data: &[u8], who: Access) -> Result<(), EmuError> {
+        let r = self.range(at, data.len())?;
+        self.shadow.access(1, r.start, data.len(), who, true)?;
+        self.bytes[r].copy_from_slice(data);
+        Ok(())
+    }
+}
+
 /// Device memory: buffers in one arena at fake addresses.
 pub struct Memory {
     bytes: Vec<u8>,
+    /// Who touched what during the current launch (`launch` is its stamp).
+    shadow: Shadow,
+    launch: u32,
 }
 
 const BASE: u64 = 0x1000_0000;
@@ -378,7 +547,17 @@ impl Default for Memory {
 
 impl Memory {
     pub fn new() -> Memory {
-        Memory { bytes: Vec::new() }
+        Memory {
+            bytes: Vec::new(),
+            shadow: Shadow::default(),
+            launch: 0,
+        }
+    }
+
+    /// A kernel's access (as opposed to the host's copies, which are not tracked).
+    fn access(&mut self, addr: u64, len: usize, who: Access, write: bool) -> Result<(), EmuError> {
+        let r = self.range(addr, len)?;
+        self.shadow.access(self.launch, r.start, len, who, write)
     }
 
     /// Allocates `data` (256-byte aligned) and returns its device address.
@@ -483,6 +662,12 @@ pub fn run(
             launch.block
         ));
     }
+    memory.launch = memory.launch.wrapping_add(1);
+    if memory.launch == 0 {
+        // Stamps wrapped: forget every entry rather than mistake an old one for this launch's.
+        memory.shadow.reset(memory.bytes.len() / 4);
+        memory.launch = 1;
+    }
     let mut executed = 0u64;
     for block in 0..launch.grid {
         executed += run_block(f, launch, block, memory)?;
@@ -497,7 +682,12 @@ fn run_block(
     memory: &mut Memory,
 ) -> Result<u64, EmuError> {
     let n = launch.block as usize;
-    let mut shared = vec![0u8; f.shared_bytes as usize];
+    let mut shared = SharedMemory {
+        bytes: vec![0u8; f.shared_bytes as usize],
+        shadow: Shadow::default(),
+    };
+    // Barriers this block has passed: accesses in different epochs are ordered.
+    let mut epoch = 0u32;
     let mut threads: Vec<Thread> = (0..n)
         .map(|_| Thread {
             regs: vec![0; f.registers],
@@ -514,6 +704,7 @@ fn run_block(
                     launch,
                     block,
                     tid: t as u32,
+                    epoch,
                 };
                 executed += ctx.run_thread(thread, memory, &mut shared)?;
             }
@@ -523,7 +714,7 @@ fn run_block(
         }
         let mut progressed = false;
         // Shuffles: per warp, every lane must wait at the same instruction.
-        for warp in threads.chunks_mut(32) {
+        for (warp_index, warp) in threads.chunks_mut(32).enumerate() {
             if warp.iter().all(|t| t.wait != Wait::Shfl) {
                 continue;
             }
@@ -541,7 +732,17 @@ fn run_block(
             }
             match f.code[pc].op[0].as_str() {
                 "mma" => mma(&f.code[pc], warp)?,
-                "ldmatrix" => ldmatrix(&f.code[pc], warp, &shared)?,
+                "ldmatrix" => {
+                    let first = warp_index as u32 * 32;
+                    let who = |lane: usize| Access {
+                        thread: 1 + block * launch.block + first + lane as u32,
+                        block,
+                        epoch,
+                        block_size: launch.block,
+                    };
+                    ldmatrix(&f.code[pc], warp, &mut shared, who)
+                        .map_err(|e| EmuError(format!("{}: {e}", f.name)))?
+                }
                 _ => shuffle(&f.code[pc], warp)?,
             }
             for t in warp.iter_mut() {
@@ -556,6 +757,7 @@ fn run_block(
                 t.pc += 1;
                 t.wait = Wait::Running;
             }
+            epoch += 1;
             progressed = true;
         }
         if !progressed && threads.iter().all(|t| t.wait != Wait::Running) {
@@ -638,7 +840,12 @@ fn aligned(addr: u64, width: usize) -> Result<(), EmuError> {
 /// lanes 8m..8m+7 give the shared addresses of the 8 rows (16 bytes each) of matrix m, and
 /// register r_m of lane L receives the 32 bits at row L / 4, bytes 4·(L % 4) of matrix m, as the
 /// PTX ISA's "Warp-level matrix load instruction: ldmatrix" lays them out.
-fn ldmatrix(ins: &Instr, warp: &mut [Thread], shared: &[u8]) -> Result<(), EmuError> {
+fn ldmatrix(
+    ins: &Instr,
+    warp: &mut [Thread],
+    shared: &mut SharedMemory,
+    who: impl Fn(usize) -> Access,
+) -> Result<(), EmuError> {
     let count = match ins
         .op
         .iter()
@@ -668,13 +875,14 @@ fn ldmatrix(ins: &Instr, warp: &mut [Thread], shared: &[u8]) -> Result<(), EmuEr
     let Operand::Mem(base, off) = &ins.args[1] else {
         return err(format!("`{}`: an address expected", ins.line));
     };
+    let shared_len = shared.bytes.len();
     let row_address = |lane: usize| -> Result<usize, EmuError> {
         let at = match base {
             Base::Reg(r) => warp[lane].regs[*r].wrapping_add(*off as u64),
             Base::Shared(a) => a.wrapping_add(*off as u64),
             _ => return err(format!("`{}`: a shared address expected", ins.line)),
         } as usize;
-        if at % 16 != 0 || at + 16 > shared.len() {
+        if at % 16 != 0 || at + 16 > shared_len {
             return err(format!(
                 "`{}`: row address {at} unaligned or out of shared memory",
                 ins.line
@@ -685,10 +893,12 @@ fn ldmatrix(ins: &Instr, warp: &mut [Thread], shared: &[u8]) -> Result<(), EmuEr
     let mut words = vec![[0u64; 4]; 32];
     for m in 0..count {
         for (lane, w) in words.iter_mut().enumerate() {
-            let row = row_address(8 * m + lane / 4)?;
+            // Each row is read by the lane that gave its address.
+            let giver = 8 * m + lane / 4;
+            let row = row_address(giver)?;
             let at = row + 4 * (lane % 4);
             let mut b = [0u8; 8];
-            b[..4].copy_from_slice(&shared[at..at + 4]);
+            b[..4].copy_from_slice(shared.read(at as u64, 4, who(giver))?);
             w[m] = u64::from_le_bytes(b);
         }
     }
@@ -774,6 +984,8 @@ struct Ctx<'a> {
     launch: &'a Launch<'a>,
     block: u32,
     tid: u32,
+    /// Barriers the block has passed.
+    epoch: u32,
 }
 
 fn f32_of(bits: u64) -> f32 {
@@ -799,6 +1011,15 @@ fn f32_to_bf16(v: f32) -> u16 {
 }
 
 impl Ctx<'_> {
+    fn who(&self) -> Access {
+        Access {
+            thread: 1 + self.block * self.launch.block + self.tid,
+            block: self.block,
+            epoch: self.epoch,
+            block_size: self.launch.block,
+        }
+    }
+
     fn value(&self, t: &Thread, o: &Operand) -> Result<u64, EmuError> {
         Ok(match o {
             Operand::Reg(r) => t.regs[*r],
@@ -838,7 +1059,7 @@ impl Ctx<'_> {
         &self,
         t: &mut Thread,
         memory: &mut Memory,
-        shared: &mut [u8],
+        shared: &mut SharedMemory,
     ) -> Result<u64, EmuError> {
         let mut executed = 0;
         loop {
@@ -885,25 +1106,28 @@ impl Ctx<'_> {
         }
     }
 
+    /// A kernel's load; `track` is false for a prefetch (a hint, not a read the program
+    /// depends on).
     fn load(
         &self,
         base: &Base,
         addr: u64,
         size: usize,
-        memory: &Memory,
-        shared: &[u8],
+        memory: &mut Memory,
+        shared: &mut SharedMemory,
+        track: bool,
     ) -> Result<u64, EmuError> {
         let bytes: &[u8] = match base {
             Base::Param(i) => {
                 return Ok(self.launch.params[*i]);
             }
-            Base::Shared(_) => {
-                let a = addr as usize;
-                shared
-                    .get(a..a + size)
-                    .ok_or_else(|| EmuError(format!("shared access at {a} out of bounds")))?
+            Base::Shared(_) => shared.read(addr, size, self.who())?,
+            _ => {
+                if track {
+                    memory.access(addr, size, self.who(), false)?;
+                }
+                memory.read(addr, size)?
             }
-            _ => memory.read(addr, size)?,
         };
         let mut v = [0u8; 8];
         v[..size].copy_from_slice(bytes);
@@ -917,20 +1141,16 @@ impl Ctx<'_> {
         size: usize,
         value: u64,
         memory: &mut Memory,
-        shared: &mut [u8],
+        shared: &mut SharedMemory,
     ) -> Result<(), EmuError> {
         let bytes = &value.to_le_bytes()[..size];
         match base {
-            Base::Shared(_) => {
-                let a = addr as usize;
-                shared
-                    .get_mut(a..a + size)
-                    .ok_or_else(|| EmuError(format!("shared access at {a} out of bounds")))?
-                    .copy_from_slice(bytes);
-                Ok(())
-            }
+            Base::Shared(_) => shared.write(addr, bytes, self.who()),
             Base::Param(_) => err("store to a parameter"),
-            _ => memory.write_bytes(addr, bytes),
+            _ => {
+                memory.access(addr, size, self.who(), true)?;
+                memory.write_bytes(addr, bytes)
+            }
         }
     }
 
@@ -939,7 +1159,7 @@ impl Ctx<'_> {
         ins: &Instr,
         t: &mut Thread,
         memory: &mut Memory,
-        shared: &mut [u8],
+        shared: &mut SharedMemory,
     ) -> Result<(), EmuError> {
         let op = Op(&ins.op);
         let ty = op.last();
@@ -994,12 +1214,12 @@ impl Ctx<'_> {
                 match (&ins.args[0], vec) {
                     (Operand::Vec(regs), Some(n)) if regs.len() == n => {
                         for (k, r) in regs.iter().enumerate() {
-                            t.regs[*r] =
-                                self.load(&base, addr + (k * size) as u64, size, memory, shared)?;
+                            let at = addr + (k * size) as u64;
+                            t.regs[*r] = self.load(&base, at, size, memory, shared, true)?;
                         }
                     }
                     (Operand::Reg(r), None) => {
-                        let mut v = self.load(&base, addr, size, memory, shared)?;
+                        let mut v = self.load(&base, addr, size, memory, shared, true)?;
                         if ty.starts_with('s') && size < 8 {
                             v = (v as i64).wrapping_shl(64 - 8 * size as u32) as u64;
                             v = ((v as i64) >> (64 - 8 * size as u32)) as u64;
@@ -1031,7 +1251,7 @@ impl Ctx<'_> {
             // read (the hardware would fetch from it).
             "prefetch" => {
                 let (base, addr) = self.address(t, &ins.args[0], op.at(1))?;
-                self.load(&base, addr, 1, memory, shared)?;
+                self.load(&base, addr, 1, memory, shared, false)?;
             }
             "cvta" => dst(t, arg(t, 1)?)?,
             "mov" => dst(t, mask(arg(t, 1)?))?,
@@ -1275,5 +1495,47 @@ mod tests {
         let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.shared .align 4 .b8 s[128];\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<6>;\n\tld.param.u64 %rd0, [out];\n\tcvta.to.global.u64 %rd1, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.u32 [%rd4], %r0;\n\tbar.sync 0;\n\tsub.u32 %r1, 31, %r0;\n\tmul.wide.u32 %rd3, %r1, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tld.shared.u32 %r2, [%rd4];\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd5, %rd1, %rd3;\n\tst.global.u32 [%rd5], %r2;\n\tret;\n}\n";
         let got = run_one_warp(ptx, 32).unwrap();
         assert_eq!(got, (0..32).rev().collect::<Vec<u32>>());
+    }
+
+    /// A kernel, its launch shape, and whether the interpreter reports a data race in it.
+    fn races(ptx: &str, grid: u32) -> bool {
+        let m = Module::parse(ptx).unwrap();
+        let mut mem = Memory::new();
+        let out = mem.alloc(&[0; 4 * 64]);
+        match run(
+            &m,
+            "k",
+            &Launch {
+                grid,
+                block: 32,
+                params: &[out],
+            },
+            &mut mem,
+        ) {
+            Ok(_) => false,
+            Err(e) if e.0.contains("data race") => true,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn data_races_are_errors() {
+        let shared_swap = |barrier: &str| {
+            format!(".visible .entry k(\n\t.param .u64 out\n)\n{{\n\t.shared .align 4 .b8 s[128];\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<6>;\n\tld.param.u64 %rd0, [out];\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.u32 [%rd4], %r0;\n\t{barrier}\n\tsub.u32 %r1, 31, %r0;\n\tmul.wide.u32 %rd3, %r1, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tld.shared.u32 %r2, [%rd4];\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd5, %rd0, %rd3;\n\tst.global.u32 [%rd5], %r2;\n\tret;\n}}\n")
+        };
+        // Reading another thread's shared write: ordered by a barrier, a race without one.
+        assert!(!races(&shared_swap("bar.sync 0;"), 1));
+        assert!(races(&shared_swap(""), 1));
+        // Each thread writes out[tid]: one block is fine; two blocks write the same words.
+        let global_store = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.reg .b32 %r<2>;\n\t.reg .b64 %rd<4>;\n\tld.param.u64 %rd0, [out];\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\tst.global.u32 [%rd2], %r0;\n\tret;\n}\n";
+        assert!(!races(global_store, 1));
+        assert!(races(global_store, 2));
+        // Thread i reads out[i + 1], then writes out[i]: its neighbour's write races its read
+        // (a barrier between them orders them, within one block).
+        let shift = |barrier: &str| {
+            format!(".visible .entry k(\n\t.param .u64 out\n)\n{{\n\t.reg .b32 %r<3>;\n\t.reg .b64 %rd<4>;\n\tld.param.u64 %rd0, [out];\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\tld.global.u32 %r1, [%rd2+4];\n\t{barrier}\n\tst.global.u32 [%rd2], %r1;\n\tret;\n}}\n")
+        };
+        assert!(races(&shift(""), 1));
+        assert!(!races(&shift("bar.sync 0;"), 1));
     }
 }
