@@ -66,7 +66,7 @@ pub struct DemoArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BuildTarget {
     Cpu,
-    /// NVIDIA GPUs (sm_90): PTX decode kernels run through the CUDA driver at run time.
+    /// NVIDIA GPUs (sm_90): PTX prefill and decode kernels run through the CUDA driver at run time.
     Cuda,
 }
 
