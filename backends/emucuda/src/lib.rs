@@ -560,7 +560,11 @@ pub unsafe extern "C" fn cuStreamSynchronize(stream: Handle) -> CUresult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuStreamWaitEvent(stream: Handle, event: Handle, _flags: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuStreamWaitEvent(
+    stream: Handle,
+    event: Handle,
+    _flags: c_uint,
+) -> CUresult {
     with(|d| {
         entry(&mut d.events, event)?;
         d.stream(stream).map(|_| ())
@@ -739,7 +743,11 @@ pub unsafe extern "C" fn cuEventQuery(event: Handle) -> CUresult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuEventElapsedTime_v2(ms: *mut f32, start: Handle, end: Handle) -> CUresult {
+pub unsafe extern "C" fn cuEventElapsedTime_v2(
+    ms: *mut f32,
+    start: Handle,
+    end: Handle,
+) -> CUresult {
     with(|d| {
         let at = |d: &mut Driver, h| -> Result<f64, CUresult> {
             let e = entry(&mut d.events, h)?;

@@ -54,6 +54,9 @@ pub struct Kernel {
     labels: u32,
     /// `.maxntid` and `.minnctapersm`: see `launch_bounds`.
     bounds: Option<(u32, u32)>,
+    /// Whether the body waits for earlier kernels itself (`wait_for_earlier_kernels`);
+    /// otherwise `finish` puts the wait first.
+    waits: bool,
 }
 
 /// The module header for sm_90 with PTX ISA 8.0 (loaded by driver 580 / CUDA 13.0).
@@ -69,7 +72,22 @@ impl Kernel {
             body: String::new(),
             labels: 0,
             bounds: None,
+            waits: false,
         }
+    }
+
+    /// Waits until the kernels launched before this one have finished and their writes are
+    /// visible (`griddepcontrol.wait`). Kernels are launched with programmatic dependent
+    /// launch: each lets the next one start early (`finish` puts
+    /// `griddepcontrol.launch_dependents` first), and the next one may run everything before
+    /// this wait while the previous is still running. So nothing before it may write global
+    /// memory or read what a kernel wrote: only weights and the host's inputs (the
+    /// interpreter checks both). Without a call, the wait is the kernel's first instruction.
+    /// On a launch without that attribute the wait returns at once.
+    pub fn wait_for_earlier_kernels(&mut self) {
+        assert!(!self.waits, "{}: one wait per kernel", self.name);
+        self.waits = true;
+        self.ins("griddepcontrol.wait;");
     }
 
     /// Tells ptxas the kernel runs in blocks of at most `threads` and should fit `blocks` of
@@ -257,6 +275,12 @@ impl Kernel {
         }
         for decl in &self.shared {
             let _ = writeln!(out, "\t{decl}");
+        }
+        // The next kernel may be scheduled now: its blocks take SMs as this one's finish, and
+        // run up to their own wait.
+        out.push_str("\tgriddepcontrol.launch_dependents;\n");
+        if !self.waits {
+            out.push_str("\tgriddepcontrol.wait;\n");
         }
         out.push_str(&self.body);
         out.push_str("\tret;\n}\n");

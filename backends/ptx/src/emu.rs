@@ -361,6 +361,15 @@ impl Function {
     pub fn param_count(&self) -> usize {
         self.params.len()
     }
+
+    /// Whether the kernel waits for earlier kernels (`griddepcontrol.wait`), so it may be
+    /// launched to start before they end (programmatic dependent launch). Without a wait its
+    /// threads count as past it from the start: such a kernel must be launched plainly.
+    pub fn waits_for_earlier_kernels(&self) -> bool {
+        self.code
+            .iter()
+            .any(|i| i.op.len() == 2 && i.op[0] == "griddepcontrol" && i.op[1] == "wait")
+    }
 }
 
 /// Who touched each 4-byte word of a memory during one launch (global memory) or one block
@@ -509,7 +518,9 @@ struct SharedMemory {
 impl SharedMemory {
     fn range(&self, at: u64, len: usize) -> Result<std::ops::Range<usize>, EmuError> {
         let a = at as usize;
-        if a.checked_add(len).map_or(true, |end| end > self.bytes.len()) {
+        if a.checked_add(len)
+            .map_or(true, |end| end > self.bytes.len())
+        {
             return err(format!("shared access at {a} out of bounds"));
         }
         Ok(a..a + len)
@@ -535,6 +546,9 @@ pub struct Memory {
     /// Who touched what during the current launch (`launch` is its stamp).
     shadow: Shadow,
     launch: u32,
+    /// Words some kernel has written (ever): a kernel may not read them before its
+    /// `griddepcontrol.wait`, when the kernel that writes them may still be running.
+    kernel_written: Vec<bool>,
 }
 
 const BASE: u64 = 0x1000_0000;
@@ -551,12 +565,41 @@ impl Memory {
             bytes: Vec::new(),
             shadow: Shadow::default(),
             launch: 0,
+            kernel_written: Vec::new(),
         }
     }
 
-    /// A kernel's access (as opposed to the host's copies, which are not tracked).
-    fn access(&mut self, addr: u64, len: usize, who: Access, write: bool) -> Result<(), EmuError> {
+    /// A kernel's access (as opposed to the host's copies, which are not tracked); `waited`:
+    /// whether the thread is past its `griddepcontrol.wait`.
+    fn access(
+        &mut self,
+        addr: u64,
+        len: usize,
+        who: Access,
+        write: bool,
+        waited: bool,
+    ) -> Result<(), EmuError> {
         let r = self.range(addr, len)?;
+        let words = r.start / 4..r.end.div_ceil(4);
+        if self.kernel_written.len() < words.end {
+            self.kernel_written
+                .resize(self.bytes.len().div_ceil(4), false);
+        }
+        if !waited {
+            if write {
+                return err(format!(
+                    "writes global memory at {addr:#x} before griddepcontrol.wait (the kernel before may still be running)"
+                ));
+            }
+            if self.kernel_written[words.clone()].iter().any(|&w| w) {
+                return err(format!(
+                    "reads global memory at {addr:#x}, which a kernel wrote, before griddepcontrol.wait"
+                ));
+            }
+        }
+        if write {
+            self.kernel_written[words].fill(true);
+        }
         self.shadow.access(self.launch, r.start, len, who, write)
     }
 
@@ -632,6 +675,8 @@ struct Thread {
     regs: Vec<u64>,
     pc: usize,
     wait: Wait,
+    /// Past `griddepcontrol.wait`: earlier kernels' writes are visible.
+    waited: bool,
 }
 
 /// A launch: grid and block size (one dimension) and the parameter values, in order.
@@ -682,6 +727,7 @@ fn run_block(
     memory: &mut Memory,
 ) -> Result<u64, EmuError> {
     let n = launch.block as usize;
+    let starts_waited = !f.waits_for_earlier_kernels();
     let mut shared = SharedMemory {
         bytes: vec![0u8; f.shared_bytes as usize],
         shadow: Shadow::default(),
@@ -693,6 +739,7 @@ fn run_block(
             regs: vec![0; f.registers],
             pc: 0,
             wait: Wait::Running,
+            waited: starts_waited,
         })
         .collect();
     let mut executed = 0;
@@ -979,6 +1026,15 @@ impl<'a> Op<'a> {
     }
 }
 
+/// How a global load counts for the interpreter's checks.
+#[derive(Clone, Copy)]
+enum LoadKind {
+    /// A hint: no data the program depends on, so neither a race nor an early read.
+    Prefetch,
+    /// A read, by a thread past its `griddepcontrol.wait` or not.
+    Read { waited: bool },
+}
+
 struct Ctx<'a> {
     f: &'a Function,
     launch: &'a Launch<'a>,
@@ -1098,6 +1154,17 @@ impl Ctx<'_> {
                     t.wait = Wait::Bar;
                     return Ok(executed);
                 }
+                // Launches are sequential here, so waiting for earlier kernels is immediate;
+                // what it orders is checked by loads and stores (`LoadKind`).
+                "griddepcontrol" => {
+                    match ins.op.get(1).map(String::as_str) {
+                        Some("wait") => t.waited = true,
+                        Some("launch_dependents") => {}
+                        _ => return err(format!("`{}`: unknown griddepcontrol", ins.line)),
+                    }
+                    t.pc += 1;
+                    continue;
+                }
                 _ => self
                     .step(ins, t, memory, shared)
                     .map_err(|e| EmuError(format!("{}: `{}`: {e}", self.f.name, ins.line)))?,
@@ -1106,8 +1173,7 @@ impl Ctx<'_> {
         }
     }
 
-    /// A kernel's load; `track` is false for a prefetch (a hint, not a read the program
-    /// depends on).
+    /// A kernel's load of `size` bytes at `addr`.
     fn load(
         &self,
         base: &Base,
@@ -1115,7 +1181,7 @@ impl Ctx<'_> {
         size: usize,
         memory: &mut Memory,
         shared: &mut SharedMemory,
-        track: bool,
+        kind: LoadKind,
     ) -> Result<u64, EmuError> {
         let bytes: &[u8] = match base {
             Base::Param(i) => {
@@ -1123,8 +1189,8 @@ impl Ctx<'_> {
             }
             Base::Shared(_) => shared.read(addr, size, self.who())?,
             _ => {
-                if track {
-                    memory.access(addr, size, self.who(), false)?;
+                if let LoadKind::Read { waited } = kind {
+                    memory.access(addr, size, self.who(), false, waited)?;
                 }
                 memory.read(addr, size)?
             }
@@ -1134,21 +1200,22 @@ impl Ctx<'_> {
         Ok(u64::from_le_bytes(v))
     }
 
+    /// A kernel's store of `bytes` at `addr`.
     fn store(
         &self,
         base: &Base,
         addr: u64,
-        size: usize,
-        value: u64,
+        bytes: &[u8],
         memory: &mut Memory,
         shared: &mut SharedMemory,
+        waited: bool,
     ) -> Result<(), EmuError> {
-        let bytes = &value.to_le_bytes()[..size];
+        let size = bytes.len();
         match base {
             Base::Shared(_) => shared.write(addr, bytes, self.who()),
             Base::Param(_) => err("store to a parameter"),
             _ => {
-                memory.access(addr, size, self.who(), true)?;
+                memory.access(addr, size, self.who(), true, waited)?;
                 memory.write_bytes(addr, bytes)
             }
         }
@@ -1215,11 +1282,13 @@ impl Ctx<'_> {
                     (Operand::Vec(regs), Some(n)) if regs.len() == n => {
                         for (k, r) in regs.iter().enumerate() {
                             let at = addr + (k * size) as u64;
-                            t.regs[*r] = self.load(&base, at, size, memory, shared, true)?;
+                            let kind = LoadKind::Read { waited: t.waited };
+                            t.regs[*r] = self.load(&base, at, size, memory, shared, kind)?;
                         }
                     }
                     (Operand::Reg(r), None) => {
-                        let mut v = self.load(&base, addr, size, memory, shared, true)?;
+                        let kind = LoadKind::Read { waited: t.waited };
+                        let mut v = self.load(&base, addr, size, memory, shared, kind)?;
                         if ty.starts_with('s') && size < 8 {
                             v = (v as i64).wrapping_shl(64 - 8 * size as u32) as u64;
                             v = ((v as i64) >> (64 - 8 * size as u32)) as u64;
@@ -1236,13 +1305,13 @@ impl Ctx<'_> {
                 match (&ins.args[1], vec) {
                     (Operand::Vec(regs), Some(n)) if regs.len() == n => {
                         for (k, r) in regs.iter().enumerate() {
-                            let v = t.regs[*r];
-                            self.store(&base, addr + (k * size) as u64, size, v, memory, shared)?;
+                            let (v, at) = (t.regs[*r].to_le_bytes(), addr + (k * size) as u64);
+                            self.store(&base, at, &v[..size], memory, shared, t.waited)?;
                         }
                     }
                     (o, None) => {
-                        let v = self.value(t, o)?;
-                        self.store(&base, addr, size, v, memory, shared)?;
+                        let v = self.value(t, o)?.to_le_bytes();
+                        self.store(&base, addr, &v[..size], memory, shared, t.waited)?;
                     }
                     _ => return err("vector store shape"),
                 }
@@ -1251,7 +1320,7 @@ impl Ctx<'_> {
             // read (the hardware would fetch from it).
             "prefetch" => {
                 let (base, addr) = self.address(t, &ins.args[0], op.at(1))?;
-                self.load(&base, addr, 1, memory, shared, false)?;
+                self.load(&base, addr, 1, memory, shared, LoadKind::Prefetch)?;
             }
             "cvta" => dst(t, arg(t, 1)?)?,
             "mov" => dst(t, mask(arg(t, 1)?))?,
@@ -1495,6 +1564,52 @@ mod tests {
         let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.shared .align 4 .b8 s[128];\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<6>;\n\tld.param.u64 %rd0, [out];\n\tcvta.to.global.u64 %rd1, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.u32 [%rd4], %r0;\n\tbar.sync 0;\n\tsub.u32 %r1, 31, %r0;\n\tmul.wide.u32 %rd3, %r1, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tld.shared.u32 %r2, [%rd4];\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd5, %rd1, %rd3;\n\tst.global.u32 [%rd5], %r2;\n\tret;\n}\n";
         let got = run_one_warp(ptx, 32).unwrap();
         assert_eq!(got, (0..32).rev().collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn nothing_before_griddepcontrol_wait_touches_what_kernels_write() {
+        // Thread i copies p[i + 32] to p[i], waiting for earlier kernels at `wait` (0: first,
+        // 1: between the load and the store, 2: last, 3: never).
+        let copy = |wait: usize| {
+            let w = |at| {
+                if at == wait {
+                    "griddepcontrol.wait;"
+                } else {
+                    ""
+                }
+            };
+            format!(".visible .entry k(\n\t.param .u64 p\n)\n{{\n\t.reg .b32 %r<3>;\n\t.reg .b64 %rd<4>;\n\t{}\n\tld.param.u64 %rd0, [p];\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\tld.global.u32 %r1, [%rd2+128];\n\t{}\n\tst.global.u32 [%rd2], %r1;\n\t{}\n\tret;\n}}\n", w(0), w(1), w(2))
+        };
+        // Two launches: the first copies host-written words 64.. to 32..; the second reads
+        // those (a kernel's output) into 0...
+        let run_twice = |ptx: &str| -> Result<(), EmuError> {
+            let m = Module::parse(ptx)?;
+            let mut mem = Memory::new();
+            let out = mem.alloc(&[0; 4 * 128]);
+            for p in [out + 128, out] {
+                let launch = Launch {
+                    grid: 1,
+                    block: 32,
+                    params: &[p],
+                };
+                run(&m, "k", &launch, &mut mem)?;
+            }
+            Ok(())
+        };
+        assert!(run_twice(&copy(0)).is_ok());
+        // Reading what the host wrote before the wait is allowed, what a kernel wrote is not.
+        let e = run_twice(&copy(1)).unwrap_err();
+        assert!(
+            e.0.contains("which a kernel wrote, before griddepcontrol.wait"),
+            "{e}"
+        );
+        let e = run_twice(&copy(2)).unwrap_err();
+        assert!(
+            e.0.contains("writes global memory") && e.0.contains("before"),
+            "{e}"
+        );
+        // A kernel without a wait is launched plainly: nothing to check.
+        assert!(run_twice(&copy(3)).is_ok());
     }
 
     /// A kernel, its launch shape, and whether the interpreter reports a data race in it.

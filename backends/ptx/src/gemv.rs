@@ -345,9 +345,11 @@ pub fn gemv(spec: &GemvSpec) -> String {
         "mad.lo.u32 {col}, {block}, {WARPS_PER_BLOCK}, {warp};"
     ));
     let geglu = spec.epilogue == Epilogue::GeGlu;
-    // The first bytes of this warp's first row(s) start coming into L2 while the block
-    // stages its inputs.
+    // The first bytes of this warp's first row(s) start coming into L2 while the kernel
+    // before this one finishes (weights are never written, so this may run before the wait)
+    // and while the block stages its inputs.
     prefetch_rows(&mut k, spec, w, col, lane);
+    k.wait_for_earlier_kernels();
     // Staging needs every thread of the block at its barrier: before any warp leaves.
     let staged = spec.inputs <= MAX_STAGED_INPUTS;
     let input = if staged {

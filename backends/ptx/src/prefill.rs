@@ -1098,6 +1098,16 @@ pub fn gemm_tokens_tc(
     // Groups past the chunk's count leave at once (whole blocks: no barrier waits for them).
     let group_end = k.label("group_end");
     k.leave_unless_below(t0, n, &group_end);
+    // While the kernel before this one finishes, the first k-steps of this block's weight
+    // rows come into L2 (four k-steps per 128-byte line; the loop's own prefetches start
+    // PREFETCH_STEPS + 1 steps in). The inputs are that kernel's output: after the wait.
+    let first_steps = (PREFETCH_STEPS + 1).min(inputs / 16);
+    for at in &b_ptrs {
+        for step in (0..first_steps).step_by(4) {
+            k.ins(format!("prefetch.global.L2 [{at}+{}];", 32 * step));
+        }
+    }
+    k.wait_for_earlier_kernels();
     for a in accs.iter().flatten().flatten().flatten() {
         k.ins(format!("mov.f32 {a}, 0f00000000;"));
     }
