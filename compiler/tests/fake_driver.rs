@@ -190,6 +190,48 @@ fn griffinc_cuda_backend_on_the_fake_driver() {
 }
 
 #[test]
+fn a_driver_refusing_early_launches_gets_plain_stream_order() {
+    // Kernels are launched to overlap the one before (programmatic dependent launch); a
+    // driver that refuses it gets plain launches, with one note, and the same answers.
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let case = "tiny-text";
+    let e = expected(case);
+    let exe = build_cuda(case, tmp.path(), &["--prefill-chunk", "5"]);
+    let n = e.generated_ids.len().to_string();
+    let args = [
+        "--ids",
+        &ids_arg(&e.input_ids),
+        "--max-new-tokens",
+        &n,
+        "--ignore-eos",
+        "--format",
+        "ids",
+    ];
+    for (refuse, plain) in [(true, false), (true, true), (false, true)] {
+        let mut c = Command::new(&exe);
+        c.args(args).env("LD_LIBRARY_PATH", &driver);
+        if refuse {
+            c.env("EMUCUDA_NO_PDL", "1");
+        }
+        if plain {
+            c.env("GRIFFIN_CUDA_PDL", "0");
+        }
+        let o = c.output().unwrap();
+        let stderr = succeeded(&o);
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            ids_arg(&e.generated_ids)
+        );
+        // Asked for early launches and refused: one note (later programs do not ask again).
+        let notes = stderr
+            .matches("programmatic dependent launch failed")
+            .count();
+        assert_eq!(notes, usize::from(refuse && !plain), "{stderr}");
+    }
+}
+
+#[test]
 fn profile_times_every_launch_of_a_chunk_and_a_step() {
     let tmp = tempfile::tempdir().unwrap();
     let driver = fake_driver_dir(tmp.path());

@@ -5,18 +5,24 @@
 //! launches are captured once as a CUDA graph and replayed per token; greedy decoding copies
 //! one token id back per step.
 //!
-//! Written without a GPU at hand: it builds and reports a missing driver here, but has not yet
-//! run on a device (the kernels and plan it runs are checked by the PTX interpreter).
+//! Kernels are launched with programmatic dependent launch (Hopper): each may start while the
+//! one before it finishes, and runs up to its `griddepcontrol.wait` (prefetching weights)
+//! before depending on it. Where the driver refuses that, launches fall back to plain stream
+//! order (`GRIFFIN_CUDA_PDL=0` asks for plain order from the start).
+//!
+//! Written without a GPU at hand: it has run only on `emucuda`, the stand-in driver over the
+//! PTX interpreter (tests), never on a device.
 
+use std::cell::Cell;
+use std::ffi::{c_void, CString};
 use std::sync::Arc;
 
 use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys::{
-    CUdeviceptr, CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
+    self, CUdeviceptr, CUevent_flags, CUgraphInstantiate_flags, CUlaunchAttributeID,
+    CUstreamCaptureMode,
 };
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaGraph, CudaStream};
 
 use crate::gpu_plan::{GpuBufferKind, GpuLaunch, GpuPlan};
 use crate::stats::LaunchTime;
@@ -76,26 +82,78 @@ impl Drop for DeviceMemory {
     }
 }
 
+/// The PTX module, loaded once, unloaded on drop.
+struct Module {
+    raw: sys::CUmodule,
+    ctx: Arc<CudaContext>,
+}
+
+impl Module {
+    fn load(ctx: &Arc<CudaContext>, ptx: &str) -> Result<Module, RuntimeError> {
+        let text = CString::new(ptx)
+            .map_err(|_| RuntimeError::Plan("the PTX module holds a NUL byte".into()))?;
+        ctx.bind_to_thread()
+            .map_err(|e| driver("binding the context", e))?;
+        // SAFETY: a NUL-terminated PTX text, which the driver copies.
+        let raw = unsafe { cu::module::load_data(text.as_ptr().cast()) }
+            .map_err(|e| driver("loading the PTX module", e))?;
+        Ok(Module {
+            raw,
+            ctx: ctx.clone(),
+        })
+    }
+
+    fn kernel(&self, name: &str) -> Result<Kernel, RuntimeError> {
+        let c = CString::new(name)
+            .map_err(|_| RuntimeError::Plan(format!("kernel name {name:?} holds a NUL byte")))?;
+        // SAFETY: the module is loaded until self drops, which outlives every launch (the
+        // executor holds both).
+        unsafe { cu::module::get_function(self.raw, c) }
+            .map(Kernel)
+            .map_err(|e| driver(&format!("kernel `{name}`"), e))
+    }
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: loaded by load_data, unloaded once.
+        let _ = unsafe { cu::module::unload(self.raw) };
+    }
+}
+
+/// A kernel of the module.
+#[derive(Clone, Copy)]
+struct Kernel(sys::CUfunction);
+
+/// The most parameters a kernel of the plan takes (the launch builds their pointer array on
+/// the stack).
+const MAX_PARAMS: usize = 32;
+
 /// A GPU plan loaded on device 0.
 pub struct CudaExecutor {
     plan: GpuPlan,
     stream: Arc<CudaStream>,
-    _module: Arc<CudaModule>,
+    /// Whether launches may overlap the kernel before them (programmatic dependent launch);
+    /// cleared for good when the driver refuses it.
+    early_launch: Cell<bool>,
+    argmax: Kernel,
+    argmax_params: Vec<u64>,
+    addresses: Vec<u64>,
     /// The decode step.
     step_program: Program,
     /// The prefill chunk, if the plan has one.
     prefill_program: Option<Program>,
     /// The prefill chunk computing its last token's logits only (generation).
     prefill_last_program: Option<Program>,
-    argmax: CudaFunction,
-    argmax_params: Vec<u64>,
-    addresses: Vec<u64>,
     _weights: DeviceMemory,
     _arena: DeviceMemory,
     position: u32,
     logits: Vec<f32>,
     /// Bytes of device memory this executor allocated.
     pub device_bytes: u64,
+    /// Last, so that it drops after the programs' graphs, which launch its kernels.
+    _module: Module,
 }
 
 const ALIGN: u64 = 256;
@@ -114,7 +172,7 @@ enum Graph {
 struct Program {
     name: &'static str,
     launches: Vec<GpuLaunch>,
-    functions: Vec<CudaFunction>,
+    kernels: Vec<Kernel>,
     params: Vec<Vec<u64>>,
     /// Captured on first run; a cell so a program runs through a shared borrow of the
     /// executor.
@@ -134,15 +192,8 @@ impl CudaExecutor {
         let stream = ctx
             .new_stream()
             .map_err(|e| driver("creating a stream", e))?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(|e| driver("loading the PTX module", e))?;
-        let function = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(|e| driver(&format!("kernel `{name}`"), e))
-        };
-        let argmax = function(&plan.argmax.kernel)?;
+        let module = Module::load(&ctx, ptx)?;
+        let argmax = module.kernel(&plan.argmax.kernel)?;
 
         let weights_mem = DeviceMemory::new(&ctx, weights.len())?;
         // SAFETY: the allocation holds weights.len() bytes.
@@ -196,9 +247,9 @@ impl CudaExecutor {
                 Ok(Program {
                     name,
                     launches: launches.to_vec(),
-                    functions: launches
+                    kernels: launches
                         .iter()
-                        .map(|l| function(&l.kernel))
+                        .map(|l| module.kernel(&l.kernel))
                         .collect::<Result<Vec<_>, _>>()?,
                     params: launches.iter().map(params_of).collect(),
                     graph: std::cell::RefCell::new(Graph::NotYet),
@@ -221,9 +272,10 @@ impl CudaExecutor {
         let vocab = plan.vocab();
         Ok(CudaExecutor {
             device_bytes: weights.len() as u64 + arena_bytes,
+            _module: module,
             plan,
             stream,
-            _module: module,
+            early_launch: Cell::new(std::env::var("GRIFFIN_CUDA_PDL").as_deref() != Ok("0")),
             step_program,
             prefill_program,
             prefill_last_program,
@@ -237,52 +289,103 @@ impl CudaExecutor {
         })
     }
 
-    fn launch(&self, f: &CudaFunction, l: &GpuLaunch, params: &[u64]) -> Result<(), RuntimeError> {
-        let mut b = self.stream.launch_builder(f);
-        for p in params {
-            b.arg(p);
+    /// Launches `kernel` on the stream; with `early`, as a programmatic dependent launch (it
+    /// may start before the kernel before it ends; it waits for it at its
+    /// `griddepcontrol.wait`).
+    fn launch(
+        &self,
+        kernel: Kernel,
+        l: &GpuLaunch,
+        params: &[u64],
+        early: bool,
+    ) -> Result<(), RuntimeError> {
+        let what = || format!("launching `{}`", l.kernel);
+        if params.len() > MAX_PARAMS {
+            return Err(RuntimeError::Plan(format!(
+                "{}: {} parameters, at most {MAX_PARAMS}",
+                what(),
+                params.len()
+            )));
         }
-        let cfg = LaunchConfig {
-            grid_dim: (l.grid, 1, 1),
-            block_dim: (l.block, 1, 1),
-            shared_mem_bytes: 0,
+        // The driver reads each parameter through a pointer to it.
+        let mut args = [std::ptr::null_mut::<c_void>(); MAX_PARAMS];
+        for (a, p) in args.iter_mut().zip(params) {
+            *a = (p as *const u64).cast_mut().cast();
+        }
+        // SAFETY: a plain C struct and union, valid zeroed; the fields set below are the ones
+        // the driver reads for this attribute.
+        let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attribute.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: l.grid,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: l.block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: u32::from(early),
         };
         // SAFETY: the parameters are device addresses of buffers sized by the plan the
-        // kernels were generated with.
-        unsafe { b.launch(cfg) }.map_err(|e| driver(&format!("launching `{}`", l.kernel), e))?;
-        Ok(())
+        // kernels were generated with, one per kernel parameter; `args`, `attribute` and
+        // `params` outlive the call (the driver copies them).
+        unsafe { sys::cuLaunchKernelEx(&config, kernel.0, args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| driver(&what(), e))
     }
 
-    fn launch_all(&self, p: &Program) -> Result<(), RuntimeError> {
-        for ((f, l), params) in p.functions.iter().zip(&p.launches).zip(&p.params) {
-            self.launch(f, l, params)?;
+    fn launch_all(&self, p: &Program, early: bool) -> Result<(), RuntimeError> {
+        for ((&k, l), params) in p.kernels.iter().zip(&p.launches).zip(&p.params) {
+            self.launch(k, l, params, early)?;
         }
         Ok(())
     }
 
-    fn capture(&self, p: &Program) -> Graph {
-        if let Err(e) = self
-            .stream
+    /// Captures `p` into a graph, its launches early or not.
+    fn capture(&self, p: &Program, early: bool) -> Result<CudaGraph, String> {
+        self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        {
-            return Graph::Unavailable(e.to_string());
-        }
-        let launched = self.launch_all(p);
+            .map_err(|e| e.to_string())?;
+        let launched = self.launch_all(p, early);
         let ended = self
             .stream
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
         match (launched, ended) {
-            (Ok(()), Ok(Some(g))) => Graph::Captured(g),
-            (Ok(()), Ok(None)) => Graph::Unavailable("empty capture".into()),
-            (Err(e), _) => Graph::Unavailable(e.to_string()),
-            (_, Err(e)) => Graph::Unavailable(e.to_string()),
+            (Ok(()), Ok(Some(g))) => Ok(g),
+            (Ok(()), Ok(None)) => Err("empty capture".into()),
+            (Err(e), _) => Err(e.to_string()),
+            (_, Err(e)) => Err(e.to_string()),
+        }
+    }
+
+    /// The graph of `p`: with early launches if the driver takes them (else they are off
+    /// from then on), else plain; `Unavailable` if capture fails either way.
+    fn capture_graph(&self, p: &Program) -> Graph {
+        if self.early_launch.get() {
+            match self.capture(p, true) {
+                Ok(g) => return Graph::Captured(g),
+                Err(why) => {
+                    eprintln!(
+                        "note: programmatic dependent launch failed while capturing the {} ({why}); kernels run in plain stream order",
+                        p.name
+                    );
+                    self.early_launch.set(false);
+                }
+            }
+        }
+        match self.capture(p, false) {
+            Ok(g) => Graph::Captured(g),
+            Err(why) => Graph::Unavailable(why),
         }
     }
 
     /// Runs a program: its graph, captured on first use, or its launches one by one.
     fn run_program(&self, p: &Program) -> Result<(), RuntimeError> {
         if matches!(*p.graph.borrow(), Graph::NotYet) {
-            let captured = self.capture(p);
+            let captured = self.capture_graph(p);
             if let Graph::Unavailable(why) = &captured {
                 eprintln!(
                     "note: {} not captured as a CUDA graph ({why}); launching kernels one by one",
@@ -295,7 +398,7 @@ impl CudaExecutor {
             Graph::Captured(g) => g
                 .launch()
                 .map_err(|e| driver(&format!("replaying the {}", p.name), e)),
-            _ => self.launch_all(p),
+            _ => self.launch_all(p, self.early_launch.get()),
         }
     }
 
@@ -341,17 +444,18 @@ impl CudaExecutor {
         .map_err(|e| driver("uploading the token", e))
     }
 
-    /// Runs `p` launch by launch (no graph) with a timing event before and after each; the
-    /// device time of every launch.
+    /// Runs `p` launch by launch (no graph, no early launches: an event between kernels
+    /// orders them anyway) with a timing event before and after each; the device time of
+    /// every launch.
     fn timed(&self, p: &Program) -> Result<Vec<LaunchTime>, RuntimeError> {
         let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
         let mut marks = Vec::new();
-        for ((f, l), params) in p.functions.iter().zip(&p.launches).zip(&p.params) {
+        for ((&k, l), params) in p.kernels.iter().zip(&p.launches).zip(&p.params) {
             let start = self
                 .stream
                 .record_event(timing)
                 .map_err(|e| driver("recording an event", e))?;
-            self.launch(f, l, params)?;
+            self.launch(k, l, params, false)?;
             let end = self
                 .stream
                 .record_event(timing)
@@ -455,7 +559,8 @@ impl CudaExecutor {
     /// One token; the greedy next id, chosen on the device (4 bytes copied back).
     pub fn step_greedy(&mut self, id: u32) -> Result<u32, RuntimeError> {
         self.run_step(id)?;
-        self.launch(&self.argmax, &self.plan.argmax, &self.argmax_params)?;
+        // After the replayed graph: plain stream order.
+        self.launch(self.argmax, &self.plan.argmax, &self.argmax_params, false)?;
         let mut next = [0u32];
         let s = self.stream.cu_stream();
         // SAFETY: the next-id buffer holds one i32.

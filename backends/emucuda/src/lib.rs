@@ -11,11 +11,16 @@
 //! outside a live allocation, launches that are not one-dimensional or exceed 1024 threads,
 //! kernel parameters counted by the module's signature, copies and synchronisation inside
 //! a stream capture (refused: the runtime captures launches only), launching a graph on a
-//! capturing stream, timing events created without timing. Fresh allocations are filled with
-//! 0xFF bytes (f32 NaN), so reading memory nothing wrote shows in the results.
+//! capturing stream, timing events created without timing, a programmatic dependent launch
+//! (`cuLaunchKernelEx`) of a kernel with no `griddepcontrol.wait`. Fresh allocations are
+//! filled with 0xFF bytes (f32 NaN), so reading memory nothing wrote shows in the results.
+//! Launches run one after the other, so an early launch computes what a plain one does; the
+//! interpreter itself refuses a kernel that writes, or reads what a kernel wrote, before its
+//! wait.
 //!
-//! `EMUCUDA_FAIL_KERNEL=N` makes the Nth kernel run fail as a device fault would, for tests of
-//! the runtime's error paths.
+//! `EMUCUDA_FAIL_KERNEL=N` makes the Nth kernel run fail as a device fault would, and
+//! `EMUCUDA_NO_PDL=1` refuses programmatic dependent launches, for tests of the runtime's
+//! error and fallback paths.
 //!
 //! What it does not model: it is synchronous (every operation completes before its call
 //! returns, so it cannot catch a missing stream synchronisation), has one device and one
@@ -107,6 +112,8 @@ struct Driver {
     /// `EMUCUDA_FAIL_KERNEL=N`: the Nth kernel to run fails with `CUDA_ERROR_LAUNCH_FAILED`,
     /// silently, as a device fault would (tests of the runtime's error paths).
     fail_kernel: Option<u64>,
+    /// `EMUCUDA_NO_PDL=1`: programmatic dependent launches are refused.
+    refuse_early_launch: bool,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -242,6 +249,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
     d.fail_kernel = std::env::var("EMUCUDA_FAIL_KERNEL")
         .ok()
         .and_then(|n| n.parse().ok());
+    d.refuse_early_launch = std::env::var("EMUCUDA_NO_PDL").as_deref() == Ok("1");
     SUCCESS
 }
 
@@ -615,6 +623,111 @@ pub unsafe extern "C" fn cuStreamIsCapturing(stream: Handle, status: *mut c_uint
     })
 }
 
+/// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`.
+const ATTRIBUTE_PROGRAMMATIC: c_uint = 6;
+
+/// `CUlaunchConfig`, as laid out in C.
+#[repr(C)]
+pub struct LaunchConfig {
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    shared_bytes: c_uint,
+    stream: Handle,
+    attributes: *const LaunchAttribute,
+    attribute_count: c_uint,
+}
+
+/// `CUlaunchAttribute`: an id and a 64-byte value union (an int for the attribute modelled).
+#[repr(C)]
+pub struct LaunchAttribute {
+    id: c_uint,
+    pad: [u8; 4],
+    value: [u8; 64],
+}
+
+/// A launch as `cuLaunchKernel` and `cuLaunchKernelEx` take it.
+struct LaunchRequest {
+    function: Handle,
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    shared_bytes: c_uint,
+    stream: Handle,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+    /// Programmatic dependent launch: the kernel may start before the one before it ends.
+    early: bool,
+}
+
+/// Checks and runs (or, while its stream captures, records) a launch.
+unsafe fn launch(d: &mut Driver, r: LaunchRequest) -> Result<(), CUresult> {
+    let index = (r.function as usize).checked_sub(1).ok_or(INVALID_HANDLE)?;
+    let f = d.functions.get(index).ok_or(INVALID_HANDLE)?;
+    let what = format!("launching `{}`", f.name);
+    if r.grid[1..] != [1, 1] || r.block[1..] != [1, 1] || !r.extra.is_null() {
+        report(
+            &what,
+            "only one-dimensional launches with kernelParams are modelled",
+        );
+        return Err(NOT_SUPPORTED);
+    }
+    let (grid, block) = (r.grid[0], r.block[0]);
+    if grid == 0 || block == 0 || block > 1024 || r.shared_bytes != 0 {
+        report(
+            &what,
+            format!(
+                "grid {grid}, block {block}, dynamic shared memory {}",
+                r.shared_bytes
+            ),
+        );
+        return Err(INVALID_VALUE);
+    }
+    if r.early {
+        // A kernel that may start before the one before it ends must wait for it before
+        // touching what it writes; one that never waits would race it on a GPU.
+        let module = d
+            .modules
+            .get(f.module)
+            .and_then(Option::as_ref)
+            .ok_or(INVALID_HANDLE)?;
+        let waits = module
+            .function_named(&f.name)
+            .map_err(|_| INVALID_HANDLE)?
+            .waits_for_earlier_kernels();
+        if !waits {
+            report(
+                &what,
+                "programmatic dependent launch of a kernel without griddepcontrol.wait",
+            );
+            return Err(INVALID_VALUE);
+        }
+    }
+    if f.params > 0 && r.params.is_null() {
+        return Err(INVALID_VALUE);
+    }
+    // As the driver does, the kernel's signature says how many parameters to read; every
+    // parameter of this backend's kernels is a 64-bit device address.
+    let values = (0..f.params)
+        // SAFETY: `params` holds one pointer per kernel parameter, each to 8 bytes.
+        .map(|i| unsafe { (*r.params.add(i)).cast::<u64>().read_unaligned() })
+        .collect();
+    let launch = Launch {
+        function: index,
+        grid,
+        block,
+        params: values,
+    };
+    let s = d.stream(r.stream)?;
+    match &mut s.capture {
+        Some(recorded) => {
+            recorded.push(launch);
+            Ok(())
+        }
+        // Launches run one after the other, so an early launch computes what a plain one
+        // does; the interpreter checks that nothing before a kernel's wait depends on it.
+        None => d.run(&launch),
+    }
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cuLaunchKernel(
     function: Handle,
@@ -630,45 +743,65 @@ pub unsafe extern "C" fn cuLaunchKernel(
     extra: *mut *mut c_void,
 ) -> CUresult {
     with(|d| {
-        let index = (function as usize).checked_sub(1).ok_or(INVALID_HANDLE)?;
-        let f = d.functions.get(index).ok_or(INVALID_HANDLE)?;
-        if (grid_y, grid_z, block_y, block_z) != (1, 1, 1, 1) || !extra.is_null() {
-            report(
-                &format!("launching `{}`", f.name),
-                "only one-dimensional launches with kernelParams are modelled",
-            );
-            return Err(NOT_SUPPORTED);
-        }
-        if grid_x == 0 || block_x == 0 || block_x > 1024 || shared_bytes != 0 {
-            report(
-                &format!("launching `{}`", f.name),
-                format!("grid {grid_x}, block {block_x}, dynamic shared memory {shared_bytes}"),
-            );
-            return Err(INVALID_VALUE);
-        }
-        if f.params > 0 && params.is_null() {
-            return Err(INVALID_VALUE);
-        }
-        // As the driver does, the kernel's signature says how many parameters to read; every
-        // parameter of this backend's kernels is a 64-bit device address.
-        let values = (0..f.params)
-            // SAFETY: `params` holds one pointer per kernel parameter, each to 8 bytes.
-            .map(|i| unsafe { (*params.add(i)).cast::<u64>().read_unaligned() })
-            .collect();
-        let launch = Launch {
-            function: index,
-            grid: grid_x,
-            block: block_x,
-            params: values,
+        let r = LaunchRequest {
+            function,
+            grid: [grid_x, grid_y, grid_z],
+            block: [block_x, block_y, block_z],
+            shared_bytes,
+            stream,
+            params,
+            extra,
+            early: false,
         };
-        let s = d.stream(stream)?;
-        match &mut s.capture {
-            Some(recorded) => {
-                recorded.push(launch);
-                Ok(())
+        // SAFETY: the caller's pointers, as the driver API requires them.
+        unsafe { launch(d, r) }
+    })
+}
+
+/// `EMUCUDA_NO_PDL=1` refuses programmatic dependent launch, as a driver or GPU without it
+/// would (tests of the runtime's fallback).
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchKernelEx(
+    config: *const LaunchConfig,
+    function: Handle,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    with(|d| {
+        // SAFETY: the caller passes a valid config, and `attribute_count` attributes.
+        let c = unsafe { config.as_ref() }.ok_or(INVALID_VALUE)?;
+        let attributes = if c.attribute_count == 0 {
+            &[][..]
+        } else {
+            // SAFETY: as above.
+            unsafe { std::slice::from_raw_parts(c.attributes, c.attribute_count as usize) }
+        };
+        let mut early = false;
+        for a in attributes {
+            if a.id != ATTRIBUTE_PROGRAMMATIC {
+                report(
+                    "cuLaunchKernelEx",
+                    format!("launch attribute {} is not modelled", a.id),
+                );
+                return Err(NOT_SUPPORTED);
             }
-            None => d.run(&launch),
+            if d.refuse_early_launch {
+                return Err(NOT_SUPPORTED);
+            }
+            early = i32::from_ne_bytes([a.value[0], a.value[1], a.value[2], a.value[3]]) != 0;
         }
+        let r = LaunchRequest {
+            function,
+            grid: c.grid,
+            block: c.block,
+            shared_bytes: c.shared_bytes,
+            stream: c.stream,
+            params,
+            extra,
+            early,
+        };
+        // SAFETY: the caller's pointers, as the driver API requires them.
+        unsafe { launch(d, r) }
     })
 }
 
