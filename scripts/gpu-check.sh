@@ -12,6 +12,9 @@
 #    cuda) side by side: prefill tokens/s (2048 tokens), decode tokens/s (batch 1), memory,
 #    achieved bandwidth in decode; a per-kernel profile of one prefill chunk and one decode
 #    step (`--profile`). The tables last.
+# Kernels are launched with programmatic dependent launch (they overlap the one before up to
+# their griddepcontrol.wait); the golden cases and the 2B runs are repeated with
+# GRIFFIN_CUDA_PDL=0 (plain stream order), so a fault or a gain is attributable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -27,17 +30,19 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 
 echo "== golden cases"
 golden_rows=()
+for pdl in 1 0; do
+export GRIFFIN_CUDA_PDL=$pdl
 for dir in "$carry"/golden/*/; do
   case=$(basename "$dir")
   ids=$("$py" -c "
 from safetensors.numpy import load_file; import sys
 print(','.join(str(int(i)) for i in load_file(sys.argv[1])['input_ids']))" "$dir/expected.safetensors")
-  "$dir/griffin" --ids "$ids" --logits-out "$work/$case.safetensors" 2>"$work/$case.err" || { cat "$work/$case.err"; golden_rows+=("| $case | failed | | |"); continue; }
+  "$dir/griffin" --ids "$ids" --logits-out "$work/$case.safetensors" 2>"$work/$case.err" || { cat "$work/$case.err"; golden_rows+=("| $case | $pdl | failed | | |"); continue; }
   gen=$("$dir/griffin" --ids "$ids" --max-new-tokens 64 --ignore-eos --format ids 2>>"$work/$case.err")
-  golden_rows+=("$("$py" - "$dir" "$work/$case.safetensors" "$gen" <<'PY'
+  golden_rows+=("$("$py" - "$dir" "$work/$case.safetensors" "$gen" "$pdl" <<'PY'
 import json, sys
 from safetensors.numpy import load_file
-d, got_path, gen = sys.argv[1], sys.argv[2], sys.argv[3]
+d, got_path, gen, pdl = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 exp = load_file(d + "/expected.safetensors")
 got = load_file(got_path)["logits"]
 diff = float(abs(got - exp["logits"]).max())
@@ -46,10 +51,21 @@ bound = 5e-4 if "float32" in dtype else 0.02
 want = [int(i) for i in exp["generated_ids"]]
 ids = [int(i) for i in gen.split(",")][: len(want)]
 ok = diff <= bound and (ids == want or "float32" not in dtype)
-print(f"| {d.rstrip('/').split('/')[-1]} | {diff:.2e} (bound {bound}) | {'exact' if ids == want else 'DIFFER'} | {'ok' if ok else 'FAIL'} |")
+print(f"| {d.rstrip('/').split('/')[-1]} | {pdl} | {diff:.2e} (bound {bound}) | {'exact' if ids == want else 'DIFFER'} | {'ok' if ok else 'FAIL'} |")
 PY
 )")
 done
+done
+export GRIFFIN_CUDA_PDL=1
+
+if [ -n "${GOLDEN_ONLY:-}" ]; then
+  # A dry run of the part above on a machine without a GPU, on the stand-in driver:
+  #   GOLDEN_ONLY=1 CARRY=target/gpu-stage LD_LIBRARY_PATH=/tmp/fakecuda bash scripts/gpu-check.sh
+  echo "| golden case | PDL | max abs diff | greedy ids | |"
+  echo "| --- | --- | --- | --- | --- |"
+  printf '%s\n' "${golden_rows[@]}"
+  exit 0
+fi
 
 echo "== 2B shape"
 ck="$work/2b-model"
@@ -61,6 +77,8 @@ pre=$("$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -
 pre_simt=$("$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_bf16in=$("$carry/2b/griffin-2b-bf16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 dec=$("$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats 2>&1 >/dev/null | tail -1)
+pre_plain=$(GRIFFIN_CUDA_PDL=0 "$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
+dec_plain=$(GRIFFIN_CUDA_PDL=0 "$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats 2>&1 >/dev/null | tail -1)
 # Where the device time goes: one 512-token prefill chunk and one decode step after it, each
 # launch timed (kernel tables on stderr).
 echo "== profile (2B shape)"
@@ -69,12 +87,14 @@ echo "prefill: $pre"
 echo "prefill (CUDA cores): $pre_simt"
 echo "prefill (bf16 tensor-core inputs): $pre_bf16in"
 echo "decode:  $dec"
+echo "prefill (no PDL): $pre_plain"
+echo "decode (no PDL):  $dec_plain"
 ref=$("$py" scripts/bench_reference.py "$ck" --threads 16 --prefill 2048 --decode 64 --device cuda --dtype bf16 2>/dev/null | tail -1)
 echo "reference: $ref"
 
-"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" <<'PY'
+"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" <<'PY'
 import json, os, re, sys
-pre, dec, ref, exe, pre_simt, pre_bf16in = sys.argv[1:7]
+pre, dec, ref, exe, pre_simt, pre_bf16in, pre_plain, dec_plain = sys.argv[1:9]
 def num(pattern, s):
     m = re.search(pattern, s)
     return float(m.group(1)) if m else float("nan")
@@ -90,11 +110,12 @@ print()
 print("| engine | prefill tok/s (2048) | decode tok/s | memory | decode bandwidth |")
 print("| --- | --- | --- | --- | --- |")
 print(f"| griffinc --target cuda | {ours_pre:.0f} | {ours_dec:.1f} | {dev_mb:.0f} MB device | {ours_dec * weights_gb:.0f} GB/s of weights |")
+print(f"| griffinc --target cuda, GRIFFIN_CUDA_PDL=0 | {num(r'prefill ([0-9.]+) tokens/s', pre_plain):.0f} | {num(r'decode ([0-9.]+) tokens/s', dec_plain):.1f} | | {num(r'decode ([0-9.]+) tokens/s', dec_plain) * weights_gb:.0f} GB/s of weights |")
 print(f"| griffinc --target cuda --no-tensor-cores | {num(r'prefill ([0-9.]+) tokens/s', pre_simt):.0f} | | | |")
 print(f"| griffinc --target cuda --tensor-core-inputs bf16 | {num(r'prefill ([0-9.]+) tokens/s', pre_bf16in):.0f} | | | |")
 print(f"| reference (transformers eager, bf16) | {r.get('prefill_tokens_per_s', float('nan')):.0f} | {r.get('decode_tokens_per_s', float('nan')):.1f} | {r.get('peak_gpu_mb', float('nan')):.0f} MB peak allocated | |")
 PY
 echo
-echo "| golden case | max abs diff | greedy ids | |"
-echo "| --- | --- | --- | --- |"
+echo "| golden case | PDL | max abs diff | greedy ids | |"
+echo "| --- | --- | --- | --- | --- |"
 printf '%s\n' "${golden_rows[@]}"
