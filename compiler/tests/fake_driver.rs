@@ -190,6 +190,42 @@ fn griffinc_cuda_backend_on_the_fake_driver() {
 }
 
 #[test]
+fn device_memory_is_allocated_once_before_any_kernel() {
+    // The stand-in fails any allocation after the first kernel: a 23-token prompt in chunks
+    // of 5, then 100 generated tokens (past the attention window of 8 many times), sampled and
+    // greedy, and the logits of every position.
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let exe = build_cuda("tiny-text", tmp.path(), &["--prefill-chunk", "5"]);
+    let ids: Vec<u32> = (0..23).map(|i| 2 + (i * 7) % 200).collect();
+    let ids = ids_arg(&ids);
+    let logits = tmp.path().join("all.logits");
+    for args in [
+        vec!["--ids", &ids, "--max-new-tokens", "100", "--ignore-eos"],
+        vec![
+            "--ids",
+            &ids,
+            "--max-new-tokens",
+            "300",
+            "--ignore-eos",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+        ],
+        vec!["--ids", &ids, "--logits-out", logits.to_str().unwrap()],
+    ] {
+        let o = Command::new(&exe)
+            .args(&args)
+            .env("LD_LIBRARY_PATH", &driver)
+            .env("EMUCUDA_ALLOCATE_UP_FRONT", "1")
+            .output()
+            .unwrap();
+        succeeded(&o);
+    }
+}
+
+#[test]
 fn a_driver_refusing_early_launches_gets_plain_stream_order() {
     // Kernels are launched to overlap the one before (programmatic dependent launch); a
     // driver that refuses it gets plain launches, with one note, and the same answers.
@@ -285,4 +321,80 @@ fn a_device_fault_is_a_one_line_error_without_output() {
         assert!(stderr.contains("CUDA_ERROR_LAUNCH_FAILED"), "{stderr}");
         assert!(!logits.exists(), "kernel {nth}: a partial logits file");
     }
+}
+
+#[test]
+fn bad_input_to_a_cuda_executable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let exe = build_cuda("tiny-f32", tmp.path(), &[]);
+    let run = |args: &[&str]| on_fake_driver(&exe, &driver, args);
+    let fails_with = |o: &Output, parts: &[&str]| {
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "not one line: {stderr}"
+        );
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        for p in parts {
+            assert!(stderr.contains(p), "{stderr:?} lacks {p:?}");
+        }
+        assert!(o.stdout.is_empty(), "output on failure");
+    };
+    let weights = tmp.path().join("tiny-f32.weights");
+    let good = std::fs::read(&weights).unwrap();
+
+    fails_with(&run(&["--ids", "2,512"]), &["token id 512", "512 entries"]);
+    fails_with(&run(&["--ids", ""]), &["--ids is empty"]);
+    fails_with(&run(&["--ids", "2,x"]), &["`x` is not a token id"]);
+    fails_with(&run(&["--ids", "2", "--frobnicate"]), &["unknown argument"]);
+    let logits = tmp.path().join("never.safetensors");
+    let logits_arg = logits.to_str().unwrap();
+    fails_with(
+        &run(&["--ids", "2,3", "--prefill", "3", "--logits-out", logits_arg]),
+        &["--prefill 3", "2 ids"],
+    );
+    fails_with(
+        &run(&["--ids", "2,700", "--logits-out", logits_arg]),
+        &["token id 700"],
+    );
+    assert!(!logits.exists());
+
+    std::fs::write(&weights, &good[..good.len() - 1000]).unwrap();
+    fails_with(&run(&["--ids", "2"]), &["tiny-f32.weights", "truncated"]);
+    std::fs::remove_file(&weights).unwrap();
+    fails_with(&run(&["--ids", "2"]), &["tiny-f32.weights", "cannot open"]);
+    std::fs::write(&weights, b"not weights at all").unwrap();
+    fails_with(&run(&["--ids", "2"]), &["not a griffinc weights file"]);
+    // Weights of another build of the same name.
+    let other = tmp.path().join("other");
+    let o = common::griffinc(&[
+        "build",
+        golden_dir().join("tiny-text").to_str().unwrap(),
+        "--target",
+        "cuda",
+        "--name",
+        "tiny-f32",
+        "-o",
+        other.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    std::fs::copy(other.join("tiny-f32.weights"), &weights).unwrap();
+    fails_with(&run(&["--ids", "2"]), &["packed for another build"]);
+    // A CPU build's weights.
+    let cpu = tmp.path().join("cpu");
+    let o = common::griffinc(&[
+        "build",
+        golden_dir().join("tiny-f32").to_str().unwrap(),
+        "-o",
+        cpu.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    std::fs::copy(cpu.join("tiny-f32.weights"), &weights).unwrap();
+    fails_with(&run(&["--ids", "2"]), &["another build"]);
+
+    std::fs::write(&weights, &good).unwrap();
+    succeeded(&run(&["--ids", "2", "--max-new-tokens", "2"]));
 }

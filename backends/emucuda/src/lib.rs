@@ -20,7 +20,8 @@
 //!
 //! `EMUCUDA_FAIL_KERNEL=N` makes the Nth kernel run fail as a device fault would, and
 //! `EMUCUDA_NO_PDL=1` refuses programmatic dependent launches, for tests of the runtime's
-//! error and fallback paths.
+//! error and fallback paths; `EMUCUDA_ALLOCATE_UP_FRONT=1` fails any allocation after the
+//! first kernel ran.
 //!
 //! What it does not model: it is synchronous (every operation completes before its call
 //! returns, so it cannot catch a missing stream synchronisation), has one device and one
@@ -49,6 +50,7 @@ type Handle = *mut c_void;
 
 const SUCCESS: CUresult = 0;
 const INVALID_VALUE: CUresult = 1;
+const OUT_OF_MEMORY: CUresult = 2;
 const NOT_INITIALIZED: CUresult = 3;
 const INVALID_DEVICE: CUresult = 101;
 const INVALID_PTX: CUresult = 218;
@@ -114,6 +116,9 @@ struct Driver {
     fail_kernel: Option<u64>,
     /// `EMUCUDA_NO_PDL=1`: programmatic dependent launches are refused.
     refuse_early_launch: bool,
+    /// `EMUCUDA_ALLOCATE_UP_FRONT=1`: device allocations after the first kernel launch fail
+    /// (out of memory), for tests that memory is allocated once.
+    allocate_up_front: bool,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -250,6 +255,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
         .ok()
         .and_then(|n| n.parse().ok());
     d.refuse_early_launch = std::env::var("EMUCUDA_NO_PDL").as_deref() == Ok("1");
+    d.allocate_up_front = std::env::var("EMUCUDA_ALLOCATE_UP_FRONT").as_deref() == Ok("1");
     SUCCESS
 }
 
@@ -434,6 +440,10 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> C
     with(|d| {
         if bytes == 0 {
             return Err(INVALID_VALUE);
+        }
+        if d.allocate_up_front && d.kernels_run > 0 {
+            report("cuMemAlloc", "an allocation after the first kernel ran");
+            return Err(OUT_OF_MEMORY);
         }
         let at = d.memory().alloc(&vec![0xFF; bytes]);
         d.allocations.insert(at, bytes);
@@ -911,6 +921,7 @@ fn error_text(code: CUresult) -> Option<(&'static CStr, &'static CStr)> {
     Some(match code {
         SUCCESS => (c"CUDA_SUCCESS", c"no error"),
         INVALID_VALUE => (c"CUDA_ERROR_INVALID_VALUE", c"invalid argument"),
+        OUT_OF_MEMORY => (c"CUDA_ERROR_OUT_OF_MEMORY", c"out of memory"),
         NOT_INITIALIZED => (c"CUDA_ERROR_NOT_INITIALIZED", c"initialization error"),
         INVALID_DEVICE => (c"CUDA_ERROR_INVALID_DEVICE", c"invalid device ordinal"),
         INVALID_PTX => (c"CUDA_ERROR_INVALID_PTX", c"a PTX JIT compilation failed"),
