@@ -390,6 +390,9 @@ struct Shadow {
     /// The readers' block, `MANY` if they span blocks; the latest read's epoch.
     read_block: Vec<u32>,
     read_epoch: Vec<u32>,
+    /// Read through the non-coherent cache (`ld.global.nc`), which is only correct for data
+    /// nothing writes during the launch (a cached line would be stale).
+    nc_read: Vec<bool>,
 }
 
 const MANY: u32 = u32::MAX;
@@ -419,6 +422,8 @@ impl Access {
 
 impl Shadow {
     fn reset(&mut self, words: usize) {
+        self.nc_read.clear();
+        self.nc_read.resize(words, false);
         for v in [
             &mut self.stamp,
             &mut self.writer,
@@ -433,7 +438,7 @@ impl Shadow {
     }
 
     /// Records an access to bytes `[at, at + len)` (offsets in this memory) in launch
-    /// `stamp`; an error names the race.
+    /// `stamp`, a read through the non-coherent cache if `nc`; an error names the race.
     fn access(
         &mut self,
         stamp: u32,
@@ -441,8 +446,12 @@ impl Shadow {
         len: usize,
         a: Access,
         write: bool,
+        nc: bool,
     ) -> Result<(), EmuError> {
         let words = at / 4..(at + len).div_ceil(4);
+        if words.end > self.nc_read.len() {
+            self.nc_read.resize(words.end, false);
+        }
         if words.end > self.stamp.len() {
             for v in [
                 &mut self.stamp,
@@ -460,7 +469,15 @@ impl Shadow {
                 self.stamp[w] = stamp;
                 self.writer[w] = 0;
                 self.reader[w] = 0;
+                self.nc_read[w] = false;
             }
+            if (nc && self.writer[w] != 0) || (write && self.nc_read[w]) {
+                return err(format!(
+                    "word {:#x} is both written and read through the non-coherent cache (ld.global.nc) in one launch",
+                    4 * w
+                ));
+            }
+            self.nc_read[w] |= nc;
             let writer = self.writer[w];
             let writer_block = writer.wrapping_sub(1) / a.block_size;
             if !a.after(writer, writer_block, self.write_epoch[w]) {
@@ -528,13 +545,14 @@ impl SharedMemory {
 
     fn read(&mut self, at: u64, len: usize, who: Access) -> Result<&[u8], EmuError> {
         let r = self.range(at, len)?;
-        self.shadow.access(1, r.start, len, who, false)?;
+        self.shadow.access(1, r.start, len, who, false, false)?;
         Ok(&self.bytes[r])
     }
 
     fn write(&mut self, at: u64, data: &[u8], who: Access) -> Result<(), EmuError> {
         let r = self.range(at, data.len())?;
-        self.shadow.access(1, r.start, data.len(), who, true)?;
+        self.shadow
+            .access(1, r.start, data.len(), who, true, false)?;
         self.bytes[r].copy_from_slice(data);
         Ok(())
     }
@@ -569,16 +587,12 @@ impl Memory {
         }
     }
 
-    /// A kernel's access (as opposed to the host's copies, which are not tracked); `waited`:
-    /// whether the thread is past its `griddepcontrol.wait`.
-    fn access(
-        &mut self,
-        addr: u64,
-        len: usize,
-        who: Access,
-        write: bool,
-        waited: bool,
-    ) -> Result<(), EmuError> {
+    /// A kernel's access (as opposed to the host's copies, which are not tracked).
+    fn access(&mut self, addr: u64, len: usize, who: Access, op: GlobalOp) -> Result<(), EmuError> {
+        let (write, waited, nc) = match op {
+            GlobalOp::Read { waited, nc } => (false, waited, nc),
+            GlobalOp::Write { waited } => (true, waited, false),
+        };
         let r = self.range(addr, len)?;
         let words = r.start / 4..r.end.div_ceil(4);
         if self.kernel_written.len() < words.end {
@@ -600,7 +614,8 @@ impl Memory {
         if write {
             self.kernel_written[words].fill(true);
         }
-        self.shadow.access(self.launch, r.start, len, who, write)
+        self.shadow
+            .access(self.launch, r.start, len, who, write, nc)
     }
 
     /// Allocates `data` (256-byte aligned) and returns its device address.
@@ -1031,8 +1046,16 @@ impl<'a> Op<'a> {
 enum LoadKind {
     /// A hint: no data the program depends on, so neither a race nor an early read.
     Prefetch,
-    /// A read, by a thread past its `griddepcontrol.wait` or not.
-    Read { waited: bool },
+    /// A read, by a thread past its `griddepcontrol.wait` or not, through the non-coherent
+    /// cache or not.
+    Read { waited: bool, nc: bool },
+}
+
+/// A kernel's global memory access, as `Memory::access` checks it.
+#[derive(Clone, Copy)]
+enum GlobalOp {
+    Read { waited: bool, nc: bool },
+    Write { waited: bool },
 }
 
 struct Ctx<'a> {
@@ -1189,8 +1212,8 @@ impl Ctx<'_> {
             }
             Base::Shared(_) => shared.read(addr, size, self.who())?,
             _ => {
-                if let LoadKind::Read { waited } = kind {
-                    memory.access(addr, size, self.who(), false, waited)?;
+                if let LoadKind::Read { waited, nc } = kind {
+                    memory.access(addr, size, self.who(), GlobalOp::Read { waited, nc })?;
                 }
                 memory.read(addr, size)?
             }
@@ -1215,7 +1238,7 @@ impl Ctx<'_> {
             Base::Shared(_) => shared.write(addr, bytes, self.who()),
             Base::Param(_) => err("store to a parameter"),
             _ => {
-                memory.access(addr, size, self.who(), true, waited)?;
+                memory.access(addr, size, self.who(), GlobalOp::Write { waited })?;
                 memory.write_bytes(addr, bytes)
             }
         }
@@ -1282,12 +1305,18 @@ impl Ctx<'_> {
                     (Operand::Vec(regs), Some(n)) if regs.len() == n => {
                         for (k, r) in regs.iter().enumerate() {
                             let at = addr + (k * size) as u64;
-                            let kind = LoadKind::Read { waited: t.waited };
+                            let kind = LoadKind::Read {
+                                waited: t.waited,
+                                nc: op.has("nc"),
+                            };
                             t.regs[*r] = self.load(&base, at, size, memory, shared, kind)?;
                         }
                     }
                     (Operand::Reg(r), None) => {
-                        let kind = LoadKind::Read { waited: t.waited };
+                        let kind = LoadKind::Read {
+                            waited: t.waited,
+                            nc: op.has("nc"),
+                        };
                         let mut v = self.load(&base, addr, size, memory, shared, kind)?;
                         if ty.starts_with('s') && size < 8 {
                             v = (v as i64).wrapping_shl(64 - 8 * size as u32) as u64;
@@ -1610,6 +1639,32 @@ mod tests {
         );
         // A kernel without a wait is launched plainly: nothing to check.
         assert!(run_twice(&copy(3)).is_ok());
+    }
+
+    #[test]
+    fn non_coherent_loads_of_what_the_launch_writes_are_errors() {
+        // Each thread stores to p[i], then loads p[i] (its own write: no race) with `load`.
+        let kernel = |load: &str| {
+            format!(".visible .entry k(\n\t.param .u64 p\n)\n{{\n\t.reg .b32 %r<3>;\n\t.reg .b64 %rd<4>;\n\tld.param.u64 %rd0, [p];\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\tst.global.u32 [%rd2], %r0;\n\t{load} %r1, [%rd2];\n\tst.global.u32 [%rd2+128], %r1;\n\tret;\n}}\n")
+        };
+        let run_it = |ptx: &str| {
+            let m = Module::parse(ptx).unwrap();
+            let mut mem = Memory::new();
+            let p = mem.alloc(&[0; 4 * 64]);
+            run(
+                &m,
+                "k",
+                &Launch {
+                    grid: 1,
+                    block: 32,
+                    params: &[p],
+                },
+                &mut mem,
+            )
+        };
+        assert!(run_it(&kernel("ld.global.u32")).is_ok());
+        let e = run_it(&kernel("ld.global.nc.u32")).unwrap_err();
+        assert!(e.0.contains("non-coherent"), "{e}");
     }
 
     /// A kernel, its launch shape, and whether the interpreter reports a data race in it.
