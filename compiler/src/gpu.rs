@@ -13,8 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use griffin_backend_ptx::attention::{
     attend, attend_combine, attend_combine_grid, attend_grid, attend_scratch, inverse_frequencies,
-    rotate_store, rotate_threads, AttentionSpec, ATTEND_WARPS, COMBINE_BLOCK, MAX_GROUP,
-    ROTATE_BLOCK,
+    AttentionSpec, ATTEND_WARPS, COMBINE_BLOCK, MAX_GROUP, ROTATE_BLOCK,
 };
 use griffin_backend_ptx::emu;
 use griffin_backend_ptx::gemv::{gemv, grid, Epilogue as GemvEpilogue, GemvSpec, WARPS_PER_BLOCK};
@@ -787,38 +786,24 @@ impl Lowering<'_> {
                 let (keys, values) = (self.value(x[4])?, self.value(x[5])?);
                 let position = self.position_arg()?;
                 let spec = self.attention_spec(&name, &x, *window, *scale, *rotary)?;
-                let mut args = vec![q, k, v, position];
-                if let Some((theta, dims)) = spec.rotary {
-                    args.push(self.constant_table(theta, dims));
-                }
-                let q_rot = self.buffer(
-                    GpuBufferKind::Activation,
-                    4 * (spec.heads * spec.head_dim) as u64,
-                );
-                let q_rot = Arg {
-                    buffer: q_rot,
-                    offset: 0,
-                };
-                args.extend([q_rot, keys, values]);
-                self.launch(
-                    format!("{name}_rotate_store"),
-                    rotate_store(&spec),
-                    rotate_threads(&spec).div_ceil(ROTATE_BLOCK),
-                    ROTATE_BLOCK,
-                    args,
-                );
-                // Split keys (flash-decoding): partial results per split, then combined.
+                // Split keys (flash-decoding): partial results per split, then combined. The
+                // attend launch also rotates q and k and stores k and v into the ring.
                 let (o_elems, ml_elems) = attend_scratch(&spec);
                 let [o_part, ml_part] = [o_elems, ml_elems].map(|n| Arg {
                     buffer: self.buffer(GpuBufferKind::Activation, 4 * n as u64),
                     offset: 0,
                 });
+                let mut args = vec![q, k, v, position];
+                if let Some((theta, dims)) = spec.rotary {
+                    args.push(self.constant_table(theta, dims));
+                }
+                args.extend([keys, values, o_part, ml_part]);
                 self.launch(
                     format!("{name}_attend"),
                     attend(&spec),
                     attend_grid(&spec),
                     32 * ATTEND_WARPS,
-                    vec![q_rot, position, keys, values, o_part, ml_part],
+                    args,
                 );
                 let out = self.activation(r(0))?;
                 self.launch(

@@ -1,13 +1,16 @@
-//! Local attention for one decode token, in three launches:
+//! Local attention for one decode token, in two launches:
 //!
-//! 1. `rotate_store`: one thread per element of this token's q, k and v rows. Rotary embedding
-//!    (rotate-half on the first `dims` features) for q and k; q goes to a scratch buffer, k and
-//!    v into the KV ring at slot `position mod W`. Angles are reduced modulo 2π in f64 before
-//!    `sin.approx`/`cos.approx` (accurate to about 2^-21 on [-π, π]), so positions far into a
-//!    long text keep their precision; the inverse frequencies come as an f64 table.
-//! 2. `attend`: a block per (KV head, split of 32 window positions) for all the query heads
-//!    sharing that KV head: scores, the split's softmax max and sum, unnormalised outputs.
-//! 3. `attend_combine`: a thread per output element merges the splits.
+//! 1. `attend`: a block per (KV head, split of 32 window positions) for all the query heads
+//!    sharing that KV head: the rotary embedding of its queries (and, in the split holding the
+//!    current position, of the new key, stored with the value into the KV ring at slot
+//!    `position mod W`), scores, the split's softmax max and sum, unnormalised outputs.
+//! 2. `attend_combine`: a thread per output element merges the splits.
+//!
+//! Rotary embedding is rotate-half on the first `dims` features. Angles are reduced modulo 2π
+//! in f64 before `sin.approx`/`cos.approx` (accurate to about 2^-21 on [-π, π]), so positions
+//! far into a long text keep their precision; the inverse frequencies come as an f64 table.
+//! The prefill chunk's kernels (`rotate_tokens`, `write_ring_tokens`, `attend_tokens`) are
+//! below the decode ones.
 use crate::builder::{Class, Kernel, Reg};
 use crate::math::{exp, warp_reduce, warp_sum};
 use crate::rg_lru::addr4;
@@ -42,16 +45,11 @@ fn window_start(k: &mut Kernel, pos: Reg, w: u32) -> Reg {
 pub const ATTEND_WARPS: u32 = 8;
 pub const ROTATE_BLOCK: u32 = 256;
 
-/// The inverse frequencies `rotate_store` reads: `theta^(-2i/dims)` for i < dims/2.
+/// The inverse frequencies the rotary embedding reads: `theta^(-2i/dims)` for i < dims/2.
 pub fn inverse_frequencies(theta: f64, dims: u32) -> Vec<f64> {
     (0..dims / 2)
         .map(|i| theta.powf(-(2.0 * i as f64) / dims as f64))
         .collect()
-}
-
-/// Threads `rotate_store` needs: one per element of the q, k and v rows.
-pub fn rotate_threads(s: &AttentionSpec) -> u32 {
-    (s.heads + 2 * s.kv_heads) * s.head_dim
 }
 
 /// `sin` and `cos` of `p · inv_freq[i]`, reduced modulo 2π in f64.
@@ -253,101 +251,6 @@ pub fn write_ring_tokens(s: &AttentionSpec, max_tokens: u32) -> String {
     k.finish()
 }
 
-/// Parameters: q `f32[H,hd]`, k `f32[G,hd]`, v `f32[G,hd]`, position `i32[1]`, [inv_freq
-/// `f64[dims/2]`], q_out `f32[H,hd]`, keys `f32[W,G,hd]`, values `f32[W,G,hd]`.
-pub fn rotate_store(s: &AttentionSpec) -> String {
-    let mut k = Kernel::new(&format!("{}_rotate_store", s.name));
-    let q = k.param_ptr("q");
-    let kk = k.param_ptr("k");
-    let v = k.param_ptr("v");
-    let position = k.param_ptr("position");
-    let inv_freq = s.rotary.map(|_| k.param_ptr("inv_freq"));
-    let q_out = k.param_ptr("q_out");
-    let keys = k.param_ptr("keys");
-    let values = k.param_ptr("values");
-    let hd = s.head_dim;
-
-    let e = k.global_index(ROTATE_BLOCK);
-    let done = k.label("done");
-    let outside = k.reg(Class::Pred);
-    k.ins(format!(
-        "setp.ge.u32 {outside}, {e}, {};",
-        rotate_threads(s)
-    ));
-    k.ins(format!("@{outside} bra {done};"));
-    let pos = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {pos}, [{position}];"));
-    let (row, d) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("div.u32 {row}, {e}, {hd};"));
-    k.ins(format!("rem.u32 {d}, {e}, {hd};"));
-    // Row ranges: [0, H) queries, [H, H+G) keys, [H+G, H+2G) values.
-    let (q_end, k_end) = (s.heads, s.heads + s.kv_heads);
-    let slot = k.reg(Class::B32);
-    k.ins(format!("rem.u32 {slot}, {pos}, {};", s.window));
-    // Source pointer and destination address of this element.
-    let src = k.reg(Class::B64);
-    let dst = k.reg(Class::B64);
-    let is_q = k.reg(Class::Pred);
-    let is_k = k.reg(Class::Pred);
-    k.ins(format!("setp.lt.u32 {is_q}, {row}, {q_end};"));
-    k.ins(format!("setp.lt.u32 {is_k}, {row}, {k_end};"));
-    let (l_q, l_k, l_v, l_go) = (
-        k.label("q"),
-        k.label("k"),
-        k.label("v"),
-        k.label("addressed"),
-    );
-    k.ins(format!("@{is_q} bra {l_q};"));
-    k.ins(format!("@{is_k} bra {l_k};"));
-    k.ins(format!("bra {l_v};"));
-    // Ring element of (slot, g, d): (slot · G + g) · hd + d.
-    let ring_index = |k: &mut Kernel, g_row: Reg| -> Reg {
-        let idx = k.reg(Class::B32);
-        k.ins(format!(
-            "mad.lo.u32 {idx}, {slot}, {}, {g_row};",
-            s.kv_heads
-        ));
-        k.ins(format!("mad.lo.u32 {idx}, {idx}, {hd}, {d};"));
-        idx
-    };
-    k.place(&l_q);
-    k.ins(format!("mov.u64 {src}, {q};"));
-    let qa = addr4(&mut k, q_out, e);
-    k.ins(format!("mov.u64 {dst}, {qa};"));
-    let src_row = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {src_row}, {row};"));
-    k.ins(format!("bra {l_go};"));
-    k.place(&l_k);
-    let g = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {g}, {row}, {q_end};"));
-    k.ins(format!("mov.u64 {src}, {kk};"));
-    k.ins(format!("mov.u32 {src_row}, {g};"));
-    let ki = ring_index(&mut k, g);
-    let ka = addr4(&mut k, keys, ki);
-    k.ins(format!("mov.u64 {dst}, {ka};"));
-    k.ins(format!("bra {l_go};"));
-    k.place(&l_v);
-    let gv = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {gv}, {row}, {k_end};"));
-    let vi = ring_index(&mut k, gv);
-    let va = addr4(&mut k, values, vi);
-    let vsrc_i = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {vsrc_i}, {gv}, {hd}, {d};"));
-    let vs = addr4(&mut k, v, vsrc_i);
-    let vv = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {vv}, [{vs}];"));
-    k.ins(format!("st.global.f32 [{va}], {vv};"));
-    k.ins(format!("bra {done};"));
-
-    k.place(&l_go);
-    let base_i = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {base_i}, {src_row}, {hd};"));
-    let value = rotated_element(&mut k, s, src, base_i, d, pos, inv_freq);
-    k.ins(format!("st.global.f32 [{dst}], {value};"));
-    k.place(&done);
-    k.finish()
-}
-
 /// Keys one block of `attend` takes: one per lane in its softmax.
 pub const SPLIT_KEYS: u32 = 32;
 
@@ -380,12 +283,19 @@ pub fn attend_scratch(s: &AttentionSpec) -> (u32, u32) {
 /// W = 2048) instead of walked by one block per head. Splits past the positions seen so far
 /// leave at once.
 ///
+/// The step's own query, key and value come unrotated: each block rotates the group's query
+/// rows as it stages them, and the block whose split holds the current position rotates the
+/// new key and stores it and the value into the ring (row `position mod W`, which held
+/// position p-W: no other block reads it at p), before its barrier. So no launch of its own
+/// does rotate-and-store.
+///
 /// Warps take keys n = warp, warp + 8, ... of the split (all their loads issued first), lanes
 /// split the features, one shuffle reduction per head; then a warp per head: lane n holds key
 /// n's score for the softmax; then a thread per feature accumulates the group's heads over
-/// the split's values. Parameters: q `f32[H,hd]` (rotated), position `i32[1]`, keys
-/// `f32[W,G,hd]`, values `f32[W,G,hd]`, partial out `f32[S,H,hd]`, partial max and sum
-/// `f32[S,H,2]`. Launch: `attend_grid` blocks of `32 · ATTEND_WARPS`.
+/// the split's values. Parameters: q `f32[H,hd]`, k `f32[G,hd]`, v `f32[G,hd]`, position
+/// `i32[1]`, [inv_freq `f64[dims/2]`], keys `f32[W,G,hd]`, values `f32[W,G,hd]`, partial out
+/// `f32[S,H,hd]`, partial max and sum `f32[S,H,2]`. Launch: `attend_grid` blocks of
+/// `32 · ATTEND_WARPS`.
 pub fn attend(s: &AttentionSpec) -> String {
     let (hd, w, hg) = (s.head_dim, s.window, s.group());
     assert!(
@@ -398,7 +308,10 @@ pub fn attend(s: &AttentionSpec) -> String {
     k.shared("qs", 4 * hg * hd, 16);
     k.shared("scores", 4 * hg * SPLIT_KEYS, 16);
     let q = k.param_ptr("q");
+    let kk = k.param_ptr("k");
+    let v = k.param_ptr("v");
     let position = k.param_ptr("position");
+    let inv_freq = s.rotary.map(|_| k.param_ptr("inv_freq"));
     let keys = k.param_ptr("keys");
     let values = k.param_ptr("values");
     let o_part = k.param_ptr("o_part");
@@ -435,7 +348,7 @@ pub fn attend(s: &AttentionSpec) -> String {
         slot
     };
 
-    // The group's query rows into shared memory: heads g·hg .. g·hg + hg.
+    // The group's query rows, rotated, into shared memory: heads g·hg .. g·hg + hg.
     let qs = k.reg(Class::B64);
     k.ins(format!("mov.u64 {qs}, qs;"));
     let q0 = k.reg(Class::B32);
@@ -443,16 +356,51 @@ pub fn attend(s: &AttentionSpec) -> String {
     let i = k.reg(Class::B32);
     k.ins(format!("mov.u32 {i}, {tid};"));
     k.strided(i, hg * hd, threads, &mut |k| {
-        let qi = k.reg(Class::B32);
-        k.ins(format!("add.u32 {qi}, {q0}, {i};"));
-        let qa = addr4(k, q, qi);
-        let qv = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {qv}, [{qa}];"));
+        // Feature d of the row starting at element q0 + i - d.
+        let d = k.reg(Class::B32);
+        k.ins(format!("rem.u32 {d}, {i}, {hd};"));
+        let row = k.reg(Class::B32);
+        k.ins(format!("add.u32 {row}, {q0}, {i};"));
+        k.ins(format!("sub.u32 {row}, {row}, {d};"));
+        let qv = rotated_element(k, s, q, row, d, pos, inv_freq);
         let sa = k.reg(Class::B64);
         k.ins(format!("mul.wide.u32 {sa}, {i}, 4;"));
         k.ins(format!("add.u64 {sa}, {sa}, {qs};"));
         k.ins(format!("st.shared.f32 [{sa}], {qv};"));
     });
+    // The split holding the current position (window index count - 1) stores its key,
+    // rotated, and its value into the ring for KV head g; the barrier below orders these
+    // stores before this block's own key and value loads.
+    let owner = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {owner}, {count}, 1;"));
+    k.ins(format!("div.u32 {owner}, {owner}, {SPLIT_KEYS};"));
+    let stored = k.label("stored");
+    let not_owner = k.reg(Class::Pred);
+    k.ins(format!("setp.ne.u32 {not_owner}, {owner}, {split};"));
+    k.ins(format!("@{not_owner} bra {stored};"));
+    let slot = k.reg(Class::B32);
+    k.ins(format!("rem.u32 {slot}, {pos}, {w};"));
+    k.ins(format!("mad.lo.u32 {slot}, {slot}, {}, {g};", s.kv_heads));
+    k.ins(format!("mul.lo.u32 {slot}, {slot}, {hd};"));
+    let src_row = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {src_row}, {g}, {hd};"));
+    let d = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {d}, {tid};"));
+    k.strided(d, hd, threads, &mut |k| {
+        let key = rotated_element(k, s, kk, src_row, d, pos, inv_freq);
+        let at = k.reg(Class::B32);
+        k.ins(format!("add.u32 {at}, {slot}, {d};"));
+        let ka = addr4(k, keys, at);
+        k.ins(format!("st.global.f32 [{ka}], {key};"));
+        let vi = k.reg(Class::B32);
+        k.ins(format!("add.u32 {vi}, {src_row}, {d};"));
+        let vs = addr4(k, v, vi);
+        let value = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {value}, [{vs}];"));
+        let va = addr4(k, values, at);
+        k.ins(format!("st.global.f32 [{va}], {value};"));
+    });
+    k.place(&stored);
     k.ins("bar.sync 0;");
 
     // Scores. Warp w takes keys w, w + 8, w + 16, w + 24 of the split; lane l holds features

@@ -568,8 +568,7 @@ fn attention_step_matches_reference_across_the_ring() {
 fn attention_step_case(heads: usize, kv_heads: usize, hd: usize, window: usize, steps: usize) {
     use griffin_backend_ptx::attention::{
         attend, attend_combine, attend_combine_grid, attend_grid, attend_scratch,
-        inverse_frequencies, rotate_store, rotate_threads, AttentionSpec, ATTEND_WARPS,
-        COMBINE_BLOCK, ROTATE_BLOCK,
+        inverse_frequencies, AttentionSpec, ATTEND_WARPS, COMBINE_BLOCK,
     };
     let (theta, dims) = (10000.0, 8u32);
     let spec = AttentionSpec {
@@ -581,12 +580,7 @@ fn attention_step_case(heads: usize, kv_heads: usize, hd: usize, window: usize, 
         scale: 0.25,
         rotary: Some((theta, dims)),
     };
-    let m = Module::parse(&module(&[
-        rotate_store(&spec),
-        attend(&spec),
-        attend_combine(&spec),
-    ]))
-    .unwrap();
+    let m = Module::parse(&module(&[attend(&spec), attend_combine(&spec)])).unwrap();
     let mut rng = Rng(7);
     let mut mem = Memory::new();
     let inv = inverse_frequencies(theta, dims);
@@ -598,7 +592,6 @@ fn attention_step_case(heads: usize, kv_heads: usize, hd: usize, window: usize, 
     let ring = window * kv_heads * hd;
     let keys_a = mem.alloc_f32(&vec![0.0; ring]);
     let values_a = mem.alloc_f32(&vec![0.0; ring]);
-    let qrot_a = mem.alloc_f32(&vec![0.0; heads * hd]);
     let out_a = mem.alloc_f32(&vec![0.0; heads * hd]);
     let (o_elems, ml_elems) = attend_scratch(&spec);
     let o_part = mem.alloc_f32(&vec![f32::NAN; o_elems as usize]);
@@ -618,22 +611,11 @@ fn attention_step_case(heads: usize, kv_heads: usize, hd: usize, window: usize, 
         let pa = mem.alloc_u32(&[p as u32]);
         run(
             &m,
-            "attn_rotate_store",
-            &Launch {
-                grid: rotate_threads(&spec).div_ceil(ROTATE_BLOCK),
-                block: ROTATE_BLOCK,
-                params: &[qa, ka, va, pa, inv_a, qrot_a, keys_a, values_a],
-            },
-            &mut mem,
-        )
-        .unwrap();
-        run(
-            &m,
             "attn_attend",
             &Launch {
                 grid: attend_grid(&spec),
                 block: 32 * ATTEND_WARPS,
-                params: &[qrot_a, pa, keys_a, values_a, o_part, ml_part],
+                params: &[qa, ka, va, pa, inv_a, keys_a, values_a, o_part, ml_part],
             },
             &mut mem,
         )
@@ -652,19 +634,25 @@ fn attention_step_case(heads: usize, kv_heads: usize, hd: usize, window: usize, 
         if p == 100_000 {
             // The reference's window after a jump holds only positions it has seen; the
             // kernel's ring still holds old slots, which count as positions p-W+1..p. Compare
-            // the rotated q only, then restart the reference history at this position.
+            // the ring's new key and value rows only (the rotation at a large angle), then
+            // restart the reference history at this position.
             past.clear();
         }
         let krows: Vec<Vec<f64>> = (0..kv_heads)
             .map(|g| rotate(&k[g * hd..(g + 1) * hd], p, theta, dims as usize))
             .collect();
         past.push((krows.concat(), v.clone()));
-        let qrot = mem.read_f32(qrot_a, heads * hd).unwrap();
-        for h in 0..heads {
-            let want = rotate(&q[h * hd..(h + 1) * hd], p, theta, dims as usize);
-            for d in 0..hd {
-                worst = worst.max(gap(qrot[h * hd + d], want[d] as f32));
-            }
+        // The ring's row for this position: the rotated key, the value as it came.
+        let row = (p % window) * kv_heads * hd;
+        let ring_k = mem
+            .read_f32(keys_a + 4 * row as u64, kv_heads * hd)
+            .unwrap();
+        let ring_v = mem
+            .read_f32(values_a + 4 * row as u64, kv_heads * hd)
+            .unwrap();
+        for (i, want) in krows.concat().iter().enumerate() {
+            worst = worst.max(gap(ring_k[i], *want as f32));
+            assert_eq!(ring_v[i], v[i], "value {i} at position {p}");
         }
         if p >= 100_000 {
             continue;

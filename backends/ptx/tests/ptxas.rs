@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use griffin_backend_ptx::attention::{
-    attend, attend_combine, attend_tokens, rotate_store, rotate_tokens, write_ring_tokens,
-    AttentionSpec,
+    attend, attend_combine, attend_tokens, rotate_tokens, write_ring_tokens, AttentionSpec,
 };
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{argmax, gather};
@@ -133,7 +132,6 @@ fn all_kernels() -> Vec<(String, String)> {
             .map(|s| (s.name.clone(), rg_lru_step(s))),
     );
     for s in attention_specs() {
-        out.push((format!("{}_rotate_store", s.name), rotate_store(&s)));
         out.push((format!("{}_attend", s.name), attend(&s)));
         out.push((format!("{}_combine", s.name), attend_combine(&s)));
         // Prefill, chunks of up to 64 tokens.
