@@ -653,45 +653,62 @@ pub fn attend_combine(s: &AttentionSpec) -> String {
     k.finish()
 }
 
-/// Blocks of `attend_tokens` for a chunk of up to `max_tokens`: one per (token, KV head).
-pub fn attend_tokens_grid(s: &AttentionSpec, max_tokens: u32) -> u32 {
-    max_tokens * s.kv_heads
-}
-
 /// Query heads each warp of `attend_tokens` takes: two where the KV group has two or more
 /// (key tile reads and value rows serve both).
 fn heads_per_warp(s: &AttentionSpec) -> u32 {
     s.group().min(2)
 }
 
-/// Threads per block of `attend_tokens`: a warp per two query heads of the KV group.
+/// Warps of `attend_tokens` per token: one per two query heads of the KV group.
+fn warps_per_token(s: &AttentionSpec) -> u32 {
+    s.group().div_ceil(heads_per_warp(s))
+}
+
+/// Tokens one block of `attend_tokens` takes: each key and value tile it stages in shared
+/// memory serves all of their queries. Four, fewer where the block would pass 32 warps.
+pub fn attend_tokens_per_block(s: &AttentionSpec) -> u32 {
+    (32 / warps_per_token(s)).clamp(1, 4)
+}
+
+/// Blocks of `attend_tokens` for a chunk of up to `max_tokens`: one per (group of
+/// `attend_tokens_per_block` tokens, KV head).
+pub fn attend_tokens_grid(s: &AttentionSpec, max_tokens: u32) -> u32 {
+    max_tokens.div_ceil(attend_tokens_per_block(s)) * s.kv_heads
+}
+
+/// Threads per block of `attend_tokens`: a warp per two query heads of the KV group, for each
+/// of the block's tokens.
 pub fn attend_tokens_block(s: &AttentionSpec) -> u32 {
-    32 * s.group().div_ceil(heads_per_warp(s))
+    32 * warps_per_token(s) * attend_tokens_per_block(s)
 }
 
 /// Keys per tile of `attend_tokens`: one per lane when scoring.
 pub const TILE_KEYS: u32 = 32;
 
-/// Shared bytes of `attend_tokens`' key tile: `TILE_KEYS` rows of hd floats, padded by 4 so a
-/// warp's 16-byte loads of 32 different rows spread over all banks.
+/// Shared bytes of `attend_tokens`' tile (the keys', then the values'): `TILE_KEYS` rows of hd
+/// floats, padded by 4 so a warp's 16-byte loads of 32 different rows spread over all banks.
 pub fn attend_tokens_shared(s: &AttentionSpec) -> u32 {
     4 * TILE_KEYS * (s.head_dim + 4)
 }
 
-/// Attention for a chunk of T queries (prefill). A block per (token, KV head), a warp per two
-/// query heads sharing that KV head. The window's keys go through in tiles of 32: the block
-/// stages a tile's key rows in shared memory once for all its heads (16-byte loads,
-/// coalesced), then lane j of each warp computes key j's whole dot product with each of its
-/// heads' queries (queries read as 16-byte broadcasts, the key row from shared memory once for
-/// both: no per-key shuffle reduction), one online-softmax update per tile and head (running
-/// max and sum: a max and a sum over the warp, one rescale), and the value rows of the tile are
-/// added, each loaded once for both heads, with each key's weight broadcast from its lane
-/// (`shfl.idx`), features split over lanes. Keys and values of positions before the
-/// chunk come from the ring, the chunk's own from its rotated keys and its values (the ring is
-/// written after, by `write_ring_tokens`, so no query loses a key a later token would
-/// overwrite). Parameters: q `f32[T,H,hd]` (rotated), count `i32[1]`, start `i32[1]`, chunk
-/// keys `f32[T,G,hd]` (rotated), chunk values `f32[T,G,hd]`, keys, values (the ring), out
-/// `f32[T,H,hd]`. hd a multiple of 4. Launch: `attend_tokens_grid` blocks of
+/// Attention for a chunk of T queries (prefill). A block per (group of
+/// `attend_tokens_per_block` consecutive tokens (4 for the 2B shape), KV head), a warp per
+/// (token, two query heads sharing that KV head): 20 warps for the 2B shape. The union of the
+/// tokens' windows goes through in tiles of 32 positions: the block stages the tile's key rows
+/// in shared memory (16-byte loads, coalesced), lane j of each warp computes key j's whole dot
+/// product with each of its heads' queries (queries read as 16-byte broadcasts, each key quad
+/// from shared memory once for both heads: no per-key shuffle reduction), masked to the warp's
+/// token's window, then one online-softmax update per tile and head (running max and sum);
+/// then the block stages the tile's value rows into the same shared memory and each lane adds
+/// them to its features, each key's weight broadcast from its lane (`shfl.idx`). Until the
+/// first session of 2026-12-01 a block took one token and each warp loaded every value row of
+/// the window from global memory: per token, the window's keys crossed from L2 once and its
+/// values once per warp (5 for the 2B shape); now both once per block of 4 tokens. Keys and
+/// values of positions before the chunk come from the ring, the chunk's own from its rotated
+/// keys and its values (the ring is written after, by `write_ring_tokens`, so no query loses a
+/// key a later token would overwrite). Parameters: q `f32[T,H,hd]` (rotated), count `i32[1]`,
+/// start `i32[1]`, chunk keys `f32[T,G,hd]` (rotated), chunk values `f32[T,G,hd]`, keys, values
+/// (the ring), out `f32[T,H,hd]`. hd a multiple of 4. Launch: `attend_tokens_grid` blocks of
 /// `attend_tokens_block`; blocks past the count leave.
 pub fn attend_tokens(s: &AttentionSpec) -> String {
     let group = s.group();
@@ -702,9 +719,16 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     let (hd, w, gkv) = (s.head_dim, s.window, s.kv_heads);
     assert!(hd % 4 == 0, "head width must be a multiple of 4");
     let (threads, hp) = (attend_tokens_block(s), heads_per_warp(s));
+    let (per_block, wpt) = (attend_tokens_per_block(s), warps_per_token(s));
+    assert!(
+        per_block <= TILE_KEYS,
+        "a block's windows must start within one tile"
+    );
     let row_bytes = 4 * (hd + 4);
     let mut k = Kernel::new(&format!("{}_attend_tokens", s.name));
-    k.shared("key_tile", attend_tokens_shared(s), 16);
+    // Up to 1024 threads: registers must stay within 65536 per block.
+    k.launch_bounds(threads, 1);
+    k.shared("tile", attend_tokens_shared(s), 16);
     let q = k.param_ptr("q");
     let count = k.param_ptr("count");
     let start_at = k.param_ptr("start");
@@ -716,26 +740,54 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
 
     let (tid, blk) = k.thread_and_block();
     let (warp, lane) = k.warp_and_lane(tid);
-    let (t, g) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("div.u32 {t}, {blk}, {gkv};"));
+    let (t0, g) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("div.u32 {t0}, {blk}, {gkv};"));
+    k.ins(format!("mul.lo.u32 {t0}, {t0}, {per_block};"));
     k.ins(format!("rem.u32 {g}, {blk}, {gkv};"));
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
     let done = k.label("done");
     // Whole blocks leave together: the barriers below see every thread or none.
-    k.leave_unless_below(t, n, &done);
+    k.leave_unless_below(t0, n, &done);
     let start = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {start}, [{start_at}];"));
+    let last = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {last}, {n}, 1;"));
+    // This warp's token t0 + warp / wpt; past the chunk's last token it computes that one's
+    // rows again and stores nothing. The block's tiles run from its first token's window start
+    // to its last token's position.
+    let first_pos = k.reg(Class::B32);
+    k.ins(format!("add.u32 {first_pos}, {start}, {t0};"));
+    let first = window_start(&mut k, first_pos, w);
+    let final_pos = k.reg(Class::B32);
+    k.ins(format!("add.u32 {final_pos}, {t0}, {};", per_block - 1));
+    k.ins(format!("min.u32 {final_pos}, {final_pos}, {last};"));
+    k.ins(format!("add.u32 {final_pos}, {final_pos}, {start};"));
+    let (i_tok, head_warp) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("div.u32 {i_tok}, {warp}, {wpt};"));
+    k.ins(format!("rem.u32 {head_warp}, {warp}, {wpt};"));
+    let t = k.reg(Class::B32);
+    k.ins(format!("add.u32 {t}, {t0}, {i_tok};"));
+    let active = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {active}, {t}, {n};"));
+    k.ins(format!("min.u32 {t}, {t}, {last};"));
     let pos = k.reg(Class::B32);
     k.ins(format!("add.u32 {pos}, {start}, {t};"));
-    // The warp's query heads: hp·warp + u of the group (u < hp), row (t, g·group + that). With
-    // an odd group the last warp's second head repeats its first, and is not stored.
-    let heads: Vec<(Reg, Reg, Reg)> = (0..hp)
+    let lo = window_start(&mut k, pos, w);
+    // The warp's rows: query heads hp·head_warp + u of the group, row (t, g·group + head).
+    // With an odd group the last warp's second head repeats its first, and is not stored.
+    struct Row {
+        /// First element of the row in q and out.
+        qrow: Reg,
+        qp: Reg,
+        store: Reg,
+    }
+    let rows: Vec<Row> = (0..hp)
         .map(|u| {
             let hh = k.reg(Class::B32);
-            k.ins(format!("mad.lo.u32 {hh}, {warp}, {hp}, {u};"));
+            k.ins(format!("mad.lo.u32 {hh}, {head_warp}, {hp}, {u};"));
             let store = k.reg(Class::Pred);
-            k.ins(format!("setp.lt.u32 {store}, {hh}, {group};"));
+            k.ins(format!("setp.lt.and.u32 {store}, {hh}, {group}, {active};"));
             k.ins(format!("min.u32 {hh}, {hh}, {};", group - 1));
             let qrow = k.reg(Class::B32);
             k.ins(format!("mad.lo.u32 {qrow}, {g}, {group}, {hh};"));
@@ -744,11 +796,11 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
             let qp = k.reg(Class::B64);
             k.ins(format!("mul.wide.u32 {qp}, {qrow}, 4;"));
             k.ins(format!("add.u64 {qp}, {qp}, {q};"));
-            (qrow, qp, store)
+            Row { qrow, qp, store }
         })
         .collect();
     let tile = k.reg(Class::B64);
-    k.ins(format!("mov.u64 {tile}, key_tile;"));
+    k.ins(format!("mov.u64 {tile}, tile;"));
     // Value features by 16-byte quads per lane when they tile the head exactly.
     let wide = hd % 128 == 0;
     // This lane's features d = lane + 32e (those below hd).
@@ -768,8 +820,9 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
         Some(p) => format!("@{p} {ins}"),
         None => ins,
     };
-    // Per head: the lane's output accumulators, running max and sum.
-    let state: Vec<(Vec<Reg>, Reg, Reg)> = (0..hp)
+    // Per row: the lane's output accumulators, running max and sum.
+    let state: Vec<(Vec<Reg>, Reg, Reg)> = rows
+        .iter()
         .map(|_| {
             let acc: Vec<Reg> = (0..lanes_e)
                 .map(|_| {
@@ -811,61 +864,67 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
         slot
     };
 
-    // Tiles of positions p0 .. p0 + 31 (clipped to pos), from the window's first position.
-    let p0 = window_start(&mut k, pos, w);
+    // Tiles of positions p0 .. p0 + 31 from the first token's window start to the last
+    // token's position (rows are masked to their own token's window).
+    let p0 = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {p0}, {first};"));
     let (head, end) = (k.label("tile"), k.label("tile_end"));
     k.place(&head);
     let past = k.reg(Class::Pred);
-    k.ins(format!("setp.gt.u32 {past}, {p0}, {pos};"));
+    k.ins(format!("setp.gt.u32 {past}, {p0}, {final_pos};"));
     k.ins(format!("@{past} bra {end};"));
     let nk = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {nk}, {pos}, {p0};"));
+    k.ins(format!("sub.u32 {nk}, {final_pos}, {p0};"));
     k.ins(format!("add.u32 {nk}, {nk}, 1;"));
     k.ins(format!("min.u32 {nk}, {nk}, {TILE_KEYS};"));
     let slot0 = k.reg(Class::B32);
     k.ins(format!("rem.u32 {slot0}, {p0}, {w};"));
 
-    // Stage the tile's key rows: element (r, c) of hd/4 16-byte pieces per row.
+    // Stages the tile's rows of keys or values: element (r, c) of hd/4 16-byte pieces per row.
     let quads = hd / 4;
-    let i = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {i}, {tid};"));
-    let elements = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {elements}, {nk}, {quads};"));
-    k.strided(i, elements, threads, &mut |k| {
-        let r = k.reg(Class::B32);
-        k.ins(format!("div.u32 {r}, {i}, {quads};"));
-        let c = k.reg(Class::B32);
-        k.ins(format!("rem.u32 {c}, {i}, {quads};"));
-        let pp = k.reg(Class::B32);
-        k.ins(format!("add.u32 {pp}, {p0}, {r};"));
-        let slot = slot_after(k, slot0, r);
-        let (base, row) = row_of(k, pp, slot, chunk_keys, keys);
-        k.ins(format!("mad.lo.u32 {row}, {c}, 4, {row};"));
-        let src = addr4(k, base, row);
-        let v = k.regs4(Class::F32);
-        k.ins(format!(
-            "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{src}];",
-            v[0], v[1], v[2], v[3]
-        ));
-        let dst = k.reg(Class::B32);
-        k.ins(format!("mul.lo.u32 {dst}, {r}, {row_bytes};"));
-        k.ins(format!("mad.lo.u32 {dst}, {c}, 16, {dst};"));
-        let dp = k.reg(Class::B64);
-        k.ins(format!("cvt.u64.u32 {dp}, {dst};"));
-        k.ins(format!("add.u64 {dp}, {dp}, {tile};"));
-        k.ins(format!(
-            "st.shared.v4.f32 [{dp}], {{{}, {}, {}, {}}};",
-            v[0], v[1], v[2], v[3]
-        ));
-    });
-    k.ins("bar.sync 0;");
+    let stage = |k: &mut Kernel, chunk_base: Reg, ring_base: Reg| {
+        let i = k.reg(Class::B32);
+        k.ins(format!("mov.u32 {i}, {tid};"));
+        let elements = k.reg(Class::B32);
+        k.ins(format!("mul.lo.u32 {elements}, {nk}, {quads};"));
+        k.strided(i, elements, threads, &mut |k| {
+            let r = k.reg(Class::B32);
+            k.ins(format!("div.u32 {r}, {i}, {quads};"));
+            let c = k.reg(Class::B32);
+            k.ins(format!("rem.u32 {c}, {i}, {quads};"));
+            let pp = k.reg(Class::B32);
+            k.ins(format!("add.u32 {pp}, {p0}, {r};"));
+            let slot = slot_after(k, slot0, r);
+            let (base, row) = row_of(k, pp, slot, chunk_base, ring_base);
+            k.ins(format!("mad.lo.u32 {row}, {c}, 4, {row};"));
+            let src = addr4(k, base, row);
+            let v = k.regs4(Class::F32);
+            k.ins(format!(
+                "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{src}];",
+                v[0], v[1], v[2], v[3]
+            ));
+            let dst = k.reg(Class::B32);
+            k.ins(format!("mul.lo.u32 {dst}, {r}, {row_bytes};"));
+            k.ins(format!("mad.lo.u32 {dst}, {c}, 16, {dst};"));
+            let dp = k.reg(Class::B64);
+            k.ins(format!("cvt.u64.u32 {dp}, {dst};"));
+            k.ins(format!("add.u64 {dp}, {dp}, {tile};"));
+            k.ins(format!(
+                "st.shared.v4.f32 [{dp}], {{{}, {}, {}, {}}};",
+                v[0], v[1], v[2], v[3]
+            ));
+        });
+        k.ins("bar.sync 0;");
+    };
+    stage(&mut k, chunk_keys, keys);
 
-    // Lane j scores key j of the tile for each of the warp's heads (rows past nk hold stale
-    // values and are masked); each key quad read from shared memory serves both heads.
+    // Lane j scores key j of the tile for each of the warp's rows (tile rows past nk hold
+    // stale values and are masked); each key quad read from shared memory serves every row.
     let kp = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {kp}, {lane}, {row_bytes};"));
     k.ins(format!("add.u64 {kp}, {kp}, {tile};"));
-    let scores: Vec<Reg> = (0..hp)
+    let scores: Vec<Reg> = rows
+        .iter()
         .map(|_| {
             let sc = k.reg(Class::F32);
             k.ins(format!("mov.f32 {sc}, 0f00000000;"));
@@ -882,14 +941,15 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
             kv[3],
             16 * cq
         ));
-        for ((_, qp, _), score) in heads.iter().zip(&scores) {
+        for (row, score) in rows.iter().zip(&scores) {
             let qv = k.regs4(Class::F32);
             k.ins(format!(
-                "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{qp}+{}];",
+                "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{}+{}];",
                 qv[0],
                 qv[1],
                 qv[2],
                 qv[3],
+                row.qp,
                 16 * cq
             ));
             for (a, b) in qv.iter().zip(&kv) {
@@ -897,10 +957,22 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
             }
         }
     }
+    // Key j (position p0 + j) counts when it is in the tile and in the warp's token's window.
+    let key_pos = k.reg(Class::B32);
+    k.ins(format!("add.u32 {key_pos}, {p0}, {lane};"));
     let valid = k.reg(Class::Pred);
     k.ins(format!("setp.lt.u32 {valid}, {lane}, {nk};"));
-    // Online softmax over the tile, per head: m' = max(m, max_j s_j), every sum and
-    // accumulator scaled by e^(m - m'), key j weighted e^(s_j - m') (0 past nk).
+    k.ins(format!(
+        "setp.ge.and.u32 {valid}, {key_pos}, {lo}, {valid};"
+    ));
+    k.ins(format!(
+        "setp.le.and.u32 {valid}, {key_pos}, {pos}, {valid};"
+    ));
+    // Online softmax over the tile, per row: m' = max(m, max_j s_j), every sum and accumulator
+    // scaled by e^(m - m'), key j weighted e^(s_j - m') (0 where masked). The first tile holds
+    // a key of every row's window (the block's tokens are consecutive, so their windows start
+    // at most per_block - 1 < 32 positions after the first's), so m' is finite from there on,
+    // and a later tile wholly past a token (masked) weighs its keys e^(-inf) = 0.
     let mut weights = Vec::new();
     for (score, (acc, m, l)) in scores.iter().zip(&state) {
         k.ins(format!(
@@ -928,11 +1000,21 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
         k.ins(format!("mov.f32 {m}, {m_new};"));
         weights.push(weight);
     }
+    // Every warp is done with the key tile before the values replace it.
+    k.ins("bar.sync 0;");
+    stage(&mut k, chunk_values, values);
 
-    // Values: key j's weight from lane j, its value row added to this lane's features, four
-    // keys' loads in flight at a time. One address per key, the lane's features at immediate
-    // offsets from it: 16-byte loads of features 4·lane + 128·e.. when hd is a multiple of 128
-    // (the lane's accumulators in that order), else single features lane + 32·e.
+    // Values: key j's weight from lane j, its value row (from shared memory) added to this
+    // lane's features of every row: 16-byte loads of features 4·lane +
+    // 128·e.. when hd is a multiple of 128 (the lane's accumulators in that order), else single
+    // features lane + 32·e.
+    let vp = k.reg(Class::B64);
+    if wide {
+        k.ins(format!("mul.wide.u32 {vp}, {lane}, 16;"));
+    } else {
+        k.ins(format!("mul.wide.u32 {vp}, {lane}, 4;"));
+    }
+    k.ins(format!("add.u64 {vp}, {vp}, {tile};"));
     let keys_step = |k: &mut Kernel, j: Reg, keys: u32| {
         let mut loaded = Vec::new();
         for u in 0..keys {
@@ -946,17 +1028,14 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
                     wj
                 })
                 .collect();
-            let pp = k.reg(Class::B32);
-            k.ins(format!("add.u32 {pp}, {p0}, {ju};"));
-            let slot = slot_after(k, slot0, ju);
-            let (vbase, vrow) = row_of(k, pp, slot, chunk_values, values);
+            let va = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {va}, {ju}, {row_bytes};"));
+            k.ins(format!("add.u64 {va}, {va}, {vp};"));
             let vals: Vec<Reg> = (0..lanes_e).map(|_| k.reg(Class::F32)).collect();
             if wide {
-                k.ins(format!("mad.lo.u32 {vrow}, {lane}, 4, {vrow};"));
-                let va = addr4(k, vbase, vrow);
                 for (e, q) in vals.chunks(4).enumerate() {
                     k.ins(format!(
-                        "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{va}+{}];",
+                        "ld.shared.v4.f32 {{{}, {}, {}, {}}}, [{va}+{}];",
                         q[0],
                         q[1],
                         q[2],
@@ -965,15 +1044,13 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
                     ));
                 }
             } else {
-                k.ins(format!("add.u32 {vrow}, {vrow}, {lane};"));
-                let va = addr4(k, vbase, vrow);
                 for (e, vv) in vals.iter().enumerate() {
                     if has[e].is_some() {
                         k.ins(format!("mov.f32 {vv}, 0f00000000;"));
                     }
                     k.ins(guarded(
                         has[e],
-                        format!("ld.global.f32 {vv}, [{va}+{}];", 128 * e),
+                        format!("ld.shared.f32 {vv}, [{va}+{}];", 128 * e),
                     ));
                 }
             }
@@ -990,21 +1067,29 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     };
     let j = k.reg(Class::B32);
     k.ins(format!("mov.u32 {j}, 0;"));
-    k.unrolled(j, nk, 1, 4, &mut |k, m| keys_step(k, j, m));
-    // Every warp is done with the tile before the next one overwrites it.
+    // One key at a time (from shared memory, so little latency to cover): 640 threads of the
+    // 2B shape's blocks leave 96 registers each, which two keys' values in flight exceed.
+    let (next, end_keys) = (k.label("key"), k.label("keys_end"));
+    k.place(&next);
+    k.leave_unless_below(j, nk, &end_keys);
+    keys_step(&mut k, j, 1);
+    k.ins(format!("bra {next};"));
+    k.place(&end_keys);
+    // Every warp is done with the value tile before the next keys replace it.
     k.ins("bar.sync 0;");
     k.ins(format!("add.u32 {p0}, {p0}, {TILE_KEYS};"));
     k.ins(format!("bra {head};"));
     k.place(&end);
 
-    for ((acc, _, l), (qrow, _, store)) in state.iter().zip(&heads) {
+    for ((acc, _, l), row) in state.iter().zip(&rows) {
         let inv = k.reg(Class::F32);
         k.ins(format!("rcp.rn.f32 {inv}, {l};"));
         for a in acc {
             k.ins(format!("mul.f32 {a}, {a}, {inv};"));
         }
         let skip = k.label("not_stored");
-        k.ins(format!("@!{store} bra {skip};"));
+        k.ins(format!("@!{} bra {skip};", row.store));
+        let qrow = row.qrow;
         if wide {
             let oi = k.reg(Class::B32);
             k.ins(format!("mad.lo.u32 {oi}, {lane}, 4, {qrow};"));

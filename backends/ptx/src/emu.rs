@@ -1378,6 +1378,14 @@ impl Ctx<'_> {
                 let Some(r) = r else {
                     return err(format!("setp .{cmp}"));
                 };
+                // `setp.CMP.BOOL.type d, a, b, c`: the comparison combined with predicate c.
+                let r = match (op.len(), op.at(2)) {
+                    (3, _) => r,
+                    (4, "and") => r && arg(t, 3)? != 0,
+                    (4, "or") => r || arg(t, 3)? != 0,
+                    (4, "xor") => r != (arg(t, 3)? != 0),
+                    _ => return err(format!("`{}`: unsupported setp form", ins.line)),
+                };
                 dst(t, r as u64)?
             }
             // cvt.rn.bf16x2.f32 d, a, b: d's upper half is a, its lower half b.
