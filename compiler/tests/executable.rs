@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{
-    expected, golden_dir, griffinc, ids_arg, max_abs_diff, read_logits, CASES, F32_TOLERANCE,
+    expected, fails_with, golden_dir, griffinc, ids_arg, max_abs_diff, read_logits, CASES,
+    F32_TOLERANCE,
 };
 
 fn build(case: &str, out: &Path, extra: &[&str]) -> PathBuf {
@@ -33,20 +34,6 @@ fn build(case: &str, out: &Path, extra: &[&str]) -> PathBuf {
 
 fn run(exe: &Path, args: &[&str]) -> Output {
     std::process::Command::new(exe).args(args).output().unwrap()
-}
-
-fn fails_with(o: &Output, parts: &[&str]) {
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{stderr}");
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "not one line: {stderr}"
-    );
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    for p in parts {
-        assert!(stderr.contains(p), "{stderr:?} lacks {p:?}");
-    }
 }
 
 #[test]

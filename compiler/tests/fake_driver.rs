@@ -10,7 +10,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{expected, golden_dir, ids_arg, max_abs_diff, read_logits, CASES, F32_TOLERANCE};
+use common::{
+    expected, fails_with, golden_dir, ids_arg, max_abs_diff, read_logits, CASES, F32_TOLERANCE,
+};
 
 /// A folder holding the stand-in driver as `libcuda.so`, the name cudarc opens. The library is
 /// built by `cargo build --workspace` beside griffinc under its own name, so it never shadows a
@@ -329,20 +331,6 @@ fn bad_input_to_a_cuda_executable() {
     let driver = fake_driver_dir(tmp.path());
     let exe = build_cuda("tiny-f32", tmp.path(), &[]);
     let run = |args: &[&str]| on_fake_driver(&exe, &driver, args);
-    let fails_with = |o: &Output, parts: &[&str]| {
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{stderr}");
-        assert_eq!(
-            stderr.trim_end().lines().count(),
-            1,
-            "not one line: {stderr}"
-        );
-        assert!(stderr.starts_with("error: "), "{stderr}");
-        for p in parts {
-            assert!(stderr.contains(p), "{stderr:?} lacks {p:?}");
-        }
-        assert!(o.stdout.is_empty(), "output on failure");
-    };
     let weights = tmp.path().join("tiny-f32.weights");
     let good = std::fs::read(&weights).unwrap();
 

@@ -421,8 +421,16 @@ impl Access {
 }
 
 impl Shadow {
-    fn reset(&mut self, words: usize) {
-        self.nc_read.clear();
+    /// Forgets every entry (stamps restart).
+    fn reset(&mut self) {
+        self.stamp.fill(0);
+    }
+
+    /// Makes room for `words` words.
+    fn grow(&mut self, words: usize) {
+        if words <= self.stamp.len() {
+            return;
+        }
         self.nc_read.resize(words, false);
         for v in [
             &mut self.stamp,
@@ -432,7 +440,6 @@ impl Shadow {
             &mut self.read_block,
             &mut self.read_epoch,
         ] {
-            v.clear();
             v.resize(words, 0);
         }
     }
@@ -449,21 +456,7 @@ impl Shadow {
         nc: bool,
     ) -> Result<(), EmuError> {
         let words = at / 4..(at + len).div_ceil(4);
-        if words.end > self.nc_read.len() {
-            self.nc_read.resize(words.end, false);
-        }
-        if words.end > self.stamp.len() {
-            for v in [
-                &mut self.stamp,
-                &mut self.writer,
-                &mut self.write_epoch,
-                &mut self.reader,
-                &mut self.read_block,
-                &mut self.read_epoch,
-            ] {
-                v.resize(words.end, 0);
-            }
-        }
+        self.grow(words.end);
         for w in words {
             if self.stamp[w] != stamp {
                 self.stamp[w] = stamp;
@@ -725,7 +718,7 @@ pub fn run(
     memory.launch = memory.launch.wrapping_add(1);
     if memory.launch == 0 {
         // Stamps wrapped: forget every entry rather than mistake an old one for this launch's.
-        memory.shadow.reset(memory.bytes.len() / 4);
+        memory.shadow.reset();
         memory.launch = 1;
     }
     let mut executed = 0u64;

@@ -156,3 +156,20 @@ pub fn write_random_checkpoint_as(dir: &std::path::Path, config_json: &str, seed
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
+
+/// `o` failed as bad input must: exit 1, one line on stderr starting `error: ` and naming each
+/// of `parts`, nothing on stdout.
+pub fn fails_with(o: &std::process::Output, parts: &[&str]) {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    for p in parts {
+        assert!(stderr.contains(p), "{stderr:?} lacks {p:?}");
+    }
+    assert!(o.stdout.is_empty(), "output on failure: {stderr}");
+}
