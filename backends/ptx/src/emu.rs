@@ -709,6 +709,15 @@ pub fn run(
             f.params.len()
         ));
     }
+    // Up to 256 threads a block always has the registers it asks for (ptxas gives at most 255
+    // a thread); past that, only launch bounds make ptxas keep within 65536 per block, and
+    // without them the launch could fail for want of registers on the GPU.
+    if launch.block > 256 && f.max_threads.is_none() {
+        return err(format!(
+            "{kernel}: blocks of {} threads without launch bounds (.maxntid)",
+            launch.block
+        ));
+    }
     if let Some(max) = f.max_threads.filter(|&m| launch.block > m) {
         return err(format!(
             "{kernel}: blocks of {} threads, the kernel allows {max} (.maxntid)",
@@ -1566,6 +1575,19 @@ mod tests {
         let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n.maxntid 16, 1, 1\n.minnctapersm 8\n{\n\tret;\n}\n";
         let e = run_one_warp(ptx, 1).unwrap_err();
         assert!(e.0.contains(".maxntid"), "{e}");
+        // Blocks past 256 threads need launch bounds at all.
+        let m = Module::parse(".visible .entry k(\n\t.param .u64 out\n)\n{\n\tret;\n}\n").unwrap();
+        let mut mem = Memory::new();
+        let out = mem.alloc(&[0; 4]);
+        let params = [out];
+        let launch = |block| Launch {
+            grid: 1,
+            block,
+            params: &params,
+        };
+        assert!(run(&m, "k", &launch(256), &mut mem).is_ok());
+        let e = run(&m, "k", &launch(288), &mut mem).unwrap_err();
+        assert!(e.0.contains("without launch bounds"), "{e}");
     }
 
     /// Lane 8m + r gives the address of row r of matrix m; register m of lane L receives word

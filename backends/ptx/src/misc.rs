@@ -37,6 +37,7 @@ pub fn gather(name: &str, width: u32, table: Storage, scale: Option<f32>) -> Str
 pub fn argmax(name: &str, vocab: u32) -> String {
     let warps = ARGMAX_THREADS / 32;
     let mut k = Kernel::new(name);
+    k.launch_bounds(ARGMAX_THREADS, 1);
     k.shared("best_v", 4 * warps, 16);
     k.shared("best_i", 4 * warps, 16);
     let logits = k.param_ptr("logits");

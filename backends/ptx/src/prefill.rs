@@ -401,6 +401,9 @@ pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     let b = block_size(s);
     let (c, kk, tt) = (s.channels, s.width, gate_tokens(s));
     let mut k = Kernel::new(&s.name);
+    // C/H threads: past 256 (gate blocks wider than 256 channels) only launch bounds keep
+    // ptxas within the block's registers.
+    k.launch_bounds(b, 1);
     k.shared("conv_out", 4 * b * tt, 16);
     let count = k.param_ptr("count");
     let x = k.param_ptr("x");
