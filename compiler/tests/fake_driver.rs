@@ -386,3 +386,35 @@ fn bad_input_to_a_cuda_executable() {
     std::fs::write(&weights, &good).unwrap();
     succeeded(&run(&["--ids", "2", "--max-new-tokens", "2"]));
 }
+
+#[test]
+fn generation_allocates_no_buffer_for_every_rows_logits() {
+    // With prefill chunks of 2048 tokens, every row's logits take 2048 · 512 · 4 bytes (4.2 MB
+    // for tiny-text's vocabulary): more than all the device memory generation reports, which
+    // only needs the last row. --logits-out still gets every row.
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let exe = build_cuda("tiny-text", tmp.path(), &["--prefill-chunk", "2048"]);
+    let o = on_fake_driver(
+        &exe,
+        &driver,
+        &["--ids", "2,17,5", "--max-new-tokens", "2", "--stats"],
+    );
+    let stats = succeeded(&o);
+    let mb: f64 = stats
+        .split("device memory ")
+        .nth(1)
+        .and_then(|s| s.split(" MB").next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no device memory in {stats}"));
+    let all_rows_mb = (2048 * 512 * 4) as f64 / 1e6;
+    assert!(mb < all_rows_mb, "{mb} MB of device memory: {stats}");
+    let logits = tmp.path().join("rows.logits");
+    let o = on_fake_driver(
+        &exe,
+        &driver,
+        &["--ids", "2,17,5", "--logits-out", logits.to_str().unwrap()],
+    );
+    succeeded(&o);
+    assert_eq!(read_logits(&logits).0, vec![3, 512]);
+}

@@ -182,6 +182,26 @@ struct Program {
 impl CudaExecutor {
     /// Loads `ptx`, allocates every buffer, uploads the packed `weights`.
     pub fn new(plan: GpuPlan, ptx: &str, weights: &[u8]) -> Result<CudaExecutor, RuntimeError> {
+        CudaExecutor::with_rows(plan, ptx, weights, true)
+    }
+
+    /// As `new`, for generation: prefill chunks give their last token's logits only, so the
+    /// buffer of every row's logits (`max_tokens · V` floats: 524 MB for the 2B shape at 512
+    /// tokens) is not allocated where the plan has a last-row program.
+    pub fn for_generation(
+        plan: GpuPlan,
+        ptx: &str,
+        weights: &[u8],
+    ) -> Result<CudaExecutor, RuntimeError> {
+        CudaExecutor::with_rows(plan, ptx, weights, false)
+    }
+
+    fn with_rows(
+        plan: GpuPlan,
+        ptx: &str,
+        weights: &[u8],
+        all_rows: bool,
+    ) -> Result<CudaExecutor, RuntimeError> {
         probe()?;
         let ctx = CudaContext::new(0).map_err(|e| driver("opening GPU 0", e))?;
         // One stream, synchronised by hand: no per-buffer events (they would also get in the
@@ -199,12 +219,18 @@ impl CudaExecutor {
         // SAFETY: the allocation holds weights.len() bytes.
         unsafe { cu::memcpy_htod_async(weights_mem.ptr, weights, stream.cu_stream()) }
             .map_err(|e| driver("uploading the weights", e))?;
+        // Every row's logits only where they can be asked for.
+        let unused = plan
+            .prefill
+            .as_ref()
+            .filter(|p| !all_rows && p.last_row.is_some())
+            .map(|p| p.logits);
         // Every other buffer in one arena, 256-byte aligned.
         let mut offsets = Vec::new();
         let mut arena_bytes = 0u64;
-        for b in &plan.buffers {
+        for (i, b) in plan.buffers.iter().enumerate() {
             offsets.push(arena_bytes);
-            if !matches!(b.kind, GpuBufferKind::Weight(_)) {
+            if !matches!(b.kind, GpuBufferKind::Weight(_)) && unused != Some(i) {
                 arena_bytes += b.bytes.div_ceil(ALIGN) * ALIGN;
             }
         }
@@ -223,6 +249,8 @@ impl CudaExecutor {
                     }
                     weights_mem.ptr + offset
                 }
+                // No launch that runs refers to it.
+                _ if unused == Some(i) => 0,
                 _ => arena.ptr + offsets[i],
             });
         }
@@ -257,8 +285,8 @@ impl CudaExecutor {
             };
         let step_program = program("decode step", &plan.launches)?;
         let prefill_program = match &plan.prefill {
-            Some(p) => Some(program("prefill chunk", &p.launches)?),
-            None => None,
+            Some(p) if unused.is_none() => Some(program("prefill chunk", &p.launches)?),
+            _ => None,
         };
         let last_row = plan.prefill.as_ref().and_then(|p| p.last_row.as_ref());
         let prefill_last_program = match last_row {
@@ -500,17 +528,23 @@ impl CudaExecutor {
         }
         self.check_ids(ids)?;
         self.upload_chunk(ids)?;
-        let times = self.timed(self.chunk_program(false))?;
+        let times = self.timed(self.chunk_program(false)?)?;
         self.position += ids.len() as u32;
         Ok(Some(times))
     }
 
     /// The prefill chunk's program: its last-row variant when only the last token's logits
-    /// are wanted and the plan has one (the two exist together).
-    fn chunk_program(&self, all_rows: bool) -> &Program {
+    /// are wanted and the plan has one; an error for every row's logits from an executor made
+    /// `for_generation`.
+    fn chunk_program(&self, all_rows: bool) -> Result<&Program, RuntimeError> {
         match (&self.prefill_last_program, all_rows) {
-            (Some(p), false) => p,
-            _ => self.prefill_program.as_ref().expect("plan has a prefill"),
+            (Some(p), false) => Ok(p),
+            _ => self.prefill_program.as_ref().ok_or_else(|| {
+                RuntimeError::Plan(
+                    "every row's logits: this GPU executor was made for generation (last rows only)"
+                        .into(),
+                )
+            }),
         }
     }
 
@@ -606,7 +640,7 @@ impl CudaExecutor {
         let prefill = self.plan.prefill.as_ref().expect("checked above");
         let s = self.stream.cu_stream();
         let last_row = prefill.last_row.as_ref().filter(|_| !all_rows);
-        self.run_program(self.chunk_program(all_rows))?;
+        self.run_program(self.chunk_program(all_rows)?)?;
         self.position += n;
         let (at, rows) = match last_row {
             Some(l) => (self.addresses[l.logits], 1),

@@ -411,8 +411,13 @@ fn run() -> Result<(), String> {
     };
     let mut exec = match embedded_gpu()? {
         Some((gpu_plan, ptx)) => Engine::Cuda(
-            griffin_runtime::cuda::CudaExecutor::new(gpu_plan, &ptx, weights.bytes())
-                .map_err(|e| e.to_string())?,
+            // Every row's logits only for --logits-out.
+            if args.logits_out.is_some() {
+                griffin_runtime::cuda::CudaExecutor::new(gpu_plan, &ptx, weights.bytes())
+            } else {
+                griffin_runtime::cuda::CudaExecutor::for_generation(gpu_plan, &ptx, weights.bytes())
+            }
+            .map_err(|e| e.to_string())?,
         ),
         None => {
             let table = kernel_table();
