@@ -833,7 +833,7 @@ impl Lowering<'_> {
 /// also give the tensor-core projections more blocks (a block per 64 tokens and 128 columns:
 /// the 2B down projection has 20 column blocks, 160 blocks with 512 tokens on 132 SMs).
 /// For the 2B shape, a 31.5 MB arena of activations (pooled) and 524 MB for every row's
-/// logits.
+/// logits (not allocated by executors that only generate).
 pub const PREFILL_CHUNK: u32 = 512;
 
 /// Choices of the GPU lowering.
