@@ -24,7 +24,7 @@ use griffin_backend_ptx::rg_lru::{
 };
 use griffin_ir::{DType, Epilogue, Graph, InputRole, NodeId, Op, OutputRole, Value};
 use griffin_runtime::gpu_plan::{
-    Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GpuPrefill, LastRow, GPU_PLAN_VERSION,
+    Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GpuPrefill, LastRow, Work, GPU_PLAN_VERSION,
 };
 use griffin_runtime::pack::pack;
 use griffin_runtime::plan::{Buffer, BufferKind, Elem, Plan, Storage as PackStorage, PLAN_VERSION};
@@ -209,7 +209,15 @@ impl Lowering<'_> {
             .ok_or_else(|| unsupported("no position input"))
     }
 
-    fn launch(&mut self, kernel: String, ptx: String, grid: u32, block: u32, args: Vec<Arg>) {
+    /// Appends a launch (its work uncounted: the caller may set it on the launch returned).
+    fn launch(
+        &mut self,
+        kernel: String,
+        ptx: String,
+        grid: u32,
+        block: u32,
+        args: Vec<Arg>,
+    ) -> &mut GpuLaunch {
         let entry = format!(".entry {kernel}(");
         let body = ptx.replacen(&entry, ".entry (", 1);
         let kernel = match self.kernel_of_body.get(&body) {
@@ -225,7 +233,9 @@ impl Lowering<'_> {
             grid,
             block,
             args,
+            work: Work::default(),
         });
+        self.launches.last_mut().expect("just pushed")
     }
 
     /// The fused recurrence: one step in the decode graph, the chunk's tokens in the prefill
@@ -276,7 +286,8 @@ impl Lowering<'_> {
                 step_grid(&spec),
                 step_block(&spec),
                 args,
-            );
+            )
+            .work = rg_lru_work(&spec, false);
             return Ok(());
         };
         // Prefill: the gates of every token in parallel, then the scan over their coefficients.
@@ -303,17 +314,25 @@ impl Lowering<'_> {
             rg_lru_gates_grid(&spec, max_tokens),
             block_size(&spec),
             args,
-        );
+        )
+        .work = rg_lru_work(&spec, true);
         let mut args = vec![count, input, self.position_arg()?, window, state, a, b];
         args.extend(y);
         args.push(out);
+        // a, b, [y] in and the output out per token and channel.
+        let streams = if spec.gate_output { 4 } else { 3 };
         self.launch(
             name,
             rg_lru_scan_tokens(&spec),
             rg_lru_scan_grid(&spec),
             SCAN_BLOCK,
             args,
-        );
+        )
+        .work = Work {
+            bytes_per_token: 4 * streams * spec.channels as u64,
+            flops_per_token: 4 * spec.channels as u64,
+            ..Work::default()
+        };
         Ok(())
     }
 
@@ -536,13 +555,19 @@ impl Lowering<'_> {
                 self.gemm_specs.insert(self.launches.len(), spec.clone());
                 if self.tensor_cores && tensor_cores_fit(&spec, &parts) {
                     let token_warps = tc_token_warps(&spec, max_tokens);
+                    // Split inputs: two MMAs per tile.
+                    let mma = match self.tc_inputs {
+                        TcInputs::Split => 2,
+                        TcInputs::Bf16 => 1,
+                    };
                     self.launch(
                         name,
                         gemm_tokens_tc(&spec, &parts, self.tc_inputs, token_warps),
                         tc_grid(&spec, max_tokens, token_warps),
                         tc_block(token_warps),
                         args,
-                    );
+                    )
+                    .work = projection_work(&spec, true, mma);
                 } else {
                     let grid_size = grid(&spec);
                     self.launch(
@@ -551,7 +576,8 @@ impl Lowering<'_> {
                         grid_size,
                         32 * WARPS_PER_BLOCK,
                         args,
-                    );
+                    )
+                    .work = projection_work(&spec, true, 1);
                 }
             }
             Op::LocalAttention {
@@ -772,7 +798,8 @@ impl Lowering<'_> {
                 }
                 args.push(out);
                 let g = grid(&spec);
-                self.launch(name, gemv(&spec), g, 32 * WARPS_PER_BLOCK, args);
+                self.launch(name, gemv(&spec), g, 32 * WARPS_PER_BLOCK, args)
+                    .work = projection_work(&spec, false, 1);
             }
             Op::RgLru { width, gate_output } => {
                 self.rg_lru(id, name, *width, *gate_output)?;
@@ -824,6 +851,76 @@ impl Lowering<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// A projection's work for `--profile`: its weights (and bias) once, its inputs, outputs and
+/// residual per token (`per_token`: a prefill chunk's) or once (decode), two FLOP per weight
+/// and token times `mma` (2 for tensor cores on split inputs, which run two MMAs per tile).
+fn projection_work(spec: &GemvSpec, per_token: bool, mma: u64) -> Work {
+    let rows = spec.width as u64
+        * if spec.epilogue == GemvEpilogue::GeGlu {
+            2
+        } else {
+            1
+        };
+    let element = match spec.weights {
+        Storage::Bf16 => 2,
+        Storage::F32 => 4,
+    };
+    let fixed = rows * spec.inputs as u64 * element + if spec.bias { 4 * rows } else { 0 };
+    let outputs = if spec.residual { 2 } else { 1 } * spec.width as u64;
+    let token_bytes = 4 * (spec.inputs as u64 + outputs);
+    let flops = 2 * rows * spec.inputs as u64 * mma;
+    if per_token {
+        Work {
+            bytes: fixed,
+            bytes_per_token: token_bytes,
+            flops: 0,
+            flops_per_token: flops,
+        }
+    } else {
+        Work {
+            bytes: fixed + token_bytes,
+            bytes_per_token: 0,
+            flops,
+            flops_per_token: 0,
+        }
+    }
+}
+
+/// The recurrence's work for `--profile`: both gates' block-diagonal matrices and the conv
+/// weights once; per token (`per_token`: the prefill gates kernel's chunk) or once (a decode
+/// step) the input, the scan's coefficients or state, window and output rows, and the gates'
+/// and conv's FLOPs.
+fn rg_lru_work(spec: &RgLruSpec, per_token: bool) -> Work {
+    let (c, b, k) = (
+        spec.channels as u64,
+        (spec.channels / spec.blocks) as u64,
+        spec.width as u64,
+    );
+    let element = match spec.gates {
+        Storage::Bf16 => 2,
+        Storage::F32 => 4,
+    };
+    let fixed = 2 * c * b * element + 4 * c * k;
+    let flops = 2 * 2 * c * b + 2 * c * k;
+    if per_token {
+        // x in, a and b out.
+        Work {
+            bytes: fixed,
+            bytes_per_token: 4 * 3 * c,
+            flops: 0,
+            flops_per_token: flops,
+        }
+    } else {
+        // x, y, the state and a window row read and written, the output.
+        Work {
+            bytes: fixed + 4 * 7 * c,
+            bytes_per_token: 0,
+            flops,
+            flops_per_token: 0,
+        }
     }
 }
 
@@ -938,6 +1035,10 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
         grid: 1,
         block: ARGMAX_THREADS,
         args: vec![at(logits), at(next_id)],
+        work: Work {
+            bytes: 4 * vocab as u64,
+            ..Work::default()
+        },
     };
     let ptx = griffin_backend_ptx::module(&l.kernels.values().cloned().collect::<Vec<_>>());
     let config = &model.checkpoint.config;
@@ -1008,6 +1109,7 @@ fn last_row_variant(l: &mut Lowering, logits: usize) -> Option<LastRow> {
         grid: spec.inputs.div_ceil(NORM_BLOCK),
         block: NORM_BLOCK,
         args: vec![count, x, row],
+        work: Work::default(),
     };
     l.kernels
         .insert(copy_name.clone(), last_row(&copy_name, spec.inputs));
@@ -1024,6 +1126,7 @@ fn last_row_variant(l: &mut Lowering, logits: usize) -> Option<LastRow> {
         grid: grid(&gemv_spec),
         block: 32 * WARPS_PER_BLOCK,
         args,
+        work: projection_work(&gemv_spec, false, 1),
     };
     l.kernels.insert(gemv_spec.name.clone(), gemv(&gemv_spec));
     let mut launches = l.launches.clone();
@@ -1344,5 +1447,58 @@ impl Engine for CudaEngine {
             .map_err(|e| RunError::Backend(e.to_string()))?;
         on_logits(logits);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod work_tests {
+    use super::*;
+
+    #[test]
+    fn projection_work_counts_weights_once_and_activations_per_token() {
+        // The 2B MLP's up projection: GeGLU, so 2 · 7680 rows of 2560 bf16 weights.
+        let spec = GemvSpec {
+            name: "up".into(),
+            inputs: 2560,
+            width: 7680,
+            bias: false,
+            epilogue: GemvEpilogue::GeGlu,
+            residual: false,
+            weights: Storage::Bf16,
+            norm: None,
+        };
+        let weights = 2 * 7680 * 2560 * 2;
+        let decode = projection_work(&spec, false, 1);
+        assert_eq!(
+            decode.at(1),
+            (weights + 4 * (2560 + 7680), 2 * 2 * 7680 * 2560)
+        );
+        // A chunk of 512 on tensor cores with split inputs: two MMAs per weight and token.
+        let chunk = projection_work(&spec, true, 2);
+        assert_eq!(
+            chunk.at(512),
+            (
+                weights + 512 * 4 * (2560 + 7680),
+                512 * 2 * 2 * 2 * 7680 * 2560
+            )
+        );
+    }
+
+    #[test]
+    fn rg_lru_work_counts_both_gates() {
+        // The 2B recurrence: 2560 channels in 10 blocks of 256, bf16 gates, conv of 4.
+        let spec = RgLruSpec {
+            name: "r".into(),
+            channels: 2560,
+            blocks: 10,
+            width: 4,
+            conv: Storage::F32,
+            gates: Storage::Bf16,
+            gate_output: true,
+        };
+        let (bytes, flops) = rg_lru_work(&spec, false).at(1);
+        // 2.6 MB of gate matrices, 41 KB of conv weights, 72 KB of rows.
+        assert_eq!(bytes, 2 * 2560 * 256 * 2 + 4 * 2560 * 4 + 4 * 7 * 2560);
+        assert_eq!(flops, 4 * 2560 * 256 + 2 * 2560 * 4);
     }
 }

@@ -286,9 +286,26 @@ fn profile_times_every_launch_of_a_chunk_and_a_step() {
         stderr.contains("profile: decode step at position 4"),
         "{stderr}"
     );
-    assert!(stderr.contains("| kernel | grid × block |"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "| kernel | grid × block | launches | µs in all | µs each | share | GB/s | TFLOP/s |"
+        ),
+        "{stderr}"
+    );
     let rows = stderr.lines().filter(|l| l.starts_with("| p")).count();
     assert!(rows > 3, "{stderr}");
+    // The projections' and the recurrence's work is counted (rates; the stand-in's clock
+    // makes them tiny), attention's is not (blank).
+    for line in stderr.lines().filter(|l| l.starts_with("| ")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let rated = !cells[7].is_empty() && !cells[8].is_empty();
+        if cells[1].ends_with("_linear") || cells[1].ends_with("_rg_lru") {
+            assert!(rated, "{line}");
+        }
+        if cells[1].contains("attend") {
+            assert!(!rated, "{line}");
+        }
+    }
 }
 
 #[test]

@@ -474,8 +474,8 @@ impl CudaExecutor {
 
     /// Runs `p` launch by launch (no graph, no early launches: an event between kernels
     /// orders them anyway) with a timing event before and after each; the device time of
-    /// every launch.
-    fn timed(&self, p: &Program) -> Result<Vec<LaunchTime>, RuntimeError> {
+    /// every launch, with its work counted for `tokens` tokens.
+    fn timed(&self, p: &Program, tokens: u64) -> Result<Vec<LaunchTime>, RuntimeError> {
         let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
         let mut marks = Vec::new();
         for ((&k, l), params) in p.kernels.iter().zip(&p.launches).zip(&p.params) {
@@ -496,6 +496,7 @@ impl CudaExecutor {
         marks
             .into_iter()
             .map(|(l, start, end)| {
+                let (bytes, flops) = l.work.at(tokens);
                 Ok(LaunchTime {
                     kernel: l.kernel.clone(),
                     grid: l.grid,
@@ -503,6 +504,8 @@ impl CudaExecutor {
                     ms: start
                         .elapsed_ms(&end)
                         .map_err(|e| driver("reading an event", e))?,
+                    bytes,
+                    flops,
                 })
             })
             .collect()
@@ -512,7 +515,7 @@ impl CudaExecutor {
     /// launch (`--profile`).
     pub fn profile_step(&mut self, id: u32) -> Result<Vec<LaunchTime>, RuntimeError> {
         self.upload_step(id)?;
-        let times = self.timed(&self.step_program)?;
+        let times = self.timed(&self.step_program, 1)?;
         self.position += 1;
         Ok(times)
     }
@@ -528,7 +531,7 @@ impl CudaExecutor {
         }
         self.check_ids(ids)?;
         self.upload_chunk(ids)?;
-        let times = self.timed(self.chunk_program(false)?)?;
+        let times = self.timed(self.chunk_program(false)?, ids.len() as u64)?;
         self.position += ids.len() as u32;
         Ok(Some(times))
     }

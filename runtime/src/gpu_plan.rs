@@ -45,6 +45,32 @@ pub struct GpuLaunch {
     pub grid: u32,
     pub block: u32,
     pub args: Vec<Arg>,
+    /// What it moves and computes, for `--profile`'s rates (zero where not counted).
+    #[serde(default)]
+    pub work: Work,
+}
+
+/// What a launch must move and compute at the least, counted from its kernel's shape: bytes of
+/// global memory read or written once each (weights, inputs, outputs), and floating-point
+/// operations as the kernel executes them (an FMA is two; the tensor-core projections' split
+/// inputs count both MMAs). The `per_token` parts scale with a prefill chunk's tokens. Only the
+/// projections and the recurrence are counted: attention's work depends on the position.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Work {
+    pub bytes: u64,
+    pub bytes_per_token: u64,
+    pub flops: u64,
+    pub flops_per_token: u64,
+}
+
+impl Work {
+    /// (bytes, flops) for a launch over `tokens` tokens (1 for a decode step).
+    pub fn at(&self, tokens: u64) -> (u64, u64) {
+        (
+            self.bytes + self.bytes_per_token * tokens,
+            self.flops + self.flops_per_token * tokens,
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -241,6 +267,7 @@ mod tests {
 
     fn launch(args: &[usize]) -> GpuLaunch {
         GpuLaunch {
+            work: Work::default(),
             kernel: "k".into(),
             grid: 1,
             block: 1,

@@ -81,6 +81,10 @@ pub struct LaunchTime {
     pub grid: u32,
     pub block: u32,
     pub ms: f32,
+    /// Bytes and floating-point operations counted for the launch (`GpuLaunch::work`; 0 if
+    /// not counted).
+    pub bytes: u64,
+    pub flops: u64,
 }
 
 /// A markdown table of `times` by kernel (launches of one kernel body summed), the largest
@@ -88,32 +92,65 @@ pub struct LaunchTime {
 /// a prefill chunk goes.
 pub fn profile_table(title: &str, times: &[LaunchTime]) -> String {
     let total: f64 = times.iter().map(|t| t.ms as f64).sum();
-    // (kernel, grid, block) -> (launches, ms), in first-launch order for equal totals.
-    let mut rows: Vec<(String, u32, u32, usize, f64)> = Vec::new();
+    struct Row {
+        kernel: String,
+        grid: u32,
+        block: u32,
+        launches: usize,
+        ms: f64,
+        bytes: u64,
+        flops: u64,
+    }
+    // By (kernel, grid, block), in first-launch order for equal totals.
+    let mut rows: Vec<Row> = Vec::new();
     for t in times {
         match rows
             .iter_mut()
-            .find(|r| r.0 == t.kernel && r.1 == t.grid && r.2 == t.block)
+            .find(|r| r.kernel == t.kernel && r.grid == t.grid && r.block == t.block)
         {
             Some(r) => {
-                r.3 += 1;
-                r.4 += t.ms as f64;
+                r.launches += 1;
+                r.ms += t.ms as f64;
+                r.bytes += t.bytes;
+                r.flops += t.flops;
             }
-            None => rows.push((t.kernel.clone(), t.grid, t.block, 1, t.ms as f64)),
+            None => rows.push(Row {
+                kernel: t.kernel.clone(),
+                grid: t.grid,
+                block: t.block,
+                launches: 1,
+                ms: t.ms as f64,
+                bytes: t.bytes,
+                flops: t.flops,
+            }),
         }
     }
-    rows.sort_by(|a, b| b.4.total_cmp(&a.4));
+    rows.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     let mut out = format!(
-        "profile: {title}: {} launches, {:.3} ms of kernels\n\n| kernel | grid × block | launches | µs in all | µs each | share |\n| --- | --- | --- | --- | --- | --- |\n",
+        "profile: {title}: {} launches, {:.3} ms of kernels\n\n| kernel | grid × block | launches | µs in all | µs each | share | GB/s | TFLOP/s |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
         times.len(),
         total
     );
-    for (kernel, grid, block, n, ms) in rows {
+    // A rate over the row's time, blank where nothing was counted.
+    let rate = |amount: u64, ms: f64, unit: f64| {
+        if amount == 0 || ms <= 0.0 {
+            String::new()
+        } else {
+            format!("{:.1}", amount as f64 / (ms * 1e-3) / unit)
+        }
+    };
+    for r in rows {
         out.push_str(&format!(
-            "| {kernel} | {grid} × {block} | {n} | {:.1} | {:.1} | {:.1}% |\n",
-            ms * 1e3,
-            ms * 1e3 / n as f64,
-            100.0 * ms / total.max(1e-12)
+            "| {} | {} × {} | {} | {:.1} | {:.1} | {:.1}% | {} | {} |\n",
+            r.kernel,
+            r.grid,
+            r.block,
+            r.launches,
+            r.ms * 1e3,
+            r.ms * 1e3 / r.launches as f64,
+            100.0 * r.ms / total.max(1e-12),
+            rate(r.bytes, r.ms, 1e9),
+            rate(r.flops, r.ms, 1e12),
         ));
     }
     out
@@ -125,19 +162,22 @@ mod profile_tests {
 
     #[test]
     fn profile_table_sums_launches_of_a_kernel_and_puts_the_largest_first() {
-        let t = |kernel: &str, grid, ms| LaunchTime {
+        // k1 moves 6 MB and computes 12 MFLOP in 6 µs in all: 1000 GB/s, 2 TFLOP/s.
+        let t = |kernel: &str, grid, ms, bytes, flops| LaunchTime {
             kernel: kernel.into(),
             grid,
             block: 256,
             ms,
+            bytes,
+            flops,
         };
         let table = profile_table(
             "decode step",
             &[
-                t("k1_linear", 320, 0.002),
-                t("k3_rg_lru", 160, 0.001),
-                t("k1_linear", 320, 0.004),
-                t("k9_linear", 640, 0.001),
+                t("k1_linear", 320, 0.002, 2_000_000, 4_000_000),
+                t("k3_rg_lru", 160, 0.001, 0, 0),
+                t("k1_linear", 320, 0.004, 4_000_000, 8_000_000),
+                t("k9_linear", 640, 0.001, 0, 0),
             ],
         );
         let lines: Vec<&str> = table.lines().collect();
@@ -147,9 +187,11 @@ mod profile_tests {
         );
         assert_eq!(
             lines[4],
-            "| k1_linear | 320 × 256 | 2 | 6.0 | 3.0 | 75.0% |"
+            "| k1_linear | 320 × 256 | 2 | 6.0 | 3.0 | 75.0% | 1000.0 | 2.0 |"
         );
         assert_eq!(lines.len(), 7, "{table}");
+        // Nothing counted: no rates.
         assert!(lines[5].starts_with("| k3_rg_lru | 160 × 256 | 1 | 1.0 |"));
+        assert!(lines[5].ends_with("| 12.5% |  |  |"), "{}", lines[5]);
     }
 }
