@@ -330,14 +330,15 @@ pub fn gate_tokens(s: &crate::rg_lru::RgLruSpec) -> u32 {
     (48 * 1024 / (4 * b)).clamp(4, 32) / 4 * 4
 }
 
-/// Threads per block of `rg_lru_scan_tokens`: small blocks, so the 2B shape's 2560 channels
-/// spread over 40 SMs (each thread keeps `SCAN_UNROLL` tokens' loads in flight; 10 blocks of
-/// 256 would queue them all on 10 SMs).
-pub const SCAN_BLOCK: u32 = 64;
+/// Segments of the chunk `rg_lru_scan_tokens` scans in parallel, a warp each.
+pub const SCAN_SEGMENTS: u32 = 16;
 
-/// Tokens per unrolled step of `rg_lru_scan_tokens`. The scan is a chain of dependent steps
-/// per channel; each unrolled step waits for its loads once, so a 256-token chunk makes 16
-/// round trips to memory instead of 64 with steps of four.
+/// Threads per block of `rg_lru_scan_tokens`: 32 channels (lanes) by `SCAN_SEGMENTS` segments
+/// (warps).
+pub const SCAN_BLOCK: u32 = 32 * SCAN_SEGMENTS;
+
+/// Tokens per unrolled step of `rg_lru_scan_tokens`' passes over a segment: their loads do not
+/// depend on h, so each step waits for memory once.
 pub const SCAN_UNROLL: u32 = 16;
 
 /// Blocks of `rg_lru_gates_tokens` for a chunk of up to `max_tokens`: one per (token group,
@@ -346,9 +347,9 @@ pub fn rg_lru_gates_grid(s: &crate::rg_lru::RgLruSpec, max_tokens: u32) -> u32 {
     max_tokens.div_ceil(gate_tokens(s)) * s.blocks
 }
 
-/// Blocks of `rg_lru_scan_tokens`: one thread per channel.
+/// Blocks of `rg_lru_scan_tokens`: one per 32 channels.
 pub fn rg_lru_scan_grid(s: &crate::rg_lru::RgLruSpec) -> u32 {
-    s.channels.div_ceil(SCAN_BLOCK)
+    s.channels.div_ceil(32)
 }
 
 /// Channel j's input `back` positions before the chunk's token t (at position p): x[t - back]
@@ -539,19 +540,29 @@ pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     k.finish()
 }
 
-/// The RG-LRU over a chunk, second half: the scan `h_t = a_t · h_{t-1} + b_t`, sequential in
-/// time, one thread per channel, `SCAN_UNROLL` tokens per unrolled step (their loads do not
-/// depend on h, so they are all in flight before the first update); the output gate `h_t · gelu(y_t)`;
-/// then the state, and the window's ring takes the chunk's last K-1 inputs (after the gates
-/// kernel has read it).
+/// The RG-LRU over a chunk, second half: the scan `h_t = a_t · h_{t-1} + b_t`, the output
+/// gate `h_t · gelu(y_t)`, the state, and the window's ring takes the chunk's last K-1 inputs
+/// (after the gates kernel has read it).
+///
+/// The recurrence is a chain per channel, so a thread walking all T tokens waits on memory
+/// T / `SCAN_UNROLL` times in a row (32 for 512 tokens), and the 2B shape's 2560 channels gave
+/// only 80 warps to hide it (until the first session of 2026-12-01). Now a block takes 32
+/// channels (lanes) and cuts the chunk into `SCAN_SEGMENTS` segments (warps): each thread first
+/// composes its segment's steps into one affine map `h ↦ A·h + B` (A = Π a_t, B the segment's
+/// scan from 0), the block shares the maps through shared memory, each thread then starts
+/// from the state composed through the segments before its own, and walks its segment again,
+/// writing every h_t. Two passes of T/16 tokens each instead of one of T, and 16 times the
+/// warps (1280 for the 2B shape, on 80 SMs).
 ///
 /// Parameters: count `i32[1]`, x `f32[T, C]`, start `i32[1]`, window `f32[K, C]` (a ring),
-/// state `f32[C]`, a, b
-/// `f32[T, C]`, [y `f32[T, C]`], out `f32[T, C]`. Launch: `rg_lru_scan_grid` blocks of
-/// `SCAN_BLOCK`.
+/// state `f32[C]`, a, b `f32[T, C]`, [y `f32[T, C]`], out `f32[T, C]`. Launch:
+/// `rg_lru_scan_grid` blocks of `SCAN_BLOCK`.
 pub fn rg_lru_scan_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     let (c, kk) = (s.channels, s.width);
     let mut k = Kernel::new(&s.name);
+    k.launch_bounds(SCAN_BLOCK, 1);
+    // Each segment's map (A, B) for the block's 32 channels: [segment][lane].
+    k.shared("maps", 8 * SCAN_BLOCK, 16);
     let count = k.param_ptr("count");
     let x = k.param_ptr("x");
     let start = k.param_ptr("start");
@@ -561,57 +572,133 @@ pub fn rg_lru_scan_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     let b_in = k.param_ptr("b");
     let y = s.gate_output.then(|| k.param_ptr("y"));
     let out = k.param_ptr("out");
-    let j = k.global_index(SCAN_BLOCK);
-    let done = k.label("done");
-    k.leave_unless_below(j, c, &done);
+    let (tid, blk) = k.thread_and_block();
+    let (segment, lane) = k.warp_and_lane(tid);
+    // Channel j; lanes past the last channel compute the last one again and store nothing
+    // (every thread must reach the barrier).
+    let j = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {j}, {blk}, 32, {lane};"));
+    let mine = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {mine}, {j}, {c};"));
+    k.ins(format!("min.u32 {j}, {j}, {};", c - 1));
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    // Segments of ceil(n / SCAN_SEGMENTS) tokens: this one's [t0, t1).
+    let len = k.reg(Class::B32);
+    k.ins(format!("add.u32 {len}, {n}, {};", SCAN_SEGMENTS - 1));
+    k.ins(format!("div.u32 {len}, {len}, {SCAN_SEGMENTS};"));
+    let (t0, t1) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("mul.lo.u32 {t0}, {segment}, {len};"));
+    k.ins(format!("min.u32 {t0}, {t0}, {n};"));
+    k.ins(format!("add.u32 {t1}, {t0}, {len};"));
+    k.ins(format!("min.u32 {t1}, {t1}, {n};"));
+    // The carried state, read before the barrier (warp 0 rewrites it after).
     let st_at = addr4(&mut k, state, j);
-    let hv = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {hv}, [{st_at}];"));
+    let h0 = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {h0}, [{st_at}];"));
 
-    // `steps` tokens from t: every load first, then the updates in order.
-    let run = |k: &mut Kernel, t: Reg, steps: u32| {
-        let mut loaded = Vec::new();
-        for u in 0..steps {
-            let oi = k.reg(Class::B32);
-            k.ins(format!("add.u32 {oi}, {t}, {u};"));
-            k.ins(format!("mad.lo.u32 {oi}, {oi}, {c}, {j};"));
-            let (av, bv) = (k.reg(Class::F32), k.reg(Class::F32));
-            let aa = addr4(k, a_in, oi);
-            k.ins(format!("ld.global.f32 {av}, [{aa}];"));
-            let ba = addr4(k, b_in, oi);
-            k.ins(format!("ld.global.f32 {bv}, [{ba}];"));
-            let yv = y.map(|y| {
-                let ya = addr4(k, y, oi);
-                let yv = k.reg(Class::F32);
-                k.ins(format!("ld.global.f32 {yv}, [{ya}];"));
-                yv
-            });
-            loaded.push((oi, av, bv, yv));
+    // Element (token t, channel j) of a [T, C] tensor.
+    let at = |k: &mut Kernel, t: Reg, u: u32| {
+        let oi = k.reg(Class::B32);
+        k.ins(format!("add.u32 {oi}, {t}, {u};"));
+        k.ins(format!("mad.lo.u32 {oi}, {oi}, {c}, {j};"));
+        oi
+    };
+    let load = |k: &mut Kernel, base: Reg, oi: Reg| {
+        let v = k.reg(Class::F32);
+        let va = addr4(k, base, oi);
+        k.ins(format!("ld.global.f32 {v}, [{va}];"));
+        v
+    };
+    // First pass: the segment's map, A = Π a_t and B = its scan from h = 0.
+    let (big_a, big_b) = (k.reg(Class::F32), k.reg(Class::F32));
+    k.ins(format!("mov.f32 {big_a}, 0f3F800000;"));
+    k.ins(format!("mov.f32 {big_b}, 0f00000000;"));
+    let t = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {t}, {t0};"));
+    k.unrolled(t, t1, 1, SCAN_UNROLL, &mut |k, m| {
+        let loaded: Vec<(Reg, Reg)> = (0..m)
+            .map(|u| {
+                let oi = at(k, t, u);
+                (load(k, a_in, oi), load(k, b_in, oi))
+            })
+            .collect();
+        for (av, bv) in loaded {
+            k.ins(format!("mul.f32 {big_a}, {big_a}, {av};"));
+            k.ins(format!("fma.rn.f32 {big_b}, {av}, {big_b}, {bv};"));
         }
+        k.ins(format!("add.u32 {t}, {t}, {m};"));
+    });
+    let maps = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {maps}, maps;"));
+    let mine_at = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {mine_at}, {tid}, 8;"));
+    k.ins(format!("add.u64 {mine_at}, {mine_at}, {maps};"));
+    k.ins(format!(
+        "st.shared.v2.f32 [{mine_at}], {{{big_a}, {big_b}}};"
+    ));
+    k.ins("bar.sync 0;");
+
+    // The state entering this segment: the carried one through every earlier segment's map.
+    let h = k.reg(Class::F32);
+    k.ins(format!("mov.f32 {h}, {h0};"));
+    let sg = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {sg}, 0;"));
+    let lane_at = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {lane_at}, {lane}, 8;"));
+    k.ins(format!("add.u64 {lane_at}, {lane_at}, {maps};"));
+    k.strided(sg, segment, 1, &mut |k| {
+        let ma = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {ma}, {sg}, 256;"));
+        k.ins(format!("add.u64 {ma}, {ma}, {lane_at};"));
+        let (sa, sb) = (k.reg(Class::F32), k.reg(Class::F32));
+        k.ins(format!("ld.shared.v2.f32 {{{sa}, {sb}}}, [{ma}];"));
+        k.ins(format!("fma.rn.f32 {h}, {sa}, {h}, {sb};"));
+    });
+
+    // Second pass: every h_t of the segment, gated, stored.
+    k.ins(format!("mov.u32 {t}, {t0};"));
+    k.unrolled(t, t1, 1, SCAN_UNROLL, &mut |k, m| {
+        let loaded: Vec<(Reg, Reg, Reg, Option<Reg>)> = (0..m)
+            .map(|u| {
+                let oi = at(k, t, u);
+                let (av, bv) = (load(k, a_in, oi), load(k, b_in, oi));
+                let yv = y.map(|y| load(k, y, oi));
+                (oi, av, bv, yv)
+            })
+            .collect();
         for (oi, av, bv, yv) in loaded {
-            k.ins(format!("fma.rn.f32 {hv}, {av}, {hv}, {bv};"));
+            k.ins(format!("fma.rn.f32 {h}, {av}, {h}, {bv};"));
             let o = match yv {
                 Some(yv) => {
                     let g = gelu(k, yv);
                     let v = k.reg(Class::F32);
-                    k.ins(format!("mul.f32 {v}, {hv}, {g};"));
+                    k.ins(format!("mul.f32 {v}, {h}, {g};"));
                     v
                 }
-                None => hv,
+                None => h,
             };
             let oa = addr4(k, out, oi);
-            k.ins(format!("st.global.f32 [{oa}], {o};"));
+            k.ins(format!("@{mine} st.global.f32 [{oa}], {o};"));
         }
-    };
-    let t = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {t}, 0;"));
-    k.unrolled(t, n, 1, SCAN_UNROLL, &mut |k, m| {
-        run(k, t, m);
         k.ins(format!("add.u32 {t}, {t}, {m};"));
     });
-    k.ins(format!("st.global.f32 [{st_at}], {hv};"));
+
+    // Warp 0: the new state (through every segment's map) and the window's ring.
+    let done = k.label("done");
+    k.leave_unless_below(segment, 1, &done);
+    k.ins(format!("@!{mine} bra {done};"));
+    k.ins(format!("mov.f32 {h}, {h0};"));
+    k.ins(format!("mov.u32 {sg}, 0;"));
+    k.strided(sg, SCAN_SEGMENTS, 1, &mut |k| {
+        let ma = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {ma}, {sg}, 256;"));
+        k.ins(format!("add.u64 {ma}, {ma}, {lane_at};"));
+        let (sa, sb) = (k.reg(Class::F32), k.reg(Class::F32));
+        k.ins(format!("ld.shared.v2.f32 {{{sa}, {sb}}}, [{ma}];"));
+        k.ins(format!("fma.rn.f32 {h}, {sa}, {h}, {sb};"));
+    });
+    k.ins(format!("st.global.f32 [{st_at}], {h};"));
     // The chunk's last K-1 inputs into their ring rows (inputs from before the chunk are
     // there already). The gates kernel has read the ring.
     let p0 = k.reg(Class::B32);

@@ -896,7 +896,8 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
         rg_lru_gates_grid, rg_lru_gates_tokens, rg_lru_scan_grid, rg_lru_scan_tokens, SCAN_BLOCK,
     };
     use griffin_backend_ptx::rg_lru::{block_size, RgLruSpec, Storage};
-    let (c, blocks, k) = (32usize, 2usize, 4usize);
+    // 48 channels: the scan's second block of 32 lanes has 16 past the last channel.
+    let (c, blocks, k) = (48usize, 2usize, 4usize);
     let spec = RgLruSpec {
         name: "scan".into(),
         channels: c as u32,
@@ -919,15 +920,16 @@ fn prefill_rg_lru_over_chunks_equals_token_by_token_steps() {
     let mut rng = Rng(5);
     let mut mem = Memory::new();
     let mut case = RgLruCase::new(&mut rng, &mut mem, c, blocks, k, Storage::Bf16);
-    let max_tokens = 40;
+    let max_tokens = 300;
     let out_a = mem.alloc_f32(&vec![0.0; max_tokens * c]);
     let a_a = mem.alloc_f32(&vec![0.0; max_tokens * c]);
     let b_a = mem.alloc_f32(&vec![0.0; max_tokens * c]);
     let mut worst = 0.0f32;
     let mut pos = 0usize;
-    // Chunks of 5, 2 (shorter than the window), 37 (three gate groups; the scan's unrolled
-    // steps and its tail) and 1 token, from the start of the text.
-    for chunk in [5usize, 2, 37, 1] {
+    // Chunks of 5, 2 (shorter than the window), 37 (three gate groups; scan segments of 3, the
+    // last of one), 40 (segments of 3, three left empty), 300 (segments of 19: an unrolled
+    // step of 16 and three single ones) and 1 token, from the start of the text.
+    for chunk in [5usize, 2, 37, 40, 300, 1] {
         let x = rng.vec(chunk * c);
         let y = rng.vec(chunk * c);
         let (x_a, y_a) = (mem.alloc_f32(&x), mem.alloc_f32(&y));
