@@ -30,9 +30,9 @@ rm -f "$carry"/2b/*.weights
 # And with one MMA per tile on inputs rounded to bf16 (half the tensor-core work).
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-bf16in -o "$carry/2b" --tensor-core-inputs bf16
 rm -f "$carry"/2b/*.weights
-# And with the whole 2048-token benchmark prompt as one prefill chunk (weights streamed once
-# instead of 4 times; 4x the activation memory and a 2.1 GB all-rows logits buffer).
-target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-chunk2048 -o "$carry/2b" --prefill-chunk 2048
+# And with prefill chunks of 512 (the default until 2026-12-01; the default is 2048: the
+# benchmark prompt in one chunk), to compare.
+target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-chunk512 -o "$carry/2b" --prefill-chunk 512
 rm -f "$carry"/2b/*.weights
 cp "$ckpt/config.json" "$carry/2b/"
 strip "$carry"/golden/*/griffin "$carry"/2b/griffin-2b*

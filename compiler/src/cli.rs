@@ -134,7 +134,7 @@ pub struct CompileArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Tokens per prefill call; bounds activation memory for any prompt length (default: 64 on
-    /// the CPU, 512 on the GPU, where each chunk streams every weight once).
+    /// the CPU, 2048 on the GPU, where each chunk streams every weight once).
     #[arg(long)]
     pub prefill_chunk: Option<usize>,
     /// CPU to generate code for: `native`, `baseline` (portable x86-64) or an LLVM CPU name.

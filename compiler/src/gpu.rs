@@ -471,8 +471,8 @@ impl Lowering<'_> {
             rotate_tokens_threads, write_ring_tokens,
         };
         use griffin_backend_ptx::prefill::{
-            gather_tokens, gemm_tokens_split, gemm_tokens_tc, rms_norm_tokens, tc_block, tc_grid,
-            tc_token_warps, tensor_cores_fit, NORM_BLOCK,
+            gather_tokens, gemm_tokens_split, gemm_tokens_tc, norm_tokens_grid, rms_norm_tokens,
+            tc_block, tc_grid, tc_token_warps, tensor_cores_fit, NORM_BLOCK,
         };
         let g = self.g;
         let x = g.operands(id);
@@ -537,7 +537,7 @@ impl Lowering<'_> {
                     self.launch(
                         norm_name.clone(),
                         rms_norm_tokens(&norm_name, inputs, n.eps as f32),
-                        max_tokens,
+                        norm_tokens_grid(max_tokens),
                         NORM_BLOCK,
                         vec![count, input, gain, scratch],
                     );
@@ -926,12 +926,15 @@ fn rg_lru_work(spec: &RgLruSpec, per_token: bool) -> Work {
 
 /// Tokens per prefill chunk on the GPU by default (buffers are sized for it). Every chunk
 /// streams every weight once: a 2048-token prompt in chunks of 64 would read the 2B model's
-/// 5.4 GB 32 times (at least 40 ms at 4.25 TB/s); in chunks of 512, 4 times. Larger chunks
-/// also give the tensor-core projections more blocks (a block per 64 tokens and 128 columns:
-/// the 2B down projection has 20 column blocks, 160 blocks with 512 tokens on 132 SMs).
-/// For the 2B shape, a 31.5 MB arena of activations (pooled) and 524 MB for every row's
-/// logits (not allocated by executors that only generate).
-pub const PREFILL_CHUNK: u32 = 512;
+/// 5.4 GB 32 times (at least 40 ms at 4.25 TB/s); in chunks of 512, 4 times; in one chunk,
+/// once. Larger chunks also fill the GPU's waves better: the 2B model's 2560-output
+/// projections (the attention and recurrence outputs, the MLP's down projection: a third of
+/// the chunk's tensor-core work) have 20 column blocks of 64-token blocks, so 160 blocks at
+/// 512 tokens on 132 SMs (28 SMs take two, the rest wait: ~61% busy) and 640 at 2048 (~97%).
+/// For the 2B shape at 512: a 31.5 MB arena of activations (pooled) and 524 MB for every
+/// row's logits; at 2048 about four times both (the logits, 2.1 GB, only where every row is
+/// asked for: `griffinc eval`, `--logits-out`). 512 until the first session of 2026-12-01.
+pub const PREFILL_CHUNK: u32 = 2048;
 
 /// Choices of the GPU lowering.
 #[derive(Clone, Copy, Debug)]

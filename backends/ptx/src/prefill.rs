@@ -58,8 +58,15 @@ impl<'a> ProjectionParams<'a> {
     }
 }
 
-/// Parameters: count `i32[1]`, x `f32[T, I]`, gain `f32[I]`, out `f32[T, I]`. Launch: one
-/// block of 256 per token of the largest chunk; blocks past the count leave.
+/// Blocks of `rms_norm_tokens` for chunks of up to `max_tokens`: one per token up to two per SM
+/// of the target GPU, each taking every grid-th token after its own (a grid of one block per
+/// token of the largest chunk would mostly leave at once for short prompts).
+pub fn norm_tokens_grid(max_tokens: u32) -> u32 {
+    max_tokens.min(2 * TARGET_SMS)
+}
+
+/// Parameters: count `i32[1]`, x `f32[T, I]`, gain `f32[I]`, out `f32[T, I]`. Launch:
+/// `norm_tokens_grid` blocks of 256: block b normalises tokens b, b + grid, ... below the count.
 pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
     let mut k = Kernel::new(name);
     k.shared("partial", 4 * NORM_BLOCK / 32, 16);
@@ -70,47 +77,48 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
     let (tid, t) = k.thread_and_block();
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
-    let done = k.label("done");
-    let past = k.reg(Class::Pred);
-    // The whole block leaves together: the barrier below sees every thread or none.
-    k.ins(format!("setp.ge.u32 {past}, {t}, {n};"));
-    k.ins(format!("@{past} bra {done};"));
-    let row = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {row}, {t}, {inputs};"));
-    let ss = k.reg(Class::F32);
-    k.ins(format!("mov.f32 {ss}, 0f00000000;"));
-    let i = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {i}, {tid};"));
-    k.strided(i, inputs, NORM_BLOCK, &mut |k| {
-        let at = k.reg(Class::B32);
-        k.ins(format!("add.u32 {at}, {row}, {i};"));
-        let xa = addr4(k, x, at);
-        let v = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {v}, [{xa}];"));
-        k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
-    });
-    warp_sum(&mut k, ss);
+    let grid = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {grid}, %nctaid.x;"));
     let (warp, lane) = k.warp_and_lane(tid);
-    store_warp_partial(&mut k, ss, warp, lane);
-    k.ins("bar.sync 0;");
-    let total = combine_partials(&mut k, "add", NORM_BLOCK / 32);
-    let r = finish_rms(&mut k, total, inputs, eps);
-    k.ins(format!("mov.u32 {i}, {tid};"));
-    k.strided(i, inputs, NORM_BLOCK, &mut |k| {
-        let at2 = k.reg(Class::B32);
-        k.ins(format!("add.u32 {at2}, {row}, {i};"));
-        let xa2 = addr4(k, x, at2);
-        let v2 = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {v2}, [{xa2}];"));
-        let ga = addr4(k, gain, i);
-        let g = k.reg(Class::F32);
-        k.ins(format!("ld.global.nc.f32 {g}, [{ga}];"));
-        k.ins(format!("mul.f32 {v2}, {v2}, {r};"));
-        k.ins(format!("mul.f32 {v2}, {v2}, {g};"));
-        let oa = addr4(k, out, at2);
-        k.ins(format!("st.global.f32 [{oa}], {v2};"));
+    // The whole block walks the same tokens: the barriers below see every thread or none.
+    k.strided(t, n, grid, &mut |k| {
+        let row = k.reg(Class::B32);
+        k.ins(format!("mul.lo.u32 {row}, {t}, {inputs};"));
+        let ss = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {ss}, 0f00000000;"));
+        let i = k.reg(Class::B32);
+        k.ins(format!("mov.u32 {i}, {tid};"));
+        k.strided(i, inputs, NORM_BLOCK, &mut |k| {
+            let at = k.reg(Class::B32);
+            k.ins(format!("add.u32 {at}, {row}, {i};"));
+            let xa = addr4(k, x, at);
+            let v = k.reg(Class::F32);
+            k.ins(format!("ld.global.f32 {v}, [{xa}];"));
+            k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
+        });
+        warp_sum(k, ss);
+        store_warp_partial(k, ss, warp, lane);
+        k.ins("bar.sync 0;");
+        let total = combine_partials(k, "add", NORM_BLOCK / 32);
+        let r = finish_rms(k, total, inputs, eps);
+        // Every warp has read the partials before the next token's overwrite them.
+        k.ins("bar.sync 0;");
+        k.ins(format!("mov.u32 {i}, {tid};"));
+        k.strided(i, inputs, NORM_BLOCK, &mut |k| {
+            let at2 = k.reg(Class::B32);
+            k.ins(format!("add.u32 {at2}, {row}, {i};"));
+            let xa2 = addr4(k, x, at2);
+            let v2 = k.reg(Class::F32);
+            k.ins(format!("ld.global.f32 {v2}, [{xa2}];"));
+            let ga = addr4(k, gain, i);
+            let g = k.reg(Class::F32);
+            k.ins(format!("ld.global.nc.f32 {g}, [{ga}];"));
+            k.ins(format!("mul.f32 {v2}, {v2}, {r};"));
+            k.ins(format!("mul.f32 {v2}, {v2}, {g};"));
+            let oa = addr4(k, out, at2);
+            k.ins(format!("st.global.f32 [{oa}], {v2};"));
+        });
     });
-    k.place(&done);
     k.finish()
 }
 

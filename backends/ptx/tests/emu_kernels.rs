@@ -842,7 +842,8 @@ fn prefill_projection_and_norm_over_a_chunk_of_tokens() {
             &m,
             "norm",
             &Launch {
-                grid: max_tokens as u32,
+                // Fewer blocks than tokens: each normalises every third token from its own.
+                grid: 3,
                 block: NORM_BLOCK,
                 params: &[ca, xa, ga, xn],
             },
