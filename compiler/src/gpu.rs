@@ -929,8 +929,9 @@ fn rg_lru_work(spec: &RgLruSpec, per_token: bool) -> Work {
 /// 5.4 GB 32 times (at least 40 ms at 4.25 TB/s); in chunks of 512, 4 times; in one chunk,
 /// once. Larger chunks also fill the GPU's waves better: the 2B model's 2560-output
 /// projections (the attention and recurrence outputs, the MLP's down projection: a third of
-/// the chunk's tensor-core work) have 20 column blocks of 64-token blocks, so 160 blocks at
-/// 512 tokens on 132 SMs (28 SMs take two, the rest wait: ~61% busy) and 640 at 2048 (~97%).
+/// the chunk's tensor-core work) have 20 column blocks; at 512 tokens, 160 blocks of 64 tokens
+/// on 132 SMs (28 SMs take two, the rest one: ~61% busy), at 2048, 320 blocks of 128 tokens
+/// (2 or 3 per SM: ~81%). Estimates, not measured.
 /// For the 2B shape at 512: a 31.5 MB arena of activations (pooled) and 524 MB for every
 /// row's logits; at 2048 about four times both (the logits, 2.1 GB, only where every row is
 /// asked for: `griffinc eval`, `--logits-out`). 512 until the first session of 2026-12-01.
