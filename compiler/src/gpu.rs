@@ -471,8 +471,8 @@ impl Lowering<'_> {
             rotate_tokens_threads, write_ring_tokens,
         };
         use griffin_backend_ptx::prefill::{
-            gather_tokens, gemm_tokens_split, gemm_tokens_tc, norm_tokens_grid, rms_norm_tokens,
-            tc_block, tc_grid, tc_token_warps, tensor_cores_fit, NORM_BLOCK,
+            elementwise_grid, gather_tokens, gemm_tokens_split, gemm_tokens_tc, norm_tokens_grid,
+            rms_norm_tokens, tc_block, tc_grid, tc_token_warps, tensor_cores_fit, NORM_BLOCK,
         };
         let g = self.g;
         let x = g.operands(id);
@@ -504,7 +504,7 @@ impl Lowering<'_> {
                 self.launch(
                     name,
                     ptx,
-                    (max_tokens * width).div_ceil(NORM_BLOCK),
+                    elementwise_grid(max_tokens * width, NORM_BLOCK),
                     NORM_BLOCK,
                     vec![count, table, ids, out],
                 );
@@ -606,7 +606,7 @@ impl Lowering<'_> {
                 self.launch(
                     format!("{name}_rotate_tokens"),
                     rotate_tokens(&spec, max_tokens),
-                    rotate_tokens_threads(&spec, max_tokens).div_ceil(ROTATE_BLOCK),
+                    elementwise_grid(rotate_tokens_threads(&spec, max_tokens), ROTATE_BLOCK),
                     ROTATE_BLOCK,
                     args,
                 );
@@ -621,7 +621,7 @@ impl Lowering<'_> {
                 self.launch(
                     format!("{name}_write_ring_tokens"),
                     write_ring_tokens(&spec, max_tokens),
-                    (max_tokens * spec.kv_heads * spec.head_dim).div_ceil(ROTATE_BLOCK),
+                    elementwise_grid(max_tokens * spec.kv_heads * spec.head_dim, ROTATE_BLOCK),
                     ROTATE_BLOCK,
                     vec![count, start, k_rot, v, keys, values],
                 );

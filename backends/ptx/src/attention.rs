@@ -155,50 +155,47 @@ pub fn rotate_tokens(s: &AttentionSpec, max_tokens: u32) -> String {
     let q_out = k.param_ptr("q_out");
     let k_out = k.param_ptr("k_out");
     let (hd, rows) = (s.head_dim, s.heads + s.kv_heads);
-    let e = k.global_index(ROTATE_BLOCK);
-    let done = k.label("done");
-    let outside = k.reg(Class::Pred);
-    k.ins(format!(
-        "setp.ge.u32 {outside}, {e}, {};",
-        rotate_tokens_threads(s, max_tokens)
-    ));
-    k.ins(format!("@{outside} bra {done};"));
-    // e = (t · rows + row) · hd + d
-    let (d, rest) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("rem.u32 {d}, {e}, {hd};"));
-    k.ins(format!("div.u32 {rest}, {e}, {hd};"));
-    let (row, t) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("rem.u32 {row}, {rest}, {rows};"));
-    k.ins(format!("div.u32 {t}, {rest}, {rows};"));
+    assert!(
+        max_tokens.checked_mul(rows * hd).is_some(),
+        "chunk too large"
+    );
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
-    let past = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {past}, {t}, {n};"));
-    k.ins(format!("@{past} bra {done};"));
-    let pos = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {pos}, [{start}];"));
-    k.ins(format!("add.u32 {pos}, {pos}, {t};"));
-    let is_q = k.reg(Class::Pred);
-    k.ins(format!("setp.lt.u32 {is_q}, {row}, {};", s.heads));
-    // Row index within q ([T,H]) or k ([T,G]), and the buffers.
-    let qr = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {qr}, {t}, {}, {row};", s.heads));
-    let kr = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {kr}, {row}, {};", s.heads));
-    k.ins(format!("mad.lo.u32 {kr}, {t}, {}, {kr};", s.kv_heads));
-    let r = k.reg(Class::B32);
-    k.ins(format!("selp.b32 {r}, {qr}, {kr}, {is_q};"));
-    let (src, dst) = (k.reg(Class::B64), k.reg(Class::B64));
-    k.ins(format!("selp.b64 {src}, {q}, {kk}, {is_q};"));
-    k.ins(format!("selp.b64 {dst}, {q_out}, {k_out}, {is_q};"));
-    let base_i = k.reg(Class::B32);
-    k.ins(format!("mul.lo.u32 {base_i}, {r}, {hd};"));
-    let value = rotated_element(&mut k, s, src, base_i, d, pos, inv_freq);
-    let oi = k.reg(Class::B32);
-    k.ins(format!("add.u32 {oi}, {base_i}, {d};"));
-    let oa = addr4(&mut k, dst, oi);
-    k.ins(format!("st.global.f32 [{oa}], {value};"));
-    k.place(&done);
+    let elements = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {elements}, {n}, {};", rows * hd));
+    let p0 = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {p0}, [{start}];"));
+    k.grid_stride(ROTATE_BLOCK, elements, &mut |k, e, _| {
+        // e = (t · rows + row) · hd + d
+        let (d, rest) = (k.reg(Class::B32), k.reg(Class::B32));
+        k.ins(format!("rem.u32 {d}, {e}, {hd};"));
+        k.ins(format!("div.u32 {rest}, {e}, {hd};"));
+        let (row, t) = (k.reg(Class::B32), k.reg(Class::B32));
+        k.ins(format!("rem.u32 {row}, {rest}, {rows};"));
+        k.ins(format!("div.u32 {t}, {rest}, {rows};"));
+        let pos = k.reg(Class::B32);
+        k.ins(format!("add.u32 {pos}, {p0}, {t};"));
+        let is_q = k.reg(Class::Pred);
+        k.ins(format!("setp.lt.u32 {is_q}, {row}, {};", s.heads));
+        // Row index within q ([T,H]) or k ([T,G]), and the buffers.
+        let qr = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {qr}, {t}, {}, {row};", s.heads));
+        let kr = k.reg(Class::B32);
+        k.ins(format!("sub.u32 {kr}, {row}, {};", s.heads));
+        k.ins(format!("mad.lo.u32 {kr}, {t}, {}, {kr};", s.kv_heads));
+        let r = k.reg(Class::B32);
+        k.ins(format!("selp.b32 {r}, {qr}, {kr}, {is_q};"));
+        let (src, dst) = (k.reg(Class::B64), k.reg(Class::B64));
+        k.ins(format!("selp.b64 {src}, {q}, {kk}, {is_q};"));
+        k.ins(format!("selp.b64 {dst}, {q_out}, {k_out}, {is_q};"));
+        let base_i = k.reg(Class::B32);
+        k.ins(format!("mul.lo.u32 {base_i}, {r}, {hd};"));
+        let value = rotated_element(k, s, src, base_i, d, pos, inv_freq);
+        let oi = k.reg(Class::B32);
+        k.ins(format!("add.u32 {oi}, {base_i}, {d};"));
+        let oa = addr4(k, dst, oi);
+        k.ins(format!("st.global.f32 [{oa}], {value};"));
+    });
     k.finish()
 }
 
@@ -214,40 +211,37 @@ pub fn write_ring_tokens(s: &AttentionSpec, max_tokens: u32) -> String {
     let keys = k.param_ptr("keys");
     let values = k.param_ptr("values");
     let row = s.kv_heads * s.head_dim;
-    let e = k.global_index(ROTATE_BLOCK);
-    let done = k.label("done");
-    let outside = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {outside}, {e}, {};", max_tokens * row));
-    k.ins(format!("@{outside} bra {done};"));
-    let (t, within) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("div.u32 {t}, {e}, {row};"));
-    k.ins(format!("rem.u32 {within}, {e}, {row};"));
+    assert!(max_tokens.checked_mul(row).is_some(), "chunk too large");
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
-    let past = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {past}, {t}, {n};"));
-    k.ins(format!("@{past} bra {done};"));
-    // Only the last W tokens survive in the ring: earlier ones would be overwritten in the
-    // same launch, in no defined order.
-    let keep = k.reg(Class::B32);
-    k.ins(format!("add.u32 {keep}, {t}, {};", s.window));
-    let early = k.reg(Class::Pred);
-    k.ins(format!("setp.lt.u32 {early}, {keep}, {n};"));
-    k.ins(format!("@{early} bra {done};"));
-    let slot = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {slot}, [{start}];"));
-    k.ins(format!("add.u32 {slot}, {slot}, {t};"));
-    k.ins(format!("rem.u32 {slot}, {slot}, {};", s.window));
-    let di = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {di}, {slot}, {row}, {within};"));
-    for (src, dst) in [(kk, keys), (v, values)] {
-        let sa = addr4(&mut k, src, e);
-        let val = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {val}, [{sa}];"));
-        let da = addr4(&mut k, dst, di);
-        k.ins(format!("st.global.f32 [{da}], {val};"));
-    }
-    k.place(&done);
+    let elements = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {elements}, {n}, {row};"));
+    let p0 = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {p0}, [{start}];"));
+    k.grid_stride(ROTATE_BLOCK, elements, &mut |k, e, next| {
+        let (t, within) = (k.reg(Class::B32), k.reg(Class::B32));
+        k.ins(format!("div.u32 {t}, {e}, {row};"));
+        k.ins(format!("rem.u32 {within}, {e}, {row};"));
+        // Only the last W tokens survive in the ring: earlier ones would be overwritten in
+        // the same launch, in no defined order.
+        let keep = k.reg(Class::B32);
+        k.ins(format!("add.u32 {keep}, {t}, {};", s.window));
+        let early = k.reg(Class::Pred);
+        k.ins(format!("setp.lt.u32 {early}, {keep}, {n};"));
+        k.ins(format!("@{early} bra {next};"));
+        let slot = k.reg(Class::B32);
+        k.ins(format!("add.u32 {slot}, {p0}, {t};"));
+        k.ins(format!("rem.u32 {slot}, {slot}, {};", s.window));
+        let di = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {di}, {slot}, {row}, {within};"));
+        for (src, dst) in [(kk, keys), (v, values)] {
+            let sa = addr4(k, src, e);
+            let val = k.reg(Class::F32);
+            k.ins(format!("ld.global.f32 {val}, [{sa}];"));
+            let da = addr4(k, dst, di);
+            k.ins(format!("st.global.f32 [{da}], {val};"));
+        }
+    });
     k.finish()
 }
 

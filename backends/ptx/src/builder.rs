@@ -232,6 +232,27 @@ impl Kernel {
         self.place(&end);
     }
 
+    /// Runs `body` for every index below `bound` (a register): thread t of block b takes
+    /// b·`block_size` + t, then strides by the grid's threads, so a grid capped below the
+    /// largest bound still covers it and a small bound leaves most threads idle at once (see
+    /// `prefill::elementwise_grid`). `body` gets the index and a label that skips to the next.
+    pub fn grid_stride(
+        &mut self,
+        block_size: u32,
+        bound: Reg,
+        body: &mut dyn FnMut(&mut Kernel, Reg, &str),
+    ) {
+        let e = self.global_index(block_size);
+        let stride = self.reg(Class::B32);
+        self.ins(format!("mov.u32 {stride}, %nctaid.x;"));
+        self.ins(format!("mul.lo.u32 {stride}, {stride}, {block_size};"));
+        let next = self.label("next");
+        self.strided(e, bound, stride, &mut |k| {
+            body(k, e, &next);
+            k.place(&next);
+        });
+    }
+
     pub fn leave_unless_below(&mut self, value: Reg, bound: impl std::fmt::Display, to: &str) {
         let past = self.reg(Class::Pred);
         self.ins(format!("setp.ge.u32 {past}, {value}, {bound};"));

@@ -58,6 +58,14 @@ impl<'a> ProjectionParams<'a> {
     }
 }
 
+/// Blocks of an elementwise prefill kernel (`Kernel::grid_stride`) over up to `elements`
+/// elements in blocks of `block`: one per `block` elements up to 8 per SM of the target GPU
+/// (a full SM's threads), so a short chunk's launch is not thousands of blocks that leave at
+/// once.
+pub fn elementwise_grid(elements: u32, block: u32) -> u32 {
+    elements.div_ceil(block).clamp(1, 8 * TARGET_SMS)
+}
+
 /// Blocks of `rms_norm_tokens` for chunks of up to `max_tokens`: one per token up to two per SM
 /// of the target GPU, each taking every grid-th token after its own (a grid of one block per
 /// token of the largest chunk would mostly leave at once for short prompts).
@@ -747,39 +755,32 @@ pub fn gather_tokens(
     scale: Option<f32>,
 ) -> String {
     use crate::rg_lru::load_weight;
+    assert!(max_tokens.checked_mul(width).is_some(), "chunk too large");
     let mut k = Kernel::new(name);
     let count = k.param_ptr("count");
     let tab = k.param_ptr("table");
     let ids = k.param_ptr("ids");
     let out = k.param_ptr("out");
-    let e = k.global_index(NORM_BLOCK);
-    let done = k.label("done");
-    let outside = k.reg(Class::Pred);
-    k.ins(format!(
-        "setp.ge.u32 {outside}, {e}, {};",
-        max_tokens * width
-    ));
-    k.ins(format!("@{outside} bra {done};"));
-    let (t, c) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("div.u32 {t}, {e}, {width};"));
-    k.ins(format!("rem.u32 {c}, {e}, {width};"));
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
-    let past = k.reg(Class::Pred);
-    k.ins(format!("setp.ge.u32 {past}, {t}, {n};"));
-    k.ins(format!("@{past} bra {done};"));
-    let ia = addr4(&mut k, ids, t);
-    let id = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {id}, [{ia}];"));
-    let at = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {at}, {id}, {width}, {c};"));
-    let v = load_weight(&mut k, table, tab, at);
-    if let Some(sc) = scale {
-        k.ins(format!("mul.f32 {v}, {v}, {};", Kernel::f32_imm(sc)));
-    }
-    let oa = addr4(&mut k, out, e);
-    k.ins(format!("st.global.f32 [{oa}], {v};"));
-    k.place(&done);
+    let elements = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {elements}, {n}, {width};"));
+    k.grid_stride(NORM_BLOCK, elements, &mut |k, e, _| {
+        let (t, c) = (k.reg(Class::B32), k.reg(Class::B32));
+        k.ins(format!("div.u32 {t}, {e}, {width};"));
+        k.ins(format!("rem.u32 {c}, {e}, {width};"));
+        let ia = addr4(k, ids, t);
+        let id = k.reg(Class::B32);
+        k.ins(format!("ld.global.u32 {id}, [{ia}];"));
+        let at = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {at}, {id}, {width}, {c};"));
+        let v = load_weight(k, table, tab, at);
+        if let Some(sc) = scale {
+            k.ins(format!("mul.f32 {v}, {v}, {};", Kernel::f32_imm(sc)));
+        }
+        let oa = addr4(k, out, e);
+        k.ins(format!("st.global.f32 [{oa}], {v};"));
+    });
     k.finish()
 }
 

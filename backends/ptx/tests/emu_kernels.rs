@@ -1050,7 +1050,8 @@ fn prefill_attention_case(
                 )
                 .unwrap();
             };
-        let rot_grid = rotate_tokens_threads(&spec, max_tokens).div_ceil(ROTATE_BLOCK);
+        // Fewer blocks than elements: each thread strides over the grid.
+        let rot_grid = (rotate_tokens_threads(&spec, max_tokens).div_ceil(ROTATE_BLOCK)).min(3);
         launch(
             &m,
             &mut mem,
@@ -1067,7 +1068,7 @@ fn prefill_attention_case(
             attend_tokens_block(&spec),
             &[qr_a, n_a, s_a, kr_a, va, keys_a, values_a, out_a],
         );
-        let ring_grid = (max_tokens * (kv_heads * hd) as u32).div_ceil(ROTATE_BLOCK);
+        let ring_grid = ((max_tokens * (kv_heads * hd) as u32).div_ceil(ROTATE_BLOCK)).min(2);
         launch(
             &m,
             &mut mem,
