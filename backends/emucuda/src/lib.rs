@@ -190,6 +190,23 @@ impl Driver {
         }
     }
 
+    /// A copy between host and `bytes` bytes at `device`: not inside a capture, within a live
+    /// allocation, to or from a host pointer that is not null.
+    fn check_copy(
+        &mut self,
+        stream: Handle,
+        device: CUdeviceptr,
+        bytes: usize,
+        host_null: bool,
+    ) -> Result<(), CUresult> {
+        self.not_while_capturing(stream)?;
+        self.check_range(device, bytes)?;
+        if host_null {
+            return Err(INVALID_VALUE);
+        }
+        Ok(())
+    }
+
     /// The stream a handle names; the null (legacy default) stream is index 0.
     fn stream(&mut self, h: Handle) -> Result<&mut Stream, CUresult> {
         if h.is_null() {
@@ -465,11 +482,7 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     stream: Handle,
 ) -> CUresult {
     with(|d| {
-        d.not_while_capturing(stream)?;
-        d.check_range(dst, bytes)?;
-        if src.is_null() {
-            return Err(INVALID_VALUE);
-        }
+        d.check_copy(stream, dst, bytes, src.is_null())?;
         // SAFETY: the caller's buffer holds `bytes` bytes.
         let data = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), bytes) };
         d.memory().write_bytes(dst, data).map_err(|_| INVALID_VALUE)
@@ -494,11 +507,7 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     stream: Handle,
 ) -> CUresult {
     with(|d| {
-        d.not_while_capturing(stream)?;
-        d.check_range(src, bytes)?;
-        if dst.is_null() {
-            return Err(INVALID_VALUE);
-        }
+        d.check_copy(stream, src, bytes, dst.is_null())?;
         let data = d.memory().read(src, bytes).map_err(|_| INVALID_VALUE)?;
         // SAFETY: the caller's buffer holds `bytes` bytes.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.cast::<u8>(), bytes) };

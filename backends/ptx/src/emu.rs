@@ -1670,23 +1670,8 @@ mod tests {
         let kernel = |load: &str| {
             format!(".visible .entry k(\n\t.param .u64 p\n)\n{{\n\t.reg .b32 %r<3>;\n\t.reg .b64 %rd<4>;\n\tld.param.u64 %rd0, [p];\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\tst.global.u32 [%rd2], %r0;\n\t{load} %r1, [%rd2];\n\tst.global.u32 [%rd2+128], %r1;\n\tret;\n}}\n")
         };
-        let run_it = |ptx: &str| {
-            let m = Module::parse(ptx).unwrap();
-            let mut mem = Memory::new();
-            let p = mem.alloc(&[0; 4 * 64]);
-            run(
-                &m,
-                "k",
-                &Launch {
-                    grid: 1,
-                    block: 32,
-                    params: &[p],
-                },
-                &mut mem,
-            )
-        };
-        assert!(run_it(&kernel("ld.global.u32")).is_ok());
-        let e = run_it(&kernel("ld.global.nc.u32")).unwrap_err();
+        assert!(run_one_warp(&kernel("ld.global.u32"), 64).is_ok());
+        let e = run_one_warp(&kernel("ld.global.nc.u32"), 64).unwrap_err();
         assert!(e.0.contains("non-coherent"), "{e}");
     }
 

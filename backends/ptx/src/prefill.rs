@@ -655,22 +655,27 @@ pub fn rg_lru_scan_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     ));
     k.ins("bar.sync 0;");
 
-    // The state entering this segment: the carried one through every earlier segment's map.
+    // h = the carried state through the maps of segments 0 .. `segments` (this lane's
+    // channel).
     let h = k.reg(Class::F32);
-    k.ins(format!("mov.f32 {h}, {h0};"));
     let sg = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {sg}, 0;"));
     let lane_at = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {lane_at}, {lane}, 8;"));
     k.ins(format!("add.u64 {lane_at}, {lane_at}, {maps};"));
-    k.strided(sg, segment, 1, &mut |k| {
-        let ma = k.reg(Class::B64);
-        k.ins(format!("mul.wide.u32 {ma}, {sg}, 256;"));
-        k.ins(format!("add.u64 {ma}, {ma}, {lane_at};"));
-        let (sa, sb) = (k.reg(Class::F32), k.reg(Class::F32));
-        k.ins(format!("ld.shared.v2.f32 {{{sa}, {sb}}}, [{ma}];"));
-        k.ins(format!("fma.rn.f32 {h}, {sa}, {h}, {sb};"));
-    });
+    let compose = |k: &mut Kernel, segments: String| {
+        k.ins(format!("mov.f32 {h}, {h0};"));
+        k.ins(format!("mov.u32 {sg}, 0;"));
+        k.strided(sg, segments, 1, &mut |k| {
+            let ma = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {ma}, {sg}, 256;"));
+            k.ins(format!("add.u64 {ma}, {ma}, {lane_at};"));
+            let (sa, sb) = (k.reg(Class::F32), k.reg(Class::F32));
+            k.ins(format!("ld.shared.v2.f32 {{{sa}, {sb}}}, [{ma}];"));
+            k.ins(format!("fma.rn.f32 {h}, {sa}, {h}, {sb};"));
+        });
+    };
+    // The state entering this segment: through every earlier segment's map.
+    compose(&mut k, segment.to_string());
 
     // Second pass: every h_t of the segment, gated, stored.
     k.ins(format!("mov.u32 {t}, {t0};"));
@@ -704,16 +709,7 @@ pub fn rg_lru_scan_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
     let done = k.label("done");
     k.leave_unless_below(segment, 1, &done);
     k.ins(format!("@!{mine} bra {done};"));
-    k.ins(format!("mov.f32 {h}, {h0};"));
-    k.ins(format!("mov.u32 {sg}, 0;"));
-    k.strided(sg, SCAN_SEGMENTS, 1, &mut |k| {
-        let ma = k.reg(Class::B64);
-        k.ins(format!("mul.wide.u32 {ma}, {sg}, 256;"));
-        k.ins(format!("add.u64 {ma}, {ma}, {lane_at};"));
-        let (sa, sb) = (k.reg(Class::F32), k.reg(Class::F32));
-        k.ins(format!("ld.shared.v2.f32 {{{sa}, {sb}}}, [{ma}];"));
-        k.ins(format!("fma.rn.f32 {h}, {sa}, {h}, {sb};"));
-    });
+    compose(&mut k, SCAN_SEGMENTS.to_string());
     k.ins(format!("st.global.f32 [{st_at}], {h};"));
     // The chunk's last K-1 inputs into their ring rows (inputs from before the chunk are
     // there already). The gates kernel has read the ring.
