@@ -937,8 +937,11 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
         ));
         for (row, score) in rows.iter().zip(&scores) {
             let qv = k.regs4(Class::F32);
+            // Coherent loads: q is the previous kernel's output, which may still be being
+            // written when this kernel starts (programmatic dependent launch), so not through
+            // the non-coherent cache even after the wait.
             k.ins(format!(
-                "ld.global.nc.v4.f32 {{{}, {}, {}, {}}}, [{}+{}];",
+                "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{}+{}];",
                 qv[0],
                 qv[1],
                 qv[2],

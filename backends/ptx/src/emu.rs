@@ -592,6 +592,14 @@ impl Memory {
             self.kernel_written
                 .resize(self.bytes.len().div_ceil(4), false);
         }
+        // The non-coherent cache is for data nothing writes while the kernel runs; with
+        // programmatic dependent launch the kernel before may still be writing when this one
+        // starts, so only weights and the host's inputs may be read through it.
+        if nc && self.kernel_written[words.clone()].iter().any(|&w| w) {
+            return err(format!(
+                "ld.global.nc at {addr:#x} of memory a kernel wrote (only weights and host inputs may go through the non-coherent cache)"
+            ));
+        }
         if !waited {
             if write {
                 return err(format!(
