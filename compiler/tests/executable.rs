@@ -11,25 +11,9 @@ use common::{
 };
 
 fn build(case: &str, out: &Path, extra: &[&str]) -> PathBuf {
-    let dir = golden_dir().join(case);
-    let mut args = vec![
-        "build",
-        dir.to_str().unwrap(),
-        "--target",
-        "cpu",
-        "-o",
-        out.to_str().unwrap(),
-        "--threads",
-        "2",
-    ];
-    args.extend_from_slice(extra);
-    let o = griffinc(&args);
-    assert!(
-        o.status.success(),
-        "build failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out.join(case)
+    let mut flags = vec!["--threads", "2"];
+    flags.extend_from_slice(extra);
+    common::build_executable(case, out, "cpu", &flags)
 }
 
 fn run(exe: &Path, args: &[&str]) -> Output {

@@ -51,19 +51,7 @@ fn succeeded(o: &Output) -> String {
 }
 
 fn build_cuda(case: &str, out: &Path, extra: &[&str]) -> PathBuf {
-    let dir = golden_dir().join(case);
-    let mut args = vec![
-        "build",
-        dir.to_str().unwrap(),
-        "--target",
-        "cuda",
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let o = common::griffinc(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    out.join(case)
+    common::build_executable(case, out, "cuda", extra)
 }
 
 #[test]

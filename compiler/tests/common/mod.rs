@@ -157,6 +157,33 @@ pub fn write_random_checkpoint_as(dir: &std::path::Path, config_json: &str, seed
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
 
+/// Builds golden case `case` into `out` for `target` (`cpu`, `cuda`) with `extra` flags;
+/// the executable's path.
+pub fn build_executable(
+    case: &str,
+    out: &std::path::Path,
+    target: &str,
+    extra: &[&str],
+) -> std::path::PathBuf {
+    let dir = golden_dir().join(case);
+    let mut args = vec![
+        "build",
+        dir.to_str().unwrap(),
+        "--target",
+        target,
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = griffinc(&args);
+    assert!(
+        o.status.success(),
+        "build failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out.join(case)
+}
+
 /// `o` failed as bad input must: exit 1, one line on stderr starting `error: ` and naming each
 /// of `parts`, nothing on stdout.
 pub fn fails_with(o: &std::process::Output, parts: &[&str]) {
