@@ -169,12 +169,29 @@ pub fn build_cuda_executable(
 ) -> Result<Built, RunError> {
     let fail = |m: String| RunError::Backend(m);
     let runner = runner_library()?;
-    let stage = progress::spinner("lowering", "the decode graph to PTX kernels");
+    let stage = progress::spinner("lowering", "the decode and prefill graphs to PTX kernels");
     let mut program = crate::gpu::lower(model, opts)?;
     drop(stage);
     let stage = progress::spinner("packing", "weights");
     let weights = crate::gpu::pack_weights(&mut program, model)?;
     drop(stage);
+    // What the executable will allocate on the device (`-v`), besides the weights.
+    let (_, arena) = program.plan.arena_layout(false);
+    let (_, arena_all_rows) = program.plan.arena_layout(true);
+    tracing::info!(
+        kernels = program.ptx.matches(".entry ").count(),
+        decode_launches = program.plan.launches.len(),
+        prefill_launches = program
+            .plan
+            .prefill
+            .as_ref()
+            .map_or(0, |p| p.launches.len()),
+        prefill_tokens = program.plan.prefill.as_ref().map_or(0, |p| p.max_tokens),
+        weight_bytes = weights.len(),
+        arena_bytes = arena,
+        every_row_logits_bytes = arena_all_rows - arena,
+        "GPU plan"
+    );
     if let Some(dir) = emit_ptx {
         write_ptx(dir, &program)?;
     }

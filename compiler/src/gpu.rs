@@ -933,8 +933,9 @@ fn rg_lru_work(spec: &RgLruSpec, per_token: bool) -> Work {
 /// on 132 SMs (28 SMs take two, the rest one: ~61% busy), at 2048, 320 blocks of 128 tokens
 /// (2 or 3 per SM: ~81%). Estimates, not measured.
 /// For the 2B shape at 512: a 31.5 MB arena of activations (pooled) and 524 MB for every
-/// row's logits; at 2048 about four times both (the logits, 2.1 GB, only where every row is
-/// asked for: `griffinc eval`, `--logits-out`). 512 until the first session of 2026-12-01.
+/// row's logits; at 2048 a 162.4 MB arena in all (activations, state, KV rings) and 2.10 GB of
+/// logits, allocated only where every row is asked for (`griffinc eval`, `--logits-out`).
+/// 512 until the first session of 2026-12-01.
 pub const PREFILL_CHUNK: u32 = 2048;
 
 /// Choices of the GPU lowering.

@@ -204,9 +204,25 @@ fn cuda_build_writes_an_executable_and_ptx_that_ptxas_accepts() {
         out.to_str().unwrap(),
         "--emit-ptx",
         ptx.to_str().unwrap(),
+        "-v",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
     assert!(out.join("tiny-text").is_file() && out.join("tiny-text.weights").is_file());
+    // -v says what the executable will allocate on the device.
+    let plan = log
+        .lines()
+        .find(|l| l.contains("GPU plan"))
+        .unwrap_or_else(|| panic!("no GPU plan line in {log}"));
+    for field in [
+        "kernels=",
+        "decode_launches=",
+        "prefill_tokens=2048",
+        "arena_bytes=",
+        "every_row_logits_bytes=4194304",
+    ] {
+        assert!(plan.contains(field), "{plan}");
+    }
     let module = ptx.join("module.ptx");
     let kernels = std::fs::read_dir(&ptx).unwrap().count();
     assert!(kernels > 5, "{kernels} files in --emit-ptx");

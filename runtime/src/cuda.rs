@@ -156,8 +156,6 @@ pub struct CudaExecutor {
     _module: Module,
 }
 
-const ALIGN: u64 = 256;
-
 /// A launch sequence as a CUDA graph: captured on first use; if capture fails (an old driver, a
 /// debugger), it runs as plain launches, which compute the same thing.
 enum Graph {
@@ -219,21 +217,9 @@ impl CudaExecutor {
         // SAFETY: the allocation holds weights.len() bytes.
         unsafe { cu::memcpy_htod_async(weights_mem.ptr, weights, stream.cu_stream()) }
             .map_err(|e| driver("uploading the weights", e))?;
-        // Every row's logits only where they can be asked for.
-        let unused = plan
-            .prefill
-            .as_ref()
-            .filter(|p| !all_rows && p.last_row.is_some())
-            .map(|p| p.logits);
-        // Every other buffer in one arena, 256-byte aligned.
-        let mut offsets = Vec::new();
-        let mut arena_bytes = 0u64;
-        for (i, b) in plan.buffers.iter().enumerate() {
-            offsets.push(arena_bytes);
-            if !matches!(b.kind, GpuBufferKind::Weight(_)) && unused != Some(i) {
-                arena_bytes += b.bytes.div_ceil(ALIGN) * ALIGN;
-            }
-        }
+        // Every other buffer in one arena (every row's logits only where they can be asked
+        // for).
+        let (offsets, arena_bytes) = plan.arena_layout(all_rows);
         let arena = DeviceMemory::new(&ctx, arena_bytes as usize)?;
         let mut addresses = Vec::new();
         for (i, b) in plan.buffers.iter().enumerate() {
@@ -249,9 +235,8 @@ impl CudaExecutor {
                     }
                     weights_mem.ptr + offset
                 }
-                // No launch that runs refers to it.
-                _ if unused == Some(i) => 0,
-                _ => arena.ptr + offsets[i],
+                // Left out of the arena: no launch that runs refers to it.
+                _ => offsets[i].map_or(0, |o| arena.ptr + o),
             });
         }
         // SAFETY: the arena holds arena_bytes bytes.
@@ -285,7 +270,7 @@ impl CudaExecutor {
             };
         let step_program = program("decode step", &plan.launches)?;
         let prefill_program = match &plan.prefill {
-            Some(p) if unused.is_none() => Some(program("prefill chunk", &p.launches)?),
+            Some(p) if offsets[p.logits].is_some() => Some(program("prefill chunk", &p.launches)?),
             _ => None,
         };
         let last_row = plan.prefill.as_ref().and_then(|p| p.last_row.as_ref());

@@ -123,6 +123,29 @@ impl GpuPlan {
         self.weights.vocab_size as usize
     }
 
+    /// Where each buffer other than the weights lies in one device arena (256-byte aligned),
+    /// and the arena's bytes. With `all_rows` false, the prefill chunk's buffer of every row's
+    /// logits is left out where a last-row program makes it unnecessary (generation); its
+    /// offset is then `None`, as are the weights'.
+    pub fn arena_layout(&self, all_rows: bool) -> (Vec<Option<u64>>, u64) {
+        let unused = self
+            .prefill
+            .as_ref()
+            .filter(|p| !all_rows && p.last_row.is_some())
+            .map(|p| p.logits);
+        let mut offsets = Vec::new();
+        let mut bytes = 0u64;
+        for (i, b) in self.buffers.iter().enumerate() {
+            if matches!(b.kind, GpuBufferKind::Weight(_)) || unused == Some(i) {
+                offsets.push(None);
+            } else {
+                offsets.push(Some(bytes));
+                bytes += b.bytes.div_ceil(POOL_ALIGN) * POOL_ALIGN;
+            }
+        }
+        (offsets, bytes)
+    }
+
     /// The byte range of each weight buffer in the packed weights.
     pub fn weight_range(&self, buffer: usize) -> Option<(u64, u64)> {
         match &self.buffers.get(buffer)?.kind {
