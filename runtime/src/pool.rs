@@ -189,7 +189,7 @@ mod tests {
     /// More threads than cores must not stall every job on spinning workers (their spin gives
     /// way): 300 jobs through a pool of 4× the cores take less than 100 times as long as through
     /// a pool of one thread per core, or 0.1 s (a ratio, not a duration, with a floor for a fast
-    /// baseline; without yielding it was 1.85 s against 0.1 ms).
+    /// baseline; without yielding it was 1.85 s against 0.1 ms), in one of three tries.
     #[test]
     fn oversubscribed_pools_still_make_progress() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -208,13 +208,22 @@ mod tests {
             }
             start.elapsed().as_secs_f64()
         };
-        let fitting = time(cores);
-        let over = time(4 * cores);
-        println!(
-            "300 jobs: {fitting:.4} s on {cores} threads, {over:.4} s on {}",
-            4 * cores
-        );
-        assert!(over < 100.0 * fitting.max(1e-3), "{over} s vs {fitting} s");
+        // Up to three tries: a machine busy with other work can stall one (a stalling pool
+        // fails every try).
+        let mut tries = Vec::new();
+        for _ in 0..3 {
+            let fitting = time(cores);
+            let over = time(4 * cores);
+            println!(
+                "300 jobs: {fitting:.4} s on {cores} threads, {over:.4} s on {}",
+                4 * cores
+            );
+            if over < 100.0 * fitting.max(1e-3) {
+                return;
+            }
+            tries.push((over, fitting));
+        }
+        panic!("300 jobs on 4x the cores vs one per core, (s, s) per try: {tries:?}");
     }
 
     /// Jobs after the workers fell asleep still run on every thread (no lost wake-up).
