@@ -423,3 +423,22 @@ fn generation_allocates_no_buffer_for_every_rows_logits() {
     succeeded(&o);
     assert_eq!(read_logits(&logits).0, vec![3, 512]);
 }
+
+#[test]
+fn a_gpu_older_than_hopper_is_a_one_line_error() {
+    // The kernels are PTX for sm_90: an A100 (8.0) is refused before any module load; a newer
+    // generation compiles the same PTX.
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let exe = build_cuda("tiny-f32", tmp.path(), &[]);
+    let run = |capability: &str| {
+        Command::new(&exe)
+            .args(["--ids", "2,3", "--max-new-tokens", "2", "--format", "ids"])
+            .env("LD_LIBRARY_PATH", &driver)
+            .env("EMUCUDA_COMPUTE_CAPABILITY", capability)
+            .output()
+            .unwrap()
+    };
+    fails_with(&run("8.0"), &["compute capability 8.0", "9.0 or newer"]);
+    succeeded(&run("10.0"));
+}

@@ -202,6 +202,16 @@ impl CudaExecutor {
     ) -> Result<CudaExecutor, RuntimeError> {
         probe()?;
         let ctx = CudaContext::new(0).map_err(|e| driver("opening GPU 0", e))?;
+        // The kernels are PTX for sm_90 (Hopper), which newer GPUs compile too; older ones
+        // would fail at loading with a less telling error.
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| driver("reading GPU 0's compute capability", e))?;
+        if major < 9 {
+            return Err(RuntimeError::Device(format!(
+                "GPU 0 has compute capability {major}.{minor}; griffinc's GPU kernels need 9.0 or newer (H100, H200)"
+            )));
+        }
         // One stream, synchronised by hand: no per-buffer events (they would also get in the
         // way of graph capture).
         // SAFETY: everything below runs on this one stream.

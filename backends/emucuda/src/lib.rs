@@ -300,6 +300,7 @@ pub unsafe extern "C" fn cuDeviceGet(device: *mut c_int, ordinal: c_int) -> CUre
 }
 
 /// Attributes of an H100/H200 (SXM) where a program might ask; 0 for the rest.
+/// `EMUCUDA_COMPUTE_CAPABILITY=M.N` pretends to be another GPU generation.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetAttribute(
     value: *mut c_int,
@@ -314,17 +315,28 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(
             1 => 1024,     // max threads per block
             2 | 5 => 1024, // max block dim x, y (z is 64)
             3 => 64,
-            8 => 48 * 1024,   // max shared memory per block
-            10 => 32,         // warp size
-            16 => 132,        // multiprocessors
-            75 => 9,          // compute capability major
-            76 => 0,          // minor
+            8 => 48 * 1024, // max shared memory per block
+            10 => 32,       // warp size
+            16 => 132,      // multiprocessors
+            75 => compute_capability().0,
+            76 => compute_capability().1,
             81 => 228 * 1024, // max shared memory per multiprocessor
             97 => 227 * 1024, // max shared memory per block, opt-in
             _ => 0,
         };
         put(value, v)
     })
+}
+
+/// The compute capability the stand-in reports: 9.0, or `EMUCUDA_COMPUTE_CAPABILITY`.
+fn compute_capability() -> (c_int, c_int) {
+    std::env::var("EMUCUDA_COMPUTE_CAPABILITY")
+        .ok()
+        .and_then(|v| {
+            let (major, minor) = v.split_once('.')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+        .unwrap_or((9, 0))
 }
 
 #[no_mangle]
