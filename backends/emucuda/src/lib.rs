@@ -21,7 +21,8 @@
 //! `EMUCUDA_FAIL_KERNEL=N` makes the Nth kernel run fail as a device fault would, and
 //! `EMUCUDA_NO_PDL=1` refuses programmatic dependent launches, for tests of the runtime's
 //! error and fallback paths; `EMUCUDA_ALLOCATE_UP_FRONT=1` fails any allocation after the
-//! first kernel ran.
+//! first kernel ran; `EMUCUDA_COMPUTE_CAPABILITY=M.N` reports another GPU generation (9.0
+//! otherwise).
 //!
 //! What it does not model: it is synchronous (every operation completes before its call
 //! returns, so it cannot catch a missing stream synchronisation), has one device and one
