@@ -86,6 +86,8 @@ struct Function {
     module: usize,
     name: String,
     params: usize,
+    /// Whether it has a `griddepcontrol.wait` (may be launched early).
+    waits: bool,
 }
 
 struct Event {
@@ -99,7 +101,7 @@ struct Event {
 #[derive(Default)]
 struct Driver {
     initialised: bool,
-    memory: Option<emu::Memory>,
+    memory: emu::Memory,
     /// Live allocations: start address -> bytes.
     allocations: BTreeMap<u64, usize>,
     modules: Vec<Option<emu::Module>>,
@@ -179,10 +181,6 @@ fn report(what: &str, e: impl std::fmt::Display) {
 }
 
 impl Driver {
-    fn memory(&mut self) -> &mut emu::Memory {
-        self.memory.get_or_insert_with(emu::Memory::new)
-    }
-
     /// Checks that `[at, at + bytes)` lies inside one live allocation.
     fn check_range(&self, at: u64, bytes: usize) -> Result<(), CUresult> {
         match self.allocations.range(..=at).next_back() {
@@ -208,12 +206,10 @@ impl Driver {
         Ok(())
     }
 
-    /// The stream a handle names; the null (legacy default) stream is index 0.
+    /// The stream a handle names; the null (legacy default) stream is index 0 (`cuInit`
+    /// creates it).
     fn stream(&mut self, h: Handle) -> Result<&mut Stream, CUresult> {
         if h.is_null() {
-            if self.streams.is_empty() {
-                self.streams.push(Some(Stream::default()));
-            }
             return self.streams[0].as_mut().ok_or(INVALID_HANDLE);
         }
         entry(&mut self.streams, h)
@@ -240,13 +236,12 @@ impl Driver {
             .get(f.module)
             .and_then(Option::as_ref)
             .ok_or(INVALID_HANDLE)?;
-        let memory = self.memory.get_or_insert_with(emu::Memory::new);
         let launch = emu::Launch {
             grid: l.grid,
             block: l.block,
             params: &l.params,
         };
-        match emu::run(module, &f.name, &launch, memory) {
+        match emu::run(module, &f.name, &launch, &mut self.memory) {
             Ok(instructions) => {
                 self.clock_ms += instructions as f64 * 1e-6;
                 Ok(())
@@ -268,6 +263,10 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
     }
     let mut d = driver();
     let d = d.get_or_insert_with(Driver::default);
+    if d.streams.is_empty() {
+        // Index 0 is the legacy default stream.
+        d.streams.push(Some(Stream::default()));
+    }
     d.initialised = true;
     d.fail_kernel = std::env::var("EMUCUDA_FAIL_KERNEL")
         .ok()
@@ -313,9 +312,10 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(
             return Err(INVALID_DEVICE);
         }
         let v = match attribute {
-            1 => 1024,     // max threads per block
-            2 | 5 => 1024, // max block dim x, y (z is 64)
-            3 => 64,
+            1 => 1024,      // max threads per block
+            2 | 3 => 1024,  // max block dim x, y
+            4 => 64,        // max block dim z
+            5 => i32::MAX,  // max grid dim x
             8 => 48 * 1024, // max shared memory per block
             10 => 32,       // warp size
             16 => 132,      // multiprocessors
@@ -453,11 +453,13 @@ pub unsafe extern "C" fn cuModuleGetFunction(
             .map_err(|_| NOT_FOUND)?;
         let index = (module as usize).checked_sub(1).ok_or(INVALID_HANDLE)?;
         let m = entry(&mut d.modules, module)?;
-        let params = m.function_named(name).map_err(|_| NOT_FOUND)?.param_count();
+        let f = m.function_named(name).map_err(|_| NOT_FOUND)?;
+        let (params, waits) = (f.param_count(), f.waits_for_earlier_kernels());
         d.functions.push(Function {
             module: index,
             name: name.to_string(),
             params,
+            waits,
         });
         put(function, handle(d.functions.len() - 1))
     })
@@ -475,7 +477,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> C
             report("cuMemAlloc", "an allocation after the first kernel ran");
             return Err(OUT_OF_MEMORY);
         }
-        let at = d.memory().alloc(&vec![0xFF; bytes]);
+        let at = d.memory.alloc(&vec![0xFF; bytes]);
         d.allocations.insert(at, bytes);
         put(ptr, at)
     })
@@ -498,7 +500,7 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
         d.check_copy(stream, dst, bytes, src.is_null())?;
         // SAFETY: the caller's buffer holds `bytes` bytes.
         let data = unsafe { std::slice::from_raw_parts(src.cast::<u8>(), bytes) };
-        d.memory().write_bytes(dst, data).map_err(|_| INVALID_VALUE)
+        d.memory.write_bytes(dst, data).map_err(|_| INVALID_VALUE)
     })
 }
 
@@ -521,7 +523,7 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
 ) -> CUresult {
     with(|d| {
         d.check_copy(stream, src, bytes, dst.is_null())?;
-        let data = d.memory().read(src, bytes).map_err(|_| INVALID_VALUE)?;
+        let data = d.memory.read(src, bytes).map_err(|_| INVALID_VALUE)?;
         // SAFETY: the caller's buffer holds `bytes` bytes.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.cast::<u8>(), bytes) };
         Ok(())
@@ -548,7 +550,7 @@ pub unsafe extern "C" fn cuMemsetD8Async(
     with(|d| {
         d.not_while_capturing(stream)?;
         d.check_range(dst, bytes)?;
-        d.memory()
+        d.memory
             .write_bytes(dst, &vec![value; bytes])
             .map_err(|_| INVALID_VALUE)
     })
@@ -574,10 +576,6 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamCreate(stream: *mut Handle, _flags: c_uint) -> CUresult {
     with(|d| {
-        if d.streams.is_empty() {
-            // Index 0 is the legacy default stream.
-            d.streams.push(Some(Stream::default()));
-        }
         d.streams.push(Some(Stream::default()));
         put(stream, handle(d.streams.len() - 1))
     })
@@ -716,16 +714,7 @@ unsafe fn launch(d: &mut Driver, r: LaunchRequest) -> Result<(), CUresult> {
     if r.early {
         // A kernel that may start before the one before it ends must wait for it before
         // touching what it writes; one that never waits would race it on a GPU.
-        let module = d
-            .modules
-            .get(f.module)
-            .and_then(Option::as_ref)
-            .ok_or(INVALID_HANDLE)?;
-        let waits = module
-            .function_named(&f.name)
-            .map_err(|_| INVALID_HANDLE)?
-            .waits_for_earlier_kernels();
-        if !waits {
+        if !f.waits {
             report(
                 &what,
                 "programmatic dependent launch of a kernel without griddepcontrol.wait",
