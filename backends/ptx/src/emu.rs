@@ -390,8 +390,9 @@ struct Shadow {
     /// The readers' block, `MANY` if they span blocks; the latest read's epoch.
     read_block: Vec<u32>,
     read_epoch: Vec<u32>,
-    /// Read through the non-coherent cache (`ld.global.nc`), which is only correct for data
-    /// nothing writes during the launch (a cached line would be stale).
+    /// Read through the non-coherent cache (`ld.global.nc`) in this launch: a later write
+    /// would leave the cached line stale. (An `.nc` read of what a kernel wrote, this launch
+    /// or before, is refused by `Memory::access`.)
     nc_read: Vec<bool>,
 }
 
@@ -464,9 +465,9 @@ impl Shadow {
                 self.reader[w] = 0;
                 self.nc_read[w] = false;
             }
-            if (nc && self.writer[w] != 0) || (write && self.nc_read[w]) {
+            if write && self.nc_read[w] {
                 return err(format!(
-                    "word {:#x} is both written and read through the non-coherent cache (ld.global.nc) in one launch",
+                    "word {:#x} is written after a read through the non-coherent cache (ld.global.nc) in one launch",
                     4 * w
                 ));
             }
@@ -1681,6 +1682,18 @@ mod tests {
         assert!(run_one_warp(&kernel("ld.global.u32"), 64).is_ok());
         let e = run_one_warp(&kernel("ld.global.nc.u32"), 64).unwrap_err();
         assert!(e.0.contains("non-coherent"), "{e}");
+        // Each thread reads p[i + 1] (written by no kernel), then, after a barrier (so no
+        // race), writes p[i]: thread i + 1's write lands on a word thread i read through the
+        // non-coherent cache in the same launch.
+        let write_after = |load: &str| {
+            format!(".visible .entry k(\n\t.param .u64 p\n)\n{{\n\t.reg .b32 %r<3>;\n\t.reg .b64 %rd<4>;\n\tld.param.u64 %rd0, [p];\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\t{load} %r1, [%rd2+4];\n\tbar.sync 0;\n\tst.global.u32 [%rd2], %r1;\n\tret;\n}}\n")
+        };
+        assert!(run_one_warp(&write_after("ld.global.u32"), 64).is_ok());
+        let e = run_one_warp(&write_after("ld.global.nc.u32"), 64).unwrap_err();
+        assert!(
+            e.0.contains("written after a read through the non-coherent"),
+            "{e}"
+        );
     }
 
     /// A kernel, its launch shape, and whether the interpreter reports a data race in it.
