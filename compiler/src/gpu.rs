@@ -864,10 +864,7 @@ fn projection_work(spec: &GemvSpec, per_token: bool, mma: u64) -> Work {
         } else {
             1
         };
-    let element = match spec.weights {
-        Storage::Bf16 => 2,
-        Storage::F32 => 4,
-    };
+    let element = spec.weights.bytes() as u64;
     let fixed = rows * spec.inputs as u64 * element + if spec.bias { 4 * rows } else { 0 };
     let outputs = if spec.residual { 2 } else { 1 } * spec.width as u64;
     let token_bytes = 4 * (spec.inputs as u64 + outputs);
@@ -899,11 +896,7 @@ fn rg_lru_work(spec: &RgLruSpec, per_token: bool) -> Work {
         (spec.channels / spec.blocks) as u64,
         spec.width as u64,
     );
-    let element = match spec.gates {
-        Storage::Bf16 => 2,
-        Storage::F32 => 4,
-    };
-    let fixed = 2 * c * b * element + 4 * c * k;
+    let fixed = 2 * c * b * spec.gates.bytes() as u64 + 4 * c * k;
     let flops = 2 * 2 * c * b + 2 * c * k;
     if per_token {
         // x in, a and b out.

@@ -482,11 +482,7 @@ const PREFETCH_BYTES: u32 = 2048;
 /// width`, the up row, with GeGLU): one 128-byte line per lane. Costs no registers past its
 /// own, and the loads that follow find the lines in L2 instead of waiting on DRAM.
 fn prefetch_rows(k: &mut Kernel, spec: &GemvSpec, w: Reg, row: Reg, lane: Reg) {
-    let elem = match spec.weights {
-        Storage::Bf16 => 2,
-        Storage::F32 => 4,
-    };
-    let row_bytes = spec.inputs * elem;
+    let row_bytes = spec.inputs * spec.weights.bytes();
     let lines = row_bytes.min(PREFETCH_BYTES).div_ceil(128);
     let skip = k.label("no_prefetch");
     k.leave_unless_below(row, spec.width, &skip);

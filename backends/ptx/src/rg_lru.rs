@@ -12,6 +12,16 @@ pub enum Storage {
     Bf16,
 }
 
+impl Storage {
+    /// Bytes of one element.
+    pub fn bytes(self) -> u32 {
+        match self {
+            Storage::F32 => 4,
+            Storage::Bf16 => 2,
+        }
+    }
+}
+
 /// `base[index]` as f32, widening bf16.
 pub fn load_weight(k: &mut Kernel, storage: Storage, base: Reg, index: Reg) -> Reg {
     let off = k.reg(Class::B64);
