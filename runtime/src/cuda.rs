@@ -259,11 +259,20 @@ impl CudaExecutor {
                     .map_err(|e| driver("uploading constants", e))?;
             }
         }
-        let params_of = |l: &GpuLaunch| -> Vec<u64> {
-            l.args
+        // Each launch's parameters as device addresses, checked once here against the array
+        // `launch` passes them in.
+        let params_of = |l: &GpuLaunch| -> Result<Vec<u64>, RuntimeError> {
+            if l.args.len() > MAX_PARAMS {
+                return Err(RuntimeError::Plan(format!(
+                    "kernel `{}`: {} parameters, at most {MAX_PARAMS}",
+                    l.kernel,
+                    l.args.len()
+                )));
+            }
+            Ok(l.args
                 .iter()
                 .map(|a| addresses[a.buffer] + a.offset)
-                .collect()
+                .collect())
         };
         let program =
             |name: &'static str, launches: &[GpuLaunch]| -> Result<Program, RuntimeError> {
@@ -274,7 +283,10 @@ impl CudaExecutor {
                         .iter()
                         .map(|l| module.kernel(&l.kernel))
                         .collect::<Result<Vec<_>, _>>()?,
-                    params: launches.iter().map(params_of).collect(),
+                    params: launches
+                        .iter()
+                        .map(params_of)
+                        .collect::<Result<Vec<_>, _>>()?,
                     graph: std::cell::RefCell::new(Graph::NotYet),
                 })
             };
@@ -288,7 +300,7 @@ impl CudaExecutor {
             Some(l) => Some(program("prefill chunk (last row)", &l.launches)?),
             None => None,
         };
-        let argmax_params = params_of(&plan.argmax);
+        let argmax_params = params_of(&plan.argmax)?;
         stream
             .synchronize()
             .map_err(|e| driver("setting up the device", e))?;
@@ -322,15 +334,9 @@ impl CudaExecutor {
         params: &[u64],
         early: bool,
     ) -> Result<(), RuntimeError> {
-        let what = || format!("launching `{}`", l.kernel);
-        if params.len() > MAX_PARAMS {
-            return Err(RuntimeError::Plan(format!(
-                "{}: {} parameters, at most {MAX_PARAMS}",
-                what(),
-                params.len()
-            )));
-        }
-        // The driver reads each parameter through a pointer to it.
+        // At most MAX_PARAMS: checked when the programs were resolved. The driver reads each
+        // parameter through a pointer to it.
+        debug_assert!(params.len() <= MAX_PARAMS);
         let mut args = [std::ptr::null_mut::<c_void>(); MAX_PARAMS];
         for (a, p) in args.iter_mut().zip(params) {
             *a = (p as *const u64).cast_mut().cast();
@@ -357,7 +363,7 @@ impl CudaExecutor {
         // `params` outlive the call (the driver copies them).
         unsafe { sys::cuLaunchKernelEx(&config, kernel.0, args.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
-            .map_err(|e| driver(&what(), e))
+            .map_err(|e| driver(&format!("launching `{}`", l.kernel), e))
     }
 
     fn launch_all(&self, p: &Program, early: bool) -> Result<(), RuntimeError> {
