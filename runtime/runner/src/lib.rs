@@ -405,11 +405,19 @@ fn run() -> Result<(), String> {
         args.ids = ids;
     }
     let control = [plan.bos_token_id, plan.eos_token_id, plan.pad_token_id];
+    let gpu = embedded_gpu()?;
+    // Before any weights are read.
+    if args.profile && gpu.is_none() {
+        return Err(
+            "--profile times GPU kernels: this executable was built for the CPU (build with --target cuda)"
+                .into(),
+        );
+    }
     let weights = match (embedded_weights(), &args.weights) {
         (Some(data), None) => Weights::from_static(data),
         _ => Weights::open(&weights_path, &plan.weights_hash).map_err(|e| e.to_string())?,
     };
-    let mut exec = match embedded_gpu()? {
+    let mut exec = match gpu {
         Some((gpu_plan, ptx)) => Engine::Cuda(
             // Every row's logits only for --logits-out.
             if args.logits_out.is_some() {
@@ -429,13 +437,7 @@ fn run() -> Result<(), String> {
         }
     };
     exec.check_ids(&args.ids)?;
-    if args.profile && matches!(exec, Engine::Cpu(_)) {
-        return Err(
-            "--profile times GPU kernels: this executable was built for the CPU (build with --target cuda)"
-                .into(),
-        );
-    }
-    // The GPU runs a prompt token by token and reads back only the last logits: one chunk.
+    // The GPU engine cuts a prompt into its own prefill chunks (`rows`, `last`): one call.
     let chunk = match &exec {
         Engine::Cpu(_) => cpu_chunk,
         Engine::Cuda(_) => usize::MAX,
