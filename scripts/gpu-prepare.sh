@@ -14,7 +14,7 @@ py=${REFERENCE_PYTHON:-python3}
 carry=target/gpu-stage
 rm -rf "$carry" target/gpu-carry && mkdir -p "$carry/golden" "$carry/2b" target/gpu-carry
 cargo build --release --workspace --locked -q
-for case in tiny-f32 tiny-bf16-sharded tiny-text gen-h3-bf16; do
+for case in tiny-f32 tiny-bf16-sharded tiny-text gen-h3-bf16 gen-b64-bf16; do
   target/release/griffinc build "tests/golden/$case" --target cuda --embed-weights --name griffin -o "$carry/golden/$case"
   cp "tests/golden/$case/expected.safetensors" "tests/golden/$case/case.json" "$carry/golden/$case/"
 done

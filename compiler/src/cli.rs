@@ -143,7 +143,7 @@ pub struct CompileArgs {
     /// Storage dtype of packed weights.
     #[arg(long, value_enum, default_value_t = WeightsChoice::Stored)]
     pub weights_dtype: WeightsChoice,
-    /// GPU: run prefill projections on CUDA cores instead of tensor cores.
+    /// GPU: run prefill projections and RG-LRU gates on CUDA cores instead of tensor cores.
     #[arg(long)]
     pub no_tensor_cores: bool,
     /// GPU: how tensor-core projections take their f32 inputs: `split` (hi + lo bf16 halves,

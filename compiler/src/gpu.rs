@@ -18,10 +18,10 @@ use griffin_backend_ptx::attention::{
 use griffin_backend_ptx::emu;
 use griffin_backend_ptx::gemv::{gemv, grid, Epilogue as GemvEpilogue, GemvSpec, WARPS_PER_BLOCK};
 use griffin_backend_ptx::misc::{argmax, gather, ARGMAX_THREADS, GATHER_BLOCK};
-pub use griffin_backend_ptx::prefill::TcInputs;
 use griffin_backend_ptx::rg_lru::{
     block_size, rg_lru_step, step_block, step_grid, RgLruSpec, Storage,
 };
+pub use griffin_backend_ptx::tc::TcInputs;
 use griffin_ir::{DType, Epilogue, Graph, InputRole, NodeId, Op, OutputRole, Value};
 use griffin_runtime::gpu_plan::{
     Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GpuPrefill, LastRow, Work, GPU_PLAN_VERSION,
@@ -292,8 +292,11 @@ impl Lowering<'_> {
         };
         // Prefill: the gates of every token in parallel, then the scan over their coefficients.
         use griffin_backend_ptx::prefill::{
-            rg_lru_gates_grid, rg_lru_gates_tokens, rg_lru_scan_grid, rg_lru_scan_tokens,
-            SCAN_BLOCK,
+            elementwise_grid, rg_lru_conv_tokens, rg_lru_gates_grid, rg_lru_gates_tokens,
+            rg_lru_scan_grid, rg_lru_scan_tokens, NORM_BLOCK, SCAN_BLOCK,
+        };
+        use griffin_backend_ptx::tc::{
+            gates_fit_tensor_cores, gates_tc_grid, gates_tc_token_warps, rg_lru_gates_tc, tc_block,
         };
         let count = self.count_arg()?;
         let coefficients = 4 * (max_tokens * spec.channels) as u64;
@@ -305,17 +308,65 @@ impl Lowering<'_> {
             name: format!("{name}_gates"),
             ..spec.clone()
         };
-        let mut args = vec![count, input, self.position_arg()?, window];
-        args.extend(weights);
-        args.extend([a, b]);
-        self.launch(
-            gates.name.clone(),
-            rg_lru_gates_tokens(&gates),
-            rg_lru_gates_grid(&spec, max_tokens),
-            block_size(&spec),
-            args,
-        )
-        .work = rg_lru_work(&spec, true);
+        let position = self.position_arg()?;
+        if self.tensor_cores && gates_fit_tensor_cores(&spec) {
+            // The conv alone into [T, C], then both gates as one block-diagonal product on
+            // tensor cores, finished into the coefficients.
+            let conv_out = Arg {
+                buffer: self.buffer(GpuBufferKind::Activation, coefficients),
+                offset: 0,
+            };
+            let conv = RgLruSpec {
+                name: format!("{name}_conv"),
+                ..spec.clone()
+            };
+            let mut args = vec![count, input, position, window];
+            args.extend_from_slice(&weights[..2]);
+            args.push(conv_out);
+            let (c, k) = (spec.channels as u64, spec.width as u64);
+            self.launch(
+                conv.name.clone(),
+                rg_lru_conv_tokens(&conv),
+                elementwise_grid(max_tokens * spec.channels, NORM_BLOCK),
+                NORM_BLOCK,
+                args,
+            )
+            .work = Work {
+                bytes: 4 * c * (2 * k + 1),
+                bytes_per_token: 4 * 2 * c,
+                flops_per_token: 2 * c * k,
+                ..Work::default()
+            };
+            let token_warps = gates_tc_token_warps(&spec, max_tokens);
+            let mut args = vec![count, conv_out, position];
+            args.extend_from_slice(&weights[2..]);
+            args.extend([a, b]);
+            let tc_work = rg_lru_work(&spec, true);
+            self.launch(
+                gates.name.clone(),
+                rg_lru_gates_tc(&gates, self.tc_inputs, token_warps),
+                gates_tc_grid(&spec, max_tokens, token_warps),
+                tc_block(token_warps),
+                args,
+            )
+            .work = Work {
+                bytes: tc_work.bytes - 4 * c * k,
+                flops_per_token: tc_work.flops_per_token - 2 * c * k,
+                ..tc_work
+            };
+        } else {
+            let mut args = vec![count, input, position, window];
+            args.extend(weights);
+            args.extend([a, b]);
+            self.launch(
+                gates.name.clone(),
+                rg_lru_gates_tokens(&gates),
+                rg_lru_gates_grid(&spec, max_tokens),
+                block_size(&spec),
+                args,
+            )
+            .work = rg_lru_work(&spec, true);
+        }
         let mut args = vec![count, input, self.position_arg()?, window, state, a, b];
         args.extend(y);
         args.push(out);
@@ -471,8 +522,11 @@ impl Lowering<'_> {
             rotate_tokens_threads, write_ring_tokens,
         };
         use griffin_backend_ptx::prefill::{
-            elementwise_grid, gather_tokens, gemm_tokens_split, gemm_tokens_tc, norm_tokens_grid,
-            rms_norm_tokens, tc_block, tc_grid, tc_token_warps, tensor_cores_fit, NORM_BLOCK,
+            elementwise_grid, gather_tokens, gemm_tokens_split, norm_tokens_grid, rms_norm_tokens,
+            NORM_BLOCK,
+        };
+        use griffin_backend_ptx::tc::{
+            gemm_tokens_tc, tc_block, tc_grid, tc_token_warps, tensor_cores_fit,
         };
         let g = self.g;
         let x = g.operands(id);

@@ -49,7 +49,7 @@ fn golden_cases_through_the_ptx_kernels() {
 fn prefill_chunks_and_decode_steps_compute_the_same_function() {
     // Chunks of 5 (several per prompt, some shorter than the attention window, a last one
     // partial), then the stepwise split of the golden case: prefill T-S, then S decode steps.
-    for case in ["tiny-f32", "gen-h3-bf16"] {
+    for case in ["tiny-f32", "gen-h3-bf16", "gen-b64-bf16"] {
         let e = expected(case);
         let model = Model::load(&golden_dir().join(case)).unwrap();
         for chunk in [Some(5), None] {
@@ -392,7 +392,7 @@ fn bf16_prefill_projections_use_tensor_cores_unless_told_not_to() {
 /// 0.02 bound, which is why the default stays `split`).
 #[test]
 fn bf16_tensor_core_inputs_round_the_inputs_within_the_bf16_bound() {
-    use griffin_backend_ptx::prefill::TcInputs;
+    use griffin_backend_ptx::tc::TcInputs;
     use griffinc::gpu::{lower, GpuOptions};
     let case = "tiny-bf16-sharded";
     let e = expected(case);
@@ -449,5 +449,24 @@ fn long_chunks_on_tensor_cores_equal_the_interpreter() {
         let diff = max_abs_diff(got.floats(), want.floats());
         println!("chunk {chunk}: max |diff| = {diff:e}");
         assert!(diff <= 1e-4, "chunk {chunk}: max |diff| {diff}");
+    }
+}
+
+/// The RG-LRU's gates go to tensor cores where its gate blocks are bf16 and 64 channels wide or
+/// more (gen-b64-bf16: 2 blocks of 64; the golden test above then checks their numbers), and
+/// stay on CUDA cores where they are not (gen-h3-bf16: blocks of 16).
+#[test]
+fn rg_lru_gates_run_on_tensor_cores_where_their_blocks_fit() {
+    for (case, fits) in [("gen-b64-bf16", true), ("gen-h3-bf16", false)] {
+        let model = Model::load(&golden_dir().join(case)).unwrap();
+        let engine = EmuEngine::with_prefill_chunk(&model, Some(5)).unwrap();
+        let kernels = &engine.program().kernels;
+        // Only the gates read their weights transposed (`ldmatrix.trans`).
+        let transposed = kernels
+            .values()
+            .filter(|ptx| ptx.contains("ldmatrix.sync.aligned.m8n8.x4.trans"))
+            .count();
+        let convs = kernels.keys().filter(|k| k.ends_with("_conv")).count();
+        assert_eq!((transposed > 0, convs > 0), (fits, fits), "{case}");
     }
 }

@@ -909,10 +909,12 @@ fn aligned(addr: u64, width: usize) -> Result<(), EmuError> {
     Ok(())
 }
 
-/// `ldmatrix.sync.aligned.m8n8.xN.shared.b16 {r0..}, [addr]` (N = 1, 2, 4, not transposed):
-/// lanes 8m..8m+7 give the shared addresses of the 8 rows (16 bytes each) of matrix m, and
-/// register r_m of lane L receives the 32 bits at row L / 4, bytes 4·(L % 4) of matrix m, as the
-/// PTX ISA's "Warp-level matrix load instruction: ldmatrix" lays them out.
+/// `ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16 {r0..}, [addr]` (N = 1, 2, 4): lanes
+/// 8m..8m+7 give the shared addresses of the 8 rows (16 bytes each) of matrix m, and register
+/// r_m of lane L receives the 32 bits at row L / 4, bytes 4·(L % 4) of matrix m; with `.trans`,
+/// the matrix's transpose: the 16-bit elements at (row 2·(L % 4), column L / 4) in its low half
+/// and (row 2·(L % 4) + 1, column L / 4) in its high half, as the PTX ISA's "Warp-level matrix
+/// load instruction: ldmatrix" lays them out.
 fn ldmatrix(
     ins: &Instr,
     warp: &mut [Thread],
@@ -930,12 +932,10 @@ fn ldmatrix(
         Some("x4") => 4,
         _ => return err(format!("`{}`: ldmatrix .x1, .x2 or .x4 expected", ins.line)),
     };
-    if ins.op.iter().any(|m| m == "trans") || !ins.op.iter().any(|m| m == "shared") {
-        return err(format!(
-            "`{}`: only shared, non-transposed ldmatrix is emulated",
-            ins.line
-        ));
+    if !ins.op.iter().any(|m| m == "shared") {
+        return err(format!("`{}`: only shared ldmatrix is emulated", ins.line));
     }
+    let transposed = ins.op.iter().any(|m| m == "trans");
     if warp.len() != 32 {
         return err(format!("`{}`: a whole warp must take part", ins.line));
     }
@@ -967,11 +967,22 @@ fn ldmatrix(
     for m in 0..count {
         for (lane, w) in words.iter_mut().enumerate() {
             // Each row is read by the lane that gave its address.
-            let giver = 8 * m + lane / 4;
-            let row = row_address(giver)?;
-            let at = row + 4 * (lane % 4);
             let mut b = [0u8; 8];
-            b[..4].copy_from_slice(shared.read(at as u64, 4, who(giver))?);
+            if transposed {
+                for half in 0..2 {
+                    let giver = 8 * m + 2 * (lane % 4) + half;
+                    let at = row_address(giver)? + 2 * (lane / 4);
+                    b[2 * half..2 * half + 2].copy_from_slice(shared.read(
+                        at as u64,
+                        2,
+                        who(giver),
+                    )?);
+                }
+            } else {
+                let giver = 8 * m + lane / 4;
+                let at = row_address(giver)? + 4 * (lane % 4);
+                b[..4].copy_from_slice(shared.read(at as u64, 4, who(giver))?);
+            }
             w[m] = u64::from_le_bytes(b);
         }
     }
@@ -1610,6 +1621,27 @@ mod tests {
             for matrix in 0..4u32 {
                 // Row (matrix, lane / 4) is stored at row slot (lane / 4) · 4 + matrix.
                 let want = ((lane / 4) * 4 + matrix) * 4 + lane % 4;
+                assert_eq!(
+                    got[(lane * 4 + matrix) as usize],
+                    want,
+                    "lane {lane} matrix {matrix}"
+                );
+            }
+        }
+    }
+
+    /// With `.trans` each lane receives a column pair of the matrix: register m of lane L holds
+    /// elements (2·(L % 4), L / 4) and (2·(L % 4) + 1, L / 4) of matrix m. Row slot s holds the
+    /// 16-bit elements 8s..8s+7, rows interleaved as above.
+    #[test]
+    fn ldmatrix_trans_distributes_columns_as_the_isa_says() {
+        let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.shared .align 16 .b8 s[512];\n\t.reg .b32 %r<20>;\n\t.reg .b64 %rd<8>;\n\tld.param.u64 %rd0, [out];\n\tcvta.to.global.u64 %rd1, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tshl.b32 %r1, %r0, 3;\n\tmad.lo.u32 %r12, %r1, 65537, 65536;\n\tadd.u32 %r2, %r12, 131074;\n\tadd.u32 %r3, %r12, 262148;\n\tadd.u32 %r4, %r12, 393222;\n\tmul.wide.u32 %rd3, %r0, 16;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.v4.b32 [%rd4], {%r12, %r2, %r3, %r4};\n\tbar.sync 0;\n\tand.b32 %r5, %r0, 7;\n\tshr.u32 %r6, %r0, 3;\n\tmad.lo.u32 %r7, %r5, 4, %r6;\n\tmul.wide.u32 %rd3, %r7, 16;\n\tadd.u64 %rd5, %rd2, %rd3;\n\tldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%r8, %r9, %r10, %r11}, [%rd5];\n\tmul.wide.u32 %rd3, %r0, 16;\n\tadd.u64 %rd6, %rd1, %rd3;\n\tst.global.v4.u32 [%rd6], {%r8, %r9, %r10, %r11};\n\tret;\n}\n";
+        let got = run_one_warp(ptx, 128).unwrap();
+        let element = |matrix: u32, row: u32, col: u32| (row * 4 + matrix) * 8 + col;
+        for lane in 0..32u32 {
+            for matrix in 0..4u32 {
+                let (row, col) = (2 * (lane % 4), lane / 4);
+                let want = element(matrix, row, col) | element(matrix, row + 1, col) << 16;
                 assert_eq!(
                     got[(lane * 4 + matrix) as usize],
                     want,

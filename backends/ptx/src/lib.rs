@@ -14,6 +14,7 @@ pub mod math;
 pub mod misc;
 pub mod prefill;
 pub mod rg_lru;
+pub mod tc;
 
 /// A module of kernels: the header, then each kernel.
 pub fn module(kernels: &[String]) -> String {

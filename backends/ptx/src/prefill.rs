@@ -23,17 +23,20 @@ use crate::rg_lru::{addr4, Storage};
 pub const TOKEN_GROUP: u32 = 8;
 pub const NORM_BLOCK: u32 = 256;
 
+/// SMs of the GPU grids are shaped for (H100 and H200 SXM).
+pub(crate) const TARGET_SMS: u32 = 132;
+
 /// The parameters of a chunk projection, in order: count `i32[1]`, x `f32[T, I]`, w, [bias],
 /// [residual], one output per split part (`splits`, or the whole width).
-struct ProjectionParams<'a> {
-    count: Reg,
-    x: Reg,
-    w: Reg,
-    outputs: Outputs<'a>,
+pub(crate) struct ProjectionParams<'a> {
+    pub count: Reg,
+    pub x: Reg,
+    pub w: Reg,
+    pub outputs: Outputs<'a>,
 }
 
 impl<'a> ProjectionParams<'a> {
-    fn declare(k: &mut Kernel, spec: &'a GemvSpec, splits: &[u32]) -> ProjectionParams<'a> {
+    pub fn declare(k: &mut Kernel, spec: &'a GemvSpec, splits: &[u32]) -> ProjectionParams<'a> {
         let parts = output_parts(spec, splits);
         let count = k.param_ptr("count");
         let x = k.param_ptr("x");
@@ -131,7 +134,7 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
 }
 
 /// Where a chunk projection's results go and what finishes them.
-struct Outputs<'a> {
+pub(crate) struct Outputs<'a> {
     spec: &'a GemvSpec,
     /// Output widths of the split parts, in order.
     parts: Vec<u32>,
@@ -143,7 +146,7 @@ struct Outputs<'a> {
 /// Finishes the result of (token `t`, output column `col`) from its accumulator(s) `vals`
 /// (gate and up for GeGLU) and stores it: bias, the epilogue, the residual (in the unsplit
 /// layout), then the split output the column falls in.
-fn finish_token(k: &mut Kernel, o: &Outputs, mut vals: Vec<Reg>, t: Reg, col: Reg) {
+pub(crate) fn finish_token(k: &mut Kernel, o: &Outputs, mut vals: Vec<Reg>, t: Reg, col: Reg) {
     let spec = o.spec;
     if let Some(b) = o.bias {
         let mut row = col;
@@ -399,6 +402,55 @@ fn rg_input(
     let v = k.reg(Class::F32);
     k.ins(format!("ld.global.f32 {v}, [{at}];"));
     v
+}
+
+/// The RG-LRU's temporal convolution over a chunk, alone (where `rg_lru_gates_tc` then takes
+/// the gates on tensor cores): `conv[t, j] = bias[j] + Σ_k w[j, k] · x[t - (K-1-k), j]`, inputs
+/// before the chunk from the window's ring, taps before the document's first position zero.
+/// The window is only read.
+///
+/// Parameters: count `i32[1]`, x `f32[T, C]`, start `i32[1]`, window `f32[K, C]` (a ring), conv
+/// w `[C, K]`, conv bias, conv `f32[T, C]`. Launch: `elementwise_grid(T_max · C, NORM_BLOCK)`
+/// blocks of `NORM_BLOCK`.
+pub fn rg_lru_conv_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
+    use crate::rg_lru::load_weight;
+    let (c, kk) = (s.channels, s.width);
+    let mut k = Kernel::new(&s.name);
+    let count = k.param_ptr("count");
+    let x = k.param_ptr("x");
+    let start = k.param_ptr("start");
+    let window = k.param_ptr("window");
+    let conv_w = k.param_ptr("conv_w");
+    let conv_b = k.param_ptr("conv_b");
+    let out = k.param_ptr("conv");
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let p0 = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {p0}, [{start}];"));
+    let elements = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {elements}, {n}, {c};"));
+    k.grid_stride(NORM_BLOCK, elements, &mut |k, e, _| {
+        let (t, j) = (k.reg(Class::B32), k.reg(Class::B32));
+        k.ins(format!("div.u32 {t}, {e}, {c};"));
+        k.ins(format!("rem.u32 {j}, {e}, {c};"));
+        let p = k.reg(Class::B32);
+        k.ins(format!("add.u32 {p}, {p0}, {t};"));
+        let acc = load_weight(k, s.conv, conv_b, j);
+        for tap in 0..kk {
+            let back = kk - 1 - tap;
+            let wi = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {wi}, {j}, {kk}, {tap};"));
+            let w = load_weight(k, s.conv, conv_w, wi);
+            let v = rg_input(k, x, window, j, t, p, back, c, kk);
+            // Taps before the document's first position read nothing (zero padding).
+            let valid = k.reg(Class::Pred);
+            k.ins(format!("setp.ge.s32 {valid}, {p}, {back};"));
+            k.ins(format!("@{valid} fma.rn.f32 {acc}, {w}, {v}, {acc};"));
+        }
+        let oa = addr4(k, out, e);
+        k.ins(format!("st.global.f32 [{oa}], {acc};"));
+    });
+    k.finish()
 }
 
 /// The RG-LRU over a chunk, first half: everything that does not depend on the recurrence,
@@ -804,514 +856,5 @@ pub fn last_row(name: &str, width: u32) -> String {
     let oa = addr4(&mut k, out, c);
     k.ins(format!("st.global.f32 [{oa}], {v};"));
     k.place(&done);
-    k.finish()
-}
-
-/// Warps of a `gemm_tokens_tc` block across its output columns.
-const TC_COLUMN_WARPS: u32 = 4;
-
-/// SMs of the GPU the grid is shaped for (H100 and H200 SXM).
-const TARGET_SMS: u32 = 132;
-
-/// Warps of a `gemm_tokens_tc` block across its tokens, 64 tokens each: two where the grid
-/// still has two blocks per SM of the target GPU, else one. With two, the block's weight tile
-/// serves 128 tokens, so each byte it stages from L2 feeds twice the MMAs (~87 FLOP per byte of
-/// L2 traffic against ~64: at ~700 TFLOP/s of `mma.sync` the L2 would otherwise bound it); the
-/// 2B model's narrow projections (2560 outputs: 20 column blocks) keep 64-token blocks so
-/// their grid fills the GPU.
-pub fn tc_token_warps(spec: &GemvSpec, max_tokens: u32) -> u32 {
-    if tc_column_blocks(spec) * max_tokens.div_ceil(128) >= 2 * TARGET_SMS {
-        2
-    } else {
-        1
-    }
-}
-
-/// Threads per block of `gemm_tokens_tc` with `token_warps` warps across its tokens.
-pub fn tc_block(token_warps: u32) -> u32 {
-    32 * TC_COLUMN_WARPS * token_warps
-}
-
-/// Output columns a warp of `gemm_tokens_tc` owns, in tiles of 8: each input fragment (the
-/// costly part: loaded as f32 and split into two bf16 halves) feeds that many MMAs. GeGLU
-/// reads two weight rows per column, so half as many.
-pub fn tc_column_tiles(spec: &GemvSpec) -> u32 {
-    if spec.epilogue == Epilogue::GeGlu {
-        2
-    } else {
-        4
-    }
-}
-
-/// Whether `gemm_tokens_tc` takes this projection: bf16 weights, inputs a multiple of 16,
-/// output width and every split part multiples of 8.
-pub fn tensor_cores_fit(spec: &GemvSpec, splits: &[u32]) -> bool {
-    spec.weights == Storage::Bf16
-        && spec.norm.is_none()
-        && spec.inputs % 16 == 0
-        && spec.width % 8 == 0
-        && splits.iter().all(|p| p % 8 == 0)
-}
-
-/// Thread blocks for `gemm_tokens_tc` over chunks of up to `max_tokens`: one per (block of
-/// output columns, group of 64 · `token_warps` tokens), a warp per `8 · tc_column_tiles`
-/// output columns. The kernel reads the group count off the grid, so it must be launched with
-/// exactly this many.
-pub fn tc_grid(spec: &GemvSpec, max_tokens: u32, token_warps: u32) -> u32 {
-    tc_column_blocks(spec) * max_tokens.div_ceil(64 * token_warps)
-}
-
-/// Output columns a block of `gemm_tokens_tc` computes: `tc_column_tiles` tiles of 8 for each
-/// of its column warps.
-fn tc_block_columns(spec: &GemvSpec) -> u32 {
-    8 * tc_column_tiles(spec) * TC_COLUMN_WARPS
-}
-
-/// Blocks of `gemm_tokens_tc` across the output columns.
-fn tc_column_blocks(spec: &GemvSpec) -> u32 {
-    spec.width.div_ceil(tc_block_columns(spec))
-}
-
-/// How many k-steps ahead of its loads `gemm_tokens_tc` asks L2 for weight rows.
-const PREFETCH_STEPS: u32 = 8;
-
-/// Bytes between rows of a shared-memory tile of `gemm_tokens_tc`: 16 bf16 (one k-step) and 16
-/// bytes of padding, so the 8 rows an `ldmatrix` reads fall in 8 different groups of 4 banks.
-const TC_ROW: u32 = 48;
-
-/// `ldmatrix.x4` with this lane's row address at `at + imm` in shared memory (`at` a 64-bit
-/// shared address): four 8×8 bf16 matrices, one register each.
-fn ldmatrix_x4(k: &mut Kernel, at: Reg, imm: u32) -> [Reg; 4] {
-    let r = k.regs4(Class::B32);
-    k.ins(format!(
-        "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}, {}, {}, {}}}, [{at}+{imm}];",
-        r[0], r[1], r[2], r[3]
-    ));
-    r
-}
-
-/// How `gemm_tokens_tc` gives its f32 inputs to bf16 MMAs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum TcInputs {
-    /// `x = hi + lo`, both bf16, two MMAs per tile: about 16 bits of each input (the golden
-    /// cases hold the f32 tolerance).
-    #[default]
-    Split,
-    /// x rounded to bf16, one MMA per tile: half the MMAs and input staging, inputs to 8 bits
-    /// as in the reference's own bf16 run (the 4-layer golden case then differs from the
-    /// float64 reference by 2.4e-2, past the 0.02 bound; measured in the interpreter).
-    Bf16,
-}
-
-/// The chunk projection on tensor cores: `mma.sync.m16n8k16` with bf16 weights and f32
-/// accumulation. A block of 8 warps computes 128 output columns (64 with GeGLU, whose gate and
-/// up rows make 128 weight rows) for one group of up to 128 tokens of the chunk: 4 warps
-/// across the columns, 2 across the tokens (64 each). Per k-step of 16 the block stages its
-/// inputs, split once into bf16 hi and lo halves (`x = hi + lo`, so the product keeps about 16
-/// bits of each f32 input; or rounded, `TcInputs::Bf16`), and its weight rows in shared memory
-/// (two buffers: the next step's global loads are in flight while this one computes); each
-/// warp takes its fragments with `ldmatrix` and runs 4 token tiles × 4 column tiles × 2 halves
-/// = 32 MMAs; `token_warps` (1 or 2, `tc_token_warps`) warps across the tokens. Parameters
-/// as `gemm_tokens_split`. Launch: `tc_grid` blocks of `tc_block` threads, for the same
-/// `token_warps`.
-pub fn gemm_tokens_tc(
-    spec: &GemvSpec,
-    splits: &[u32],
-    inputs_as: TcInputs,
-    token_warps: u32,
-) -> String {
-    assert!(
-        tensor_cores_fit(spec, splits),
-        "projection does not fit tensor cores"
-    );
-    assert!(token_warps == 1 || token_warps == 2, "1 or 2 token warps");
-    let threads = tc_block(token_warps);
-    // Tokens per block; shared bytes of one stage: inputs as bf16 hi and lo halves (`group`
-    // token rows each) and 128 weight rows.
-    let group = 64 * token_warps;
-    let stage_bytes = (2 * group + 128) * TC_ROW;
-    let mut k = Kernel::new(&spec.name);
-    // 128 registers a thread at most: 512 threads per SM.
-    k.launch_bounds(threads, 512 / threads);
-    k.shared("tc_tiles", 2 * stage_bytes, 16);
-    let ProjectionParams {
-        count,
-        x,
-        w,
-        outputs,
-    } = ProjectionParams::declare(&mut k, spec, splits);
-    let inputs = spec.inputs;
-    let width = spec.width;
-    let geglu = spec.epilogue == Epilogue::GeGlu;
-    let column_tiles = tc_column_tiles(spec);
-    let block_columns = tc_block_columns(spec);
-    let (a_hi, a_lo, b_at) = (0, group * TC_ROW, 2 * group * TC_ROW);
-
-    let (tid, block) = k.thread_and_block();
-    let (warp_id, lane) = k.warp_and_lane(tid);
-    // Warp w takes columns of `warp = w mod 4` and tokens 64·(w / 4)...
-    let (warp, token_warp) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("rem.u32 {warp}, {warp_id}, {TC_COLUMN_WARPS};"));
-    k.ins(format!(
-        "div.u32 {token_warp}, {warp_id}, {TC_COLUMN_WARPS};"
-    ));
-    let (g, q) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("shr.u32 {g}, {lane}, 2;"));
-    k.ins(format!("and.b32 {q}, {lane}, 3;"));
-    let n = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {n}, [{count}];"));
-    let last = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {last}, {n}, 1;"));
-    // Block b takes column block b / groups and token group b % groups: the groups of one
-    // column block are neighbours in the grid, so they run together and read its weight rows
-    // from DRAM once between them (through L2).
-    let groups = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {groups}, %nctaid.x;"));
-    k.ins(format!(
-        "div.u32 {groups}, {groups}, {};",
-        tc_column_blocks(spec)
-    ));
-    let col0 = k.reg(Class::B32);
-    k.ins(format!("div.u32 {col0}, {block}, {groups};"));
-    k.ins(format!("mul.lo.u32 {col0}, {col0}, {block_columns};"));
-    let t0 = k.reg(Class::B32);
-    k.ins(format!("rem.u32 {t0}, {block}, {groups};"));
-    k.ins(format!("mul.lo.u32 {t0}, {t0}, {group};"));
-    let tiles = k.reg(Class::B64);
-    k.ins(format!("mov.u64 {tiles}, tc_tiles;"));
-
-    // What this thread stages per k-step: float4s of inputs (token row f / 4, inputs
-    // 4·(f % 4)..) and 16 bytes of weights (row f / 2, inputs 8·(f % 2)..), f = tid +
-    // threads·r: two and one with 256 threads, two and two with 128.
-    let a_slots: Vec<(Reg, Reg)> = (0..group * 4 / threads)
-        .map(|r| {
-            let f = k.reg(Class::B32);
-            k.ins(format!("add.u32 {f}, {tid}, {};", threads * r));
-            let row = k.reg(Class::B32);
-            k.ins(format!("shr.u32 {row}, {f}, 2;"));
-            let kq = k.reg(Class::B32);
-            k.ins(format!("and.b32 {kq}, {f}, 3;"));
-            k.ins(format!("shl.b32 {kq}, {kq}, 2;"));
-            (row, kq)
-        })
-        .collect();
-    // Weight rows: block rows 0..128 are output columns col0.. (GeGLU: gate rows of columns
-    // col0..col0+64, then their up rows), clamped to the last column (never stored).
-    let b_slots: Vec<(Reg, Reg, Reg)> = (0..128 * 2 / threads)
-        .map(|r| {
-            let f = k.reg(Class::B32);
-            k.ins(format!("add.u32 {f}, {tid}, {};", threads * r));
-            let row = k.reg(Class::B32);
-            k.ins(format!("shr.u32 {row}, {f}, 1;"));
-            let half = k.reg(Class::B32);
-            k.ins(format!("and.b32 {half}, {f}, 1;"));
-            let grow = k.reg(Class::B32);
-            if geglu {
-                let up = k.reg(Class::B32);
-                k.ins(format!("shr.u32 {up}, {row}, 6;"));
-                k.ins(format!("and.b32 {grow}, {row}, 63;"));
-                k.ins(format!("add.u32 {grow}, {grow}, {col0};"));
-                k.ins(format!("min.u32 {grow}, {grow}, {};", width - 1));
-                k.ins(format!("mad.lo.u32 {grow}, {up}, {width}, {grow};"));
-            } else {
-                k.ins(format!("add.u32 {grow}, {row}, {col0};"));
-                k.ins(format!("min.u32 {grow}, {grow}, {};", width - 1));
-            }
-            (row, half, grow)
-        })
-        .collect();
-    // This lane's ldmatrix row addresses within a stage: A (token row (lane % 8) + 8·((lane / 8)
-    // % 2), inputs 8·(lane / 16)..) and B (weight row (lane % 8) + 8·(lane / 16), inputs
-    // 8·((lane / 8) % 2)..), before the tile's own row offset.
-    let lane8 = k.reg(Class::B32);
-    k.ins(format!("and.b32 {lane8}, {lane}, 7;"));
-    let bit3 = k.reg(Class::B32);
-    k.ins(format!("shr.u32 {bit3}, {lane}, 3;"));
-    k.ins(format!("and.b32 {bit3}, {bit3}, 1;"));
-    let bit4 = k.reg(Class::B32);
-    k.ins(format!("shr.u32 {bit4}, {lane}, 4;"));
-    let a_lane = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {a_lane}, {bit3}, 8, {lane8};"));
-    k.ins(format!("mul.lo.u32 {a_lane}, {a_lane}, {TC_ROW};"));
-    k.ins(format!("mad.lo.u32 {a_lane}, {bit4}, 16, {a_lane};"));
-    let b_lane = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {b_lane}, {bit4}, 8, {lane8};"));
-    k.ins(format!("mul.lo.u32 {b_lane}, {b_lane}, {TC_ROW};"));
-    k.ins(format!("mad.lo.u32 {b_lane}, {bit3}, 16, {b_lane};"));
-    // This warp's weight rows in the block: 32 columns from 32·warp (two ldmatrix.x4 of 16 rows,
-    // 2 column tiles each), or 16 gate columns from 16·warp and their up rows from 64 + 16·warp
-    // (one each).
-    let b_loads: Vec<(u32, [usize; 2])> = if geglu {
-        vec![(0, [0, 1]), (64, [0, 1])]
-    } else {
-        vec![(0, [0, 1]), (16, [2, 3])]
-    };
-    let warp_row = k.reg(Class::B32);
-    k.ins(format!(
-        "mul.lo.u32 {warp_row}, {warp}, {};",
-        8 * column_tiles
-    ));
-    // The lane's ldmatrix offsets within a stage, as 64-bit values to add to its address (the
-    // inputs' from its warp's first token row).
-    k.ins(format!(
-        "mad.lo.u32 {a_lane}, {token_warp}, {}, {a_lane};",
-        64 * TC_ROW
-    ));
-    let a_lane64 = k.reg(Class::B64);
-    k.ins(format!("cvt.u64.u32 {a_lane64}, {a_lane};"));
-    let b_lanes: Vec<Reg> = b_loads
-        .iter()
-        .map(|&(rows, _)| {
-            let off = k.reg(Class::B32);
-            k.ins(format!("add.u32 {off}, {warp_row}, {rows};"));
-            k.ins(format!("mad.lo.u32 {off}, {off}, {TC_ROW}, {b_lane};"));
-            let wide = k.reg(Class::B64);
-            k.ins(format!("cvt.u64.u32 {wide}, {off};"));
-            wide
-        })
-        .collect();
-
-    // Accumulators: [token tile][column tile][gate/up][4].
-    let halves = if geglu { 2 } else { 1 };
-    let accs: Vec<Vec<Vec<[Reg; 4]>>> = (0..4)
-        .map(|_| {
-            (0..column_tiles)
-                .map(|_| (0..halves).map(|_| k.regs4(Class::F32)).collect())
-                .collect()
-        })
-        .collect();
-    // Staged registers: 4 input floats and 4 weight words per slot.
-    let a_regs: Vec<[Reg; 4]> = a_slots.iter().map(|_| k.regs4(Class::F32)).collect();
-    let b_regs: Vec<[Reg; 4]> = b_slots.iter().map(|_| k.regs4(Class::B32)).collect();
-
-    let k0 = k.reg(Class::B32);
-    // Per-thread addresses, computed once: the global ones advance by a k-step at each fetch,
-    // the shared ones are fixed (plus the stage buffer's offset). Token rows past the count
-    // read row n-1 (a valid address; never stored).
-    let a_ptrs: Vec<Reg> = a_slots
-        .iter()
-        .map(|(row, kq)| {
-            let t = k.reg(Class::B32);
-            k.ins(format!("add.u32 {t}, {t0}, {row};"));
-            k.ins(format!("min.u32 {t}, {t}, {last};"));
-            let e = k.reg(Class::B32);
-            k.ins(format!("mad.lo.u32 {e}, {t}, {inputs}, {kq};"));
-            addr4(&mut k, x, e)
-        })
-        .collect();
-    let b_ptrs: Vec<Reg> = b_slots
-        .iter()
-        .map(|(_, half, grow)| {
-            let e = k.reg(Class::B32);
-            k.ins(format!("mul.lo.u32 {e}, {grow}, {inputs};"));
-            k.ins(format!("mad.lo.u32 {e}, {half}, 8, {e};"));
-            let at = k.reg(Class::B64);
-            k.ins(format!("mul.wide.u32 {at}, {e}, 2;"));
-            k.ins(format!("add.u64 {at}, {at}, {w};"));
-            at
-        })
-        .collect();
-    let shared_at = |k: &mut Kernel, row: Reg, unit: Reg, unit_bytes: u32| {
-        let off = k.reg(Class::B32);
-        k.ins(format!("mul.lo.u32 {off}, {row}, {TC_ROW};"));
-        k.ins(format!("mad.lo.u32 {off}, {unit}, {unit_bytes}, {off};"));
-        let at = k.reg(Class::B64);
-        k.ins(format!("cvt.u64.u32 {at}, {off};"));
-        k.ins(format!("add.u64 {at}, {at}, {tiles};"));
-        at
-    };
-    let a_shared: Vec<Reg> = a_slots
-        .iter()
-        .map(|&(row, kq)| shared_at(&mut k, row, kq, 2))
-        .collect();
-    let b_shared: Vec<Reg> = b_slots
-        .iter()
-        .map(|&(row, half, _)| shared_at(&mut k, row, half, 16))
-        .collect();
-    // The next k-step's global loads into the staged registers.
-    let fetch = |k: &mut Kernel| {
-        for (at, regs) in a_ptrs.iter().zip(&a_regs) {
-            k.ins(format!(
-                "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{at}];",
-                regs[0], regs[1], regs[2], regs[3]
-            ));
-            k.ins(format!("add.u64 {at}, {at}, 64;"));
-        }
-        for (at, regs) in b_ptrs.iter().zip(&b_regs) {
-            k.ins(format!(
-                "ld.global.nc.v4.u32 {{{}, {}, {}, {}}}, [{at}];",
-                regs[0], regs[1], regs[2], regs[3]
-            ));
-            k.ins(format!("add.u64 {at}, {at}, 32;"));
-        }
-    };
-    // The staged registers into the stage buffer at byte offset `buf` (a register): inputs
-    // split into bf16 hi and lo pairs, weights as they are.
-    let commit = |k: &mut Kernel, buf: Reg| {
-        for (fixed, v) in a_shared.iter().zip(&a_regs) {
-            let mut hi = Vec::new();
-            let mut lo = Vec::new();
-            for pair in [[v[0], v[1]], [v[2], v[3]]] {
-                let h = k.reg(Class::B32);
-                k.ins(format!("cvt.rn.bf16x2.f32 {h}, {}, {};", pair[1], pair[0]));
-                hi.push(h);
-                if inputs_as == TcInputs::Bf16 {
-                    continue;
-                }
-                let (h0, h1) = (k.reg(Class::B32), k.reg(Class::B32));
-                k.ins(format!("shl.b32 {h0}, {h}, 16;"));
-                k.ins(format!("and.b32 {h1}, {h}, -65536;"));
-                let (f0, f1) = (k.reg(Class::F32), k.reg(Class::F32));
-                k.ins(format!("mov.b32 {f0}, {h0};"));
-                k.ins(format!("mov.b32 {f1}, {h1};"));
-                k.ins(format!("sub.f32 {f0}, {}, {f0};", pair[0]));
-                k.ins(format!("sub.f32 {f1}, {}, {f1};", pair[1]));
-                let l = k.reg(Class::B32);
-                k.ins(format!("cvt.rn.bf16x2.f32 {l}, {f1}, {f0};"));
-                lo.push(l);
-            }
-            let at = k.reg(Class::B64);
-            k.ins(format!("add.u64 {at}, {fixed}, {buf};"));
-            k.ins(format!(
-                "st.shared.v2.b32 [{at}+{a_hi}], {{{}, {}}};",
-                hi[0], hi[1]
-            ));
-            if let [l0, l1] = lo[..] {
-                k.ins(format!("st.shared.v2.b32 [{at}+{a_lo}], {{{l0}, {l1}}};"));
-            }
-        }
-        for (fixed, v) in b_shared.iter().zip(&b_regs) {
-            let at = k.reg(Class::B64);
-            k.ins(format!("add.u64 {at}, {fixed}, {buf};"));
-            k.ins(format!(
-                "st.shared.v4.b32 [{at}+{b_at}], {{{}, {}, {}, {}}};",
-                v[0], v[1], v[2], v[3]
-            ));
-        }
-    };
-
-    // Groups past the chunk's count leave at once (whole blocks: no barrier waits for them).
-    let group_end = k.label("group_end");
-    k.leave_unless_below(t0, n, &group_end);
-    // While the kernel before this one finishes, the first k-steps of this block's weight
-    // rows come into L2 (four k-steps per 128-byte line; the loop's own prefetches start
-    // PREFETCH_STEPS + 1 steps in). The inputs are that kernel's output: after the wait.
-    let first_steps = (PREFETCH_STEPS + 1).min(inputs / 16);
-    for at in &b_ptrs {
-        for step in (0..first_steps).step_by(4) {
-            k.ins(format!("prefetch.global.L2 [{at}+{}];", 32 * step));
-        }
-    }
-    k.wait_for_earlier_kernels();
-    for a in accs.iter().flatten().flatten().flatten() {
-        k.ins(format!("mov.f32 {a}, 0f00000000;"));
-    }
-    // Prologue: the first k-step into buffer 0.
-    k.ins(format!("mov.u32 {k0}, 0;"));
-    fetch(&mut k);
-    let buf = k.reg(Class::B64);
-    k.ins(format!("mov.u64 {buf}, 0;"));
-    commit(&mut k, buf);
-    k.ins("bar.sync 0;");
-
-    let (head, end) = (k.label("k"), k.label("k_end"));
-    k.place(&head);
-    k.leave_unless_below(k0, inputs, &end);
-    // The next k-step's loads go out before this one's MMAs.
-    let next = k.reg(Class::B32);
-    k.ins(format!("add.u32 {next}, {k0}, 16;"));
-    let more = k.reg(Class::Pred);
-    k.ins(format!("setp.lt.u32 {more}, {next}, {inputs};"));
-    let skip_fetch = k.label("skip_fetch");
-    k.ins(format!("@!{more} bra {skip_fetch};"));
-    fetch(&mut k);
-    // Weight rows come from DRAM (once for a column block's token groups) while the loads
-    // above run only one k-step ahead: ask L2 for the step PREFETCH_STEPS past the one just
-    // fetched (no registers; inside the row, so never past the weights).
-    let ahead = k.reg(Class::Pred);
-    k.ins(format!(
-        "setp.lt.u32 {ahead}, {next}, {};",
-        inputs.saturating_sub(16 * PREFETCH_STEPS)
-    ));
-    for at in &b_ptrs {
-        k.ins(format!(
-            "@{ahead} prefetch.global.L2 [{at}+{}];",
-            32 * (PREFETCH_STEPS - 1)
-        ));
-    }
-    k.place(&skip_fetch);
-    // Fragments from this buffer.
-    let stage = k.reg(Class::B64);
-    k.ins(format!("add.u64 {stage}, {buf}, {tiles};"));
-    let b_frags: Vec<Vec<[Reg; 2]>> = {
-        // [column tile][gate/up] -> (b0, b1).
-        let mut frags: Vec<Vec<[Reg; 2]>> = (0..column_tiles).map(|_| Vec::new()).collect();
-        for (&(_, [first, second]), fixed) in b_loads.iter().zip(&b_lanes) {
-            let at = k.reg(Class::B64);
-            k.ins(format!("add.u64 {at}, {stage}, {fixed};"));
-            let r = ldmatrix_x4(&mut k, at, b_at);
-            frags[first].push([r[0], r[1]]);
-            frags[second].push([r[2], r[3]]);
-        }
-        frags
-    };
-    let a_at = k.reg(Class::B64);
-    k.ins(format!("add.u64 {a_at}, {stage}, {a_lane64};"));
-    for (tile, tile_accs) in accs.iter().enumerate() {
-        let mut a_frags = Vec::new();
-        let parts: &[u32] = match inputs_as {
-            TcInputs::Split => &[a_hi, a_lo],
-            TcInputs::Bf16 => &[a_hi],
-        };
-        for &part in parts {
-            let r = ldmatrix_x4(&mut k, a_at, part + 16 * tile as u32 * TC_ROW);
-            a_frags.push(r);
-        }
-        for (column_accs, frags) in tile_accs.iter().zip(&b_frags) {
-            for (acc, b) in column_accs.iter().zip(frags) {
-                for a in &a_frags {
-                    k.ins(format!(
-                        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
-                        acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1], acc[0], acc[1], acc[2], acc[3]
-                    ));
-                }
-            }
-        }
-    }
-    // The next k-step's registers into the other buffer; every warp is past its reads of that
-    // buffer (the barrier at the end of the previous k-step).
-    let skip_commit = k.label("skip_commit");
-    k.ins(format!("@!{more} bra {skip_commit};"));
-    k.ins(format!("xor.b64 {buf}, {buf}, {stage_bytes};"));
-    commit(&mut k, buf);
-    k.place(&skip_commit);
-    k.ins("bar.sync 0;");
-    k.ins(format!("mov.u32 {k0}, {next};"));
-    k.ins(format!("bra {head};"));
-    k.place(&end);
-
-    // Epilogue: accumulator i of (token tile, column tile j) is (token t0 + 64·token_warp +
-    // 16·tile + g + 8·(i >> 1), column col0 + warp's first + 8j + 2q + (i & 1)).
-    k.ins(format!("mad.lo.u32 {t0}, {token_warp}, 64, {t0};"));
-    for (tile, tile_accs) in accs.iter().enumerate() {
-        for (j, column_accs) in tile_accs.iter().enumerate() {
-            for i in 0..4usize {
-                let skip = k.label("skip");
-                let t = k.reg(Class::B32);
-                k.ins(format!("add.u32 {t}, {t0}, {g};"));
-                k.ins(format!("add.u32 {t}, {t}, {};", 16 * tile + 8 * (i >> 1)));
-                k.leave_unless_below(t, n, &skip);
-                let col = k.reg(Class::B32);
-                k.ins(format!("mad.lo.u32 {col}, {q}, 2, {col0};"));
-                k.ins(format!("add.u32 {col}, {col}, {warp_row};"));
-                k.ins(format!("add.u32 {col}, {col}, {};", 8 * j + (i & 1)));
-                k.leave_unless_below(col, width, &skip);
-                let vals: Vec<Reg> = column_accs.iter().map(|a| a[i]).collect();
-                finish_token(&mut k, &outputs, vals, t, col);
-                k.place(&skip);
-            }
-        }
-    }
-    k.place(&group_end);
     k.finish()
 }

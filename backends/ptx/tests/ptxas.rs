@@ -11,10 +11,13 @@ use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{argmax, gather};
 use griffin_backend_ptx::module;
 use griffin_backend_ptx::prefill::{
-    gemm_tokens, gemm_tokens_tc, rg_lru_gates_tokens, rg_lru_scan_tokens, rms_norm_tokens,
-    tc_token_warps, TcInputs,
+    gemm_tokens, rg_lru_conv_tokens, rg_lru_gates_tokens, rg_lru_scan_tokens, rms_norm_tokens,
 };
 use griffin_backend_ptx::rg_lru::{rg_lru_step, RgLruSpec, Storage};
+use griffin_backend_ptx::tc::{
+    gates_fit_tensor_cores, gates_tc_token_warps, gemm_tokens_tc, rg_lru_gates_tc, tc_token_warps,
+    TcInputs,
+};
 
 fn ptxas() -> PathBuf {
     griffin_backend_ptx::find_ptxas().unwrap_or_else(|| {
@@ -193,6 +196,23 @@ fn all_kernels() -> Vec<(String, String)> {
             ..s.clone()
         };
         out.push((gates.name.clone(), rg_lru_gates_tokens(&gates)));
+        // bf16 gate blocks of 64 channels or more: the conv alone, the gates on tensor cores.
+        if gates_fit_tensor_cores(&s) {
+            let conv = RgLruSpec {
+                name: format!("{}_conv_tokens", s.name),
+                ..s.clone()
+            };
+            out.push((conv.name.clone(), rg_lru_conv_tokens(&conv)));
+            let tc = RgLruSpec {
+                name: format!("{}_gates_tc", s.name),
+                ..s.clone()
+            };
+            let warps = gates_tc_token_warps(&tc, 2048);
+            out.push((
+                tc.name.clone(),
+                rg_lru_gates_tc(&tc, TcInputs::Split, warps),
+            ));
+        }
         let scan = RgLruSpec {
             name: format!("{}_scan_tokens", s.name),
             ..s

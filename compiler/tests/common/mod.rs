@@ -10,7 +10,13 @@ pub fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden")
 }
 
-pub const CASES: [&str; 4] = ["tiny-f32", "tiny-bf16-sharded", "tiny-text", "gen-h3-bf16"];
+pub const CASES: [&str; 5] = [
+    "tiny-f32",
+    "tiny-bf16-sharded",
+    "tiny-text",
+    "gen-h3-bf16",
+    "gen-b64-bf16",
+];
 
 pub struct Expected {
     pub input_ids: Vec<u32>,

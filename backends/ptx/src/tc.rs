@@ -1,0 +1,747 @@
+//! Chunk products on tensor cores (`mma.sync.m16n8k16`, bf16 weights, f32 accumulation): the
+//! projections (`gemm_tokens_tc`) and the RG-LRU's block-diagonal gates (`rg_lru_gates_tc`).
+//! Both are one kernel body, `tc_body`, that differs in where its operands are and how it
+//! finishes a result.
+
+use crate::builder::{Class, Kernel, Reg};
+use crate::gemv::{Epilogue, GemvSpec};
+use crate::prefill::{finish_token, ProjectionParams, TARGET_SMS};
+use crate::rg_lru::{addr4, block_size, gated_input, load_weight, RgLruSpec, Storage};
+
+/// Warps of a block across its output columns.
+const TC_COLUMN_WARPS: u32 = 4;
+
+/// Output columns a warp owns, in tiles of 8: each input fragment (the costly part: loaded as
+/// f32 and split into two bf16 halves) feeds that many MMAs. With two weight rows per column
+/// (GeGLU's gate and up, the RG-LRU's two gates), half as many.
+fn column_tiles_of(pairs: bool) -> u32 {
+    if pairs {
+        2
+    } else {
+        4
+    }
+}
+
+/// Output columns a block computes.
+fn block_columns_of(pairs: bool) -> u32 {
+    8 * column_tiles_of(pairs) * TC_COLUMN_WARPS
+}
+
+fn column_blocks_of(width: u32, pairs: bool) -> u32 {
+    width.div_ceil(block_columns_of(pairs))
+}
+
+/// Warps across the tokens, 64 tokens each: two where the grid still has two blocks per SM of
+/// the target GPU, else one. With two, the block's weight tile serves 128 tokens, so each byte
+/// it stages from L2 feeds twice the MMAs (~87 FLOP per byte of L2 traffic against ~64: at
+/// ~700 TFLOP/s of `mma.sync` the L2 would otherwise bound it); the 2B model's narrow
+/// projections (2560 outputs: 20 column blocks) keep 64-token blocks so their grid fills the
+/// GPU.
+fn token_warps_for(column_blocks: u32, max_tokens: u32) -> u32 {
+    if column_blocks * max_tokens.div_ceil(128) >= 2 * TARGET_SMS {
+        2
+    } else {
+        1
+    }
+}
+
+/// One block per (column block, group of 64 · `token_warps` tokens). The kernel reads the
+/// group count off the grid, so it must be launched with exactly this many.
+fn grid_of(column_blocks: u32, max_tokens: u32, token_warps: u32) -> u32 {
+    column_blocks * max_tokens.div_ceil(64 * token_warps)
+}
+
+fn is_geglu(spec: &GemvSpec) -> bool {
+    spec.epilogue == Epilogue::GeGlu
+}
+
+/// `gemm_tokens_tc`'s warps across the tokens (1 or 2) for chunks of up to `max_tokens`.
+pub fn tc_token_warps(spec: &GemvSpec, max_tokens: u32) -> u32 {
+    token_warps_for(column_blocks_of(spec.width, is_geglu(spec)), max_tokens)
+}
+
+/// Threads per block of either kernel with `token_warps` warps across its tokens.
+pub fn tc_block(token_warps: u32) -> u32 {
+    32 * TC_COLUMN_WARPS * token_warps
+}
+
+/// Output columns a warp of `gemm_tokens_tc` owns, in tiles of 8.
+pub fn tc_column_tiles(spec: &GemvSpec) -> u32 {
+    column_tiles_of(is_geglu(spec))
+}
+
+/// Whether `gemm_tokens_tc` takes this projection: bf16 weights, inputs a multiple of 16,
+/// output width and every split part multiples of 8.
+pub fn tensor_cores_fit(spec: &GemvSpec, splits: &[u32]) -> bool {
+    spec.weights == Storage::Bf16
+        && spec.norm.is_none()
+        && spec.inputs % 16 == 0
+        && spec.width % 8 == 0
+        && splits.iter().all(|p| p % 8 == 0)
+}
+
+/// Thread blocks for `gemm_tokens_tc` over chunks of up to `max_tokens`.
+pub fn tc_grid(spec: &GemvSpec, max_tokens: u32, token_warps: u32) -> u32 {
+    grid_of(
+        column_blocks_of(spec.width, is_geglu(spec)),
+        max_tokens,
+        token_warps,
+    )
+}
+
+/// Whether `rg_lru_gates_tc` takes this RG-LRU: bf16 gate matrices whose blocks are a multiple
+/// of 64 channels wide (a block's 64 output columns then lie in one gate block, so they share
+/// their inputs).
+pub fn gates_fit_tensor_cores(s: &RgLruSpec) -> bool {
+    s.gates == Storage::Bf16 && block_size(s) % 64 == 0
+}
+
+/// `rg_lru_gates_tc`'s warps across the tokens for chunks of up to `max_tokens`.
+pub fn gates_tc_token_warps(s: &RgLruSpec, max_tokens: u32) -> u32 {
+    token_warps_for(column_blocks_of(s.channels, true), max_tokens)
+}
+
+/// Thread blocks for `rg_lru_gates_tc`.
+pub fn gates_tc_grid(s: &RgLruSpec, max_tokens: u32, token_warps: u32) -> u32 {
+    grid_of(column_blocks_of(s.channels, true), max_tokens, token_warps)
+}
+
+/// How many k-steps ahead of its loads the kernel asks L2 for weight rows.
+const PREFETCH_STEPS: u32 = 8;
+
+/// Bytes between rows of a shared-memory tile of inputs, or of weights stored a row per output:
+/// 16 bf16 (one k-step) and 16 bytes of padding, so the 8 rows an `ldmatrix` reads fall in 8
+/// different groups of 4 banks.
+const TC_ROW: u32 = 48;
+
+/// Bytes between rows of a shared-memory tile of weights stored a row per input (the gates):
+/// 128 bf16 (the block's weight columns) and 16 bytes of padding, for the same reason.
+const TC_KROW: u32 = 272;
+
+/// `ldmatrix.x4` (`.trans`: each 8×8 matrix transposed) with this lane's row address at
+/// `at + imm` in shared memory (`at` a 64-bit shared address): four 8×8 bf16 matrices, one
+/// register each.
+fn ldmatrix_x4(k: &mut Kernel, at: Reg, imm: u32, trans: bool) -> [Reg; 4] {
+    let r = k.regs4(Class::B32);
+    let t = if trans { ".trans" } else { "" };
+    k.ins(format!(
+        "ldmatrix.sync.aligned.m8n8.x4{t}.shared.b16 {{{}, {}, {}, {}}}, [{at}+{imm}];",
+        r[0], r[1], r[2], r[3]
+    ));
+    r
+}
+
+/// How the kernels give their f32 inputs to bf16 MMAs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TcInputs {
+    /// `x = hi + lo`, both bf16, two MMAs per tile: about 16 bits of each input (the golden
+    /// cases hold the f32 tolerance).
+    #[default]
+    Split,
+    /// x rounded to bf16, one MMA per tile: half the MMAs and input staging, inputs to 8 bits
+    /// as in the reference's own bf16 run (the 4-layer golden case then differs from the
+    /// float64 reference by 2.4e-2, past the 0.02 bound; measured in the interpreter).
+    Bf16,
+}
+
+/// Where `tc_body`'s weights are, bf16.
+enum TcWeights {
+    /// `[rows, inputs]`, a row per output column (with pairs, the second rows from `width` on):
+    /// a projection's weight.
+    Rows(Reg),
+    /// Block-diagonal, one matrix per member of the pair: `[blocks, size, size]` used as x·W
+    /// (a row per input), the RG-LRU's gates. Output column j reads inputs
+    /// `size · (j / size)..` of x.
+    Blocks { w: [Reg; 2], size: u32 },
+}
+
+/// What `tc_body` multiplies: x `f32[T, x_stride]` by the weights, `inputs` per output column,
+/// `width` output columns, for the first `count` tokens.
+struct TcShape {
+    count: Reg,
+    x: Reg,
+    x_stride: u32,
+    inputs: u32,
+    width: u32,
+    /// Two weight rows per output column, two accumulators per result.
+    pairs: bool,
+    weights: TcWeights,
+    inputs_as: TcInputs,
+    token_warps: u32,
+}
+
+/// Finishes one result: `(kernel, accumulators, token, output column)`.
+type Finish<'a> = dyn FnMut(&mut Kernel, Vec<Reg>, Reg, Reg) + 'a;
+
+/// The body both kernels share. A block of 4 · `token_warps` warps computes 128 output
+/// columns (64 with pairs, whose two rows make 128 weight rows) for one group of up to 64 ·
+/// `token_warps` tokens of the chunk: 4 warps across the columns, `token_warps` across the
+/// tokens (64 each). Per k-step of 16 the block stages its inputs, split once into bf16 hi and
+/// lo halves (`x = hi + lo`, so the product keeps about 16 bits of each f32 input; or rounded,
+/// `TcInputs::Bf16`), and its weights in shared memory (two buffers: the next step's global
+/// loads are in flight while this one computes); each warp takes its fragments with
+/// `ldmatrix` (`.trans` for weights stored a row per input) and runs 4 token tiles × 4 column
+/// tiles × 2 halves = 32 MMAs. `finish(k, accumulators, t, col)` finishes each result inside
+/// the chunk and the width.
+fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
+    let TcShape {
+        count,
+        x,
+        x_stride,
+        inputs,
+        width,
+        pairs,
+        ref weights,
+        inputs_as,
+        token_warps,
+    } = *s;
+    assert!(token_warps == 1 || token_warps == 2, "1 or 2 token warps");
+    assert!(inputs % 16 == 0, "inputs a multiple of 16");
+    let threads = tc_block(token_warps);
+    let by_input = matches!(weights, TcWeights::Blocks { .. });
+    // Tokens per block; shared bytes of one stage: inputs as bf16 hi and lo halves (`group`
+    // token rows each) and the weight tile (128 rows of a k-step, or 16 rows of 128 columns).
+    let group = 64 * token_warps;
+    let b_bytes = if by_input { 16 * TC_KROW } else { 128 * TC_ROW };
+    let stage_bytes = 2 * group * TC_ROW + b_bytes;
+    // 128 registers a thread at most: 512 threads per SM.
+    k.launch_bounds(threads, 512 / threads);
+    k.shared("tc_tiles", 2 * stage_bytes, 16);
+    let column_tiles = column_tiles_of(pairs);
+    let block_columns = block_columns_of(pairs);
+    let (a_hi, a_lo, b_at) = (0, group * TC_ROW, 2 * group * TC_ROW);
+
+    let (tid, block) = k.thread_and_block();
+    let (warp_id, lane) = k.warp_and_lane(tid);
+    // Warp w takes columns of `warp = w mod 4` and tokens 64·(w / 4)...
+    let (warp, token_warp) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("rem.u32 {warp}, {warp_id}, {TC_COLUMN_WARPS};"));
+    k.ins(format!(
+        "div.u32 {token_warp}, {warp_id}, {TC_COLUMN_WARPS};"
+    ));
+    let (g, q) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shr.u32 {g}, {lane}, 2;"));
+    k.ins(format!("and.b32 {q}, {lane}, 3;"));
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let last = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {last}, {n}, 1;"));
+    // Block b takes column block b / groups and token group b % groups: the groups of one
+    // column block are neighbours in the grid, so they run together and read its weight rows
+    // from DRAM once between them (through L2).
+    let groups = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {groups}, %nctaid.x;"));
+    k.ins(format!(
+        "div.u32 {groups}, {groups}, {};",
+        column_blocks_of(width, pairs)
+    ));
+    let col0 = k.reg(Class::B32);
+    k.ins(format!("div.u32 {col0}, {block}, {groups};"));
+    k.ins(format!("mul.lo.u32 {col0}, {col0}, {block_columns};"));
+    let t0 = k.reg(Class::B32);
+    k.ins(format!("rem.u32 {t0}, {block}, {groups};"));
+    k.ins(format!("mul.lo.u32 {t0}, {t0}, {group};"));
+    let tiles = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {tiles}, tc_tiles;"));
+    // The first input of the block's columns: 0, or its gate block's first channel.
+    let x_col0 = k.reg(Class::B32);
+    match weights {
+        TcWeights::Rows(_) => k.ins(format!("mov.u32 {x_col0}, 0;")),
+        TcWeights::Blocks { size, .. } => {
+            k.ins(format!("div.u32 {x_col0}, {col0}, {size};"));
+            k.ins(format!("mul.lo.u32 {x_col0}, {x_col0}, {size};"));
+        }
+    }
+
+    // What this thread stages per k-step: float4s of inputs (token row f / 4, inputs
+    // 4·(f % 4)..) and 16-byte units of weights, f = tid + threads·r: two and one with 256
+    // threads, two and two with 128.
+    let a_slots: Vec<(Reg, Reg)> = (0..group * 4 / threads)
+        .map(|r| {
+            let f = k.reg(Class::B32);
+            k.ins(format!("add.u32 {f}, {tid}, {};", threads * r));
+            let row = k.reg(Class::B32);
+            k.ins(format!("shr.u32 {row}, {f}, 2;"));
+            let kq = k.reg(Class::B32);
+            k.ins(format!("and.b32 {kq}, {f}, 3;"));
+            k.ins(format!("shl.b32 {kq}, {kq}, 2;"));
+            (row, kq)
+        })
+        .collect();
+    // Per weight unit: its global address (advancing a k-step at each fetch) and its fixed
+    // shared offset within a stage's weight tile.
+    let b_slots: Vec<(Reg, Reg)> = (0..256 / threads)
+        .map(|r| {
+            let f = k.reg(Class::B32);
+            k.ins(format!("add.u32 {f}, {tid}, {};", threads * r));
+            match weights {
+                // Row f / 2 of the tile (output columns col0..; with pairs, the first rows of
+                // columns col0..col0+64, then their second rows), inputs 8·(f % 2)..; rows
+                // clamped to the last column (never stored).
+                TcWeights::Rows(w) => {
+                    let row = k.reg(Class::B32);
+                    k.ins(format!("shr.u32 {row}, {f}, 1;"));
+                    let half = k.reg(Class::B32);
+                    k.ins(format!("and.b32 {half}, {f}, 1;"));
+                    let grow = k.reg(Class::B32);
+                    if pairs {
+                        let second = k.reg(Class::B32);
+                        k.ins(format!("shr.u32 {second}, {row}, 6;"));
+                        k.ins(format!("and.b32 {grow}, {row}, 63;"));
+                        k.ins(format!("add.u32 {grow}, {grow}, {col0};"));
+                        k.ins(format!("min.u32 {grow}, {grow}, {};", width - 1));
+                        k.ins(format!("mad.lo.u32 {grow}, {second}, {width}, {grow};"));
+                    } else {
+                        k.ins(format!("add.u32 {grow}, {row}, {col0};"));
+                        k.ins(format!("min.u32 {grow}, {grow}, {};", width - 1));
+                    }
+                    let e = k.reg(Class::B32);
+                    k.ins(format!("mul.lo.u32 {e}, {grow}, {inputs};"));
+                    k.ins(format!("mad.lo.u32 {e}, {half}, 8, {e};"));
+                    let at = k.reg(Class::B64);
+                    k.ins(format!("mul.wide.u32 {at}, {e}, 2;"));
+                    k.ins(format!("add.u64 {at}, {at}, {w};"));
+                    let off = k.reg(Class::B32);
+                    k.ins(format!("mul.lo.u32 {off}, {row}, {TC_ROW};"));
+                    k.ins(format!("mad.lo.u32 {off}, {half}, 16, {off};"));
+                    (at, off)
+                }
+                // Input row f / 16 of the k-step, columns 8·(f % 16)..: matrix (f % 16) / 8,
+                // its columns col0 + 8·(f % 8).. (the block's columns lie in one gate block).
+                TcWeights::Blocks { w, size } => {
+                    let row = k.reg(Class::B32);
+                    k.ins(format!("shr.u32 {row}, {f}, 4;"));
+                    let unit = k.reg(Class::B32);
+                    k.ins(format!("and.b32 {unit}, {f}, 15;"));
+                    let second = k.reg(Class::Pred);
+                    k.ins(format!("setp.ge.u32 {second}, {unit}, 8;"));
+                    let base = k.reg(Class::B64);
+                    k.ins(format!("selp.b64 {base}, {}, {}, {second};", w[1], w[0]));
+                    // Element (x_col0 + row, col0 + 8·(unit % 8)) of block x_col0 / size:
+                    // (x_col0 + row) · size + col0 - x_col0 + 8·(unit % 8).
+                    let e = k.reg(Class::B32);
+                    k.ins(format!("add.u32 {e}, {x_col0}, {row};"));
+                    k.ins(format!("mul.lo.u32 {e}, {e}, {size};"));
+                    k.ins(format!("add.u32 {e}, {e}, {col0};"));
+                    k.ins(format!("sub.u32 {e}, {e}, {x_col0};"));
+                    let c = k.reg(Class::B32);
+                    k.ins(format!("and.b32 {c}, {unit}, 7;"));
+                    k.ins(format!("mad.lo.u32 {e}, {c}, 8, {e};"));
+                    let at = k.reg(Class::B64);
+                    k.ins(format!("mul.wide.u32 {at}, {e}, 2;"));
+                    k.ins(format!("add.u64 {at}, {at}, {base};"));
+                    let off = k.reg(Class::B32);
+                    k.ins(format!("mul.lo.u32 {off}, {row}, {TC_KROW};"));
+                    k.ins(format!("mad.lo.u32 {off}, {unit}, 16, {off};"));
+                    (at, off)
+                }
+            }
+        })
+        .collect();
+    // Bytes a weight unit's address advances per k-step.
+    let b_step = match weights {
+        TcWeights::Rows(_) => 32,
+        TcWeights::Blocks { size, .. } => 32 * size,
+    };
+    // This lane's ldmatrix row addresses within a stage. Inputs: token row (lane % 8) + 8·((lane
+    // / 8) % 2), inputs 8·(lane / 16)... Weights a row per output: row (lane % 8) + 8·(lane /
+    // 16), inputs 8·((lane / 8) % 2)..; a row per input (transposed): input row (lane % 8) +
+    // 8·((lane / 8) % 2), columns 8·(lane / 16)... Either way matrices 0 and 1 are the first
+    // column tile's two k-halves and 2, 3 the second's.
+    let lane8 = k.reg(Class::B32);
+    k.ins(format!("and.b32 {lane8}, {lane}, 7;"));
+    let bit3 = k.reg(Class::B32);
+    k.ins(format!("shr.u32 {bit3}, {lane}, 3;"));
+    k.ins(format!("and.b32 {bit3}, {bit3}, 1;"));
+    let bit4 = k.reg(Class::B32);
+    k.ins(format!("shr.u32 {bit4}, {lane}, 4;"));
+    let a_lane = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {a_lane}, {bit3}, 8, {lane8};"));
+    k.ins(format!("mul.lo.u32 {a_lane}, {a_lane}, {TC_ROW};"));
+    k.ins(format!("mad.lo.u32 {a_lane}, {bit4}, 16, {a_lane};"));
+    let b_lane = k.reg(Class::B32);
+    if by_input {
+        k.ins(format!("mad.lo.u32 {b_lane}, {bit3}, 8, {lane8};"));
+        k.ins(format!("mul.lo.u32 {b_lane}, {b_lane}, {TC_KROW};"));
+        k.ins(format!("mad.lo.u32 {b_lane}, {bit4}, 16, {b_lane};"));
+    } else {
+        k.ins(format!("mad.lo.u32 {b_lane}, {bit4}, 8, {lane8};"));
+        k.ins(format!("mul.lo.u32 {b_lane}, {b_lane}, {TC_ROW};"));
+        k.ins(format!("mad.lo.u32 {b_lane}, {bit3}, 16, {b_lane};"));
+    }
+    // This warp's weight columns in the block: 32 from 32·warp (two ldmatrix.x4 of 16, 2
+    // column tiles each), or with pairs 16 first-row columns from 16·warp and their second rows
+    // from 64 + 16·warp (one each).
+    let b_loads: Vec<(u32, [usize; 2])> = if pairs {
+        vec![(0, [0, 1]), (64, [0, 1])]
+    } else {
+        vec![(0, [0, 1]), (16, [2, 3])]
+    };
+    let warp_row = k.reg(Class::B32);
+    k.ins(format!(
+        "mul.lo.u32 {warp_row}, {warp}, {};",
+        8 * column_tiles
+    ));
+    // The lane's ldmatrix offsets within a stage, as 64-bit values to add to its address (the
+    // inputs' from its warp's first token row).
+    k.ins(format!(
+        "mad.lo.u32 {a_lane}, {token_warp}, {}, {a_lane};",
+        64 * TC_ROW
+    ));
+    let a_lane64 = k.reg(Class::B64);
+    k.ins(format!("cvt.u64.u32 {a_lane64}, {a_lane};"));
+    let b_lanes: Vec<Reg> = b_loads
+        .iter()
+        .map(|&(rows, _)| {
+            let off = k.reg(Class::B32);
+            k.ins(format!("add.u32 {off}, {warp_row}, {rows};"));
+            // A column's step is a row (output-major) or two bytes (input-major).
+            let column_bytes = if by_input { 2 } else { TC_ROW };
+            k.ins(format!(
+                "mad.lo.u32 {off}, {off}, {column_bytes}, {b_lane};"
+            ));
+            let wide = k.reg(Class::B64);
+            k.ins(format!("cvt.u64.u32 {wide}, {off};"));
+            wide
+        })
+        .collect();
+
+    // Accumulators: [token tile][column tile][first/second row][4].
+    let halves = if pairs { 2 } else { 1 };
+    let accs: Vec<Vec<Vec<[Reg; 4]>>> = (0..4)
+        .map(|_| {
+            (0..column_tiles)
+                .map(|_| (0..halves).map(|_| k.regs4(Class::F32)).collect())
+                .collect()
+        })
+        .collect();
+    // Staged registers: 4 input floats and 4 weight words per slot.
+    let a_regs: Vec<[Reg; 4]> = a_slots.iter().map(|_| k.regs4(Class::F32)).collect();
+    let b_regs: Vec<[Reg; 4]> = b_slots.iter().map(|_| k.regs4(Class::B32)).collect();
+
+    let k0 = k.reg(Class::B32);
+    // Per-thread addresses, computed once: the global ones advance by a k-step at each fetch,
+    // the shared ones are fixed (plus the stage buffer's offset). Token rows past the count
+    // read row n-1 (a valid address; never stored).
+    let a_ptrs: Vec<Reg> = a_slots
+        .iter()
+        .map(|(row, kq)| {
+            let t = k.reg(Class::B32);
+            k.ins(format!("add.u32 {t}, {t0}, {row};"));
+            k.ins(format!("min.u32 {t}, {t}, {last};"));
+            let e = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {e}, {t}, {x_stride}, {kq};"));
+            k.ins(format!("add.u32 {e}, {e}, {x_col0};"));
+            addr4(k, x, e)
+        })
+        .collect();
+    let shared_at = |k: &mut Kernel, off: Reg| {
+        let at = k.reg(Class::B64);
+        k.ins(format!("cvt.u64.u32 {at}, {off};"));
+        k.ins(format!("add.u64 {at}, {at}, {tiles};"));
+        at
+    };
+    let a_shared: Vec<Reg> = a_slots
+        .iter()
+        .map(|&(row, kq)| {
+            let off = k.reg(Class::B32);
+            k.ins(format!("mul.lo.u32 {off}, {row}, {TC_ROW};"));
+            k.ins(format!("mad.lo.u32 {off}, {kq}, 2, {off};"));
+            shared_at(k, off)
+        })
+        .collect();
+    let b_shared: Vec<Reg> = b_slots.iter().map(|&(_, off)| shared_at(k, off)).collect();
+    let b_ptrs: Vec<Reg> = b_slots.iter().map(|&(at, _)| at).collect();
+    // The next k-step's global loads into the staged registers.
+    let fetch = |k: &mut Kernel| {
+        for (at, regs) in a_ptrs.iter().zip(&a_regs) {
+            k.ins(format!(
+                "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{at}];",
+                regs[0], regs[1], regs[2], regs[3]
+            ));
+            k.ins(format!("add.u64 {at}, {at}, 64;"));
+        }
+        for (at, regs) in b_ptrs.iter().zip(&b_regs) {
+            k.ins(format!(
+                "ld.global.nc.v4.u32 {{{}, {}, {}, {}}}, [{at}];",
+                regs[0], regs[1], regs[2], regs[3]
+            ));
+            k.ins(format!("add.u64 {at}, {at}, {b_step};"));
+        }
+    };
+    // The staged registers into the stage buffer at byte offset `buf` (a register): inputs
+    // split into bf16 hi and lo pairs, weights as they are.
+    let commit = |k: &mut Kernel, buf: Reg| {
+        for (fixed, v) in a_shared.iter().zip(&a_regs) {
+            let mut hi = Vec::new();
+            let mut lo = Vec::new();
+            for pair in [[v[0], v[1]], [v[2], v[3]]] {
+                let h = k.reg(Class::B32);
+                k.ins(format!("cvt.rn.bf16x2.f32 {h}, {}, {};", pair[1], pair[0]));
+                hi.push(h);
+                if inputs_as == TcInputs::Bf16 {
+                    continue;
+                }
+                let (h0, h1) = (k.reg(Class::B32), k.reg(Class::B32));
+                k.ins(format!("shl.b32 {h0}, {h}, 16;"));
+                k.ins(format!("and.b32 {h1}, {h}, -65536;"));
+                let (f0, f1) = (k.reg(Class::F32), k.reg(Class::F32));
+                k.ins(format!("mov.b32 {f0}, {h0};"));
+                k.ins(format!("mov.b32 {f1}, {h1};"));
+                k.ins(format!("sub.f32 {f0}, {}, {f0};", pair[0]));
+                k.ins(format!("sub.f32 {f1}, {}, {f1};", pair[1]));
+                let l = k.reg(Class::B32);
+                k.ins(format!("cvt.rn.bf16x2.f32 {l}, {f1}, {f0};"));
+                lo.push(l);
+            }
+            let at = k.reg(Class::B64);
+            k.ins(format!("add.u64 {at}, {fixed}, {buf};"));
+            k.ins(format!(
+                "st.shared.v2.b32 [{at}+{a_hi}], {{{}, {}}};",
+                hi[0], hi[1]
+            ));
+            if let [l0, l1] = lo[..] {
+                k.ins(format!("st.shared.v2.b32 [{at}+{a_lo}], {{{l0}, {l1}}};"));
+            }
+        }
+        for (fixed, v) in b_shared.iter().zip(&b_regs) {
+            let at = k.reg(Class::B64);
+            k.ins(format!("add.u64 {at}, {fixed}, {buf};"));
+            k.ins(format!(
+                "st.shared.v4.b32 [{at}+{b_at}], {{{}, {}, {}, {}}};",
+                v[0], v[1], v[2], v[3]
+            ));
+        }
+    };
+
+    // Groups past the chunk's count leave at once (whole blocks: no barrier waits for them).
+    let group_end = k.label("group_end");
+    k.leave_unless_below(t0, n, &group_end);
+    // While the kernel before this one finishes, the first k-steps of this block's weight
+    // rows come into L2 (four k-steps per 128-byte line; the loop's own prefetches start
+    // PREFETCH_STEPS + 1 steps in). The inputs are that kernel's output: after the wait. The
+    // gates' matrices (2.6 MB a layer for the 2B model) are read by every token group of a
+    // column block at once and need no prefetch.
+    let prefetch = !by_input;
+    let first_steps = (PREFETCH_STEPS + 1).min(inputs / 16);
+    if prefetch {
+        for at in &b_ptrs {
+            for step in (0..first_steps).step_by(4) {
+                k.ins(format!("prefetch.global.L2 [{at}+{}];", 32 * step));
+            }
+        }
+    }
+    k.wait_for_earlier_kernels();
+    for a in accs.iter().flatten().flatten().flatten() {
+        k.ins(format!("mov.f32 {a}, 0f00000000;"));
+    }
+    // Prologue: the first k-step into buffer 0.
+    k.ins(format!("mov.u32 {k0}, 0;"));
+    fetch(k);
+    let buf = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {buf}, 0;"));
+    commit(k, buf);
+    k.ins("bar.sync 0;");
+
+    let (head, end) = (k.label("k"), k.label("k_end"));
+    k.place(&head);
+    k.leave_unless_below(k0, inputs, &end);
+    // The next k-step's loads go out before this one's MMAs.
+    let next = k.reg(Class::B32);
+    k.ins(format!("add.u32 {next}, {k0}, 16;"));
+    let more = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {more}, {next}, {inputs};"));
+    let skip_fetch = k.label("skip_fetch");
+    k.ins(format!("@!{more} bra {skip_fetch};"));
+    fetch(k);
+    if prefetch {
+        // Weight rows come from DRAM (once for a column block's token groups) while the loads
+        // above run only one k-step ahead: ask L2 for the step PREFETCH_STEPS past the one
+        // just fetched (no registers; inside the row, so never past the weights).
+        let ahead = k.reg(Class::Pred);
+        k.ins(format!(
+            "setp.lt.u32 {ahead}, {next}, {};",
+            inputs.saturating_sub(16 * PREFETCH_STEPS)
+        ));
+        for at in &b_ptrs {
+            k.ins(format!(
+                "@{ahead} prefetch.global.L2 [{at}+{}];",
+                32 * (PREFETCH_STEPS - 1)
+            ));
+        }
+    }
+    k.place(&skip_fetch);
+    // Fragments from this buffer.
+    let stage = k.reg(Class::B64);
+    k.ins(format!("add.u64 {stage}, {buf}, {tiles};"));
+    let b_frags: Vec<Vec<[Reg; 2]>> = {
+        // [column tile][first/second row] -> (b0, b1).
+        let mut frags: Vec<Vec<[Reg; 2]>> = (0..column_tiles).map(|_| Vec::new()).collect();
+        for (&(_, [first, second]), fixed) in b_loads.iter().zip(&b_lanes) {
+            let at = k.reg(Class::B64);
+            k.ins(format!("add.u64 {at}, {stage}, {fixed};"));
+            let r = ldmatrix_x4(k, at, b_at, by_input);
+            frags[first].push([r[0], r[1]]);
+            frags[second].push([r[2], r[3]]);
+        }
+        frags
+    };
+    let a_at = k.reg(Class::B64);
+    k.ins(format!("add.u64 {a_at}, {stage}, {a_lane64};"));
+    for (tile, tile_accs) in accs.iter().enumerate() {
+        let mut a_frags = Vec::new();
+        let parts: &[u32] = match inputs_as {
+            TcInputs::Split => &[a_hi, a_lo],
+            TcInputs::Bf16 => &[a_hi],
+        };
+        for &part in parts {
+            let r = ldmatrix_x4(k, a_at, part + 16 * tile as u32 * TC_ROW, false);
+            a_frags.push(r);
+        }
+        for (column_accs, frags) in tile_accs.iter().zip(&b_frags) {
+            for (acc, b) in column_accs.iter().zip(frags) {
+                for a in &a_frags {
+                    k.ins(format!(
+                        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
+                        acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1], acc[0], acc[1], acc[2], acc[3]
+                    ));
+                }
+            }
+        }
+    }
+    // The next k-step's registers into the other buffer; every warp is past its reads of that
+    // buffer (the barrier at the end of the previous k-step).
+    let skip_commit = k.label("skip_commit");
+    k.ins(format!("@!{more} bra {skip_commit};"));
+    k.ins(format!("xor.b64 {buf}, {buf}, {stage_bytes};"));
+    commit(k, buf);
+    k.place(&skip_commit);
+    k.ins("bar.sync 0;");
+    k.ins(format!("mov.u32 {k0}, {next};"));
+    k.ins(format!("bra {head};"));
+    k.place(&end);
+
+    // Epilogue: accumulator i of (token tile, column tile j) is (token t0 + 64·token_warp +
+    // 16·tile + g + 8·(i >> 1), column col0 + warp's first + 8j + 2q + (i & 1)).
+    k.ins(format!("mad.lo.u32 {t0}, {token_warp}, 64, {t0};"));
+    for (tile, tile_accs) in accs.iter().enumerate() {
+        for (j, column_accs) in tile_accs.iter().enumerate() {
+            for i in 0..4usize {
+                let skip = k.label("skip");
+                let t = k.reg(Class::B32);
+                k.ins(format!("add.u32 {t}, {t0}, {g};"));
+                k.ins(format!("add.u32 {t}, {t}, {};", 16 * tile + 8 * (i >> 1)));
+                k.leave_unless_below(t, n, &skip);
+                let col = k.reg(Class::B32);
+                k.ins(format!("mad.lo.u32 {col}, {q}, 2, {col0};"));
+                k.ins(format!("add.u32 {col}, {col}, {warp_row};"));
+                k.ins(format!("add.u32 {col}, {col}, {};", 8 * j + (i & 1)));
+                k.leave_unless_below(col, width, &skip);
+                let vals: Vec<Reg> = column_accs.iter().map(|a| a[i]).collect();
+                finish(k, vals, t, col);
+                k.place(&skip);
+            }
+        }
+    }
+    k.place(&group_end);
+}
+
+/// The chunk projection on tensor cores (`tc_body` over a weight stored a row per output
+/// column; GeGLU's gate and up rows are its pairs), finished as `gemm_tokens_split` finishes:
+/// bias, epilogue, residual, the split output. Parameters as `gemm_tokens_split`. Launch:
+/// `tc_grid` blocks of `tc_block` threads, for the same `token_warps` (`tc_token_warps`).
+pub fn gemm_tokens_tc(
+    spec: &GemvSpec,
+    splits: &[u32],
+    inputs_as: TcInputs,
+    token_warps: u32,
+) -> String {
+    assert!(
+        tensor_cores_fit(spec, splits),
+        "projection does not fit tensor cores"
+    );
+    let mut k = Kernel::new(&spec.name);
+    let ProjectionParams {
+        count,
+        x,
+        w,
+        outputs,
+    } = ProjectionParams::declare(&mut k, spec, splits);
+    let shape = TcShape {
+        count,
+        x,
+        x_stride: spec.inputs,
+        inputs: spec.inputs,
+        width: spec.width,
+        pairs: is_geglu(spec),
+        weights: TcWeights::Rows(w),
+        inputs_as,
+        token_warps,
+    };
+    tc_body(&mut k, &shape, &mut |k, vals, t, col| {
+        finish_token(k, &outputs, vals, t, col)
+    });
+    k.finish()
+}
+
+/// The RG-LRU's gates over a chunk on tensor cores: both gate products of every token as one
+/// block-diagonal product of the conv outputs (`tc_body`, the two gates' matrices as pairs),
+/// finished into the scan's coefficients `h_t = a_t · h_{t-1} + b_t` (reset at position 0) as
+/// `rg_lru_gates_tokens` writes them.
+///
+/// Parameters: count `i32[1]`, conv `f32[T, C]` (`rg_lru_conv_tokens`' output), start `i32[1]`,
+/// input-gate w `[H, B, B]` bf16, input-gate bias, recurrent-gate w, recurrent-gate bias, decay
+/// `f32[C]`, a `f32[T, C]`, b `f32[T, C]`. Launch: `gates_tc_grid` blocks of `tc_block`
+/// threads, for the same `token_warps` (`gates_tc_token_warps`).
+pub fn rg_lru_gates_tc(s: &RgLruSpec, inputs_as: TcInputs, token_warps: u32) -> String {
+    assert!(gates_fit_tensor_cores(s), "gates do not fit tensor cores");
+    let mut k = Kernel::new(&s.name);
+    let count = k.param_ptr("count");
+    let conv = k.param_ptr("conv");
+    let start = k.param_ptr("start");
+    let igw = k.param_ptr("input_gate_w");
+    let igb = k.param_ptr("input_gate_b");
+    let rgw = k.param_ptr("recurrent_gate_w");
+    let rgb = k.param_ptr("recurrent_gate_b");
+    let decay = k.param_ptr("decay");
+    let a_out = k.param_ptr("a");
+    let b_out = k.param_ptr("b");
+    let c = s.channels;
+    let shape = TcShape {
+        count,
+        x: conv,
+        x_stride: c,
+        inputs: block_size(s),
+        width: c,
+        pairs: true,
+        weights: TcWeights::Blocks {
+            w: [igw, rgw],
+            size: block_size(s),
+        },
+        inputs_as,
+        token_warps,
+    };
+    tc_body(&mut k, &shape, &mut |k, vals, t, col| {
+        let p = k.reg(Class::B32);
+        k.ins(format!("ld.global.u32 {p}, [{start}];"));
+        k.ins(format!("add.u32 {p}, {p}, {t};"));
+        let zx = k.reg(Class::F32);
+        let bx = load_weight(k, Storage::F32, igb, col);
+        k.ins(format!("add.f32 {zx}, {}, {bx};", vals[0]));
+        let zr = k.reg(Class::F32);
+        let br = load_weight(k, Storage::F32, rgb, col);
+        k.ins(format!("add.f32 {zr}, {}, {br};", vals[1]));
+        let rate = load_weight(k, Storage::F32, decay, col);
+        let at = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {at}, {t}, {c}, {col};"));
+        let ca = addr4(k, conv, at);
+        let cv = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {cv}, [{ca}];"));
+        let (a, bv) = gated_input(k, zx, zr, rate, cv, p);
+        let aa = addr4(k, a_out, at);
+        k.ins(format!("st.global.f32 [{aa}], {a};"));
+        let ba = addr4(k, b_out, at);
+        k.ins(format!("st.global.f32 [{ba}], {bv};"));
+    });
+    k.finish()
+}
