@@ -521,6 +521,10 @@ impl Lowering<'_> {
             attend_tokens, attend_tokens_block, attend_tokens_grid, rotate_tokens,
             rotate_tokens_threads, write_ring_tokens,
         };
+        use griffin_backend_ptx::attention_tc::{
+            attend_tokens_tc, attend_tokens_tc_block, attend_tokens_tc_grid,
+            attention_fits_tensor_cores,
+        };
         use griffin_backend_ptx::prefill::{
             elementwise_grid, gather_tokens, gemm_tokens_split, norm_tokens_grid, rms_norm_tokens,
             NORM_BLOCK,
@@ -665,13 +669,24 @@ impl Lowering<'_> {
                     args,
                 );
                 let out = self.activation(r(0))?;
-                self.launch(
-                    format!("{name}_attend_tokens"),
-                    attend_tokens(&spec),
-                    attend_tokens_grid(&spec, max_tokens),
-                    attend_tokens_block(&spec),
-                    vec![q_rot, count, start, k_rot, v, keys, values, out],
-                );
+                let args = vec![q_rot, count, start, k_rot, v, keys, values, out];
+                if self.tensor_cores && attention_fits_tensor_cores(&spec) {
+                    self.launch(
+                        format!("{name}_attend_tokens_tc"),
+                        attend_tokens_tc(&spec, self.tc_inputs),
+                        attend_tokens_tc_grid(&spec, max_tokens),
+                        attend_tokens_tc_block(&spec),
+                        args,
+                    );
+                } else {
+                    self.launch(
+                        format!("{name}_attend_tokens"),
+                        attend_tokens(&spec),
+                        attend_tokens_grid(&spec, max_tokens),
+                        attend_tokens_block(&spec),
+                        args,
+                    );
+                }
                 self.launch(
                     format!("{name}_write_ring_tokens"),
                     write_ring_tokens(&spec, max_tokens),

@@ -35,7 +35,7 @@ impl AttentionSpec {
 }
 
 /// First position of the window ending at `pos`: `max(pos - (W-1), 0)`.
-fn window_start(k: &mut Kernel, pos: Reg, w: u32) -> Reg {
+pub(crate) fn window_start(k: &mut Kernel, pos: Reg, w: u32) -> Reg {
     let lo = k.reg(Class::B32);
     k.ins(format!("max.u32 {lo}, {pos}, {};", w - 1));
     k.ins(format!("sub.u32 {lo}, {lo}, {};", w - 1));

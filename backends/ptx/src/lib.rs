@@ -7,6 +7,7 @@
 //! these kernels is `griffinc::gpu`; running them is `griffin_runtime::cuda`.
 
 pub mod attention;
+pub mod attention_tc;
 pub mod builder;
 pub mod emu;
 pub mod gemv;

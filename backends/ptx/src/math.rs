@@ -6,7 +6,7 @@
 use crate::builder::{Class, Kernel, Reg};
 
 /// log2(e), for `exp(x) = 2^(x · log2 e)`.
-const LOG2_E: f32 = std::f32::consts::LOG2_E;
+pub(crate) const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
 /// `exp(x)`.
 pub fn exp(k: &mut Kernel, x: Reg) -> Reg {

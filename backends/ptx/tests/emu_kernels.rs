@@ -1026,8 +1026,20 @@ fn prefill_attention_over_chunks_equals_the_reference() {
     // 8, tiles spanning ring and chunk, the ring wrapping) in chunks of 30, 45, 50 and 1.
     // Head width 128: the value rows by 16-byte quads per lane.
     for (heads, kv_heads, hd) in [(4, 2, 16), (3, 1, 40), (2, 1, 128)] {
-        prefill_attention_case(heads, kv_heads, hd, 8, &[5, 3, 10, 1]);
-        prefill_attention_case(heads, kv_heads, hd, 40, &[30, 45, 50, 1]);
+        prefill_attention_case(heads, kv_heads, hd, 8, &[5, 3, 10, 1], false);
+        prefill_attention_case(heads, kv_heads, hd, 40, &[30, 45, 50, 1], false);
+    }
+}
+
+/// The same on tensor cores (`attend_tokens_tc`): head widths that are multiples of 16; 9
+/// query heads per KV head take two blocks of 5 warps, the last warp's head past the group.
+/// Windows of 8 (inside one 16-key tile) and 40 (tiles spanning ring and chunk, the ring
+/// wrapping), blocks of 16 tokens with chunks shorter and longer than one.
+#[test]
+fn prefill_attention_on_tensor_cores_equals_the_reference() {
+    for (heads, kv_heads, hd) in [(4, 2, 16), (9, 1, 32), (2, 1, 128)] {
+        prefill_attention_case(heads, kv_heads, hd, 8, &[5, 3, 10, 1], true);
+        prefill_attention_case(heads, kv_heads, hd, 40, &[30, 45, 50, 1], true);
     }
 }
 
@@ -1037,11 +1049,16 @@ fn prefill_attention_case(
     hd: usize,
     window: usize,
     chunks: &[usize],
+    tensor_cores: bool,
 ) {
     use griffin_backend_ptx::attention::{
         attend_tokens, attend_tokens_block, attend_tokens_grid, inverse_frequencies, rotate_tokens,
         rotate_tokens_threads, write_ring_tokens, AttentionSpec, ROTATE_BLOCK,
     };
+    use griffin_backend_ptx::attention_tc::{
+        attend_tokens_tc, attend_tokens_tc_block, attend_tokens_tc_grid,
+    };
+    use griffin_backend_ptx::tc::TcInputs;
     let (theta, dims) = (10000.0, 8u32);
     let max_tokens = *chunks.iter().max().unwrap() as u32;
     let spec = AttentionSpec {
@@ -1053,9 +1070,24 @@ fn prefill_attention_case(
         scale: 0.25,
         rotary: Some((theta, dims)),
     };
+    let (attend, attend_name, attend_grid, attend_block) = if tensor_cores {
+        (
+            attend_tokens_tc(&spec, TcInputs::Split),
+            "pa_attend_tokens_tc",
+            attend_tokens_tc_grid(&spec, max_tokens),
+            attend_tokens_tc_block(&spec),
+        )
+    } else {
+        (
+            attend_tokens(&spec),
+            "pa_attend_tokens",
+            attend_tokens_grid(&spec, max_tokens),
+            attend_tokens_block(&spec),
+        )
+    };
     let m = Module::parse(&module(&[
         rotate_tokens(&spec, max_tokens),
-        attend_tokens(&spec),
+        attend,
         write_ring_tokens(&spec, max_tokens),
     ]))
     .unwrap();
@@ -1111,9 +1143,9 @@ fn prefill_attention_case(
         launch(
             &m,
             &mut mem,
-            "pa_attend_tokens",
-            attend_tokens_grid(&spec, max_tokens),
-            attend_tokens_block(&spec),
+            attend_name,
+            attend_grid,
+            attend_block,
             &[qr_a, n_a, s_a, kr_a, va, keys_a, values_a, out_a],
         );
         let ring_grid = ((max_tokens * (kv_heads * hd) as u32).div_ceil(ROTATE_BLOCK)).min(2);
@@ -1149,7 +1181,10 @@ fn prefill_attention_case(
         }
         pos += chunk;
     }
-    assert!(worst < 2e-5, "window {window}, hd {hd}: max |diff| {worst}");
+    assert!(
+        worst < 2e-5,
+        "window {window}, hd {hd}, tensor cores {tensor_cores}: max |diff| {worst}"
+    );
 }
 
 /// 20 tokens in a plan for 32: a full 16-token tile and a partial one, the second warp row

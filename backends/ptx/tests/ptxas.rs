@@ -7,6 +7,7 @@ use std::process::Command;
 use griffin_backend_ptx::attention::{
     attend, attend_combine, attend_tokens, rotate_tokens, write_ring_tokens, AttentionSpec,
 };
+use griffin_backend_ptx::attention_tc::{attend_tokens_tc, attention_fits_tensor_cores};
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{argmax, gather};
 use griffin_backend_ptx::module;
@@ -140,6 +141,12 @@ fn all_kernels() -> Vec<(String, String)> {
         // Prefill, chunks of up to 64 tokens.
         out.push((format!("{}_rotate_tokens", s.name), rotate_tokens(&s, 64)));
         out.push((format!("{}_attend_tokens", s.name), attend_tokens(&s)));
+        if attention_fits_tensor_cores(&s) {
+            out.push((
+                format!("{}_attend_tokens_tc", s.name),
+                attend_tokens_tc(&s, TcInputs::Split),
+            ));
+        }
         out.push((
             format!("{}_write_ring_tokens", s.name),
             write_ring_tokens(&s, 64),

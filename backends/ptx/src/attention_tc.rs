@@ -1,0 +1,498 @@
+//! Chunk attention on tensor cores (`attend_tokens_tc`): flash attention with `mma.sync`, every
+//! f32 operand split into bf16 hi and lo halves so the products keep about 16 bits (three MMAs
+//! per product: hi·hi, hi·lo, lo·hi), as the projections keep the f32 tolerance; or, with
+//! `TcInputs::Bf16`, rounded to bf16 (one MMA, as the reference's own bf16 run).
+
+use crate::attention::{window_start, AttentionSpec};
+use crate::builder::{Class, Kernel, Reg};
+use crate::math::LOG2_E;
+use crate::rg_lru::addr4;
+use crate::tc::TcInputs;
+
+/// Query tokens per block (an `mma` tile's 16 rows) and keys per tile (one k-step of the
+/// probabilities' product with the values).
+const ROWS: u32 = 16;
+const TILE: u32 = 16;
+
+/// Warps (query heads of one KV group) per block at most.
+const MAX_WARPS: u32 = 8;
+
+/// Blocks a KV group's query heads are spread over, and heads per block: the 2B model's 10
+/// heads per KV head take two blocks of 5.
+fn head_parts(s: &AttentionSpec) -> (u32, u32) {
+    let parts = s.group().div_ceil(MAX_WARPS);
+    (parts, s.group().div_ceil(parts))
+}
+
+/// Whether `attend_tokens_tc` takes this attention: head widths a multiple of 16 (a k-step of
+/// the scores) whose four staged tiles fit 48 KiB of shared memory (up to 752).
+pub fn attention_fits_tensor_cores(s: &AttentionSpec) -> bool {
+    s.head_dim % 16 == 0 && attend_tokens_tc_shared(s) <= 48 * 1024
+}
+
+/// Bytes between rows of a staged tile: hd bf16 and 16 bytes of padding, so the 8 rows an
+/// `ldmatrix` reads fall in 8 different groups of 4 banks.
+fn row_bytes(s: &AttentionSpec) -> u32 {
+    2 * s.head_dim + 16
+}
+
+/// Shared bytes of `attend_tokens_tc`: keys and values of a tile, each as bf16 hi and lo.
+pub fn attend_tokens_tc_shared(s: &AttentionSpec) -> u32 {
+    4 * TILE * row_bytes(s)
+}
+
+/// Blocks of `attend_tokens_tc` for chunks of up to `max_tokens`: one per (16 tokens, KV head,
+/// part of its query heads).
+pub fn attend_tokens_tc_grid(s: &AttentionSpec, max_tokens: u32) -> u32 {
+    max_tokens.div_ceil(ROWS) * s.kv_heads * head_parts(s).0
+}
+
+/// Threads per block of `attend_tokens_tc`: a warp per query head of the block's part.
+pub fn attend_tokens_tc_block(s: &AttentionSpec) -> u32 {
+    32 * head_parts(s).1
+}
+
+/// `mma.sync.m16n8k16` bf16 × bf16 + f32 into `acc`.
+fn mma(k: &mut Kernel, acc: &[Reg; 4], a: &[Reg; 4], b: [Reg; 2]) {
+    k.ins(format!(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
+        acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1], acc[0], acc[1], acc[2], acc[3]
+    ));
+}
+
+/// f32 pair (x0, x1) as bf16x2 hi (x0 in the low half) and lo = the rounding errors.
+fn split_pair(k: &mut Kernel, x0: Reg, x1: Reg) -> (Reg, Reg) {
+    let hi = k.reg(Class::B32);
+    k.ins(format!("cvt.rn.bf16x2.f32 {hi}, {x1}, {x0};"));
+    let (h0, h1) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shl.b32 {h0}, {hi}, 16;"));
+    k.ins(format!("and.b32 {h1}, {hi}, -65536;"));
+    let (f0, f1) = (k.reg(Class::F32), k.reg(Class::F32));
+    k.ins(format!("mov.b32 {f0}, {h0};"));
+    k.ins(format!("mov.b32 {f1}, {h1};"));
+    k.ins(format!("sub.f32 {f0}, {x0}, {f0};"));
+    k.ins(format!("sub.f32 {f1}, {x1}, {f1};"));
+    let lo = k.reg(Class::B32);
+    k.ins(format!("cvt.rn.bf16x2.f32 {lo}, {f1}, {f0};"));
+    (hi, lo)
+}
+
+fn ldmatrix_x4(k: &mut Kernel, at: Reg, imm: u32, trans: bool) -> [Reg; 4] {
+    let r = k.regs4(Class::B32);
+    let t = if trans { ".trans" } else { "" };
+    k.ins(format!(
+        "ldmatrix.sync.aligned.m8n8.x4{t}.shared.b16 {{{}, {}, {}, {}}}, [{at}+{imm}];",
+        r[0], r[1], r[2], r[3]
+    ));
+    r
+}
+
+/// Attention for a chunk of T queries (prefill) on tensor cores. A block per (16 consecutive
+/// tokens, KV head, part of its query heads), a warp per query head: the warp's 16 rows are the
+/// block's tokens for its head, so every key and value tile the block stages serves all its
+/// heads (5 for the 2B shape). The union of the tokens' windows goes through in tiles of 16
+/// positions: the block stages the tile's key and value rows in shared memory as bf16 hi and
+/// lo halves (rows past the union as zeros: a masked key's weight is 0, and 0 · NaN would not
+/// be); each warp computes its 16×16 scores with `mma` (its query fragments loaded and split
+/// from global memory per k-step, the keys' through `ldmatrix`), masks them to each row's
+/// window, updates its rows' running max and sums (online softmax in base 2), rescales its
+/// output accumulators, and adds the probabilities (the score accumulators are already an A
+/// fragment) times the values (`ldmatrix.trans`: the value rows are the k dimension). Per
+/// (query row, key) that is ~0.75 MMA of 16×8×16 for the 2B shape. Parameters as
+/// `attend_tokens`. Launch: `attend_tokens_tc_grid` blocks of `attend_tokens_tc_block`.
+pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
+    let split = inputs_as == TcInputs::Split;
+    assert!(
+        attention_fits_tensor_cores(s),
+        "attention does not fit tensor cores"
+    );
+    let (hd, w, gkv, group) = (s.head_dim, s.window, s.kv_heads, s.group());
+    let (parts, per_block) = head_parts(s);
+    let threads = attend_tokens_tc_block(s);
+    let rb = row_bytes(s);
+    let tile_bytes = TILE * rb;
+    // Tiles in shared memory: keys hi, keys lo, values hi, values lo.
+    let (k_hi, k_lo, v_hi, v_lo) = (0, tile_bytes, 2 * tile_bytes, 3 * tile_bytes);
+    let mut k = Kernel::new(&format!("{}_attend_tokens_tc", s.name));
+    // Output accumulators take hd/2 registers a thread: one block per SM's share at most.
+    k.launch_bounds(threads, 1);
+    k.shared("kv_tiles", attend_tokens_tc_shared(s), 16);
+    let q = k.param_ptr("q");
+    let count = k.param_ptr("count");
+    let start_at = k.param_ptr("start");
+    let chunk_keys = k.param_ptr("chunk_keys");
+    let chunk_values = k.param_ptr("chunk_values");
+    let keys = k.param_ptr("keys");
+    let values = k.param_ptr("values");
+    let out = k.param_ptr("out");
+
+    let (tid, blk) = k.thread_and_block();
+    let (warp, lane) = k.warp_and_lane(tid);
+    // Block b: part b % parts, KV head (b / parts) % G, tokens 16 · (b / parts / G)...
+    let (part, g, t0) = (k.reg(Class::B32), k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("rem.u32 {part}, {blk}, {parts};"));
+    k.ins(format!("div.u32 {t0}, {blk}, {parts};"));
+    k.ins(format!("rem.u32 {g}, {t0}, {gkv};"));
+    k.ins(format!("div.u32 {t0}, {t0}, {gkv};"));
+    k.ins(format!("mul.lo.u32 {t0}, {t0}, {ROWS};"));
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let done = k.label("done");
+    // Whole blocks leave together: the barriers below see every thread or none.
+    k.leave_unless_below(t0, n, &done);
+    let start = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {start}, [{start_at}];"));
+    let last = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {last}, {n}, 1;"));
+    // The block's tiles run from its first token's window start to its last token's position.
+    let first_pos = k.reg(Class::B32);
+    k.ins(format!("add.u32 {first_pos}, {start}, {t0};"));
+    let first = window_start(&mut k, first_pos, w);
+    let final_pos = k.reg(Class::B32);
+    k.ins(format!("add.u32 {final_pos}, {t0}, {};", ROWS - 1));
+    k.ins(format!("min.u32 {final_pos}, {final_pos}, {last};"));
+    k.ins(format!("add.u32 {final_pos}, {final_pos}, {start};"));
+    // This warp's head of the group (past the group, the last one again, not stored).
+    let head = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {head}, {part}, {per_block}, {warp};"));
+    let head_valid = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {head_valid}, {head}, {group};"));
+    k.ins(format!("min.u32 {head}, {head}, {};", group - 1));
+    k.ins(format!("mad.lo.u32 {head}, {g}, {group}, {head};"));
+    let (gq, qq) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shr.u32 {gq}, {lane}, 2;"));
+    k.ins(format!("and.b32 {qq}, {lane}, 3;"));
+    // This lane's two rows (g and g + 8 of the tile): token, whether stored, position, window
+    // start, and its query row's address at column 2q.
+    struct Row {
+        t: Reg,
+        store: Reg,
+        pos: Reg,
+        lo: Reg,
+        qp: Reg,
+    }
+    let rows: Vec<Row> = [0u32, 8]
+        .iter()
+        .map(|&off| {
+            let t = k.reg(Class::B32);
+            k.ins(format!("add.u32 {t}, {t0}, {gq};"));
+            k.ins(format!("add.u32 {t}, {t}, {off};"));
+            let store = k.reg(Class::Pred);
+            k.ins(format!("setp.lt.and.u32 {store}, {t}, {n}, {head_valid};"));
+            k.ins(format!("min.u32 {t}, {t}, {last};"));
+            let pos = k.reg(Class::B32);
+            k.ins(format!("add.u32 {pos}, {start}, {t};"));
+            let lo = window_start(&mut k, pos, w);
+            let e = k.reg(Class::B32);
+            k.ins(format!("mad.lo.u32 {e}, {t}, {}, {head};", s.heads));
+            k.ins(format!("mul.lo.u32 {e}, {e}, {hd};"));
+            k.ins(format!("mad.lo.u32 {e}, {qq}, 2, {e};"));
+            let qp = addr4(&mut k, q, e);
+            Row {
+                t,
+                store,
+                pos,
+                lo,
+                qp,
+            }
+        })
+        .collect();
+    let tiles = k.reg(Class::B64);
+    k.ins(format!("mov.u64 {tiles}, kv_tiles;"));
+    // ldmatrix row addresses: keys (rows are the n dimension) at row (lane % 8) + 8·(lane / 16),
+    // column 8·((lane / 8) % 2); values (rows are the k dimension, transposed) at row
+    // (lane % 8) + 8·((lane / 8) % 2), column 8·(lane / 16). Matrices 0, 1 then give an n-tile's
+    // two k-halves, 2, 3 the next n-tile's.
+    let lane8 = k.reg(Class::B32);
+    k.ins(format!("and.b32 {lane8}, {lane}, 7;"));
+    let bit3 = k.reg(Class::B32);
+    k.ins(format!("shr.u32 {bit3}, {lane}, 3;"));
+    k.ins(format!("and.b32 {bit3}, {bit3}, 1;"));
+    let bit4 = k.reg(Class::B32);
+    k.ins(format!("shr.u32 {bit4}, {lane}, 4;"));
+    let lane_at = |k: &mut Kernel, row_bit: Reg, col_bit: Reg| {
+        let off = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {off}, {row_bit}, 8, {lane8};"));
+        k.ins(format!("mul.lo.u32 {off}, {off}, {rb};"));
+        k.ins(format!("mad.lo.u32 {off}, {col_bit}, 16, {off};"));
+        let at = k.reg(Class::B64);
+        k.ins(format!("cvt.u64.u32 {at}, {off};"));
+        k.ins(format!("add.u64 {at}, {at}, {tiles};"));
+        at
+    };
+    let key_at = lane_at(&mut k, bit4, bit3);
+    let value_at = lane_at(&mut k, bit3, bit4);
+
+    // Output accumulators ([n-tile of 8 features][4]), running max (base 2) per row and this
+    // lane's share of each row's sum (the quad's four are added at the end).
+    let acc: Vec<[Reg; 4]> = (0..hd / 8).map(|_| k.regs4(Class::F32)).collect();
+    for a in acc.iter().flatten() {
+        k.ins(format!("mov.f32 {a}, 0f00000000;"));
+    }
+    let (m, l) = (
+        [k.reg(Class::F32), k.reg(Class::F32)],
+        [k.reg(Class::F32), k.reg(Class::F32)],
+    );
+    for r in 0..2 {
+        k.ins(format!("mov.f32 {}, 0fFF800000;", m[r]));
+        k.ins(format!("mov.f32 {}, 0f00000000;", l[r]));
+    }
+
+    // Tiles of positions p0 .. p0 + 15 from the first token's window start to the last token's
+    // position. The first tile holds a key of every row's window (the tokens are consecutive,
+    // so their windows start at most 15 positions after the first's), so the running maxima
+    // are finite from there on and a later tile wholly masked for a row weighs it 2^-inf = 0.
+    let p0 = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {p0}, {first};"));
+    let (top, end) = (k.label("tile"), k.label("tile_end"));
+    k.place(&top);
+    let past = k.reg(Class::Pred);
+    k.ins(format!("setp.gt.u32 {past}, {p0}, {final_pos};"));
+    k.ins(format!("@{past} bra {end};"));
+    let nk = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {nk}, {final_pos}, {p0};"));
+    k.ins(format!("add.u32 {nk}, {nk}, 1;"));
+    k.ins(format!("min.u32 {nk}, {nk}, {TILE};"));
+    let slot0 = k.reg(Class::B32);
+    k.ins(format!("rem.u32 {slot0}, {p0}, {w};"));
+
+    // Stage the tile: 16 rows of hd/4 16-byte pieces each of keys and of values, rows past nk
+    // as zeros. Position p0 + r comes from the chunk's own rows from `start` on, else from ring
+    // slot (p0 + r) mod W.
+    let quads = hd / 4;
+    for (chunk_base, ring_base, hi_off, lo_off) in [
+        (chunk_keys, keys, k_hi, k_lo),
+        (chunk_values, values, v_hi, v_lo),
+    ] {
+        let i = k.reg(Class::B32);
+        k.ins(format!("mov.u32 {i}, {tid};"));
+        let pieces = TILE * quads;
+        k.strided(i, pieces, threads, &mut |k| {
+            let r = k.reg(Class::B32);
+            k.ins(format!("div.u32 {r}, {i}, {quads};"));
+            let c = k.reg(Class::B32);
+            k.ins(format!("rem.u32 {c}, {i}, {quads};"));
+            let v = k.regs4(Class::F32);
+            for x in &v {
+                k.ins(format!("mov.f32 {x}, 0f00000000;"));
+            }
+            let outside = k.reg(Class::Pred);
+            k.ins(format!("setp.ge.u32 {outside}, {r}, {nk};"));
+            let zero = k.label("zero_row");
+            k.ins(format!("@{outside} bra {zero};"));
+            let pp = k.reg(Class::B32);
+            k.ins(format!("add.u32 {pp}, {p0}, {r};"));
+            let slot = k.reg(Class::B32);
+            k.ins(format!("add.u32 {slot}, {slot0}, {r};"));
+            let wrap = k.reg(Class::Pred);
+            k.ins(format!("setp.ge.u32 {wrap}, {slot}, {w};"));
+            k.ins(format!("@{wrap} sub.u32 {slot}, {slot}, {w};"));
+            let in_chunk = k.reg(Class::Pred);
+            k.ins(format!("setp.ge.u32 {in_chunk}, {pp}, {start};"));
+            let row = k.reg(Class::B32);
+            k.ins(format!("sub.u32 {row}, {pp}, {start};"));
+            k.ins(format!("selp.b32 {row}, {row}, {slot}, {in_chunk};"));
+            k.ins(format!("mad.lo.u32 {row}, {row}, {gkv}, {g};"));
+            k.ins(format!("mul.lo.u32 {row}, {row}, {hd};"));
+            k.ins(format!("mad.lo.u32 {row}, {c}, 4, {row};"));
+            let base = k.reg(Class::B64);
+            k.ins(format!(
+                "selp.b64 {base}, {chunk_base}, {ring_base}, {in_chunk};"
+            ));
+            let src = addr4(k, base, row);
+            k.ins(format!(
+                "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{src}];",
+                v[0], v[1], v[2], v[3]
+            ));
+            k.place(&zero);
+            let (h01, l01) = split_pair(k, v[0], v[1]);
+            let (h23, l23) = split_pair(k, v[2], v[3]);
+            let dst = k.reg(Class::B32);
+            k.ins(format!("mul.lo.u32 {dst}, {r}, {rb};"));
+            k.ins(format!("mad.lo.u32 {dst}, {c}, 8, {dst};"));
+            let dp = k.reg(Class::B64);
+            k.ins(format!("cvt.u64.u32 {dp}, {dst};"));
+            k.ins(format!("add.u64 {dp}, {dp}, {tiles};"));
+            k.ins(format!(
+                "st.shared.v2.b32 [{dp}+{hi_off}], {{{h01}, {h23}}};"
+            ));
+            if split {
+                k.ins(format!(
+                    "st.shared.v2.b32 [{dp}+{lo_off}], {{{l01}, {l23}}};"
+                ));
+            }
+        });
+    }
+    k.ins("bar.sync 0;");
+
+    // Scores: two n-tiles of 8 keys, over hd/16 k-steps; the query fragment of each k-step
+    // (rows g and g + 8, columns 2q, 2q + 1 and 2q + 8, 2q + 9) loaded and split here. Coherent
+    // loads: q is the previous kernel's output.
+    let scores = [k.regs4(Class::F32), k.regs4(Class::F32)];
+    // The small products (hi·lo, lo·hi) in their own accumulators, added at the end: four
+    // chains of dependent MMAs instead of two.
+    let small = [k.regs4(Class::F32), k.regs4(Class::F32)];
+    for sc in scores.iter().chain(&small).flatten() {
+        k.ins(format!("mov.f32 {sc}, 0f00000000;"));
+    }
+    for step in 0..hd / 16 {
+        let mut hi = Vec::new();
+        let mut lo = Vec::new();
+        // a0: row g, columns 2q..; a1: row g + 8; a2: row g, columns 2q + 8..; a3: row g + 8.
+        for (row, col) in [(0usize, 0u32), (1, 0), (0, 8), (1, 8)] {
+            let (x0, x1) = (k.reg(Class::F32), k.reg(Class::F32));
+            k.ins(format!(
+                "ld.global.v2.f32 {{{x0}, {x1}}}, [{}+{}];",
+                rows[row].qp,
+                4 * (16 * step + col)
+            ));
+            let (h, l) = split_pair(&mut k, x0, x1);
+            hi.push(h);
+            lo.push(l);
+        }
+        let qh = [hi[0], hi[1], hi[2], hi[3]];
+        let ql = [lo[0], lo[1], lo[2], lo[3]];
+        let kh = ldmatrix_x4(&mut k, key_at, k_hi + 32 * step, false);
+        let kl = split.then(|| ldmatrix_x4(&mut k, key_at, k_lo + 32 * step, false));
+        for (j, sc) in scores.iter().enumerate() {
+            let bh = [kh[2 * j], kh[2 * j + 1]];
+            mma(&mut k, sc, &qh, bh);
+            if let Some(kl) = kl {
+                mma(&mut k, &small[j], &qh, [kl[2 * j], kl[2 * j + 1]]);
+                mma(&mut k, &small[j], &ql, bh);
+            }
+        }
+    }
+    for (sc, sm) in scores.iter().zip(&small) {
+        for (a, b) in sc.iter().zip(sm) {
+            k.ins(format!("add.f32 {a}, {a}, {b};"));
+        }
+    }
+
+    // Mask to each row's window, scale to base 2, and update the rows' maxima and sums: score i
+    // of n-tile j is (row g + 8·(i / 2), key p0 + 8j + 2q + i % 2).
+    let kbase = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {kbase}, {qq}, 2, {p0};"));
+    let key_end = k.reg(Class::B32);
+    k.ins(format!("add.u32 {key_end}, {p0}, {nk};"));
+    let scale = Kernel::f32_imm(s.scale * LOG2_E);
+    let mut alpha = Vec::new();
+    for r in 0..2 {
+        let row = &rows[r];
+        let tile_max = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {tile_max}, 0fFF800000;"));
+        for (j, sc) in scores.iter().enumerate() {
+            for i in [2 * r, 2 * r + 1] {
+                let kp = k.reg(Class::B32);
+                k.ins(format!("add.u32 {kp}, {kbase}, {};", 8 * j + i % 2));
+                let valid = k.reg(Class::Pred);
+                k.ins(format!("setp.lt.u32 {valid}, {kp}, {key_end};"));
+                k.ins(format!(
+                    "setp.ge.and.u32 {valid}, {kp}, {}, {valid};",
+                    row.lo
+                ));
+                k.ins(format!(
+                    "setp.le.and.u32 {valid}, {kp}, {}, {valid};",
+                    row.pos
+                ));
+                k.ins(format!("mul.f32 {}, {}, {scale};", sc[i], sc[i]));
+                k.ins(format!(
+                    "selp.f32 {}, {}, 0fFF800000, {valid};",
+                    sc[i], sc[i]
+                ));
+                k.ins(format!("max.f32 {tile_max}, {tile_max}, {};", sc[i]));
+            }
+        }
+        // The row's four values per lane; its 16 keys are spread over the quad's lanes.
+        for xor in [1, 2] {
+            let other = k.reg(Class::F32);
+            k.ins(format!(
+                "shfl.sync.bfly.b32 {other}, {tile_max}, {xor}, 31, -1;"
+            ));
+            k.ins(format!("max.f32 {tile_max}, {tile_max}, {other};"));
+        }
+        let m_new = k.reg(Class::F32);
+        k.ins(format!("max.f32 {m_new}, {}, {tile_max};", m[r]));
+        let a = k.reg(Class::F32);
+        k.ins(format!("sub.f32 {a}, {}, {m_new};", m[r]));
+        k.ins(format!("ex2.approx.ftz.f32 {a}, {a};"));
+        k.ins(format!("mov.f32 {}, {m_new};", m[r]));
+        k.ins(format!("mul.f32 {}, {}, {a};", l[r], l[r]));
+        for sc in &scores {
+            for i in [2 * r, 2 * r + 1] {
+                k.ins(format!("sub.f32 {}, {}, {m_new};", sc[i], sc[i]));
+                k.ins(format!("ex2.approx.ftz.f32 {}, {};", sc[i], sc[i]));
+                k.ins(format!("add.f32 {}, {}, {};", l[r], l[r], sc[i]));
+            }
+        }
+        alpha.push(a);
+    }
+    // Rescale the outputs: registers 0, 1 of each n-tile are row g's, 2, 3 row g + 8's.
+    for a in &acc {
+        for (i, x) in a.iter().enumerate() {
+            k.ins(format!("mul.f32 {x}, {x}, {};", alpha[i / 2]));
+        }
+    }
+    // The probabilities as an A fragment (16 rows × 16 keys): n-tile 0's rows g, g + 8, then
+    // n-tile 1's, split into hi and lo.
+    let mut ph = Vec::new();
+    let mut pl = Vec::new();
+    for (j, r) in [(0usize, 0usize), (0, 1), (1, 0), (1, 1)] {
+        let (h, l) = split_pair(&mut k, scores[j][2 * r], scores[j][2 * r + 1]);
+        ph.push(h);
+        pl.push(l);
+    }
+    let ph = [ph[0], ph[1], ph[2], ph[3]];
+    let pl = [pl[0], pl[1], pl[2], pl[3]];
+    for pair in 0..hd / 16 {
+        let vh = ldmatrix_x4(&mut k, value_at, v_hi + 32 * pair, true);
+        let vl = split.then(|| ldmatrix_x4(&mut k, value_at, v_lo + 32 * pair, true));
+        for j in 0..2usize {
+            let a = &acc[(2 * pair) as usize + j];
+            let bh = [vh[2 * j], vh[2 * j + 1]];
+            mma(&mut k, a, &ph, bh);
+            if let Some(vl) = vl {
+                mma(&mut k, a, &ph, [vl[2 * j], vl[2 * j + 1]]);
+                mma(&mut k, a, &pl, bh);
+            }
+        }
+    }
+    // Every warp is done with the tile before the next one is staged over it.
+    k.ins("bar.sync 0;");
+    k.ins(format!("add.u32 {p0}, {p0}, {TILE};"));
+    k.ins(format!("bra {top};"));
+    k.place(&end);
+
+    // Each row's sum over its quad, then out[t, head, 8j + 2q ..] = acc / sum.
+    for r in 0..2 {
+        for xor in [1, 2] {
+            let other = k.reg(Class::F32);
+            k.ins(format!(
+                "shfl.sync.bfly.b32 {other}, {}, {xor}, 31, -1;",
+                l[r]
+            ));
+            k.ins(format!("add.f32 {}, {}, {other};", l[r], l[r]));
+        }
+        k.ins(format!("rcp.rn.f32 {}, {};", l[r], l[r]));
+        let row = &rows[r];
+        let e = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {e}, {}, {}, {head};", row.t, s.heads));
+        k.ins(format!("mul.lo.u32 {e}, {e}, {hd};"));
+        k.ins(format!("mad.lo.u32 {e}, {qq}, 2, {e};"));
+        let op = addr4(&mut k, out, e);
+        let skip = k.label("skip_row");
+        k.ins(format!("@!{} bra {skip};", row.store));
+        for (j, a) in acc.iter().enumerate() {
+            let (o0, o1) = (k.reg(Class::F32), k.reg(Class::F32));
+            k.ins(format!("mul.f32 {o0}, {}, {};", a[2 * r], l[r]));
+            k.ins(format!("mul.f32 {o1}, {}, {};", a[2 * r + 1], l[r]));
+            k.ins(format!(
+                "st.global.v2.f32 [{op}+{}], {{{o0}, {o1}}};",
+                32 * j
+            ));
+        }
+        k.place(&skip);
+    }
+    k.place(&done);
+    k.finish()
+}
