@@ -523,7 +523,7 @@ impl Lowering<'_> {
         };
         use griffin_backend_ptx::attention_tc::{
             attend_tokens_tc, attend_tokens_tc_block, attend_tokens_tc_grid,
-            attention_fits_tensor_cores,
+            attend_tokens_tc_scratch, attention_fits_tensor_cores,
         };
         use griffin_backend_ptx::prefill::{
             elementwise_grid, gather_tokens, gemm_tokens_split, norm_tokens_grid, rms_norm_tokens,
@@ -669,8 +669,13 @@ impl Lowering<'_> {
                     args,
                 );
                 let out = self.activation(r(0))?;
-                let args = vec![q_rot, count, start, k_rot, v, keys, values, out];
+                let mut args = vec![q_rot, count, start, k_rot, v, keys, values, out];
                 if self.tensor_cores && attention_fits_tensor_cores(&spec) {
+                    let scratch = attend_tokens_tc_scratch(&spec, max_tokens);
+                    args.push(Arg {
+                        buffer: self.buffer(GpuBufferKind::Activation, scratch),
+                        offset: 0,
+                    });
                     self.launch(
                         format!("{name}_attend_tokens_tc"),
                         attend_tokens_tc(&spec, self.tc_inputs),

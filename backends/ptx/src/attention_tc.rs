@@ -52,6 +52,20 @@ pub fn attend_tokens_tc_block(s: &AttentionSpec) -> u32 {
     32 * head_parts(s).1
 }
 
+/// Bytes of `attend_tokens_tc`'s query scratch for chunks of up to `max_tokens`: each warp's
+/// query fragments (16 rows × hd, as bf16 hi and lo in `mma` fragment order), one slot per warp
+/// of the grid.
+pub fn attend_tokens_tc_scratch(s: &AttentionSpec, max_tokens: u32) -> u64 {
+    let warps = attend_tokens_tc_grid(s, max_tokens) as u64 * head_parts(s).1 as u64;
+    warps * slot_bytes(s) as u64
+}
+
+/// Bytes of one warp's query fragments: hd/16 k-steps of 32 lanes × 8 words (hi a0..a3, lo
+/// a0..a3).
+fn slot_bytes(s: &AttentionSpec) -> u32 {
+    s.head_dim / 16 * 32 * 32
+}
+
 /// `mma.sync.m16n8k16` bf16 × bf16 + f32 into `acc`.
 fn mma(k: &mut Kernel, acc: &[Reg; 4], a: &[Reg; 4], b: [Reg; 2]) {
     k.ins(format!(
@@ -99,7 +113,8 @@ fn ldmatrix_x4(k: &mut Kernel, at: Reg, imm: u32, trans: bool) -> [Reg; 4] {
 /// output accumulators, and adds the probabilities (the score accumulators are already an A
 /// fragment) times the values (`ldmatrix.trans`: the value rows are the k dimension). Per
 /// (query row, key) that is ~0.75 MMA of 16×8×16 for the 2B shape. Parameters as
-/// `attend_tokens`. Launch: `attend_tokens_tc_grid` blocks of `attend_tokens_tc_block`.
+/// `attend_tokens`, then the query scratch (`attend_tokens_tc_scratch` bytes). Launch:
+/// `attend_tokens_tc_grid` blocks of `attend_tokens_tc_block`.
 pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     let split = inputs_as == TcInputs::Split;
     assert!(
@@ -125,6 +140,7 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     let keys = k.param_ptr("keys");
     let values = k.param_ptr("values");
     let out = k.param_ptr("out");
+    let scratch = k.param_ptr("q_fragments");
 
     let (tid, blk) = k.thread_and_block();
     let (warp, lane) = k.warp_and_lane(tid);
@@ -162,14 +178,14 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     let (gq, qq) = (k.reg(Class::B32), k.reg(Class::B32));
     k.ins(format!("shr.u32 {gq}, {lane}, 2;"));
     k.ins(format!("and.b32 {qq}, {lane}, 3;"));
-    // This lane's two rows (g and g + 8 of the tile): token, whether stored, position, window
-    // start, and its query row's address at column 2q.
+    // This lane's two rows (g and g + 8 of the tile): whether stored, the first element of its
+    // query row at column 2q, and of its output at the same column. Few registers stay live
+    // through the tiles (the output accumulators take hd/2): each row's position and window
+    // start are recomputed per tile from the first row's position.
     struct Row {
-        t: Reg,
         store: Reg,
-        pos: Reg,
-        lo: Reg,
         qp: Reg,
+        oe: Reg,
     }
     let rows: Vec<Row> = [0u32, 8]
         .iter()
@@ -180,23 +196,18 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
             let store = k.reg(Class::Pred);
             k.ins(format!("setp.lt.and.u32 {store}, {t}, {n}, {head_valid};"));
             k.ins(format!("min.u32 {t}, {t}, {last};"));
-            let pos = k.reg(Class::B32);
-            k.ins(format!("add.u32 {pos}, {start}, {t};"));
-            let lo = window_start(&mut k, pos, w);
             let e = k.reg(Class::B32);
             k.ins(format!("mad.lo.u32 {e}, {t}, {}, {head};", s.heads));
             k.ins(format!("mul.lo.u32 {e}, {e}, {hd};"));
             k.ins(format!("mad.lo.u32 {e}, {qq}, 2, {e};"));
             let qp = addr4(&mut k, q, e);
-            Row {
-                t,
-                store,
-                pos,
-                lo,
-                qp,
-            }
+            Row { store, qp, oe: e }
         })
         .collect();
+    // Row g's position (row g + 8's is 8 more, up to the last token's).
+    let pos0 = k.reg(Class::B32);
+    k.ins(format!("add.u32 {pos0}, {first_pos}, {gq};"));
+    k.ins(format!("min.u32 {pos0}, {pos0}, {final_pos};"));
     let tiles = k.reg(Class::B64);
     k.ins(format!("mov.u64 {tiles}, kv_tiles;"));
     // ldmatrix row addresses: keys (rows are the n dimension) at row (lane % 8) + 8·(lane / 16),
@@ -222,6 +233,57 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     };
     let key_at = lane_at(&mut k, bit4, bit3);
     let value_at = lane_at(&mut k, bit3, bit4);
+
+    // The warp's query fragments, split once into its scratch slot (warp of the grid: block ·
+    // warps + warp), this lane's 32 bytes per k-step: every tile reads them back with two
+    // 16-byte loads instead of loading and splitting eight floats.
+    let frag = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {frag}, {blk}, {per_block}, {warp};"));
+    k.ins(format!(
+        "mul.lo.u32 {frag}, {frag}, {};",
+        slot_bytes(s) / 32
+    ));
+    k.ins(format!("add.u32 {frag}, {frag}, {lane};"));
+    let frag_at = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {frag_at}, {frag}, 32;"));
+    k.ins(format!("add.u64 {frag_at}, {frag_at}, {scratch};"));
+    {
+        let (qa, qb, fa) = (k.reg(Class::B64), k.reg(Class::B64), k.reg(Class::B64));
+        k.ins(format!("mov.u64 {qa}, {};", rows[0].qp));
+        k.ins(format!("mov.u64 {qb}, {};", rows[1].qp));
+        k.ins(format!("mov.u64 {fa}, {frag_at};"));
+        let step = k.reg(Class::B32);
+        k.ins(format!("mov.u32 {step}, 0;"));
+        k.strided(step, hd / 16, 1, &mut |k| {
+            let mut hi = Vec::new();
+            let mut lo = Vec::new();
+            // a0: row g, columns 2q..; a1: row g + 8; a2: row g, columns 2q + 8..; a3: row
+            // g + 8. Coherent loads: q is the previous kernel's output.
+            for (at, col) in [(qa, 0u32), (qb, 0), (qa, 8), (qb, 8)] {
+                let (x0, x1) = (k.reg(Class::F32), k.reg(Class::F32));
+                k.ins(format!(
+                    "ld.global.v2.f32 {{{x0}, {x1}}}, [{at}+{}];",
+                    4 * col
+                ));
+                let (h, l) = split_pair(k, x0, x1);
+                hi.push(h);
+                lo.push(l);
+            }
+            k.ins(format!(
+                "st.global.v4.b32 [{fa}], {{{}, {}, {}, {}}};",
+                hi[0], hi[1], hi[2], hi[3]
+            ));
+            if split {
+                k.ins(format!(
+                    "st.global.v4.b32 [{fa}+16], {{{}, {}, {}, {}}};",
+                    lo[0], lo[1], lo[2], lo[3]
+                ));
+            }
+            k.ins(format!("add.u64 {qa}, {qa}, 64;"));
+            k.ins(format!("add.u64 {qb}, {qb}, 64;"));
+            k.ins(format!("add.u64 {fa}, {fa}, 1024;"));
+        });
+    }
 
     // Output accumulators ([n-tile of 8 features][4]), running max (base 2) per row and this
     // lane's share of each row's sum (the quad's four are added at the end).
@@ -325,9 +387,7 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     }
     k.ins("bar.sync 0;");
 
-    // Scores: two n-tiles of 8 keys, over hd/16 k-steps; the query fragment of each k-step
-    // (rows g and g + 8, columns 2q, 2q + 1 and 2q + 8, 2q + 9) loaded and split here. Coherent
-    // loads: q is the previous kernel's output.
+    // Scores: two n-tiles of 8 keys, over hd/16 k-steps, the query fragments from the scratch.
     let scores = [k.regs4(Class::F32), k.regs4(Class::F32)];
     // The small products (hi·lo, lo·hi) in their own accumulators, added at the end: four
     // chains of dependent MMAs instead of two.
@@ -335,34 +395,39 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     for sc in scores.iter().chain(&small).flatten() {
         k.ins(format!("mov.f32 {sc}, 0f00000000;"));
     }
-    for step in 0..hd / 16 {
-        let mut hi = Vec::new();
-        let mut lo = Vec::new();
-        // a0: row g, columns 2q..; a1: row g + 8; a2: row g, columns 2q + 8..; a3: row g + 8.
-        for (row, col) in [(0usize, 0u32), (1, 0), (0, 8), (1, 8)] {
-            let (x0, x1) = (k.reg(Class::F32), k.reg(Class::F32));
+    // A loop, not unrolled here: ptxas would otherwise hoist every k-step's fragment loads
+    // (8 registers each) ahead of the MMAs and spill.
+    let (fa, ka) = (k.reg(Class::B64), k.reg(Class::B64));
+    k.ins(format!("mov.u64 {fa}, {frag_at};"));
+    k.ins(format!("mov.u64 {ka}, {key_at};"));
+    let step = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {step}, 0;"));
+    k.strided(step, hd / 16, 1, &mut |k| {
+        let qh = k.regs4(Class::B32);
+        k.ins(format!(
+            "ld.global.v4.b32 {{{}, {}, {}, {}}}, [{fa}];",
+            qh[0], qh[1], qh[2], qh[3]
+        ));
+        let ql = k.regs4(Class::B32);
+        if split {
             k.ins(format!(
-                "ld.global.v2.f32 {{{x0}, {x1}}}, [{}+{}];",
-                rows[row].qp,
-                4 * (16 * step + col)
+                "ld.global.v4.b32 {{{}, {}, {}, {}}}, [{fa}+16];",
+                ql[0], ql[1], ql[2], ql[3]
             ));
-            let (h, l) = split_pair(&mut k, x0, x1);
-            hi.push(h);
-            lo.push(l);
         }
-        let qh = [hi[0], hi[1], hi[2], hi[3]];
-        let ql = [lo[0], lo[1], lo[2], lo[3]];
-        let kh = ldmatrix_x4(&mut k, key_at, k_hi + 32 * step, false);
-        let kl = split.then(|| ldmatrix_x4(&mut k, key_at, k_lo + 32 * step, false));
+        let kh = ldmatrix_x4(k, ka, k_hi, false);
+        let kl = split.then(|| ldmatrix_x4(k, ka, k_lo, false));
         for (j, sc) in scores.iter().enumerate() {
             let bh = [kh[2 * j], kh[2 * j + 1]];
-            mma(&mut k, sc, &qh, bh);
+            mma(k, sc, &qh, bh);
             if let Some(kl) = kl {
-                mma(&mut k, &small[j], &qh, [kl[2 * j], kl[2 * j + 1]]);
-                mma(&mut k, &small[j], &ql, bh);
+                mma(k, &small[j], &qh, [kl[2 * j], kl[2 * j + 1]]);
+                mma(k, &small[j], &ql, bh);
             }
         }
-    }
+        k.ins(format!("add.u64 {fa}, {fa}, 1024;"));
+        k.ins(format!("add.u64 {ka}, {ka}, 32;"));
+    });
     for (sc, sm) in scores.iter().zip(&small) {
         for (a, b) in sc.iter().zip(sm) {
             k.ins(format!("add.f32 {a}, {a}, {b};"));
@@ -378,7 +443,10 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     let scale = Kernel::f32_imm(s.scale * LOG2_E);
     let mut alpha = Vec::new();
     for r in 0..2 {
-        let row = &rows[r];
+        let pos = k.reg(Class::B32);
+        k.ins(format!("add.u32 {pos}, {pos0}, {};", 8 * r));
+        k.ins(format!("min.u32 {pos}, {pos}, {final_pos};"));
+        let lo = window_start(&mut k, pos, w);
         let tile_max = k.reg(Class::F32);
         k.ins(format!("mov.f32 {tile_max}, 0fFF800000;"));
         for (j, sc) in scores.iter().enumerate() {
@@ -387,14 +455,8 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
                 k.ins(format!("add.u32 {kp}, {kbase}, {};", 8 * j + i % 2));
                 let valid = k.reg(Class::Pred);
                 k.ins(format!("setp.lt.u32 {valid}, {kp}, {key_end};"));
-                k.ins(format!(
-                    "setp.ge.and.u32 {valid}, {kp}, {}, {valid};",
-                    row.lo
-                ));
-                k.ins(format!(
-                    "setp.le.and.u32 {valid}, {kp}, {}, {valid};",
-                    row.pos
-                ));
+                k.ins(format!("setp.ge.and.u32 {valid}, {kp}, {lo}, {valid};"));
+                k.ins(format!("setp.le.and.u32 {valid}, {kp}, {pos}, {valid};"));
                 k.ins(format!("mul.f32 {}, {}, {scale};", sc[i], sc[i]));
                 k.ins(format!(
                     "selp.f32 {}, {}, 0fFF800000, {valid};",
@@ -475,11 +537,7 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
         }
         k.ins(format!("rcp.rn.f32 {}, {};", l[r], l[r]));
         let row = &rows[r];
-        let e = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {e}, {}, {}, {head};", row.t, s.heads));
-        k.ins(format!("mul.lo.u32 {e}, {e}, {hd};"));
-        k.ins(format!("mad.lo.u32 {e}, {qq}, 2, {e};"));
-        let op = addr4(&mut k, out, e);
+        let op = addr4(&mut k, out, row.oe);
         let skip = k.label("skip_row");
         k.ins(format!("@!{} bra {skip};", row.store));
         for (j, a) in acc.iter().enumerate() {

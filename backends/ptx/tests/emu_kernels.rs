@@ -1056,7 +1056,7 @@ fn prefill_attention_case(
         rotate_tokens_threads, write_ring_tokens, AttentionSpec, ROTATE_BLOCK,
     };
     use griffin_backend_ptx::attention_tc::{
-        attend_tokens_tc, attend_tokens_tc_block, attend_tokens_tc_grid,
+        attend_tokens_tc, attend_tokens_tc_block, attend_tokens_tc_grid, attend_tokens_tc_scratch,
     };
     use griffin_backend_ptx::tc::TcInputs;
     let (theta, dims) = (10000.0, 8u32);
@@ -1085,6 +1085,7 @@ fn prefill_attention_case(
             attend_tokens_block(&spec),
         )
     };
+    let attend_params = if tensor_cores { 9 } else { 8 };
     let m = Module::parse(&module(&[
         rotate_tokens(&spec, max_tokens),
         attend,
@@ -1093,6 +1094,11 @@ fn prefill_attention_case(
     .unwrap();
     let mut rng = Rng(17);
     let mut mem = Memory::new();
+    // The tensor-core kernel's query scratch, as a pooled buffer would be: NaN.
+    let scratch_a = mem.alloc(&vec![
+        0xFF;
+        attend_tokens_tc_scratch(&spec, max_tokens) as usize
+    ]);
     let inv = inverse_frequencies(theta, dims);
     let inv_a = mem.alloc(
         &inv.iter()
@@ -1146,7 +1152,7 @@ fn prefill_attention_case(
             attend_name,
             attend_grid,
             attend_block,
-            &[qr_a, n_a, s_a, kr_a, va, keys_a, values_a, out_a],
+            &[qr_a, n_a, s_a, kr_a, va, keys_a, values_a, out_a, scratch_a][..attend_params],
         );
         let ring_grid = ((max_tokens * (kv_heads * hd) as u32).div_ceil(ROTATE_BLOCK)).min(2);
         launch(

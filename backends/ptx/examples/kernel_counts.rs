@@ -1,0 +1,231 @@
+//! Counts the instructions the prefill kernels that have both a CUDA-core and a tensor-core
+//! form execute at the 2B model's shape, on the PTX interpreter, and prints them per token:
+//! attention at a full window (2048 keys: the chunk starts at position 4096, so every key comes
+//! from the ring) and the RG-LRU's gates. Counts, not timings: what each form asks the GPU to
+//! issue (an `mma` counts as one instruction of its warp's 32 threads).
+//!
+//! `cargo run --release -p griffin-backend-ptx --example kernel_counts`
+
+use griffin_backend_ptx::attention::{
+    attend_tokens, attend_tokens_block, attend_tokens_grid, attend_tokens_per_block, AttentionSpec,
+};
+use griffin_backend_ptx::attention_tc::{
+    attend_tokens_tc, attend_tokens_tc_block, attend_tokens_tc_grid, attend_tokens_tc_scratch,
+};
+use griffin_backend_ptx::emu::{run, Launch, Memory, Module};
+use griffin_backend_ptx::module;
+use griffin_backend_ptx::prefill::{
+    elementwise_grid, gate_tokens, rg_lru_conv_tokens, rg_lru_gates_grid, rg_lru_gates_tokens,
+    NORM_BLOCK,
+};
+use griffin_backend_ptx::rg_lru::{block_size, RgLruSpec, Storage};
+use griffin_backend_ptx::tc::{
+    gates_tc_grid, gates_tc_token_warps, rg_lru_gates_tc, tc_block, TcInputs,
+};
+
+/// Deterministic values in [-1, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn bf16(&mut self, n: usize) -> Vec<u8> {
+        self.vec(n)
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect()
+    }
+}
+
+fn launch(
+    m: &Module,
+    mem: &mut Memory,
+    kernel: &str,
+    grid: u32,
+    block: u32,
+    params: &[u64],
+) -> u64 {
+    run(
+        m,
+        kernel,
+        &Launch {
+            grid,
+            block,
+            params,
+        },
+        mem,
+    )
+    .unwrap_or_else(|e| panic!("{kernel}: {e}"))
+}
+
+fn main() {
+    let mut rng = Rng(1);
+    let mut rows: Vec<(String, f64)> = Vec::new();
+
+    // Attention: 10 query heads of 256 features on one KV head, window 2048.
+    let spec = AttentionSpec {
+        name: "b2".into(),
+        heads: 10,
+        kv_heads: 1,
+        head_dim: 256,
+        window: 2048,
+        scale: 1.0 / 16.0,
+        rotary: Some((10000.0, 128)),
+    };
+    let (h, hd, w) = (10usize, 256usize, 2048usize);
+    let m = Module::parse(&module(&[
+        attend_tokens(&spec),
+        attend_tokens_tc(&spec, TcInputs::Split),
+        attend_tokens_tc(
+            &AttentionSpec {
+                name: "b2_bf16".into(),
+                ..spec.clone()
+            },
+            TcInputs::Bf16,
+        ),
+    ]))
+    .unwrap();
+    let mut mem = Memory::new();
+    let tokens = 16usize;
+    let q = mem.alloc_f32(&rng.vec(tokens * h * hd));
+    let ck = mem.alloc_f32(&rng.vec(tokens * hd));
+    let cv = mem.alloc_f32(&rng.vec(tokens * hd));
+    let ring_k = mem.alloc_f32(&rng.vec(w * hd));
+    let ring_v = mem.alloc_f32(&rng.vec(w * hd));
+    let out = mem.alloc_f32(&vec![0.0; tokens * h * hd]);
+    let start = mem.alloc_u32(&[4096]);
+    let per_block = attend_tokens_per_block(&spec) as usize;
+    let count = mem.alloc_u32(&[per_block as u32]);
+    let params = [q, count, start, ck, cv, ring_k, ring_v, out];
+    let n = launch(
+        &m,
+        &mut mem,
+        "b2_attend_tokens",
+        attend_tokens_grid(&spec, per_block as u32),
+        attend_tokens_block(&spec),
+        &params,
+    );
+    rows.push((
+        "attend_tokens (CUDA cores), per token, 2048 keys".into(),
+        n as f64 / per_block as f64,
+    ));
+    let count = mem.alloc_u32(&[tokens as u32]);
+    let scratch = mem.alloc(&vec![
+        0;
+        attend_tokens_tc_scratch(&spec, tokens as u32) as usize
+    ]);
+    let params = [q, count, start, ck, cv, ring_k, ring_v, out, scratch];
+    for (name, label) in [
+        (
+            "b2_attend_tokens_tc",
+            "attend_tokens_tc (split), per token, 2048 keys",
+        ),
+        (
+            "b2_bf16_attend_tokens_tc",
+            "attend_tokens_tc (bf16 inputs), per token, 2048 keys",
+        ),
+    ] {
+        let n = launch(
+            &m,
+            &mut mem,
+            name,
+            attend_tokens_tc_grid(&spec, tokens as u32),
+            attend_tokens_tc_block(&spec),
+            &params,
+        );
+        rows.push((label.into(), n as f64 / tokens as f64));
+    }
+
+    // RG-LRU gates: 2560 channels in 10 blocks of 256, bf16 gate matrices.
+    let s = RgLruSpec {
+        name: "b2_gates".into(),
+        channels: 2560,
+        blocks: 10,
+        width: 4,
+        conv: Storage::F32,
+        gates: Storage::Bf16,
+        gate_output: true,
+    };
+    let named = |name: &str| RgLruSpec {
+        name: name.into(),
+        ..s.clone()
+    };
+    let tokens = 64usize;
+    let warps = gates_tc_token_warps(&s, tokens as u32);
+    let m = Module::parse(&module(&[
+        rg_lru_gates_tokens(&named("cuda")),
+        rg_lru_conv_tokens(&named("conv")),
+        rg_lru_gates_tc(&named("tc"), TcInputs::Split, warps),
+    ]))
+    .unwrap();
+    let (c, b, k) = (2560usize, block_size(&s) as usize, 4usize);
+    let count = mem.alloc_u32(&[tokens as u32]);
+    let x = mem.alloc_f32(&rng.vec(tokens * c));
+    let start = mem.alloc_u32(&[4096]);
+    let window = mem.alloc_f32(&rng.vec(k * c));
+    let conv_w = mem.alloc_f32(&rng.vec(c * k));
+    let conv_b = mem.alloc_f32(&rng.vec(c));
+    let igw = mem.alloc(&rng.bf16(c * b));
+    let igb = mem.alloc_f32(&rng.vec(c));
+    let rgw = mem.alloc(&rng.bf16(c * b));
+    let rgb = mem.alloc_f32(&rng.vec(c));
+    let decay = mem.alloc_f32(&rng.vec(c));
+    let conv = mem.alloc_f32(&vec![0.0; tokens * c]);
+    let (a, bb) = (
+        mem.alloc_f32(&vec![0.0; tokens * c]),
+        mem.alloc_f32(&vec![0.0; tokens * c]),
+    );
+    let n = launch(
+        &m,
+        &mut mem,
+        "cuda",
+        rg_lru_gates_grid(&s, tokens as u32),
+        block_size(&s),
+        &[
+            count, x, start, window, conv_w, conv_b, igw, igb, rgw, rgb, decay, a, bb,
+        ],
+    );
+    rows.push((
+        format!(
+            "rg_lru_gates_tokens (CUDA cores, {} tokens a block), per token",
+            gate_tokens(&s)
+        ),
+        n as f64 / tokens as f64,
+    ));
+    let conv_n = launch(
+        &m,
+        &mut mem,
+        "conv",
+        elementwise_grid((tokens * c) as u32, NORM_BLOCK),
+        NORM_BLOCK,
+        &[count, x, start, window, conv_w, conv_b, conv],
+    );
+    let tc_n = launch(
+        &m,
+        &mut mem,
+        "tc",
+        gates_tc_grid(&s, tokens as u32, warps),
+        tc_block(warps),
+        &[count, conv, start, igw, igb, rgw, rgb, decay, a, bb],
+    );
+    rows.push((
+        "rg_lru_conv_tokens + rg_lru_gates_tc (split), per token".into(),
+        (conv_n + tc_n) as f64 / tokens as f64,
+    ));
+
+    println!("| kernel (2B shape) | thread-instructions | warp-instructions |");
+    println!("| --- | --- | --- |");
+    for (name, n) in rows {
+        println!("| {name} | {:.3e} | {:.3e} |", n, n / 32.0);
+    }
+}
