@@ -143,12 +143,13 @@ pub struct CompileArgs {
     /// Storage dtype of packed weights.
     #[arg(long, value_enum, default_value_t = WeightsChoice::Stored)]
     pub weights_dtype: WeightsChoice,
-    /// GPU: run prefill projections and RG-LRU gates on CUDA cores instead of tensor cores.
+    /// GPU: run prefill projections, RG-LRU gates and attention on CUDA cores instead of
+    /// tensor cores.
     #[arg(long)]
     pub no_tensor_cores: bool,
-    /// GPU: how tensor-core projections take their f32 inputs: `split` (hi + lo bf16 halves,
-    /// two MMAs, ~16 bits) or `bf16` (rounded, one MMA: half the work, as the reference's own
-    /// bf16 run; outside the golden cases' 0.02 bound on the 4-layer case).
+    /// GPU: how tensor-core kernels take their f32 operands: `split` (hi + lo bf16 halves, two
+    /// MMAs per product, three in attention, ~16 bits) or `bf16` (rounded, one MMA: as the
+    /// reference's own bf16 run; outside the golden cases' 0.02 bound on the 4-layer case).
     #[arg(long, value_enum, default_value_t = TcInputsChoice::Split)]
     pub tensor_core_inputs: TcInputsChoice,
 }

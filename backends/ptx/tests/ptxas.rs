@@ -276,3 +276,13 @@ fn gemv_ptx_snapshot() {
 fn rg_lru_ptx_snapshot() {
     insta::assert_snapshot!("tiny_rg_lru", module(&[rg_lru_step(&rg_lru_specs()[0])]));
 }
+
+/// The tensor-core attention at the tiny shape (4 query heads of 16 features on one KV head):
+/// fragment-order query scratch, `ldmatrix` and `ldmatrix.trans`, the split MMAs.
+#[test]
+fn attention_tc_ptx_snapshot() {
+    insta::assert_snapshot!(
+        "tiny_attend_tokens_tc",
+        module(&[attend_tokens_tc(&attention_specs()[0], TcInputs::Split)])
+    );
+}
