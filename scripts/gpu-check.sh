@@ -84,6 +84,10 @@ dec_plain=$(GRIFFIN_CUDA_PDL=0 "$exe" --ids 2 --max-new-tokens 512 --ignore-eos 
 # launch timed (kernel tables on stderr).
 echo "== profile (2B shape)"
 "$exe" --ids "$prompt" --max-new-tokens 1 --profile 2>&1 >/dev/null | grep -v '^time to first' | head -80
+# The same chunk on CUDA cores: attention and the RG-LRU gates, whose tensor-core forms are
+# new (2026-12-01), beside their CUDA-core forms.
+echo "== profile (2B shape, --no-tensor-cores): attention and gates"
+"$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --profile 2>&1 >/dev/null | grep -E '^profile:|^\| *(kernel|---)|attend_tokens|_gates|_conv' | head -24
 echo "prefill: $pre"
 echo "prefill (CUDA cores): $pre_simt"
 echo "prefill (bf16 tensor-core inputs): $pre_bf16in"
