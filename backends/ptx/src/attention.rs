@@ -42,6 +42,115 @@ pub(crate) fn window_start(k: &mut Kernel, pos: Reg, w: u32) -> Reg {
     lo
 }
 
+/// The parameters of both chunk attention kernels, in order: q `f32[T,H,hd]` (rotated), count
+/// `i32[1]`, start `i32[1]`, chunk keys `f32[T,G,hd]` (rotated), chunk values, keys and values
+/// (the ring, `f32[W,G,hd]`), out `f32[T,H,hd]`.
+pub(crate) struct ChunkAttention {
+    pub q: Reg,
+    pub count: Reg,
+    pub start_at: Reg,
+    pub chunk_keys: Reg,
+    pub chunk_values: Reg,
+    pub keys: Reg,
+    pub values: Reg,
+    pub out: Reg,
+}
+
+impl ChunkAttention {
+    pub fn declare(k: &mut Kernel) -> ChunkAttention {
+        ChunkAttention {
+            q: k.param_ptr("q"),
+            count: k.param_ptr("count"),
+            start_at: k.param_ptr("start"),
+            chunk_keys: k.param_ptr("chunk_keys"),
+            chunk_values: k.param_ptr("chunk_values"),
+            keys: k.param_ptr("keys"),
+            values: k.param_ptr("values"),
+            out: k.param_ptr("out"),
+        }
+    }
+}
+
+/// The positions a block of a chunk attention kernel covers: the chunk's count `n`, its first
+/// position `start`, its last token `last`, and the span of keys its tokens t0..t0+tokens see
+/// (`first`: the first token's window start; `final_pos`: the last token's position).
+pub(crate) struct BlockSpan {
+    pub n: Reg,
+    pub start: Reg,
+    pub last: Reg,
+    pub first_pos: Reg,
+    pub first: Reg,
+    pub final_pos: Reg,
+}
+
+/// Loads the count and start; blocks whose first token `t0` is past the count go to `done`
+/// (whole blocks leave together, so the barriers after see every thread or none).
+pub(crate) fn block_span(
+    k: &mut Kernel,
+    p: &ChunkAttention,
+    t0: Reg,
+    tokens: u32,
+    w: u32,
+    done: &str,
+) -> BlockSpan {
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{}];", p.count));
+    k.leave_unless_below(t0, n, done);
+    let start = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {start}, [{}];", p.start_at));
+    let last = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {last}, {n}, 1;"));
+    let first_pos = k.reg(Class::B32);
+    k.ins(format!("add.u32 {first_pos}, {start}, {t0};"));
+    let first = window_start(k, first_pos, w);
+    let final_pos = k.reg(Class::B32);
+    k.ins(format!("add.u32 {final_pos}, {t0}, {};", tokens - 1));
+    k.ins(format!("min.u32 {final_pos}, {final_pos}, {last};"));
+    k.ins(format!("add.u32 {final_pos}, {final_pos}, {start};"));
+    BlockSpan {
+        n,
+        start,
+        last,
+        first_pos,
+        first,
+        final_pos,
+    }
+}
+
+/// The base and first element of KV head `g`'s key (or value) row of position `pp`, at or
+/// after `tile0` (whose ring slot is `slot0`) by `r`: the chunk's own rows from `start` on,
+/// else ring slot (tile0 + r) mod W (r < W, so one wrap at most).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn kv_row(
+    k: &mut Kernel,
+    s: &AttentionSpec,
+    pp: Reg,
+    slot0: Reg,
+    r: Reg,
+    start: Reg,
+    g: Reg,
+    chunk_base: Reg,
+    ring_base: Reg,
+) -> (Reg, Reg) {
+    let slot = k.reg(Class::B32);
+    k.ins(format!("add.u32 {slot}, {slot0}, {r};"));
+    let wrap = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {wrap}, {slot}, {};", s.window));
+    k.ins(format!("@{wrap} sub.u32 {slot}, {slot}, {};", s.window));
+    let in_chunk = k.reg(Class::Pred);
+    k.ins(format!("setp.ge.u32 {in_chunk}, {pp}, {start};"));
+    let row = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {row}, {pp}, {start};"));
+    k.ins(format!("selp.b32 {row}, {row}, {slot}, {in_chunk};"));
+    k.ins(format!("mad.lo.u32 {row}, {row}, {}, {g};", s.kv_heads));
+    k.ins(format!("mul.lo.u32 {row}, {row}, {};", s.head_dim));
+    let base = k.reg(Class::B64);
+    k.ins(format!(
+        "selp.b64 {base}, {chunk_base}, {ring_base}, {in_chunk};"
+    ));
+    (base, row)
+}
+
 pub const ATTEND_WARPS: u32 = 8;
 pub const ROTATE_BLOCK: u32 = 256;
 
@@ -723,14 +832,16 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     // Up to 1024 threads: registers must stay within 65536 per block.
     k.launch_bounds(threads, 1);
     k.shared("tile", attend_tokens_shared(s), 16);
-    let q = k.param_ptr("q");
-    let count = k.param_ptr("count");
-    let start_at = k.param_ptr("start");
-    let chunk_keys = k.param_ptr("chunk_keys");
-    let chunk_values = k.param_ptr("chunk_values");
-    let keys = k.param_ptr("keys");
-    let values = k.param_ptr("values");
-    let out = k.param_ptr("out");
+    let params = ChunkAttention::declare(&mut k);
+    let ChunkAttention {
+        q,
+        chunk_keys,
+        chunk_values,
+        keys,
+        values,
+        out,
+        ..
+    } = params;
 
     let (tid, blk) = k.thread_and_block();
     let (warp, lane) = k.warp_and_lane(tid);
@@ -738,25 +849,18 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     k.ins(format!("div.u32 {t0}, {blk}, {gkv};"));
     k.ins(format!("mul.lo.u32 {t0}, {t0}, {per_block};"));
     k.ins(format!("rem.u32 {g}, {blk}, {gkv};"));
-    let n = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {n}, [{count}];"));
     let done = k.label("done");
-    // Whole blocks leave together: the barriers below see every thread or none.
-    k.leave_unless_below(t0, n, &done);
-    let start = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {start}, [{start_at}];"));
-    let last = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {last}, {n}, 1;"));
     // This warp's token t0 + warp / wpt; past the chunk's last token it computes that one's
     // rows again and stores nothing. The block's tiles run from its first token's window start
     // to its last token's position.
-    let first_pos = k.reg(Class::B32);
-    k.ins(format!("add.u32 {first_pos}, {start}, {t0};"));
-    let first = window_start(&mut k, first_pos, w);
-    let final_pos = k.reg(Class::B32);
-    k.ins(format!("add.u32 {final_pos}, {t0}, {};", per_block - 1));
-    k.ins(format!("min.u32 {final_pos}, {final_pos}, {last};"));
-    k.ins(format!("add.u32 {final_pos}, {final_pos}, {start};"));
+    let BlockSpan {
+        n,
+        start,
+        last,
+        first,
+        final_pos,
+        ..
+    } = block_span(&mut k, &params, t0, per_block, w, &done);
     let (i_tok, head_warp) = (k.reg(Class::B32), k.reg(Class::B32));
     k.ins(format!("div.u32 {i_tok}, {warp}, {wpt};"));
     k.ins(format!("rem.u32 {head_warp}, {warp}, {wpt};"));
@@ -832,32 +936,6 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
         })
         .collect();
 
-    // The first element of the key (or value) row of position pp: the chunk's own rows from
-    // `start` on, else ring slot `slot` (pp mod W, kept by the caller).
-    let row_of = |k: &mut Kernel, pp: Reg, slot: Reg, chunk_base: Reg, ring_base: Reg| {
-        let in_chunk = k.reg(Class::Pred);
-        k.ins(format!("setp.ge.u32 {in_chunk}, {pp}, {start};"));
-        let row = k.reg(Class::B32);
-        k.ins(format!("sub.u32 {row}, {pp}, {start};"));
-        k.ins(format!("selp.b32 {row}, {row}, {slot}, {in_chunk};"));
-        k.ins(format!("mad.lo.u32 {row}, {row}, {gkv}, {g};"));
-        k.ins(format!("mul.lo.u32 {row}, {row}, {hd};"));
-        let base = k.reg(Class::B64);
-        k.ins(format!(
-            "selp.b64 {base}, {chunk_base}, {ring_base}, {in_chunk};"
-        ));
-        (base, row)
-    };
-    // Slot of position p0 + r from p0's slot: r < W, so one wrap at most.
-    let slot_after = |k: &mut Kernel, slot0: Reg, r: Reg| {
-        let slot = k.reg(Class::B32);
-        k.ins(format!("add.u32 {slot}, {slot0}, {r};"));
-        let wrap = k.reg(Class::Pred);
-        k.ins(format!("setp.ge.u32 {wrap}, {slot}, {w};"));
-        k.ins(format!("@{wrap} sub.u32 {slot}, {slot}, {w};"));
-        slot
-    };
-
     // Tiles of positions p0 .. p0 + 31 from the first token's window start to the last
     // token's position (rows are masked to their own token's window).
     let p0 = k.reg(Class::B32);
@@ -888,8 +966,7 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
             k.ins(format!("rem.u32 {c}, {i}, {quads};"));
             let pp = k.reg(Class::B32);
             k.ins(format!("add.u32 {pp}, {p0}, {r};"));
-            let slot = slot_after(k, slot0, r);
-            let (base, row) = row_of(k, pp, slot, chunk_base, ring_base);
+            let (base, row) = kv_row(k, s, pp, slot0, r, start, g, chunk_base, ring_base);
             k.ins(format!("mad.lo.u32 {row}, {c}, 4, {row};"));
             let src = addr4(k, base, row);
             let v = k.regs4(Class::F32);

@@ -3,11 +3,13 @@
 //! per product: hi·hi, hi·lo, lo·hi), as the projections keep the f32 tolerance; or, with
 //! `TcInputs::Bf16`, rounded to bf16 (one MMA, as the reference's own bf16 run).
 
-use crate::attention::{window_start, AttentionSpec};
+use crate::attention::{
+    block_span, kv_row, window_start, AttentionSpec, BlockSpan, ChunkAttention,
+};
 use crate::builder::{Class, Kernel, Reg};
 use crate::math::LOG2_E;
 use crate::rg_lru::addr4;
-use crate::tc::TcInputs;
+use crate::tc::{ldmatrix_x4, mma_bf16 as mma, split_pair, TcInputs};
 
 /// Query tokens per block (an `mma` tile's 16 rows) and keys per tile (one k-step of the
 /// probabilities' product with the values).
@@ -66,41 +68,6 @@ fn slot_bytes(s: &AttentionSpec) -> u32 {
     s.head_dim / 16 * 32 * 32
 }
 
-/// `mma.sync.m16n8k16` bf16 × bf16 + f32 into `acc`.
-fn mma(k: &mut Kernel, acc: &[Reg; 4], a: &[Reg; 4], b: [Reg; 2]) {
-    k.ins(format!(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
-        acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1], acc[0], acc[1], acc[2], acc[3]
-    ));
-}
-
-/// f32 pair (x0, x1) as bf16x2 hi (x0 in the low half) and lo = the rounding errors.
-fn split_pair(k: &mut Kernel, x0: Reg, x1: Reg) -> (Reg, Reg) {
-    let hi = k.reg(Class::B32);
-    k.ins(format!("cvt.rn.bf16x2.f32 {hi}, {x1}, {x0};"));
-    let (h0, h1) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("shl.b32 {h0}, {hi}, 16;"));
-    k.ins(format!("and.b32 {h1}, {hi}, -65536;"));
-    let (f0, f1) = (k.reg(Class::F32), k.reg(Class::F32));
-    k.ins(format!("mov.b32 {f0}, {h0};"));
-    k.ins(format!("mov.b32 {f1}, {h1};"));
-    k.ins(format!("sub.f32 {f0}, {x0}, {f0};"));
-    k.ins(format!("sub.f32 {f1}, {x1}, {f1};"));
-    let lo = k.reg(Class::B32);
-    k.ins(format!("cvt.rn.bf16x2.f32 {lo}, {f1}, {f0};"));
-    (hi, lo)
-}
-
-fn ldmatrix_x4(k: &mut Kernel, at: Reg, imm: u32, trans: bool) -> [Reg; 4] {
-    let r = k.regs4(Class::B32);
-    let t = if trans { ".trans" } else { "" };
-    k.ins(format!(
-        "ldmatrix.sync.aligned.m8n8.x4{t}.shared.b16 {{{}, {}, {}, {}}}, [{at}+{imm}];",
-        r[0], r[1], r[2], r[3]
-    ));
-    r
-}
-
 /// Attention for a chunk of T queries (prefill) on tensor cores. A block per (16 consecutive
 /// tokens, KV head, part of its query heads), a warp per query head: the warp's 16 rows are the
 /// block's tokens for its head, so every key and value tile the block stages serves all its
@@ -132,14 +99,16 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     // Output accumulators take hd/2 registers a thread: one block per SM's share at most.
     k.launch_bounds(threads, 1);
     k.shared("kv_tiles", attend_tokens_tc_shared(s), 16);
-    let q = k.param_ptr("q");
-    let count = k.param_ptr("count");
-    let start_at = k.param_ptr("start");
-    let chunk_keys = k.param_ptr("chunk_keys");
-    let chunk_values = k.param_ptr("chunk_values");
-    let keys = k.param_ptr("keys");
-    let values = k.param_ptr("values");
-    let out = k.param_ptr("out");
+    let params = ChunkAttention::declare(&mut k);
+    let ChunkAttention {
+        q,
+        chunk_keys,
+        chunk_values,
+        keys,
+        values,
+        out,
+        ..
+    } = params;
     let scratch = k.param_ptr("q_fragments");
 
     let (tid, blk) = k.thread_and_block();
@@ -151,23 +120,16 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     k.ins(format!("rem.u32 {g}, {t0}, {gkv};"));
     k.ins(format!("div.u32 {t0}, {t0}, {gkv};"));
     k.ins(format!("mul.lo.u32 {t0}, {t0}, {ROWS};"));
-    let n = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {n}, [{count}];"));
     let done = k.label("done");
-    // Whole blocks leave together: the barriers below see every thread or none.
-    k.leave_unless_below(t0, n, &done);
-    let start = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {start}, [{start_at}];"));
-    let last = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {last}, {n}, 1;"));
     // The block's tiles run from its first token's window start to its last token's position.
-    let first_pos = k.reg(Class::B32);
-    k.ins(format!("add.u32 {first_pos}, {start}, {t0};"));
-    let first = window_start(&mut k, first_pos, w);
-    let final_pos = k.reg(Class::B32);
-    k.ins(format!("add.u32 {final_pos}, {t0}, {};", ROWS - 1));
-    k.ins(format!("min.u32 {final_pos}, {final_pos}, {last};"));
-    k.ins(format!("add.u32 {final_pos}, {final_pos}, {start};"));
+    let BlockSpan {
+        n,
+        start,
+        last,
+        first_pos,
+        first,
+        final_pos,
+    } = block_span(&mut k, &params, t0, ROWS, w, &done);
     // This warp's head of the group (past the group, the last one again, not stored).
     let head = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {head}, {part}, {per_block}, {warp};"));
@@ -344,23 +306,8 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
             k.ins(format!("@{outside} bra {zero};"));
             let pp = k.reg(Class::B32);
             k.ins(format!("add.u32 {pp}, {p0}, {r};"));
-            let slot = k.reg(Class::B32);
-            k.ins(format!("add.u32 {slot}, {slot0}, {r};"));
-            let wrap = k.reg(Class::Pred);
-            k.ins(format!("setp.ge.u32 {wrap}, {slot}, {w};"));
-            k.ins(format!("@{wrap} sub.u32 {slot}, {slot}, {w};"));
-            let in_chunk = k.reg(Class::Pred);
-            k.ins(format!("setp.ge.u32 {in_chunk}, {pp}, {start};"));
-            let row = k.reg(Class::B32);
-            k.ins(format!("sub.u32 {row}, {pp}, {start};"));
-            k.ins(format!("selp.b32 {row}, {row}, {slot}, {in_chunk};"));
-            k.ins(format!("mad.lo.u32 {row}, {row}, {gkv}, {g};"));
-            k.ins(format!("mul.lo.u32 {row}, {row}, {hd};"));
+            let (base, row) = kv_row(k, s, pp, slot0, r, start, g, chunk_base, ring_base);
             k.ins(format!("mad.lo.u32 {row}, {c}, 4, {row};"));
-            let base = k.reg(Class::B64);
-            k.ins(format!(
-                "selp.b64 {base}, {chunk_base}, {ring_base}, {in_chunk};"
-            ));
             let src = addr4(k, base, row);
             k.ins(format!(
                 "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{src}];",

@@ -121,7 +121,7 @@ const TC_KROW: u32 = 272;
 /// `ldmatrix.x4` (`.trans`: each 8×8 matrix transposed) with this lane's row address at
 /// `at + imm` in shared memory (`at` a 64-bit shared address): four 8×8 bf16 matrices, one
 /// register each.
-fn ldmatrix_x4(k: &mut Kernel, at: Reg, imm: u32, trans: bool) -> [Reg; 4] {
+pub(crate) fn ldmatrix_x4(k: &mut Kernel, at: Reg, imm: u32, trans: bool) -> [Reg; 4] {
     let r = k.regs4(Class::B32);
     let t = if trans { ".trans" } else { "" };
     k.ins(format!(
@@ -129,6 +129,32 @@ fn ldmatrix_x4(k: &mut Kernel, at: Reg, imm: u32, trans: bool) -> [Reg; 4] {
         r[0], r[1], r[2], r[3]
     ));
     r
+}
+
+/// `mma.sync.m16n8k16` bf16 × bf16 + f32 into `acc`: A a 16×16 fragment, B a 16×8 one.
+pub(crate) fn mma_bf16(k: &mut Kernel, acc: &[Reg; 4], a: &[Reg; 4], b: [Reg; 2]) {
+    k.ins(format!(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
+        acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1], acc[0], acc[1], acc[2], acc[3]
+    ));
+}
+
+/// The f32 pair (x0, x1) as bf16x2 `hi` (x0 in the low half) and `lo`, the rounding errors
+/// rounded again: `x = hi + lo` to about 16 bits.
+pub(crate) fn split_pair(k: &mut Kernel, x0: Reg, x1: Reg) -> (Reg, Reg) {
+    let hi = k.reg(Class::B32);
+    k.ins(format!("cvt.rn.bf16x2.f32 {hi}, {x1}, {x0};"));
+    let (h0, h1) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shl.b32 {h0}, {hi}, 16;"));
+    k.ins(format!("and.b32 {h1}, {hi}, -65536;"));
+    let (f0, f1) = (k.reg(Class::F32), k.reg(Class::F32));
+    k.ins(format!("mov.b32 {f0}, {h0};"));
+    k.ins(format!("mov.b32 {f1}, {h1};"));
+    k.ins(format!("sub.f32 {f0}, {x0}, {f0};"));
+    k.ins(format!("sub.f32 {f1}, {x1}, {f1};"));
+    let lo = k.reg(Class::B32);
+    k.ins(format!("cvt.rn.bf16x2.f32 {lo}, {f1}, {f0};"));
+    (hi, lo)
 }
 
 /// How the kernels give their f32 inputs to bf16 MMAs.
@@ -476,23 +502,15 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
             let mut hi = Vec::new();
             let mut lo = Vec::new();
             for pair in [[v[0], v[1]], [v[2], v[3]]] {
-                let h = k.reg(Class::B32);
-                k.ins(format!("cvt.rn.bf16x2.f32 {h}, {}, {};", pair[1], pair[0]));
-                hi.push(h);
                 if inputs_as == TcInputs::Bf16 {
-                    continue;
+                    let h = k.reg(Class::B32);
+                    k.ins(format!("cvt.rn.bf16x2.f32 {h}, {}, {};", pair[1], pair[0]));
+                    hi.push(h);
+                } else {
+                    let (h, l) = split_pair(k, pair[0], pair[1]);
+                    hi.push(h);
+                    lo.push(l);
                 }
-                let (h0, h1) = (k.reg(Class::B32), k.reg(Class::B32));
-                k.ins(format!("shl.b32 {h0}, {h}, 16;"));
-                k.ins(format!("and.b32 {h1}, {h}, -65536;"));
-                let (f0, f1) = (k.reg(Class::F32), k.reg(Class::F32));
-                k.ins(format!("mov.b32 {f0}, {h0};"));
-                k.ins(format!("mov.b32 {f1}, {h1};"));
-                k.ins(format!("sub.f32 {f0}, {}, {f0};", pair[0]));
-                k.ins(format!("sub.f32 {f1}, {}, {f1};", pair[1]));
-                let l = k.reg(Class::B32);
-                k.ins(format!("cvt.rn.bf16x2.f32 {l}, {f1}, {f0};"));
-                lo.push(l);
             }
             let at = k.reg(Class::B64);
             k.ins(format!("add.u64 {at}, {fixed}, {buf};"));
@@ -601,10 +619,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         for (column_accs, frags) in tile_accs.iter().zip(&b_frags) {
             for (acc, b) in column_accs.iter().zip(frags) {
                 for a in &a_frags {
-                    k.ins(format!(
-                        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
-                        acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1], acc[0], acc[1], acc[2], acc[3]
-                    ));
+                    mma_bf16(k, acc, a, *b);
                 }
             }
         }
