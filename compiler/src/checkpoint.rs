@@ -313,4 +313,16 @@ impl griffin_runtime::pack::TensorSource for Checkpoint {
     fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, String> {
         Checkpoint::tensor_f32(self, name).map_err(|e| e.to_string())
     }
+
+    fn tensor_raw(&self, name: &str) -> Option<(griffin_runtime::pack::SourceDtype, &[u8])> {
+        use griffin_runtime::pack::SourceDtype;
+        let entry = self.tensors.get(name)?;
+        let dtype = match entry.dtype {
+            DType::F32 => SourceDtype::F32,
+            DType::BF16 => SourceDtype::Bf16,
+            DType::F16 => SourceDtype::F16,
+            _ => return None,
+        };
+        Some((dtype, &self.files[entry.file].map[entry.start..entry.end]))
+    }
 }

@@ -2,11 +2,26 @@
 //! executable (`--pack-weights-from`) run this same code, so both produce the same bytes.
 
 use crate::plan::{BufferKind, Layout, Plan, Recipe, Storage};
-use crate::weights::{align, Fnv};
+use crate::weights::align;
+
+/// How a checkpoint tensor is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceDtype {
+    F32,
+    Bf16,
+    F16,
+}
 
 /// Checkpoint tensors by name, widened to f32.
 pub trait TensorSource {
     fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, String>;
+
+    /// The tensor's stored dtype and little-endian bytes, where the source can lend them
+    /// (memory-mapped files): a weight stored as it is in the checkpoint is then copied, not
+    /// widened to f32 and narrowed again. `None`: use `tensor_f32`.
+    fn tensor_raw(&self, _name: &str) -> Option<(SourceDtype, &[u8])> {
+        None
+    }
 }
 
 fn unary(op: &str, x: f64) -> Result<f64, String> {
@@ -93,26 +108,37 @@ fn put(out: &mut [u8], at: usize, v: f32, storage: Storage) {
     }
 }
 
+/// Bytes `values` take in `layout` and `storage` (padding included).
+fn stored_bytes(values: &[f32], layout: Layout, storage: Storage) -> Result<usize, String> {
+    if let Layout::Blocked { rows, cols, .. } = layout {
+        if values.len() as u64 != rows * cols {
+            return Err(format!(
+                "{} values for a [{rows}, {cols}] projection",
+                values.len()
+            ));
+        }
+    }
+    Ok(layout.elements(values.len() as u64, storage) as usize * element_bytes(storage))
+}
+
 /// Row-major values as the bytes of `storage`, in `layout`'s order (zeros where it pads):
 /// converted and placed in one pass, with no rearranged copy of the values.
 pub fn store(values: &[f32], layout: Layout, storage: Storage) -> Result<Vec<u8>, String> {
-    let size = element_bytes(storage);
-    let Layout::Blocked { rows, cols, .. } = layout else {
-        let mut out = vec![0u8; values.len() * size];
+    let mut out = vec![0u8; stored_bytes(values, layout, storage)?];
+    store_into(values, layout, storage, &mut out);
+    Ok(out)
+}
+
+/// `store` into `out` (zeroed, `stored_bytes` long).
+fn store_into(values: &[f32], layout: Layout, storage: Storage, out: &mut [u8]) {
+    let Layout::Blocked { cols, .. } = layout else {
         for (at, v) in values.iter().enumerate() {
-            put(&mut out, at, *v, storage);
+            put(out, at, *v, storage);
         }
-        return Ok(out);
+        return;
     };
-    if values.len() as u64 != rows * cols {
-        return Err(format!(
-            "{} values for a [{rows}, {cols}] projection",
-            values.len()
-        ));
-    }
-    let mut out = vec![0u8; layout.elements(rows * cols, storage) as usize * size];
     if cols == 0 {
-        return Ok(out);
+        return;
     }
     let col_offsets: Vec<usize> = (0..cols)
         .map(|c| layout.col_offset(c, storage) as usize)
@@ -120,10 +146,44 @@ pub fn store(values: &[f32], layout: Layout, storage: Storage) -> Result<Vec<u8>
     for (r, row) in values.chunks_exact(cols as usize).enumerate() {
         let base = layout.row_offset(r as u64, storage) as usize;
         for (v, off) in row.iter().zip(&col_offsets) {
-            put(&mut out, base + off, *v, storage);
+            put(out, base + off, *v, storage);
         }
     }
-    Ok(out)
+}
+
+/// A row-major weight that is a checkpoint tensor, or tensors joined along their first axis,
+/// stored in the checkpoint's own dtype: its parts' bytes as they are in the files.
+fn raw_parts<'a>(
+    recipe: &'a Recipe,
+    layout: Layout,
+    storage: Storage,
+    source: &'a dyn TensorSource,
+) -> Option<Vec<&'a [u8]>> {
+    if layout != Layout::RowMajor {
+        return None;
+    }
+    let names: Vec<&String> = match recipe {
+        Recipe::Tensor(name) => vec![name],
+        Recipe::Concat(parts) => parts
+            .iter()
+            .map(|p| match p {
+                Recipe::Tensor(name) => Some(name),
+                _ => None,
+            })
+            .collect::<Option<_>>()?,
+        _ => return None,
+    };
+    let want = match storage {
+        Storage::F32 => SourceDtype::F32,
+        Storage::Bf16 => SourceDtype::Bf16,
+    };
+    names
+        .into_iter()
+        .map(|name| match source.tensor_raw(name)? {
+            (dtype, bytes) if dtype == want => Some(bytes),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Computes every weight of `plan` from `source` and lays them out 64-byte aligned in buffer
@@ -144,7 +204,16 @@ pub fn pack_with_progress(
         .filter(|b| matches!(b.kind, BufferKind::Weight { .. }))
         .count();
     let mut done = 0;
-    let mut data = Vec::new();
+    // The plan's sizes, where known, so the buffer is allocated once.
+    let expected: u64 = plan
+        .buffers
+        .iter()
+        .filter_map(|b| match b.kind {
+            BufferKind::Weight { bytes, .. } => Some(align(bytes)),
+            _ => None,
+        })
+        .sum();
+    let mut data = Vec::with_capacity(expected as usize);
     for buffer in &mut plan.buffers {
         if let BufferKind::Weight {
             name,
@@ -155,26 +224,60 @@ pub fn pack_with_progress(
             layout,
         } = &mut buffer.kind
         {
-            let values = evaluate(recipe, source).map_err(|e| format!("weight `{name}`: {e}"))?;
-            let packed =
-                store(&values, *layout, *storage).map_err(|e| format!("weight `{name}`: {e}"))?;
             *offset = align(data.len() as u64);
-            *bytes = packed.len() as u64;
             data.resize(*offset as usize, 0);
-            data.extend_from_slice(&packed);
+            if let Some(parts) = raw_parts(recipe, *layout, *storage, source) {
+                for part in parts {
+                    data.extend_from_slice(part);
+                }
+            } else {
+                let values =
+                    evaluate(recipe, source).map_err(|e| format!("weight `{name}`: {e}"))?;
+                let n = stored_bytes(&values, *layout, *storage)
+                    .map_err(|e| format!("weight `{name}`: {e}"))?;
+                data.resize(*offset as usize + n, 0);
+                store_into(&values, *layout, *storage, &mut data[*offset as usize..]);
+            }
+            *bytes = data.len() as u64 - *offset;
             done += 1;
             progress(done, total);
         }
     }
-    let mut hash = Fnv::default();
-    hash.update(&data);
-    plan.weights_hash = hash.hex();
+    plan.weights_hash = weights_hash(&data);
     Ok(data)
+}
+
+/// The packed weights' hash, which an executable checks its weights file against: FNV-1a's
+/// step over 64-bit little-endian words in four interleaved lanes (so the multiplies do not
+/// wait on each other: a byte at a time took ~7 s for the 2B model's 5.4 GB), the tail bytewise,
+/// then the lanes and the length folded together.
+pub fn weights_hash(data: &[u8]) -> String {
+    const PRIME: u64 = 0x100_0000_01b3;
+    let mut lanes = [0xcbf2_9ce4_8422_2325u64; 4];
+    for (i, lane) in lanes.iter_mut().enumerate() {
+        *lane ^= i as u64;
+    }
+    let mut blocks = data.chunks_exact(32);
+    for block in &mut blocks {
+        for (lane, word) in lanes.iter_mut().zip(block.chunks_exact(8)) {
+            let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+            *lane = (*lane ^ w).wrapping_mul(PRIME);
+        }
+    }
+    for &b in blocks.remainder() {
+        lanes[0] = (lanes[0] ^ b as u64).wrapping_mul(PRIME);
+    }
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for v in lanes.into_iter().chain([data.len() as u64]) {
+        h = (h ^ v).wrapping_mul(PRIME);
+    }
+    format!("{h:016x}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::Buffer;
 
     /// Every element lands in its own slot of the blocked layout, the rest is zero padding,
     /// and `index` finds each element where `arrange` put it.
@@ -222,6 +325,162 @@ mod tests {
                 assert!(padding.clone().all(|(v, _)| *v == 0.0), "{layout:?}");
             }
         }
+    }
+
+    /// bf16 and f32 tensors, lent as bytes (a memory-mapped checkpoint) or only widened.
+    struct Source {
+        lends: bool,
+    }
+
+    impl Source {
+        fn tensor(name: &str) -> (SourceDtype, Vec<u8>) {
+            // Values exact in bf16, some negative, a NaN-free spread of exponents.
+            let n = 6 + name.len();
+            let values = (0..n).map(|i| (i as f32 - 3.0) * 0.375 * (1 << (i % 5)) as f32);
+            if name.starts_with("f32") {
+                (
+                    SourceDtype::F32,
+                    values.flat_map(|v| v.to_le_bytes()).collect(),
+                )
+            } else {
+                let bits = values.map(|v| half::bf16::from_f32(v).to_bits());
+                (
+                    SourceDtype::Bf16,
+                    bits.flat_map(|b| b.to_le_bytes()).collect(),
+                )
+            }
+        }
+    }
+
+    impl TensorSource for Source {
+        fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, String> {
+            Ok(match Source::tensor(name) {
+                (SourceDtype::F32, b) => b
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                (_, b) => b
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            })
+        }
+
+        fn tensor_raw(&self, name: &str) -> Option<(SourceDtype, &[u8])> {
+            // Leaked: the test's few bytes live as long as the source would lend them.
+            let (dtype, bytes) = Source::tensor(name);
+            self.lends
+                .then(|| (dtype, &*Box::leak(bytes.into_boxed_slice())))
+        }
+    }
+
+    fn weight(recipe: Recipe, storage: Storage) -> Buffer {
+        Buffer {
+            kind: BufferKind::Weight {
+                name: format!("{recipe:?}"),
+                offset: 0,
+                bytes: 0,
+                storage,
+                recipe,
+                layout: Layout::RowMajor,
+            },
+            elem: crate::plan::Elem::F32,
+            per_token: 0,
+            fixed: 0,
+        }
+    }
+
+    /// Weights copied from a checkpoint's own bytes (a tensor, tensors joined, in the stored
+    /// dtype) pack to exactly the bytes, offsets and hash that widening and narrowing give;
+    /// the rest (another dtype, a computed recipe) take the widened path either way.
+    #[test]
+    fn lent_bytes_pack_the_same_weights_as_widened_values() {
+        let t = |n: &str| Recipe::Tensor(n.to_string());
+        let buffers = vec![
+            weight(t("bf16_a"), Storage::Bf16),
+            weight(
+                Recipe::Concat(vec![t("bf16_b"), t("bf16_cc")]),
+                Storage::Bf16,
+            ),
+            weight(t("f32_a"), Storage::F32),
+            weight(t("bf16_d"), Storage::F32),
+            weight(t("f32_b"), Storage::Bf16),
+            weight(
+                Recipe::Binary(
+                    "add".into(),
+                    Box::new(Recipe::Scalar(1.0)),
+                    Box::new(t("bf16_e")),
+                ),
+                Storage::Bf16,
+            ),
+        ];
+        let mut plans = [0, 1].map(|_| Plan {
+            version: crate::plan::PLAN_VERSION,
+            max_tokens: 1,
+            vocab_size: 1,
+            bos_token_id: 0,
+            eos_token_id: 0,
+            pad_token_id: 0,
+            buffers: buffers.clone(),
+            launches: Vec::new(),
+            tokens: 0,
+            logits: 0,
+            logits_launch: None,
+            weights_hash: String::new(),
+        });
+        let lent = pack(&mut plans[0], &Source { lends: true }).unwrap();
+        let widened = pack(&mut plans[1], &Source { lends: false }).unwrap();
+        assert_eq!(lent, widened);
+        assert_eq!(plans[0], plans[1]);
+        assert_eq!(plans[0].weights_hash, weights_hash(&widened));
+        // The first three were copied (the rest need converting or computing), and only from a
+        // lending source.
+        let copied: Vec<bool> = buffers
+            .iter()
+            .map(|b| match &b.kind {
+                BufferKind::Weight {
+                    recipe,
+                    layout,
+                    storage,
+                    ..
+                } => raw_parts(recipe, *layout, *storage, &Source { lends: true }).is_some(),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(copied, [true, true, true, false, false, false]);
+        let t = Recipe::Tensor("bf16_a".into());
+        assert!(raw_parts(
+            &t,
+            Layout::RowMajor,
+            Storage::Bf16,
+            &Source { lends: false }
+        )
+        .is_none());
+        // The bf16 tensor, lent, is its checkpoint bytes at offset 0.
+        assert_eq!(
+            &lent[..Source::tensor("bf16_a").1.len()],
+            &Source::tensor("bf16_a").1[..]
+        );
+    }
+
+    /// The hash sees every byte, where it is and how many there are.
+    #[test]
+    fn weights_hash_changes_with_any_byte_and_the_length() {
+        let data: Vec<u8> = (0..100u32).map(|i| (i * 7) as u8).collect();
+        let h = weights_hash(&data);
+        for at in [0, 31, 32, 63, 96, 99] {
+            let mut other = data.clone();
+            other[at] ^= 1;
+            assert_ne!(weights_hash(&other), h, "byte {at}");
+        }
+        let mut swapped = data.clone();
+        swapped.swap(0, 8);
+        assert_ne!(weights_hash(&swapped), h);
+        assert_ne!(weights_hash(&data[..99]), h);
+        let mut padded = data.clone();
+        padded.push(0);
+        assert_ne!(weights_hash(&padded), h);
+        assert_eq!(weights_hash(&data), h);
     }
 
     #[test]

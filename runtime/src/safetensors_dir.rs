@@ -8,7 +8,7 @@ use std::path::Path;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::pack::TensorSource;
+use crate::pack::{SourceDtype, TensorSource};
 
 pub struct SafetensorsDir {
     maps: Vec<Mmap>,
@@ -57,6 +57,19 @@ impl SafetensorsDir {
 }
 
 impl TensorSource for SafetensorsDir {
+    fn tensor_raw(&self, name: &str) -> Option<(SourceDtype, &[u8])> {
+        let &i = self.index.get(name)?;
+        let st = SafeTensors::deserialize(&self.maps[i]).ok()?;
+        let t = st.tensor(name).ok()?;
+        let dtype = match t.dtype() {
+            Dtype::F32 => SourceDtype::F32,
+            Dtype::BF16 => SourceDtype::Bf16,
+            Dtype::F16 => SourceDtype::F16,
+            _ => return None,
+        };
+        Some((dtype, t.data()))
+    }
+
     fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, String> {
         let &i = self
             .index

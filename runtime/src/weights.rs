@@ -18,28 +18,6 @@ pub fn align(n: u64) -> u64 {
     n.div_ceil(ALIGN) * ALIGN
 }
 
-/// FNV-1a, 64-bit: identifies a weights file's contents without a dependency.
-pub struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Fnv {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    pub fn update(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= b as u64;
-            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
-        }
-    }
-
-    pub fn hex(&self) -> String {
-        format!("{:016x}", self.0)
-    }
-}
-
 fn data_start(header_len: u64) -> u64 {
     align(16 + header_len)
 }
