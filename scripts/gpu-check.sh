@@ -76,6 +76,7 @@ prompt=$("$py" -c "import random; random.seed(0); print(','.join(['2']+[str(rand
 pre=$("$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_simt=$("$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_bf16in=$("$carry/2b/griffin-2b-bf16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
+pre_f16in=$("$carry/2b/griffin-2b-f16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_512=$("$carry/2b/griffin-2b-chunk512" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 dec=$("$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats 2>&1 >/dev/null | tail -1)
 pre_plain=$(GRIFFIN_CUDA_PDL=0 "$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
@@ -91,6 +92,7 @@ echo "== profile (2B shape, --no-tensor-cores): attention and gates"
 echo "prefill: $pre"
 echo "prefill (CUDA cores): $pre_simt"
 echo "prefill (bf16 tensor-core inputs): $pre_bf16in"
+echo "prefill (f16 tensor-core inputs): $pre_f16in"
 echo "prefill (chunks of 512): $pre_512"
 echo "decode:  $dec"
 echo "prefill (no PDL): $pre_plain"
@@ -98,9 +100,9 @@ echo "decode (no PDL):  $dec_plain"
 ref=$("$py" scripts/bench_reference.py "$ck" --threads 16 --prefill 2048 --decode 64 --device cuda --dtype bf16 2>/dev/null | tail -1)
 echo "reference: $ref"
 
-"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" <<'PY'
+"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" "$pre_f16in" <<'PY'
 import json, os, re, sys
-pre, dec, ref, exe, pre_simt, pre_bf16in, pre_plain, dec_plain, pre_512 = sys.argv[1:10]
+pre, dec, ref, exe, pre_simt, pre_bf16in, pre_plain, dec_plain, pre_512, pre_f16in = sys.argv[1:11]
 def num(pattern, s):
     m = re.search(pattern, s)
     return float(m.group(1)) if m else float("nan")
@@ -120,6 +122,7 @@ print(f"| griffinc --target cuda, GRIFFIN_CUDA_PDL=0 | {num(r'prefill ([0-9.]+) 
 print(f"| griffinc --target cuda --prefill-chunk 512 | {num(r'prefill ([0-9.]+) tokens/s', pre_512):.0f} | | {num(r'device memory ([0-9.]+) MB', pre_512):.0f} MB device | |")
 print(f"| griffinc --target cuda --no-tensor-cores | {num(r'prefill ([0-9.]+) tokens/s', pre_simt):.0f} | | | |")
 print(f"| griffinc --target cuda --tensor-core-inputs bf16 | {num(r'prefill ([0-9.]+) tokens/s', pre_bf16in):.0f} | | | |")
+print(f"| griffinc --target cuda --tensor-core-inputs f16 | {num(r'prefill ([0-9.]+) tokens/s', pre_f16in):.0f} | | | |")
 print(f"| reference (transformers eager, bf16) | {r.get('prefill_tokens_per_s', float('nan')):.0f} | {r.get('decode_tokens_per_s', float('nan')):.1f} | {r.get('peak_gpu_mb', float('nan')):.0f} MB peak allocated | |")
 PY
 echo

@@ -30,6 +30,9 @@ rm -f "$carry"/2b/*.weights
 # And with one MMA per tile on inputs rounded to bf16 (half the tensor-core work).
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-bf16in -o "$carry/2b" --tensor-core-inputs bf16
 rm -f "$carry"/2b/*.weights
+# And on inputs rounded to f16 (11 bits; the bf16 weights widened to f16 as staged).
+target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-f16in -o "$carry/2b" --tensor-core-inputs f16
+rm -f "$carry"/2b/*.weights
 # And with prefill chunks of 512 (the default until 2026-12-01; the default is 2048: the
 # benchmark prompt in one chunk), to compare.
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-chunk512 -o "$carry/2b" --prefill-chunk 512

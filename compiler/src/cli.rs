@@ -148,8 +148,9 @@ pub struct CompileArgs {
     #[arg(long)]
     pub no_tensor_cores: bool,
     /// GPU: how tensor-core kernels take their f32 operands: `split` (hi + lo bf16 halves, two
-    /// MMAs per product, three in attention, ~16 bits) or `bf16` (rounded, one MMA: as the
-    /// reference's own bf16 run; outside the golden cases' 0.02 bound on the 4-layer case).
+    /// MMAs per product, three in attention, ~16 bits), `bf16` (rounded, one MMA: as the
+    /// reference's own bf16 run; outside the golden cases' 0.02 bound on the 4-layer case) or
+    /// `f16` (rounded to 11 bits, weights widened to f16, one MMA; values past ±65504 overflow).
     #[arg(long, value_enum, default_value_t = TcInputsChoice::Split)]
     pub tensor_core_inputs: TcInputsChoice,
 }
@@ -159,6 +160,7 @@ pub struct CompileArgs {
 pub enum TcInputsChoice {
     Split,
     Bf16,
+    F16,
 }
 
 impl CompileArgs {
@@ -178,6 +180,7 @@ impl CompileArgs {
             tc_inputs: match self.tensor_core_inputs {
                 TcInputsChoice::Split => crate::gpu::TcInputs::Split,
                 TcInputsChoice::Bf16 => crate::gpu::TcInputs::Bf16,
+                TcInputsChoice::F16 => crate::gpu::TcInputs::F16,
             },
         })
     }

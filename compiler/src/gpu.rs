@@ -616,7 +616,7 @@ impl Lowering<'_> {
                     // Split inputs: two MMAs per tile.
                     let mma = match self.tc_inputs {
                         TcInputs::Split => 2,
-                        TcInputs::Bf16 => 1,
+                        TcInputs::Bf16 | TcInputs::F16 => 1,
                     };
                     self.launch(
                         name,

@@ -1,7 +1,8 @@
 //! Chunk attention on tensor cores (`attend_tokens_tc`): flash attention with `mma.sync`, every
 //! f32 operand split into bf16 hi and lo halves so the products keep about 16 bits (three MMAs
 //! per product: hi·hi, hi·lo, lo·hi), as the projections keep the f32 tolerance; or, with
-//! `TcInputs::Bf16`, rounded to bf16 (one MMA, as the reference's own bf16 run).
+//! `TcInputs::Bf16` or `TcInputs::F16`, rounded to bf16 or f16 (one MMA; bf16 as the
+//! reference's own bf16 run).
 
 use crate::attention::{
     block_span, kv_row, window_start, AttentionSpec, BlockSpan, ChunkAttention,
@@ -9,7 +10,7 @@ use crate::attention::{
 use crate::builder::{Class, Kernel, Reg};
 use crate::math::LOG2_E;
 use crate::rg_lru::addr4;
-use crate::tc::{ldmatrix_x4, mma_bf16 as mma, split_pair, TcInputs};
+use crate::tc::{ldmatrix_x4, mma, round_pair, split_pair, TcInputs};
 
 /// Query tokens per block (an `mma` tile's 16 rows) and keys per tile (one k-step of the
 /// probabilities' product with the values).
@@ -84,6 +85,16 @@ fn slot_bytes(s: &AttentionSpec) -> u32 {
 /// `attend_tokens_tc_grid` blocks of `attend_tokens_tc_block`.
 pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     let split = inputs_as == TcInputs::Split;
+    let ty = inputs_as.mma_type();
+    // An f32 pair as the MMA's operands: bf16 hi and lo, or rounded to the operand type.
+    let operands = |k: &mut Kernel, x0: Reg, x1: Reg| {
+        if split {
+            split_pair(k, x0, x1)
+        } else {
+            let r = round_pair(k, ty, x0, x1);
+            (r, r)
+        }
+    };
     assert!(
         attention_fits_tensor_cores(s),
         "attention does not fit tensor cores"
@@ -227,7 +238,7 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
                     "ld.global.v2.f32 {{{x0}, {x1}}}, [{at}+{}];",
                     4 * col
                 ));
-                let (h, l) = split_pair(k, x0, x1);
+                let (h, l) = operands(k, x0, x1);
                 hi.push(h);
                 lo.push(l);
             }
@@ -314,8 +325,8 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
                 v[0], v[1], v[2], v[3]
             ));
             k.place(&zero);
-            let (h01, l01) = split_pair(k, v[0], v[1]);
-            let (h23, l23) = split_pair(k, v[2], v[3]);
+            let (h01, l01) = operands(k, v[0], v[1]);
+            let (h23, l23) = operands(k, v[2], v[3]);
             let dst = k.reg(Class::B32);
             k.ins(format!("mul.lo.u32 {dst}, {r}, {rb};"));
             k.ins(format!("mad.lo.u32 {dst}, {c}, 8, {dst};"));
@@ -366,10 +377,10 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
         let kl = split.then(|| ldmatrix_x4(k, ka, k_lo, false));
         for (j, sc) in scores.iter().enumerate() {
             let bh = [kh[2 * j], kh[2 * j + 1]];
-            mma(k, sc, &qh, bh);
+            mma(k, ty, sc, &qh, bh);
             if let Some(kl) = kl {
-                mma(k, &small[j], &qh, [kl[2 * j], kl[2 * j + 1]]);
-                mma(k, &small[j], &ql, bh);
+                mma(k, ty, &small[j], &qh, [kl[2 * j], kl[2 * j + 1]]);
+                mma(k, ty, &small[j], &ql, bh);
             }
         }
         k.ins(format!("add.u64 {fa}, {fa}, 1024;"));
@@ -447,7 +458,7 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     let mut ph = Vec::new();
     let mut pl = Vec::new();
     for (j, r) in [(0usize, 0usize), (0, 1), (1, 0), (1, 1)] {
-        let (h, l) = split_pair(&mut k, scores[j][2 * r], scores[j][2 * r + 1]);
+        let (h, l) = operands(&mut k, scores[j][2 * r], scores[j][2 * r + 1]);
         ph.push(h);
         pl.push(l);
     }
@@ -459,10 +470,10 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
         for j in 0..2usize {
             let a = &acc[(2 * pair) as usize + j];
             let bh = [vh[2 * j], vh[2 * j + 1]];
-            mma(&mut k, a, &ph, bh);
+            mma(&mut k, ty, a, &ph, bh);
             if let Some(vl) = vl {
-                mma(&mut k, a, &ph, [vl[2 * j], vl[2 * j + 1]]);
-                mma(&mut k, a, &pl, bh);
+                mma(&mut k, ty, a, &ph, [vl[2 * j], vl[2 * j + 1]]);
+                mma(&mut k, ty, a, &pl, bh);
             }
         }
     }

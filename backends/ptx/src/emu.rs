@@ -847,11 +847,18 @@ fn run_block(
 /// ISA's "Matrix Fragments for mma.m16n8k16" says: with g = lane / 4 and q = lane % 4, register
 /// a_r holds A[g + 8·(r & 1)][2q + 8·(r >> 1) + {0, 1}] (low half first), b_r holds
 /// B[2q + 8·r + {0, 1}][g], c/d_i holds C[g + 8·(i >> 1)][2q + (i & 1)].
+/// `.f16.f16` operands are laid out the same way.
 fn mma(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
-    let shape_ok = ins.op.iter().any(|m| m == "m16n8k16")
-        && ins.op.iter().filter(|m| *m == "bf16").count() == 2;
-    if !shape_ok || warp.len() != 32 {
-        return err(format!("`{}`: only m16n8k16 bf16 is emulated", ins.line));
+    let of = |ty: &str| ins.op.iter().filter(|m| *m == ty).count() == 2;
+    let widen: fn(u16) -> f32 = if of("bf16") {
+        bf16_to_f32
+    } else if of("f16") {
+        f16_to_f32
+    } else {
+        return err(format!("`{}`: only bf16 or f16 mma is emulated", ins.line));
+    };
+    if !ins.op.iter().any(|m| m == "m16n8k16") || warp.len() != 32 {
+        return err(format!("`{}`: only m16n8k16 is emulated", ins.line));
     }
     let regs = |o: &Operand, n: usize| -> Result<Vec<usize>, EmuError> {
         match o {
@@ -865,8 +872,7 @@ fn mma(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
         regs(&ins.args[2], 2)?,
         regs(&ins.args[3], 4)?,
     );
-    let half =
-        |word: u64, hi: bool| bf16_to_f32(if hi { (word >> 16) as u16 } else { word as u16 });
+    let half = |word: u64, hi: bool| widen(if hi { (word >> 16) as u16 } else { word as u16 });
     let mut am = [[0f32; 16]; 16];
     let mut bm = [[0f32; 8]; 16];
     let mut cm = [[0f32; 8]; 16];
@@ -1099,6 +1105,43 @@ fn bits_f32(v: f32) -> u64 {
 
 fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
+}
+
+/// IEEE half precision (1 sign, 5 exponent, 10 fraction bits) as f32: exact.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = ((h >> 10) & 0x1F, (h & 0x3FF) as u32);
+    match e {
+        0 => sign * m as f32 * 2f32.powi(-24),
+        31 if m == 0 => sign * f32::INFINITY,
+        31 => f32::NAN,
+        _ => f32::from_bits((h as u32 & 0x8000) << 16 | ((e as u32 + 127 - 15) << 23) | (m << 13)),
+    }
+}
+
+/// Round to nearest even, as `cvt.rn.f16.f32`: subnormals below 2^-14, infinity from 65520
+/// (halfway past the largest half, 65504) on.
+fn f32_to_f16(v: f32) -> u16 {
+    let sign = ((v.to_bits() >> 16) & 0x8000) as u16;
+    let a = v.abs();
+    if v.is_nan() {
+        return 0x7E00;
+    }
+    if a >= 65520.0 {
+        return sign | 0x7C00;
+    }
+    if a < 2f32.powi(-14) {
+        // Multiples of 2^-24; reaching 1024 gives the smallest normal, as it should.
+        return sign | (a as f64 * 16_777_216.0).round_ties_even() as u16;
+    }
+    let bits = a.to_bits();
+    let e = (bits >> 23) as i32 - 127;
+    let (mut m, rest) = ((bits & 0x7F_FFFF) >> 13, bits & 0x1FFF);
+    if rest > 0x1000 || (rest == 0x1000 && m & 1 == 1) {
+        m += 1;
+    }
+    // A carry out of the fraction moves into the exponent.
+    sign | ((((e + 15) as u32) << 10) + m) as u16
 }
 
 /// Round to nearest even, as `cvt.rn.bf16.f32`.
@@ -1410,10 +1453,15 @@ impl Ctx<'_> {
                 };
                 dst(t, r as u64)?
             }
-            // cvt.rn.bf16x2.f32 d, a, b: d's upper half is a, its lower half b.
-            "cvt" if op.has("bf16x2") => {
-                let hi = f32_to_bf16(fa(t, 1)? as f32) as u64;
-                let lo = f32_to_bf16(fa(t, 2)? as f32) as u64;
+            // cvt.rn.bf16x2.f32 d, a, b: d's upper half is a, its lower half b; f16x2 alike.
+            "cvt" if op.has("bf16x2") || op.has("f16x2") => {
+                let narrow = if op.has("f16x2") {
+                    f32_to_f16
+                } else {
+                    f32_to_bf16
+                };
+                let hi = narrow(fa(t, 1)? as f32) as u64;
+                let lo = narrow(fa(t, 2)? as f32) as u64;
                 dst(t, (hi << 16) | lo)?
             }
             "cvt" => {
@@ -1572,6 +1620,31 @@ mod tests {
             &mut mem,
         )?;
         mem.read_u32(out, words)
+    }
+
+    #[test]
+    fn f16_conversions_round_to_nearest_even_and_keep_subnormals() {
+        for (v, h) in [
+            (1.0f32, 0x3C00u16),
+            (-2.0, 0xC000),
+            (65504.0, 0x7BFF),
+            (65519.0, 0x7BFF),
+            (65520.0, 0x7C00),
+            (2f32.powi(-14), 0x0400),
+            (2f32.powi(-24), 0x0001),
+            (2f32.powi(-25), 0x0000),
+            (3.0 * 2f32.powi(-25), 0x0002),
+            (0.1, 0x2E66),
+        ] {
+            assert_eq!(f32_to_f16(v), h, "{v}");
+        }
+        // Halfway between 1 and 1 + 2^-10: ties go to the even one.
+        assert_eq!(f32_to_f16(1.0 + 2f32.powi(-11)), 0x3C00);
+        assert_eq!(f32_to_f16(1.0 + 3.0 * 2f32.powi(-11)), 0x3C02);
+        // Every half widens exactly and narrows back to itself.
+        for h in (0u16..=0xFFFF).filter(|h| (h >> 10) & 0x1F != 0x1F) {
+            assert_eq!(f32_to_f16(f16_to_f32(h)), h, "{h:#06x}");
+        }
     }
 
     #[test]

@@ -131,12 +131,32 @@ pub(crate) fn ldmatrix_x4(k: &mut Kernel, at: Reg, imm: u32, trans: bool) -> [Re
     r
 }
 
-/// `mma.sync.m16n8k16` bf16 × bf16 + f32 into `acc`: A a 16×16 fragment, B a 16×8 one.
-pub(crate) fn mma_bf16(k: &mut Kernel, acc: &[Reg; 4], a: &[Reg; 4], b: [Reg; 2]) {
+/// `mma.sync.m16n8k16` of `ty` (`bf16` or `f16`) operands + f32 into `acc`: A a 16×16
+/// fragment, B a 16×8 one.
+pub(crate) fn mma(k: &mut Kernel, ty: &str, acc: &[Reg; 4], a: &[Reg; 4], b: [Reg; 2]) {
     k.ins(format!(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
+        "mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{}, {}, {}, {}}}, {{{}, {}, {}, {}}}, {{{}, {}}}, {{{}, {}, {}, {}}};",
         acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1], acc[0], acc[1], acc[2], acc[3]
     ));
+}
+
+/// The f32 pair (x0, x1) rounded to `ty` (`bf16` or `f16`), packed with x0 in the low half.
+pub(crate) fn round_pair(k: &mut Kernel, ty: &str, x0: Reg, x1: Reg) -> Reg {
+    let r = k.reg(Class::B32);
+    k.ins(format!("cvt.rn.{ty}x2.f32 {r}, {x1}, {x0};"));
+    r
+}
+
+/// Two bf16 (a 32-bit word) as two f16: exact for magnitudes from 2^-14 to 65504 (a weight's,
+/// in practice), smaller ones to the nearest multiple of 2^-24.
+pub(crate) fn bf16x2_to_f16x2(k: &mut Kernel, w: Reg) -> Reg {
+    let (lo, hi) = (k.reg(Class::F32), k.reg(Class::F32));
+    let (l, h) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shl.b32 {l}, {w}, 16;"));
+    k.ins(format!("and.b32 {h}, {w}, -65536;"));
+    k.ins(format!("mov.b32 {lo}, {l};"));
+    k.ins(format!("mov.b32 {hi}, {h};"));
+    round_pair(k, "f16", lo, hi)
 }
 
 /// The f32 pair (x0, x1) as bf16x2 `hi` (x0 in the low half) and `lo`, the rounding errors
@@ -168,6 +188,21 @@ pub enum TcInputs {
     /// as in the reference's own bf16 run (the 4-layer golden case then differs from the
     /// float64 reference by 2.4e-2, past the 0.02 bound; measured in the interpreter).
     Bf16,
+    /// x rounded to f16 (11 bits), the bf16 weights widened to f16 as they are staged (exact
+    /// from 2^-14 to 65504), one MMA per tile: half the MMAs of `Split`, eight times finer
+    /// inputs than `Bf16`; but an input past ±65504 becomes infinite, which f32 and bf16
+    /// never overflow to.
+    F16,
+}
+
+impl TcInputs {
+    /// The MMA operand type.
+    pub(crate) fn mma_type(self) -> &'static str {
+        match self {
+            TcInputs::F16 => "f16",
+            TcInputs::Split | TcInputs::Bf16 => "bf16",
+        }
+    }
 }
 
 /// Where `tc_body`'s weights are, bf16.
@@ -204,7 +239,7 @@ type Finish<'a> = dyn FnMut(&mut Kernel, Vec<Reg>, Reg, Reg) + 'a;
 /// `token_warps` tokens of the chunk: 4 warps across the columns, `token_warps` across the
 /// tokens (64 each). Per k-step of 16 the block stages its inputs, split once into bf16 hi and
 /// lo halves (`x = hi + lo`, so the product keeps about 16 bits of each f32 input; or rounded,
-/// `TcInputs::Bf16`), and its weights in shared memory (two buffers: the next step's global
+/// `TcInputs::Bf16`, `TcInputs::F16`), and its weights in shared memory (two buffers: the next step's global
 /// loads are in flight while this one computes); each warp takes its fragments with
 /// `ldmatrix` (`.trans` for weights stored a row per input) and runs 4 token tiles × 4 column
 /// tiles × 2 halves = 32 MMAs. `finish(k, accumulators, t, col)` finishes each result inside
@@ -502,14 +537,12 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
             let mut hi = Vec::new();
             let mut lo = Vec::new();
             for pair in [[v[0], v[1]], [v[2], v[3]]] {
-                if inputs_as == TcInputs::Bf16 {
-                    let h = k.reg(Class::B32);
-                    k.ins(format!("cvt.rn.bf16x2.f32 {h}, {}, {};", pair[1], pair[0]));
-                    hi.push(h);
-                } else {
+                if inputs_as == TcInputs::Split {
                     let (h, l) = split_pair(k, pair[0], pair[1]);
                     hi.push(h);
                     lo.push(l);
+                } else {
+                    hi.push(round_pair(k, inputs_as.mma_type(), pair[0], pair[1]));
                 }
             }
             let at = k.reg(Class::B64);
@@ -525,6 +558,11 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         for (fixed, v) in b_shared.iter().zip(&b_regs) {
             let at = k.reg(Class::B64);
             k.ins(format!("add.u64 {at}, {fixed}, {buf};"));
+            let v = if inputs_as == TcInputs::F16 {
+                v.map(|w| bf16x2_to_f16x2(k, w))
+            } else {
+                *v
+            };
             k.ins(format!(
                 "st.shared.v4.b32 [{at}+{b_at}], {{{}, {}, {}, {}}};",
                 v[0], v[1], v[2], v[3]
@@ -610,7 +648,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         let mut a_frags = Vec::new();
         let parts: &[u32] = match inputs_as {
             TcInputs::Split => &[a_hi, a_lo],
-            TcInputs::Bf16 => &[a_hi],
+            TcInputs::Bf16 | TcInputs::F16 => &[a_hi],
         };
         for &part in parts {
             let r = ldmatrix_x4(k, a_at, part + 16 * tile as u32 * TC_ROW, false);
@@ -619,7 +657,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         for (column_accs, frags) in tile_accs.iter().zip(&b_frags) {
             for (acc, b) in column_accs.iter().zip(frags) {
                 for a in &a_frags {
-                    mma_bf16(k, acc, a, *b);
+                    mma(k, inputs_as.mma_type(), acc, a, *b);
                 }
             }
         }

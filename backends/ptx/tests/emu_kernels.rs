@@ -1207,8 +1207,11 @@ fn tensor_core_projection_over_a_chunk_equals_the_reference() {
         tensor_core_projection_case(150, 256, TcInputs::Split, rows);
         tensor_core_projection_case(20, 256, TcInputs::Split, rows);
     }
-    // Inputs rounded to bf16: against a reference that rounds them the same way.
+    // Inputs rounded to bf16, or to f16 (the bf16 weights widened exactly): against a
+    // reference that rounds them the same way.
     tensor_core_projection_case(100, 128, TcInputs::Bf16, 2);
+    tensor_core_projection_case(100, 128, TcInputs::F16, 2);
+    tensor_core_projection_case(20, 32, TcInputs::F16, 1);
 }
 
 fn tensor_core_projection_case(
@@ -1326,6 +1329,7 @@ fn tensor_core_projection_case(
                 match inputs_as {
                     TcInputs::Split => hi as f64 + bf16_value(bf16_bits(row[i] - hi)) as f64,
                     TcInputs::Bf16 => hi as f64,
+                    TcInputs::F16 => half::f16::from_f32(row[i]).to_f64(),
                 }
             };
             for c in 0..w {

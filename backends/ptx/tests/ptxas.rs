@@ -158,6 +158,14 @@ fn all_kernels() -> Vec<(String, String)> {
                 format!("{}_attend_tokens_tc", s.name),
                 attend_tokens_tc(&s, TcInputs::Split),
             ));
+            let f16 = AttentionSpec {
+                name: format!("{}_f16", s.name),
+                ..s.clone()
+            };
+            out.push((
+                format!("{}_attend_tokens_tc", f16.name),
+                attend_tokens_tc(&f16, TcInputs::F16),
+            ));
         }
         out.push((
             format!("{}_write_ring_tokens", s.name),
@@ -195,19 +203,18 @@ fn all_kernels() -> Vec<(String, String)> {
             tc.name.clone(),
             gemm_tokens_tc(&tc, &splits, TcInputs::Split, tc_token_warps(&tc, 512)),
         ));
-        let bf16 = format!("{}_bf16_inputs", tc.name);
-        out.push((
-            bf16.clone(),
-            gemm_tokens_tc(
-                &GemvSpec {
-                    name: bf16,
-                    ..tc.clone()
-                },
-                &splits,
-                TcInputs::Bf16,
-                tc_token_warps(&tc, 512),
-            ),
-        ));
+        for (suffix, inputs) in [("bf16", TcInputs::Bf16), ("f16", TcInputs::F16)] {
+            let name = format!("{}_{suffix}_inputs", tc.name);
+            out.push((
+                name.clone(),
+                gemm_tokens_tc(
+                    &GemvSpec { name, ..tc.clone() },
+                    &splits,
+                    inputs,
+                    tc_token_warps(&tc, 512),
+                ),
+            ));
+        }
     }
     for s in rg_lru_specs().into_iter().skip(1) {
         let gates = RgLruSpec {
