@@ -77,6 +77,7 @@ pre=$("$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -
 pre_simt=$("$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_bf16in=$("$carry/2b/griffin-2b-bf16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_f16in=$("$carry/2b/griffin-2b-f16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
+pre_whole=$("$carry/2b/griffin-2b-whole" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_512=$("$carry/2b/griffin-2b-chunk512" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 dec=$("$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats 2>&1 >/dev/null | tail -1)
 pre_plain=$(GRIFFIN_CUDA_PDL=0 "$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
@@ -93,6 +94,7 @@ echo "prefill: $pre"
 echo "prefill (CUDA cores): $pre_simt"
 echo "prefill (bf16 tensor-core inputs): $pre_bf16in"
 echo "prefill (f16 tensor-core inputs): $pre_f16in"
+echo "prefill (no k parts): $pre_whole"
 echo "prefill (chunks of 512): $pre_512"
 echo "decode:  $dec"
 echo "prefill (no PDL): $pre_plain"
@@ -100,9 +102,9 @@ echo "decode (no PDL):  $dec_plain"
 ref=$("$py" scripts/bench_reference.py "$ck" --threads 16 --prefill 2048 --decode 64 --device cuda --dtype bf16 2>/dev/null | tail -1)
 echo "reference: $ref"
 
-"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" "$pre_f16in" <<'PY'
+"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" "$pre_f16in" "$pre_whole" <<'PY'
 import json, os, re, sys
-pre, dec, ref, exe, pre_simt, pre_bf16in, pre_plain, dec_plain, pre_512, pre_f16in = sys.argv[1:11]
+pre, dec, ref, exe, pre_simt, pre_bf16in, pre_plain, dec_plain, pre_512, pre_f16in, pre_whole = sys.argv[1:12]
 def num(pattern, s):
     m = re.search(pattern, s)
     return float(m.group(1)) if m else float("nan")
@@ -123,6 +125,7 @@ print(f"| griffinc --target cuda --prefill-chunk 512 | {num(r'prefill ([0-9.]+) 
 print(f"| griffinc --target cuda --no-tensor-cores | {num(r'prefill ([0-9.]+) tokens/s', pre_simt):.0f} | | | |")
 print(f"| griffinc --target cuda --tensor-core-inputs bf16 | {num(r'prefill ([0-9.]+) tokens/s', pre_bf16in):.0f} | | | |")
 print(f"| griffinc --target cuda --tensor-core-inputs f16 | {num(r'prefill ([0-9.]+) tokens/s', pre_f16in):.0f} | | | |")
+print(f"| griffinc --target cuda --k-parts 1 | {num(r'prefill ([0-9.]+) tokens/s', pre_whole):.0f} | | | |")
 print(f"| reference (transformers eager, bf16) | {r.get('prefill_tokens_per_s', float('nan')):.0f} | {r.get('decode_tokens_per_s', float('nan')):.1f} | {r.get('peak_gpu_mb', float('nan')):.0f} MB peak allocated | |")
 PY
 echo

@@ -33,6 +33,9 @@ rm -f "$carry"/2b/*.weights
 # And on inputs rounded to f16 (11 bits; the bf16 weights widened to f16 as staged).
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-f16in -o "$carry/2b" --tensor-core-inputs f16
 rm -f "$carry"/2b/*.weights
+# And with every projection in one k part (the default splits some in two by a cost model).
+target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-whole -o "$carry/2b" --k-parts 1
+rm -f "$carry"/2b/*.weights
 # And with prefill chunks of 512 (the default until 2026-12-01; the default is 2048: the
 # benchmark prompt in one chunk), to compare.
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-chunk512 -o "$carry/2b" --prefill-chunk 512

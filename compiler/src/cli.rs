@@ -153,6 +153,11 @@ pub struct CompileArgs {
     /// `f16` (rounded to 11 bits, weights widened to f16, one MMA; values past ±65504 overflow).
     #[arg(long, value_enum, default_value_t = TcInputsChoice::Split)]
     pub tensor_core_inputs: TcInputsChoice,
+    /// GPU: split the inputs of plain tensor-core projections into this many parts (partial
+    /// sums, then a reduction launch; 1 never splits); by default a cost model splits those
+    /// whose last wave of blocks would leave most of the GPU idle.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4))]
+    pub k_parts: Option<u32>,
 }
 
 /// `--tensor-core-inputs`.
@@ -182,6 +187,7 @@ impl CompileArgs {
                 TcInputsChoice::Bf16 => crate::gpu::TcInputs::Bf16,
                 TcInputsChoice::F16 => crate::gpu::TcInputs::F16,
             },
+            k_parts: self.k_parts,
         })
     }
 

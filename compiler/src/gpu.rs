@@ -53,6 +53,7 @@ struct Lowering<'g> {
     matrices: griffin_backend_cpu::WeightsDtype,
     tensor_cores: bool,
     tc_inputs: TcInputs,
+    k_parts: Option<u32>,
     /// The largest chunk, while lowering the prefill graph.
     prefill: Option<u32>,
     buffers: Vec<GpuBuffer>,
@@ -530,7 +531,8 @@ impl Lowering<'_> {
             NORM_BLOCK,
         };
         use griffin_backend_ptx::tc::{
-            gemm_tokens_tc, tc_block, tc_grid, tc_token_warps, tensor_cores_fit,
+            gemm_reduce_tokens, gemm_tokens_tc, gemm_tokens_tc_partial, k_parts_fit, tc_block,
+            tc_grid, tc_k_split, tc_token_warps, tensor_cores_fit,
         };
         let g = self.g;
         let x = g.operands(id);
@@ -618,6 +620,65 @@ impl Lowering<'_> {
                         TcInputs::Split => 2,
                         TcInputs::Bf16 | TcInputs::F16 => 1,
                     };
+                    let k_split = match self.k_parts {
+                        None => tc_k_split(&spec, max_tokens, token_warps, mma as u32),
+                        Some(n) if n > 1 && k_parts_fit(&spec, n) => n,
+                        Some(_) => 1,
+                    };
+                    if k_split > 1 {
+                        // Partial sums over k parts (a fuller last wave), then a launch that
+                        // adds them and finishes: [count, x, w] + partial, and [count,
+                        // partial] + the rest.
+                        let partial = Arg {
+                            buffer: self.buffer(
+                                GpuBufferKind::Activation,
+                                4 * (k_split * max_tokens * spec.width) as u64,
+                            ),
+                            offset: 0,
+                        };
+                        let mut sums = args[..3].to_vec();
+                        sums.push(partial);
+                        let mut finish = vec![count, partial];
+                        finish.extend_from_slice(&args[3..]);
+                        self.launch(
+                            format!("{name}_k{k_split}"),
+                            gemm_tokens_tc_partial(
+                                &GemvSpec {
+                                    name: format!("{name}_k{k_split}"),
+                                    ..spec.clone()
+                                },
+                                self.tc_inputs,
+                                token_warps,
+                                k_split,
+                                max_tokens,
+                            ),
+                            k_split * tc_grid(&spec, max_tokens, token_warps),
+                            tc_block(token_warps),
+                            sums,
+                        )
+                        .work = Work {
+                            bytes_per_token: 4 * (spec.inputs + k_split * spec.width) as u64,
+                            ..projection_work(&spec, true, mma)
+                        };
+                        let reduce = GemvSpec {
+                            name: format!("{name}_reduce"),
+                            ..spec.clone()
+                        };
+                        let outputs = if spec.residual { 2 } else { 1 };
+                        self.launch(
+                            reduce.name.clone(),
+                            gemm_reduce_tokens(&reduce, &parts, k_split, max_tokens),
+                            elementwise_grid(max_tokens * spec.width, NORM_BLOCK),
+                            NORM_BLOCK,
+                            finish,
+                        )
+                        .work = Work {
+                            bytes_per_token: 4 * ((k_split + outputs) * spec.width) as u64,
+                            flops_per_token: (k_split * spec.width) as u64,
+                            ..Work::default()
+                        };
+                        return Ok(true);
+                    }
                     self.launch(
                         name,
                         gemm_tokens_tc(&spec, &parts, self.tc_inputs, token_warps),
@@ -1016,6 +1077,10 @@ pub struct GpuOptions {
     pub tensor_cores: bool,
     /// How those projections give their inputs to the tensor cores.
     pub tc_inputs: TcInputs,
+    /// Parts of the inputs a plain tensor-core projection is split into (partial sums, then a
+    /// reduction launch): `None` as `tc_k_split`'s cost model chooses, `Some(n)` n parts
+    /// wherever they fit (1: never split).
+    pub k_parts: Option<u32>,
 }
 
 impl Default for GpuOptions {
@@ -1025,6 +1090,7 @@ impl Default for GpuOptions {
             weights: griffin_backend_cpu::WeightsDtype::AsStored,
             tensor_cores: true,
             tc_inputs: TcInputs::Split,
+            k_parts: None,
         }
     }
 }
@@ -1045,6 +1111,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
         matrices: opts.weights,
         tensor_cores: opts.tensor_cores,
         tc_inputs: opts.tc_inputs,
+        k_parts: opts.k_parts,
         prefill: None,
         buffers: Vec::new(),
         launches: Vec::new(),

@@ -491,3 +491,30 @@ fn rg_lru_gates_run_on_tensor_cores_where_their_blocks_fit() {
         assert_eq!((tc_gates > 0, convs > 0), (fits, fits), "{case}");
     }
 }
+
+/// Plain tensor-core projections in two k parts (partial sums, then the reduction launch that
+/// finishes them: bias, residual, split outputs), wherever they fit: the golden logits within
+/// the f32 tolerance, in one chunk and in chunks of 5. (gen-b64-bf16: the other bf16 cases'
+/// projections have inputs of 48 or 80, not a multiple of two k-steps.)
+#[test]
+fn projections_in_k_parts_compute_the_golden_logits() {
+    use griffinc::gpu::{lower, GpuOptions};
+    let case = "gen-b64-bf16";
+    {
+        let e = expected(case);
+        let model = Model::load(&golden_dir().join(case)).unwrap();
+        for chunk in [griffinc::gpu::PREFILL_CHUNK, 5] {
+            let opts = GpuOptions {
+                k_parts: Some(2),
+                prefill_chunk: Some(chunk),
+                ..GpuOptions::default()
+            };
+            let program = lower(&model, &opts).unwrap();
+            let reductions = program.kernels.keys().filter(|k| k.ends_with("_reduce"));
+            assert!(reductions.count() > 0, "{case}: no projection in k parts");
+            let rows = prefill_rows(&model, &opts, &e.input_ids);
+            let diff = max_abs_diff(&rows, &e.logits);
+            assert!(diff <= F32_TOLERANCE, "{case} chunk {chunk}: {diff}");
+        }
+    }
+}

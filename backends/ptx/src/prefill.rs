@@ -37,26 +37,38 @@ pub(crate) struct ProjectionParams<'a> {
 
 impl<'a> ProjectionParams<'a> {
     pub fn declare(k: &mut Kernel, spec: &'a GemvSpec, splits: &[u32]) -> ProjectionParams<'a> {
-        let parts = output_parts(spec, splits);
         let count = k.param_ptr("count");
         let x = k.param_ptr("x");
         let w = k.param_ptr("w");
+        ProjectionParams {
+            count,
+            x,
+            w,
+            outputs: Outputs::declare_after_weights(k, spec, splits),
+        }
+    }
+}
+
+impl<'a> Outputs<'a> {
+    /// The parameters after a projection's weight: [bias], [residual], one output per split
+    /// part.
+    pub fn declare_after_weights(
+        k: &mut Kernel,
+        spec: &'a GemvSpec,
+        splits: &[u32],
+    ) -> Outputs<'a> {
+        let parts = output_parts(spec, splits);
         let bias = spec.bias.then(|| k.param_ptr("bias"));
         let residual = spec.residual.then(|| k.param_ptr("residual"));
         let outs = (0..parts.len())
             .map(|i| k.param_ptr(&format!("out{i}")))
             .collect();
-        ProjectionParams {
-            count,
-            x,
-            w,
-            outputs: Outputs {
-                spec,
-                parts,
-                outs,
-                bias,
-                residual,
-            },
+        Outputs {
+            spec,
+            parts,
+            outs,
+            bias,
+            residual,
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::builder::{Class, Kernel, Reg};
 use crate::gemv::{Epilogue, GemvSpec};
-use crate::prefill::{finish_token, ProjectionParams, TARGET_SMS};
+use crate::prefill::{finish_token, Outputs, ProjectionParams, TARGET_SMS};
 use crate::rg_lru::{addr4, block_size, gated_input, load_weight, RgLruSpec, Storage};
 
 /// Warps of a block across its output columns.
@@ -229,6 +229,9 @@ struct TcShape {
     weights: TcWeights,
     inputs_as: TcInputs,
     token_warps: u32,
+    /// Parts of the k dimension, a block each (`Rows` weights only): part p sums inputs
+    /// p·K/k_split.. and its finish gets partial sums (the grid is k_split times larger).
+    k_split: u32,
 }
 
 /// Finishes one result: `(kernel, accumulators, token, output column)`.
@@ -255,9 +258,19 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         ref weights,
         inputs_as,
         token_warps,
+        k_split,
     } = *s;
     assert!(token_warps == 1 || token_warps == 2, "1 or 2 token warps");
-    assert!(inputs % 16 == 0, "inputs a multiple of 16");
+    assert!(
+        inputs % (16 * k_split) == 0,
+        "inputs a multiple of 16 per k part"
+    );
+    assert!(
+        k_split == 1 || matches!(weights, TcWeights::Rows(_)),
+        "k parts of row-major weights only"
+    );
+    // Inputs each block sums over.
+    let k_len = inputs / k_split;
     let threads = tc_block(token_warps);
     let by_input = matches!(weights, TcWeights::Blocks { .. });
     // Tokens per block; shared bytes of one stage: inputs as bf16 hi and lo halves (`group`
@@ -292,6 +305,16 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     // from DRAM once between them (through L2).
     let groups = k.reg(Class::B32);
     k.ins(format!("mov.u32 {groups}, %nctaid.x;"));
+    // With k parts, part p is blocks p·(grid / k_split)..: the first inputs it sums.
+    let k_off = k.reg(Class::B32);
+    if k_split > 1 {
+        k.ins(format!("div.u32 {groups}, {groups}, {k_split};"));
+        k.ins(format!("div.u32 {k_off}, {block}, {groups};"));
+        k.ins(format!("mul.lo.u32 {k_off}, {k_off}, {k_len};"));
+        k.ins(format!("rem.u32 {block}, {block}, {groups};"));
+    } else {
+        k.ins(format!("mov.u32 {k_off}, 0;"));
+    }
     k.ins(format!(
         "div.u32 {groups}, {groups}, {};",
         column_blocks_of(width, pairs)
@@ -307,7 +330,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     // The first input of the block's columns: 0, or its gate block's first channel.
     let x_col0 = k.reg(Class::B32);
     match weights {
-        TcWeights::Rows(_) => k.ins(format!("mov.u32 {x_col0}, 0;")),
+        TcWeights::Rows(_) => k.ins(format!("mov.u32 {x_col0}, {k_off};")),
         TcWeights::Blocks { size, .. } => {
             k.ins(format!("div.u32 {x_col0}, {col0}, {size};"));
             k.ins(format!("mul.lo.u32 {x_col0}, {x_col0}, {size};"));
@@ -357,7 +380,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
                         k.ins(format!("min.u32 {grow}, {grow}, {};", width - 1));
                     }
                     let e = k.reg(Class::B32);
-                    k.ins(format!("mul.lo.u32 {e}, {grow}, {inputs};"));
+                    k.ins(format!("mad.lo.u32 {e}, {grow}, {inputs}, {k_off};"));
                     k.ins(format!("mad.lo.u32 {e}, {half}, 8, {e};"));
                     let at = k.reg(Class::B64);
                     k.ins(format!("mul.wide.u32 {at}, {e}, 2;"));
@@ -579,7 +602,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     // gates' matrices (2.6 MB a layer for the 2B model) are read by every token group of a
     // column block at once and need no prefetch.
     let prefetch = !by_input;
-    let first_steps = (PREFETCH_STEPS + 1).min(inputs / 16);
+    let first_steps = (PREFETCH_STEPS + 1).min(k_len / 16);
     if prefetch {
         for at in &b_ptrs {
             for step in (0..first_steps).step_by(4) {
@@ -601,12 +624,12 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
 
     let (head, end) = (k.label("k"), k.label("k_end"));
     k.place(&head);
-    k.leave_unless_below(k0, inputs, &end);
+    k.leave_unless_below(k0, k_len, &end);
     // The next k-step's loads go out before this one's MMAs.
     let next = k.reg(Class::B32);
     k.ins(format!("add.u32 {next}, {k0}, 16;"));
     let more = k.reg(Class::Pred);
-    k.ins(format!("setp.lt.u32 {more}, {next}, {inputs};"));
+    k.ins(format!("setp.lt.u32 {more}, {next}, {k_len};"));
     let skip_fetch = k.label("skip_fetch");
     k.ins(format!("@!{more} bra {skip_fetch};"));
     fetch(k);
@@ -617,7 +640,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         let ahead = k.reg(Class::Pred);
         k.ins(format!(
             "setp.lt.u32 {ahead}, {next}, {};",
-            inputs.saturating_sub(16 * PREFETCH_STEPS)
+            k_len.saturating_sub(16 * PREFETCH_STEPS)
         ));
         for at in &b_ptrs {
             k.ins(format!(
@@ -730,9 +753,136 @@ pub fn gemm_tokens_tc(
         weights: TcWeights::Rows(w),
         inputs_as,
         token_warps,
+        k_split: 1,
     };
     tc_body(&mut k, &shape, &mut |k, vals, t, col| {
         finish_token(k, &outputs, vals, t, col)
+    });
+    k.finish()
+}
+
+/// Assumed rates for `tc_k_split`'s cost model (H100/H200, not measured here): `mma.sync`
+/// FLOP/s, bytes/s for the reduction's traffic, and seconds one more launch costs.
+const ASSUMED_MMA_FLOPS: f64 = 500e12;
+const ASSUMED_BYTES_PER_S: f64 = 3e12;
+const ASSUMED_LAUNCH_S: f64 = 3e-6;
+
+/// k parts for a projection over chunks of up to `max_tokens` (`tc_grid`'s blocks, `token_warps`
+/// across the tokens, `mmas` per tile: 2 with split inputs): 2 where the grid would end in a
+/// wave that leaves most of the GPU idle (or fills only part of one) and two parts, with the
+/// reduction launch counted, take less time. The product alone, perfectly packed, would take
+/// `ideal` = 2·T·W·K·mmas FLOP at `ASSUMED_MMA_FLOPS`; N blocks on S slots take
+/// ⌈N/S⌉·S/N times that, two parts ⌈2N/S⌉·S/2N times, plus a launch and the reduction
+/// (reading two partial sums, writing the result: 12 bytes per output). For the 2B model at
+/// chunks of 2048 with split inputs: the MLP's down projection 1.65 → 1.30 ideals,
+/// `linear_out`/`o_proj` 1.65 → 1.43, qkv 1.38 → 1.23; x/y (1.24 → 1.23) and the MLP's up
+/// projection stay whole. Only plain projections (no GeGLU, no soft-cap: the logits keep one
+/// launch, which the last-row program replaces), with inputs a multiple of 32.
+pub fn tc_k_split(spec: &GemvSpec, max_tokens: u32, token_warps: u32, mmas: u32) -> u32 {
+    if !k_parts_fit(spec, 2) {
+        return 1;
+    }
+    let slots = TARGET_SMS * (512 / tc_block(token_warps));
+    let packing = |blocks: u32| (blocks.div_ceil(slots) * slots) as f64 / blocks as f64;
+    let blocks = tc_grid(spec, max_tokens, token_warps);
+    let outputs = max_tokens as f64 * spec.width as f64;
+    let ideal = 2.0 * outputs * spec.inputs as f64 * mmas as f64 / ASSUMED_MMA_FLOPS;
+    let whole = ideal * packing(blocks);
+    let halves =
+        ideal * packing(2 * blocks) + ASSUMED_LAUNCH_S + 12.0 * outputs / ASSUMED_BYTES_PER_S;
+    if halves < 0.95 * whole {
+        2
+    } else {
+        1
+    }
+}
+
+/// Whether a projection can run in `parts` k parts: a plain one (no GeGLU, no soft-cap) whose
+/// inputs split into parts of whole k-steps.
+pub fn k_parts_fit(spec: &GemvSpec, parts: u32) -> bool {
+    spec.epilogue == Epilogue::None && spec.inputs % (16 * parts) == 0
+}
+
+/// `gemm_tokens_tc` over one of `k_split` parts of the inputs per block, writing raw partial
+/// sums `partial[p][t][col]` (`max_tokens` rows a part); `gemm_reduce_tokens` adds them and
+/// finishes. Parameters: count `i32[1]`, x `f32[T, I]`, w `[width, I]`, partial `f32[k_split,
+/// T_max, width]`. Launch: `k_split · tc_grid` blocks of `tc_block` threads.
+pub fn gemm_tokens_tc_partial(
+    spec: &GemvSpec,
+    inputs_as: TcInputs,
+    token_warps: u32,
+    k_split: u32,
+    max_tokens: u32,
+) -> String {
+    assert!(tensor_cores_fit(spec, &[]) && k_parts_fit(spec, k_split));
+    let mut k = Kernel::new(&spec.name);
+    let count = k.param_ptr("count");
+    let x = k.param_ptr("x");
+    let w = k.param_ptr("w");
+    let partial = k.param_ptr("partial");
+    let shape = TcShape {
+        count,
+        x,
+        x_stride: spec.inputs,
+        inputs: spec.inputs,
+        width: spec.width,
+        pairs: false,
+        weights: TcWeights::Rows(w),
+        inputs_as,
+        token_warps,
+        k_split,
+    };
+    let width = spec.width;
+    tc_body(&mut k, &shape, &mut |k, vals, t, col| {
+        // This block's part: blocks are grouped by part (`tc_body`).
+        let part = k.reg(Class::B32);
+        k.ins(format!("mov.u32 {part}, %nctaid.x;"));
+        k.ins(format!("div.u32 {part}, {part}, {k_split};"));
+        let b = k.reg(Class::B32);
+        k.ins(format!("mov.u32 {b}, %ctaid.x;"));
+        k.ins(format!("div.u32 {part}, {b}, {part};"));
+        let e = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {e}, {part}, {max_tokens}, {t};"));
+        k.ins(format!("mad.lo.u32 {e}, {e}, {width}, {col};"));
+        let at = addr4(k, partial, e);
+        k.ins(format!("st.global.f32 [{at}], {};", vals[0]));
+    });
+    k.finish()
+}
+
+/// Adds a projection's `k_split` partial sums and finishes each result as `gemm_tokens_split`
+/// does (bias, residual, split outputs). Parameters: count `i32[1]`, partial `f32[k_split,
+/// T_max, width]`, [bias], [residual], outputs as `gemm_tokens_split`. Launch:
+/// `elementwise_grid(T_max · width, NORM_BLOCK)` blocks of `NORM_BLOCK`.
+pub fn gemm_reduce_tokens(
+    spec: &GemvSpec,
+    splits: &[u32],
+    k_split: u32,
+    max_tokens: u32,
+) -> String {
+    use crate::prefill::NORM_BLOCK;
+    let mut k = Kernel::new(&spec.name);
+    let count = k.param_ptr("count");
+    let partial = k.param_ptr("partial");
+    let outputs = Outputs::declare_after_weights(&mut k, spec, splits);
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let elements = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {elements}, {n}, {};", spec.width));
+    let part_stride = 4 * max_tokens as u64 * spec.width as u64;
+    k.grid_stride(NORM_BLOCK, elements, &mut |k, e, _| {
+        let (t, col) = (k.reg(Class::B32), k.reg(Class::B32));
+        k.ins(format!("div.u32 {t}, {e}, {};", spec.width));
+        k.ins(format!("rem.u32 {col}, {e}, {};", spec.width));
+        let at = addr4(k, partial, e);
+        let sum = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {sum}, [{at}];"));
+        for p in 1..k_split as u64 {
+            let v = k.reg(Class::F32);
+            k.ins(format!("ld.global.f32 {v}, [{at}+{}];", p * part_stride));
+            k.ins(format!("add.f32 {sum}, {sum}, {v};"));
+        }
+        finish_token(k, &outputs, vec![sum], t, col);
     });
     k.finish()
 }
@@ -773,6 +923,7 @@ pub fn rg_lru_gates_tc(s: &RgLruSpec, inputs_as: TcInputs, token_warps: u32) -> 
         },
         inputs_as,
         token_warps,
+        k_split: 1,
     };
     tc_body(&mut k, &shape, &mut |k, vals, t, col| {
         let p = k.reg(Class::B32);
@@ -797,4 +948,46 @@ pub fn rg_lru_gates_tc(s: &RgLruSpec, inputs_as: TcInputs, token_warps: u32) -> 
         k.ins(format!("st.global.f32 [{ba}], {bv};"));
     });
     k.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn projection(inputs: u32, width: u32, epilogue: Epilogue) -> GemvSpec {
+        GemvSpec {
+            name: "p".into(),
+            inputs,
+            width,
+            bias: true,
+            epilogue,
+            residual: true,
+            weights: Storage::Bf16,
+            norm: None,
+        }
+    }
+
+    /// The 2B model's projections at chunks of 2048 and 512, split inputs and rounded ones.
+    #[test]
+    fn k_parts_where_the_last_wave_would_leave_the_gpu_idle() {
+        let parts = |inputs, width, epilogue, tokens, mmas| {
+            let spec = projection(inputs, width, epilogue);
+            tc_k_split(&spec, tokens, tc_token_warps(&spec, tokens), mmas)
+        };
+        // Down (7680 → 2560), linear_out / o_proj (2560 → 2560), qkv (2560 → 3072), x/y.
+        assert_eq!(parts(7680, 2560, Epilogue::None, 2048, 2), 2);
+        assert_eq!(parts(2560, 2560, Epilogue::None, 2048, 2), 2);
+        assert_eq!(parts(2560, 3072, Epilogue::None, 2048, 2), 2);
+        assert_eq!(parts(2560, 5120, Epilogue::None, 2048, 2), 1);
+        // GeGLU and the soft-capped logits never.
+        assert_eq!(parts(2560, 7680, Epilogue::GeGlu, 2048, 2), 1);
+        assert_eq!(parts(2560, 256000, Epilogue::SoftCap(30.0), 2048, 2), 1);
+        // One MMA per tile: the reduction weighs twice as much; only down still gains.
+        assert_eq!(parts(7680, 2560, Epilogue::None, 2048, 1), 2);
+        assert_eq!(parts(2560, 2560, Epilogue::None, 2048, 1), 1);
+        // A tiny model: a launch costs more than the product.
+        assert_eq!(parts(64, 96, Epilogue::None, 5, 2), 1);
+        // A short chunk of the 2B model: 20 blocks of down's 7680-input rows on 528 slots.
+        assert_eq!(parts(7680, 2560, Epilogue::None, 5, 2), 2);
+    }
 }

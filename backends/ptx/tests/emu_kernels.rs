@@ -1214,14 +1214,41 @@ fn tensor_core_projection_over_a_chunk_equals_the_reference() {
     tensor_core_projection_case(20, 32, TcInputs::F16, 1);
 }
 
+/// The inputs in two parts (partial sums, then a reduction launch that finishes them): the
+/// same results, for one and several token groups, blocks of one and two warp rows.
+#[test]
+fn tensor_core_projection_in_k_parts_equals_the_reference() {
+    use griffin_backend_ptx::tc::TcInputs;
+    for rows in [1, 2] {
+        tensor_core_projection_k_split(20, 32, TcInputs::Split, rows, 2);
+        tensor_core_projection_k_split(150, 256, TcInputs::Split, rows, 2);
+    }
+    tensor_core_projection_k_split(100, 128, TcInputs::F16, 2, 2);
+}
+
 fn tensor_core_projection_case(
     tokens: usize,
     max_tokens: u32,
     inputs_as: griffin_backend_ptx::tc::TcInputs,
     token_warps: u32,
 ) {
+    tensor_core_projection_k_split(tokens, max_tokens, inputs_as, token_warps, 1);
+}
+
+/// With `k_split` > 1: partial sums over parts of the inputs, then the reduction that finishes
+/// them (plain projections only: GeGLU and soft-cap cases are skipped).
+fn tensor_core_projection_k_split(
+    tokens: usize,
+    max_tokens: u32,
+    inputs_as: griffin_backend_ptx::tc::TcInputs,
+    token_warps: u32,
+    k_split: u32,
+) {
+    use griffin_backend_ptx::prefill::{elementwise_grid, NORM_BLOCK};
     use griffin_backend_ptx::rg_lru::Storage;
-    use griffin_backend_ptx::tc::{gemm_tokens_tc, tc_block, tc_grid, TcInputs};
+    use griffin_backend_ptx::tc::{
+        gemm_reduce_tokens, gemm_tokens_tc, gemm_tokens_tc_partial, tc_block, tc_grid, TcInputs,
+    };
     let mut rng = Rng(2024);
     // (name, inputs, width, bias, epilogue, residual, splits); widths that leave a warp's
     // column tiles partly past the end.
@@ -1260,6 +1287,9 @@ fn tensor_core_projection_case(
         ),
     ];
     for (name, inputs, width, bias, epilogue, residual, splits) in cases {
+        if k_split > 1 && epilogue != Epilogue::None {
+            continue;
+        }
         let mt = max_tokens as usize;
         let case = ProjectionCase::new(&mut rng, mt, inputs, width, epilogue);
         let (n, w, x) = (case.n, case.w, &case.x);
@@ -1273,12 +1303,16 @@ fn tensor_core_projection_case(
             norm: None,
             weights: Storage::Bf16,
         };
-        let m = Module::parse(&module(&[gemm_tokens_tc(
-            &spec,
-            &splits,
-            inputs_as,
-            token_warps,
-        )]))
+        let reduce = GemvSpec {
+            name: format!("{name}_reduce"),
+            ..spec.clone()
+        };
+        let m = Module::parse(&module(&[if k_split > 1 {
+            gemm_tokens_tc_partial(&spec, inputs_as, token_warps, k_split, max_tokens)
+                + &gemm_reduce_tokens(&reduce, &splits, k_split, max_tokens)
+        } else {
+            gemm_tokens_tc(&spec, &splits, inputs_as, token_warps)
+        }]))
         .unwrap();
         let mut mem = Memory::new();
         let ca = mem.alloc_u32(&[tokens as u32]);
@@ -1296,24 +1330,42 @@ fn tensor_core_projection_case(
             .map(|p| mem.alloc_f32(&vec![f32::NAN; mt * p]))
             .collect();
         let mut params = vec![ca, xa, wa];
+        let mut finishing = Vec::new();
         if bias {
-            params.push(ba);
+            finishing.push(ba);
         }
         if residual {
-            params.push(ra);
+            finishing.push(ra);
         }
-        params.extend(&outs);
-        run(
-            &m,
-            name,
-            &Launch {
-                grid: tc_grid(&spec, max_tokens, token_warps),
+        finishing.extend(&outs);
+        let grid = tc_grid(&spec, max_tokens, token_warps);
+        if k_split > 1 {
+            // Partial sums start as NaN: every one the reduction reads must be written.
+            let partial = mem.alloc_f32(&vec![f32::NAN; k_split as usize * mt * w]);
+            params.push(partial);
+            let launch = Launch {
+                grid: k_split * grid,
                 block: tc_block(token_warps),
                 params: &params,
-            },
-            &mut mem,
-        )
-        .unwrap();
+            };
+            run(&m, name, &launch, &mut mem).unwrap();
+            let mut reduce_params = vec![ca, partial];
+            reduce_params.extend(&finishing);
+            let launch = Launch {
+                grid: elementwise_grid(max_tokens * width, NORM_BLOCK),
+                block: NORM_BLOCK,
+                params: &reduce_params,
+            };
+            run(&m, &reduce.name, &launch, &mut mem).unwrap();
+        } else {
+            params.extend(&finishing);
+            let launch = Launch {
+                grid,
+                block: tc_block(token_warps),
+                params: &params,
+            };
+            run(&m, name, &launch, &mut mem).unwrap();
+        }
         let got: Vec<Vec<f32>> = outs
             .iter()
             .zip(&parts)
@@ -1343,7 +1395,10 @@ fn tensor_core_projection_case(
                 worst = worst.max(gap(got[k][t * parts[k] + cc], v as f32));
             }
         }
-        assert!(worst < 1e-4, "{name} {inputs_as:?}: max |diff| {worst}");
+        assert!(
+            worst < 1e-4,
+            "{name} {inputs_as:?} k parts {k_split}: max |diff| {worst}"
+        );
         for (o, &p) in got.iter().zip(&parts) {
             assert!(
                 o[tokens * p..].iter().all(|v| v.is_nan()),
