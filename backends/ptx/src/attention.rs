@@ -151,6 +151,50 @@ pub(crate) fn kv_row(
     (base, row)
 }
 
+/// The loop over a block's key tiles: positions p0 .. p0 + tile - 1 from `first` (the first
+/// token's window start) while p0 ≤ `final_pos` (the last token's position), `nk` of them in
+/// the span, `slot0` = p0 mod W. `key_tiles` opens it, `KeyTiles::close` closes it.
+pub(crate) struct KeyTiles {
+    pub p0: Reg,
+    pub nk: Reg,
+    pub slot0: Reg,
+    top: String,
+    end: String,
+    tile: u32,
+}
+
+pub(crate) fn key_tiles(k: &mut Kernel, first: Reg, final_pos: Reg, tile: u32, w: u32) -> KeyTiles {
+    let p0 = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {p0}, {first};"));
+    let (top, end) = (k.label("tile"), k.label("tile_end"));
+    k.place(&top);
+    let past = k.reg(Class::Pred);
+    k.ins(format!("setp.gt.u32 {past}, {p0}, {final_pos};"));
+    k.ins(format!("@{past} bra {end};"));
+    let nk = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {nk}, {final_pos}, {p0};"));
+    k.ins(format!("add.u32 {nk}, {nk}, 1;"));
+    k.ins(format!("min.u32 {nk}, {nk}, {tile};"));
+    let slot0 = k.reg(Class::B32);
+    k.ins(format!("rem.u32 {slot0}, {p0}, {w};"));
+    KeyTiles {
+        p0,
+        nk,
+        slot0,
+        top,
+        end,
+        tile,
+    }
+}
+
+impl KeyTiles {
+    pub fn close(self, k: &mut Kernel) {
+        k.ins(format!("add.u32 {}, {}, {};", self.p0, self.p0, self.tile));
+        k.ins(format!("bra {};", self.top));
+        k.place(&self.end);
+    }
+}
+
 pub const ATTEND_WARPS: u32 = 8;
 pub const ROTATE_BLOCK: u32 = 256;
 
@@ -938,19 +982,8 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
 
     // Tiles of positions p0 .. p0 + 31 from the first token's window start to the last
     // token's position (rows are masked to their own token's window).
-    let p0 = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {p0}, {first};"));
-    let (head, end) = (k.label("tile"), k.label("tile_end"));
-    k.place(&head);
-    let past = k.reg(Class::Pred);
-    k.ins(format!("setp.gt.u32 {past}, {p0}, {final_pos};"));
-    k.ins(format!("@{past} bra {end};"));
-    let nk = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {nk}, {final_pos}, {p0};"));
-    k.ins(format!("add.u32 {nk}, {nk}, 1;"));
-    k.ins(format!("min.u32 {nk}, {nk}, {TILE_KEYS};"));
-    let slot0 = k.reg(Class::B32);
-    k.ins(format!("rem.u32 {slot0}, {p0}, {w};"));
+    let key_tile = key_tiles(&mut k, first, final_pos, TILE_KEYS, w);
+    let (p0, nk, slot0) = (key_tile.p0, key_tile.nk, key_tile.slot0);
 
     // Stages the tile's rows of keys or values: element (r, c) of hd/4 16-byte pieces per row.
     let quads = hd / 4;
@@ -1151,9 +1184,7 @@ pub fn attend_tokens(s: &AttentionSpec) -> String {
     k.place(&end_keys);
     // Every warp is done with the value tile before the next keys replace it.
     k.ins("bar.sync 0;");
-    k.ins(format!("add.u32 {p0}, {p0}, {TILE_KEYS};"));
-    k.ins(format!("bra {head};"));
-    k.place(&end);
+    key_tile.close(&mut k);
 
     for ((acc, _, l), row) in state.iter().zip(&rows) {
         let inv = k.reg(Class::F32);

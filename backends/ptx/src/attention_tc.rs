@@ -5,12 +5,12 @@
 //! reference's own bf16 run).
 
 use crate::attention::{
-    block_span, kv_row, window_start, AttentionSpec, BlockSpan, ChunkAttention,
+    block_span, key_tiles, kv_row, window_start, AttentionSpec, BlockSpan, ChunkAttention,
 };
 use crate::builder::{Class, Kernel, Reg};
 use crate::math::LOG2_E;
 use crate::rg_lru::addr4;
-use crate::tc::{ldmatrix_x4, mma, round_pair, split_pair, TcInputs};
+use crate::tc::{ldmatrix_lane, ldmatrix_x4, mma, round_pair, split_pair, TcInputs};
 
 /// Query tokens per block (an `mma` tile's 16 rows) and keys per tile (one k-step of the
 /// probabilities' product with the values).
@@ -187,13 +187,7 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     // column 8·((lane / 8) % 2); values (rows are the k dimension, transposed) at row
     // (lane % 8) + 8·((lane / 8) % 2), column 8·(lane / 16). Matrices 0, 1 then give an n-tile's
     // two k-halves, 2, 3 the next n-tile's.
-    let lane8 = k.reg(Class::B32);
-    k.ins(format!("and.b32 {lane8}, {lane}, 7;"));
-    let bit3 = k.reg(Class::B32);
-    k.ins(format!("shr.u32 {bit3}, {lane}, 3;"));
-    k.ins(format!("and.b32 {bit3}, {bit3}, 1;"));
-    let bit4 = k.reg(Class::B32);
-    k.ins(format!("shr.u32 {bit4}, {lane}, 4;"));
+    let (lane8, bit3, bit4) = ldmatrix_lane(&mut k, lane);
     let lane_at = |k: &mut Kernel, row_bit: Reg, col_bit: Reg| {
         let off = k.reg(Class::B32);
         k.ins(format!("mad.lo.u32 {off}, {row_bit}, 8, {lane8};"));
@@ -277,19 +271,8 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     // position. The first tile holds a key of every row's window (the tokens are consecutive,
     // so their windows start at most 15 positions after the first's), so the running maxima
     // are finite from there on and a later tile wholly masked for a row weighs it 2^-inf = 0.
-    let p0 = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {p0}, {first};"));
-    let (top, end) = (k.label("tile"), k.label("tile_end"));
-    k.place(&top);
-    let past = k.reg(Class::Pred);
-    k.ins(format!("setp.gt.u32 {past}, {p0}, {final_pos};"));
-    k.ins(format!("@{past} bra {end};"));
-    let nk = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {nk}, {final_pos}, {p0};"));
-    k.ins(format!("add.u32 {nk}, {nk}, 1;"));
-    k.ins(format!("min.u32 {nk}, {nk}, {TILE};"));
-    let slot0 = k.reg(Class::B32);
-    k.ins(format!("rem.u32 {slot0}, {p0}, {w};"));
+    let key_tile = key_tiles(&mut k, first, final_pos, TILE, w);
+    let (p0, nk, slot0) = (key_tile.p0, key_tile.nk, key_tile.slot0);
 
     // Stage the tile: 16 rows of hd/4 16-byte pieces each of keys and of values, rows past nk
     // as zeros. Position p0 + r comes from the chunk's own rows from `start` on, else from ring
@@ -479,9 +462,7 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     }
     // Every warp is done with the tile before the next one is staged over it.
     k.ins("bar.sync 0;");
-    k.ins(format!("add.u32 {p0}, {p0}, {TILE};"));
-    k.ins(format!("bra {top};"));
-    k.place(&end);
+    key_tile.close(&mut k);
 
     // Each row's sum over its quad, then out[t, head, 8j + 2q ..] = acc / sum.
     for r in 0..2 {

@@ -131,6 +131,19 @@ pub(crate) fn ldmatrix_x4(k: &mut Kernel, at: Reg, imm: u32, trans: bool) -> [Re
     r
 }
 
+/// A lane's parts for `ldmatrix.x4` row addresses: lane % 8 (the row within a matrix), (lane /
+/// 8) % 2 and lane / 16 (which of the four matrices: its k half and its n or m half).
+pub(crate) fn ldmatrix_lane(k: &mut Kernel, lane: Reg) -> (Reg, Reg, Reg) {
+    let lane8 = k.reg(Class::B32);
+    k.ins(format!("and.b32 {lane8}, {lane}, 7;"));
+    let bit3 = k.reg(Class::B32);
+    k.ins(format!("shr.u32 {bit3}, {lane}, 3;"));
+    k.ins(format!("and.b32 {bit3}, {bit3}, 1;"));
+    let bit4 = k.reg(Class::B32);
+    k.ins(format!("shr.u32 {bit4}, {lane}, 4;"));
+    (lane8, bit3, bit4)
+}
+
 /// `mma.sync.m16n8k16` of `ty` (`bf16` or `f16`) operands + f32 into `acc`: A a 16×16
 /// fragment, B a 16×8 one.
 pub(crate) fn mma(k: &mut Kernel, ty: &str, acc: &[Reg; 4], a: &[Reg; 4], b: [Reg; 2]) {
@@ -432,13 +445,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     // 16), inputs 8·((lane / 8) % 2)..; a row per input (transposed): input row (lane % 8) +
     // 8·((lane / 8) % 2), columns 8·(lane / 16)... Either way matrices 0 and 1 are the first
     // column tile's two k-halves and 2, 3 the second's.
-    let lane8 = k.reg(Class::B32);
-    k.ins(format!("and.b32 {lane8}, {lane}, 7;"));
-    let bit3 = k.reg(Class::B32);
-    k.ins(format!("shr.u32 {bit3}, {lane}, 3;"));
-    k.ins(format!("and.b32 {bit3}, {bit3}, 1;"));
-    let bit4 = k.reg(Class::B32);
-    k.ins(format!("shr.u32 {bit4}, {lane}, 4;"));
+    let (lane8, bit3, bit4) = ldmatrix_lane(k, lane);
     let a_lane = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {a_lane}, {bit3}, 8, {lane8};"));
     k.ins(format!("mul.lo.u32 {a_lane}, {a_lane}, {TC_ROW};"));
