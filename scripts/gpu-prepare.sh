@@ -3,7 +3,7 @@
 # (which has neither): release `--target cuda` executables for every golden case (weights
 # embedded) and for the 2B shape (weights packed there from a checkpoint made there), stripped,
 # with the golden answers, packed as target/gpu-carry/carry.tar.xz (the executables share most
-# of their bytes: 84 MB unpacked, ~21 MB packed; a device call carries 64 MiB with the
+# of their bytes: 92 MB unpacked, ~23 MB packed; a device call carries 64 MiB with the
 # working tree). Needs torch + transformers in REFERENCE_PYTHON to write the 2B checkpoint
 # (5.4 GB, deterministic: `--values hash`).
 #
