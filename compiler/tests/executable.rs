@@ -215,6 +215,30 @@ fn build_failures_leave_nothing_behind() {
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 
+    // GPU flags out of range: usage errors (exit 2, one line), before anything is built.
+    for (flag, value) in [
+        ("--k-parts", "0"),
+        ("--k-parts", "9"),
+        ("--tensor-core-inputs", "f8"),
+    ] {
+        let o = griffinc(&[
+            "build",
+            dir.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--target",
+            "cuda",
+            flag,
+            value,
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(flag) && stderr.contains(value), "{stderr}");
+        assert!(o.stdout.is_empty());
+        assert!(!out.exists(), "{flag} {value} left {}", out.display());
+    }
+
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_griffinc"))
         .args(["build", dir.to_str().unwrap(), "-o", out.to_str().unwrap()])
         .env("GRIFFIN_RUNNER_LIB", "/nonexistent/libgriffin_runner.a")
