@@ -1,7 +1,9 @@
 //! Chunk products on tensor cores (`mma.sync.m16n8k16`, bf16 weights, f32 accumulation): the
-//! projections (`gemm_tokens_tc`) and the RG-LRU's block-diagonal gates (`rg_lru_gates_tc`).
-//! Both are one kernel body, `tc_body`, that differs in where its operands are and how it
-//! finishes a result.
+//! projections (`gemm_tokens_tc`, or in k parts: `gemm_tokens_tc_partial` then
+//! `gemm_reduce_tokens`, where `tc_k_split`'s cost model says the waves pack better) and the
+//! RG-LRU's block-diagonal gates (`rg_lru_gates_tc`). All are one kernel body, `tc_body`, that
+//! differs in where its operands are and how it finishes a result. `TcInputs` says how f32
+//! inputs become MMA operands (split into bf16 halves, or rounded to bf16 or f16).
 
 use crate::builder::{Class, Kernel, Reg};
 use crate::gemv::{Epilogue, GemvSpec};
