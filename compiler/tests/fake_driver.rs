@@ -126,6 +126,36 @@ fn golden_cases_through_cuda_executables_on_the_fake_driver() {
     }
 }
 
+/// An executable whose projections run in two k parts (`--k-parts 2`: partial sums, then the
+/// reduction launch), and one with f16 tensor-core inputs: the same logits through the CUDA
+/// runtime, within 5e-4 and within the bf16 bound.
+#[test]
+fn k_parts_and_f16_inputs_through_a_cuda_executable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let case = "gen-b64-bf16";
+    let e = expected(case);
+    let ids = ids_arg(&e.input_ids);
+    for (flags, bound) in [
+        (["--k-parts", "2"], F32_TOLERANCE),
+        (["--tensor-core-inputs", "f16"], 0.02),
+    ] {
+        let mut args = vec!["--prefill-chunk", "5"];
+        args.extend(flags);
+        let exe = build_cuda(case, tmp.path(), &args);
+        let out = tmp.path().join(format!("{}.logits", flags[1]));
+        let o = on_fake_driver(
+            &exe,
+            &driver,
+            &["--ids", &ids, "--logits-out", out.to_str().unwrap()],
+        );
+        succeeded(&o);
+        let (_, logits) = read_logits(&out);
+        let diff = max_abs_diff(&logits, &e.logits);
+        assert!(diff <= bound, "{flags:?}: {diff}");
+    }
+}
+
 #[test]
 fn griffinc_cuda_backend_on_the_fake_driver() {
     let tmp = tempfile::tempdir().unwrap();
