@@ -1,8 +1,9 @@
 //! Counts the instructions the prefill kernels that have both a CUDA-core and a tensor-core
 //! form execute at the 2B model's shape, on the PTX interpreter, and prints them per token:
 //! attention at a full window (2048 keys: the chunk starts at position 4096, so every key comes
-//! from the ring) and the RG-LRU's gates. Counts, not timings: what each form asks the GPU to
-//! issue (an `mma` counts as one instruction of its warp's 32 threads).
+//! from the ring) and the RG-LRU's gates; and the tensor-core projection's k-step loop, MMAs
+//! against the other instructions. Counts, not timings: what each form asks the GPU to issue
+//! (an `mma` counts as one instruction of its warp's 32 threads).
 //!
 //! `cargo run --release -p griffin-backend-ptx --example kernel_counts`
 
@@ -13,6 +14,7 @@ use griffin_backend_ptx::attention_tc::{
     attend_tokens_tc, attend_tokens_tc_block, attend_tokens_tc_grid, attend_tokens_tc_scratch,
 };
 use griffin_backend_ptx::emu::{run, Launch, Memory, Module};
+use griffin_backend_ptx::gemv::{Epilogue, GemvSpec};
 use griffin_backend_ptx::module;
 use griffin_backend_ptx::prefill::{
     elementwise_grid, gate_tokens, rg_lru_conv_tokens, rg_lru_gates_grid, rg_lru_gates_tokens,
@@ -20,7 +22,8 @@ use griffin_backend_ptx::prefill::{
 };
 use griffin_backend_ptx::rg_lru::{block_size, RgLruSpec, Storage};
 use griffin_backend_ptx::tc::{
-    gates_tc_grid, gates_tc_token_warps, rg_lru_gates_tc, tc_block, TcInputs,
+    gates_tc_grid, gates_tc_token_warps, gemm_tokens_tc, rg_lru_gates_tc, tc_block, tc_token_warps,
+    TcInputs,
 };
 
 /// Deterministic values in [-1, 1).
@@ -223,6 +226,43 @@ fn main() {
         (conv_n + tc_n) as f64 / tokens as f64,
     ));
 
+    // The tensor-core projection's k-step loop (the 2B MLP up projection, GeGLU, 128-token
+    // blocks): PTX instructions per warp and k-step by kind, MMAs against the rest.
+    for inputs_as in [TcInputs::Split, TcInputs::Bf16, TcInputs::F16] {
+        let spec = GemvSpec {
+            name: "up".into(),
+            inputs: 2560,
+            width: 7680,
+            bias: true,
+            epilogue: Epilogue::GeGlu,
+            residual: false,
+            weights: Storage::Bf16,
+            norm: None,
+        };
+        let ptx = gemm_tokens_tc(&spec, &[], inputs_as, tc_token_warps(&spec, 2048));
+        let lines: Vec<&str> = ptx.lines().collect();
+        let at = |prefix: &str| {
+            lines
+                .iter()
+                .position(|l| l.starts_with(prefix) && l.ends_with(':'))
+                .expect("k-step loop labels")
+        };
+        let (from, to) = (at("$k_"), at("$k_end"));
+        let body = lines[from + 1..to]
+            .iter()
+            .map(|l| l.trim())
+            .filter(|l| !l.is_empty() && !l.ends_with(':'));
+        let (mut mma, mut other) = (0, 0);
+        for l in body {
+            if l.starts_with("mma.") {
+                mma += 1;
+            } else {
+                other += 1;
+            }
+        }
+        println!("tensor-core projection k-step ({inputs_as:?} inputs): {mma} mma, {other} other PTX instructions per warp");
+    }
+    println!();
     println!("| kernel (2B shape) | thread-instructions | warp-instructions |");
     println!("| --- | --- | --- |");
     for (name, n) in rows {
