@@ -151,17 +151,14 @@ fn store_into(values: &[f32], layout: Layout, storage: Storage, out: &mut [u8]) 
     }
 }
 
-/// A row-major weight that is a checkpoint tensor, or tensors joined along their first axis,
-/// stored in the checkpoint's own dtype: its parts' bytes as they are in the files.
+/// A weight that is a checkpoint tensor, or tensors joined along their first axis, stored in
+/// the checkpoint's own dtype: its parts' bytes as they are in the files (row-major, rows
+/// continuing from one part to the next).
 fn raw_parts<'a>(
     recipe: &'a Recipe,
-    layout: Layout,
     storage: Storage,
     source: &'a dyn TensorSource,
 ) -> Option<Vec<&'a [u8]>> {
-    if layout != Layout::RowMajor {
-        return None;
-    }
     let names: Vec<&String> = match recipe {
         Recipe::Tensor(name) => vec![name],
         Recipe::Concat(parts) => parts
@@ -184,6 +181,58 @@ fn raw_parts<'a>(
             _ => None,
         })
         .collect()
+}
+
+/// Appends a weight's stored-dtype bytes (`raw_parts`) to `out` in `layout`'s order: copied
+/// whole when row-major, element by element into the blocked order otherwise (the same bytes
+/// widening and narrowing each value would give, without an f32 copy of the weight).
+fn place_raw(
+    parts: &[&[u8]],
+    layout: Layout,
+    storage: Storage,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    let Layout::Blocked { rows, cols, .. } = layout else {
+        for part in parts {
+            out.extend_from_slice(part);
+        }
+        return Ok(());
+    };
+    let size = element_bytes(storage);
+    let given: usize = parts.iter().map(|p| p.len()).sum();
+    if given as u64 != rows * cols * size as u64 {
+        return Err(format!(
+            "{} values for a [{rows}, {cols}] projection",
+            given / size
+        ));
+    }
+    let start = out.len();
+    out.resize(
+        start + layout.elements(rows * cols, storage) as usize * size,
+        0,
+    );
+    if cols == 0 {
+        return Ok(());
+    }
+    let dst = &mut out[start..];
+    let col_offsets: Vec<usize> = (0..cols)
+        .map(|c| size * layout.col_offset(c, storage) as usize)
+        .collect();
+    let row_bytes = cols as usize * size;
+    if let Some(p) = parts.iter().find(|p| p.len() % row_bytes != 0) {
+        return Err(format!(
+            "a part of {} values is not whole rows of {cols}",
+            p.len() / size
+        ));
+    }
+    let rows_in = parts.iter().flat_map(|p| p.chunks_exact(row_bytes));
+    for (r, row) in rows_in.enumerate() {
+        let base = size * layout.row_offset(r as u64, storage) as usize;
+        for (v, off) in row.chunks_exact(size).zip(&col_offsets) {
+            dst[base + off..base + off + size].copy_from_slice(v);
+        }
+    }
+    Ok(())
 }
 
 /// Computes every weight of `plan` from `source` and lays them out 64-byte aligned in buffer
@@ -226,10 +275,9 @@ pub fn pack_with_progress(
         {
             *offset = align(data.len() as u64);
             data.resize(*offset as usize, 0);
-            if let Some(parts) = raw_parts(recipe, *layout, *storage, source) {
-                for part in parts {
-                    data.extend_from_slice(part);
-                }
+            if let Some(parts) = raw_parts(recipe, *storage, source) {
+                place_raw(&parts, *layout, *storage, &mut data)
+                    .map_err(|e| format!("weight `{name}`: {e}"))?;
             } else {
                 let values =
                     evaluate(recipe, source).map_err(|e| format!("weight `{name}`: {e}"))?;
@@ -375,6 +423,10 @@ mod tests {
     }
 
     fn weight(recipe: Recipe, storage: Storage) -> Buffer {
+        blocked(recipe, storage, Layout::RowMajor)
+    }
+
+    fn blocked(recipe: Recipe, storage: Storage, layout: Layout) -> Buffer {
         Buffer {
             kind: BufferKind::Weight {
                 name: format!("{recipe:?}"),
@@ -382,7 +434,7 @@ mod tests {
                 bytes: 0,
                 storage,
                 recipe,
-                layout: Layout::RowMajor,
+                layout,
             },
             elem: crate::plan::Elem::F32,
             per_token: 0,
@@ -413,6 +465,38 @@ mod tests {
                 ),
                 Storage::Bf16,
             ),
+            // The CPU's blocked order: 12 + 14 values as 13 rows of 2, 14 f32 values as 7
+            // rows of 2, 16 as 8 GeGLU rows (gate, then up).
+            blocked(
+                Recipe::Concat(vec![t("bf16_x"), t("bf16_blk")]),
+                Storage::Bf16,
+                Layout::Blocked {
+                    rows: 13,
+                    cols: 2,
+                    panels: 1,
+                    geglu: false,
+                },
+            ),
+            blocked(
+                t("f32_blk1"),
+                Storage::F32,
+                Layout::Blocked {
+                    rows: 7,
+                    cols: 2,
+                    panels: 1,
+                    geglu: false,
+                },
+            ),
+            blocked(
+                t("bf16_geglu"),
+                Storage::Bf16,
+                Layout::Blocked {
+                    rows: 8,
+                    cols: 2,
+                    panels: 1,
+                    geglu: true,
+                },
+            ),
         ];
         let mut plans = [0, 1].map(|_| Plan {
             version: crate::plan::PLAN_VERSION,
@@ -433,29 +517,22 @@ mod tests {
         assert_eq!(lent, widened);
         assert_eq!(plans[0], plans[1]);
         assert_eq!(plans[0].weights_hash, weights_hash(&widened));
-        // The first three were copied (the rest need converting or computing), and only from a
-        // lending source.
+        // All but the converted and computed ones were copied, and only from a lending source.
         let copied: Vec<bool> = buffers
             .iter()
             .map(|b| match &b.kind {
                 BufferKind::Weight {
-                    recipe,
-                    layout,
-                    storage,
-                    ..
-                } => raw_parts(recipe, *layout, *storage, &Source { lends: true }).is_some(),
+                    recipe, storage, ..
+                } => raw_parts(recipe, *storage, &Source { lends: true }).is_some(),
                 _ => unreachable!(),
             })
             .collect();
-        assert_eq!(copied, [true, true, true, false, false, false]);
+        assert_eq!(
+            copied,
+            [true, true, true, false, false, false, true, true, true]
+        );
         let t = Recipe::Tensor("bf16_a".into());
-        assert!(raw_parts(
-            &t,
-            Layout::RowMajor,
-            Storage::Bf16,
-            &Source { lends: false }
-        )
-        .is_none());
+        assert!(raw_parts(&t, Storage::Bf16, &Source { lends: false }).is_none());
         // The bf16 tensor, lent, is its checkpoint bytes at offset 0.
         assert_eq!(
             &lent[..Source::tensor("bf16_a").1.len()],
