@@ -524,7 +524,8 @@ impl Lowering<'_> {
         };
         use griffin_backend_ptx::attention_tc::{
             attend_tokens_tc, attend_tokens_tc_block, attend_tokens_tc_grid,
-            attend_tokens_tc_scratch, attention_fits_tensor_cores,
+            attend_tokens_tc_scratch, attention_fits_tensor_cores, kv_split_bytes,
+            kv_split_threads, kv_split_tokens,
         };
         use griffin_backend_ptx::prefill::{
             elementwise_grid, gather_tokens, gemm_tokens_split, norm_tokens_grid, rms_norm_tokens,
@@ -732,14 +733,28 @@ impl Lowering<'_> {
                 let out = self.activation(r(0))?;
                 let mut args = vec![q_rot, count, start, k_rot, v, keys, values, out];
                 if self.tensor_cores && attention_fits_tensor_cores(&spec) {
+                    // The window's keys and values split once for every block, then attention.
+                    let planes = Arg {
+                        buffer: self
+                            .buffer(GpuBufferKind::Activation, kv_split_bytes(&spec, max_tokens)),
+                        offset: 0,
+                    };
+                    self.launch(
+                        format!("{name}_kv_split_tokens"),
+                        kv_split_tokens(&spec, self.tc_inputs, max_tokens),
+                        elementwise_grid(kv_split_threads(&spec, max_tokens), NORM_BLOCK),
+                        NORM_BLOCK,
+                        vec![count, start, k_rot, v, keys, values, planes],
+                    );
                     let scratch = attend_tokens_tc_scratch(&spec, max_tokens);
                     args.push(Arg {
                         buffer: self.buffer(GpuBufferKind::Activation, scratch),
                         offset: 0,
                     });
+                    args.push(planes);
                     self.launch(
                         format!("{name}_attend_tokens_tc"),
-                        attend_tokens_tc(&spec, self.tc_inputs),
+                        attend_tokens_tc(&spec, self.tc_inputs, max_tokens),
                         attend_tokens_tc_grid(&spec, max_tokens),
                         attend_tokens_tc_block(&spec),
                         args,

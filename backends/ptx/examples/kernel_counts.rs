@@ -12,6 +12,7 @@ use griffin_backend_ptx::attention::{
 };
 use griffin_backend_ptx::attention_tc::{
     attend_tokens_tc, attend_tokens_tc_block, attend_tokens_tc_grid, attend_tokens_tc_scratch,
+    kv_split_bytes, kv_split_threads, kv_split_tokens,
 };
 use griffin_backend_ptx::emu::{run, Launch, Memory, Module};
 use griffin_backend_ptx::gemv::{Epilogue, GemvSpec};
@@ -86,20 +87,20 @@ fn main() {
         rotary: Some((10000.0, 128)),
     };
     let (h, hd, w) = (10usize, 256usize, 2048usize);
+    let tokens = 16usize;
+    let bf16_spec = AttentionSpec {
+        name: "b2_bf16".into(),
+        ..spec.clone()
+    };
     let m = Module::parse(&module(&[
         attend_tokens(&spec),
-        attend_tokens_tc(&spec, TcInputs::Split),
-        attend_tokens_tc(
-            &AttentionSpec {
-                name: "b2_bf16".into(),
-                ..spec.clone()
-            },
-            TcInputs::Bf16,
-        ),
+        kv_split_tokens(&spec, TcInputs::Split, tokens as u32),
+        attend_tokens_tc(&spec, TcInputs::Split, tokens as u32),
+        kv_split_tokens(&bf16_spec, TcInputs::Bf16, tokens as u32),
+        attend_tokens_tc(&bf16_spec, TcInputs::Bf16, tokens as u32),
     ]))
     .unwrap();
     let mut mem = Memory::new();
-    let tokens = 16usize;
     let q = mem.alloc_f32(&rng.vec(tokens * h * hd));
     let ck = mem.alloc_f32(&rng.vec(tokens * hd));
     let cv = mem.alloc_f32(&rng.vec(tokens * hd));
@@ -127,26 +128,37 @@ fn main() {
         0;
         attend_tokens_tc_scratch(&spec, tokens as u32) as usize
     ]);
-    let params = [q, count, start, ck, cv, ring_k, ring_v, out, scratch];
-    for (name, label) in [
-        (
-            "b2_attend_tokens_tc",
-            "attend_tokens_tc (split), per token, 2048 keys",
-        ),
-        (
-            "b2_bf16_attend_tokens_tc",
-            "attend_tokens_tc (bf16 inputs), per token, 2048 keys",
-        ),
-    ] {
+    let planes = mem.alloc(&vec![0; kv_split_bytes(&spec, tokens as u32) as usize]);
+    // The planes hold the window before the chunk (2047 positions) and its 16 tokens; for a
+    // 2048-token chunk they are ~2 positions per token, so per position is the fair unit.
+    let positions = (w - 1 + tokens) as f64;
+    for (prefix, label) in [("b2", "split"), ("b2_bf16", "bf16 inputs")] {
         let n = launch(
             &m,
             &mut mem,
-            name,
+            &format!("{prefix}_kv_split_tokens"),
+            kv_split_threads(&spec, tokens as u32).div_ceil(NORM_BLOCK),
+            NORM_BLOCK,
+            &[count, start, ck, cv, ring_k, ring_v, planes],
+        );
+        rows.push((
+            format!("kv_split_tokens ({label}), per key position"),
+            n as f64 / positions,
+        ));
+        let n = launch(
+            &m,
+            &mut mem,
+            &format!("{prefix}_attend_tokens_tc"),
             attend_tokens_tc_grid(&spec, tokens as u32),
             attend_tokens_tc_block(&spec),
-            &params,
+            &[
+                q, count, start, ck, cv, ring_k, ring_v, out, scratch, planes,
+            ],
         );
-        rows.push((label.into(), n as f64 / tokens as f64));
+        rows.push((
+            format!("attend_tokens_tc ({label}), per token, 2048 keys"),
+            n as f64 / tokens as f64,
+        ));
     }
 
     // RG-LRU gates: 2560 channels in 10 blocks of 256, bf16 gate matrices.

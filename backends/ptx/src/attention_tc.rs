@@ -5,7 +5,7 @@
 //! reference's own bf16 run).
 
 use crate::attention::{
-    block_span, key_tiles, kv_row, window_start, AttentionSpec, BlockSpan, ChunkAttention,
+    block_span, key_tiles, window_start, AttentionSpec, BlockSpan, ChunkAttention,
 };
 use crate::builder::{Class, Kernel, Reg};
 use crate::math::LOG2_E;
@@ -69,21 +69,134 @@ fn slot_bytes(s: &AttentionSpec) -> u32 {
     s.head_dim / 16 * 32 * 32
 }
 
+/// Rows of `kv_split_tokens`' planes for chunks of up to `max_tokens`: the W-1 positions a
+/// chunk's first token sees before it, and the chunk's own.
+fn plane_rows(s: &AttentionSpec, max_tokens: u32) -> u32 {
+    s.window - 1 + max_tokens
+}
+
+/// Bytes of one plane: `plane_rows` rows of G × hd bf16.
+fn plane_bytes(s: &AttentionSpec, max_tokens: u32) -> u32 {
+    plane_rows(s, max_tokens) * s.kv_heads * s.head_dim * 2
+}
+
+/// Bytes of `kv_split_tokens`' output: four planes (keys hi, keys lo, values hi, values lo).
+pub fn kv_split_bytes(s: &AttentionSpec, max_tokens: u32) -> u64 {
+    4 * plane_bytes(s, max_tokens) as u64
+}
+
+/// Threads `kv_split_tokens` covers for chunks of up to `max_tokens`: one per pair of features
+/// of a KV head's row (launch `elementwise_grid` of this many, blocks of `NORM_BLOCK`).
+pub fn kv_split_threads(s: &AttentionSpec, max_tokens: u32) -> u32 {
+    plane_rows(s, max_tokens) * s.kv_heads * s.head_dim / 2
+}
+
+/// The keys and values a chunk's queries see, once, as `attend_tokens_tc` stages them: each
+/// f32 pair of the positions from the first token's window start to the chunk's last, from the
+/// ring before the chunk and from the chunk's own rotated keys and values, split into bf16 hi
+/// and lo (or rounded, `TcInputs`), into planes `[position - window start][G][hd]`. Every
+/// attention block then copies its tiles from these instead of loading and splitting the same
+/// rows again (each row served 2 blocks × 5 heads per 16 tokens for the 2B shape; by count the
+/// staging was ~40% of the kernel's instructions). Parameters: count `i32[1]`, start `i32[1]`,
+/// chunk keys, chunk values, keys, values (the ring), planes (`kv_split_bytes`). Launch:
+/// `elementwise_grid(kv_split_threads, NORM_BLOCK)` blocks of `NORM_BLOCK`.
+pub fn kv_split_tokens(s: &AttentionSpec, inputs_as: TcInputs, max_tokens: u32) -> String {
+    use crate::prefill::NORM_BLOCK;
+    let split = inputs_as == TcInputs::Split;
+    let ty = inputs_as.mma_type();
+    let (hd, w, gkv) = (s.head_dim, s.window, s.kv_heads);
+    let plane = plane_bytes(s, max_tokens);
+    let mut k = Kernel::new(&format!("{}_kv_split_tokens", s.name));
+    let count = k.param_ptr("count");
+    let start_at = k.param_ptr("start");
+    let chunk_keys = k.param_ptr("chunk_keys");
+    let chunk_values = k.param_ptr("chunk_values");
+    let keys = k.param_ptr("keys");
+    let values = k.param_ptr("values");
+    let planes = k.param_ptr("planes");
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let start = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {start}, [{start_at}];"));
+    let lo = window_start(&mut k, start, w);
+    // Rows: the positions lo .. start + n - 1.
+    let rows = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {rows}, {start}, {lo};"));
+    k.ins(format!("add.u32 {rows}, {rows}, {n};"));
+    let total = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {total}, {rows}, {};", gkv * hd / 2));
+    k.grid_stride(NORM_BLOCK, total, &mut |k, e, _| {
+        // e: (row r, KV head g, feature pair) of the planes.
+        let (rg, pair) = (k.reg(Class::B32), k.reg(Class::B32));
+        k.ins(format!("div.u32 {rg}, {e}, {};", hd / 2));
+        k.ins(format!("rem.u32 {pair}, {e}, {};", hd / 2));
+        let (r, g) = (k.reg(Class::B32), k.reg(Class::B32));
+        k.ins(format!("div.u32 {r}, {rg}, {gkv};"));
+        k.ins(format!("rem.u32 {g}, {rg}, {gkv};"));
+        // Position lo + r: the chunk's row from `start` on, else its ring slot.
+        let pp = k.reg(Class::B32);
+        k.ins(format!("add.u32 {pp}, {lo}, {r};"));
+        let in_chunk = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.u32 {in_chunk}, {pp}, {start};"));
+        let row = k.reg(Class::B32);
+        k.ins(format!("rem.u32 {row}, {pp}, {w};"));
+        let own = k.reg(Class::B32);
+        k.ins(format!("sub.u32 {own}, {pp}, {start};"));
+        k.ins(format!("selp.b32 {row}, {own}, {row}, {in_chunk};"));
+        let at = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {at}, {row}, {gkv}, {g};"));
+        k.ins(format!("mul.lo.u32 {at}, {at}, {hd};"));
+        k.ins(format!("mad.lo.u32 {at}, {pair}, 2, {at};"));
+        // The destination word: row r's element 2·pair of head g, as bf16 (2 bytes).
+        let out = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {out}, {rg}, {hd}, 0;"));
+        k.ins(format!("mad.lo.u32 {out}, {pair}, 2, {out};"));
+        let dst = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {dst}, {out}, 2;"));
+        k.ins(format!("add.u64 {dst}, {dst}, {planes};"));
+        for (i, (chunk_base, ring_base)) in [(chunk_keys, keys), (chunk_values, values)]
+            .into_iter()
+            .enumerate()
+        {
+            let base = k.reg(Class::B64);
+            k.ins(format!(
+                "selp.b64 {base}, {chunk_base}, {ring_base}, {in_chunk};"
+            ));
+            let src = addr4(k, base, at);
+            let (x0, x1) = (k.reg(Class::F32), k.reg(Class::F32));
+            k.ins(format!("ld.global.v2.f32 {{{x0}, {x1}}}, [{src}];"));
+            // Planes: keys hi, keys lo, values hi, values lo.
+            let (hi_plane, lo_plane) = (2 * i as u32, 2 * i as u32 + 1);
+            if split {
+                let (h, l) = split_pair(k, x0, x1);
+                k.ins(format!("st.global.b32 [{dst}+{}], {h};", hi_plane * plane));
+                k.ins(format!("st.global.b32 [{dst}+{}], {l};", lo_plane * plane));
+            } else {
+                let h = round_pair(k, ty, x0, x1);
+                k.ins(format!("st.global.b32 [{dst}+{}], {h};", hi_plane * plane));
+            }
+        }
+    });
+    k.finish()
+}
+
 /// Attention for a chunk of T queries (prefill) on tensor cores. A block per (16 consecutive
 /// tokens, KV head, part of its query heads), a warp per query head: the warp's 16 rows are the
 /// block's tokens for its head, so every key and value tile the block stages serves all its
 /// heads (5 for the 2B shape). The union of the tokens' windows goes through in tiles of 16
-/// positions: the block stages the tile's key and value rows in shared memory as bf16 hi and
-/// lo halves (rows past the union as zeros: a masked key's weight is 0, and 0 · NaN would not
-/// be); each warp computes its 16×16 scores with `mma` (its query fragments loaded and split
-/// from global memory per k-step, the keys' through `ldmatrix`), masks them to each row's
-/// window, updates its rows' running max and sums (online softmax in base 2), rescales its
-/// output accumulators, and adds the probabilities (the score accumulators are already an A
-/// fragment) times the values (`ldmatrix.trans`: the value rows are the k dimension). Per
-/// (query row, key) that is ~0.75 MMA of 16×8×16 for the 2B shape. Parameters as
-/// `attend_tokens`, then the query scratch (`attend_tokens_tc_scratch` bytes). Launch:
-/// `attend_tokens_tc_grid` blocks of `attend_tokens_tc_block`.
-pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
+/// positions: the block copies the tile's key and value rows, already split into bf16 hi and
+/// lo halves by `kv_split_tokens`, into shared memory (rows past the union as zeros: a masked
+/// key's weight is 0, and 0 · NaN would not be); each warp computes its 16×16 scores with `mma`
+/// (its query fragments split once into a scratch slot, the keys' through `ldmatrix`), masks
+/// them to each row's window, updates its rows' running max and sums (online softmax in base
+/// 2), rescales its output accumulators, and adds the probabilities (the score accumulators are
+/// already an A fragment) times the values (`ldmatrix.trans`: the value rows are the k
+/// dimension). Per (query row, key) that is ~0.75 MMA of 16×8×16 for the 2B shape. Parameters
+/// as `attend_tokens` (its key and value sources unused here), then the query scratch
+/// (`attend_tokens_tc_scratch` bytes) and the planes (`kv_split_tokens`' output, for the same
+/// `max_tokens` and `inputs_as`). Launch: `attend_tokens_tc_grid` blocks of
+/// `attend_tokens_tc_block`, after `kv_split_tokens`.
+pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs, max_tokens: u32) -> String {
     let split = inputs_as == TcInputs::Split;
     let ty = inputs_as.mma_type();
     // An f32 pair as the MMA's operands: bf16 hi and lo, or rounded to the operand type.
@@ -111,16 +224,12 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     k.launch_bounds(threads, 1);
     k.shared("kv_tiles", attend_tokens_tc_shared(s), 16);
     let params = ChunkAttention::declare(&mut k);
-    let ChunkAttention {
-        q,
-        chunk_keys,
-        chunk_values,
-        keys,
-        values,
-        out,
-        ..
-    } = params;
+    // The keys and values come from the planes; their sources stay in the parameter list (the
+    // same as `attend_tokens`', so the lowering swaps kernels with the same arguments).
+    let ChunkAttention { q, out, .. } = params;
     let scratch = k.param_ptr("q_fragments");
+    let planes = k.param_ptr("kv_planes");
+    let plane = plane_bytes(s, max_tokens);
 
     let (tid, blk) = k.thread_and_block();
     let (warp, lane) = k.warp_and_lane(tid);
@@ -271,61 +380,69 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs) -> String {
     // position. The first tile holds a key of every row's window (the tokens are consecutive,
     // so their windows start at most 15 positions after the first's), so the running maxima
     // are finite from there on and a later tile wholly masked for a row weighs it 2^-inf = 0.
+    // The planes' first row: the window start of the chunk's first position.
+    let chunk_lo = window_start(&mut k, start, w);
     let key_tile = key_tiles(&mut k, first, final_pos, TILE, w);
-    let (p0, nk, slot0) = (key_tile.p0, key_tile.nk, key_tile.slot0);
+    let (p0, nk) = (key_tile.p0, key_tile.nk);
 
-    // Stage the tile: 16 rows of hd/4 16-byte pieces each of keys and of values, rows past nk
-    // as zeros. Position p0 + r comes from the chunk's own rows from `start` on, else from ring
-    // slot (p0 + r) mod W.
-    let quads = hd / 4;
-    for (chunk_base, ring_base, hi_off, lo_off) in [
-        (chunk_keys, keys, k_hi, k_lo),
-        (chunk_values, values, v_hi, v_lo),
-    ] {
-        let i = k.reg(Class::B32);
-        k.ins(format!("mov.u32 {i}, {tid};"));
-        let pieces = TILE * quads;
-        k.strided(i, pieces, threads, &mut |k| {
-            let r = k.reg(Class::B32);
-            k.ins(format!("div.u32 {r}, {i}, {quads};"));
-            let c = k.reg(Class::B32);
-            k.ins(format!("rem.u32 {c}, {i}, {quads};"));
-            let v = k.regs4(Class::F32);
-            for x in &v {
-                k.ins(format!("mov.f32 {x}, 0f00000000;"));
-            }
-            let outside = k.reg(Class::Pred);
-            k.ins(format!("setp.ge.u32 {outside}, {r}, {nk};"));
-            let zero = k.label("zero_row");
-            k.ins(format!("@{outside} bra {zero};"));
-            let pp = k.reg(Class::B32);
-            k.ins(format!("add.u32 {pp}, {p0}, {r};"));
-            let (base, row) = kv_row(k, s, pp, slot0, r, start, g, chunk_base, ring_base);
-            k.ins(format!("mad.lo.u32 {row}, {c}, 4, {row};"));
-            let src = addr4(k, base, row);
+    // Stage the tile from the planes (`kv_split_tokens`): 16 rows of hd/8 16-byte pieces of
+    // each plane, rows past nk as zeros. Position p0 + r is plane row p0 + r - (the window
+    // start of the chunk's first position).
+    let units = hd / 8;
+    let i = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {i}, {tid};"));
+    k.strided(i, TILE * units, threads, &mut |k| {
+        let r = k.reg(Class::B32);
+        k.ins(format!("div.u32 {r}, {i}, {units};"));
+        let c = k.reg(Class::B32);
+        k.ins(format!("rem.u32 {c}, {i}, {units};"));
+        let dst = k.reg(Class::B32);
+        k.ins(format!("mul.lo.u32 {dst}, {r}, {rb};"));
+        k.ins(format!("mad.lo.u32 {dst}, {c}, 16, {dst};"));
+        let dp = k.reg(Class::B64);
+        k.ins(format!("cvt.u64.u32 {dp}, {dst};"));
+        k.ins(format!("add.u64 {dp}, {dp}, {tiles};"));
+        // (plane, shared tile) pairs staged: keys and values, hi (and lo).
+        let staged: Vec<(u32, u32)> = if split {
+            vec![(0, k_hi), (1, k_lo), (2, v_hi), (3, v_lo)]
+        } else {
+            vec![(0, k_hi), (2, v_hi)]
+        };
+        let words: Vec<[Reg; 4]> = staged.iter().map(|_| k.regs4(Class::B32)).collect();
+        for x in words.iter().flatten() {
+            k.ins(format!("mov.b32 {x}, 0;"));
+        }
+        let outside = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.u32 {outside}, {r}, {nk};"));
+        let zero = k.label("zero_row");
+        k.ins(format!("@{outside} bra {zero};"));
+        let prow = k.reg(Class::B32);
+        k.ins(format!("add.u32 {prow}, {p0}, {r};"));
+        k.ins(format!("sub.u32 {prow}, {prow}, {chunk_lo};"));
+        k.ins(format!("mad.lo.u32 {prow}, {prow}, {gkv}, {g};"));
+        k.ins(format!("mul.lo.u32 {prow}, {prow}, {};", 2 * hd));
+        k.ins(format!("mad.lo.u32 {prow}, {c}, 16, {prow};"));
+        let src = k.reg(Class::B64);
+        k.ins(format!("cvt.u64.u32 {src}, {prow};"));
+        k.ins(format!("add.u64 {src}, {src}, {planes};"));
+        for (&(p, _), w4) in staged.iter().zip(&words) {
             k.ins(format!(
-                "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{src}];",
-                v[0], v[1], v[2], v[3]
+                "ld.global.v4.b32 {{{}, {}, {}, {}}}, [{src}+{}];",
+                w4[0],
+                w4[1],
+                w4[2],
+                w4[3],
+                p * plane
             ));
-            k.place(&zero);
-            let (h01, l01) = operands(k, v[0], v[1]);
-            let (h23, l23) = operands(k, v[2], v[3]);
-            let dst = k.reg(Class::B32);
-            k.ins(format!("mul.lo.u32 {dst}, {r}, {rb};"));
-            k.ins(format!("mad.lo.u32 {dst}, {c}, 8, {dst};"));
-            let dp = k.reg(Class::B64);
-            k.ins(format!("cvt.u64.u32 {dp}, {dst};"));
-            k.ins(format!("add.u64 {dp}, {dp}, {tiles};"));
+        }
+        k.place(&zero);
+        for (&(_, tile_off), w4) in staged.iter().zip(&words) {
             k.ins(format!(
-                "st.shared.v2.b32 [{dp}+{hi_off}], {{{h01}, {h23}}};"
+                "st.shared.v4.b32 [{dp}+{tile_off}], {{{}, {}, {}, {}}};",
+                w4[0], w4[1], w4[2], w4[3]
             ));
-            if split {
-                k.ins(format!(
-                    "st.shared.v2.b32 [{dp}+{lo_off}], {{{l01}, {l23}}};"
-                ));
-            }
-        });
-    }
+        }
+    });
     k.ins("bar.sync 0;");
 
     // Scores: two n-tiles of 8 keys, over hd/16 k-steps, the query fragments from the scratch.

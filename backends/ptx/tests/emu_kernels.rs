@@ -1057,7 +1057,9 @@ fn prefill_attention_case(
     };
     use griffin_backend_ptx::attention_tc::{
         attend_tokens_tc, attend_tokens_tc_block, attend_tokens_tc_grid, attend_tokens_tc_scratch,
+        kv_split_bytes, kv_split_threads, kv_split_tokens,
     };
+    use griffin_backend_ptx::prefill::NORM_BLOCK;
     use griffin_backend_ptx::tc::TcInputs;
     let (theta, dims) = (10000.0, 8u32);
     let max_tokens = *chunks.iter().max().unwrap() as u32;
@@ -1072,7 +1074,7 @@ fn prefill_attention_case(
     };
     let (attend, attend_name, attend_grid, attend_block) = if tensor_cores {
         (
-            attend_tokens_tc(&spec, TcInputs::Split),
+            attend_tokens_tc(&spec, TcInputs::Split, max_tokens),
             "pa_attend_tokens_tc",
             attend_tokens_tc_grid(&spec, max_tokens),
             attend_tokens_tc_block(&spec),
@@ -1085,20 +1087,23 @@ fn prefill_attention_case(
             attend_tokens_block(&spec),
         )
     };
-    let attend_params = if tensor_cores { 9 } else { 8 };
+    let attend_params = if tensor_cores { 10 } else { 8 };
     let m = Module::parse(&module(&[
         rotate_tokens(&spec, max_tokens),
+        kv_split_tokens(&spec, TcInputs::Split, max_tokens),
         attend,
         write_ring_tokens(&spec, max_tokens),
     ]))
     .unwrap();
     let mut rng = Rng(17);
     let mut mem = Memory::new();
-    // The tensor-core kernel's query scratch, as a pooled buffer would be: NaN.
+    // The tensor-core kernel's query scratch and key/value planes, as pooled buffers would
+    // be: NaN.
     let scratch_a = mem.alloc(&vec![
         0xFF;
         attend_tokens_tc_scratch(&spec, max_tokens) as usize
     ]);
+    let planes_a = mem.alloc(&vec![0xFF; kv_split_bytes(&spec, max_tokens) as usize]);
     let inv = inverse_frequencies(theta, dims);
     let inv_a = mem.alloc(
         &inv.iter()
@@ -1146,13 +1151,27 @@ fn prefill_attention_case(
             ROTATE_BLOCK,
             &[n_a, s_a, qa, ka, inv_a, qr_a, kr_a],
         );
+        if tensor_cores {
+            // The keys and values the chunk sees, split once; fewer blocks than elements.
+            let threads = kv_split_threads(&spec, max_tokens);
+            launch(
+                &m,
+                &mut mem,
+                "pa_kv_split_tokens",
+                threads.div_ceil(NORM_BLOCK).min(3),
+                NORM_BLOCK,
+                &[n_a, s_a, kr_a, va, keys_a, values_a, planes_a],
+            );
+        }
         launch(
             &m,
             &mut mem,
             attend_name,
             attend_grid,
             attend_block,
-            &[qr_a, n_a, s_a, kr_a, va, keys_a, values_a, out_a, scratch_a][..attend_params],
+            &[
+                qr_a, n_a, s_a, kr_a, va, keys_a, values_a, out_a, scratch_a, planes_a,
+            ][..attend_params],
         );
         let ring_grid = ((max_tokens * (kv_heads * hd) as u32).div_ceil(ROTATE_BLOCK)).min(2);
         launch(

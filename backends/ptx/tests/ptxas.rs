@@ -7,7 +7,9 @@ use std::process::Command;
 use griffin_backend_ptx::attention::{
     attend, attend_combine, attend_tokens, rotate_tokens, write_ring_tokens, AttentionSpec,
 };
-use griffin_backend_ptx::attention_tc::{attend_tokens_tc, attention_fits_tensor_cores};
+use griffin_backend_ptx::attention_tc::{
+    attend_tokens_tc, attention_fits_tensor_cores, kv_split_tokens,
+};
 use griffin_backend_ptx::gemv::{gemv, Epilogue, GemvSpec};
 use griffin_backend_ptx::misc::{argmax, gather};
 use griffin_backend_ptx::module;
@@ -156,7 +158,11 @@ fn all_kernels() -> Vec<(String, String)> {
         if attention_fits_tensor_cores(&s) {
             out.push((
                 format!("{}_attend_tokens_tc", s.name),
-                attend_tokens_tc(&s, TcInputs::Split),
+                attend_tokens_tc(&s, TcInputs::Split, 2048),
+            ));
+            out.push((
+                format!("{}_kv_split_tokens", s.name),
+                kv_split_tokens(&s, TcInputs::Split, 2048),
             ));
             let f16 = AttentionSpec {
                 name: format!("{}_f16", s.name),
@@ -164,7 +170,7 @@ fn all_kernels() -> Vec<(String, String)> {
             };
             out.push((
                 format!("{}_attend_tokens_tc", f16.name),
-                attend_tokens_tc(&f16, TcInputs::F16),
+                attend_tokens_tc(&f16, TcInputs::F16, 2048),
             ));
         }
         out.push((
@@ -321,6 +327,9 @@ fn rg_lru_ptx_snapshot() {
 fn attention_tc_ptx_snapshot() {
     insta::assert_snapshot!(
         "tiny_attend_tokens_tc",
-        module(&[attend_tokens_tc(&attention_specs()[0], TcInputs::Split)])
+        module(&[
+            kv_split_tokens(&attention_specs()[0], TcInputs::Split, 64),
+            attend_tokens_tc(&attention_specs()[0], TcInputs::Split, 64)
+        ])
     );
 }
