@@ -332,17 +332,12 @@ impl Lowering<'_> {
                 NORM_BLOCK,
                 args,
             )
-            .work = Work {
-                bytes: 4 * c * (2 * k + 1),
-                bytes_per_token: 4 * 2 * c,
-                flops_per_token: 2 * c * k,
-                ..Work::default()
-            };
+            // Its weights, bias and the window's rows once; x in and the conv out per token.
+            .work = work(true, 4 * c * (2 * k + 1), 4 * 2 * c, 2 * c * k);
             let token_warps = gates_tc_token_warps(&spec, max_tokens);
             let mut args = vec![count, conv_out, position];
             args.extend_from_slice(&weights[2..]);
             args.extend([a, b]);
-            let tc_work = rg_lru_work(&spec, true);
             self.launch(
                 gates.name.clone(),
                 rg_lru_gates_tc(&gates, self.tc_inputs, token_warps),
@@ -350,11 +345,7 @@ impl Lowering<'_> {
                 tc_block(token_warps),
                 args,
             )
-            .work = Work {
-                bytes: tc_work.bytes - 4 * c * k,
-                flops_per_token: tc_work.flops_per_token - 2 * c * k,
-                ..tc_work
-            };
+            .work = gates_work(&spec, true);
         } else {
             let mut args = vec![count, input, position, window];
             args.extend(weights);
@@ -1018,17 +1009,27 @@ fn projection_work(spec: &GemvSpec, per_token: bool, mma: u64) -> Work {
     let fixed = rows * spec.inputs as u64 * element + if spec.bias { 4 * rows } else { 0 };
     let outputs = if spec.residual { 2 } else { 1 } * spec.width as u64;
     let token_bytes = 4 * (spec.inputs as u64 + outputs);
-    let flops = 2 * rows * spec.inputs as u64 * mma;
+    work(
+        per_token,
+        fixed,
+        token_bytes,
+        2 * rows * spec.inputs as u64 * mma,
+    )
+}
+
+/// `fixed` bytes once, `bytes` and `flops` per token (`per_token`: a prefill chunk's launch) or
+/// once (a decode step's).
+fn work(per_token: bool, fixed: u64, bytes: u64, flops: u64) -> Work {
     if per_token {
         Work {
             bytes: fixed,
-            bytes_per_token: token_bytes,
+            bytes_per_token: bytes,
             flops: 0,
             flops_per_token: flops,
         }
     } else {
         Work {
-            bytes: fixed + token_bytes,
+            bytes: fixed + bytes,
             bytes_per_token: 0,
             flops,
             flops_per_token: 0,
@@ -1041,43 +1042,33 @@ fn projection_work(spec: &GemvSpec, per_token: bool, mma: u64) -> Work {
 /// step) the input, the scan's coefficients or state, window and output rows, and the gates'
 /// and conv's FLOPs.
 fn rg_lru_work(spec: &RgLruSpec, per_token: bool) -> Work {
-    let (c, b, k) = (
-        spec.channels as u64,
-        (spec.channels / spec.blocks) as u64,
-        spec.width as u64,
-    );
-    let fixed = 2 * c * b * spec.gates.bytes() as u64 + 4 * c * k;
-    let flops = 2 * 2 * c * b + 2 * c * k;
-    if per_token {
-        // x in, a and b out.
-        Work {
-            bytes: fixed,
-            bytes_per_token: 4 * 3 * c,
-            flops: 0,
-            flops_per_token: flops,
-        }
-    } else {
-        // x, y, the state and a window row read and written, the output.
-        Work {
-            bytes: fixed + 4 * 7 * c,
-            bytes_per_token: 0,
-            flops,
-            flops_per_token: 0,
-        }
-    }
+    let (c, k) = (spec.channels as u64, spec.width as u64);
+    // The gates', and the conv's weights once and its FLOPs.
+    gates_work(spec, per_token) + work(per_token, 4 * c * k, 0, 2 * c * k)
+}
+
+/// The gates' part of `rg_lru_work` (all of it but the conv): both block-diagonal matrices
+/// once; per token or once: x in and a, b out in a chunk, x, y, the state and a window row
+/// read and written and the output in a step; the gates' FLOPs.
+fn gates_work(spec: &RgLruSpec, per_token: bool) -> Work {
+    let (c, b) = (spec.channels as u64, (spec.channels / spec.blocks) as u64);
+    let rows = if per_token { 3 } else { 7 };
+    work(
+        per_token,
+        2 * c * b * spec.gates.bytes() as u64,
+        4 * rows * c,
+        2 * 2 * c * b,
+    )
 }
 
 /// Tokens per prefill chunk on the GPU by default (buffers are sized for it). Every chunk
 /// streams every weight once: a 2048-token prompt in chunks of 64 would read the 2B model's
 /// 5.4 GB 32 times (at least 40 ms at 4.25 TB/s); in chunks of 512, 4 times; in one chunk,
-/// once. Larger chunks also fill the GPU's waves better: the 2B model's 2560-output
-/// projections (the attention and recurrence outputs, the MLP's down projection: a third of
-/// the chunk's tensor-core work) have 20 column blocks; at 512 tokens, 160 blocks of 64 tokens
-/// on 132 SMs (28 SMs take two, the rest one: ~61% busy), at 2048, 320 blocks of 128 tokens
-/// (2 or 3 per SM: ~81%). Estimates, not measured.
-/// For the 2B shape at 512: a 31.5 MB arena of activations (pooled) and 524 MB for every
-/// row's logits; at 2048 a 162.4 MB arena in all (activations, state, KV rings) and 2.10 GB of
-/// logits, allocated only where every row is asked for (`griffinc eval`, `--logits-out`).
+/// once. How the tensor-core projections' blocks fill the GPU's waves at this size is
+/// `tc::tc_k_split`'s business. For the 2B shape at 512: a 31.5 MB arena of activations
+/// (pooled) and 524 MB for every row's logits; at 2048 a 183.3 MB arena in all (activations,
+/// state, KV rings) and 2.10 GB of logits, allocated only where every row is asked for
+/// (`griffinc eval`, `--logits-out`).
 /// 512 until the first session of 2026-12-01.
 pub const PREFILL_CHUNK: u32 = 2048;
 

@@ -63,6 +63,18 @@ pub struct Work {
     pub flops_per_token: u64,
 }
 
+impl std::ops::Add for Work {
+    type Output = Work;
+    fn add(self, o: Work) -> Work {
+        Work {
+            bytes: self.bytes + o.bytes,
+            bytes_per_token: self.bytes_per_token + o.bytes_per_token,
+            flops: self.flops + o.flops,
+            flops_per_token: self.flops_per_token + o.flops_per_token,
+        }
+    }
+}
+
 impl Work {
     /// (bytes, flops) for a launch over `tokens` tokens (1 for a decode step).
     pub fn at(&self, tokens: u64) -> (u64, u64) {

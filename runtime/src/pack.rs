@@ -140,13 +140,28 @@ fn store_into(values: &[f32], layout: Layout, storage: Storage, out: &mut [u8]) 
     if cols == 0 {
         return;
     }
+    let rows = values.chunks_exact(cols as usize).map(|row| row.iter());
+    scatter(layout, storage, rows, |at, v| put(out, at, *v, storage));
+}
+
+/// Walks a blocked weight's rows (each an iterator over its elements, row-major order) and
+/// calls `place(slot, element)` with each element's slot in `layout` (an element index).
+fn scatter<R: Iterator>(
+    layout: Layout,
+    storage: Storage,
+    rows: impl Iterator<Item = R>,
+    mut place: impl FnMut(usize, R::Item),
+) {
+    let Layout::Blocked { cols, .. } = layout else {
+        unreachable!("row-major weights are stored as computed")
+    };
     let col_offsets: Vec<usize> = (0..cols)
         .map(|c| layout.col_offset(c, storage) as usize)
         .collect();
-    for (r, row) in values.chunks_exact(cols as usize).enumerate() {
+    for (r, row) in rows.enumerate() {
         let base = layout.row_offset(r as u64, storage) as usize;
-        for (v, off) in row.iter().zip(&col_offsets) {
-            put(out, base + off, *v, storage);
+        for (v, off) in row.zip(&col_offsets) {
+            place(base + off, v);
         }
     }
 }
@@ -214,10 +229,6 @@ fn place_raw(
     if cols == 0 {
         return Ok(());
     }
-    let dst = &mut out[start..];
-    let col_offsets: Vec<usize> = (0..cols)
-        .map(|c| size * layout.col_offset(c, storage) as usize)
-        .collect();
     let row_bytes = cols as usize * size;
     if let Some(p) = parts.iter().find(|p| p.len() % row_bytes != 0) {
         return Err(format!(
@@ -225,13 +236,14 @@ fn place_raw(
             p.len() / size
         ));
     }
-    let rows_in = parts.iter().flat_map(|p| p.chunks_exact(row_bytes));
-    for (r, row) in rows_in.enumerate() {
-        let base = size * layout.row_offset(r as u64, storage) as usize;
-        for (v, off) in row.chunks_exact(size).zip(&col_offsets) {
-            dst[base + off..base + off + size].copy_from_slice(v);
-        }
-    }
+    let dst = &mut out[start..];
+    let rows = parts
+        .iter()
+        .flat_map(|p| p.chunks_exact(row_bytes))
+        .map(|row| row.chunks_exact(size));
+    scatter(layout, storage, rows, |at, v| {
+        dst[size * at..size * (at + 1)].copy_from_slice(v)
+    });
     Ok(())
 }
 

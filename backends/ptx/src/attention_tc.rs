@@ -2,7 +2,8 @@
 //! f32 operand split into bf16 hi and lo halves so the products keep about 16 bits (three MMAs
 //! per product: hi·hi, hi·lo, lo·hi), as the projections keep the f32 tolerance; or, with
 //! `TcInputs::Bf16` or `TcInputs::F16`, rounded to bf16 or f16 (one MMA; bf16 as the
-//! reference's own bf16 run).
+//! reference's own bf16 run). `kv_split_tokens` splits the window's keys and values once per
+//! chunk; `attend_tokens_tc` copies its tiles from those planes.
 
 use crate::attention::{
     block_span, key_tiles, window_start, AttentionSpec, BlockSpan, ChunkAttention,
@@ -10,7 +11,9 @@ use crate::attention::{
 use crate::builder::{Class, Kernel, Reg};
 use crate::math::LOG2_E;
 use crate::rg_lru::addr4;
-use crate::tc::{ldmatrix_lane, ldmatrix_x4, mma, round_pair, split_pair, TcInputs};
+use crate::tc::{
+    ldmatrix_lane, ldmatrix_offset, ldmatrix_x4, mma, round_pair, split_pair, TcInputs,
+};
 
 /// Query tokens per block (an `mma` tile's 16 rows) and keys per tile (one k-step of the
 /// probabilities' product with the values).
@@ -298,10 +301,7 @@ pub fn attend_tokens_tc(s: &AttentionSpec, inputs_as: TcInputs, max_tokens: u32)
     // two k-halves, 2, 3 the next n-tile's.
     let (lane8, bit3, bit4) = ldmatrix_lane(&mut k, lane);
     let lane_at = |k: &mut Kernel, row_bit: Reg, col_bit: Reg| {
-        let off = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {off}, {row_bit}, 8, {lane8};"));
-        k.ins(format!("mul.lo.u32 {off}, {off}, {rb};"));
-        k.ins(format!("mad.lo.u32 {off}, {col_bit}, 16, {off};"));
+        let off = ldmatrix_offset(k, lane8, row_bit, col_bit, rb);
         let at = k.reg(Class::B64);
         k.ins(format!("cvt.u64.u32 {at}, {off};"));
         k.ins(format!("add.u64 {at}, {at}, {tiles};"));

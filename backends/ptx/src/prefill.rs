@@ -416,6 +416,31 @@ fn rg_input(
     v
 }
 
+/// Adds channel j's conv taps (`taps[k]` weighs the input K-1-k positions back) of the chunk's
+/// token t, at position p, into `acc`; taps before the document's first position read nothing
+/// (zero padding).
+#[allow(clippy::too_many_arguments)]
+fn add_conv_taps(
+    k: &mut Kernel,
+    acc: Reg,
+    taps: &[Reg],
+    x: Reg,
+    window: Reg,
+    j: Reg,
+    t: Reg,
+    p: Reg,
+    c: u32,
+) {
+    let kk = taps.len() as u32;
+    for (tap, w) in taps.iter().enumerate() {
+        let back = kk - 1 - tap as u32;
+        let v = rg_input(k, x, window, j, t, p, back, c, kk);
+        let valid = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.s32 {valid}, {p}, {back};"));
+        k.ins(format!("@{valid} fma.rn.f32 {acc}, {w}, {v}, {acc};"));
+    }
+}
+
 /// The RG-LRU's temporal convolution over a chunk, alone (where `rg_lru_gates_tc` then takes
 /// the gates on tensor cores): `conv[t, j] = bias[j] + Σ_k w[j, k] · x[t - (K-1-k), j]`, inputs
 /// before the chunk from the window's ring, taps before the document's first position zero.
@@ -448,17 +473,14 @@ pub fn rg_lru_conv_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
         let p = k.reg(Class::B32);
         k.ins(format!("add.u32 {p}, {p0}, {t};"));
         let acc = load_weight(k, s.conv, conv_b, j);
-        for tap in 0..kk {
-            let back = kk - 1 - tap;
-            let wi = k.reg(Class::B32);
-            k.ins(format!("mad.lo.u32 {wi}, {j}, {kk}, {tap};"));
-            let w = load_weight(k, s.conv, conv_w, wi);
-            let v = rg_input(k, x, window, j, t, p, back, c, kk);
-            // Taps before the document's first position read nothing (zero padding).
-            let valid = k.reg(Class::Pred);
-            k.ins(format!("setp.ge.s32 {valid}, {p}, {back};"));
-            k.ins(format!("@{valid} fma.rn.f32 {acc}, {w}, {v}, {acc};"));
-        }
+        let taps: Vec<Reg> = (0..kk)
+            .map(|tap| {
+                let wi = k.reg(Class::B32);
+                k.ins(format!("mad.lo.u32 {wi}, {j}, {kk}, {tap};"));
+                load_weight(k, s.conv, conv_w, wi)
+            })
+            .collect();
+        add_conv_taps(k, acc, &taps, x, window, j, t, p, c);
         let oa = addr4(k, out, e);
         k.ins(format!("st.global.f32 [{oa}], {acc};"));
     });
@@ -544,14 +566,7 @@ pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
         k.ins(format!("mov.f32 {acc}, {bias};"));
         let p = k.reg(Class::B32);
         k.ins(format!("add.u32 {p}, {p0}, {t};"));
-        for (tap, w) in taps.iter().enumerate() {
-            let back = kk - 1 - tap as u32;
-            let v = rg_input(&mut k, x, window, j, t, p, back, c, kk);
-            // Taps before the document's first position read nothing (zero padding).
-            let valid = k.reg(Class::Pred);
-            k.ins(format!("setp.ge.s32 {valid}, {p}, {back};"));
-            k.ins(format!("@{valid} fma.rn.f32 {acc}, {w}, {v}, {acc};"));
-        }
+        add_conv_taps(&mut k, acc, &taps, x, window, j, t, p, c);
         k.place(&skip);
         k.ins(format!("st.shared.f32 [{mine}+{}], {acc};", 4 * u));
     }

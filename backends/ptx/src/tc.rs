@@ -36,9 +36,9 @@ fn column_blocks_of(width: u32, pairs: bool) -> u32 {
 /// Warps across the tokens, 64 tokens each: two where the grid still has two blocks per SM of
 /// the target GPU, else one. With two, the block's weight tile serves 128 tokens, so each byte
 /// it stages from L2 feeds twice the MMAs (~87 FLOP per byte of L2 traffic against ~64: at
-/// ~700 TFLOP/s of `mma.sync` the L2 would otherwise bound it); the 2B model's narrow
-/// projections (2560 outputs: 20 column blocks) keep 64-token blocks so their grid fills the
-/// GPU.
+/// ~700 TFLOP/s of `mma.sync` the L2 would otherwise bound it); narrow projections of short
+/// chunks (the 2B model's 2560 outputs, 20 column blocks, at chunks of 512) keep 64-token
+/// blocks so their grid fills the GPU.
 fn token_warps_for(column_blocks: u32, max_tokens: u32) -> u32 {
     if column_blocks * max_tokens.div_ceil(128) >= 2 * TARGET_SMS {
         2
@@ -65,11 +65,6 @@ pub fn tc_token_warps(spec: &GemvSpec, max_tokens: u32) -> u32 {
 /// Threads per block of either kernel with `token_warps` warps across its tokens.
 pub fn tc_block(token_warps: u32) -> u32 {
     32 * TC_COLUMN_WARPS * token_warps
-}
-
-/// Output columns a warp of `gemm_tokens_tc` owns, in tiles of 8.
-pub fn tc_column_tiles(spec: &GemvSpec) -> u32 {
-    column_tiles_of(is_geglu(spec))
 }
 
 /// Whether `gemm_tokens_tc` takes this projection: bf16 weights, inputs a multiple of 16,
@@ -146,6 +141,24 @@ pub(crate) fn ldmatrix_lane(k: &mut Kernel, lane: Reg) -> (Reg, Reg, Reg) {
     (lane8, bit3, bit4)
 }
 
+/// This lane's `ldmatrix.x4` row offset in a tile of `row_bytes`-byte rows (`lane8` from
+/// `ldmatrix_lane`): row (lane % 8) + 8·`row_bit`, 16 bytes · `col_bit` into it. Which of the
+/// lane's two bits picks the row half depends on whether the tile's rows are the n (or m)
+/// dimension or, read `.trans`, the k dimension.
+pub(crate) fn ldmatrix_offset(
+    k: &mut Kernel,
+    lane8: Reg,
+    row_bit: Reg,
+    col_bit: Reg,
+    row_bytes: u32,
+) -> Reg {
+    let off = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {off}, {row_bit}, 8, {lane8};"));
+    k.ins(format!("mul.lo.u32 {off}, {off}, {row_bytes};"));
+    k.ins(format!("mad.lo.u32 {off}, {col_bit}, 16, {off};"));
+    off
+}
+
 /// `mma.sync.m16n8k16` of `ty` (`bf16` or `f16`) operands + f32 into `acc`: A a 16×16
 /// fragment, B a 16×8 one.
 pub(crate) fn mma(k: &mut Kernel, ty: &str, acc: &[Reg; 4], a: &[Reg; 4], b: [Reg; 2]) {
@@ -162,37 +175,35 @@ pub(crate) fn round_pair(k: &mut Kernel, ty: &str, x0: Reg, x1: Reg) -> Reg {
     r
 }
 
-/// Two bf16 (a 32-bit word) as two f16: exact for magnitudes from 2^-14 to 65504 (a weight's,
-/// in practice), smaller ones to the nearest multiple of 2^-24.
-pub(crate) fn bf16x2_to_f16x2(k: &mut Kernel, w: Reg) -> Reg {
-    let (lo, hi) = (k.reg(Class::F32), k.reg(Class::F32));
+/// Two bf16 (a 32-bit word, the first in the low half) widened to f32, exactly.
+fn widen_bf16x2(k: &mut Kernel, w: Reg) -> (Reg, Reg) {
     let (l, h) = (k.reg(Class::B32), k.reg(Class::B32));
     k.ins(format!("shl.b32 {l}, {w}, 16;"));
     k.ins(format!("and.b32 {h}, {w}, -65536;"));
+    let (lo, hi) = (k.reg(Class::F32), k.reg(Class::F32));
     k.ins(format!("mov.b32 {lo}, {l};"));
     k.ins(format!("mov.b32 {hi}, {h};"));
+    (lo, hi)
+}
+
+/// Two bf16 (a 32-bit word) as two f16: exact for magnitudes from 2^-14 to 65504 (a weight's,
+/// in practice), smaller ones to the nearest multiple of 2^-24.
+fn bf16x2_to_f16x2(k: &mut Kernel, w: Reg) -> Reg {
+    let (lo, hi) = widen_bf16x2(k, w);
     round_pair(k, "f16", lo, hi)
 }
 
 /// The f32 pair (x0, x1) as bf16x2 `hi` (x0 in the low half) and `lo`, the rounding errors
 /// rounded again: `x = hi + lo` to about 16 bits.
 pub(crate) fn split_pair(k: &mut Kernel, x0: Reg, x1: Reg) -> (Reg, Reg) {
-    let hi = k.reg(Class::B32);
-    k.ins(format!("cvt.rn.bf16x2.f32 {hi}, {x1}, {x0};"));
-    let (h0, h1) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("shl.b32 {h0}, {hi}, 16;"));
-    k.ins(format!("and.b32 {h1}, {hi}, -65536;"));
-    let (f0, f1) = (k.reg(Class::F32), k.reg(Class::F32));
-    k.ins(format!("mov.b32 {f0}, {h0};"));
-    k.ins(format!("mov.b32 {f1}, {h1};"));
+    let hi = round_pair(k, "bf16", x0, x1);
+    let (f0, f1) = widen_bf16x2(k, hi);
     k.ins(format!("sub.f32 {f0}, {x0}, {f0};"));
     k.ins(format!("sub.f32 {f1}, {x1}, {f1};"));
-    let lo = k.reg(Class::B32);
-    k.ins(format!("cvt.rn.bf16x2.f32 {lo}, {f1}, {f0};"));
-    (hi, lo)
+    (hi, round_pair(k, "bf16", f0, f1))
 }
 
-/// How the kernels give their f32 inputs to bf16 MMAs.
+/// How the tensor-core kernels give their f32 operands to the MMAs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum TcInputs {
     /// `x = hi + lo`, both bf16, two MMAs per tile: about 16 bits of each input (the golden
@@ -256,9 +267,9 @@ type Finish<'a> = dyn FnMut(&mut Kernel, Vec<Reg>, Reg, Reg) + 'a;
 /// columns (64 with pairs, whose two rows make 128 weight rows) for one group of up to 64 ·
 /// `token_warps` tokens of the chunk: 4 warps across the columns, `token_warps` across the
 /// tokens (64 each). Per k-step of 16 the block stages its inputs, split once into bf16 hi and
-/// lo halves (`x = hi + lo`, so the product keeps about 16 bits of each f32 input; or rounded,
-/// `TcInputs::Bf16`, `TcInputs::F16`), and its weights in shared memory (two buffers: the next step's global
-/// loads are in flight while this one computes); each warp takes its fragments with
+/// lo halves (`x = hi + lo`, so the product keeps about 16 bits of each f32 input; or rounded:
+/// `TcInputs::Bf16`, `TcInputs::F16`), and its weights in shared memory (two buffers: the next
+/// step's global loads are in flight while this one computes); each warp takes its fragments with
 /// `ldmatrix` (`.trans` for weights stored a row per input) and runs 4 token tiles × 4 column
 /// tiles × 2 halves = 32 MMAs. `finish(k, accumulators, t, col)` finishes each result inside
 /// the chunk and the width.
@@ -448,20 +459,12 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     // 8·((lane / 8) % 2), columns 8·(lane / 16)... Either way matrices 0 and 1 are the first
     // column tile's two k-halves and 2, 3 the second's.
     let (lane8, bit3, bit4) = ldmatrix_lane(k, lane);
-    let a_lane = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {a_lane}, {bit3}, 8, {lane8};"));
-    k.ins(format!("mul.lo.u32 {a_lane}, {a_lane}, {TC_ROW};"));
-    k.ins(format!("mad.lo.u32 {a_lane}, {bit4}, 16, {a_lane};"));
-    let b_lane = k.reg(Class::B32);
-    if by_input {
-        k.ins(format!("mad.lo.u32 {b_lane}, {bit3}, 8, {lane8};"));
-        k.ins(format!("mul.lo.u32 {b_lane}, {b_lane}, {TC_KROW};"));
-        k.ins(format!("mad.lo.u32 {b_lane}, {bit4}, 16, {b_lane};"));
+    let a_lane = ldmatrix_offset(k, lane8, bit3, bit4, TC_ROW);
+    let b_lane = if by_input {
+        ldmatrix_offset(k, lane8, bit3, bit4, TC_KROW)
     } else {
-        k.ins(format!("mad.lo.u32 {b_lane}, {bit4}, 8, {lane8};"));
-        k.ins(format!("mul.lo.u32 {b_lane}, {b_lane}, {TC_ROW};"));
-        k.ins(format!("mad.lo.u32 {b_lane}, {bit3}, 16, {b_lane};"));
-    }
+        ldmatrix_offset(k, lane8, bit4, bit3, TC_ROW)
+    };
     // This warp's weight columns in the block: 32 from 32·warp (two ldmatrix.x4 of 16, 2
     // column tiles each), or with pairs 16 first-row columns from 16·warp and their second rows
     // from 64 + 16·warp (one each).
@@ -842,14 +845,14 @@ pub fn gemm_tokens_tc_partial(
         k_split,
     };
     let width = spec.width;
+    // This block's part: `tc_body` groups the blocks by part.
+    let part = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {part}, %nctaid.x;"));
+    k.ins(format!("div.u32 {part}, {part}, {k_split};"));
+    let b = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {b}, %ctaid.x;"));
+    k.ins(format!("div.u32 {part}, {b}, {part};"));
     tc_body(&mut k, &shape, &mut |k, vals, t, col| {
-        // This block's part: blocks are grouped by part (`tc_body`).
-        let part = k.reg(Class::B32);
-        k.ins(format!("mov.u32 {part}, %nctaid.x;"));
-        k.ins(format!("div.u32 {part}, {part}, {k_split};"));
-        let b = k.reg(Class::B32);
-        k.ins(format!("mov.u32 {b}, %ctaid.x;"));
-        k.ins(format!("div.u32 {part}, {b}, {part};"));
         let e = k.reg(Class::B32);
         k.ins(format!("mad.lo.u32 {e}, {part}, {max_tokens}, {t};"));
         k.ins(format!("mad.lo.u32 {e}, {e}, {width}, {col};"));
@@ -934,10 +937,13 @@ pub fn rg_lru_gates_tc(s: &RgLruSpec, inputs_as: TcInputs, token_warps: u32) -> 
         token_warps,
         k_split: 1,
     };
+    // The chunk's first position, once: the host writes it (as it does the count, which
+    // `tc_body` also reads before waiting for the kernel before).
+    let p0 = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {p0}, [{start}];"));
     tc_body(&mut k, &shape, &mut |k, vals, t, col| {
         let p = k.reg(Class::B32);
-        k.ins(format!("ld.global.u32 {p}, [{start}];"));
-        k.ins(format!("add.u32 {p}, {p}, {t};"));
+        k.ins(format!("add.u32 {p}, {p0}, {t};"));
         let zx = k.reg(Class::F32);
         let bx = load_weight(k, Storage::F32, igb, col);
         k.ins(format!("add.f32 {zx}, {}, {bx};", vals[0]));
