@@ -1107,41 +1107,15 @@ fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// IEEE half precision (1 sign, 5 exponent, 10 fraction bits) as f32: exact.
+/// IEEE half precision as f32 (exact).
 fn f16_to_f32(h: u16) -> f32 {
-    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let (e, m) = ((h >> 10) & 0x1F, (h & 0x3FF) as u32);
-    match e {
-        0 => sign * m as f32 * 2f32.powi(-24),
-        31 if m == 0 => sign * f32::INFINITY,
-        31 => f32::NAN,
-        _ => f32::from_bits((h as u32 & 0x8000) << 16 | ((e as u32 + 127 - 15) << 23) | (m << 13)),
-    }
+    half::f16::from_bits(h).to_f32()
 }
 
 /// Round to nearest even, as `cvt.rn.f16.f32`: subnormals below 2^-14, infinity from 65520
 /// (halfway past the largest half, 65504) on.
 fn f32_to_f16(v: f32) -> u16 {
-    let sign = ((v.to_bits() >> 16) & 0x8000) as u16;
-    let a = v.abs();
-    if v.is_nan() {
-        return 0x7E00;
-    }
-    if a >= 65520.0 {
-        return sign | 0x7C00;
-    }
-    if a < 2f32.powi(-14) {
-        // Multiples of 2^-24; reaching 1024 gives the smallest normal, as it should.
-        return sign | (a as f64 * 16_777_216.0).round_ties_even() as u16;
-    }
-    let bits = a.to_bits();
-    let e = (bits >> 23) as i32 - 127;
-    let (mut m, rest) = ((bits & 0x7F_FFFF) >> 13, bits & 0x1FFF);
-    if rest > 0x1000 || (rest == 0x1000 && m & 1 == 1) {
-        m += 1;
-    }
-    // A carry out of the fraction moves into the exponent.
-    sign | ((((e + 15) as u32) << 10) + m) as u16
+    half::f16::from_f32(v).to_bits()
 }
 
 /// Round to nearest even, as `cvt.rn.bf16.f32`.
