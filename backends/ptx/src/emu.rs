@@ -524,6 +524,12 @@ impl Shadow {
 struct SharedMemory {
     bytes: Vec<u8>,
     shadow: Shadow,
+    /// Per 16-byte unit: the thread (launch-wide id) whose generic-proxy store to it has not
+    /// yet been followed by its `fence.proxy.async`, or 0. `wgmma` reads shared memory through
+    /// the async proxy, which sees such stores only after that fence.
+    unfenced: Vec<u32>,
+    /// The units each thread has stored to since its last `fence.proxy.async`.
+    unfenced_by: HashMap<u32, Vec<usize>>,
 }
 
 impl SharedMemory {
@@ -547,8 +553,41 @@ impl SharedMemory {
         let r = self.range(at, data.len())?;
         self.shadow
             .access(1, r.start, data.len(), who, true, false)?;
+        for unit in r.start / 16..=(r.end - 1) / 16 {
+            if self.unfenced[unit] != who.thread {
+                self.unfenced[unit] = who.thread;
+                self.unfenced_by.entry(who.thread).or_default().push(unit);
+            }
+        }
         self.bytes[r].copy_from_slice(data);
         Ok(())
+    }
+
+    /// `fence.proxy.async.shared::cta` by `thread`: its stores so far become visible to the
+    /// async proxy.
+    fn fence_proxy_async(&mut self, thread: u32) {
+        for unit in self.unfenced_by.remove(&thread).unwrap_or_default() {
+            if self.unfenced[unit] == thread {
+                self.unfenced[unit] = 0;
+            }
+        }
+    }
+
+    /// A read through the async proxy (`wgmma`'s operands): as `read`, and an error where a
+    /// thread's store to these bytes was not followed by its `fence.proxy.async`.
+    fn read_async(&mut self, at: u64, len: usize, who: Access) -> Result<&[u8], EmuError> {
+        let r = self.range(at, len)?;
+        for unit in r.start / 16..=(r.end - 1) / 16 {
+            let writer = self.unfenced[unit];
+            if writer != 0 {
+                return err(format!(
+                    "wgmma reads shared byte {} that thread {} stored without fence.proxy.async",
+                    16 * unit,
+                    writer
+                ));
+            }
+        }
+        self.read(at, len, who)
     }
 }
 
@@ -684,6 +723,8 @@ impl Memory {
 enum Wait {
     Running,
     Shfl,
+    /// At a warpgroup-collective instruction (`wgmma.mma_async`).
+    Group,
     Bar,
     Done,
 }
@@ -757,6 +798,8 @@ fn run_block(
     let mut shared = SharedMemory {
         bytes: vec![0u8; f.shared_bytes as usize],
         shadow: Shadow::default(),
+        unfenced: vec![0; (f.shared_bytes as usize).div_ceil(16)],
+        unfenced_by: HashMap::new(),
     };
     // Barriers this block has passed: accesses in different epochs are ordered.
     let mut epoch = 0u32;
@@ -819,6 +862,35 @@ fn run_block(
                 _ => shuffle(&f.code[pc], warp)?,
             }
             for t in warp.iter_mut() {
+                t.pc += 1;
+                t.wait = Wait::Running;
+            }
+            progressed = true;
+        }
+        // Warpgroup collectives: every thread of the four warps at the same instruction.
+        for (group_index, group) in threads.chunks_mut(128).enumerate() {
+            if group.iter().all(|t| t.wait != Wait::Group) {
+                continue;
+            }
+            let pc = group.iter().find(|t| t.wait == Wait::Group).unwrap().pc;
+            if group.len() != 128 || group.iter().any(|t| t.wait != Wait::Group || t.pc != pc) {
+                if group.iter().any(|t| t.wait == Wait::Running) {
+                    continue;
+                }
+                return err(format!(
+                    "{}: `{}` reached by only part of a warpgroup",
+                    f.name, f.code[pc].line
+                ));
+            }
+            let who = Access {
+                thread: 1 + block * launch.block + group_index as u32 * 128,
+                block,
+                epoch,
+                block_size: launch.block,
+            };
+            wgmma(&f.code[pc], group, &mut shared, who)
+                .map_err(|e| EmuError(format!("{}: {e}", f.name)))?;
+            for t in group.iter_mut() {
                 t.pc += 1;
                 t.wait = Wait::Running;
             }
@@ -897,6 +969,142 @@ fn mma(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
         for (i, &reg) in d.iter().enumerate() {
             let (row, col) = (g + 8 * (i >> 1), 2 * q + (i & 1));
             let mut acc = cm[row][col] as f64;
+            for (k, arow) in am[row].iter().enumerate() {
+                acc += *arow as f64 * bm[k][col] as f64;
+            }
+            t.regs[reg] = bits_f32(acc as f32);
+        }
+    }
+    Ok(())
+}
+
+/// `wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}.{bf16,f16} {d0..d(N/2-1)}, {a0..a3},
+/// b_desc, scale_d, 1, 1, 0`: D (64×N) = A (64×16) · B (16×N) + (scale_d ? D : 0), by the
+/// warpgroup's 128 threads, as the PTX ISA's "Asynchronous Warpgroup Level Matrix" sections lay
+/// them out. A from registers: warp w of the group holds rows 16w.. as `mma.m16n8k16` holds its
+/// A. D: register 4j + i of lane (g, q) of warp w is D[16w + g + 8·(i >> 1)][8j + 2q + (i & 1)].
+/// B from shared memory through the 64-bit descriptor (start address >> 4 in bits 0–13, the
+/// leading dimension byte offset >> 4 in 16–29, the stride dimension byte offset >> 4 in
+/// 32–45, swizzle in 62–63), K-major (`imm-trans-b` 0) without swizzle: core matrices of 8
+/// rows (along N) of 16 bytes (8 elements along K), 128 contiguous bytes each; the core matrix
+/// holding (k, n) starts at start + (n / 8)·SBO + (k / 8)·LBO, and the element is at row n % 8,
+/// column k % 8 of it. Only that layout is emulated.
+fn wgmma(
+    ins: &Instr,
+    group: &mut [Thread],
+    shared: &mut SharedMemory,
+    who: Access,
+) -> Result<(), EmuError> {
+    let of = |ty: &str| ins.op.iter().filter(|m| *m == ty).count() == 2;
+    let widen: fn(u16) -> f32 = if of("bf16") {
+        bf16_to_f32
+    } else if of("f16") {
+        f16_to_f32
+    } else {
+        return err(format!(
+            "`{}`: only bf16 or f16 wgmma is emulated",
+            ins.line
+        ));
+    };
+    let n = ins
+        .op
+        .iter()
+        .find_map(|m| {
+            m.strip_prefix("m64n")?
+                .strip_suffix("k16")?
+                .parse::<usize>()
+                .ok()
+        })
+        .filter(|n| n % 8 == 0 && (8..=256).contains(n))
+        .ok_or_else(|| EmuError(format!("`{}`: only m64nNk16 is emulated", ins.line)))?;
+    if !ins.op.iter().any(|m| m == "f32") || ins.args.len() != 7 {
+        return err(format!(
+            "`{}`: f32 accumulators and A from registers expected",
+            ins.line
+        ));
+    }
+    let regs = |o: &Operand, len: usize| -> Result<Vec<usize>, EmuError> {
+        match o {
+            Operand::Vec(v) if v.len() == len => Ok(v.clone()),
+            _ => err(format!(
+                "`{}`: a {{…}} of {len} registers expected",
+                ins.line
+            )),
+        }
+    };
+    let (d, a) = (regs(&ins.args[0], n / 2)?, regs(&ins.args[1], 4)?);
+    // Every thread must give the same descriptor and scale-d; read them off thread 0.
+    let scalar = |t: &Thread, o: &Operand| -> Result<u64, EmuError> {
+        match o {
+            Operand::Reg(r) => Ok(t.regs[*r]),
+            Operand::Imm(v) => Ok(*v),
+            _ => err(format!("`{}`: a register or immediate expected", ins.line)),
+        }
+    };
+    let desc = scalar(&group[0], &ins.args[2])?;
+    let scale_d = scalar(&group[0], &ins.args[3])? != 0;
+    if group
+        .iter()
+        .any(|t| scalar(t, &ins.args[2]).ok() != Some(desc))
+    {
+        return err(format!(
+            "`{}`: the descriptor differs between threads",
+            ins.line
+        ));
+    }
+    let imm = |i: usize| match ins.args[i] {
+        Operand::Imm(v) => Some(v as i64),
+        _ => None,
+    };
+    if imm(4) != Some(1) || imm(5) != Some(1) || imm(6) != Some(0) {
+        return err(format!(
+            "`{}`: only imm-scale 1, 1 and imm-trans-b 0 are emulated",
+            ins.line
+        ));
+    }
+    let field = |lo: u32| ((desc >> lo) & 0x3FFF) << 4;
+    let (start, lbo, sbo) = (field(0), field(16), field(32));
+    if desc >> 62 != 0 || (desc >> 49) & 7 != 0 {
+        return err(format!(
+            "`{}`: only descriptors without swizzle or base offset are emulated",
+            ins.line
+        ));
+    }
+    let half = |word: u64, hi: bool| widen(if hi { (word >> 16) as u16 } else { word as u16 });
+    let mut bm = vec![[0f32; 256]; 16];
+    for core_n in 0..n / 8 {
+        for core_k in 0..2 {
+            for row in 0..8 {
+                let at = start + core_n as u64 * sbo + core_k as u64 * lbo + 16 * row as u64;
+                let bytes = shared.read_async(at, 16, who)?;
+                for e in 0..8 {
+                    let h = u16::from_le_bytes([bytes[2 * e], bytes[2 * e + 1]]);
+                    bm[8 * core_k + e][8 * core_n + row] = widen(h);
+                }
+            }
+        }
+    }
+    let mut am = [[0f32; 16]; 64];
+    for (index, t) in group.iter().enumerate() {
+        let (w, lane) = (index / 32, index % 32);
+        let (g, q) = (lane / 4, lane % 4);
+        for (r, &reg) in a.iter().enumerate() {
+            let (row, col) = (16 * w + g + 8 * (r & 1), 2 * q + 8 * (r >> 1));
+            am[row][col] = half(t.regs[reg], false);
+            am[row][col + 1] = half(t.regs[reg], true);
+        }
+    }
+    for (index, t) in group.iter_mut().enumerate() {
+        let (w, lane) = (index / 32, index % 32);
+        let (g, q) = (lane / 4, lane % 4);
+        for (x, &reg) in d.iter().enumerate() {
+            let (j, i) = (x / 4, x % 4);
+            let (row, col) = (16 * w + g + 8 * (i >> 1), 8 * j + 2 * q + (i & 1));
+            let mut acc = if scale_d {
+                f32_of(t.regs[reg]) as f64
+            } else {
+                0.0
+            };
             for (k, arow) in am[row].iter().enumerate() {
                 acc += *arow as f64 * bm[k][col] as f64;
             }
@@ -1215,6 +1423,23 @@ impl Ctx<'_> {
                 "bar" => {
                     t.wait = Wait::Bar;
                     return Ok(executed);
+                }
+                // Warpgroup-collective: the four warps meet at it. The rest of `wgmma`
+                // (fence, commit, wait) orders an asynchronous unit this interpreter does not
+                // have: `mma_async` completes where the warpgroup meets.
+                "wgmma" => match ins.op.get(1).map(String::as_str) {
+                    Some("mma_async") => {
+                        t.wait = Wait::Group;
+                        return Ok(executed);
+                    }
+                    Some("fence" | "commit_group" | "wait_group") => {}
+                    _ => return err(format!("`{}`: unknown wgmma", ins.line)),
+                },
+                "fence" if ins.op.get(1).map(String::as_str) == Some("proxy") => {
+                    if ins.op.get(2).map(String::as_str) != Some("async") {
+                        return err(format!("`{}`: only fence.proxy.async", ins.line));
+                    }
+                    shared.fence_proxy_async(self.who().thread);
                 }
                 // Launches are sequential here, so waiting for earlier kernels is immediate;
                 // what it orders is checked by loads and stores (`LoadKind`).

@@ -17,9 +17,14 @@ pub mod prefill;
 pub mod rg_lru;
 pub mod tc;
 
-/// A module of kernels: the header, then each kernel.
+/// A module of kernels: the header, then each kernel. Kernels using `wgmma` need the
+/// architecture-specific target `sm_90a` (which loads on sm_90 GPUs only, H100 and H200).
 pub fn module(kernels: &[String]) -> String {
-    let mut out = String::from(builder::HEADER);
+    let mut out = if kernels.iter().any(|k| k.contains("wgmma.")) {
+        builder::HEADER.replace(".target sm_90\n", ".target sm_90a\n")
+    } else {
+        String::from(builder::HEADER)
+    };
     for k in kernels {
         out.push('\n');
         out.push_str(k);

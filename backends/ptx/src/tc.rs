@@ -103,6 +103,12 @@ pub fn gates_tc_grid(s: &RgLruSpec, max_tokens: u32, token_warps: u32) -> u32 {
     grid_of(column_blocks_of(s.channels, true), max_tokens, token_warps)
 }
 
+/// `wgmma`'s weight tile in shared memory, K-major without swizzle: core matrices of 8 rows ×
+/// 16 bytes, the two of a row group's k-step adjacent (`WG_LBO` apart: the leading dimension
+/// byte offset, along k) and row groups `WG_SBO` apart (the stride dimension byte offset).
+const WG_LBO: u32 = 128;
+const WG_SBO: u32 = 256;
+
 /// How many k-steps ahead of its loads the kernel asks L2 for weight rows.
 const PREFETCH_STEPS: u32 = 8;
 
@@ -221,6 +227,35 @@ pub enum TcInputs {
     F16,
 }
 
+/// Which tensor-core instruction a projection's product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TcMma {
+    /// `mma.sync.m16n8k16`, a warp at a time (Ampere's, which Hopper keeps).
+    #[default]
+    Sync,
+    /// Hopper's `wgmma.mma_async.m64n128k16`, a warpgroup (4 warps) at a time, its weight
+    /// operand read from shared memory through a descriptor. Needs `.target sm_90a`
+    /// (`crate::module` writes it when a kernel uses `wgmma`). Not yet run on a GPU: the
+    /// interpreter emulates it from the PTX ISA's layouts.
+    Warpgroup,
+}
+
+/// How a projection runs on tensor cores: its operands and its instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcConfig {
+    pub inputs: TcInputs,
+    pub mma: TcMma,
+}
+
+impl From<TcInputs> for TcConfig {
+    fn from(inputs: TcInputs) -> TcConfig {
+        TcConfig {
+            inputs,
+            mma: TcMma::Sync,
+        }
+    }
+}
+
 impl TcInputs {
     /// The MMA operand type.
     pub(crate) fn mma_type(self) -> &'static str {
@@ -254,6 +289,8 @@ struct TcShape {
     pairs: bool,
     weights: TcWeights,
     inputs_as: TcInputs,
+    /// `wgmma` instead of `mma.sync` (`Rows` weights only).
+    wgmma: bool,
     token_warps: u32,
     /// Parts of the k dimension, a block each (`Rows` weights only): part p sums inputs
     /// p·K/k_split.. and its finish gets partial sums (the grid is k_split times larger).
@@ -283,6 +320,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         pairs,
         ref weights,
         inputs_as,
+        wgmma,
         token_warps,
         k_split,
     } = *s;
@@ -295,6 +333,10 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         k_split == 1 || matches!(weights, TcWeights::Rows(_)),
         "k parts of row-major weights only"
     );
+    assert!(
+        !wgmma || matches!(weights, TcWeights::Rows(_)),
+        "wgmma for row-major weights only"
+    );
     // Inputs each block sums over.
     let k_len = inputs / k_split;
     let threads = tc_block(token_warps);
@@ -302,7 +344,14 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     // Tokens per block; shared bytes of one stage: inputs as bf16 hi and lo halves (`group`
     // token rows each) and the weight tile (128 rows of a k-step, or 16 rows of 128 columns).
     let group = 64 * token_warps;
-    let b_bytes = if by_input { 16 * TC_KROW } else { 128 * TC_ROW };
+    // (`wgmma` reads its weights as core matrices: no padding.)
+    let b_bytes = if by_input {
+        16 * TC_KROW
+    } else if wgmma {
+        128 * 32
+    } else {
+        128 * TC_ROW
+    };
     let stage_bytes = 2 * group * TC_ROW + b_bytes;
     // 128 registers a thread at most: 512 threads per SM.
     k.launch_bounds(threads, 512 / threads);
@@ -412,8 +461,19 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
                     k.ins(format!("mul.wide.u32 {at}, {e}, 2;"));
                     k.ins(format!("add.u64 {at}, {at}, {w};"));
                     let off = k.reg(Class::B32);
-                    k.ins(format!("mul.lo.u32 {off}, {row}, {TC_ROW};"));
-                    k.ins(format!("mad.lo.u32 {off}, {half}, 16, {off};"));
+                    if wgmma {
+                        // Core matrix (row / 8, half): `WG_SBO` apart along the rows,
+                        // `WG_LBO` along k; row % 8 within it.
+                        k.ins(format!("shr.u32 {off}, {row}, 3;"));
+                        k.ins(format!("mul.lo.u32 {off}, {off}, {WG_SBO};"));
+                        k.ins(format!("mad.lo.u32 {off}, {half}, {WG_LBO}, {off};"));
+                        let r8 = k.reg(Class::B32);
+                        k.ins(format!("and.b32 {r8}, {row}, 7;"));
+                        k.ins(format!("mad.lo.u32 {off}, {r8}, 16, {off};"));
+                    } else {
+                        k.ins(format!("mul.lo.u32 {off}, {row}, {TC_ROW};"));
+                        k.ins(format!("mad.lo.u32 {off}, {half}, 16, {off};"));
+                    }
                     (at, off)
                 }
                 // Input row f / 16 of the k-step, columns 8·(f % 16)..: matrix (f % 16) / 8,
@@ -480,10 +540,18 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     ));
     // The lane's ldmatrix offsets within a stage, as 64-bit values to add to its address (the
     // inputs' from its warp's first token row).
-    k.ins(format!(
-        "mad.lo.u32 {a_lane}, {token_warp}, {}, {a_lane};",
-        64 * TC_ROW
-    ));
+    if wgmma {
+        // A warpgroup's warp w takes its 16 token rows from 16·w: 16·warp_id in the block.
+        k.ins(format!(
+            "mad.lo.u32 {a_lane}, {warp_id}, {}, {a_lane};",
+            16 * TC_ROW
+        ));
+    } else {
+        k.ins(format!(
+            "mad.lo.u32 {a_lane}, {token_warp}, {}, {a_lane};",
+            64 * TC_ROW
+        ));
+    }
     let a_lane64 = k.reg(Class::B64);
     k.ins(format!("cvt.u64.u32 {a_lane64}, {a_lane};"));
     let b_lanes: Vec<Reg> = b_loads
@@ -502,15 +570,25 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         })
         .collect();
 
-    // Accumulators: [token tile][column tile][first/second row][4].
+    // Accumulators: [token tile][column tile][first/second row][4] (`mma.sync`), or the
+    // warpgroup's m64n128 D: [n tile of 8 columns][4], the second rows' columns from 64 on.
     let halves = if pairs { 2 } else { 1 };
-    let accs: Vec<Vec<Vec<[Reg; 4]>>> = (0..4)
-        .map(|_| {
-            (0..column_tiles)
-                .map(|_| (0..halves).map(|_| k.regs4(Class::F32)).collect())
-                .collect()
-        })
-        .collect();
+    let accs: Vec<Vec<Vec<[Reg; 4]>>> = if wgmma {
+        Vec::new()
+    } else {
+        (0..4)
+            .map(|_| {
+                (0..column_tiles)
+                    .map(|_| (0..halves).map(|_| k.regs4(Class::F32)).collect())
+                    .collect()
+            })
+            .collect()
+    };
+    let wg_accs: Vec<[Reg; 4]> = if wgmma {
+        (0..16).map(|_| k.regs4(Class::F32)).collect()
+    } else {
+        Vec::new()
+    };
     // Staged registers: 4 input floats and 4 weight words per slot.
     let a_regs: Vec<[Reg; 4]> = a_slots.iter().map(|_| k.regs4(Class::F32)).collect();
     let b_regs: Vec<[Reg; 4]> = b_slots.iter().map(|_| k.regs4(Class::B32)).collect();
@@ -603,6 +681,10 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
                 v[0], v[1], v[2], v[3]
             ));
         }
+        if wgmma {
+            // `wgmma` reads the weights through the async proxy: this thread's stores first.
+            k.ins("fence.proxy.async.shared::cta;");
+        }
     };
 
     // Groups past the chunk's count leave at once (whole blocks: no barrier waits for them).
@@ -623,8 +705,19 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         }
     }
     k.wait_for_earlier_kernels();
-    for a in accs.iter().flatten().flatten().flatten() {
+    for a in accs
+        .iter()
+        .flatten()
+        .flatten()
+        .flatten()
+        .chain(wg_accs.iter().flatten())
+    {
         k.ins(format!("mov.f32 {a}, 0f00000000;"));
+    }
+    // `wgmma`'s scale-d: accumulate (the accumulators start at zero).
+    let accumulate = k.reg(Class::Pred);
+    if wgmma {
+        k.ins(format!("setp.eq.u32 {accumulate}, {k_off}, {k_off};"));
     }
     // Prologue: the first k-step into buffer 0.
     k.ins(format!("mov.u32 {k0}, 0;"));
@@ -665,7 +758,9 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     // Fragments from this buffer.
     let stage = k.reg(Class::B64);
     k.ins(format!("add.u64 {stage}, {buf}, {tiles};"));
-    let b_frags: Vec<Vec<[Reg; 2]>> = {
+    let b_frags: Vec<Vec<[Reg; 2]>> = if wgmma {
+        Vec::new()
+    } else {
         // [column tile][first/second row] -> (b0, b1).
         let mut frags: Vec<Vec<[Reg; 2]>> = (0..column_tiles).map(|_| Vec::new()).collect();
         for (&(_, [first, second]), fixed) in b_loads.iter().zip(&b_lanes) {
@@ -679,12 +774,43 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     };
     let a_at = k.reg(Class::B64);
     k.ins(format!("add.u64 {a_at}, {stage}, {a_lane64};"));
+    let parts: &[u32] = match inputs_as {
+        TcInputs::Split => &[a_hi, a_lo],
+        TcInputs::Bf16 | TcInputs::F16 => &[a_hi],
+    };
+    if wgmma {
+        // The warp's 16 token rows (hi, lo) as A fragments; the weights through a descriptor
+        // of this stage's tile: start >> 4 in bits 0-13, the offsets >> 4 at 16 and 32.
+        let a_frags: Vec<[Reg; 4]> = parts
+            .iter()
+            .map(|&part| ldmatrix_x4(k, a_at, part, false))
+            .collect();
+        let desc = k.reg(Class::B64);
+        k.ins(format!("add.u64 {desc}, {stage}, {b_at};"));
+        k.ins(format!("shr.u64 {desc}, {desc}, 4;"));
+        k.ins(format!("and.b64 {desc}, {desc}, 16383;"));
+        k.ins(format!(
+            "or.b64 {desc}, {desc}, {};",
+            ((WG_LBO as u64 >> 4) << 16) | ((WG_SBO as u64 >> 4) << 32)
+        ));
+        k.ins("wgmma.fence.sync.aligned;");
+        let d: Vec<String> = wg_accs.iter().flatten().map(|r| r.to_string()).collect();
+        for a in &a_frags {
+            k.ins(format!(
+                "wgmma.mma_async.sync.aligned.m64n128k16.f32.{ty}.{ty} {{{}}}, {{{}, {}, {}, {}}}, {desc}, {accumulate}, 1, 1, 0;",
+                d.join(", "),
+                a[0],
+                a[1],
+                a[2],
+                a[3],
+                ty = inputs_as.mma_type()
+            ));
+        }
+        k.ins("wgmma.commit_group.sync.aligned;");
+        k.ins("wgmma.wait_group.sync.aligned 0;");
+    }
     for (tile, tile_accs) in accs.iter().enumerate() {
         let mut a_frags = Vec::new();
-        let parts: &[u32] = match inputs_as {
-            TcInputs::Split => &[a_hi, a_lo],
-            TcInputs::Bf16 | TcInputs::F16 => &[a_hi],
-        };
         for &part in parts {
             let r = ldmatrix_x4(k, a_at, part + 16 * tile as u32 * TC_ROW, false);
             a_frags.push(r);
@@ -709,27 +835,58 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     k.ins(format!("bra {head};"));
     k.place(&end);
 
-    // Epilogue: accumulator i of (token tile, column tile j) is (token t0 + 64·token_warp +
-    // 16·tile + g + 8·(i >> 1), column col0 + warp's first + 8j + 2q + (i & 1)).
-    k.ins(format!("mad.lo.u32 {t0}, {token_warp}, 64, {t0};"));
-    for (tile, tile_accs) in accs.iter().enumerate() {
-        for (j, column_accs) in tile_accs.iter().enumerate() {
-            for i in 0..4usize {
-                let skip = k.label("skip");
-                let t = k.reg(Class::B32);
-                k.ins(format!("add.u32 {t}, {t0}, {g};"));
-                k.ins(format!("add.u32 {t}, {t}, {};", 16 * tile + 8 * (i >> 1)));
-                k.leave_unless_below(t, n, &skip);
-                let col = k.reg(Class::B32);
-                k.ins(format!("mad.lo.u32 {col}, {q}, 2, {col0};"));
-                k.ins(format!("add.u32 {col}, {col}, {warp_row};"));
-                k.ins(format!("add.u32 {col}, {col}, {};", 8 * j + (i & 1)));
-                k.leave_unless_below(col, width, &skip);
-                let vals: Vec<Reg> = column_accs.iter().map(|a| a[i]).collect();
-                finish(k, vals, t, col);
-                k.place(&skip);
+    // Epilogue. `mma.sync`: accumulator i of (token tile, column tile j) is (token t0 +
+    // 64·token_warp + 16·tile + g + 8·(i >> 1), column col0 + warp's first + 8j + 2q + (i &
+    // 1)). `wgmma`: register i of n tile j is (token t0 + 64·token_warp + 16·warp + g + 8·(i
+    // >> 1), column col0 + 8j + 2q + (i & 1)), the second rows' 8 tiles further on. As (token
+    // offset, column offset, accumulators) from the thread's bases:
+    let results: Vec<(u32, u32, Vec<Reg>)> = if wgmma {
+        let tiles = if pairs { 8 } else { 16 };
+        (0..tiles)
+            .flat_map(|j| (0..4usize).map(move |i| (j, i)))
+            .map(|(j, i)| {
+                let mut vals = vec![wg_accs[j][i]];
+                if pairs {
+                    vals.push(wg_accs[j + 8][i]);
+                }
+                (8 * (i as u32 >> 1), 8 * j as u32 + (i as u32 & 1), vals)
+            })
+            .collect()
+    } else {
+        let mut out = Vec::new();
+        for (tile, tile_accs) in accs.iter().enumerate() {
+            for (j, column_accs) in tile_accs.iter().enumerate() {
+                for i in 0..4u32 {
+                    let vals = column_accs.iter().map(|a| a[i as usize]).collect();
+                    out.push((
+                        16 * tile as u32 + 8 * (i >> 1),
+                        8 * j as u32 + (i & 1),
+                        vals,
+                    ));
+                }
             }
         }
+        out
+    };
+    k.ins(format!("mad.lo.u32 {t0}, {token_warp}, 64, {t0};"));
+    k.ins(format!("add.u32 {t0}, {t0}, {g};"));
+    let col_base = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {col_base}, {q}, 2, {col0};"));
+    if wgmma {
+        k.ins(format!("mad.lo.u32 {t0}, {warp}, 16, {t0};"));
+    } else {
+        k.ins(format!("add.u32 {col_base}, {col_base}, {warp_row};"));
+    }
+    for (dt, dc, vals) in results {
+        let skip = k.label("skip");
+        let t = k.reg(Class::B32);
+        k.ins(format!("add.u32 {t}, {t0}, {dt};"));
+        k.leave_unless_below(t, n, &skip);
+        let col = k.reg(Class::B32);
+        k.ins(format!("add.u32 {col}, {col_base}, {dc};"));
+        k.leave_unless_below(col, width, &skip);
+        finish(k, vals, t, col);
+        k.place(&skip);
     }
     k.place(&group_end);
 }
@@ -741,9 +898,10 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
 pub fn gemm_tokens_tc(
     spec: &GemvSpec,
     splits: &[u32],
-    inputs_as: TcInputs,
+    config: impl Into<TcConfig>,
     token_warps: u32,
 ) -> String {
+    let config = config.into();
     assert!(
         tensor_cores_fit(spec, splits),
         "projection does not fit tensor cores"
@@ -763,7 +921,8 @@ pub fn gemm_tokens_tc(
         width: spec.width,
         pairs: is_geglu(spec),
         weights: TcWeights::Rows(w),
-        inputs_as,
+        inputs_as: config.inputs,
+        wgmma: config.mma == TcMma::Warpgroup,
         token_warps,
         k_split: 1,
     };
@@ -821,11 +980,12 @@ pub fn k_parts_fit(spec: &GemvSpec, parts: u32) -> bool {
 /// T_max, width]`. Launch: `k_split · tc_grid` blocks of `tc_block` threads.
 pub fn gemm_tokens_tc_partial(
     spec: &GemvSpec,
-    inputs_as: TcInputs,
+    config: impl Into<TcConfig>,
     token_warps: u32,
     k_split: u32,
     max_tokens: u32,
 ) -> String {
+    let config = config.into();
     assert!(tensor_cores_fit(spec, &[]) && k_parts_fit(spec, k_split));
     let mut k = Kernel::new(&spec.name);
     let count = k.param_ptr("count");
@@ -840,7 +1000,8 @@ pub fn gemm_tokens_tc_partial(
         width: spec.width,
         pairs: false,
         weights: TcWeights::Rows(w),
-        inputs_as,
+        inputs_as: config.inputs,
+        wgmma: config.mma == TcMma::Warpgroup,
         token_warps,
         k_split,
     };
@@ -934,6 +1095,7 @@ pub fn rg_lru_gates_tc(s: &RgLruSpec, inputs_as: TcInputs, token_warps: u32) -> 
             size: block_size(s),
         },
         inputs_as,
+        wgmma: false,
         token_warps,
         k_split: 1,
     };

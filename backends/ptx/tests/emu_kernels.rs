@@ -1248,10 +1248,29 @@ fn tensor_core_projection_in_k_parts_equals_the_reference() {
 fn tensor_core_projection_case(
     tokens: usize,
     max_tokens: u32,
-    inputs_as: griffin_backend_ptx::tc::TcInputs,
+    config: impl Into<griffin_backend_ptx::tc::TcConfig>,
     token_warps: u32,
 ) {
-    tensor_core_projection_k_split(tokens, max_tokens, inputs_as, token_warps, 1);
+    tensor_core_projection_k_split(tokens, max_tokens, config, token_warps, 1);
+}
+
+/// The projections on Hopper's warpgroup MMA (`wgmma.mma_async.m64n128k16`, weights through a
+/// shared-memory descriptor): the same cases and bounds as `mma.sync`, whole and in k parts,
+/// split and rounded inputs, blocks of one and two warpgroups.
+#[test]
+fn warpgroup_mma_projection_equals_the_reference() {
+    use griffin_backend_ptx::tc::{TcConfig, TcInputs, TcMma};
+    let wg = |inputs| TcConfig {
+        inputs,
+        mma: TcMma::Warpgroup,
+    };
+    for rows in [1, 2] {
+        tensor_core_projection_case(20, 32, wg(TcInputs::Split), rows);
+        tensor_core_projection_case(150, 256, wg(TcInputs::Split), rows);
+        tensor_core_projection_k_split(150, 256, wg(TcInputs::Split), rows, 2);
+    }
+    tensor_core_projection_case(100, 128, wg(TcInputs::Bf16), 2);
+    tensor_core_projection_case(100, 128, wg(TcInputs::F16), 1);
 }
 
 /// With `k_split` > 1: partial sums over parts of the inputs, then the reduction that finishes
@@ -1259,10 +1278,12 @@ fn tensor_core_projection_case(
 fn tensor_core_projection_k_split(
     tokens: usize,
     max_tokens: u32,
-    inputs_as: griffin_backend_ptx::tc::TcInputs,
+    config: impl Into<griffin_backend_ptx::tc::TcConfig>,
     token_warps: u32,
     k_split: u32,
 ) {
+    let config = config.into();
+    let inputs_as = config.inputs;
     use griffin_backend_ptx::prefill::{elementwise_grid, NORM_BLOCK};
     use griffin_backend_ptx::rg_lru::Storage;
     use griffin_backend_ptx::tc::{
@@ -1327,10 +1348,10 @@ fn tensor_core_projection_k_split(
             ..spec.clone()
         };
         let m = Module::parse(&module(&[if k_split > 1 {
-            gemm_tokens_tc_partial(&spec, inputs_as, token_warps, k_split, max_tokens)
+            gemm_tokens_tc_partial(&spec, config, token_warps, k_split, max_tokens)
                 + &gemm_reduce_tokens(&reduce, &splits, k_split, max_tokens)
         } else {
-            gemm_tokens_tc(&spec, &splits, inputs_as, token_warps)
+            gemm_tokens_tc(&spec, &splits, config, token_warps)
         }]))
         .unwrap();
         let mut mem = Memory::new();
@@ -1416,7 +1437,7 @@ fn tensor_core_projection_k_split(
         }
         assert!(
             worst < 1e-4,
-            "{name} {inputs_as:?} k parts {k_split}: max |diff| {worst}"
+            "{name} {config:?} k parts {k_split}: max |diff| {worst}"
         );
         for (o, &p) in got.iter().zip(&parts) {
             assert!(

@@ -33,8 +33,14 @@ fn assemble(ptx: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("k.ptx");
     std::fs::write(&src, ptx).unwrap();
+    // `wgmma` needs the architecture-specific target, which `module` then declares.
+    let arch = if ptx.contains(".target sm_90a") {
+        "-arch=sm_90a"
+    } else {
+        "-arch=sm_90"
+    };
     let out = Command::new(ptxas())
-        .args(["-arch=sm_90", "-v", "-o"])
+        .args([arch, "-v", "-o"])
         .arg(dir.path().join("k.cubin"))
         .arg(&src)
         .output()
@@ -308,6 +314,58 @@ fn kernels_assemble_for_sm90() {
             .unwrap();
         assert!(stores <= allowed(&kernel), "{kernel} spills: {line}");
     }
+}
+
+/// The 2B shape's prefill projections on Hopper's warpgroup MMA (`--wgmma`): whole, GeGLU, and
+/// in two k parts, split and f16 inputs, at chunks of 2048. They assemble for `sm_90a`, keep
+/// within the launch bounds' 128 registers and do not spill.
+#[test]
+fn warpgroup_kernels_assemble_for_sm90a() {
+    use griffin_backend_ptx::tc::{gemm_tokens_tc_partial, k_parts_fit, TcConfig, TcMma};
+    let mut kernels = Vec::new();
+    for s in specs().into_iter().filter(|s| s.name.starts_with("b2_")) {
+        let s = GemvSpec { norm: None, ..s };
+        let warps = tc_token_warps(&s, 2048);
+        for inputs in [TcInputs::Split, TcInputs::F16] {
+            let config = TcConfig {
+                inputs,
+                mma: TcMma::Warpgroup,
+            };
+            let name = format!("{}_wg_{inputs:?}", s.name);
+            kernels.push((
+                name.clone(),
+                gemm_tokens_tc(&GemvSpec { name, ..s.clone() }, &[], config, warps),
+            ));
+            if k_parts_fit(&s, 2) {
+                let name = format!("{}_wg_k2_{inputs:?}", s.name);
+                kernels.push((
+                    name.clone(),
+                    gemm_tokens_tc_partial(&GemvSpec { name, ..s.clone() }, config, warps, 2, 2048),
+                ));
+            }
+        }
+    }
+    let ptx = module(&kernels.iter().map(|(_, k)| k.clone()).collect::<Vec<_>>());
+    assert!(ptx.contains(".target sm_90a"));
+    let report = assemble(&ptx);
+    let mut kernel = String::new();
+    let mut seen = 0;
+    for line in report.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            kernel = rest.split('\'').next().unwrap().to_string();
+            seen += 1;
+        }
+        if line.contains("registers") || line.contains("spill") {
+            println!("{kernel}: {}", line.trim());
+        }
+        if line.contains("spill stores") {
+            assert!(
+                line.contains(" 0 bytes spill stores"),
+                "{kernel} spills: {line}"
+            );
+        }
+    }
+    assert_eq!(seen, kernels.len(), "{report}");
 }
 
 #[test]
