@@ -18,6 +18,12 @@ for case in tiny-f32 tiny-bf16-sharded tiny-text gen-h3-bf16 gen-b64-bf16; do
   target/release/griffinc build "tests/golden/$case" --target cuda --embed-weights --name griffin -o "$carry/golden/$case"
   cp "tests/golden/$case/expected.safetensors" "tests/golden/$case/case.json" "$carry/golden/$case/"
 done
+# The bf16 cases again with the projections on the warpgroup MMA (`--wgmma`, sm_90a), whose
+# layouts only the interpreter has checked so far.
+for case in tiny-bf16-sharded gen-h3-bf16 gen-b64-bf16; do
+  target/release/griffinc build "tests/golden/$case" --target cuda --embed-weights --name griffin --wgmma -o "$carry/golden/$case-wgmma"
+  cp "tests/golden/$case/expected.safetensors" "tests/golden/$case/case.json" "$carry/golden/$case-wgmma/"
+done
 ckpt=${CHECKPOINT_2B:-/tmp/griffin-2b-hash}
 [ -f "$ckpt/config.json" ] || "$py" scripts/make_random_checkpoint.py "$ckpt" --config 2b --dtype bf16 --values hash
 # Each build also writes a 5.4 GB weights file: not carried (packed there from the same
@@ -32,6 +38,9 @@ target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-bf16in -o 
 rm -f "$carry"/2b/*.weights
 # And on inputs rounded to f16 (11 bits; the bf16 weights widened to f16 as staged).
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-f16in -o "$carry/2b" --tensor-core-inputs f16
+rm -f "$carry"/2b/*.weights
+# And with the projections on the warpgroup MMA (wgmma.mma_async, sm_90a) instead of mma.sync.
+target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-wgmma -o "$carry/2b" --wgmma
 rm -f "$carry"/2b/*.weights
 # And with every projection in one k part (the default splits some in two by a cost model).
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-whole -o "$carry/2b" --k-parts 1

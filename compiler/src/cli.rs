@@ -153,6 +153,11 @@ pub struct CompileArgs {
     /// `f16` (rounded to 11 bits, weights widened to f16, one MMA; values past ±65504 overflow).
     #[arg(long, value_enum, default_value_t = TcInputsChoice::Split)]
     pub tensor_core_inputs: TcInputsChoice,
+    /// GPU: run prefill projections on Hopper's warpgroup MMA (`wgmma`, PTX target sm_90a:
+    /// H100/H200 only) instead of `mma.sync`. Checked by the PTX interpreter and ptxas, not yet
+    /// on a GPU.
+    #[arg(long)]
+    pub wgmma: bool,
     /// GPU: split the inputs of plain tensor-core projections into this many parts (partial
     /// sums, then a reduction launch; 1 never splits); by default a cost model splits those
     /// whose last wave of blocks would leave most of the GPU idle.
@@ -186,6 +191,11 @@ impl CompileArgs {
                 TcInputsChoice::Split => crate::gpu::TcInputs::Split,
                 TcInputsChoice::Bf16 => crate::gpu::TcInputs::Bf16,
                 TcInputsChoice::F16 => crate::gpu::TcInputs::F16,
+            },
+            tc_mma: if self.wgmma {
+                crate::gpu::TcMma::Warpgroup
+            } else {
+                crate::gpu::TcMma::Sync
             },
             k_parts: self.k_parts,
         })

@@ -21,7 +21,7 @@ use griffin_backend_ptx::misc::{argmax, gather, ARGMAX_THREADS, GATHER_BLOCK};
 use griffin_backend_ptx::rg_lru::{
     block_size, rg_lru_step, step_block, step_grid, RgLruSpec, Storage,
 };
-pub use griffin_backend_ptx::tc::TcInputs;
+pub use griffin_backend_ptx::tc::{TcConfig, TcInputs, TcMma};
 use griffin_ir::{DType, Epilogue, Graph, InputRole, NodeId, Op, OutputRole, Value};
 use griffin_runtime::gpu_plan::{
     Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GpuPrefill, LastRow, Work, GPU_PLAN_VERSION,
@@ -53,6 +53,7 @@ struct Lowering<'g> {
     matrices: griffin_backend_cpu::WeightsDtype,
     tensor_cores: bool,
     tc_inputs: TcInputs,
+    tc_mma: TcMma,
     k_parts: Option<u32>,
     /// The largest chunk, while lowering the prefill graph.
     prefill: Option<u32>,
@@ -78,6 +79,14 @@ struct Lowering<'g> {
 }
 
 impl Lowering<'_> {
+    /// How projections run on tensor cores.
+    fn tc_config(&self) -> TcConfig {
+        TcConfig {
+            inputs: self.tc_inputs,
+            mma: self.tc_mma,
+        }
+    }
+
     fn buffer(&mut self, kind: GpuBufferKind, bytes: u64) -> usize {
         self.buffers.push(GpuBuffer { kind, bytes });
         self.buffers.len() - 1
@@ -639,7 +648,7 @@ impl Lowering<'_> {
                                     name: format!("{name}_k{k_split}"),
                                     ..spec.clone()
                                 },
-                                self.tc_inputs,
+                                self.tc_config(),
                                 token_warps,
                                 k_split,
                                 max_tokens,
@@ -673,7 +682,7 @@ impl Lowering<'_> {
                     }
                     self.launch(
                         name,
-                        gemm_tokens_tc(&spec, &parts, self.tc_inputs, token_warps),
+                        gemm_tokens_tc(&spec, &parts, self.tc_config(), token_warps),
                         tc_grid(&spec, max_tokens, token_warps),
                         tc_block(token_warps),
                         args,
@@ -1083,6 +1092,8 @@ pub struct GpuOptions {
     pub tensor_cores: bool,
     /// How those projections give their inputs to the tensor cores.
     pub tc_inputs: TcInputs,
+    /// Which tensor-core instruction the projections run on (`wgmma` needs sm_90a).
+    pub tc_mma: TcMma,
     /// Parts of the inputs a plain tensor-core projection is split into (partial sums, then a
     /// reduction launch): `None` as `tc_k_split`'s cost model chooses, `Some(n)` n parts
     /// wherever they fit (1: never split).
@@ -1096,6 +1107,7 @@ impl Default for GpuOptions {
             weights: griffin_backend_cpu::WeightsDtype::AsStored,
             tensor_cores: true,
             tc_inputs: TcInputs::Split,
+            tc_mma: TcMma::Sync,
             k_parts: None,
         }
     }
@@ -1117,6 +1129,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
         matrices: opts.weights,
         tensor_cores: opts.tensor_cores,
         tc_inputs: opts.tc_inputs,
+        tc_mma: opts.tc_mma,
         k_parts: opts.k_parts,
         prefill: None,
         buffers: Vec::new(),

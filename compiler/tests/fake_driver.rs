@@ -127,23 +127,28 @@ fn golden_cases_through_cuda_executables_on_the_fake_driver() {
 }
 
 /// An executable whose projections run in two k parts (`--k-parts 2`: partial sums, then the
-/// reduction launch), and one with f16 tensor-core inputs: the same logits through the CUDA
-/// runtime, within 5e-4 and within the bf16 bound.
+/// reduction launch), one with f16 tensor-core inputs, and one on the warpgroup MMA (`--wgmma`,
+/// an sm_90a module): the same logits through the CUDA runtime, within 5e-4 (the bf16 bound
+/// for f16 inputs).
 #[test]
-fn k_parts_and_f16_inputs_through_a_cuda_executable() {
+fn k_parts_f16_inputs_and_wgmma_through_a_cuda_executable() {
     let tmp = tempfile::tempdir().unwrap();
     let driver = fake_driver_dir(tmp.path());
     let case = "gen-b64-bf16";
     let e = expected(case);
     let ids = ids_arg(&e.input_ids);
-    for (flags, bound) in [
-        (["--k-parts", "2"], F32_TOLERANCE),
-        (["--tensor-core-inputs", "f16"], 0.02),
-    ] {
+    for (i, (flags, bound)) in [
+        (&["--k-parts", "2"][..], F32_TOLERANCE),
+        (&["--tensor-core-inputs", "f16"][..], 0.02),
+        (&["--wgmma"][..], F32_TOLERANCE),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut args = vec!["--prefill-chunk", "5"];
         args.extend(flags);
-        let exe = build_cuda(case, tmp.path(), &args);
-        let out = tmp.path().join(format!("{}.logits", flags[1]));
+        let exe = build_cuda(case, &tmp.path().join(i.to_string()), &args);
+        let out = tmp.path().join(format!("{i}.logits"));
         let o = on_fake_driver(
             &exe,
             &driver,
@@ -471,4 +476,25 @@ fn a_gpu_older_than_hopper_is_a_one_line_error() {
     };
     fails_with(&run("8.0"), &["compute capability 8.0", "9.0 or newer"]);
     succeeded(&run("10.0"));
+}
+
+#[test]
+fn a_wgmma_executable_on_a_gpu_other_than_hopper_is_a_one_line_error() {
+    // `--wgmma` kernels are PTX for sm_90a, which only compute capability 9.0 loads.
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let exe = build_cuda("gen-b64-bf16", tmp.path(), &["--wgmma"]);
+    let run = |capability: &str| {
+        Command::new(&exe)
+            .args(["--ids", "2,3", "--max-new-tokens", "2", "--format", "ids"])
+            .env("LD_LIBRARY_PATH", &driver)
+            .env("EMUCUDA_COMPUTE_CAPABILITY", capability)
+            .output()
+            .unwrap()
+    };
+    fails_with(
+        &run("10.0"),
+        &["compute capability 10.0", "--wgmma", "9.0 only"],
+    );
+    succeeded(&run("9.0"));
 }

@@ -387,6 +387,32 @@ fn bf16_prefill_projections_use_tensor_cores_unless_told_not_to() {
     assert!(max_abs_diff(&rows, &e.logits) <= F32_TOLERANCE);
 }
 
+/// `--wgmma`: every tensor-core projection on Hopper's warpgroup MMA (the module then targets
+/// sm_90a), the gates and attention still on `mma.sync`: the golden logits within the f32
+/// tolerance on every bf16 case, as `mma.sync` holds them, and the same in k parts.
+#[test]
+fn warpgroup_mma_projections_hold_the_f32_tolerance() {
+    use griffinc::gpu::{lower, GpuOptions, TcMma};
+    for case in ["tiny-bf16-sharded", "gen-h3-bf16", "gen-b64-bf16"] {
+        let e = expected(case);
+        let model = Model::load(&golden_dir().join(case)).unwrap();
+        for k_parts in [None, Some(2)] {
+            let opts = GpuOptions {
+                tc_mma: TcMma::Warpgroup,
+                k_parts,
+                ..GpuOptions::default()
+            };
+            let program = lower(&model, &opts).unwrap();
+            assert!(program.ptx.contains(".target sm_90a"));
+            assert!(program.ptx.contains("wgmma.mma_async"));
+            let rows = prefill_rows(&model, &opts, &e.input_ids);
+            let diff = max_abs_diff(&rows, &e.logits);
+            println!("{case} wgmma, k parts {k_parts:?}: max |diff| {diff:.2e}");
+            assert!(diff <= F32_TOLERANCE, "{case} {k_parts:?}: {diff}");
+        }
+    }
+}
+
 /// `--tensor-core-inputs bf16` and `f16`: one MMA per tile on inputs rounded to bf16 (8 bits)
 /// or f16 (11 bits, the weights widened to f16). Measured in the interpreter on this case:
 /// bf16 5.6e-3 from the float64 reference (2.4e-2 on gen-h3-bf16, past the 0.02 bound, which

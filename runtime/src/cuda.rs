@@ -212,6 +212,13 @@ impl CudaExecutor {
                 "GPU 0 has compute capability {major}.{minor}; griffinc's GPU kernels need 9.0 or newer (H100, H200)"
             )));
         }
+        // `wgmma` kernels are PTX for the architecture-specific target sm_90a, which only
+        // compute capability 9.0 loads.
+        if ptx.contains(".target sm_90a") && (major, minor) != (9, 0) {
+            return Err(RuntimeError::Device(format!(
+                "GPU 0 has compute capability {major}.{minor}; this executable was built with --wgmma (PTX for sm_90a), which runs on 9.0 only (H100, H200): rebuild without --wgmma"
+            )));
+        }
         // One stream, synchronised by hand: no per-buffer events (they would also get in the
         // way of graph capture).
         // SAFETY: everything below runs on this one stream.

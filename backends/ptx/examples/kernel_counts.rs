@@ -24,7 +24,7 @@ use griffin_backend_ptx::prefill::{
 use griffin_backend_ptx::rg_lru::{block_size, RgLruSpec, Storage};
 use griffin_backend_ptx::tc::{
     gates_tc_grid, gates_tc_token_warps, gemm_tokens_tc, rg_lru_gates_tc, tc_block, tc_token_warps,
-    TcInputs,
+    TcConfig, TcInputs, TcMma,
 };
 
 /// Deterministic values in [-1, 1).
@@ -240,7 +240,16 @@ fn main() {
 
     // The tensor-core projection's k-step loop (the 2B MLP up projection, GeGLU, 128-token
     // blocks): PTX instructions per warp and k-step by kind, MMAs against the rest.
-    for inputs_as in [TcInputs::Split, TcInputs::Bf16, TcInputs::F16] {
+    // With `wgmma`, a warp's share of the warpgroup's m64n128k16 (64 tokens × 128 weight rows,
+    // as four warps of `mma.sync` take between them: 128 m16n8k16 per instruction's worth).
+    let configs = [TcInputs::Split, TcInputs::Bf16, TcInputs::F16]
+        .map(TcConfig::from)
+        .into_iter()
+        .chain([TcInputs::Split, TcInputs::F16].map(|inputs| TcConfig {
+            inputs,
+            mma: TcMma::Warpgroup,
+        }));
+    for config in configs {
         let spec = GemvSpec {
             name: "up".into(),
             inputs: 2560,
@@ -251,7 +260,7 @@ fn main() {
             weights: Storage::Bf16,
             norm: None,
         };
-        let ptx = gemm_tokens_tc(&spec, &[], inputs_as, tc_token_warps(&spec, 2048));
+        let ptx = gemm_tokens_tc(&spec, &[], config, tc_token_warps(&spec, 2048));
         let lines: Vec<&str> = ptx.lines().collect();
         let at = |prefix: &str| {
             lines
@@ -266,13 +275,14 @@ fn main() {
             .filter(|l| !l.is_empty() && !l.ends_with(':'));
         let (mut mma, mut other) = (0, 0);
         for l in body {
-            if l.starts_with("mma.") {
+            if l.starts_with("mma.") || l.starts_with("wgmma.mma_async") {
                 mma += 1;
             } else {
                 other += 1;
             }
         }
-        println!("tensor-core projection k-step ({inputs_as:?} inputs): {mma} mma, {other} other PTX instructions per warp");
+        let (inputs, kind) = (config.inputs, config.mma);
+        println!("tensor-core projection k-step ({inputs:?} inputs, {kind:?}): {mma} mma, {other} other PTX instructions per warp");
     }
     println!();
     println!("| kernel (2B shape) | thread-instructions | warp-instructions |");

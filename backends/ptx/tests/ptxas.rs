@@ -368,6 +368,31 @@ fn warpgroup_kernels_assemble_for_sm90a() {
     assert_eq!(seen, kernels.len(), "{report}");
 }
 
+/// A tiny projection (96 → 64, bias and residual) on the warpgroup MMA: weights staged as core
+/// matrices, the proxy fence, the descriptor, `wgmma` and its fence, commit and wait.
+#[test]
+fn projection_wgmma_ptx_snapshot() {
+    use griffin_backend_ptx::tc::{TcConfig, TcMma};
+    let spec = GemvSpec {
+        name: "tiny_down_wgmma".into(),
+        inputs: 96,
+        width: 64,
+        bias: true,
+        epilogue: Epilogue::None,
+        residual: true,
+        norm: None,
+        weights: Storage::Bf16,
+    };
+    let config = TcConfig {
+        inputs: TcInputs::Split,
+        mma: TcMma::Warpgroup,
+    };
+    insta::assert_snapshot!(
+        "tiny_projection_wgmma",
+        module(&[gemm_tokens_tc(&spec, &[], config, 1)])
+    );
+}
+
 #[test]
 fn gemv_ptx_snapshot() {
     let spec = &specs()[1];
