@@ -459,6 +459,16 @@ fn generation_allocates_no_buffer_for_every_rows_logits() {
     assert_eq!(read_logits(&logits).0, vec![3, 512]);
 }
 
+/// Two greedy steps of `exe` on the stand-in driver posing as a GPU of `capability`.
+fn on_gpu_of_capability(exe: &Path, driver: &Path, capability: &str) -> std::process::Output {
+    Command::new(exe)
+        .args(["--ids", "2,3", "--max-new-tokens", "2", "--format", "ids"])
+        .env("LD_LIBRARY_PATH", driver)
+        .env("EMUCUDA_COMPUTE_CAPABILITY", capability)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_gpu_older_than_hopper_is_a_one_line_error() {
     // The kernels are PTX for sm_90: an A100 (8.0) is refused before any module load; a newer
@@ -466,14 +476,7 @@ fn a_gpu_older_than_hopper_is_a_one_line_error() {
     let tmp = tempfile::tempdir().unwrap();
     let driver = fake_driver_dir(tmp.path());
     let exe = build_cuda("tiny-f32", tmp.path(), &[]);
-    let run = |capability: &str| {
-        Command::new(&exe)
-            .args(["--ids", "2,3", "--max-new-tokens", "2", "--format", "ids"])
-            .env("LD_LIBRARY_PATH", &driver)
-            .env("EMUCUDA_COMPUTE_CAPABILITY", capability)
-            .output()
-            .unwrap()
-    };
+    let run = |capability: &str| on_gpu_of_capability(&exe, &driver, capability);
     fails_with(&run("8.0"), &["compute capability 8.0", "9.0 or newer"]);
     succeeded(&run("10.0"));
 }
@@ -484,14 +487,7 @@ fn a_wgmma_executable_on_a_gpu_other_than_hopper_is_a_one_line_error() {
     let tmp = tempfile::tempdir().unwrap();
     let driver = fake_driver_dir(tmp.path());
     let exe = build_cuda("gen-b64-bf16", tmp.path(), &["--wgmma"]);
-    let run = |capability: &str| {
-        Command::new(&exe)
-            .args(["--ids", "2,3", "--max-new-tokens", "2", "--format", "ids"])
-            .env("LD_LIBRARY_PATH", &driver)
-            .env("EMUCUDA_COMPUTE_CAPABILITY", capability)
-            .output()
-            .unwrap()
-    };
+    let run = |capability: &str| on_gpu_of_capability(&exe, &driver, capability);
     fails_with(
         &run("10.0"),
         &["compute capability 10.0", "--wgmma", "9.0 only"],

@@ -914,6 +914,39 @@ fn run_block(
     }
 }
 
+/// How an `mma`/`wgmma` widens its 16-bit operands: both `.bf16` or both `.f16`.
+fn operand_type(ins: &Instr) -> Result<fn(u16) -> f32, EmuError> {
+    let of = |ty: &str| ins.op.iter().filter(|m| *m == ty).count() == 2;
+    if of("bf16") {
+        Ok(bf16_to_f32)
+    } else if of("f16") {
+        Ok(f16_to_f32)
+    } else {
+        err(format!(
+            "`{}`: only bf16 or f16 operands are emulated",
+            ins.line
+        ))
+    }
+}
+
+/// Lane `lane`'s share of a 16×16 A fragment (registers `a` of thread `t`), placed at rows
+/// `row0`..: register r holds A[g + 8·(r & 1)][2q + 8·(r >> 1) + {0, 1}], low half first.
+fn a_fragment(
+    am: &mut [[f32; 16]; 64],
+    row0: usize,
+    lane: usize,
+    t: &Thread,
+    a: &[usize],
+    widen: fn(u16) -> f32,
+) {
+    let (g, q) = (lane / 4, lane % 4);
+    for (r, &reg) in a.iter().enumerate() {
+        let (row, col) = (row0 + g + 8 * (r & 1), 2 * q + 8 * (r >> 1));
+        am[row][col] = widen(t.regs[reg] as u16);
+        am[row][col + 1] = widen((t.regs[reg] >> 16) as u16);
+    }
+}
+
 /// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {d0..d3}, {a0..a3}, {b0, b1},
 /// {c0..c3}`: D (16×8) = A (16×16) · B (16×8) + C, fragments laid out over the warp as the PTX
 /// ISA's "Matrix Fragments for mma.m16n8k16" says: with g = lane / 4 and q = lane % 4, register
@@ -921,14 +954,7 @@ fn run_block(
 /// B[2q + 8·r + {0, 1}][g], c/d_i holds C[g + 8·(i >> 1)][2q + (i & 1)].
 /// `.f16.f16` operands are laid out the same way.
 fn mma(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
-    let of = |ty: &str| ins.op.iter().filter(|m| *m == ty).count() == 2;
-    let widen: fn(u16) -> f32 = if of("bf16") {
-        bf16_to_f32
-    } else if of("f16") {
-        f16_to_f32
-    } else {
-        return err(format!("`{}`: only bf16 or f16 mma is emulated", ins.line));
-    };
+    let widen = operand_type(ins)?;
     if !ins.op.iter().any(|m| m == "m16n8k16") || warp.len() != 32 {
         return err(format!("`{}`: only m16n8k16 is emulated", ins.line));
     }
@@ -945,16 +971,12 @@ fn mma(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
         regs(&ins.args[3], 4)?,
     );
     let half = |word: u64, hi: bool| widen(if hi { (word >> 16) as u16 } else { word as u16 });
-    let mut am = [[0f32; 16]; 16];
+    let mut am = [[0f32; 16]; 64];
     let mut bm = [[0f32; 8]; 16];
     let mut cm = [[0f32; 8]; 16];
     for (lane, t) in warp.iter().enumerate() {
         let (g, q) = (lane / 4, lane % 4);
-        for (r, &reg) in a.iter().enumerate() {
-            let (row, col) = (g + 8 * (r & 1), 2 * q + 8 * (r >> 1));
-            am[row][col] = half(t.regs[reg], false);
-            am[row][col + 1] = half(t.regs[reg], true);
-        }
+        a_fragment(&mut am, 0, lane, t, &a, widen);
         for (r, &reg) in b.iter().enumerate() {
             let k = 2 * q + 8 * r;
             bm[k][g] = half(t.regs[reg], false);
@@ -995,17 +1017,7 @@ fn wgmma(
     shared: &mut SharedMemory,
     who: Access,
 ) -> Result<(), EmuError> {
-    let of = |ty: &str| ins.op.iter().filter(|m| *m == ty).count() == 2;
-    let widen: fn(u16) -> f32 = if of("bf16") {
-        bf16_to_f32
-    } else if of("f16") {
-        f16_to_f32
-    } else {
-        return err(format!(
-            "`{}`: only bf16 or f16 wgmma is emulated",
-            ins.line
-        ));
-    };
+    let widen = operand_type(ins)?;
     let n = ins
         .op
         .iter()
@@ -1070,7 +1082,6 @@ fn wgmma(
             ins.line
         ));
     }
-    let half = |word: u64, hi: bool| widen(if hi { (word >> 16) as u16 } else { word as u16 });
     let mut bm = vec![[0f32; 256]; 16];
     for core_n in 0..n / 8 {
         for core_k in 0..2 {
@@ -1086,13 +1097,7 @@ fn wgmma(
     }
     let mut am = [[0f32; 16]; 64];
     for (index, t) in group.iter().enumerate() {
-        let (w, lane) = (index / 32, index % 32);
-        let (g, q) = (lane / 4, lane % 4);
-        for (r, &reg) in a.iter().enumerate() {
-            let (row, col) = (16 * w + g + 8 * (r & 1), 2 * q + 8 * (r >> 1));
-            am[row][col] = half(t.regs[reg], false);
-            am[row][col + 1] = half(t.regs[reg], true);
-        }
+        a_fragment(&mut am, 16 * (index / 32), index % 32, t, &a, widen);
     }
     for (index, t) in group.iter_mut().enumerate() {
         let (w, lane) = (index / 32, index % 32);
