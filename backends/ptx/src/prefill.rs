@@ -15,7 +15,7 @@
 //! Attention over the chunk's queries is in `attention.rs`.
 use crate::builder::{Class, Kernel, Reg};
 use crate::gemv::{apply_epilogue, finish_rms, load_weights8, Epilogue, GemvSpec, WARPS_PER_BLOCK};
-use crate::math::{combine_partials, gelu, store_warp_partial, warp_sum};
+use crate::math::{combine_partials, gelu, store_warp_partial, warp_reduce, warp_sum};
 use crate::rg_lru::{addr4, Storage};
 
 /// Tokens sharing each weight load of the CUDA-core projection: a chunk streams its weights
@@ -31,18 +31,27 @@ pub(crate) const TARGET_SMS: u32 = 132;
 pub(crate) struct ProjectionParams<'a> {
     pub count: Reg,
     pub x: Reg,
+    /// The inputs' per-token scales (`rms_norm_tokens` with row scales), after x.
+    pub scale: Option<Reg>,
     pub w: Reg,
     pub outputs: Outputs<'a>,
 }
 
 impl<'a> ProjectionParams<'a> {
-    pub fn declare(k: &mut Kernel, spec: &'a GemvSpec, splits: &[u32]) -> ProjectionParams<'a> {
+    pub fn declare(
+        k: &mut Kernel,
+        spec: &'a GemvSpec,
+        splits: &[u32],
+        row_scales: bool,
+    ) -> ProjectionParams<'a> {
         let count = k.param_ptr("count");
         let x = k.param_ptr("x");
+        let scale = row_scales.then(|| k.param_ptr("scale"));
         let w = k.param_ptr("w");
         ProjectionParams {
             count,
             x,
+            scale,
             w,
             outputs: Outputs::declare_after_weights(k, spec, splits),
         }
@@ -88,15 +97,19 @@ pub fn norm_tokens_grid(max_tokens: u32) -> u32 {
     max_tokens.min(2 * TARGET_SMS)
 }
 
-/// Parameters: count `i32[1]`, x `f32[T, I]`, gain `f32[I]`, out `f32[T, I]`. Launch:
-/// `norm_tokens_grid` blocks of 256: block b normalises tokens b, b + grid, ... below the count.
-pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
+/// Parameters: count `i32[1]`, x `f32[T, I]`, gain `f32[I]`, out `f32[T, I]`, and with
+/// `row_scales` scale `f32[T]`: per token the power of two 2^k (k ≥ 0) the row must be divided
+/// by so that every value is below 2^15 in magnitude (f16's largest is 65504), which
+/// `TcConfig::row_scales` projections undo in their epilogue. Launch: `norm_tokens_grid`
+/// blocks of 256: block b normalises tokens b, b + grid, ... below the count.
+pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32, row_scales: bool) -> String {
     let mut k = Kernel::new(name);
     k.shared("partial", 4 * NORM_BLOCK / 32, 16);
     let count = k.param_ptr("count");
     let x = k.param_ptr("x");
     let gain = k.param_ptr("gain");
     let out = k.param_ptr("out");
+    let scale = row_scales.then(|| k.param_ptr("scale"));
     let (tid, t) = k.thread_and_block();
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
@@ -127,6 +140,8 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
         // Every warp has read the partials before the next token's overwrite them.
         k.ins("bar.sync 0;");
         k.ins(format!("mov.u32 {i}, {tid};"));
+        let biggest = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {biggest}, 0f00000000;"));
         k.strided(i, inputs, NORM_BLOCK, &mut |k| {
             let at2 = k.reg(Class::B32);
             k.ins(format!("add.u32 {at2}, {row}, {i};"));
@@ -140,7 +155,33 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32) -> String {
             k.ins(format!("mul.f32 {v2}, {v2}, {g};"));
             let oa = addr4(k, out, at2);
             k.ins(format!("st.global.f32 [{oa}], {v2};"));
+            if scale.is_some() {
+                let m = k.reg(Class::F32);
+                k.ins(format!("abs.f32 {m}, {v2};"));
+                k.ins(format!("max.f32 {biggest}, {biggest}, {m};"));
+            }
         });
+        if let Some(scale) = scale {
+            // The row's largest magnitude over the block (the sums' partials are read: the
+            // barrier above), then 2^k from its exponent field E: values are below
+            // 2^(E - 126), so k = max(E, 141) - 141 brings them below 2^15.
+            warp_reduce(k, "max", biggest);
+            store_warp_partial(k, biggest, warp, lane);
+            k.ins("bar.sync 0;");
+            let m = combine_partials(k, "max", NORM_BLOCK / 32);
+            let bits = k.reg(Class::B32);
+            k.ins(format!("mov.b32 {bits}, {m};"));
+            k.ins(format!("shr.u32 {bits}, {bits}, 23;"));
+            k.ins(format!("max.u32 {bits}, {bits}, 141;"));
+            k.ins(format!("sub.u32 {bits}, {bits}, 14;"));
+            k.ins(format!("shl.b32 {bits}, {bits}, 23;"));
+            let first = k.reg(Class::Pred);
+            k.ins(format!("setp.eq.u32 {first}, {tid}, 0;"));
+            let sa = addr4(k, scale, t);
+            k.ins(format!("@{first} st.global.b32 [{sa}], {bits};"));
+            // Every warp has read the partials before the next token's sums overwrite them.
+            k.ins("bar.sync 0;");
+        }
     });
     k.finish()
 }
@@ -240,7 +281,8 @@ pub fn gemm_tokens_split(spec: &GemvSpec, splits: &[u32]) -> String {
         x,
         w,
         outputs,
-    } = ProjectionParams::declare(&mut k, spec, splits);
+        ..
+    } = ProjectionParams::declare(&mut k, spec, splits, false);
     let inputs = spec.inputs;
     let geglu = spec.epilogue == Epilogue::GeGlu;
 

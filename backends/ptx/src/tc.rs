@@ -245,6 +245,11 @@ pub enum TcMma {
 pub struct TcConfig {
     pub inputs: TcInputs,
     pub mma: TcMma,
+    /// Inputs come with per-token powers of two (`rms_norm_tokens`' `scale`, a parameter after
+    /// `x`) that bring each row below 2^15: the rows are divided by them as they are staged
+    /// and the results multiplied back (exactly), so f16 operands cannot overflow however
+    /// large the row.
+    pub row_scales: bool,
 }
 
 impl From<TcInputs> for TcConfig {
@@ -252,6 +257,7 @@ impl From<TcInputs> for TcConfig {
         TcConfig {
             inputs,
             mma: TcMma::Sync,
+            row_scales: false,
         }
     }
 }
@@ -291,6 +297,8 @@ struct TcShape {
     inputs_as: TcInputs,
     /// `wgmma` instead of `mma.sync` (`Rows` weights only).
     wgmma: bool,
+    /// Per-token powers of two 2^k (`f32[T]`, see `TcConfig::row_scales`).
+    row_scale: Option<Reg>,
     token_warps: u32,
     /// Parts of the k dimension, a block each (`Rows` weights only): part p sums inputs
     /// p·K/k_split.. and its finish gets partial sums (the grid is k_split times larger).
@@ -321,6 +329,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         ref weights,
         inputs_as,
         wgmma,
+        row_scale,
         token_warps,
         k_split,
     } = *s;
@@ -589,6 +598,11 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     } else {
         Vec::new()
     };
+    // Per input slot with row scales: its row's 2^-k (loaded after the wait below).
+    let a_scales: Vec<Reg> = match row_scale {
+        Some(_) => a_slots.iter().map(|_| k.reg(Class::F32)).collect(),
+        None => Vec::new(),
+    };
     // Staged registers: 4 input floats and 4 weight words per slot.
     let a_regs: Vec<[Reg; 4]> = a_slots.iter().map(|_| k.regs4(Class::F32)).collect();
     let b_regs: Vec<[Reg; 4]> = b_slots.iter().map(|_| k.regs4(Class::B32)).collect();
@@ -646,7 +660,12 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     // The staged registers into the stage buffer at byte offset `buf` (a register): inputs
     // split into bf16 hi and lo pairs, weights as they are.
     let commit = |k: &mut Kernel, buf: Reg| {
-        for (fixed, v) in a_shared.iter().zip(&a_regs) {
+        for (i, (fixed, v)) in a_shared.iter().zip(&a_regs).enumerate() {
+            if let Some(down) = a_scales.get(i) {
+                for x in v {
+                    k.ins(format!("mul.f32 {x}, {x}, {down};"));
+                }
+            }
             let mut hi = Vec::new();
             let mut lo = Vec::new();
             for pair in [[v[0], v[1]], [v[2], v[3]]] {
@@ -705,6 +724,20 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         }
     }
     k.wait_for_earlier_kernels();
+    // With row scales: each staged row's 2^-k (the scale is 2^k, an exponent field and no
+    // mantissa: 2^-k's field is 254 minus its), from the kernel before.
+    if let Some(scale) = row_scale {
+        for ((row, _), down) in a_slots.iter().zip(&a_scales) {
+            let t = k.reg(Class::B32);
+            k.ins(format!("add.u32 {t}, {t0}, {row};"));
+            k.ins(format!("min.u32 {t}, {t}, {last};"));
+            let at = addr4(k, scale, t);
+            let bits = k.reg(Class::B32);
+            k.ins(format!("ld.global.b32 {bits}, [{at}];"));
+            k.ins(format!("sub.u32 {bits}, 2130706432, {bits};"));
+            k.ins(format!("mov.b32 {down}, {bits};"));
+        }
+    }
     for a in accs
         .iter()
         .flatten()
@@ -877,7 +910,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     } else {
         k.ins(format!("add.u32 {col_base}, {col_base}, {warp_row};"));
     }
-    for (dt, dc, vals) in results {
+    for (dt, dc, mut vals) in results {
         let skip = k.label("skip");
         let t = k.reg(Class::B32);
         k.ins(format!("add.u32 {t}, {t0}, {dt};"));
@@ -885,6 +918,17 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         let col = k.reg(Class::B32);
         k.ins(format!("add.u32 {col}, {col_base}, {dc};"));
         k.leave_unless_below(col, width, &skip);
+        if let Some(scale) = row_scale {
+            // The row's sums times its 2^k (exact).
+            let at = addr4(k, scale, t);
+            let up = k.reg(Class::F32);
+            k.ins(format!("ld.global.f32 {up}, [{at}];"));
+            for v in vals.iter_mut() {
+                let scaled = k.reg(Class::F32);
+                k.ins(format!("mul.f32 {scaled}, {v}, {up};"));
+                *v = scaled;
+            }
+        }
         finish(k, vals, t, col);
         k.place(&skip);
     }
@@ -910,9 +954,10 @@ pub fn gemm_tokens_tc(
     let ProjectionParams {
         count,
         x,
+        scale,
         w,
         outputs,
-    } = ProjectionParams::declare(&mut k, spec, splits);
+    } = ProjectionParams::declare(&mut k, spec, splits, config.row_scales);
     let shape = TcShape {
         count,
         x,
@@ -923,6 +968,7 @@ pub fn gemm_tokens_tc(
         weights: TcWeights::Rows(w),
         inputs_as: config.inputs,
         wgmma: config.mma == TcMma::Warpgroup,
+        row_scale: scale,
         token_warps,
         k_split: 1,
     };
@@ -990,6 +1036,7 @@ pub fn gemm_tokens_tc_partial(
     let mut k = Kernel::new(&spec.name);
     let count = k.param_ptr("count");
     let x = k.param_ptr("x");
+    let scale = config.row_scales.then(|| k.param_ptr("scale"));
     let w = k.param_ptr("w");
     let partial = k.param_ptr("partial");
     let shape = TcShape {
@@ -1002,6 +1049,7 @@ pub fn gemm_tokens_tc_partial(
         weights: TcWeights::Rows(w),
         inputs_as: config.inputs,
         wgmma: config.mma == TcMma::Warpgroup,
+        row_scale: scale,
         token_warps,
         k_split,
     };
@@ -1096,6 +1144,7 @@ pub fn rg_lru_gates_tc(s: &RgLruSpec, inputs_as: TcInputs, token_warps: u32) -> 
         },
         inputs_as,
         wgmma: false,
+        row_scale: None,
         token_warps,
         k_split: 1,
     };

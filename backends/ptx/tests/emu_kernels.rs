@@ -774,6 +774,74 @@ fn argmax_takes_the_first_maximum_and_skips_nan() {
     }
 }
 
+/// The norm's row scales: per token the smallest 2^k (k ≥ 0) that brings every normalised
+/// value below 2^15, rows of gains from 1 to 1e6 (so k from 0 to ~25); the normalised rows are
+/// those of the norm without scales, bit for bit.
+#[test]
+fn norm_row_scales_are_the_smallest_powers_of_two_that_fit_f16() {
+    use griffin_backend_ptx::prefill::{rms_norm_tokens, NORM_BLOCK};
+    let mut rng = Rng(7);
+    let (tokens, n) = (12usize, 300u32);
+    // Gains growing along the row to 1e9; even tokens have nothing past the first third
+    // (gains up to 1e3: normalised values below 2^15, no scaling), odd ones reach the end.
+    let mut x = rng.vec(tokens * n as usize);
+    for (t, row) in x.chunks_mut(n as usize).enumerate() {
+        if t % 2 == 0 {
+            row[n as usize / 3..].fill(0.0);
+        }
+    }
+    let gain: Vec<f32> = (0..n)
+        .map(|i| 10f32.powf(9.0 * i as f32 / n as f32))
+        .collect();
+    let m = Module::parse(&module(&[
+        rms_norm_tokens("plain", n, 1e-6, false),
+        rms_norm_tokens("scaled", n, 1e-6, true),
+    ]))
+    .unwrap();
+    let mut mem = Memory::new();
+    let ca = mem.alloc_u32(&[tokens as u32]);
+    let xa = mem.alloc_f32(&x);
+    let ga = mem.alloc_f32(&gain);
+    let (plain, scaled) = (
+        mem.alloc_f32(&vec![0.0; tokens * n as usize]),
+        mem.alloc_f32(&vec![0.0; tokens * n as usize]),
+    );
+    let sa = mem.alloc_f32(&vec![f32::NAN; tokens]);
+    for (name, params) in [
+        ("plain", vec![ca, xa, ga, plain]),
+        ("scaled", vec![ca, xa, ga, scaled, sa]),
+    ] {
+        let launch = Launch {
+            grid: 5,
+            block: NORM_BLOCK,
+            params: &params,
+        };
+        run(&m, name, &launch, &mut mem).unwrap();
+    }
+    let (p, q) = (
+        mem.read_f32(plain, tokens * n as usize).unwrap(),
+        mem.read_f32(scaled, tokens * n as usize).unwrap(),
+    );
+    assert!(p.iter().zip(&q).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let scales = mem.read_f32(sa, tokens).unwrap();
+    let mut ks = Vec::new();
+    for (t, &s) in scales.iter().enumerate() {
+        let biggest = p[t * n as usize..(t + 1) * n as usize]
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        let k = s.log2();
+        assert!(k >= 0.0 && k.fract() == 0.0, "token {t}: scale {s}");
+        assert!(biggest / s < 32768.0, "token {t}: {biggest} / {s}");
+        assert!(
+            k == 0.0 || biggest / s >= 16384.0,
+            "token {t}: {biggest} / {s}, not the smallest"
+        );
+        ks.push(k as u32);
+    }
+    assert!(ks.iter().step_by(2).all(|&k| k == 0), "{ks:?}");
+    assert!(ks.iter().skip(1).step_by(2).all(|&k| k > 10), "{ks:?}");
+}
+
 #[test]
 fn prefill_projection_and_norm_over_a_chunk_of_tokens() {
     use griffin_backend_ptx::prefill::{gemm_tokens, rms_norm_tokens, NORM_BLOCK};
@@ -826,7 +894,7 @@ fn prefill_projection_and_norm_over_a_chunk_of_tokens() {
         };
         let m = Module::parse(&module(&[
             gemm_tokens(&spec),
-            rms_norm_tokens("norm", inputs, 1e-6),
+            rms_norm_tokens("norm", inputs, 1e-6, false),
         ]))
         .unwrap();
         let mut mem = Memory::new();
@@ -1254,6 +1322,53 @@ fn tensor_core_projection_case(
     tensor_core_projection_k_split(tokens, max_tokens, config, token_warps, 1);
 }
 
+/// f16 inputs with per-token scales (as `rms_norm_tokens` writes them for the projection after
+/// a norm): rows up to ~2e6 in magnitude, far past f16's 65504, staged divided by their 2^k and
+/// the sums multiplied back: within 1e-4 relative of the reference, whole and in k parts, on
+/// `mma.sync` and `wgmma`. The same rows without scales overflow to infinity.
+#[test]
+fn row_scaled_f16_inputs_do_not_overflow() {
+    use griffin_backend_ptx::tc::{TcConfig, TcInputs, TcMma};
+    for mma in [TcMma::Sync, TcMma::Warpgroup] {
+        let config = TcConfig {
+            inputs: TcInputs::F16,
+            mma,
+            row_scales: true,
+        };
+        tensor_core_projection_case(100, 128, config, 2);
+        tensor_core_projection_k_split(20, 32, config, 1, 2);
+    }
+    // Unscaled: a row of 1e5 becomes f16 infinity.
+    use griffin_backend_ptx::rg_lru::Storage;
+    use griffin_backend_ptx::tc::{gemm_tokens_tc, tc_block, tc_grid};
+    let spec = GemvSpec {
+        name: "p".into(),
+        inputs: 32,
+        width: 8,
+        bias: false,
+        epilogue: Epilogue::None,
+        residual: false,
+        norm: None,
+        weights: Storage::Bf16,
+    };
+    let m = Module::parse(&module(&[gemm_tokens_tc(&spec, &[], TcInputs::F16, 1)])).unwrap();
+    let mut mem = Memory::new();
+    let params = [
+        mem.alloc_u32(&[1]),
+        mem.alloc_f32(&[1e5; 32]),
+        mem.alloc(&[0x80u8, 0x3F].repeat(32 * 8)),
+        mem.alloc_f32(&[0.0; 8]),
+    ];
+    let launch = Launch {
+        grid: tc_grid(&spec, 1, 1),
+        block: tc_block(1),
+        params: &params,
+    };
+    run(&m, "p", &launch, &mut mem).unwrap();
+    let out = mem.read_f32(params[3], 8).unwrap();
+    assert!(out.iter().all(|v| !v.is_finite()), "{out:?}");
+}
+
 /// The projections on Hopper's warpgroup MMA (`wgmma.mma_async.m64n128k16`, weights through a
 /// shared-memory descriptor): the same cases and bounds as `mma.sync`, whole and in k parts,
 /// split and rounded inputs, blocks of one and two warpgroups.
@@ -1263,6 +1378,7 @@ fn warpgroup_mma_projection_equals_the_reference() {
     let wg = |inputs| TcConfig {
         inputs,
         mma: TcMma::Warpgroup,
+        row_scales: false,
     };
     for rows in [1, 2] {
         tensor_core_projection_case(20, 32, wg(TcInputs::Split), rows);
@@ -1331,7 +1447,21 @@ fn tensor_core_projection_k_split(
             continue;
         }
         let mt = max_tokens as usize;
-        let case = ProjectionCase::new(&mut rng, mt, inputs, width, epilogue);
+        let mut case = ProjectionCase::new(&mut rng, mt, inputs, width, epilogue);
+        // With row scales: token t's inputs times 2^k, k from 0 to 20 (up to ~2e6, far past
+        // f16's 65504), and its scale 2^k as `rms_norm_tokens` would write it.
+        let scales: Vec<f32> = (0..mt)
+            .map(|t| {
+                if config.row_scales {
+                    2f32.powi(((7 * t) % 21) as i32)
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        for (t, row) in case.x.chunks_mut(inputs as usize).enumerate() {
+            row.iter_mut().for_each(|v| *v *= scales[t]);
+        }
         let (n, w, x) = (case.n, case.w, &case.x);
         let spec = GemvSpec {
             name: name.into(),
@@ -1357,6 +1487,7 @@ fn tensor_core_projection_k_split(
         let mut mem = Memory::new();
         let ca = mem.alloc_u32(&[tokens as u32]);
         let xa = mem.alloc_f32(x);
+        let sa = mem.alloc_f32(&scales);
         let wa = mem.alloc(&case.weights(Storage::Bf16));
         let ba = mem.alloc_f32(&case.b);
         let ra = mem.alloc_f32(&case.r);
@@ -1369,7 +1500,11 @@ fn tensor_core_projection_k_split(
             .iter()
             .map(|p| mem.alloc_f32(&vec![f32::NAN; mt * p]))
             .collect();
-        let mut params = vec![ca, xa, wa];
+        let mut params = vec![ca, xa];
+        if config.row_scales {
+            params.push(sa);
+        }
+        params.push(wa);
         let mut finishing = Vec::new();
         if bias {
             finishing.push(ba);
@@ -1417,22 +1552,32 @@ fn tensor_core_projection_k_split(
             // The inputs as the kernel gives them to the MMAs (rounded to nearest even):
             // `hi + lo`, or `hi` alone. What is left is the f32 accumulation.
             let input = |i: usize| {
-                let hi = bf16_value(bf16_bits(row[i]));
-                match inputs_as {
-                    TcInputs::Split => hi as f64 + bf16_value(bf16_bits(row[i] - hi)) as f64,
-                    TcInputs::Bf16 => hi as f64,
-                    TcInputs::F16 => half::f16::from_f32(row[i]).to_f64(),
-                }
+                // Staged as row / 2^k, the sums multiplied back by 2^k.
+                let x = row[i] / scales[t];
+                let hi = bf16_value(bf16_bits(x));
+                scales[t] as f64
+                    * match inputs_as {
+                        TcInputs::Split => hi as f64 + bf16_value(bf16_bits(x - hi)) as f64,
+                        TcInputs::Bf16 => hi as f64,
+                        TcInputs::F16 => half::f16::from_f32(x).to_f64(),
+                    }
             };
             for c in 0..w {
                 let v = case.want(t, c, bias, residual, input);
+                // Row-scaled cases: errors grow with the row's scale (its square with GeGLU,
+                // whose two sums both scale).
+                let v_scale = if config.row_scales {
+                    scales[t].powi(if epilogue == Epilogue::GeGlu { 2 } else { 1 })
+                } else {
+                    1.0
+                };
                 // Column c lands in part k at column c - (parts before it).
                 let (mut k, mut cc) = (0, c);
                 while cc >= parts[k] {
                     cc -= parts[k];
                     k += 1;
                 }
-                worst = worst.max(gap(got[k][t * parts[k] + cc], v as f32));
+                worst = worst.max(gap(got[k][t * parts[k] + cc], v as f32) / v_scale);
             }
         }
         assert!(
