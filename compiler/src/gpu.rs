@@ -71,19 +71,21 @@ struct Lowering<'g> {
     logits: Option<usize>,
     /// The prefill chunk's token count (device counter).
     count: Option<usize>,
-    /// Each prefill projection launch's spec, by launch index (for the last-row logits).
-    gemm_specs: HashMap<usize, GemvSpec>,
+    /// Each prefill projection launch's spec and whether a row-scale parameter follows its
+    /// inputs, by launch index (for the last-row logits).
+    gemm_specs: HashMap<usize, (GemvSpec, bool)>,
     /// The first kernel of each body (its text with the entry name taken out): the layers'
     /// kernels are mostly the same, and the module keeps one of each.
     kernel_of_body: HashMap<String, String>,
 }
 
 impl Lowering<'_> {
-    /// How projections run on tensor cores.
-    fn tc_config(&self) -> TcConfig {
+    /// How projections run on tensor cores (`row_scales`: their inputs come with them).
+    fn tc_config(&self, row_scales: bool) -> TcConfig {
         TcConfig {
             inputs: self.tc_inputs,
             mma: self.tc_mma,
+            row_scales,
         }
     }
 
@@ -578,43 +580,61 @@ impl Lowering<'_> {
                 splits,
             } => {
                 let mut input = self.value(x[0])?;
-                let mut next = 1;
                 let inputs = self.dim(x[0], 1)?;
+                // Operands: x, [gain], the weight, ...
+                let next = if norm.is_some() { 2 } else { 1 };
+                let (weight_args, spec) =
+                    self.projection(&name, &x, next, *bias, *residual, *epilogue, None)?;
+                let parts: Vec<u32> = splits.iter().map(|&p| p as u32).collect();
+                let tc = self.tensor_cores && tensor_cores_fit(&spec, &parts);
+                // f16 operands after a norm: the norm also writes each row's power-of-two
+                // scale, so no row overflows f16 (`TcConfig::row_scales`).
+                let row_scales = tc && norm.is_some() && self.tc_inputs == TcInputs::F16;
+                let mut scale = None;
                 if let Some(n) = norm {
                     if n.weight_offset != 0.0 {
                         return Err(unsupported(
                             "a norm prologue with a weight offset (run the default passes)",
                         ));
                     }
-                    let gain = self.weight(x[next], Storage::F32)?;
-                    next += 1;
+                    let gain = self.weight(x[1], Storage::F32)?;
                     let scratch =
                         self.buffer(GpuBufferKind::Activation, 4 * (max_tokens * inputs) as u64);
                     let scratch = Arg {
                         buffer: scratch,
                         offset: 0,
                     };
+                    let mut norm_args = vec![count, input, gain, scratch];
+                    if row_scales {
+                        let b = self.buffer(GpuBufferKind::Activation, 4 * max_tokens as u64);
+                        scale = Some(Arg {
+                            buffer: b,
+                            offset: 0,
+                        });
+                        norm_args.extend(scale);
+                    }
                     let norm_name = format!("{name}_norm");
                     self.launch(
                         norm_name.clone(),
-                        rms_norm_tokens(&norm_name, inputs, n.eps as f32),
+                        rms_norm_tokens(&norm_name, inputs, n.eps as f32, row_scales),
                         norm_tokens_grid(max_tokens),
                         NORM_BLOCK,
-                        vec![count, input, gain, scratch],
+                        norm_args,
                     );
                     input = scratch;
                 }
-                let (weight_args, spec) =
-                    self.projection(&name, &x, next, *bias, *residual, *epilogue, None)?;
+                // [count, x, (scale), w, ...]: the inputs' part ends at `inputs_end`.
                 let mut args = vec![count, input];
+                args.extend(scale);
+                let inputs_end = args.len() + 1;
                 args.extend(weight_args);
-                let parts: Vec<u32> = splits.iter().map(|&p| p as u32).collect();
                 let outputs = if parts.is_empty() { 1 } else { parts.len() };
                 for i in 0..outputs {
                     args.push(self.activation(r(i as u32))?);
                 }
-                self.gemm_specs.insert(self.launches.len(), spec.clone());
-                if self.tensor_cores && tensor_cores_fit(&spec, &parts) {
+                self.gemm_specs
+                    .insert(self.launches.len(), (spec.clone(), row_scales));
+                if tc {
                     let token_warps = tc_token_warps(&spec, max_tokens);
                     // Split inputs: two MMAs per tile.
                     let mma = match self.tc_inputs {
@@ -637,10 +657,10 @@ impl Lowering<'_> {
                             ),
                             offset: 0,
                         };
-                        let mut sums = args[..3].to_vec();
+                        let mut sums = args[..inputs_end].to_vec();
                         sums.push(partial);
                         let mut finish = vec![count, partial];
-                        finish.extend_from_slice(&args[3..]);
+                        finish.extend_from_slice(&args[inputs_end..]);
                         self.launch(
                             format!("{name}_k{k_split}"),
                             gemm_tokens_tc_partial(
@@ -648,7 +668,7 @@ impl Lowering<'_> {
                                     name: format!("{name}_k{k_split}"),
                                     ..spec.clone()
                                 },
-                                self.tc_config(),
+                                self.tc_config(row_scales),
                                 token_warps,
                                 k_split,
                                 max_tokens,
@@ -682,7 +702,7 @@ impl Lowering<'_> {
                     }
                     self.launch(
                         name,
-                        gemm_tokens_tc(&spec, &parts, self.tc_config(), token_warps),
+                        gemm_tokens_tc(&spec, &parts, self.tc_config(row_scales), token_warps),
                         tc_grid(&spec, max_tokens, token_warps),
                         tc_block(token_warps),
                         args,
@@ -1245,7 +1265,7 @@ fn last_row_variant(l: &mut Lowering, logits: usize) -> Option<LastRow> {
         .launches
         .iter()
         .rposition(|launch| launch.args.last().map(|a| a.buffer) == Some(logits))?;
-    let spec = l.gemm_specs.get(&index)?.clone();
+    let (spec, row_scales) = l.gemm_specs.get(&index)?.clone();
     if spec.residual {
         return None;
     }
@@ -1275,9 +1295,11 @@ fn last_row_variant(l: &mut Lowering, logits: usize) -> Option<LastRow> {
         name: format!("{}_last", spec.name),
         ..spec.clone()
     };
-    // [count, x, w, (bias), out] -> [row, w, (bias), out_last]
+    // [count, x, (scale), w, (bias), out] -> [row, w, (bias), out_last] (the GEMV reads the
+    // norm's unscaled rows).
     let mut args = vec![row];
-    args.extend_from_slice(&launch.args[2..launch.args.len() - 1]);
+    let weights_from = if row_scales { 3 } else { 2 };
+    args.extend_from_slice(&launch.args[weights_from..launch.args.len() - 1]);
     args.push(out);
     let project = GpuLaunch {
         kernel: gemv_spec.name.clone(),

@@ -248,6 +248,7 @@ fn main() {
         .chain([TcInputs::Split, TcInputs::F16].map(|inputs| TcConfig {
             inputs,
             mma: TcMma::Warpgroup,
+            row_scales: false,
         }));
     for config in configs {
         let spec = GemvSpec {

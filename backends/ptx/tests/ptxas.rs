@@ -215,6 +215,20 @@ fn all_kernels() -> Vec<(String, String)> {
             tc.name.clone(),
             gemm_tokens_tc(&tc, &splits, TcInputs::Split, tc_token_warps(&tc, 512)),
         ));
+        let name = format!("{}_f16_row_scaled", tc.name);
+        out.push((
+            name.clone(),
+            gemm_tokens_tc(
+                &GemvSpec { name, ..tc.clone() },
+                &splits,
+                griffin_backend_ptx::tc::TcConfig {
+                    inputs: TcInputs::F16,
+                    mma: griffin_backend_ptx::tc::TcMma::Sync,
+                    row_scales: true,
+                },
+                tc_token_warps(&tc, 512),
+            ),
+        ));
         for (suffix, inputs) in [("bf16", TcInputs::Bf16), ("f16", TcInputs::F16)] {
             let name = format!("{}_{suffix}_inputs", tc.name);
             out.push((
@@ -259,7 +273,11 @@ fn all_kernels() -> Vec<(String, String)> {
     }
     out.push((
         "b2_norm_tokens".into(),
-        rms_norm_tokens("b2_norm_tokens", 2560, 1e-6),
+        rms_norm_tokens("b2_norm_tokens", 2560, 1e-6, false),
+    ));
+    out.push((
+        "b2_norm_tokens_scaled".into(),
+        rms_norm_tokens("b2_norm_tokens_scaled", 2560, 1e-6, true),
     ));
     out
 }
@@ -330,6 +348,7 @@ fn warpgroup_kernels_assemble_for_sm90a() {
             let config = TcConfig {
                 inputs,
                 mma: TcMma::Warpgroup,
+                row_scales: false,
             };
             let name = format!("{}_wg_{inputs:?}", s.name);
             kernels.push((
@@ -386,6 +405,7 @@ fn projection_wgmma_ptx_snapshot() {
     let config = TcConfig {
         inputs: TcInputs::Split,
         mma: TcMma::Warpgroup,
+        row_scales: false,
     };
     insta::assert_snapshot!(
         "tiny_projection_wgmma",
