@@ -223,7 +223,8 @@ pub enum TcInputs {
     /// x rounded to f16 (11 bits), the bf16 weights widened to f16 as they are staged (exact
     /// from 2^-14 to 65504), one MMA per tile: half the MMAs of `Split`, eight times finer
     /// inputs than `Bf16`; but an input past ±65504 becomes infinite, which f32 and bf16
-    /// never overflow to.
+    /// never overflow to, unless its row comes with a power-of-two scale
+    /// (`TcConfig::row_scales`: the projections after a norm).
     F16,
 }
 
