@@ -531,7 +531,7 @@ impl Lowering<'_> {
         };
         use griffin_backend_ptx::prefill::{
             elementwise_grid, gather_tokens, gemm_tokens_split, norm_tokens_grid, rms_norm_tokens,
-            NORM_BLOCK,
+            row_scales_tokens, NORM_BLOCK,
         };
         use griffin_backend_ptx::tc::{
             gemm_reduce_tokens, gemm_tokens_tc, gemm_tokens_tc_partial, k_parts_fit, tc_block,
@@ -587,10 +587,18 @@ impl Lowering<'_> {
                     self.projection(&name, &x, next, *bias, *residual, *epilogue, None)?;
                 let parts: Vec<u32> = splits.iter().map(|&p| p as u32).collect();
                 let tc = self.tensor_cores && tensor_cores_fit(&spec, &parts);
-                // f16 operands after a norm: the norm also writes each row's power-of-two
-                // scale, so no row overflows f16 (`TcConfig::row_scales`).
-                let row_scales = tc && norm.is_some() && self.tc_inputs == TcInputs::F16;
+                // f16 operands come with each row's power-of-two scale, so no row overflows
+                // f16 (`TcConfig::row_scales`): from the norm, where there is one, else from a
+                // launch of its own.
+                let row_scales = tc && self.tc_inputs == TcInputs::F16;
                 let mut scale = None;
+                if row_scales {
+                    let b = self.buffer(GpuBufferKind::Activation, 4 * max_tokens as u64);
+                    scale = Some(Arg {
+                        buffer: b,
+                        offset: 0,
+                    });
+                }
                 if let Some(n) = norm {
                     if n.weight_offset != 0.0 {
                         return Err(unsupported(
@@ -605,14 +613,7 @@ impl Lowering<'_> {
                         offset: 0,
                     };
                     let mut norm_args = vec![count, input, gain, scratch];
-                    if row_scales {
-                        let b = self.buffer(GpuBufferKind::Activation, 4 * max_tokens as u64);
-                        scale = Some(Arg {
-                            buffer: b,
-                            offset: 0,
-                        });
-                        norm_args.extend(scale);
-                    }
+                    norm_args.extend(scale);
                     let norm_name = format!("{name}_norm");
                     self.launch(
                         norm_name.clone(),
@@ -622,6 +623,19 @@ impl Lowering<'_> {
                         norm_args,
                     );
                     input = scratch;
+                } else if let Some(scale) = scale {
+                    let scales_name = format!("{name}_row_scales");
+                    self.launch(
+                        scales_name.clone(),
+                        row_scales_tokens(&scales_name, inputs),
+                        norm_tokens_grid(max_tokens),
+                        NORM_BLOCK,
+                        vec![count, input, scale],
+                    )
+                    .work = Work {
+                        bytes_per_token: 4 * inputs as u64,
+                        ..Work::default()
+                    };
                 }
                 // [count, x, (scale), w, ...]: the inputs' part ends at `inputs_end`.
                 let mut args = vec![count, input];

@@ -162,26 +162,75 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32, row_scales: bool) -> S
             }
         });
         if let Some(scale) = scale {
-            // The row's largest magnitude over the block (the sums' partials are read: the
-            // barrier above), then 2^k from its exponent field E: values are below
-            // 2^(E - 126), so k = max(E, 141) - 141 brings them below 2^15.
-            warp_reduce(k, "max", biggest);
-            store_warp_partial(k, biggest, warp, lane);
-            k.ins("bar.sync 0;");
-            let m = combine_partials(k, "max", NORM_BLOCK / 32);
-            let bits = k.reg(Class::B32);
-            k.ins(format!("mov.b32 {bits}, {m};"));
-            k.ins(format!("shr.u32 {bits}, {bits}, 23;"));
-            k.ins(format!("max.u32 {bits}, {bits}, 141;"));
-            k.ins(format!("sub.u32 {bits}, {bits}, 14;"));
-            k.ins(format!("shl.b32 {bits}, {bits}, 23;"));
-            let first = k.reg(Class::Pred);
-            k.ins(format!("setp.eq.u32 {first}, {tid}, 0;"));
-            let sa = addr4(k, scale, t);
-            k.ins(format!("@{first} st.global.b32 [{sa}], {bits};"));
-            // Every warp has read the partials before the next token's sums overwrite them.
-            k.ins("bar.sync 0;");
+            // (The sums' partials are read: the barrier above.)
+            store_row_scale(k, biggest, (tid, warp, lane), scale, t);
         }
+    });
+    k.finish()
+}
+
+/// Token `t`'s scale 2^k from its thread's share `biggest` of the row's largest magnitude:
+/// reduced over the block (through `partial`, free when called), then k from the exponent
+/// field E (values are below 2^(E - 126), so k = max(E, 141) - 141 brings them below 2^15);
+/// thread 0 stores it. Ends at a barrier: the block may reuse `partial` afterwards.
+fn store_row_scale(
+    k: &mut Kernel,
+    biggest: Reg,
+    (tid, warp, lane): (Reg, Reg, Reg),
+    scale: Reg,
+    t: Reg,
+) {
+    warp_reduce(k, "max", biggest);
+    store_warp_partial(k, biggest, warp, lane);
+    k.ins("bar.sync 0;");
+    let m = combine_partials(k, "max", NORM_BLOCK / 32);
+    let bits = k.reg(Class::B32);
+    k.ins(format!("mov.b32 {bits}, {m};"));
+    k.ins(format!("shr.u32 {bits}, {bits}, 23;"));
+    k.ins(format!("max.u32 {bits}, {bits}, 141;"));
+    k.ins(format!("sub.u32 {bits}, {bits}, 14;"));
+    k.ins(format!("shl.b32 {bits}, {bits}, 23;"));
+    let first = k.reg(Class::Pred);
+    k.ins(format!("setp.eq.u32 {first}, {tid}, 0;"));
+    let sa = addr4(k, scale, t);
+    k.ins(format!("@{first} st.global.b32 [{sa}], {bits};"));
+    // Every warp has read the partials before they are written again.
+    k.ins("bar.sync 0;");
+}
+
+/// Each token's scale as `rms_norm_tokens` writes it, for a row that is not a norm's output:
+/// the inputs of a tensor-core projection on f16 operands whose rows nothing else scales (the
+/// MLP's down projection, the output projections). Parameters: count `i32[1]`, x `f32[T, I]`,
+/// scale `f32[T]`. Launch: `norm_tokens_grid` blocks of `NORM_BLOCK`.
+pub fn row_scales_tokens(name: &str, inputs: u32) -> String {
+    let mut k = Kernel::new(name);
+    k.shared("partial", 4 * NORM_BLOCK / 32, 16);
+    let count = k.param_ptr("count");
+    let x = k.param_ptr("x");
+    let scale = k.param_ptr("scale");
+    let (tid, t) = k.thread_and_block();
+    let n = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {n}, [{count}];"));
+    let grid = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {grid}, %nctaid.x;"));
+    let (warp, lane) = k.warp_and_lane(tid);
+    k.strided(t, n, grid, &mut |k| {
+        let row = k.reg(Class::B32);
+        k.ins(format!("mul.lo.u32 {row}, {t}, {inputs};"));
+        let biggest = k.reg(Class::F32);
+        k.ins(format!("mov.f32 {biggest}, 0f00000000;"));
+        let i = k.reg(Class::B32);
+        k.ins(format!("mov.u32 {i}, {tid};"));
+        k.strided(i, inputs, NORM_BLOCK, &mut |k| {
+            let at = k.reg(Class::B32);
+            k.ins(format!("add.u32 {at}, {row}, {i};"));
+            let xa = addr4(k, x, at);
+            let v = k.reg(Class::F32);
+            k.ins(format!("ld.global.f32 {v}, [{xa}];"));
+            k.ins(format!("abs.f32 {v}, {v};"));
+            k.ins(format!("max.f32 {biggest}, {biggest}, {v};"));
+        });
+        store_row_scale(k, biggest, (tid, warp, lane), scale, t);
     });
     k.finish()
 }

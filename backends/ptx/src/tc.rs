@@ -224,7 +224,7 @@ pub enum TcInputs {
     /// from 2^-14 to 65504), one MMA per tile: half the MMAs of `Split`, eight times finer
     /// inputs than `Bf16`; but an input past ±65504 becomes infinite, which f32 and bf16
     /// never overflow to, unless its row comes with a power-of-two scale
-    /// (`TcConfig::row_scales`: the projections after a norm).
+    /// (`TcConfig::row_scales`, which the GPU lowering always gives f16 projections).
     F16,
 }
 

@@ -775,11 +775,12 @@ fn argmax_takes_the_first_maximum_and_skips_nan() {
 }
 
 /// The norm's row scales: per token the smallest 2^k (k ≥ 0) that brings every normalised
-/// value below 2^15, rows of gains from 1 to 1e6 (so k from 0 to ~25); the normalised rows are
-/// those of the norm without scales, bit for bit.
+/// value below 2^15, rows of gains from 1 to 1e9 (so k from 0 to ~20); the normalised rows are
+/// those of the norm without scales, bit for bit; `row_scales_tokens` finds the same scales
+/// in the normalised rows.
 #[test]
 fn norm_row_scales_are_the_smallest_powers_of_two_that_fit_f16() {
-    use griffin_backend_ptx::prefill::{rms_norm_tokens, NORM_BLOCK};
+    use griffin_backend_ptx::prefill::{rms_norm_tokens, row_scales_tokens, NORM_BLOCK};
     let mut rng = Rng(7);
     let (tokens, n) = (12usize, 300u32);
     // Gains growing along the row to 1e9; even tokens have nothing past the first third
@@ -796,6 +797,7 @@ fn norm_row_scales_are_the_smallest_powers_of_two_that_fit_f16() {
     let m = Module::parse(&module(&[
         rms_norm_tokens("plain", n, 1e-6, false),
         rms_norm_tokens("scaled", n, 1e-6, true),
+        row_scales_tokens("rows", n),
     ]))
     .unwrap();
     let mut mem = Memory::new();
@@ -824,6 +826,15 @@ fn norm_row_scales_are_the_smallest_powers_of_two_that_fit_f16() {
     );
     assert!(p.iter().zip(&q).all(|(a, b)| a.to_bits() == b.to_bits()));
     let scales = mem.read_f32(sa, tokens).unwrap();
+    // The same scales from the normalised rows by the kernel for rows no norm wrote.
+    let ra = mem.alloc_f32(&vec![f32::NAN; tokens]);
+    let launch = Launch {
+        grid: 5,
+        block: NORM_BLOCK,
+        params: &[ca, scaled, ra],
+    };
+    run(&m, "rows", &launch, &mut mem).unwrap();
+    assert_eq!(mem.read_f32(ra, tokens).unwrap(), scales);
     let mut ks = Vec::new();
     for (t, &s) in scales.iter().enumerate() {
         let biggest = p[t * n as usize..(t + 1) * n as usize]

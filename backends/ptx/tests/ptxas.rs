@@ -279,6 +279,10 @@ fn all_kernels() -> Vec<(String, String)> {
         "b2_norm_tokens_scaled".into(),
         rms_norm_tokens("b2_norm_tokens_scaled", 2560, 1e-6, true),
     ));
+    out.push((
+        "b2_row_scales_tokens".into(),
+        griffin_backend_ptx::prefill::row_scales_tokens("b2_row_scales_tokens", 7680),
+    ));
     out
 }
 
