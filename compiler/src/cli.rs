@@ -150,8 +150,9 @@ pub struct CompileArgs {
     /// GPU: how tensor-core kernels take their f32 operands: `split` (hi + lo bf16 halves, two
     /// MMAs per product, three in attention, ~16 bits), `bf16` (rounded, one MMA: as the
     /// reference's own bf16 run; outside the golden cases' 0.02 bound on the 4-layer case) or
-    /// `f16` (rounded to 11 bits, weights widened to f16, one MMA; each token's row scaled by a
-    /// power of two first, so no input overflows f16).
+    /// `f16` (the projections' inputs rounded to 11 bits, weights widened to f16, one MMA; each
+    /// token's row scaled by a power of two first, so no input overflows f16; the gates and
+    /// attention stay split).
     #[arg(long, value_enum, default_value_t = TcInputsChoice::Split)]
     pub tensor_core_inputs: TcInputsChoice,
     /// GPU: run prefill projections on Hopper's warpgroup MMA (`wgmma`, PTX target sm_90a:

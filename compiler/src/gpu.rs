@@ -80,6 +80,16 @@ struct Lowering<'g> {
 }
 
 impl Lowering<'_> {
+    /// How the tensor-core kernels without row scales (the RG-LRU's gates, attention) take their
+    /// operands: as chosen, but split where f16 was chosen, whose range (±65504) their rows
+    /// could pass; they are a few percent of a prefill's tensor-core work.
+    fn unscaled_inputs(&self) -> TcInputs {
+        match self.tc_inputs {
+            TcInputs::F16 => TcInputs::Split,
+            other => other,
+        }
+    }
+
     /// How projections run on tensor cores (`row_scales`: their inputs come with them).
     fn tc_config(&self, row_scales: bool) -> TcConfig {
         TcConfig {
@@ -351,7 +361,7 @@ impl Lowering<'_> {
             args.extend([a, b]);
             self.launch(
                 gates.name.clone(),
-                rg_lru_gates_tc(&gates, self.tc_inputs, token_warps),
+                rg_lru_gates_tc(&gates, self.unscaled_inputs(), token_warps),
                 gates_tc_grid(&spec, max_tokens, token_warps),
                 tc_block(token_warps),
                 args,
@@ -775,7 +785,7 @@ impl Lowering<'_> {
                     };
                     self.launch(
                         format!("{name}_kv_split_tokens"),
-                        kv_split_tokens(&spec, self.tc_inputs, max_tokens),
+                        kv_split_tokens(&spec, self.unscaled_inputs(), max_tokens),
                         elementwise_grid(kv_split_threads(&spec, max_tokens), NORM_BLOCK),
                         NORM_BLOCK,
                         vec![count, start, k_rot, v, keys, values, planes],
@@ -788,7 +798,7 @@ impl Lowering<'_> {
                     args.push(planes);
                     self.launch(
                         format!("{name}_attend_tokens_tc"),
-                        attend_tokens_tc(&spec, self.tc_inputs, max_tokens),
+                        attend_tokens_tc(&spec, self.unscaled_inputs(), max_tokens),
                         attend_tokens_tc_grid(&spec, max_tokens),
                         attend_tokens_tc_block(&spec),
                         args,

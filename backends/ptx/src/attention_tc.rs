@@ -1,7 +1,8 @@
 //! Chunk attention on tensor cores (`attend_tokens_tc`): flash attention with `mma.sync`, every
 //! f32 operand split into bf16 hi and lo halves so the products keep about 16 bits (three MMAs
 //! per product: hi·hi, hi·lo, lo·hi), as the projections keep the f32 tolerance; or, with
-//! `TcInputs::Bf16` or `TcInputs::F16`, rounded to bf16 or f16 (one MMA; bf16 as the
+//! `TcInputs::Bf16` or `TcInputs::F16`, rounded to bf16 or f16 (one MMA; the GPU lowering
+//! gives attention split operands where f16 was chosen, having no row scales here; bf16 as the
 //! reference's own bf16 run). `kv_split_tokens` splits the window's keys and values once per
 //! chunk; `attend_tokens_tc` copies its tiles from those planes.
 
