@@ -79,6 +79,7 @@ pre_simt=$("$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" 
 pre_bf16in=$("$carry/2b/griffin-2b-bf16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_f16in=$("$carry/2b/griffin-2b-f16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_wgmma=$(timeout 120 "$carry/2b/griffin-2b-wgmma" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
+pre_wgmma_f16=$(timeout 120 "$carry/2b/griffin-2b-wgmma-f16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_whole=$("$carry/2b/griffin-2b-whole" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 pre_512=$("$carry/2b/griffin-2b-chunk512" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
 dec=$("$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats 2>&1 >/dev/null | tail -1)
@@ -97,6 +98,7 @@ echo "prefill (CUDA cores): $pre_simt"
 echo "prefill (bf16 tensor-core inputs): $pre_bf16in"
 echo "prefill (f16 tensor-core inputs): $pre_f16in"
 echo "prefill (wgmma): $pre_wgmma"
+echo "prefill (wgmma, f16 inputs): $pre_wgmma_f16"
 echo "prefill (no k parts): $pre_whole"
 echo "prefill (chunks of 512): $pre_512"
 echo "decode:  $dec"
@@ -105,9 +107,9 @@ echo "decode (no PDL):  $dec_plain"
 ref=$("$py" scripts/bench_reference.py "$ck" --threads 16 --prefill 2048 --decode 64 --device cuda --dtype bf16 2>/dev/null | tail -1)
 echo "reference: $ref"
 
-"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" "$pre_f16in" "$pre_whole" "$pre_wgmma" <<'PY'
+"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" "$pre_f16in" "$pre_whole" "$pre_wgmma" "$pre_wgmma_f16" <<'PY'
 import json, os, re, sys
-pre, dec, ref, exe, pre_simt, pre_bf16in, pre_plain, dec_plain, pre_512, pre_f16in, pre_whole, pre_wgmma = sys.argv[1:13]
+pre, dec, ref, exe, pre_simt, pre_bf16in, pre_plain, dec_plain, pre_512, pre_f16in, pre_whole, pre_wgmma, pre_wgmma_f16 = sys.argv[1:14]
 def num(pattern, s):
     m = re.search(pattern, s)
     return float(m.group(1)) if m else float("nan")
@@ -129,6 +131,7 @@ print(f"| griffinc --target cuda --no-tensor-cores | {num(r'prefill ([0-9.]+) to
 print(f"| griffinc --target cuda --tensor-core-inputs bf16 | {num(r'prefill ([0-9.]+) tokens/s', pre_bf16in):.0f} | | | |")
 print(f"| griffinc --target cuda --tensor-core-inputs f16 | {num(r'prefill ([0-9.]+) tokens/s', pre_f16in):.0f} | | | |")
 print(f"| griffinc --target cuda --wgmma | {num(r'prefill ([0-9.]+) tokens/s', pre_wgmma):.0f} | | | |")
+print(f"| griffinc --target cuda --wgmma --tensor-core-inputs f16 | {num(r'prefill ([0-9.]+) tokens/s', pre_wgmma_f16):.0f} | | | |")
 print(f"| griffinc --target cuda --k-parts 1 | {num(r'prefill ([0-9.]+) tokens/s', pre_whole):.0f} | | | |")
 print(f"| reference (transformers eager, bf16) | {r.get('prefill_tokens_per_s', float('nan')):.0f} | {r.get('decode_tokens_per_s', float('nan')):.1f} | {r.get('peak_gpu_mb', float('nan')):.0f} MB peak allocated | |")
 PY

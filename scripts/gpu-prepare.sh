@@ -42,6 +42,9 @@ rm -f "$carry"/2b/*.weights
 # And with the projections on the warpgroup MMA (wgmma.mma_async, sm_90a) instead of mma.sync.
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-wgmma -o "$carry/2b" --wgmma
 rm -f "$carry"/2b/*.weights
+# And both: the warpgroup MMA on f16 projection inputs (the fastest prefill by count).
+target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-wgmma-f16in -o "$carry/2b" --wgmma --tensor-core-inputs f16
+rm -f "$carry"/2b/*.weights
 # And with every projection in one k part (the default splits some in two by a cost model).
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-whole -o "$carry/2b" --k-parts 1
 rm -f "$carry"/2b/*.weights
