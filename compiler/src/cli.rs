@@ -158,7 +158,7 @@ pub struct CompileArgs {
     /// GPU: run prefill projections on Hopper's warpgroup MMA (`wgmma`, PTX target sm_90a:
     /// H100/H200 only) instead of `mma.sync`. Checked by the PTX interpreter and ptxas, not yet
     /// on a GPU.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_tensor_cores")]
     pub wgmma: bool,
     /// GPU: split the inputs of plain tensor-core projections into this many parts (partial
     /// sums, then a reduction launch; 1 never splits); by default a cost model splits those

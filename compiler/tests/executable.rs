@@ -239,6 +239,30 @@ fn build_failures_leave_nothing_behind() {
         assert!(!out.exists(), "{flag} {value} left {}", out.display());
     }
 
+    // Contradictory GPU flags: the warpgroup MMA is a tensor-core instruction.
+    let o = griffinc(&[
+        "build",
+        dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--target",
+        "cuda",
+        "--wgmma",
+        "--no-tensor-cores",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--wgmma") && stderr.contains("--no-tensor-cores"),
+        "{stderr}"
+    );
+    assert!(
+        !out.exists(),
+        "--wgmma --no-tensor-cores left {}",
+        out.display()
+    );
+
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_griffinc"))
         .args(["build", dir.to_str().unwrap(), "-o", out.to_str().unwrap()])
         .env("GRIFFIN_RUNNER_LIB", "/nonexistent/libgriffin_runner.a")
