@@ -317,8 +317,11 @@ type Finish<'a> = dyn FnMut(&mut Kernel, Vec<Reg>, Reg, Reg) + 'a;
 /// `TcInputs::Bf16`, `TcInputs::F16`), and its weights in shared memory (two buffers: the next
 /// step's global loads are in flight while this one computes); each warp takes its fragments with
 /// `ldmatrix` (`.trans` for weights stored a row per input) and runs 4 token tiles × 4 column
-/// tiles × 2 halves = 32 MMAs. `finish(k, accumulators, t, col)` finishes each result inside
-/// the chunk and the width.
+/// tiles × 2 halves = 32 MMAs. With `wgmma` the block's warps are one or two warpgroups, each
+/// taking its 64 tokens × the block's 128 weight rows as one `m64n128k16` per input half,
+/// the weights read from shared memory through a descriptor (staged as core matrices) and the
+/// inputs from registers as with `mma.sync`. `finish(k, accumulators, t, col)` finishes each
+/// result inside the chunk and the width (multiplied back by its row's scale, if any).
 fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     let TcShape {
         count,
@@ -659,7 +662,8 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         }
     };
     // The staged registers into the stage buffer at byte offset `buf` (a register): inputs
-    // split into bf16 hi and lo pairs, weights as they are.
+    // (divided by their row's scale, if any) split into bf16 hi and lo pairs or rounded,
+    // weights as they are (widened to f16 for f16 inputs), then with `wgmma` the proxy fence.
     let commit = |k: &mut Kernel, buf: Reg| {
         for (i, (fixed, v)) in a_shared.iter().zip(&a_regs).enumerate() {
             if let Some(down) = a_scales.get(i) {
