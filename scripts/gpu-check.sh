@@ -28,6 +28,13 @@ if [ -z "${CARRY:-}" ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
+# First the instruction families the interpreter could only take from the PTX ISA's text
+# (ldmatrix, mma.sync, wgmma and its descriptor, the gates' ldmatrix.trans), kernel by kernel
+# against the interpreter: if a golden case fails below, this says where to look.
+echo "== kernel probe"
+probe_table=$(timeout 120 "$carry/griffin-gpu-probe" 2>&1)
+echo "$probe_table"
+
 echo "== golden cases"
 golden_rows=()
 for pdl in 1 0; do
@@ -62,6 +69,8 @@ export GRIFFIN_CUDA_PDL=1
 if [ -n "${GOLDEN_ONLY:-}" ]; then
   # A dry run of the part above on a machine without a GPU, on the stand-in driver:
   #   GOLDEN_ONLY=1 CARRY=target/gpu-stage LD_LIBRARY_PATH=/tmp/fakecuda bash scripts/gpu-check.sh
+  echo "$probe_table"
+  echo
   echo "| golden case | PDL | max abs diff | greedy ids | |"
   echo "| --- | --- | --- | --- | --- |"
   printf '%s\n' "${golden_rows[@]}"
@@ -135,6 +144,8 @@ print(f"| griffinc --target cuda --wgmma --tensor-core-inputs f16 | {num(r'prefi
 print(f"| griffinc --target cuda --k-parts 1 | {num(r'prefill ([0-9.]+) tokens/s', pre_whole):.0f} | | | |")
 print(f"| reference (transformers eager, bf16) | {r.get('prefill_tokens_per_s', float('nan')):.0f} | {r.get('decode_tokens_per_s', float('nan')):.1f} | {r.get('peak_gpu_mb', float('nan')):.0f} MB peak allocated | |")
 PY
+echo
+echo "$probe_table"
 echo
 echo "| golden case | PDL | max abs diff | greedy ids | |"
 echo "| --- | --- | --- | --- | --- |"

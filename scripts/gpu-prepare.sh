@@ -53,7 +53,9 @@ rm -f "$carry"/2b/*.weights
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-chunk512 -o "$carry/2b" --prefill-chunk 512
 rm -f "$carry"/2b/*.weights
 cp "$ckpt/config.json" "$carry/2b/"
-strip "$carry"/golden/*/griffin "$carry"/2b/griffin-2b*
+# The kernel probe: tensor-core kernels on the device against the interpreter, one by one.
+cp target/release/griffin-gpu-probe "$carry/"
+strip "$carry"/golden/*/griffin "$carry"/2b/griffin-2b* "$carry/griffin-gpu-probe"
 du -sh "$carry"
 tar -C "$carry" -cf - . | xz -T0 -6 > target/gpu-carry/carry.tar.xz
 du -sh target/gpu-carry

@@ -494,3 +494,53 @@ fn a_wgmma_executable_on_a_gpu_other_than_hopper_is_a_one_line_error() {
     );
     succeeded(&run("9.0"));
 }
+
+/// `griffin-gpu-probe` on the stand-in driver: every probe (tensor-core projections on
+/// `mma.sync` and `wgmma`, k parts, the gates) runs in its own process and equals the
+/// interpreter exactly, exit 0; a device fault in one probe fails that row only, exit 1;
+/// without a driver, one line and exit 1.
+#[test]
+fn gpu_probe_on_the_fake_driver() {
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let probe = PathBuf::from(env!("CARGO_BIN_EXE_griffin-gpu-probe"));
+    let o = Command::new(&probe)
+        .env("LD_LIBRARY_PATH", &driver)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| probe_"))
+        .collect();
+    assert_eq!(rows.len(), 12, "{stdout}");
+    assert!(rows.iter().all(|r| r.ends_with("| 0e0 | ok |")), "{stdout}");
+    assert!(rows.iter().any(|r| r.contains("wgmma")), "{stdout}");
+
+    // The first kernel of every probe faults: every row fails, in its own process.
+    let o = Command::new(&probe)
+        .env("LD_LIBRARY_PATH", &driver)
+        .env("EMUCUDA_FAIL_KERNEL", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{stdout}");
+    let failed = stdout.lines().filter(|l| l.ends_with("| FAIL |")).count();
+    assert_eq!(failed, 12, "{stdout}");
+    assert!(stdout.contains("CUDA_ERROR_LAUNCH_FAILED"), "{stdout}");
+
+    let o = Command::new(&probe)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no CUDA driver"), "{stderr}");
+    assert!(o.stdout.is_empty());
+}

@@ -54,6 +54,141 @@ pub fn probe() -> Result<(), RuntimeError> {
     }
 }
 
+/// Opens GPU 0 for a module of `ptx`: an error for a GPU that could not load it.
+fn open_gpu(ptx: &str) -> Result<Arc<CudaContext>, RuntimeError> {
+    probe()?;
+    let ctx = CudaContext::new(0).map_err(|e| driver("opening GPU 0", e))?;
+    // The kernels are PTX for sm_90 (Hopper), which newer GPUs compile too; older ones
+    // would fail at loading with a less telling error.
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| driver("reading GPU 0's compute capability", e))?;
+    if major < 9 {
+        return Err(RuntimeError::Device(format!(
+            "GPU 0 has compute capability {major}.{minor}; griffinc's GPU kernels need 9.0 or newer (H100, H200)"
+        )));
+    }
+    // `wgmma` kernels are PTX for the architecture-specific target sm_90a, which only
+    // compute capability 9.0 loads.
+    if ptx.contains(".target sm_90a") && (major, minor) != (9, 0) {
+        return Err(RuntimeError::Device(format!(
+            "GPU 0 has compute capability {major}.{minor}; this executable was built with --wgmma (PTX for sm_90a), which runs on 9.0 only (H100, H200): rebuild without --wgmma"
+        )));
+    }
+    Ok(ctx)
+}
+
+/// One launch of `run_kernels`: kernel name, blocks, threads per block, and its parameters as
+/// indices of buffers.
+pub struct KernelRun {
+    pub kernel: String,
+    pub grid: u32,
+    pub block: u32,
+    pub buffers: Vec<usize>,
+}
+
+/// Runs kernels of the module `ptx` in order (plain stream order) over device copies of
+/// `buffers` and returns every buffer's bytes afterwards: for checking kernels on a device
+/// against the PTX interpreter (`griffin-gpu-probe`).
+pub fn run_kernels(
+    ptx: &str,
+    buffers: &[Vec<u8>],
+    launches: &[KernelRun],
+) -> Result<Vec<Vec<u8>>, RuntimeError> {
+    let ctx = open_gpu(ptx)?;
+    // SAFETY: everything below runs on this one stream.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx
+        .new_stream()
+        .map_err(|e| driver("creating a stream", e))?;
+    let module = Module::load(&ctx, ptx)?;
+    let memory = buffers
+        .iter()
+        .map(|b| DeviceMemory::new(&ctx, b.len()))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (m, b) in memory.iter().zip(buffers) {
+        // SAFETY: the allocation holds b.len() bytes.
+        unsafe { cu::memcpy_htod_async(m.ptr, b.as_slice(), stream.cu_stream()) }
+            .map_err(|e| driver("copying a buffer to the device", e))?;
+    }
+    for l in launches {
+        let kernel = module.kernel(&l.kernel)?;
+        let params = l
+            .buffers
+            .iter()
+            .map(|&i| memory.get(i).map(|m| m.ptr))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| RuntimeError::Plan(format!("`{}`: no such buffer", l.kernel)))?;
+        if params.len() > MAX_PARAMS {
+            return Err(RuntimeError::Plan(format!(
+                "`{}`: more than {MAX_PARAMS} parameters",
+                l.kernel
+            )));
+        }
+        launch_on(
+            &stream,
+            kernel,
+            &l.kernel,
+            (l.grid, l.block),
+            &params,
+            false,
+        )?;
+    }
+    let mut out: Vec<Vec<u8>> = buffers.iter().map(|b| vec![0u8; b.len()]).collect();
+    for (m, o) in memory.iter().zip(out.iter_mut()) {
+        // SAFETY: the allocation holds o.len() bytes.
+        unsafe { cu::memcpy_dtoh_async(o.as_mut_slice(), m.ptr, stream.cu_stream()) }
+            .map_err(|e| driver("copying a buffer back", e))?;
+    }
+    stream
+        .synchronize()
+        .map_err(|e| driver("running the kernels", e))?;
+    Ok(out)
+}
+
+/// Launches `kernel` (`name`, for errors) on `stream` as (blocks, threads per block), its
+/// parameters `params` by value; with `early`, as a programmatic dependent launch (it may start
+/// before the kernel before it ends; it waits for it at its `griddepcontrol.wait`).
+fn launch_on(
+    stream: &CudaStream,
+    kernel: Kernel,
+    name: &str,
+    (grid, block): (u32, u32),
+    params: &[u64],
+    early: bool,
+) -> Result<(), RuntimeError> {
+    // At most MAX_PARAMS: checked by the callers. The driver reads each parameter through a
+    // pointer to it.
+    debug_assert!(params.len() <= MAX_PARAMS);
+    let mut args = [std::ptr::null_mut::<c_void>(); MAX_PARAMS];
+    for (a, p) in args.iter_mut().zip(params) {
+        *a = (p as *const u64).cast_mut().cast();
+    }
+    // SAFETY: a plain C struct and union, valid zeroed; the fields set below are the ones
+    // the driver reads for this attribute.
+    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: u32::from(early),
+    };
+    // SAFETY: the parameters are device addresses of buffers sized for the kernels, one per
+    // kernel parameter; `args`, `attribute` and `params` outlive the call (the driver copies
+    // them).
+    unsafe { sys::cuLaunchKernelEx(&config, kernel.0, args.as_mut_ptr(), std::ptr::null_mut()) }
+        .result()
+        .map_err(|e| driver(&format!("launching `{name}`"), e))
+}
+
 /// A device allocation freed on drop.
 struct DeviceMemory {
     ptr: CUdeviceptr,
@@ -200,25 +335,7 @@ impl CudaExecutor {
         weights: &[u8],
         all_rows: bool,
     ) -> Result<CudaExecutor, RuntimeError> {
-        probe()?;
-        let ctx = CudaContext::new(0).map_err(|e| driver("opening GPU 0", e))?;
-        // The kernels are PTX for sm_90 (Hopper), which newer GPUs compile too; older ones
-        // would fail at loading with a less telling error.
-        let (major, minor) = ctx
-            .compute_capability()
-            .map_err(|e| driver("reading GPU 0's compute capability", e))?;
-        if major < 9 {
-            return Err(RuntimeError::Device(format!(
-                "GPU 0 has compute capability {major}.{minor}; griffinc's GPU kernels need 9.0 or newer (H100, H200)"
-            )));
-        }
-        // `wgmma` kernels are PTX for the architecture-specific target sm_90a, which only
-        // compute capability 9.0 loads.
-        if ptx.contains(".target sm_90a") && (major, minor) != (9, 0) {
-            return Err(RuntimeError::Device(format!(
-                "GPU 0 has compute capability {major}.{minor}; this executable was built with --wgmma (PTX for sm_90a), which runs on 9.0 only (H100, H200): rebuild without --wgmma"
-            )));
-        }
+        let ctx = open_gpu(ptx)?;
         // One stream, synchronised by hand: no per-buffer events (they would also get in the
         // way of graph capture).
         // SAFETY: everything below runs on this one stream.
@@ -341,36 +458,15 @@ impl CudaExecutor {
         params: &[u64],
         early: bool,
     ) -> Result<(), RuntimeError> {
-        // At most MAX_PARAMS: checked when the programs were resolved. The driver reads each
-        // parameter through a pointer to it.
-        debug_assert!(params.len() <= MAX_PARAMS);
-        let mut args = [std::ptr::null_mut::<c_void>(); MAX_PARAMS];
-        for (a, p) in args.iter_mut().zip(params) {
-            *a = (p as *const u64).cast_mut().cast();
-        }
-        // SAFETY: a plain C struct and union, valid zeroed; the fields set below are the ones
-        // the driver reads for this attribute.
-        let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attribute.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attribute.value.programmaticStreamSerializationAllowed = 1;
-        let config = sys::CUlaunchConfig {
-            gridDimX: l.grid,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: l.block,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: 0,
-            hStream: self.stream.cu_stream(),
-            attrs: &mut attribute,
-            numAttrs: u32::from(early),
-        };
-        // SAFETY: the parameters are device addresses of buffers sized by the plan the
-        // kernels were generated with, one per kernel parameter; `args`, `attribute` and
-        // `params` outlive the call (the driver copies them).
-        unsafe { sys::cuLaunchKernelEx(&config, kernel.0, args.as_mut_ptr(), std::ptr::null_mut()) }
-            .result()
-            .map_err(|e| driver(&format!("launching `{}`", l.kernel), e))
+        // (At most MAX_PARAMS: checked when the programs were resolved.)
+        launch_on(
+            &self.stream,
+            kernel,
+            &l.kernel,
+            (l.grid, l.block),
+            params,
+            early,
+        )
     }
 
     fn launch_all(&self, p: &Program, early: bool) -> Result<(), RuntimeError> {

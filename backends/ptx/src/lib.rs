@@ -14,6 +14,7 @@ pub mod gemv;
 pub mod math;
 pub mod misc;
 pub mod prefill;
+pub mod probe;
 pub mod rg_lru;
 pub mod tc;
 
