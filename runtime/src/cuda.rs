@@ -54,8 +54,9 @@ pub fn probe() -> Result<(), RuntimeError> {
     }
 }
 
-/// Opens GPU 0 for a module of `ptx`: an error for a GPU that could not load it.
-fn open_gpu(ptx: &str) -> Result<Arc<CudaContext>, RuntimeError> {
+/// Opens GPU 0 for the module `ptx` (an error for a GPU that could not load it), a stream of
+/// our own to run it on, and the loaded module.
+fn open_gpu(ptx: &str) -> Result<(Arc<CudaContext>, Arc<CudaStream>, Module), RuntimeError> {
     probe()?;
     let ctx = CudaContext::new(0).map_err(|e| driver("opening GPU 0", e))?;
     // The kernels are PTX for sm_90 (Hopper), which newer GPUs compile too; older ones
@@ -75,7 +76,16 @@ fn open_gpu(ptx: &str) -> Result<Arc<CudaContext>, RuntimeError> {
             "GPU 0 has compute capability {major}.{minor}; this executable was built with --wgmma (PTX for sm_90a), which runs on 9.0 only (H100, H200): rebuild without --wgmma"
         )));
     }
-    Ok(ctx)
+    // One stream, synchronised by hand: no per-buffer events (they would also get in the way
+    // of graph capture).
+    // SAFETY: everything run in this context runs on this one stream.
+    unsafe { ctx.disable_event_tracking() };
+    // A stream of our own: the legacy default stream cannot be captured into a graph.
+    let stream = ctx
+        .new_stream()
+        .map_err(|e| driver("creating a stream", e))?;
+    let module = Module::load(&ctx, ptx)?;
+    Ok((ctx, stream, module))
 }
 
 /// One launch of `run_kernels`: kernel name, blocks, threads per block, and its parameters as
@@ -95,13 +105,7 @@ pub fn run_kernels(
     buffers: &[Vec<u8>],
     launches: &[KernelRun],
 ) -> Result<Vec<Vec<u8>>, RuntimeError> {
-    let ctx = open_gpu(ptx)?;
-    // SAFETY: everything below runs on this one stream.
-    unsafe { ctx.disable_event_tracking() };
-    let stream = ctx
-        .new_stream()
-        .map_err(|e| driver("creating a stream", e))?;
-    let module = Module::load(&ctx, ptx)?;
+    let (ctx, stream, module) = open_gpu(ptx)?;
     let memory = buffers
         .iter()
         .map(|b| DeviceMemory::new(&ctx, b.len()))
@@ -335,16 +339,7 @@ impl CudaExecutor {
         weights: &[u8],
         all_rows: bool,
     ) -> Result<CudaExecutor, RuntimeError> {
-        let ctx = open_gpu(ptx)?;
-        // One stream, synchronised by hand: no per-buffer events (they would also get in the
-        // way of graph capture).
-        // SAFETY: everything below runs on this one stream.
-        unsafe { ctx.disable_event_tracking() };
-        // A stream of our own: the legacy default stream cannot be captured into a graph.
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| driver("creating a stream", e))?;
-        let module = Module::load(&ctx, ptx)?;
+        let (ctx, stream, module) = open_gpu(ptx)?;
         let argmax = module.kernel(&plan.argmax.kernel)?;
 
         let weights_mem = DeviceMemory::new(&ctx, weights.len())?;

@@ -123,13 +123,7 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32, row_scales: bool) -> S
         let ss = k.reg(Class::F32);
         k.ins(format!("mov.f32 {ss}, 0f00000000;"));
         let i = k.reg(Class::B32);
-        k.ins(format!("mov.u32 {i}, {tid};"));
-        k.strided(i, inputs, NORM_BLOCK, &mut |k| {
-            let at = k.reg(Class::B32);
-            k.ins(format!("add.u32 {at}, {row}, {i};"));
-            let xa = addr4(k, x, at);
-            let v = k.reg(Class::F32);
-            k.ins(format!("ld.global.f32 {v}, [{xa}];"));
+        row_values(k, (x, row, inputs), (i, tid), &mut |k, _, _, v| {
             k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
         });
         warp_sum(k, ss);
@@ -139,15 +133,9 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32, row_scales: bool) -> S
         let r = finish_rms(k, total, inputs, eps);
         // Every warp has read the partials before the next token's overwrite them.
         k.ins("bar.sync 0;");
-        k.ins(format!("mov.u32 {i}, {tid};"));
         let biggest = k.reg(Class::F32);
         k.ins(format!("mov.f32 {biggest}, 0f00000000;"));
-        k.strided(i, inputs, NORM_BLOCK, &mut |k| {
-            let at2 = k.reg(Class::B32);
-            k.ins(format!("add.u32 {at2}, {row}, {i};"));
-            let xa2 = addr4(k, x, at2);
-            let v2 = k.reg(Class::F32);
-            k.ins(format!("ld.global.f32 {v2}, [{xa2}];"));
+        row_values(k, (x, row, inputs), (i, tid), &mut |k, i, at2, v2| {
             let ga = addr4(k, gain, i);
             let g = k.reg(Class::F32);
             k.ins(format!("ld.global.nc.f32 {g}, [{ga}];"));
@@ -167,6 +155,26 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32, row_scales: bool) -> S
         }
     });
     k.finish()
+}
+
+/// The block's pass over a token's row (x from element `row`, `inputs` long): thread `tid`
+/// takes inputs i = tid, tid + NORM_BLOCK, ... (counter `i`), loads x[row + i] and calls
+/// `body(k, i, row + i, value)`.
+fn row_values(
+    k: &mut Kernel,
+    (x, row, inputs): (Reg, Reg, u32),
+    (i, tid): (Reg, Reg),
+    body: &mut dyn FnMut(&mut Kernel, Reg, Reg, Reg),
+) {
+    k.ins(format!("mov.u32 {i}, {tid};"));
+    k.strided(i, inputs, NORM_BLOCK, &mut |k| {
+        let at = k.reg(Class::B32);
+        k.ins(format!("add.u32 {at}, {row}, {i};"));
+        let xa = addr4(k, x, at);
+        let v = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {v}, [{xa}];"));
+        body(k, i, at, v);
+    });
 }
 
 /// Token `t`'s scale 2^k from its thread's share `biggest` of the row's largest magnitude:
@@ -220,13 +228,7 @@ pub fn row_scales_tokens(name: &str, inputs: u32) -> String {
         let biggest = k.reg(Class::F32);
         k.ins(format!("mov.f32 {biggest}, 0f00000000;"));
         let i = k.reg(Class::B32);
-        k.ins(format!("mov.u32 {i}, {tid};"));
-        k.strided(i, inputs, NORM_BLOCK, &mut |k| {
-            let at = k.reg(Class::B32);
-            k.ins(format!("add.u32 {at}, {row}, {i};"));
-            let xa = addr4(k, x, at);
-            let v = k.reg(Class::F32);
-            k.ins(format!("ld.global.f32 {v}, [{xa}];"));
+        row_values(k, (x, row, inputs), (i, tid), &mut |k, _, _, v| {
             k.ins(format!("abs.f32 {v}, {v};"));
             k.ins(format!("max.f32 {biggest}, {biggest}, {v};"));
         });
