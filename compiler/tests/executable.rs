@@ -215,53 +215,31 @@ fn build_failures_leave_nothing_behind() {
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 
-    // GPU flags out of range: usage errors (exit 2, one line), before anything is built.
-    for (flag, value) in [
-        ("--k-parts", "0"),
-        ("--k-parts", "9"),
-        ("--tensor-core-inputs", "f8"),
+    // GPU flags out of range, or contradictory (the warpgroup MMA is a tensor-core
+    // instruction): usage errors (exit 2, one line naming them), before anything is built.
+    for flags in [
+        &["--k-parts", "0"][..],
+        &["--k-parts", "9"],
+        &["--tensor-core-inputs", "f8"],
+        &["--wgmma", "--no-tensor-cores"],
     ] {
-        let o = griffinc(&[
+        let mut args = vec![
             "build",
             dir.to_str().unwrap(),
             "-o",
             out.to_str().unwrap(),
             "--target",
             "cuda",
-            flag,
-            value,
-        ]);
+        ];
+        args.extend(flags);
+        let o = griffinc(&args);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
-        assert!(stderr.contains(flag) && stderr.contains(value), "{stderr}");
+        assert!(flags.iter().all(|f| stderr.contains(f)), "{stderr}");
         assert!(o.stdout.is_empty());
-        assert!(!out.exists(), "{flag} {value} left {}", out.display());
+        assert!(!out.exists(), "{flags:?} left {}", out.display());
     }
-
-    // Contradictory GPU flags: the warpgroup MMA is a tensor-core instruction.
-    let o = griffinc(&[
-        "build",
-        dir.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--target",
-        "cuda",
-        "--wgmma",
-        "--no-tensor-cores",
-    ]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("--wgmma") && stderr.contains("--no-tensor-cores"),
-        "{stderr}"
-    );
-    assert!(
-        !out.exists(),
-        "--wgmma --no-tensor-cores left {}",
-        out.display()
-    );
 
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_griffinc"))
         .args(["build", dir.to_str().unwrap(), "-o", out.to_str().unwrap()])

@@ -110,51 +110,67 @@ pub fn rms_norm_tokens(name: &str, inputs: u32, eps: f32, row_scales: bool) -> S
     let gain = k.param_ptr("gain");
     let out = k.param_ptr("out");
     let scale = row_scales.then(|| k.param_ptr("scale"));
+    per_token(
+        &mut k,
+        count,
+        inputs,
+        &mut |k, t, row, (tid, warp, lane)| {
+            let ss = k.reg(Class::F32);
+            k.ins(format!("mov.f32 {ss}, 0f00000000;"));
+            let i = k.reg(Class::B32);
+            row_values(k, (x, row, inputs), (i, tid), &mut |k, _, _, v| {
+                k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
+            });
+            warp_sum(k, ss);
+            store_warp_partial(k, ss, warp, lane);
+            k.ins("bar.sync 0;");
+            let total = combine_partials(k, "add", NORM_BLOCK / 32);
+            let r = finish_rms(k, total, inputs, eps);
+            // Every warp has read the partials before the next token's overwrite them.
+            k.ins("bar.sync 0;");
+            let biggest = k.reg(Class::F32);
+            k.ins(format!("mov.f32 {biggest}, 0f00000000;"));
+            row_values(k, (x, row, inputs), (i, tid), &mut |k, i, at2, v2| {
+                let ga = addr4(k, gain, i);
+                let g = k.reg(Class::F32);
+                k.ins(format!("ld.global.nc.f32 {g}, [{ga}];"));
+                k.ins(format!("mul.f32 {v2}, {v2}, {r};"));
+                k.ins(format!("mul.f32 {v2}, {v2}, {g};"));
+                let oa = addr4(k, out, at2);
+                k.ins(format!("st.global.f32 [{oa}], {v2};"));
+                if scale.is_some() {
+                    let m = k.reg(Class::F32);
+                    k.ins(format!("abs.f32 {m}, {v2};"));
+                    k.ins(format!("max.f32 {biggest}, {biggest}, {m};"));
+                }
+            });
+            if let Some(scale) = scale {
+                // (The sums' partials are read: the barrier above.)
+                store_row_scale(k, biggest, (tid, warp, lane), scale, t);
+            }
+        },
+    );
+    k.finish()
+}
+
+/// `per_token`'s body: (kernel, token, its row's first element, (tid, warp, lane)).
+type TokenBody<'a> = dyn FnMut(&mut Kernel, Reg, Reg, (Reg, Reg, Reg)) + 'a;
+
+/// Block b takes tokens b, b + grid, ... below the count (the whole block walks the same
+/// tokens, so barriers in `body` see every thread or none): `body(k, t, first element of the
+/// row of `inputs`, (tid, warp, lane))`.
+fn per_token(k: &mut Kernel, count: Reg, inputs: u32, body: &mut TokenBody) {
     let (tid, t) = k.thread_and_block();
     let n = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {n}, [{count}];"));
     let grid = k.reg(Class::B32);
     k.ins(format!("mov.u32 {grid}, %nctaid.x;"));
     let (warp, lane) = k.warp_and_lane(tid);
-    // The whole block walks the same tokens: the barriers below see every thread or none.
     k.strided(t, n, grid, &mut |k| {
         let row = k.reg(Class::B32);
         k.ins(format!("mul.lo.u32 {row}, {t}, {inputs};"));
-        let ss = k.reg(Class::F32);
-        k.ins(format!("mov.f32 {ss}, 0f00000000;"));
-        let i = k.reg(Class::B32);
-        row_values(k, (x, row, inputs), (i, tid), &mut |k, _, _, v| {
-            k.ins(format!("fma.rn.f32 {ss}, {v}, {v}, {ss};"));
-        });
-        warp_sum(k, ss);
-        store_warp_partial(k, ss, warp, lane);
-        k.ins("bar.sync 0;");
-        let total = combine_partials(k, "add", NORM_BLOCK / 32);
-        let r = finish_rms(k, total, inputs, eps);
-        // Every warp has read the partials before the next token's overwrite them.
-        k.ins("bar.sync 0;");
-        let biggest = k.reg(Class::F32);
-        k.ins(format!("mov.f32 {biggest}, 0f00000000;"));
-        row_values(k, (x, row, inputs), (i, tid), &mut |k, i, at2, v2| {
-            let ga = addr4(k, gain, i);
-            let g = k.reg(Class::F32);
-            k.ins(format!("ld.global.nc.f32 {g}, [{ga}];"));
-            k.ins(format!("mul.f32 {v2}, {v2}, {r};"));
-            k.ins(format!("mul.f32 {v2}, {v2}, {g};"));
-            let oa = addr4(k, out, at2);
-            k.ins(format!("st.global.f32 [{oa}], {v2};"));
-            if scale.is_some() {
-                let m = k.reg(Class::F32);
-                k.ins(format!("abs.f32 {m}, {v2};"));
-                k.ins(format!("max.f32 {biggest}, {biggest}, {m};"));
-            }
-        });
-        if let Some(scale) = scale {
-            // (The sums' partials are read: the barrier above.)
-            store_row_scale(k, biggest, (tid, warp, lane), scale, t);
-        }
+        body(k, t, row, (tid, warp, lane));
     });
-    k.finish()
 }
 
 /// The block's pass over a token's row (x from element `row`, `inputs` long): thread `tid`
@@ -216,24 +232,21 @@ pub fn row_scales_tokens(name: &str, inputs: u32) -> String {
     let count = k.param_ptr("count");
     let x = k.param_ptr("x");
     let scale = k.param_ptr("scale");
-    let (tid, t) = k.thread_and_block();
-    let n = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {n}, [{count}];"));
-    let grid = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {grid}, %nctaid.x;"));
-    let (warp, lane) = k.warp_and_lane(tid);
-    k.strided(t, n, grid, &mut |k| {
-        let row = k.reg(Class::B32);
-        k.ins(format!("mul.lo.u32 {row}, {t}, {inputs};"));
-        let biggest = k.reg(Class::F32);
-        k.ins(format!("mov.f32 {biggest}, 0f00000000;"));
-        let i = k.reg(Class::B32);
-        row_values(k, (x, row, inputs), (i, tid), &mut |k, _, _, v| {
-            k.ins(format!("abs.f32 {v}, {v};"));
-            k.ins(format!("max.f32 {biggest}, {biggest}, {v};"));
-        });
-        store_row_scale(k, biggest, (tid, warp, lane), scale, t);
-    });
+    per_token(
+        &mut k,
+        count,
+        inputs,
+        &mut |k, t, row, (tid, warp, lane)| {
+            let biggest = k.reg(Class::F32);
+            k.ins(format!("mov.f32 {biggest}, 0f00000000;"));
+            let i = k.reg(Class::B32);
+            row_values(k, (x, row, inputs), (i, tid), &mut |k, _, _, v| {
+                k.ins(format!("abs.f32 {v}, {v};"));
+                k.ins(format!("max.f32 {biggest}, {biggest}, {v};"));
+            });
+            store_row_scale(k, biggest, (tid, warp, lane), scale, t);
+        },
+    );
     k.finish()
 }
 
