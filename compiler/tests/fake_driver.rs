@@ -518,7 +518,7 @@ fn gpu_probe_on_the_fake_driver() {
         .lines()
         .filter(|l| l.starts_with("| probe_"))
         .collect();
-    assert_eq!(rows.len(), 12, "{stdout}");
+    assert_eq!(rows.len(), 13, "{stdout}");
     assert!(rows.iter().all(|r| r.ends_with("| 0e0 | ok |")), "{stdout}");
     assert!(rows.iter().any(|r| r.contains("wgmma")), "{stdout}");
 
@@ -531,7 +531,7 @@ fn gpu_probe_on_the_fake_driver() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{stdout}");
     let failed = stdout.lines().filter(|l| l.ends_with("| FAIL |")).count();
-    assert_eq!(failed, 12, "{stdout}");
+    assert_eq!(failed, 13, "{stdout}");
     assert!(stdout.contains("CUDA_ERROR_LAUNCH_FAILED"), "{stdout}");
 
     let o = Command::new(&probe)

@@ -1,7 +1,8 @@
 //! Kernels to run on a GPU beside this crate's interpreter, to say which instruction family a
 //! device disagrees on before a whole model is blamed: the tensor-core projections (`ldmatrix`,
 //! `mma.sync` on split, bf16 and f16 operands with row scales, `wgmma` through its shared-memory
-//! descriptor, k parts and their reduction) and the RG-LRU's gates (`ldmatrix.trans`). Each case
+//! descriptor, k parts and their reduction), the RG-LRU's gates (`ldmatrix.trans`) and chunk
+//! attention on tensor cores. Each case
 //! is a small module, its buffers (random, deterministic) and launches; the interpreter's
 //! results are the expected ones. `griffin-gpu-probe` runs them on the device
 //! (`scripts/gpu-check.sh` first of all), the tests on the stand-in driver.
@@ -285,9 +286,86 @@ fn gates() -> ProbeCase {
     }
 }
 
+/// Chunk attention on tensor cores (the window's keys and values split into planes once, then
+/// flash attention with `ldmatrix`, `ldmatrix.trans` for the values, split MMAs): 4 query heads
+/// on 2 KV heads of 32 features, a window of 64, a chunk of 48 tokens from position 40, so the
+/// window spans the ring (wrapping) and the chunk.
+fn attention() -> ProbeCase {
+    use crate::attention::{
+        inverse_frequencies, rotate_tokens, rotate_tokens_threads, AttentionSpec, ROTATE_BLOCK,
+    };
+    use crate::attention_tc::{
+        attend_tokens_tc, attend_tokens_tc_block, attend_tokens_tc_grid, attend_tokens_tc_scratch,
+        kv_split_bytes, kv_split_threads, kv_split_tokens,
+    };
+    let spec = AttentionSpec {
+        name: "probe_attention".into(),
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+        window: 64,
+        scale: 1.0 / 32f32.sqrt(),
+        rotary: Some((10000.0, 16)),
+    };
+    let (mt, chunk, start) = (64u32, 48u32, 40u32);
+    let (m, h, g, hd, w) = (mt as usize, 4, 2, 32, 64);
+    let mut rng = Rng(0x1405_7B7E_F767_814F);
+    // count, start, q, k, v, inv_freq, rotated q, rotated k, key ring, value ring, out,
+    // query scratch, key/value planes (as pooled buffers: NaN)
+    let buffers = vec![
+        u32s(&[chunk]),
+        u32s(&[start]),
+        rng.f32s(m * h * hd),
+        rng.f32s(m * g * hd),
+        rng.f32s(m * g * hd),
+        inverse_frequencies(10000.0, 16)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        vec![0; 4 * m * h * hd],
+        vec![0; 4 * m * g * hd],
+        rng.f32s(w * g * hd),
+        rng.f32s(w * g * hd),
+        vec![0; 4 * m * h * hd],
+        vec![0xFF; attend_tokens_tc_scratch(&spec, mt) as usize],
+        vec![0xFF; kv_split_bytes(&spec, mt) as usize],
+    ];
+    let name = |kernel: &str| format!("{}_{kernel}", spec.name);
+    ProbeCase {
+        name: spec.name.clone(),
+        ptx: crate::module(&[
+            rotate_tokens(&spec, mt),
+            kv_split_tokens(&spec, TcInputs::Split, mt),
+            attend_tokens_tc(&spec, TcInputs::Split, mt),
+        ]),
+        launches: vec![
+            ProbeLaunch {
+                kernel: name("rotate_tokens"),
+                grid: rotate_tokens_threads(&spec, mt).div_ceil(ROTATE_BLOCK),
+                block: ROTATE_BLOCK,
+                params: vec![0, 1, 2, 3, 5, 6, 7],
+            },
+            ProbeLaunch {
+                kernel: name("kv_split_tokens"),
+                grid: kv_split_threads(&spec, mt).div_ceil(NORM_BLOCK),
+                block: NORM_BLOCK,
+                params: vec![0, 1, 7, 4, 8, 9, 12],
+            },
+            ProbeLaunch {
+                kernel: name("attend_tokens_tc"),
+                grid: attend_tokens_tc_grid(&spec, mt),
+                block: attend_tokens_tc_block(&spec),
+                params: vec![6, 0, 1, 7, 4, 8, 9, 10, 11, 12],
+            },
+        ],
+        buffers,
+        outputs: vec![(10, hd)],
+    }
+}
+
 /// Every probe: projections (plain with residual, and GeGLU) on `mma.sync` with split, bf16
 /// and row-scaled f16 operands and on `wgmma` with split and row-scaled f16 operands, a
-/// projection in k parts, the gates.
+/// projection in k parts, the gates, chunk attention.
 pub fn cases() -> Vec<ProbeCase> {
     let mut out = Vec::new();
     let configs = [
@@ -316,6 +394,7 @@ pub fn cases() -> Vec<ProbeCase> {
     }
     out.push(projection_in_k_parts(TcInputs::Split.into()));
     out.push(gates());
+    out.push(attention());
     out
 }
 
@@ -328,7 +407,7 @@ mod tests {
     #[test]
     fn probes_run_in_the_interpreter() {
         let cases = cases();
-        assert_eq!(cases.len(), 12);
+        assert_eq!(cases.len(), 13);
         for case in &cases {
             let want = case
                 .interpret()

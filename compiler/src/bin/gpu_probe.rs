@@ -1,5 +1,6 @@
 //! `griffin-gpu-probe`: runs the PTX backend's probe kernels (`griffin_backend_ptx::probe`:
-//! tensor-core projections on `mma.sync` and `wgmma`, in k parts, the RG-LRU's gates) on GPU 0
+//! tensor-core projections on `mma.sync` and `wgmma`, in k parts, the RG-LRU's gates, chunk
+//! attention) on GPU 0
 //! and in the PTX interpreter, and prints per probe how far the device's results are from the
 //! interpreter's, as a table. Each probe runs in a process of its own (this program again, with
 //! `--case NAME`), so a fault that poisons one CUDA context does not hide the others. Exit 1 if
