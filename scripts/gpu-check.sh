@@ -11,7 +11,9 @@
 #    built from): our executable and the reference implementation (transformers, eager, bf16,
 #    cuda) side by side: prefill tokens/s (2048 tokens), decode tokens/s (batch 1), memory,
 #    achieved bandwidth in decode; a per-kernel profile of one prefill chunk and one decode
-#    step (`--profile`). The tables last.
+#    step (`--profile`). The default build and the reference run first; the other builds and
+#    the profiles only while BUDGET seconds (380) allow, every run bounded by `timeout`, each
+#    result printed as it ends. The tables last.
 # Kernels are launched with programmatic dependent launch (they overlap the one before up to
 # their griddepcontrol.wait); the golden cases and the 2B runs are repeated with
 # GRIFFIN_CUDA_PDL=0 (plain stream order), so a fault or a gain is attributable.
@@ -83,38 +85,48 @@ ck="$work/2b-model"
 exe="$carry/2b/griffin-2b"
 "$exe" --pack-weights-from "$ck" || echo "packing failed"
 prompt=$("$py" -c "import random; random.seed(0); print(','.join(['2']+[str(random.randrange(3,256000)) for _ in range(2047)]))")
-pre=$("$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
-pre_simt=$("$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
-pre_bf16in=$("$carry/2b/griffin-2b-bf16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
-pre_f16in=$("$carry/2b/griffin-2b-f16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
-pre_wgmma=$(timeout 120 "$carry/2b/griffin-2b-wgmma" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
-pre_wgmma_f16=$(timeout 120 "$carry/2b/griffin-2b-wgmma-f16in" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
-pre_whole=$("$carry/2b/griffin-2b-whole" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
-pre_512=$("$carry/2b/griffin-2b-chunk512" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
-dec=$("$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats 2>&1 >/dev/null | tail -1)
-pre_plain=$(GRIFFIN_CUDA_PDL=0 "$exe" --ids "$prompt" --max-new-tokens 1 --stats 2>&1 >/dev/null | tail -1)
-dec_plain=$(GRIFFIN_CUDA_PDL=0 "$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats 2>&1 >/dev/null | tail -1)
+# The headline runs first, each printed as it ends: the default build's prefill and decode,
+# then the reference; the other builds and the profiles only while the call's time allows
+# (BUDGET seconds since the start, 380 by default, for a 480-second call), so a slow step
+# costs the extras, not the table.
+budget=${BUDGET:-380}
+stats() { timeout 120 "$@" 2>&1 >/dev/null | tail -1; }
+pre=$(stats "$exe" --ids "$prompt" --max-new-tokens 1 --stats); echo "prefill: $pre"
+dec=$(stats "$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats); echo "decode:  $dec"
+ref=$(timeout 150 "$py" scripts/bench_reference.py "$ck" --threads 16 --prefill 2048 --decode 64 --device cuda --dtype bf16 2>/dev/null | tail -1)
+echo "reference: $ref"
+# `variant NAME COMMAND...`: sets NAME to the command's stats line, or says why it did not run.
+variant() {
+  local name=$1; shift
+  if [ "$SECONDS" -lt "$budget" ]; then
+    printf -v "$name" '%s' "$(stats "$@")"
+  else
+    printf -v "$name" '%s' "skipped: out of time"
+  fi
+  echo "$name: ${!name}"
+}
+w=(--weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats)
+variant pre_wgmma "$carry/2b/griffin-2b-wgmma" "${w[@]}"
+variant pre_f16in "$carry/2b/griffin-2b-f16in" "${w[@]}"
+variant pre_wgmma_f16 "$carry/2b/griffin-2b-wgmma-f16in" "${w[@]}"
+variant pre_bf16in "$carry/2b/griffin-2b-bf16in" "${w[@]}"
+variant pre_simt "$carry/2b/griffin-2b-simt" "${w[@]}"
+variant pre_whole "$carry/2b/griffin-2b-whole" "${w[@]}"
+variant pre_512 "$carry/2b/griffin-2b-chunk512" "${w[@]}"
+variant pre_plain env GRIFFIN_CUDA_PDL=0 "$exe" --ids "$prompt" --max-new-tokens 1 --stats
+variant dec_plain env GRIFFIN_CUDA_PDL=0 "$exe" --ids 2 --max-new-tokens 512 --ignore-eos --stats
 # Where the device time goes: one 2048-token prefill chunk and one decode step after it, each
 # launch timed (kernel tables on stderr).
-echo "== profile (2B shape)"
-"$exe" --ids "$prompt" --max-new-tokens 1 --profile 2>&1 >/dev/null | grep -v '^time to first' | head -80
-# The same chunk on CUDA cores: attention and the RG-LRU gates, whose tensor-core forms are
-# new (2026-12-01), beside their CUDA-core forms.
-echo "== profile (2B shape, --no-tensor-cores): attention and gates"
-"$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --profile 2>&1 >/dev/null | grep -E '^profile:|^\| *(kernel|---)|attend_tokens|_gates|_conv' | head -24
-echo "prefill: $pre"
-echo "prefill (CUDA cores): $pre_simt"
-echo "prefill (bf16 tensor-core inputs): $pre_bf16in"
-echo "prefill (f16 tensor-core inputs): $pre_f16in"
-echo "prefill (wgmma): $pre_wgmma"
-echo "prefill (wgmma, f16 inputs): $pre_wgmma_f16"
-echo "prefill (no k parts): $pre_whole"
-echo "prefill (chunks of 512): $pre_512"
-echo "decode:  $dec"
-echo "prefill (no PDL): $pre_plain"
-echo "decode (no PDL):  $dec_plain"
-ref=$("$py" scripts/bench_reference.py "$ck" --threads 16 --prefill 2048 --decode 64 --device cuda --dtype bf16 2>/dev/null | tail -1)
-echo "reference: $ref"
+if [ "$SECONDS" -lt "$budget" ]; then
+  echo "== profile (2B shape)"
+  timeout 120 "$exe" --ids "$prompt" --max-new-tokens 1 --profile 2>&1 >/dev/null | grep -v '^time to first' | head -80
+fi
+# The same chunk on CUDA cores: attention and the RG-LRU gates beside their tensor-core forms.
+if [ "$SECONDS" -lt "$budget" ]; then
+  echo "== profile (2B shape, --no-tensor-cores): attention and gates"
+  timeout 120 "$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --profile 2>&1 >/dev/null | grep -E '^profile:|^\| *(kernel|---)|attend_tokens|_gates|_conv' | head -24
+fi
+echo "elapsed: ${SECONDS} s"
 
 "$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" "$pre_f16in" "$pre_whole" "$pre_wgmma" "$pre_wgmma_f16" <<'PY'
 import json, os, re, sys
