@@ -731,10 +731,20 @@ enum Wait {
 
 struct Thread {
     regs: Vec<u64>,
+    /// Registers written (by anything but a `wgmma`) since this thread's last `wgmma.fence`:
+    /// a `wgmma` reading one is undefined on the hardware, so an error here.
+    unfenced: Vec<bool>,
     pc: usize,
     wait: Wait,
     /// Past `griddepcontrol.wait`: earlier kernels' writes are visible.
     waited: bool,
+}
+
+impl Thread {
+    fn set(&mut self, reg: usize, v: u64) {
+        self.regs[reg] = v;
+        self.unfenced[reg] = true;
+    }
 }
 
 /// A launch: grid and block size (one dimension) and the parameter values, in order.
@@ -806,6 +816,7 @@ fn run_block(
     let mut threads: Vec<Thread> = (0..n)
         .map(|_| Thread {
             regs: vec![0; f.registers],
+            unfenced: vec![false; f.registers],
             pc: 0,
             wait: Wait::Running,
             waited: starts_waited,
@@ -994,7 +1005,7 @@ fn mma(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
             for (k, arow) in am[row].iter().enumerate() {
                 acc += *arow as f64 * bm[k][col] as f64;
             }
-            t.regs[reg] = bits_f32(acc as f32);
+            t.set(reg, bits_f32(acc as f32));
         }
     }
     Ok(())
@@ -1045,6 +1056,16 @@ fn wgmma(
         }
     };
     let (d, a) = (regs(&ins.args[0], n / 2)?, regs(&ins.args[1], 4)?);
+    // What other instructions wrote to its operands must be fenced (`wgmma.fence`) first.
+    if group
+        .iter()
+        .any(|t| d.iter().chain(&a).any(|&r| t.unfenced[r]))
+    {
+        return err(format!(
+            "`{}`: reads registers written since the last wgmma.fence",
+            ins.line
+        ));
+    }
     // Every thread must give the same descriptor and scale-d; read them off thread 0.
     let scalar = |t: &Thread, o: &Operand| -> Result<u64, EmuError> {
         match o {
@@ -1207,7 +1228,7 @@ fn ldmatrix(
     }
     for (t, w) in warp.iter_mut().zip(&words) {
         for (m, &reg) in dst.iter().enumerate() {
-            t.regs[reg] = w[m];
+            t.set(reg, w[m]);
         }
     }
     Ok(())
@@ -1240,7 +1261,7 @@ fn shuffle(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {
             "idx" => b & 31,
             other => return err(format!("shfl mode `{other}` not supported")),
         };
-        t.regs[*d] = values[src.min(lanes - 1)];
+        t.set(*d, values[src.min(lanes - 1)]);
     }
     Ok(())
 }
@@ -1437,7 +1458,9 @@ impl Ctx<'_> {
                         t.wait = Wait::Group;
                         return Ok(executed);
                     }
-                    Some("fence" | "commit_group" | "wait_group") => {}
+                    // Registers written before it may be read by the `wgmma`s after it.
+                    Some("fence") => t.unfenced.fill(false),
+                    Some("commit_group" | "wait_group") => {}
                     _ => return err(format!("`{}`: unknown wgmma", ins.line)),
                 },
                 "fence" if ins.op.get(1).map(String::as_str) == Some("proxy") => {
@@ -1531,7 +1554,7 @@ impl Ctx<'_> {
         let dst = |t: &mut Thread, v: u64| -> Result<(), EmuError> {
             match &ins.args[0] {
                 Operand::Reg(r) => {
-                    t.regs[*r] = v;
+                    t.set(*r, v);
                     Ok(())
                 }
                 other => err(format!("register destination expected, found {other:?}")),
@@ -1578,7 +1601,8 @@ impl Ctx<'_> {
                                 waited: t.waited,
                                 nc: op.has("nc"),
                             };
-                            t.regs[*r] = self.load(&base, at, size, memory, shared, kind)?;
+                            let v = self.load(&base, at, size, memory, shared, kind)?;
+                            t.set(*r, v);
                         }
                     }
                     (Operand::Reg(r), None) => {
@@ -1591,7 +1615,7 @@ impl Ctx<'_> {
                             v = (v as i64).wrapping_shl(64 - 8 * size as u32) as u64;
                             v = ((v as i64) >> (64 - 8 * size as u32)) as u64;
                         }
-                        t.regs[*r] = v;
+                        t.set(*r, v);
                     }
                     _ => return err("vector load shape"),
                 }
