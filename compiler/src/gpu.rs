@@ -660,11 +660,7 @@ impl Lowering<'_> {
                     .insert(self.launches.len(), (spec.clone(), row_scales));
                 if tc {
                     let token_warps = tc_token_warps(&spec, max_tokens);
-                    // Split inputs: two MMAs per tile.
-                    let mma = match self.tc_inputs {
-                        TcInputs::Split => 2,
-                        TcInputs::Bf16 | TcInputs::F16 => 1,
-                    };
+                    let mma = self.tc_inputs.mmas_per_tile() as u64;
                     let k_split = match self.k_parts {
                         None => tc_k_split(&spec, max_tokens, token_warps, mma as u32),
                         Some(n) if n > 1 && k_parts_fit(&spec, n) => n,

@@ -797,6 +797,32 @@ pub fn run(
     Ok(executed)
 }
 
+/// Whether a warp or warpgroup (`group`; a warpgroup must have all `size` threads, a warp is
+/// whatever the block's last one holds) meets at the collective
+/// instruction its threads wait at with `wait`: `Ok(Some(pc))` once every one waits at the same
+/// one, `Ok(None)` while none waits or some still run, `Err(pc)` when the rest never will (they
+/// left, or wait elsewhere).
+fn meeting(group: &[Thread], wait: Wait, size: usize) -> Result<Option<usize>, usize> {
+    let Some(pc) = group.iter().find(|t| t.wait == wait).map(|t| t.pc) else {
+        return Ok(None);
+    };
+    if group.len() == size && group.iter().all(|t| t.wait == wait && t.pc == pc) {
+        Ok(Some(pc))
+    } else if group.iter().any(|t| t.wait == Wait::Running) {
+        Ok(None)
+    } else {
+        Err(pc)
+    }
+}
+
+/// Moves every thread of a group that met past the collective instruction.
+fn release(group: &mut [Thread]) {
+    for t in group.iter_mut() {
+        t.pc += 1;
+        t.wait = Wait::Running;
+    }
+}
+
 fn run_block(
     f: &Function,
     launch: &Launch,
@@ -842,21 +868,18 @@ fn run_block(
         let mut progressed = false;
         // Shuffles: per warp, every lane must wait at the same instruction.
         for (warp_index, warp) in threads.chunks_mut(32).enumerate() {
-            if warp.iter().all(|t| t.wait != Wait::Shfl) {
-                continue;
-            }
-            let pc = warp.iter().find(|t| t.wait == Wait::Shfl).unwrap().pc;
-            if warp.iter().any(|t| t.wait != Wait::Shfl || t.pc != pc) {
-                if warp.iter().any(|t| t.wait == Wait::Running) {
-                    continue;
+            let pc = match meeting(warp, Wait::Shfl, warp.len()) {
+                Ok(Some(pc)) => pc,
+                Ok(None) => continue,
+                Err(pc) => {
+                    return err(format!(
+                        "{}: `{}` reached by only part of a warp (full mask): lanes {:?}",
+                        f.name,
+                        f.code[pc].line,
+                        warp.iter().map(|t| (t.wait, t.pc)).collect::<Vec<_>>()
+                    ))
                 }
-                return err(format!(
-                    "{}: `{}` reached by only part of a warp (full mask): lanes {:?}",
-                    f.name,
-                    f.code[pc].line,
-                    warp.iter().map(|t| (t.wait, t.pc)).collect::<Vec<_>>()
-                ));
-            }
+            };
             match f.code[pc].op[0].as_str() {
                 "mma" => mma(&f.code[pc], warp)?,
                 "ldmatrix" => {
@@ -872,27 +895,21 @@ fn run_block(
                 }
                 _ => shuffle(&f.code[pc], warp)?,
             }
-            for t in warp.iter_mut() {
-                t.pc += 1;
-                t.wait = Wait::Running;
-            }
+            release(warp);
             progressed = true;
         }
         // Warpgroup collectives: every thread of the four warps at the same instruction.
         for (group_index, group) in threads.chunks_mut(128).enumerate() {
-            if group.iter().all(|t| t.wait != Wait::Group) {
-                continue;
-            }
-            let pc = group.iter().find(|t| t.wait == Wait::Group).unwrap().pc;
-            if group.len() != 128 || group.iter().any(|t| t.wait != Wait::Group || t.pc != pc) {
-                if group.iter().any(|t| t.wait == Wait::Running) {
-                    continue;
+            let pc = match meeting(group, Wait::Group, 128) {
+                Ok(Some(pc)) => pc,
+                Ok(None) => continue,
+                Err(pc) => {
+                    return err(format!(
+                        "{}: `{}` reached by only part of a warpgroup",
+                        f.name, f.code[pc].line
+                    ))
                 }
-                return err(format!(
-                    "{}: `{}` reached by only part of a warpgroup",
-                    f.name, f.code[pc].line
-                ));
-            }
+            };
             let who = Access {
                 thread: 1 + block * launch.block + group_index as u32 * 128,
                 block,
@@ -901,10 +918,7 @@ fn run_block(
             };
             wgmma(&f.code[pc], group, &mut shared, who)
                 .map_err(|e| EmuError(format!("{}: {e}", f.name)))?;
-            for t in group.iter_mut() {
-                t.pc += 1;
-                t.wait = Wait::Running;
-            }
+            release(group);
             progressed = true;
         }
         let live: Vec<&Thread> = threads.iter().filter(|t| t.wait != Wait::Done).collect();

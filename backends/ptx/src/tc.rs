@@ -264,6 +264,14 @@ impl From<TcInputs> for TcConfig {
 }
 
 impl TcInputs {
+    /// MMAs a projection runs per tile: two on split inputs (hi and lo), else one.
+    pub fn mmas_per_tile(self) -> u32 {
+        match self {
+            TcInputs::Split => 2,
+            TcInputs::Bf16 | TcInputs::F16 => 1,
+        }
+    }
+
     /// The MMA operand type.
     pub(crate) fn mma_type(self) -> &'static str {
         match self {
@@ -915,6 +923,23 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     } else {
         k.ins(format!("add.u32 {col_base}, {col_base}, {warp_row};"));
     }
+    // With row scales: each of the thread's token rows' 2^k, loaded once (rows past the
+    // count read the last row's; never used).
+    let mut row_ups: Vec<(u32, Reg)> = Vec::new();
+    if let Some(scale) = row_scale {
+        for &(dt, _, _) in &results {
+            if row_ups.iter().any(|&(seen, _)| seen == dt) {
+                continue;
+            }
+            let t = k.reg(Class::B32);
+            k.ins(format!("add.u32 {t}, {t0}, {dt};"));
+            k.ins(format!("min.u32 {t}, {t}, {last};"));
+            let at = addr4(k, scale, t);
+            let up = k.reg(Class::F32);
+            k.ins(format!("ld.global.f32 {up}, [{at}];"));
+            row_ups.push((dt, up));
+        }
+    }
     for (dt, dc, mut vals) in results {
         let skip = k.label("skip");
         let t = k.reg(Class::B32);
@@ -923,11 +948,8 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         let col = k.reg(Class::B32);
         k.ins(format!("add.u32 {col}, {col_base}, {dc};"));
         k.leave_unless_below(col, width, &skip);
-        if let Some(scale) = row_scale {
+        if let Some(&(_, up)) = row_ups.iter().find(|&&(seen, _)| seen == dt) {
             // The row's sums times its 2^k (exact).
-            let at = addr4(k, scale, t);
-            let up = k.reg(Class::F32);
-            k.ins(format!("ld.global.f32 {up}, [{at}];"));
             for v in vals.iter_mut() {
                 let scaled = k.reg(Class::F32);
                 k.ins(format!("mul.f32 {scaled}, {v}, {up};"));
