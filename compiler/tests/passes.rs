@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::golden_dir;
+use common::{golden_dir, CONFIG_2B, CONFIG_9B};
 use griffin_ir::text::{parse, print};
 use griffin_ir::verify;
 use griffinc::passes::stats::kernel_stats;
@@ -70,41 +70,33 @@ fn each_pass_removes_the_kernels_it_should() {
     assert_eq!(s.kernels_outside_layers, 3);
 }
 
-/// The published 2B configuration (no weights needed to trace it).
-const CONFIG_2B: &str = r#"{
-  "architectures": ["RecurrentGemmaForCausalLM"], "attention_bias": false,
-  "attention_window_size": 2048, "block_types": ["recurrent", "recurrent", "attention"],
-  "bos_token_id": 2, "conv1d_width": 4, "eos_token_id": 1, "head_dim": 256,
-  "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2560, "intermediate_size": 15360,
-  "logits_soft_cap": 30.0, "lru_width": 2560, "model_type": "recurrent_gemma",
-  "num_attention_heads": 10, "num_hidden_layers": 26, "num_key_value_heads": 1,
-  "pad_token_id": 0, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
-  "rope_theta": 10000.0, "vocab_size": 256000
-}"#;
-
 #[test]
-fn two_b_decode_meets_the_kernel_target() {
-    let config = Config::from_json(CONFIG_2B).unwrap();
-    let types: Vec<&str> = config.layers.iter().map(|b| b.name()).collect();
-    let params = uniform_param_types(&config, griffin_ir::DType::BF16);
-    for kind in [GraphKind::Decode, GraphKind::Prefill] {
-        let traced = trace(&config, &params, kind).unwrap();
-        let before = kernel_stats(&traced, &types);
-        let mut g = traced.clone();
-        let passes: Vec<_> = PASSES.iter().collect();
-        run_pipeline(&mut g, &passes, true, None, |_, _| {}).unwrap();
-        let after = kernel_stats(&g, &types);
-        println!("2B {}: {before:?} -> {after:?}", kind.name());
-        // 18 recurrent layers of 30 kernels, 8 attention layers of 16, 7 outside.
-        assert_eq!(before.kernels, 18 * 30 + 8 * 16 + 7);
-        assert_eq!(before.kernels_per_layer["recurrent"], 30);
-        assert_eq!(before.kernels_per_layer["attention"], 16);
-        assert!(
-            after.kernels_per_layer.values().all(|&k| k <= 6),
-            "{after:?}"
-        );
-        assert!(after.kernels_outside_layers <= 3, "{after:?}");
-        assert_eq!(after.kernels, 26 * 5 + 3);
+fn published_shapes_meet_the_kernel_target() {
+    // (name, config, recurrent layers, attention layers)
+    for (name, json, recurrent, attention) in [("2B", CONFIG_2B, 18, 8), ("9B", CONFIG_9B, 26, 12)]
+    {
+        let config = Config::from_json(json).unwrap();
+        let types: Vec<&str> = config.layers.iter().map(|b| b.name()).collect();
+        let params = uniform_param_types(&config, griffin_ir::DType::BF16);
+        for kind in [GraphKind::Decode, GraphKind::Prefill] {
+            let traced = trace(&config, &params, kind).unwrap();
+            let before = kernel_stats(&traced, &types);
+            let mut g = traced.clone();
+            let passes: Vec<_> = PASSES.iter().collect();
+            run_pipeline(&mut g, &passes, true, None, |_, _| {}).unwrap();
+            let after = kernel_stats(&g, &types);
+            println!("{name} {}: {before:?} -> {after:?}", kind.name());
+            // Recurrent layers of 30 kernels, attention layers of 16, 7 outside.
+            assert_eq!(before.kernels, recurrent * 30 + attention * 16 + 7);
+            assert_eq!(before.kernels_per_layer["recurrent"], 30);
+            assert_eq!(before.kernels_per_layer["attention"], 16);
+            assert!(
+                after.kernels_per_layer.values().all(|&k| k <= 6),
+                "{after:?}"
+            );
+            assert!(after.kernels_outside_layers <= 3, "{after:?}");
+            assert_eq!(after.kernels, (recurrent + attention) * 5 + 3);
+        }
     }
 }
 

@@ -105,8 +105,8 @@ fn rg_lru_specs() -> Vec<RgLruSpec> {
     vec![
         spec("tiny_rg_lru", 64, 4, Storage::F32),
         spec("b2_rg_lru", 2560, 10, Storage::Bf16),
-        // The 9B shape: 4096 channels in 32 gate blocks of 128.
-        spec("b9_rg_lru", 4096, 32, Storage::Bf16),
+        // The 9B shape: 4096 channels in 16 gate blocks (one per head) of 256.
+        spec("b9_rg_lru", 4096, 16, Storage::Bf16),
         // The widest gate block taken (1024 channels): the chunk-gates kernel's shared memory
         // must stay within 48 KiB.
         spec("wide_rg_lru", 1024, 1, Storage::F32),
@@ -124,15 +124,16 @@ fn attention_specs() -> Vec<AttentionSpec> {
             scale: 0.25,
             rotary: Some((10000.0, 8)),
         },
-        // The 9B shape: 32 query heads of 128 features on one KV head.
+        // The 9B shape: 16 query heads of 256 features on one KV head (two blocks of 8 heads
+        // in the chunk kernel, against the 2B model's two of 5).
         AttentionSpec {
             name: "b9_attention".into(),
-            heads: 32,
+            heads: 16,
             kv_heads: 1,
-            head_dim: 128,
+            head_dim: 256,
             window: 2048,
-            scale: 1.0 / 128f32.sqrt(),
-            rotary: Some((10000.0, 64)),
+            scale: 1.0 / 16.0,
+            rotary: Some((10000.0, 128)),
         },
         AttentionSpec {
             name: "b2_attention".into(),
@@ -305,18 +306,7 @@ fn kernels_assemble_for_sm90() {
     {
         println!("{line}");
     }
-    // No kernel spills, but one: the CUDA-core chunk attention at the 9B shape (32 query heads
-    // per KV head: 16 warps per token, two heads each) spills 12 bytes in its blocks of 1024
-    // threads of 64 registers (still 8 in blocks of 512 with 128). It runs only with
-    // --no-tensor-cores there (attend_tokens_tc is the default), so it is allowed that much and
-    // no more.
-    let allowed = |kernel: &str| {
-        if kernel == "b9_attention_attend_tokens" {
-            16
-        } else {
-            0
-        }
-    };
+    // No kernel spills.
     let mut kernel = String::new();
     for line in report.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
@@ -334,7 +324,7 @@ fn kernels_assemble_for_sm90() {
             .unwrap()
             .parse()
             .unwrap();
-        assert!(stores <= allowed(&kernel), "{kernel} spills: {line}");
+        assert_eq!(stores, 0, "{kernel} spills: {line}");
     }
 }
 
