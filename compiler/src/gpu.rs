@@ -1118,7 +1118,6 @@ fn gates_work(spec: &RgLruSpec, per_token: bool) -> Work {
 /// (pooled) and 524 MB for every row's logits; at 2048 a 183.3 MB arena in all (activations,
 /// state, KV rings) and 2.10 GB of logits, allocated only where every row is asked for
 /// (`griffinc eval`, `--logits-out`).
-/// 512 until the first session of 2026-12-01.
 pub const PREFILL_CHUNK: u32 = 2048;
 
 /// Choices of the GPU lowering.

@@ -847,10 +847,10 @@ pub fn attend_tokens_shared(s: &AttentionSpec) -> u32 {
 /// from shared memory once for both heads: no per-key shuffle reduction), masked to the warp's
 /// token's window, then one online-softmax update per tile and head (running max and sum);
 /// then the block stages the tile's value rows into the same shared memory and each lane adds
-/// them to its features, each key's weight broadcast from its lane (`shfl.idx`). Until the
-/// first session of 2026-12-01 a block took one token and each warp loaded every value row of
-/// the window from global memory: per token, the window's keys crossed from L2 once and its
-/// values once per warp (5 for the 2B shape); now both once per block of 4 tokens. Keys and
+/// them to its features, each key's weight broadcast from its lane (`shfl.idx`). Staging serves
+/// the block's 4 tokens: the window's keys and values cross from L2 once per block, where a
+/// warp loading its own value rows would read them once per warp (5 for the 2B shape) and
+/// token. Keys and
 /// values of positions before the chunk come from the ring, the chunk's own from its rotated
 /// keys and its values (the ring is written after, by `write_ring_tokens`, so no query loses a
 /// key a later token would overwrite). Parameters: q `f32[T,H,hd]` (rotated), count `i32[1]`,

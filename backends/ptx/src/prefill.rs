@@ -746,8 +746,8 @@ pub fn rg_lru_gates_tokens(s: &crate::rg_lru::RgLruSpec) -> String {
 /// (after the gates kernel has read it).
 ///
 /// The recurrence is a chain per channel, so a thread walking all T tokens waits on memory
-/// T / `SCAN_UNROLL` times in a row (32 for 512 tokens), and the 2B shape's 2560 channels gave
-/// only 80 warps to hide it (until the first session of 2026-12-01). Now a block takes 32
+/// T / `SCAN_UNROLL` times in a row (32 for 512 tokens), and a thread per channel gives the 2B
+/// shape's 2560 channels only 80 warps to hide it. So a block takes 32
 /// channels (lanes) and cuts the chunk into `SCAN_SEGMENTS` segments (warps): each thread first
 /// composes its segment's steps into one affine map `h ↦ A·h + B` (A = Π a_t, B the segment's
 /// scan from 0), the block shares the maps through shared memory, each thread then starts
