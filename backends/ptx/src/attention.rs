@@ -850,10 +850,9 @@ pub fn attend_tokens_shared(s: &AttentionSpec) -> u32 {
 /// them to its features, each key's weight broadcast from its lane (`shfl.idx`). Staging serves
 /// the block's 4 tokens: the window's keys and values cross from L2 once per block, where a
 /// warp loading its own value rows would read them once per warp (5 for the 2B shape) and
-/// token. Keys and
-/// values of positions before the chunk come from the ring, the chunk's own from its rotated
-/// keys and its values (the ring is written after, by `write_ring_tokens`, so no query loses a
-/// key a later token would overwrite). Parameters: q `f32[T,H,hd]` (rotated), count `i32[1]`,
+/// token. Keys and values of positions before the chunk come from the ring, the chunk's own
+/// from its rotated keys and its values (the ring is written after, by `write_ring_tokens`, so
+/// no query loses a key a later token would overwrite). Parameters: q `f32[T,H,hd]` (rotated), count `i32[1]`,
 /// start `i32[1]`, chunk keys `f32[T,G,hd]` (rotated), chunk values `f32[T,G,hd]`, keys, values
 /// (the ring), out `f32[T,H,hd]`. hd a multiple of 4. Launch: `attend_tokens_grid` blocks of
 /// `attend_tokens_block`; blocks past the count leave.
