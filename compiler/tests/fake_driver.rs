@@ -215,8 +215,9 @@ fn griffinc_cuda_backend_on_the_fake_driver() {
 }
 
 #[test]
-fn device_memory_is_allocated_once_before_any_kernel() {
-    // The stand-in fails any allocation after the first kernel: a 23-token prompt in chunks
+fn device_memory_and_graphs_are_set_up_before_any_kernel() {
+    // The stand-in fails any allocation or graph capture after the first kernel (so none
+    // falls inside the timed prompt or decode steps): a 23-token prompt in chunks
     // of 5, then 100 generated tokens (past the attention window of 8 many times), sampled and
     // greedy, and the logits of every position.
     let tmp = tempfile::tempdir().unwrap();
@@ -243,10 +244,12 @@ fn device_memory_is_allocated_once_before_any_kernel() {
         let o = Command::new(&exe)
             .args(&args)
             .env("LD_LIBRARY_PATH", &driver)
-            .env("EMUCUDA_ALLOCATE_UP_FRONT", "1")
+            .env("EMUCUDA_SET_UP_FRONT", "1")
             .output()
             .unwrap();
-        succeeded(&o);
+        let stderr = succeeded(&o);
+        // Every program ran from its graph: none fell back to launches one by one.
+        assert!(!stderr.contains("not captured"), "{stderr}");
     }
 }
 

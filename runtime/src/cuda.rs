@@ -1,9 +1,10 @@
 //! Running a GPU plan on an NVIDIA GPU through the CUDA driver (cudarc, loaded dynamically: every
 //! crate builds and every test runs where there is no CUDA). The PTX module is loaded once;
 //! two device allocations hold everything (the packed weights, and an arena of every other
-//! buffer: activations, carried state, KV rings, token id, position); the decode step's
-//! launches are captured once as a CUDA graph and replayed per token; greedy decoding copies
-//! one token id back per step.
+//! buffer: activations, carried state, KV rings, token id, position); each launch sequence
+//! (the decode step, the greedy step with its argmax, the prefill chunk) is captured as a CUDA
+//! graph when the executor is made, so that no capture falls inside a timed prompt or step,
+//! and replayed per token or chunk; greedy decoding copies one token id back per step.
 //!
 //! Kernels are launched with programmatic dependent launch (Hopper): each may start while the
 //! one before it finishes, and runs up to its `griddepcontrol.wait` (prefetching weights)
@@ -276,11 +277,11 @@ pub struct CudaExecutor {
     /// Whether launches may overlap the kernel before them (programmatic dependent launch);
     /// cleared for good when the driver refuses it.
     early_launch: Cell<bool>,
-    argmax: Kernel,
-    argmax_params: Vec<u64>,
     addresses: Vec<u64>,
     /// The decode step.
     step_program: Program,
+    /// The decode step, then the argmax of its logits into the next-id buffer.
+    greedy_program: Program,
     /// The prefill chunk, if the plan has one.
     prefill_program: Option<Program>,
     /// The prefill chunk computing its last token's logits only (generation).
@@ -295,12 +296,11 @@ pub struct CudaExecutor {
     _module: Module,
 }
 
-/// A launch sequence as a CUDA graph: captured on first use; if capture fails (an old driver, a
-/// debugger), it runs as plain launches, which compute the same thing.
+/// A launch sequence as a CUDA graph, captured when the executor is made; if capture fails (an
+/// old driver, a debugger), it runs as plain launches, which compute the same thing.
 enum Graph {
-    NotYet,
     Captured(CudaGraph),
-    Unavailable(String),
+    Unavailable,
 }
 
 /// A launch sequence (the decode step, or a prefill chunk) with its kernels resolved and its
@@ -311,9 +311,76 @@ struct Program {
     launches: Vec<GpuLaunch>,
     kernels: Vec<Kernel>,
     params: Vec<Vec<u64>>,
-    /// Captured on first run; a cell so a program runs through a shared borrow of the
-    /// executor.
-    graph: std::cell::RefCell<Graph>,
+    graph: Graph,
+}
+
+impl Program {
+    /// Resolves `launches` and captures them into a graph (capture runs no kernel), so that
+    /// capturing and instantiating a graph of hundreds of launches never counts against a
+    /// timed prompt chunk or decode step. `early` is cleared for good when the driver refuses
+    /// early launches.
+    fn new(
+        name: &'static str,
+        launches: &[GpuLaunch],
+        resolve: impl Fn(&GpuLaunch) -> Result<(Kernel, Vec<u64>), RuntimeError>,
+        stream: &Arc<CudaStream>,
+        early: &Cell<bool>,
+    ) -> Result<Program, RuntimeError> {
+        let (kernels, params) = launches
+            .iter()
+            .map(resolve)
+            .collect::<Result<(Vec<_>, Vec<_>), _>>()?;
+        let mut p = Program {
+            name,
+            launches: launches.to_vec(),
+            kernels,
+            params,
+            graph: Graph::Unavailable,
+        };
+        if early.get() {
+            match p.capture(stream, true) {
+                Ok(g) => p.graph = Graph::Captured(g),
+                Err(why) => {
+                    eprintln!(
+                        "note: programmatic dependent launch failed while capturing the {name} ({why}); kernels run in plain stream order"
+                    );
+                    early.set(false);
+                }
+            }
+        }
+        if matches!(p.graph, Graph::Unavailable) {
+            match p.capture(stream, false) {
+                Ok(g) => p.graph = Graph::Captured(g),
+                Err(why) => eprintln!(
+                    "note: {name} not captured as a CUDA graph ({why}); launching kernels one by one"
+                ),
+            }
+        }
+        Ok(p)
+    }
+
+    fn launch_all(&self, stream: &CudaStream, early: bool) -> Result<(), RuntimeError> {
+        for ((&k, l), params) in self.kernels.iter().zip(&self.launches).zip(&self.params) {
+            launch_on(stream, k, &l.kernel, (l.grid, l.block), params, early)?;
+        }
+        Ok(())
+    }
+
+    /// Captures the launches into a graph, early or not.
+    fn capture(&self, stream: &Arc<CudaStream>, early: bool) -> Result<CudaGraph, String> {
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| e.to_string())?;
+        let launched = self.launch_all(stream, early);
+        let ended = stream
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        match (launched, ended) {
+            (Ok(()), Ok(Some(g))) => Ok(g),
+            (Ok(()), Ok(None)) => Err("empty capture".into()),
+            (Err(e), _) => Err(e.to_string()),
+            (_, Err(e)) => Err(e.to_string()),
+        }
+    }
 }
 
 impl CudaExecutor {
@@ -340,7 +407,6 @@ impl CudaExecutor {
         all_rows: bool,
     ) -> Result<CudaExecutor, RuntimeError> {
         let (ctx, stream, module) = open_gpu(ptx)?;
-        let argmax = module.kernel(&plan.argmax.kernel)?;
 
         let weights_mem = DeviceMemory::new(&ctx, weights.len())?;
         // SAFETY: the allocation holds weights.len() bytes.
@@ -393,23 +459,19 @@ impl CudaExecutor {
                 .map(|a| addresses[a.buffer] + a.offset)
                 .collect())
         };
-        let program =
-            |name: &'static str, launches: &[GpuLaunch]| -> Result<Program, RuntimeError> {
-                Ok(Program {
-                    name,
-                    launches: launches.to_vec(),
-                    kernels: launches
-                        .iter()
-                        .map(|l| module.kernel(&l.kernel))
-                        .collect::<Result<Vec<_>, _>>()?,
-                    params: launches
-                        .iter()
-                        .map(params_of)
-                        .collect::<Result<Vec<_>, _>>()?,
-                    graph: std::cell::RefCell::new(Graph::NotYet),
-                })
-            };
+        // Uploads done before anything is captured on the stream.
+        stream
+            .synchronize()
+            .map_err(|e| driver("setting up the device", e))?;
+        let early = Cell::new(std::env::var("GRIFFIN_CUDA_PDL").as_deref() != Ok("0"));
+        let program = |name: &'static str, launches: &[GpuLaunch]| {
+            let resolve = |l: &GpuLaunch| Ok((module.kernel(&l.kernel)?, params_of(l)?));
+            Program::new(name, launches, resolve, &stream, &early)
+        };
         let step_program = program("decode step", &plan.launches)?;
+        let mut greedy = plan.launches.clone();
+        greedy.push(plan.argmax.clone());
+        let greedy_program = program("greedy decode step", &greedy)?;
         let prefill_program = match &plan.prefill {
             Some(p) if offsets[p.logits].is_some() => Some(program("prefill chunk", &p.launches)?),
             _ => None,
@@ -419,22 +481,17 @@ impl CudaExecutor {
             Some(l) => Some(program("prefill chunk (last row)", &l.launches)?),
             None => None,
         };
-        let argmax_params = params_of(&plan.argmax)?;
-        stream
-            .synchronize()
-            .map_err(|e| driver("setting up the device", e))?;
         let vocab = plan.vocab();
         Ok(CudaExecutor {
             device_bytes: weights.len() as u64 + arena_bytes,
             _module: module,
             plan,
             stream,
-            early_launch: Cell::new(std::env::var("GRIFFIN_CUDA_PDL").as_deref() != Ok("0")),
+            early_launch: early,
             step_program,
+            greedy_program,
             prefill_program,
             prefill_last_program,
-            argmax,
-            argmax_params,
             addresses,
             _weights: weights_mem,
             _arena: arena,
@@ -464,68 +521,13 @@ impl CudaExecutor {
         )
     }
 
-    fn launch_all(&self, p: &Program, early: bool) -> Result<(), RuntimeError> {
-        for ((&k, l), params) in p.kernels.iter().zip(&p.launches).zip(&p.params) {
-            self.launch(k, l, params, early)?;
-        }
-        Ok(())
-    }
-
-    /// Captures `p` into a graph, its launches early or not.
-    fn capture(&self, p: &Program, early: bool) -> Result<CudaGraph, String> {
-        self.stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| e.to_string())?;
-        let launched = self.launch_all(p, early);
-        let ended = self
-            .stream
-            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-        match (launched, ended) {
-            (Ok(()), Ok(Some(g))) => Ok(g),
-            (Ok(()), Ok(None)) => Err("empty capture".into()),
-            (Err(e), _) => Err(e.to_string()),
-            (_, Err(e)) => Err(e.to_string()),
-        }
-    }
-
-    /// The graph of `p`: with early launches if the driver takes them (else they are off
-    /// from then on), else plain; `Unavailable` if capture fails either way.
-    fn capture_graph(&self, p: &Program) -> Graph {
-        if self.early_launch.get() {
-            match self.capture(p, true) {
-                Ok(g) => return Graph::Captured(g),
-                Err(why) => {
-                    eprintln!(
-                        "note: programmatic dependent launch failed while capturing the {} ({why}); kernels run in plain stream order",
-                        p.name
-                    );
-                    self.early_launch.set(false);
-                }
-            }
-        }
-        match self.capture(p, false) {
-            Ok(g) => Graph::Captured(g),
-            Err(why) => Graph::Unavailable(why),
-        }
-    }
-
-    /// Runs a program: its graph, captured on first use, or its launches one by one.
+    /// Runs a program: its graph, or its launches one by one where it has none.
     fn run_program(&self, p: &Program) -> Result<(), RuntimeError> {
-        if matches!(*p.graph.borrow(), Graph::NotYet) {
-            let captured = self.capture_graph(p);
-            if let Graph::Unavailable(why) = &captured {
-                eprintln!(
-                    "note: {} not captured as a CUDA graph ({why}); launching kernels one by one",
-                    p.name
-                );
-            }
-            *p.graph.borrow_mut() = captured;
-        }
-        match &*p.graph.borrow() {
+        match &p.graph {
             Graph::Captured(g) => g
                 .launch()
                 .map_err(|e| driver(&format!("replaying the {}", p.name), e)),
-            _ => self.launch_all(p, self.early_launch.get()),
+            Graph::Unavailable => p.launch_all(&self.stream, self.early_launch.get()),
         }
     }
 
@@ -549,11 +551,15 @@ impl CudaExecutor {
         Ok(())
     }
 
-    /// Runs one token: uploads its id and position, replays the captured step (capturing it
-    /// on first use).
-    fn run_step(&mut self, id: u32) -> Result<(), RuntimeError> {
+    /// Runs one token: uploads its id and position, replays the step's graph (with `greedy`,
+    /// the one ending in the argmax).
+    fn run_step(&mut self, id: u32, greedy: bool) -> Result<(), RuntimeError> {
         self.upload_step(id)?;
-        self.run_program(&self.step_program)?;
+        self.run_program(if greedy {
+            &self.greedy_program
+        } else {
+            &self.step_program
+        })?;
         self.position += 1;
         Ok(())
     }
@@ -610,11 +616,11 @@ impl CudaExecutor {
             .collect()
     }
 
-    /// One decode step for `id` (the position advances as for `step`), timed launch by
-    /// launch (`--profile`).
+    /// One decode step for `id` as greedy generation runs it (the argmax last; the position
+    /// advances as for `step`), timed launch by launch (`--profile`).
     pub fn profile_step(&mut self, id: u32) -> Result<Vec<LaunchTime>, RuntimeError> {
         self.upload_step(id)?;
-        let times = self.timed(&self.step_program, 1)?;
+        let times = self.timed(&self.greedy_program, 1)?;
         self.position += 1;
         Ok(times)
     }
@@ -675,12 +681,12 @@ impl CudaExecutor {
 
     /// One token whose logits nobody reads (a prompt's tokens before its last).
     pub fn advance(&mut self, id: u32) -> Result<(), RuntimeError> {
-        self.run_step(id)
+        self.run_step(id, false)
     }
 
     /// One token; its logits.
     pub fn step(&mut self, id: u32) -> Result<&[f32], RuntimeError> {
-        self.run_step(id)?;
+        self.run_step(id, false)?;
         self.logits.resize(self.plan.vocab(), 0.0);
         let s = self.stream.cu_stream();
         // SAFETY: the logits buffer holds vocab f32.
@@ -694,9 +700,7 @@ impl CudaExecutor {
 
     /// One token; the greedy next id, chosen on the device (4 bytes copied back).
     pub fn step_greedy(&mut self, id: u32) -> Result<u32, RuntimeError> {
-        self.run_step(id)?;
-        // After the replayed graph: plain stream order.
-        self.launch(self.argmax, &self.plan.argmax, &self.argmax_params, false)?;
+        self.run_step(id, true)?;
         let mut next = [0u32];
         let s = self.stream.cu_stream();
         // SAFETY: the next-id buffer holds one i32.

@@ -20,8 +20,8 @@
 //!
 //! `EMUCUDA_FAIL_KERNEL=N` makes the Nth kernel run fail as a device fault would, and
 //! `EMUCUDA_NO_PDL=1` refuses programmatic dependent launches, for tests of the runtime's
-//! error and fallback paths; `EMUCUDA_ALLOCATE_UP_FRONT=1` fails any allocation after the
-//! first kernel ran; `EMUCUDA_COMPUTE_CAPABILITY=M.N` reports another GPU generation (9.0
+//! error and fallback paths; `EMUCUDA_SET_UP_FRONT=1` fails any allocation or graph capture
+//! after the first kernel ran; `EMUCUDA_COMPUTE_CAPABILITY=M.N` reports another GPU generation (9.0
 //! otherwise).
 //!
 //! What it does not model: it is synchronous (every operation completes before its call
@@ -119,9 +119,10 @@ struct Driver {
     fail_kernel: Option<u64>,
     /// `EMUCUDA_NO_PDL=1`: programmatic dependent launches are refused.
     refuse_early_launch: bool,
-    /// `EMUCUDA_ALLOCATE_UP_FRONT=1`: device allocations after the first kernel launch fail
-    /// (out of memory), for tests that memory is allocated once.
-    allocate_up_front: bool,
+    /// `EMUCUDA_SET_UP_FRONT=1`: device allocations (out of memory) and graph captures after
+    /// the first kernel launch fail, for tests that memory is allocated and graphs are
+    /// captured before any work (so neither falls inside a timed prompt or step).
+    set_up_front: bool,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -272,7 +273,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
         .ok()
         .and_then(|n| n.parse().ok());
     d.refuse_early_launch = std::env::var("EMUCUDA_NO_PDL").as_deref() == Ok("1");
-    d.allocate_up_front = std::env::var("EMUCUDA_ALLOCATE_UP_FRONT").as_deref() == Ok("1");
+    d.set_up_front = std::env::var("EMUCUDA_SET_UP_FRONT").as_deref() == Ok("1");
     SUCCESS
 }
 
@@ -473,7 +474,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> C
         if bytes == 0 {
             return Err(INVALID_VALUE);
         }
-        if d.allocate_up_front && d.kernels_run > 0 {
+        if d.set_up_front && d.kernels_run > 0 {
             report("cuMemAlloc", "an allocation after the first kernel ran");
             return Err(OUT_OF_MEMORY);
         }
@@ -615,6 +616,13 @@ pub unsafe extern "C" fn cuStreamBeginCapture_v2(stream: Handle, _mode: c_uint) 
         if stream.is_null() {
             // The legacy default stream cannot be captured.
             return Err(CAPTURE_UNSUPPORTED);
+        }
+        if d.set_up_front && d.kernels_run > 0 {
+            report(
+                "cuStreamBeginCapture",
+                "a graph captured after the first kernel ran",
+            );
+            return Err(NOT_SUPPORTED);
         }
         let s = d.stream(stream)?;
         if s.capture.is_some() {
