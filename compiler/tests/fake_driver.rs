@@ -485,6 +485,35 @@ fn a_gpu_older_than_hopper_is_a_one_line_error() {
 }
 
 #[test]
+fn a_gpu_without_room_for_the_model_is_a_one_line_error() {
+    // Checked against the device's free memory before any allocation: one line naming what
+    // the model needs and what the GPU has, no logits file; with room, the same run works.
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let exe = build_cuda("tiny-f32", tmp.path(), &[]);
+    let logits = tmp.path().join("never.safetensors");
+    let run = |memory: &str| {
+        Command::new(&exe)
+            .args(["--ids", "2,3", "--logits-out", logits.to_str().unwrap()])
+            .env("LD_LIBRARY_PATH", &driver)
+            .env("EMUCUDA_MEMORY_BYTES", memory)
+            .output()
+            .unwrap()
+    };
+    fails_with(
+        &run("100000"),
+        &[
+            "the model needs",
+            "of device memory (weights",
+            "the GPU has 100.0 kB free of 100.0 kB",
+        ],
+    );
+    assert!(!logits.exists());
+    succeeded(&run("100000000"));
+    assert!(logits.exists());
+}
+
+#[test]
 fn a_wgmma_executable_on_a_gpu_other_than_hopper_is_a_one_line_error() {
     // `--wgmma` kernels are PTX for sm_90a, which only compute capability 9.0 loads.
     let tmp = tempfile::tempdir().unwrap();

@@ -407,14 +407,26 @@ impl CudaExecutor {
         all_rows: bool,
     ) -> Result<CudaExecutor, RuntimeError> {
         let (ctx, stream, module) = open_gpu(ptx)?;
-
+        // Every other buffer in one arena (every row's logits only where they can be asked
+        // for).
+        let (offsets, arena_bytes) = plan.arena_layout(all_rows);
+        // One clear error before any allocation where the two cannot fit (the driver's own
+        // would name neither the model's needs nor the device's memory).
+        ctx.bind_to_thread()
+            .map_err(|e| driver("binding the context", e))?;
+        let (free, total) = cu::mem_get_info().map_err(|e| driver("reading device memory", e))?;
+        if weights.len() as u64 + arena_bytes > free as u64 {
+            return Err(RuntimeError::DeviceTooSmall {
+                weights: weights.len() as u64,
+                buffers: arena_bytes,
+                free: free as u64,
+                total: total as u64,
+            });
+        }
         let weights_mem = DeviceMemory::new(&ctx, weights.len())?;
         // SAFETY: the allocation holds weights.len() bytes.
         unsafe { cu::memcpy_htod_async(weights_mem.ptr, weights, stream.cu_stream()) }
             .map_err(|e| driver("uploading the weights", e))?;
-        // Every other buffer in one arena (every row's logits only where they can be asked
-        // for).
-        let (offsets, arena_bytes) = plan.arena_layout(all_rows);
         let arena = DeviceMemory::new(&ctx, arena_bytes as usize)?;
         let mut addresses = Vec::new();
         for (i, b) in plan.buffers.iter().enumerate() {

@@ -21,8 +21,8 @@
 //! `EMUCUDA_FAIL_KERNEL=N` makes the Nth kernel run fail as a device fault would, and
 //! `EMUCUDA_NO_PDL=1` refuses programmatic dependent launches, for tests of the runtime's
 //! error and fallback paths; `EMUCUDA_SET_UP_FRONT=1` fails any allocation or graph capture
-//! after the first kernel ran; `EMUCUDA_COMPUTE_CAPABILITY=M.N` reports another GPU generation (9.0
-//! otherwise).
+//! after the first kernel ran; `EMUCUDA_COMPUTE_CAPABILITY=M.N` reports another GPU generation
+//! (9.0 otherwise); `EMUCUDA_MEMORY_BYTES=N` sizes the device's memory (141 GiB otherwise).
 //!
 //! What it does not model: it is synchronous (every operation completes before its call
 //! returns, so it cannot catch a missing stream synchronisation), has one device and one
@@ -62,6 +62,8 @@ const NOT_SUPPORTED: CUresult = 801;
 const CAPTURE_UNSUPPORTED: CUresult = 900;
 const CAPTURE_INVALIDATED: CUresult = 901;
 
+/// The memory the stand-in device reports unless told otherwise (an H200's, roughly).
+const H200_MEMORY: usize = 141 << 30;
 /// `CU_EVENT_DISABLE_TIMING`.
 const EVENT_DISABLE_TIMING: c_uint = 2;
 
@@ -123,6 +125,9 @@ struct Driver {
     /// the first kernel launch fail, for tests that memory is allocated and graphs are
     /// captured before any work (so neither falls inside a timed prompt or step).
     set_up_front: bool,
+    /// The device's memory: `EMUCUDA_MEMORY_BYTES`, else an H200's 141 GiB. Allocations past
+    /// it fail (out of memory).
+    memory_bytes: usize,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -274,6 +279,10 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
         .and_then(|n| n.parse().ok());
     d.refuse_early_launch = std::env::var("EMUCUDA_NO_PDL").as_deref() == Ok("1");
     d.set_up_front = std::env::var("EMUCUDA_SET_UP_FRONT").as_deref() == Ok("1");
+    d.memory_bytes = std::env::var("EMUCUDA_MEMORY_BYTES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(H200_MEMORY);
     SUCCESS
 }
 
@@ -359,11 +368,11 @@ pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_i
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> CUresult {
-    with(|_| {
+    with(|d| {
         if dev != 0 {
             return Err(INVALID_DEVICE);
         }
-        put(bytes, 141 << 30)
+        put(bytes, d.memory_bytes)
     })
 }
 
@@ -478,6 +487,10 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> C
             report("cuMemAlloc", "an allocation after the first kernel ran");
             return Err(OUT_OF_MEMORY);
         }
+        let used: usize = d.allocations.values().sum();
+        if used + bytes > d.memory_bytes {
+            return Err(OUT_OF_MEMORY);
+        }
         let at = d.memory.alloc(&vec![0xFF; bytes]);
         d.allocations.insert(at, bytes);
         put(ptr, at)
@@ -567,8 +580,8 @@ pub unsafe extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, value: u8, bytes: usize
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
     with(|d| {
         let used: usize = d.allocations.values().sum();
-        put(total, 141 << 30)?;
-        put(free, (141usize << 30).saturating_sub(used))
+        put(total, d.memory_bytes)?;
+        put(free, d.memory_bytes.saturating_sub(used))
     })
 }
 
