@@ -1,0 +1,316 @@
+//! Running a GPU program: on the PTX interpreter (`EmuEngine`, `--backend ptx-emu`) or on the
+//! GPU through the CUDA runtime (`CudaEngine`, `--backend cuda`).
+
+use griffin_backend_ptx::emu;
+use griffin_runtime::gpu_plan::{GpuBufferKind, GpuLaunch};
+
+use super::{lower, pack_weights, GpuOptions, GpuProgram, PREFILL_CHUNK};
+use crate::error::RunError;
+use crate::session::{check_ids, Engine, Model};
+
+/// A GPU program run by the PTX interpreter: slow (every thread of every kernel interpreted),
+/// but the same kernels, launches and buffers a GPU would run.
+pub struct EmuEngine {
+    program: GpuProgram,
+    module: emu::Module,
+    memory: emu::Memory,
+    addresses: Vec<u64>,
+    position: u32,
+}
+
+fn emu_error(e: emu::EmuError) -> RunError {
+    RunError::Backend(format!("PTX interpreter: {e}"))
+}
+
+/// Runs `launches` in order on the interpreter (a free function over the engine's fields, so
+/// the launch list can stay borrowed from the plan).
+fn run_launches(
+    module: &emu::Module,
+    memory: &mut emu::Memory,
+    addresses: &[u64],
+    launches: &[GpuLaunch],
+) -> Result<(), RunError> {
+    for launch in launches {
+        let params: Vec<u64> = launch
+            .args
+            .iter()
+            .map(|a| addresses[a.buffer] + a.offset)
+            .collect();
+        emu::run(
+            module,
+            &launch.kernel,
+            &emu::Launch {
+                grid: launch.grid,
+                block: launch.block,
+                params: &params,
+            },
+            memory,
+        )
+        .map_err(emu_error)?;
+    }
+    Ok(())
+}
+
+impl EmuEngine {
+    pub fn new(model: &Model) -> Result<EmuEngine, RunError> {
+        EmuEngine::with_prefill_chunk(model, Some(PREFILL_CHUNK))
+    }
+
+    /// With prompts in chunks of `chunk` tokens (`None`: as decode steps).
+    pub fn with_prefill_chunk(model: &Model, chunk: Option<u32>) -> Result<EmuEngine, RunError> {
+        EmuEngine::with_options(
+            model,
+            &GpuOptions {
+                prefill_chunk: chunk,
+                ..GpuOptions::default()
+            },
+        )
+    }
+
+    pub fn with_options(model: &Model, opts: &GpuOptions) -> Result<EmuEngine, RunError> {
+        let mut program = lower(model, opts)?;
+        let weights = pack_weights(&mut program, model)?;
+        let module = emu::Module::parse(&program.ptx).map_err(emu_error)?;
+        let mut memory = emu::Memory::new();
+        let mut addresses = Vec::new();
+        for (i, b) in program.plan.buffers.iter().enumerate() {
+            let bytes = match &b.kind {
+                GpuBufferKind::Weight(_) => {
+                    let (offset, bytes) = program
+                        .plan
+                        .weight_range(i)
+                        .expect("packed weights have ranges");
+                    weights[offset as usize..(offset + bytes) as usize].to_vec()
+                }
+                GpuBufferKind::Constant(c) => c.clone(),
+                // NaN: a kernel reading an activation nothing wrote (in this call; pooled
+                // buffers hold other values' leftovers) spreads it to the logits.
+                GpuBufferKind::Activation => vec![0xFF; b.bytes as usize],
+                _ => vec![0; b.bytes as usize],
+            };
+            addresses.push(memory.alloc(&bytes));
+        }
+        Ok(EmuEngine {
+            program,
+            module,
+            memory,
+            addresses,
+            position: 0,
+        })
+    }
+
+    /// Runs one decode step for `id`; the logits stay in device memory.
+    fn step_device(&mut self, id: u32) -> Result<(), RunError> {
+        check_ids(&[id], self.program.plan.vocab())?;
+        let (ids, pos) = (
+            self.addresses[self.program.plan.ids],
+            self.addresses[self.program.plan.position],
+        );
+        self.memory
+            .write_bytes(ids, &id.to_le_bytes())
+            .and_then(|_| self.memory.write_bytes(pos, &self.position.to_le_bytes()))
+            .map_err(emu_error)?;
+        run_launches(
+            &self.module,
+            &mut self.memory,
+            &self.addresses,
+            &self.program.plan.launches,
+        )?;
+        self.position += 1;
+        Ok(())
+    }
+
+    fn logits(&self) -> Result<Vec<f32>, RunError> {
+        self.memory
+            .read_f32(
+                self.addresses[self.program.plan.logits],
+                self.program.plan.vocab(),
+            )
+            .map_err(emu_error)
+    }
+
+    /// Runs `ids` through the prefill program in chunks; `on_rows` sees each chunk's logits
+    /// (every row, or with `last_only` and a last-row program, the last row alone).
+    fn prefill_chunks(
+        &mut self,
+        ids: &[u32],
+        last_only: bool,
+        on_rows: &mut dyn FnMut(&[f32]),
+    ) -> Result<(), RunError> {
+        check_ids(ids, self.program.plan.vocab())?;
+        let vocab = self.program.plan.vocab();
+        let prefill = self
+            .program
+            .plan
+            .prefill
+            .as_ref()
+            .expect("checked by the caller");
+        let (launches, last) = match (&prefill.last_row, last_only) {
+            (Some(l), true) => (&l.launches, Some(l.logits)),
+            _ => (&prefill.launches, None),
+        };
+        let position = self.addresses[self.program.plan.position];
+        for chunk in ids.chunks(prefill.max_tokens as usize) {
+            // The chunk's ids, count and start position.
+            let bytes: Vec<u8> = chunk.iter().flat_map(|i| i.to_le_bytes()).collect();
+            let count = (chunk.len() as u32).to_le_bytes();
+            for (buffer, data) in [
+                (self.addresses[prefill.ids], &bytes[..]),
+                (self.addresses[prefill.count], &count[..]),
+                (position, &self.position.to_le_bytes()[..]),
+            ] {
+                self.memory.write_bytes(buffer, data).map_err(emu_error)?;
+            }
+            run_launches(&self.module, &mut self.memory, &self.addresses, launches)?;
+            self.position += chunk.len() as u32;
+            let (buffer, rows) = match last {
+                Some(b) => (b, 1),
+                None => (prefill.logits, chunk.len()),
+            };
+            let logits = self
+                .memory
+                .read_f32(self.addresses[buffer], rows * vocab)
+                .map_err(emu_error)?;
+            on_rows(&logits);
+        }
+        Ok(())
+    }
+
+    /// The greedy next id, computed on the device by the argmax kernel.
+    pub fn device_argmax(&mut self) -> Result<u32, RunError> {
+        run_launches(
+            &self.module,
+            &mut self.memory,
+            &self.addresses,
+            std::slice::from_ref(&self.program.plan.argmax),
+        )?;
+        let v = self
+            .memory
+            .read_u32(self.addresses[self.program.plan.next_id], 1)
+            .map_err(emu_error)?;
+        Ok(v[0])
+    }
+
+    pub fn program(&self) -> &GpuProgram {
+        &self.program
+    }
+}
+
+impl Engine for EmuEngine {
+    fn reset(&mut self) {
+        self.position = 0;
+        for (i, b) in self.program.plan.buffers.iter().enumerate() {
+            if matches!(b.kind, GpuBufferKind::State(_)) {
+                let zeros = vec![0u8; b.bytes as usize];
+                self.memory
+                    .write_bytes(self.addresses[i], &zeros)
+                    .expect("state buffers are allocated");
+            }
+        }
+    }
+
+    fn prefill(&mut self, ids: &[u32], on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+        if self.program.plan.prefill.is_none() {
+            check_ids(ids, self.program.plan.vocab())?;
+            for &id in ids {
+                self.step_device(id)?;
+                on_logits(&self.logits()?);
+            }
+            return Ok(());
+        }
+        self.prefill_chunks(ids, false, on_logits)
+    }
+
+    fn prefill_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
+        let mut last = Vec::new();
+        if self.program.plan.prefill.is_none() {
+            self.prefill(ids, &mut |rows| last = rows.to_vec())?;
+        } else {
+            self.prefill_chunks(ids, true, &mut |rows| last = rows.to_vec())?;
+        }
+        let vocab = self.program.plan.vocab();
+        Ok(last[last.len() - vocab..].to_vec())
+    }
+
+    fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+        self.step_device(id)?;
+        on_logits(&self.logits()?);
+        Ok(())
+    }
+}
+
+/// A GPU program on the GPU, through the CUDA runtime (`--backend cuda`).
+pub struct CudaEngine {
+    executor: griffin_runtime::cuda::CudaExecutor,
+}
+
+impl CudaEngine {
+    pub fn new(model: &Model) -> Result<CudaEngine, RunError> {
+        CudaEngine::with_options(model, &GpuOptions::default())
+    }
+
+    pub fn with_options(model: &Model, opts: &GpuOptions) -> Result<CudaEngine, RunError> {
+        // Before any work: a machine without the driver gets the one-line reason at once.
+        griffin_runtime::cuda::probe().map_err(|e| RunError::Backend(e.to_string()))?;
+        let mut program = lower(model, opts)?;
+        let weights = pack_weights(&mut program, model)?;
+        let executor =
+            griffin_runtime::cuda::CudaExecutor::new(program.plan, &program.ptx, &weights)
+                .map_err(|e| RunError::Backend(e.to_string()))?;
+        Ok(CudaEngine { executor })
+    }
+
+    /// Greedy decoding with the argmax on the device: the next id after `id`.
+    pub fn step_greedy(&mut self, id: u32) -> Result<u32, RunError> {
+        self.executor
+            .step_greedy(id)
+            .map_err(|e| RunError::Backend(e.to_string()))
+    }
+}
+
+impl Engine for CudaEngine {
+    fn reset(&mut self) {
+        if let Err(e) = self.executor.reset() {
+            // The next step reports the device's error; reset itself has no error channel.
+            tracing::warn!("resetting the GPU state: {e}");
+        }
+    }
+
+    fn prefill(&mut self, ids: &[u32], on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+        if ids.is_empty() {
+            return Err(RunError::EmptyIds);
+        }
+        for chunk in ids.chunks(self.executor.prefill_max_tokens()) {
+            let rows = self
+                .executor
+                .prefill_chunk(chunk, true)
+                .map_err(|e| RunError::Backend(e.to_string()))?;
+            on_logits(rows);
+        }
+        Ok(())
+    }
+
+    fn prefill_last(&mut self, ids: &[u32]) -> Result<Vec<f32>, RunError> {
+        if ids.is_empty() {
+            return Err(RunError::EmptyIds);
+        }
+        let mut last = Vec::new();
+        for chunk in ids.chunks(self.executor.prefill_max_tokens()) {
+            let row = self
+                .executor
+                .prefill_chunk(chunk, false)
+                .map_err(|e| RunError::Backend(e.to_string()))?;
+            last = row.to_vec();
+        }
+        Ok(last)
+    }
+
+    fn step(&mut self, id: u32, on_logits: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+        let logits = self
+            .executor
+            .step(id)
+            .map_err(|e| RunError::Backend(e.to_string()))?;
+        on_logits(logits);
+        Ok(())
+    }
+}
