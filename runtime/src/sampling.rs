@@ -67,31 +67,220 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
+}
 
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
+/// `r / 2^64 · n` rounded down, exactly (`n` may pass 2^64: the high part's product is a
+/// multiple of 2^64); below `n` for any `r`.
+fn below(r: u64, n: u128) -> u128 {
+    let r = r as u128;
+    r * (n >> 64) + ((r * (n & u64::MAX as u128)) >> 64)
 }
 
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
-    /// (token, probability) of the candidates, reused between calls.
-    candidates: Vec<(u32, f64)>,
+    /// Each token's weight in fixed point (`WEIGHT_ONE` = the most likely token's), reused.
+    weights: Vec<u64>,
+    /// Candidates' ranking keys (`key`), reused.
+    keys: Vec<u128>,
+    /// Kept weight per `BLOCK` tokens, reused.
+    blocks: Vec<u64>,
     adjusted: Vec<f32>,
     seen: Vec<u32>,
 }
 
-/// Index of the largest value; the first one on ties, as the reference's argmax.
+/// Index of the largest value; the first one on ties, as the reference's argmax. NaN never
+/// wins (index 0 if every value is NaN).
 fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
+    // The maximum first, then the first block holding it, then its place there: streaming
+    // passes LLVM vectorises instead of one branchy one.
+    let max = largest(values);
+    let block = values
+        .chunks(LANES)
+        .position(|c| c.iter().fold(false, |hit, &v| hit | (v == max)))
+        .unwrap_or(0);
+    let at = values[block * LANES..].iter().position(|&v| v == max);
+    (block * LANES + at.unwrap_or(0)) as u32
+}
+
+/// The largest value, NaN skipped (-inf if there is nothing else): 16 running maxima, which
+/// LLVM keeps in vector registers (`f32::max`'s NaN rule keeps a plain fold scalar).
+fn largest(values: &[f32]) -> f32 {
+    let pick = |m: f32, v: f32| if v > m { v } else { m };
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = values.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = pick(*m, v);
         }
     }
-    best as u32
+    rest.iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| pick(m, v))
+}
+
+/// The most likely token's weight: weights are integers, so every sum is exact and the same in
+/// any order (the kept set and the draw do not depend on how candidates were partitioned).
+/// Tokens below 2^-52 of the most likely (36 nats below it at temperature 1) weigh 0 and are
+/// never drawn (at most 256,000 · 2^-52 of the mass, 6e-11). A block's weights sum within a u64.
+const WEIGHT_ONE: u64 = 1 << 52;
+
+/// Tokens per pass of `fixed_weights`' two loops (their scratch stays in registers and L1).
+const LANES: usize = 64;
+
+/// `e^((l - max) / t) · WEIGHT_ONE` for every logit `l` (`max` the largest, so the exponents
+/// are ≤ 0), into `out`: in plain f32 and integer arithmetic, so every machine draws the same
+/// tokens for a seed whatever its libm. x = k·ln 2 + r with |r| ≤ ln 2 / 2; e^r by its
+/// degree-6 Taylor polynomial (relative error below 3e-7) as a 30-bit integer, shifted into
+/// place by k. The first loop is branch-free f32 and i32 arithmetic that LLVM vectorises
+/// (the f32 to u64 conversion, which baseline x86-64 cannot vectorise, is left to the second,
+/// as shifts). 0 below x = -87 and for NaN; exactly `WEIGHT_ONE` at x = 0.
+fn fixed_weights(out: &mut Vec<u64>, logits: &[f32], max: f32, t: f32) {
+    let per_t = 1.0 / t;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Round to nearest by the 1.5 · 2^23 trick: plain adds (`round` is a libm call on
+    // baseline x86-64).
+    const SHIFT: f32 = 12_582_912.0;
+    const UNIT: f32 = (1u32 << 30) as f32;
+    out.clear();
+    let (mut ks, mut ms) = ([0i32; LANES], [0i32; LANES]);
+    for chunk in logits.chunks(LANES) {
+        for ((&l, k_out), m_out) in chunk.iter().zip(&mut ks).zip(&mut ms) {
+            let x = (l - max) * per_t;
+            let valid = x >= -87.0;
+            let x = if valid { x } else { 0.0 };
+            let k = (x * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
+            let r = (x - k * LN2_HI) - k * LN2_LO;
+            let poly = 1.0
+                + r * (1.0
+                    + r * (1.0 / 2.0
+                        + r * (1.0 / 6.0
+                            + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+            // SAFETY: x lies in [-87, 0], so k is an integer in [-126, 0] and poly in
+            // [0.70, 1.42]: finite, and poly · 2^30 below 2^31. (`as` would check for NaN and
+            // overflow lane by lane, which keeps LLVM from vectorising the conversions.)
+            let (k, m) = unsafe {
+                (
+                    k.to_int_unchecked::<i32>(),
+                    (poly * UNIT).to_int_unchecked::<i32>(),
+                )
+            };
+            *m_out = m;
+            *k_out = if valid { -k } else { 64 };
+        }
+        out.extend(ks.iter().zip(&ms).take(chunk.len()).map(|(&k, &m)| {
+            // 2^52 · poly · 2^-k = (m · 2^22) >> k.
+            ((m as u64) << 22).checked_shr(k as u32).unwrap_or(0)
+        }));
+    }
+}
+
+/// Tokens per block of the draw's index: the draw finds its block by the blocks' sums, then
+/// walks that block alone.
+const BLOCK: usize = 1024;
+
+/// A candidate's rank as one integer: heavier first, then the lower id (`!id`).
+fn key(id: u32, weight: u64) -> u128 {
+    (weight as u128) << 32 | !id as u128
+}
+
+fn key_weight(k: u128) -> u128 {
+    k >> 32
+}
+
+fn descending(a: &u128, b: &u128) -> std::cmp::Ordering {
+    b.cmp(a)
+}
+
+/// How many of the heaviest `keys` it takes for their weights to reach `target` (all of them if
+/// they never do); leaves those first. Quickselect on the cumulative weight: each round splits
+/// the undecided range at its middle rank and keeps the half the answer lies in, O(n) on
+/// average where sorting the candidates (256,000 for the 2B vocabulary) is O(n log n).
+fn nucleus(keys: &mut [u128], target: u128) -> usize {
+    // keys[..lo] outrank keys[lo..] and sum to `below` < target; the answer lies in lo+1..=hi.
+    let (mut lo, mut hi, mut below) = (0, keys.len(), 0u128);
+    while hi - lo > 32 {
+        let mid = lo + (hi - lo) / 2;
+        keys[lo..hi].select_nth_unstable_by(mid - lo, descending);
+        let upper: u128 = keys[lo..mid].iter().map(|&k| key_weight(k)).sum();
+        if below + upper >= target {
+            hi = mid;
+        } else {
+            below += upper;
+            lo = mid;
+        }
+    }
+    keys[lo..hi].sort_unstable_by(descending);
+    for (i, &k) in keys[lo..hi].iter().enumerate() {
+        below += key_weight(k);
+        if below >= target {
+            return lo + i + 1;
+        }
+    }
+    hi
+}
+
+/// The lowest-ranked key of the tokens top-k, min-p and top-p keep (`SamplingParams`), each
+/// cut as the full ranking would make it. Only tokens that can be kept are ranked: those at
+/// least as heavy as a bound found by a pass or two over the weights (the first that counts
+/// k tokens, or whose tokens already reach the top-p target), so a 256,000-token vocabulary
+/// becomes the few hundred plausible ones before any selection.
+fn lowest_kept(w: &[u64], keys: &mut Vec<u128>, p: &SamplingParams) -> u128 {
+    // min-p: the heaviest weighs WEIGHT_ONE (the maximum's exp(0) = 1); 1 keeps every token
+    // of nonzero weight.
+    let floor = ((WEIGHT_ONE as f64 * p.min_p as f64).ceil() as u64).max(1);
+    let rank_from = |keys: &mut Vec<u128>, at_least: u64| {
+        keys.clear();
+        let heavy = w.iter().enumerate().filter(|&(_, &x)| x >= at_least);
+        keys.extend(heavy.map(|(i, &x)| key(i as u32, x)));
+    };
+    let total: u128 = if p.top_k > 0 {
+        // The k heaviest weigh at least any bound that k tokens reach.
+        let mut at_least = WEIGHT_ONE >> 8;
+        while at_least > 1 && w.iter().filter(|&&x| x >= at_least).count() < p.top_k {
+            at_least >>= 8;
+        }
+        rank_from(keys, at_least.max(1));
+        if p.top_k < keys.len() {
+            keys.select_nth_unstable_by(p.top_k - 1, descending);
+            keys.truncate(p.top_k);
+        }
+        let total = keys.iter().map(|&k| key_weight(k)).sum();
+        keys.retain(|&k| key_weight(k) >= floor as u128);
+        total
+    } else {
+        let total: u128 = w.iter().map(|&x| x as u128).sum();
+        // The nucleus lies among any heaviest tokens (min-p's survivors) that reach its
+        // target.
+        let target = top_p_target(total, p.top_p);
+        let mut at_least = if p.top_p < 1.0 {
+            WEIGHT_ONE >> 8
+        } else {
+            floor
+        };
+        loop {
+            let bound = at_least.max(floor);
+            let heavy = w.iter().filter(|&&x| x >= bound).map(|&x| x as u128);
+            if bound == floor || heavy.sum::<u128>() >= target {
+                rank_from(keys, bound);
+                break;
+            }
+            at_least >>= 8;
+        }
+        total
+    };
+    if p.top_p < 1.0 {
+        let n = nucleus(keys, top_p_target(total, p.top_p));
+        keys.truncate(n);
+    }
+    keys.iter().copied().min().expect("the maximum is kept")
+}
+
+/// The weight the nucleus must reach: p of the candidates' `total`.
+fn top_p_target(total: u128, top_p: f32) -> u128 {
+    (total as f64 * top_p as f64).ceil().max(1.0) as u128
 }
 
 impl Sampler {
@@ -100,7 +289,9 @@ impl Sampler {
         Sampler {
             params,
             rng,
-            candidates: Vec::new(),
+            weights: Vec::new(),
+            keys: Vec::new(),
+            blocks: Vec::new(),
             adjusted: Vec::new(),
             seen: Vec::new(),
         }
@@ -111,11 +302,19 @@ impl Sampler {
     }
 
     /// The next token after `history` (prompt and generated ids so far), given its logits.
+    ///
+    /// Sampled: each token weighs `exp((l - max) / temperature)` (in fixed point); the
+    /// candidates, ranked heaviest first (lower id on ties), are cut by top-k (the k first),
+    /// min-p (those weighing at least `min_p` times the first) and top-p (the fewest first
+    /// whose weight reaches p times the top-k candidates' weight); a uniform draw below the
+    /// kept weight then walks the kept tokens in id order. Each cut is a selection, not a sort,
+    /// and the draw one pass: for the 2B vocabulary well under a millisecond where sorting it
+    /// took tens (`benches/sampling.rs`).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
-        self.adjusted.clear();
-        self.adjusted.extend_from_slice(logits);
-        if p.repetition_penalty != 1.0 {
+        let logits = if p.repetition_penalty != 1.0 {
+            self.adjusted.clear();
+            self.adjusted.extend_from_slice(logits);
             // Each distinct token already seen is penalised once, however often it occurred.
             self.seen.clear();
             self.seen.extend_from_slice(history);
@@ -130,58 +329,54 @@ impl Sampler {
                     }
                 }
             }
+            &self.adjusted[..]
+        } else {
+            logits
+        };
+        let max = largest(logits);
+        if p.temperature == 0.0 || max == f32::NEG_INFINITY {
+            return argmax(logits);
         }
-        if p.temperature == 0.0 {
-            return argmax(&self.adjusted);
-        }
-        let max = self
-            .adjusted
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max) as f64;
-        let t = p.temperature as f64;
-        self.candidates.clear();
-        self.candidates.extend(
-            self.adjusted
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, ((l as f64 - max) / t).exp())),
-        );
-        // Most likely first; ties by id, so the order (and the draw) is deterministic.
-        self.candidates.sort_by(|a, b| {
-            b.1.partial_cmp(&a.1)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.0.cmp(&b.0))
-        });
-        if p.top_k > 0 {
-            self.candidates.truncate(p.top_k);
-        }
-        let total: f64 = self.candidates.iter().map(|c| c.1).sum();
-        if p.min_p > 0.0 {
-            let floor = self.candidates[0].1 * p.min_p as f64;
-            self.candidates.retain(|c| c.1 >= floor);
-        }
-        if p.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let mut keep = 0;
-            for c in &self.candidates {
-                keep += 1;
-                cumulative += c.1 / total;
-                if cumulative >= p.top_p as f64 {
-                    break;
+        let t = p.temperature;
+        let w = &mut self.weights;
+        fixed_weights(w, logits, max, t);
+        // The lowest-ranked key kept (0: every token of nonzero weight).
+        let threshold = if p.top_k > 0 || p.min_p > 0.0 || p.top_p < 1.0 {
+            lowest_kept(w, &mut self.keys, p)
+        } else {
+            0
+        };
+        // Kept: heavier than the threshold, or as heavy with an id no higher.
+        let (heavier_than, up_to) = (key_weight(threshold) as u64, !(threshold as u32));
+        let kept_weight = |i: usize, w: u64| {
+            if w > heavier_than || (w == heavier_than && i as u32 <= up_to) {
+                w
+            } else {
+                0
+            }
+        };
+        self.blocks.clear();
+        self.blocks
+            .extend(w.chunks(BLOCK).enumerate().map(|(b, ws)| {
+                let at = |j: usize, &x: &u64| kept_weight(b * BLOCK + j, x);
+                ws.iter().enumerate().map(|(j, x)| at(j, x)).sum::<u64>()
+            }));
+        let kept: u128 = self.blocks.iter().map(|&s| s as u128).sum();
+        let mut draw = below(self.rng.next_u64(), kept);
+        for (b, &sum) in self.blocks.iter().enumerate() {
+            if draw >= sum as u128 {
+                draw -= sum as u128;
+                continue;
+            }
+            for (j, &x) in w[b * BLOCK..].iter().take(BLOCK).enumerate() {
+                let x = kept_weight(b * BLOCK + j, x) as u128;
+                if draw < x {
+                    return (b * BLOCK + j) as u32;
                 }
+                draw -= x;
             }
-            self.candidates.truncate(keep.max(1));
         }
-        let kept: f64 = self.candidates.iter().map(|c| c.1).sum();
-        let mut draw = self.rng.next_f64() * kept;
-        for c in &self.candidates {
-            if draw < c.1 {
-                return c.0;
-            }
-            draw -= c.1;
-        }
-        self.candidates.last().expect("at least one candidate").0
+        unreachable!("the draw lies below the kept weight")
     }
 }
 
@@ -285,6 +480,145 @@ mod tests {
         let c = counts(params(|p| p.seed = 43), 300, &[]);
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn fixed_weights_are_within_3e_7_of_exp() {
+        let logits: Vec<f32> = (0..=870_000).map(|i| -(i as f32) * 1e-4).collect();
+        let mut w = Vec::new();
+        fixed_weights(&mut w, &logits, 0.0, 1.0);
+        let mut worst = 0f64;
+        for (&l, &w) in logits.iter().zip(&w) {
+            let want = (l as f64).exp() * WEIGHT_ONE as f64;
+            // Past 2^22 units the shift's truncation is below 2.4e-7 of the weight.
+            if want > (1 << 22) as f64 {
+                worst = worst.max((w as f64 - want).abs() / want);
+            } else {
+                assert!(
+                    (w as f64 - want).abs() <= 1.0 + want * 3e-7,
+                    "{l}: {w} vs {want}"
+                );
+            }
+        }
+        assert!(worst < 3e-7, "{worst}");
+        let edge = [0.0, -88.0, f32::NEG_INFINITY, f32::NAN, -30.0, -36.1];
+        fixed_weights(&mut w, &edge, 0.0, 1.0);
+        assert_eq!(w[..4], [WEIGHT_ONE, 0, 0, 0]);
+        // e^-30 · 2^52 ≈ 421.6: still drawn; e^-36.1 · 2^52 ≈ 0.94: never.
+        assert_eq!(w[4..], [421, 0]);
+        // Temperature divides the distance to the maximum.
+        fixed_weights(&mut w, &[4.0, 2.0], 4.0, 2.0);
+        let want = (-1f64).exp() * WEIGHT_ONE as f64;
+        assert!((w[1] as f64 - want).abs() / want < 3e-7);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum_and_never_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 2.0, 3.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 1.0, f32::NAN, 0.5]), 1);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+    }
+
+    /// The sampler's steps written plainly: every candidate sorted up front, the nucleus
+    /// found by walking it (same weights, same generator).
+    fn sample_by_full_sort(p: &SamplingParams, rng: &mut Rng, logits: &[f32]) -> u32 {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut w = Vec::new();
+        fixed_weights(&mut w, logits, max, p.temperature);
+        let mut c: Vec<(u32, u64)> = (0..w.len() as u32)
+            .map(|i| (i, w[i as usize]))
+            .filter(|&(_, w)| w > 0)
+            .collect();
+        c.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            c.truncate(p.top_k);
+        }
+        let total: u128 = c.iter().map(|&(_, w)| w as u128).sum();
+        if p.min_p > 0.0 {
+            let floor = (c[0].1 as f64 * p.min_p as f64).ceil() as u64;
+            c.retain(|&(_, w)| w >= floor);
+        }
+        if p.top_p < 1.0 {
+            let target = (total as f64 * p.top_p as f64).ceil() as u128;
+            let (mut cumulative, mut keep) = (0u128, 0);
+            for &(_, w) in &c {
+                keep += 1;
+                cumulative += w as u128;
+                if cumulative >= target {
+                    break;
+                }
+            }
+            c.truncate(keep);
+        }
+        c.sort_by_key(|&(id, _)| id);
+        let kept: u128 = c.iter().map(|&(_, w)| w as u128).sum();
+        let mut draw = below(rng.next_u64(), kept);
+        for &(id, w) in &c {
+            if draw < w as u128 {
+                return id;
+            }
+            draw -= w as u128;
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn selection_draws_what_a_full_sort_draws() {
+        // Vocabularies past the first sorted block (256), logits on a coarse grid (many ties),
+        // some masked or NaN; every setting, 40 draws each from the same seed.
+        let mut gen = Rng(99);
+        for case in 0..60 {
+            let vocab = [300, 1000, 5000][case % 3];
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| match gen.next_u64() % 50 {
+                    0 => f32::NEG_INFINITY,
+                    1 => f32::NAN,
+                    r => (r % 24) as f32 * 0.5 - 6.0,
+                })
+                .collect();
+            let params = SamplingParams {
+                temperature: [0.3, 1.0, 4.0][case % 3],
+                top_k: [0, 5, 700][(case / 3) % 3],
+                top_p: [1.0, 0.9, 0.999][(case / 9) % 3],
+                min_p: [0.0, 0.01][(case / 27) % 2],
+                seed: case as u64,
+                ..SamplingParams::default()
+            };
+            let mut sampler = Sampler::new(params.clone());
+            let mut rng = Rng(params.seed);
+            for draw in 0..40 {
+                let want = sample_by_full_sort(&params, &mut rng, &logits);
+                assert_eq!(
+                    sampler.sample(&logits, &[]),
+                    want,
+                    "case {case} draw {draw}: {params:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nucleus_is_the_fewest_heaviest_reaching_the_target() {
+        // 100 candidates of weight 1 (ids 0..100) and one of weight 50: every target, exact
+        // sums at each split included.
+        for target in 1..=160u128 {
+            let mut keys: Vec<u128> = (0..100).map(|id| key(id, 1)).collect();
+            keys.push(key(100, 50));
+            let n = nucleus(&mut keys, target);
+            let want = if target <= 50 {
+                1
+            } else {
+                (target - 50 + 1).min(101) as usize
+            };
+            assert_eq!(n, want, "target {target}");
+            let mut first: Vec<u128> = keys[..n].to_vec();
+            first.sort_unstable_by(descending);
+            // The heaviest, then the lowest ids.
+            let ids: Vec<u32> = first.iter().map(|&k| !(k as u32)).collect();
+            let mut expected = vec![100];
+            expected.extend(0..n as u32 - 1);
+            assert_eq!(ids, expected, "target {target}");
+        }
     }
 
     #[test]
