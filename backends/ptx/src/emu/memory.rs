@@ -1,0 +1,364 @@
+//! Global and shared memory, with the shadow that finds data races between threads.
+
+use std::collections::HashMap;
+
+use super::exec::GlobalOp;
+use super::{err, EmuError};
+
+/// Who touched each 4-byte word of a memory during one launch (global memory) or one block
+/// (shared memory), to find data races: two threads touching the same word, at least one
+/// writing, with no barrier of a block they share between them. Such a program reads
+/// whatever the hardware's scheduling gives it, while this interpreter runs threads in one
+/// fixed order and would compute one plausible answer. Accesses are at least word-sized
+/// except 16-bit loads, which mark their word (no kernel stores less than a word).
+#[derive(Default)]
+pub(super) struct Shadow {
+    /// The launch an entry belongs to; older entries count as untouched (no clearing).
+    pub(super) stamp: Vec<u32>,
+    /// Thread (1 + block · block size + tid) of the last write, 0 if none.
+    pub(super) writer: Vec<u32>,
+    pub(super) write_epoch: Vec<u32>,
+    /// Thread of the reads, 0 if none, `MANY` if several threads read.
+    pub(super) reader: Vec<u32>,
+    /// The readers' block, `MANY` if they span blocks; the latest read's epoch.
+    pub(super) read_block: Vec<u32>,
+    pub(super) read_epoch: Vec<u32>,
+    /// Read through the non-coherent cache (`ld.global.nc`) in this launch: a later write
+    /// would leave the cached line stale. (An `.nc` read of what a kernel wrote, this launch
+    /// or before, is refused by `Memory::access`.)
+    pub(super) nc_read: Vec<bool>,
+}
+
+pub(super) const MANY: u32 = u32::MAX;
+
+/// One thread's access: its launch-wide id (1-based), block, and epoch (barriers its block
+/// has passed).
+#[derive(Clone, Copy)]
+pub(super) struct Access {
+    pub(super) thread: u32,
+    pub(super) block: u32,
+    pub(super) epoch: u32,
+    pub(super) block_size: u32,
+}
+
+impl Access {
+    /// Whether this access is ordered after another thread's access (or is that thread's):
+    /// same block, an earlier epoch.
+    pub(super) fn after(&self, thread: u32, block: u32, epoch: u32) -> bool {
+        thread == 0 || thread == self.thread || (block == self.block && epoch < self.epoch)
+    }
+
+    pub(super) fn describe(thread: u32, block_size: u32) -> String {
+        let t = thread - 1;
+        format!("block {} thread {}", t / block_size, t % block_size)
+    }
+}
+
+impl Shadow {
+    /// Forgets every entry (stamps restart).
+    pub(super) fn reset(&mut self) {
+        self.stamp.fill(0);
+    }
+
+    /// Makes room for `words` words.
+    pub(super) fn grow(&mut self, words: usize) {
+        if words <= self.stamp.len() {
+            return;
+        }
+        self.nc_read.resize(words, false);
+        for v in [
+            &mut self.stamp,
+            &mut self.writer,
+            &mut self.write_epoch,
+            &mut self.reader,
+            &mut self.read_block,
+            &mut self.read_epoch,
+        ] {
+            v.resize(words, 0);
+        }
+    }
+
+    /// Records an access to bytes `[at, at + len)` (offsets in this memory) in launch
+    /// `stamp`, a read through the non-coherent cache if `nc`; an error names the race.
+    pub(super) fn access(
+        &mut self,
+        stamp: u32,
+        at: usize,
+        len: usize,
+        a: Access,
+        write: bool,
+        nc: bool,
+    ) -> Result<(), EmuError> {
+        let words = at / 4..(at + len).div_ceil(4);
+        self.grow(words.end);
+        for w in words {
+            if self.stamp[w] != stamp {
+                self.stamp[w] = stamp;
+                self.writer[w] = 0;
+                self.reader[w] = 0;
+                self.nc_read[w] = false;
+            }
+            if write && self.nc_read[w] {
+                return err(format!(
+                    "word {:#x} is written after a read through the non-coherent cache (ld.global.nc) in one launch",
+                    4 * w
+                ));
+            }
+            self.nc_read[w] |= nc;
+            let writer = self.writer[w];
+            let writer_block = writer.wrapping_sub(1) / a.block_size;
+            if !a.after(writer, writer_block, self.write_epoch[w]) {
+                return err(format!(
+                    "data race: {} {} word {:#x}, which {} wrote with no barrier between",
+                    Access::describe(a.thread, a.block_size),
+                    if write { "writes" } else { "reads" },
+                    4 * w,
+                    Access::describe(writer, a.block_size),
+                ));
+            }
+            let reader = self.reader[w];
+            if write {
+                let (block, epoch) = (self.read_block[w], self.read_epoch[w]);
+                let ordered = reader == 0
+                    || reader == a.thread
+                    || (reader == MANY && block == a.block && epoch < a.epoch)
+                    || (reader != MANY && a.after(reader, block, epoch));
+                if !ordered {
+                    let who = if reader == MANY {
+                        "other threads".to_string()
+                    } else {
+                        Access::describe(reader, a.block_size)
+                    };
+                    return err(format!(
+                        "data race: {} writes word {:#x}, which {who} read with no barrier between",
+                        Access::describe(a.thread, a.block_size),
+                        4 * w,
+                    ));
+                }
+                self.writer[w] = a.thread;
+                self.write_epoch[w] = a.epoch;
+            } else if reader == 0 || reader == a.thread {
+                self.reader[w] = a.thread;
+                self.read_block[w] = a.block;
+                self.read_epoch[w] = a.epoch;
+            } else {
+                self.reader[w] = MANY;
+                if self.read_block[w] != a.block {
+                    self.read_block[w] = MANY;
+                }
+                self.read_epoch[w] = self.read_epoch[w].max(a.epoch);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A block's shared memory and who touched it.
+pub(super) struct SharedMemory {
+    pub(super) bytes: Vec<u8>,
+    pub(super) shadow: Shadow,
+    /// Per 16-byte unit: the thread (launch-wide id) whose generic-proxy store to it has not
+    /// yet been followed by its `fence.proxy.async`, or 0. `wgmma` reads shared memory through
+    /// the async proxy, which sees such stores only after that fence.
+    pub(super) unfenced: Vec<u32>,
+    /// The units each thread has stored to since its last `fence.proxy.async`.
+    pub(super) unfenced_by: HashMap<u32, Vec<usize>>,
+}
+
+impl SharedMemory {
+    pub(super) fn range(&self, at: u64, len: usize) -> Result<std::ops::Range<usize>, EmuError> {
+        let a = at as usize;
+        if a.checked_add(len)
+            .map_or(true, |end| end > self.bytes.len())
+        {
+            return err(format!("shared access at {a} out of bounds"));
+        }
+        Ok(a..a + len)
+    }
+
+    pub(super) fn read(&mut self, at: u64, len: usize, who: Access) -> Result<&[u8], EmuError> {
+        let r = self.range(at, len)?;
+        self.shadow.access(1, r.start, len, who, false, false)?;
+        Ok(&self.bytes[r])
+    }
+
+    pub(super) fn write(&mut self, at: u64, data: &[u8], who: Access) -> Result<(), EmuError> {
+        let r = self.range(at, data.len())?;
+        self.shadow
+            .access(1, r.start, data.len(), who, true, false)?;
+        for unit in r.start / 16..=(r.end - 1) / 16 {
+            if self.unfenced[unit] != who.thread {
+                self.unfenced[unit] = who.thread;
+                self.unfenced_by.entry(who.thread).or_default().push(unit);
+            }
+        }
+        self.bytes[r].copy_from_slice(data);
+        Ok(())
+    }
+
+    /// `fence.proxy.async.shared::cta` by `thread`: its stores so far become visible to the
+    /// async proxy.
+    pub(super) fn fence_proxy_async(&mut self, thread: u32) {
+        for unit in self.unfenced_by.remove(&thread).unwrap_or_default() {
+            if self.unfenced[unit] == thread {
+                self.unfenced[unit] = 0;
+            }
+        }
+    }
+
+    /// A read through the async proxy (`wgmma`'s operands): as `read`, and an error where a
+    /// thread's store to these bytes was not followed by its `fence.proxy.async`.
+    pub(super) fn read_async(
+        &mut self,
+        at: u64,
+        len: usize,
+        who: Access,
+    ) -> Result<&[u8], EmuError> {
+        let r = self.range(at, len)?;
+        for unit in r.start / 16..=(r.end - 1) / 16 {
+            let writer = self.unfenced[unit];
+            if writer != 0 {
+                return err(format!(
+                    "wgmma reads shared byte {} that thread {} stored without fence.proxy.async",
+                    16 * unit,
+                    writer
+                ));
+            }
+        }
+        self.read(at, len, who)
+    }
+}
+
+/// Device memory: buffers in one arena at fake addresses.
+pub struct Memory {
+    pub(super) bytes: Vec<u8>,
+    /// Who touched what during the current launch (`launch` is its stamp).
+    pub(super) shadow: Shadow,
+    pub(super) launch: u32,
+    /// Words some kernel has written (ever): a kernel may not read them before its
+    /// `griddepcontrol.wait`, when the kernel that writes them may still be running.
+    pub(super) kernel_written: Vec<bool>,
+}
+
+pub(super) const BASE: u64 = 0x1000_0000;
+
+impl Default for Memory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Memory {
+    pub fn new() -> Memory {
+        Memory {
+            bytes: Vec::new(),
+            shadow: Shadow::default(),
+            launch: 0,
+            kernel_written: Vec::new(),
+        }
+    }
+
+    /// A kernel's access (as opposed to the host's copies, which are not tracked).
+    pub(super) fn access(
+        &mut self,
+        addr: u64,
+        len: usize,
+        who: Access,
+        op: GlobalOp,
+    ) -> Result<(), EmuError> {
+        let (write, waited, nc) = match op {
+            GlobalOp::Read { waited, nc } => (false, waited, nc),
+            GlobalOp::Write { waited } => (true, waited, false),
+        };
+        let r = self.range(addr, len)?;
+        let words = r.start / 4..r.end.div_ceil(4);
+        if self.kernel_written.len() < words.end {
+            self.kernel_written
+                .resize(self.bytes.len().div_ceil(4), false);
+        }
+        // The non-coherent cache is for data nothing writes while the kernel runs; with
+        // programmatic dependent launch the kernel before may still be writing when this one
+        // starts, so only weights and the host's inputs may be read through it.
+        if nc && self.kernel_written[words.clone()].iter().any(|&w| w) {
+            return err(format!(
+                "ld.global.nc at {addr:#x} of memory a kernel wrote (only weights and host inputs may go through the non-coherent cache)"
+            ));
+        }
+        if !waited {
+            if write {
+                return err(format!(
+                    "writes global memory at {addr:#x} before griddepcontrol.wait (the kernel before may still be running)"
+                ));
+            }
+            if self.kernel_written[words.clone()].iter().any(|&w| w) {
+                return err(format!(
+                    "reads global memory at {addr:#x}, which a kernel wrote, before griddepcontrol.wait"
+                ));
+            }
+        }
+        if write {
+            self.kernel_written[words].fill(true);
+        }
+        self.shadow
+            .access(self.launch, r.start, len, who, write, nc)
+    }
+
+    /// Allocates `data` (256-byte aligned) and returns its device address.
+    pub fn alloc(&mut self, data: &[u8]) -> u64 {
+        let at = self.bytes.len().div_ceil(256) * 256;
+        self.bytes.resize(at, 0);
+        self.bytes.extend_from_slice(data);
+        // A guard gap so an overrun reads into nothing that belongs to another buffer.
+        self.bytes.resize(self.bytes.len() + 256, 0xEE);
+        BASE + at as u64
+    }
+
+    pub fn alloc_f32(&mut self, data: &[f32]) -> u64 {
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.alloc(&bytes)
+    }
+
+    pub fn alloc_u32(&mut self, data: &[u32]) -> u64 {
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.alloc(&bytes)
+    }
+
+    pub(super) fn range(&self, addr: u64, len: usize) -> Result<std::ops::Range<usize>, EmuError> {
+        let start = addr
+            .checked_sub(BASE)
+            .ok_or_else(|| EmuError(format!("global access at {addr:#x}, below memory")))?
+            as usize;
+        if start + len > self.bytes.len() {
+            return err(format!("global access at {addr:#x} past the end of memory"));
+        }
+        Ok(start..start + len)
+    }
+
+    pub fn read(&self, addr: u64, len: usize) -> Result<&[u8], EmuError> {
+        let r = self.range(addr, len)?;
+        Ok(&self.bytes[r])
+    }
+
+    pub fn read_f32(&self, addr: u64, n: usize) -> Result<Vec<f32>, EmuError> {
+        Ok(self
+            .read(addr, 4 * n)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    pub fn read_u32(&self, addr: u64, n: usize) -> Result<Vec<u32>, EmuError> {
+        Ok(self
+            .read(addr, 4 * n)?
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    /// Writes `data` at a device address (host-to-device copy).
+    pub fn write_bytes(&mut self, addr: u64, data: &[u8]) -> Result<(), EmuError> {
+        let r = self.range(addr, data.len())?;
+        self.bytes[r].copy_from_slice(data);
+        Ok(())
+    }
+}

@@ -1,0 +1,246 @@
+//! The interpreter's own tests: each instruction family and each error it must report.
+
+use super::exec::*;
+use super::memory::*;
+use super::parse::*;
+use super::*;
+
+/// Runs kernel `k` of `ptx` on one warp with an output buffer of `words` u32 (its only
+/// parameter); returns what the kernel left there.
+fn run_one_warp(ptx: &str, words: usize) -> Result<Vec<u32>, EmuError> {
+    let m = Module::parse(ptx)?;
+    let mut mem = Memory::new();
+    let out = mem.alloc(&vec![0; 4 * words]);
+    run(
+        &m,
+        "k",
+        &Launch {
+            grid: 1,
+            block: 32,
+            params: &[out],
+        },
+        &mut mem,
+    )?;
+    mem.read_u32(out, words)
+}
+
+#[test]
+fn f16_conversions_round_to_nearest_even_and_keep_subnormals() {
+    for (v, h) in [
+        (1.0f32, 0x3C00u16),
+        (-2.0, 0xC000),
+        (65504.0, 0x7BFF),
+        (65519.0, 0x7BFF),
+        (65520.0, 0x7C00),
+        (2f32.powi(-14), 0x0400),
+        (2f32.powi(-24), 0x0001),
+        (2f32.powi(-25), 0x0000),
+        (3.0 * 2f32.powi(-25), 0x0002),
+        (0.1, 0x2E66),
+    ] {
+        assert_eq!(f32_to_f16(v), h, "{v}");
+    }
+    // Halfway between 1 and 1 + 2^-10: ties go to the even one.
+    assert_eq!(f32_to_f16(1.0 + 2f32.powi(-11)), 0x3C00);
+    assert_eq!(f32_to_f16(1.0 + 3.0 * 2f32.powi(-11)), 0x3C02);
+    // Every half widens exactly and narrows back to itself.
+    for h in (0u16..=0xFFFF).filter(|h| (h >> 10) & 0x1F != 0x1F) {
+        assert_eq!(f32_to_f16(f16_to_f32(h)), h, "{h:#06x}");
+    }
+}
+
+#[test]
+fn bf16_rounding_is_to_nearest_even() {
+    assert_eq!(f32_to_bf16(1.0), 0x3F80);
+    // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0).
+    assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3F80);
+    assert_eq!(f32_to_bf16(1.0 + 3.0 / 256.0), 0x3F82);
+    assert_eq!(bf16_to_f32(0x3F80), 1.0);
+}
+
+#[test]
+fn partial_warp_shuffle_is_an_error() {
+    let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.reg .b32 %r<3>;\n\t.reg .pred %p<1>;\n\tmov.u32 %r0, %tid.x;\n\tsetp.eq.u32 %p0, %r0, 3;\n\t@%p0 bra $end;\n\tshfl.sync.bfly.b32 %r1, %r0, 1, 31, -1;\n$end:\n\tret;\n}\n";
+    let e = run_one_warp(ptx, 1).unwrap_err();
+    assert!(e.0.contains("only part of a warp"), "{e}");
+}
+
+#[test]
+fn launch_beyond_maxntid_is_an_error() {
+    let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n.maxntid 16, 1, 1\n.minnctapersm 8\n{\n\tret;\n}\n";
+    let e = run_one_warp(ptx, 1).unwrap_err();
+    assert!(e.0.contains(".maxntid"), "{e}");
+    // Blocks past 256 threads need launch bounds at all.
+    let m = Module::parse(".visible .entry k(\n\t.param .u64 out\n)\n{\n\tret;\n}\n").unwrap();
+    let mut mem = Memory::new();
+    let out = mem.alloc(&[0; 4]);
+    let params = [out];
+    let launch = |block| Launch {
+        grid: 1,
+        block,
+        params: &params,
+    };
+    assert!(run(&m, "k", &launch(256), &mut mem).is_ok());
+    let e = run(&m, "k", &launch(288), &mut mem).unwrap_err();
+    assert!(e.0.contains("without launch bounds"), "{e}");
+}
+
+/// Lane 8m + r gives the address of row r of matrix m; register m of lane L receives word
+/// L % 4 of row L / 4 of matrix m. Rows are interleaved in shared memory so that the
+/// addresses, not the order, decide.
+#[test]
+fn ldmatrix_distributes_rows_as_the_isa_says() {
+    let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.shared .align 16 .b8 s[512];\n\t.reg .b32 %r<12>;\n\t.reg .b64 %rd<8>;\n\tld.param.u64 %rd0, [out];\n\tcvta.to.global.u64 %rd1, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tshl.b32 %r1, %r0, 2;\n\tadd.u32 %r2, %r1, 1;\n\tadd.u32 %r3, %r1, 2;\n\tadd.u32 %r4, %r1, 3;\n\tmul.wide.u32 %rd3, %r0, 16;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.v4.b32 [%rd4], {%r1, %r2, %r3, %r4};\n\tbar.sync 0;\n\tand.b32 %r5, %r0, 7;\n\tshr.u32 %r6, %r0, 3;\n\tmad.lo.u32 %r7, %r5, 4, %r6;\n\tmul.wide.u32 %rd3, %r7, 16;\n\tadd.u64 %rd5, %rd2, %rd3;\n\tldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r8, %r9, %r10, %r11}, [%rd5];\n\tmul.wide.u32 %rd3, %r0, 16;\n\tadd.u64 %rd6, %rd1, %rd3;\n\tst.global.v4.u32 [%rd6], {%r8, %r9, %r10, %r11};\n\tret;\n}\n";
+    let got = run_one_warp(ptx, 128).unwrap();
+    for lane in 0..32u32 {
+        for matrix in 0..4u32 {
+            // Row (matrix, lane / 4) is stored at row slot (lane / 4) · 4 + matrix.
+            let want = ((lane / 4) * 4 + matrix) * 4 + lane % 4;
+            assert_eq!(
+                got[(lane * 4 + matrix) as usize],
+                want,
+                "lane {lane} matrix {matrix}"
+            );
+        }
+    }
+}
+
+/// With `.trans` each lane receives a column pair of the matrix: register m of lane L holds
+/// elements (2·(L % 4), L / 4) and (2·(L % 4) + 1, L / 4) of matrix m. Row slot s holds the
+/// 16-bit elements 8s..8s+7, rows interleaved as above.
+#[test]
+fn ldmatrix_trans_distributes_columns_as_the_isa_says() {
+    let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.shared .align 16 .b8 s[512];\n\t.reg .b32 %r<20>;\n\t.reg .b64 %rd<8>;\n\tld.param.u64 %rd0, [out];\n\tcvta.to.global.u64 %rd1, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tshl.b32 %r1, %r0, 3;\n\tmad.lo.u32 %r12, %r1, 65537, 65536;\n\tadd.u32 %r2, %r12, 131074;\n\tadd.u32 %r3, %r12, 262148;\n\tadd.u32 %r4, %r12, 393222;\n\tmul.wide.u32 %rd3, %r0, 16;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.v4.b32 [%rd4], {%r12, %r2, %r3, %r4};\n\tbar.sync 0;\n\tand.b32 %r5, %r0, 7;\n\tshr.u32 %r6, %r0, 3;\n\tmad.lo.u32 %r7, %r5, 4, %r6;\n\tmul.wide.u32 %rd3, %r7, 16;\n\tadd.u64 %rd5, %rd2, %rd3;\n\tldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%r8, %r9, %r10, %r11}, [%rd5];\n\tmul.wide.u32 %rd3, %r0, 16;\n\tadd.u64 %rd6, %rd1, %rd3;\n\tst.global.v4.u32 [%rd6], {%r8, %r9, %r10, %r11};\n\tret;\n}\n";
+    let got = run_one_warp(ptx, 128).unwrap();
+    let element = |matrix: u32, row: u32, col: u32| (row * 4 + matrix) * 8 + col;
+    for lane in 0..32u32 {
+        for matrix in 0..4u32 {
+            let (row, col) = (2 * (lane % 4), lane / 4);
+            let want = element(matrix, row, col) | element(matrix, row + 1, col) << 16;
+            assert_eq!(
+                got[(lane * 4 + matrix) as usize],
+                want,
+                "lane {lane} matrix {matrix}"
+            );
+        }
+    }
+}
+
+#[test]
+fn barrier_orders_shared_memory() {
+    // Thread i writes i to shared[i]; after the barrier it reads shared[31 - i].
+    let ptx = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.shared .align 4 .b8 s[128];\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<6>;\n\tld.param.u64 %rd0, [out];\n\tcvta.to.global.u64 %rd1, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.u32 [%rd4], %r0;\n\tbar.sync 0;\n\tsub.u32 %r1, 31, %r0;\n\tmul.wide.u32 %rd3, %r1, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tld.shared.u32 %r2, [%rd4];\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd5, %rd1, %rd3;\n\tst.global.u32 [%rd5], %r2;\n\tret;\n}\n";
+    let got = run_one_warp(ptx, 32).unwrap();
+    assert_eq!(got, (0..32).rev().collect::<Vec<u32>>());
+}
+
+#[test]
+fn nothing_before_griddepcontrol_wait_touches_what_kernels_write() {
+    // Thread i copies p[i + 32] to p[i], waiting for earlier kernels at `wait` (0: first,
+    // 1: between the load and the store, 2: last, 3: never).
+    let copy = |wait: usize| {
+        let w = |at| {
+            if at == wait {
+                "griddepcontrol.wait;"
+            } else {
+                ""
+            }
+        };
+        format!(".visible .entry k(\n\t.param .u64 p\n)\n{{\n\t.reg .b32 %r<3>;\n\t.reg .b64 %rd<4>;\n\t{}\n\tld.param.u64 %rd0, [p];\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\tld.global.u32 %r1, [%rd2+128];\n\t{}\n\tst.global.u32 [%rd2], %r1;\n\t{}\n\tret;\n}}\n", w(0), w(1), w(2))
+    };
+    // Two launches: the first copies host-written words 64.. to 32..; the second reads
+    // those (a kernel's output) into 0...
+    let run_twice = |ptx: &str| -> Result<(), EmuError> {
+        let m = Module::parse(ptx)?;
+        let mut mem = Memory::new();
+        let out = mem.alloc(&[0; 4 * 128]);
+        for p in [out + 128, out] {
+            let launch = Launch {
+                grid: 1,
+                block: 32,
+                params: &[p],
+            };
+            run(&m, "k", &launch, &mut mem)?;
+        }
+        Ok(())
+    };
+    assert!(run_twice(&copy(0)).is_ok());
+    // Reading what the host wrote before the wait is allowed, what a kernel wrote is not.
+    let e = run_twice(&copy(1)).unwrap_err();
+    assert!(
+        e.0.contains("which a kernel wrote, before griddepcontrol.wait"),
+        "{e}"
+    );
+    let e = run_twice(&copy(2)).unwrap_err();
+    assert!(
+        e.0.contains("writes global memory") && e.0.contains("before"),
+        "{e}"
+    );
+    // A kernel without a wait is launched plainly: nothing to check.
+    assert!(run_twice(&copy(3)).is_ok());
+}
+
+#[test]
+fn non_coherent_loads_of_what_the_launch_writes_are_errors() {
+    // Each thread stores to p[i], then loads p[i] (its own write: no race) with `load`.
+    let kernel = |load: &str| {
+        format!(".visible .entry k(\n\t.param .u64 p\n)\n{{\n\t.reg .b32 %r<3>;\n\t.reg .b64 %rd<4>;\n\tld.param.u64 %rd0, [p];\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\tst.global.u32 [%rd2], %r0;\n\t{load} %r1, [%rd2];\n\tst.global.u32 [%rd2+128], %r1;\n\tret;\n}}\n")
+    };
+    assert!(run_one_warp(&kernel("ld.global.u32"), 64).is_ok());
+    let e = run_one_warp(&kernel("ld.global.nc.u32"), 64).unwrap_err();
+    assert!(e.0.contains("non-coherent"), "{e}");
+    // Each thread reads p[i + 1] (written by no kernel), then, after a barrier (so no
+    // race), writes p[i]: thread i + 1's write lands on a word thread i read through the
+    // non-coherent cache in the same launch.
+    let write_after = |load: &str| {
+        format!(".visible .entry k(\n\t.param .u64 p\n)\n{{\n\t.reg .b32 %r<3>;\n\t.reg .b64 %rd<4>;\n\tld.param.u64 %rd0, [p];\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\t{load} %r1, [%rd2+4];\n\tbar.sync 0;\n\tst.global.u32 [%rd2], %r1;\n\tret;\n}}\n")
+    };
+    assert!(run_one_warp(&write_after("ld.global.u32"), 64).is_ok());
+    let e = run_one_warp(&write_after("ld.global.nc.u32"), 64).unwrap_err();
+    assert!(
+        e.0.contains("written after a read through the non-coherent"),
+        "{e}"
+    );
+}
+
+/// A kernel, its launch shape, and whether the interpreter reports a data race in it.
+fn races(ptx: &str, grid: u32) -> bool {
+    let m = Module::parse(ptx).unwrap();
+    let mut mem = Memory::new();
+    let out = mem.alloc(&[0; 4 * 64]);
+    match run(
+        &m,
+        "k",
+        &Launch {
+            grid,
+            block: 32,
+            params: &[out],
+        },
+        &mut mem,
+    ) {
+        Ok(_) => false,
+        Err(e) if e.0.contains("data race") => true,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn data_races_are_errors() {
+    let shared_swap = |barrier: &str| {
+        format!(".visible .entry k(\n\t.param .u64 out\n)\n{{\n\t.shared .align 4 .b8 s[128];\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<6>;\n\tld.param.u64 %rd0, [out];\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tst.shared.u32 [%rd4], %r0;\n\t{barrier}\n\tsub.u32 %r1, 31, %r0;\n\tmul.wide.u32 %rd3, %r1, 4;\n\tadd.u64 %rd4, %rd2, %rd3;\n\tld.shared.u32 %r2, [%rd4];\n\tmul.wide.u32 %rd3, %r0, 4;\n\tadd.u64 %rd5, %rd0, %rd3;\n\tst.global.u32 [%rd5], %r2;\n\tret;\n}}\n")
+    };
+    // Reading another thread's shared write: ordered by a barrier, a race without one.
+    assert!(!races(&shared_swap("bar.sync 0;"), 1));
+    assert!(races(&shared_swap(""), 1));
+    // Each thread writes out[tid]: one block is fine; two blocks write the same words.
+    let global_store = ".visible .entry k(\n\t.param .u64 out\n)\n{\n\t.reg .b32 %r<2>;\n\t.reg .b64 %rd<4>;\n\tld.param.u64 %rd0, [out];\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\tst.global.u32 [%rd2], %r0;\n\tret;\n}\n";
+    assert!(!races(global_store, 1));
+    assert!(races(global_store, 2));
+    // Thread i reads out[i + 1], then writes out[i]: its neighbour's write races its read
+    // (a barrier between them orders them, within one block).
+    let shift = |barrier: &str| {
+        format!(".visible .entry k(\n\t.param .u64 out\n)\n{{\n\t.reg .b32 %r<3>;\n\t.reg .b64 %rd<4>;\n\tld.param.u64 %rd0, [out];\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\tld.global.u32 %r1, [%rd2+4];\n\t{barrier}\n\tst.global.u32 [%rd2], %r1;\n\tret;\n}}\n")
+    };
+    assert!(races(&shift(""), 1));
+    assert!(!races(&shift("bar.sync 0;"), 1));
+}
