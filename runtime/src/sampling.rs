@@ -86,7 +86,8 @@ pub struct Sampler {
     /// Kept weight per `BLOCK` tokens, reused.
     blocks: Vec<u64>,
     adjusted: Vec<f32>,
-    seen: Vec<u32>,
+    /// A bit per vocabulary entry: seen in the history (repetition penalty), reused.
+    seen: Vec<u64>,
 }
 
 /// Index of the largest value; the first one on ties, as the reference's argmax. NaN never
@@ -315,12 +316,20 @@ impl Sampler {
         let logits = if p.repetition_penalty != 1.0 {
             self.adjusted.clear();
             self.adjusted.extend_from_slice(logits);
-            // Each distinct token already seen is penalised once, however often it occurred.
+            // Each distinct token already seen is penalised once, however often it occurred:
+            // a bit per vocabulary entry marks the first sighting (one pass over the
+            // history, no sort of it per token).
             self.seen.clear();
-            self.seen.extend_from_slice(history);
-            self.seen.sort_unstable();
-            self.seen.dedup();
-            for &id in &self.seen {
+            self.seen.resize(logits.len().div_ceil(64), 0);
+            for &id in history {
+                let (word, bit) = (id as usize / 64, 1u64 << (id % 64));
+                let Some(w) = self.seen.get_mut(word) else {
+                    continue;
+                };
+                if *w & bit != 0 {
+                    continue;
+                }
+                *w |= bit;
                 if let Some(l) = self.adjusted.get_mut(id as usize) {
                     if *l > 0.0 {
                         *l /= p.repetition_penalty;
