@@ -105,6 +105,8 @@ variant() {
   fi
   echo "$name: ${!name}"
 }
+# Sampled decoding: the step's logits come back (1 MB) and the host samples them.
+variant dec_sampled "$exe" --ids 2 --max-new-tokens 512 --ignore-eos --temperature 0.8 --top-p 0.95 --seed 1 --stats
 w=(--weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats)
 variant pre_wgmma "$carry/2b/griffin-2b-wgmma" "${w[@]}"
 variant pre_f16in "$carry/2b/griffin-2b-f16in" "${w[@]}"
@@ -128,9 +130,9 @@ if [ "$SECONDS" -lt "$budget" ]; then
 fi
 echo "elapsed: ${SECONDS} s"
 
-"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" "$pre_f16in" "$pre_whole" "$pre_wgmma" "$pre_wgmma_f16" <<'PY'
+"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" "$pre_f16in" "$pre_whole" "$pre_wgmma" "$pre_wgmma_f16" "$dec_sampled" <<'PY'
 import json, os, re, sys
-pre, dec, ref, exe, pre_simt, pre_bf16in, pre_plain, dec_plain, pre_512, pre_f16in, pre_whole, pre_wgmma, pre_wgmma_f16 = sys.argv[1:14]
+pre, dec, ref, exe, pre_simt, pre_bf16in, pre_plain, dec_plain, pre_512, pre_f16in, pre_whole, pre_wgmma, pre_wgmma_f16, dec_sampled = sys.argv[1:15]
 def num(pattern, s):
     m = re.search(pattern, s)
     return float(m.group(1)) if m else float("nan")
@@ -147,6 +149,7 @@ print("| engine | prefill tok/s (2048) | decode tok/s | memory | decode bandwidt
 print("| --- | --- | --- | --- | --- |")
 print(f"| griffinc --target cuda | {ours_pre:.0f} | {ours_dec:.1f} | {dev_mb:.0f} MB device | {ours_dec * weights_gb:.0f} GB/s of weights |")
 print(f"| griffinc --target cuda, GRIFFIN_CUDA_PDL=0 | {num(r'prefill ([0-9.]+) tokens/s', pre_plain):.0f} | {num(r'decode ([0-9.]+) tokens/s', dec_plain):.1f} | | {num(r'decode ([0-9.]+) tokens/s', dec_plain) * weights_gb:.0f} GB/s of weights |")
+print(f"| griffinc --target cuda, sampled (temperature 0.8, top-p 0.95) | | {num(r'decode ([0-9.]+) tokens/s', dec_sampled):.1f} | | |")
 print(f"| griffinc --target cuda --prefill-chunk 512 | {num(r'prefill ([0-9.]+) tokens/s', pre_512):.0f} | | {num(r'device memory ([0-9.]+) MB', pre_512):.0f} MB device | |")
 print(f"| griffinc --target cuda --no-tensor-cores | {num(r'prefill ([0-9.]+) tokens/s', pre_simt):.0f} | | | |")
 print(f"| griffinc --target cuda --tensor-core-inputs bf16 | {num(r'prefill ([0-9.]+) tokens/s', pre_bf16in):.0f} | | | |")
