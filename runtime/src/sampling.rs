@@ -343,12 +343,13 @@ impl Sampler {
             logits
         };
         let max = largest(logits);
-        if p.temperature == 0.0 || max == f32::NEG_INFINITY {
+        // Nothing to weigh against (every logit -inf or NaN), an infinite logit (it takes all
+        // the mass), or a temperature so small its inverse overflows: the argmax.
+        if p.temperature == 0.0 || !max.is_finite() || !(1.0 / p.temperature).is_finite() {
             return argmax(logits);
         }
-        let t = p.temperature;
         let w = &mut self.weights;
-        fixed_weights(w, logits, max, t);
+        fixed_weights(w, logits, max, p.temperature);
         // The lowest-ranked key kept (0: every token of nonzero weight).
         let threshold = if p.top_k > 0 || p.min_p > 0.0 || p.top_p < 1.0 {
             lowest_kept(w, &mut self.keys, p)
@@ -519,6 +520,20 @@ mod tests {
         fixed_weights(&mut w, &[4.0, 2.0], 4.0, 2.0);
         let want = (-1f64).exp() * WEIGHT_ONE as f64;
         assert!((w[1] as f64 - want).abs() / want < 3e-7);
+    }
+
+    #[test]
+    fn degenerate_logits_and_temperatures_take_the_argmax() {
+        let mut s = Sampler::new(params(|_| {}));
+        assert_eq!(s.sample(&[0.0, f32::INFINITY, 1.0, f32::INFINITY], &[]), 1);
+        assert_eq!(s.sample(&[f32::NEG_INFINITY, f32::NAN, 2.0], &[]), 2);
+        assert_eq!(s.sample(&[f32::NEG_INFINITY; 3], &[]), 0);
+        let mut tiny = Sampler::new(params(|p| p.temperature = 1e-45));
+        assert_eq!(tiny.sample(&LOGITS, &[]), 5);
+        let mut huge = Sampler::new(params(|p| p.temperature = f32::MAX));
+        let drawn: std::collections::HashSet<u32> =
+            (0..200).map(|_| huge.sample(&LOGITS, &[])).collect();
+        assert_eq!(drawn.len(), 6, "every token equally likely: {drawn:?}");
     }
 
     #[test]
