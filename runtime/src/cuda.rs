@@ -222,6 +222,49 @@ impl Drop for DeviceMemory {
     }
 }
 
+/// One row of logits in page-locked host memory, where every step's logits come back: the
+/// driver copies into it by DMA, while a copy into pageable memory goes through a staging
+/// buffer (for the 2B vocabulary, 1 MB a sampled token).
+struct PinnedRow {
+    ptr: *mut f32,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl PinnedRow {
+    fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<PinnedRow, RuntimeError> {
+        ctx.bind_to_thread()
+            .map_err(|e| driver("binding the context", e))?;
+        // SAFETY: plain allocation of len f32 (at least one); freed in Drop.
+        let ptr = unsafe { cu::malloc_host(4 * len.max(1), 0) }
+            .map_err(|e| driver(&format!("allocating {} bytes of host memory", 4 * len), e))?;
+        Ok(PinnedRow {
+            ptr: ptr.cast(),
+            len,
+            ctx: ctx.clone(),
+        })
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        // SAFETY: len f32, allocated by `new`; the host reads it only after the stream
+        // synchronised past the copy into it.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as `as_slice`; `&mut self` keeps it unique on the host.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for PinnedRow {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by malloc_host, freed once.
+        let _ = unsafe { cu::free_host(self.ptr.cast()) };
+    }
+}
+
 /// The PTX module, loaded once, unloaded on drop.
 struct Module {
     raw: sys::CUmodule,
@@ -289,7 +332,10 @@ pub struct CudaExecutor {
     _weights: DeviceMemory,
     _arena: DeviceMemory,
     position: u32,
+    /// Every row's logits of a prefill chunk (pageable: up to max_tokens rows).
     logits: Vec<f32>,
+    /// A step's logits, or a chunk's last row.
+    row: PinnedRow,
     /// Bytes of device memory this executor allocated.
     pub device_bytes: u64,
     /// Last, so that it drops after the programs' graphs, which launch its kernels.
@@ -508,7 +554,8 @@ impl CudaExecutor {
             _weights: weights_mem,
             _arena: arena,
             position: 0,
-            logits: vec![0.0; vocab],
+            logits: Vec::new(),
+            row: PinnedRow::new(&ctx, vocab)?,
         })
     }
 
@@ -699,15 +746,28 @@ impl CudaExecutor {
     /// One token; its logits.
     pub fn step(&mut self, id: u32) -> Result<&[f32], RuntimeError> {
         self.run_step(id, false)?;
-        self.logits.resize(self.plan.vocab(), 0.0);
+        self.read_rows(self.addresses[self.plan.logits], 1, "running the decode step")
+    }
+
+    /// Copies `rows` rows of logits from `at` back (one into the page-locked row, more into
+    /// the pageable buffer) once the stream gets there; `what` names the work in an error.
+    fn read_rows(&mut self, at: u64, rows: usize, what: &str) -> Result<&[f32], RuntimeError> {
         let s = self.stream.cu_stream();
-        // SAFETY: the logits buffer holds vocab f32.
-        unsafe { cu::memcpy_dtoh_async(&mut self.logits, self.addresses[self.plan.logits], s) }
+        let out = if rows == 1 {
+            self.row.as_mut_slice()
+        } else {
+            self.logits.resize(rows * self.plan.vocab(), 0.0);
+            &mut self.logits[..]
+        };
+        // SAFETY: `at` holds `rows` rows of vocab f32 (a logits buffer of the plan).
+        unsafe { cu::memcpy_dtoh_async(out, at, s) }
             .map_err(|e| driver("reading the logits", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| driver("running the decode step", e))?;
-        Ok(&self.logits)
+        self.stream.synchronize().map_err(|e| driver(what, e))?;
+        Ok(if rows == 1 {
+            self.row.as_slice()
+        } else {
+            &self.logits
+        })
     }
 
     /// One token; the greedy next id, chosen on the device (4 bytes copied back).
@@ -756,7 +816,6 @@ impl CudaExecutor {
         let n = ids.len() as u32;
         self.upload_chunk(ids)?;
         let prefill = self.plan.prefill.as_ref().expect("checked above");
-        let s = self.stream.cu_stream();
         let last_row = prefill.last_row.as_ref().filter(|_| !all_rows);
         self.run_program(self.chunk_program(all_rows)?)?;
         self.position += n;
@@ -768,14 +827,7 @@ impl CudaExecutor {
                 1,
             ),
         };
-        self.logits.resize(rows * vocab, 0.0);
-        // SAFETY: the logits buffer holds max_tokens rows of vocab f32.
-        unsafe { cu::memcpy_dtoh_async(&mut self.logits, at, s) }
-            .map_err(|e| driver("reading the logits", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| driver("running the prefill chunk", e))?;
-        Ok(&self.logits)
+        self.read_rows(at, rows, "running the prefill chunk")
     }
 
     /// Tokens per prefill chunk (1 without a prefill program).

@@ -106,6 +106,8 @@ struct Driver {
     memory: emu::Memory,
     /// Live allocations: start address -> bytes.
     allocations: BTreeMap<u64, usize>,
+    /// Live page-locked host allocations (`cuMemHostAlloc`): address -> bytes.
+    host_allocations: BTreeMap<usize, usize>,
     modules: Vec<Option<emu::Module>>,
     functions: Vec<Function>,
     streams: Vec<Option<Stream>>,
@@ -495,6 +497,51 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> C
         d.allocations.insert(at, bytes);
         put(ptr, at)
     })
+}
+
+/// Page-locked host memory: here plain host memory (copies into it work as into any host
+/// buffer), allocated up front like device memory under `EMUCUDA_SET_UP_FRONT`.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemHostAlloc(
+    ptr: *mut *mut c_void,
+    bytes: usize,
+    _flags: c_uint,
+) -> CUresult {
+    with(|d| {
+        if bytes == 0 {
+            return Err(INVALID_VALUE);
+        }
+        if d.set_up_front && d.kernels_run > 0 {
+            report("cuMemHostAlloc", "an allocation after the first kernel ran");
+            return Err(OUT_OF_MEMORY);
+        }
+        let layout = host_layout(bytes)?;
+        // SAFETY: a layout of nonzero size.
+        let at = unsafe { std::alloc::alloc_zeroed(layout) };
+        if at.is_null() {
+            return Err(OUT_OF_MEMORY);
+        }
+        d.host_allocations.insert(at as usize, bytes);
+        put(ptr, at.cast())
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFreeHost(ptr: *mut c_void) -> CUresult {
+    with(|d| {
+        let bytes = d
+            .host_allocations
+            .remove(&(ptr as usize))
+            .ok_or(INVALID_VALUE)?;
+        // SAFETY: allocated by cuMemHostAlloc with this layout, freed once (removed above).
+        unsafe { std::alloc::dealloc(ptr.cast(), host_layout(bytes)?) };
+        Ok(())
+    })
+}
+
+/// Page-aligned, as the driver's page-locked allocations are.
+fn host_layout(bytes: usize) -> Result<std::alloc::Layout, CUresult> {
+    std::alloc::Layout::from_size_align(bytes, 4096).map_err(|_| INVALID_VALUE)
 }
 
 #[no_mangle]

@@ -93,9 +93,9 @@ not_supported! {
     cuMemAdvise cuMemAdvise_v2 cuMemAllocAsync cuMemAllocFromPoolAsync cuMemAllocHost_v2
     cuMemAllocManaged cuMemAllocPitch_v2 cuMemBatchDecompressAsync cuMemCreate
     cuMemDiscardAndPrefetchBatchAsync cuMemDiscardBatchAsync cuMemExportToShareableHandle
-    cuMemFreeAsync cuMemFreeHost cuMemGetAccess cuMemGetAddressRange_v2
+    cuMemFreeAsync cuMemGetAccess cuMemGetAddressRange_v2
     cuMemGetAllocationGranularity cuMemGetAllocationPropertiesFromHandle cuMemGetDefaultMemPool
-    cuMemGetHandleForAddressRange cuMemGetMemPool cuMemHostAlloc cuMemHostGetDevicePointer_v2
+    cuMemGetHandleForAddressRange cuMemGetMemPool cuMemHostGetDevicePointer_v2
     cuMemHostGetFlags cuMemHostRegister_v2 cuMemHostUnregister cuMemImportFromShareableHandle
     cuMemMap cuMemMapArrayAsync cuMemPoolCreate cuMemPoolDestroy cuMemPoolExportPointer
     cuMemPoolExportToShareableHandle cuMemPoolGetAccess cuMemPoolGetAttribute
