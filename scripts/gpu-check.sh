@@ -37,6 +37,21 @@ echo "== kernel probe"
 probe_table=$(timeout 120 "$carry/griffin-gpu-probe" 2>&1)
 echo "$probe_table"
 
+# A failing golden case is replayed launch by launch against the interpreter (the first two
+# cases that fail, once each, so failures everywhere still leave time for the rest): the first
+# launch whose results differ names the kernel to look at.
+bisected=" "
+bisects=0
+bisect() {
+  case "$bisected" in *" $2 "*) return;; esac
+  [ "$bisects" -lt 2 ] || return
+  bisected="$bisected$2 "
+  bisects=$((bisects + 1))
+  echo "== bisect $2"
+  timeout 60 "$1/griffin" --dump-gpu-plan "$work/$2.plan" &&
+    timeout 180 "$carry/griffin-gpu-probe" --bisect "$work/$2.plan" --ids "$3" 2>&1 | grep -v '| ok |' | head -40
+}
+
 echo "== golden cases"
 golden_rows=()
 for pdl in 1 0; do
@@ -47,9 +62,9 @@ for dir in "$carry"/golden/*/; do
 from safetensors.numpy import load_file; import sys
 print(','.join(str(int(i)) for i in load_file(sys.argv[1])['input_ids']))" "$dir/expected.safetensors")
   # (Bounded: a kernel that hangs must not take the rest of the check with it.)
-  timeout 120 "$dir/griffin" --ids "$ids" --logits-out "$work/$case.safetensors" 2>"$work/$case.err" || { cat "$work/$case.err"; golden_rows+=("| $case | $pdl | failed | | |"); continue; }
+  timeout 120 "$dir/griffin" --ids "$ids" --logits-out "$work/$case.safetensors" 2>"$work/$case.err" || { cat "$work/$case.err"; golden_rows+=("| $case | $pdl | failed | | |"); bisect "$dir" "$case" "$ids"; continue; }
   gen=$(timeout 120 "$dir/griffin" --ids "$ids" --max-new-tokens 64 --ignore-eos --format ids 2>>"$work/$case.err")
-  golden_rows+=("$("$py" - "$dir" "$work/$case.safetensors" "$gen" "$pdl" <<'PY'
+  row=$("$py" - "$dir" "$work/$case.safetensors" "$gen" "$pdl" <<'PY'
 import json, sys
 from safetensors.numpy import load_file
 d, got_path, gen, pdl = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
@@ -63,7 +78,9 @@ ids = [int(i) for i in gen.split(",")][: len(want)]
 ok = diff <= bound and (ids == want or "float32" not in dtype)
 print(f"| {d.rstrip('/').split('/')[-1]} | {pdl} | {diff:.2e} (bound {bound}) | {'exact' if ids == want else 'DIFFER'} | {'ok' if ok else 'FAIL'} |")
 PY
-)")
+)
+  golden_rows+=("$row")
+  case "$row" in *FAIL*) bisect "$dir" "$case" "$ids";; esac
 done
 done
 export GRIFFIN_CUDA_PDL=1

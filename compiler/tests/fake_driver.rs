@@ -576,3 +576,105 @@ fn gpu_probe_on_the_fake_driver() {
     assert!(stderr.contains("no CUDA driver"), "{stderr}");
     assert!(o.stdout.is_empty());
 }
+
+/// `griffin-gpu-probe --bisect` over what a cuda executable dumps: on the stand-in driver every
+/// launch of the prefill chunk and the decode step equals the interpreter; a kernel that leaves
+/// a wrong value (`EMUCUDA_CORRUPT_KERNEL`) is named as the first that differs, and only it.
+#[test]
+fn bisect_names_the_first_launch_whose_results_differ() {
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let exe = build_cuda("tiny-f32", tmp.path(), &[]);
+    let plan = tmp.path().join("plan");
+    let plan_arg = plan.to_str().unwrap();
+    succeeded(&on_fake_driver(
+        &exe,
+        &driver,
+        &["--dump-gpu-plan", plan_arg],
+    ));
+    for f in ["gpu_plan.json", "module.ptx", "weights.bin"] {
+        assert!(plan.join(f).is_file(), "{f}");
+    }
+    let probe = PathBuf::from(env!("CARGO_BIN_EXE_griffin-gpu-probe"));
+    let args = ["--bisect", plan_arg, "--ids", "2,17,5,9"];
+    let o = on_fake_driver(&probe, &driver, &args);
+    succeeded(&o);
+    let table = String::from_utf8_lossy(&o.stdout).to_string();
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("| prefill chunk |") || l.starts_with("| decode step |"))
+        .collect();
+    assert!(
+        rows.iter().any(|r| r.starts_with("| prefill chunk")),
+        "{table}"
+    );
+    assert!(rows.iter().any(|r| r.contains("greedy_argmax")), "{table}");
+    assert!(rows.iter().all(|r| r.ends_with("| ok |")), "{table}");
+    assert!(
+        table.contains(&format!("all {} launches within", rows.len())),
+        "{table}"
+    );
+
+    let o = Command::new(&probe)
+        .args(args)
+        .env("LD_LIBRARY_PATH", &driver)
+        .env("EMUCUDA_CORRUPT_KERNEL", "7")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("differs first at launch 7"), "{stderr}");
+    let table = String::from_utf8_lossy(&o.stdout);
+    let failed: Vec<&str> = table.lines().filter(|l| l.ends_with("| FAIL |")).collect();
+    assert_eq!(failed.len(), 1, "{table}");
+    assert!(failed[0].starts_with("| prefill chunk | 7 |"), "{table}");
+
+    // A launch that faults ends the replay on its own row.
+    let o = Command::new(&probe)
+        .args(args)
+        .env("LD_LIBRARY_PATH", &driver)
+        .env("EMUCUDA_FAIL_KERNEL", "3")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let table = String::from_utf8_lossy(&o.stdout);
+    let last = table.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("| prefill chunk | 3 |") && last.contains("CUDA_ERROR_LAUNCH_FAILED"),
+        "{table}"
+    );
+
+    // Bad input: a CPU build has no GPU plan; a folder without one; ids past the vocabulary.
+    let cpu = tmp.path().join("cpu");
+    let o = common::griffinc(&[
+        "build",
+        golden_dir().join("tiny-f32").to_str().unwrap(),
+        "-o",
+        cpu.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let nowhere = tmp.path().join("nowhere");
+    fails_with(
+        &on_fake_driver(
+            &cpu.join("tiny-f32"),
+            &driver,
+            &["--dump-gpu-plan", nowhere.to_str().unwrap()],
+        ),
+        &["--dump-gpu-plan", "built for the CPU"],
+    );
+    assert!(!nowhere.exists());
+    let o = on_fake_driver(
+        &probe,
+        &driver,
+        &["--bisect", nowhere.to_str().unwrap(), "--ids", "2"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("gpu_plan.json"));
+    let o = on_fake_driver(
+        &probe,
+        &driver,
+        &["--bisect", plan_arg, "--ids", "2,999999"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--ids"));
+}

@@ -96,6 +96,8 @@ pub struct KernelRun {
     pub grid: u32,
     pub block: u32,
     pub buffers: Vec<usize>,
+    /// A byte offset into each parameter's buffer (missing ones: 0).
+    pub offsets: Vec<u64>,
 }
 
 /// Runs kernels of the module `ptx` in order (plain stream order) over device copies of
@@ -106,49 +108,78 @@ pub fn run_kernels(
     buffers: &[Vec<u8>],
     launches: &[KernelRun],
 ) -> Result<Vec<Vec<u8>>, RuntimeError> {
-    let (ctx, stream, module) = open_gpu(ptx)?;
-    let memory = buffers
-        .iter()
-        .map(|b| DeviceMemory::new(&ctx, b.len()))
-        .collect::<Result<Vec<_>, _>>()?;
-    for (m, b) in memory.iter().zip(buffers) {
-        // SAFETY: the allocation holds b.len() bytes.
-        unsafe { cu::memcpy_htod_async(m.ptr, b.as_slice(), stream.cu_stream()) }
-            .map_err(|e| driver("copying a buffer to the device", e))?;
+    KernelRunner::new(ptx)?.run(buffers, launches)
+}
+
+/// The module `ptx` loaded once for several `run_kernels`-like runs (`griffin-gpu-probe
+/// --bisect` runs a plan's launches one at a time).
+pub struct KernelRunner {
+    /// Field order: the module unloads before the stream and context go.
+    module: Module,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+}
+
+impl KernelRunner {
+    pub fn new(ptx: &str) -> Result<KernelRunner, RuntimeError> {
+        let (ctx, stream, module) = open_gpu(ptx)?;
+        Ok(KernelRunner {
+            module,
+            stream,
+            ctx,
+        })
     }
-    for l in launches {
-        let kernel = module.kernel(&l.kernel)?;
-        let params = l
-            .buffers
+
+    /// Device copies of `buffers`, `launches` over them in order, every buffer's bytes back.
+    pub fn run(
+        &self,
+        buffers: &[Vec<u8>],
+        launches: &[KernelRun],
+    ) -> Result<Vec<Vec<u8>>, RuntimeError> {
+        let stream = &self.stream;
+        let memory = buffers
             .iter()
-            .map(|&i| memory.get(i).map(|m| m.ptr))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| RuntimeError::Plan(format!("`{}`: no such buffer", l.kernel)))?;
-        if params.len() > MAX_PARAMS {
-            return Err(RuntimeError::Plan(format!(
-                "`{}`: more than {MAX_PARAMS} parameters",
-                l.kernel
-            )));
+            .map(|b| DeviceMemory::new(&self.ctx, b.len()))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (m, b) in memory.iter().zip(buffers) {
+            // SAFETY: the allocation holds b.len() bytes.
+            unsafe { cu::memcpy_htod_async(m.ptr, b.as_slice(), stream.cu_stream()) }
+                .map_err(|e| driver("copying a buffer to the device", e))?;
         }
-        launch_on(
-            &stream,
-            kernel,
-            &l.kernel,
-            (l.grid, l.block),
-            &params,
-            false,
-        )?;
+        for l in launches {
+            let kernel = self.module.kernel(&l.kernel)?;
+            let params = l
+                .buffers
+                .iter()
+                .enumerate()
+                .map(|(p, &i)| {
+                    let offset = l.offsets.get(p).copied().unwrap_or(0);
+                    let m = memory.get(i)?;
+                    (offset < buffers[i].len().max(1) as u64).then_some(m.ptr + offset)
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    RuntimeError::Plan(format!("`{}`: no such buffer or offset", l.kernel))
+                })?;
+            if params.len() > MAX_PARAMS {
+                return Err(RuntimeError::Plan(format!(
+                    "`{}`: more than {MAX_PARAMS} parameters",
+                    l.kernel
+                )));
+            }
+            launch_on(stream, kernel, &l.kernel, (l.grid, l.block), &params, false)?;
+        }
+        let mut out: Vec<Vec<u8>> = buffers.iter().map(|b| vec![0u8; b.len()]).collect();
+        for (m, o) in memory.iter().zip(out.iter_mut()) {
+            // SAFETY: the allocation holds o.len() bytes.
+            unsafe { cu::memcpy_dtoh_async(o.as_mut_slice(), m.ptr, stream.cu_stream()) }
+                .map_err(|e| driver("copying a buffer back", e))?;
+        }
+        stream
+            .synchronize()
+            .map_err(|e| driver("running the kernels", e))?;
+        Ok(out)
     }
-    let mut out: Vec<Vec<u8>> = buffers.iter().map(|b| vec![0u8; b.len()]).collect();
-    for (m, o) in memory.iter().zip(out.iter_mut()) {
-        // SAFETY: the allocation holds o.len() bytes.
-        unsafe { cu::memcpy_dtoh_async(o.as_mut_slice(), m.ptr, stream.cu_stream()) }
-            .map_err(|e| driver("copying a buffer back", e))?;
-    }
-    stream
-        .synchronize()
-        .map_err(|e| driver("running the kernels", e))?;
-    Ok(out)
 }
 
 /// Launches `kernel` (`name`, for errors) on `stream` as (blocks, threads per block), its
@@ -746,7 +777,11 @@ impl CudaExecutor {
     /// One token; its logits.
     pub fn step(&mut self, id: u32) -> Result<&[f32], RuntimeError> {
         self.run_step(id, false)?;
-        self.read_rows(self.addresses[self.plan.logits], 1, "running the decode step")
+        self.read_rows(
+            self.addresses[self.plan.logits],
+            1,
+            "running the decode step",
+        )
     }
 
     /// Copies `rows` rows of logits from `at` back (one into the page-locked row, more into

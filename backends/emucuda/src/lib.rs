@@ -22,7 +22,8 @@
 //! `EMUCUDA_NO_PDL=1` refuses programmatic dependent launches, for tests of the runtime's
 //! error and fallback paths; `EMUCUDA_SET_UP_FRONT=1` fails any allocation or graph capture
 //! after the first kernel ran; `EMUCUDA_COMPUTE_CAPABILITY=M.N` reports another GPU generation
-//! (9.0 otherwise); `EMUCUDA_MEMORY_BYTES=N` sizes the device's memory (141 GiB otherwise).
+//! (9.0 otherwise); `EMUCUDA_MEMORY_BYTES=N` sizes the device's memory (141 GiB otherwise);
+//! `EMUCUDA_CORRUPT_KERNEL=N` makes the Nth kernel leave a wrong value in its output.
 //!
 //! What it does not model: it is synchronous (every operation completes before its call
 //! returns, so it cannot catch a missing stream synchronisation), has one device and one
@@ -121,6 +122,10 @@ struct Driver {
     /// `EMUCUDA_FAIL_KERNEL=N`: the Nth kernel to run fails with `CUDA_ERROR_LAUNCH_FAILED`,
     /// silently, as a device fault would (tests of the runtime's error paths).
     fail_kernel: Option<u64>,
+    /// `EMUCUDA_CORRUPT_KERNEL=N`: the Nth kernel to run leaves a wrong value (12345.0) in the
+    /// first word of its last parameter, silently, as a miscompiled kernel would (tests that
+    /// `griffin-gpu-probe --bisect` finds it).
+    corrupt_kernel: Option<u64>,
     /// `EMUCUDA_NO_PDL=1`: programmatic dependent launches are refused.
     refuse_early_launch: bool,
     /// `EMUCUDA_SET_UP_FRONT=1`: device allocations (out of memory) and graph captures after
@@ -252,6 +257,15 @@ impl Driver {
         match emu::run(module, &f.name, &launch, &mut self.memory) {
             Ok(instructions) => {
                 self.clock_ms += instructions as f64 * 1e-6;
+                if self.corrupt_kernel == Some(self.kernels_run) {
+                    // A wrong result where kernels put theirs: the first word of the last
+                    // parameter.
+                    let at = *l.params.last().ok_or(INVALID_VALUE)?;
+                    let wrong = 12345.0f32.to_le_bytes();
+                    self.memory
+                        .write_bytes(at, &wrong)
+                        .map_err(|_| INVALID_VALUE)?;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -277,6 +291,9 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
     }
     d.initialised = true;
     d.fail_kernel = std::env::var("EMUCUDA_FAIL_KERNEL")
+        .ok()
+        .and_then(|n| n.parse().ok());
+    d.corrupt_kernel = std::env::var("EMUCUDA_CORRUPT_KERNEL")
         .ok()
         .and_then(|n| n.parse().ok());
     d.refuse_early_launch = std::env::var("EMUCUDA_NO_PDL").as_deref() == Ok("1");

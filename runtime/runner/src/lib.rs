@@ -163,7 +163,7 @@ const USAGE: &str =
     "usage: MODEL (--prompt TEXT | --ids 2,17,5) [--max-new-tokens N] [--ignore-eos] [--format text|ids] \
 [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--seed S] [--stop STRING] \
 [--prefill N --logits-out FILE] [--threads N] [--weights FILE] [--pack-weights-from MODEL_DIR] [--stats] \
-[--profile]";
+[--profile] [--dump-gpu-plan DIR]";
 
 #[derive(PartialEq)]
 enum Format {
@@ -186,6 +186,9 @@ struct Args {
     /// GPU builds: after generating, time one prefill chunk and one decode step kernel by
     /// kernel.
     profile: bool,
+    /// GPU builds: write the GPU plan, PTX module and packed weights to this folder and stop
+    /// (for `griffin-gpu-probe --bisect`).
+    dump_gpu_plan: Option<PathBuf>,
     sampling: SamplingParams,
     stops: Vec<String>,
 }
@@ -218,6 +221,7 @@ fn parse_args() -> Result<Args, String> {
         pack_from: None,
         stats: false,
         profile: false,
+        dump_gpu_plan: None,
         sampling: SamplingParams::default(),
         stops: Vec::new(),
     };
@@ -259,6 +263,9 @@ fn parse_args() -> Result<Args, String> {
             }
             "--stats" => args.stats = true,
             "--profile" => args.profile = true,
+            "--dump-gpu-plan" => {
+                args.dump_gpu_plan = Some(PathBuf::from(value("--dump-gpu-plan")?))
+            }
             "--temperature" => {
                 args.sampling.temperature = float("--temperature", value("--temperature")?)?
             }
@@ -287,7 +294,11 @@ fn parse_args() -> Result<Args, String> {
     if have_ids && args.prompt.is_some() {
         return Err("give --prompt or --ids, not both".into());
     }
-    if !have_ids && args.prompt.is_none() && args.pack_from.is_none() {
+    if !have_ids
+        && args.prompt.is_none()
+        && args.pack_from.is_none()
+        && args.dump_gpu_plan.is_none()
+    {
         return Err(format!(
             "give a prompt with --prompt TEXT or --ids ({USAGE})"
         ));
@@ -366,6 +377,28 @@ fn pack_weights(plan: &Plan, dir: &std::path::Path, out: &std::path::Path) -> Re
     Ok(())
 }
 
+/// Writes what `griffin-gpu-probe --bisect` needs to replay this build's launches one at a
+/// time: `gpu_plan.json`, `module.ptx`, `weights.bin` (the packed weights as uploaded).
+fn dump_gpu_plan(
+    dir: &std::path::Path,
+    plan: &griffin_runtime::gpu_plan::GpuPlan,
+    ptx: &str,
+    weights: &[u8],
+) -> Result<(), String> {
+    let json = serde_json::to_vec(plan).map_err(|e| format!("cannot write the GPU plan: {e}"))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    for (name, bytes) in [
+        ("gpu_plan.json", &json[..]),
+        ("module.ptx", ptx.as_bytes()),
+        ("weights.bin", weights),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
     let args = parse_args()?;
     let plan = embedded_plan()?;
@@ -413,10 +446,19 @@ fn run() -> Result<(), String> {
                 .into(),
         );
     }
+    if args.dump_gpu_plan.is_some() && gpu.is_none() {
+        return Err(
+            "--dump-gpu-plan: this executable was built for the CPU (build with --target cuda)"
+                .into(),
+        );
+    }
     let weights = match (embedded_weights(), &args.weights) {
         (Some(data), None) => Weights::from_static(data),
         _ => Weights::open(&weights_path, &plan.weights_hash).map_err(|e| e.to_string())?,
     };
+    if let (Some(dir), Some((gpu_plan, ptx))) = (&args.dump_gpu_plan, &gpu) {
+        return dump_gpu_plan(dir, gpu_plan, ptx, weights.bytes());
+    }
     let mut exec = match gpu {
         Some((gpu_plan, ptx)) => Engine::Cuda(
             // Every row's logits only for --logits-out.

@@ -6,6 +6,11 @@
 //! `--case NAME`), so a fault that poisons one CUDA context does not hide the others. Exit 1 if
 //! any probe differs past `PROBE_TOLERANCE` or fails. Uses neither LLVM nor a model: the GPU
 //! machine runs it as carried (`scripts/gpu-check.sh`).
+//!
+//! `--bisect DIR --ids LIST` replays a built model's launches one at a time against the
+//! interpreter instead (`bisect.rs`).
+
+mod bisect;
 
 use std::process::{Command, ExitCode};
 
@@ -23,6 +28,7 @@ fn run_case(case: &ProbeCase) -> Result<f32, String> {
             grid: l.grid,
             block: l.block,
             buffers: l.params.clone(),
+            offsets: Vec::new(),
         })
         .collect();
     let got = run_kernels(&case.ptx, &case.buffers, &launches).map_err(|e| e.to_string())?;
@@ -86,9 +92,57 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        [flag, dir, ids_flag, ids] if flag == "--bisect" && ids_flag == "--ids" => {
+            if let Err(e) = driver_present() {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+            let ids: Result<Vec<u32>, _> = ids.split(',').map(|i| i.trim().parse()).collect();
+            let Ok(ids) = ids else {
+                eprintln!("error: --ids: expected comma-separated token ids");
+                return ExitCode::from(2);
+            };
+            match bisect::bisect(std::path::Path::new(dir), &ids) {
+                Ok(rows) => report_bisect(&rows),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         _ => {
-            eprintln!("error: usage: griffin-gpu-probe [--case NAME]");
+            eprintln!("error: usage: griffin-gpu-probe [--case NAME | --bisect DIR --ids 2,17,5]");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// The bisect's table, then the first launch past the bound (exit 1) or that none is.
+fn report_bisect(rows: &[bisect::Row]) -> ExitCode {
+    let bound = bisect::BISECT_TOLERANCE;
+    println!("| program | launch | kernel | relative difference (bound {bound:e}) | |");
+    println!("| --- | --- | --- | --- | --- |");
+    for r in rows {
+        let verdict = if r.difference <= bound { "ok" } else { "FAIL" };
+        println!(
+            "| {} | {} | {} | {:e} | {verdict} |",
+            r.program, r.index, r.kernel, r.difference
+        );
+    }
+    match rows
+        .iter()
+        .find(|r| r.difference.is_nan() || r.difference > bound)
+    {
+        Some(r) => {
+            eprintln!(
+                "error: the {} differs first at launch {} (`{}`): {:e}",
+                r.program, r.index, r.kernel, r.difference
+            );
+            ExitCode::FAILURE
+        }
+        None => {
+            println!("all {} launches within {bound:e}", rows.len());
+            ExitCode::SUCCESS
         }
     }
 }
