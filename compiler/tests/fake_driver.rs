@@ -42,6 +42,21 @@ fn on_fake_driver(program: &Path, driver: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `on_fake_driver` with one of the stand-in's settings (`EMUCUDA_…`).
+fn on_fake_driver_with(
+    program: &Path,
+    driver: &Path,
+    args: &[&str],
+    (var, value): (&str, &str),
+) -> Output {
+    Command::new(program)
+        .args(args)
+        .env("LD_LIBRARY_PATH", driver)
+        .env(var, value)
+        .output()
+        .unwrap()
+}
+
 fn succeeded(o: &Output) -> String {
     let stderr = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{stderr}");
@@ -241,12 +256,7 @@ fn device_memory_and_graphs_are_set_up_before_any_kernel() {
         ],
         vec!["--ids", &ids, "--logits-out", logits.to_str().unwrap()],
     ] {
-        let o = Command::new(&exe)
-            .args(&args)
-            .env("LD_LIBRARY_PATH", &driver)
-            .env("EMUCUDA_SET_UP_FRONT", "1")
-            .output()
-            .unwrap();
+        let o = on_fake_driver_with(&exe, &driver, &args, ("EMUCUDA_SET_UP_FRONT", "1"));
         let stderr = succeeded(&o);
         // Every program ran from its graph: none fell back to launches one by one.
         assert!(!stderr.contains("not captured"), "{stderr}");
@@ -349,12 +359,7 @@ fn a_device_fault_is_a_one_line_error_without_output() {
         } else {
             args.extend(["--logits-out", logits.to_str().unwrap()]);
         }
-        let o = Command::new(&exe)
-            .args(&args)
-            .env("LD_LIBRARY_PATH", &driver)
-            .env("EMUCUDA_FAIL_KERNEL", nth)
-            .output()
-            .unwrap();
+        let o = on_fake_driver_with(&exe, &driver, &args, ("EMUCUDA_FAIL_KERNEL", nth));
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "kernel {nth}: {stderr}");
         assert_eq!(
@@ -493,12 +498,12 @@ fn a_gpu_without_room_for_the_model_is_a_one_line_error() {
     let exe = build_cuda("tiny-f32", tmp.path(), &[]);
     let logits = tmp.path().join("never.safetensors");
     let run = |memory: &str| {
-        Command::new(&exe)
-            .args(["--ids", "2,3", "--logits-out", logits.to_str().unwrap()])
-            .env("LD_LIBRARY_PATH", &driver)
-            .env("EMUCUDA_MEMORY_BYTES", memory)
-            .output()
-            .unwrap()
+        on_fake_driver_with(
+            &exe,
+            &driver,
+            &["--ids", "2,3", "--logits-out", logits.to_str().unwrap()],
+            ("EMUCUDA_MEMORY_BYTES", memory),
+        )
     };
     fails_with(
         &run("100000"),
@@ -555,11 +560,7 @@ fn gpu_probe_on_the_fake_driver() {
     assert!(rows.iter().any(|r| r.contains("wgmma")), "{stdout}");
 
     // The first kernel of every probe faults: every row fails, in its own process.
-    let o = Command::new(&probe)
-        .env("LD_LIBRARY_PATH", &driver)
-        .env("EMUCUDA_FAIL_KERNEL", "1")
-        .output()
-        .unwrap();
+    let o = on_fake_driver_with(&probe, &driver, &[], ("EMUCUDA_FAIL_KERNEL", "1"));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{stdout}");
     let failed = stdout.lines().filter(|l| l.ends_with("| FAIL |")).count();
@@ -615,12 +616,7 @@ fn bisect_names_the_first_launch_whose_results_differ() {
         "{table}"
     );
 
-    let o = Command::new(&probe)
-        .args(args)
-        .env("LD_LIBRARY_PATH", &driver)
-        .env("EMUCUDA_CORRUPT_KERNEL", "7")
-        .output()
-        .unwrap();
+    let o = on_fake_driver_with(&probe, &driver, &args, ("EMUCUDA_CORRUPT_KERNEL", "7"));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("differs first at launch 7"), "{stderr}");
@@ -630,12 +626,7 @@ fn bisect_names_the_first_launch_whose_results_differ() {
     assert!(failed[0].starts_with("| prefill chunk | 7 |"), "{table}");
 
     // A launch that faults ends the replay on its own row.
-    let o = Command::new(&probe)
-        .args(args)
-        .env("LD_LIBRARY_PATH", &driver)
-        .env("EMUCUDA_FAIL_KERNEL", "3")
-        .output()
-        .unwrap();
+    let o = on_fake_driver_with(&probe, &driver, &args, ("EMUCUDA_FAIL_KERNEL", "3"));
     assert_eq!(o.status.code(), Some(1));
     let table = String::from_utf8_lossy(&o.stdout);
     let last = table.lines().last().unwrap_or("");
