@@ -12,7 +12,7 @@ use crate::cpu::{CpuEngine, CpuOptions};
 use crate::executable::build_executable;
 use crate::passes::{self, stats::kernel_stats, Pass};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::session::{eval_with, generate_with, Engine, Model, Session};
+use crate::session::{eval_with, generate_with, step_and_choose, Engine, Model, Session};
 use crate::tokenizer::TextTokenizer;
 use griffin_backend_cpu::{TargetCpu, WeightsDtype};
 use griffin_runtime::stats::GenerationTimer;
@@ -570,9 +570,7 @@ fn run_chat(
             if done {
                 break;
             }
-            logits.clear();
-            engine.step(next, &mut |l| logits.extend_from_slice(l))?;
-            next = sampler.sample(&logits, &history);
+            next = step_and_choose(engine.as_mut(), next, &history, &mut sampler, &mut logits)?;
         }
         match format {
             OutputFormat::Text => {

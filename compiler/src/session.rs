@@ -224,6 +224,32 @@ pub trait Engine {
         })?;
         Ok(last)
     }
+    /// Runs one token and returns the greedy next id where the engine chooses it itself (a
+    /// GPU's argmax kernel: one id copied back instead of the vocabulary's logits); `None`
+    /// where it cannot, and the caller takes the logits from `step`.
+    fn step_to_argmax(&mut self, _id: u32) -> Option<Result<u32, RunError>> {
+        None
+    }
+}
+
+/// Runs `id` as one decode step and chooses the token after it: on the engine's side where
+/// `sampler` is greedy and the engine can (`Engine::step_to_argmax`), else by `sampler` from
+/// the step's logits (gathered in `logits`).
+pub fn step_and_choose(
+    engine: &mut dyn Engine,
+    id: u32,
+    history: &[u32],
+    sampler: &mut Sampler,
+    logits: &mut Vec<f32>,
+) -> Result<u32, RunError> {
+    if sampler.is_greedy() {
+        if let Some(next) = engine.step_to_argmax(id) {
+            return next;
+        }
+    }
+    logits.clear();
+    engine.step(id, &mut |l| logits.extend_from_slice(l))?;
+    Ok(sampler.sample(logits, history))
 }
 
 impl Engine for Session<'_> {
@@ -319,9 +345,7 @@ pub fn generate_with(
         if !go_on || history.len() - prompt.len() == max_new || Some(next) == eos {
             return Ok(history.split_off(prompt.len()));
         }
-        logits.clear();
-        engine.step(next, &mut |l| logits.extend_from_slice(l))?;
-        next = sampler.sample(&logits, &history);
+        next = step_and_choose(engine, next, &history, sampler, &mut logits)?;
     }
 }
 
@@ -359,4 +383,53 @@ pub fn generate_greedy(
         eos,
         on_token,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An engine whose logits always favour token 3 and whose own argmax always answers 2, so
+    /// the ids say which path chose them.
+    struct Marked {
+        steps: usize,
+        argmaxes: usize,
+    }
+
+    impl Engine for Marked {
+        fn reset(&mut self) {}
+        fn prefill(&mut self, ids: &[u32], on: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+            on(&[0.0, 0.0, 0.0, 9.0].repeat(ids.len()));
+            Ok(())
+        }
+        fn step(&mut self, _id: u32, on: &mut dyn FnMut(&[f32])) -> Result<(), RunError> {
+            self.steps += 1;
+            on(&[0.0, 0.0, 0.0, 9.0]);
+            Ok(())
+        }
+        fn step_to_argmax(&mut self, _id: u32) -> Option<Result<u32, RunError>> {
+            self.argmaxes += 1;
+            Some(Ok(2))
+        }
+    }
+
+    #[test]
+    fn greedy_decoding_takes_the_engines_own_argmax_and_sampling_its_logits() {
+        let mut e = Marked {
+            steps: 0,
+            argmaxes: 0,
+        };
+        let mut greedy = Sampler::new(SamplingParams::default());
+        let ids = generate_with(&mut e, 4, &[1], 4, None, &mut greedy, |_| true).unwrap();
+        // The first id from the prompt's logits, the others from the engine's argmax.
+        assert_eq!(ids, [3, 2, 2, 2]);
+        assert_eq!((e.steps, e.argmaxes), (0, 3));
+        let mut sampled = Sampler::new(SamplingParams {
+            temperature: 0.01,
+            ..SamplingParams::default()
+        });
+        let ids = generate_with(&mut e, 4, &[1], 4, None, &mut sampled, |_| true).unwrap();
+        assert_eq!(ids, [3, 3, 3, 3]);
+        assert_eq!((e.steps, e.argmaxes), (3, 3));
+    }
 }

@@ -237,6 +237,10 @@ impl Engine for EmuEngine {
         on_logits(&self.logits()?);
         Ok(())
     }
+
+    fn step_to_argmax(&mut self, id: u32) -> Option<Result<u32, RunError>> {
+        Some(self.step_device(id).and_then(|()| self.device_argmax()))
+    }
 }
 
 /// A GPU program on the GPU, through the CUDA runtime (`--backend cuda`).
@@ -312,5 +316,9 @@ impl Engine for CudaEngine {
             .map_err(|e| RunError::Backend(e.to_string()))?;
         on_logits(logits);
         Ok(())
+    }
+
+    fn step_to_argmax(&mut self, id: u32) -> Option<Result<u32, RunError>> {
+        Some(self.step_greedy(id))
     }
 }
