@@ -306,16 +306,8 @@ pub fn eval(model: &Model, ids: &[u32], prefill: Option<usize>) -> Result<Tensor
     eval_with(&mut Session::new(model), model.vocab_size(), ids, prefill)
 }
 
-/// Index of the largest value; the first one on ties, as the reference's argmax.
-pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+/// The sampler's argmax (first maximum, NaN never wins), for greedy loops over raw logits.
+pub use crate::sampling::argmax;
 
 /// Continuation of `prompt`: up to `max_new` new ids chosen by `sampler`, stopping after
 /// `eos` (if given) or when `on_token` returns false for the id just produced.

@@ -92,7 +92,7 @@ pub struct Sampler {
 
 /// Index of the largest value; the first one on ties, as the reference's argmax. NaN never
 /// wins (index 0 if every value is NaN).
-fn argmax(values: &[f32]) -> u32 {
+pub fn argmax(values: &[f32]) -> u32 {
     // The maximum first, then the first block holding it, then its place there: streaming
     // passes LLVM vectorises instead of one branchy one.
     let max = largest(values);
