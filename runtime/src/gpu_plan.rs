@@ -158,6 +158,31 @@ impl GpuPlan {
         (offsets, bytes)
     }
 
+    /// Each buffer's bytes as an interpreter run starts from them: weights cut from the packed
+    /// `weights`, constants, activations as NaN (a kernel reading one that nothing wrote, in
+    /// this call, spreads it to the logits; pooled buffers would hold other values'
+    /// leftovers), state and inputs zero.
+    pub fn starting_bytes(&self, weights: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+        let mut out = Vec::with_capacity(self.buffers.len());
+        for (i, b) in self.buffers.iter().enumerate() {
+            out.push(match &b.kind {
+                GpuBufferKind::Weight(_) => {
+                    let (offset, bytes) = self
+                        .weight_range(i)
+                        .ok_or_else(|| format!("buffer {i}: a weight without a range"))?;
+                    weights
+                        .get(offset as usize..(offset + bytes) as usize)
+                        .ok_or("the packed weights are shorter than the plan's")?
+                        .to_vec()
+                }
+                GpuBufferKind::Constant(c) => c.clone(),
+                GpuBufferKind::Activation => vec![0xFF; b.bytes as usize],
+                _ => vec![0; b.bytes as usize],
+            });
+        }
+        Ok(out)
+    }
+
     /// The byte range of each weight buffer in the packed weights.
     pub fn weight_range(&self, buffer: usize) -> Option<(u64, u64)> {
         match &self.buffers.get(buffer)?.kind {

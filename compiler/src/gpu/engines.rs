@@ -72,24 +72,13 @@ impl EmuEngine {
         let weights = pack_weights(&mut program, model)?;
         let module = emu::Module::parse(&program.ptx).map_err(emu_error)?;
         let mut memory = emu::Memory::new();
-        let mut addresses = Vec::new();
-        for (i, b) in program.plan.buffers.iter().enumerate() {
-            let bytes = match &b.kind {
-                GpuBufferKind::Weight(_) => {
-                    let (offset, bytes) = program
-                        .plan
-                        .weight_range(i)
-                        .expect("packed weights have ranges");
-                    weights[offset as usize..(offset + bytes) as usize].to_vec()
-                }
-                GpuBufferKind::Constant(c) => c.clone(),
-                // NaN: a kernel reading an activation nothing wrote (in this call; pooled
-                // buffers hold other values' leftovers) spreads it to the logits.
-                GpuBufferKind::Activation => vec![0xFF; b.bytes as usize],
-                _ => vec![0; b.bytes as usize],
-            };
-            addresses.push(memory.alloc(&bytes));
-        }
+        let addresses = program
+            .plan
+            .starting_bytes(&weights)
+            .map_err(RunError::Backend)?
+            .iter()
+            .map(|bytes| memory.alloc(bytes))
+            .collect();
         Ok(EmuEngine {
             program,
             module,

@@ -45,25 +45,11 @@ impl State {
         let weights = read(dir, "weights.bin")?;
         let module = emu::Module::parse(&ptx).map_err(|e| format!("module.ptx: {e}"))?;
         let mut memory = emu::Memory::new();
-        let mut addresses = Vec::new();
-        for (i, b) in plan.buffers.iter().enumerate() {
-            let bytes = match &b.kind {
-                GpuBufferKind::Weight(_) => {
-                    let (offset, bytes) = plan
-                        .weight_range(i)
-                        .ok_or_else(|| format!("buffer {i}: a weight without a range"))?;
-                    weights
-                        .get(offset as usize..(offset + bytes) as usize)
-                        .ok_or("weights.bin is shorter than the plan's weights")?
-                        .to_vec()
-                }
-                GpuBufferKind::Constant(c) => c.clone(),
-                // NaN, as the runtime's stand-in driver fills fresh allocations.
-                GpuBufferKind::Activation => vec![0xFF; b.bytes as usize],
-                _ => vec![0; b.bytes as usize],
-            };
-            addresses.push(memory.alloc(&bytes));
-        }
+        let addresses = plan
+            .starting_bytes(&weights)?
+            .iter()
+            .map(|bytes| memory.alloc(bytes))
+            .collect();
         Ok((
             State {
                 plan,
