@@ -436,11 +436,23 @@ impl Program {
         Ok(p)
     }
 
+    /// Launch `i` on `stream`, early (programmatic dependent launch) or not. (At most
+    /// MAX_PARAMS parameters: checked when the program was resolved.)
+    fn launch(&self, i: usize, stream: &CudaStream, early: bool) -> Result<(), RuntimeError> {
+        let l = &self.launches[i];
+        let grid = (l.grid, l.block);
+        launch_on(
+            stream,
+            self.kernels[i],
+            &l.kernel,
+            grid,
+            &self.params[i],
+            early,
+        )
+    }
+
     fn launch_all(&self, stream: &CudaStream, early: bool) -> Result<(), RuntimeError> {
-        for ((&k, l), params) in self.kernels.iter().zip(&self.launches).zip(&self.params) {
-            launch_on(stream, k, &l.kernel, (l.grid, l.block), params, early)?;
-        }
-        Ok(())
+        (0..self.launches.len()).try_for_each(|i| self.launch(i, stream, early))
     }
 
     /// Captures the launches into a graph, early or not.
@@ -590,27 +602,6 @@ impl CudaExecutor {
         })
     }
 
-    /// Launches `kernel` on the stream; with `early`, as a programmatic dependent launch (it
-    /// may start before the kernel before it ends; it waits for it at its
-    /// `griddepcontrol.wait`).
-    fn launch(
-        &self,
-        kernel: Kernel,
-        l: &GpuLaunch,
-        params: &[u64],
-        early: bool,
-    ) -> Result<(), RuntimeError> {
-        // (At most MAX_PARAMS: checked when the programs were resolved.)
-        launch_on(
-            &self.stream,
-            kernel,
-            &l.kernel,
-            (l.grid, l.block),
-            params,
-            early,
-        )
-    }
-
     /// Runs a program: its graph, or its launches one by one where it has none.
     fn run_program(&self, p: &Program) -> Result<(), RuntimeError> {
         match &p.graph {
@@ -673,12 +664,12 @@ impl CudaExecutor {
     fn timed(&self, p: &Program, tokens: u64) -> Result<Vec<LaunchTime>, RuntimeError> {
         let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
         let mut marks = Vec::new();
-        for ((&k, l), params) in p.kernels.iter().zip(&p.launches).zip(&p.params) {
+        for (i, l) in p.launches.iter().enumerate() {
             let start = self
                 .stream
                 .record_event(timing)
                 .map_err(|e| driver("recording an event", e))?;
-            self.launch(k, l, params, false)?;
+            p.launch(i, &self.stream, false)?;
             let end = self
                 .stream
                 .record_event(timing)
