@@ -131,7 +131,7 @@ struct Driver {
     /// `EMUCUDA_SET_UP_FRONT=1`: device allocations (out of memory) and graph captures after
     /// the first kernel launch fail, for tests that memory is allocated and graphs are
     /// captured before any work (so neither falls inside a timed prompt or step).
-    set_up_front: bool,
+    set_up_late_fails: bool,
     /// The device's memory: `EMUCUDA_MEMORY_BYTES`, else an H200's 141 GiB. Allocations past
     /// it fail (out of memory).
     memory_bytes: usize,
@@ -238,6 +238,16 @@ impl Driver {
         Ok(())
     }
 
+    /// Under `EMUCUDA_SET_UP_FRONT`, `what` (set-up work) once a kernel has run: named on
+    /// stderr and refused with `error`.
+    fn set_up_front(&self, call: &str, what: &str, error: CUresult) -> Result<(), CUresult> {
+        if self.set_up_late_fails && self.kernels_run > 0 {
+            report(call, format!("{what} after the first kernel ran"));
+            return Err(error);
+        }
+        Ok(())
+    }
+
     fn run(&mut self, l: &Launch) -> Result<(), CUresult> {
         self.kernels_run += 1;
         if self.fail_kernel == Some(self.kernels_run) {
@@ -297,7 +307,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
         .ok()
         .and_then(|n| n.parse().ok());
     d.refuse_early_launch = std::env::var("EMUCUDA_NO_PDL").as_deref() == Ok("1");
-    d.set_up_front = std::env::var("EMUCUDA_SET_UP_FRONT").as_deref() == Ok("1");
+    d.set_up_late_fails = std::env::var("EMUCUDA_SET_UP_FRONT").as_deref() == Ok("1");
     d.memory_bytes = std::env::var("EMUCUDA_MEMORY_BYTES")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -502,10 +512,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> C
         if bytes == 0 {
             return Err(INVALID_VALUE);
         }
-        if d.set_up_front && d.kernels_run > 0 {
-            report("cuMemAlloc", "an allocation after the first kernel ran");
-            return Err(OUT_OF_MEMORY);
-        }
+        d.set_up_front("cuMemAlloc", "an allocation", OUT_OF_MEMORY)?;
         let used: usize = d.allocations.values().sum();
         if used + bytes > d.memory_bytes {
             return Err(OUT_OF_MEMORY);
@@ -528,10 +535,7 @@ pub unsafe extern "C" fn cuMemHostAlloc(
         if bytes == 0 {
             return Err(INVALID_VALUE);
         }
-        if d.set_up_front && d.kernels_run > 0 {
-            report("cuMemHostAlloc", "an allocation after the first kernel ran");
-            return Err(OUT_OF_MEMORY);
-        }
+        d.set_up_front("cuMemHostAlloc", "an allocation", OUT_OF_MEMORY)?;
         let layout = host_layout(bytes)?;
         // SAFETY: a layout of nonzero size.
         let at = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -694,13 +698,7 @@ pub unsafe extern "C" fn cuStreamBeginCapture_v2(stream: Handle, _mode: c_uint) 
             // The legacy default stream cannot be captured.
             return Err(CAPTURE_UNSUPPORTED);
         }
-        if d.set_up_front && d.kernels_run > 0 {
-            report(
-                "cuStreamBeginCapture",
-                "a graph captured after the first kernel ran",
-            );
-            return Err(NOT_SUPPORTED);
-        }
+        d.set_up_front("cuStreamBeginCapture", "a graph capture", NOT_SUPPORTED)?;
         let s = d.stream(stream)?;
         if s.capture.is_some() {
             return Err(INVALID_VALUE);
