@@ -69,20 +69,20 @@ impl Rng {
     }
 }
 
-/// `r / 2^64 · n` rounded down, exactly (`n` may pass 2^64: the high part's product is a
-/// multiple of 2^64); below `n` for any `r`.
-fn below(r: u64, n: u128) -> u128 {
-    let r = r as u128;
-    r * (n >> 64) + ((r * (n & u64::MAX as u128)) >> 64)
+/// `r / 2^64 · n` rounded down, exactly: below `n` for any `r` (the device's `mul.hi.u64`).
+fn below(r: u64, n: u64) -> u64 {
+    ((r as u128 * n as u128) >> 64) as u64
 }
 
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
-    /// Each token's weight in fixed point (`WEIGHT_ONE` = the most likely token's), reused.
+    /// Each token's likelihood relative to the most likely, as f32 bits, reused.
+    bits: Vec<u32>,
+    /// Each token's weight (`weight`), reused.
     weights: Vec<u64>,
     /// Candidates' ranking keys (`key`), reused.
-    keys: Vec<u128>,
+    keys: Vec<u64>,
     /// Kept weight per `BLOCK` tokens, reused.
     blocks: Vec<u64>,
     adjusted: Vec<f32>,
@@ -121,91 +121,135 @@ fn largest(values: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &v| pick(m, v))
 }
 
-/// The most likely token's weight: weights are integers, so every sum is exact and the same in
-/// any order (the kept set and the draw do not depend on how candidates were partitioned).
-/// Tokens below 2^-52 of the most likely (36 nats below it at temperature 1) weigh 0 and are
-/// never drawn (at most 256,000 · 2^-52 of the mass, 6e-11). A block's weights sum within a u64.
-const WEIGHT_ONE: u64 = 1 << 52;
-
-/// Tokens per pass of `fixed_weights`' two loops (their scratch stays in registers and L1).
+/// Tokens per pass of `likelihoods`' loop (its scratch stays in registers and L1).
 const LANES: usize = 64;
 
-/// `e^((l - max) / t) · WEIGHT_ONE` for every logit `l` (`max` the largest, so the exponents
-/// are ≤ 0), into `out`: in plain f32 and integer arithmetic, so every machine draws the same
-/// tokens for a seed whatever its libm. x = k·ln 2 + r with |r| ≤ ln 2 / 2; e^r by its
-/// degree-6 Taylor polynomial (relative error below 3e-7) as a 30-bit integer, shifted into
-/// place by k. The first loop is branch-free f32 and i32 arithmetic that LLVM vectorises
-/// (the f32 to u64 conversion, which baseline x86-64 cannot vectorise, is left to the second,
-/// as shifts). 0 below x = -87 and for NaN; exactly `WEIGHT_ONE` at x = 0.
-fn fixed_weights(out: &mut Vec<u64>, logits: &[f32], max: f32, t: f32) {
-    let per_t = 1.0 / t;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Round to nearest by the 1.5 · 2^23 trick: plain adds (`round` is a libm call on
-    // baseline x86-64).
-    const SHIFT: f32 = 12_582_912.0;
-    const UNIT: f32 = (1u32 << 30) as f32;
-    out.clear();
-    let (mut ks, mut ms) = ([0i32; LANES], [0i32; LANES]);
-    for chunk in logits.chunks(LANES) {
-        for ((&l, k_out), m_out) in chunk.iter().zip(&mut ks).zip(&mut ms) {
-            let x = (l - max) * per_t;
-            let valid = x >= -87.0;
-            let x = if valid { x } else { 0.0 };
-            let k = (x * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
-            let r = (x - k * LN2_HI) - k * LN2_LO;
-            let poly = 1.0
-                + r * (1.0
-                    + r * (1.0 / 2.0
-                        + r * (1.0 / 6.0
-                            + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-            // SAFETY: x lies in [-87, 0], so k is an integer in [-126, 0] and poly in
-            // [0.70, 1.42]: finite, and poly · 2^30 below 2^31. (`as` would check for NaN and
-            // overflow lane by lane, which keeps LLVM from vectorising the conversions.)
-            let (k, m) = unsafe {
-                (
-                    k.to_int_unchecked::<i32>(),
-                    (poly * UNIT).to_int_unchecked::<i32>(),
-                )
-            };
-            *m_out = m;
-            *k_out = if valid { -k } else { 64 };
-        }
-        out.extend(ks.iter().zip(&ms).take(chunk.len()).map(|(&k, &m)| {
-            // 2^52 · poly · 2^-k = (m · 2^22) >> k.
-            ((m as u64) << 22).checked_shr(k as u32).unwrap_or(0)
-        }));
+/// The constants of `likelihood`, shared with the device sampler (`griffin-backend-ptx`'s
+/// `sample`), which must compute the same bits: x = k·ln 2 + r with |r| ≤ ln 2 / 2
+/// (`LN2_HI` + `LN2_LO` = ln 2, split so k·LN2_HI is exact); k rounded by adding and removing
+/// `ROUND` (1.5 · 2^23; `round` is a libm call on baseline x86-64); e^r by Horner's rule on
+/// `POLY` (Taylor, degree 6, innermost first; relative error below 3e-7).
+pub mod exp {
+    pub const CUTOFF: f32 = -87.0;
+    pub const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    pub const LN2_HI: f32 = 0.693_145_75;
+    pub const LN2_LO: f32 = 1.428_606_8e-6;
+    pub const ROUND: f32 = 12_582_912.0;
+    pub const POLY: [f32; 7] = [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        1.0 / 2.0,
+        1.0,
+        1.0,
+    ];
+}
+
+/// `e^x` for `x` ≤ 0 in plain f32 arithmetic (no fused multiply-add, no libm), so every
+/// machine, and the device sampler, gets the same bits for a seed; 0 below `exp::CUTOFF` and
+/// for NaN; exactly 1 at 0.
+#[inline(always)]
+fn likelihood(x: f32) -> f32 {
+    use exp::*;
+    let valid = x >= CUTOFF;
+    let x = if valid { x } else { 0.0 };
+    let k = (x * LOG2_E + ROUND) - ROUND;
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let mut poly = POLY[0];
+    for &c in &POLY[1..] {
+        poly = c + r * poly;
+    }
+    // SAFETY: x lies in [-87, 0], so k is an integer in [-126, 0] (`as` would check for NaN
+    // and overflow lane by lane, which keeps LLVM from vectorising the conversion).
+    let k = unsafe { k.to_int_unchecked::<i32>() };
+    // 2^k, a normal f32: exact scaling.
+    let scale = f32::from_bits(((127 + k) as u32) << 23);
+    if valid {
+        poly * scale
+    } else {
+        0.0
     }
 }
 
+/// Each token's likelihood relative to the most likely, `e^((l - max) / t)` (`likelihood`),
+/// as f32 bits into `out`: non-negative f32s order as their bits do, so the bits rank tokens.
+/// With `weights`, also each token's weight at `weight_scale`.
+fn likelihoods(
+    out: &mut Vec<u32>,
+    mut weights: Option<&mut Vec<u64>>,
+    logits: &[f32],
+    max: f32,
+    per_t: f32,
+) {
+    out.clear();
+    let scale = weight_scale(logits.len());
+    if let Some(w) = weights.as_deref_mut() {
+        w.clear();
+    }
+    let mut bits = [0u32; LANES];
+    for chunk in logits.chunks(LANES) {
+        for (&l, b) in chunk.iter().zip(&mut bits) {
+            *b = likelihood((l - max) * per_t).to_bits();
+        }
+        let bits = &bits[..chunk.len()];
+        out.extend_from_slice(bits);
+        if let Some(w) = weights.as_deref_mut() {
+            w.extend(bits.iter().map(|&b| weight(b, scale)));
+        }
+    }
+}
+
+/// The fixed-point scale of weights for a vocabulary of `vocab` tokens: 2^S with S as large
+/// as lets every weight (at most 1 · 2^S) sum within 2^62 (S = 44 for 256,000 tokens).
+/// Weights are integers, so every sum is exact and the same in any order or partition, on the
+/// host and on the device. Tokens below 2^-S of the most likely (30 nats below it at S = 44)
+/// weigh 0 and are never drawn (at most vocab · 2^-S of the most likely's weight).
+pub fn weight_scale(vocab: usize) -> f32 {
+    let bits = usize::BITS - vocab.max(2).saturating_sub(1).leading_zeros();
+    f32::from_bits((127 + 62 - bits) << 23)
+}
+
+/// A token's weight: its likelihood (`likelihood` bits) times `scale`, truncated.
+#[inline(always)]
+fn weight(bits: u32, scale: f32) -> u64 {
+    let w = f32::from_bits(bits) * scale;
+    // SAFETY: likelihoods lie in [0, 1] and scale is at most 2^61: w is finite, in [0, 2^61].
+    // (`as` would saturate lane by lane.)
+    unsafe { w.to_int_unchecked::<u64>() }
+}
+
 /// Tokens per block of the draw's index: the draw finds its block by the blocks' sums, then
-/// walks that block alone.
-const BLOCK: usize = 1024;
+/// walks that block alone. (The device sampler's blocks are as wide.)
+pub const BLOCK: usize = 1024;
 
-/// A candidate's rank as one integer: heavier first, then the lower id (`!id`).
-fn key(id: u32, weight: u64) -> u128 {
-    (weight as u128) << 32 | !id as u128
+/// A token's rank as one integer: more likely first (its likelihood's bits), then the lower
+/// id (`!id`).
+fn key(id: u32, bits: u32) -> u64 {
+    (bits as u64) << 32 | !id as u64
 }
 
-fn key_weight(k: u128) -> u128 {
-    k >> 32
+fn key_bits(k: u64) -> u32 {
+    (k >> 32) as u32
 }
 
-fn descending(a: &u128, b: &u128) -> std::cmp::Ordering {
+fn descending(a: &u64, b: &u64) -> std::cmp::Ordering {
     b.cmp(a)
 }
 
-/// How many of the heaviest `keys` it takes for their weights to reach `target` (all of them if
-/// they never do); leaves those first. Quickselect on the cumulative weight: each round splits
-/// the undecided range at its middle rank and keeps the half the answer lies in, O(n) on
-/// average where sorting the candidates (256,000 for the 2B vocabulary) is O(n log n).
-fn nucleus(keys: &mut [u128], target: u128) -> usize {
+/// How many of the highest-ranked `keys` it takes for their weights to reach `target` (all of
+/// them if they never do); leaves those first. Quickselect on the cumulative weight: each
+/// round splits the undecided range at its middle rank and keeps the half the answer lies in,
+/// O(n) on average where sorting the candidates (256,000 for the 2B vocabulary) is
+/// O(n log n).
+fn nucleus(keys: &mut [u64], target: u64, scale: f32) -> usize {
+    let w = |k: u64| weight(key_bits(k), scale);
     // keys[..lo] outrank keys[lo..] and sum to `below` < target; the answer lies in lo+1..=hi.
-    let (mut lo, mut hi, mut below) = (0, keys.len(), 0u128);
+    let (mut lo, mut hi, mut below) = (0, keys.len(), 0u64);
     while hi - lo > 32 {
         let mid = lo + (hi - lo) / 2;
         keys[lo..hi].select_nth_unstable_by(mid - lo, descending);
-        let upper: u128 = keys[lo..mid].iter().map(|&k| key_weight(k)).sum();
+        let upper: u64 = keys[lo..mid].iter().map(|&k| w(k)).sum();
         if below + upper >= target {
             hi = mid;
         } else {
@@ -215,7 +259,7 @@ fn nucleus(keys: &mut [u128], target: u128) -> usize {
     }
     keys[lo..hi].sort_unstable_by(descending);
     for (i, &k) in keys[lo..hi].iter().enumerate() {
-        below += key_weight(k);
+        below += w(k);
         if below >= target {
             return lo + i + 1;
         }
@@ -225,63 +269,75 @@ fn nucleus(keys: &mut [u128], target: u128) -> usize {
 
 /// The lowest-ranked key of the tokens top-k, min-p and top-p keep (`SamplingParams`), each
 /// cut as the full ranking would make it. Only tokens that can be kept are ranked: those at
-/// least as heavy as a bound found by a pass or two over the weights (the first that counts
-/// k tokens, or whose tokens already reach the top-p target), so a 256,000-token vocabulary
-/// becomes the few hundred plausible ones before any selection.
-fn lowest_kept(w: &[u64], keys: &mut Vec<u128>, p: &SamplingParams) -> u128 {
-    // min-p: the heaviest weighs WEIGHT_ONE (the maximum's exp(0) = 1); 1 keeps every token
-    // of nonzero weight.
-    let floor = ((WEIGHT_ONE as f64 * p.min_p as f64).ceil() as u64).max(1);
-    let rank_from = |keys: &mut Vec<u128>, at_least: u64| {
+/// least as likely as a bound found by a pass or two over the likelihoods (the first that
+/// counts k tokens, or whose tokens already reach the top-p target), so a 256,000-token
+/// vocabulary becomes the few hundred plausible ones before any selection.
+fn lowest_kept(bits: &[u32], w: &[u64], keys: &mut Vec<u64>, p: &SamplingParams) -> u64 {
+    let scale = weight_scale(bits.len());
+    // min-p: the most likely token's likelihood is exactly 1.
+    let floor = min_p_bits(p.min_p);
+    let rank_from = |keys: &mut Vec<u64>, at_least: u32| {
         keys.clear();
-        let heavy = w.iter().enumerate().filter(|&(_, &x)| x >= at_least);
-        keys.extend(heavy.map(|(i, &x)| key(i as u32, x)));
+        let likely = bits.iter().enumerate().filter(|&(_, &b)| b >= at_least);
+        keys.extend(likely.map(|(i, &b)| key(i as u32, b)));
     };
-    let total: u128 = if p.top_k > 0 {
-        // The k heaviest weigh at least any bound that k tokens reach.
-        let mut at_least = WEIGHT_ONE >> 8;
-        while at_least > 1 && w.iter().filter(|&&x| x >= at_least).count() < p.top_k {
-            at_least >>= 8;
+    // Bounds 2^-8, 2^-16, ... down to 0 (every token), in f32 bits.
+    let lower = |b: u32| b.saturating_sub(8 << 23);
+    let first_bound = (127 - 8) << 23;
+    let total: u64 = if p.top_k > 0 {
+        // The k most likely lie at or above any bound that k tokens reach.
+        let mut at_least = first_bound;
+        while at_least > 0 && bits.iter().filter(|&&b| b >= at_least).count() < p.top_k {
+            at_least = lower(at_least);
         }
-        rank_from(keys, at_least.max(1));
+        rank_from(keys, at_least);
         if p.top_k < keys.len() {
             keys.select_nth_unstable_by(p.top_k - 1, descending);
             keys.truncate(p.top_k);
         }
-        let total = keys.iter().map(|&k| key_weight(k)).sum();
-        keys.retain(|&k| key_weight(k) >= floor as u128);
+        let total = keys.iter().map(|&k| weight(key_bits(k), scale)).sum();
+        keys.retain(|&k| key_bits(k) >= floor);
         total
     } else {
-        let total: u128 = w.iter().map(|&x| x as u128).sum();
-        // The nucleus lies among any heaviest tokens (min-p's survivors) that reach its
+        let total: u64 = w.iter().sum();
+        // The nucleus lies among any most likely tokens (min-p's survivors) that reach its
         // target.
         let target = top_p_target(total, p.top_p);
-        let mut at_least = if p.top_p < 1.0 {
-            WEIGHT_ONE >> 8
-        } else {
-            floor
-        };
+        let mut at_least = if p.top_p < 1.0 { first_bound } else { floor };
         loop {
             let bound = at_least.max(floor);
-            let heavy = w.iter().filter(|&&x| x >= bound).map(|&x| x as u128);
-            if bound == floor || heavy.sum::<u128>() >= target {
+            let heavy = bits.iter().zip(w).filter(|&(&b, _)| b >= bound);
+            if bound == floor || heavy.map(|(_, &x)| x).sum::<u64>() >= target {
                 rank_from(keys, bound);
                 break;
             }
-            at_least >>= 8;
+            at_least = lower(at_least);
         }
         total
     };
     if p.top_p < 1.0 {
-        let n = nucleus(keys, top_p_target(total, p.top_p));
+        let n = nucleus(keys, top_p_target(total, p.top_p), scale);
         keys.truncate(n);
     }
-    keys.iter().copied().min().expect("the maximum is kept")
+    keys.iter()
+        .copied()
+        .min()
+        .expect("the most likely token is kept")
 }
 
-/// The weight the nucleus must reach: p of the candidates' `total`.
-fn top_p_target(total: u128, top_p: f32) -> u128 {
-    (total as f64 * top_p as f64).ceil().max(1.0) as u128
+/// min-p as a bound on likelihoods' bits (0: every token; -0.0 too).
+fn min_p_bits(min_p: f32) -> u32 {
+    if min_p > 0.0 {
+        min_p.to_bits()
+    } else {
+        0
+    }
+}
+
+/// The weight the nucleus must reach: p of the candidates' `total` (the device sampler
+/// computes the same f64 product).
+fn top_p_target(total: u64, top_p: f32) -> u64 {
+    (total as f64 * top_p as f64).ceil().max(1.0) as u64
 }
 
 impl Sampler {
@@ -290,6 +346,7 @@ impl Sampler {
         Sampler {
             params,
             rng,
+            bits: Vec::new(),
             weights: Vec::new(),
             keys: Vec::new(),
             blocks: Vec::new(),
@@ -349,17 +406,19 @@ impl Sampler {
             return argmax(logits);
         }
         let w = &mut self.weights;
-        fixed_weights(w, logits, max, p.temperature);
-        // The lowest-ranked key kept (0: every token of nonzero weight).
+        likelihoods(&mut self.bits, Some(w), logits, max, 1.0 / p.temperature);
+        // The lowest-ranked key kept (0: every token).
         let threshold = if p.top_k > 0 || p.min_p > 0.0 || p.top_p < 1.0 {
-            lowest_kept(w, &mut self.keys, p)
+            lowest_kept(&self.bits, w, &mut self.keys, p)
         } else {
             0
         };
-        // Kept: heavier than the threshold, or as heavy with an id no higher.
-        let (heavier_than, up_to) = (key_weight(threshold) as u64, !(threshold as u32));
+        // Kept: more likely than the threshold, or as likely with an id no higher.
+        let bits = &self.bits;
+        let (above, up_to) = (key_bits(threshold), !(threshold as u32));
         let kept_weight = |i: usize, w: u64| {
-            if w > heavier_than || (w == heavier_than && i as u32 <= up_to) {
+            let b = bits[i];
+            if b > above || (b == above && i as u32 <= up_to) {
                 w
             } else {
                 0
@@ -372,15 +431,15 @@ impl Sampler {
                 kept.map(|(j, &x)| kept_weight(b * BLOCK + j, x))
                     .sum::<u64>()
             }));
-        let kept: u128 = self.blocks.iter().map(|&s| s as u128).sum();
+        let kept: u64 = self.blocks.iter().sum();
         let mut draw = below(self.rng.next_u64(), kept);
         for (b, &sum) in self.blocks.iter().enumerate() {
-            if draw >= sum as u128 {
-                draw -= sum as u128;
+            if draw >= sum {
+                draw -= sum;
                 continue;
             }
             for (j, &x) in w[b * BLOCK..].iter().take(BLOCK).enumerate() {
-                let x = kept_weight(b * BLOCK + j, x) as u128;
+                let x = kept_weight(b * BLOCK + j, x);
                 if draw < x {
                     return (b * BLOCK + j) as u32;
                 }
@@ -494,33 +553,28 @@ mod tests {
     }
 
     #[test]
-    fn fixed_weights_are_within_3e_7_of_exp() {
+    fn likelihoods_are_within_3e_7_of_exp() {
         let logits: Vec<f32> = (0..=870_000).map(|i| -(i as f32) * 1e-4).collect();
-        let mut w = Vec::new();
-        fixed_weights(&mut w, &logits, 0.0, 1.0);
+        let mut bits = Vec::new();
+        likelihoods(&mut bits, None, &logits, 0.0, 1.0);
         let mut worst = 0f64;
-        for (&l, &w) in logits.iter().zip(&w) {
-            let want = (l as f64).exp() * WEIGHT_ONE as f64;
-            // Past 2^22 units the shift's truncation is below 2.4e-7 of the weight.
-            if want > (1 << 22) as f64 {
-                worst = worst.max((w as f64 - want).abs() / want);
-            } else {
-                assert!(
-                    (w as f64 - want).abs() <= 1.0 + want * 3e-7,
-                    "{l}: {w} vs {want}"
-                );
-            }
+        for (&l, &b) in logits.iter().zip(&bits) {
+            let want = (l as f64).exp();
+            worst = worst.max((f32::from_bits(b) as f64 - want).abs() / want);
         }
         assert!(worst < 3e-7, "{worst}");
-        let edge = [0.0, -88.0, f32::NEG_INFINITY, f32::NAN, -30.0, -36.1];
-        fixed_weights(&mut w, &edge, 0.0, 1.0);
-        assert_eq!(w[..4], [WEIGHT_ONE, 0, 0, 0]);
-        // e^-30 · 2^52 ≈ 421.6: still drawn; e^-36.1 · 2^52 ≈ 0.94: never.
-        assert_eq!(w[4..], [421, 0]);
+        let edge = [0.0, -88.0, f32::NEG_INFINITY, f32::NAN, -30.0, -31.0];
+        likelihoods(&mut bits, None, &edge, 0.0, 1.0);
+        assert_eq!(bits[..4], [1f32.to_bits(), 0, 0, 0]);
+        // For the 2B vocabulary e^-30 · 2^44 ≈ 1.65: still drawn; e^-31 · 2^44 ≈ 0.61: never.
+        let scale = weight_scale(256_000);
+        assert_eq!([weight(bits[4], scale), weight(bits[5], scale)], [1, 0]);
+        assert_eq!(weight_scale(256_000), (1u64 << 44) as f32);
+        assert_eq!(weight_scale(6), (1u64 << 59) as f32);
         // Temperature divides the distance to the maximum.
-        fixed_weights(&mut w, &[4.0, 2.0], 4.0, 2.0);
-        let want = (-1f64).exp() * WEIGHT_ONE as f64;
-        assert!((w[1] as f64 - want).abs() / want < 3e-7);
+        likelihoods(&mut bits, None, &[4.0, 2.0], 4.0, 0.5);
+        let want = (-1f64).exp();
+        assert!((f32::from_bits(bits[1]) as f64 - want).abs() / want < 3e-7);
     }
 
     #[test]
@@ -544,31 +598,31 @@ mod tests {
         assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
     }
 
-    /// The sampler's steps written plainly: every candidate sorted up front, the nucleus
-    /// found by walking it (same weights, same generator).
+    /// The sampler's steps written plainly: every token sorted up front, the nucleus found by
+    /// walking it (same likelihoods, same generator).
     fn sample_by_full_sort(p: &SamplingParams, rng: &mut Rng, logits: &[f32]) -> u32 {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut w = Vec::new();
-        fixed_weights(&mut w, logits, max, p.temperature);
-        let mut c: Vec<(u32, u64)> = (0..w.len() as u32)
-            .map(|i| (i, w[i as usize]))
-            .filter(|&(_, w)| w > 0)
+        let mut bits = Vec::new();
+        likelihoods(&mut bits, None, logits, max, 1.0 / p.temperature);
+        let scale = weight_scale(logits.len());
+        let mut c: Vec<(u32, u32)> = (0..bits.len() as u32)
+            .map(|i| (i, bits[i as usize]))
             .collect();
         c.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let w = |b: u32| (f32::from_bits(b) as f64 * scale as f64) as u64;
         if p.top_k > 0 {
             c.truncate(p.top_k);
         }
-        let total: u128 = c.iter().map(|&(_, w)| w as u128).sum();
+        let total: u64 = c.iter().map(|&(_, b)| w(b)).sum();
         if p.min_p > 0.0 {
-            let floor = (c[0].1 as f64 * p.min_p as f64).ceil() as u64;
-            c.retain(|&(_, w)| w >= floor);
+            c.retain(|&(_, b)| f32::from_bits(b) >= p.min_p);
         }
         if p.top_p < 1.0 {
-            let target = (total as f64 * p.top_p as f64).ceil() as u128;
-            let (mut cumulative, mut keep) = (0u128, 0);
-            for &(_, w) in &c {
+            let target = (total as f64 * p.top_p as f64).ceil() as u64;
+            let (mut cumulative, mut keep) = (0u64, 0);
+            for &(_, b) in &c {
                 keep += 1;
-                cumulative += w as u128;
+                cumulative += w(b);
                 if cumulative >= target {
                     break;
                 }
@@ -576,13 +630,13 @@ mod tests {
             c.truncate(keep);
         }
         c.sort_by_key(|&(id, _)| id);
-        let kept: u128 = c.iter().map(|&(_, w)| w as u128).sum();
+        let kept: u64 = c.iter().map(|&(_, b)| w(b)).sum();
         let mut draw = below(rng.next_u64(), kept);
-        for &(id, w) in &c {
-            if draw < w as u128 {
+        for &(id, b) in &c {
+            if draw < w(b) {
                 return id;
             }
-            draw -= w as u128;
+            draw -= w(b);
         }
         unreachable!()
     }
@@ -626,17 +680,20 @@ mod tests {
     fn nucleus_is_the_fewest_heaviest_reaching_the_target() {
         // 100 candidates of weight 1 (ids 0..100) and one of weight 50: every target, exact
         // sums at each split included.
-        for target in 1..=160u128 {
-            let mut keys: Vec<u128> = (0..100).map(|id| key(id, 1)).collect();
-            keys.push(key(100, 50));
-            let n = nucleus(&mut keys, target);
+        let scale = 1.0;
+        let one = 1f32.to_bits();
+        let fifty = 50f32.to_bits();
+        for target in 1..=160u64 {
+            let mut keys: Vec<u64> = (0..100).map(|id| key(id, one)).collect();
+            keys.push(key(100, fifty));
+            let n = nucleus(&mut keys, target, scale);
             let want = if target <= 50 {
                 1
             } else {
                 (target - 50 + 1).min(101) as usize
             };
             assert_eq!(n, want, "target {target}");
-            let mut first: Vec<u128> = keys[..n].to_vec();
+            let mut first: Vec<u64> = keys[..n].to_vec();
             first.sort_unstable_by(descending);
             // The heaviest, then the lowest ids.
             let ids: Vec<u32> = first.iter().map(|&k| !(k as u32)).collect();

@@ -280,6 +280,7 @@ pub(super) enum LoadKind {
 pub(super) enum GlobalOp {
     Read { waited: bool, nc: bool },
     Write { waited: bool },
+    Atomic { waited: bool },
 }
 
 pub(super) struct Ctx<'a> {
@@ -603,6 +604,24 @@ impl Ctx<'_> {
                         self.store(&base, addr, &v[..size], memory, shared, t.waited)?;
                     }
                     _ => return err("vector store shape"),
+                }
+            }
+            // Atomic adds (`atom` returns the old value, `red` nothing): integers only.
+            "atom" | "red" => {
+                let first = usize::from(op.at(0) == "atom");
+                let (base, addr) = self.address(t, &ins.args[first], op.at(1))?;
+                aligned(addr, size)?;
+                if !op.has("add") || !matches!(ty, "u32" | "u64" | "s32") {
+                    return err("only integer atomic adds are modelled");
+                }
+                let value = arg(t, first + 1)?;
+                let old = match base {
+                    Base::Shared(_) => shared.atomic_add(addr, size, value, self.who())?,
+                    Base::Param(_) => return err("atomic on a parameter"),
+                    _ => memory.atomic_add(addr, size, value, self.who(), t.waited)?,
+                };
+                if first == 1 {
+                    dst(t, mask(old))?;
                 }
             }
             // A hint with no effect on results; its address must still be one the kernel may

@@ -27,6 +27,9 @@ pub(super) struct Shadow {
     /// would leave the cached line stale. (An `.nc` read of what a kernel wrote, this launch
     /// or before, is refused by `Memory::access`.)
     pub(super) nc_read: Vec<bool>,
+    /// The last write was an atomic read-modify-write (`atom`, `red`): another thread's
+    /// atomic on the word is no race, a plain access still is.
+    pub(super) atomic: Vec<bool>,
 }
 
 pub(super) const MANY: u32 = u32::MAX;
@@ -66,6 +69,7 @@ impl Shadow {
             return;
         }
         self.nc_read.resize(words, false);
+        self.atomic.resize(words, false);
         for v in [
             &mut self.stamp,
             &mut self.writer,
@@ -89,6 +93,32 @@ impl Shadow {
         write: bool,
         nc: bool,
     ) -> Result<(), EmuError> {
+        self.record(stamp, at, len, a, write, nc, false)
+    }
+
+    /// As `access`, for an atomic read-modify-write: ordered against plain accesses, not
+    /// against other atomics.
+    pub(super) fn atomic(
+        &mut self,
+        stamp: u32,
+        at: usize,
+        len: usize,
+        a: Access,
+    ) -> Result<(), EmuError> {
+        self.record(stamp, at, len, a, true, false, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        stamp: u32,
+        at: usize,
+        len: usize,
+        a: Access,
+        write: bool,
+        nc: bool,
+        atomic: bool,
+    ) -> Result<(), EmuError> {
         let words = at / 4..(at + len).div_ceil(4);
         self.grow(words.end);
         for w in words {
@@ -97,6 +127,7 @@ impl Shadow {
                 self.writer[w] = 0;
                 self.reader[w] = 0;
                 self.nc_read[w] = false;
+                self.atomic[w] = false;
             }
             if write && self.nc_read[w] {
                 return err(format!(
@@ -107,7 +138,8 @@ impl Shadow {
             self.nc_read[w] |= nc;
             let writer = self.writer[w];
             let writer_block = writer.wrapping_sub(1) / a.block_size;
-            if !a.after(writer, writer_block, self.write_epoch[w]) {
+            let both_atomic = atomic && self.atomic[w];
+            if !both_atomic && !a.after(writer, writer_block, self.write_epoch[w]) {
                 return err(format!(
                     "data race: {} {} word {:#x}, which {} wrote with no barrier between",
                     Access::describe(a.thread, a.block_size),
@@ -137,6 +169,7 @@ impl Shadow {
                 }
                 self.writer[w] = a.thread;
                 self.write_epoch[w] = a.epoch;
+                self.atomic[w] = atomic;
             } else if reader == 0 || reader == a.thread {
                 self.reader[w] = a.thread;
                 self.read_block[w] = a.block;
@@ -194,6 +227,19 @@ impl SharedMemory {
         }
         self.bytes[r].copy_from_slice(data);
         Ok(())
+    }
+
+    /// An atomic add of `value` to the `len`-byte integer at `at`; the old value.
+    pub(super) fn atomic_add(
+        &mut self,
+        at: u64,
+        len: usize,
+        value: u64,
+        who: Access,
+    ) -> Result<u64, EmuError> {
+        let r = self.range(at, len)?;
+        self.shadow.atomic(1, r.start, len, who)?;
+        Ok(add_in_place(&mut self.bytes[r], value))
     }
 
     /// `fence.proxy.async.shared::cta` by `thread`: its stores so far become visible to the
@@ -268,7 +314,7 @@ impl Memory {
     ) -> Result<(), EmuError> {
         let (write, waited, nc) = match op {
             GlobalOp::Read { waited, nc } => (false, waited, nc),
-            GlobalOp::Write { waited } => (true, waited, false),
+            GlobalOp::Write { waited } | GlobalOp::Atomic { waited } => (true, waited, false),
         };
         let r = self.range(addr, len)?;
         let words = r.start / 4..r.end.div_ceil(4);
@@ -299,8 +345,26 @@ impl Memory {
         if write {
             self.kernel_written[words].fill(true);
         }
-        self.shadow
-            .access(self.launch, r.start, len, who, write, nc)
+        match op {
+            GlobalOp::Atomic { .. } => self.shadow.atomic(self.launch, r.start, len, who),
+            _ => self
+                .shadow
+                .access(self.launch, r.start, len, who, write, nc),
+        }
+    }
+
+    /// A kernel's atomic add of `value` to the `len`-byte integer at `addr`; the old value.
+    pub(super) fn atomic_add(
+        &mut self,
+        addr: u64,
+        len: usize,
+        value: u64,
+        who: Access,
+        waited: bool,
+    ) -> Result<u64, EmuError> {
+        self.access(addr, len, who, GlobalOp::Atomic { waited })?;
+        let r = self.range(addr, len)?;
+        Ok(add_in_place(&mut self.bytes[r], value))
     }
 
     /// Allocates `data` (256-byte aligned) and returns its device address.
@@ -361,4 +425,15 @@ impl Memory {
         self.bytes[r].copy_from_slice(data);
         Ok(())
     }
+}
+
+/// Adds `value` (wrapping) to the little-endian integer in `bytes` (4 or 8 of them); the old
+/// value.
+fn add_in_place(bytes: &mut [u8], value: u64) -> u64 {
+    let mut v = [0u8; 8];
+    v[..bytes.len()].copy_from_slice(bytes);
+    let old = u64::from_le_bytes(v);
+    let new = old.wrapping_add(value).to_le_bytes();
+    bytes.copy_from_slice(&new[..bytes.len()]);
+    old
 }

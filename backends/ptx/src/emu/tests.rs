@@ -244,3 +244,25 @@ fn data_races_are_errors() {
     assert!(races(&shift(""), 1));
     assert!(!races(&shift("bar.sync 0;"), 1));
 }
+
+#[test]
+fn atomic_adds_sum_across_threads_and_blocks_but_race_plain_accesses() {
+    // Every thread of every block adds its tid + 1 to s[0] (shared), then, after `barrier`,
+    // thread 0 reads s[0] and adds it to out[0] (global, atomically: blocks share it).
+    let kernel = |barrier: &str| {
+        format!(".visible .entry k(\n\t.param .u64 out\n)\n{{\n\t.shared .align 8 .b8 s[8];\n\t.reg .pred %p<1>;\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<6>;\n\tld.param.u64 %rd0, [out];\n\tmov.u32 %r0, %tid.x;\n\tmov.u64 %rd2, s;\n\tadd.u32 %r1, %r0, 1;\n\tatom.shared.add.u32 %r2, [%rd2], %r1;\n\t{barrier}\n\tsetp.ne.u32 %p0, %r0, 0;\n\t@%p0 bra $done;\n\tld.shared.u32 %r3, [%rd2];\n\tcvt.u64.u32 %rd3, %r3;\n\tred.global.add.u64 [%rd0], %rd3;\n$done:\n\tret;\n}}\n")
+    };
+    let m = Module::parse(&kernel("bar.sync 0;")).unwrap();
+    let mut mem = Memory::new();
+    let out = mem.alloc(&[0; 8]);
+    let launch = Launch {
+        grid: 3,
+        block: 32,
+        params: &[out],
+    };
+    run(&m, "k", &launch, &mut mem).unwrap();
+    // 3 blocks · (1 + … + 32).
+    assert_eq!(mem.read_u32(out, 2).unwrap(), [3 * 528, 0]);
+    // Without the barrier thread 0's plain read races the other threads' atomics.
+    assert!(races(&kernel(""), 1));
+}
