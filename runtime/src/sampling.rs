@@ -69,6 +69,16 @@ impl Rng {
     }
 }
 
+/// A bit per token seen in `history` (bit `id % 32` of word `id / 32`), for the device
+/// sampler's repetition penalty; ids past the vocabulary are left out, as the host does.
+pub fn seen_bits(history: &[u32], vocab: usize) -> Vec<u32> {
+    let mut bits = vec![0u32; vocab.div_ceil(32)];
+    for &id in history.iter().filter(|&&id| (id as usize) < vocab) {
+        bits[id as usize / 32] |= 1 << (id % 32);
+    }
+    bits
+}
+
 /// `r / 2^64 · n` rounded down, exactly: below `n` for any `r` (the device's `mul.hi.u64`).
 fn below(r: u64, n: u64) -> u64 {
     ((r as u128 * n as u128) >> 64) as u64
@@ -353,6 +363,38 @@ impl Sampler {
             adjusted: Vec::new(),
             seen: Vec::new(),
         }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The device sampler's configuration for a vocabulary of `vocab` tokens, with this
+    /// sampler's generator state: the first bytes of its state buffer, as
+    /// `griffin_backend_ptx::sample::layout` lays them out (1 / temperature, flags, penalty,
+    /// top-k, top-p, min-p's bound, the weights' scale, the generator). From then on the
+    /// device draws what this sampler would have (`tests/gpu_sample.rs` checks it), and this
+    /// sampler's generator falls behind.
+    pub fn device_config(&self, vocab: usize) -> [u8; 40] {
+        let p = &self.params;
+        let per_t = 1.0 / p.temperature;
+        let argmax_only = p.temperature == 0.0 || !per_t.is_finite();
+        let flags = u32::from(argmax_only) | u32::from(p.repetition_penalty != 1.0) << 1;
+        let mut out = [0u8; 40];
+        let words: [u32; 7] = [
+            per_t.to_bits(),
+            flags,
+            p.repetition_penalty.to_bits(),
+            p.top_k.min(u32::MAX as usize) as u32,
+            p.top_p.to_bits(),
+            min_p_bits(p.min_p),
+            weight_scale(vocab).to_bits(),
+        ];
+        for (i, w) in words.iter().enumerate() {
+            out[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        out[32..].copy_from_slice(&self.rng.0.to_le_bytes());
+        out
     }
 
     pub fn is_greedy(&self) -> bool {

@@ -16,6 +16,7 @@ pub mod misc;
 pub mod prefill;
 pub mod probe;
 pub mod rg_lru;
+pub mod sample;
 pub mod tc;
 
 /// A module of kernels: the header, then each kernel. Kernels using `wgmma` need the

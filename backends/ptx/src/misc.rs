@@ -35,13 +35,29 @@ pub fn gather(name: &str, width: u32, table: Storage, scale: Option<f32>) -> Str
 /// Parameters: logits `f32[V]` (16-byte aligned), out `i32[1]`. One block of 1024 threads;
 /// the lowest index wins ties, as the host's argmax. NaN never wins.
 pub fn argmax(name: &str, vocab: u32) -> String {
-    let warps = ARGMAX_THREADS / 32;
     let mut k = Kernel::new(name);
     k.launch_bounds(ARGMAX_THREADS, 1);
-    k.shared("best_v", 4 * warps, 16);
-    k.shared("best_i", 4 * warps, 16);
     let logits = k.param_ptr("logits");
     let out = k.param_ptr("out");
+    let (_, bi, done) = block_argmax(&mut k, logits, vocab, &mut |_, _, _| {});
+    k.ins(format!("st.global.u32 [{out}], {bi};"));
+    k.place(&done);
+    k.finish()
+}
+
+/// The largest of `vocab` logits at `logits` and its index (the first on ties; NaN never
+/// wins; index 0 if all are NaN), each value first passed through `adjust(k, value, index)`,
+/// by a block of `ARGMAX_THREADS`. The code after it runs in thread 0 alone, up to the
+/// returned label, which the caller places.
+pub(crate) fn block_argmax(
+    k: &mut Kernel,
+    logits: Reg,
+    vocab: u32,
+    adjust: &mut dyn FnMut(&mut Kernel, Reg, Reg),
+) -> (Reg, Reg, String) {
+    let warps = ARGMAX_THREADS / 32;
+    k.shared("best_v", 4 * warps, 16);
+    k.shared("best_i", 4 * warps, 16);
     let tid = k.reg(Class::B32);
     k.ins(format!("mov.u32 {tid}, %tid.x;"));
     let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
@@ -49,7 +65,8 @@ pub fn argmax(name: &str, vocab: u32) -> String {
     k.ins(format!("mov.u32 {bi}, {vocab};"));
     // Element `index` with value `v` against this thread's best. Strictly greater: a thread
     // visits indices in increasing order, so the first max stays; NaN never wins.
-    let visit = |k: &mut Kernel, v: Reg, index: Reg| {
+    let mut visit = |k: &mut Kernel, v: Reg, index: Reg| {
+        adjust(k, v, index);
         let better = k.reg(Class::Pred);
         k.ins(format!("setp.gt.f32 {better}, {v}, {bv};"));
         k.ins(format!("@{better} mov.f32 {bv}, {v};"));
@@ -58,7 +75,7 @@ pub fn argmax(name: &str, vocab: u32) -> String {
     // Groups of four logits with 16-byte loads, thread t taking groups t, t + 1024, ...: four
     // groups' loads in flight at a time, then one at a time.
     let quads = vocab / 4;
-    let step = |k: &mut Kernel, qi: Reg, n: u32| {
+    let step = |k: &mut Kernel, qi: Reg, n: u32, visit: &mut dyn FnMut(&mut Kernel, Reg, Reg)| {
         let mut loaded = Vec::new();
         for u in 0..n {
             let qu = k.reg(Class::B32);
@@ -84,17 +101,19 @@ pub fn argmax(name: &str, vocab: u32) -> String {
     };
     let qi = k.reg(Class::B32);
     k.ins(format!("mov.u32 {qi}, {tid};"));
-    k.unrolled(qi, quads, ARGMAX_THREADS, 4, &mut |k, m| step(k, qi, m));
+    k.unrolled(qi, quads, ARGMAX_THREADS, 4, &mut |k, m| {
+        step(k, qi, m, &mut visit)
+    });
     // The last vocab mod 4 logits, one per thread (after every group of four: higher indices).
     if vocab % 4 != 0 {
         let skip = k.label("rest_end");
         k.leave_unless_below(tid, vocab % 4, &skip);
         let index = k.reg(Class::B32);
         k.ins(format!("add.u32 {index}, {tid}, {};", 4 * quads));
-        let a = addr4(&mut k, logits, index);
+        let a = addr4(k, logits, index);
         let v = k.reg(Class::F32);
         k.ins(format!("ld.global.f32 {v}, [{a}];"));
-        visit(&mut k, v, index);
+        visit(k, v, index);
         k.place(&skip);
     }
     // (value, index) pairs reduced: larger value, or equal value and smaller index.
@@ -114,7 +133,7 @@ pub fn argmax(name: &str, vocab: u32) -> String {
         let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
         k.ins(format!("shfl.sync.bfly.b32 {ov}, {bv}, {offset}, 31, -1;"));
         k.ins(format!("shfl.sync.bfly.b32 {oi}, {bi}, {offset}, 31, -1;"));
-        combine(&mut k, bv, bi, ov, oi);
+        combine(k, bv, bi, ov, oi);
     }
     let (warp, lane) = k.warp_and_lane(tid);
     let lane0 = k.reg(Class::Pred);
@@ -140,13 +159,11 @@ pub fn argmax(name: &str, vocab: u32) -> String {
         let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
         k.ins(format!("ld.shared.f32 {ov}, [{sv}+{}];", 4 * w));
         k.ins(format!("ld.shared.u32 {oi}, [{si}+{}];", 4 * w));
-        combine(&mut k, bv, bi, ov, oi);
+        combine(k, bv, bi, ov, oi);
     }
     // All logits NaN: id 0 rather than an out-of-range id.
     let none = k.reg(Class::Pred);
     k.ins(format!("setp.ge.u32 {none}, {bi}, {vocab};"));
     k.ins(format!("@{none} mov.u32 {bi}, 0;"));
-    k.ins(format!("st.global.u32 [{out}], {bi};"));
-    k.place(&done);
-    k.finish()
+    (bv, bi, done)
 }

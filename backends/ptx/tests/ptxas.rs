@@ -284,6 +284,26 @@ fn all_kernels() -> Vec<(String, String)> {
         "b2_row_scales_tokens".into(),
         griffin_backend_ptx::prefill::row_scales_tokens("b2_row_scales_tokens", 7680),
     ));
+    // The device sampler for the 2B vocabulary (the constants' values do not matter here).
+    let exp = griffin_backend_ptx::sample::ExpConstants {
+        cutoff: -87.0,
+        log2_e: std::f32::consts::LOG2_E,
+        ln2_hi: 0.693_145_75,
+        ln2_lo: 1.428_606_8e-6,
+        round: 12_582_912.0,
+        poly: [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ],
+    };
+    for k in griffin_backend_ptx::sample::kernels("b2_sample", 256_000, &exp) {
+        out.push((k.name, k.ptx));
+    }
     out
 }
 

@@ -23,6 +23,7 @@ use crate::session::Model;
 
 mod engines;
 mod lowering;
+pub mod sampling;
 mod work;
 
 pub use engines::{CudaEngine, EmuEngine};

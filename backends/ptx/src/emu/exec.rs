@@ -679,9 +679,24 @@ impl Ctx<'_> {
                 dst(t, (hi << 16) | lo)?
             }
             "cvt" => {
-                // cvt[.rn|.rzi|.rmi].DST.SRC
+                // cvt[.rn|.rzi|.rmi|.rpi|.rni].DST.SRC
                 let (dt, st) = (op.at(op.len() - 2), op.last());
                 let v = arg(t, 1)?;
+                // Integer to integer: truncated or extended, never through a float.
+                let int = |x: &str| matches!(x, "u32" | "s32" | "u64" | "s64");
+                if int(dt) && int(st) {
+                    let wide = match st {
+                        "s32" => v as u32 as i32 as i64 as u64,
+                        "u32" => v & 0xFFFF_FFFF,
+                        _ => v,
+                    };
+                    let out = if dt.ends_with("32") {
+                        wide & 0xFFFF_FFFF
+                    } else {
+                        wide
+                    };
+                    return dst(t, out);
+                }
                 let as_f64 = match st {
                     "f32" => f32_of(v) as f64,
                     "f64" => f64::from_bits(v),
@@ -696,6 +711,8 @@ impl Ctx<'_> {
                     as_f64.trunc()
                 } else if op.has("rmi") {
                     as_f64.floor()
+                } else if op.has("rpi") {
+                    as_f64.ceil()
                 } else if op.has("rni") {
                     as_f64.round_ties_even()
                 } else {
@@ -793,6 +810,7 @@ impl Ctx<'_> {
                     "wide" if ty.starts_with('s') => (signed(a) * signed(b)) as u64,
                     "wide" => mask(a) * mask(b),
                     "lo" => mask(a.wrapping_mul(b)),
+                    "hi" if size == 8 => ((a as u128 * b as u128) >> 64) as u64,
                     "hi" => (mask(a) * mask(b)) >> 32,
                     other => return err(format!("mul.{other}")),
                 };

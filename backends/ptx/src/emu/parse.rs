@@ -112,7 +112,7 @@ impl Parser {
             None => (false, s),
         };
         let v = if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
-            i64::from_str_radix(h, 16).ok()?
+            u64::from_str_radix(h, 16).ok()? as i64
         } else {
             body.parse::<i64>().ok()?
         };

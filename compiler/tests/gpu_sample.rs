@@ -1,0 +1,208 @@
+//! The device sampler (`griffin_backend_ptx::sample`) on the PTX interpreter against the
+//! host's (`griffin_runtime::sampling`): the same logits, settings, seed and history give the
+//! same ids, draw after draw (the generator's state and the seen bits carried on the device).
+
+use griffin_backend_ptx::emu::{run, Launch, Memory, Module};
+use griffin_backend_ptx::module;
+use griffin_backend_ptx::sample::{layout, SampleParams};
+use griffinc::gpu::sampling::sampler_kernels;
+use griffinc::sampling::{seen_bits, Sampler, SamplingParams};
+
+/// SplitMix64, for test data.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// The device sampler for one vocabulary: its module, launches, and device buffers.
+struct Device {
+    module: Module,
+    kernels: Vec<(String, u32, u32, SampleParams)>,
+    mem: Memory,
+    logits: u64,
+    state: u64,
+    next: u64,
+    vocab: usize,
+}
+
+impl Device {
+    fn new(vocab: usize) -> Device {
+        let ks = sampler_kernels("s", vocab as u32);
+        let module = Module::parse(&module(
+            &ks.iter().map(|k| k.ptx.clone()).collect::<Vec<_>>(),
+        ))
+        .unwrap();
+        let mut mem = Memory::new();
+        let logits = mem.alloc(&vec![0; 4 * vocab]);
+        let state = mem.alloc(&vec![0; layout::bytes(vocab as u32) as usize]);
+        let next = mem.alloc(&[0; 4]);
+        Device {
+            module,
+            kernels: ks
+                .into_iter()
+                .map(|k| (k.name, k.grid, k.block, k.params))
+                .collect(),
+            mem,
+            logits,
+            state,
+            next,
+            vocab,
+        }
+    }
+
+    /// Configuration and seen bits from the host's sampler and history.
+    fn start(&mut self, host: &Sampler, history: &[u32]) {
+        self.mem
+            .write_bytes(self.state, &host.device_config(self.vocab))
+            .unwrap();
+        let seen: Vec<u8> = seen_bits(history, self.vocab)
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        self.mem
+            .write_bytes(self.state + layout::seen(self.vocab as u32) as u64, &seen)
+            .unwrap();
+    }
+
+    fn sample(&mut self, logits: &[f32]) -> u32 {
+        let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.mem.write_bytes(self.logits, &bytes).unwrap();
+        for (name, grid, block, params) in &self.kernels {
+            let args = match params {
+                SampleParams::LogitsState => vec![self.logits, self.state],
+                SampleParams::State => vec![self.state],
+                SampleParams::StateNext => vec![self.state, self.next],
+            };
+            let launch = Launch {
+                grid: *grid,
+                block: *block,
+                params: &args,
+            };
+            run(&self.module, name, &launch, &mut self.mem)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        self.mem.read_u32(self.next, 1).unwrap()[0]
+    }
+}
+
+/// Logits on a coarse grid (many ties) with a few far above the rest, some -inf or NaN.
+fn logits(gen: &mut Gen, vocab: usize, spread: f32) -> Vec<f32> {
+    (0..vocab)
+        .map(|i| match gen.next() % 97 {
+            0 => f32::NEG_INFINITY,
+            1 => f32::NAN,
+            r => (r % 40) as f32 * spread - 10.0 + if i % 101 == 7 { 8.0 } else { 0.0 },
+        })
+        .collect()
+}
+
+#[test]
+fn device_draws_what_the_host_draws() {
+    let mut gen = Gen(5);
+    let settings: Vec<SamplingParams> = vec![
+        SamplingParams {
+            temperature: 1.0,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 1.3,
+            top_k: 40,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 300,
+            top_p: 0.8,
+            min_p: 0.01,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 2.0,
+            min_p: 0.05,
+            repetition_penalty: 1.3,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 0.5,
+            top_p: 0.999,
+            top_k: 5000,
+            repetition_penalty: 0.8,
+            ..SamplingParams::default()
+        },
+        // Penalised argmax: nothing drawn.
+        SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 1.5,
+            ..SamplingParams::default()
+        },
+    ];
+    for (case, vocab) in [700usize, 2048, 2500].into_iter().enumerate() {
+        let mut device = Device::new(vocab);
+        for (s, params) in settings.iter().enumerate() {
+            let params = SamplingParams {
+                seed: (case * 100 + s) as u64,
+                ..params.clone()
+            };
+            let mut host = Sampler::new(params.clone());
+            let mut history: Vec<u32> = (0..20)
+                .map(|_| (gen.next() % vocab as u64) as u32)
+                .collect();
+            device.start(&host, &history);
+            for draw in 0..4 {
+                let l = logits(&mut gen, vocab, [0.25, 0.5, 1.0][draw % 3]);
+                let want = host.sample(&l, &history);
+                let got = device.sample(&l);
+                assert_eq!(got, want, "vocab {vocab}, draw {draw}: {params:?}");
+                history.push(want);
+            }
+        }
+    }
+}
+
+#[test]
+fn cuts_ending_in_one_tie_keep_the_fewest_lowest_ids() {
+    // Every token equally likely (a few masked): top-k, top-p and min-p all end among the
+    // same tied likelihood, so the kept set is the lowest ids, as many as the strictest cut.
+    let vocab = 2100;
+    let flat: Vec<f32> = (0..vocab)
+        .map(|i| if i % 13 == 4 { f32::NEG_INFINITY } else { 1.0 })
+        .collect();
+    let mut device = Device::new(vocab);
+    for (top_k, top_p, min_p) in [
+        (10, 0.5, 0.0),
+        (4, 0.9, 0.5),
+        (1500, 0.3, 1.0),
+        (0, 0.001, 0.0),
+        (3000, 1.0, 0.2),
+    ] {
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k,
+            top_p,
+            min_p,
+            seed: top_k as u64,
+            ..SamplingParams::default()
+        };
+        let mut host = Sampler::new(params.clone());
+        device.start(&host, &[]);
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            let want = host.sample(&flat, &[]);
+            assert_eq!(device.sample(&flat), want, "{params:?}");
+            ids.push(want);
+        }
+        println!("{top_k} {top_p} {min_p}: {ids:?}");
+    }
+}
