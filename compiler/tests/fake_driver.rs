@@ -264,6 +264,55 @@ fn device_memory_and_graphs_are_set_up_before_any_kernel() {
 }
 
 #[test]
+fn sampled_decoding_on_the_device_draws_the_host_samplers_ids() {
+    // The same executable, settings and seed, sampling on the device (the default) and on the
+    // host (GRIFFIN_SAMPLE_ON_HOST=1, which copies every step's logits back): the same ids.
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = fake_driver_dir(tmp.path());
+    let exe = build_cuda("tiny-text", tmp.path(), &["--prefill-chunk", "5"]);
+    let ids: Vec<u32> = (0..12).map(|i| 2 + (i * 11) % 200).collect();
+    let ids = ids_arg(&ids);
+    for settings in [
+        vec!["--temperature", "1.0", "--seed", "11"],
+        vec![
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "40",
+            "--seed",
+            "5",
+        ],
+        vec![
+            "--temperature",
+            "1.5",
+            "--min-p",
+            "0.02",
+            "--repetition-penalty",
+            "1.3",
+        ],
+        vec!["--temperature", "0", "--repetition-penalty", "2.0"],
+    ] {
+        let mut args = vec!["--ids", &ids, "--max-new-tokens", "24", "--ignore-eos"];
+        args.extend(settings.iter().copied());
+        args.extend(["--format", "ids"]);
+        let device = on_fake_driver(&exe, &driver, &args);
+        let host = on_fake_driver_with(&exe, &driver, &args, ("GRIFFIN_SAMPLE_ON_HOST", "1"));
+        succeeded(&device);
+        succeeded(&host);
+        let drawn = String::from_utf8_lossy(&device.stdout).trim().to_string();
+        assert_eq!(
+            drawn,
+            String::from_utf8_lossy(&host.stdout).trim(),
+            "{settings:?}"
+        );
+        let distinct: std::collections::HashSet<&str> = drawn.split(',').collect();
+        assert!(distinct.len() > 3, "{settings:?}: {drawn}");
+    }
+}
+
+#[test]
 fn a_driver_refusing_early_launches_gets_plain_stream_order() {
     // Kernels are launched to overlap the one before (programmatic dependent launch); a
     // driver that refuses it gets plain launches, with one note, and the same answers.

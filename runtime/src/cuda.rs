@@ -356,6 +356,8 @@ pub struct CudaExecutor {
     step_program: Program,
     /// The decode step, then the argmax of its logits into the next-id buffer.
     greedy_program: Program,
+    /// The decode step, then the device sampler into the next-id buffer, if the plan has one.
+    sampled_program: Option<Program>,
     /// The prefill chunk, if the plan has one.
     prefill_program: Option<Program>,
     /// The prefill chunk computing its last token's logits only (generation).
@@ -371,6 +373,17 @@ pub struct CudaExecutor {
     pub device_bytes: u64,
     /// Last, so that it drops after the programs' graphs, which launch its kernels.
     _module: Module,
+}
+
+/// What a decode step ends with.
+#[derive(Clone, Copy)]
+enum Tail {
+    /// Its logits (the host reads them).
+    Logits,
+    /// The argmax into the next-id buffer.
+    Argmax,
+    /// The device sampler into the next-id buffer.
+    Sample,
 }
 
 /// A launch sequence as a CUDA graph, captured when the executor is made; if capture fails (an
@@ -573,6 +586,14 @@ impl CudaExecutor {
         let mut greedy = plan.launches.clone();
         greedy.push(plan.argmax.clone());
         let greedy_program = program("greedy decode step", &greedy)?;
+        let sampled_program = match &plan.sample {
+            Some(sample) => {
+                let mut launches = plan.launches.clone();
+                launches.extend(sample.launches.iter().cloned());
+                Some(program("sampled decode step", &launches)?)
+            }
+            None => None,
+        };
         let prefill_program = match &plan.prefill {
             Some(p) if offsets[p.logits].is_some() => Some(program("prefill chunk", &p.launches)?),
             _ => None,
@@ -591,6 +612,7 @@ impl CudaExecutor {
             early_launch: early,
             step_program,
             greedy_program,
+            sampled_program,
             prefill_program,
             prefill_last_program,
             addresses,
@@ -632,15 +654,19 @@ impl CudaExecutor {
         Ok(())
     }
 
-    /// Runs one token: uploads its id and position, replays the step's graph (with `greedy`,
-    /// the one ending in the argmax).
-    fn run_step(&mut self, id: u32, greedy: bool) -> Result<(), RuntimeError> {
+    /// Runs one token: uploads its id and position, replays the step's graph (with `tail`,
+    /// the one ending in the argmax or the sampler).
+    fn run_step(&mut self, id: u32, tail: Tail) -> Result<(), RuntimeError> {
         self.upload_step(id)?;
-        self.run_program(if greedy {
-            &self.greedy_program
-        } else {
-            &self.step_program
-        })?;
+        let program = match tail {
+            Tail::Logits => &self.step_program,
+            Tail::Argmax => &self.greedy_program,
+            Tail::Sample => self
+                .sampled_program
+                .as_ref()
+                .ok_or_else(|| RuntimeError::Plan("this plan has no device sampler".into()))?,
+        };
+        self.run_program(program)?;
         self.position += 1;
         Ok(())
     }
@@ -762,12 +788,12 @@ impl CudaExecutor {
 
     /// One token whose logits nobody reads (a prompt's tokens before its last).
     pub fn advance(&mut self, id: u32) -> Result<(), RuntimeError> {
-        self.run_step(id, false)
+        self.run_step(id, Tail::Logits)
     }
 
     /// One token; its logits.
     pub fn step(&mut self, id: u32) -> Result<&[f32], RuntimeError> {
-        self.run_step(id, false)?;
+        self.run_step(id, Tail::Logits)?;
         self.read_rows(
             self.addresses[self.plan.logits],
             1,
@@ -798,7 +824,43 @@ impl CudaExecutor {
 
     /// One token; the greedy next id, chosen on the device (4 bytes copied back).
     pub fn step_greedy(&mut self, id: u32) -> Result<u32, RuntimeError> {
-        self.run_step(id, true)?;
+        self.run_step(id, Tail::Argmax)?;
+        self.read_next_id()
+    }
+
+    /// Whether the plan has a device sampler (`start_sampling`, `step_sampled`).
+    pub fn samples_on_device(&self) -> bool {
+        self.sampled_program.is_some()
+    }
+
+    /// Hands sampling to the device: its configuration with the host sampler's generator
+    /// state (`Sampler::device_config`) and the seen bits of the history so far
+    /// (`sampling::seen_bits`). From then on `step_sampled` draws what the host sampler would.
+    pub fn start_sampling(&mut self, config: &[u8], seen: &[u32]) -> Result<(), RuntimeError> {
+        let sample = self
+            .plan
+            .sample
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Plan("this plan has no device sampler".into()))?;
+        let at = self.addresses[sample.state];
+        let s = self.stream.cu_stream();
+        // SAFETY: the state buffer holds the configuration at 0 and vocab / 32 words of seen
+        // bits at seen_offset (its size comes from the same layout).
+        unsafe {
+            cu::memcpy_htod_async(at, config, s)
+                .and_then(|_| cu::memcpy_htod_async(at + sample.seen_offset, seen, s))
+        }
+        .map_err(|e| driver("uploading the sampler's settings", e))
+    }
+
+    /// One token; the next id drawn on the device (4 bytes copied back).
+    pub fn step_sampled(&mut self, id: u32) -> Result<u32, RuntimeError> {
+        self.run_step(id, Tail::Sample)?;
+        self.read_next_id()
+    }
+
+    /// The next-id buffer, once the stream gets there.
+    fn read_next_id(&mut self) -> Result<u32, RuntimeError> {
         let mut next = [0u32];
         let s = self.stream.cu_stream();
         // SAFETY: the next-id buffer holds one i32.

@@ -24,6 +24,9 @@ pub enum GpuBufferKind {
     Position,
     /// The greedy next id (i32), written by the argmax launch.
     NextId,
+    /// The device sampler's configuration, seen bits and scratch: written by the host when a
+    /// sampled generation starts, carried between steps, never pooled or cleared by `reset`.
+    SamplerState,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -104,6 +107,20 @@ pub struct GpuPlan {
     /// the same state and weight buffers (the position buffer is the chunk's start).
     #[serde(default)]
     pub prefill: Option<GpuPrefill>,
+    /// Sampled decoding's tail, if compiled: the device sampler (`griffin_backend_ptx::sample`)
+    /// drawing the next id from the step's logits into the next-id buffer.
+    #[serde(default)]
+    pub sample: Option<GpuSample>,
+}
+
+/// The device sampler's launches and state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GpuSample {
+    pub launches: Vec<GpuLaunch>,
+    /// The `SamplerState` buffer: the configuration (`Sampler::device_config`) at offset 0.
+    pub state: usize,
+    /// Where in it the seen bits (`sampling::seen_bits`) lie.
+    pub seen_offset: u64,
 }
 
 /// A prefill chunk's launches when only its last token's logits are wanted.
@@ -215,6 +232,9 @@ impl GpuPlan {
     /// decode step with the argmax after it, the prefill chunk, its last-row variant.
     fn programs(&self) -> Vec<Vec<&GpuLaunch>> {
         let mut out = vec![self.launches.iter().chain([&self.argmax]).collect()];
+        if let Some(s) = &self.sample {
+            out.push(self.launches.iter().chain(&s.launches).collect());
+        }
         if let Some(p) = &self.prefill {
             out.push(p.launches.iter().collect());
             if let Some(l) = &p.last_row {
@@ -311,6 +331,9 @@ impl GpuPlan {
         };
         rewrite(&mut self.launches);
         rewrite(std::slice::from_mut(&mut self.argmax));
+        if let Some(s) = &mut self.sample {
+            rewrite(&mut s.launches);
+        }
         if let Some(p) = &mut self.prefill {
             rewrite(&mut p.launches);
             if let Some(l) = &mut p.last_row {

@@ -15,7 +15,8 @@ use griffin_backend_ptx::rg_lru::{
 use griffin_backend_ptx::tc::{TcConfig, TcInputs, TcMma};
 use griffin_ir::{DType, Epilogue, Graph, InputRole, NodeId, Op, OutputRole, Value};
 use griffin_runtime::gpu_plan::{
-    Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GpuPrefill, LastRow, Work, GPU_PLAN_VERSION,
+    Arg, GpuBuffer, GpuBufferKind, GpuLaunch, GpuPlan, GpuPrefill, GpuSample, LastRow, Work,
+    GPU_PLAN_VERSION,
 };
 use griffin_runtime::plan::{Buffer, BufferKind, Elem, Plan, Storage as PackStorage, PLAN_VERSION};
 
@@ -802,6 +803,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
             ..Work::default()
         },
     };
+    let sample = lower_sampler(&mut l, vocab as u32, logits, next_id);
     let ptx = griffin_backend_ptx::module(&l.kernels.values().cloned().collect::<Vec<_>>());
     let config = &model.checkpoint.config;
     let mut program = GpuProgram {
@@ -831,6 +833,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
             logits,
             next_id,
             prefill,
+            sample,
         },
     };
     // Activations whose lives do not overlap share device memory (the 2B shape with chunks of
@@ -898,5 +901,43 @@ fn last_row_variant(l: &mut Lowering, logits: usize) -> Option<LastRow> {
     Some(LastRow {
         launches,
         logits: out.buffer,
+    })
+}
+
+/// The device sampler after the decode step: its kernels, state buffer and launches (from the
+/// step's logits into the next-id buffer). None for a vocabulary past its limit, which then
+/// samples on the host.
+fn lower_sampler(
+    l: &mut Lowering<'_>,
+    vocab: u32,
+    logits: usize,
+    next: usize,
+) -> Option<GpuSample> {
+    use griffin_backend_ptx::sample::{layout, SampleParams, MAX_VOCAB};
+    if vocab > MAX_VOCAB {
+        return None;
+    }
+    let state = l.buffer(GpuBufferKind::SamplerState, layout::bytes(vocab) as u64);
+    let at = |buffer| Arg { buffer, offset: 0 };
+    let mut launches = Vec::new();
+    for k in super::sampling::sampler_kernels("sample", vocab) {
+        let args = match k.params {
+            SampleParams::LogitsState => vec![at(logits), at(state)],
+            SampleParams::State => vec![at(state)],
+            SampleParams::StateNext => vec![at(state), at(next)],
+        };
+        launches.push(GpuLaunch {
+            kernel: k.name.clone(),
+            grid: k.grid,
+            block: k.block,
+            args,
+            work: Work::default(),
+        });
+        l.kernels.insert(k.name, k.ptx);
+    }
+    Some(GpuSample {
+        launches,
+        state,
+        seen_offset: layout::seen(vocab) as u64,
     })
 }

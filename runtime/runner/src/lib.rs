@@ -531,6 +531,10 @@ fn run() -> Result<(), String> {
     }
     let mut stops = StopScanner::new(&args.stops);
     let mut stopped = false;
+    let mut on_device = false;
+    // GRIFFIN_SAMPLE_ON_HOST=1 copies each step's logits back and samples here instead (the
+    // same ids: a check, and a way around a device sampler problem).
+    let sample_on_host = std::env::var("GRIFFIN_SAMPLE_ON_HOST").as_deref() == Ok("1");
     while produced < args.max_new_tokens {
         let piece = match &mut stream {
             Some(s) => s.push(next)?,
@@ -558,6 +562,17 @@ fn run() -> Result<(), String> {
         next = match (&mut exec, sampler.is_greedy()) {
             // Greedy on the GPU: the argmax runs on the device, one id comes back.
             (Engine::Cuda(e), true) => e.step_greedy(next).map_err(|e| e.to_string())?,
+            // Sampled on the GPU: the device sampler draws what `sampler` would, from its
+            // generator's state and the history's seen bits, handed over once.
+            (Engine::Cuda(e), false) if e.samples_on_device() && !sample_on_host => {
+                if !on_device {
+                    let seen = griffin_runtime::sampling::seen_bits(&history, vocab);
+                    e.start_sampling(&sampler.device_config(vocab), &seen)
+                        .map_err(|e| e.to_string())?;
+                    on_device = true;
+                }
+                e.step_sampled(next).map_err(|e| e.to_string())?
+            }
             _ => {
                 let logits = exec.last(&[next])?;
                 sampler.sample(logits, &history)
