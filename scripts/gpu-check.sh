@@ -122,7 +122,7 @@ variant() {
   fi
   echo "$name: ${!name}"
 }
-# Sampled decoding: the step's logits come back (1 MB) and the host samples them.
+# Sampled decoding: the device sampler draws each token (one id comes back).
 variant dec_sampled "$exe" --ids 2 --max-new-tokens 512 --ignore-eos --temperature 0.8 --top-p 0.95 --seed 1 --stats
 w=(--weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats)
 variant pre_wgmma "$carry/2b/griffin-2b-wgmma" "${w[@]}"

@@ -394,6 +394,7 @@ mod tests {
             logits: 2,
             next_id: 0,
             prefill: None,
+            sample: None,
         }
     }
 

@@ -403,13 +403,15 @@ impl Sampler {
 
     /// The next token after `history` (prompt and generated ids so far), given its logits.
     ///
-    /// Sampled: each token weighs `exp((l - max) / temperature)` (in fixed point); the
-    /// candidates, ranked heaviest first (lower id on ties), are cut by top-k (the k first),
-    /// min-p (those weighing at least `min_p` times the first) and top-p (the fewest first
-    /// whose weight reaches p times the top-k candidates' weight); a uniform draw below the
-    /// kept weight then walks the kept tokens in id order. Each cut is a selection, not a sort,
-    /// and the draw one pass: for the 2B vocabulary 0.4–1.8 ms on this project's machine where
-    /// sorting it took ~24 (`benches/sampling.rs`).
+    /// Sampled: each token's likelihood is `exp((l - max) / temperature)` (f32, `likelihood`)
+    /// and its weight that in fixed point (`weight_scale`); the tokens, ranked most likely
+    /// first (lower id on ties), are cut by top-k (the k first), min-p (those at least `min_p`
+    /// as likely as the first) and top-p (the fewest first whose weight reaches p times the
+    /// top-k tokens' weight); a uniform draw below the kept weight then walks the kept tokens
+    /// in id order. Each cut is a selection, not a sort, and the draw one pass: for the 2B
+    /// vocabulary 0.5–2.1 ms on this project's machine where sorting it took ~24
+    /// (`benches/sampling.rs`). The device sampler (`griffin_backend_ptx::sample`) draws the
+    /// same ids from `device_config`.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
         let logits = if p.repetition_penalty != 1.0 {
