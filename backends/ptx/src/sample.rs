@@ -238,10 +238,20 @@ fn argmax_only(k: &mut Kernel, state: Reg) -> Reg {
     p
 }
 
-/// `l` penalised in place where token `index` was seen (the host's rule: positive logits
-/// divided, others multiplied).
-fn penalise(k: &mut Kernel, state: Reg, seen: u32, l: Reg, index: Reg) {
+/// The repetition penalty's settings, loaded once per thread: 1 where it is on (else 0),
+/// and the penalty.
+fn penalty(k: &mut Kernel, state: Reg) -> (Reg, Reg) {
     let flags = load(k, state, layout::FLAGS, Class::B32);
+    let on = k.reg(Class::B32);
+    k.ins(format!("shr.u32 {on}, {flags}, 1;"));
+    k.ins(format!("and.b32 {on}, {on}, 1;"));
+    let pen = load(k, state, layout::PENALTY, Class::F32);
+    (on, pen)
+}
+
+/// `l` penalised in place where token `index` was seen (the host's rule: positive logits
+/// divided, others multiplied); `(on, pen)` from `penalty`.
+fn penalise(k: &mut Kernel, state: Reg, seen: u32, (on, pen): (Reg, Reg), l: Reg, index: Reg) {
     let word = k.reg(Class::B32);
     k.ins(format!("shr.u32 {word}, {index}, 5;"));
     let at = k.reg(Class::B64);
@@ -252,13 +262,9 @@ fn penalise(k: &mut Kernel, state: Reg, seen: u32, l: Reg, index: Reg) {
     let bit = k.reg(Class::B32);
     k.ins(format!("and.b32 {bit}, {index}, 31;"));
     k.ins(format!("shr.u32 {bits}, {bits}, {bit};"));
-    // bit 0: seen; bit 1 of flags: penalty on.
-    k.ins(format!("and.b32 {bits}, {bits}, 1;"));
-    k.ins(format!("shr.u32 {flags}, {flags}, 1;"));
-    k.ins(format!("and.b32 {bits}, {bits}, {flags};"));
+    k.ins(format!("and.b32 {bits}, {bits}, {on};"));
     let hit = k.reg(Class::Pred);
     k.ins(format!("setp.ne.u32 {hit}, {bits}, 0;"));
-    let pen = load(k, state, layout::PENALTY, Class::F32);
     let pos = k.reg(Class::Pred);
     k.ins(format!("setp.gt.f32 {pos}, {l}, 0f00000000;"));
     let (div, mul) = (k.reg(Class::F32), k.reg(Class::F32));
@@ -275,8 +281,9 @@ fn max_kernel(name: &str, vocab: u32) -> String {
     let logits = k.param_ptr("logits");
     let state = k.param_ptr("state");
     let seen = layout::seen(vocab);
+    let pen = penalty(&mut k, state);
     let (bv, bi, done) = block_argmax(&mut k, logits, vocab, &mut |k, v, i| {
-        penalise(k, state, seen, v, i)
+        penalise(k, state, seen, pen, v, i)
     });
     k.ins(format!("st.global.f32 [{state}+{}], {bv};", layout::MAX));
     k.ins(format!("st.global.u32 [{state}+{}], {bi};", layout::ARG));
@@ -433,6 +440,7 @@ fn weights_kernel(name: &str, vocab: u32, c: &ExpConstants) -> String {
     let per_t = load(&mut k, state, layout::PER_T, Class::F32);
     let scale = load(&mut k, state, layout::SCALE, Class::F32);
     let seen = layout::seen(vocab);
+    let pen = penalty(&mut k, state);
     let out = layout::likelihoods(vocab);
     for u in 0..TOKENS_PER_BLOCK / PASS_THREADS {
         let (i, inside) = token(&mut k, block, tid, u, vocab);
@@ -441,7 +449,7 @@ fn weights_kernel(name: &str, vocab: u32, c: &ExpConstants) -> String {
         let a = elem4(&mut k, logits, 0, i);
         let l = k.reg(Class::F32);
         k.ins(format!("ld.global.f32 {l}, [{a}];"));
-        penalise(&mut k, state, seen, l, i);
+        penalise(&mut k, state, seen, pen, l, i);
         let x = k.reg(Class::F32);
         k.ins(format!("sub.rn.f32 {x}, {l}, {max};"));
         k.ins(format!("mul.rn.f32 {x}, {x}, {per_t};"));
