@@ -230,11 +230,49 @@ pub trait Engine {
     fn step_to_argmax(&mut self, _id: u32) -> Option<Result<u32, RunError>> {
         None
     }
+    /// Runs one token and returns the next id drawn as `sampler` would draw it after
+    /// `history` (which ends with `id`), where the engine draws it itself (a GPU's sampler
+    /// kernels); it keeps `sampler`'s generator in step. `None` where it cannot.
+    fn step_to_sample(
+        &mut self,
+        _id: u32,
+        _sampler: &mut Sampler,
+        _history: &[u32],
+    ) -> Option<Result<u32, RunError>> {
+        None
+    }
+}
+
+/// What a device sampler was last told: the history length and generator state it would
+/// continue from. Its configuration, generator and seen bits are uploaded again whenever the
+/// host's differ (a token the host chose, a new document), so host and device draws can
+/// alternate and stay those of one sampler.
+#[derive(Default)]
+pub struct DeviceSampling {
+    known: Option<(usize, u64)>,
+}
+
+impl DeviceSampling {
+    /// Whether the device must be told `history` and the sampler's state before drawing.
+    pub fn stale(&self, history: &[u32], sampler: &Sampler) -> bool {
+        self.known != Some((history.len(), sampler.generator_state()))
+    }
+
+    /// After a device draw following `history`: the device's generator state.
+    pub fn drew(&mut self, history: &[u32], state: u64) {
+        self.known = Some((history.len() + 1, state));
+    }
+
+    /// A new document: upload before the next draw.
+    pub fn forget(&mut self) {
+        self.known = None;
+    }
 }
 
 /// Runs `id` as one decode step and chooses the token after it: on the engine's side where
-/// `sampler` is greedy and the engine can (`Engine::step_to_argmax`), else by `sampler` from
-/// the step's logits (gathered in `logits`).
+/// the engine can (`Engine::step_to_argmax` when `sampler` is greedy,
+/// `Engine::step_to_sample` otherwise), else by `sampler` from the step's logits (gathered in
+/// `logits`).
 pub fn step_and_choose(
     engine: &mut dyn Engine,
     id: u32,
@@ -246,6 +284,8 @@ pub fn step_and_choose(
         if let Some(next) = engine.step_to_argmax(id) {
             return next;
         }
+    } else if let Some(next) = engine.step_to_sample(id, sampler, history) {
+        return next;
     }
     logits.clear();
     engine.step(id, &mut |l| logits.extend_from_slice(l))?;

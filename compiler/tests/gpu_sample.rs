@@ -2,11 +2,15 @@
 //! host's (`griffin_runtime::sampling`): the same logits, settings, seed and history give the
 //! same ids, draw after draw (the generator's state and the seen bits carried on the device).
 
+mod common;
+
 use griffin_backend_ptx::emu::{run, Launch, Memory, Module};
 use griffin_backend_ptx::module;
 use griffin_backend_ptx::sample::{layout, SampleParams};
 use griffinc::gpu::sampling::sampler_kernels;
+use griffinc::gpu::EmuEngine;
 use griffinc::sampling::{seen_bits, Sampler, SamplingParams};
+use griffinc::session::{step_and_choose, Engine, Model};
 
 /// SplitMix64, for test data.
 struct Gen(u64);
@@ -204,5 +208,69 @@ fn cuts_ending_in_one_tie_keep_the_fewest_lowest_ids() {
             ids.push(want);
         }
         println!("{top_k} {top_p} {min_p}: {ids:?}");
+    }
+}
+
+/// One chat turn: `new_ids` prefilled on top of the document so far, the first reply token
+/// drawn by the host from the prompt's logits, the next `n - 1` by `step_and_choose`.
+fn turn(
+    engine: &mut EmuEngine,
+    sampler: &mut Sampler,
+    history: &mut Vec<u32>,
+    new_ids: &[u32],
+    n: usize,
+) -> Vec<u32> {
+    let vocab = engine.program().plan.vocab();
+    history.extend_from_slice(new_ids);
+    let rows = engine.prefill_last(new_ids).unwrap();
+    let mut next = sampler.sample(&rows[rows.len() - vocab..], history);
+    let (mut out, mut logits) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        history.push(next);
+        out.push(next);
+        next = step_and_choose(engine, next, history, sampler, &mut logits).unwrap();
+    }
+    out
+}
+
+#[test]
+fn engines_draw_on_the_device_what_the_host_draws_across_turns() {
+    // `griffinc generate --backend ptx-emu` / `cuda`, `--chat` included: one sampler over two
+    // turns of one document and a second document, the first token of each turn drawn by the
+    // host from the prompt's logits, the rest on the device (the generator's state read back
+    // after each device draw; configuration and seen bits uploaded again after the host
+    // draws): the same ids as an engine sampling on the host.
+    let model = Model::load(&common::golden_dir().join("tiny-text")).unwrap();
+    let mut device = EmuEngine::with_prefill_chunk(&model, Some(8)).unwrap();
+    device.sample_on_device = true;
+    let mut host = EmuEngine::with_prefill_chunk(&model, Some(8)).unwrap();
+    host.sample_on_device = false;
+    for params in [
+        SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            repetition_penalty: 1.2,
+            seed: 3,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 3.0,
+            ..SamplingParams::default()
+        },
+    ] {
+        let (mut on_device, mut on_host) = (Sampler::new(params.clone()), Sampler::new(params));
+        for document in 0..2u32 {
+            device.reset();
+            host.reset();
+            let (mut hd, mut hh) = (Vec::new(), Vec::new());
+            for new_ids in [vec![2u32, 17 + document, 90, 5], vec![44, 8]] {
+                let a = turn(&mut device, &mut on_device, &mut hd, &new_ids, 10);
+                let b = turn(&mut host, &mut on_host, &mut hh, &new_ids, 10);
+                assert_eq!(a, b, "document {document}, turn {new_ids:?}");
+                let distinct: std::collections::HashSet<_> = a.iter().collect();
+                assert!(distinct.len() > 3, "{a:?}");
+            }
+        }
     }
 }

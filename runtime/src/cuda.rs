@@ -853,10 +853,23 @@ impl CudaExecutor {
         .map_err(|e| driver("uploading the sampler's settings", e))
     }
 
-    /// One token; the next id drawn on the device (4 bytes copied back).
-    pub fn step_sampled(&mut self, id: u32) -> Result<u32, RuntimeError> {
+    /// One token; the next id drawn on the device and the device generator's state after it
+    /// (12 bytes copied back, one synchronisation).
+    pub fn step_sampled(&mut self, id: u32) -> Result<(u32, u64), RuntimeError> {
         self.run_step(id, Tail::Sample)?;
-        self.read_next_id()
+        let state = self.plan.sample.as_ref().map_or(0, |s| s.state);
+        let mut rng = [0u64];
+        let s = self.stream.cu_stream();
+        // SAFETY: the state buffer holds the generator's u64 at DEVICE_RNG_OFFSET.
+        unsafe {
+            cu::memcpy_dtoh_async(
+                &mut rng,
+                self.addresses[state] + crate::sampling::DEVICE_RNG_OFFSET,
+                s,
+            )
+        }
+        .map_err(|e| driver("reading the sampler's state", e))?;
+        Ok((self.read_next_id()?, rng[0]))
     }
 
     /// The next-id buffer, once the stream gets there.

@@ -69,6 +69,10 @@ impl Rng {
     }
 }
 
+/// Where the device sampler keeps the generator's state (u64) in its state buffer, as
+/// `device_config` lays it out.
+pub const DEVICE_RNG_OFFSET: u64 = 32;
+
 /// A bit per token seen in `history` (bit `id % 32` of word `id / 32`), for the device
 /// sampler's repetition penalty; ids past the vocabulary are left out, as the host does.
 pub fn seen_bits(history: &[u32], vocab: usize) -> Vec<u32> {
@@ -369,6 +373,17 @@ impl Sampler {
         &self.params
     }
 
+    /// The generator's state (what `device_config` hands the device).
+    pub fn generator_state(&self) -> u64 {
+        self.rng.0
+    }
+
+    /// Takes the generator's state back from the device sampler (the bytes at
+    /// `DEVICE_RNG_OFFSET` of its state after its draws).
+    pub fn set_generator_state(&mut self, state: u64) {
+        self.rng.0 = state;
+    }
+
     /// The device sampler's configuration for a vocabulary of `vocab` tokens, with this
     /// sampler's generator state: the first bytes of its state buffer, as
     /// `griffin_backend_ptx::sample::layout` lays them out (1 / temperature, flags, penalty,
@@ -393,7 +408,7 @@ impl Sampler {
         for (i, w) in words.iter().enumerate() {
             out[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
         }
-        out[32..].copy_from_slice(&self.rng.0.to_le_bytes());
+        out[DEVICE_RNG_OFFSET as usize..].copy_from_slice(&self.rng.0.to_le_bytes());
         out
     }
 

@@ -6,7 +6,14 @@ use griffin_runtime::gpu_plan::{GpuBufferKind, GpuLaunch};
 
 use super::{lower, pack_weights, GpuOptions, GpuProgram, PREFILL_CHUNK};
 use crate::error::RunError;
-use crate::session::{check_ids, Engine, Model};
+use crate::sampling::{seen_bits, Sampler, DEVICE_RNG_OFFSET};
+use crate::session::{check_ids, DeviceSampling, Engine, Model};
+
+/// Whether sampled decoding may draw on the device: not where `GRIFFIN_SAMPLE_ON_HOST=1`
+/// (each step's logits then come back and the host samples them: the same ids).
+fn device_sampling_allowed() -> bool {
+    std::env::var("GRIFFIN_SAMPLE_ON_HOST").as_deref() != Ok("1")
+}
 
 /// A GPU program run by the PTX interpreter: slow (every thread of every kernel interpreted),
 /// but the same kernels, launches and buffers a GPU would run.
@@ -16,6 +23,9 @@ pub struct EmuEngine {
     memory: emu::Memory,
     addresses: Vec<u64>,
     position: u32,
+    /// Draw sampled tokens with the plan's sampler kernels (where it has them).
+    pub sample_on_device: bool,
+    sampling: DeviceSampling,
 }
 
 fn emu_error(e: emu::EmuError) -> RunError {
@@ -85,6 +95,8 @@ impl EmuEngine {
             memory,
             addresses,
             position: 0,
+            sample_on_device: device_sampling_allowed(),
+            sampling: DeviceSampling::default(),
         })
     }
 
@@ -183,11 +195,50 @@ impl EmuEngine {
     pub fn program(&self) -> &GpuProgram {
         &self.program
     }
+
+    /// The sampler kernels after a step whose logits are in device memory: the next id and
+    /// `sampler`'s generator set to the device's after it (configuration and seen bits
+    /// uploaded first where stale).
+    fn device_sample(&mut self, sampler: &mut Sampler, history: &[u32]) -> Result<u32, RunError> {
+        let plan = &self.program.plan;
+        let sample = plan.sample.as_ref().expect("checked by the caller");
+        let state = self.addresses[sample.state];
+        let vocab = plan.vocab();
+        if self.sampling.stale(history, sampler) {
+            let seen: Vec<u8> = seen_bits(history, vocab)
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            self.memory
+                .write_bytes(state, &sampler.device_config(vocab))
+                .and_then(|_| self.memory.write_bytes(state + sample.seen_offset, &seen))
+                .map_err(emu_error)?;
+        }
+        run_launches(
+            &self.module,
+            &mut self.memory,
+            &self.addresses,
+            &sample.launches,
+        )?;
+        let next = self
+            .memory
+            .read_u32(self.addresses[plan.next_id], 1)
+            .map_err(emu_error)?[0];
+        let rng = self
+            .memory
+            .read(state + DEVICE_RNG_OFFSET, 8)
+            .map_err(emu_error)?;
+        let rng = u64::from_le_bytes(rng.try_into().expect("8 bytes"));
+        self.sampling.drew(history, rng);
+        sampler.set_generator_state(rng);
+        Ok(next)
+    }
 }
 
 impl Engine for EmuEngine {
     fn reset(&mut self) {
         self.position = 0;
+        self.sampling.forget();
         for (i, b) in self.program.plan.buffers.iter().enumerate() {
             if matches!(b.kind, GpuBufferKind::State(_)) {
                 let zeros = vec![0u8; b.bytes as usize];
@@ -230,11 +281,29 @@ impl Engine for EmuEngine {
     fn step_to_argmax(&mut self, id: u32) -> Option<Result<u32, RunError>> {
         Some(self.step_device(id).and_then(|()| self.device_argmax()))
     }
+
+    fn step_to_sample(
+        &mut self,
+        id: u32,
+        sampler: &mut Sampler,
+        history: &[u32],
+    ) -> Option<Result<u32, RunError>> {
+        if !self.sample_on_device || self.program.plan.sample.is_none() {
+            return None;
+        }
+        Some(
+            self.step_device(id)
+                .and_then(|()| self.device_sample(sampler, history)),
+        )
+    }
 }
 
 /// A GPU program on the GPU, through the CUDA runtime (`--backend cuda`).
 pub struct CudaEngine {
     executor: griffin_runtime::cuda::CudaExecutor,
+    /// Draw sampled tokens with the plan's sampler kernels (where it has them).
+    pub sample_on_device: bool,
+    sampling: DeviceSampling,
 }
 
 impl CudaEngine {
@@ -250,7 +319,11 @@ impl CudaEngine {
         let executor =
             griffin_runtime::cuda::CudaExecutor::new(program.plan, &program.ptx, &weights)
                 .map_err(|e| RunError::Backend(e.to_string()))?;
-        Ok(CudaEngine { executor })
+        Ok(CudaEngine {
+            executor,
+            sample_on_device: device_sampling_allowed(),
+            sampling: DeviceSampling::default(),
+        })
     }
 
     /// Greedy decoding with the argmax on the device: the next id after `id`.
@@ -263,6 +336,7 @@ impl CudaEngine {
 
 impl Engine for CudaEngine {
     fn reset(&mut self) {
+        self.sampling.forget();
         if let Err(e) = self.executor.reset() {
             // The next step reports the device's error; reset itself has no error channel.
             tracing::warn!("resetting the GPU state: {e}");
@@ -309,5 +383,31 @@ impl Engine for CudaEngine {
 
     fn step_to_argmax(&mut self, id: u32) -> Option<Result<u32, RunError>> {
         Some(self.step_greedy(id))
+    }
+
+    fn step_to_sample(
+        &mut self,
+        id: u32,
+        sampler: &mut Sampler,
+        history: &[u32],
+    ) -> Option<Result<u32, RunError>> {
+        if !self.sample_on_device || !self.executor.samples_on_device() {
+            return None;
+        }
+        let backend = |e: griffin_runtime::RuntimeError| RunError::Backend(e.to_string());
+        let mut draw = || -> Result<u32, RunError> {
+            if self.sampling.stale(history, sampler) {
+                let vocab = self.executor.vocab();
+                let seen = seen_bits(history, vocab);
+                self.executor
+                    .start_sampling(&sampler.device_config(vocab), &seen)
+                    .map_err(backend)?;
+            }
+            let (next, rng) = self.executor.step_sampled(id).map_err(backend)?;
+            self.sampling.drew(history, rng);
+            sampler.set_generator_state(rng);
+            Ok(next)
+        };
+        Some(draw())
     }
 }

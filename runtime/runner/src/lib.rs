@@ -571,7 +571,7 @@ fn run() -> Result<(), String> {
                         .map_err(|e| e.to_string())?;
                     on_device = true;
                 }
-                e.step_sampled(next).map_err(|e| e.to_string())?
+                e.step_sampled(next).map_err(|e| e.to_string())?.0
             }
             _ => {
                 let logits = exec.last(&[next])?;
