@@ -62,12 +62,17 @@ for dir in "$carry"/golden/*/; do
 from safetensors.numpy import load_file; import sys
 print(','.join(str(int(i)) for i in load_file(sys.argv[1])['input_ids']))" "$dir/expected.safetensors")
   # (Bounded: a kernel that hangs must not take the rest of the check with it.)
-  timeout 120 "$dir/griffin" --ids "$ids" --logits-out "$work/$case.safetensors" 2>"$work/$case.err" || { cat "$work/$case.err"; golden_rows+=("| $case | $pdl | failed | | |"); bisect "$dir" "$case" "$ids"; continue; }
+  timeout 120 "$dir/griffin" --ids "$ids" --logits-out "$work/$case.safetensors" 2>"$work/$case.err" || { cat "$work/$case.err"; golden_rows+=("| $case | $pdl | failed | | | |"); bisect "$dir" "$case" "$ids"; continue; }
   gen=$(timeout 120 "$dir/griffin" --ids "$ids" --max-new-tokens 64 --ignore-eos --format ids 2>>"$work/$case.err")
-  row=$("$py" - "$dir" "$work/$case.safetensors" "$gen" "$pdl" <<'PY'
+  # Sampled: the device sampler's ids against the host sampler's from the same logits.
+  sampled=(--ids "$ids" --max-new-tokens 32 --ignore-eos --format ids --temperature 0.9 --top-p 0.95 --repetition-penalty 1.1 --seed 1)
+  s_dev=$(timeout 120 "$dir/griffin" "${sampled[@]}" 2>>"$work/$case.err")
+  s_host=$(GRIFFIN_SAMPLE_ON_HOST=1 timeout 120 "$dir/griffin" "${sampled[@]}" 2>>"$work/$case.err")
+  if [ -n "$s_dev" ] && [ "$s_dev" = "$s_host" ]; then samp=same; else samp=DIFFER; fi
+  row=$("$py" - "$dir" "$work/$case.safetensors" "$gen" "$pdl" "$samp" <<'PY'
 import json, sys
 from safetensors.numpy import load_file
-d, got_path, gen, pdl = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+d, got_path, gen, pdl, samp = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 exp = load_file(d + "/expected.safetensors")
 got = load_file(got_path)["logits"]
 diff = float(abs(got - exp["logits"]).max())
@@ -75,8 +80,8 @@ dtype = json.load(open(d + "/case.json")).get("weights_dtype", "")
 bound = 5e-4 if "float32" in dtype else 0.02
 want = [int(i) for i in exp["generated_ids"]]
 ids = [int(i) for i in gen.split(",")][: len(want)]
-ok = diff <= bound and (ids == want or "float32" not in dtype)
-print(f"| {d.rstrip('/').split('/')[-1]} | {pdl} | {diff:.2e} (bound {bound}) | {'exact' if ids == want else 'DIFFER'} | {'ok' if ok else 'FAIL'} |")
+ok = diff <= bound and (ids == want or "float32" not in dtype) and samp == "same"
+print(f"| {d.rstrip('/').split('/')[-1]} | {pdl} | {diff:.2e} (bound {bound}) | {'exact' if ids == want else 'DIFFER'} | {samp} | {'ok' if ok else 'FAIL'} |")
 PY
 )
   golden_rows+=("$row")
@@ -90,8 +95,8 @@ if [ -n "${GOLDEN_ONLY:-}" ]; then
   #   GOLDEN_ONLY=1 CARRY=target/gpu-stage LD_LIBRARY_PATH=/tmp/fakecuda bash scripts/gpu-check.sh
   echo "$probe_table"
   echo
-  echo "| golden case | PDL | max abs diff | greedy ids | |"
-  echo "| --- | --- | --- | --- | --- |"
+  echo "| golden case | PDL | max abs diff | greedy ids | sampled ids, device vs host | |"
+  echo "| --- | --- | --- | --- | --- | --- |"
   printf '%s\n' "${golden_rows[@]}"
   exit 0
 fi
@@ -124,6 +129,7 @@ variant() {
 }
 # Sampled decoding: the device sampler draws each token (one id comes back).
 variant dec_sampled "$exe" --ids 2 --max-new-tokens 512 --ignore-eos --temperature 0.8 --top-p 0.95 --seed 1 --stats
+variant dec_sampled_host env GRIFFIN_SAMPLE_ON_HOST=1 "$exe" --ids 2 --max-new-tokens 512 --ignore-eos --temperature 0.8 --top-p 0.95 --seed 1 --stats
 w=(--weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --stats)
 variant pre_wgmma "$carry/2b/griffin-2b-wgmma" "${w[@]}"
 variant pre_f16in "$carry/2b/griffin-2b-f16in" "${w[@]}"
@@ -147,9 +153,9 @@ if [ "$SECONDS" -lt "$budget" ]; then
 fi
 echo "elapsed: ${SECONDS} s"
 
-"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" "$pre_f16in" "$pre_whole" "$pre_wgmma" "$pre_wgmma_f16" "$dec_sampled" <<'PY'
+"$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" "$pre_f16in" "$pre_whole" "$pre_wgmma" "$pre_wgmma_f16" "$dec_sampled" "$dec_sampled_host" <<'PY'
 import json, os, re, sys
-pre, dec, ref, exe, pre_simt, pre_bf16in, pre_plain, dec_plain, pre_512, pre_f16in, pre_whole, pre_wgmma, pre_wgmma_f16, dec_sampled = sys.argv[1:15]
+pre, dec, ref, exe, pre_simt, pre_bf16in, pre_plain, dec_plain, pre_512, pre_f16in, pre_whole, pre_wgmma, pre_wgmma_f16, dec_sampled, dec_sampled_host = sys.argv[1:16]
 def num(pattern, s):
     m = re.search(pattern, s)
     return float(m.group(1)) if m else float("nan")
@@ -166,7 +172,8 @@ print("| engine | prefill tok/s (2048) | decode tok/s | memory | decode bandwidt
 print("| --- | --- | --- | --- | --- |")
 print(f"| griffinc --target cuda | {ours_pre:.0f} | {ours_dec:.1f} | {dev_mb:.0f} MB device | {ours_dec * weights_gb:.0f} GB/s of weights |")
 print(f"| griffinc --target cuda, GRIFFIN_CUDA_PDL=0 | {num(r'prefill ([0-9.]+) tokens/s', pre_plain):.0f} | {num(r'decode ([0-9.]+) tokens/s', dec_plain):.1f} | | {num(r'decode ([0-9.]+) tokens/s', dec_plain) * weights_gb:.0f} GB/s of weights |")
-print(f"| griffinc --target cuda, sampled (temperature 0.8, top-p 0.95) | | {num(r'decode ([0-9.]+) tokens/s', dec_sampled):.1f} | | |")
+print(f"| griffinc --target cuda, sampled (temperature 0.8, top-p 0.95) on the device | | {num(r'decode ([0-9.]+) tokens/s', dec_sampled):.1f} | | |")
+print(f"| the same, GRIFFIN_SAMPLE_ON_HOST=1 (logits back, host sampler) | | {num(r'decode ([0-9.]+) tokens/s', dec_sampled_host):.1f} | | |")
 print(f"| griffinc --target cuda --prefill-chunk 512 | {num(r'prefill ([0-9.]+) tokens/s', pre_512):.0f} | | {num(r'device memory ([0-9.]+) MB', pre_512):.0f} MB device | |")
 print(f"| griffinc --target cuda --no-tensor-cores | {num(r'prefill ([0-9.]+) tokens/s', pre_simt):.0f} | | | |")
 print(f"| griffinc --target cuda --tensor-core-inputs bf16 | {num(r'prefill ([0-9.]+) tokens/s', pre_bf16in):.0f} | | | |")
@@ -179,6 +186,6 @@ PY
 echo
 echo "$probe_table"
 echo
-echo "| golden case | PDL | max abs diff | greedy ids | |"
-echo "| --- | --- | --- | --- | --- |"
+echo "| golden case | PDL | max abs diff | greedy ids | sampled ids, device vs host | |"
+echo "| --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${golden_rows[@]}"
