@@ -169,7 +169,7 @@ pub fn kernels(prefix: &str, vocab: u32, exp: &ExpConstants) -> Vec<SampleKernel
                 hists[pass as usize - 2]
             };
             let name = n(&format!("choose_{tag}{pass}"));
-            let ptx = choose_kernel(&name, vocab, s, pass, hist);
+            let ptx = choose_kernel(&name, s, pass, hist);
             push(name, ptx, 1, ONE_BLOCK, SampleParams::State);
         }
     }
@@ -402,17 +402,68 @@ fn count(k: &mut Kernel, local: (Reg, Reg), d: Reg, w: Reg) {
     k.ins(format!("red.shared.add.u64 [{asum}], {w};"));
 }
 
-/// Token `u` of this thread's four in its block: index, and a predicate for it being in the
-/// vocabulary.
-fn token(k: &mut Kernel, block: Reg, tid: Reg, u: u32, vocab: u32) -> (Reg, Reg) {
-    let i = k.reg(Class::B32);
-    k.ins(format!(
-        "mad.lo.u32 {i}, {block}, {TOKENS_PER_BLOCK}, {tid};"
-    ));
-    k.ins(format!("add.u32 {i}, {i}, {};", u * PASS_THREADS));
-    let inside = k.reg(Class::Pred);
-    k.ins(format!("setp.lt.u32 {inside}, {i}, {vocab};"));
-    (i, inside)
+/// A pass over the vocabulary (a block of `PASS_THREADS` per 1024 tokens): its kernel with
+/// the logits parameter if `logits`, then the state; this thread and block; and the label
+/// ending it, to which it has already branched where nothing is drawn this step.
+struct Pass {
+    k: Kernel,
+    logits: Option<Reg>,
+    state: Reg,
+    tid: Reg,
+    block: Reg,
+    done: String,
+}
+
+impl Pass {
+    fn new(name: &str, logits: bool) -> Pass {
+        let mut k = Kernel::new(name);
+        k.launch_bounds(PASS_THREADS, 1);
+        let logits = logits.then(|| k.param_ptr("logits"));
+        let state = k.param_ptr("state");
+        let (tid, block) = k.thread_and_block();
+        let done = k.label("done");
+        let skip = argmax_only(&mut k, state);
+        k.ins(format!("@{skip} bra {done};"));
+        Pass {
+            k,
+            logits,
+            state,
+            tid,
+            block,
+            done,
+        }
+    }
+
+    /// `body(k, i, next)` for each of this thread's four tokens `i` in its block that lie in
+    /// the vocabulary (`next` skips to the following one).
+    fn each_token(&mut self, vocab: u32, body: &mut dyn FnMut(&mut Kernel, Reg, &str)) {
+        let (block, tid) = (self.block, self.tid);
+        let k = &mut self.k;
+        for u in 0..TOKENS_PER_BLOCK / PASS_THREADS {
+            let i = k.reg(Class::B32);
+            k.ins(format!(
+                "mad.lo.u32 {i}, {block}, {TOKENS_PER_BLOCK}, {tid};"
+            ));
+            k.ins(format!("add.u32 {i}, {i}, {};", u * PASS_THREADS));
+            let next = k.label("next");
+            k.leave_unless_below(i, vocab, &next);
+            body(k, i, &next);
+            k.place(&next);
+        }
+    }
+
+    fn finish(mut self) -> String {
+        self.k.place(&self.done);
+        self.k.finish()
+    }
+}
+
+/// Token `i`'s likelihood bits, as `weights` stored them.
+fn likelihood_bits(k: &mut Kernel, state: Reg, vocab: u32, i: Reg) -> Reg {
+    let at = elem4(k, state, layout::likelihoods(vocab), i);
+    let bits = k.reg(Class::B32);
+    k.ins(format!("ld.global.u32 {bits}, [{at}];"));
+    bits
 }
 
 /// Address of u32 element `i` of the array at `state + at`.
@@ -427,44 +478,32 @@ fn elem4(k: &mut Kernel, state: Reg, at: u32, i: Reg) -> Reg {
 /// `weights`: every token's likelihood (bits, into the state) and the first histogram (the
 /// top 10 of the 30 bits).
 fn weights_kernel(name: &str, vocab: u32, c: &ExpConstants) -> String {
-    let mut k = Kernel::new(name);
-    k.launch_bounds(PASS_THREADS, 1);
-    let logits = k.param_ptr("logits");
-    let state = k.param_ptr("state");
-    let (tid, block) = k.thread_and_block();
-    let done = k.label("done");
-    let skip = argmax_only(&mut k, state);
-    k.ins(format!("@{skip} bra {done};"));
-    let local = shared_hist(&mut k, tid, PASS_THREADS);
-    let max = load(&mut k, state, layout::MAX, Class::F32);
-    let per_t = load(&mut k, state, layout::PER_T, Class::F32);
-    let scale = load(&mut k, state, layout::SCALE, Class::F32);
-    let seen = layout::seen(vocab);
-    let pen = penalty(&mut k, state);
-    let out = layout::likelihoods(vocab);
-    for u in 0..TOKENS_PER_BLOCK / PASS_THREADS {
-        let (i, inside) = token(&mut k, block, tid, u, vocab);
-        let next = k.label("next");
-        k.ins(format!("@!{inside} bra {next};"));
-        let a = elem4(&mut k, logits, 0, i);
+    let mut p = Pass::new(name, true);
+    let (state, tid, logits) = (p.state, p.tid, p.logits.expect("asked for"));
+    let k = &mut p.k;
+    let local = shared_hist(k, tid, PASS_THREADS);
+    let max = load(k, state, layout::MAX, Class::F32);
+    let per_t = load(k, state, layout::PER_T, Class::F32);
+    let scale = load(k, state, layout::SCALE, Class::F32);
+    let pen = penalty(k, state);
+    p.each_token(vocab, &mut |k, i, _| {
+        let a = elem4(k, logits, 0, i);
         let l = k.reg(Class::F32);
         k.ins(format!("ld.global.f32 {l}, [{a}];"));
-        penalise(&mut k, state, seen, pen, l, i);
+        penalise(k, state, layout::seen(vocab), pen, l, i);
         let x = k.reg(Class::F32);
         k.ins(format!("sub.rn.f32 {x}, {l}, {max};"));
         k.ins(format!("mul.rn.f32 {x}, {x}, {per_t};"));
-        let bits = likelihood(&mut k, x, c);
-        let at = elem4(&mut k, state, out, i);
+        let bits = likelihood(k, x, c);
+        let at = elem4(k, state, layout::likelihoods(vocab), i);
         k.ins(format!("st.global.u32 [{at}], {bits};"));
-        let w = weight(&mut k, bits, scale);
+        let w = weight(k, bits, scale);
         let d = k.reg(Class::B32);
         k.ins(format!("shr.u32 {d}, {bits}, 20;"));
-        count(&mut k, local, d, w);
-        k.place(&next);
-    }
-    flush_hist(&mut k, state, tid, PASS_THREADS, local, 0);
-    k.place(&done);
-    k.finish()
+        count(k, local, d, w);
+    });
+    flush_hist(&mut p.k, state, tid, PASS_THREADS, local, 0);
+    p.finish()
 }
 
 /// Bits below digit `pass` (1-based, from the top): 20, 10, 0.
@@ -475,28 +514,18 @@ fn shift(pass: u32) -> u32 {
 /// `hist_*`: for selection `s` still searching, the histogram of digit `pass` (2 or 3) over
 /// the tokens whose higher digits are those chosen so far, into histogram `hist`.
 fn hist_kernel(name: &str, vocab: u32, s: Select, pass: u32, hist: u32) -> String {
-    let mut k = Kernel::new(name);
-    k.launch_bounds(PASS_THREADS, 1);
-    let state = k.param_ptr("state");
-    let (tid, block) = k.thread_and_block();
-    let done = k.label("done");
-    let skip = argmax_only(&mut k, state);
-    k.ins(format!("@{skip} bra {done};"));
-    let status = load(&mut k, state, s.at(), Class::B32);
-    let searching = k.reg(Class::Pred);
-    k.ins(format!("setp.eq.u32 {searching}, {status}, 0;"));
-    k.ins(format!("@!{searching} bra {done};"));
-    let prefix = load(&mut k, state, s.at() + 4, Class::B32);
-    let local = shared_hist(&mut k, tid, PASS_THREADS);
-    let scale = load(&mut k, state, layout::SCALE, Class::F32);
-    let from = layout::likelihoods(vocab);
-    for u in 0..TOKENS_PER_BLOCK / PASS_THREADS {
-        let (i, inside) = token(&mut k, block, tid, u, vocab);
-        let next = k.label("next");
-        k.ins(format!("@!{inside} bra {next};"));
-        let at = elem4(&mut k, state, from, i);
-        let bits = k.reg(Class::B32);
-        k.ins(format!("ld.global.u32 {bits}, [{at}];"));
+    let mut p = Pass::new(name, false);
+    let (state, tid) = (p.state, p.tid);
+    let k = &mut p.k;
+    let status = load(k, state, s.at(), Class::B32);
+    let settled = k.reg(Class::Pred);
+    k.ins(format!("setp.ne.u32 {settled}, {status}, 0;"));
+    k.ins(format!("@{settled} bra {};", p.done));
+    let prefix = load(k, state, s.at() + 4, Class::B32);
+    let local = shared_hist(k, tid, PASS_THREADS);
+    let scale = load(k, state, layout::SCALE, Class::F32);
+    p.each_token(vocab, &mut |k, i, next| {
+        let bits = likelihood_bits(k, state, vocab, i);
         let high = k.reg(Class::B32);
         k.ins(format!("shr.u32 {high}, {bits}, {};", shift(pass - 1)));
         let other = k.reg(Class::Pred);
@@ -505,13 +534,11 @@ fn hist_kernel(name: &str, vocab: u32, s: Select, pass: u32, hist: u32) -> Strin
         let d = k.reg(Class::B32);
         k.ins(format!("shr.u32 {d}, {bits}, {};", shift(pass)));
         k.ins(format!("and.b32 {d}, {d}, {};", DIGITS - 1));
-        let w = weight(&mut k, bits, scale);
-        count(&mut k, local, d, w);
-        k.place(&next);
-    }
-    flush_hist(&mut k, state, tid, PASS_THREADS, local, hist);
-    k.place(&done);
-    k.finish()
+        let w = weight(k, bits, scale);
+        count(k, local, d, w);
+    });
+    flush_hist(&mut p.k, state, tid, PASS_THREADS, local, hist);
+    p.finish()
 }
 
 /// Inclusive prefix sum of u64 `v` over a block of `threads` (thread order), and the
@@ -568,7 +595,7 @@ fn block_scan(k: &mut Kernel, v: Reg, tid: Reg, threads: u32) -> (Reg, Reg) {
 /// and records it (after the third digit the selection is found); a target the tokens never
 /// reach keeps them all. The first pass sets the selection up: top-k's target is k, top-p's
 /// p of the weight top-k keeps (every token's without top-k).
-fn choose_kernel(name: &str, _vocab: u32, s: Select, pass: u32, hist: u32) -> String {
+fn choose_kernel(name: &str, s: Select, pass: u32, hist: u32) -> String {
     let mut k = Kernel::new(name);
     k.launch_bounds(ONE_BLOCK, 1);
     let state = k.param_ptr("state");
@@ -767,15 +794,11 @@ fn threshold(k: &mut Kernel, state: Reg) -> (Reg, Reg, Reg) {
 /// `blocks`: per block of 1024 tokens, the weight of its tokens above the threshold and how
 /// many are tied at it.
 fn blocks_kernel(name: &str, vocab: u32) -> String {
-    let mut k = Kernel::new(name);
-    k.launch_bounds(PASS_THREADS, 1);
-    let state = k.param_ptr("state");
-    let (tid, block) = k.thread_and_block();
-    let done = k.label("done");
-    let skip = argmax_only(&mut k, state);
-    k.ins(format!("@{skip} bra {done};"));
-    let (e, _, _) = threshold(&mut k, state);
-    let scale = load(&mut k, state, layout::SCALE, Class::F32);
+    let mut p = Pass::new(name, false);
+    let (state, tid, block) = (p.state, p.tid, p.block);
+    let k = &mut p.k;
+    let (e, _, _) = threshold(k, state);
+    let scale = load(k, state, layout::SCALE, Class::F32);
     k.shared("b_sum", 8, 8);
     k.shared("b_ties", 4, 4);
     let (bs, bt) = (k.reg(Class::B64), k.reg(Class::B64));
@@ -791,22 +814,16 @@ fn blocks_kernel(name: &str, vocab: u32) -> String {
     let (sum, ties) = (k.reg(Class::B64), k.reg(Class::B32));
     k.ins(format!("mov.u64 {sum}, 0;"));
     k.ins(format!("mov.u32 {ties}, 0;"));
-    let from = layout::likelihoods(vocab);
-    for u in 0..TOKENS_PER_BLOCK / PASS_THREADS {
-        let (i, inside) = token(&mut k, block, tid, u, vocab);
-        let next = k.label("next");
-        k.ins(format!("@!{inside} bra {next};"));
-        let at = elem4(&mut k, state, from, i);
-        let bits = k.reg(Class::B32);
-        k.ins(format!("ld.global.u32 {bits}, [{at}];"));
-        let w = weight(&mut k, bits, scale);
+    p.each_token(vocab, &mut |k, i, _| {
+        let bits = likelihood_bits(k, state, vocab, i);
+        let w = weight(k, bits, scale);
         let (gt, eq) = (k.reg(Class::Pred), k.reg(Class::Pred));
         k.ins(format!("setp.gt.u32 {gt}, {bits}, {e};"));
         k.ins(format!("setp.eq.u32 {eq}, {bits}, {e};"));
         k.ins(format!("@{gt} add.u64 {sum}, {sum}, {w};"));
         k.ins(format!("@{eq} add.u32 {ties}, {ties}, 1;"));
-        k.place(&next);
-    }
+    });
+    let k = &mut p.k;
     k.ins(format!("red.shared.add.u64 [{bs}], {sum};"));
     k.ins(format!("red.shared.add.u32 [{bt}], {ties};"));
     k.ins("bar.sync 0;");
@@ -824,8 +841,7 @@ fn blocks_kernel(name: &str, vocab: u32) -> String {
         "@{t0} st.global.u32 [{at}+{}], {t};",
         layout::BLOCKS + 8
     ));
-    k.place(&done);
-    k.finish()
+    p.finish()
 }
 
 /// Sets token `i`'s seen bit where the penalty is on (one thread).
