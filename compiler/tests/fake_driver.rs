@@ -391,6 +391,34 @@ fn profile_times_every_launch_of_a_chunk_and_a_step() {
             assert!(!rated, "{line}");
         }
     }
+    // Sampled generation profiles the sampled step: the sampler's launches after the layers.
+    let args = [
+        "--ids",
+        "2,17,5,9",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+    ];
+    let o = on_fake_driver(&exe, &driver, &[&args[..], &["--profile"]].concat());
+    let stderr = succeeded(&o);
+    assert!(
+        stderr.contains("profile: sampled decode step at position 4"),
+        "{stderr}"
+    );
+    for kernel in [
+        "sample_max",
+        "sample_weights",
+        "sample_choose_p3",
+        "sample_draw",
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with(&format!("| {kernel} "))),
+            "{kernel}: {stderr}"
+        );
+    }
 }
 
 #[test]

@@ -723,11 +723,21 @@ impl CudaExecutor {
             .collect()
     }
 
-    /// One decode step for `id` as greedy generation runs it (the argmax last; the position
-    /// advances as for `step`), timed launch by launch (`--profile`).
-    pub fn profile_step(&mut self, id: u32) -> Result<Vec<LaunchTime>, RuntimeError> {
+    /// One decode step for `id` as greedy generation runs it (the argmax last; with
+    /// `sampled`, as sampled generation runs it: the sampler last, with the settings
+    /// `start_sampling` gave), the position advancing as for `step`, timed launch by launch
+    /// (`--profile`).
+    pub fn profile_step(
+        &mut self,
+        id: u32,
+        sampled: bool,
+    ) -> Result<Vec<LaunchTime>, RuntimeError> {
         self.upload_step(id)?;
-        let times = self.timed(&self.greedy_program, 1)?;
+        let program = match (&self.sampled_program, sampled) {
+            (Some(p), true) => p,
+            _ => &self.greedy_program,
+        };
+        let times = self.timed(program, 1)?;
         self.position += 1;
         Ok(times)
     }

@@ -117,6 +117,9 @@ pub struct SampleKernel {
     pub grid: u32,
     pub block: u32,
     pub params: SampleParams,
+    /// Global memory it reads or writes at the least with every setting on (`--profile`'s
+    /// rates).
+    pub bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,62 +134,79 @@ pub enum SampleParams {
 pub fn kernels(prefix: &str, vocab: u32, exp: &ExpConstants) -> Vec<SampleKernel> {
     assert!(vocab > 0 && vocab <= MAX_VOCAB, "vocabulary of {vocab}");
     let g = blocks(vocab);
+    let v = vocab as u64;
+    // Bytes: logits and likelihoods 4 per token, seen bits 1/8, a histogram 12 KiB, a
+    // block's sums 16.
+    let (hist, seen, sums) = (layout::HIST_BYTES as u64, v.div_ceil(8), 16 * g as u64);
     let mut out = Vec::new();
-    let mut push = |name: String, ptx: String, grid, block, params| {
+    let mut push = |name: String, ptx: String, grid, block, params, bytes| {
         out.push(SampleKernel {
             name,
             ptx,
             grid,
             block,
             params,
+            bytes,
         })
     };
     let n = |s: &str| format!("{prefix}_{s}");
+    let (max, weights) = (n("max"), n("weights"));
+    let ptx = max_kernel(&max, vocab);
     push(
-        n("max"),
-        max_kernel(&n("max"), vocab),
+        max,
+        ptx,
         1,
         ONE_BLOCK,
         SampleParams::LogitsState,
+        4 * v + seen,
     );
+    let ptx = weights_kernel(&weights, vocab, exp);
+    let bytes = 8 * v + seen + hist;
     push(
-        n("weights"),
-        weights_kernel(&n("weights"), vocab, exp),
+        weights,
+        ptx,
         g,
         PASS_THREADS,
         SampleParams::LogitsState,
+        bytes,
     );
     for (s, tag, hists) in [(Select::TopK, "k", [1, 2]), (Select::TopP, "p", [3, 4])] {
         for pass in 1..=3u32 {
             if pass > 1 {
                 let name = n(&format!("hist_{tag}{pass}"));
                 let ptx = hist_kernel(&name, vocab, s, pass, hists[pass as usize - 2]);
-                push(name, ptx, g, PASS_THREADS, SampleParams::State);
+                push(
+                    name,
+                    ptx,
+                    g,
+                    PASS_THREADS,
+                    SampleParams::State,
+                    4 * v + hist,
+                );
             }
-            let hist = if pass == 1 {
+            let hist_at = if pass == 1 {
                 0
             } else {
                 hists[pass as usize - 2]
             };
             let name = n(&format!("choose_{tag}{pass}"));
-            let ptx = choose_kernel(&name, s, pass, hist);
-            push(name, ptx, 1, ONE_BLOCK, SampleParams::State);
+            let ptx = choose_kernel(&name, s, pass, hist_at);
+            push(name, ptx, 1, ONE_BLOCK, SampleParams::State, hist);
         }
     }
+    let (blocks_name, draw) = (n("blocks"), n("draw"));
+    let ptx = blocks_kernel(&blocks_name, vocab);
     push(
-        n("blocks"),
-        blocks_kernel(&n("blocks"), vocab),
+        blocks_name,
+        ptx,
         g,
         PASS_THREADS,
         SampleParams::State,
+        4 * v + sums,
     );
-    push(
-        n("draw"),
-        draw_kernel(&n("draw"), vocab),
-        1,
-        ONE_BLOCK,
-        SampleParams::StateNext,
-    );
+    let ptx = draw_kernel(&draw, vocab);
+    let bytes = sums + 4 * TOKENS_PER_BLOCK as u64 + layout::HIST_COUNT as u64 * hist;
+    push(draw, ptx, 1, ONE_BLOCK, SampleParams::StateNext, bytes);
     out
 }
 

@@ -931,7 +931,10 @@ fn lower_sampler(
             grid: k.grid,
             block: k.block,
             args,
-            work: Work::default(),
+            work: Work {
+                bytes: k.bytes,
+                ..Work::default()
+            },
         });
         l.kernels.insert(k.name, k.ptx);
     }

@@ -598,7 +598,7 @@ fn run() -> Result<(), String> {
         eprintln!("{}{device}", timer.report(exec.threads()));
     }
     if let (true, Engine::Cuda(e)) = (args.profile, &mut exec) {
-        profile(e, &args.ids, next)?;
+        profile(e, &args.ids, next, on_device)?;
     }
     Ok(())
 }
@@ -609,6 +609,7 @@ fn profile(
     e: &mut griffin_runtime::cuda::CudaExecutor,
     ids: &[u32],
     next: u32,
+    sampled: bool,
 ) -> Result<(), String> {
     use griffin_runtime::stats::profile_table;
     e.reset().map_err(|e| e.to_string())?;
@@ -617,8 +618,13 @@ fn profile(
         let title = format!("prefill chunk of {} tokens", chunk.len());
         eprintln!("{}", profile_table(&title, &times));
     }
-    let times = e.profile_step(next).map_err(|e| e.to_string())?;
-    let title = format!("decode step at position {}", chunk.len());
+    let times = e.profile_step(next, sampled).map_err(|e| e.to_string())?;
+    let what = if sampled {
+        "sampled decode step"
+    } else {
+        "decode step"
+    };
+    let title = format!("{what} at position {}", chunk.len());
     eprintln!("{}", profile_table(&title, &times));
     Ok(())
 }
