@@ -680,13 +680,23 @@ fn bisect_names_the_first_launch_whose_results_differ() {
     let table = String::from_utf8_lossy(&o.stdout).to_string();
     let rows: Vec<&str> = table
         .lines()
-        .filter(|l| l.starts_with("| prefill chunk |") || l.starts_with("| decode step |"))
+        .filter(|l| {
+            ["| prefill chunk |", "| decode step |", "| sampler |"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
         .collect();
     assert!(
         rows.iter().any(|r| r.starts_with("| prefill chunk")),
         "{table}"
     );
     assert!(rows.iter().any(|r| r.contains("greedy_argmax")), "{table}");
+    // The sampler's 14 launches, its state bit for bit.
+    assert_eq!(
+        rows.iter().filter(|r| r.starts_with("| sampler |")).count(),
+        14,
+        "{table}"
+    );
     assert!(rows.iter().all(|r| r.ends_with("| ok |")), "{table}");
     assert!(
         table.contains(&format!("all {} launches within", rows.len())),

@@ -1,14 +1,16 @@
 //! `griffin-gpu-probe --bisect DIR --ids LIST`: a built model's launches (its prefill chunk of
-//! LIST, then one decode step) replayed one at a time, each on the device and in the PTX
-//! interpreter from the same inputs, the interpreter's state carried on; so when a golden case
-//! fails on a GPU, the first launch whose results differ names the kernel to look at. DIR is
-//! what `EXECUTABLE --dump-gpu-plan DIR` writes.
+//! LIST, then one decode step, then the device sampler over that step's logits) replayed one
+//! at a time, each on the device and in the PTX interpreter from the same inputs, the
+//! interpreter's state carried on; so when a golden case fails on a GPU, the first launch
+//! whose results differ names the kernel to look at. DIR is what `EXECUTABLE --dump-gpu-plan
+//! DIR` writes.
 
 use std::path::Path;
 
 use griffin_backend_ptx::emu;
 use griffin_runtime::cuda::{KernelRun, KernelRunner};
 use griffin_runtime::gpu_plan::{GpuBufferKind, GpuLaunch, GpuPlan};
+use griffin_runtime::sampling::{seen_bits, Sampler, SamplingParams};
 
 /// How far a launch's results may be from the interpreter's, relative to the largest value of
 /// each buffer it touches: hardware approximations (`tanh.approx` to ~5e-4, `ex2.approx`) stay
@@ -117,7 +119,12 @@ impl State {
         for (&b, got) in touched.iter().zip(&got) {
             let want = self.bytes(b)?;
             worst = worst.max(match self.plan.buffers[b].kind {
-                GpuBufferKind::Ids | GpuBufferKind::Position | GpuBufferKind::NextId => {
+                // Integers, and the sampler's state, which must match bit for bit (its
+                // arithmetic is exact or correctly rounded by design).
+                GpuBufferKind::Ids
+                | GpuBufferKind::Position
+                | GpuBufferKind::NextId
+                | GpuBufferKind::SamplerState => {
                     if want == *got {
                         0.0
                     } else {
@@ -216,6 +223,28 @@ pub fn bisect(dir: &Path, ids: &[u32]) -> Result<Vec<Row>, String> {
         s.write_u32s(step_ids, &[id])?;
         s.write_u32s(position, &[(start + i) as u32])?;
         compare_all(&mut s, "decode step", &greedy);
+    }
+    // The sampler over the last step's logits, every cut and the penalty on (the ids as the
+    // history).
+    if let Some(sample) = s.plan.sample.clone() {
+        let sampler = Sampler::new(SamplingParams {
+            temperature: 0.9,
+            top_k: 50,
+            top_p: 0.9,
+            min_p: 0.01,
+            repetition_penalty: 1.1,
+            seed: 1,
+        });
+        let state = s.addresses[sample.state];
+        let seen: Vec<u8> = seen_bits(ids, vocab as usize)
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        s.memory
+            .write_bytes(state, &sampler.device_config(vocab as usize))
+            .and_then(|_| s.memory.write_bytes(state + sample.seen_offset, &seen))
+            .map_err(|e| e.to_string())?;
+        compare_all(&mut s, "sampler", &sample.launches);
     }
     Ok(rows)
 }
