@@ -152,7 +152,7 @@ fn device_draws_what_the_host_draws() {
             ..SamplingParams::default()
         },
     ];
-    for (case, vocab) in [700usize, 2048, 2500].into_iter().enumerate() {
+    for (case, vocab) in [1usize, 33, 700, 2048, 2500].into_iter().enumerate() {
         let mut device = Device::new(vocab);
         for (s, params) in settings.iter().enumerate() {
             let params = SamplingParams {
