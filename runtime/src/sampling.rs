@@ -425,7 +425,7 @@ impl Sampler {
     /// as likely as the first) and top-p (the fewest first whose weight reaches p times the
     /// top-k tokens' weight); a uniform draw below the kept weight then walks the kept tokens
     /// in id order. Each cut is a selection, not a sort, and the draw one pass: for the 2B
-    /// vocabulary 0.5–2.1 ms on this project's machine where sorting it took ~24
+    /// vocabulary 0.4–2.1 ms on this project's machine where sorting it took ~24
     /// (`benches/sampling.rs`). The device sampler (`griffin_backend_ptx::sample`) draws the
     /// same ids from `device_config`.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
