@@ -156,7 +156,7 @@ pub fn kernels(prefix: &str, vocab: u32, exp: &ExpConstants) -> Vec<SampleKernel
         max,
         ptx,
         1,
-        ONE_BLOCK,
+        ARGMAX_THREADS,
         SampleParams::LogitsState,
         4 * v + seen,
     );
@@ -247,13 +247,9 @@ fn argmax_only(k: &mut Kernel, state: Reg) -> Reg {
     let max = load(k, state, layout::MAX, Class::F32);
     let a = k.reg(Class::F32);
     k.ins(format!("abs.f32 {a}, {max};"));
-    // Not below infinity: infinite or NaN.
-    let below = k.reg(Class::Pred);
-    k.ins(format!("setp.lt.f32 {below}, {a}, 0f7F800000;"));
-    let finite = k.reg(Class::B32);
-    k.ins(format!("selp.u32 {finite}, 1, 0, {below};"));
+    // Infinite, or NaN (unordered).
     let not_finite = k.reg(Class::Pred);
-    k.ins(format!("setp.eq.u32 {not_finite}, {finite}, 0;"));
+    k.ins(format!("setp.geu.f32 {not_finite}, {a}, 0f7F800000;"));
     k.ins(format!("or.pred {p}, {p}, {not_finite};"));
     p
 }
@@ -864,6 +860,20 @@ fn blocks_kernel(name: &str, vocab: u32) -> String {
     p.finish()
 }
 
+/// Whether `x` falls in this thread's share `[incl - own, incl)` of an inclusive prefix sum
+/// (`block_scan`), and `x`'s offset into it.
+fn falls_in(k: &mut Kernel, x: Reg, incl: Reg, own: Reg) -> (Reg, Reg) {
+    let start = k.reg(Class::B64);
+    k.ins(format!("sub.u64 {start}, {incl}, {own};"));
+    let (inside, below) = (k.reg(Class::Pred), k.reg(Class::Pred));
+    k.ins(format!("setp.ge.u64 {inside}, {x}, {start};"));
+    k.ins(format!("setp.lt.u64 {below}, {x}, {incl};"));
+    k.ins(format!("and.pred {inside}, {inside}, {below};"));
+    let offset = k.reg(Class::B64);
+    k.ins(format!("sub.u64 {offset}, {x}, {start};"));
+    (inside, offset)
+}
+
 /// Sets token `i`'s seen bit where the penalty is on (one thread).
 fn mark_seen(k: &mut Kernel, state: Reg, vocab: u32, i: Reg) {
     let flags = load(k, state, layout::FLAGS, Class::B32);
@@ -964,14 +974,7 @@ fn draw_kernel(name: &str, vocab: u32) -> String {
     k.shared("d_pick", 24, 8);
     let pick = k.reg(Class::B64);
     k.ins(format!("mov.u64 {pick}, d_pick;"));
-    let start = k.reg(Class::B64);
-    k.ins(format!("sub.u64 {start}, {ki}, {kept};"));
-    let (ge, lt) = (k.reg(Class::Pred), k.reg(Class::Pred));
-    k.ins(format!("setp.ge.u64 {ge}, {draw}, {start};"));
-    k.ins(format!("setp.lt.u64 {lt}, {draw}, {ki};"));
-    k.ins(format!("and.pred {ge}, {ge}, {lt};"));
-    let rest = k.reg(Class::B64);
-    k.ins(format!("sub.u64 {rest}, {draw}, {start};"));
+    let (ge, rest) = falls_in(&mut k, draw, ki, kept);
     let tid64 = k.reg(Class::B64);
     k.ins(format!("cvt.u64.u32 {tid64}, {tid};"));
     k.ins(format!("@{ge} st.shared.u64 [{pick}], {tid64};"));
@@ -1012,12 +1015,7 @@ fn draw_kernel(name: &str, vocab: u32) -> String {
     k.ins(format!("@{gt} mov.u64 {kw}, {w};"));
     k.ins(format!("@{kept_tie} mov.u64 {kw}, {we};"));
     let (wi, _) = block_scan(&mut k, kw, tid, ONE_BLOCK);
-    let from = k.reg(Class::B64);
-    k.ins(format!("sub.u64 {from}, {wi}, {kw};"));
-    let (ge, lt) = (k.reg(Class::Pred), k.reg(Class::Pred));
-    k.ins(format!("setp.ge.u64 {ge}, {rest}, {from};"));
-    k.ins(format!("setp.lt.u64 {lt}, {rest}, {wi};"));
-    k.ins(format!("and.pred {ge}, {ge}, {lt};"));
+    let (ge, _) = falls_in(&mut k, rest, wi, kw);
     // The histograms, cleared for the next step (nothing reads them in this launch).
     let zero = k.imm_u32(0);
     let words = layout::HIST_COUNT * layout::HIST_BYTES / 4;

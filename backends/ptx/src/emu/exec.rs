@@ -275,14 +275,6 @@ pub(super) enum LoadKind {
     Read { waited: bool, nc: bool },
 }
 
-/// A kernel's global memory access, as `Memory::access` checks it.
-#[derive(Clone, Copy)]
-pub(super) enum GlobalOp {
-    Read { waited: bool, nc: bool },
-    Write { waited: bool },
-    Atomic { waited: bool },
-}
-
 pub(super) struct Ctx<'a> {
     pub(super) f: &'a Function,
     pub(super) launch: &'a Launch<'a>,
@@ -473,7 +465,7 @@ impl Ctx<'_> {
             Base::Shared(_) => shared.read(addr, size, self.who())?,
             _ => {
                 if let LoadKind::Read { waited, nc } = kind {
-                    memory.access(addr, size, self.who(), GlobalOp::Read { waited, nc })?;
+                    memory.access(addr, size, self.who(), Touch::Read { nc }, waited)?;
                 }
                 memory.read(addr, size)?
             }
@@ -498,7 +490,7 @@ impl Ctx<'_> {
             Base::Shared(_) => shared.write(addr, bytes, self.who()),
             Base::Param(_) => err("store to a parameter"),
             _ => {
-                memory.access(addr, size, self.who(), GlobalOp::Write { waited })?;
+                memory.access(addr, size, self.who(), Touch::Write, waited)?;
                 memory.write_bytes(addr, bytes)
             }
         }
@@ -648,7 +640,14 @@ impl Ctx<'_> {
                     c => c,
                 };
                 let r = if is_float {
-                    compare(cmp, fa(t, 1)?, fa(t, 2)?)
+                    // Ordered comparisons are false where either side is NaN (`ne` too, unlike
+                    // Rust's `!=`); the unordered ones (`ltu`, `geu`, …) true.
+                    let (x, y) = (fa(t, 1)?, fa(t, 2)?);
+                    let nan = x.is_nan() || y.is_nan();
+                    match cmp.strip_suffix('u').filter(|c| c.len() == 2) {
+                        Some(ordered) => compare(ordered, x, y).map(|r| r || nan),
+                        None => compare(cmp, x, y).map(|r| r && !nan),
+                    }
                 } else if ty.starts_with('s') {
                     compare(cmp, signed(a), signed(b))
                 } else {

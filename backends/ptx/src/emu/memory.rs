@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 
-use super::exec::GlobalOp;
 use super::{err, EmuError};
 
 /// Who touched each 4-byte word of a memory during one launch (global memory) or one block
@@ -33,6 +32,19 @@ pub(super) struct Shadow {
 }
 
 pub(super) const MANY: u32 = u32::MAX;
+
+/// How an access touches memory.
+#[derive(Clone, Copy)]
+pub(super) enum Touch {
+    /// A read, through the non-coherent cache if `nc`.
+    Read {
+        nc: bool,
+    },
+    Write,
+    /// An atomic read-modify-write (`atom`, `red`): ordered against plain accesses, not
+    /// against other atomics.
+    Atomic,
+}
 
 /// One thread's access: its launch-wide id (1-based), block, and epoch (barriers its block
 /// has passed).
@@ -82,43 +94,21 @@ impl Shadow {
         }
     }
 
-    /// Records an access to bytes `[at, at + len)` (offsets in this memory) in launch
-    /// `stamp`, a read through the non-coherent cache if `nc`; an error names the race.
+    /// Records a `touch` of bytes `[at, at + len)` (offsets in this memory) in launch
+    /// `stamp`; an error names the race.
     pub(super) fn access(
         &mut self,
         stamp: u32,
         at: usize,
         len: usize,
         a: Access,
-        write: bool,
-        nc: bool,
+        touch: Touch,
     ) -> Result<(), EmuError> {
-        self.record(stamp, at, len, a, write, nc, false)
-    }
-
-    /// As `access`, for an atomic read-modify-write: ordered against plain accesses, not
-    /// against other atomics.
-    pub(super) fn atomic(
-        &mut self,
-        stamp: u32,
-        at: usize,
-        len: usize,
-        a: Access,
-    ) -> Result<(), EmuError> {
-        self.record(stamp, at, len, a, true, false, true)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn record(
-        &mut self,
-        stamp: u32,
-        at: usize,
-        len: usize,
-        a: Access,
-        write: bool,
-        nc: bool,
-        atomic: bool,
-    ) -> Result<(), EmuError> {
+        let (write, nc, atomic) = match touch {
+            Touch::Read { nc } => (false, nc, false),
+            Touch::Write => (true, false, false),
+            Touch::Atomic => (true, false, true),
+        };
         let words = at / 4..(at + len).div_ceil(4);
         self.grow(words.end);
         for w in words {
@@ -211,14 +201,15 @@ impl SharedMemory {
 
     pub(super) fn read(&mut self, at: u64, len: usize, who: Access) -> Result<&[u8], EmuError> {
         let r = self.range(at, len)?;
-        self.shadow.access(1, r.start, len, who, false, false)?;
+        self.shadow
+            .access(1, r.start, len, who, Touch::Read { nc: false })?;
         Ok(&self.bytes[r])
     }
 
     pub(super) fn write(&mut self, at: u64, data: &[u8], who: Access) -> Result<(), EmuError> {
         let r = self.range(at, data.len())?;
         self.shadow
-            .access(1, r.start, data.len(), who, true, false)?;
+            .access(1, r.start, data.len(), who, Touch::Write)?;
         for unit in r.start / 16..=(r.end - 1) / 16 {
             if self.unfenced[unit] != who.thread {
                 self.unfenced[unit] = who.thread;
@@ -238,7 +229,7 @@ impl SharedMemory {
         who: Access,
     ) -> Result<u64, EmuError> {
         let r = self.range(at, len)?;
-        self.shadow.atomic(1, r.start, len, who)?;
+        self.shadow.access(1, r.start, len, who, Touch::Atomic)?;
         Ok(add_in_place(&mut self.bytes[r], value))
     }
 
@@ -304,17 +295,19 @@ impl Memory {
         }
     }
 
-    /// A kernel's access (as opposed to the host's copies, which are not tracked).
+    /// A kernel's access (as opposed to the host's copies, which are not tracked), by a
+    /// thread past its `griddepcontrol.wait` or not.
     pub(super) fn access(
         &mut self,
         addr: u64,
         len: usize,
         who: Access,
-        op: GlobalOp,
+        touch: Touch,
+        waited: bool,
     ) -> Result<(), EmuError> {
-        let (write, waited, nc) = match op {
-            GlobalOp::Read { waited, nc } => (false, waited, nc),
-            GlobalOp::Write { waited } | GlobalOp::Atomic { waited } => (true, waited, false),
+        let (write, nc) = match touch {
+            Touch::Read { nc } => (false, nc),
+            _ => (true, false),
         };
         let r = self.range(addr, len)?;
         let words = r.start / 4..r.end.div_ceil(4);
@@ -345,12 +338,7 @@ impl Memory {
         if write {
             self.kernel_written[words].fill(true);
         }
-        match op {
-            GlobalOp::Atomic { .. } => self.shadow.atomic(self.launch, r.start, len, who),
-            _ => self
-                .shadow
-                .access(self.launch, r.start, len, who, write, nc),
-        }
+        self.shadow.access(self.launch, r.start, len, who, touch)
     }
 
     /// A kernel's atomic add of `value` to the `len`-byte integer at `addr`; the old value.
@@ -362,8 +350,8 @@ impl Memory {
         who: Access,
         waited: bool,
     ) -> Result<u64, EmuError> {
-        self.access(addr, len, who, GlobalOp::Atomic { waited })?;
-        let r = self.range(addr, len)?;
+        self.access(addr, len, who, Touch::Atomic, waited)?;
+        let r = self.range(addr, len).expect("checked by access");
         Ok(add_in_place(&mut self.bytes[r], value))
     }
 

@@ -266,3 +266,18 @@ fn atomic_adds_sum_across_threads_and_blocks_but_race_plain_accesses() {
     // Without the barrier thread 0's plain read races the other threads' atomics.
     assert!(races(&kernel(""), 1));
 }
+
+#[test]
+fn float_comparisons_are_ordered_unless_named_unordered() {
+    // Lane i compares a[i] with b[i] (a = 1, NaN, 2; b = 1, 1, NaN) by `ne`, then by `geu`.
+    let kernel = |cmp: &str| {
+        format!(".visible .entry k(\n\t.param .u64 out\n)\n{{\n\t.reg .pred %p<1>;\n\t.reg .b32 %r<3>;\n\t.reg .f32 %f<2>;\n\t.reg .b64 %rd<4>;\n\tld.param.u64 %rd0, [out];\n\tmov.u32 %r0, %tid.x;\n\tmov.f32 %f0, 0f3F800000;\n\tmov.f32 %f1, 0f3F800000;\n\tsetp.eq.u32 %p0, %r0, 1;\n\t@%p0 mov.f32 %f0, 0f7FC00000;\n\tsetp.eq.u32 %p0, %r0, 2;\n\t@%p0 mov.f32 %f0, 0f40000000;\n\t@%p0 mov.f32 %f1, 0f7FC00000;\n\tsetp.{cmp}.f32 %p0, %f0, %f1;\n\tselp.u32 %r1, 1, 0, %p0;\n\tmul.wide.u32 %rd1, %r0, 4;\n\tadd.u64 %rd2, %rd0, %rd1;\n\tst.global.u32 [%rd2], %r1;\n\tret;\n}}\n")
+    };
+    let lanes = |cmp: &str| run_one_warp(&kernel(cmp), 32).unwrap()[..3].to_vec();
+    assert_eq!(lanes("ne"), [0, 0, 0]);
+    assert_eq!(lanes("neu"), [0, 1, 1]);
+    assert_eq!(lanes("ge"), [1, 0, 0]);
+    assert_eq!(lanes("geu"), [1, 1, 1]);
+    assert_eq!(lanes("lt"), [0, 0, 0]);
+    assert_eq!(lanes("ltu"), [0, 1, 1]);
+}
