@@ -253,14 +253,21 @@ pub struct DeviceSampling {
 }
 
 impl DeviceSampling {
-    /// Whether the device must be told `history` and the sampler's state before drawing.
-    pub fn stale(&self, history: &[u32], sampler: &Sampler) -> bool {
-        self.known != Some((history.len(), sampler.generator_state()))
-    }
-
-    /// After a device draw following `history`: the device's generator state.
-    pub fn drew(&mut self, history: &[u32], state: u64) {
+    /// One device draw after `history`: `device(handover)` hands sampling to the device
+    /// first where `handover` is `Some` (the device's state is stale: `GpuSample::uploads`
+    /// for this sampler), runs the sampler's launches and returns the id and the device
+    /// generator's state, which `sampler` then takes.
+    pub fn draw(
+        &mut self,
+        sampler: &mut Sampler,
+        history: &[u32],
+        device: impl FnOnce(Option<&Sampler>) -> Result<(u32, u64), RunError>,
+    ) -> Result<u32, RunError> {
+        let stale = self.known != Some((history.len(), sampler.generator_state()));
+        let (next, state) = device(stale.then_some(&*sampler))?;
         self.known = Some((history.len() + 1, state));
+        sampler.set_generator_state(state);
+        Ok(next)
     }
 
     /// A new document: upload before the next draw.

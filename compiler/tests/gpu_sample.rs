@@ -7,9 +7,10 @@ mod common;
 use griffin_backend_ptx::emu::{run, Launch, Memory, Module};
 use griffin_backend_ptx::module;
 use griffin_backend_ptx::sample::{layout, SampleParams};
+use griffin_runtime::gpu_plan::GpuSample;
 use griffinc::gpu::sampling::sampler_kernels;
 use griffinc::gpu::EmuEngine;
-use griffinc::sampling::{seen_bits, Sampler, SamplingParams};
+use griffinc::sampling::{Sampler, SamplingParams};
 use griffinc::session::{step_and_choose, Engine, Model};
 
 /// SplitMix64, for test data.
@@ -61,18 +62,17 @@ impl Device {
         }
     }
 
-    /// Configuration and seen bits from the host's sampler and history.
+    /// Configuration and seen bits from the host's sampler and history, as the runtime
+    /// uploads them (`GpuSample::uploads`).
     fn start(&mut self, host: &Sampler, history: &[u32]) {
-        self.mem
-            .write_bytes(self.state, &host.device_config(self.vocab))
-            .unwrap();
-        let seen: Vec<u8> = seen_bits(history, self.vocab)
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect();
-        self.mem
-            .write_bytes(self.state + layout::seen(self.vocab as u32) as u64, &seen)
-            .unwrap();
+        let plan = GpuSample {
+            launches: Vec::new(),
+            state: 0,
+            seen_offset: layout::seen(self.vocab as u32) as u64,
+        };
+        for (offset, bytes) in plan.uploads(host, history, self.vocab) {
+            self.mem.write_bytes(self.state + offset, &bytes).unwrap();
+        }
     }
 
     fn sample(&mut self, logits: &[f32]) -> u32 {

@@ -25,7 +25,8 @@ use cudarc::driver::sys::{
 };
 use cudarc::driver::{CudaContext, CudaGraph, CudaStream};
 
-use crate::gpu_plan::{GpuBufferKind, GpuLaunch, GpuPlan};
+use crate::gpu_plan::{GpuBufferKind, GpuLaunch, GpuPlan, GpuSample};
+use crate::sampling::{Sampler, DEVICE_RNG_OFFSET};
 use crate::stats::LaunchTime;
 use crate::RuntimeError;
 
@@ -843,43 +844,57 @@ impl CudaExecutor {
         self.sampled_program.is_some()
     }
 
-    /// Hands sampling to the device: its configuration with the host sampler's generator
-    /// state (`Sampler::device_config`) and the seen bits of the history so far
-    /// (`sampling::seen_bits`). From then on `step_sampled` draws what the host sampler would.
-    pub fn start_sampling(&mut self, config: &[u8], seen: &[u32]) -> Result<(), RuntimeError> {
-        let sample = self
-            .plan
+    /// The plan's device sampler, or the error for a plan without one.
+    fn sampler_plan(&self) -> Result<&GpuSample, RuntimeError> {
+        self.plan
             .sample
             .as_ref()
-            .ok_or_else(|| RuntimeError::Plan("this plan has no device sampler".into()))?;
-        let at = self.addresses[sample.state];
-        let s = self.stream.cu_stream();
-        // SAFETY: the state buffer holds the configuration at 0 and vocab / 32 words of seen
-        // bits at seen_offset (its size comes from the same layout).
-        unsafe {
-            cu::memcpy_htod_async(at, config, s)
-                .and_then(|_| cu::memcpy_htod_async(at + sample.seen_offset, seen, s))
-        }
-        .map_err(|e| driver("uploading the sampler's settings", e))
+            .ok_or_else(|| RuntimeError::Plan("this plan has no device sampler".into()))
     }
 
-    /// One token; the next id drawn on the device and the device generator's state after it
-    /// (12 bytes copied back, one synchronisation).
-    pub fn step_sampled(&mut self, id: u32) -> Result<(u32, u64), RuntimeError> {
-        self.run_step(id, Tail::Sample)?;
-        let state = self.plan.sample.as_ref().map_or(0, |s| s.state);
-        let mut rng = [0u64];
-        let s = self.stream.cu_stream();
-        // SAFETY: the state buffer holds the generator's u64 at DEVICE_RNG_OFFSET.
-        unsafe {
-            cu::memcpy_dtoh_async(
-                &mut rng,
-                self.addresses[state] + crate::sampling::DEVICE_RNG_OFFSET,
-                s,
-            )
+    /// Hands sampling to the device (`GpuSample::uploads`): from then on `step_sampled` draws
+    /// what `sampler` would after `history`.
+    pub fn start_sampling(
+        &mut self,
+        sampler: &Sampler,
+        history: &[u32],
+    ) -> Result<(), RuntimeError> {
+        let sample = self.sampler_plan()?;
+        let (at, bytes) = (
+            self.addresses[sample.state],
+            self.plan.buffers[sample.state].bytes,
+        );
+        for (offset, data) in sample.uploads(sampler, history, self.plan.vocab()) {
+            if offset + data.len() as u64 > bytes {
+                return Err(RuntimeError::Plan(
+                    "the sampler's state buffer is smaller than its settings".into(),
+                ));
+            }
+            // SAFETY: checked above to lie within the state buffer.
+            unsafe { cu::memcpy_htod_async(at + offset, &data, self.stream.cu_stream()) }
+                .map_err(|e| driver("uploading the sampler's settings", e))?;
         }
-        .map_err(|e| driver("reading the sampler's state", e))?;
-        Ok((self.read_next_id()?, rng[0]))
+        Ok(())
+    }
+
+    /// One token; the next id drawn on the device (4 bytes copied back). With `generator`,
+    /// also the device generator's state after the draw (8 bytes more, the same
+    /// synchronisation), for a host sampler that must stay in step.
+    pub fn step_sampled(
+        &mut self,
+        id: u32,
+        generator: Option<&mut u64>,
+    ) -> Result<u32, RuntimeError> {
+        self.run_step(id, Tail::Sample)?;
+        if let Some(state) = generator {
+            let at = self.addresses[self.sampler_plan()?.state] + DEVICE_RNG_OFFSET;
+            // SAFETY: the state buffer holds the generator's u64 at DEVICE_RNG_OFFSET.
+            unsafe {
+                cu::memcpy_dtoh_async(std::slice::from_mut(state), at, self.stream.cu_stream())
+            }
+            .map_err(|e| driver("reading the sampler's state", e))?;
+        }
+        self.read_next_id()
     }
 
     /// The next-id buffer, once the stream gets there.

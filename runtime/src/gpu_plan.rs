@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::plan::Plan;
+use crate::sampling::{seen_bits, Sampler};
 
 pub const GPU_PLAN_VERSION: u32 = 1;
 
@@ -121,6 +122,21 @@ pub struct GpuSample {
     pub state: usize,
     /// Where in it the seen bits (`sampling::seen_bits`) lie.
     pub seen_offset: u64,
+}
+
+impl GpuSample {
+    /// What handing sampling to the device writes into the state buffer, as (offset, bytes):
+    /// `sampler`'s configuration and generator state, and the seen bits of `history`. From
+    /// then on the sampler's launches draw what `sampler` would after `history`.
+    pub fn uploads(&self, sampler: &Sampler, history: &[u32], vocab: usize) -> [(u64, Vec<u8>); 2] {
+        let mut seen = Vec::new();
+        seen_bits(&mut seen, history, vocab);
+        let seen = seen.iter().flat_map(|w| w.to_le_bytes()).collect();
+        [
+            (0, sampler.device_config(vocab).to_vec()),
+            (self.seen_offset, seen),
+        ]
+    }
 }
 
 /// A prefill chunk's launches when only its last token's logits are wanted.

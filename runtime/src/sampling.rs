@@ -32,6 +32,13 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// 1 / temperature where tokens are drawn; `None` where the argmax is taken instead
+    /// (temperature 0, or one so small its inverse overflows).
+    fn inverse_temperature(&self) -> Option<f32> {
+        let per_t = 1.0 / self.temperature;
+        (self.temperature != 0.0 && per_t.is_finite()).then_some(per_t)
+    }
+
     /// Checks ranges; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
@@ -73,14 +80,18 @@ impl Rng {
 /// `device_config` lays it out.
 pub const DEVICE_RNG_OFFSET: u64 = 32;
 
-/// A bit per token seen in `history` (bit `id % 32` of word `id / 32`), for the device
-/// sampler's repetition penalty; ids past the vocabulary are left out, as the host does.
-pub fn seen_bits(history: &[u32], vocab: usize) -> Vec<u32> {
-    let mut bits = vec![0u32; vocab.div_ceil(32)];
+/// The bytes of `device_config`: the start of the device sampler's state buffer.
+pub const DEVICE_CONFIG_BYTES: usize = 40;
+
+/// Into `bits`, a bit per token of a `vocab`-token vocabulary seen in `history` (bit
+/// `id % 32` of word `id / 32`; ids past the vocabulary left out): the tokens the repetition
+/// penalty applies to, once each, on the host and (uploaded) on the device.
+pub fn seen_bits(bits: &mut Vec<u32>, history: &[u32], vocab: usize) {
+    bits.clear();
+    bits.resize(vocab.div_ceil(32), 0);
     for &id in history.iter().filter(|&&id| (id as usize) < vocab) {
         bits[id as usize / 32] |= 1 << (id % 32);
     }
-    bits
 }
 
 /// `r / 2^64 · n` rounded down, exactly: below `n` for any `r` (the device's `mul.hi.u64`).
@@ -100,8 +111,8 @@ pub struct Sampler {
     /// Kept weight per `BLOCK` tokens, reused.
     blocks: Vec<u64>,
     adjusted: Vec<f32>,
-    /// A bit per vocabulary entry: seen in the history (repetition penalty), reused.
-    seen: Vec<u64>,
+    /// A bit per vocabulary entry: seen in the history (`seen_bits`), reused.
+    seen: Vec<u32>,
 }
 
 /// Index of the largest value; the first one on ties, as the reference's argmax. NaN never
@@ -187,20 +198,12 @@ fn likelihood(x: f32) -> f32 {
 }
 
 /// Each token's likelihood relative to the most likely, `e^((l - max) / t)` (`likelihood`),
-/// as f32 bits into `out`: non-negative f32s order as their bits do, so the bits rank tokens.
-/// With `weights`, also each token's weight at `weight_scale`.
-fn likelihoods(
-    out: &mut Vec<u32>,
-    mut weights: Option<&mut Vec<u64>>,
-    logits: &[f32],
-    max: f32,
-    per_t: f32,
-) {
+/// as f32 bits into `out` (non-negative f32s order as their bits do, so the bits rank
+/// tokens), and its weight at `weight_scale` into `weights`.
+fn likelihoods(out: &mut Vec<u32>, weights: &mut Vec<u64>, logits: &[f32], max: f32, per_t: f32) {
     out.clear();
+    weights.clear();
     let scale = weight_scale(logits.len());
-    if let Some(w) = weights.as_deref_mut() {
-        w.clear();
-    }
     let mut bits = [0u32; LANES];
     for chunk in logits.chunks(LANES) {
         for (&l, b) in chunk.iter().zip(&mut bits) {
@@ -208,9 +211,7 @@ fn likelihoods(
         }
         let bits = &bits[..chunk.len()];
         out.extend_from_slice(bits);
-        if let Some(w) = weights.as_deref_mut() {
-            w.extend(bits.iter().map(|&b| weight(b, scale)));
-        }
+        weights.extend(bits.iter().map(|&b| weight(b, scale)));
     }
 }
 
@@ -235,8 +236,8 @@ fn weight(bits: u32, scale: f32) -> u64 {
 }
 
 /// Tokens per block of the draw's index: the draw finds its block by the blocks' sums, then
-/// walks that block alone. (The device sampler's blocks are as wide.)
-pub const BLOCK: usize = 1024;
+/// walks that block alone.
+const BLOCK: usize = 1024;
 
 /// A token's rank as one integer: more likely first (its likelihood's bits), then the lower
 /// id (`!id`).
@@ -391,14 +392,13 @@ impl Sampler {
     /// top-k, top-p, min-p's bound, the weights' scale, the generator). From then on the
     /// device draws what this sampler would have (`tests/gpu_sample.rs` checks it), and this
     /// sampler's generator falls behind.
-    pub fn device_config(&self, vocab: usize) -> [u8; 40] {
+    pub fn device_config(&self, vocab: usize) -> [u8; DEVICE_CONFIG_BYTES] {
         let p = &self.params;
-        let per_t = 1.0 / p.temperature;
-        let argmax_only = p.temperature == 0.0 || !per_t.is_finite();
-        let flags = u32::from(argmax_only) | u32::from(p.repetition_penalty != 1.0) << 1;
-        let mut out = [0u8; 40];
+        let per_t = p.inverse_temperature();
+        let flags = u32::from(per_t.is_none()) | u32::from(p.repetition_penalty != 1.0) << 1;
+        let mut out = [0u8; DEVICE_CONFIG_BYTES];
         let words: [u32; 7] = [
-            per_t.to_bits(),
+            per_t.unwrap_or(0.0).to_bits(),
             flags,
             p.repetition_penalty.to_bits(),
             p.top_k.min(u32::MAX as usize) as u32,
@@ -433,21 +433,13 @@ impl Sampler {
         let logits = if p.repetition_penalty != 1.0 {
             self.adjusted.clear();
             self.adjusted.extend_from_slice(logits);
-            // Each distinct token already seen is penalised once, however often it occurred:
-            // a bit per vocabulary entry marks the first sighting (one pass over the
-            // history, no sort of it per token).
-            self.seen.clear();
-            self.seen.resize(logits.len().div_ceil(64), 0);
-            for &id in history {
-                let (word, bit) = (id as usize / 64, 1u64 << (id % 64));
-                let Some(w) = self.seen.get_mut(word) else {
-                    continue;
-                };
-                if *w & bit != 0 {
-                    continue;
-                }
-                *w |= bit;
-                if let Some(l) = self.adjusted.get_mut(id as usize) {
+            // Each distinct token already seen is penalised once, however often it occurred.
+            seen_bits(&mut self.seen, history, logits.len());
+            for (w, &word) in self.seen.iter().enumerate() {
+                let mut rest = word;
+                while rest != 0 {
+                    let l = &mut self.adjusted[32 * w + rest.trailing_zeros() as usize];
+                    rest &= rest - 1;
                     if *l > 0.0 {
                         *l /= p.repetition_penalty;
                     } else {
@@ -460,13 +452,14 @@ impl Sampler {
             logits
         };
         let max = largest(logits);
-        // Nothing to weigh against (every logit -inf or NaN), an infinite logit (it takes all
-        // the mass), or a temperature so small its inverse overflows: the argmax.
-        if p.temperature == 0.0 || !max.is_finite() || !(1.0 / p.temperature).is_finite() {
-            return argmax(logits);
-        }
+        // Greedy, nothing to weigh against (every logit -inf or NaN) or an infinite logit (it
+        // takes all the mass): the argmax.
+        let per_t = match p.inverse_temperature() {
+            Some(per_t) if max.is_finite() => per_t,
+            _ => return argmax(logits),
+        };
         let w = &mut self.weights;
-        likelihoods(&mut self.bits, Some(w), logits, max, 1.0 / p.temperature);
+        likelihoods(&mut self.bits, w, logits, max, per_t);
         // The lowest-ranked key kept (0: every token).
         let threshold = if p.top_k > 0 || p.min_p > 0.0 || p.top_p < 1.0 {
             lowest_kept(&self.bits, w, &mut self.keys, p)
@@ -622,7 +615,7 @@ mod tests {
     fn likelihoods_are_within_3e_7_of_exp() {
         let logits: Vec<f32> = (0..=870_000).map(|i| -(i as f32) * 1e-4).collect();
         let mut bits = Vec::new();
-        likelihoods(&mut bits, None, &logits, 0.0, 1.0);
+        likelihoods(&mut bits, &mut Vec::new(), &logits, 0.0, 1.0);
         let mut worst = 0f64;
         for (&l, &b) in logits.iter().zip(&bits) {
             let want = (l as f64).exp();
@@ -630,7 +623,7 @@ mod tests {
         }
         assert!(worst < 3e-7, "{worst}");
         let edge = [0.0, -88.0, f32::NEG_INFINITY, f32::NAN, -30.0, -31.0];
-        likelihoods(&mut bits, None, &edge, 0.0, 1.0);
+        likelihoods(&mut bits, &mut Vec::new(), &edge, 0.0, 1.0);
         assert_eq!(bits[..4], [1f32.to_bits(), 0, 0, 0]);
         // For the 2B vocabulary e^-30 · 2^44 ≈ 1.65: still drawn; e^-31 · 2^44 ≈ 0.61: never.
         let scale = weight_scale(256_000);
@@ -638,7 +631,7 @@ mod tests {
         assert_eq!(weight_scale(256_000), (1u64 << 44) as f32);
         assert_eq!(weight_scale(6), (1u64 << 59) as f32);
         // Temperature divides the distance to the maximum.
-        likelihoods(&mut bits, None, &[4.0, 2.0], 4.0, 0.5);
+        likelihoods(&mut bits, &mut Vec::new(), &[4.0, 2.0], 4.0, 0.5);
         let want = (-1f64).exp();
         assert!((f32::from_bits(bits[1]) as f64 - want).abs() / want < 3e-7);
     }
@@ -669,7 +662,7 @@ mod tests {
     fn sample_by_full_sort(p: &SamplingParams, rng: &mut Rng, logits: &[f32]) -> u32 {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut bits = Vec::new();
-        likelihoods(&mut bits, None, logits, max, 1.0 / p.temperature);
+        likelihoods(&mut bits, &mut Vec::new(), logits, max, 1.0 / p.temperature);
         let scale = weight_scale(logits.len());
         let mut c: Vec<(u32, u32)> = (0..bits.len() as u32)
             .map(|i| (i, bits[i as usize]))

@@ -6,7 +6,7 @@ use griffin_runtime::gpu_plan::{GpuBufferKind, GpuLaunch};
 
 use super::{lower, pack_weights, GpuOptions, GpuProgram, PREFILL_CHUNK};
 use crate::error::RunError;
-use crate::sampling::{seen_bits, Sampler, DEVICE_RNG_OFFSET};
+use crate::sampling::{Sampler, DEVICE_RNG_OFFSET};
 use crate::session::{check_ids, DeviceSampling, Engine, Model};
 
 /// Whether sampled decoding may draw on the device: not where `GRIFFIN_SAMPLE_ON_HOST=1`
@@ -196,22 +196,21 @@ impl EmuEngine {
         &self.program
     }
 
-    /// The sampler kernels after a step whose logits are in device memory: the next id and
-    /// `sampler`'s generator set to the device's after it (configuration and seen bits
-    /// uploaded first where stale).
-    fn device_sample(&mut self, sampler: &mut Sampler, history: &[u32]) -> Result<u32, RunError> {
+    /// The sampler's launches after a step whose logits are in device memory (`handover`:
+    /// write `GpuSample::uploads` first): the next id and the device generator's state.
+    fn device_sample(
+        &mut self,
+        handover: Option<(&Sampler, &[u32])>,
+    ) -> Result<(u32, u64), RunError> {
         let plan = &self.program.plan;
         let sample = plan.sample.as_ref().expect("checked by the caller");
         let state = self.addresses[sample.state];
-        let vocab = plan.vocab();
-        if self.sampling.stale(history, sampler) {
-            let seen: Vec<u8> = seen_bits(history, vocab)
-                .iter()
-                .flat_map(|w| w.to_le_bytes())
-                .collect();
+        for (offset, bytes) in handover
+            .into_iter()
+            .flat_map(|(s, history)| sample.uploads(s, history, plan.vocab()))
+        {
             self.memory
-                .write_bytes(state, &sampler.device_config(vocab))
-                .and_then(|_| self.memory.write_bytes(state + sample.seen_offset, &seen))
+                .write_bytes(state + offset, &bytes)
                 .map_err(emu_error)?;
         }
         run_launches(
@@ -228,10 +227,7 @@ impl EmuEngine {
             .memory
             .read(state + DEVICE_RNG_OFFSET, 8)
             .map_err(emu_error)?;
-        let rng = u64::from_le_bytes(rng.try_into().expect("8 bytes"));
-        self.sampling.drew(history, rng);
-        sampler.set_generator_state(rng);
-        Ok(next)
+        Ok((next, u64::from_le_bytes(rng.try_into().expect("8 bytes"))))
     }
 }
 
@@ -291,10 +287,14 @@ impl Engine for EmuEngine {
         if !self.sample_on_device || self.program.plan.sample.is_none() {
             return None;
         }
-        Some(
-            self.step_device(id)
-                .and_then(|()| self.device_sample(sampler, history)),
-        )
+        let mut sampling = std::mem::take(&mut self.sampling);
+        let drawn = self.step_device(id).and_then(|()| {
+            sampling.draw(sampler, history, |handover| {
+                self.device_sample(handover.map(|s| (s, history)))
+            })
+        });
+        self.sampling = sampling;
+        Some(drawn)
     }
 }
 
@@ -395,19 +395,16 @@ impl Engine for CudaEngine {
             return None;
         }
         let backend = |e: griffin_runtime::RuntimeError| RunError::Backend(e.to_string());
-        let mut draw = || -> Result<u32, RunError> {
-            if self.sampling.stale(history, sampler) {
-                let vocab = self.executor.vocab();
-                let seen = seen_bits(history, vocab);
-                self.executor
-                    .start_sampling(&sampler.device_config(vocab), &seen)
-                    .map_err(backend)?;
+        let executor = &mut self.executor;
+        Some(self.sampling.draw(sampler, history, |handover| {
+            if let Some(s) = handover {
+                executor.start_sampling(s, history).map_err(backend)?;
             }
-            let (next, rng) = self.executor.step_sampled(id).map_err(backend)?;
-            self.sampling.drew(history, rng);
-            sampler.set_generator_state(rng);
-            Ok(next)
-        };
-        Some(draw())
+            let mut state = 0;
+            let next = executor
+                .step_sampled(id, Some(&mut state))
+                .map_err(backend)?;
+            Ok((next, state))
+        }))
     }
 }

@@ -1,8 +1,13 @@
 //! The device sampler's kernels (`griffin_backend_ptx::sample`) built with the host sampler's
 //! likelihood constants, so both draw the same ids for a seed.
 
-use griffin_backend_ptx::sample::{kernels, ExpConstants, SampleKernel};
-use griffin_runtime::sampling::exp;
+use griffin_backend_ptx::sample::{kernels, layout, ExpConstants, SampleKernel};
+use griffin_runtime::sampling::{exp, DEVICE_CONFIG_BYTES, DEVICE_RNG_OFFSET};
+
+// The host writes the configuration the kernels read (`Sampler::device_config`): the two
+// crates' layouts agree where they meet.
+const _: () = assert!(layout::CONFIG_BYTES as usize == DEVICE_CONFIG_BYTES);
+const _: () = assert!(layout::RNG as u64 == DEVICE_RNG_OFFSET);
 
 /// The host sampler's constants, for the device's copy of its likelihood.
 pub fn exp_constants() -> ExpConstants {

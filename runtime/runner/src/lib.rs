@@ -566,12 +566,11 @@ fn run() -> Result<(), String> {
             // generator's state and the history's seen bits, handed over once.
             (Engine::Cuda(e), false) if e.samples_on_device() && !sample_on_host => {
                 if !on_device {
-                    let seen = griffin_runtime::sampling::seen_bits(&history, vocab);
-                    e.start_sampling(&sampler.device_config(vocab), &seen)
+                    e.start_sampling(&sampler, &history)
                         .map_err(|e| e.to_string())?;
                     on_device = true;
                 }
-                e.step_sampled(next).map_err(|e| e.to_string())?.0
+                e.step_sampled(next, None).map_err(|e| e.to_string())?
             }
             _ => {
                 let logits = exec.last(&[next])?;

@@ -10,7 +10,7 @@ use std::path::Path;
 use griffin_backend_ptx::emu;
 use griffin_runtime::cuda::{KernelRun, KernelRunner};
 use griffin_runtime::gpu_plan::{GpuBufferKind, GpuLaunch, GpuPlan};
-use griffin_runtime::sampling::{seen_bits, Sampler, SamplingParams};
+use griffin_runtime::sampling::{Sampler, SamplingParams};
 
 /// How far a launch's results may be from the interpreter's, relative to the largest value of
 /// each buffer it touches: hardware approximations (`tanh.approx` to ~5e-4, `ex2.approx`) stay
@@ -236,14 +236,11 @@ pub fn bisect(dir: &Path, ids: &[u32]) -> Result<Vec<Row>, String> {
             seed: 1,
         });
         let state = s.addresses[sample.state];
-        let seen: Vec<u8> = seen_bits(ids, vocab as usize)
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect();
-        s.memory
-            .write_bytes(state, &sampler.device_config(vocab as usize))
-            .and_then(|_| s.memory.write_bytes(state + sample.seen_offset, &seen))
-            .map_err(|e| e.to_string())?;
+        for (offset, bytes) in sample.uploads(&sampler, ids, vocab as usize) {
+            s.memory
+                .write_bytes(state + offset, &bytes)
+                .map_err(|e| e.to_string())?;
+        }
         compare_all(&mut s, "sampler", &sample.launches);
     }
     Ok(rows)
