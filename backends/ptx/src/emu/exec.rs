@@ -1,11 +1,13 @@
 //! Running a launch: blocks, threads, their scheduling at collectives and barriers, and
 //! each instruction's semantics.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use super::collective::*;
 use super::memory::*;
 use super::parse::*;
+use super::timing::latency;
 use super::{err, EmuError};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -27,6 +29,10 @@ pub(super) struct Thread {
     pub(super) wait: Wait,
     /// Past `griddepcontrol.wait`: earlier kernels' writes are visible.
     pub(super) waited: bool,
+    /// The latency model (where on): the cycle the thread issued its last instruction, and
+    /// the cycle each register's value is ready.
+    pub(super) clock: u64,
+    pub(super) ready: Vec<u64>,
 }
 
 impl Thread {
@@ -73,6 +79,9 @@ pub fn run(
             launch.block
         ));
     }
+    if let Some(t) = &mut memory.timing {
+        t.start_launch();
+    }
     memory.launch = memory.launch.wrapping_add(1);
     if memory.launch == 0 {
         // Stamps wrapped: forget every entry rather than mistake an old one for this launch's.
@@ -104,9 +113,18 @@ pub(super) fn meeting(group: &[Thread], wait: Wait, size: usize) -> Result<Optio
     }
 }
 
-/// Moves every thread of a group that met past the collective instruction.
-pub(super) fn release(group: &mut [Thread]) {
+/// Moves every thread of a group that met past the collective instruction `ins`; with the
+/// latency model on (`lat`), it issued when the last of them arrived, and its results are
+/// ready `lat` cycles later.
+pub(super) fn release(group: &mut [Thread], ins: &Instr, lat: Option<u64>) {
+    let issue = group.iter().map(|t| t.clock).max().unwrap_or(0);
     for t in group.iter_mut() {
+        if let Some(lat) = lat {
+            t.clock = issue;
+            for &w in &ins.writes {
+                t.ready[w] = issue + lat;
+            }
+        }
         t.pc += 1;
         t.wait = Wait::Running;
     }
@@ -135,8 +153,13 @@ pub(super) fn run_block(
             pc: 0,
             wait: Wait::Running,
             waited: starts_waited,
+            clock: 0,
+            ready: vec![0; f.registers],
         })
         .collect();
+    let collective_latency = |ins: &Instr, memory: &Memory| {
+        memory.timing.as_ref().map(|t| latency(&t.lat, &ins.op))
+    };
     let mut executed = 0;
     loop {
         for (t, thread) in threads.iter_mut().enumerate() {
@@ -147,11 +170,17 @@ pub(super) fn run_block(
                     block,
                     tid: t as u32,
                     epoch,
+                    now: Cell::new(0),
+                    memory_latency: Cell::new(None),
                 };
                 executed += ctx.run_thread(thread, memory, &mut shared)?;
             }
         }
         if threads.iter().all(|t| t.wait == Wait::Done) {
+            if let Some(timing) = &mut memory.timing {
+                let longest = threads.iter().map(|t| t.clock).max().unwrap_or(0);
+                timing.critical = timing.critical.max(longest);
+            }
             return Ok(executed);
         }
         let mut progressed = false;
@@ -184,7 +213,7 @@ pub(super) fn run_block(
                 }
                 _ => shuffle(&f.code[pc], warp)?,
             }
-            release(warp);
+            release(warp, &f.code[pc], collective_latency(&f.code[pc], memory));
             progressed = true;
         }
         // Warpgroup collectives: every thread of the four warps at the same instruction.
@@ -207,12 +236,15 @@ pub(super) fn run_block(
             };
             wgmma(&f.code[pc], group, &mut shared, who)
                 .map_err(|e| EmuError(format!("{}: {e}", f.name)))?;
-            release(group);
+            release(group, &f.code[pc], collective_latency(&f.code[pc], memory));
             progressed = true;
         }
         let live: Vec<&Thread> = threads.iter().filter(|t| t.wait != Wait::Done).collect();
         if !progressed && !live.is_empty() && live.iter().all(|t| t.wait == Wait::Bar) {
+            let last = live.iter().map(|t| t.clock).max().unwrap_or(0);
+            let barrier = memory.timing.as_ref().map_or(0, |t| t.lat.barrier);
             for t in threads.iter_mut().filter(|t| t.wait == Wait::Bar) {
+                t.clock = last + barrier;
                 t.pc += 1;
                 t.wait = Wait::Running;
             }
@@ -282,6 +314,10 @@ pub(super) struct Ctx<'a> {
     pub(super) tid: u32,
     /// Barriers the block has passed.
     pub(super) epoch: u32,
+    /// The latency model: the cycle the current instruction issues, and its global loads'
+    /// latency (the longest of a vector's).
+    pub(super) now: Cell<u64>,
+    pub(super) memory_latency: Cell<Option<u64>>,
 }
 
 pub(super) fn f32_of(bits: u64) -> f32 {
@@ -383,6 +419,13 @@ impl Ctx<'_> {
             if executed > 50_000_000 {
                 return err(format!("{}: thread {} runs away", self.f.name, self.tid));
             }
+            let timed = memory.timing.is_some();
+            if timed {
+                // In order: it issues after the one before and once what it reads is ready.
+                t.clock = ins.reads.iter().fold(t.clock + 1, |at, &r| at.max(t.ready[r]));
+                self.now.set(t.clock);
+                self.memory_latency.set(None);
+            }
             if let Some((neg, p)) = ins.guard {
                 if (t.regs[p] != 0) == neg {
                     t.pc += 1;
@@ -440,9 +483,19 @@ impl Ctx<'_> {
                     t.pc += 1;
                     continue;
                 }
-                _ => self
-                    .step(ins, t, memory, shared)
-                    .map_err(|e| EmuError(format!("{}: `{}`: {e}", self.f.name, ins.line)))?,
+                _ => {
+                    self.step(ins, t, memory, shared)
+                        .map_err(|e| EmuError(format!("{}: `{}`: {e}", self.f.name, ins.line)))?;
+                    if let Some(timing) = &memory.timing {
+                        let lat = self
+                            .memory_latency
+                            .get()
+                            .unwrap_or_else(|| latency(&timing.lat, &ins.op));
+                        for &w in &ins.writes {
+                            t.ready[w] = t.clock + lat;
+                        }
+                    }
+                }
             }
             t.pc += 1;
         }
@@ -466,6 +519,10 @@ impl Ctx<'_> {
             _ => {
                 if let LoadKind::Read { waited, nc } = kind {
                     memory.access(addr, size, self.who(), Touch::Read { nc }, waited)?;
+                }
+                if let Some(l) = memory.load_latency(addr, self.now.get()) {
+                    let longest = self.memory_latency.get().map_or(l, |m| m.max(l));
+                    self.memory_latency.set(Some(longest));
                 }
                 memory.read(addr, size)?
             }

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use super::timing::{Latencies, Timing};
 use super::{err, EmuError};
 
 /// Who touched each 4-byte word of a memory during one launch (global memory) or one block
@@ -275,6 +276,8 @@ pub struct Memory {
     /// Words some kernel has written (ever): a kernel may not read them before its
     /// `griddepcontrol.wait`, when the kernel that writes them may still be running.
     pub(super) kernel_written: Vec<bool>,
+    /// The latency model, where asked for (`enable_timing`).
+    pub(super) timing: Option<Timing>,
 }
 
 pub(super) const BASE: u64 = 0x1000_0000;
@@ -292,7 +295,26 @@ impl Memory {
             shadow: Shadow::default(),
             launch: 0,
             kernel_written: Vec::new(),
+            timing: None,
         }
+    }
+
+    /// Times every launch from now on by the latency model (`timing.rs`) with `lat`.
+    pub fn enable_timing(&mut self, lat: Latencies) {
+        self.timing = Some(Timing::new(lat));
+    }
+
+    /// The latency model's critical path of the last launch, in cycles (with timing on).
+    pub fn last_launch_cycles(&self) -> Option<u64> {
+        self.timing.as_ref().map(|t| t.critical)
+    }
+
+    /// The latency of a global load (or prefetch) at `addr` issued at cycle `now` (timing
+    /// on).
+    pub(super) fn load_latency(&mut self, addr: u64, now: u64) -> Option<u64> {
+        let launch = self.launch;
+        let word = (addr.checked_sub(BASE)? / 4) as usize;
+        Some(self.timing.as_mut()?.global_load(addr, word, now, launch))
     }
 
     /// A kernel's access (as opposed to the host's copies, which are not tracked), by a
@@ -336,6 +358,9 @@ impl Memory {
             }
         }
         if write {
+            if let Some(t) = &mut self.timing {
+                t.wrote(words.clone(), self.launch);
+            }
             self.kernel_written[words].fill(true);
         }
         self.shadow.access(self.launch, r.start, len, who, touch)

@@ -9,7 +9,7 @@
 //! tolerance that covers the hardware's documented error.
 //!
 //! `parse` reads a module, `exec` runs a launch (`memory` holds global and shared memory and
-//! finds races, `collective` the warp- and warpgroup-wide instructions).
+//! finds races, `collective` the warp- and warpgroup-wide instructions, `timing` an optional latency model).
 
 mod collective;
 mod exec;
@@ -17,10 +17,12 @@ mod memory;
 mod parse;
 #[cfg(test)]
 mod tests;
+mod timing;
 
 pub use exec::{run, Launch};
 pub use memory::Memory;
 pub use parse::{Function, Module};
+pub use timing::Latencies;
 
 /// A failure to parse or run a kernel.
 #[derive(Debug, Clone, PartialEq)]

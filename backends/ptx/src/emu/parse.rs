@@ -41,6 +41,43 @@ pub(super) struct Instr {
     pub(super) op: Vec<String>,
     pub(super) args: Vec<Operand>,
     pub(super) line: String,
+    /// Registers it reads (its guard, sources, addresses) and writes, for the timing model.
+    pub(super) reads: Vec<usize>,
+    pub(super) writes: Vec<usize>,
+}
+
+/// The registers an instruction reads and writes: the first operand is the destination of
+/// every opcode but stores, reductions, prefetches, branches, barriers and fences (a `wgmma`'s
+/// accumulators are both read and written).
+fn roles(op: &[String], args: &[Operand], guard: Option<(bool, usize)>) -> (Vec<usize>, Vec<usize>) {
+    let regs = |o: &Operand| -> Vec<usize> {
+        match o {
+            Operand::Reg(r) | Operand::Mem(Base::Reg(r), _) => vec![*r],
+            Operand::Vec(v) => v.clone(),
+            _ => Vec::new(),
+        }
+    };
+    let writes_first = match op[0].as_str() {
+        "st" | "red" | "prefetch" | "bra" | "bar" | "ret" | "exit" | "fence" | "membar"
+        | "griddepcontrol" => false,
+        "wgmma" => op.get(1).map(String::as_str) == Some("mma_async"),
+        _ => true,
+    };
+    let mut reads: Vec<usize> = guard.map(|(_, p)| p).into_iter().collect();
+    let mut writes = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        match a {
+            Operand::Mem(..) => reads.extend(regs(a)),
+            _ if i == 0 && writes_first => {
+                writes = regs(a);
+                if op[0] == "wgmma" {
+                    reads.extend(regs(a));
+                }
+            }
+            _ => reads.extend(regs(a)),
+        }
+    }
+    (reads, writes)
 }
 
 /// One parsed `.entry`.
@@ -313,11 +350,15 @@ impl Module {
                 .map(|a| p.operand(a))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| EmuError(format!("{name}: `{s}`: {e}")))?;
+            let op: Vec<String> = op.split('.').map(str::to_string).collect();
+            let (reads, writes) = roles(&op, &args, guard);
             code.push(Instr {
                 guard,
-                op: op.split('.').map(str::to_string).collect(),
+                op,
                 args,
                 line: s,
+                reads,
+                writes,
             });
         }
         Ok(Function {

@@ -281,3 +281,91 @@ fn float_comparisons_are_ordered_unless_named_unordered() {
     assert_eq!(lanes("lt"), [0, 0, 0]);
     assert_eq!(lanes("ltu"), [0, 1, 1]);
 }
+
+/// A kernel summing the first word of eight 128-byte lines of `inp` into `out`: loads inside
+/// a loop that uses each before the next (`chained`), or all eight issued first.
+fn eight_loads(chained: bool) -> String {
+    let body = if chained {
+        "\tmov.u32 %r0, 0;\nloop:\n\tmul.wide.u32 %rd2, %r0, 128;\n\tadd.u64 %rd3, %rd0, %rd2;\n\tld.global.f32 %f1, [%rd3];\n\tadd.f32 %f0, %f0, %f1;\n\tadd.u32 %r0, %r0, 1;\n\tsetp.lt.u32 %p0, %r0, 8;\n\t@%p0 bra loop;\n".to_string()
+    } else {
+        let mut b = String::new();
+        for i in 0..8 {
+            b += &format!("\tld.global.f32 %f{}, [%rd0+{}];\n", 10 + i, 128 * i);
+        }
+        for i in 0..8 {
+            b += &format!("\tadd.f32 %f0, %f0, %f{};\n", 10 + i);
+        }
+        b
+    };
+    format!(
+        ".visible .entry k(\n\t.param .u64 inp,\n\t.param .u64 out\n)\n{{\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<4>;\n\t.reg .f32 %f<20>;\n\t.reg .pred %p<2>;\n\tld.param.u64 %rd0, [inp];\n\tld.param.u64 %rd1, [out];\n\tcvta.to.global.u64 %rd0, %rd0;\n\tcvta.to.global.u64 %rd1, %rd1;\n\tmov.f32 %f0, 0f00000000;\n{body}\tst.global.f32 [%rd1], %f0;\n\tret;\n}}\n"
+    )
+}
+
+/// Writes one word of each of the eight lines `eight_loads` reads.
+const WRITE_EIGHT_LINES: &str = ".visible .entry w(\n\t.param .u64 inp\n)\n{\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<4>;\n\tld.param.u64 %rd0, [inp];\n\tcvta.to.global.u64 %rd0, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 128;\n\tadd.u64 %rd2, %rd0, %rd1;\n\tst.global.u32 [%rd2], %r0;\n\tret;\n}\n";
+
+/// The latency model's critical path of `eight_loads`, the lines fresh from another kernel's
+/// writes or not.
+fn eight_loads_cycles(chained: bool, written_before: bool) -> u64 {
+    let m = Module::parse(&eight_loads(chained)).unwrap();
+    let mut mem = Memory::new();
+    mem.enable_timing(Latencies::default());
+    let inp = mem.alloc(&vec![0; 1024]);
+    let out = mem.alloc(&[0; 4]);
+    if written_before {
+        let w = Module::parse(WRITE_EIGHT_LINES).unwrap();
+        let launch = Launch {
+            grid: 1,
+            block: 8,
+            params: &[inp],
+        };
+        run(&w, "w", &launch, &mut mem).unwrap();
+    }
+    let launch = Launch {
+        grid: 1,
+        block: 1,
+        params: &[inp, out],
+    };
+    run(&m, "k", &launch, &mut mem).unwrap();
+    mem.last_launch_cycles().unwrap()
+}
+
+#[test]
+fn latency_model_charges_each_wait_on_memory() {
+    let lat = Latencies::default();
+    // A loop that waits on each load before issuing the next pays DRAM's latency eight times,
+    // loads issued together once.
+    let chained = eight_loads_cycles(true, false);
+    let together = eight_loads_cycles(false, false);
+    assert!(chained >= 8 * lat.dram, "{chained}");
+    assert!(chained < 8 * lat.dram + 400, "{chained}");
+    assert!(together >= lat.dram && together < lat.dram + 100, "{together}");
+    // Lines a kernel just wrote are in L2.
+    let warm = eight_loads_cycles(true, true);
+    assert!(warm >= 8 * lat.l2 && warm < 8 * lat.l2 + 400, "{warm}");
+    // Without timing, nothing is reported.
+    assert_eq!(Memory::new().last_launch_cycles(), None);
+}
+
+#[test]
+fn latency_model_releases_a_barrier_with_its_last_thread() {
+    // Thread 0 waits on a DRAM load before the barrier; every thread leaves after it.
+    let ptx = ".visible .entry k(\n\t.param .u64 inp\n)\n{\n\t.reg .b32 %r<4>;\n\t.reg .b64 %rd<4>;\n\t.reg .pred %p<2>;\n\tld.param.u64 %rd0, [inp];\n\tcvta.to.global.u64 %rd0, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tsetp.ne.u32 %p0, %r0, 0;\n\t@%p0 bra join;\n\tld.global.u32 %r1, [%rd0];\n\tadd.u32 %r1, %r1, 1;\njoin:\n\tbar.sync 0;\n\tret;\n}\n";
+    let m = Module::parse(ptx).unwrap();
+    let mut mem = Memory::new();
+    let lat = Latencies::default();
+    mem.enable_timing(lat);
+    let inp = mem.alloc(&[0; 4]);
+    let launch = Launch {
+        grid: 2,
+        block: 64,
+        params: &[inp],
+    };
+    run(&m, "k", &launch, &mut mem).unwrap();
+    let cycles = mem.last_launch_cycles().unwrap();
+    assert!(
+        cycles >= lat.dram + lat.barrier && cycles < lat.dram + lat.barrier + 50,
+        "{cycles}"
+    );
+}

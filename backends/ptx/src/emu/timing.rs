@@ -1,0 +1,139 @@
+//! A latency model: how long a launch's longest chain of dependent instructions takes, in
+//! cycles, where every block runs at once (true of the decode kernels, whose grids fit the
+//! GPU). Each thread issues in order, one instruction a cycle at best, and an instruction waits
+//! for the registers it reads; a warp collective starts when its last thread arrives, a barrier
+//! releases when the block's last thread arrives. Global loads take an L2 or a DRAM latency by
+//! where the line likely is: written by one of the last few launches, prefetched, or loaded
+//! before in this launch (L2, or the rest of the earlier load's wait); else DRAM.
+//!
+//! It leaves out bandwidth, issue contention between warps, and launch overhead: a kernel
+//! that streams much memory is bounded by bytes over bandwidth instead, which callers add. So
+//! it finds kernels bound by latency (a loop that waits on each load before issuing the next)
+//! and compares forms of one kernel; it is not a measurement, and its constants are
+//! approximations for an H100/H200-class GPU, not calibrated on one.
+
+use std::collections::HashMap;
+
+/// Latencies in cycles.
+#[derive(Clone, Copy, Debug)]
+pub struct Latencies {
+    /// Integer and f32 arithmetic, moves, compares, conversions.
+    pub alu: u64,
+    /// f64 arithmetic, integer division and remainder (several instructions on the GPU),
+    /// rounded f32 division and square root.
+    pub long_alu: u64,
+    /// Special-function unit: `ex2`, `rsqrt`, `sin`, `tanh`, ... (`.approx`).
+    pub mufu: u64,
+    /// Shared memory loads and `ldmatrix`; also parameter loads.
+    pub shared: u64,
+    /// Shuffles.
+    pub shuffle: u64,
+    /// `mma.sync`.
+    pub mma: u64,
+    /// `wgmma.mma_async` (issue to accumulators ready).
+    pub wgmma: u64,
+    /// A global load that finds its line in L2.
+    pub l2: u64,
+    /// A global load from DRAM.
+    pub dram: u64,
+    /// From the last thread reaching `bar.sync` to the block going on.
+    pub barrier: u64,
+}
+
+impl Default for Latencies {
+    /// Approximate Hopper latencies (microbenchmarks published for the H100: shared memory
+    /// ~30 cycles, L2 ~260, DRAM ~500-650 under light load).
+    fn default() -> Self {
+        Latencies {
+            alu: 5,
+            long_alu: 40,
+            mufu: 18,
+            shared: 30,
+            shuffle: 30,
+            mma: 32,
+            wgmma: 128,
+            l2: 270,
+            dram: 650,
+            barrier: 20,
+        }
+    }
+}
+
+/// Bytes of an L2 line.
+const LINE: u64 = 128;
+
+/// Launches back whose writes a load still finds in L2.
+const RECENT_LAUNCHES: u32 = 4;
+
+/// The model's state across launches: latencies, when each word was last written by a kernel,
+/// and when each line touched in the current launch reaches L2.
+pub(super) struct Timing {
+    pub(super) lat: Latencies,
+    /// The launch stamp of each word's last kernel write, 0 if none.
+    written: Vec<u32>,
+    /// Lines loaded or prefetched in this launch: the cycle each is in L2.
+    lines: HashMap<u64, u64>,
+    /// The longest thread of the current (or last) launch, in cycles.
+    pub(super) critical: u64,
+}
+
+impl Timing {
+    pub(super) fn new(lat: Latencies) -> Timing {
+        Timing {
+            lat,
+            written: Vec::new(),
+            lines: HashMap::new(),
+            critical: 0,
+        }
+    }
+
+    /// A launch starts: no line is known to be in L2 by this launch's own loads yet.
+    pub(super) fn start_launch(&mut self) {
+        self.lines.clear();
+        self.critical = 0;
+    }
+
+    /// A kernel's write of words `words` in launch `launch`.
+    pub(super) fn wrote(&mut self, words: std::ops::Range<usize>, launch: u32) {
+        if self.written.len() < words.end {
+            self.written.resize(words.end, 0);
+        }
+        self.written[words].fill(launch);
+    }
+
+    /// The latency of a global load (or prefetch) of `word` (its line at `addr`) issued at
+    /// cycle `now` in launch `launch`; the line is in L2 for later loads from then on.
+    pub(super) fn global_load(&mut self, addr: u64, word: usize, now: u64, launch: u32) -> u64 {
+        let recent = self
+            .written
+            .get(word)
+            .is_some_and(|&w| w != 0 && launch.wrapping_sub(w) <= RECENT_LAUNCHES);
+        let line = addr / LINE;
+        let latency = match self.lines.get(&line) {
+            Some(&at) => self.lat.l2.max(at.saturating_sub(now)),
+            None if recent => self.lat.l2,
+            None => self.lat.dram,
+        };
+        self.lines.entry(line).or_insert(now + latency);
+        latency
+    }
+}
+
+/// The fixed latency of an instruction by its opcode's parts (global loads are `Timing`'s).
+pub(super) fn latency(lat: &Latencies, op: &[String]) -> u64 {
+    let ty = op.last().map(String::as_str).unwrap_or("");
+    match op[0].as_str() {
+        "ld" | "ldmatrix" => lat.shared,
+        // Global atomics are carried out at L2.
+        "atom" if op.iter().any(|p| p == "shared") => lat.shared,
+        "atom" => lat.l2,
+        "shfl" => lat.shuffle,
+        "mma" => lat.mma,
+        "wgmma" => lat.wgmma,
+        "ex2" | "lg2" | "sin" | "cos" | "tanh" | "rsqrt" => lat.mufu,
+        "rcp" | "sqrt" if op.iter().any(|p| p == "approx") => lat.mufu,
+        "div" | "rem" | "rcp" | "sqrt" => lat.long_alu,
+        _ if ty == "f64" => lat.long_alu,
+        _ => lat.alu,
+    }
+}
