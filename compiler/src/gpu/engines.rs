@@ -61,7 +61,72 @@ fn run_launches(
     Ok(())
 }
 
+/// One launch of a decode step under the interpreter's latency model
+/// (`EmuEngine::time_decode_step`).
+#[derive(Clone, Debug)]
+pub struct LaunchLatency {
+    pub kernel: String,
+    pub grid: u32,
+    pub block: u32,
+    /// Threads' instructions executed.
+    pub instructions: u64,
+    /// The model's critical path: its longest thread, every block at once.
+    pub cycles: u64,
+    /// Bytes it must move at the least (`Work::bytes`), for a bandwidth bound beside it.
+    pub bytes: u64,
+}
+
 impl EmuEngine {
+    /// Runs one decode step for `id` at `position` (the KV window full from position W − 1
+    /// on) launch by launch with the interpreter's latency model (`emu::Latencies`), and
+    /// leaves it off again. An estimate of where a kernel waits, not a measurement.
+    pub fn time_decode_step(
+        &mut self,
+        id: u32,
+        position: u32,
+        lat: emu::Latencies,
+    ) -> Result<Vec<LaunchLatency>, RunError> {
+        check_ids(&[id], self.program.plan.vocab())?;
+        let (ids, pos) = (
+            self.addresses[self.program.plan.ids],
+            self.addresses[self.program.plan.position],
+        );
+        self.memory
+            .write_bytes(ids, &id.to_le_bytes())
+            .and_then(|_| self.memory.write_bytes(pos, &position.to_le_bytes()))
+            .map_err(emu_error)?;
+        self.memory.enable_timing(lat);
+        let mut out = Vec::new();
+        for launch in &self.program.plan.launches {
+            let params: Vec<u64> = launch
+                .args
+                .iter()
+                .map(|a| self.addresses[a.buffer] + a.offset)
+                .collect();
+            let run = emu::Launch {
+                grid: launch.grid,
+                block: launch.block,
+                params: &params,
+            };
+            let instructions = emu::run(&self.module, &launch.kernel, &run, &mut self.memory);
+            let instructions = instructions.map_err(|e| {
+                self.memory.disable_timing();
+                emu_error(e)
+            })?;
+            out.push(LaunchLatency {
+                kernel: launch.kernel.clone(),
+                grid: launch.grid,
+                block: launch.block,
+                instructions,
+                cycles: self.memory.last_launch_cycles().unwrap_or(0),
+                bytes: launch.work.bytes,
+            });
+        }
+        self.memory.disable_timing();
+        self.position = position + 1;
+        Ok(out)
+    }
+
     pub fn new(model: &Model) -> Result<EmuEngine, RunError> {
         EmuEngine::with_prefill_chunk(model, Some(PREFILL_CHUNK))
     }

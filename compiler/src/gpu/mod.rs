@@ -26,7 +26,7 @@ mod lowering;
 pub mod sampling;
 mod work;
 
-pub use engines::{CudaEngine, EmuEngine};
+pub use engines::{CudaEngine, EmuEngine, LaunchLatency};
 pub use griffin_backend_ptx::tc::{TcConfig, TcInputs, TcMma};
 pub use lowering::lower;
 

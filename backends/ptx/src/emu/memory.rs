@@ -304,6 +304,11 @@ impl Memory {
         self.timing = Some(Timing::new(lat));
     }
 
+    /// Stops timing launches.
+    pub fn disable_timing(&mut self) {
+        self.timing = None;
+    }
+
     /// The latency model's critical path of the last launch, in cycles (with timing on).
     pub fn last_launch_cycles(&self) -> Option<u64> {
         self.timing.as_ref().map(|t| t.critical)

@@ -1,0 +1,184 @@
+//! Where the 2B model's decode step would wait, by the PTX interpreter's latency model: the
+//! GPU program of a model with the 2B model's widths and window but three layers (recurrent,
+//! recurrent, attention: one of each kind twice over, as in its 26) is lowered, its weights
+//! zeros, and one decode step at position 3000 (the 2048-position window full) runs launch by
+//! launch with the model on. For each launch it prints the critical path (the longest thread's
+//! chain of dependent instructions, every block at once; `emu::Latencies`' constants) and the
+//! time its bytes take at a bandwidth, and then adds them up for the 2B model's 18 recurrent and
+//! 8 attention layers: each launch counted as the longer of the two, plus an assumed gap per
+//! launch boundary. An estimate from assumed constants, never a measurement.
+//!
+//!     cargo run --release -p griffinc --example decode_estimate [-- VOCAB]
+//!
+//! VOCAB (default 16384) sizes the embedding and logits the interpreter runs; the logits row
+//! of the table is then scaled to the 2B model's 256,000 (its bandwidth time; its latency path
+//! grows with its rows per warp, 61 at 256,000, which the table also scales).
+
+use std::io::Write;
+use std::path::Path;
+
+use griffin_backend_ptx::emu::Latencies;
+use griffinc::gpu::{EmuEngine, GpuOptions, LaunchLatency};
+use griffinc::session::Model;
+use griffinc::Config;
+
+/// Cycles per microsecond: an H200's boost clock (1.98 GHz).
+const CYCLES_PER_US: f64 = 1980.0;
+/// Bytes per microsecond at the 4.25 TB/s an H200 copies at (as measured for the issue).
+const BYTES_PER_US: f64 = 4.25e6;
+/// The published model's vocabulary.
+const VOCAB_2B: u64 = 256_000;
+
+fn config(vocab: u64) -> String {
+    format!(
+        r#"{{
+  "architectures": ["RecurrentGemmaForCausalLM"], "attention_bias": false,
+  "attention_window_size": 2048, "block_types": ["recurrent", "recurrent", "attention"],
+  "bos_token_id": 2, "conv1d_width": 4, "eos_token_id": 1, "head_dim": 256,
+  "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2560, "intermediate_size": 15360,
+  "logits_soft_cap": 30.0, "lru_width": 2560, "model_type": "recurrent_gemma",
+  "num_attention_heads": 10, "num_hidden_layers": 3, "num_key_value_heads": 1,
+  "pad_token_id": 0, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
+  "rope_theta": 10000.0, "vocab_size": {vocab}
+}}"#
+    )
+}
+
+/// Writes `config_json` and a `model.safetensors` of bf16 zeros: a header, then a hole.
+fn write_zero_checkpoint(dir: &Path, config_json: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let config = Config::from_json(config_json)?;
+    std::fs::write(dir.join("config.json"), config_json)?;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (name, shape) in config.expected_tensors() {
+        let bytes = 2 * shape.iter().product::<usize>() as u64;
+        let entry = serde_json::json!({
+            "dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes],
+        });
+        header.insert(name, entry);
+        offset += bytes;
+    }
+    let mut text = serde_json::to_string(&header)?;
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut f = std::fs::File::create(dir.join("model.safetensors"))?;
+    f.write_all(&(text.len() as u64).to_le_bytes())?;
+    f.write_all(text.as_bytes())?;
+    f.set_len(8 + text.len() as u64 + offset)?;
+    Ok(())
+}
+
+/// Which part of the model a launch belongs to, by its place in the three-layer step: the
+/// embedding first, the logits last, five launches per recurrent layer between.
+fn part(i: usize, launches: usize, recurrent_launches: usize) -> &'static str {
+    if i == 0 {
+        "embedding"
+    } else if i + 1 == launches {
+        "logits"
+    } else if i <= 2 * recurrent_launches {
+        "recurrent"
+    } else {
+        "attention"
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let vocab: u64 = match std::env::args().nth(1) {
+        Some(v) => v.parse()?,
+        None => 16384,
+    };
+    let dir = tempfile::tempdir()?;
+    write_zero_checkpoint(dir.path(), &config(vocab))?;
+    let model = Model::load(dir.path())?;
+    let mut engine = EmuEngine::with_options(&model, &GpuOptions::default())?;
+    let started = std::time::Instant::now();
+    let lat = Latencies::default();
+    let launches = engine.time_decode_step(2, 3000, lat)?;
+    eprintln!(
+        "interpreted {} launches in {:.1} s",
+        launches.len(),
+        started.elapsed().as_secs_f64()
+    );
+    // Two recurrent layers of five launches, one attention layer of six (the embedding and
+    // logits outside): the 2B plan's shape (compiler/tests/published_shapes.rs checks it).
+    let recurrent_launches = 5;
+    assert_eq!(launches.len(), 2 + 2 * recurrent_launches + 6, "launch layout");
+    println!("{lat:?}, {CYCLES_PER_US} cycles/us, {BYTES_PER_US:.3e} bytes/us\n");
+    println!(
+        "| launch | part | grid × block | instructions | critical path µs | bytes MB | at bandwidth µs |"
+    );
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: |");
+    // (part, latency µs, bandwidth µs) per launch, the logits scaled to the 2B vocabulary.
+    let mut rows: Vec<(&str, f64, f64)> = Vec::new();
+    for (i, l) in launches.iter().enumerate() {
+        let p = part(i, launches.len(), recurrent_launches);
+        let LaunchLatency {
+            kernel,
+            grid,
+            block,
+            instructions,
+            cycles,
+            mut bytes,
+        } = l.clone();
+        let mut latency = cycles as f64 / CYCLES_PER_US;
+        if p == "logits" {
+            // Rows per warp grow with the vocabulary (the grid is fixed past 8192 rows).
+            let scale = VOCAB_2B as f64 / vocab as f64;
+            bytes = (bytes as f64 * scale) as u64;
+            latency *= scale;
+        }
+        if kernel.ends_with("_attend") {
+            // Attention's bytes depend on the position: the window's keys and values (f32).
+            bytes = 2 * 2048 * 256 * 4;
+        }
+        let bandwidth = bytes as f64 / BYTES_PER_US;
+        println!(
+            "| {kernel} | {p} | {grid} × {block} | {instructions} | {latency:.2} | {:.2} | {bandwidth:.2} |",
+            bytes as f64 / 1e6
+        );
+        rows.push((p, latency, bandwidth));
+    }
+    // The 2B model: 18 recurrent layers (the table's two, nine times) and 8 attention layers.
+    let weight = |p: &str| match p {
+        "recurrent" => 9.0,
+        "attention" => 8.0,
+        _ => 1.0,
+    };
+    let launches_2b: f64 = rows.iter().map(|(p, _, _)| weight(p)).sum();
+    let sum = |f: &dyn Fn(f64, f64) -> f64| -> f64 {
+        rows.iter().map(|&(p, l, b)| weight(p) * f(l, b)).sum()
+    };
+    let bandwidth_only = sum(&|_, b| b);
+    let longer = sum(&|l, b| l.max(b));
+    println!("\n2B decode step, {launches_2b} launches:");
+    println!(
+        "- bytes at bandwidth alone: {:.0} µs ({:.0} tokens/s)",
+        bandwidth_only,
+        1e6 / bandwidth_only
+    );
+    println!(
+        "- each launch the longer of its critical path and its bytes: {longer:.0} µs ({:.0} tokens/s)",
+        1e6 / longer
+    );
+    for gap in [1.0, 2.0, 3.0] {
+        let t = longer + gap * launches_2b;
+        println!(
+            "- plus {gap} µs per launch boundary: {t:.0} µs ({:.0} tokens/s)",
+            1e6 / t
+        );
+    }
+    // Where the time goes beyond bandwidth: launches whose critical path is the longer.
+    println!("\nlaunches bound by latency (critical path > bytes at bandwidth), 2B step total:");
+    let mut by_kernel: Vec<(String, f64)> = Vec::new();
+    for (l, &(p, lat_us, bw_us)) in launches.iter().zip(&rows) {
+        if lat_us > bw_us {
+            by_kernel.push((l.kernel.clone(), weight(p) * (lat_us - bw_us)));
+        }
+    }
+    by_kernel.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (k, extra) in by_kernel {
+        println!("- {k}: {extra:.1} µs over its bandwidth time");
+    }
+    Ok(())
+}
