@@ -103,7 +103,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Two recurrent layers of five launches, one attention layer of six (the embedding and
     // logits outside): the 2B plan's shape (compiler/tests/published_shapes.rs checks it).
     let recurrent_launches = 5;
-    assert_eq!(launches.len(), 2 + 2 * recurrent_launches + 6, "launch layout");
+    assert_eq!(
+        launches.len(),
+        2 + 2 * recurrent_launches + 6,
+        "launch layout"
+    );
     println!("{lat:?}, {CYCLES_PER_US} cycles/us, {BYTES_PER_US:.3e} bytes/us\n");
     println!(
         "| launch | part | grid × block | instructions | critical path µs | bytes MB | at bandwidth µs |"

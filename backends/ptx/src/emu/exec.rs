@@ -29,10 +29,22 @@ pub(super) struct Thread {
     pub(super) wait: Wait,
     /// Past `griddepcontrol.wait`: earlier kernels' writes are visible.
     pub(super) waited: bool,
-    /// The latency model (where on): the cycle the thread issued its last instruction, and
-    /// the cycle each register's value is ready.
+    /// The latency model (where on; `timing.rs`): the latest cycle the thread issued an
+    /// instruction, the earliest the next one may issue, the cycle of its last store (loads
+    /// stay after stores), and the cycle each register's value is ready.
     pub(super) clock: u64,
+    pub(super) front: u64,
+    pub(super) last_store: u64,
     pub(super) ready: Vec<u64>,
+}
+
+impl Thread {
+    /// A scheduling boundary (a basic block's start, a collective, a barrier): nothing after
+    /// it issues before everything before it has.
+    pub(super) fn boundary(&mut self, at: u64) {
+        self.clock = self.clock.max(at);
+        self.front = self.front.max(self.clock + 1);
+    }
 }
 
 impl Thread {
@@ -120,7 +132,7 @@ pub(super) fn release(group: &mut [Thread], ins: &Instr, lat: Option<u64>) {
     let issue = group.iter().map(|t| t.clock).max().unwrap_or(0);
     for t in group.iter_mut() {
         if let Some(lat) = lat {
-            t.clock = issue;
+            t.boundary(issue);
             for &w in &ins.writes {
                 t.ready[w] = issue + lat;
             }
@@ -154,12 +166,13 @@ pub(super) fn run_block(
             wait: Wait::Running,
             waited: starts_waited,
             clock: 0,
+            front: 0,
+            last_store: 0,
             ready: vec![0; f.registers],
         })
         .collect();
-    let collective_latency = |ins: &Instr, memory: &Memory| {
-        memory.timing.as_ref().map(|t| latency(&t.lat, &ins.op))
-    };
+    let collective_latency =
+        |ins: &Instr, memory: &Memory| memory.timing.as_ref().map(|t| latency(&t.lat, &ins.op));
     let mut executed = 0;
     loop {
         for (t, thread) in threads.iter_mut().enumerate() {
@@ -244,7 +257,7 @@ pub(super) fn run_block(
             let last = live.iter().map(|t| t.clock).max().unwrap_or(0);
             let barrier = memory.timing.as_ref().map_or(0, |t| t.lat.barrier);
             for t in threads.iter_mut().filter(|t| t.wait == Wait::Bar) {
-                t.clock = last + barrier;
+                t.boundary(last + barrier);
                 t.pc += 1;
                 t.wait = Wait::Running;
             }
@@ -419,12 +432,8 @@ impl Ctx<'_> {
             if executed > 50_000_000 {
                 return err(format!("{}: thread {} runs away", self.f.name, self.tid));
             }
-            let timed = memory.timing.is_some();
-            if timed {
-                // In order: it issues after the one before and once what it reads is ready.
-                t.clock = ins.reads.iter().fold(t.clock + 1, |at, &r| at.max(t.ready[r]));
-                self.now.set(t.clock);
-                self.memory_latency.set(None);
+            if memory.timing.is_some() {
+                self.issue(t, ins);
             }
             if let Some((neg, p)) = ins.guard {
                 if (t.regs[p] != 0) == neg {
@@ -441,6 +450,9 @@ impl Ctx<'_> {
                     let Operand::Label(l) = ins.args[0] else {
                         return err(format!("`{}`: label expected", ins.line));
                     };
+                    if memory.timing.is_some() {
+                        t.boundary(self.now.get());
+                    }
                     t.pc = l;
                     continue;
                 }
@@ -491,14 +503,40 @@ impl Ctx<'_> {
                             .memory_latency
                             .get()
                             .unwrap_or_else(|| latency(&timing.lat, &ins.op));
+                        let at = self.now.get();
                         for &w in &ins.writes {
-                            t.ready[w] = t.clock + lat;
+                            t.ready[w] = at + lat;
+                        }
+                        if matches!(ins.op[0].as_str(), "st" | "red" | "atom") {
+                            t.last_store = at;
                         }
                     }
                 }
             }
             t.pc += 1;
         }
+    }
+
+    /// The latency model's issue of `ins`: as a scheduler would place it within its basic
+    /// block (ptxas reorders there), once what it reads is ready and after the block's start,
+    /// loads after the thread's last store; collectives and barriers after everything before
+    /// them. Sets `now` to the cycle.
+    fn issue(&self, t: &mut Thread, ins: &Instr) {
+        if ins.starts_block {
+            t.boundary(0);
+        }
+        let mut at = ins.reads.iter().fold(t.front, |at, &r| at.max(t.ready[r]));
+        let op = ins.op[0].as_str();
+        if matches!(op, "ld" | "atom" | "ldmatrix") {
+            at = at.max(t.last_store + 1);
+        }
+        if matches!(op, "shfl" | "mma" | "ldmatrix" | "wgmma" | "bar") {
+            at = at.max(t.clock);
+        }
+        t.front += 1;
+        t.clock = t.clock.max(at);
+        self.now.set(at);
+        self.memory_latency.set(None);
     }
 
     /// A kernel's load of `size` bytes at `addr`.

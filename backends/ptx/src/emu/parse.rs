@@ -44,12 +44,18 @@ pub(super) struct Instr {
     /// Registers it reads (its guard, sources, addresses) and writes, for the timing model.
     pub(super) reads: Vec<usize>,
     pub(super) writes: Vec<usize>,
+    /// A label names it: a basic block starts here.
+    pub(super) starts_block: bool,
 }
 
 /// The registers an instruction reads and writes: the first operand is the destination of
 /// every opcode but stores, reductions, prefetches, branches, barriers and fences (a `wgmma`'s
 /// accumulators are both read and written).
-fn roles(op: &[String], args: &[Operand], guard: Option<(bool, usize)>) -> (Vec<usize>, Vec<usize>) {
+fn roles(
+    op: &[String],
+    args: &[Operand],
+    guard: Option<(bool, usize)>,
+) -> (Vec<usize>, Vec<usize>) {
     let regs = |o: &Operand| -> Vec<usize> {
         match o {
             Operand::Reg(r) | Operand::Mem(Base::Reg(r), _) => vec![*r],
@@ -359,7 +365,13 @@ impl Module {
                 line: s,
                 reads,
                 writes,
+                starts_block: false,
             });
+        }
+        for &at in p.labels.values() {
+            if let Some(ins) = code.get_mut(at) {
+                ins.starts_block = true;
+            }
         }
         Ok(Function {
             name,
