@@ -8,11 +8,13 @@
 //! 8 attention layers: each launch counted as the longer of the two, plus an assumed gap per
 //! launch boundary. An estimate from assumed constants, never a measurement.
 //!
-//!     cargo run --release -p griffinc --example decode_estimate [-- VOCAB]
+//!     cargo run --release -p griffinc --example decode_estimate [-- VOCAB [KERNEL]]
 //!
 //! VOCAB (default 16384) sizes the embedding and logits the interpreter runs; the logits row
 //! of the table is then scaled to the 2B model's 256,000 (its bandwidth time; its latency path
-//! grows with its rows per warp, 61 at 256,000, which the table also scales).
+//! grows with its rows per warp, 61 at 256,000, which the table also scales). KERNEL, a part
+//! of a kernel's name, times only those launches (the rest are skipped): a minute less per
+//! try when working on one kernel.
 
 use std::io::Write;
 use std::path::Path;
@@ -94,7 +96,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut engine = EmuEngine::with_options(&model, &GpuOptions::default())?;
     let started = std::time::Instant::now();
     let lat = Latencies::default();
-    let launches = engine.time_decode_step(2, 3000, lat)?;
+    let only = std::env::args().nth(2);
+    let keep = |kernel: &str| only.as_ref().is_none_or(|o| kernel.contains(o.as_str()));
+    let launches = engine.time_decode_step(2, 3000, lat, &keep)?;
+    if only.is_some() {
+        for l in &launches {
+            println!(
+                "{}: {} × {}, {} instructions, critical path {:.2} µs",
+                l.kernel,
+                l.grid,
+                l.block,
+                l.instructions,
+                l.cycles as f64 / CYCLES_PER_US
+            );
+        }
+        return Ok(());
+    }
     eprintln!(
         "interpreted {} launches in {:.1} s",
         launches.len(),

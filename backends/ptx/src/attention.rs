@@ -4,7 +4,8 @@
 //!    sharing that KV head: the rotary embedding of its queries (and, in the split holding the
 //!    current position, of the new key, stored with the value into the KV ring at slot
 //!    `position mod W`), scores, the split's softmax max and sum, unnormalised outputs.
-//! 2. `attend_combine`: a thread per output element merges the splits.
+//! 2. `attend_combine`: eight threads per output element (fewer with fewer splits) merge the
+//!    splits.
 //!
 //! Rotary embedding is rotate-half on the first `dims` features. Angles are reduced modulo 2π
 //! in f64 before `sin.approx`/`cos.approx` (accurate to about 2^-21 on [-π, π]), so positions
@@ -236,7 +237,9 @@ fn sin_cos(k: &mut Kernel, pos: Reg, inv_freq: Reg, i: Reg) -> (Reg, Reg) {
 }
 
 /// Element `d` of the row starting at element `base_i` of `src`, rotated for position `pos`
-/// (rotate-half on the first `dims` features; others unchanged).
+/// (rotate-half on the first `dims` features; others unchanged). Without branches, so a loop
+/// over elements is one basic block and the scheduler issues every element's loads together:
+/// features past `dims` compute a rotation with clamped indices and keep their own value.
 fn rotated_element(
     k: &mut Kernel,
     s: &AttentionSpec,
@@ -251,41 +254,44 @@ fn rotated_element(
     let own_at = addr4(k, src, own_i);
     let own = k.reg(Class::F32);
     k.ins(format!("ld.global.f32 {own}, [{own_at}];"));
+    let (Some((_, dims)), Some(inv_freq)) = (s.rotary, inv_freq) else {
+        return own;
+    };
+    let half = dims / 2;
+    // First half: a·cos - b·sin with b = x[d + half]; second half: b·cos + a·sin with
+    // a = x[d - half] (b is this element). Past `dims` the partner is x[d - half] (in the
+    // row) and the frequency index clamps to the table's last.
+    let first = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {first}, {d}, {half};"));
+    let i = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {i}, {d}, {half};"));
+    k.ins(format!("selp.b32 {i}, {d}, {i}, {first};"));
+    k.ins(format!("min.u32 {i}, {i}, {};", half - 1));
+    let partner_i = k.reg(Class::B32);
+    k.ins(format!("add.u32 {partner_i}, {own_i}, {half};"));
+    let back = k.reg(Class::B32);
+    k.ins(format!("sub.u32 {back}, {own_i}, {half};"));
+    k.ins(format!(
+        "selp.b32 {partner_i}, {partner_i}, {back}, {first};"
+    ));
+    let partner_at = addr4(k, src, partner_i);
+    let partner = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {partner}, [{partner_at}];"));
+    let (sin, cos) = sin_cos(k, pos, inv_freq, i);
+    // first: own·cos - partner·sin; second: own·cos + partner·sin.
+    let signed_sin = k.reg(Class::F32);
+    k.ins(format!("neg.f32 {signed_sin}, {sin};"));
+    k.ins(format!(
+        "selp.f32 {signed_sin}, {signed_sin}, {sin}, {first};"
+    ));
+    let ps = k.reg(Class::F32);
+    k.ins(format!("mul.f32 {ps}, {partner}, {signed_sin};"));
+    let rotated = k.reg(Class::F32);
+    k.ins(format!("fma.rn.f32 {rotated}, {own}, {cos}, {ps};"));
+    let in_dims = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {in_dims}, {d}, {dims};"));
     let value = k.reg(Class::F32);
-    k.ins(format!("mov.f32 {value}, {own};"));
-    if let (Some((_, dims)), Some(inv_freq)) = (s.rotary, inv_freq) {
-        let half = dims / 2;
-        let skip = k.label("unrotated");
-        k.leave_unless_below(d, dims, &skip);
-        // First half: a·cos - b·sin with b = x[d + half]; second half: b·cos + a·sin with
-        // a = x[d - half] (b is this element).
-        let first = k.reg(Class::Pred);
-        k.ins(format!("setp.lt.u32 {first}, {d}, {half};"));
-        let i = k.reg(Class::B32);
-        k.ins(format!("sub.u32 {i}, {d}, {half};"));
-        k.ins(format!("selp.b32 {i}, {d}, {i}, {first};"));
-        let partner_i = k.reg(Class::B32);
-        k.ins(format!("add.u32 {partner_i}, {own_i}, {half};"));
-        let back = k.reg(Class::B32);
-        k.ins(format!("sub.u32 {back}, {own_i}, {half};"));
-        k.ins(format!(
-            "selp.b32 {partner_i}, {partner_i}, {back}, {first};"
-        ));
-        let partner_at = addr4(k, src, partner_i);
-        let partner = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {partner}, [{partner_at}];"));
-        let (sin, cos) = sin_cos(k, pos, inv_freq, i);
-        // first: own·cos - partner·sin; second: own·cos + partner·sin.
-        let signed_sin = k.reg(Class::F32);
-        k.ins(format!("neg.f32 {signed_sin}, {sin};"));
-        k.ins(format!(
-            "selp.f32 {signed_sin}, {signed_sin}, {sin}, {first};"
-        ));
-        let ps = k.reg(Class::F32);
-        k.ins(format!("mul.f32 {ps}, {partner}, {signed_sin};"));
-        k.ins(format!("fma.rn.f32 {value}, {own}, {cos}, {ps};"));
-        k.place(&skip);
-    }
+    k.ins(format!("selp.f32 {value}, {rotated}, {own}, {in_dims};"));
     value
 }
 
@@ -502,18 +508,26 @@ pub fn attend(s: &AttentionSpec) -> String {
     k.ins(format!("mul.lo.u32 {q0}, {g}, {};", hg * hd));
     let i = k.reg(Class::B32);
     k.ins(format!("mov.u32 {i}, {tid};"));
-    k.strided(i, hg * hd, threads, &mut |k| {
-        // Feature d of the row starting at element q0 + i - d.
-        let d = k.reg(Class::B32);
-        k.ins(format!("rem.u32 {d}, {i}, {hd};"));
-        let row = k.reg(Class::B32);
-        k.ins(format!("add.u32 {row}, {q0}, {i};"));
-        k.ins(format!("sub.u32 {row}, {row}, {d};"));
-        let qv = rotated_element(k, s, q, row, d, pos, inv_freq);
-        let sa = k.reg(Class::B64);
-        k.ins(format!("mul.wide.u32 {sa}, {i}, 4;"));
-        k.ins(format!("add.u64 {sa}, {sa}, {qs};"));
-        k.ins(format!("st.shared.f32 [{sa}], {qv};"));
+    // Every element of this thread's share in one basic block (their loads in flight
+    // together), then any rest one at a time.
+    let per_thread = (hg * hd).div_ceil(threads).min(16);
+    k.unrolled(i, hg * hd, threads, per_thread, &mut |k, n| {
+        for u in 0..n {
+            let iu = k.reg(Class::B32);
+            k.ins(format!("add.u32 {iu}, {i}, {};", u * threads));
+            // Feature d of the row starting at element q0 + iu - d.
+            let d = k.reg(Class::B32);
+            k.ins(format!("rem.u32 {d}, {iu}, {hd};"));
+            let row = k.reg(Class::B32);
+            k.ins(format!("add.u32 {row}, {q0}, {iu};"));
+            k.ins(format!("sub.u32 {row}, {row}, {d};"));
+            let qv = rotated_element(k, s, q, row, d, pos, inv_freq);
+            let sa = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {sa}, {iu}, 4;"));
+            k.ins(format!("add.u64 {sa}, {sa}, {qs};"));
+            k.ins(format!("st.shared.f32 [{sa}], {qv};"));
+        }
+        k.ins(format!("add.u32 {i}, {i}, {};", n * threads));
     });
     // The split holding the current position (window index count - 1) stores its key,
     // rotated, and its value into the ring for KV head g; the barrier below orders these
@@ -589,7 +603,10 @@ pub fn attend(s: &AttentionSpec) -> String {
     let qo = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {qo}, {lane}, 4;"));
     k.ins(format!("add.u64 {qo}, {qo}, {qs};"));
-    for (n, valid, feats) in rows {
+    // Every dot product first, then their reductions, then their stores: a store to shared
+    // memory between them would keep the next head's query loads behind it.
+    let mut sums = Vec::new();
+    for (n, valid, feats) in &rows {
         for h in 0..hg {
             let acc = k.reg(Class::F32);
             k.ins(format!("mov.f32 {acc}, 0f00000000;"));
@@ -612,20 +629,25 @@ pub fn attend(s: &AttentionSpec) -> String {
                 }
                 k.ins(format!("fma.rn.f32 {acc}, {qv}, {f}, {acc};"));
             }
-            warp_sum(&mut k, acc);
-            k.ins(format!(
-                "mul.f32 {acc}, {acc}, {};",
-                Kernel::f32_imm(s.scale)
-            ));
-            k.ins(format!("selp.f32 {acc}, {acc}, 0fFF800000, {valid};"));
-            let so = k.reg(Class::B64);
-            k.ins(format!("mul.wide.u32 {so}, {n}, 4;"));
-            k.ins(format!("add.u64 {so}, {so}, {scores};"));
-            k.ins(format!(
-                "@{lane0} st.shared.f32 [{so}+{}], {acc};",
-                4 * h * SPLIT_KEYS
-            ));
+            sums.push((*n, *valid, h, acc));
         }
+    }
+    for &(_, _, _, acc) in &sums {
+        warp_sum(&mut k, acc);
+    }
+    for (n, valid, h, acc) in sums {
+        k.ins(format!(
+            "mul.f32 {acc}, {acc}, {};",
+            Kernel::f32_imm(s.scale)
+        ));
+        k.ins(format!("selp.f32 {acc}, {acc}, 0fFF800000, {valid};"));
+        let so = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {so}, {n}, 4;"));
+        k.ins(format!("add.u64 {so}, {so}, {scores};"));
+        k.ins(format!(
+            "@{lane0} st.shared.f32 [{so}+{}], {acc};",
+            4 * h * SPLIT_KEYS
+        ));
     }
     k.ins("bar.sync 0;");
 
@@ -661,7 +683,8 @@ pub fn attend(s: &AttentionSpec) -> String {
     k.ins("bar.sync 0;");
 
     // Unnormalised outputs: thread d accumulates Σ_n e[h][n] · v[n][d] for the group's heads,
-    // four keys' value loads in flight at a time.
+    // every key's value load issued first (keys past the split's end load nothing: a zero
+    // times their zero weight).
     let od = k.reg(Class::B32);
     k.ins(format!("mov.u32 {od}, {tid};"));
     k.strided(od, hd, threads, &mut |k| {
@@ -669,38 +692,30 @@ pub fn attend(s: &AttentionSpec) -> String {
         for a in &accs {
             k.ins(format!("mov.f32 {a}, 0f00000000;"));
         }
-        let n = k.reg(Class::B32);
-        k.ins(format!("mov.u32 {n}, 0;"));
-        let values_step = |k: &mut Kernel, n: Reg, keys: u32| {
-            let mut loaded = Vec::new();
-            for u in 0..keys {
-                let nu = k.reg(Class::B32);
-                k.ins(format!("add.u32 {nu}, {n}, {u};"));
-                let wn = k.reg(Class::B32);
-                k.ins(format!("add.u32 {wn}, {n0}, {nu};"));
-                let row = row_of(k, wn);
-                k.ins(format!("add.u32 {row}, {row}, {od};"));
-                let va = addr4(k, values, row);
-                let vv = k.reg(Class::F32);
-                k.ins(format!("ld.global.f32 {vv}, [{va}];"));
-                let ea = k.reg(Class::B64);
-                k.ins(format!("mul.wide.u32 {ea}, {nu}, 4;"));
-                k.ins(format!("add.u64 {ea}, {ea}, {scores};"));
-                loaded.push((vv, ea));
+        let mut loaded = Vec::new();
+        for u in 0..SPLIT_KEYS {
+            let valid = k.reg(Class::Pred);
+            k.ins(format!("setp.gt.u32 {valid}, {nkeys}, {u};"));
+            let wn = k.reg(Class::B32);
+            k.ins(format!("add.u32 {wn}, {n0}, {u};"));
+            let row = row_of(k, wn);
+            k.ins(format!("add.u32 {row}, {row}, {od};"));
+            let va = addr4(k, values, row);
+            let vv = k.reg(Class::F32);
+            k.ins(format!("mov.f32 {vv}, 0f00000000;"));
+            k.ins(format!("@{valid} ld.global.f32 {vv}, [{va}];"));
+            loaded.push(vv);
+        }
+        for (u, vv) in loaded.into_iter().enumerate() {
+            for (h, a) in accs.iter().enumerate() {
+                let ev = k.reg(Class::F32);
+                k.ins(format!(
+                    "ld.shared.f32 {ev}, [{scores}+{}];",
+                    4 * (h as u32 * SPLIT_KEYS + u as u32)
+                ));
+                k.ins(format!("fma.rn.f32 {a}, {ev}, {vv}, {a};"));
             }
-            for (vv, ea) in loaded {
-                for (h, a) in accs.iter().enumerate() {
-                    let ev = k.reg(Class::F32);
-                    k.ins(format!(
-                        "ld.shared.f32 {ev}, [{ea}+{}];",
-                        4 * h as u32 * SPLIT_KEYS
-                    ));
-                    k.ins(format!("fma.rn.f32 {a}, {ev}, {vv}, {a};"));
-                }
-            }
-            k.ins(format!("add.u32 {n}, {n}, {keys};"));
-        };
-        k.unrolled(n, nkeys, 1, 4, &mut |k, m| values_step(k, n, m));
+        }
         // o_part[split][g·hg + h][d].
         for (h, a) in accs.iter().enumerate() {
             let oi = k.reg(Class::B32);
@@ -718,26 +733,43 @@ pub fn attend(s: &AttentionSpec) -> String {
 /// Threads per block of `attend_combine`.
 pub const COMBINE_BLOCK: u32 = 256;
 
-/// Blocks of `attend_combine`: a thread per output element.
-pub fn attend_combine_grid(s: &AttentionSpec) -> u32 {
-    (s.heads * s.head_dim).div_ceil(COMBINE_BLOCK)
+/// Threads that share one output element of `attend_combine`, each taking every P-th split:
+/// up to 8 (a power of two, so a butterfly over them stays inside their group of lanes).
+fn combine_threads(s: &AttentionSpec) -> u32 {
+    attend_splits(s).next_power_of_two().min(8)
 }
 
-/// Decode attention, second half: a thread per (head h, feature d) combines the splits that
-/// held keys: with M the largest split max, `out = Σ_s e^(m_s - M) o_s / Σ_s e^(m_s - M) l_s`.
-/// Eight splits' loads in flight at a time. Parameters: position `i32[1]`, partial out
-/// `f32[S,H,hd]`, partial max and sum `f32[S,H,2]`, out `f32[H,hd]`. Launch:
-/// `attend_combine_grid` blocks of `COMBINE_BLOCK`.
+/// Blocks of `attend_combine`: `combine_threads` per output element.
+pub fn attend_combine_grid(s: &AttentionSpec) -> u32 {
+    (s.heads * s.head_dim * combine_threads(s)).div_ceil(COMBINE_BLOCK)
+}
+
+/// Decode attention, second half: P threads (`combine_threads`, 8 for the 2B model's 64
+/// splits) per (head h, feature d) combine the splits that held keys: with M the largest split
+/// max, `out = Σ_s e^(m_s - M) o_s / Σ_s e^(m_s - M) l_s`. Each thread loads its splits' (m, l)
+/// and o at once (one basic block: one wait on L2 where a loop over 64 splits would wait 64
+/// times), the P threads find M and add their parts by shuffles, and the first stores.
+/// Threads past the last element compute a copy of it and store nothing, so every warp stays
+/// whole for its shuffles. Parameters: position `i32[1]`, partial out `f32[S,H,hd]`, partial
+/// max and sum `f32[S,H,2]`, out `f32[H,hd]`. Launch: `attend_combine_grid` blocks of
+/// `COMBINE_BLOCK`.
 pub fn attend_combine(s: &AttentionSpec) -> String {
     let (hd, w) = (s.head_dim, s.window);
+    let (splits, p) = (attend_splits(s), combine_threads(s));
+    let elements = s.heads * hd;
     let mut k = Kernel::new(&format!("{}_combine", s.name));
     let position = k.param_ptr("position");
     let o_part = k.param_ptr("o_part");
     let ml_part = k.param_ptr("ml_part");
     let out = k.param_ptr("out");
-    let e = k.global_index(COMBINE_BLOCK);
-    let done = k.label("done");
-    k.leave_unless_below(e, s.heads * hd, &done);
+    let t = k.global_index(COMBINE_BLOCK);
+    // Element e (clamped to the last), and this thread's first split `part`.
+    let (e, part) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("shr.u32 {e}, {t}, {};", p.trailing_zeros()));
+    k.ins(format!("and.b32 {part}, {t}, {};", p - 1));
+    let stores = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {stores}, {e}, {elements};"));
+    k.ins(format!("min.u32 {e}, {e}, {};", elements - 1));
     let h = k.reg(Class::B32);
     k.ins(format!("div.u32 {h}, {e}, {hd};"));
     let pos = k.reg(Class::B32);
@@ -747,57 +779,70 @@ pub fn attend_combine(s: &AttentionSpec) -> String {
     k.ins(format!("min.u32 {used}, {pos}, {};", w - 1));
     k.ins(format!("add.u32 {used}, {used}, {SPLIT_KEYS};"));
     k.ins(format!("div.u32 {used}, {used}, {SPLIT_KEYS};"));
-    // (m, l) of split sp for head h, and o of split sp at element e.
-    let ml_at = |k: &mut Kernel, sp: Reg| -> Reg {
+    // Splits part, part + P, ...: every load first (splits past the window's are read, as
+    // any stale finite or not value, and left out below).
+    let mut loaded = Vec::new();
+    for u in 0..splits.div_ceil(p) {
+        let sp = k.reg(Class::B32);
+        k.ins(format!("add.u32 {sp}, {part}, {};", u * p));
+        let valid = k.reg(Class::Pred);
+        k.ins(format!("setp.lt.u32 {valid}, {sp}, {used};"));
+        // A split past the last (when P does not divide S) reads split 0's row instead.
+        if splits % p != 0 {
+            let inside = k.reg(Class::Pred);
+            k.ins(format!("setp.lt.u32 {inside}, {sp}, {splits};"));
+            k.ins(format!("selp.u32 {sp}, {sp}, 0, {inside};"));
+        }
         let mi = k.reg(Class::B32);
         k.ins(format!("mad.lo.u32 {mi}, {sp}, {}, {h};", s.heads));
         k.ins(format!("shl.b32 {mi}, {mi}, 1;"));
-        addr4(k, ml_part, mi)
-    };
+        let ma = addr4(&mut k, ml_part, mi);
+        let (mv, lv) = (k.reg(Class::F32), k.reg(Class::F32));
+        k.ins(format!("ld.global.v2.f32 {{{mv}, {lv}}}, [{ma}];"));
+        let oi = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {oi}, {sp}, {elements}, {e};"));
+        let oa = addr4(&mut k, o_part, oi);
+        let ov = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {ov}, [{oa}];"));
+        loaded.push((valid, mv, lv, ov));
+    }
     let big_m = k.reg(Class::F32);
     k.ins(format!("mov.f32 {big_m}, 0fFF800000;"));
-    let sp = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {sp}, 0;"));
-    k.strided(sp, used, 1, &mut |k| {
-        let ma = ml_at(k, sp);
-        let mv = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {mv}, [{ma}];"));
-        k.ins(format!("max.f32 {big_m}, {big_m}, {mv};"));
-    });
-
+    for (valid, mv, _, _) in &loaded {
+        k.ins(format!("@{valid} max.f32 {big_m}, {big_m}, {mv};"));
+    }
+    group_reduce(&mut k, "max", big_m, p);
     let (num, den) = (k.reg(Class::F32), k.reg(Class::F32));
     k.ins(format!("mov.f32 {num}, 0f00000000;"));
     k.ins(format!("mov.f32 {den}, 0f00000000;"));
-    k.ins(format!("mov.u32 {sp}, 0;"));
-    let step = |k: &mut Kernel, n: u32| {
-        let mut loaded = Vec::new();
-        for u in 0..n {
-            let su = k.reg(Class::B32);
-            k.ins(format!("add.u32 {su}, {sp}, {u};"));
-            let ma = ml_at(k, su);
-            let (mv, lv) = (k.reg(Class::F32), k.reg(Class::F32));
-            k.ins(format!("ld.global.v2.f32 {{{mv}, {lv}}}, [{ma}];"));
-            let oi = k.reg(Class::B32);
-            k.ins(format!("mad.lo.u32 {oi}, {su}, {}, {e};", s.heads * hd));
-            let oa = addr4(k, o_part, oi);
-            let ov = k.reg(Class::F32);
-            k.ins(format!("ld.global.f32 {ov}, [{oa}];"));
-            loaded.push((mv, lv, ov));
-        }
-        for (mv, lv, ov) in loaded {
-            k.ins(format!("sub.f32 {mv}, {mv}, {big_m};"));
-            let f = exp(k, mv);
-            k.ins(format!("fma.rn.f32 {num}, {f}, {ov}, {num};"));
-            k.ins(format!("fma.rn.f32 {den}, {f}, {lv}, {den};"));
-        }
-        k.ins(format!("add.u32 {sp}, {sp}, {n};"));
-    };
-    k.unrolled(sp, used, 1, 8, &mut |k, m| step(k, m));
+    for (valid, mv, lv, ov) in loaded {
+        k.ins(format!("sub.f32 {mv}, {mv}, {big_m};"));
+        let f = exp(&mut k, mv);
+        k.ins(format!("@{valid} fma.rn.f32 {num}, {f}, {ov}, {num};"));
+        k.ins(format!("@{valid} fma.rn.f32 {den}, {f}, {lv}, {den};"));
+    }
+    group_reduce(&mut k, "add", num, p);
+    group_reduce(&mut k, "add", den, p);
+    let first = k.reg(Class::Pred);
+    k.ins(format!("setp.eq.and.u32 {first}, {part}, 0, {stores};"));
     k.ins(format!("div.rn.f32 {num}, {num}, {den};"));
     let oa = addr4(&mut k, out, e);
-    k.ins(format!("st.global.f32 [{oa}], {num};"));
-    k.place(&done);
+    k.ins(format!("@{first} st.global.f32 [{oa}], {num};"));
     k.finish()
+}
+
+/// `acc` combined with `op` over each aligned group of `lanes` lanes (a power of two up to 32),
+/// in every lane of the group.
+fn group_reduce(k: &mut Kernel, op: &str, acc: Reg, lanes: u32) {
+    let mut offset = lanes / 2;
+    while offset >= 1 {
+        let other = k.reg(Class::F32);
+        k.ins(format!(
+            "shfl.sync.bfly.b32 {other}, {acc}, {offset}, 31, -1;"
+        ));
+        k.ins(format!("{op}.f32 {acc}, {acc}, {other};"));
+        offset /= 2;
+    }
 }
 
 /// Query heads each warp of `attend_tokens` takes: two where the KV group has two or more

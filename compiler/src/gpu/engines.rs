@@ -79,12 +79,15 @@ pub struct LaunchLatency {
 impl EmuEngine {
     /// Runs one decode step for `id` at `position` (the KV window full from position W − 1
     /// on) launch by launch with the interpreter's latency model (`emu::Latencies`), and
-    /// leaves it off again. An estimate of where a kernel waits, not a measurement.
+    /// leaves it off again; only the launches whose kernel `keep` accepts (the others are
+    /// skipped, so their outputs are what the buffers held: for timing one kernel). An
+    /// estimate of where a kernel waits, not a measurement.
     pub fn time_decode_step(
         &mut self,
         id: u32,
         position: u32,
         lat: emu::Latencies,
+        keep: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<LaunchLatency>, RunError> {
         check_ids(&[id], self.program.plan.vocab())?;
         let (ids, pos) = (
@@ -97,7 +100,13 @@ impl EmuEngine {
             .map_err(emu_error)?;
         self.memory.enable_timing(lat);
         let mut out = Vec::new();
-        for launch in &self.program.plan.launches {
+        for launch in self
+            .program
+            .plan
+            .launches
+            .iter()
+            .filter(|l| keep(&l.kernel))
+        {
             let params: Vec<u64> = launch
                 .args
                 .iter()

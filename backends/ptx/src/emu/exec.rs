@@ -30,16 +30,19 @@ pub(super) struct Thread {
     /// Past `griddepcontrol.wait`: earlier kernels' writes are visible.
     pub(super) waited: bool,
     /// The latency model (where on; `timing.rs`): the latest cycle the thread issued an
-    /// instruction, the earliest the next one may issue, the cycle of its last store (loads
-    /// stay after stores), and the cycle each register's value is ready.
+    /// instruction, the earliest the next one may issue, the cycle of its last store to global
+    /// and to shared memory (loads stay after stores to their space), and the cycle each
+    /// register's value is ready.
     pub(super) clock: u64,
     pub(super) front: u64,
-    pub(super) last_store: u64,
+    pub(super) last_store: [u64; 2],
     pub(super) ready: Vec<u64>,
+    /// When the collective instruction it waits at could issue for this thread.
+    pub(super) pending: u64,
 }
 
 impl Thread {
-    /// A scheduling boundary (a basic block's start, a collective, a barrier): nothing after
+    /// A scheduling boundary (a basic block's start, a branch, a barrier): nothing after
     /// it issues before everything before it has.
     pub(super) fn boundary(&mut self, at: u64) {
         self.clock = self.clock.max(at);
@@ -126,13 +129,13 @@ pub(super) fn meeting(group: &[Thread], wait: Wait, size: usize) -> Result<Optio
 }
 
 /// Moves every thread of a group that met past the collective instruction `ins`; with the
-/// latency model on (`lat`), it issued when the last of them arrived, and its results are
-/// ready `lat` cycles later.
+/// latency model on (`lat`), it issued when the last of them could, and its results are ready
+/// `lat` cycles later.
 pub(super) fn release(group: &mut [Thread], ins: &Instr, lat: Option<u64>) {
-    let issue = group.iter().map(|t| t.clock).max().unwrap_or(0);
+    let issue = group.iter().map(|t| t.pending).max().unwrap_or(0);
     for t in group.iter_mut() {
         if let Some(lat) = lat {
-            t.boundary(issue);
+            t.clock = t.clock.max(issue);
             for &w in &ins.writes {
                 t.ready[w] = issue + lat;
             }
@@ -167,8 +170,9 @@ pub(super) fn run_block(
             waited: starts_waited,
             clock: 0,
             front: 0,
-            last_store: 0,
+            last_store: [0; 2],
             ready: vec![0; f.registers],
+            pending: 0,
         })
         .collect();
     let collective_latency =
@@ -271,6 +275,11 @@ pub(super) fn run_block(
             ));
         }
     }
+}
+
+/// The latency model's memory space of an access: 1 for shared memory, 0 for the rest.
+fn space(ins: &Instr) -> usize {
+    usize::from(ins.op[0] == "ldmatrix" || ins.op.iter().any(|p| p == "shared"))
 }
 
 /// `x CMP y` for setp's comparison names.
@@ -508,7 +517,7 @@ impl Ctx<'_> {
                             t.ready[w] = at + lat;
                         }
                         if matches!(ins.op[0].as_str(), "st" | "red" | "atom") {
-                            t.last_store = at;
+                            t.last_store[space(ins)] = at;
                         }
                     }
                 }
@@ -519,8 +528,9 @@ impl Ctx<'_> {
 
     /// The latency model's issue of `ins`: as a scheduler would place it within its basic
     /// block (ptxas reorders there), once what it reads is ready and after the block's start,
-    /// loads after the thread's last store; collectives and barriers after everything before
-    /// them. Sets `now` to the cycle.
+    /// loads after the thread's last store to their space, a barrier after everything before
+    /// it (a collective issues when its last thread could: `release`). Sets `now` to the
+    /// cycle.
     fn issue(&self, t: &mut Thread, ins: &Instr) {
         if ins.starts_block {
             t.boundary(0);
@@ -528,11 +538,12 @@ impl Ctx<'_> {
         let mut at = ins.reads.iter().fold(t.front, |at, &r| at.max(t.ready[r]));
         let op = ins.op[0].as_str();
         if matches!(op, "ld" | "atom" | "ldmatrix") {
-            at = at.max(t.last_store + 1);
+            at = at.max(t.last_store[space(ins)] + 1);
         }
-        if matches!(op, "shfl" | "mma" | "ldmatrix" | "wgmma" | "bar") {
+        if op == "bar" {
             at = at.max(t.clock);
         }
+        t.pending = at;
         t.front += 1;
         t.clock = t.clock.max(at);
         self.now.set(at);

@@ -19,8 +19,10 @@ use std::collections::HashMap;
 pub struct Latencies {
     /// Integer and f32 arithmetic, moves, compares, conversions.
     pub alu: u64,
-    /// f64 arithmetic, integer division and remainder (several instructions on the GPU),
-    /// rounded f32 division and square root.
+    /// f64 arithmetic.
+    pub f64: u64,
+    /// Integer division and remainder, rounded f32 division and square root (several
+    /// instructions each on the GPU).
     pub long_alu: u64,
     /// Special-function unit: `ex2`, `rsqrt`, `sin`, `tanh`, ... (`.approx`).
     pub mufu: u64,
@@ -46,6 +48,7 @@ impl Default for Latencies {
     fn default() -> Self {
         Latencies {
             alu: 5,
+            f64: 8,
             long_alu: 40,
             mufu: 18,
             shared: 30,
@@ -133,7 +136,7 @@ pub(super) fn latency(lat: &Latencies, op: &[String]) -> u64 {
         "ex2" | "lg2" | "sin" | "cos" | "tanh" | "rsqrt" => lat.mufu,
         "rcp" | "sqrt" if op.iter().any(|p| p == "approx") => lat.mufu,
         "div" | "rem" | "rcp" | "sqrt" => lat.long_alu,
-        _ if ty == "f64" => lat.long_alu,
+        _ if ty == "f64" => lat.f64,
         _ => lat.alu,
     }
 }
