@@ -195,6 +195,52 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
         .map(|back| ring_row(&mut k, pos, back, kk))
         .collect();
 
+    // Column `col` of the gate block is this thread's in the dot products below (rows r,
+    // r + rg, ...), and its channel's if it finishes one (threads below `cs`).
+    let (cc, r) = (k.reg(Class::B32), k.reg(Class::B32));
+    k.ins(format!("rem.u32 {cc}, {tid}, {cs};"));
+    k.ins(format!("div.u32 {r}, {tid}, {cs};"));
+    let col = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {col}, {split}, {cs}, {cc};"));
+    // Everything a load can fetch before the convolution is, so the step waits on memory
+    // about once: the channel's biases, decay rate, state, y and x (every thread loads its
+    // column's; only the finishing threads use them), and the gate weights of its rows
+    // where they fit in registers (W[h, i, col] at (h·B + i)·B + col).
+    let j = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {j}, {h}, {b}, {col};"));
+    let bias_x = load_weight(&mut k, Storage::F32, igb, j);
+    let bias_r = load_weight(&mut k, Storage::F32, rgb, j);
+    let rate = addr4(&mut k, decay, j);
+    let rv = k.reg(Class::F32);
+    k.ins(format!("ld.global.nc.f32 {rv}, [{rate}];"));
+    let st_at = addr4(&mut k, state, j);
+    let old = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {old}, [{st_at}];"));
+    let yv = y.map(|y| {
+        let y_at = addr4(&mut k, y, j);
+        let yv = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {yv}, [{y_at}];"));
+        yv
+    });
+    let xj_at = addr4(&mut k, x, j);
+    let xj = k.reg(Class::F32);
+    k.ins(format!("ld.global.f32 {xj}, [{xj_at}];"));
+    let wi = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {wi}, {h}, {b}, {r};"));
+    k.ins(format!("mad.lo.u32 {wi}, {wi}, {b}, {col};"));
+    let rows_each = b / rg;
+    let preloaded: Option<Vec<(Reg, Reg)>> = (b % rg == 0 && rows_each <= 16).then(|| {
+        (0..rows_each)
+            .map(|u| {
+                let wu = k.reg(Class::B32);
+                k.ins(format!("add.u32 {wu}, {wi}, {};", u * rg * b));
+                let wx = load_weight(&mut k, s.gates, igw, wu);
+                let wr = load_weight(&mut k, s.gates, rgw, wu);
+                (wx, wr)
+            })
+            .collect()
+    });
+
     // Convolution of every channel of the gate block: tap t < K-1 reads the ring row of
     // position pos-(K-1-t), the last tap reads x; taps before the start of the text (position
     // < 0) count zero.
@@ -240,46 +286,50 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     });
     k.ins("bar.sync 0;");
 
-    // This thread's share of both gates' dot products: column `col` of the gate block, rows
-    // r, r + rg, r + 2·rg, ... (W[h, i, col] at (h·B + i)·B + col).
-    let (cc, r) = (k.reg(Class::B32), k.reg(Class::B32));
-    k.ins(format!("rem.u32 {cc}, {tid}, {cs};"));
-    k.ins(format!("div.u32 {r}, {tid}, {cs};"));
-    let col = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {col}, {split}, {cs}, {cc};"));
+    // This thread's share of both gates' dot products: rows r, r + rg, r + 2·rg, ... of
+    // column `col`, in that order (the weights loaded above, or here four rows at a time).
     let (zx, zr) = (k.reg(Class::F32), k.reg(Class::F32));
     k.ins(format!("mov.f32 {zx}, 0f00000000;"));
     k.ins(format!("mov.f32 {zr}, 0f00000000;"));
-    let i = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {i}, {r};"));
-    let wi = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {wi}, {h}, {b}, {r};"));
-    k.ins(format!("mad.lo.u32 {wi}, {wi}, {b}, {col};"));
-    // Four rows per unrolled step while they are all in range (their loads in flight
-    // together), then one at a time.
-    let step = |k: &mut Kernel, i: Reg, wi: Reg, n: u32| {
-        let mut loaded = Vec::new();
-        for u in 0..n {
-            let (iu, wu) = (k.reg(Class::B32), k.reg(Class::B32));
-            k.ins(format!("add.u32 {iu}, {i}, {};", u * rg));
-            k.ins(format!("add.u32 {wu}, {wi}, {};", u * rg * b));
-            let wx = load_weight(k, s.gates, igw, wu);
-            let wr = load_weight(k, s.gates, rgw, wu);
-            let at = k.reg(Class::B64);
-            k.ins(format!("mul.wide.u32 {at}, {iu}, 4;"));
-            k.ins(format!("add.u64 {at}, {at}, {sh};"));
-            let cv = k.reg(Class::F32);
-            k.ins(format!("ld.shared.f32 {cv}, [{at}];"));
-            loaded.push((cv, wx, wr));
-        }
-        for (cv, wx, wr) in loaded {
+    let conv_at = |k: &mut Kernel, row: Reg| -> Reg {
+        let at = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {at}, {row}, 4;"));
+        k.ins(format!("add.u64 {at}, {at}, {sh};"));
+        let cv = k.reg(Class::F32);
+        k.ins(format!("ld.shared.f32 {cv}, [{at}];"));
+        cv
+    };
+    if let Some(weights) = preloaded {
+        for (u, (wx, wr)) in weights.into_iter().enumerate() {
+            let iu = k.reg(Class::B32);
+            k.ins(format!("add.u32 {iu}, {r}, {};", u as u32 * rg));
+            let cv = conv_at(&mut k, iu);
             k.ins(format!("fma.rn.f32 {zx}, {cv}, {wx}, {zx};"));
             k.ins(format!("fma.rn.f32 {zr}, {cv}, {wr}, {zr};"));
         }
-        k.ins(format!("add.u32 {i}, {i}, {};", n * rg));
-        k.ins(format!("add.u32 {wi}, {wi}, {};", n * rg * b));
-    };
-    k.unrolled(i, b, rg, 4, &mut |k, m| step(k, i, wi, m));
+    } else {
+        let i = k.reg(Class::B32);
+        k.ins(format!("mov.u32 {i}, {r};"));
+        let step = |k: &mut Kernel, i: Reg, wi: Reg, n: u32| {
+            let mut loaded = Vec::new();
+            for u in 0..n {
+                let (iu, wu) = (k.reg(Class::B32), k.reg(Class::B32));
+                k.ins(format!("add.u32 {iu}, {i}, {};", u * rg));
+                k.ins(format!("add.u32 {wu}, {wi}, {};", u * rg * b));
+                let wx = load_weight(k, s.gates, igw, wu);
+                let wr = load_weight(k, s.gates, rgw, wu);
+                let cv = conv_at(k, iu);
+                loaded.push((cv, wx, wr));
+            }
+            for (cv, wx, wr) in loaded {
+                k.ins(format!("fma.rn.f32 {zx}, {cv}, {wx}, {zx};"));
+                k.ins(format!("fma.rn.f32 {zr}, {cv}, {wr}, {zr};"));
+            }
+            k.ins(format!("add.u32 {i}, {i}, {};", n * rg));
+            k.ins(format!("add.u32 {wi}, {wi}, {};", n * rg * b));
+        };
+        k.unrolled(i, b, rg, 4, &mut |k, m| step(k, i, wi, m));
+    }
     // Partials at [gate][r][cc].
     let ps = k.reg(Class::B64);
     k.ins(format!("mov.u64 {ps}, partials;"));
@@ -293,10 +343,7 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     // One thread per channel of this block finishes it.
     let done = k.label("done");
     k.leave_unless_below(tid, cs, &done);
-    let j = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {j}, {h}, {b}, {col};"));
-    let zx = load_weight(&mut k, Storage::F32, igb, j);
-    let zr = load_weight(&mut k, Storage::F32, rgb, j);
+    let (zx, zr) = (bias_x, bias_r);
     for group in 0..rg {
         let (px, pr) = (k.reg(Class::F32), k.reg(Class::F32));
         k.ins(format!("ld.shared.f32 {px}, [{mine}+{}];", 4 * cs * group));
@@ -311,26 +358,17 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     // log a = -8 · sigmoid(zr) · softplus(Λ); a = exp(log a); the normaliser
     // sqrt(1 - a²) = sqrt(-expm1(2 log a)), with expm1 by its series near 0 where 1 - exp
     // would cancel (the reference computes it the same way).
-    let rate = addr4(&mut k, decay, j);
-    let rv = k.reg(Class::F32);
-    k.ins(format!("ld.global.nc.f32 {rv}, [{rate}];"));
     let cv = k.reg(Class::F32);
     let c_at = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {c_at}, {col}, 4;"));
     k.ins(format!("add.u64 {c_at}, {c_at}, {sh};"));
     k.ins(format!("ld.shared.f32 {cv}, [{c_at}];"));
     let (a, bv) = gated_input(&mut k, zx, zr, rv, cv, pos);
-    let st_at = addr4(&mut k, state, j);
-    let old = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {old}, [{st_at}];"));
     let hv = k.reg(Class::F32);
     k.ins(format!("fma.rn.f32 {hv}, {a}, {old}, {bv};"));
     k.ins(format!("st.global.f32 [{st_at}], {hv};"));
     let mut o = hv;
-    if let Some(y) = y {
-        let y_at = addr4(&mut k, y, j);
-        let yv = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {yv}, [{y_at}];"));
+    if let Some(yv) = yv {
         let g = gelu(&mut k, yv);
         let v = k.reg(Class::F32);
         k.ins(format!("mul.f32 {v}, {hv}, {g};"));
@@ -339,9 +377,6 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
     let out_at = addr4(&mut k, out, j);
     k.ins(format!("st.global.f32 [{out_at}], {o};"));
     // This position's input into its ring row.
-    let xj_at = addr4(&mut k, x, j);
-    let xj = k.reg(Class::F32);
-    k.ins(format!("ld.global.f32 {xj}, [{xj_at}];"));
     let slot = ring_row(&mut k, pos, 0, kk);
     let idx = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {idx}, {slot}, {c}, {j};"));

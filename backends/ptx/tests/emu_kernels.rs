@@ -451,8 +451,9 @@ impl RgLruCase {
 fn rg_lru_step_matches_reference_over_several_tokens() {
     use griffin_backend_ptx::rg_lru::{step_columns, step_grid, Storage};
     // Gate blocks of 16 channels (one thread block each), of 80 (five blocks of 16 columns
-    // each, five rows per thread: an unrolled step of four and one more) and of 12 (threads
-    // without rows).
+    // each, five rows per thread, their weights loaded before the convolution) and of 12
+    // (rows that do not split evenly over the row groups: the loop, and threads without
+    // rows).
     // The middle case keeps its gate matrices in bf16.
     for (c, blocks, grid, gates) in [
         (64, 4, 4, Storage::F32),
