@@ -12,14 +12,16 @@
 //!
 //! VOCAB (default 16384) sizes the embedding and logits the interpreter runs; the logits row
 //! of the table is then scaled to the 2B model's 256,000 (its bandwidth time; its latency path
-//! grows with its rows per warp, 61 at 256,000, which the table also scales). KERNEL, a part
+//! grows with its rows per warp, 61 at 256,000, which the table also scales), and the argmax
+//! row is the argmax kernel run alone over 256,000 logits. KERNEL, a part
 //! of a kernel's name, times only those launches (the rest are skipped): a minute less per
 //! try when working on one kernel.
 
 use std::io::Write;
 use std::path::Path;
 
-use griffin_backend_ptx::emu::Latencies;
+use griffin_backend_ptx::emu::{self, Latencies};
+use griffin_backend_ptx::misc::{argmax, ARGMAX_THREADS};
 use griffinc::gpu::{EmuEngine, GpuOptions, LaunchLatency};
 use griffinc::session::Model;
 use griffinc::Config;
@@ -71,12 +73,35 @@ fn write_zero_checkpoint(dir: &Path, config_json: &str) -> Result<(), Box<dyn st
     Ok(())
 }
 
-/// Which part of the model a launch belongs to, by its place in the three-layer step: the
-/// embedding first, the logits last, five launches per recurrent layer between.
+/// The greedy argmax over the 2B model's 256,000 logits, run alone (one block, so its path
+/// does not scale from a smaller vocabulary's), in cycles.
+fn argmax_2b_cycles(lat: Latencies) -> Result<u64, Box<dyn std::error::Error>> {
+    let module = emu::Module::parse(&griffin_backend_ptx::module(&[argmax(
+        "argmax",
+        VOCAB_2B as u32,
+    )]))?;
+    let mut memory = emu::Memory::new();
+    let logits = memory.alloc_f32(&vec![0.0; VOCAB_2B as usize]);
+    let out = memory.alloc_u32(&[0]);
+    memory.enable_timing(lat);
+    let launch = emu::Launch {
+        grid: 1,
+        block: ARGMAX_THREADS,
+        params: &[logits, out],
+    };
+    emu::run(&module, "argmax", &launch, &mut memory)?;
+    Ok(memory.last_launch_cycles().unwrap_or(0))
+}
+
+/// Which part of the model a launch belongs to, by its place in the three-layer greedy step:
+/// the embedding first, the logits and the argmax last, five launches per recurrent layer
+/// between.
 fn part(i: usize, launches: usize, recurrent_launches: usize) -> &'static str {
     if i == 0 {
         "embedding"
     } else if i + 1 == launches {
+        "argmax"
+    } else if i + 2 == launches {
         "logits"
     } else if i <= 2 * recurrent_launches {
         "recurrent"
@@ -117,12 +142,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         launches.len(),
         started.elapsed().as_secs_f64()
     );
-    // Two recurrent layers of five launches, one attention layer of six (the embedding and
-    // logits outside): the 2B plan's shape (compiler/tests/published_shapes.rs checks it).
+    // Two recurrent layers of five launches, one attention layer of six (the embedding,
+    // logits and argmax outside): the 2B plan's shape (compiler/tests/published_shapes.rs
+    // checks it).
     let recurrent_launches = 5;
     assert_eq!(
         launches.len(),
-        2 + 2 * recurrent_launches + 6,
+        3 + 2 * recurrent_launches + 6,
         "launch layout"
     );
     println!("{lat:?}, {CYCLES_PER_US} cycles/us, {BYTES_PER_US:.3e} bytes/us\n");
@@ -149,6 +175,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             bytes = (bytes as f64 * scale) as u64;
             latency *= scale;
         }
+        if p == "argmax" {
+            bytes = 4 * VOCAB_2B;
+            latency = argmax_2b_cycles(lat)? as f64 / CYCLES_PER_US;
+        }
         if kernel.ends_with("_attend") {
             // Attention's bytes depend on the position: the window's keys and values (f32).
             bytes = 2 * 2048 * 256 * 4;
@@ -172,7 +202,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let bandwidth_only = sum(&|_, b| b);
     let longer = sum(&|l, b| l.max(b));
-    println!("\n2B decode step, {launches_2b} launches:");
+    println!("\n2B greedy decode step, {launches_2b} launches:");
     println!(
         "- bytes at bandwidth alone: {:.0} µs ({:.0} tokens/s)",
         bandwidth_only,

@@ -201,8 +201,10 @@ impl Kernel {
 
     /// A loop over `counter` (from its current value, while below `bound`): `step(k, many)`
     /// while the last of `many` items, `stride` apart, is below the bound (one basic block, so
-    /// their loads are in flight together), then `step(k, 1)` for the rest. `step` does the
-    /// items at `counter`, `counter + stride`, … and advances `counter` by `n · stride`.
+    /// their loads are in flight together), then the fewer than `many` left in batches of
+    /// descending powers of two, each at most once (so the rest waits on memory a few times,
+    /// not once per item). `step` does the items at `counter`, `counter + stride`, … in order
+    /// and advances `counter` by `n · stride`.
     pub fn unrolled(
         &mut self,
         counter: Reg,
@@ -211,25 +213,32 @@ impl Kernel {
         many: u32,
         step: &mut dyn FnMut(&mut Kernel, u32),
     ) {
-        let (head, one, end) = (
-            self.label("many"),
-            self.label("one"),
-            self.label("loop_end"),
-        );
+        let (head, rest) = (self.label("many"), self.label("rest"));
         self.place(&head);
         let last = self.reg(Class::B32);
         self.ins(format!(
             "add.u32 {last}, {counter}, {};",
             (many - 1) * stride
         ));
-        self.leave_unless_below(last, &bound, &one);
+        self.leave_unless_below(last, &bound, &rest);
         step(self, many);
         self.ins(format!("bra {head};"));
-        self.place(&one);
-        self.leave_unless_below(counter, &bound, &end);
-        step(self, 1);
-        self.ins(format!("bra {one};"));
-        self.place(&end);
+        self.place(&rest);
+        // Fewer than `many` remain: a sum of distinct powers of two below it.
+        let mut n = if many.is_power_of_two() {
+            many / 2
+        } else {
+            1 << many.ilog2()
+        };
+        while n >= 1 {
+            let skip = self.label("fewer");
+            let last = self.reg(Class::B32);
+            self.ins(format!("add.u32 {last}, {counter}, {};", (n - 1) * stride));
+            self.leave_unless_below(last, &bound, &skip);
+            step(self, n);
+            self.place(&skip);
+            n /= 2;
+        }
     }
 
     /// Runs `body` for every index below `bound` (a register): thread t of block b takes

@@ -5,6 +5,9 @@ use crate::rg_lru::{addr4, load_weight, Storage};
 
 pub const GATHER_BLOCK: u32 = 256;
 pub const ARGMAX_THREADS: u32 = 1024;
+/// Groups of four logits whose loads the greedy argmax keeps in flight together: 32
+/// registers of the 64 a thread of a 1024-thread block may have.
+const ARGMAX_UNROLL: u32 = 8;
 
 /// Parameters: table `[V, D]`, ids `i32[1]`, out `f32[D]`. `scale` multiplies each value
 /// (sqrt(D) as the reference rounds it). Launch: ceil(D / 256) blocks of 256.
@@ -39,7 +42,7 @@ pub fn argmax(name: &str, vocab: u32) -> String {
     k.launch_bounds(ARGMAX_THREADS, 1);
     let logits = k.param_ptr("logits");
     let out = k.param_ptr("out");
-    let (_, bi, done) = block_argmax(&mut k, logits, vocab, &mut |_, _, _| {});
+    let (_, bi, done) = block_argmax(&mut k, logits, vocab, ARGMAX_UNROLL, &mut |_, _, _| {});
     k.ins(format!("st.global.u32 [{out}], {bi};"));
     k.place(&done);
     k.finish()
@@ -47,12 +50,14 @@ pub fn argmax(name: &str, vocab: u32) -> String {
 
 /// The largest of `vocab` logits at `logits` and its index (the first on ties; NaN never
 /// wins; index 0 if all are NaN), each value first passed through `adjust(k, value, index)`,
-/// by a block of `ARGMAX_THREADS`. The code after it runs in thread 0 alone, up to the
-/// returned label, which the caller places.
+/// by a block of `ARGMAX_THREADS`, `unroll` groups of four logits' loads in flight at a time.
+/// The code after it runs in thread 0 alone, up to the returned label, which the caller
+/// places.
 pub(crate) fn block_argmax(
     k: &mut Kernel,
     logits: Reg,
     vocab: u32,
+    unroll: u32,
     adjust: &mut dyn FnMut(&mut Kernel, Reg, Reg),
 ) -> (Reg, Reg, String) {
     let warps = ARGMAX_THREADS / 32;
@@ -60,22 +65,32 @@ pub(crate) fn block_argmax(
     k.shared("best_i", 4 * warps, 16);
     let tid = k.reg(Class::B32);
     k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
-    k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
-    k.ins(format!("mov.u32 {bi}, {vocab};"));
-    // Element `index` with value `v` against this thread's best. Strictly greater: a thread
-    // visits indices in increasing order, so the first max stays; NaN never wins.
-    let mut visit = |k: &mut Kernel, v: Reg, index: Reg| {
+    // Four running bests per thread, one per element of a group of four (indices 4q + j),
+    // so four compare chains run side by side; each visits its indices in increasing order
+    // and keeps strictly greater values, so its first max stays; NaN never wins.
+    let chains: Vec<(Reg, Reg)> = (0..4)
+        .map(|_| {
+            let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
+            k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
+            k.ins(format!("mov.u32 {bi}, {vocab};"));
+            (bv, bi)
+        })
+        .collect();
+    // Element `index` with value `v` against running best `(bv, bi)`.
+    let mut visit = |k: &mut Kernel, v: Reg, index: Reg, (bv, bi): (Reg, Reg)| {
         adjust(k, v, index);
         let better = k.reg(Class::Pred);
         k.ins(format!("setp.gt.f32 {better}, {v}, {bv};"));
         k.ins(format!("@{better} mov.f32 {bv}, {v};"));
         k.ins(format!("@{better} mov.u32 {bi}, {index};"));
     };
-    // Groups of four logits with 16-byte loads, thread t taking groups t, t + 1024, ...: four
-    // groups' loads in flight at a time, then one at a time.
+    // Groups of four logits with 16-byte loads, thread t taking groups t, t + 1024, ...:
+    // `unroll` groups' loads in flight at a time, then one at a time.
     let quads = vocab / 4;
-    let step = |k: &mut Kernel, qi: Reg, n: u32, visit: &mut dyn FnMut(&mut Kernel, Reg, Reg)| {
+    let step = |k: &mut Kernel,
+                qi: Reg,
+                n: u32,
+                visit: &mut dyn FnMut(&mut Kernel, Reg, Reg, (Reg, Reg))| {
         let mut loaded = Vec::new();
         for u in 0..n {
             let qu = k.reg(Class::B32);
@@ -94,17 +109,18 @@ pub(crate) fn block_argmax(
             for (j, vj) in v.iter().enumerate() {
                 let index = k.reg(Class::B32);
                 k.ins(format!("mad.lo.u32 {index}, {qu}, 4, {j};"));
-                visit(k, *vj, index);
+                visit(k, *vj, index, chains[j]);
             }
         }
         k.ins(format!("add.u32 {qi}, {qi}, {};", n * ARGMAX_THREADS));
     };
     let qi = k.reg(Class::B32);
     k.ins(format!("mov.u32 {qi}, {tid};"));
-    k.unrolled(qi, quads, ARGMAX_THREADS, 4, &mut |k, m| {
+    k.unrolled(qi, quads, ARGMAX_THREADS, unroll, &mut |k, m| {
         step(k, qi, m, &mut visit)
     });
-    // The last vocab mod 4 logits, one per thread (after every group of four: higher indices).
+    // The last vocab mod 4 logits, one per thread (after every group of four: higher indices
+    // than any of chain 0's).
     if vocab % 4 != 0 {
         let skip = k.label("rest_end");
         k.leave_unless_below(tid, vocab % 4, &skip);
@@ -113,7 +129,7 @@ pub(crate) fn block_argmax(
         let a = addr4(k, logits, index);
         let v = k.reg(Class::F32);
         k.ins(format!("ld.global.f32 {v}, [{a}];"));
-        visit(k, v, index);
+        visit(k, v, index, chains[0]);
         k.place(&skip);
     }
     // (value, index) pairs reduced: larger value, or equal value and smaller index.
@@ -129,6 +145,10 @@ pub(crate) fn block_argmax(
         k.ins(format!("@{gt} mov.f32 {bv}, {ov};"));
         k.ins(format!("@{gt} mov.u32 {bi}, {oi};"));
     };
+    let (bv, bi) = chains[0];
+    for &(ov, oi) in &chains[1..] {
+        combine(k, bv, bi, ov, oi);
+    }
     for offset in [16, 8, 4, 2, 1] {
         let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
         k.ins(format!("shfl.sync.bfly.b32 {ov}, {bv}, {offset}, 31, -1;"));

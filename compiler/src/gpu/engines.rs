@@ -77,8 +77,9 @@ pub struct LaunchLatency {
 }
 
 impl EmuEngine {
-    /// Runs one decode step for `id` at `position` (the KV window full from position W − 1
-    /// on) launch by launch with the interpreter's latency model (`emu::Latencies`), and
+    /// Runs one greedy decode step (the step's launches and the argmax) for `id` at
+    /// `position` (the KV window full from position W − 1 on) launch by launch with the
+    /// interpreter's latency model (`emu::Latencies`), and
     /// leaves it off again; only the launches whose kernel `keep` accepts (the others are
     /// skipped, so their outputs are what the buffers held: for timing one kernel). An
     /// estimate of where a kernel waits, not a measurement.
@@ -100,13 +101,9 @@ impl EmuEngine {
             .map_err(emu_error)?;
         self.memory.enable_timing(lat);
         let mut out = Vec::new();
-        for launch in self
-            .program
-            .plan
-            .launches
-            .iter()
-            .filter(|l| keep(&l.kernel))
-        {
+        let plan = &self.program.plan;
+        let step = plan.launches.iter().chain(std::iter::once(&plan.argmax));
+        for launch in step.filter(|l| keep(&l.kernel)) {
             let params: Vec<u64> = launch
                 .args
                 .iter()
