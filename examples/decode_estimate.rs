@@ -122,7 +122,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = std::time::Instant::now();
     let lat = Latencies::default();
     let only = std::env::args().nth(2);
-    let keep = |kernel: &str| only.as_ref().is_none_or(|o| kernel.contains(o.as_str()));
+    let keep = |kernel: &str| only.as_ref().map_or(true, |o| kernel.contains(o.as_str()));
     let launches = engine.time_decode_step(2, 3000, lat, &keep)?;
     if only.is_some() {
         for l in &launches {

@@ -48,6 +48,9 @@ pub fn argmax(name: &str, vocab: u32) -> String {
     k.finish()
 }
 
+/// Visits one logit (its value and index) against a running best (value, index).
+type Visit<'a> = dyn FnMut(&mut Kernel, Reg, Reg, (Reg, Reg)) + 'a;
+
 /// The largest of `vocab` logits at `logits` and its index (the first on ties; NaN never
 /// wins; index 0 if all are NaN), each value first passed through `adjust(k, value, index)`,
 /// by a block of `ARGMAX_THREADS`, `unroll` groups of four logits' loads in flight at a time.
@@ -87,10 +90,7 @@ pub(crate) fn block_argmax(
     // Groups of four logits with 16-byte loads, thread t taking groups t, t + 1024, ...:
     // `unroll` groups' loads in flight at a time, then one at a time.
     let quads = vocab / 4;
-    let step = |k: &mut Kernel,
-                qi: Reg,
-                n: u32,
-                visit: &mut dyn FnMut(&mut Kernel, Reg, Reg, (Reg, Reg))| {
+    let step = |k: &mut Kernel, qi: Reg, n: u32, visit: &mut Visit| {
         let mut loaded = Vec::new();
         for u in 0..n {
             let qu = k.reg(Class::B32);
