@@ -22,6 +22,10 @@ use std::path::Path;
 
 use griffin_backend_ptx::emu::{self, Latencies};
 use griffin_backend_ptx::misc::{argmax, ARGMAX_THREADS};
+use griffin_backend_ptx::sample::{layout, SampleParams};
+use griffin_runtime::gpu_plan::GpuSample;
+use griffinc::gpu::sampling::sampler_kernels;
+use griffinc::sampling::{Sampler, SamplingParams};
 use griffinc::gpu::{EmuEngine, GpuOptions, LaunchLatency};
 use griffinc::session::Model;
 use griffinc::Config;
@@ -91,6 +95,56 @@ fn argmax_2b_cycles(lat: Latencies) -> Result<u64, Box<dyn std::error::Error>> {
     };
     emu::run(&module, "argmax", &launch, &mut memory)?;
     Ok(memory.last_launch_cycles().unwrap_or(0))
+}
+
+/// The device sampler's launches over 256,000 logits (spread over 64 values, so top-p keeps
+/// many) at temperature 0.8, top-p 0.95 and repetition penalty 1.1 (gpu-check.sh's sampled
+/// setting) with 100 tokens of history, run alone: (kernel, grid, block, cycles) each.
+fn sampler_2b(lat: Latencies) -> Result<Vec<(String, u32, u32, u64)>, Box<dyn std::error::Error>> {
+    let vocab = VOCAB_2B as u32;
+    let kernels = sampler_kernels("sample", vocab);
+    let ptx: Vec<String> = kernels.iter().map(|k| k.ptx.clone()).collect();
+    let module = emu::Module::parse(&griffin_backend_ptx::module(&ptx))?;
+    let mut memory = emu::Memory::new();
+    let values: Vec<u8> = (0..vocab)
+        .flat_map(|i| ((i.wrapping_mul(2654435761) >> 26) as f32 * 0.25 - 8.0).to_le_bytes())
+        .collect();
+    let logits = memory.alloc(&values);
+    let state = memory.alloc(&vec![0; layout::bytes(vocab) as usize]);
+    let next = memory.alloc(&[0; 4]);
+    let sampler = Sampler::new(SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        repetition_penalty: 1.1,
+        ..SamplingParams::default()
+    });
+    let plan = GpuSample {
+        launches: Vec::new(),
+        state: 0,
+        seen_offset: layout::seen(vocab) as u64,
+    };
+    let history: Vec<u32> = (0..100).map(|i| i * 2003 % vocab).collect();
+    for (offset, bytes) in plan.uploads(&sampler, &history, vocab as usize) {
+        memory.write_bytes(state + offset, &bytes)?;
+    }
+    memory.enable_timing(lat);
+    let mut out = Vec::new();
+    for k in &kernels {
+        let params = match k.params {
+            SampleParams::LogitsState => vec![logits, state],
+            SampleParams::State => vec![state],
+            SampleParams::StateNext => vec![state, next],
+        };
+        let launch = emu::Launch {
+            grid: k.grid,
+            block: k.block,
+            params: &params,
+        };
+        emu::run(&module, &k.name, &launch, &mut memory)?;
+        let cycles = memory.last_launch_cycles().unwrap_or(0);
+        out.push((k.name.clone(), k.grid, k.block, cycles));
+    }
+    Ok(out)
 }
 
 /// Which part of the model a launch belongs to, by its place in the three-layer greedy step:
@@ -219,6 +273,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             1e6 / t
         );
     }
+    // Sampled decoding: the sampler's launches in place of the argmax.
+    println!("\nthe device sampler over 256,000 logits (temperature 0.8, top-p 0.95, penalty 1.1):\n");
+    println!("| launch | grid × block | critical path µs |");
+    println!("| --- | --- | ---: |");
+    let sampler = sampler_2b(lat)?;
+    let mut sampler_us = 0.0;
+    for (kernel, grid, block, cycles) in &sampler {
+        let us = *cycles as f64 / CYCLES_PER_US;
+        sampler_us += us;
+        println!("| {kernel} | {grid} × {block} | {us:.2} |");
+    }
+    let argmax_us = rows.last().map_or(0.0, |&(_, l, b)| l.max(b));
+    println!(
+        "\nsampled step: {:.0} µs before launch gaps ({} launches; the sampler {sampler_us:.1} µs in place of the argmax's {argmax_us:.1})",
+        longer - argmax_us + sampler_us,
+        launches_2b - 1.0 + sampler.len() as f64,
+    );
     // Where the time goes beyond bandwidth: launches whose critical path is the longer.
     println!("\nlaunches bound by latency (critical path > bytes at bandwidth), 2B step total:");
     let mut by_kernel: Vec<(String, f64)> = Vec::new();

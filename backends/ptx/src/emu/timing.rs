@@ -4,7 +4,8 @@
 //! for the registers it reads; a warp collective starts when its last thread arrives, a barrier
 //! releases when the block's last thread arrives. Global loads take an L2 or a DRAM latency by
 //! where the line likely is: written by one of the last few launches, prefetched, or loaded
-//! before in this launch (L2, or the rest of the earlier load's wait); else DRAM.
+//! by another thread of this launch (L2, or the rest of the earliest such load's wait, in the
+//! model's time, not the interpreter's order); else DRAM.
 //!
 //! It leaves out bandwidth, issue contention between warps, and launch overhead: a kernel
 //! that streams much memory is bounded by bytes over bandwidth instead, which callers add. So
@@ -112,13 +113,16 @@ impl Timing {
             .get(word)
             .is_some_and(|&w| w != 0 && launch.wrapping_sub(w) <= RECENT_LAUNCHES);
         let line = addr / LINE;
-        let latency = match self.lines.get(&line) {
-            Some(&at) => self.lat.l2.max(at.saturating_sub(now)),
-            None if recent => self.lat.l2,
-            None => self.lat.dram,
+        let first = if recent { self.lat.l2 } else { self.lat.dram };
+        // Blocks run one after another here but at once in the model, so a line's first
+        // loader in this order may come later in time than this load: the line is in L2 from
+        // the earliest of them on.
+        let arrives = match self.lines.get(&line) {
+            Some(&at) => at.min(now + first),
+            None => now + first,
         };
-        self.lines.entry(line).or_insert(now + latency);
-        latency
+        self.lines.insert(line, arrives);
+        arrives.saturating_sub(now).max(self.lat.l2)
     }
 }
 
