@@ -25,8 +25,8 @@ use griffin_backend_ptx::misc::{argmax, ARGMAX_THREADS};
 use griffin_backend_ptx::sample::{layout, SampleParams};
 use griffin_runtime::gpu_plan::GpuSample;
 use griffinc::gpu::sampling::sampler_kernels;
-use griffinc::sampling::{Sampler, SamplingParams};
 use griffinc::gpu::{EmuEngine, GpuOptions, LaunchLatency};
+use griffinc::sampling::{Sampler, SamplingParams};
 use griffinc::session::Model;
 use griffinc::Config;
 
@@ -189,6 +189,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 l.cycles as f64 / CYCLES_PER_US
             );
         }
+        for (kernel, grid, block, cycles) in sampler_2b(lat)? {
+            if keep(&kernel) {
+                let us = cycles as f64 / CYCLES_PER_US;
+                println!("{kernel} (256,000 logits): {grid} × {block}, critical path {us:.2} µs");
+            }
+        }
         return Ok(());
     }
     eprintln!(
@@ -274,7 +280,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     // Sampled decoding: the sampler's launches in place of the argmax.
-    println!("\nthe device sampler over 256,000 logits (temperature 0.8, top-p 0.95, penalty 1.1):\n");
+    println!(
+        "\nthe device sampler over 256,000 logits (temperature 0.8, top-p 0.95, penalty 1.1):\n"
+    );
     println!("| launch | grid × block | critical path µs |");
     println!("| --- | --- | ---: |");
     let sampler = sampler_2b(lat)?;
