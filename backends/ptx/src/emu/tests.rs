@@ -375,3 +375,41 @@ fn latency_model_releases_a_barrier_with_its_last_thread() {
         "{cycles}"
     );
 }
+
+#[test]
+fn latency_model_overlaps_independent_shuffle_chains() {
+    // Two warp reductions of five shuffles each, independent of each other: a scheduler
+    // interleaves them, so together they take about as long as one, not twice.
+    let reduce = |regs: &[&str]| {
+        let mut b = String::new();
+        for off in [16, 8, 4, 2, 1] {
+            for r in regs {
+                b += &format!(
+                    "\tshfl.sync.bfly.b32 %f9, {r}, {off}, 31, -1;\n\tadd.f32 {r}, {r}, %f9;\n"
+                );
+            }
+        }
+        b
+    };
+    let kernel = |body: String| {
+        format!(".visible .entry k(\n\t.param .u64 out\n)\n{{\n\t.reg .b32 %r<2>;\n\t.reg .b64 %rd<4>;\n\t.reg .f32 %f<12>;\n\tld.param.u64 %rd0, [out];\n\tcvta.to.global.u64 %rd0, %rd0;\n\tmov.u32 %r0, %tid.x;\n\tmul.wide.u32 %rd1, %r0, 8;\n\tadd.u64 %rd0, %rd0, %rd1;\n\tmov.f32 %f0, 0f3F800000;\n\tmov.f32 %f1, 0f40000000;\n{body}\tst.global.v2.f32 [%rd0], {{%f0, %f1}};\n\tret;\n}}\n")
+    };
+    let cycles = |ptx: String| {
+        let m = Module::parse(&ptx).unwrap();
+        let mut mem = Memory::new();
+        mem.enable_timing(Latencies::default());
+        let out = mem.alloc(&[0; 256]);
+        let launch = Launch {
+            grid: 1,
+            block: 32,
+            params: &[out],
+        };
+        run(&m, "k", &launch, &mut mem).unwrap();
+        mem.last_launch_cycles().unwrap()
+    };
+    let one = cycles(kernel(reduce(&["%f0"])));
+    let two = cycles(kernel(reduce(&["%f0", "%f1"])));
+    let lat = Latencies::default();
+    assert!(one >= 5 * (lat.shuffle + lat.alu), "{one}");
+    assert!(two < one + 20, "one chain {one} cycles, two {two}");
+}
