@@ -97,10 +97,13 @@ fn argmax_2b_cycles(lat: Latencies) -> Result<u64, Box<dyn std::error::Error>> {
     Ok(memory.last_launch_cycles().unwrap_or(0))
 }
 
+/// A launch run alone: kernel, grid, block and its critical path in cycles.
+type Timed = (String, u32, u32, u64);
+
 /// The device sampler's launches over 256,000 logits (spread over 64 values, so top-p keeps
 /// many) at temperature 0.8, top-p 0.95 and repetition penalty 1.1 (gpu-check.sh's sampled
 /// setting) with 100 tokens of history, run alone: (kernel, grid, block, cycles) each.
-fn sampler_2b(lat: Latencies) -> Result<Vec<(String, u32, u32, u64)>, Box<dyn std::error::Error>> {
+fn sampler_2b(lat: Latencies) -> Result<Vec<Timed>, Box<dyn std::error::Error>> {
     let vocab = VOCAB_2B as u32;
     let kernels = sampler_kernels("sample", vocab);
     let ptx: Vec<String> = kernels.iter().map(|k| k.ptx.clone()).collect();

@@ -32,6 +32,26 @@ fn emu_error(e: emu::EmuError) -> RunError {
     RunError::Backend(format!("PTX interpreter: {e}"))
 }
 
+/// Runs one launch on the interpreter; the threads' instructions executed.
+fn run_launch(
+    module: &emu::Module,
+    memory: &mut emu::Memory,
+    addresses: &[u64],
+    launch: &GpuLaunch,
+) -> Result<u64, RunError> {
+    let params: Vec<u64> = launch
+        .args
+        .iter()
+        .map(|a| addresses[a.buffer] + a.offset)
+        .collect();
+    let run = emu::Launch {
+        grid: launch.grid,
+        block: launch.block,
+        params: &params,
+    };
+    emu::run(module, &launch.kernel, &run, memory).map_err(emu_error)
+}
+
 /// Runs `launches` in order on the interpreter (a free function over the engine's fields, so
 /// the launch list can stay borrowed from the plan).
 fn run_launches(
@@ -41,22 +61,7 @@ fn run_launches(
     launches: &[GpuLaunch],
 ) -> Result<(), RunError> {
     for launch in launches {
-        let params: Vec<u64> = launch
-            .args
-            .iter()
-            .map(|a| addresses[a.buffer] + a.offset)
-            .collect();
-        emu::run(
-            module,
-            &launch.kernel,
-            &emu::Launch {
-                grid: launch.grid,
-                block: launch.block,
-                params: &params,
-            },
-            memory,
-        )
-        .map_err(emu_error)?;
+        run_launch(module, memory, addresses, launch)?;
     }
     Ok(())
 }
@@ -90,35 +95,14 @@ impl EmuEngine {
         lat: emu::Latencies,
         keep: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<LaunchLatency>, RunError> {
-        check_ids(&[id], self.program.plan.vocab())?;
-        let (ids, pos) = (
-            self.addresses[self.program.plan.ids],
-            self.addresses[self.program.plan.position],
-        );
-        self.memory
-            .write_bytes(ids, &id.to_le_bytes())
-            .and_then(|_| self.memory.write_bytes(pos, &position.to_le_bytes()))
-            .map_err(emu_error)?;
+        self.set_step(id, position)?;
         self.memory.enable_timing(lat);
         let mut out = Vec::new();
         let plan = &self.program.plan;
         let step = plan.launches.iter().chain(std::iter::once(&plan.argmax));
         for launch in step.filter(|l| keep(&l.kernel)) {
-            let params: Vec<u64> = launch
-                .args
-                .iter()
-                .map(|a| self.addresses[a.buffer] + a.offset)
-                .collect();
-            let run = emu::Launch {
-                grid: launch.grid,
-                block: launch.block,
-                params: &params,
-            };
-            let instructions = emu::run(&self.module, &launch.kernel, &run, &mut self.memory);
-            let instructions = instructions.map_err(|e| {
-                self.memory.disable_timing();
-                emu_error(e)
-            })?;
+            let run = run_launch(&self.module, &mut self.memory, &self.addresses, launch);
+            let instructions = run.inspect_err(|_| self.memory.disable_timing())?;
             out.push(LaunchLatency {
                 kernel: launch.kernel.clone(),
                 grid: launch.grid,
@@ -171,8 +155,8 @@ impl EmuEngine {
         })
     }
 
-    /// Runs one decode step for `id`; the logits stay in device memory.
-    fn step_device(&mut self, id: u32) -> Result<(), RunError> {
+    /// Writes a decode step's token id and position into device memory.
+    fn set_step(&mut self, id: u32, position: u32) -> Result<(), RunError> {
         check_ids(&[id], self.program.plan.vocab())?;
         let (ids, pos) = (
             self.addresses[self.program.plan.ids],
@@ -180,8 +164,13 @@ impl EmuEngine {
         );
         self.memory
             .write_bytes(ids, &id.to_le_bytes())
-            .and_then(|_| self.memory.write_bytes(pos, &self.position.to_le_bytes()))
-            .map_err(emu_error)?;
+            .and_then(|_| self.memory.write_bytes(pos, &position.to_le_bytes()))
+            .map_err(emu_error)
+    }
+
+    /// Runs one decode step for `id`; the logits stay in device memory.
+    fn step_device(&mut self, id: u32) -> Result<(), RunError> {
+        self.set_step(id, self.position)?;
         run_launches(
             &self.module,
             &mut self.memory,
