@@ -4,7 +4,9 @@
 //! zeros, and one decode step at position 3000 (the 2048-position window full) runs launch by
 //! launch with the model on. For each launch it prints the critical path (the longest thread's
 //! chain of dependent instructions, every block at once; `emu::Latencies`' constants) and the
-//! time its bytes take at a bandwidth, and then adds them up for the 2B model's 18 recurrent and
+//! time its bytes take at a bandwidth (the GPU's, or its blocks' own where it has fewer blocks
+//! than SMs: one SM takes in an assumed 64 bytes a cycle), and then adds them up for the 2B
+//! model's 18 recurrent and
 //! 8 attention layers: each launch counted as the longer of the two, plus an assumed gap per
 //! launch boundary. An estimate from assumed constants, never a measurement.
 //!
@@ -13,7 +15,7 @@
 //! VOCAB (default 16384) sizes the embedding and logits the interpreter runs; the logits row
 //! of the table is then scaled to the 2B model's 256,000 (its bandwidth time; its latency path
 //! grows with its rows per warp, 61 at 256,000, which the table also scales), and the argmax
-//! row is the argmax kernel run alone over 256,000 logits. KERNEL, a part
+//! row is the argmax kernel run alone over the 2B logits projection's 4,224 best pairs. KERNEL, a part
 //! of a kernel's name, times only those launches (the rest are skipped): a minute less per
 //! try when working on one kernel.
 
@@ -21,7 +23,7 @@ use std::io::Write;
 use std::path::Path;
 
 use griffin_backend_ptx::emu::{self, Latencies};
-use griffin_backend_ptx::misc::{argmax, ARGMAX_THREADS};
+use griffin_backend_ptx::misc::{argmax_best, ARGMAX_THREADS};
 use griffin_backend_ptx::sample::{layout, SampleParams};
 use griffin_runtime::gpu_plan::GpuSample;
 use griffinc::gpu::sampling::sampler_kernels;
@@ -34,8 +36,15 @@ use griffinc::Config;
 const CYCLES_PER_US: f64 = 1980.0;
 /// Bytes per microsecond at the 4.25 TB/s an H200 copies at (as measured for the issue).
 const BYTES_PER_US: f64 = 4.25e6;
+/// What one SM can take in from L2, bytes per µs: an assumed 64 bytes a cycle. A launch of
+/// fewer blocks than SMs cannot spread its bytes wider than its blocks.
+const SM_BYTES_PER_US: f64 = 64.0 * CYCLES_PER_US;
+/// SMs of an H200.
+const SMS: f64 = 132.0;
 /// The published model's vocabulary.
 const VOCAB_2B: u64 = 256_000;
+/// The best pairs its logits projection writes: a slot per warp of its 528 blocks of 8.
+const ARGMAX_2B_SLOTS: u32 = 528 * 8;
 
 fn config(vocab: u64) -> String {
     format!(
@@ -77,21 +86,27 @@ fn write_zero_checkpoint(dir: &Path, config_json: &str) -> Result<(), Box<dyn st
     Ok(())
 }
 
-/// The greedy argmax over the 2B model's 256,000 logits, run alone (one block, so its path
-/// does not scale from a smaller vocabulary's), in cycles.
+/// The greedy argmax of the 2B model's step, run alone: over the best pairs of the logits
+/// projection's 528 × 8 warps (one block, so its path does not scale from a smaller
+/// vocabulary's), in cycles.
 fn argmax_2b_cycles(lat: Latencies) -> Result<u64, Box<dyn std::error::Error>> {
-    let module = emu::Module::parse(&griffin_backend_ptx::module(&[argmax(
+    let slots = ARGMAX_2B_SLOTS;
+    let module = emu::Module::parse(&griffin_backend_ptx::module(&[argmax_best(
         "argmax",
+        slots,
         VOCAB_2B as u32,
     )]))?;
     let mut memory = emu::Memory::new();
-    let logits = memory.alloc_f32(&vec![0.0; VOCAB_2B as usize]);
+    let pairs: Vec<u8> = (0..slots)
+        .flat_map(|i| [0f32.to_bits(), i].into_iter().flat_map(u32::to_le_bytes))
+        .collect();
+    let best = memory.alloc(&pairs);
     let out = memory.alloc_u32(&[0]);
     memory.enable_timing(lat);
     let launch = emu::Launch {
         grid: 1,
         block: ARGMAX_THREADS,
-        params: &[logits, out],
+        params: &[best, out],
     };
     emu::run(&module, "argmax", &launch, &mut memory)?;
     Ok(memory.last_launch_cycles().unwrap_or(0))
@@ -239,14 +254,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             latency *= scale;
         }
         if p == "argmax" {
-            bytes = 4 * VOCAB_2B;
+            bytes = 8 * ARGMAX_2B_SLOTS as u64;
             latency = argmax_2b_cycles(lat)? as f64 / CYCLES_PER_US;
         }
         if kernel.ends_with("_attend") {
             // Attention's bytes depend on the position: the window's keys and values (f32).
             bytes = 2 * 2048 * 256 * 4;
         }
-        let bandwidth = bytes as f64 / BYTES_PER_US;
+        // The GPU's bandwidth, or the SMs' own where the grid has fewer blocks than SMs.
+        let sms = (grid as f64).min(SMS);
+        let bandwidth = (bytes as f64 / BYTES_PER_US).max(bytes as f64 / (sms * SM_BYTES_PER_US));
         println!(
             "| {kernel} | {p} | {grid} × {block} | {instructions} | {latency:.2} | {:.2} | {bandwidth:.2} |",
             bytes as f64 / 1e6
@@ -286,12 +303,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "\nthe device sampler over 256,000 logits (temperature 0.8, top-p 0.95, penalty 1.1):\n"
     );
-    println!("| launch | grid × block | critical path µs |");
+    println!("| launch | grid × block | critical path µs (the max: or its SM's bandwidth) |");
     println!("| --- | --- | ---: |");
     let sampler = sampler_2b(lat)?;
     let mut sampler_us = 0.0;
     for (kernel, grid, block, cycles) in &sampler {
-        let us = *cycles as f64 / CYCLES_PER_US;
+        let mut us = *cycles as f64 / CYCLES_PER_US;
+        // The penalised max reads every logit in one block: its SM's own bandwidth.
+        if kernel.ends_with("_max") {
+            us = us.max(4.0 * VOCAB_2B as f64 / SM_BYTES_PER_US);
+        }
         sampler_us += us;
         println!("| {kernel} | {grid} × {block} | {us:.2} |");
     }

@@ -326,17 +326,38 @@ fn rms_factor(k: &mut Kernel, x: Reg, lane: Reg, inputs: u32, eps: f32) -> Reg {
 /// [residual `f32[width]`], out `f32[width]`. Launch: `grid(spec)` blocks of
 /// `32 · WARPS_PER_BLOCK` threads.
 pub fn gemv(spec: &GemvSpec) -> String {
+    gemv_kernel(spec, false)
+}
+
+/// Slots of the best-output pairs `gemv_with_best` writes: one per warp of its grid.
+pub fn best_slots(spec: &GemvSpec) -> u32 {
+    grid(spec) * WARPS_PER_BLOCK
+}
+
+/// `gemv`, and each warp's largest output with its column (the first on ties, NaN never
+/// wins; `(-inf, width)` for a warp without one) as an (f32, u32) pair into slot `block · 8 +
+/// warp` of one more parameter, best `[best_slots, 2]`: the greedy argmax then reduces 4,224
+/// pairs for the 2B logits (`misc::argmax_best`) instead of reading 256,000 values in one
+/// block, 1 MB through one SM.
+pub fn gemv_with_best(spec: &GemvSpec) -> String {
+    gemv_kernel(spec, true)
+}
+
+fn gemv_kernel(spec: &GemvSpec, with_best: bool) -> String {
     assert!(spec.inputs % 8 == 0, "inputs must be a multiple of 8");
     let mut k = Kernel::new(&spec.name);
     // Eight blocks per SM (32 registers per thread): up to `MAX_ROW_BLOCKS` blocks all
-    // resident at once on an H200, so no block waits for a second wave.
-    k.launch_bounds(32 * WARPS_PER_BLOCK, 8);
+    // resident at once on an H200, so no block waits for a second wave. Tracking the best
+    // output takes two registers more: four blocks per SM then, as many as the wide outputs'
+    // fixed grid has (`PERSISTENT_BLOCKS`).
+    k.launch_bounds(32 * WARPS_PER_BLOCK, if with_best { 4 } else { 8 });
     let x = k.param_ptr("x");
     let gain = spec.norm.map(|_| k.param_ptr("gain"));
     let w = k.param_ptr("w");
     let bias = spec.bias.then(|| k.param_ptr("bias"));
     let residual = spec.residual.then(|| k.param_ptr("residual"));
     let out = k.param_ptr("out");
+    let best_out = with_best.then(|| k.param_ptr("best"));
 
     let (tid, block) = k.thread_and_block();
     let (warp, lane) = k.warp_and_lane(tid);
@@ -367,6 +388,14 @@ pub fn gemv(spec: &GemvSpec) -> String {
         _ => None,
     };
 
+    // The warp's best output so far (lane 0's): rows come in increasing order, so strictly
+    // greater keeps the first.
+    let best = best_out.map(|_| {
+        let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
+        k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
+        k.ins(format!("mov.u32 {bi}, {};", spec.width));
+        (bv, bi)
+    });
     // Rows col, col + stride, ... (one unless the output is wider than the grid's warps).
     let stride = grid(spec) * WARPS_PER_BLOCK;
     let persistent = stride < spec.width;
@@ -466,12 +495,35 @@ pub fn gemv(spec: &GemvSpec) -> String {
     let p = k.reg(Class::B64);
     k.ins(format!("add.u64 {p}, {out}, {off};"));
     k.ins(format!("st.global.f32 [{p}], {value};"));
+    if let Some((bv, bi)) = best {
+        let better = k.reg(Class::Pred);
+        k.ins(format!("setp.gt.f32 {better}, {value}, {bv};"));
+        k.ins(format!("@{better} mov.f32 {bv}, {value};"));
+        k.ins(format!("@{better} mov.u32 {bi}, {col};"));
+    }
     k.place(&row_next);
     if persistent {
         k.ins(format!("add.u32 {col}, {col}, {stride};"));
         k.ins(format!("bra {row_head};"));
     }
     k.place(&done);
+    if let (Some(best_out), Some((bv, bi))) = (best_out, best) {
+        // Lane 0 of every warp, with rows or without, fills its slot.
+        let slot = k.reg(Class::B32);
+        k.ins(format!(
+            "mad.lo.u32 {slot}, {block}, {WARPS_PER_BLOCK}, {warp};"
+        ));
+        let at = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {at}, {slot}, 8;"));
+        k.ins(format!("add.u64 {at}, {at}, {best_out};"));
+        let bits = k.reg(Class::B32);
+        k.ins(format!("mov.b32 {bits}, {bv};"));
+        let first = k.reg(Class::Pred);
+        k.ins(format!("setp.eq.u32 {first}, {lane}, 0;"));
+        k.ins(format!(
+            "@{first} st.global.v2.u32 [{at}], {{{bits}, {bi}}};"
+        ));
+    }
     k.finish()
 }
 

@@ -63,9 +63,6 @@ pub(crate) fn block_argmax(
     unroll: u32,
     adjust: &mut dyn FnMut(&mut Kernel, Reg, Reg),
 ) -> (Reg, Reg, String) {
-    let warps = ARGMAX_THREADS / 32;
-    k.shared("best_v", 4 * warps, 16);
-    k.shared("best_i", 4 * warps, 16);
     let tid = k.reg(Class::B32);
     k.ins(format!("mov.u32 {tid}, %tid.x;"));
     // Four running bests per thread, one per element of a group of four (indices 4q + j),
@@ -132,28 +129,41 @@ pub(crate) fn block_argmax(
         visit(k, v, index, chains[0]);
         k.place(&skip);
     }
-    // (value, index) pairs reduced: larger value, or equal value and smaller index.
-    let combine = |k: &mut Kernel, bv, bi, ov, oi| {
-        let gt = k.reg(Class::Pred);
-        k.ins(format!("setp.gt.f32 {gt}, {ov}, {bv};"));
-        let eq = k.reg(Class::Pred);
-        k.ins(format!("setp.eq.f32 {eq}, {ov}, {bv};"));
-        let lower = k.reg(Class::Pred);
-        k.ins(format!("setp.lt.u32 {lower}, {oi}, {bi};"));
-        k.ins(format!("and.pred {eq}, {eq}, {lower};"));
-        k.ins(format!("or.pred {gt}, {gt}, {eq};"));
-        k.ins(format!("@{gt} mov.f32 {bv}, {ov};"));
-        k.ins(format!("@{gt} mov.u32 {bi}, {oi};"));
-    };
     let (bv, bi) = chains[0];
     for &(ov, oi) in &chains[1..] {
-        combine(k, bv, bi, ov, oi);
+        keep_better(k, bv, bi, ov, oi);
     }
+    let done = reduce_best(k, tid, bv, bi, vocab);
+    (bv, bi, done)
+}
+
+/// `(bv, bi)` becomes `(ov, oi)` where that is better: a larger value, or an equal one at a
+/// lower index (NaN is never larger nor equal, so it never wins).
+fn keep_better(k: &mut Kernel, bv: Reg, bi: Reg, ov: Reg, oi: Reg) {
+    let gt = k.reg(Class::Pred);
+    k.ins(format!("setp.gt.f32 {gt}, {ov}, {bv};"));
+    let eq = k.reg(Class::Pred);
+    k.ins(format!("setp.eq.f32 {eq}, {ov}, {bv};"));
+    let lower = k.reg(Class::Pred);
+    k.ins(format!("setp.lt.u32 {lower}, {oi}, {bi};"));
+    k.ins(format!("and.pred {eq}, {eq}, {lower};"));
+    k.ins(format!("or.pred {gt}, {gt}, {eq};"));
+    k.ins(format!("@{gt} mov.f32 {bv}, {ov};"));
+    k.ins(format!("@{gt} mov.u32 {bi}, {oi};"));
+}
+
+/// Every thread's `(bv, bi)` of a block of `ARGMAX_THREADS` reduced to the best in thread 0
+/// (an index past `vocab`, where nothing won, becomes 0); the code after it runs in thread 0
+/// alone, up to the returned label, which the caller places.
+fn reduce_best(k: &mut Kernel, tid: Reg, bv: Reg, bi: Reg, vocab: u32) -> String {
+    let warps = ARGMAX_THREADS / 32;
+    k.shared("best_v", 4 * warps, 16);
+    k.shared("best_i", 4 * warps, 16);
     for offset in [16, 8, 4, 2, 1] {
         let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
         k.ins(format!("shfl.sync.bfly.b32 {ov}, {bv}, {offset}, 31, -1;"));
         k.ins(format!("shfl.sync.bfly.b32 {oi}, {bi}, {offset}, 31, -1;"));
-        combine(k, bv, bi, ov, oi);
+        keep_better(k, bv, bi, ov, oi);
     }
     let (warp, lane) = k.warp_and_lane(tid);
     let lane0 = k.reg(Class::Pred);
@@ -179,11 +189,52 @@ pub(crate) fn block_argmax(
         let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
         k.ins(format!("ld.shared.f32 {ov}, [{sv}+{}];", 4 * w));
         k.ins(format!("ld.shared.u32 {oi}, [{si}+{}];", 4 * w));
-        combine(k, bv, bi, ov, oi);
+        keep_better(k, bv, bi, ov, oi);
     }
     // All logits NaN: id 0 rather than an out-of-range id.
     let none = k.reg(Class::Pred);
     k.ins(format!("setp.ge.u32 {none}, {bi}, {vocab};"));
     k.ins(format!("@{none} mov.u32 {bi}, 0;"));
-    (bv, bi, done)
+    done
+}
+
+/// The greedy argmax from the pairs `gemv::gemv_with_best` wrote: the best of `slots`
+/// (value, index) pairs by (larger value, else lower index), as `argmax` would find over the
+/// whole output of `vocab` values. Parameters: best `[slots, 2]` (f32 value, u32 index), out
+/// `i32[1]`. One block of 1024 threads.
+pub fn argmax_best(name: &str, slots: u32, vocab: u32) -> String {
+    let mut k = Kernel::new(name);
+    k.launch_bounds(ARGMAX_THREADS, 1);
+    let best = k.param_ptr("best");
+    let out = k.param_ptr("out");
+    let tid = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
+    k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
+    k.ins(format!("mov.u32 {bi}, {vocab};"));
+    // Slots tid, tid + 1024, ...: a slot's pairs come in no order of index, so the full rule.
+    let si = k.reg(Class::B32);
+    k.ins(format!("mov.u32 {si}, {tid};"));
+    k.unrolled(si, slots, ARGMAX_THREADS, ARGMAX_UNROLL, &mut |k, n| {
+        let mut loaded = Vec::new();
+        for u in 0..n {
+            let at = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {at}, {si}, 8;"));
+            k.ins(format!("add.u64 {at}, {at}, {best};"));
+            let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
+            k.ins(format!(
+                "ld.global.v2.b32 {{{ov}, {oi}}}, [{at}+{}];",
+                8 * u * ARGMAX_THREADS
+            ));
+            loaded.push((ov, oi));
+        }
+        for (ov, oi) in loaded {
+            keep_better(k, bv, bi, ov, oi);
+        }
+        k.ins(format!("add.u32 {si}, {si}, {};", n * ARGMAX_THREADS));
+    });
+    let done = reduce_best(&mut k, tid, bv, bi, vocab);
+    k.ins(format!("st.global.u32 [{out}], {bi};"));
+    k.place(&done);
+    k.finish()
 }

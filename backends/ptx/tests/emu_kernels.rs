@@ -775,6 +775,79 @@ fn argmax_takes_the_first_maximum_and_skips_nan() {
     }
 }
 
+#[test]
+fn projection_best_pairs_give_the_argmax_of_its_outputs() {
+    use griffin_backend_ptx::gemv::{best_slots, gemv_with_best};
+    use griffin_backend_ptx::misc::{argmax_best, ARGMAX_THREADS};
+    use griffin_backend_ptx::rg_lru::Storage;
+    // 9000 outputs: the fixed grid of 528 blocks, warps walking two or three rows each; 300:
+    // a warp per row, some warps without one.
+    for width in [9000usize, 300] {
+        let spec = GemvSpec {
+            name: "p".into(),
+            inputs: 8,
+            width: width as u32,
+            bias: false,
+            epilogue: Epilogue::None,
+            residual: false,
+            weights: Storage::F32,
+            norm: None,
+        };
+        let slots = best_slots(&spec);
+        let m = Module::parse(&module(&[
+            gemv_with_best(&spec),
+            argmax_best("a", slots, width as u32),
+        ]))
+        .unwrap();
+        let mut rng = Rng(3);
+        let mut cases: Vec<(Vec<f32>, u32)> = Vec::new();
+        let mut v = rng.vec(width);
+        v[width / 3] = 7.0;
+        cases.push((v, width as u32 / 3));
+        // Ties across warps and rows of one warp: the lowest index wins.
+        let mut v = rng.vec(width);
+        for i in [width - 1, 4224 % width, 17, width / 2] {
+            v[i] = 9.0;
+        }
+        cases.push((v, 17));
+        let mut v = rng.vec(width);
+        v[0] = f32::NAN;
+        v[3] = 5.0;
+        cases.push((v, 3));
+        cases.push((vec![f32::NAN; width], 0));
+        cases.push((vec![f32::NEG_INFINITY; width], 0));
+        for (outputs, want) in cases {
+            // x = e_0, so output r is w[r][0].
+            let mut w = vec![0.0f32; 8 * width];
+            for (r, o) in outputs.iter().enumerate() {
+                w[8 * r] = *o;
+            }
+            let mut mem = Memory::new();
+            let x = mem.alloc_f32(&[1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+            let wa = mem.alloc_f32(&w);
+            let out = mem.alloc_f32(&vec![0.0; width]);
+            let best = mem.alloc(&vec![0xAB; 8 * slots as usize]);
+            let next = mem.alloc_u32(&[u32::MAX]);
+            let launch = Launch {
+                grid: grid(&spec),
+                block: 32 * WARPS_PER_BLOCK,
+                params: &[x, wa, out, best],
+            };
+            run(&m, "p", &launch, &mut mem).unwrap();
+            let got = mem.read_f32(out, width).unwrap();
+            let same = |a: f32, b: f32| a == b || (a.is_nan() && b.is_nan());
+            assert!(got.iter().zip(&outputs).all(|(g, o)| same(*g, *o)));
+            let launch = Launch {
+                grid: 1,
+                block: ARGMAX_THREADS,
+                params: &[best, next],
+            };
+            run(&m, "a", &launch, &mut mem).unwrap();
+            assert_eq!(mem.read_u32(next, 1).unwrap()[0], want, "width {width}");
+        }
+    }
+}
+
 /// The norm's row scales: per token the smallest 2^k (k ≥ 0) that brings every normalised
 /// value below 2^15, rows of gains from 1 to 1e9 (so k from 0 to ~20); the normalised rows are
 /// those of the norm without scales, bit for bit; `row_scales_tokens` finds the same scales

@@ -7,8 +7,10 @@ use griffin_backend_ptx::attention::{
     attend, attend_combine, attend_combine_grid, attend_grid, attend_scratch, inverse_frequencies,
     AttentionSpec, ATTEND_WARPS, COMBINE_BLOCK, MAX_GROUP,
 };
-use griffin_backend_ptx::gemv::{gemv, grid, Epilogue as GemvEpilogue, GemvSpec, WARPS_PER_BLOCK};
-use griffin_backend_ptx::misc::{argmax, gather, ARGMAX_THREADS, GATHER_BLOCK};
+use griffin_backend_ptx::gemv::{
+    best_slots, gemv, gemv_with_best, grid, Epilogue as GemvEpilogue, GemvSpec, WARPS_PER_BLOCK,
+};
+use griffin_backend_ptx::misc::{argmax, argmax_best, gather, ARGMAX_THREADS, GATHER_BLOCK};
 use griffin_backend_ptx::rg_lru::{
     block_size, rg_lru_step, step_block, step_grid, RgLruSpec, Storage,
 };
@@ -56,6 +58,8 @@ struct Lowering<'g> {
     /// Each prefill projection launch's spec and whether a row-scale parameter follows its
     /// inputs, by launch index (for the last-row logits).
     gemm_specs: HashMap<usize, (GemvSpec, bool)>,
+    /// Each decode projection launch's spec, by launch index (for the logits' best pairs).
+    gemv_specs: HashMap<usize, GemvSpec>,
     /// The first kernel of each body (its text with the entry name taken out): the layers'
     /// kernels are mostly the same, and the module keeps one of each.
     kernel_of_body: HashMap<String, String>,
@@ -668,6 +672,7 @@ impl Lowering<'_> {
                 }
                 args.push(out);
                 let g = grid(&spec);
+                self.gemv_specs.insert(self.launches.len(), spec.clone());
                 self.launch(name, gemv(&spec), g, 32 * WARPS_PER_BLOCK, args)
                     .work = projection_work(&spec, false, 1);
             }
@@ -750,6 +755,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
         logits: None,
         count: None,
         gemm_specs: HashMap::new(),
+        gemv_specs: HashMap::new(),
     };
     for (i, id) in g.topo_order().into_iter().enumerate() {
         l.node(id, i)?;
@@ -757,6 +763,7 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
     let ids = l.ids.ok_or_else(|| unsupported("no token input"))?;
     let position = l.position.ok_or_else(|| unsupported("no position input"))?;
     let logits = l.logits.ok_or_else(|| unsupported("no logits output"))?;
+    let best = best_pairs(&mut l, logits);
     // The prefill graph into the same state, weights and position buffers.
     let prefill = match prefill_chunk {
         None => None,
@@ -790,16 +797,29 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
     };
     let vocab = model.vocab_size();
     let next_id = l.buffer(GpuBufferKind::NextId, 4);
-    let argmax_ptx = argmax("greedy_argmax", vocab as u32);
+    // The greedy argmax over the logits projection's best pairs where it writes them, else
+    // over the logits.
+    let (argmax_ptx, argmax_in, argmax_bytes) = match best {
+        Some((pairs, slots)) => (
+            argmax_best("greedy_argmax", slots, vocab as u32),
+            pairs,
+            8 * slots as u64,
+        ),
+        None => (
+            argmax("greedy_argmax", vocab as u32),
+            logits,
+            4 * vocab as u64,
+        ),
+    };
     l.kernels.insert("greedy_argmax".into(), argmax_ptx);
     let at = |buffer| Arg { buffer, offset: 0 };
     let argmax_launch = GpuLaunch {
         kernel: "greedy_argmax".into(),
         grid: 1,
         block: ARGMAX_THREADS,
-        args: vec![at(logits), at(next_id)],
+        args: vec![at(argmax_in), at(next_id)],
         work: Work {
-            bytes: 4 * vocab as u64,
+            bytes: argmax_bytes,
             ..Work::default()
         },
     };
@@ -841,6 +861,39 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
     // read by the host and stay apart).
     program.plan.pool_activations();
     Ok(program)
+}
+
+/// The decode step's logits projection (the last launch writing `logits`, a GEMV) made to
+/// also write each warp's best output and its index (`gemv_with_best`), so the greedy argmax
+/// reads a few thousand pairs instead of the whole vocabulary in one block; the pairs' buffer
+/// and slots. `None` where the logits come from something else.
+fn best_pairs(l: &mut Lowering, logits: usize) -> Option<(usize, u32)> {
+    let index = l
+        .launches
+        .iter()
+        .rposition(|launch| launch.args.last().map(|a| a.buffer) == Some(logits))?;
+    let spec = l.gemv_specs.get(&index)?;
+    let spec = GemvSpec {
+        name: format!("{}_best", spec.name),
+        ..spec.clone()
+    };
+    let slots = best_slots(&spec);
+    let pairs = l.buffer(GpuBufferKind::Activation, 8 * slots as u64);
+    let name = spec.name.clone();
+    l.kernels.insert(name.clone(), gemv_with_best(&spec));
+    let launch = &mut l.launches[index];
+    let old = std::mem::replace(&mut launch.kernel, name);
+    launch.args.push(Arg {
+        buffer: pairs,
+        offset: 0,
+    });
+    launch.work.bytes += 8 * slots as u64;
+    // The plain kernel leaves the module unless another launch shares its body.
+    if !l.launches.iter().any(|launch| launch.kernel == old) {
+        l.kernels.remove(&old);
+        l.kernel_of_body.retain(|_, kernel| *kernel != old);
+    }
+    Some((pairs, slots))
 }
 
 /// The prefill launches with the logits projection run on the chunk's last row only (one
