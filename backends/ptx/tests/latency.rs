@@ -11,7 +11,7 @@ use griffin_backend_ptx::attention::{
     AttentionSpec, ATTEND_WARPS, COMBINE_BLOCK,
 };
 use griffin_backend_ptx::emu::{run, Latencies, Launch, Memory, Module};
-use griffin_backend_ptx::misc::{argmax, ARGMAX_THREADS};
+use griffin_backend_ptx::misc::{argmax, argmax_best, ARGMAX_THREADS};
 use griffin_backend_ptx::module;
 use griffin_backend_ptx::rg_lru::{rg_lru_step, step_block, step_grid, RgLruSpec, Storage};
 
@@ -146,7 +146,7 @@ fn rg_lru_step_waits_on_memory_a_few_times() {
 }
 
 #[test]
-fn greedy_argmax_over_256000_logits_waits_on_memory_about_ten_times() {
+fn argmax_over_256000_logits_waits_on_memory_about_ten_times() {
     let vocab = 256_000u32;
     let mut mem = Memory::new();
     let logits = mem.alloc_f32(&vec![0.0; vocab as usize]);
@@ -166,4 +166,30 @@ fn greedy_argmax_over_256000_logits_waits_on_memory_about_ten_times() {
         argmax_cycles < 13 * dram(),
         "argmax: {argmax_cycles} cycles"
     );
+}
+
+#[test]
+fn greedy_argmax_over_the_2b_logits_best_pairs_waits_on_memory_once() {
+    // The 2B logits projection's 528 blocks of 8 warps: 4,224 pairs.
+    let slots = 528 * 8;
+    let mut mem = Memory::new();
+    let pairs: Vec<u8> = (0..slots)
+        .flat_map(|i: u32| [1f32.to_bits(), i].into_iter().flat_map(u32::to_le_bytes))
+        .collect();
+    let best = mem.alloc(&pairs);
+    let out = mem.alloc_u32(&[u32::MAX]);
+    let argmax_cycles = cycles(
+        &module(&[argmax_best("argmax", slots, 256_000)]),
+        "argmax",
+        1,
+        ARGMAX_THREADS,
+        &mut mem,
+        &[best, out],
+    );
+    println!("argmax over best pairs {argmax_cycles} cycles");
+    // Four or five pairs per thread, loaded at once; then the block's reduction (shuffles,
+    // and thread 0's pass over the 32 warps' bests).
+    assert!(argmax_cycles < 4 * dram(), "argmax: {argmax_cycles} cycles");
+    // All equal: the lowest index.
+    assert_eq!(mem.read_u32(out, 1).unwrap()[0], 0);
 }
