@@ -26,6 +26,7 @@ use griffin_backend_ptx::emu::{self, Latencies};
 use griffin_backend_ptx::misc::{argmax_best, ARGMAX_THREADS};
 use griffin_backend_ptx::sample::{layout, SampleParams};
 use griffin_runtime::gpu_plan::GpuSample;
+use griffinc::config::PUBLISHED_2B;
 use griffinc::gpu::sampling::sampler_kernels;
 use griffinc::gpu::{EmuEngine, GpuOptions, LaunchLatency};
 use griffinc::sampling::{Sampler, SamplingParams};
@@ -46,19 +47,13 @@ const VOCAB_2B: u64 = 256_000;
 /// The best pairs its logits projection writes: a slot per warp of its 528 blocks of 8.
 const ARGMAX_2B_SLOTS: u32 = 528 * 8;
 
-fn config(vocab: u64) -> String {
-    format!(
-        r#"{{
-  "architectures": ["RecurrentGemmaForCausalLM"], "attention_bias": false,
-  "attention_window_size": 2048, "block_types": ["recurrent", "recurrent", "attention"],
-  "bos_token_id": 2, "conv1d_width": 4, "eos_token_id": 1, "head_dim": 256,
-  "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2560, "intermediate_size": 15360,
-  "logits_soft_cap": 30.0, "lru_width": 2560, "model_type": "recurrent_gemma",
-  "num_attention_heads": 10, "num_hidden_layers": 3, "num_key_value_heads": 1,
-  "pad_token_id": 0, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
-  "rope_theta": 10000.0, "vocab_size": {vocab}
-}}"#
-    )
+/// The published 2B configuration with three layers (recurrent, recurrent, attention) and a
+/// vocabulary of `vocab`.
+fn config(vocab: u64) -> Result<String, Box<dyn std::error::Error>> {
+    let mut c: serde_json::Value = serde_json::from_str(PUBLISHED_2B)?;
+    c["num_hidden_layers"] = 3.into();
+    c["vocab_size"] = vocab.into();
+    Ok(serde_json::to_string_pretty(&c)?)
 }
 
 /// Writes `config_json` and a `model.safetensors` of bf16 zeros: a header, then a hole.
@@ -188,7 +183,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => 16384,
     };
     let dir = tempfile::tempdir()?;
-    write_zero_checkpoint(dir.path(), &config(vocab))?;
+    write_zero_checkpoint(dir.path(), &config(vocab)?)?;
     let model = Model::load(dir.path())?;
     let mut engine = EmuEngine::with_options(&model, &GpuOptions::default())?;
     let started = std::time::Instant::now();

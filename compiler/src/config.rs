@@ -353,6 +353,32 @@ fn is_positive(x: f64) -> bool {
     x > 0.0
 }
 
+/// The published RecurrentGemma 2B `config.json` (for shape tests and estimates: no weights
+/// come with it).
+pub const PUBLISHED_2B: &str = r#"{
+  "architectures": ["RecurrentGemmaForCausalLM"], "attention_bias": false,
+  "attention_window_size": 2048, "block_types": ["recurrent", "recurrent", "attention"],
+  "bos_token_id": 2, "conv1d_width": 4, "eos_token_id": 1, "head_dim": 256,
+  "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2560, "intermediate_size": 15360,
+  "logits_soft_cap": 30.0, "lru_width": 2560, "model_type": "recurrent_gemma",
+  "num_attention_heads": 10, "num_hidden_layers": 26, "num_key_value_heads": 1,
+  "pad_token_id": 0, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
+  "rope_theta": 10000.0, "vocab_size": 256000
+}"#;
+
+/// The published 9B configuration (D=4096, 38 layers, 16 heads of 256 on one KV head, an MLP
+/// of 3·D as in the 2B model).
+pub const PUBLISHED_9B: &str = r#"{
+  "architectures": ["RecurrentGemmaForCausalLM"], "attention_bias": false,
+  "attention_window_size": 2048, "block_types": ["recurrent", "recurrent", "attention"],
+  "bos_token_id": 2, "conv1d_width": 4, "eos_token_id": 1, "head_dim": 256,
+  "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 4096, "intermediate_size": 24576,
+  "logits_soft_cap": 30.0, "lru_width": 4096, "model_type": "recurrent_gemma",
+  "num_attention_heads": 16, "num_hidden_layers": 38, "num_key_value_heads": 1,
+  "pad_token_id": 0, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
+  "rope_theta": 10000.0, "vocab_size": 256000
+}"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,9 +3,10 @@
 
 mod common;
 
-use common::{golden_dir, CONFIG_2B, CONFIG_9B};
+use common::golden_dir;
 use griffin_ir::text::{parse, print};
 use griffin_ir::verify;
+use griffinc::config::{PUBLISHED_2B as CONFIG_2B, PUBLISHED_9B as CONFIG_9B};
 use griffinc::passes::stats::kernel_stats;
 use griffinc::passes::{find, run_pipeline, PASSES};
 use griffinc::session::Model;

@@ -16,7 +16,7 @@ use griffinc::gpu::{lower, GpuOptions, GpuProgram};
 use griffinc::session::Model;
 use griffinc::Config;
 
-use common::{CONFIG_2B, CONFIG_9B};
+use griffinc::config::{PUBLISHED_2B as CONFIG_2B, PUBLISHED_9B as CONFIG_9B};
 
 /// Writes `config_json` and a `model.safetensors` whose every tensor is bf16 zeros, as a
 /// header followed by a hole; the bytes of the weights.
