@@ -151,6 +151,12 @@ if [ "$SECONDS" -lt "$budget" ]; then
   echo "== profile (2B shape, --no-tensor-cores): attention and gates"
   timeout 120 "$carry/2b/griffin-2b-simt" --weights "$exe.weights" --ids "$prompt" --max-new-tokens 1 --profile 2>&1 >/dev/null | grep -E '^profile:|^\| *(kernel|---)|attend_tokens|_gates|_conv' | head -24
 fi
+# What the interpreter's latency model estimated for the same step (made before the call, not
+# on the GPU): to set beside the decode profile above.
+if [ -f "$carry/decode_estimate.txt" ]; then
+  echo "== the latency model's estimate of a decode step (made without a GPU)"
+  grep -E '^\| (launch|---|k|greedy|sample)|^- |^2B|^sampled' "$carry/decode_estimate.txt" | head -50
+fi
 echo "elapsed: ${SECONDS} s"
 
 "$py" - "$pre" "$dec" "$ref" "$carry/2b/griffin-2b" "$pre_simt" "$pre_bf16in" "$pre_plain" "$dec_plain" "$pre_512" "$pre_f16in" "$pre_whole" "$pre_wgmma" "$pre_wgmma_f16" "$dec_sampled" "$dec_sampled_host" <<'PY'

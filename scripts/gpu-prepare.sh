@@ -53,6 +53,10 @@ rm -f "$carry"/2b/*.weights
 target/release/griffinc build "$ckpt" --target cuda --name griffin-2b-chunk512 -o "$carry/2b" --prefill-chunk 512
 rm -f "$carry"/2b/*.weights
 cp "$ckpt/config.json" "$carry/2b/"
+# The latency model's estimate of the decode step (interpreter, ~80 s), for gpu-check.sh to
+# print beside the measured profile: the first comparison of the model with a GPU.
+cargo build --release -p griffinc --example decode_estimate --locked -q
+target/release/examples/decode_estimate > "$carry/decode_estimate.txt"
 # The kernel probe: tensor-core kernels on the device against the interpreter, one by one.
 cp target/release/griffin-gpu-probe "$carry/"
 strip "$carry"/golden/*/griffin "$carry"/2b/griffin-2b* "$carry/griffin-gpu-probe"
