@@ -491,11 +491,19 @@ pub fn attend(s: &AttentionSpec) -> String {
     let nkeys = k.reg(Class::B32);
     k.ins(format!("sub.u32 {nkeys}, {count}, {n0};"));
     k.ins(format!("min.u32 {nkeys}, {nkeys}, {SPLIT_KEYS};"));
-    // Element of the ring row of window index n (position lo + n, slot mod W) for KV head g.
-    let row_of = |k: &mut Kernel, n: Reg| -> Reg {
+    // Element of the ring row of the split's key n (window index n0 + n, position lo + n0 +
+    // n, slot mod W) for KV head g: from the split's first slot, wrapping once (a key of the
+    // split is within W of its first; past the split's keys the row is never read), so one
+    // integer remainder per thread (a long sequence on the GPU) instead of one per key.
+    let slot0 = k.reg(Class::B32);
+    k.ins(format!("add.u32 {slot0}, {lo}, {n0};"));
+    k.ins(format!("rem.u32 {slot0}, {slot0}, {w};"));
+    let row_of = |k: &mut Kernel, n: &dyn std::fmt::Display| -> Reg {
         let slot = k.reg(Class::B32);
-        k.ins(format!("add.u32 {slot}, {lo}, {n};"));
-        k.ins(format!("rem.u32 {slot}, {slot}, {w};"));
+        k.ins(format!("add.u32 {slot}, {slot0}, {n};"));
+        let wraps = k.reg(Class::Pred);
+        k.ins(format!("setp.ge.u32 {wraps}, {slot}, {w};"));
+        k.ins(format!("@{wraps} sub.u32 {slot}, {slot}, {w};"));
         k.ins(format!("mad.lo.u32 {slot}, {slot}, {}, {g};", s.kv_heads));
         k.ins(format!("mul.lo.u32 {slot}, {slot}, {hd};"));
         slot
@@ -577,9 +585,7 @@ pub fn attend(s: &AttentionSpec) -> String {
         // A key past the split's end loads nothing (its score is -inf below).
         let valid = k.reg(Class::Pred);
         k.ins(format!("setp.lt.u32 {valid}, {n}, {nkeys};"));
-        let wn = k.reg(Class::B32);
-        k.ins(format!("add.u32 {wn}, {n0}, {n};"));
-        let row = row_of(&mut k, wn);
+        let row = row_of(&mut k, &n);
         let mut feats = Vec::new();
         for j in 0..per_lane {
             let f = k.reg(Class::F32);
@@ -696,9 +702,7 @@ pub fn attend(s: &AttentionSpec) -> String {
         for u in 0..SPLIT_KEYS {
             let valid = k.reg(Class::Pred);
             k.ins(format!("setp.gt.u32 {valid}, {nkeys}, {u};"));
-            let wn = k.reg(Class::B32);
-            k.ins(format!("add.u32 {wn}, {n0}, {u};"));
-            let row = row_of(k, wn);
+            let row = row_of(k, &u);
             k.ins(format!("add.u32 {row}, {row}, {od};"));
             let va = addr4(k, values, row);
             let vv = k.reg(Class::F32);

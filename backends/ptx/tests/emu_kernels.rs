@@ -565,6 +565,8 @@ fn attention_step_matches_reference_across_the_ring() {
     // KV head; each far enough to wrap the ring twice.
     attention_step_case(4, 2, 16, 8, 19);
     attention_step_case(3, 1, 40, 80, 170);
+    // Heads wider than the block's 256 threads: values loaded per feature after the softmax.
+    attention_step_case(2, 1, 264, 40, 45);
 }
 
 fn attention_step_case(heads: usize, kv_heads: usize, hd: usize, window: usize, steps: usize) {
