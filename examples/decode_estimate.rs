@@ -20,19 +20,17 @@
 //! minute less per try when working on one kernel, but their inputs then count as not written
 //! by a recent kernel, so from DRAM: attend reads 3.47 µs so, 2.98 in the full run).
 
-use std::io::Write;
-use std::path::Path;
-
 use griffin_backend_ptx::emu::{self, Latencies};
+use griffin_backend_ptx::gemv::best_slots;
 use griffin_backend_ptx::misc::{argmax_best, ARGMAX_THREADS};
-use griffin_backend_ptx::sample::{layout, SampleParams};
+use griffin_backend_ptx::sample::layout;
 use griffin_runtime::gpu_plan::GpuSample;
+use griffinc::checkpoint::write_zero_checkpoint;
 use griffinc::config::PUBLISHED_2B;
 use griffinc::gpu::sampling::sampler_kernels;
 use griffinc::gpu::{EmuEngine, GpuOptions, LaunchLatency};
 use griffinc::sampling::{Sampler, SamplingParams};
 use griffinc::session::Model;
-use griffinc::Config;
 
 /// Cycles per microsecond: an H200's boost clock (1.98 GHz).
 const CYCLES_PER_US: f64 = 1980.0;
@@ -45,8 +43,6 @@ const SM_BYTES_PER_US: f64 = 64.0 * CYCLES_PER_US;
 const SMS: f64 = 132.0;
 /// The published model's vocabulary.
 const VOCAB_2B: u64 = 256_000;
-/// The best pairs its logits projection writes: a slot per warp of its 528 blocks of 8.
-const ARGMAX_2B_SLOTS: u32 = 528 * 8;
 
 /// The published 2B configuration with three layers (recurrent, recurrent, attention) and a
 /// vocabulary of `vocab`.
@@ -57,36 +53,11 @@ fn config(vocab: u64) -> Result<String, Box<dyn std::error::Error>> {
     Ok(serde_json::to_string_pretty(&c)?)
 }
 
-/// Writes `config_json` and a `model.safetensors` of bf16 zeros: a header, then a hole.
-fn write_zero_checkpoint(dir: &Path, config_json: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let config = Config::from_json(config_json)?;
-    std::fs::write(dir.join("config.json"), config_json)?;
-    let mut header = serde_json::Map::new();
-    let mut offset = 0u64;
-    for (name, shape) in config.expected_tensors() {
-        let bytes = 2 * shape.iter().product::<usize>() as u64;
-        let entry = serde_json::json!({
-            "dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes],
-        });
-        header.insert(name, entry);
-        offset += bytes;
-    }
-    let mut text = serde_json::to_string(&header)?;
-    while text.len() % 8 != 0 {
-        text.push(' ');
-    }
-    let mut f = std::fs::File::create(dir.join("model.safetensors"))?;
-    f.write_all(&(text.len() as u64).to_le_bytes())?;
-    f.write_all(text.as_bytes())?;
-    f.set_len(8 + text.len() as u64 + offset)?;
-    Ok(())
-}
-
 /// The greedy argmax of the 2B model's step, run alone: over the best pairs of the logits
 /// projection's 528 × 8 warps (one block, so its path does not scale from a smaller
 /// vocabulary's), in cycles.
 fn argmax_2b_cycles(lat: Latencies) -> Result<u64, Box<dyn std::error::Error>> {
-    let slots = ARGMAX_2B_SLOTS;
+    let slots = best_slots(VOCAB_2B as u32);
     let module = emu::Module::parse(&griffin_backend_ptx::module(&[argmax_best(
         "argmax",
         slots,
@@ -144,11 +115,7 @@ fn sampler_2b(lat: Latencies) -> Result<Vec<Timed>, Box<dyn std::error::Error>> 
     memory.enable_timing(lat);
     let mut out = Vec::new();
     for k in &kernels {
-        let params = match k.params {
-            SampleParams::LogitsState => vec![logits, state],
-            SampleParams::State => vec![state],
-            SampleParams::StateNext => vec![state, next],
-        };
+        let params = k.params.args(logits, state, next);
         let launch = emu::Launch {
             grid: k.grid,
             block: k.block,
@@ -250,7 +217,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             latency *= scale;
         }
         if p == "argmax" {
-            bytes = 8 * ARGMAX_2B_SLOTS as u64;
+            bytes = 8 * best_slots(VOCAB_2B as u32) as u64;
             latency = argmax_2b_cycles(lat)? as f64 / CYCLES_PER_US;
         }
         if kernel.ends_with("_attend") {

@@ -326,3 +326,34 @@ impl griffin_runtime::pack::TensorSource for Checkpoint {
         Some((dtype, &self.files[entry.file].map[entry.start..entry.end]))
     }
 }
+/// Writes `config_json` and a `model.safetensors` of bf16 zeros for it into `dir`, as a
+/// header followed by a hole as long as the weights (no disk, no time): a checkpoint of a
+/// published shape for shape tests and estimates, where no weights come with the config.
+/// Returns the weights' bytes.
+pub fn write_zero_checkpoint(dir: &Path, config_json: &str) -> Result<u64, ModelError> {
+    use std::io::Write;
+    let config = Config::from_json(config_json)?;
+    let io = |path: PathBuf| move |source| ModelError::Io { path, source };
+    std::fs::write(dir.join("config.json"), config_json).map_err(io(dir.join("config.json")))?;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (name, shape) in config.expected_tensors() {
+        let bytes = 2 * shape.iter().product::<usize>() as u64;
+        let entry = serde_json::json!({
+            "dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes],
+        });
+        header.insert(name, entry);
+        offset += bytes;
+    }
+    let mut text = serde_json::Value::Object(header).to_string();
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let path = dir.join("model.safetensors");
+    let mut f = File::create(&path).map_err(io(path.clone()))?;
+    f.write_all(&(text.len() as u64).to_le_bytes())
+        .and_then(|()| f.write_all(text.as_bytes()))
+        .and_then(|()| f.set_len(8 + text.len() as u64 + offset))
+        .map_err(io(path))?;
+    Ok(offset)
+}

@@ -79,11 +79,7 @@ impl Device {
         let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.mem.write_bytes(self.logits, &bytes).unwrap();
         for (name, grid, block, params) in &self.kernels {
-            let args = match params {
-                SampleParams::LogitsState => vec![self.logits, self.state],
-                SampleParams::State => vec![self.state],
-                SampleParams::StateNext => vec![self.state, self.next],
-            };
+            let args = params.args(self.logits, self.state, self.next);
             let launch = Launch {
                 grid: *grid,
                 block: *block,

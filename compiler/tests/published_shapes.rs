@@ -8,50 +8,18 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::Path;
-
 use griffin_runtime::gpu_plan::GpuBufferKind;
+use griffinc::checkpoint::write_zero_checkpoint;
 use griffinc::gpu::{lower, GpuOptions, GpuProgram};
 use griffinc::session::Model;
 use griffinc::Config;
 
 use griffinc::config::{PUBLISHED_2B as CONFIG_2B, PUBLISHED_9B as CONFIG_9B};
 
-/// Writes `config_json` and a `model.safetensors` whose every tensor is bf16 zeros, as a
-/// header followed by a hole; the bytes of the weights.
-fn write_sparse_checkpoint(dir: &Path, config_json: &str) -> u64 {
-    let config = Config::from_json(config_json).unwrap();
-    std::fs::write(dir.join("config.json"), config_json).unwrap();
-    let mut header = serde_json::Map::new();
-    let mut offset = 0u64;
-    for (name, shape) in config.expected_tensors() {
-        let bytes = 2 * shape.iter().product::<usize>() as u64;
-        header.insert(
-            name,
-            serde_json::json!({
-                "dtype": "BF16",
-                "shape": shape,
-                "data_offsets": [offset, offset + bytes],
-            }),
-        );
-        offset += bytes;
-    }
-    let mut text = serde_json::to_string(&header).unwrap();
-    while text.len() % 8 != 0 {
-        text.push(' ');
-    }
-    let mut f = std::fs::File::create(dir.join("model.safetensors")).unwrap();
-    f.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-    f.set_len(8 + text.len() as u64 + offset).unwrap();
-    offset
-}
-
 /// Loads the model and lowers it with `opts`.
 fn lowered(config_json: &str, opts: &GpuOptions) -> (GpuProgram, u64, Config) {
     let dir = tempfile::tempdir().unwrap();
-    let weights = write_sparse_checkpoint(dir.path(), config_json);
+    let weights = write_zero_checkpoint(dir.path(), config_json).unwrap();
     let model = Model::load(dir.path()).unwrap();
     let program = lower(&model, opts).unwrap();
     (program, weights, Config::from_json(config_json).unwrap())

@@ -13,7 +13,7 @@
 //! The prefill chunk's kernels (`rotate_tokens`, `write_ring_tokens`, `attend_tokens`) are
 //! below the decode ones.
 use crate::builder::{Class, Kernel, Reg};
-use crate::math::{exp, warp_reduce, warp_sum};
+use crate::math::{exp, lanes_reduce, warp_reduce, warp_sum};
 use crate::rg_lru::addr4;
 
 #[derive(Clone, Debug)]
@@ -517,7 +517,7 @@ pub fn attend(s: &AttentionSpec) -> String {
     let i = k.reg(Class::B32);
     k.ins(format!("mov.u32 {i}, {tid};"));
     // Every element of this thread's share in one basic block (their loads in flight
-    // together), then any rest one at a time.
+    // together; a rest in `unrolled`'s smaller batches).
     let per_thread = (hg * hd).div_ceil(threads).min(16);
     k.unrolled(i, hg * hd, threads, per_thread, &mut |k, n| {
         for u in 0..n {
@@ -613,6 +613,10 @@ pub fn attend(s: &AttentionSpec) -> String {
     // memory between them would keep the next head's query loads behind it.
     let mut sums = Vec::new();
     for (n, valid, feats) in &rows {
+        // Key n's scores, a row of SPLIT_KEYS per head.
+        let so = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {so}, {n}, 4;"));
+        k.ins(format!("add.u64 {so}, {so}, {scores};"));
         for h in 0..hg {
             let acc = k.reg(Class::F32);
             k.ins(format!("mov.f32 {acc}, 0f00000000;"));
@@ -635,21 +639,18 @@ pub fn attend(s: &AttentionSpec) -> String {
                 }
                 k.ins(format!("fma.rn.f32 {acc}, {qv}, {f}, {acc};"));
             }
-            sums.push((*n, *valid, h, acc));
+            sums.push((so, *valid, h, acc));
         }
     }
     for &(_, _, _, acc) in &sums {
         warp_sum(&mut k, acc);
     }
-    for (n, valid, h, acc) in sums {
+    for (so, valid, h, acc) in sums {
         k.ins(format!(
             "mul.f32 {acc}, {acc}, {};",
             Kernel::f32_imm(s.scale)
         ));
         k.ins(format!("selp.f32 {acc}, {acc}, 0fFF800000, {valid};"));
-        let so = k.reg(Class::B64);
-        k.ins(format!("mul.wide.u32 {so}, {n}, 4;"));
-        k.ins(format!("add.u64 {so}, {so}, {scores};"));
         k.ins(format!(
             "@{lane0} st.shared.f32 [{so}+{}], {acc};",
             4 * h * SPLIT_KEYS
@@ -815,7 +816,7 @@ pub fn attend_combine(s: &AttentionSpec) -> String {
     for (valid, mv, _, _) in &loaded {
         k.ins(format!("@{valid} max.f32 {big_m}, {big_m}, {mv};"));
     }
-    group_reduce(&mut k, "max", big_m, p);
+    lanes_reduce(&mut k, "max", big_m, p);
     let (num, den) = (k.reg(Class::F32), k.reg(Class::F32));
     k.ins(format!("mov.f32 {num}, 0f00000000;"));
     k.ins(format!("mov.f32 {den}, 0f00000000;"));
@@ -825,28 +826,14 @@ pub fn attend_combine(s: &AttentionSpec) -> String {
         k.ins(format!("@{valid} fma.rn.f32 {num}, {f}, {ov}, {num};"));
         k.ins(format!("@{valid} fma.rn.f32 {den}, {f}, {lv}, {den};"));
     }
-    group_reduce(&mut k, "add", num, p);
-    group_reduce(&mut k, "add", den, p);
+    lanes_reduce(&mut k, "add", num, p);
+    lanes_reduce(&mut k, "add", den, p);
     let first = k.reg(Class::Pred);
     k.ins(format!("setp.eq.and.u32 {first}, {part}, 0, {stores};"));
     k.ins(format!("div.rn.f32 {num}, {num}, {den};"));
     let oa = addr4(&mut k, out, e);
     k.ins(format!("@{first} st.global.f32 [{oa}], {num};"));
     k.finish()
-}
-
-/// `acc` combined with `op` over each aligned group of `lanes` lanes (a power of two up to 32),
-/// in every lane of the group.
-fn group_reduce(k: &mut Kernel, op: &str, acc: Reg, lanes: u32) {
-    let mut offset = lanes / 2;
-    while offset >= 1 {
-        let other = k.reg(Class::F32);
-        k.ins(format!(
-            "shfl.sync.bfly.b32 {other}, {acc}, {offset}, 31, -1;"
-        ));
-        k.ins(format!("{op}.f32 {acc}, {acc}, {other};"));
-        offset /= 2;
-    }
 }
 
 /// Query heads each warp of `attend_tokens` takes: two where the KV group has two or more

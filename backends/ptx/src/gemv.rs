@@ -52,7 +52,12 @@ const PERSISTENT_BLOCKS: u32 = 528;
 
 /// Thread blocks to launch for `spec` (each of `32 · WARPS_PER_BLOCK` threads).
 pub fn grid(spec: &GemvSpec) -> u32 {
-    let row_blocks = spec.width.div_ceil(WARPS_PER_BLOCK);
+    grid_for(spec.width)
+}
+
+/// Thread blocks for an output `width` wide.
+fn grid_for(width: u32) -> u32 {
+    let row_blocks = width.div_ceil(WARPS_PER_BLOCK);
     if row_blocks <= MAX_ROW_BLOCKS {
         row_blocks
     } else {
@@ -329,9 +334,10 @@ pub fn gemv(spec: &GemvSpec) -> String {
     gemv_kernel(spec, false)
 }
 
-/// Slots of the best-output pairs `gemv_with_best` writes: one per warp of its grid.
-pub fn best_slots(spec: &GemvSpec) -> u32 {
-    grid(spec) * WARPS_PER_BLOCK
+/// Slots of the best-output pairs `gemv_with_best` writes for an output `width` wide: one per
+/// warp of its grid.
+pub fn best_slots(width: u32) -> u32 {
+    grid_for(width) * WARPS_PER_BLOCK
 }
 
 /// `gemv`, and each warp's largest output with its column (the first on ties, NaN never
@@ -390,11 +396,11 @@ fn gemv_kernel(spec: &GemvSpec, with_best: bool) -> String {
 
     // The warp's best output so far (lane 0's): rows come in increasing order, so strictly
     // greater keeps the first.
-    let best = best_out.map(|_| {
+    let best = best_out.map(|pairs| {
         let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
         k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
         k.ins(format!("mov.u32 {bi}, {};", spec.width));
-        (bv, bi)
+        (pairs, bv, bi)
     });
     // Rows col, col + stride, ... (one unless the output is wider than the grid's warps).
     let stride = grid(spec) * WARPS_PER_BLOCK;
@@ -495,7 +501,7 @@ fn gemv_kernel(spec: &GemvSpec, with_best: bool) -> String {
     let p = k.reg(Class::B64);
     k.ins(format!("add.u64 {p}, {out}, {off};"));
     k.ins(format!("st.global.f32 [{p}], {value};"));
-    if let Some((bv, bi)) = best {
+    if let Some((_, bv, bi)) = best {
         let better = k.reg(Class::Pred);
         k.ins(format!("setp.gt.f32 {better}, {value}, {bv};"));
         k.ins(format!("@{better} mov.f32 {bv}, {value};"));
@@ -507,7 +513,7 @@ fn gemv_kernel(spec: &GemvSpec, with_best: bool) -> String {
         k.ins(format!("bra {row_head};"));
     }
     k.place(&done);
-    if let (Some(best_out), Some((bv, bi))) = (best_out, best) {
+    if let Some((pairs, bv, bi)) = best {
         // Lane 0 of every warp, with rows or without, fills its slot.
         let slot = k.reg(Class::B32);
         k.ins(format!(
@@ -515,7 +521,7 @@ fn gemv_kernel(spec: &GemvSpec, with_best: bool) -> String {
         ));
         let at = k.reg(Class::B64);
         k.ins(format!("mul.wide.u32 {at}, {slot}, 8;"));
-        k.ins(format!("add.u64 {at}, {at}, {best_out};"));
+        k.ins(format!("add.u64 {at}, {at}, {pairs};"));
         let bits = k.reg(Class::B32);
         k.ins(format!("mov.b32 {bits}, {bv};"));
         let first = k.reg(Class::Pred);

@@ -99,12 +99,21 @@ pub fn warp_sum(k: &mut Kernel, acc: Reg) {
 
 /// `acc` combined over the warp with `op` (`add`, `max`), in every lane.
 pub fn warp_reduce(k: &mut Kernel, op: &str, acc: Reg) {
-    for offset in [16, 8, 4, 2, 1] {
+    lanes_reduce(k, op, acc, 32);
+}
+
+/// `acc` combined with `op` over each aligned group of `lanes` lanes (a power of two up to 32:
+/// a butterfly stays inside its group), in every lane of the group.
+pub fn lanes_reduce(k: &mut Kernel, op: &str, acc: Reg, lanes: u32) {
+    debug_assert!(lanes.is_power_of_two() && lanes <= 32);
+    let mut offset = lanes / 2;
+    while offset >= 1 {
         let other = k.reg(Class::F32);
         k.ins(format!(
             "shfl.sync.bfly.b32 {other}, {acc}, {offset}, 31, -1;"
         ));
         k.ins(format!("{op}.f32 {acc}, {acc}, {other};"));
+        offset /= 2;
     }
 }
 

@@ -5,7 +5,7 @@ use crate::rg_lru::{addr4, load_weight, Storage};
 
 pub const GATHER_BLOCK: u32 = 256;
 pub const ARGMAX_THREADS: u32 = 1024;
-/// Groups of four logits whose loads the greedy argmax keeps in flight together: 32
+/// Groups of four logits (or best pairs) whose loads an argmax keeps in flight together: 32
 /// registers of the 64 a thread of a 1024-thread block may have.
 const ARGMAX_UNROLL: u32 = 8;
 
@@ -85,7 +85,7 @@ pub(crate) fn block_argmax(
         k.ins(format!("@{better} mov.u32 {bi}, {index};"));
     };
     // Groups of four logits with 16-byte loads, thread t taking groups t, t + 1024, ...:
-    // `unroll` groups' loads in flight at a time, then one at a time.
+    // `unroll` groups' loads in flight at a time (a rest in `unrolled`'s smaller batches).
     let quads = vocab / 4;
     let step = |k: &mut Kernel, qi: Reg, n: u32, visit: &mut Visit| {
         let mut loaded = Vec::new();
@@ -216,11 +216,11 @@ pub fn argmax_best(name: &str, slots: u32, vocab: u32) -> String {
     let si = k.reg(Class::B32);
     k.ins(format!("mov.u32 {si}, {tid};"));
     k.unrolled(si, slots, ARGMAX_THREADS, ARGMAX_UNROLL, &mut |k, n| {
+        let at = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {at}, {si}, 8;"));
+        k.ins(format!("add.u64 {at}, {at}, {best};"));
         let mut loaded = Vec::new();
         for u in 0..n {
-            let at = k.reg(Class::B64);
-            k.ins(format!("mul.wide.u32 {at}, {si}, 8;"));
-            k.ins(format!("add.u64 {at}, {at}, {best};"));
             let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
             k.ins(format!(
                 "ld.global.v2.b32 {{{ov}, {oi}}}, [{at}+{}];",

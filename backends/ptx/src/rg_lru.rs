@@ -299,13 +299,17 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
         k.ins(format!("ld.shared.f32 {cv}, [{at}];"));
         cv
     };
+    // Row's conv output `cv` times its weights in both gates.
+    let add_row = |k: &mut Kernel, cv: Reg, wx: Reg, wr: Reg| {
+        k.ins(format!("fma.rn.f32 {zx}, {cv}, {wx}, {zx};"));
+        k.ins(format!("fma.rn.f32 {zr}, {cv}, {wr}, {zr};"));
+    };
     if let Some(weights) = preloaded {
         for (u, (wx, wr)) in weights.into_iter().enumerate() {
             let iu = k.reg(Class::B32);
             k.ins(format!("add.u32 {iu}, {r}, {};", u as u32 * rg));
             let cv = conv_at(&mut k, iu);
-            k.ins(format!("fma.rn.f32 {zx}, {cv}, {wx}, {zx};"));
-            k.ins(format!("fma.rn.f32 {zr}, {cv}, {wr}, {zr};"));
+            add_row(&mut k, cv, wx, wr);
         }
     } else {
         let i = k.reg(Class::B32);
@@ -322,8 +326,7 @@ pub fn rg_lru_step(s: &RgLruSpec) -> String {
                 loaded.push((cv, wx, wr));
             }
             for (cv, wx, wr) in loaded {
-                k.ins(format!("fma.rn.f32 {zx}, {cv}, {wx}, {zx};"));
-                k.ins(format!("fma.rn.f32 {zr}, {cv}, {wr}, {zr};"));
+                add_row(k, cv, wx, wr);
             }
             k.ins(format!("add.u32 {i}, {i}, {};", n * rg));
             k.ins(format!("add.u32 {wi}, {wi}, {};", n * rg * b));

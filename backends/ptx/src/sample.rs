@@ -129,6 +129,17 @@ pub enum SampleParams {
     StateNext,
 }
 
+impl SampleParams {
+    /// The launch's arguments, in order, from the three buffers' addresses (or ids).
+    pub fn args<T: Copy>(self, logits: T, state: T, next: T) -> Vec<T> {
+        match self {
+            SampleParams::LogitsState => vec![logits, state],
+            SampleParams::State => vec![state],
+            SampleParams::StateNext => vec![state, next],
+        }
+    }
+}
+
 /// The fourteen launches for a vocabulary of `vocab` tokens (`prefix` starts each kernel's
 /// name). The constants of the likelihood are the host's (`exp`): `poly` innermost first.
 pub fn kernels(prefix: &str, vocab: u32, exp: &ExpConstants) -> Vec<SampleKernel> {

@@ -795,7 +795,7 @@ fn projection_best_pairs_give_the_argmax_of_its_outputs() {
             weights: Storage::F32,
             norm: None,
         };
-        let slots = best_slots(&spec);
+        let slots = best_slots(spec.width);
         let m = Module::parse(&module(&[
             gemv_with_best(&spec),
             argmax_best("a", slots, width as u32),

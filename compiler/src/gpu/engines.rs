@@ -82,41 +82,6 @@ pub struct LaunchLatency {
 }
 
 impl EmuEngine {
-    /// Runs one greedy decode step (the step's launches and the argmax) for `id` at
-    /// `position` (the KV window full from position W − 1 on) launch by launch with the
-    /// interpreter's latency model (`emu::Latencies`), and
-    /// leaves it off again; only the launches whose kernel `keep` accepts (the others are
-    /// skipped, so their outputs are what the buffers held: for timing one kernel). An
-    /// estimate of where a kernel waits, not a measurement.
-    pub fn time_decode_step(
-        &mut self,
-        id: u32,
-        position: u32,
-        lat: emu::Latencies,
-        keep: &dyn Fn(&str) -> bool,
-    ) -> Result<Vec<LaunchLatency>, RunError> {
-        self.set_step(id, position)?;
-        self.memory.enable_timing(lat);
-        let mut out = Vec::new();
-        let plan = &self.program.plan;
-        let step = plan.launches.iter().chain(std::iter::once(&plan.argmax));
-        for launch in step.filter(|l| keep(&l.kernel)) {
-            let run = run_launch(&self.module, &mut self.memory, &self.addresses, launch);
-            let instructions = run.inspect_err(|_| self.memory.disable_timing())?;
-            out.push(LaunchLatency {
-                kernel: launch.kernel.clone(),
-                grid: launch.grid,
-                block: launch.block,
-                instructions,
-                cycles: self.memory.last_launch_cycles().unwrap_or(0),
-                bytes: launch.work.bytes,
-            });
-        }
-        self.memory.disable_timing();
-        self.position = position + 1;
-        Ok(out)
-    }
-
     pub fn new(model: &Model) -> Result<EmuEngine, RunError> {
         EmuEngine::with_prefill_chunk(model, Some(PREFILL_CHUNK))
     }
@@ -288,6 +253,41 @@ impl EmuEngine {
             .read(state + DEVICE_RNG_OFFSET, 8)
             .map_err(emu_error)?;
         Ok((next, u64::from_le_bytes(rng.try_into().expect("8 bytes"))))
+    }
+
+    /// Runs one greedy decode step (the step's launches and the argmax) for `id` at
+    /// `position` (the KV window full from position W − 1 on) launch by launch with the
+    /// interpreter's latency model (`emu::Latencies`), and
+    /// leaves it off again; only the launches whose kernel `keep` accepts (the others are
+    /// skipped, so their outputs are what the buffers held: for timing one kernel). An
+    /// estimate of where a kernel waits, not a measurement.
+    pub fn time_decode_step(
+        &mut self,
+        id: u32,
+        position: u32,
+        lat: emu::Latencies,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<LaunchLatency>, RunError> {
+        self.set_step(id, position)?;
+        self.memory.enable_timing(lat);
+        let mut out = Vec::new();
+        let plan = &self.program.plan;
+        let step = plan.launches.iter().chain(std::iter::once(&plan.argmax));
+        for launch in step.filter(|l| keep(&l.kernel)) {
+            let run = run_launch(&self.module, &mut self.memory, &self.addresses, launch);
+            let instructions = run.inspect_err(|_| self.memory.disable_timing())?;
+            out.push(LaunchLatency {
+                kernel: launch.kernel.clone(),
+                grid: launch.grid,
+                block: launch.block,
+                instructions,
+                cycles: self.memory.last_launch_cycles().unwrap_or(0),
+                bytes: launch.work.bytes,
+            });
+        }
+        self.memory.disable_timing();
+        self.position = position + 1;
+        Ok(out)
     }
 }
 

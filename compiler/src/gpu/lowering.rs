@@ -863,21 +863,25 @@ pub fn lower(model: &Model, opts: &GpuOptions) -> Result<GpuProgram, RunError> {
     Ok(program)
 }
 
+/// The index of the last launch whose output (its last argument) is `buffer`.
+fn last_writer(launches: &[GpuLaunch], buffer: usize) -> Option<usize> {
+    launches
+        .iter()
+        .rposition(|launch| launch.args.last().map(|a| a.buffer) == Some(buffer))
+}
+
 /// The decode step's logits projection (the last launch writing `logits`, a GEMV) made to
 /// also write each warp's best output and its index (`gemv_with_best`), so the greedy argmax
 /// reads a few thousand pairs instead of the whole vocabulary in one block; the pairs' buffer
 /// and slots. `None` where the logits come from something else.
 fn best_pairs(l: &mut Lowering, logits: usize) -> Option<(usize, u32)> {
-    let index = l
-        .launches
-        .iter()
-        .rposition(|launch| launch.args.last().map(|a| a.buffer) == Some(logits))?;
+    let index = last_writer(&l.launches, logits)?;
     let spec = l.gemv_specs.get(&index)?;
     let spec = GemvSpec {
         name: format!("{}_best", spec.name),
         ..spec.clone()
     };
-    let slots = best_slots(&spec);
+    let slots = best_slots(spec.width);
     let pairs = l.buffer(GpuBufferKind::Activation, 8 * slots as u64);
     let name = spec.name.clone();
     l.kernels.insert(name.clone(), gemv_with_best(&spec));
@@ -901,10 +905,7 @@ fn best_pairs(l: &mut Lowering, logits: usize) -> Option<(usize, u32)> {
 /// from something else than an unsplit projection without residual.
 fn last_row_variant(l: &mut Lowering, logits: usize) -> Option<LastRow> {
     use griffin_backend_ptx::prefill::{last_row, NORM_BLOCK};
-    let index = l
-        .launches
-        .iter()
-        .rposition(|launch| launch.args.last().map(|a| a.buffer) == Some(logits))?;
+    let index = last_writer(&l.launches, logits)?;
     let (spec, row_scales) = l.gemm_specs.get(&index)?.clone();
     if spec.residual {
         return None;
@@ -966,7 +967,7 @@ fn lower_sampler(
     logits: usize,
     next: usize,
 ) -> Option<GpuSample> {
-    use griffin_backend_ptx::sample::{layout, SampleParams, MAX_VOCAB};
+    use griffin_backend_ptx::sample::{layout, MAX_VOCAB};
     if vocab > MAX_VOCAB {
         return None;
     }
@@ -974,11 +975,7 @@ fn lower_sampler(
     let at = |buffer| Arg { buffer, offset: 0 };
     let mut launches = Vec::new();
     for k in super::sampling::sampler_kernels("sample", vocab) {
-        let args = match k.params {
-            SampleParams::LogitsState => vec![at(logits), at(state)],
-            SampleParams::State => vec![at(state)],
-            SampleParams::StateNext => vec![at(state), at(next)],
-        };
+        let args = k.params.args(at(logits), at(state), at(next));
         launches.push(GpuLaunch {
             kernel: k.name.clone(),
             grid: k.grid,

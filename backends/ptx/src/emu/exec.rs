@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use super::collective::*;
 use super::memory::*;
 use super::parse::*;
-use super::timing::latency;
+use super::timing::{latency, Clock};
 use super::{err, EmuError};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -29,25 +29,8 @@ pub(super) struct Thread {
     pub(super) wait: Wait,
     /// Past `griddepcontrol.wait`: earlier kernels' writes are visible.
     pub(super) waited: bool,
-    /// The latency model (where on; `timing.rs`): the latest cycle the thread issued an
-    /// instruction, the earliest the next one may issue, the cycle of its last store to global
-    /// and to shared memory (loads stay after stores to their space), and the cycle each
-    /// register's value is ready.
-    pub(super) clock: u64,
-    pub(super) front: u64,
-    pub(super) last_store: [u64; 2],
-    pub(super) ready: Vec<u64>,
-    /// When the collective instruction it waits at could issue for this thread.
-    pub(super) pending: u64,
-}
-
-impl Thread {
-    /// A scheduling boundary (a basic block's start, a branch, a barrier): nothing after
-    /// it issues before everything before it has.
-    pub(super) fn boundary(&mut self, at: u64) {
-        self.clock = self.clock.max(at);
-        self.front = self.front.max(self.clock + 1);
-    }
+    /// Its place in the latency model, where that is on.
+    pub(super) clock: Option<Clock>,
 }
 
 impl Thread {
@@ -132,13 +115,14 @@ pub(super) fn meeting(group: &[Thread], wait: Wait, size: usize) -> Result<Optio
 /// latency model on (`lat`), it issued when the last of them could, and its results are ready
 /// `lat` cycles later.
 pub(super) fn release(group: &mut [Thread], ins: &Instr, lat: Option<u64>) {
-    let issue = group.iter().map(|t| t.pending).max().unwrap_or(0);
+    let issue = group
+        .iter()
+        .filter_map(|t| t.clock.as_ref().map(|c| c.pending))
+        .max()
+        .unwrap_or(0);
     for t in group.iter_mut() {
-        if let Some(lat) = lat {
-            t.clock = t.clock.max(issue);
-            for &w in &ins.writes {
-                t.ready[w] = issue + lat;
-            }
+        if let (Some(lat), Some(c)) = (lat, &mut t.clock) {
+            c.collective(ins, issue, lat);
         }
         t.pc += 1;
         t.wait = Wait::Running;
@@ -168,11 +152,7 @@ pub(super) fn run_block(
             pc: 0,
             wait: Wait::Running,
             waited: starts_waited,
-            clock: 0,
-            front: 0,
-            last_store: [0; 2],
-            ready: vec![0; f.registers],
-            pending: 0,
+            clock: memory.timing.as_ref().map(|_| Clock::new(f.registers)),
         })
         .collect();
     let collective_latency =
@@ -195,7 +175,11 @@ pub(super) fn run_block(
         }
         if threads.iter().all(|t| t.wait == Wait::Done) {
             if let Some(timing) = &mut memory.timing {
-                let longest = threads.iter().map(|t| t.clock).max().unwrap_or(0);
+                let longest = threads
+                    .iter()
+                    .filter_map(|t| t.clock.as_ref())
+                    .map(|c| c.issued);
+                let longest = longest.max().unwrap_or(0);
                 timing.critical = timing.critical.max(longest);
             }
             return Ok(executed);
@@ -258,10 +242,16 @@ pub(super) fn run_block(
         }
         let live: Vec<&Thread> = threads.iter().filter(|t| t.wait != Wait::Done).collect();
         if !progressed && !live.is_empty() && live.iter().all(|t| t.wait == Wait::Bar) {
-            let last = live.iter().map(|t| t.clock).max().unwrap_or(0);
+            let last = live
+                .iter()
+                .filter_map(|t| t.clock.as_ref())
+                .map(|c| c.issued);
+            let last = last.max().unwrap_or(0);
             let barrier = memory.timing.as_ref().map_or(0, |t| t.lat.barrier);
             for t in threads.iter_mut().filter(|t| t.wait == Wait::Bar) {
-                t.boundary(last + barrier);
+                if let Some(c) = &mut t.clock {
+                    c.boundary(last + barrier);
+                }
                 t.pc += 1;
                 t.wait = Wait::Running;
             }
@@ -275,11 +265,6 @@ pub(super) fn run_block(
             ));
         }
     }
-}
-
-/// The latency model's memory space of an access: 1 for shared memory, 0 for the rest.
-fn space(ins: &Instr) -> usize {
-    usize::from(ins.op[0] == "ldmatrix" || ins.op.iter().any(|p| p == "shared"))
 }
 
 /// `x CMP y` for setp's comparison names.
@@ -441,8 +426,10 @@ impl Ctx<'_> {
             if executed > 50_000_000 {
                 return err(format!("{}: thread {} runs away", self.f.name, self.tid));
             }
-            if memory.timing.is_some() {
-                self.issue(t, ins);
+            if let Some(c) = &mut t.clock {
+                // Where the latency model places it (`timing::Clock`).
+                self.now.set(c.issue(ins));
+                self.memory_latency.set(None);
             }
             if let Some((neg, p)) = ins.guard {
                 if (t.regs[p] != 0) == neg {
@@ -459,8 +446,8 @@ impl Ctx<'_> {
                     let Operand::Label(l) = ins.args[0] else {
                         return err(format!("`{}`: label expected", ins.line));
                     };
-                    if memory.timing.is_some() {
-                        t.boundary(self.now.get());
+                    if let Some(c) = &mut t.clock {
+                        c.boundary(self.now.get());
                     }
                     t.pc = l;
                     continue;
@@ -507,47 +494,17 @@ impl Ctx<'_> {
                 _ => {
                     self.step(ins, t, memory, shared)
                         .map_err(|e| EmuError(format!("{}: `{}`: {e}", self.f.name, ins.line)))?;
-                    if let Some(timing) = &memory.timing {
+                    if let (Some(timing), Some(c)) = (&memory.timing, &mut t.clock) {
                         let lat = self
                             .memory_latency
                             .get()
                             .unwrap_or_else(|| latency(&timing.lat, &ins.op));
-                        let at = self.now.get();
-                        for &w in &ins.writes {
-                            t.ready[w] = at + lat;
-                        }
-                        if matches!(ins.op[0].as_str(), "st" | "red" | "atom") {
-                            t.last_store[space(ins)] = at;
-                        }
+                        c.complete(ins, self.now.get(), lat);
                     }
                 }
             }
             t.pc += 1;
         }
-    }
-
-    /// The latency model's issue of `ins`: as a scheduler would place it within its basic
-    /// block (ptxas reorders there), once what it reads is ready and after the block's start,
-    /// loads after the thread's last store to their space, a barrier after everything before
-    /// it (a collective issues when its last thread could: `release`). Sets `now` to the
-    /// cycle.
-    fn issue(&self, t: &mut Thread, ins: &Instr) {
-        if ins.starts_block {
-            t.boundary(0);
-        }
-        let mut at = ins.reads.iter().fold(t.front, |at, &r| at.max(t.ready[r]));
-        let op = ins.op[0].as_str();
-        if matches!(op, "ld" | "atom" | "ldmatrix") {
-            at = at.max(t.last_store[space(ins)] + 1);
-        }
-        if op == "bar" {
-            at = at.max(t.clock);
-        }
-        t.pending = at;
-        t.front += 1;
-        t.clock = t.clock.max(at);
-        self.now.set(at);
-        self.memory_latency.set(None);
     }
 
     /// A kernel's load of `size` bytes at `addr`.

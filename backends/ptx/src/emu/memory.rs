@@ -273,9 +273,10 @@ pub struct Memory {
     /// Who touched what during the current launch (`launch` is its stamp).
     pub(super) shadow: Shadow,
     pub(super) launch: u32,
-    /// Words some kernel has written (ever): a kernel may not read them before its
-    /// `griddepcontrol.wait`, when the kernel that writes them may still be running.
-    pub(super) kernel_written: Vec<bool>,
+    /// The launch (stamp) of each word's last kernel write, 0 if no kernel ever wrote it: a
+    /// kernel may not read such a word before its `griddepcontrol.wait`, when the kernel that
+    /// writes it may still be running; the latency model finds recent writes in L2.
+    pub(super) written_in: Vec<u32>,
     /// The latency model, where asked for (`enable_timing`).
     pub(super) timing: Option<Timing>,
 }
@@ -294,7 +295,7 @@ impl Memory {
             bytes: Vec::new(),
             shadow: Shadow::default(),
             launch: 0,
-            kernel_written: Vec::new(),
+            written_in: Vec::new(),
             timing: None,
         }
     }
@@ -317,9 +318,13 @@ impl Memory {
     /// The latency of a global load (or prefetch) at `addr` issued at cycle `now` (timing
     /// on).
     pub(super) fn load_latency(&mut self, addr: u64, now: u64) -> Option<u64> {
-        let launch = self.launch;
         let word = (addr.checked_sub(BASE)? / 4) as usize;
-        Some(self.timing.as_mut()?.global_load(addr, word, now, launch))
+        let written = self.written_in.get(word).copied().unwrap_or(0);
+        Some(
+            self.timing
+                .as_mut()?
+                .global_load(addr, written, now, self.launch),
+        )
     }
 
     /// A kernel's access (as opposed to the host's copies, which are not tracked), by a
@@ -338,14 +343,14 @@ impl Memory {
         };
         let r = self.range(addr, len)?;
         let words = r.start / 4..r.end.div_ceil(4);
-        if self.kernel_written.len() < words.end {
-            self.kernel_written
-                .resize(self.bytes.len().div_ceil(4), false);
+        if self.written_in.len() < words.end {
+            self.written_in.resize(self.bytes.len().div_ceil(4), 0);
         }
         // The non-coherent cache is for data nothing writes while the kernel runs; with
         // programmatic dependent launch the kernel before may still be writing when this one
         // starts, so only weights and the host's inputs may be read through it.
-        if nc && self.kernel_written[words.clone()].iter().any(|&w| w) {
+        let written = |m: &Memory| m.written_in[words.clone()].iter().any(|&w| w != 0);
+        if nc && written(self) {
             return err(format!(
                 "ld.global.nc at {addr:#x} of memory a kernel wrote (only weights and host inputs may go through the non-coherent cache)"
             ));
@@ -356,17 +361,14 @@ impl Memory {
                     "writes global memory at {addr:#x} before griddepcontrol.wait (the kernel before may still be running)"
                 ));
             }
-            if self.kernel_written[words.clone()].iter().any(|&w| w) {
+            if written(self) {
                 return err(format!(
                     "reads global memory at {addr:#x}, which a kernel wrote, before griddepcontrol.wait"
                 ));
             }
         }
         if write {
-            if let Some(t) = &mut self.timing {
-                t.wrote(words.clone(), self.launch);
-            }
-            self.kernel_written[words].fill(true);
+            self.written_in[words].fill(self.launch);
         }
         self.shadow.access(self.launch, r.start, len, who, touch)
     }

@@ -15,6 +15,8 @@
 
 use std::collections::HashMap;
 
+use super::parse::Instr;
+
 /// Latencies in cycles.
 #[derive(Clone, Copy, Debug)]
 pub struct Latencies {
@@ -69,12 +71,10 @@ const LINE: u64 = 128;
 /// Launches back whose writes a load still finds in L2.
 const RECENT_LAUNCHES: u32 = 4;
 
-/// The model's state across launches: latencies, when each word was last written by a kernel,
-/// and when each line touched in the current launch reaches L2.
+/// The model's state: latencies, when each line touched in the current launch reaches L2,
+/// and the launch's critical path.
 pub(super) struct Timing {
     pub(super) lat: Latencies,
-    /// The launch stamp of each word's last kernel write, 0 if none.
-    written: Vec<u32>,
     /// Lines loaded or prefetched in this launch: the cycle each is in L2.
     lines: HashMap<u64, u64>,
     /// The longest thread of the current (or last) launch, in cycles.
@@ -85,7 +85,6 @@ impl Timing {
     pub(super) fn new(lat: Latencies) -> Timing {
         Timing {
             lat,
-            written: Vec::new(),
             lines: HashMap::new(),
             critical: 0,
         }
@@ -97,21 +96,11 @@ impl Timing {
         self.critical = 0;
     }
 
-    /// A kernel's write of words `words` in launch `launch`.
-    pub(super) fn wrote(&mut self, words: std::ops::Range<usize>, launch: u32) {
-        if self.written.len() < words.end {
-            self.written.resize(words.end, 0);
-        }
-        self.written[words].fill(launch);
-    }
-
-    /// The latency of a global load (or prefetch) of `word` (its line at `addr`) issued at
-    /// cycle `now` in launch `launch`; the line is in L2 for later loads from then on.
-    pub(super) fn global_load(&mut self, addr: u64, word: usize, now: u64, launch: u32) -> u64 {
-        let recent = self
-            .written
-            .get(word)
-            .is_some_and(|&w| w != 0 && launch.wrapping_sub(w) <= RECENT_LAUNCHES);
+    /// The latency of a global load (or prefetch) at `addr`, whose word a kernel last wrote in
+    /// launch `written` (0: never), issued at cycle `now` in launch `launch`; the line is in
+    /// L2 for later loads from then on.
+    pub(super) fn global_load(&mut self, addr: u64, written: u32, now: u64, launch: u32) -> u64 {
+        let recent = written != 0 && launch.wrapping_sub(written) <= RECENT_LAUNCHES;
         let line = addr / LINE;
         let first = if recent { self.lat.l2 } else { self.lat.dram };
         // Blocks run one after another here but at once in the model, so a line's first
@@ -143,4 +132,83 @@ pub(super) fn latency(lat: &Latencies, op: &[String]) -> u64 {
         _ if ty == "f64" => lat.f64,
         _ => lat.alu,
     }
+}
+
+/// One thread's place in the latency model: it issues in order within a basic block as a
+/// scheduler would place instructions (ptxas reorders there), each once the registers it reads
+/// are ready and not before its block's start, loads after its last store to their space.
+pub(super) struct Clock {
+    /// The latest cycle it issued an instruction.
+    pub(super) issued: u64,
+    /// The earliest cycle its next instruction may issue.
+    front: u64,
+    /// The cycle of its last store to global and to shared memory.
+    last_store: [u64; 2],
+    /// The cycle each register's value is ready.
+    ready: Vec<u64>,
+    /// When the collective instruction it waits at could issue for it.
+    pub(super) pending: u64,
+}
+
+impl Clock {
+    pub(super) fn new(registers: usize) -> Clock {
+        Clock {
+            issued: 0,
+            front: 0,
+            last_store: [0; 2],
+            ready: vec![0; registers],
+            pending: 0,
+        }
+    }
+
+    /// A scheduling boundary (a basic block's start, a branch, a barrier): nothing after it
+    /// issues before everything before it has.
+    pub(super) fn boundary(&mut self, at: u64) {
+        self.issued = self.issued.max(at);
+        self.front = self.front.max(self.issued + 1);
+    }
+
+    /// The cycle `ins` issues (a barrier after everything before it; a collective's is its
+    /// `pending`, settled when its last thread arrives: `collective`).
+    pub(super) fn issue(&mut self, ins: &Instr) -> u64 {
+        if ins.starts_block {
+            self.boundary(0);
+        }
+        let mut at = ins
+            .reads
+            .iter()
+            .fold(self.front, |at, &r| at.max(self.ready[r]));
+        let op = ins.op[0].as_str();
+        if matches!(op, "ld" | "atom" | "ldmatrix") {
+            at = at.max(self.last_store[space(ins)] + 1);
+        }
+        if op == "bar" {
+            at = at.max(self.issued);
+        }
+        self.pending = at;
+        self.front += 1;
+        self.issued = self.issued.max(at);
+        at
+    }
+
+    /// `ins`, issued at `at`, has its results `lat` cycles later.
+    pub(super) fn complete(&mut self, ins: &Instr, at: u64, lat: u64) {
+        for &w in &ins.writes {
+            self.ready[w] = at + lat;
+        }
+        if matches!(ins.op[0].as_str(), "st" | "red" | "atom") {
+            self.last_store[space(ins)] = at;
+        }
+    }
+
+    /// A collective `ins` its group issued at `at` (when the last of them could).
+    pub(super) fn collective(&mut self, ins: &Instr, at: u64, lat: u64) {
+        self.issued = self.issued.max(at);
+        self.complete(ins, at, lat);
+    }
+}
+
+/// An access's memory space: 1 for shared memory, 0 for the rest.
+fn space(ins: &Instr) -> usize {
+    usize::from(ins.op[0] == "ldmatrix" || ins.op.iter().any(|p| p == "shared"))
 }
