@@ -23,11 +23,9 @@
 use griffin_backend_ptx::emu::{self, Latencies};
 use griffin_backend_ptx::gemv::best_slots;
 use griffin_backend_ptx::misc::{argmax_best, ARGMAX_THREADS};
-use griffin_backend_ptx::sample::layout;
-use griffin_runtime::gpu_plan::GpuSample;
 use griffinc::checkpoint::write_zero_checkpoint;
 use griffinc::config::PUBLISHED_2B;
-use griffinc::gpu::sampling::sampler_kernels;
+use griffinc::gpu::sampling::EmuSampler;
 use griffinc::gpu::{EmuEngine, GpuOptions, LaunchLatency};
 use griffinc::sampling::{Sampler, SamplingParams};
 use griffinc::session::Model;
@@ -87,44 +85,24 @@ type Timed = (String, u32, u32, u64);
 /// setting) with 100 tokens of history, run alone: (kernel, grid, block, cycles) each.
 fn sampler_2b(lat: Latencies) -> Result<Vec<Timed>, Box<dyn std::error::Error>> {
     let vocab = VOCAB_2B as u32;
-    let kernels = sampler_kernels("sample", vocab);
-    let ptx: Vec<String> = kernels.iter().map(|k| k.ptx.clone()).collect();
-    let module = emu::Module::parse(&griffin_backend_ptx::module(&ptx))?;
-    let mut memory = emu::Memory::new();
-    let values: Vec<u8> = (0..vocab)
-        .flat_map(|i| ((i.wrapping_mul(2654435761) >> 26) as f32 * 0.25 - 8.0).to_le_bytes())
+    let mut device = EmuSampler::new(vocab as usize)?;
+    let logits: Vec<f32> = (0..vocab)
+        .map(|i| (i.wrapping_mul(2654435761) >> 26) as f32 * 0.25 - 8.0)
         .collect();
-    let logits = memory.alloc(&values);
-    let state = memory.alloc(&vec![0; layout::bytes(vocab) as usize]);
-    let next = memory.alloc(&[0; 4]);
     let sampler = Sampler::new(SamplingParams {
         temperature: 0.8,
         top_p: 0.95,
         repetition_penalty: 1.1,
         ..SamplingParams::default()
     });
-    let plan = GpuSample {
-        launches: Vec::new(),
-        state: 0,
-        seen_offset: layout::seen(vocab) as u64,
-    };
     let history: Vec<u32> = (0..100).map(|i| i * 2003 % vocab).collect();
-    for (offset, bytes) in plan.uploads(&sampler, &history, vocab as usize) {
-        memory.write_bytes(state + offset, &bytes)?;
-    }
-    memory.enable_timing(lat);
+    device.start(&sampler, &history)?;
+    device.memory.enable_timing(lat);
     let mut out = Vec::new();
-    for k in &kernels {
-        let params = k.params.args(logits, state, next);
-        let launch = emu::Launch {
-            grid: k.grid,
-            block: k.block,
-            params: &params,
-        };
-        emu::run(&module, &k.name, &launch, &mut memory)?;
+    device.draw(&logits, &mut |k, memory| {
         let cycles = memory.last_launch_cycles().unwrap_or(0);
         out.push((k.name.clone(), k.grid, k.block, cycles));
-    }
+    })?;
     Ok(out)
 }
 

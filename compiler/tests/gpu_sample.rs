@@ -4,11 +4,7 @@
 
 mod common;
 
-use griffin_backend_ptx::emu::{run, Launch, Memory, Module};
-use griffin_backend_ptx::module;
-use griffin_backend_ptx::sample::{layout, SampleParams};
-use griffin_runtime::gpu_plan::GpuSample;
-use griffinc::gpu::sampling::sampler_kernels;
+use griffinc::gpu::sampling::EmuSampler;
 use griffinc::gpu::EmuEngine;
 use griffinc::sampling::{Sampler, SamplingParams};
 use griffinc::session::{step_and_choose, Engine, Model};
@@ -26,69 +22,22 @@ impl Gen {
     }
 }
 
-/// The device sampler for one vocabulary: its module, launches, and device buffers.
-struct Device {
-    module: Module,
-    kernels: Vec<(String, u32, u32, SampleParams)>,
-    mem: Memory,
-    logits: u64,
-    state: u64,
-    next: u64,
-    vocab: usize,
-}
+/// The device sampler on the interpreter for one vocabulary.
+struct Device(EmuSampler);
 
 impl Device {
     fn new(vocab: usize) -> Device {
-        let ks = sampler_kernels("s", vocab as u32);
-        let module = Module::parse(&module(
-            &ks.iter().map(|k| k.ptx.clone()).collect::<Vec<_>>(),
-        ))
-        .unwrap();
-        let mut mem = Memory::new();
-        let logits = mem.alloc(&vec![0; 4 * vocab]);
-        let state = mem.alloc(&vec![0; layout::bytes(vocab as u32) as usize]);
-        let next = mem.alloc(&[0; 4]);
-        Device {
-            module,
-            kernels: ks
-                .into_iter()
-                .map(|k| (k.name, k.grid, k.block, k.params))
-                .collect(),
-            mem,
-            logits,
-            state,
-            next,
-            vocab,
-        }
+        Device(EmuSampler::new(vocab).unwrap())
     }
 
     /// Configuration and seen bits from the host's sampler and history, as the runtime
-    /// uploads them (`GpuSample::uploads`).
+    /// uploads them.
     fn start(&mut self, host: &Sampler, history: &[u32]) {
-        let plan = GpuSample {
-            launches: Vec::new(),
-            state: 0,
-            seen_offset: layout::seen(self.vocab as u32) as u64,
-        };
-        for (offset, bytes) in plan.uploads(host, history, self.vocab) {
-            self.mem.write_bytes(self.state + offset, &bytes).unwrap();
-        }
+        self.0.start(host, history).unwrap();
     }
 
     fn sample(&mut self, logits: &[f32]) -> u32 {
-        let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.mem.write_bytes(self.logits, &bytes).unwrap();
-        for (name, grid, block, params) in &self.kernels {
-            let args = params.args(self.logits, self.state, self.next);
-            let launch = Launch {
-                grid: *grid,
-                block: *block,
-                params: &args,
-            };
-            run(&self.module, name, &launch, &mut self.mem)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-        }
-        self.mem.read_u32(self.next, 1).unwrap()[0]
+        self.0.draw(logits, &mut |_, _| {}).unwrap()
     }
 }
 
