@@ -1,12 +1,13 @@
 //! Running a launch: blocks, threads, their scheduling at collectives and barriers, and
 //! each instruction's semantics.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use super::collective::*;
 use super::memory::*;
 use super::parse::*;
+use super::sync::{BlockSync, Sees, ThreadSync};
 use super::timing::{latency, Clock};
 use super::{err, EmuError};
 
@@ -87,7 +88,8 @@ pub fn run(
         memory.launch = 1;
     }
     let mut executed = 0u64;
-    for block in 0..launch.grid {
+    memory.atomic_words.clear();
+    for block in memory.blocks(launch.grid) {
         executed += run_block(f, launch, block, memory)?;
     }
     Ok(executed)
@@ -155,6 +157,9 @@ pub(super) fn run_block(
             clock: memory.timing.as_ref().map(|_| Clock::new(f.registers)),
         })
         .collect();
+    // Ordering with other blocks (`sync.rs`).
+    let syncs: Vec<RefCell<ThreadSync>> = (0..n).map(|_| RefCell::default()).collect();
+    let mut block_sync = BlockSync::default();
     let collective_latency =
         |ins: &Instr, memory: &Memory| memory.timing.as_ref().map(|t| latency(&t.lat, &ins.op));
     let mut executed = 0;
@@ -169,6 +174,8 @@ pub(super) fn run_block(
                     epoch,
                     now: Cell::new(0),
                     memory_latency: Cell::new(None),
+                    sync: &syncs[t],
+                    block_sync: &block_sync,
                 };
                 executed += ctx.run_thread(thread, memory, &mut shared)?;
             }
@@ -248,6 +255,9 @@ pub(super) fn run_block(
                 .map(|c| c.issued);
             let last = last.max().unwrap_or(0);
             let barrier = memory.timing.as_ref().map_or(0, |t| t.lat.barrier);
+            let guards: Vec<_> = syncs.iter().map(|s| s.borrow()).collect();
+            block_sync.barrier(guards.iter().map(|g| &**g));
+            drop(guards);
             for t in threads.iter_mut().filter(|t| t.wait == Wait::Bar) {
                 if let Some(c) = &mut t.clock {
                     c.boundary(last + barrier);
@@ -325,6 +335,9 @@ pub(super) struct Ctx<'a> {
     /// latency (the longest of a vector's).
     pub(super) now: Cell<u64>,
     pub(super) memory_latency: Cell<Option<u64>>,
+    /// The thread's and its block's ordering with other blocks (`sync.rs`).
+    pub(super) sync: &'a RefCell<ThreadSync>,
+    pub(super) block_sync: &'a BlockSync,
 }
 
 pub(super) fn f32_of(bits: u64) -> f32 {
@@ -361,6 +374,16 @@ pub(super) fn f32_to_bf16(v: f32) -> u16 {
 }
 
 impl Ctx<'_> {
+    /// What this thread sees of other blocks' accesses.
+    fn with_sees<R>(&self, f: impl FnOnce(Sees) -> R) -> R {
+        let sync = self.sync.borrow();
+        f(Sees {
+            block: &self.block_sync.visible,
+            thread: &sync.acquired,
+            grid: self.launch.grid,
+        })
+    }
+
     pub(super) fn who(&self) -> Access {
         Access {
             thread: 1 + self.block * self.launch.block + self.tid,
@@ -480,6 +503,18 @@ impl Ctx<'_> {
                     }
                     shared.fence_proxy_async(self.who().thread);
                 }
+                // A fence of gpu (or system) scope: orders this thread's accesses before and
+                // after it for other blocks (`sync.rs`); it waits for an L2 round trip.
+                "fence" | "membar" => {
+                    let scope = ins.op.last().map(String::as_str);
+                    if !matches!(scope, Some("gpu" | "sys" | "gl")) {
+                        return err(format!("`{}`: only gpu- or system-scope fences", ins.line));
+                    }
+                    self.sync.borrow_mut().fence();
+                    if let (Some(timing), Some(c)) = (&memory.timing, &mut t.clock) {
+                        c.boundary(self.now.get() + timing.lat.l2);
+                    }
+                }
                 // Launches are sequential here, so waiting for earlier kernels is immediate;
                 // what it orders is checked by loads and stores (`LoadKind`).
                 "griddepcontrol" => {
@@ -524,7 +559,10 @@ impl Ctx<'_> {
             Base::Shared(_) => shared.read(addr, size, self.who())?,
             _ => {
                 if let LoadKind::Read { waited, nc } = kind {
-                    memory.access(addr, size, self.who(), Touch::Read { nc }, waited)?;
+                    self.with_sees(|sees| {
+                        memory.access(addr, size, self.who(), Touch::Read { nc }, waited, sees)
+                    })?;
+                    self.sync.borrow_mut().touch();
                 }
                 if let Some(l) = memory.load_latency(addr, self.now.get()) {
                     let longest = self.memory_latency.get().map_or(l, |m| m.max(l));
@@ -553,7 +591,10 @@ impl Ctx<'_> {
             Base::Shared(_) => shared.write(addr, bytes, self.who()),
             Base::Param(_) => err("store to a parameter"),
             _ => {
-                memory.access(addr, size, self.who(), Touch::Write, waited)?;
+                self.with_sees(|sees| {
+                    memory.access(addr, size, self.who(), Touch::Write, waited, sees)
+                })?;
+                self.sync.borrow_mut().touch();
                 memory.write_bytes(addr, bytes)
             }
         }
@@ -661,19 +702,39 @@ impl Ctx<'_> {
                     _ => return err("vector store shape"),
                 }
             }
-            // Atomic adds (`atom` returns the old value, `red` nothing): integers only.
+            // Atomic integer adds, and `atom.inc.u32` on global memory (`atom` returns the
+            // old value, `red` nothing). A global one may release the block's accesses to
+            // other blocks and carries theirs to this thread (`sync.rs`).
             "atom" | "red" => {
                 let first = usize::from(op.at(0) == "atom");
                 let (base, addr) = self.address(t, &ins.args[first], op.at(1))?;
                 aligned(addr, size)?;
-                if !op.has("add") || !matches!(ty, "u32" | "u64" | "s32") {
-                    return err("only integer atomic adds are modelled");
-                }
                 let value = arg(t, first + 1)?;
-                let old = match base {
-                    Base::Shared(_) => shared.atomic_add(addr, size, value, self.who())?,
-                    Base::Param(_) => return err("atomic on a parameter"),
-                    _ => memory.atomic_add(addr, size, value, self.who(), t.waited)?,
+                let atomic = if op.has("add") && matches!(ty, "u32" | "u64" | "s32") {
+                    AtomicOp::Add(value)
+                } else if op.has("inc") && ty == "u32" {
+                    AtomicOp::Inc(value as u32)
+                } else {
+                    return err("only integer atomic adds and atom.inc.u32 are modelled");
+                };
+                let old = match (base, atomic) {
+                    (Base::Shared(_), AtomicOp::Add(value)) => {
+                        shared.atomic_add(addr, size, value, self.who())?
+                    }
+                    (Base::Shared(_), _) => return err("only adds on shared memory"),
+                    (Base::Param(_), _) => return err("atomic on a parameter"),
+                    _ => {
+                        let release = self.block_sync.clean;
+                        let (old, carried) = self.with_sees(|sees| {
+                            memory.atomic(addr, size, atomic, self.who(), t.waited, sees, release)
+                        })?;
+                        let mut sync = self.sync.borrow_mut();
+                        if let Some(carried) = carried {
+                            sync.pending.join(&carried);
+                        }
+                        sync.touch();
+                        old
+                    }
                 };
                 if first == 1 {
                     dst(t, mask(old))?;

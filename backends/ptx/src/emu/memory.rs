@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use super::sync::{AtomicWords, Releases, Sees};
 use super::timing::{Latencies, Timing};
 use super::{err, EmuError};
 
@@ -30,6 +31,9 @@ pub(super) struct Shadow {
     /// The last write was an atomic read-modify-write (`atom`, `red`): another thread's
     /// atomic on the word is no race, a plain access still is.
     pub(super) atomic: Vec<bool>,
+    /// Atomic writes came from more than one block: `write_epoch` is the latest of them, and
+    /// an access is ordered after them only if ordered after every other block's.
+    pub(super) writers_span: Vec<bool>,
 }
 
 pub(super) const MANY: u32 = u32::MAX;
@@ -83,6 +87,7 @@ impl Shadow {
         }
         self.nc_read.resize(words, false);
         self.atomic.resize(words, false);
+        self.writers_span.resize(words, false);
         for v in [
             &mut self.stamp,
             &mut self.writer,
@@ -96,7 +101,8 @@ impl Shadow {
     }
 
     /// Records a `touch` of bytes `[at, at + len)` (offsets in this memory) in launch
-    /// `stamp`; an error names the race.
+    /// `stamp`; an error names the race. `sees`: what the thread acquired from other blocks
+    /// (global memory; `sync.rs`).
     pub(super) fn access(
         &mut self,
         stamp: u32,
@@ -104,7 +110,18 @@ impl Shadow {
         len: usize,
         a: Access,
         touch: Touch,
+        sees: Option<Sees>,
     ) -> Result<(), EmuError> {
+        // Ordered after an access by `thread` of `block` (`MANY`: of several blocks) in
+        // `epoch`: by program order, a barrier of their block, or another block's release.
+        let ordered = |thread: u32, block: u32, epoch: u32| {
+            if block == MANY {
+                epoch < a.epoch && sees.is_some_and(|s| s.all_but(a.block, epoch))
+            } else {
+                a.after(thread, block, epoch)
+                    || (block != a.block && sees.is_some_and(|s| s.block(block, epoch)))
+            }
+        };
         let (write, nc, atomic) = match touch {
             Touch::Read { nc } => (false, nc, false),
             Touch::Write => (true, false, false),
@@ -119,6 +136,7 @@ impl Shadow {
                 self.reader[w] = 0;
                 self.nc_read[w] = false;
                 self.atomic[w] = false;
+                self.writers_span[w] = false;
             }
             if write && self.nc_read[w] {
                 return err(format!(
@@ -128,9 +146,13 @@ impl Shadow {
             }
             self.nc_read[w] |= nc;
             let writer = self.writer[w];
-            let writer_block = writer.wrapping_sub(1) / a.block_size;
+            let writer_block = if self.writers_span[w] {
+                MANY
+            } else {
+                writer.wrapping_sub(1) / a.block_size
+            };
             let both_atomic = atomic && self.atomic[w];
-            if !both_atomic && !a.after(writer, writer_block, self.write_epoch[w]) {
+            if !both_atomic && writer != 0 && !ordered(writer, writer_block, self.write_epoch[w]) {
                 return err(format!(
                     "data race: {} {} word {:#x}, which {} wrote with no barrier between",
                     Access::describe(a.thread, a.block_size),
@@ -145,7 +167,8 @@ impl Shadow {
                 let ordered = reader == 0
                     || reader == a.thread
                     || (reader == MANY && block == a.block && epoch < a.epoch)
-                    || (reader != MANY && a.after(reader, block, epoch));
+                    || (reader == MANY && block != a.block && ordered(MANY, block, epoch))
+                    || (reader != MANY && ordered(reader, block, epoch));
                 if !ordered {
                     let who = if reader == MANY {
                         "other threads".to_string()
@@ -158,8 +181,15 @@ impl Shadow {
                         4 * w,
                     ));
                 }
+                // Atomic writes from several blocks: keep the latest epoch of any.
+                let span = both_atomic && writer != 0 && writer_block != a.block;
+                self.writers_span[w] = span;
+                self.write_epoch[w] = if span {
+                    self.write_epoch[w].max(a.epoch)
+                } else {
+                    a.epoch
+                };
                 self.writer[w] = a.thread;
-                self.write_epoch[w] = a.epoch;
                 self.atomic[w] = atomic;
             } else if reader == 0 || reader == a.thread {
                 self.reader[w] = a.thread;
@@ -203,14 +233,14 @@ impl SharedMemory {
     pub(super) fn read(&mut self, at: u64, len: usize, who: Access) -> Result<&[u8], EmuError> {
         let r = self.range(at, len)?;
         self.shadow
-            .access(1, r.start, len, who, Touch::Read { nc: false })?;
+            .access(1, r.start, len, who, Touch::Read { nc: false }, None)?;
         Ok(&self.bytes[r])
     }
 
     pub(super) fn write(&mut self, at: u64, data: &[u8], who: Access) -> Result<(), EmuError> {
         let r = self.range(at, data.len())?;
         self.shadow
-            .access(1, r.start, data.len(), who, Touch::Write)?;
+            .access(1, r.start, data.len(), who, Touch::Write, None)?;
         for unit in r.start / 16..=(r.end - 1) / 16 {
             if self.unfenced[unit] != who.thread {
                 self.unfenced[unit] = who.thread;
@@ -230,8 +260,9 @@ impl SharedMemory {
         who: Access,
     ) -> Result<u64, EmuError> {
         let r = self.range(at, len)?;
-        self.shadow.access(1, r.start, len, who, Touch::Atomic)?;
-        Ok(add_in_place(&mut self.bytes[r], value))
+        self.shadow
+            .access(1, r.start, len, who, Touch::Atomic, None)?;
+        Ok(AtomicOp::Add(value).apply(&mut self.bytes[r]))
     }
 
     /// `fence.proxy.async.shared::cta` by `thread`: its stores so far become visible to the
@@ -279,6 +310,22 @@ pub struct Memory {
     pub(super) written_in: Vec<u32>,
     /// The latency model, where asked for (`enable_timing`).
     pub(super) timing: Option<Timing>,
+    /// What each atomic word carries from blocks' releases in this launch (`sync.rs`).
+    pub(super) atomic_words: AtomicWords,
+    /// The order blocks run in.
+    pub(super) block_order: BlockOrder,
+}
+
+/// The order the interpreter runs a launch's blocks in, one after the other. The hardware
+/// runs them in any order and at once: a kernel whose answer depends on the order (which
+/// block is last, say) is wrong, and running it in another order shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BlockOrder {
+    #[default]
+    Forward,
+    Reverse,
+    /// A permutation drawn from the seed, another for each launch.
+    Shuffled(u64),
 }
 
 pub(super) const BASE: u64 = 0x1000_0000;
@@ -297,7 +344,35 @@ impl Memory {
             launch: 0,
             written_in: Vec::new(),
             timing: None,
+            atomic_words: AtomicWords::default(),
+            block_order: BlockOrder::Forward,
         }
+    }
+
+    /// Runs every later launch's blocks in `order`.
+    pub fn set_block_order(&mut self, order: BlockOrder) {
+        self.block_order = order;
+    }
+
+    /// The order of a launch's `grid` blocks (advancing a shuffled order's seed).
+    pub(super) fn blocks(&mut self, grid: u32) -> Vec<u32> {
+        let mut blocks: Vec<u32> = (0..grid).collect();
+        match &mut self.block_order {
+            BlockOrder::Forward => {}
+            BlockOrder::Reverse => blocks.reverse(),
+            BlockOrder::Shuffled(seed) => {
+                // Fisher-Yates with SplitMix64.
+                for i in (1..blocks.len()).rev() {
+                    *seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    let mut z = *seed;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^= z >> 31;
+                    blocks.swap(i, (z % (i as u64 + 1)) as usize);
+                }
+            }
+        }
+        blocks
     }
 
     /// Times every launch from now on by the latency model (`timing.rs`) with `lat`.
@@ -328,7 +403,7 @@ impl Memory {
     }
 
     /// A kernel's access (as opposed to the host's copies, which are not tracked), by a
-    /// thread past its `griddepcontrol.wait` or not.
+    /// thread past its `griddepcontrol.wait` or not, seeing `sees` of other blocks.
     pub(super) fn access(
         &mut self,
         addr: u64,
@@ -336,6 +411,7 @@ impl Memory {
         who: Access,
         touch: Touch,
         waited: bool,
+        sees: Sees,
     ) -> Result<(), EmuError> {
         let (write, nc) = match touch {
             Touch::Read { nc } => (false, nc),
@@ -370,21 +446,30 @@ impl Memory {
         if write {
             self.written_in[words].fill(self.launch);
         }
-        self.shadow.access(self.launch, r.start, len, who, touch)
+        self.shadow
+            .access(self.launch, r.start, len, who, touch, Some(sees))
     }
 
-    /// A kernel's atomic add of `value` to the `len`-byte integer at `addr`; the old value.
-    pub(super) fn atomic_add(
+    /// A kernel's atomic `op` on the `len`-byte integer at `addr`, releasing its block's
+    /// earlier accesses if `release`; the old value, and the releases the word carried
+    /// before (`sync.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn atomic(
         &mut self,
         addr: u64,
         len: usize,
-        value: u64,
+        op: AtomicOp,
         who: Access,
         waited: bool,
-    ) -> Result<u64, EmuError> {
-        self.access(addr, len, who, Touch::Atomic, waited)?;
+        sees: Sees,
+        release: bool,
+    ) -> Result<(u64, Option<Releases>), EmuError> {
+        self.access(addr, len, who, Touch::Atomic, waited, sees)?;
         let r = self.range(addr, len).expect("checked by access");
-        Ok(add_in_place(&mut self.bytes[r], value))
+        let carried = self
+            .atomic_words
+            .atomic(r.start / 4, who.block, who.epoch, release);
+        Ok((op.apply(&mut self.bytes[r]), carried))
     }
 
     /// Allocates `data` (256-byte aligned) and returns its device address.
@@ -447,13 +532,32 @@ impl Memory {
     }
 }
 
-/// Adds `value` (wrapping) to the little-endian integer in `bytes` (4 or 8 of them); the old
-/// value.
-fn add_in_place(bytes: &mut [u8], value: u64) -> u64 {
-    let mut v = [0u8; 8];
-    v[..bytes.len()].copy_from_slice(bytes);
-    let old = u64::from_le_bytes(v);
-    let new = old.wrapping_add(value).to_le_bytes();
-    bytes.copy_from_slice(&new[..bytes.len()]);
-    old
+/// The atomic read-modify-writes modelled.
+#[derive(Clone, Copy)]
+pub(super) enum AtomicOp {
+    /// Adds (wrapping).
+    Add(u64),
+    /// `atom.inc.u32`: the old value plus one, or 0 where the old value is at least the bound.
+    Inc(u32),
+}
+
+impl AtomicOp {
+    /// Applies it to the little-endian integer in `bytes` (4 or 8 of them); the old value.
+    fn apply(self, bytes: &mut [u8]) -> u64 {
+        let mut v = [0u8; 8];
+        v[..bytes.len()].copy_from_slice(bytes);
+        let old = u64::from_le_bytes(v);
+        let new = match self {
+            AtomicOp::Add(value) => old.wrapping_add(value),
+            AtomicOp::Inc(bound) => {
+                if old >= bound as u64 {
+                    0
+                } else {
+                    old + 1
+                }
+            }
+        };
+        bytes.copy_from_slice(&new.to_le_bytes()[..bytes.len()]);
+        old
+    }
 }

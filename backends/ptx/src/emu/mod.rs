@@ -15,12 +15,13 @@ mod collective;
 mod exec;
 mod memory;
 mod parse;
+mod sync;
 #[cfg(test)]
 mod tests;
 mod timing;
 
 pub use exec::{run, Launch};
-pub use memory::Memory;
+pub use memory::{BlockOrder, Memory};
 pub use parse::{Function, Module};
 pub use timing::Latencies;
 

@@ -413,3 +413,134 @@ fn latency_model_overlaps_independent_shuffle_chains() {
     assert!(one >= 5 * (lat.shuffle + lat.alu), "{one}");
     assert!(two < one + 20, "one chain {one} cycles, two {two}");
 }
+
+/// The last-block-done pattern: every thread of every block writes its partial (block · ntid
+/// + tid + 1), then `{wfence}`, a barrier, and thread 0 counts the block done with `atom.inc`
+/// (`{rfence}` after it) and tells its block whether it was the last; the last block's thread
+/// tid sums partial tid of every block into out[tid].
+fn last_block(wfence: &str, barrier: &str, rfence: &str) -> String {
+    format!(
+        ".visible .entry k(\n\t.param .u64 out,\n\t.param .u64 part,\n\t.param .u64 count\n)\n{{
+\t.shared .align 4 .b8 last[4];
+\t.reg .pred %p<3>;
+\t.reg .b32 %r<10>;
+\t.reg .b64 %rd<6>;
+\tld.param.u64 %rd0, [out];
+\tld.param.u64 %rd1, [part];
+\tld.param.u64 %rd2, [count];
+\tmov.u32 %r0, %tid.x;
+\tmov.u32 %r1, %ctaid.x;
+\tmov.u32 %r2, %ntid.x;
+\tmov.u32 %r3, %nctaid.x;
+\tmad.lo.u32 %r4, %r1, %r2, %r0;
+\tmul.wide.u32 %rd3, %r4, 4;
+\tadd.u64 %rd4, %rd1, %rd3;
+\tadd.u32 %r5, %r4, 1;
+\tst.global.u32 [%rd4], %r5;
+\t{wfence}
+\t{barrier}
+\tsetp.ne.u32 %p0, %r0, 0;
+\t@%p0 bra $wait;
+\tsub.u32 %r6, %r3, 1;
+\tatom.global.inc.u32 %r7, [%rd2], %r6;
+\t{rfence}
+\tsetp.eq.u32 %p1, %r7, %r6;
+\tselp.u32 %r8, 1, 0, %p1;
+\tst.shared.u32 [last], %r8;
+$wait:
+\tbar.sync 0;
+\tld.shared.u32 %r8, [last];
+\tsetp.eq.u32 %p2, %r8, 0;
+\t@%p2 bra $done;
+\tmov.u32 %r9, 0;
+\tmov.u32 %r5, 0;
+$loop:
+\tmad.lo.u32 %r4, %r5, %r2, %r0;
+\tmul.wide.u32 %rd3, %r4, 4;
+\tadd.u64 %rd4, %rd1, %rd3;
+\tld.global.u32 %r6, [%rd4];
+\tadd.u32 %r9, %r9, %r6;
+\tadd.u32 %r5, %r5, 1;
+\tsetp.lt.u32 %p0, %r5, %r3;
+\t@%p0 bra $loop;
+\tmul.wide.u32 %rd3, %r0, 4;
+\tadd.u64 %rd4, %rd0, %rd3;
+\tst.global.u32 [%rd4], %r9;
+$done:
+\tret;
+}}
+"
+    )
+}
+
+/// Runs `ptx` (`last_block`) twice on 5 blocks of 32 threads in `order`: out, and the counter.
+fn run_last_block(ptx: &str, order: BlockOrder) -> Result<(Vec<u32>, u32), EmuError> {
+    let m = Module::parse(ptx)?;
+    let mut mem = Memory::new();
+    mem.set_block_order(order);
+    let (out, part, count) = (
+        mem.alloc(&[0; 4 * 32]),
+        mem.alloc(&[0; 4 * 160]),
+        mem.alloc(&[0; 4]),
+    );
+    let launch = Launch {
+        grid: 5,
+        block: 32,
+        params: &[out, part, count],
+    };
+    for _ in 0..2 {
+        run(&m, "k", &launch, &mut mem)?;
+    }
+    Ok((mem.read_u32(out, 32)?, mem.read_u32(count, 1)?[0]))
+}
+
+#[test]
+fn the_last_block_reads_what_other_blocks_released_through_a_fence_and_an_atomic() {
+    let good = last_block("fence.acq_rel.gpu;", "bar.sync 0;", "fence.acq_rel.gpu;");
+    let want: Vec<u32> = (0..32)
+        .map(|t| (0..5).map(|b| b * 32 + t + 1).sum())
+        .collect();
+    for order in [
+        BlockOrder::Forward,
+        BlockOrder::Reverse,
+        BlockOrder::Shuffled(7),
+    ] {
+        let (out, count) = run_last_block(&good, order).unwrap();
+        // atom.inc wraps the counter back to 0 with the last block: ready for the next launch.
+        assert_eq!((out, count), (want.clone(), 0), "{order:?}");
+    }
+    let race = |ptx: &str| {
+        let e = run_last_block(ptx, BlockOrder::Shuffled(3)).unwrap_err();
+        assert!(e.0.contains("data race"), "{e}");
+    };
+    // The writers' fence, their barrier before the atomic, and the last block's fence after
+    // it are each needed.
+    race(&last_block("", "bar.sync 0;", "fence.acq_rel.gpu;"));
+    race(&last_block("fence.acq_rel.gpu;", "", "fence.acq_rel.gpu;"));
+    race(&last_block("fence.acq_rel.gpu;", "bar.sync 0;", ""));
+    // membar.gl is the same fence; a block-scope one is not modelled.
+    assert!(run_last_block(
+        &last_block("membar.gl;", "bar.sync 0;", "membar.gl;"),
+        BlockOrder::Reverse
+    )
+    .is_ok());
+    let e = run_last_block(
+        &last_block("fence.acq_rel.cta;", "bar.sync 0;", "fence.acq_rel.gpu;"),
+        BlockOrder::Forward,
+    )
+    .unwrap_err();
+    assert!(e.0.contains("gpu- or system-scope"), "{e}");
+}
+
+#[test]
+fn shuffled_block_orders_are_permutations_that_change_between_launches() {
+    let mut mem = Memory::new();
+    mem.set_block_order(BlockOrder::Shuffled(1));
+    let (a, b) = (mem.blocks(40), mem.blocks(40));
+    assert_ne!(a, b);
+    for order in [a, b] {
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..40).collect::<Vec<_>>());
+    }
+}
