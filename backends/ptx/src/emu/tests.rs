@@ -414,10 +414,10 @@ fn latency_model_overlaps_independent_shuffle_chains() {
     assert!(two < one + 20, "one chain {one} cycles, two {two}");
 }
 
-/// The last-block-done pattern: every thread of every block writes its partial (block · ntid
-/// + tid + 1), then `{wfence}`, a barrier, and thread 0 counts the block done with `atom.inc`
-/// (`{rfence}` after it) and tells its block whether it was the last; the last block's thread
-/// tid sums partial tid of every block into out[tid].
+/// The last-block-done pattern: every thread of every block writes its partial
+/// (block · ntid + tid + 1), then `{wfence}`, a barrier, and thread 0 counts the block done
+/// with `atom.inc` (`{rfence}` after it) and tells its block whether it was the last; the
+/// last block's thread tid sums partial tid of every block into out[tid].
 fn last_block(wfence: &str, barrier: &str, rfence: &str) -> String {
     format!(
         ".visible .entry k(\n\t.param .u64 out,\n\t.param .u64 part,\n\t.param .u64 count\n)\n{{
