@@ -22,12 +22,18 @@ impl Gen {
     }
 }
 
-/// The device sampler on the interpreter for one vocabulary.
+/// The device sampler on the interpreter for one vocabulary, its blocks run in a shuffled
+/// order (another each launch): each launch's last block to finish does the one-block work,
+/// and which block that is must not matter.
 struct Device(EmuSampler);
 
 impl Device {
     fn new(vocab: usize) -> Device {
-        Device(EmuSampler::new(vocab).unwrap())
+        let mut sampler = EmuSampler::new(vocab).unwrap();
+        sampler
+            .memory
+            .set_block_order(griffin_backend_ptx::emu::BlockOrder::Shuffled(vocab as u64));
+        Device(sampler)
     }
 
     /// Configuration and seen bits from the host's sampler and history, as the runtime

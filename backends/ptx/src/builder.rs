@@ -98,6 +98,46 @@ impl Kernel {
         self.bounds = Some((threads, blocks));
     }
 
+    /// The last-block-done pattern, so one launch can finish what all of its blocks computed
+    /// instead of a one-block launch after it: every thread fences its global accesses so
+    /// far and the block meets at a barrier; thread 0 counts the block done on the u32 at
+    /// `counter` (shared by the launch's blocks, 0 before the launch: `atom.inc` wraps it
+    /// back to 0 with the last block, ready for the next) and, in the last block, fences
+    /// again, so every block's accesses before its count are ordered before what follows
+    /// (the interpreter checks this: `emu/sync.rs`). Returns a predicate, true in every
+    /// thread of the last block. Every thread of the block must reach it.
+    pub fn last_block_done(&mut self, counter: Reg, tid: Reg) -> Reg {
+        let flag = self.label("last_block").replace('$', "");
+        self.shared(&flag, 4, 4);
+        self.ins("fence.acq_rel.gpu;");
+        self.ins("bar.sync 0;");
+        let counted = self.label("counted");
+        let others = self.reg(Class::Pred);
+        self.ins(format!("setp.ne.u32 {others}, {tid}, 0;"));
+        self.ins(format!("@{others} bra {counted};"));
+        let bound = self.reg(Class::B32);
+        self.ins(format!("mov.u32 {bound}, %nctaid.x;"));
+        self.ins(format!("sub.u32 {bound}, {bound}, 1;"));
+        let old = self.reg(Class::B32);
+        self.ins(format!("atom.global.inc.u32 {old}, [{counter}], {bound};"));
+        let last = self.reg(Class::Pred);
+        self.ins(format!("setp.eq.u32 {last}, {old}, {bound};"));
+        let told = self.label("told");
+        self.ins(format!("@!{last} bra {told};"));
+        self.ins("fence.acq_rel.gpu;");
+        self.place(&told);
+        let v = self.reg(Class::B32);
+        self.ins(format!("selp.u32 {v}, 1, 0, {last};"));
+        self.ins(format!("st.shared.u32 [{flag}], {v};"));
+        self.place(&counted);
+        self.ins("bar.sync 0;");
+        let v = self.reg(Class::B32);
+        self.ins(format!("ld.shared.u32 {v}, [{flag}];"));
+        let is_last = self.reg(Class::Pred);
+        self.ins(format!("setp.ne.u32 {is_last}, {v}, 0;"));
+        is_last
+    }
+
     fn index(class: Class) -> usize {
         match class {
             Class::Pred => 0,

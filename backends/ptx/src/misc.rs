@@ -42,7 +42,8 @@ pub fn argmax(name: &str, vocab: u32) -> String {
     k.launch_bounds(ARGMAX_THREADS, 1);
     let logits = k.param_ptr("logits");
     let out = k.param_ptr("out");
-    let (_, bi, done) = block_argmax(&mut k, logits, vocab, ARGMAX_UNROLL, &mut |_, _, _| {});
+    let (_, bi, done) = block_argmax(&mut k, logits, vocab, ARGMAX_UNROLL);
+    none_is_zero(&mut k, bi, vocab);
     k.ins(format!("st.global.u32 [{out}], {bi};"));
     k.place(&done);
     k.finish()
@@ -52,17 +53,10 @@ pub fn argmax(name: &str, vocab: u32) -> String {
 type Visit<'a> = dyn FnMut(&mut Kernel, Reg, Reg, (Reg, Reg)) + 'a;
 
 /// The largest of `vocab` logits at `logits` and its index (the first on ties; NaN never
-/// wins; index 0 if all are NaN), each value first passed through `adjust(k, value, index)`,
-/// by a block of `ARGMAX_THREADS`, `unroll` groups of four logits' loads in flight at a time.
-/// The code after it runs in thread 0 alone, up to the returned label, which the caller
-/// places.
-pub(crate) fn block_argmax(
-    k: &mut Kernel,
-    logits: Reg,
-    vocab: u32,
-    unroll: u32,
-    adjust: &mut dyn FnMut(&mut Kernel, Reg, Reg),
-) -> (Reg, Reg, String) {
+/// wins; index `vocab` if all are NaN), by a block of `ARGMAX_THREADS`, `unroll` groups of
+/// four logits' loads in flight at a time. The code after it runs in thread 0 alone, up to
+/// the returned label, which the caller places.
+fn block_argmax(k: &mut Kernel, logits: Reg, vocab: u32, unroll: u32) -> (Reg, Reg, String) {
     let tid = k.reg(Class::B32);
     k.ins(format!("mov.u32 {tid}, %tid.x;"));
     // Four running bests per thread, one per element of a group of four (indices 4q + j),
@@ -78,7 +72,6 @@ pub(crate) fn block_argmax(
         .collect();
     // Element `index` with value `v` against running best `(bv, bi)`.
     let mut visit = |k: &mut Kernel, v: Reg, index: Reg, (bv, bi): (Reg, Reg)| {
-        adjust(k, v, index);
         let better = k.reg(Class::Pred);
         k.ins(format!("setp.gt.f32 {better}, {v}, {bv};"));
         k.ins(format!("@{better} mov.f32 {bv}, {v};"));
@@ -133,13 +126,13 @@ pub(crate) fn block_argmax(
     for &(ov, oi) in &chains[1..] {
         keep_better(k, bv, bi, ov, oi);
     }
-    let done = reduce_best(k, tid, bv, bi, vocab);
+    let done = reduce_best(k, tid, bv, bi, ARGMAX_THREADS);
     (bv, bi, done)
 }
 
 /// `(bv, bi)` becomes `(ov, oi)` where that is better: a larger value, or an equal one at a
 /// lower index (NaN is never larger nor equal, so it never wins).
-fn keep_better(k: &mut Kernel, bv: Reg, bi: Reg, ov: Reg, oi: Reg) {
+pub(crate) fn keep_better(k: &mut Kernel, bv: Reg, bi: Reg, ov: Reg, oi: Reg) {
     let gt = k.reg(Class::Pred);
     k.ins(format!("setp.gt.f32 {gt}, {ov}, {bv};"));
     let eq = k.reg(Class::Pred);
@@ -152,13 +145,14 @@ fn keep_better(k: &mut Kernel, bv: Reg, bi: Reg, ov: Reg, oi: Reg) {
     k.ins(format!("@{gt} mov.u32 {bi}, {oi};"));
 }
 
-/// Every thread's `(bv, bi)` of a block of `ARGMAX_THREADS` reduced to the best in thread 0
-/// (an index past `vocab`, where nothing won, becomes 0); the code after it runs in thread 0
-/// alone, up to the returned label, which the caller places.
-fn reduce_best(k: &mut Kernel, tid: Reg, bv: Reg, bi: Reg, vocab: u32) -> String {
-    let warps = ARGMAX_THREADS / 32;
-    k.shared("best_v", 4 * warps, 16);
-    k.shared("best_i", 4 * warps, 16);
+/// Every thread's `(bv, bi)` of a block of `threads` reduced to the best in thread 0; the
+/// code after it runs in thread 0 alone, up to the returned label, which the caller places.
+pub(crate) fn reduce_best(k: &mut Kernel, tid: Reg, bv: Reg, bi: Reg, threads: u32) -> String {
+    let warps = threads / 32;
+    let name_v = k.label("best_v").replace('$', "");
+    let name_i = k.label("best_i").replace('$', "");
+    k.shared(&name_v, 4 * warps, 16);
+    k.shared(&name_i, 4 * warps, 16);
     for offset in [16, 8, 4, 2, 1] {
         let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
         k.ins(format!("shfl.sync.bfly.b32 {ov}, {bv}, {offset}, 31, -1;"));
@@ -169,8 +163,8 @@ fn reduce_best(k: &mut Kernel, tid: Reg, bv: Reg, bi: Reg, vocab: u32) -> String
     let lane0 = k.reg(Class::Pred);
     k.ins(format!("setp.eq.u32 {lane0}, {lane}, 0;"));
     let (sv, si) = (k.reg(Class::B64), k.reg(Class::B64));
-    k.ins(format!("mov.u64 {sv}, best_v;"));
-    k.ins(format!("mov.u64 {si}, best_i;"));
+    k.ins(format!("mov.u64 {sv}, {name_v};"));
+    k.ins(format!("mov.u64 {si}, {name_i};"));
     let off = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {off}, {warp}, 4;"));
     let (pv, pi) = (k.reg(Class::B64), k.reg(Class::B64));
@@ -191,11 +185,15 @@ fn reduce_best(k: &mut Kernel, tid: Reg, bv: Reg, bi: Reg, vocab: u32) -> String
         k.ins(format!("ld.shared.u32 {oi}, [{si}+{}];", 4 * w));
         keep_better(k, bv, bi, ov, oi);
     }
-    // All logits NaN: id 0 rather than an out-of-range id.
+    done
+}
+
+/// An index past `vocab`, where nothing won (all logits NaN), becomes 0 rather than an
+/// out-of-range id.
+pub(crate) fn none_is_zero(k: &mut Kernel, bi: Reg, vocab: u32) {
     let none = k.reg(Class::Pred);
     k.ins(format!("setp.ge.u32 {none}, {bi}, {vocab};"));
     k.ins(format!("@{none} mov.u32 {bi}, 0;"));
-    done
 }
 
 /// The greedy argmax from the pairs `gemv::gemv_with_best` wrote: the best of `slots`
@@ -233,7 +231,8 @@ pub fn argmax_best(name: &str, slots: u32, vocab: u32) -> String {
         }
         k.ins(format!("add.u32 {si}, {si}, {};", n * ARGMAX_THREADS));
     });
-    let done = reduce_best(&mut k, tid, bv, bi, vocab);
+    let done = reduce_best(&mut k, tid, bv, bi, ARGMAX_THREADS);
+    none_is_zero(&mut k, bi, vocab);
     k.ins(format!("st.global.u32 [{out}], {bi};"));
     k.place(&done);
     k.finish()

@@ -17,13 +17,16 @@
 //! likelihood e* and how many of the tokens tied at e* (the lowest ids) are kept. Top-p's
 //! target is p of the weight top-k keeps, so its selection runs after top-k's.
 //!
-//! Launches, in order: `max` (penalised argmax: the maximum, and the answer where nothing is
-//! drawn), `weights` (likelihoods and the first histogram), top-k's choose / histogram /
-//! choose / histogram / choose, top-p's the same, `blocks` (kept weight per 1024 tokens),
-//! `draw` (one block: the draw, the id, the seen bit, the generator's state; clears the
-//! histograms for the next step). Fourteen launches; a setting that is off returns at once.
+//! Launches, in order, each a pass over the vocabulary (a block per 1024 tokens) whose last
+//! block to finish does the one-block work after it (`Kernel::last_block_done`): `max`
+//! (per block the penalised maximum; the last block reduces them: the maximum, and the answer
+//! where nothing is drawn), `weights` (likelihoods and the first histogram; then top-k's
+//! first choice), top-k's histograms of digits 2 and 3 (each then its choice; the third also
+//! top-p's first), top-p's two (each then its choice), `blocks` (kept weight per 1024
+//! tokens; then the draw: the id, the seen bit, the generator's state, the histograms
+//! cleared for the next step). Seven launches; a setting that is off skips its part.
 use crate::builder::{Class, Kernel, Reg};
-use crate::misc::{block_argmax, ARGMAX_THREADS};
+use crate::misc::{keep_better, none_is_zero, reduce_best};
 
 /// Byte offsets in the sampler's state buffer. The host writes the configuration (the
 /// first `CONFIG_BYTES`) and the seen bits; the kernels the rest.
@@ -54,6 +57,10 @@ pub mod layout {
     pub const P_SELECT: u32 = 72;
     /// u64: every token's weight.
     pub const TOTAL: u32 = 96;
+    /// u32: blocks of the running launch done (0 between launches: each launch's last block
+    /// wraps it back). One counter serves every launch: a launch's blocks count only after
+    /// their `griddepcontrol.wait`, when the launch before has finished.
+    pub const COUNTER: u32 = 104;
     /// Five histograms of 1024 digits: counts u32[1024], then weight sums u64[1024].
     pub const HISTS: u32 = 128;
     pub const HIST_BYTES: u32 = 1024 * 12;
@@ -61,9 +68,14 @@ pub mod layout {
     /// Per block of 1024 tokens: weight of the tokens above the threshold u64, ties u32.
     pub const BLOCKS: u32 = HISTS + HIST_COUNT * HIST_BYTES;
 
+    /// Per block of 1024 tokens: its penalised maximum f32 and that token's id u32.
+    pub fn pairs(vocab: u32) -> u32 {
+        BLOCKS + 16 * super::blocks(vocab)
+    }
+
     /// u32[V]: likelihoods' bits.
     pub fn likelihoods(vocab: u32) -> u32 {
-        BLOCKS + 16 * super::blocks(vocab)
+        pairs(vocab) + 8 * super::blocks(vocab)
     }
 
     /// u32[ceil(V / 32)]: a bit per token already seen (repetition penalty).
@@ -80,17 +92,17 @@ pub mod layout {
 pub const TOKENS_PER_BLOCK: u32 = 1024;
 /// Threads of those passes (four tokens each).
 pub const PASS_THREADS: u32 = 256;
-/// Threads of the one-block passes.
-pub const ONE_BLOCK: u32 = 1024;
 const DIGITS: u32 = 1024;
+/// Items (tokens, digits, blocks of tokens) per thread of a pass.
+const PER_THREAD: u32 = TOKENS_PER_BLOCK / PASS_THREADS;
 
 /// Blocks of the passes over the vocabulary.
 pub fn blocks(vocab: u32) -> u32 {
     vocab.div_ceil(TOKENS_PER_BLOCK)
 }
 
-/// The most tokens: `draw` takes a block of the vocabulary per thread.
-pub const MAX_VOCAB: u32 = ONE_BLOCK * TOKENS_PER_BLOCK;
+/// The most tokens: the draw takes four blocks of the vocabulary per thread.
+pub const MAX_VOCAB: u32 = PASS_THREADS * PER_THREAD * TOKENS_PER_BLOCK;
 
 /// Which selection a launch works on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,84 +152,56 @@ impl SampleParams {
     }
 }
 
-/// The fourteen launches for a vocabulary of `vocab` tokens (`prefix` starts each kernel's
+/// The seven launches for a vocabulary of `vocab` tokens (`prefix` starts each kernel's
 /// name). The constants of the likelihood are the host's (`exp`): `poly` innermost first.
 pub fn kernels(prefix: &str, vocab: u32, exp: &ExpConstants) -> Vec<SampleKernel> {
     assert!(vocab > 0 && vocab <= MAX_VOCAB, "vocabulary of {vocab}");
     let g = blocks(vocab);
     let v = vocab as u64;
     // Bytes: logits and likelihoods 4 per token, seen bits 1/8, a histogram 12 KiB, a
-    // block's sums 16.
+    // block's sums 16, its maximum 8.
     let (hist, seen, sums) = (layout::HIST_BYTES as u64, v.div_ceil(8), 16 * g as u64);
-    let mut out = Vec::new();
-    let mut push = |name: String, ptx: String, grid, block, params, bytes| {
-        out.push(SampleKernel {
-            name,
-            ptx,
-            grid,
-            block,
-            params,
-            bytes,
-        })
-    };
     let n = |s: &str| format!("{prefix}_{s}");
-    let (max, weights) = (n("max"), n("weights"));
-    let ptx = max_kernel(&max, vocab);
-    push(
-        max,
+    let pass = |name: String, ptx: String, params, bytes| SampleKernel {
+        name,
         ptx,
-        1,
-        ARGMAX_THREADS,
-        SampleParams::LogitsState,
-        4 * v + seen,
-    );
-    let ptx = weights_kernel(&weights, vocab, exp);
-    let bytes = 8 * v + seen + hist;
-    push(
-        weights,
-        ptx,
-        g,
-        PASS_THREADS,
-        SampleParams::LogitsState,
+        grid: g,
+        block: PASS_THREADS,
+        params,
         bytes,
-    );
+    };
+    let (max, weights) = (n("max"), n("weights"));
+    let mut out = vec![
+        pass(
+            max.clone(),
+            max_kernel(&max, vocab),
+            SampleParams::LogitsState,
+            4 * v + seen + 16 * g as u64,
+        ),
+        pass(
+            weights.clone(),
+            weights_kernel(&weights, vocab, exp),
+            SampleParams::LogitsState,
+            8 * v + seen + 2 * hist,
+        ),
+    ];
+    // Top-k's digits 2 and 3, then top-p's, each histogram followed by its choice (the
+    // third of top-k's by top-p's first too).
     for (s, tag, hists) in [(Select::TopK, "k", [1, 2]), (Select::TopP, "p", [3, 4])] {
-        for pass in 1..=3u32 {
-            if pass > 1 {
-                let name = n(&format!("hist_{tag}{pass}"));
-                let ptx = hist_kernel(&name, vocab, s, pass, hists[pass as usize - 2]);
-                push(
-                    name,
-                    ptx,
-                    g,
-                    PASS_THREADS,
-                    SampleParams::State,
-                    4 * v + hist,
-                );
-            }
-            let hist_at = if pass == 1 {
-                0
-            } else {
-                hists[pass as usize - 2]
-            };
-            let name = n(&format!("choose_{tag}{pass}"));
-            let ptx = choose_kernel(&name, s, pass, hist_at);
-            push(name, ptx, 1, ONE_BLOCK, SampleParams::State, hist);
+        for digit in 2..=3u32 {
+            let name = n(&format!("hist_{tag}{digit}"));
+            let ptx = hist_kernel(&name, vocab, s, digit, hists[digit as usize - 2]);
+            out.push(pass(name, ptx, SampleParams::State, 4 * v + 2 * hist));
         }
     }
-    let (blocks_name, draw) = (n("blocks"), n("draw"));
-    let ptx = blocks_kernel(&blocks_name, vocab);
-    push(
-        blocks_name,
-        ptx,
-        g,
-        PASS_THREADS,
-        SampleParams::State,
-        4 * v + sums,
-    );
-    let ptx = draw_kernel(&draw, vocab);
-    let bytes = sums + 4 * TOKENS_PER_BLOCK as u64 + layout::HIST_COUNT as u64 * hist;
-    push(draw, ptx, 1, ONE_BLOCK, SampleParams::StateNext, bytes);
+    let blocks_name = n("blocks");
+    let draw = sums + 4 * TOKENS_PER_BLOCK as u64 + layout::HIST_COUNT as u64 * hist;
+    out.push(pass(
+        blocks_name.clone(),
+        blocks_kernel(&blocks_name, vocab),
+        SampleParams::StateNext,
+        4 * v + sums + draw,
+    ));
     out
 }
 
@@ -301,22 +285,84 @@ fn penalise(k: &mut Kernel, state: Reg, seen: u32, (on, pen): (Reg, Reg), l: Reg
     k.ins(format!("@{hit} mov.f32 {l}, {div};"));
 }
 
-/// `max`: the penalised logits' maximum and its index into the state (one block).
+/// `max`: per block of 1024 tokens, the penalised logits' maximum and its id (the first on
+/// ties; NaN never wins) into the state's pairs; the last block reduces them into `MAX` and
+/// `ARG` (id 0 where nothing won: every logit NaN or -inf).
 fn max_kernel(name: &str, vocab: u32) -> String {
-    let mut k = Kernel::new(name);
-    k.launch_bounds(ARGMAX_THREADS, 1);
-    let logits = k.param_ptr("logits");
-    let state = k.param_ptr("state");
+    let mut p = Pass::new(name, SampleParams::LogitsState, false);
+    let (state, tid, block) = (p.state, p.tid, p.block);
+    let logits = p.logits.expect("asked for");
+    let k = &mut p.k;
     let seen = layout::seen(vocab);
-    let pen = penalty(&mut k, state);
-    // Six groups in flight: at eight the penalty's registers spill.
-    let (bv, bi, done) = block_argmax(&mut k, logits, vocab, 6, &mut |k, v, i| {
-        penalise(k, state, seen, pen, v, i)
-    });
-    k.ins(format!("st.global.f32 [{state}+{}], {bv};", layout::MAX));
-    k.ins(format!("st.global.u32 [{state}+{}], {bi};", layout::ARG));
-    k.place(&done);
-    k.finish()
+    let pen = penalty(k, state);
+    let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
+    k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
+    k.ins(format!("mov.u32 {bi}, {vocab};"));
+    // The thread's four tokens' loads together (one past the vocabulary reads the last
+    // token and is never better), then visited in increasing id order: strictly greater
+    // keeps the first.
+    let tokens: Vec<(Reg, Reg, Reg)> = (0..PER_THREAD)
+        .map(|u| {
+            let own = k.reg(Class::B32);
+            k.ins(format!(
+                "mad.lo.u32 {own}, {block}, {TOKENS_PER_BLOCK}, {tid};"
+            ));
+            k.ins(format!("add.u32 {own}, {own}, {};", u * PASS_THREADS));
+            let inside = k.reg(Class::Pred);
+            k.ins(format!("setp.lt.u32 {inside}, {own}, {vocab};"));
+            let i = k.reg(Class::B32);
+            k.ins(format!("min.u32 {i}, {own}, {};", vocab - 1));
+            let a = elem4(k, logits, 0, i);
+            let l = k.reg(Class::F32);
+            k.ins(format!("ld.global.f32 {l}, [{a}];"));
+            (i, inside, l)
+        })
+        .collect();
+    for &(i, inside, l) in &tokens {
+        penalise(k, state, seen, pen, l, i);
+        let better = k.reg(Class::Pred);
+        k.ins(format!("setp.gt.f32 {better}, {l}, {bv};"));
+        k.ins(format!("and.pred {better}, {better}, {inside};"));
+        k.ins(format!("@{better} mov.f32 {bv}, {l};"));
+        k.ins(format!("@{better} mov.u32 {bi}, {i};"));
+    }
+    let block_done = reduce_best(k, tid, bv, bi, PASS_THREADS);
+    let at = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {at}, {block}, 8;"));
+    k.ins(format!("add.u64 {at}, {at}, {state};"));
+    k.ins(format!(
+        "st.global.v2.b32 [{at}+{}], {{{bv}, {bi}}};",
+        layout::pairs(vocab)
+    ));
+    k.place(&block_done);
+    let g = blocks(vocab);
+    p.finish(move |k| {
+        let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
+        k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
+        k.ins(format!("mov.u32 {bi}, {vocab};"));
+        // Blocks tid, tid + 256, ...: pairs in no order of id, so the full rule.
+        for u in 0..PER_THREAD {
+            let b = k.reg(Class::B32);
+            k.ins(format!("add.u32 {b}, {tid}, {};", u * PASS_THREADS));
+            let skip = k.label("no_block");
+            k.leave_unless_below(b, g, &skip);
+            let at = k.reg(Class::B64);
+            k.ins(format!("mul.wide.u32 {at}, {b}, 8;"));
+            k.ins(format!("add.u64 {at}, {at}, {state};"));
+            let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
+            k.ins(format!(
+                "ld.global.v2.b32 {{{ov}, {oi}}}, [{at}+{}];",
+                layout::pairs(vocab)
+            ));
+            keep_better(k, bv, bi, ov, oi);
+            k.place(&skip);
+        }
+        let done = reduce_best(k, tid, bv, bi, PASS_THREADS);
+        none_is_zero(k, bi, vocab);
+        k.ins(format!("st.global.f32 [{state}+{}], {bv};", layout::MAX));
+        k.ins(format!("st.global.u32 [{state}+{}], {bi};", layout::ARG));
+        k.place(&done);
+    })
 }
 
 /// A token's weight: its likelihood (bits) times the scale, truncated.
@@ -431,34 +477,39 @@ fn count(k: &mut Kernel, local: (Reg, Reg), d: Reg, w: Reg) {
 }
 
 /// A pass over the vocabulary (a block of `PASS_THREADS` per 1024 tokens): its kernel with
-/// the logits parameter if `logits`, then the state; this thread and block; and the label
-/// ending it, to which it has already branched where nothing is drawn this step.
+/// the parameters `params` names, this thread and block, and the label ending the pass's
+/// own work, to which it has already branched where nothing is drawn this step (if asked).
 struct Pass {
     k: Kernel,
     logits: Option<Reg>,
     state: Reg,
+    next: Option<Reg>,
     tid: Reg,
     block: Reg,
-    done: String,
+    body_end: String,
 }
 
 impl Pass {
-    fn new(name: &str, logits: bool) -> Pass {
+    fn new(name: &str, params: SampleParams, skip_unless_drawn: bool) -> Pass {
         let mut k = Kernel::new(name);
         k.launch_bounds(PASS_THREADS, 1);
-        let logits = logits.then(|| k.param_ptr("logits"));
+        let logits = (params == SampleParams::LogitsState).then(|| k.param_ptr("logits"));
         let state = k.param_ptr("state");
+        let next = (params == SampleParams::StateNext).then(|| k.param_ptr("next"));
         let (tid, block) = k.thread_and_block();
-        let done = k.label("done");
-        let skip = argmax_only(&mut k, state);
-        k.ins(format!("@{skip} bra {done};"));
+        let body_end = k.label("body_end");
+        if skip_unless_drawn {
+            let skip = argmax_only(&mut k, state);
+            k.ins(format!("@{skip} bra {body_end};"));
+        }
         Pass {
             k,
             logits,
             state,
+            next,
             tid,
             block,
-            done,
+            body_end,
         }
     }
 
@@ -467,7 +518,7 @@ impl Pass {
     fn each_token(&mut self, vocab: u32, body: &mut dyn FnMut(&mut Kernel, Reg, &str)) {
         let (block, tid) = (self.block, self.tid);
         let k = &mut self.k;
-        for u in 0..TOKENS_PER_BLOCK / PASS_THREADS {
+        for u in 0..PER_THREAD {
             let i = k.reg(Class::B32);
             k.ins(format!(
                 "mad.lo.u32 {i}, {block}, {TOKENS_PER_BLOCK}, {tid};"
@@ -480,8 +531,22 @@ impl Pass {
         }
     }
 
-    fn finish(mut self) -> String {
-        self.k.place(&self.done);
+    /// Ends the pass's own work; every block then counts itself done, and the last one runs
+    /// `last` (the one-block work that needs every block's results).
+    fn finish(mut self, last: impl FnOnce(&mut Kernel)) -> String {
+        let k = &mut self.k;
+        k.place(&self.body_end);
+        let counter = k.reg(Class::B64);
+        k.ins(format!(
+            "add.u64 {counter}, {}, {};",
+            self.state,
+            layout::COUNTER
+        ));
+        let is_last = k.last_block_done(counter, self.tid);
+        let end = k.label("end");
+        k.ins(format!("@!{is_last} bra {end};"));
+        last(k);
+        k.place(&end);
         self.k.finish()
     }
 }
@@ -504,9 +569,9 @@ fn elem4(k: &mut Kernel, state: Reg, at: u32, i: Reg) -> Reg {
 }
 
 /// `weights`: every token's likelihood (bits, into the state) and the first histogram (the
-/// top 10 of the 30 bits).
+/// top 10 of the 30 bits); then top-k's first choice.
 fn weights_kernel(name: &str, vocab: u32, c: &ExpConstants) -> String {
-    let mut p = Pass::new(name, true);
+    let mut p = Pass::new(name, SampleParams::LogitsState, true);
     let (state, tid, logits) = (p.state, p.tid, p.logits.expect("asked for"));
     let k = &mut p.k;
     let local = shared_hist(k, tid, PASS_THREADS);
@@ -531,7 +596,7 @@ fn weights_kernel(name: &str, vocab: u32, c: &ExpConstants) -> String {
         count(k, local, d, w);
     });
     flush_hist(&mut p.k, state, tid, PASS_THREADS, local, 0);
-    p.finish()
+    p.finish(|k| choose(k, state, tid, Select::TopK, 1, 0))
 }
 
 /// Bits below digit `pass` (1-based, from the top): 20, 10, 0.
@@ -540,15 +605,16 @@ fn shift(pass: u32) -> u32 {
 }
 
 /// `hist_*`: for selection `s` still searching, the histogram of digit `pass` (2 or 3) over
-/// the tokens whose higher digits are those chosen so far, into histogram `hist`.
+/// the tokens whose higher digits are those chosen so far, into histogram `hist`; then that
+/// digit's choice (after top-k's third, top-p's first too).
 fn hist_kernel(name: &str, vocab: u32, s: Select, pass: u32, hist: u32) -> String {
-    let mut p = Pass::new(name, false);
+    let mut p = Pass::new(name, SampleParams::State, true);
     let (state, tid) = (p.state, p.tid);
     let k = &mut p.k;
     let status = load(k, state, s.at(), Class::B32);
     let settled = k.reg(Class::Pred);
     k.ins(format!("setp.ne.u32 {settled}, {status}, 0;"));
-    k.ins(format!("@{settled} bra {};", p.done));
+    k.ins(format!("@{settled} bra {};", p.body_end));
     let prefix = load(k, state, s.at() + 4, Class::B32);
     let local = shared_hist(k, tid, PASS_THREADS);
     let scale = load(k, state, layout::SCALE, Class::F32);
@@ -566,7 +632,14 @@ fn hist_kernel(name: &str, vocab: u32, s: Select, pass: u32, hist: u32) -> Strin
         count(k, local, d, w);
     });
     flush_hist(&mut p.k, state, tid, PASS_THREADS, local, hist);
-    p.finish()
+    p.finish(|k| {
+        choose(k, state, tid, s, pass, hist);
+        if s == Select::TopK && pass == 3 {
+            // Top-p's first choice reads what top-k's last wrote (any thread of the block).
+            k.ins("bar.sync 0;");
+            choose(k, state, tid, Select::TopP, 1, 0);
+        }
+    })
 }
 
 /// Inclusive prefix sum of u64 `v` over a block of `threads` (thread order), and the
@@ -618,19 +691,15 @@ fn block_scan(k: &mut Kernel, v: Reg, tid: Reg, threads: u32) -> (Reg, Reg) {
     (x, total)
 }
 
-/// `choose_*`: one block, thread t on digit 1023 - t (from the top). Finds the digit where
-/// selection `s`'s cumulative count (top-k) or weight (top-p) reaches its remaining target,
-/// and records it (after the third digit the selection is found); a target the tokens never
-/// reach keeps them all. The first pass sets the selection up: top-k's target is k, top-p's
-/// p of the weight top-k keeps (every token's without top-k).
-fn choose_kernel(name: &str, s: Select, pass: u32, hist: u32) -> String {
-    let mut k = Kernel::new(name);
-    k.launch_bounds(ONE_BLOCK, 1);
-    let state = k.param_ptr("state");
-    let tid = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
-    let done = k.label("done");
-    let skip = argmax_only(&mut k, state);
+/// A choice, in the last block of a pass (`PASS_THREADS` threads; thread t on digits
+/// 1023 - 4t - j, j < 4, from the top). Finds the digit where selection `s`'s cumulative
+/// count (top-k) or weight (top-p) reaches its remaining target, and records it (after the
+/// third digit the selection is found); a target the tokens never reach keeps them all. The
+/// first pass sets the selection up: top-k's target is k, top-p's p of the weight top-k
+/// keeps (every token's without top-k). Every thread of the block must reach it.
+fn choose(k: &mut Kernel, state: Reg, tid: Reg, s: Select, pass: u32, hist: u32) {
+    let done = k.label("chosen");
+    let skip = argmax_only(k, state);
     k.ins(format!("@{skip} bra {done};"));
     let at = s.at();
     let (status, prefix, target, above) = (
@@ -645,7 +714,7 @@ fn choose_kernel(name: &str, s: Select, pass: u32, hist: u32) -> String {
         k.ins(format!("mov.u64 {above}, 0;"));
         match s {
             Select::TopK => {
-                let kk = load(&mut k, state, layout::TOP_K, Class::B32);
+                let kk = load(k, state, layout::TOP_K, Class::B32);
                 k.ins(format!("cvt.u64.u32 {target}, {kk};"));
                 let off = k.reg(Class::Pred);
                 k.ins(format!("setp.eq.u32 {off}, {kk}, 0;"));
@@ -653,19 +722,19 @@ fn choose_kernel(name: &str, s: Select, pass: u32, hist: u32) -> String {
             }
             Select::TopP => {
                 // The weight top-k keeps: above its threshold, plus its ties.
-                let ks = load(&mut k, state, layout::K_SELECT, Class::B32);
-                let kp = load(&mut k, state, layout::K_SELECT + 4, Class::B32);
-                let kr = load(&mut k, state, layout::K_SELECT + 8, Class::B64);
-                let ka = load(&mut k, state, layout::K_SELECT + 16, Class::B64);
-                let scale = load(&mut k, state, layout::SCALE, Class::F32);
-                let wk = weight(&mut k, kp, scale);
+                let ks = load(k, state, layout::K_SELECT, Class::B32);
+                let kp = load(k, state, layout::K_SELECT + 4, Class::B32);
+                let kr = load(k, state, layout::K_SELECT + 8, Class::B64);
+                let ka = load(k, state, layout::K_SELECT + 16, Class::B64);
+                let scale = load(k, state, layout::SCALE, Class::F32);
+                let wk = weight(k, kp, scale);
                 let total = k.reg(Class::B64);
                 k.ins(format!("mad.lo.u64 {total}, {kr}, {wk}, {ka};"));
                 let found = k.reg(Class::Pred);
                 k.ins(format!("setp.eq.u32 {found}, {ks}, 1;"));
-                let all = load(&mut k, state, layout::TOTAL, Class::B64);
+                let all = load(k, state, layout::TOTAL, Class::B64);
                 k.ins(format!("selp.b64 {total}, {total}, {all}, {found};"));
-                let p = load(&mut k, state, layout::TOP_P, Class::F32);
+                let p = load(k, state, layout::TOP_P, Class::F32);
                 let (tf, pf) = (k.reg(Class::F64), k.reg(Class::F64));
                 k.ins(format!("cvt.rn.f64.u64 {tf}, {total};"));
                 k.ins(format!("cvt.f64.f32 {pf}, {p};"));
@@ -698,20 +767,29 @@ fn choose_kernel(name: &str, s: Select, pass: u32, hist: u32) -> String {
         k.ins(format!("bra {done};"));
         k.place(&leave);
     }
-    let d = k.reg(Class::B32);
-    k.ins(format!("sub.u32 {d}, {}, {tid};", DIGITS - 1));
     let base = layout::HISTS + hist * layout::HIST_BYTES;
     let gc = k.reg(Class::B64);
     k.ins(format!("add.u64 {gc}, {state}, {base};"));
     let gs = k.reg(Class::B64);
     k.ins(format!("add.u64 {gs}, {gc}, {};", 4 * DIGITS));
-    let (ac, asum) = digit_addrs(&mut k, gc, gs, d);
-    let (c32, c, sum) = (k.reg(Class::B32), k.reg(Class::B64), k.reg(Class::B64));
-    k.ins(format!("ld.global.u32 {c32}, [{ac}];"));
-    k.ins(format!("cvt.u64.u32 {c}, {c32};"));
-    k.ins(format!("ld.global.u64 {sum}, [{asum}];"));
-    let (ci, _) = block_scan(&mut k, c, tid, ONE_BLOCK);
-    let (si, stotal) = block_scan(&mut k, sum, tid, ONE_BLOCK);
+    let top = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {top}, {tid}, {PER_THREAD};"));
+    k.ins(format!("sub.u32 {top}, {}, {top};", DIGITS - 1));
+    let (mut ds, mut cs, mut sums) = (Vec::new(), Vec::new(), Vec::new());
+    for j in 0..PER_THREAD {
+        let d = k.reg(Class::B32);
+        k.ins(format!("sub.u32 {d}, {top}, {j};"));
+        let (ac, asum) = digit_addrs(k, gc, gs, d);
+        let (c32, c, sum) = (k.reg(Class::B32), k.reg(Class::B64), k.reg(Class::B64));
+        k.ins(format!("ld.global.u32 {c32}, [{ac}];"));
+        k.ins(format!("cvt.u64.u32 {c}, {c32};"));
+        k.ins(format!("ld.global.u64 {sum}, [{asum}];"));
+        ds.push(d);
+        cs.push(c);
+        sums.push(sum);
+    }
+    let (cis, _) = scan_items(k, &cs, tid, PASS_THREADS);
+    let (sis, stotal) = scan_items(k, &sums, tid, PASS_THREADS);
     let t0 = k.reg(Class::Pred);
     k.ins(format!("setp.eq.u32 {t0}, {tid}, 0;"));
     if first_k {
@@ -726,49 +804,81 @@ fn choose_kernel(name: &str, s: Select, pass: u32, hist: u32) -> String {
         ));
         k.ins(format!("@{settled} bra {done};"));
     }
-    let (v, own) = match s {
-        Select::TopK => (ci, c),
-        Select::TopP => (si, sum),
-    };
-    let before = k.reg(Class::B64);
-    k.ins(format!("sub.u64 {before}, {v}, {own};"));
-    // The crossing digit: the cumulative value reaches the target here, not before.
-    let (reach, short) = (k.reg(Class::Pred), k.reg(Class::Pred));
-    k.ins(format!("setp.ge.u64 {reach}, {v}, {target};"));
-    k.ins(format!("setp.lt.u64 {short}, {before}, {target};"));
-    k.ins(format!("and.pred {reach}, {reach}, {short};"));
-    let np = k.reg(Class::B32);
-    k.ins(format!("shl.b32 {np}, {prefix}, 10;"));
-    k.ins(format!("or.b32 {np}, {np}, {d};"));
-    let nt = k.reg(Class::B64);
-    k.ins(format!("sub.u64 {nt}, {target}, {before};"));
-    let na = k.reg(Class::B64);
-    k.ins(format!("sub.u64 {na}, {si}, {sum};"));
-    k.ins(format!("add.u64 {na}, {na}, {above};"));
     let ns = k.imm_u32(if pass == 3 { 1 } else { 0 });
-    k.ins(format!("@{reach} st.global.u32 [{state}+{at}], {ns};"));
-    k.ins(format!(
-        "@{reach} st.global.u32 [{state}+{}], {np};",
-        at + 4
-    ));
-    k.ins(format!(
-        "@{reach} st.global.u64 [{state}+{}], {nt};",
-        at + 8
-    ));
-    k.ins(format!(
-        "@{reach} st.global.u64 [{state}+{}], {na};",
-        at + 16
-    ));
+    let mut v = None;
+    for j in 0..PER_THREAD as usize {
+        let (vj, own) = match s {
+            Select::TopK => (cis[j], cs[j]),
+            Select::TopP => (sis[j], sums[j]),
+        };
+        v = Some(vj);
+        let before = k.reg(Class::B64);
+        k.ins(format!("sub.u64 {before}, {vj}, {own};"));
+        // The crossing digit: the cumulative value reaches the target here, not before.
+        let (reach, short) = (k.reg(Class::Pred), k.reg(Class::Pred));
+        k.ins(format!("setp.ge.u64 {reach}, {vj}, {target};"));
+        k.ins(format!("setp.lt.u64 {short}, {before}, {target};"));
+        k.ins(format!("and.pred {reach}, {reach}, {short};"));
+        let np = k.reg(Class::B32);
+        k.ins(format!("shl.b32 {np}, {prefix}, 10;"));
+        k.ins(format!("or.b32 {np}, {np}, {};", ds[j]));
+        let nt = k.reg(Class::B64);
+        k.ins(format!("sub.u64 {nt}, {target}, {before};"));
+        let na = k.reg(Class::B64);
+        k.ins(format!("sub.u64 {na}, {}, {};", sis[j], sums[j]));
+        k.ins(format!("add.u64 {na}, {na}, {above};"));
+        k.ins(format!("@{reach} st.global.u32 [{state}+{at}], {ns};"));
+        k.ins(format!(
+            "@{reach} st.global.u32 [{state}+{}], {np};",
+            at + 4
+        ));
+        k.ins(format!(
+            "@{reach} st.global.u64 [{state}+{}], {nt};",
+            at + 8
+        ));
+        k.ins(format!(
+            "@{reach} st.global.u64 [{state}+{}], {na};",
+            at + 16
+        ));
+    }
     // Never reached (the last digit's cumulative value short of the target): keep all.
+    let v = v.expect("digits");
     let last = k.reg(Class::Pred);
-    k.ins(format!("setp.eq.u32 {last}, {tid}, {};", ONE_BLOCK - 1));
+    k.ins(format!("setp.eq.u32 {last}, {tid}, {};", PASS_THREADS - 1));
     let never = k.reg(Class::Pred);
     k.ins(format!("setp.lt.u64 {never}, {v}, {target};"));
     k.ins(format!("and.pred {never}, {never}, {last};"));
     let two = k.imm_u32(2);
     k.ins(format!("@{never} st.global.u32 [{state}+{at}], {two};"));
     k.place(&done);
-    k.finish()
+}
+
+/// Inclusive prefix sums over the block of u64 items, `items` being this thread's
+/// consecutive ones (threads in order), and the block's total, in every thread. Contains
+/// barriers: every thread must reach it.
+fn scan_items(k: &mut Kernel, items: &[Reg], tid: Reg, threads: u32) -> (Vec<Reg>, Reg) {
+    let mut local: Vec<Reg> = Vec::new();
+    for &x in items {
+        let sum = k.reg(Class::B64);
+        match local.last() {
+            Some(prev) => k.ins(format!("add.u64 {sum}, {prev}, {x};")),
+            None => k.ins(format!("mov.u64 {sum}, {x};")),
+        }
+        local.push(sum);
+    }
+    let own = *local.last().expect("items");
+    let (incl, total) = block_scan(k, own, tid, threads);
+    let before = k.reg(Class::B64);
+    k.ins(format!("sub.u64 {before}, {incl}, {own};"));
+    let out = local
+        .iter()
+        .map(|&l| {
+            let r = k.reg(Class::B64);
+            k.ins(format!("add.u64 {r}, {before}, {l};"));
+            r
+        })
+        .collect();
+    (out, total)
 }
 
 /// The kept set's threshold from the state, in every thread: the likelihood's bits e*, how
@@ -820,10 +930,11 @@ fn threshold(k: &mut Kernel, state: Reg) -> (Reg, Reg, Reg) {
 }
 
 /// `blocks`: per block of 1024 tokens, the weight of its tokens above the threshold and how
-/// many are tied at it.
+/// many are tied at it; then the draw.
 fn blocks_kernel(name: &str, vocab: u32) -> String {
-    let mut p = Pass::new(name, false);
+    let mut p = Pass::new(name, SampleParams::StateNext, true);
     let (state, tid, block) = (p.state, p.tid, p.block);
+    let next = p.next.expect("asked for");
     let k = &mut p.k;
     let (e, _, _) = threshold(k, state);
     let scale = load(k, state, layout::SCALE, Class::F32);
@@ -869,7 +980,7 @@ fn blocks_kernel(name: &str, vocab: u32) -> String {
         "@{t0} st.global.u32 [{at}+{}], {t};",
         layout::BLOCKS + 8
     ));
-    p.finish()
+    p.finish(|k| draw(k, state, next, tid, vocab))
 }
 
 /// Whether `x` falls in this thread's share `[incl - own, incl)` of an inclusive prefix sum
@@ -908,67 +1019,77 @@ fn mark_seen(k: &mut Kernel, state: Reg, vocab: u32, i: Reg) {
     k.place(&skip);
 }
 
-/// `draw`: one block. The kept weight per block of tokens (ties kept in id order across
-/// blocks), the generator's next number scaled below their total, the block it falls in,
-/// then that block's tokens walked in id order: the id into `next`. Also the seen bit, the
-/// generator's state, and the histograms cleared for the next step.
-fn draw_kernel(name: &str, vocab: u32) -> String {
-    let mut k = Kernel::new(name);
-    k.launch_bounds(ONE_BLOCK, 1);
-    let state = k.param_ptr("state");
-    let next = k.param_ptr("next");
-    let tid = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {tid}, %tid.x;"));
+/// The draw, in the last block of `blocks` (`PASS_THREADS` threads; thread t on blocks of
+/// tokens 4t..4t + 3, then on tokens 4t..4t + 3 of the block drawn). The kept weight per
+/// block of tokens (ties kept in id order across blocks), the generator's next number scaled
+/// below their total, the block it falls in, then that block's tokens walked in id order:
+/// the id into `next`. Also the seen bit, the generator's state, and the histograms cleared
+/// for the next step. Every thread of the block must reach it.
+fn draw(k: &mut Kernel, state: Reg, next: Reg, tid: Reg, vocab: u32) {
     let t0 = k.reg(Class::Pred);
     k.ins(format!("setp.eq.u32 {t0}, {tid}, 0;"));
-    let done = k.label("done");
+    let done = k.label("drawn");
     let sampled = k.label("sampled");
-    let skip = argmax_only(&mut k, state);
+    let skip = argmax_only(k, state);
     k.ins(format!("@!{skip} bra {sampled};"));
     // Nothing drawn: the penalised argmax, and no number taken from the generator.
     k.ins(format!("@!{t0} bra {done};"));
-    let arg = load(&mut k, state, layout::ARG, Class::B32);
+    let arg = load(k, state, layout::ARG, Class::B32);
     k.ins(format!("st.global.u32 [{next}], {arg};"));
-    mark_seen(&mut k, state, vocab, arg);
+    mark_seen(k, state, vocab, arg);
     k.ins(format!("bra {done};"));
     k.place(&sampled);
-    let (e, m, we) = threshold(&mut k, state);
-    let scale = load(&mut k, state, layout::SCALE, Class::F32);
-    // Thread t: block t's weight above the threshold and its ties.
+    let (e, m, we) = threshold(k, state);
+    let scale = load(k, state, layout::SCALE, Class::F32);
+    let first = k.reg(Class::B32);
+    k.ins(format!("mul.lo.u32 {first}, {tid}, {PER_THREAD};"));
+    // This thread's blocks: their weight above the threshold and their ties.
     let g = blocks(vocab);
-    let (above, ties) = (k.reg(Class::B64), k.reg(Class::B64));
-    k.ins(format!("mov.u64 {above}, 0;"));
-    k.ins(format!("mov.u64 {ties}, 0;"));
-    let inside = k.reg(Class::Pred);
-    k.ins(format!("setp.lt.u32 {inside}, {tid}, {g};"));
-    let at = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {at}, {tid}, 16;"));
-    k.ins(format!("add.u64 {at}, {at}, {state};"));
-    let t32 = k.reg(Class::B32);
-    k.ins(format!(
-        "@{inside} ld.global.u64 {above}, [{at}+{}];",
-        layout::BLOCKS
-    ));
-    k.ins(format!(
-        "@{inside} ld.global.u32 {t32}, [{at}+{}];",
-        layout::BLOCKS + 8
-    ));
-    k.ins(format!("@{inside} cvt.u64.u32 {ties}, {t32};"));
-    let (ti, _) = block_scan(&mut k, ties, tid, ONE_BLOCK);
-    // Ties kept here: those of the first m (in id order) that fall in this block.
-    let earlier = k.reg(Class::B64);
-    k.ins(format!("sub.u64 {earlier}, {ti}, {ties};"));
+    let (mut aboves, mut ties) = (Vec::new(), Vec::new());
+    for j in 0..PER_THREAD {
+        let b = k.reg(Class::B32);
+        k.ins(format!("add.u32 {b}, {first}, {j};"));
+        let (above, tie) = (k.reg(Class::B64), k.reg(Class::B64));
+        k.ins(format!("mov.u64 {above}, 0;"));
+        k.ins(format!("mov.u64 {tie}, 0;"));
+        let inside = k.reg(Class::Pred);
+        k.ins(format!("setp.lt.u32 {inside}, {b}, {g};"));
+        let at = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {at}, {b}, 16;"));
+        k.ins(format!("add.u64 {at}, {at}, {state};"));
+        let t32 = k.reg(Class::B32);
+        k.ins(format!(
+            "@{inside} ld.global.u64 {above}, [{at}+{}];",
+            layout::BLOCKS
+        ));
+        k.ins(format!(
+            "@{inside} ld.global.u32 {t32}, [{at}+{}];",
+            layout::BLOCKS + 8
+        ));
+        k.ins(format!("@{inside} cvt.u64.u32 {tie}, {t32};"));
+        aboves.push(above);
+        ties.push(tie);
+    }
+    let (tis, _) = scan_items(k, &ties, tid, PASS_THREADS);
+    // Ties kept in a block: those of the first m (in id order) that fall in it.
     let m64 = k.reg(Class::B64);
     k.ins(format!("cvt.u64.u32 {m64}, {m};"));
-    let keep = k.reg(Class::B64);
-    k.ins(format!("max.u64 {keep}, {m64}, {earlier};"));
-    k.ins(format!("sub.u64 {keep}, {keep}, {earlier};"));
-    k.ins(format!("min.u64 {keep}, {keep}, {ties};"));
-    let kept = k.reg(Class::B64);
-    k.ins(format!("mad.lo.u64 {kept}, {keep}, {we}, {above};"));
-    let (ki, total) = block_scan(&mut k, kept, tid, ONE_BLOCK);
+    let (mut keeps, mut kepts) = (Vec::new(), Vec::new());
+    for j in 0..PER_THREAD as usize {
+        let earlier = k.reg(Class::B64);
+        k.ins(format!("sub.u64 {earlier}, {}, {};", tis[j], ties[j]));
+        let keep = k.reg(Class::B64);
+        k.ins(format!("max.u64 {keep}, {m64}, {earlier};"));
+        k.ins(format!("sub.u64 {keep}, {keep}, {earlier};"));
+        k.ins(format!("min.u64 {keep}, {keep}, {};", ties[j]));
+        let kept = k.reg(Class::B64);
+        k.ins(format!("mad.lo.u64 {kept}, {keep}, {we}, {};", aboves[j]));
+        keeps.push(keep);
+        kepts.push(kept);
+    }
+    let (kis, total) = scan_items(k, &kepts, tid, PASS_THREADS);
     // SplitMix64's next number, scaled below the total (`mul.hi`).
-    let rng = load(&mut k, state, layout::RNG, Class::B64);
+    let rng = load(k, state, layout::RNG, Class::B64);
     k.ins(format!("add.u64 {rng}, {rng}, 0x9E3779B97F4A7C15;"));
     let z = k.reg(Class::B64);
     let t = k.reg(Class::B64);
@@ -980,63 +1101,83 @@ fn draw_kernel(name: &str, vocab: u32) -> String {
     k.ins(format!("mul.lo.u64 {z}, {z}, 0x94D049BB133111EB;"));
     k.ins(format!("shr.u64 {t}, {z}, 31;"));
     k.ins(format!("xor.b64 {z}, {z}, {t};"));
-    let draw = k.reg(Class::B64);
-    k.ins(format!("mul.hi.u64 {draw}, {z}, {total};"));
+    let drawn = k.reg(Class::B64);
+    k.ins(format!("mul.hi.u64 {drawn}, {z}, {total};"));
     // The block the draw falls in tells the walk where to look.
     k.shared("d_pick", 24, 8);
     let pick = k.reg(Class::B64);
     k.ins(format!("mov.u64 {pick}, d_pick;"));
-    let (ge, rest) = falls_in(&mut k, draw, ki, kept);
-    let tid64 = k.reg(Class::B64);
-    k.ins(format!("cvt.u64.u32 {tid64}, {tid};"));
-    k.ins(format!("@{ge} st.shared.u64 [{pick}], {tid64};"));
-    k.ins(format!("@{ge} st.shared.u64 [{pick}+8], {rest};"));
-    k.ins(format!("@{ge} st.shared.u64 [{pick}+16], {keep};"));
+    for j in 0..PER_THREAD as usize {
+        let (ge, rest) = falls_in(k, drawn, kis[j], kepts[j]);
+        let b = k.reg(Class::B64);
+        k.ins(format!("cvt.u64.u32 {b}, {first};"));
+        k.ins(format!("add.u64 {b}, {b}, {j};"));
+        k.ins(format!("@{ge} st.shared.u64 [{pick}], {b};"));
+        k.ins(format!("@{ge} st.shared.u64 [{pick}+8], {rest};"));
+        k.ins(format!("@{ge} st.shared.u64 [{pick}+16], {};", keeps[j]));
+    }
     k.ins("bar.sync 0;");
     let (b, rest, keep) = (k.reg(Class::B64), k.reg(Class::B64), k.reg(Class::B64));
     k.ins(format!("ld.shared.u64 {b}, [{pick}];"));
     k.ins(format!("ld.shared.u64 {rest}, [{pick}+8];"));
     k.ins(format!("ld.shared.u64 {keep}, [{pick}+16];"));
-    // Thread t: token b·1024 + t.
+    // This thread's tokens of that block: b·1024 + 4t + j.
     let b32 = k.reg(Class::B32);
     k.ins(format!("cvt.u32.u64 {b32}, {b};"));
-    let i = k.reg(Class::B32);
-    k.ins(format!("mad.lo.u32 {i}, {b32}, {TOKENS_PER_BLOCK}, {tid};"));
-    let valid = k.reg(Class::Pred);
-    k.ins(format!("setp.lt.u32 {valid}, {i}, {vocab};"));
-    let bits = k.reg(Class::B32);
-    k.ins(format!("mov.u32 {bits}, 0;"));
-    let a = elem4(&mut k, state, layout::likelihoods(vocab), i);
-    k.ins(format!("@{valid} ld.global.u32 {bits}, [{a}];"));
-    let tie = k.reg(Class::Pred);
-    k.ins(format!("setp.eq.u32 {tie}, {bits}, {e};"));
-    k.ins(format!("and.pred {tie}, {tie}, {valid};"));
-    let is_tie = k.reg(Class::B64);
-    k.ins(format!("selp.b64 {is_tie}, 1, 0, {tie};"));
-    let (rank, _) = block_scan(&mut k, is_tie, tid, ONE_BLOCK);
-    // Inclusive rank: kept while it is at most `keep`.
-    let kept_tie = k.reg(Class::Pred);
-    k.ins(format!("setp.le.u64 {kept_tie}, {rank}, {keep};"));
-    k.ins(format!("and.pred {kept_tie}, {kept_tie}, {tie};"));
-    let w = weight(&mut k, bits, scale);
-    let kw = k.reg(Class::B64);
-    k.ins(format!("mov.u64 {kw}, 0;"));
-    let gt = k.reg(Class::Pred);
-    k.ins(format!("setp.gt.u32 {gt}, {bits}, {e};"));
-    k.ins(format!("and.pred {gt}, {gt}, {valid};"));
-    k.ins(format!("@{gt} mov.u64 {kw}, {w};"));
-    k.ins(format!("@{kept_tie} mov.u64 {kw}, {we};"));
-    let (wi, _) = block_scan(&mut k, kw, tid, ONE_BLOCK);
-    let (ge, _) = falls_in(&mut k, rest, wi, kw);
-    // The histograms, cleared for the next step (nothing reads them in this launch).
+    let (mut ids, mut tie_preds, mut is_ties, mut all_bits) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for j in 0..PER_THREAD {
+        let i = k.reg(Class::B32);
+        k.ins(format!(
+            "mad.lo.u32 {i}, {b32}, {TOKENS_PER_BLOCK}, {first};"
+        ));
+        k.ins(format!("add.u32 {i}, {i}, {j};"));
+        let valid = k.reg(Class::Pred);
+        k.ins(format!("setp.lt.u32 {valid}, {i}, {vocab};"));
+        let bits = k.reg(Class::B32);
+        k.ins(format!("mov.u32 {bits}, 0;"));
+        let a = elem4(k, state, layout::likelihoods(vocab), i);
+        k.ins(format!("@{valid} ld.global.u32 {bits}, [{a}];"));
+        let tie = k.reg(Class::Pred);
+        k.ins(format!("setp.eq.u32 {tie}, {bits}, {e};"));
+        k.ins(format!("and.pred {tie}, {tie}, {valid};"));
+        let is_tie = k.reg(Class::B64);
+        k.ins(format!("selp.b64 {is_tie}, 1, 0, {tie};"));
+        // Above the threshold (an invalid token's bits are 0, never above).
+        let gt = k.reg(Class::Pred);
+        k.ins(format!("setp.gt.u32 {gt}, {bits}, {e};"));
+        ids.push((i, gt));
+        tie_preds.push(tie);
+        is_ties.push(is_tie);
+        all_bits.push(bits);
+    }
+    let (ranks, _) = scan_items(k, &is_ties, tid, PASS_THREADS);
+    let mut kws = Vec::new();
+    for j in 0..PER_THREAD as usize {
+        // Inclusive rank: kept while it is at most `keep`.
+        let kept_tie = k.reg(Class::Pred);
+        k.ins(format!("setp.le.u64 {kept_tie}, {}, {keep};", ranks[j]));
+        k.ins(format!(
+            "and.pred {kept_tie}, {kept_tie}, {};",
+            tie_preds[j]
+        ));
+        let w = weight(k, all_bits[j], scale);
+        let kw = k.reg(Class::B64);
+        k.ins(format!("mov.u64 {kw}, 0;"));
+        k.ins(format!("@{} mov.u64 {kw}, {w};", ids[j].1));
+        k.ins(format!("@{kept_tie} mov.u64 {kw}, {we};"));
+        kws.push(kw);
+    }
+    let (wis, _) = scan_items(k, &kws, tid, PASS_THREADS);
+    // The histograms, cleared for the next step (nothing reads them in this launch's rest).
     let zero = k.imm_u32(0);
     let words = layout::HIST_COUNT * layout::HIST_BYTES / 4;
-    for j in 0..words.div_ceil(ONE_BLOCK) {
+    for j in 0..words.div_ceil(PASS_THREADS) {
         let wj = k.reg(Class::B32);
-        k.ins(format!("add.u32 {wj}, {tid}, {};", j * ONE_BLOCK));
+        k.ins(format!("add.u32 {wj}, {tid}, {};", j * PASS_THREADS));
         let skip_clear = k.label("cleared");
         k.leave_unless_below(wj, words, &skip_clear);
-        let a = elem4(&mut k, state, layout::HISTS, wj);
+        let a = elem4(k, state, layout::HISTS, wj);
         k.ins(format!("st.global.u32 [{a}], {zero};"));
         k.place(&skip_clear);
     }
@@ -1044,9 +1185,13 @@ fn draw_kernel(name: &str, vocab: u32) -> String {
         "@{t0} st.global.u64 [{state}+{}], {rng};",
         layout::RNG
     ));
-    k.ins(format!("@!{ge} bra {done};"));
-    k.ins(format!("st.global.u32 [{next}], {i};"));
-    mark_seen(&mut k, state, vocab, i);
+    for j in 0..PER_THREAD as usize {
+        let (ge, _) = falls_in(k, rest, wis[j], kws[j]);
+        let not_here = k.label("not_drawn");
+        k.ins(format!("@!{ge} bra {not_here};"));
+        k.ins(format!("st.global.u32 [{next}], {};", ids[j].0));
+        mark_seen(k, state, vocab, ids[j].0);
+        k.place(&not_here);
+    }
     k.place(&done);
-    k.finish()
 }

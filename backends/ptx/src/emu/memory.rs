@@ -21,9 +21,12 @@ pub(super) struct Shadow {
     pub(super) write_epoch: Vec<u32>,
     /// Thread of the reads, 0 if none, `MANY` if several threads read.
     pub(super) reader: Vec<u32>,
-    /// The readers' block, `MANY` if they span blocks; the latest read's epoch.
+    /// The block of the reads (the latest reading block, blocks running one after another)
+    /// and their latest epoch.
     pub(super) read_block: Vec<u32>,
     pub(super) read_epoch: Vec<u32>,
+    /// 1 + the latest epoch of reads by blocks before `read_block`, 0 if none.
+    pub(super) earlier_reads: Vec<u32>,
     /// Read through the non-coherent cache (`ld.global.nc`) in this launch: a later write
     /// would leave the cached line stale. (An `.nc` read of what a kernel wrote, this launch
     /// or before, is refused by `Memory::access`.)
@@ -95,6 +98,7 @@ impl Shadow {
             &mut self.reader,
             &mut self.read_block,
             &mut self.read_epoch,
+            &mut self.earlier_reads,
         ] {
             v.resize(words, 0);
         }
@@ -134,6 +138,7 @@ impl Shadow {
                 self.stamp[w] = stamp;
                 self.writer[w] = 0;
                 self.reader[w] = 0;
+                self.earlier_reads[w] = 0;
                 self.nc_read[w] = false;
                 self.atomic[w] = false;
                 self.writers_span[w] = false;
@@ -154,7 +159,7 @@ impl Shadow {
             let both_atomic = atomic && self.atomic[w];
             if !both_atomic && writer != 0 && !ordered(writer, writer_block, self.write_epoch[w]) {
                 return err(format!(
-                    "data race: {} {} word {:#x}, which {} wrote with no barrier between",
+                    "data race: {} {} word {:#x}, which {} wrote, with nothing ordering them (a barrier in a block; a fence and an atomic between blocks)",
                     Access::describe(a.thread, a.block_size),
                     if write { "writes" } else { "reads" },
                     4 * w,
@@ -164,19 +169,19 @@ impl Shadow {
             let reader = self.reader[w];
             if write {
                 let (block, epoch) = (self.read_block[w], self.read_epoch[w]);
-                let ordered = reader == 0
-                    || reader == a.thread
-                    || (reader == MANY && block == a.block && epoch < a.epoch)
-                    || (reader == MANY && block != a.block && ordered(MANY, block, epoch))
-                    || (reader != MANY && ordered(reader, block, epoch));
-                if !ordered {
-                    let who = if reader == MANY {
+                let earlier = self.earlier_reads[w];
+                let latest = reader == 0 || reader == a.thread || ordered(reader, block, epoch);
+                let earlier = earlier == 0 || sees.is_some_and(|s| s.all_but(a.block, earlier - 1));
+                if !(latest && earlier) {
+                    let who = if latest {
+                        "threads of earlier blocks".to_string()
+                    } else if reader == MANY {
                         "other threads".to_string()
                     } else {
                         Access::describe(reader, a.block_size)
                     };
                     return err(format!(
-                        "data race: {} writes word {:#x}, which {who} read with no barrier between",
+                        "data race: {} writes word {:#x}, which {who} read, with nothing ordering them (a barrier in a block; a fence and an atomic between blocks)",
                         Access::describe(a.thread, a.block_size),
                         4 * w,
                     ));
@@ -191,15 +196,17 @@ impl Shadow {
                 };
                 self.writer[w] = a.thread;
                 self.atomic[w] = atomic;
-            } else if reader == 0 || reader == a.thread {
+            } else if reader == 0 || reader == a.thread || self.read_block[w] != a.block {
+                if reader != 0 && self.read_block[w] != a.block {
+                    // A block's first read: the earlier blocks' reads summarised.
+                    let e = &mut self.earlier_reads[w];
+                    *e = (*e).max(self.read_epoch[w] + 1);
+                }
                 self.reader[w] = a.thread;
                 self.read_block[w] = a.block;
                 self.read_epoch[w] = a.epoch;
             } else {
                 self.reader[w] = MANY;
-                if self.read_block[w] != a.block {
-                    self.read_block[w] = MANY;
-                }
                 self.read_epoch[w] = self.read_epoch[w].max(a.epoch);
             }
         }
