@@ -77,8 +77,9 @@ fn argmax_2b_cycles(lat: Latencies) -> Result<u64, Box<dyn std::error::Error>> {
     Ok(memory.last_launch_cycles().unwrap_or(0))
 }
 
-/// A launch run alone: kernel, grid, block and its critical path in cycles.
-type Timed = (String, u32, u32, u64);
+/// A launch run alone: kernel, grid, block, its critical path in cycles and the bytes it
+/// moves at the least.
+type Timed = (String, u32, u32, u64, u64);
 
 /// The device sampler's launches over 256,000 logits (spread over 64 values, so top-p keeps
 /// many) at temperature 0.8, top-p 0.95 and repetition penalty 1.1 (gpu-check.sh's sampled
@@ -101,7 +102,7 @@ fn sampler_2b(lat: Latencies) -> Result<Vec<Timed>, Box<dyn std::error::Error>> 
     let mut out = Vec::new();
     device.draw(&logits, &mut |k, memory| {
         let cycles = memory.last_launch_cycles().unwrap_or(0);
-        out.push((k.name.clone(), k.grid, k.block, cycles));
+        out.push((k.name.clone(), k.grid, k.block, cycles, k.bytes));
     })?;
     Ok(out)
 }
@@ -148,7 +149,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 l.cycles as f64 / CYCLES_PER_US
             );
         }
-        for (kernel, grid, block, cycles) in sampler_2b(lat)? {
+        for (kernel, grid, block, cycles, _) in sampler_2b(lat)? {
             if keep(&kernel) {
                 let us = cycles as f64 / CYCLES_PER_US;
                 println!("{kernel} (256,000 logits): {grid} × {block}, critical path {us:.2} µs");
@@ -244,18 +245,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "\nthe device sampler over 256,000 logits (temperature 0.8, top-p 0.95, penalty 1.1):\n"
     );
-    println!("| launch | grid × block | critical path µs (the max: or its SM's bandwidth) |");
-    println!("| --- | --- | ---: |");
+    println!("| launch | grid × block | critical path µs | bytes at bandwidth µs |");
+    println!("| --- | --- | ---: | ---: |");
     let sampler = sampler_2b(lat)?;
     let mut sampler_us = 0.0;
-    for (kernel, grid, block, cycles) in &sampler {
-        let mut us = *cycles as f64 / CYCLES_PER_US;
-        // The penalised max reads every logit in one block: its SM's own bandwidth.
-        if kernel.ends_with("_max") {
-            us = us.max(4.0 * VOCAB_2B as f64 / SM_BYTES_PER_US);
-        }
-        sampler_us += us;
-        println!("| {kernel} | {grid} × {block} | {us:.2} |");
+    for (kernel, grid, block, cycles, bytes) in &sampler {
+        let us = *cycles as f64 / CYCLES_PER_US;
+        let bandwidth = *bytes as f64 / BYTES_PER_US;
+        sampler_us += us.max(bandwidth);
+        println!("| {kernel} | {grid} × {block} | {us:.2} | {bandwidth:.2} |");
     }
     let argmax_us = rows.last().map_or(0.0, |&(_, l, b)| l.max(b));
     println!(

@@ -409,8 +409,8 @@ fn profile_times_every_launch_of_a_chunk_and_a_step() {
     for kernel in [
         "sample_max",
         "sample_weights",
-        "sample_choose_p3",
-        "sample_draw",
+        "sample_hist_p3",
+        "sample_blocks",
     ] {
         assert!(
             stderr
@@ -691,10 +691,10 @@ fn bisect_names_the_first_launch_whose_results_differ() {
         "{table}"
     );
     assert!(rows.iter().any(|r| r.contains("greedy_argmax")), "{table}");
-    // The sampler's 14 launches, its state bit for bit.
+    // The sampler's 7 launches, its state bit for bit.
     assert_eq!(
         rows.iter().filter(|r| r.starts_with("| sampler |")).count(),
-        14,
+        7,
         "{table}"
     );
     assert!(rows.iter().all(|r| r.ends_with("| ok |")), "{table}");
