@@ -34,9 +34,10 @@ pub(super) struct Shadow {
     /// The last write was an atomic read-modify-write (`atom`, `red`): another thread's
     /// atomic on the word is no race, a plain access still is.
     pub(super) atomic: Vec<bool>,
-    /// Atomic writes came from more than one block: `write_epoch` is the latest of them, and
-    /// an access is ordered after them only if ordered after every other block's.
-    pub(super) writers_span: Vec<bool>,
+    /// 1 + the latest epoch of atomic writes by blocks before the last writer's, 0 if none
+    /// (atomics of several blocks need no order among themselves; a plain access needs one
+    /// after each).
+    pub(super) earlier_writes: Vec<u32>,
 }
 
 pub(super) const MANY: u32 = u32::MAX;
@@ -90,7 +91,6 @@ impl Shadow {
         }
         self.nc_read.resize(words, false);
         self.atomic.resize(words, false);
-        self.writers_span.resize(words, false);
         for v in [
             &mut self.stamp,
             &mut self.writer,
@@ -99,6 +99,7 @@ impl Shadow {
             &mut self.read_block,
             &mut self.read_epoch,
             &mut self.earlier_reads,
+            &mut self.earlier_writes,
         ] {
             v.resize(words, 0);
         }
@@ -116,15 +117,16 @@ impl Shadow {
         touch: Touch,
         sees: Option<Sees>,
     ) -> Result<(), EmuError> {
-        // Ordered after an access by `thread` of `block` (`MANY`: of several blocks) in
-        // `epoch`: by program order, a barrier of their block, or another block's release.
+        // Ordered after an access by `thread` of `block` in `epoch`: by program order, a
+        // barrier of their block, or another block's release.
         let ordered = |thread: u32, block: u32, epoch: u32| {
-            if block == MANY {
-                epoch < a.epoch && sees.is_some_and(|s| s.all_but(a.block, epoch))
-            } else {
-                a.after(thread, block, epoch)
-                    || (block != a.block && sees.is_some_and(|s| s.block(block, epoch)))
-            }
+            a.after(thread, block, epoch)
+                || (block != a.block && sees.is_some_and(|s| s.block(block, epoch)))
+        };
+        // Ordered after accesses of every block but this one up to an epoch (1 + it; 0 for
+        // none).
+        let after_earlier = |earlier: u32| {
+            earlier == 0 || sees.is_some_and(|s| s.all_but(a.block, earlier - 1))
         };
         let (write, nc, atomic) = match touch {
             Touch::Read { nc } => (false, nc, false),
@@ -141,7 +143,7 @@ impl Shadow {
                 self.earlier_reads[w] = 0;
                 self.nc_read[w] = false;
                 self.atomic[w] = false;
-                self.writers_span[w] = false;
+                self.earlier_writes[w] = 0;
             }
             if write && self.nc_read[w] {
                 return err(format!(
@@ -151,13 +153,12 @@ impl Shadow {
             }
             self.nc_read[w] |= nc;
             let writer = self.writer[w];
-            let writer_block = if self.writers_span[w] {
-                MANY
-            } else {
-                writer.wrapping_sub(1) / a.block_size
-            };
+            let writer_block = writer.wrapping_sub(1) / a.block_size;
             let both_atomic = atomic && self.atomic[w];
-            if !both_atomic && writer != 0 && !ordered(writer, writer_block, self.write_epoch[w]) {
+            let after_writes = writer == 0
+                || (ordered(writer, writer_block, self.write_epoch[w])
+                    && after_earlier(self.earlier_writes[w]));
+            if !both_atomic && !after_writes {
                 return err(format!(
                     "data race: {} {} word {:#x}, which {} wrote, with nothing ordering them (a barrier in a block; a fence and an atomic between blocks)",
                     Access::describe(a.thread, a.block_size),
@@ -169,10 +170,8 @@ impl Shadow {
             let reader = self.reader[w];
             if write {
                 let (block, epoch) = (self.read_block[w], self.read_epoch[w]);
-                let earlier = self.earlier_reads[w];
                 let latest = reader == 0 || reader == a.thread || ordered(reader, block, epoch);
-                let earlier = earlier == 0 || sees.is_some_and(|s| s.all_but(a.block, earlier - 1));
-                if !(latest && earlier) {
+                if !(latest && after_earlier(self.earlier_reads[w])) {
                     let who = if latest {
                         "threads of earlier blocks".to_string()
                     } else if reader == MANY {
@@ -186,14 +185,15 @@ impl Shadow {
                         4 * w,
                     ));
                 }
-                // Atomic writes from several blocks: keep the latest epoch of any.
-                let span = both_atomic && writer != 0 && writer_block != a.block;
-                self.writers_span[w] = span;
-                self.write_epoch[w] = if span {
-                    self.write_epoch[w].max(a.epoch)
-                } else {
-                    a.epoch
-                };
+                if !both_atomic {
+                    // Ordered after every earlier write.
+                    self.earlier_writes[w] = 0;
+                } else if writer != 0 && writer_block != a.block {
+                    // Another block's atomics before this one's: summarised.
+                    let e = &mut self.earlier_writes[w];
+                    *e = (*e).max(self.write_epoch[w] + 1);
+                }
+                self.write_epoch[w] = a.epoch;
                 self.writer[w] = a.thread;
                 self.atomic[w] = atomic;
             } else if reader == 0 || reader == a.thread || self.read_block[w] != a.block {
