@@ -260,9 +260,8 @@ fn penalty(k: &mut Kernel, state: Reg) -> (Reg, Reg) {
     (on, pen)
 }
 
-/// `l` penalised in place where token `index` was seen (the host's rule: positive logits
-/// divided, others multiplied); `(on, pen)` from `penalty`.
-fn penalise(k: &mut Kernel, state: Reg, seen: u32, (on, pen): (Reg, Reg), l: Reg, index: Reg) {
+/// The word of the seen bits (at `state + seen`) holding token `index`'s.
+fn seen_word(k: &mut Kernel, state: Reg, seen: u32, index: Reg) -> Reg {
     let word = k.reg(Class::B32);
     k.ins(format!("shr.u32 {word}, {index}, 5;"));
     let at = k.reg(Class::B64);
@@ -270,6 +269,13 @@ fn penalise(k: &mut Kernel, state: Reg, seen: u32, (on, pen): (Reg, Reg), l: Reg
     k.ins(format!("add.u64 {at}, {at}, {state};"));
     let bits = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {bits}, [{at}+{seen}];"));
+    bits
+}
+
+/// `l` penalised in place where token `index` was seen (its bit in `bits`, from
+/// `seen_word`; the host's rule: positive logits divided, others multiplied); `(on, pen)`
+/// from `penalty`.
+fn penalise(k: &mut Kernel, (on, pen): (Reg, Reg), l: Reg, index: Reg, bits: Reg) {
     let bit = k.reg(Class::B32);
     k.ins(format!("and.b32 {bit}, {index}, 31;"));
     k.ins(format!("shr.u32 {bits}, {bits}, {bit};"));
@@ -301,7 +307,7 @@ fn max_kernel(name: &str, vocab: u32) -> String {
     // The thread's four tokens' loads together (one past the vocabulary reads the last
     // token and is never better), then visited in increasing id order: strictly greater
     // keeps the first.
-    let tokens: Vec<(Reg, Reg, Reg)> = (0..PER_THREAD)
+    let tokens: Vec<(Reg, Reg, Reg, Reg)> = (0..PER_THREAD)
         .map(|u| {
             let own = k.reg(Class::B32);
             k.ins(format!(
@@ -315,11 +321,12 @@ fn max_kernel(name: &str, vocab: u32) -> String {
             let a = elem4(k, logits, 0, i);
             let l = k.reg(Class::F32);
             k.ins(format!("ld.global.f32 {l}, [{a}];"));
-            (i, inside, l)
+            let bits = seen_word(k, state, seen, i);
+            (i, inside, l, bits)
         })
         .collect();
-    for &(i, inside, l) in &tokens {
-        penalise(k, state, seen, pen, l, i);
+    for &(i, inside, l, bits) in &tokens {
+        penalise(k, pen, l, i, bits);
         let better = k.reg(Class::Pred);
         k.ins(format!("setp.gt.f32 {better}, {l}, {bv};"));
         k.ins(format!("and.pred {better}, {better}, {inside};"));
@@ -513,20 +520,34 @@ impl Pass {
         }
     }
 
-    /// `body(k, i, next)` for each of this thread's four tokens `i` in its block that lie in
-    /// the vocabulary (`next` skips to the following one).
-    fn each_token(&mut self, vocab: u32, body: &mut dyn FnMut(&mut Kernel, Reg, &str)) {
+    /// For this thread's four tokens `i` in its block: `load(k, i)` for all four first
+    /// (their loads in flight together; a token past the vocabulary loads the last token's),
+    /// then `body(k, i, loaded, next)` for each that lies in the vocabulary (`next` skips to
+    /// the following one).
+    fn each_token(
+        &mut self,
+        vocab: u32,
+        load: &mut dyn FnMut(&mut Kernel, Reg) -> Vec<Reg>,
+        body: &mut dyn FnMut(&mut Kernel, Reg, &[Reg], &str),
+    ) {
         let (block, tid) = (self.block, self.tid);
         let k = &mut self.k;
-        for u in 0..PER_THREAD {
-            let i = k.reg(Class::B32);
-            k.ins(format!(
-                "mad.lo.u32 {i}, {block}, {TOKENS_PER_BLOCK}, {tid};"
-            ));
-            k.ins(format!("add.u32 {i}, {i}, {};", u * PASS_THREADS));
+        let tokens: Vec<(Reg, Vec<Reg>)> = (0..PER_THREAD)
+            .map(|u| {
+                let i = k.reg(Class::B32);
+                k.ins(format!(
+                    "mad.lo.u32 {i}, {block}, {TOKENS_PER_BLOCK}, {tid};"
+                ));
+                k.ins(format!("add.u32 {i}, {i}, {};", u * PASS_THREADS));
+                let at = k.reg(Class::B32);
+                k.ins(format!("min.u32 {at}, {i}, {};", vocab - 1));
+                (i, load(k, at))
+            })
+            .collect();
+        for (i, loaded) in tokens {
             let next = k.label("next");
             k.leave_unless_below(i, vocab, &next);
-            body(k, i, &next);
+            body(k, i, &loaded, &next);
             k.place(&next);
         }
     }
@@ -579,11 +600,15 @@ fn weights_kernel(name: &str, vocab: u32, c: &ExpConstants) -> String {
     let per_t = load(k, state, layout::PER_T, Class::F32);
     let scale = load(k, state, layout::SCALE, Class::F32);
     let pen = penalty(k, state);
-    p.each_token(vocab, &mut |k, i, _| {
-        let a = elem4(k, logits, 0, i);
+    let mut logit_and_seen = |k: &mut Kernel, at: Reg| {
+        let a = elem4(k, logits, 0, at);
         let l = k.reg(Class::F32);
         k.ins(format!("ld.global.f32 {l}, [{a}];"));
-        penalise(k, state, layout::seen(vocab), pen, l, i);
+        vec![l, seen_word(k, state, layout::seen(vocab), at)]
+    };
+    p.each_token(vocab, &mut logit_and_seen, &mut |k, i, loaded, _| {
+        let l = loaded[0];
+        penalise(k, pen, l, i, loaded[1]);
         let x = k.reg(Class::F32);
         k.ins(format!("sub.rn.f32 {x}, {l}, {max};"));
         k.ins(format!("mul.rn.f32 {x}, {x}, {per_t};"));
@@ -618,8 +643,9 @@ fn hist_kernel(name: &str, vocab: u32, s: Select, pass: u32, hist: u32) -> Strin
     let prefix = load(k, state, s.at() + 4, Class::B32);
     let local = shared_hist(k, tid, PASS_THREADS);
     let scale = load(k, state, layout::SCALE, Class::F32);
-    p.each_token(vocab, &mut |k, i, next| {
-        let bits = likelihood_bits(k, state, vocab, i);
+    let mut bits_of = |k: &mut Kernel, at: Reg| vec![likelihood_bits(k, state, vocab, at)];
+    p.each_token(vocab, &mut bits_of, &mut |k, _, loaded, next| {
+        let bits = loaded[0];
         let high = k.reg(Class::B32);
         k.ins(format!("shr.u32 {high}, {bits}, {};", shift(pass - 1)));
         let other = k.reg(Class::Pred);
@@ -953,8 +979,9 @@ fn blocks_kernel(name: &str, vocab: u32) -> String {
     let (sum, ties) = (k.reg(Class::B64), k.reg(Class::B32));
     k.ins(format!("mov.u64 {sum}, 0;"));
     k.ins(format!("mov.u32 {ties}, 0;"));
-    p.each_token(vocab, &mut |k, i, _| {
-        let bits = likelihood_bits(k, state, vocab, i);
+    let mut bits_of = |k: &mut Kernel, at: Reg| vec![likelihood_bits(k, state, vocab, at)];
+    p.each_token(vocab, &mut bits_of, &mut |k, _, loaded, _| {
+        let bits = loaded[0];
         let w = weight(k, bits, scale);
         let (gt, eq) = (k.reg(Class::Pred), k.reg(Class::Pred));
         k.ins(format!("setp.gt.u32 {gt}, {bits}, {e};"));

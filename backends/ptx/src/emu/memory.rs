@@ -125,9 +125,8 @@ impl Shadow {
         };
         // Ordered after accesses of every block but this one up to an epoch (1 + it; 0 for
         // none).
-        let after_earlier = |earlier: u32| {
-            earlier == 0 || sees.is_some_and(|s| s.all_but(a.block, earlier - 1))
-        };
+        let after_earlier =
+            |earlier: u32| earlier == 0 || sees.is_some_and(|s| s.all_but(a.block, earlier - 1));
         let (write, nc, atomic) = match touch {
             Touch::Read { nc } => (false, nc, false),
             Touch::Write => (true, false, false),
