@@ -46,6 +46,41 @@ fn golden_cases_through_the_ptx_kernels() {
 }
 
 #[test]
+fn no_kernel_depends_on_the_order_its_blocks_run_in() {
+    // Prefill chunks of 5 on CUDA and tensor cores, then decode steps with the device argmax:
+    // bit for bit the same logits and ids with the blocks of every launch run forward and
+    // shuffled (another order per launch).
+    use griffin_backend_ptx::emu::BlockOrder;
+    for case in ["tiny-f32", "gen-b64-bf16"] {
+        let e = expected(case);
+        let model = Model::load(&golden_dir().join(case)).unwrap();
+        let run = |order: BlockOrder| {
+            let mut engine = EmuEngine::with_prefill_chunk(&model, Some(5)).unwrap();
+            engine.set_block_order(order);
+            engine.reset();
+            let mut rows = Vec::new();
+            let (prompt, last) = e.input_ids.split_at(e.input_ids.len() - 1);
+            engine
+                .prefill(prompt, &mut |r| rows.extend_from_slice(r))
+                .unwrap();
+            let mut ids = vec![last[0]];
+            for _ in 0..4 {
+                let id = *ids.last().unwrap();
+                engine.step(id, &mut |r| rows.extend_from_slice(r)).unwrap();
+                ids.push(engine.device_argmax().unwrap());
+            }
+            let bits: Vec<u32> = rows.iter().map(|v| v.to_bits()).collect();
+            (bits, ids)
+        };
+        assert_eq!(
+            run(BlockOrder::Shuffled(11)),
+            run(BlockOrder::Forward),
+            "{case}"
+        );
+    }
+}
+
+#[test]
 fn prefill_chunks_and_decode_steps_compute_the_same_function() {
     // Chunks of 5 (several per prompt, some shorter than the attention window, a last one
     // partial), then the stepwise split of the golden case: prefill T-S, then S decode steps.

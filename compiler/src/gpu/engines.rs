@@ -120,6 +120,12 @@ impl EmuEngine {
         })
     }
 
+    /// Runs every later launch's blocks in `order` (the hardware runs them in any order: no
+    /// kernel's answer may depend on it).
+    pub fn set_block_order(&mut self, order: emu::BlockOrder) {
+        self.memory.set_block_order(order);
+    }
+
     /// Writes a decode step's token id and position into device memory.
     fn set_step(&mut self, id: u32, position: u32) -> Result<(), RunError> {
         check_ids(&[id], self.program.plan.vocab())?;
