@@ -483,6 +483,10 @@ fn count(k: &mut Kernel, local: (Reg, Reg), d: Reg, w: Reg) {
     k.ins(format!("red.shared.add.u64 [{asum}], {w};"));
 }
 
+/// A pass's work on one token: kernel, token id, what its loads gave, label skipping to the
+/// next token.
+type TokenBody<'a> = dyn FnMut(&mut Kernel, Reg, &[Reg], &str) + 'a;
+
 /// A pass over the vocabulary (a block of `PASS_THREADS` per 1024 tokens): its kernel with
 /// the parameters `params` names, this thread and block, and the label ending the pass's
 /// own work, to which it has already branched where nothing is drawn this step (if asked).
@@ -528,7 +532,7 @@ impl Pass {
         &mut self,
         vocab: u32,
         load: &mut dyn FnMut(&mut Kernel, Reg) -> Vec<Reg>,
-        body: &mut dyn FnMut(&mut Kernel, Reg, &[Reg], &str),
+        body: &mut TokenBody,
     ) {
         let (block, tid) = (self.block, self.tid);
         let k = &mut self.k;
