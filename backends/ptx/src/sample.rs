@@ -12,7 +12,7 @@
 //! The thresholds are radix selections over the likelihoods' 30 low bits (e ≤ 1, so bits 30
 //! and 31 are 0), three digits of 10 bits: a histogram pass (counts and weight sums per digit
 //! of the tokens matching the digits chosen so far; shared-memory atomics per block, then
-//! global ones) and a one-block pass that finds the digit where the cumulative count (top-k)
+//! global ones) and a choice, by one block, of the digit where the cumulative count (top-k)
 //! or weight (top-p) from the top reaches its target. After three digits the threshold is a
 //! likelihood e* and how many of the tokens tied at e* (the lowest ids) are kept. Top-p's
 //! target is p of the weight top-k keeps, so its selection runs after top-k's.
