@@ -1679,3 +1679,66 @@ fn tensor_core_projection_k_split(
         }
     }
 }
+
+/// `Kernel::last_block_done` in a kernel of its own: every block writes one value per thread
+/// (block · 64 + tid), the last block to finish sums each thread's column over the blocks.
+/// Right, race-free and with the counter back at 0 in every block order, launch after launch.
+#[test]
+fn the_last_block_done_sums_what_every_block_wrote() {
+    use griffin_backend_ptx::builder::{Class, Kernel};
+    use griffin_backend_ptx::emu::BlockOrder;
+    let (blocks, threads) = (7u32, 64u32);
+    let mut k = Kernel::new("sums");
+    let parts = k.param_ptr("parts");
+    let counter = k.param_ptr("counter");
+    let out = k.param_ptr("out");
+    let (tid, block) = k.thread_and_block();
+    let v = k.reg(Class::B32);
+    k.ins(format!("mad.lo.u32 {v}, {block}, {threads}, {tid};"));
+    let at = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {at}, {v}, 4;"));
+    k.ins(format!("add.u64 {at}, {at}, {parts};"));
+    k.ins(format!("st.global.u32 [{at}], {v};"));
+    let last = k.last_block_done(counter, tid);
+    let end = k.label("end");
+    k.ins(format!("@!{last} bra {end};"));
+    let sum = k.imm_u32(0);
+    for b in 0..blocks {
+        let x = k.reg(Class::B32);
+        let a = k.reg(Class::B64);
+        k.ins(format!("mul.wide.u32 {a}, {tid}, 4;"));
+        k.ins(format!("add.u64 {a}, {a}, {parts};"));
+        k.ins(format!("ld.global.u32 {x}, [{a}+{}];", 4 * b * threads));
+        k.ins(format!("add.u32 {sum}, {sum}, {x};"));
+    }
+    let o = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {o}, {tid}, 4;"));
+    k.ins(format!("add.u64 {o}, {o}, {out};"));
+    k.ins(format!("st.global.u32 [{o}], {sum};"));
+    k.place(&end);
+    let m = Module::parse(&module(&[k.finish()])).unwrap();
+    for order in [
+        BlockOrder::Forward,
+        BlockOrder::Reverse,
+        BlockOrder::Shuffled(5),
+    ] {
+        let mut mem = Memory::new();
+        mem.set_block_order(order);
+        let parts = mem.alloc(&vec![0; (4 * blocks * threads) as usize]);
+        let counter = mem.alloc(&[0; 4]);
+        let out = mem.alloc(&vec![0; 4 * threads as usize]);
+        for _ in 0..3 {
+            let launch = Launch {
+                grid: blocks,
+                block: threads,
+                params: &[parts, counter, out],
+            };
+            run(&m, "sums", &launch, &mut mem).unwrap();
+            let want: Vec<u32> = (0..threads)
+                .map(|t| (0..blocks).map(|b| b * threads + t).sum())
+                .collect();
+            assert_eq!(mem.read_u32(out, threads as usize).unwrap(), want, "{order:?}");
+            assert_eq!(mem.read_u32(counter, 1).unwrap(), [0], "{order:?}");
+        }
+    }
+}
