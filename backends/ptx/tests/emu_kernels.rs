@@ -1737,7 +1737,11 @@ fn the_last_block_done_sums_what_every_block_wrote() {
             let want: Vec<u32> = (0..threads)
                 .map(|t| (0..blocks).map(|b| b * threads + t).sum())
                 .collect();
-            assert_eq!(mem.read_u32(out, threads as usize).unwrap(), want, "{order:?}");
+            assert_eq!(
+                mem.read_u32(out, threads as usize).unwrap(),
+                want,
+                "{order:?}"
+            );
             assert_eq!(mem.read_u32(counter, 1).unwrap(), [0], "{order:?}");
         }
     }
