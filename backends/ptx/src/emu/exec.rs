@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use super::collective::*;
 use super::memory::*;
 use super::parse::*;
-use super::sync::{BlockSync, Sees, ThreadSync};
+use super::sync::{BlockSync, Releases, Sees, ThreadSync};
 use super::timing::{latency, Clock};
 use super::{err, EmuError};
 
@@ -255,9 +255,7 @@ pub(super) fn run_block(
                 .map(|c| c.issued);
             let last = last.max().unwrap_or(0);
             let barrier = memory.timing.as_ref().map_or(0, |t| t.lat.barrier);
-            let guards: Vec<_> = syncs.iter().map(|s| s.borrow()).collect();
-            block_sync.barrier(guards.iter().map(|g| &**g));
-            drop(guards);
+            block_sync.barrier(&syncs);
             for t in threads.iter_mut().filter(|t| t.wait == Wait::Bar) {
                 if let Some(c) = &mut t.clock {
                     c.boundary(last + barrier);
@@ -374,14 +372,34 @@ pub(super) fn f32_to_bf16(v: f32) -> u16 {
 }
 
 impl Ctx<'_> {
-    /// What this thread sees of other blocks' accesses.
-    fn with_sees<R>(&self, f: impl FnOnce(Sees) -> R) -> R {
-        let sync = self.sync.borrow();
-        f(Sees {
-            block: &self.block_sync.visible,
-            thread: &sync.acquired,
-            grid: self.launch.grid,
-        })
+    /// This thread's access to global memory (`Memory::access`), which then counts as one
+    /// not yet fenced.
+    fn global_access(
+        &self,
+        memory: &mut Memory,
+        addr: u64,
+        len: usize,
+        touch: Touch,
+        waited: bool,
+    ) -> Result<(), EmuError> {
+        let mut sync = self.sync.borrow_mut();
+        memory.access(addr, len, touch, self.by(&sync.acquired, waited))?;
+        sync.touch();
+        Ok(())
+    }
+
+    /// This thread as a global access names it, `acquired` being what it acquired from
+    /// other blocks since its block's last barrier.
+    fn by<'s>(&'s self, acquired: &'s Releases, waited: bool) -> By<'s> {
+        By {
+            who: self.who(),
+            waited,
+            sees: Sees {
+                block: &self.block_sync.visible,
+                thread: acquired,
+                grid: self.launch.grid,
+            },
+        }
     }
 
     pub(super) fn who(&self) -> Access {
@@ -559,10 +577,7 @@ impl Ctx<'_> {
             Base::Shared(_) => shared.read(addr, size, self.who())?,
             _ => {
                 if let LoadKind::Read { waited, nc } = kind {
-                    self.with_sees(|sees| {
-                        memory.access(addr, size, self.who(), Touch::Read { nc }, waited, sees)
-                    })?;
-                    self.sync.borrow_mut().touch();
+                    self.global_access(memory, addr, size, Touch::Read { nc }, waited)?;
                 }
                 if let Some(l) = memory.load_latency(addr, self.now.get()) {
                     let longest = self.memory_latency.get().map_or(l, |m| m.max(l));
@@ -591,10 +606,7 @@ impl Ctx<'_> {
             Base::Shared(_) => shared.write(addr, bytes, self.who()),
             Base::Param(_) => err("store to a parameter"),
             _ => {
-                self.with_sees(|sees| {
-                    memory.access(addr, size, self.who(), Touch::Write, waited, sees)
-                })?;
-                self.sync.borrow_mut().touch();
+                self.global_access(memory, addr, size, Touch::Write, waited)?;
                 memory.write_bytes(addr, bytes)
             }
         }
@@ -724,14 +736,13 @@ impl Ctx<'_> {
                     (Base::Shared(_), _) => return err("only adds on shared memory"),
                     (Base::Param(_), _) => return err("atomic on a parameter"),
                     _ => {
-                        let release = self.block_sync.clean;
-                        let (old, carried) = self.with_sees(|sees| {
-                            memory.atomic(addr, size, atomic, self.who(), t.waited, sees, release)
-                        })?;
                         let mut sync = self.sync.borrow_mut();
-                        if let Some(carried) = carried {
-                            sync.pending.join(&carried);
-                        }
+                        let ThreadSync {
+                            acquired, pending, ..
+                        } = &mut *sync;
+                        let by = self.by(acquired, t.waited);
+                        let release = self.block_sync.clean;
+                        let old = memory.atomic(addr, size, atomic, by, release, pending)?;
                         sync.touch();
                         old
                     }

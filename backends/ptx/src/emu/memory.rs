@@ -55,6 +55,15 @@ pub(super) enum Touch {
     Atomic,
 }
 
+/// A thread's access to global memory: who, whether past its `griddepcontrol.wait`, and
+/// what it sees of other blocks' accesses.
+#[derive(Clone, Copy)]
+pub(super) struct By<'a> {
+    pub(super) who: Access,
+    pub(super) waited: bool,
+    pub(super) sees: Sees<'a>,
+}
+
 /// One thread's access: its launch-wide id (1-based), block, and epoch (barriers its block
 /// has passed).
 #[derive(Clone, Copy)]
@@ -408,17 +417,16 @@ impl Memory {
         )
     }
 
-    /// A kernel's access (as opposed to the host's copies, which are not tracked), by a
-    /// thread past its `griddepcontrol.wait` or not, seeing `sees` of other blocks.
+    /// A kernel's access (as opposed to the host's copies, which are not tracked) `by` a
+    /// thread.
     pub(super) fn access(
         &mut self,
         addr: u64,
         len: usize,
-        who: Access,
         touch: Touch,
-        waited: bool,
-        sees: Sees,
+        by: By,
     ) -> Result<(), EmuError> {
+        let By { who, waited, sees } = by;
         let (write, nc) = match touch {
             Touch::Read { nc } => (false, nc),
             _ => (true, false),
@@ -456,26 +464,24 @@ impl Memory {
             .access(self.launch, r.start, len, who, touch, Some(sees))
     }
 
-    /// A kernel's atomic `op` on the `len`-byte integer at `addr`, releasing its block's
-    /// earlier accesses if `release`; the old value, and the releases the word carried
-    /// before (`sync.rs`).
-    #[allow(clippy::too_many_arguments)]
+    /// A kernel's atomic `op` on the `len`-byte integer at `addr` `by` a thread, releasing
+    /// its block's earlier accesses if `release`, what the word carried joining the thread's
+    /// `pending` acquisitions (`sync.rs`); the old value.
     pub(super) fn atomic(
         &mut self,
         addr: u64,
         len: usize,
         op: AtomicOp,
-        who: Access,
-        waited: bool,
-        sees: Sees,
+        by: By,
         release: bool,
-    ) -> Result<(u64, Option<Releases>), EmuError> {
-        self.access(addr, len, who, Touch::Atomic, waited, sees)?;
+        pending: &mut Releases,
+    ) -> Result<u64, EmuError> {
+        let who = by.who;
+        self.access(addr, len, Touch::Atomic, by)?;
         let r = self.range(addr, len).expect("checked by access");
-        let carried = self
-            .atomic_words
-            .atomic(r.start / 4, who.block, who.epoch, release);
-        Ok((op.apply(&mut self.bytes[r]), carried))
+        self.atomic_words
+            .atomic(r.start / 4, who.block, who.epoch, release, pending);
+        Ok(op.apply(&mut self.bytes[r]))
     }
 
     /// Allocates `data` (256-byte aligned) and returns its device address.

@@ -11,6 +11,7 @@
 //! block's next barrier, every thread of its block has. An access conflicting with B's is
 //! ordered after it when it acquired a release of B covering its epoch.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 /// Per block, the epoch before which its accesses were released (the largest).
@@ -28,10 +29,6 @@ impl Releases {
         for (&b, &e) in &other.0 {
             self.insert(b, e);
         }
-    }
-
-    pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// Whether block `block`'s accesses in `epoch` are covered.
@@ -65,9 +62,9 @@ impl ThreadSync {
     }
 }
 
-/// One block's part: what its threads acquired before its latest barrier, and whether every
-/// thread had fenced after its global accesses there (so an atomic in this epoch releases the
-/// earlier ones).
+/// One block's part: what its threads acquired before its latest barrier (moved here from
+/// theirs), and whether every thread had fenced after its global accesses there (so an
+/// atomic in this epoch releases the earlier ones).
 #[derive(Default)]
 pub(super) struct BlockSync {
     pub(super) visible: Releases,
@@ -76,11 +73,13 @@ pub(super) struct BlockSync {
 
 impl BlockSync {
     /// The block's threads meet at a barrier.
-    pub(super) fn barrier<'a>(&mut self, threads: impl Iterator<Item = &'a ThreadSync>) {
+    pub(super) fn barrier(&mut self, threads: &[RefCell<ThreadSync>]) {
         let mut clean = true;
         for t in threads {
+            let mut t = t.borrow_mut();
             clean &= !t.dirty;
-            self.visible.join(&t.acquired);
+            let acquired = std::mem::take(&mut t.acquired);
+            self.visible.join(&acquired);
         }
         self.clean = clean;
     }
@@ -116,19 +115,20 @@ impl AtomicWords {
     }
 
     /// An atomic on word `word` by a thread of `block` in `epoch`, releasing if `clean`:
-    /// what the word carried before, for the thread's pending acquisitions.
+    /// what the word carried before joins the thread's `pending` acquisitions.
     pub(super) fn atomic(
         &mut self,
         word: usize,
         block: u32,
         epoch: u32,
         clean: bool,
-    ) -> Option<Releases> {
-        let entry = self.0.entry(word).or_default();
-        let before = (!entry.is_empty()).then(|| entry.clone());
-        if clean && epoch > 0 {
-            entry.insert(block, epoch);
+        pending: &mut Releases,
+    ) {
+        if let Some(carried) = self.0.get(&word) {
+            pending.join(carried);
         }
-        before
+        if clean && epoch > 0 {
+            self.0.entry(word).or_default().insert(block, epoch);
+        }
     }
 }
