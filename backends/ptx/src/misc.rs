@@ -132,7 +132,7 @@ fn block_argmax(k: &mut Kernel, logits: Reg, vocab: u32, unroll: u32) -> (Reg, R
 
 /// `(bv, bi)` becomes `(ov, oi)` where that is better: a larger value, or an equal one at a
 /// lower index (NaN is never larger nor equal, so it never wins).
-pub(crate) fn keep_better(k: &mut Kernel, bv: Reg, bi: Reg, ov: Reg, oi: Reg) {
+fn keep_better(k: &mut Kernel, bv: Reg, bi: Reg, ov: Reg, oi: Reg) {
     let gt = k.reg(Class::Pred);
     k.ins(format!("setp.gt.f32 {gt}, {ov}, {bv};"));
     let eq = k.reg(Class::Pred);
@@ -207,33 +207,49 @@ pub fn argmax_best(name: &str, slots: u32, vocab: u32) -> String {
     let out = k.param_ptr("out");
     let tid = k.reg(Class::B32);
     k.ins(format!("mov.u32 {tid}, %tid.x;"));
+    let (_, bi, done) = best_of_pairs(&mut k, best, slots, tid, ARGMAX_THREADS, vocab);
+    none_is_zero(&mut k, bi, vocab);
+    k.ins(format!("st.global.u32 [{out}], {bi};"));
+    k.place(&done);
+    k.finish()
+}
+
+/// The best of `slots` (f32 value, u32 index) pairs at `pairs` by (larger value, else lower
+/// index; index `vocab` where none wins), by a block of `threads`; the code after it runs in
+/// thread 0 alone, up to the returned label, which the caller places.
+pub(crate) fn best_of_pairs(
+    k: &mut Kernel,
+    pairs: Reg,
+    slots: u32,
+    tid: Reg,
+    threads: u32,
+    vocab: u32,
+) -> (Reg, Reg, String) {
     let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
     k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
     k.ins(format!("mov.u32 {bi}, {vocab};"));
-    // Slots tid, tid + 1024, ...: a slot's pairs come in no order of index, so the full rule.
+    // Slots tid, tid + threads, ...: a slot's pairs come in no order of index, so the full
+    // rule.
     let si = k.reg(Class::B32);
     k.ins(format!("mov.u32 {si}, {tid};"));
-    k.unrolled(si, slots, ARGMAX_THREADS, ARGMAX_UNROLL, &mut |k, n| {
+    k.unrolled(si, slots, threads, ARGMAX_UNROLL, &mut |k, n| {
         let at = k.reg(Class::B64);
         k.ins(format!("mul.wide.u32 {at}, {si}, 8;"));
-        k.ins(format!("add.u64 {at}, {at}, {best};"));
+        k.ins(format!("add.u64 {at}, {at}, {pairs};"));
         let mut loaded = Vec::new();
         for u in 0..n {
             let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
             k.ins(format!(
                 "ld.global.v2.b32 {{{ov}, {oi}}}, [{at}+{}];",
-                8 * u * ARGMAX_THREADS
+                8 * u * threads
             ));
             loaded.push((ov, oi));
         }
         for (ov, oi) in loaded {
             keep_better(k, bv, bi, ov, oi);
         }
-        k.ins(format!("add.u32 {si}, {si}, {};", n * ARGMAX_THREADS));
+        k.ins(format!("add.u32 {si}, {si}, {};", n * threads));
     });
-    let done = reduce_best(&mut k, tid, bv, bi, ARGMAX_THREADS);
-    none_is_zero(&mut k, bi, vocab);
-    k.ins(format!("st.global.u32 [{out}], {bi};"));
-    k.place(&done);
-    k.finish()
+    let done = reduce_best(k, tid, bv, bi, threads);
+    (bv, bi, done)
 }

@@ -26,7 +26,7 @@
 //! tokens; then the draw: the id, the seen bit, the generator's state, the histograms
 //! cleared for the next step). Seven launches; a setting that is off skips its part.
 use crate::builder::{Class, Kernel, Reg};
-use crate::misc::{keep_better, none_is_zero, reduce_best};
+use crate::misc::{best_of_pairs, none_is_zero, reduce_best};
 
 /// Byte offsets in the sampler's state buffer. The host writes the configuration (the
 /// first `CONFIG_BYTES`) and the seen bits; the kernels the rest.
@@ -121,8 +121,8 @@ impl Select {
 }
 
 /// One launch of the sampler: kernel name, PTX, grid, block size, and whether it takes the
-/// logits (`max`, `weights`: parameters logits, state), the next-id buffer (`draw`: state,
-/// next) or the state alone.
+/// logits (`max`, `weights`: parameters logits, state), the next-id buffer (`blocks`, whose
+/// last block draws: state, next) or the state alone.
 pub struct SampleKernel {
     pub name: String,
     pub ptx: String,
@@ -260,15 +260,18 @@ fn penalty(k: &mut Kernel, state: Reg) -> (Reg, Reg) {
     (on, pen)
 }
 
-/// The word of the seen bits (at `state + seen`) holding token `index`'s.
-fn seen_word(k: &mut Kernel, state: Reg, seen: u32, index: Reg) -> Reg {
+/// The address of the word of the seen bits holding token `index`'s.
+fn seen_addr(k: &mut Kernel, state: Reg, vocab: u32, index: Reg) -> Reg {
     let word = k.reg(Class::B32);
     k.ins(format!("shr.u32 {word}, {index}, 5;"));
-    let at = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {at}, {word}, 4;"));
-    k.ins(format!("add.u64 {at}, {at}, {state};"));
+    elem4(k, state, layout::seen(vocab), word)
+}
+
+/// The word of the seen bits holding token `index`'s.
+fn seen_word(k: &mut Kernel, state: Reg, vocab: u32, index: Reg) -> Reg {
+    let at = seen_addr(k, state, vocab, index);
     let bits = k.reg(Class::B32);
-    k.ins(format!("ld.global.u32 {bits}, [{at}+{seen}];"));
+    k.ins(format!("ld.global.u32 {bits}, [{at}];"));
     bits
 }
 
@@ -298,41 +301,21 @@ fn max_kernel(name: &str, vocab: u32) -> String {
     let mut p = Pass::new(name, SampleParams::LogitsState, false);
     let (state, tid, block) = (p.state, p.tid, p.block);
     let logits = p.logits.expect("asked for");
-    let k = &mut p.k;
-    let seen = layout::seen(vocab);
-    let pen = penalty(k, state);
-    let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
-    k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
-    k.ins(format!("mov.u32 {bi}, {vocab};"));
-    // The thread's four tokens' loads together (one past the vocabulary reads the last
-    // token and is never better), then visited in increasing id order: strictly greater
-    // keeps the first.
-    let tokens: Vec<(Reg, Reg, Reg, Reg)> = (0..PER_THREAD)
-        .map(|u| {
-            let own = k.reg(Class::B32);
-            k.ins(format!(
-                "mad.lo.u32 {own}, {block}, {TOKENS_PER_BLOCK}, {tid};"
-            ));
-            k.ins(format!("add.u32 {own}, {own}, {};", u * PASS_THREADS));
-            let inside = k.reg(Class::Pred);
-            k.ins(format!("setp.lt.u32 {inside}, {own}, {vocab};"));
-            let i = k.reg(Class::B32);
-            k.ins(format!("min.u32 {i}, {own}, {};", vocab - 1));
-            let a = elem4(k, logits, 0, i);
-            let l = k.reg(Class::F32);
-            k.ins(format!("ld.global.f32 {l}, [{a}];"));
-            let bits = seen_word(k, state, seen, i);
-            (i, inside, l, bits)
-        })
-        .collect();
-    for &(i, inside, l, bits) in &tokens {
-        penalise(k, pen, l, i, bits);
+    let pen = penalty(&mut p.k, state);
+    let (bv, bi) = (p.k.reg(Class::F32), p.k.reg(Class::B32));
+    p.k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
+    p.k.ins(format!("mov.u32 {bi}, {vocab};"));
+    // Tokens in increasing id order: strictly greater keeps the first.
+    let mut load = logit_and_seen(logits, state, vocab);
+    p.each_token(vocab, &mut load, &mut |k, i, loaded, _| {
+        let l = loaded[0];
+        penalise(k, pen, l, i, loaded[1]);
         let better = k.reg(Class::Pred);
         k.ins(format!("setp.gt.f32 {better}, {l}, {bv};"));
-        k.ins(format!("and.pred {better}, {better}, {inside};"));
         k.ins(format!("@{better} mov.f32 {bv}, {l};"));
         k.ins(format!("@{better} mov.u32 {bi}, {i};"));
-    }
+    });
+    let k = &mut p.k;
     let block_done = reduce_best(k, tid, bv, bi, PASS_THREADS);
     let at = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {at}, {block}, 8;"));
@@ -342,34 +325,34 @@ fn max_kernel(name: &str, vocab: u32) -> String {
         layout::pairs(vocab)
     ));
     k.place(&block_done);
-    let g = blocks(vocab);
     p.finish(move |k| {
-        let (bv, bi) = (k.reg(Class::F32), k.reg(Class::B32));
-        k.ins(format!("mov.f32 {bv}, 0fFF800000;"));
-        k.ins(format!("mov.u32 {bi}, {vocab};"));
-        // Blocks tid, tid + 256, ...: pairs in no order of id, so the full rule.
-        for u in 0..PER_THREAD {
-            let b = k.reg(Class::B32);
-            k.ins(format!("add.u32 {b}, {tid}, {};", u * PASS_THREADS));
-            let skip = k.label("no_block");
-            k.leave_unless_below(b, g, &skip);
-            let at = k.reg(Class::B64);
-            k.ins(format!("mul.wide.u32 {at}, {b}, 8;"));
-            k.ins(format!("add.u64 {at}, {at}, {state};"));
-            let (ov, oi) = (k.reg(Class::F32), k.reg(Class::B32));
-            k.ins(format!(
-                "ld.global.v2.b32 {{{ov}, {oi}}}, [{at}+{}];",
-                layout::pairs(vocab)
-            ));
-            keep_better(k, bv, bi, ov, oi);
-            k.place(&skip);
-        }
-        let done = reduce_best(k, tid, bv, bi, PASS_THREADS);
+        let pairs = k.reg(Class::B64);
+        k.ins(format!(
+            "add.u64 {pairs}, {state}, {};",
+            layout::pairs(vocab)
+        ));
+        let g = blocks(vocab);
+        let (bv, bi, done) = best_of_pairs(k, pairs, g, tid, PASS_THREADS, vocab);
         none_is_zero(k, bi, vocab);
         k.ins(format!("st.global.f32 [{state}+{}], {bv};", layout::MAX));
         k.ins(format!("st.global.u32 [{state}+{}], {bi};", layout::ARG));
         k.place(&done);
     })
+}
+
+/// `Pass::each_token`'s loads of a token's logit and the word of its seen bit.
+fn logit_and_seen(logits: Reg, state: Reg, vocab: u32) -> impl FnMut(&mut Kernel, Reg) -> Vec<Reg> {
+    move |k, at| {
+        let a = elem4(k, logits, 0, at);
+        let l = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {l}, [{a}];"));
+        vec![l, seen_word(k, state, vocab, at)]
+    }
+}
+
+/// `Pass::each_token`'s load of a token's likelihood bits.
+fn bits_of(state: Reg, vocab: u32) -> impl FnMut(&mut Kernel, Reg) -> Vec<Reg> {
+    move |k, at| vec![likelihood_bits(k, state, vocab, at)]
 }
 
 /// A token's weight: its likelihood (bits) times the scale, truncated.
@@ -604,13 +587,8 @@ fn weights_kernel(name: &str, vocab: u32, c: &ExpConstants) -> String {
     let per_t = load(k, state, layout::PER_T, Class::F32);
     let scale = load(k, state, layout::SCALE, Class::F32);
     let pen = penalty(k, state);
-    let mut logit_and_seen = |k: &mut Kernel, at: Reg| {
-        let a = elem4(k, logits, 0, at);
-        let l = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {l}, [{a}];"));
-        vec![l, seen_word(k, state, layout::seen(vocab), at)]
-    };
-    p.each_token(vocab, &mut logit_and_seen, &mut |k, i, loaded, _| {
+    let mut load = logit_and_seen(logits, state, vocab);
+    p.each_token(vocab, &mut load, &mut |k, i, loaded, _| {
         let l = loaded[0];
         penalise(k, pen, l, i, loaded[1]);
         let x = k.reg(Class::F32);
@@ -647,8 +625,8 @@ fn hist_kernel(name: &str, vocab: u32, s: Select, pass: u32, hist: u32) -> Strin
     let prefix = load(k, state, s.at() + 4, Class::B32);
     let local = shared_hist(k, tid, PASS_THREADS);
     let scale = load(k, state, layout::SCALE, Class::F32);
-    let mut bits_of = |k: &mut Kernel, at: Reg| vec![likelihood_bits(k, state, vocab, at)];
-    p.each_token(vocab, &mut bits_of, &mut |k, _, loaded, next| {
+    let mut load = bits_of(state, vocab);
+    p.each_token(vocab, &mut load, &mut |k, _, loaded, next| {
         let bits = loaded[0];
         let high = k.reg(Class::B32);
         k.ins(format!("shr.u32 {high}, {bits}, {};", shift(pass - 1)));
@@ -835,13 +813,15 @@ fn choose(k: &mut Kernel, state: Reg, tid: Reg, s: Select, pass: u32, hist: u32)
         k.ins(format!("@{settled} bra {done};"));
     }
     let ns = k.imm_u32(if pass == 3 { 1 } else { 0 });
-    let mut v = None;
+    // Top-k counts tokens, top-p weighs them.
+    let (cumulative, own) = match s {
+        Select::TopK => (&cis, &cs),
+        Select::TopP => (&sis, &sums),
+    };
+    let shifted = k.reg(Class::B32);
+    k.ins(format!("shl.b32 {shifted}, {prefix}, 10;"));
     for j in 0..PER_THREAD as usize {
-        let (vj, own) = match s {
-            Select::TopK => (cis[j], cs[j]),
-            Select::TopP => (sis[j], sums[j]),
-        };
-        v = Some(vj);
+        let (vj, own) = (cumulative[j], own[j]);
         let before = k.reg(Class::B64);
         k.ins(format!("sub.u64 {before}, {vj}, {own};"));
         // The crossing digit: the cumulative value reaches the target here, not before.
@@ -850,8 +830,7 @@ fn choose(k: &mut Kernel, state: Reg, tid: Reg, s: Select, pass: u32, hist: u32)
         k.ins(format!("setp.lt.u64 {short}, {before}, {target};"));
         k.ins(format!("and.pred {reach}, {reach}, {short};"));
         let np = k.reg(Class::B32);
-        k.ins(format!("shl.b32 {np}, {prefix}, 10;"));
-        k.ins(format!("or.b32 {np}, {np}, {};", ds[j]));
+        k.ins(format!("or.b32 {np}, {shifted}, {};", ds[j]));
         let nt = k.reg(Class::B64);
         k.ins(format!("sub.u64 {nt}, {target}, {before};"));
         let na = k.reg(Class::B64);
@@ -872,7 +851,7 @@ fn choose(k: &mut Kernel, state: Reg, tid: Reg, s: Select, pass: u32, hist: u32)
         ));
     }
     // Never reached (the last digit's cumulative value short of the target): keep all.
-    let v = v.expect("digits");
+    let v = cumulative[PER_THREAD as usize - 1];
     let last = k.reg(Class::Pred);
     k.ins(format!("setp.eq.u32 {last}, {tid}, {};", PASS_THREADS - 1));
     let never = k.reg(Class::Pred);
@@ -983,8 +962,8 @@ fn blocks_kernel(name: &str, vocab: u32) -> String {
     let (sum, ties) = (k.reg(Class::B64), k.reg(Class::B32));
     k.ins(format!("mov.u64 {sum}, 0;"));
     k.ins(format!("mov.u32 {ties}, 0;"));
-    let mut bits_of = |k: &mut Kernel, at: Reg| vec![likelihood_bits(k, state, vocab, at)];
-    p.each_token(vocab, &mut bits_of, &mut |k, _, loaded, _| {
+    let mut load = bits_of(state, vocab);
+    p.each_token(vocab, &mut load, &mut |k, _, loaded, _| {
         let bits = loaded[0];
         let w = weight(k, bits, scale);
         let (gt, eq) = (k.reg(Class::Pred), k.reg(Class::Pred));
@@ -1037,9 +1016,7 @@ fn mark_seen(k: &mut Kernel, state: Reg, vocab: u32, i: Reg) {
     let off = k.reg(Class::Pred);
     k.ins(format!("setp.eq.u32 {off}, {on}, 0;"));
     k.ins(format!("@{off} bra {skip};"));
-    let word = k.reg(Class::B32);
-    k.ins(format!("shr.u32 {word}, {i}, 5;"));
-    let at = elem4(k, state, layout::seen(vocab), word);
+    let at = seen_addr(k, state, vocab, i);
     let (bits, bit) = (k.reg(Class::B32), k.reg(Class::B32));
     k.ins(format!("ld.global.u32 {bits}, [{at}];"));
     k.ins(format!("and.b32 {bit}, {i}, 31;"));
@@ -1200,17 +1177,17 @@ fn draw(k: &mut Kernel, state: Reg, next: Reg, tid: Reg, vocab: u32) {
         kws.push(kw);
     }
     let (wis, _) = scan_items(k, &kws, tid, PASS_THREADS);
-    // The histograms, cleared for the next step (nothing reads them in this launch's rest).
+    // The histograms, cleared for the next step (nothing reads them in this launch's rest):
+    // word tid + 256·j, every thread the same count.
+    const HIST_WORDS: u32 = layout::HIST_COUNT * layout::HIST_BYTES / 4;
+    const _: () = assert!(HIST_WORDS % PASS_THREADS == 0);
     let zero = k.imm_u32(0);
-    let words = layout::HIST_COUNT * layout::HIST_BYTES / 4;
-    for j in 0..words.div_ceil(PASS_THREADS) {
-        let wj = k.reg(Class::B32);
-        k.ins(format!("add.u32 {wj}, {tid}, {};", j * PASS_THREADS));
-        let skip_clear = k.label("cleared");
-        k.leave_unless_below(wj, words, &skip_clear);
-        let a = elem4(k, state, layout::HISTS, wj);
-        k.ins(format!("st.global.u32 [{a}], {zero};"));
-        k.place(&skip_clear);
+    let a = elem4(k, state, layout::HISTS, tid);
+    for j in 0..HIST_WORDS / PASS_THREADS {
+        k.ins(format!(
+            "st.global.u32 [{a}+{}], {zero};",
+            4 * j * PASS_THREADS
+        ));
     }
     k.ins(format!(
         "@{t0} st.global.u64 [{state}+{}], {rng};",
