@@ -77,14 +77,10 @@ fn argmax_2b_cycles(lat: Latencies) -> Result<u64, Box<dyn std::error::Error>> {
     Ok(memory.last_launch_cycles().unwrap_or(0))
 }
 
-/// A launch run alone: kernel, grid, block, its critical path in cycles and the bytes it
-/// moves at the least.
-type Timed = (String, u32, u32, u64, u64);
-
 /// The device sampler's launches over 256,000 logits (spread over 64 values, so top-p keeps
 /// many) at temperature 0.8, top-p 0.95 and repetition penalty 1.1 (gpu-check.sh's sampled
-/// setting) with 100 tokens of history, run alone: (kernel, grid, block, cycles) each.
-fn sampler_2b(lat: Latencies) -> Result<Vec<Timed>, Box<dyn std::error::Error>> {
+/// setting) with 100 tokens of history, run alone.
+fn sampler_2b(lat: Latencies) -> Result<Vec<LaunchLatency>, Box<dyn std::error::Error>> {
     let vocab = VOCAB_2B as u32;
     let mut device = EmuSampler::new(vocab as usize)?;
     let logits: Vec<f32> = (0..vocab)
@@ -100,11 +96,24 @@ fn sampler_2b(lat: Latencies) -> Result<Vec<Timed>, Box<dyn std::error::Error>> 
     device.start(&sampler, &history)?;
     device.memory.enable_timing(lat);
     let mut out = Vec::new();
-    device.draw(&logits, &mut |k, memory| {
-        let cycles = memory.last_launch_cycles().unwrap_or(0);
-        out.push((k.name.clone(), k.grid, k.block, cycles, k.bytes));
+    device.draw(&logits, &mut |k, instructions, memory| {
+        out.push(LaunchLatency {
+            kernel: k.name.clone(),
+            grid: k.grid,
+            block: k.block,
+            instructions,
+            cycles: memory.last_launch_cycles().unwrap_or(0),
+            bytes: k.bytes,
+        });
     })?;
     Ok(out)
+}
+
+/// Microseconds to move `bytes` at the GPU's bandwidth, or at the SMs' own where the grid
+/// has fewer blocks than SMs.
+fn bandwidth_us(bytes: u64, grid: u32) -> f64 {
+    let sms = (grid as f64).min(SMS);
+    (bytes as f64 / BYTES_PER_US).max(bytes as f64 / (sms * SM_BYTES_PER_US))
 }
 
 /// Which part of the model a launch belongs to, by its place in the three-layer greedy step:
@@ -149,11 +158,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 l.cycles as f64 / CYCLES_PER_US
             );
         }
-        for (kernel, grid, block, cycles, _) in sampler_2b(lat)? {
-            if keep(&kernel) {
-                let us = cycles as f64 / CYCLES_PER_US;
-                println!("{kernel} (256,000 logits): {grid} × {block}, critical path {us:.2} µs");
-            }
+        for l in sampler_2b(lat)?.iter().filter(|l| keep(&l.kernel)) {
+            let us = l.cycles as f64 / CYCLES_PER_US;
+            println!(
+                "{} (256,000 logits): {} × {}, critical path {us:.2} µs",
+                l.kernel, l.grid, l.block
+            );
         }
         return Ok(());
     }
@@ -203,9 +213,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // Attention's bytes depend on the position: the window's keys and values (f32).
             bytes = 2 * 2048 * 256 * 4;
         }
-        // The GPU's bandwidth, or the SMs' own where the grid has fewer blocks than SMs.
-        let sms = (grid as f64).min(SMS);
-        let bandwidth = (bytes as f64 / BYTES_PER_US).max(bytes as f64 / (sms * SM_BYTES_PER_US));
+        let bandwidth = bandwidth_us(bytes, grid);
         println!(
             "| {kernel} | {p} | {grid} × {block} | {instructions} | {latency:.2} | {:.2} | {bandwidth:.2} |",
             bytes as f64 / 1e6
@@ -249,11 +257,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| --- | --- | ---: | ---: |");
     let sampler = sampler_2b(lat)?;
     let mut sampler_us = 0.0;
-    for (kernel, grid, block, cycles, bytes) in &sampler {
-        let us = *cycles as f64 / CYCLES_PER_US;
-        let bandwidth = *bytes as f64 / BYTES_PER_US;
+    for l in &sampler {
+        let us = l.cycles as f64 / CYCLES_PER_US;
+        let bandwidth = bandwidth_us(l.bytes, l.grid);
         sampler_us += us.max(bandwidth);
-        println!("| {kernel} | {grid} × {block} | {us:.2} | {bandwidth:.2} |");
+        println!(
+            "| {} | {} × {} | {us:.2} | {bandwidth:.2} |",
+            l.kernel, l.grid, l.block
+        );
     }
     let argmax_us = rows.last().map_or(0.0, |&(_, l, b)| l.max(b));
     println!(

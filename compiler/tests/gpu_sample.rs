@@ -43,7 +43,7 @@ impl Device {
     }
 
     fn sample(&mut self, logits: &[f32]) -> u32 {
-        self.0.draw(logits, &mut |_, _| {}).unwrap()
+        self.0.draw(logits, &mut |_, _, _| {}).unwrap()
     }
 }
 

@@ -77,12 +77,12 @@ impl EmuSampler {
         Ok(())
     }
 
-    /// Draws from `logits` with every launch in order, `after(kernel, memory)` after each;
-    /// the id drawn.
+    /// Draws from `logits` with every launch in order, `after(kernel, instructions, memory)`
+    /// after each; the id drawn.
     pub fn draw(
         &mut self,
         logits: &[f32],
-        after: &mut dyn FnMut(&SampleKernel, &emu::Memory),
+        after: &mut dyn FnMut(&SampleKernel, u64, &emu::Memory),
     ) -> Result<u32, emu::EmuError> {
         let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.memory.write_bytes(self.logits, &bytes)?;
@@ -93,9 +93,9 @@ impl EmuSampler {
                 block: k.block,
                 params: &params,
             };
-            emu::run(&self.module, &k.name, &launch, &mut self.memory)
+            let instructions = emu::run(&self.module, &k.name, &launch, &mut self.memory)
                 .map_err(|e| emu::EmuError(format!("{}: {e}", k.name)))?;
-            after(k, &self.memory);
+            after(k, instructions, &self.memory);
         }
         Ok(self.memory.read_u32(self.next, 1)?[0])
     }
