@@ -108,7 +108,7 @@ pub(super) fn wgmma(
     group: &mut [Thread],
     shared: &mut SharedMemory,
     who: Access,
-) -> Result<(), EmuError> {
+) -> Result<AsyncMma, EmuError> {
     let widen = operand_type(ins)?;
     let n = ins
         .op
@@ -144,6 +144,16 @@ pub(super) fn wgmma(
     {
         return err(format!(
             "`{}`: reads registers written since the last wgmma.fence",
+            ins.line
+        ));
+    }
+    // Of the registers of `wgmma`s still in flight, it may only accumulate into theirs.
+    if group.iter().any(|t| {
+        d.iter().any(|&r| t.in_flight[r] & ASYNC_READS != 0)
+            || a.iter().any(|&r| t.in_flight[r] & ASYNC_WRITES != 0)
+    }) {
+        return err(format!(
+            "`{}`: its operands are registers another wgmma in flight reads or writes",
             ins.line
         ));
     }
@@ -185,10 +195,12 @@ pub(super) fn wgmma(
         ));
     }
     let mut bm = vec![[0f32; 256]; 16];
+    let mut rows = Vec::with_capacity(n * 2);
     for core_n in 0..n / 8 {
         for core_k in 0..2 {
             for row in 0..8 {
                 let at = start + core_n as u64 * sbo + core_k as u64 * lbo + 16 * row as u64;
+                rows.push(at);
                 let bytes = shared.read_async(at, 16, who)?;
                 for e in 0..8 {
                     let h = u16::from_le_bytes([bytes[2 * e], bytes[2 * e + 1]]);
@@ -217,8 +229,80 @@ pub(super) fn wgmma(
             }
             t.regs[reg] = bits_f32(acc as f32);
         }
+        for &r in &a {
+            t.in_flight[r] |= ASYNC_READS;
+        }
+        for &r in &d {
+            t.in_flight[r] |= ASYNC_WRITES;
+        }
     }
-    Ok(())
+    Ok(AsyncMma {
+        rows,
+        reads: a,
+        writes: d,
+    })
+}
+
+/// What a `wgmma` issued keeps in flight until its warpgroup's `wgmma.wait_group` retires
+/// it: the shared-memory rows (16 bytes each) it read, the registers it reads (A) and
+/// writes (D). Here it computed D when issued; on the hardware the tensor cores may read
+/// and write any of these until then.
+pub(super) struct AsyncMma {
+    pub(super) rows: Vec<u64>,
+    pub(super) reads: Vec<usize>,
+    pub(super) writes: Vec<usize>,
+}
+
+/// A warpgroup's `wgmma`s in flight: those since its last `commit_group`, then its
+/// committed groups, oldest first.
+#[derive(Default)]
+pub(super) struct AsyncGroups {
+    open: Vec<AsyncMma>,
+    committed: std::collections::VecDeque<Vec<AsyncMma>>,
+}
+
+impl AsyncGroups {
+    pub(super) fn issue(&mut self, mma: AsyncMma) {
+        self.open.push(mma);
+    }
+
+    /// `wgmma.commit_group`: the open `wgmma`s become a group.
+    pub(super) fn commit(&mut self) {
+        let open = std::mem::take(&mut self.open);
+        self.committed.push_back(open);
+    }
+
+    /// `wgmma.wait_group n` by the warpgroup's threads (`group`): every committed group but
+    /// the newest `n` is retired; its rows are read as of now (`who`, this epoch), and the
+    /// threads' registers stay marked only for the `wgmma`s still in flight.
+    pub(super) fn wait(
+        &mut self,
+        n: usize,
+        group: &mut [Thread],
+        shared: &mut SharedMemory,
+        who: Access,
+    ) -> Result<(), EmuError> {
+        while self.committed.len() > n {
+            for mma in self.committed.pop_front().into_iter().flatten() {
+                for &at in &mma.rows {
+                    shared.retire_async(at, who)?;
+                }
+            }
+        }
+        let pending: Vec<&AsyncMma> = self.committed.iter().flatten().chain(&self.open).collect();
+        for t in group.iter_mut() {
+            t.in_flight.fill(0);
+            for mma in &pending {
+                for &r in &mma.reads {
+                    t.in_flight[r] |= ASYNC_READS;
+                }
+                for &r in &mma.writes {
+                    t.in_flight[r] |= ASYNC_WRITES;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Memory accesses must be aligned to their whole width (a `v4.f32` to 16 bytes), as on the

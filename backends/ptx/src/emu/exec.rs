@@ -26,6 +26,9 @@ pub(super) struct Thread {
     /// Registers written (by anything but a `wgmma`) since this thread's last `wgmma.fence`:
     /// a `wgmma` reading one is undefined on the hardware, so an error here.
     pub(super) unfenced: Vec<bool>,
+    /// Per register: read (`ASYNC_READS`) or written (`ASYNC_WRITES`) by a `wgmma` its
+    /// warpgroup has not yet retired with `wgmma.wait_group`.
+    pub(super) in_flight: Vec<u8>,
     pub(super) pc: usize,
     pub(super) wait: Wait,
     /// Past `griddepcontrol.wait`: earlier kernels' writes are visible.
@@ -33,6 +36,11 @@ pub(super) struct Thread {
     /// Its place in the latency model, where that is on.
     pub(super) clock: Option<Clock>,
 }
+
+/// `Thread::in_flight` flags: an A fragment (other instructions may read it, not write it)
+/// and an accumulator (other instructions may neither read nor write it).
+pub(super) const ASYNC_READS: u8 = 1;
+pub(super) const ASYNC_WRITES: u8 = 2;
 
 impl Thread {
     pub(super) fn set(&mut self, reg: usize, v: u64) {
@@ -144,13 +152,19 @@ pub(super) fn run_block(
         shadow: Shadow::default(),
         unfenced: vec![0; (f.shared_bytes as usize).div_ceil(16)],
         unfenced_by: HashMap::new(),
+        async_readers: vec![0; (f.shared_bytes as usize).div_ceil(16)],
     };
+    // Each warpgroup's `wgmma`s in flight.
+    let mut async_groups: Vec<AsyncGroups> = (0..n.div_ceil(128))
+        .map(|_| AsyncGroups::default())
+        .collect();
     // Barriers this block has passed: accesses in different epochs are ordered.
     let mut epoch = 0u32;
     let mut threads: Vec<Thread> = (0..n)
         .map(|_| Thread {
             regs: vec![0; f.registers],
             unfenced: vec![false; f.registers],
+            in_flight: vec![0; f.registers],
             pc: 0,
             wait: Wait::Running,
             waited: starts_waited,
@@ -242,8 +256,20 @@ pub(super) fn run_block(
                 epoch,
                 block_size: launch.block,
             };
-            wgmma(&f.code[pc], group, &mut shared, who)
-                .map_err(|e| EmuError(format!("{}: {e}", f.name)))?;
+            let ins = &f.code[pc];
+            let pending = &mut async_groups[group_index];
+            let done = match ins.op[1].as_str() {
+                "mma_async" => wgmma(ins, group, &mut shared, who).map(|mma| pending.issue(mma)),
+                "commit_group" => {
+                    pending.commit();
+                    Ok(())
+                }
+                _ => match ins.args.first() {
+                    Some(Operand::Imm(n)) => pending.wait(*n as usize, group, &mut shared, who),
+                    _ => err(format!("`{}`: a group count expected", ins.line)),
+                },
+            };
+            done.map_err(|e| EmuError(format!("{}: {e}", f.name)))?;
             release(group, &f.code[pc], collective_latency(&f.code[pc], memory));
             progressed = true;
         }
@@ -450,6 +476,34 @@ impl Ctx<'_> {
         })
     }
 
+    /// An error where `ins` (not a `wgmma`) writes a register a `wgmma` in flight reads or
+    /// writes, or reads one it writes: on the hardware its value is undefined until the
+    /// `wgmma.wait_group` that retires that `wgmma`.
+    fn not_in_flight(&self, t: &Thread, ins: &Instr) -> Result<(), EmuError> {
+        let flags = |r: &usize| t.in_flight[*r];
+        if ins.reads.iter().any(|r| flags(r) & ASYNC_WRITES != 0)
+            || ins.writes.iter().any(|r| flags(r) != 0)
+        {
+            return err(format!(
+                "{}: `{}` touches a register of a wgmma still in flight (before its wgmma.wait_group)",
+                self.f.name, ins.line
+            ));
+        }
+        Ok(())
+    }
+
+    /// The thread ends: an error with a `wgmma` of its still in flight.
+    fn leave(&self, t: &mut Thread) -> Result<(), EmuError> {
+        if t.in_flight.iter().any(|&f| f != 0) {
+            return err(format!(
+                "{}: thread {} ends with a wgmma in flight (no wgmma.wait_group retired it)",
+                self.f.name, self.tid
+            ));
+        }
+        t.wait = Wait::Done;
+        Ok(())
+    }
+
     /// Runs until the thread must wait or ends; returns instructions executed.
     pub(super) fn run_thread(
         &self,
@@ -460,7 +514,7 @@ impl Ctx<'_> {
         let mut executed = 0;
         loop {
             let Some(ins) = self.f.code.get(t.pc) else {
-                t.wait = Wait::Done;
+                self.leave(t)?;
                 return Ok(executed);
             };
             executed += 1;
@@ -478,9 +532,12 @@ impl Ctx<'_> {
                     continue;
                 }
             }
+            if ins.op[0] != "wgmma" {
+                self.not_in_flight(t, ins)?;
+            }
             match ins.op[0].as_str() {
                 "ret" | "exit" => {
-                    t.wait = Wait::Done;
+                    self.leave(t)?;
                     return Ok(executed);
                 }
                 "bra" => {
@@ -502,17 +559,16 @@ impl Ctx<'_> {
                     t.wait = Wait::Bar;
                     return Ok(executed);
                 }
-                // Warpgroup-collective: the four warps meet at it. The rest of `wgmma`
-                // (fence, commit, wait) orders an asynchronous unit this interpreter does not
-                // have: `mma_async` completes where the warpgroup meets.
+                // Warpgroup-collective: the four warps meet at it. `mma_async` computes its
+                // result when issued, but its registers and shared rows stay in flight (no
+                // other instruction may touch them) until a `wait_group` retires its group.
                 "wgmma" => match ins.op.get(1).map(String::as_str) {
-                    Some("mma_async") => {
+                    Some("mma_async" | "commit_group" | "wait_group") => {
                         t.wait = Wait::Group;
                         return Ok(executed);
                     }
                     // Registers written before it may be read by the `wgmma`s after it.
                     Some("fence") => t.unfenced.fill(false),
-                    Some("commit_group" | "wait_group") => {}
                     _ => return err(format!("`{}`: unknown wgmma", ins.line)),
                 },
                 "fence" if ins.op.get(1).map(String::as_str) == Some("proxy") => {

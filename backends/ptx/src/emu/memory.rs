@@ -232,6 +232,10 @@ pub(super) struct SharedMemory {
     pub(super) unfenced: Vec<u32>,
     /// The units each thread has stored to since its last `fence.proxy.async`.
     pub(super) unfenced_by: HashMap<u32, Vec<usize>>,
+    /// Per 16-byte unit: how many `wgmma`s not yet retired by their warpgroup's
+    /// `wgmma.wait_group` read it. The tensor cores may read it at any time until then, so a
+    /// store to it (by any thread) is an error.
+    pub(super) async_readers: Vec<u16>,
 }
 
 impl SharedMemory {
@@ -254,6 +258,7 @@ impl SharedMemory {
 
     pub(super) fn write(&mut self, at: u64, data: &[u8], who: Access) -> Result<(), EmuError> {
         let r = self.range(at, data.len())?;
+        self.not_read_in_flight(&r)?;
         self.shadow
             .access(1, r.start, data.len(), who, Touch::Write, None)?;
         for unit in r.start / 16..=(r.end - 1) / 16 {
@@ -275,9 +280,31 @@ impl SharedMemory {
         who: Access,
     ) -> Result<u64, EmuError> {
         let r = self.range(at, len)?;
+        self.not_read_in_flight(&r)?;
         self.shadow
             .access(1, r.start, len, who, Touch::Atomic, None)?;
         Ok(AtomicOp::Add(value).apply(&mut self.bytes[r]))
+    }
+
+    /// An error where a `wgmma` still in flight reads any of these bytes.
+    fn not_read_in_flight(&self, r: &std::ops::Range<usize>) -> Result<(), EmuError> {
+        match (r.start / 16..=(r.end - 1) / 16).find(|&u| self.async_readers[u] != 0) {
+            Some(unit) => err(format!(
+                "stores to shared byte {} that a wgmma still in flight reads (before its warpgroup's wgmma.wait_group)",
+                16 * unit
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// A `wgmma`'s 16-byte row at `at`, read when it was issued, is retired by its
+    /// warpgroup's `wgmma.wait_group` (`who`): no longer in flight, and read as of now, so a
+    /// store by another thread needs a barrier after this (stricter than the hardware for the
+    /// warpgroup's own threads, which the wait orders already).
+    pub(super) fn retire_async(&mut self, at: u64, who: Access) -> Result<(), EmuError> {
+        let unit = at as usize / 16;
+        self.async_readers[unit] -= 1;
+        self.read(at, 16, who).map(|_| ())
     }
 
     /// `fence.proxy.async.shared::cta` by `thread`: its stores so far become visible to the
@@ -291,7 +318,8 @@ impl SharedMemory {
     }
 
     /// A read through the async proxy (`wgmma`'s operands): as `read`, and an error where a
-    /// thread's store to these bytes was not followed by its `fence.proxy.async`.
+    /// thread's store to these bytes was not followed by its `fence.proxy.async`; the bytes are
+    /// then in flight until `retire_async`.
     pub(super) fn read_async(
         &mut self,
         at: u64,
@@ -308,6 +336,7 @@ impl SharedMemory {
                     writer
                 ));
             }
+            self.async_readers[unit] += 1;
         }
         self.read(at, len, who)
     }

@@ -544,3 +544,118 @@ fn shuffled_block_orders_are_permutations_that_change_between_launches() {
         assert_eq!(sorted, (0..40).collect::<Vec<_>>());
     }
 }
+
+/// Two warpgroups (256 threads) each multiply a 64×16 A of ones (registers) by a 16×8 B of
+/// ones that threads 0..15 stored in shared memory (`wgmma.mma_async.m64n8k16`, no swizzle:
+/// two core matrices of 128 bytes), then `between` (after the first commit: more `wgmma`s, the
+/// waits), `after`, and `store` (each thread's first accumulator to out[tid]). What the
+/// interpreter returns: the out words as f32, or its error.
+fn wgmma_kernel(between: &str, after: &str, store: &str) -> Result<Vec<f32>, EmuError> {
+    let desc = (8u64 << 16) | (16u64 << 32);
+    let ptx = format!(
+        "
+.visible .entry k(
+	.param .u64 out
+)
+{{
+	.shared .align 16 .b8 s[256];
+	.reg .b32 %r<8>;
+	.reg .b64 %rd<8>;
+	.reg .f32 %f<4>;
+	.reg .pred %p<2>;
+	ld.param.u64 %rd0, [out];
+	mov.u32 %r0, %tid.x;
+	mov.u64 %rd2, s;
+	setp.lt.u32 %p0, %r0, 16;
+	mov.u32 %r1, 1065369472;
+	mul.wide.u32 %rd3, %r0, 16;
+	add.u64 %rd4, %rd2, %rd3;
+	@%p0 st.shared.v4.b32 [%rd4], {{%r1, %r1, %r1, %r1}};
+	fence.proxy.async.shared::cta;
+	bar.sync 0;
+	shr.u64 %rd5, %rd2, 4;
+	and.b64 %rd5, %rd5, 16383;
+	or.b64 %rd5, %rd5, {desc};
+	mov.u32 %r2, %r1;
+	mov.u32 %r3, %r1;
+	mov.u32 %r4, %r1;
+	mov.u32 %r5, %r1;
+	setp.ne.u32 %p1, %r0, %r0;
+	wgmma.fence.sync.aligned;
+	wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {{%f0, %f1, %f2, %f3}}, {{%r2, %r3, %r4, %r5}}, %rd5, %p1, 1, 1, 0;
+	wgmma.commit_group.sync.aligned;
+	{between}
+	{after}
+	mul.wide.u32 %rd3, %r0, 4;
+	add.u64 %rd6, %rd0, %rd3;
+	{store}
+	ret;
+}}
+"
+    );
+    let m = Module::parse(&ptx)?;
+    let mut mem = Memory::new();
+    let out = mem.alloc(&[0; 4 * 256]);
+    run(
+        &m,
+        "k",
+        &Launch {
+            grid: 1,
+            block: 256,
+            params: &[out],
+        },
+        &mut mem,
+    )?;
+    mem.read_f32(out, 256)
+}
+
+/// A `wgmma` keeps its registers and shared rows until `wgmma.wait_group` retires its group:
+/// reading its accumulators, storing to what it reads (from any thread, or from the other
+/// warpgroup without a barrier after the wait), or ending before the wait are errors; `wgmma`s
+/// may accumulate into the registers of one still in flight, and `wait_group n` leaves the
+/// newest n groups in flight.
+#[test]
+fn wgmma_operands_stay_in_flight_until_wait_group() {
+    const WAIT0: &str = "wgmma.wait_group.sync.aligned 0;";
+    const STORE: &str = "st.global.f32 [%rd6], %f0;";
+    let ok = |between: &str, after: &str| wgmma_kernel(between, after, STORE).unwrap();
+    let fails = |between: &str, after: &str, store: &str, why: &str| {
+        let e = wgmma_kernel(between, after, store).unwrap_err();
+        assert!(e.0.contains(why), "{between} {after}: {e}");
+    };
+    // 16 products of ones, in every thread's first accumulator.
+    assert!(ok(WAIT0, "").iter().all(|&v| v == 16.0));
+    // A second wgmma accumulating while the first is in flight, then waits for one group and
+    // for none: 32.
+    const SECOND: &str = "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%f0, %f1, %f2, %f3}, {%r2, %r3, %r4, %r5}, %rd5, 1, 1, 1, 0;\n\twgmma.commit_group.sync.aligned;";
+    let two = format!("{SECOND}\n\twgmma.wait_group.sync.aligned 1;\n\t{WAIT0}");
+    assert!(ok(&two, "").iter().all(|&v| v == 32.0));
+    const IN_FLIGHT: &str = "touches a register of a wgmma still in flight";
+    // Without the wait, or waiting only for the older of two groups, the accumulator is read
+    // in flight; so is a register of A written (here by the next thread's mov).
+    fails("", "", STORE, IN_FLIGHT);
+    fails(
+        &format!("{SECOND}\n\twgmma.wait_group.sync.aligned 1;"),
+        "",
+        STORE,
+        IN_FLIGHT,
+    );
+    fails("mov.u32 %r2, 0;", WAIT0, STORE, IN_FLIGHT);
+    // Storing to the B tile before the wait; after it, the other warpgroup's store needs a
+    // barrier first.
+    const STORE_B: &str = "@%p0 st.shared.v4.b32 [%rd4], {%r1, %r1, %r1, %r1};";
+    fails(
+        STORE_B,
+        WAIT0,
+        STORE,
+        "stores to shared byte 0 that a wgmma still in flight reads",
+    );
+    let late_store =
+        "setp.eq.u32 %p0, %r0, 128;\n\t@%p0 st.shared.v4.b32 [%rd2], {%r1, %r1, %r1, %r1};";
+    fails(WAIT0, late_store, STORE, "data race");
+    assert!(ok(WAIT0, &format!("bar.sync 0;\n\t{late_store}"))
+        .iter()
+        .all(|&v| v == 16.0));
+    // Ending with a group committed but never waited for.
+    fails("", "", "", "ends with a wgmma in flight");
+}

@@ -125,7 +125,7 @@ pub(super) fn latency(lat: &Latencies, op: &[String]) -> u64 {
         "atom" => lat.l2,
         "shfl" => lat.shuffle,
         "mma" => lat.mma,
-        "wgmma" => lat.wgmma,
+        "wgmma" if op.get(1).map(String::as_str) == Some("mma_async") => lat.wgmma,
         "ex2" | "lg2" | "sin" | "cos" | "tanh" | "rsqrt" => lat.mufu,
         "rcp" | "sqrt" if op.iter().any(|p| p == "approx") => lat.mufu,
         "div" | "rem" | "rcp" | "sqrt" => lat.long_alu,
