@@ -825,6 +825,9 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         TcInputs::Bf16 | TcInputs::F16 => &[a_hi],
     };
     if wgmma {
+        // The last k-step's `wgmma` ran while this one was staged; its A registers are
+        // rewritten below, so it retires first.
+        k.ins("wgmma.wait_group.sync.aligned 0;");
         // The warp's 16 token rows (hi, lo) as A fragments; the weights through a descriptor
         // of this stage's tile: start >> 4 in bits 0-13, the offsets >> 4 at 16 and 32.
         let a_frags: Vec<[Reg; 4]> = parts
@@ -852,8 +855,10 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
                 ty = inputs_as.mma_type()
             ));
         }
+        // In flight while the next k-step is staged into the other buffer, once every
+        // warpgroup is past its wait for the last k-step's `wgmma`, which read that buffer.
         k.ins("wgmma.commit_group.sync.aligned;");
-        k.ins("wgmma.wait_group.sync.aligned 0;");
+        k.ins("bar.sync 0;");
     }
     for (tile, tile_accs) in accs.iter().enumerate() {
         let mut a_frags = Vec::new();
@@ -870,7 +875,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         }
     }
     // The next k-step's registers into the other buffer; every warp is past its reads of that
-    // buffer (the barrier at the end of the previous k-step).
+    // buffer (the barrier at the end of the previous k-step; with `wgmma`, the one above).
     let skip_commit = k.label("skip_commit");
     k.ins(format!("@!{more} bra {skip_commit};"));
     k.ins(format!("xor.b64 {buf}, {buf}, {stage_bytes};"));
@@ -880,6 +885,9 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     k.ins(format!("mov.u32 {k0}, {next};"));
     k.ins(format!("bra {head};"));
     k.place(&end);
+    if wgmma {
+        k.ins("wgmma.wait_group.sync.aligned 0;");
+    }
 
     // Epilogue. `mma.sync`: accumulator i of (token tile, column tile j) is (token t0 +
     // 64·token_warp + 16·tile + g + 8·(i >> 1), column col0 + warp's first + 8j + 2q + (i &

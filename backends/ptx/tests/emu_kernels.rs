@@ -1746,3 +1746,91 @@ fn the_last_block_done_sums_what_every_block_wrote() {
         }
     }
 }
+
+/// The warpgroup projection keeps each k-step's `wgmma` in flight while the next is staged:
+/// it retires it before rewriting the A registers, passes a barrier before any warpgroup
+/// stages into the buffer it read, and retires the last before the epilogue. Each of the
+/// three left out of the kernel is an error in the interpreter; with them, exact sums.
+#[test]
+fn warpgroup_projection_retires_each_wgmma_before_reusing_what_it_reads() {
+    use griffin_backend_ptx::rg_lru::Storage;
+    use griffin_backend_ptx::tc::{gemm_tokens_tc, tc_block, tc_grid, TcConfig, TcInputs, TcMma};
+    let (inputs, width, tokens) = (64usize, 8usize, 128usize);
+    let spec = GemvSpec {
+        name: "p".into(),
+        inputs: inputs as u32,
+        width: width as u32,
+        bias: false,
+        epilogue: Epilogue::None,
+        residual: false,
+        norm: None,
+        weights: Storage::Bf16,
+    };
+    let config = TcConfig {
+        inputs: TcInputs::Split,
+        mma: TcMma::Warpgroup,
+        row_scales: false,
+    };
+    let ptx = module(&[gemm_tokens_tc(&spec, &[], config, 2)]);
+    // Small integers: every product and sum exact.
+    let x: Vec<f32> = (0..tokens * inputs)
+        .map(|j| ((j / inputs + j % inputs) % 5) as f32 - 2.0)
+        .collect();
+    let w: Vec<f32> = (0..width * inputs)
+        .map(|j| ((3 * (j / inputs) + j % inputs) % 7) as f32 - 3.0)
+        .collect();
+    let want: Vec<f32> = (0..tokens * width)
+        .map(|j| {
+            let (t, o) = (j / width, j % width);
+            (0..inputs)
+                .map(|i| x[t * inputs + i] * w[o * inputs + i])
+                .sum()
+        })
+        .collect();
+    let w_bf16: Vec<u8> = w
+        .iter()
+        .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+        .collect();
+    let run_ptx = |ptx: &str| {
+        let m = Module::parse(ptx).unwrap();
+        let mut mem = Memory::new();
+        let params = [
+            mem.alloc_u32(&[tokens as u32]),
+            mem.alloc_f32(&x),
+            mem.alloc(&w_bf16),
+            mem.alloc_f32(&vec![0.0; tokens * width]),
+        ];
+        let launch = Launch {
+            grid: tc_grid(&spec, tokens as u32, 2),
+            block: tc_block(2),
+            params: &params,
+        };
+        run(&m, "p", &launch, &mut mem)?;
+        mem.read_f32(params[3], tokens * width)
+    };
+    assert_eq!(run_ptx(&ptx).unwrap(), want);
+    const WAIT: &str = "\twgmma.wait_group.sync.aligned 0;\n";
+    const COMMIT_BAR: &str = "\twgmma.commit_group.sync.aligned;\n\tbar.sync 0;\n";
+    assert_eq!(ptx.matches(WAIT).count(), 2);
+    let fails = |ptx: String, why: &str| {
+        let e = run_ptx(&ptx).unwrap_err();
+        assert!(e.0.contains(why), "{e}");
+    };
+    let first = ptx.find(WAIT).unwrap();
+    let last = ptx.rfind(WAIT).unwrap();
+    let without = |at: usize| format!("{}{}", &ptx[..at], &ptx[at + WAIT.len()..]);
+    fails(
+        without(first),
+        "touches a register of a wgmma still in flight",
+    );
+    fails(
+        without(last),
+        "touches a register of a wgmma still in flight",
+    );
+    // Without the barrier, a warpgroup's stores meet the other's reads of that buffer (its
+    // wait retired them in the same barrier interval).
+    fails(
+        ptx.replacen(COMMIT_BAR, "\twgmma.commit_group.sync.aligned;\n", 1),
+        "data race",
+    );
+}
