@@ -101,6 +101,33 @@ fn run_kernel(ptx: &str, threads: u32, input: &[u32], out_words: usize) -> Vec<u
     mem.read_u32(params[1], out_words).unwrap()
 }
 
+/// Kernel `k(inp, out)`: `body` after the registers' declarations and the two parameters'
+/// loads into `%rd0` (input) and `%rd1` (output), `%r0` the thread index and `%rd7` the
+/// shared tile `s` (512 bytes).
+fn kernel(body: &str) -> String {
+    format!(
+        "
+.visible .entry k(
+	.param .u64 inp,
+	.param .u64 out
+)
+{{
+	.shared .align 16 .b8 s[512];
+	.reg .b32 %r<12>;
+	.reg .b64 %rd<10>;
+	.reg .f32 %f<8>;
+	.reg .pred %p<2>;
+	ld.param.u64 %rd0, [inp];
+	ld.param.u64 %rd1, [out];
+	mov.u32 %r0, %tid.x;
+	mov.u64 %rd7, s;
+{body}
+	ret;
+}}
+"
+    )
+}
+
 fn floats(words: Vec<u32>) -> Vec<f32> {
     words.into_iter().map(f32::from_bits).collect()
 }
@@ -121,19 +148,8 @@ fn mma_m16n8k16_fragments_are_cutes() {
             w[8 + v] = c(i % 16, i / 16).to_bits();
         }
     }
-    let ptx = "
-.visible .entry k(
-	.param .u64 inp,
-	.param .u64 out
-)
-{
-	.reg .b32 %r<8>;
-	.reg .b64 %rd<6>;
-	.reg .f32 %f<8>;
-	ld.param.u64 %rd0, [inp];
-	ld.param.u64 %rd1, [out];
-	mov.u32 %r0, %tid.x;
-	mul.wide.u32 %rd2, %r0, 48;
+    let ptx = kernel(
+        "	mul.wide.u32 %rd2, %r0, 48;
 	add.u64 %rd3, %rd0, %rd2;
 	ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd3];
 	ld.global.v2.b32 {%r5, %r6}, [%rd3+16];
@@ -141,11 +157,9 @@ fn mma_m16n8k16_fragments_are_cutes() {
 	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f4, %f5, %f6, %f7}, {%r1, %r2, %r3, %r4}, {%r5, %r6}, {%f0, %f1, %f2, %f3};
 	mul.wide.u32 %rd2, %r0, 16;
 	add.u64 %rd4, %rd1, %rd2;
-	st.global.v4.f32 [%rd4], {%f4, %f5, %f6, %f7};
-	ret;
-}
-";
-    let d = floats(run_kernel(ptx, 32, &input, 32 * 4));
+	st.global.v4.f32 [%rd4], {%f4, %f5, %f6, %f7};",
+    );
+    let d = floats(run_kernel(&ptx, 32, &input, 32 * 4));
     for t in 0..32 {
         for v in 0..4 {
             let i = MMA_C.at(t, v);
@@ -186,23 +200,8 @@ fn wgmma_m64nk16_fragments_and_descriptor_are_cutes() {
             }));
         }
         let desc = ((lbo as u64 >> 4) << 16) | ((sbo as u64 >> 4) << 32);
-        let ptx = format!(
-            "
-.visible .entry k(
-	.param .u64 inp,
-	.param .u64 out
-)
-{{
-	.shared .align 16 .b8 s[512];
-	.reg .b32 %r<12>;
-	.reg .b64 %rd<10>;
-	.reg .f32 %f<8>;
-	.reg .pred %p<2>;
-	ld.param.u64 %rd0, [inp];
-	ld.param.u64 %rd1, [out];
-	mov.u32 %r0, %tid.x;
-	mov.u64 %rd7, s;
-	setp.lt.u32 %p0, %r0, 32;
+        let ptx = kernel(&format!(
+            "	setp.lt.u32 %p0, %r0, 32;
 	mul.wide.u32 %rd2, %r0, 16;
 	add.u64 %rd3, %rd0, %rd2;
 	@%p0 ld.global.v4.b32 {{%r1, %r2, %r3, %r4}}, [%rd3];
@@ -225,11 +224,8 @@ fn wgmma_m64nk16_fragments_and_descriptor_are_cutes() {
 	mul.wide.u32 %rd2, %r0, 32;
 	add.u64 %rd6, %rd1, %rd2;
 	st.global.v4.f32 [%rd6], {{%f0, %f1, %f2, %f3}};
-	st.global.v4.f32 [%rd6+16], {{%f4, %f5, %f6, %f7}};
-	ret;
-}}
-"
-        );
+	st.global.v4.f32 [%rd6+16], {{%f4, %f5, %f6, %f7}};"
+        ));
         let d = floats(run_kernel(&ptx, 128, &input, 128 * 8));
         for t in 0..128 {
             for v in 0..8 {
@@ -264,21 +260,8 @@ fn ldmatrix_x4_plain_and_transposed_are_cutes() {
         .map(|p| p[0] as u32 | (p[1] as u32) << 16)
         .collect();
     for (trans, layout) in [("", &LDSM_N), (".trans", &LDSM_T)] {
-        let ptx = format!(
-            "
-.visible .entry k(
-	.param .u64 inp,
-	.param .u64 out
-)
-{{
-	.shared .align 16 .b8 s[512];
-	.reg .b32 %r<12>;
-	.reg .b64 %rd<10>;
-	ld.param.u64 %rd0, [inp];
-	ld.param.u64 %rd1, [out];
-	mov.u32 %r0, %tid.x;
-	mov.u64 %rd7, s;
-	mul.wide.u32 %rd2, %r0, 16;
+        let ptx = kernel(&format!(
+            "	mul.wide.u32 %rd2, %r0, 16;
 	add.u64 %rd3, %rd0, %rd2;
 	ld.global.v4.b32 {{%r1, %r2, %r3, %r4}}, [%rd3];
 	add.u64 %rd4, %rd7, %rd2;
@@ -291,11 +274,8 @@ fn ldmatrix_x4_plain_and_transposed_are_cutes() {
 	add.u64 %rd5, %rd7, %rd5;
 	ldmatrix.sync.aligned.m8n8.x4{trans}.shared.b16 {{%r6, %r7, %r8, %r9}}, [%rd5];
 	add.u64 %rd6, %rd1, %rd2;
-	st.global.v4.b32 [%rd6], {{%r6, %r7, %r8, %r9}};
-	ret;
-}}
-"
-        );
+	st.global.v4.b32 [%rd6], {{%r6, %r7, %r8, %r9}};"
+        ));
         let got = run_kernel(&ptx, 32, &input, 128);
         for t in 0..32 {
             for bit in 0..128 {
