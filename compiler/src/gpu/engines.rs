@@ -126,6 +126,16 @@ impl EmuEngine {
         self.memory.set_block_order(order);
     }
 
+    /// Counts the shared-memory wavefronts of every later launch (bank conflicts).
+    pub fn enable_bank_stats(&mut self) {
+        self.memory.enable_bank_stats();
+    }
+
+    /// What `enable_bank_stats` counted so far.
+    pub fn bank_stats(&self) -> Option<&emu::BankStats> {
+        self.memory.bank_stats()
+    }
+
     /// Writes a decode step's token id and position into device memory.
     fn set_step(&mut self, id: u32, position: u32) -> Result<(), RunError> {
         check_ids(&[id], self.program.plan.vocab())?;

@@ -325,7 +325,7 @@ pub(super) fn ldmatrix(
     warp: &mut [Thread],
     shared: &mut SharedMemory,
     who: impl Fn(usize) -> Access,
-) -> Result<(), EmuError> {
+) -> Result<Vec<usize>, EmuError> {
     let count = match ins
         .op
         .iter()
@@ -391,12 +391,14 @@ pub(super) fn ldmatrix(
             w[m] = u64::from_le_bytes(b);
         }
     }
+    // The rows it read, in the order their lanes gave them.
+    let rows = (0..8 * count).map(row_address).collect();
     for (t, w) in warp.iter_mut().zip(&words) {
         for (m, &reg) in dst.iter().enumerate() {
             t.set(reg, w[m]);
         }
     }
-    Ok(())
+    rows
 }
 
 pub(super) fn shuffle(ins: &Instr, warp: &mut [Thread]) -> Result<(), EmuError> {

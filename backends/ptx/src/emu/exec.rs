@@ -4,6 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
+use super::banks::BankRecorder;
 use super::collective::*;
 use super::memory::*;
 use super::parse::*;
@@ -153,6 +154,7 @@ pub(super) fn run_block(
         unfenced: vec![0; (f.shared_bytes as usize).div_ceil(16)],
         unfenced_by: HashMap::new(),
         async_readers: vec![0; (f.shared_bytes as usize).div_ceil(16)],
+        banks: memory.bank_stats.as_ref().map(|_| BankRecorder::default()),
     };
     // Each warpgroup's `wgmma`s in flight.
     let mut async_groups: Vec<AsyncGroups> = (0..n.div_ceil(128))
@@ -195,6 +197,9 @@ pub(super) fn run_block(
             }
         }
         if threads.iter().all(|t| t.wait == Wait::Done) {
+            if let (Some(stats), Some(banks)) = (&mut memory.bank_stats, shared.banks.take()) {
+                stats.add_block(&f.name, |pc| &f.code[pc].line, banks.finish());
+            }
             if let Some(timing) = &mut memory.timing {
                 let longest = threads
                     .iter()
@@ -230,8 +235,11 @@ pub(super) fn run_block(
                         epoch,
                         block_size: launch.block,
                     };
-                    ldmatrix(&f.code[pc], warp, &mut shared, who)
-                        .map_err(|e| EmuError(format!("{}: {e}", f.name)))?
+                    let rows = ldmatrix(&f.code[pc], warp, &mut shared, who)
+                        .map_err(|e| EmuError(format!("{}: {e}", f.name)))?;
+                    if let Some(b) = &mut shared.banks {
+                        b.ldmatrix(warp_index as u32, pc, &rows);
+                    }
                 }
                 _ => shuffle(&f.code[pc], warp)?,
             }
@@ -601,8 +609,18 @@ impl Ctx<'_> {
                     continue;
                 }
                 _ => {
+                    let counted =
+                        shared.banks.is_some() && ins.op.get(1).is_some_and(|s| s == "shared");
+                    if counted {
+                        if let Some(b) = &mut shared.banks {
+                            b.begin(self.tid, t.pc);
+                        }
+                    }
                     self.step(ins, t, memory, shared)
                         .map_err(|e| EmuError(format!("{}: `{}`: {e}", self.f.name, ins.line)))?;
+                    if let Some(b) = shared.banks.as_mut().filter(|_| counted) {
+                        b.end();
+                    }
                     if let (Some(timing), Some(c)) = (&memory.timing, &mut t.clock) {
                         let lat = self
                             .memory_latency

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use super::banks::{BankRecorder, BankStats};
 use super::sync::{AtomicWords, Releases, Sees};
 use super::timing::{Latencies, Timing};
 use super::{err, EmuError};
@@ -236,6 +237,8 @@ pub(super) struct SharedMemory {
     /// `wgmma.wait_group` read it. The tensor cores may read it at any time until then, so a
     /// store to it (by any thread) is an error.
     pub(super) async_readers: Vec<u16>,
+    /// Bank-conflict counting, where asked for (`Memory::enable_bank_stats`).
+    pub(super) banks: Option<BankRecorder>,
 }
 
 impl SharedMemory {
@@ -251,6 +254,7 @@ impl SharedMemory {
 
     pub(super) fn read(&mut self, at: u64, len: usize, who: Access) -> Result<&[u8], EmuError> {
         let r = self.range(at, len)?;
+        self.count_banks(&r);
         self.shadow
             .access(1, r.start, len, who, Touch::Read { nc: false }, None)?;
         Ok(&self.bytes[r])
@@ -259,6 +263,7 @@ impl SharedMemory {
     pub(super) fn write(&mut self, at: u64, data: &[u8], who: Access) -> Result<(), EmuError> {
         let r = self.range(at, data.len())?;
         self.not_read_in_flight(&r)?;
+        self.count_banks(&r);
         self.shadow
             .access(1, r.start, data.len(), who, Touch::Write, None)?;
         for unit in r.start / 16..=(r.end - 1) / 16 {
@@ -281,9 +286,17 @@ impl SharedMemory {
     ) -> Result<u64, EmuError> {
         let r = self.range(at, len)?;
         self.not_read_in_flight(&r)?;
+        self.count_banks(&r);
         self.shadow
             .access(1, r.start, len, who, Touch::Atomic, None)?;
         Ok(AtomicOp::Add(value).apply(&mut self.bytes[r]))
+    }
+
+    /// The bytes in `r` for the access under way, where banks are counted (`banks.rs`).
+    fn count_banks(&mut self, r: &std::ops::Range<usize>) {
+        if let Some(b) = &mut self.banks {
+            b.touch(r.start, r.len());
+        }
     }
 
     /// An error where a `wgmma` still in flight reads any of these bytes.
@@ -358,6 +371,8 @@ pub struct Memory {
     pub(super) atomic_words: AtomicWords,
     /// The order blocks run in.
     pub(super) block_order: BlockOrder,
+    /// Shared-memory wavefronts per kernel and instruction, where asked for.
+    pub(super) bank_stats: Option<BankStats>,
 }
 
 /// The order the interpreter runs a launch's blocks in, one after the other. The hardware
@@ -390,6 +405,7 @@ impl Memory {
             timing: None,
             atomic_words: AtomicWords::default(),
             block_order: BlockOrder::Forward,
+            bank_stats: None,
         }
     }
 
@@ -422,6 +438,16 @@ impl Memory {
     /// Times every launch from now on by the latency model (`timing.rs`) with `lat`.
     pub fn enable_timing(&mut self, lat: Latencies) {
         self.timing = Some(Timing::new(lat));
+    }
+
+    /// Counts the wavefronts of every later launch's shared-memory accesses (`banks.rs`).
+    pub fn enable_bank_stats(&mut self) {
+        self.bank_stats = Some(BankStats::default());
+    }
+
+    /// What was counted since `enable_bank_stats`.
+    pub fn bank_stats(&self) -> Option<&BankStats> {
+        self.bank_stats.as_ref()
     }
 
     /// Stops timing launches.

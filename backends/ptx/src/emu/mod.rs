@@ -9,8 +9,10 @@
 //! tolerance that covers the hardware's documented error.
 //!
 //! `parse` reads a module, `exec` runs a launch (`memory` holds global and shared memory and
-//! finds races, `collective` the warp- and warpgroup-wide instructions, `timing` an optional latency model).
+//! finds races, `collective` the warp- and warpgroup-wide instructions, `timing` an optional
+//! latency model, `banks` optional counts of shared-memory bank conflicts).
 
+mod banks;
 mod collective;
 mod exec;
 mod memory;
@@ -20,6 +22,7 @@ mod sync;
 mod tests;
 mod timing;
 
+pub use banks::{BankStats, Wavefronts};
 pub use exec::{run, Launch};
 pub use memory::{BlockOrder, Memory};
 pub use parse::{Function, Module};
