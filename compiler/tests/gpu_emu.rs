@@ -611,3 +611,42 @@ fn projections_in_k_parts_compute_the_golden_logits() {
         }
     }
 }
+
+/// Shared memory without bank conflicts, by the interpreter's count of wavefronts
+/// (`emu/banks.rs`): every kernel of a prefill chunk, a decode step and the device argmax of
+/// gen-b64-bf16 (the published models' layouts: gate blocks on tensor cores, heads of 64 or
+/// more) takes the fewest wavefronts its accesses' words allow, with `mma.sync` and split
+/// inputs and with `wgmma` and f16 inputs (row scales).
+#[test]
+fn shared_memory_accesses_are_free_of_bank_conflicts() {
+    use griffin_backend_ptx::tc::{TcInputs, TcMma};
+    use griffinc::gpu::GpuOptions;
+    let e = expected("gen-b64-bf16");
+    let model = Model::load(&golden_dir().join("gen-b64-bf16")).unwrap();
+    for (tc_mma, tc_inputs) in [
+        (TcMma::Sync, TcInputs::Split),
+        (TcMma::Warpgroup, TcInputs::F16),
+    ] {
+        let opts = GpuOptions {
+            prefill_chunk: Some(256),
+            tc_mma,
+            tc_inputs,
+            ..GpuOptions::default()
+        };
+        let mut engine = EmuEngine::with_options(&model, &opts).unwrap();
+        engine.enable_bank_stats();
+        engine.reset();
+        let (prompt, last) = e.input_ids.split_at(e.input_ids.len() - 1);
+        engine.prefill(prompt, &mut |_| {}).unwrap();
+        engine.step(last[0], &mut |_| {}).unwrap();
+        engine.device_argmax().unwrap();
+        let stats = engine.bank_stats().unwrap();
+        // Prefill projections, gates, attention and norms; decode GEMVs, step and attention.
+        assert!(stats.kernels.len() >= 10, "{:?}", stats.kernels.keys());
+        assert!(
+            stats.conflicted().is_empty(),
+            "{tc_mma:?}: {:#?}",
+            stats.conflicted()
+        );
+    }
+}

@@ -433,17 +433,25 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         }
     }
 
-    // What this thread stages per k-step: float4s of inputs (token row f / 4, inputs
-    // 4·(f % 4)..) and 16-byte units of weights, f = tid + threads·r: two and one with 256
-    // threads, two and two with 128.
+    // What this thread stages per k-step: float4s of inputs and 16-byte units of weights,
+    // f = tid + threads·r: two and one with 256 threads, two and two with 128. Which of them
+    // keeps each phase of a warp's shared stores (128 bytes' worth of threads) on distinct
+    // banks, while each warp's global loads still cover whole rows' 32-byte sectors: inputs
+    // token row 8·(f / 32) + f % 8, inputs 4·((f / 8) % 4).. (an 8-byte store phase, 16
+    // threads, is 8 rows 48 bytes apart × 2 quads).
     let a_slots: Vec<(Reg, Reg)> = (0..group * 4 / threads)
         .map(|r| {
             let f = k.reg(Class::B32);
             k.ins(format!("add.u32 {f}, {tid}, {};", threads * r));
             let row = k.reg(Class::B32);
-            k.ins(format!("shr.u32 {row}, {f}, 2;"));
+            let low = k.reg(Class::B32);
+            k.ins(format!("shr.u32 {row}, {f}, 5;"));
+            k.ins(format!("shl.b32 {row}, {row}, 3;"));
+            k.ins(format!("and.b32 {low}, {f}, 7;"));
+            k.ins(format!("add.u32 {row}, {row}, {low};"));
             let kq = k.reg(Class::B32);
-            k.ins(format!("and.b32 {kq}, {f}, 3;"));
+            k.ins(format!("shr.u32 {kq}, {f}, 3;"));
+            k.ins(format!("and.b32 {kq}, {kq}, 3;"));
             k.ins(format!("shl.b32 {kq}, {kq}, 2;"));
             (row, kq)
         })
@@ -455,14 +463,36 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
             let f = k.reg(Class::B32);
             k.ins(format!("add.u32 {f}, {tid}, {};", threads * r));
             match weights {
-                // Row f / 2 of the tile (output columns col0..; with pairs, the first rows of
-                // columns col0..col0+64, then their second rows), inputs 8·(f % 2)..; rows
-                // clamped to the last column (never stored).
+                // A row of the tile (output columns col0..; with pairs, the first rows of
+                // columns col0..col0+64, then their second rows) and a half of the k-step's 16
+                // inputs; rows clamped to the last column (never stored). Padded 48-byte rows:
+                // half f % 2 of row 8·(p / 8) + 2·(p % 4) + (p / 4) % 2, p = f / 2 (a 16-byte
+                // store phase, 8 threads, is 4 rows whose 48-byte offsets leave their halves on
+                // distinct banks: even rows, then odd). `wgmma`'s core matrices: half (f / 8) %
+                // 2 of row 8·(f / 16) + f % 8 (a phase is one core matrix, 128 contiguous
+                // bytes).
                 TcWeights::Rows(w) => {
-                    let row = k.reg(Class::B32);
-                    k.ins(format!("shr.u32 {row}, {f}, 1;"));
-                    let half = k.reg(Class::B32);
-                    k.ins(format!("and.b32 {half}, {f}, 1;"));
+                    let (row, half, low) =
+                        (k.reg(Class::B32), k.reg(Class::B32), k.reg(Class::B32));
+                    if wgmma {
+                        k.ins(format!("shr.u32 {half}, {f}, 3;"));
+                        k.ins(format!("and.b32 {half}, {half}, 1;"));
+                        k.ins(format!("shr.u32 {row}, {f}, 4;"));
+                        k.ins(format!("shl.b32 {row}, {row}, 3;"));
+                        k.ins(format!("and.b32 {low}, {f}, 7;"));
+                        k.ins(format!("add.u32 {row}, {row}, {low};"));
+                    } else {
+                        k.ins(format!("and.b32 {half}, {f}, 1;"));
+                        k.ins(format!("shr.u32 {row}, {f}, 4;"));
+                        k.ins(format!("shl.b32 {row}, {row}, 3;"));
+                        k.ins(format!("shr.u32 {low}, {f}, 1;"));
+                        k.ins(format!("and.b32 {low}, {low}, 3;"));
+                        k.ins(format!("shl.b32 {low}, {low}, 1;"));
+                        k.ins(format!("add.u32 {row}, {row}, {low};"));
+                        k.ins(format!("shr.u32 {low}, {f}, 3;"));
+                        k.ins(format!("and.b32 {low}, {low}, 1;"));
+                        k.ins(format!("add.u32 {row}, {row}, {low};"));
+                    }
                     let grow = k.reg(Class::B32);
                     if pairs {
                         let second = k.reg(Class::B32);
