@@ -81,15 +81,15 @@ fn dot8(
     let elem = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {elem}, {row}, {inputs}, {i};"));
     let ws = load_weights8(k, storage, w, elem);
-    let xoff = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {xoff}, {i}, 4;"));
-    let xp = k.reg(Class::B64);
-    // The staged layout keeps a lane's second four inputs 512 bytes after its first
-    // (`stage_inputs`); its base already takes 16 bytes per lane off.
-    let (base, space, second) = match x {
-        Input::Global(r) => (r, "global", 16),
-        Input::Shared(r) => (r, "shared", 512),
+    // The staged copy keeps each lane's first four inputs at twice their index in bytes and
+    // its next four `second` bytes after them (`stage_inputs`).
+    let (base, space, bytes_per_index, second) = match x {
+        Input::Global(r) => (r, "global", 4, 16),
+        Input::Shared { base, second } => (base, "shared", 2, second),
     };
+    let xoff = k.reg(Class::B64);
+    k.ins(format!("mul.wide.u32 {xoff}, {i}, {bytes_per_index};"));
+    let xp = k.reg(Class::B64);
     k.ins(format!("add.u64 {xp}, {base}, {xoff};"));
     let xs: Vec<Reg> = (0..8).map(|_| k.reg(Class::F32)).collect();
     k.ins(format!(
@@ -122,31 +122,34 @@ fn dot8(
 }
 
 /// Where a GEMV reads its inputs: global memory, or the block's staged copy in shared memory
-/// (its base less 16 bytes per lane: `stage_inputs`' layout).
+/// (`second`: the offset of the second half, `stage_inputs`).
 #[derive(Clone, Copy)]
 enum Input {
     Global(Reg),
-    Shared(Reg),
+    Shared { base: Reg, second: u32 },
+}
+
+/// Bytes between the staged inputs' two halves: the first half's `2 · inputs`, and 64 more so
+/// that a staging phase's stores to the two halves fall on different banks.
+fn second_half(inputs: u32) -> u32 {
+    2 * inputs + 64
 }
 
 /// Inputs up to this width are staged in shared memory (48 KiB of static shared memory, less
-/// the per-warp partial sums), rounded up to a step of 256.
-pub const MAX_STAGED_INPUTS: u32 = (48 * 1024 - 4 * WARPS_PER_BLOCK) / 4;
-
-/// Shared floats the staged inputs take: whole steps of 256.
-fn staged_floats(inputs: u32) -> u32 {
-    inputs.next_multiple_of(256)
-}
+/// the per-warp partial sums and the 64 bytes between the halves).
+pub const MAX_STAGED_INPUTS: u32 = (48 * 1024 - 4 * WARPS_PER_BLOCK - 64) / 4;
 
 /// The block stages its inputs once in shared memory (normalised and scaled by the gain when
 /// there is a norm prologue): every warp then reads them from there, and the norm's sum of
-/// squares is computed once per block instead of once per warp. Each step of 256 inputs is
-/// stored as two halves of 128: lane l's first four inputs (8l..8l+3) at 4l of the first half,
-/// its next four at 4l of the second, so each of a warp's two 16-byte reads per step is 512
-/// contiguous bytes and free of bank conflicts (in input order, lanes 32 bytes apart, every
-/// read took twice the wavefronts). Thread t stores the t-th 16 bytes of each 4 KiB round
-/// (conflict-free too), loading them from wherever they sit in x, up to four rounds' loads in
-/// flight before the first store (the whole block waits for this at its barrier).
+/// squares is computed once per block instead of once per warp. Each thread takes every 256th
+/// group of four inputs with 16-byte loads, up to four groups' loads in flight before the
+/// first store (the whole block waits for this at its barrier). A lane reads eight inputs a
+/// step (8·lane + 256·s..): in input order its two 16-byte reads would leave lanes 32 bytes
+/// apart, two to a bank in each phase (twice the wavefronts). So they are stored in two
+/// halves, each lane's first four inputs (index i) at byte 2i of the first and its next four
+/// at byte 2i of the second (`second_half` further on): each read is 512 contiguous bytes,
+/// and both halves are at addresses linear in i (no register more than before: the GEMVs
+/// keep to 32).
 fn stage_inputs(
     k: &mut Kernel,
     spec: &GemvSpec,
@@ -157,54 +160,43 @@ fn stage_inputs(
     lane: Reg,
 ) -> Input {
     let threads = 32 * WARPS_PER_BLOCK;
-    const _: () = assert!(
-        32 * WARPS_PER_BLOCK == 256,
-        "a round is 1024 inputs: 4 steps"
-    );
-    let floats = staged_floats(spec.inputs);
-    k.shared("xs", 4 * floats, 16);
+    let second = second_half(spec.inputs);
+    k.shared("xs", second + 2 * spec.inputs, 16);
     k.shared("partial", 4 * WARPS_PER_BLOCK, 16);
     let xs = k.reg(Class::B64);
     k.ins(format!("mov.u64 {xs}, xs;"));
     let ss = k.reg(Class::F32);
     k.ins(format!("mov.f32 {ss}, 0f00000000;"));
-    let per_thread = (floats / 4).div_ceil(threads);
-    // Slot t of a round (16 bytes at 16t) holds inputs src.. with src = 256·(t / 64) +
-    // 8·(t % 32) + 4·((t / 32) % 2): step t / 64, lane t % 32, half (t / 32) % 2.
-    let src = k.reg(Class::B32);
-    let part = k.reg(Class::B32);
-    k.ins(format!("shr.u32 {src}, {tid}, 6;"));
-    k.ins(format!("shl.b32 {src}, {src}, 8;"));
-    k.ins(format!("and.b32 {part}, {tid}, 31;"));
-    k.ins(format!("shl.b32 {part}, {part}, 3;"));
-    k.ins(format!("add.u32 {src}, {src}, {part};"));
-    k.ins(format!("shr.u32 {part}, {tid}, 5;"));
-    k.ins(format!("and.b32 {part}, {part}, 1;"));
-    k.ins(format!("shl.b32 {part}, {part}, 2;"));
-    k.ins(format!("add.u32 {src}, {src}, {part};"));
-    let (from, mine) = (k.reg(Class::B64), k.reg(Class::B64));
-    k.ins(format!("mul.wide.u32 {from}, {src}, 4;"));
+    let quads = spec.inputs / 4;
+    let per_thread = quads.div_ceil(threads);
+    let mine = k.reg(Class::B64);
     k.ins(format!("mul.wide.u32 {mine}, {tid}, 16;"));
     let (xp, sp) = (k.reg(Class::B64), k.reg(Class::B64));
-    k.ins(format!("add.u64 {xp}, {x}, {from};"));
-    k.ins(format!("add.u64 {sp}, {xs}, {mine};"));
+    k.ins(format!("add.u64 {xp}, {x}, {mine};"));
+    // Inputs 4t.. go to byte 8t of the first half (t even) or 8t - 8 of the second (t odd):
+    // a phase of 8 threads stores 64 bytes to each half, 64 bytes apart in banks.
+    let slot = k.reg(Class::B32);
+    k.ins(format!("and.b32 {slot}, {tid}, 1;"));
+    k.ins(format!("mul.lo.u32 {slot}, {slot}, {};", second - 8));
+    k.ins(format!("mad.lo.u32 {slot}, {tid}, 8, {slot};"));
+    k.ins(format!("cvt.u64.u32 {sp}, {slot};"));
+    k.ins(format!("add.u64 {sp}, {xs}, {sp};"));
     let gp = gain.map(|g| {
         let gp = k.reg(Class::B64);
-        k.ins(format!("add.u64 {gp}, {g}, {from};"));
+        k.ins(format!("add.u64 {gp}, {g}, {mine};"));
         gp
     });
     for round in (0..per_thread).step_by(4) {
         let mut loaded = Vec::new();
         for m in round..(round + 4).min(per_thread) {
-            // Only the last round can reach past the inputs (a round is 4 · threads of them,
-            // in x and in shared memory alike).
-            let guard = if 4 * threads * (m + 1) <= spec.inputs {
+            // Only the last group of a thread can fall past the end.
+            let guard = if threads * (m + 1) <= quads {
                 String::new()
             } else {
                 let q = k.reg(Class::B32);
-                k.ins(format!("add.u32 {q}, {src}, {};", 4 * threads * m));
+                k.ins(format!("add.u32 {q}, {tid}, {};", threads * m));
                 let p = k.reg(Class::Pred);
-                k.ins(format!("setp.lt.u32 {p}, {q}, {};", spec.inputs));
+                k.ins(format!("setp.lt.u32 {p}, {q}, {quads};"));
                 format!("@{p} ")
             };
             let at = 16 * threads * m;
@@ -230,9 +222,14 @@ fn stage_inputs(
                     k.ins(format!("mul.f32 {xv}, {xv}, {gv};"));
                 }
             }
+            // A round is 1024 inputs: 4 KiB of x, 2 KiB of each half.
             k.ins(format!(
-                "{guard}st.shared.v4.f32 [{sp}+{at}], {{{}, {}, {}, {}}};",
-                v[0], v[1], v[2], v[3]
+                "{guard}st.shared.v4.f32 [{sp}+{}], {{{}, {}, {}, {}}};",
+                at / 2,
+                v[0],
+                v[1],
+                v[2],
+                v[3]
             ));
         }
     }
@@ -241,12 +238,7 @@ fn stage_inputs(
         store_warp_partial(k, ss, warp, lane);
     }
     k.ins("bar.sync 0;");
-    // Each lane's reads start 16 bytes per lane before its inputs' index (`dot8`): step s,
-    // lane l reads at 4·(256s + 8l) - 16l = 4·(256s + 4l).
-    let base = k.reg(Class::B64);
-    k.ins(format!("mul.wide.u32 {base}, {lane}, 16;"));
-    k.ins(format!("sub.u64 {base}, {xs}, {base};"));
-    Input::Shared(base)
+    Input::Shared { base: xs, second }
 }
 
 /// The block's sum of squares from the per-warp partials, as `1 / sqrt(mean + eps)`.
@@ -414,7 +406,7 @@ fn gemv_kernel(spec: &GemvSpec, with_best: bool) -> String {
     prefetch_rows(&mut k, spec, w, col, lane);
     k.wait_for_earlier_kernels();
     // Staging needs every thread of the block at its barrier: before any warp leaves.
-    let staged = staged_floats(spec.inputs) <= MAX_STAGED_INPUTS;
+    let staged = spec.inputs <= MAX_STAGED_INPUTS;
     let input = if staged {
         stage_inputs(&mut k, spec, x, gain, tid, warp, lane)
     } else {
