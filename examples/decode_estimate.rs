@@ -142,7 +142,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     write_zero_checkpoint(dir.path(), &config(vocab)?)?;
     let model = Model::load(dir.path())?;
     let mut engine = EmuEngine::with_options(&model, &GpuOptions::default())?;
-    engine.enable_bank_stats();
+    engine.enable_access_stats();
     let started = std::time::Instant::now();
     let lat = Latencies::default();
     let only = std::env::args().nth(2);
@@ -286,13 +286,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("- {k}: {extra:.1} µs over its bandwidth time");
     }
     // Shared-memory bank conflicts of the step's kernels (the interpreter's count).
-    if let Some(stats) = engine.bank_stats() {
+    if let Some(stats) = engine.access_stats().map(|s| &s.shared) {
         println!("\nshared-memory wavefronts per kernel (taken / fewest its words allow):");
         for (kernel, w) in &stats.kernels {
-            println!("- {kernel}: {} / {}", w.taken, w.ideal);
+            println!("- {kernel}: {} / {}", w.taken, w.fewest);
         }
-        for ((kernel, line), w) in stats.conflicted() {
-            println!("  - conflicted: {kernel}: `{line}`: {} / {}", w.taken, w.ideal);
+        for ((kernel, line), w) in stats.excess() {
+            println!(
+                "  - conflicted: {kernel}: `{line}`: {} / {}",
+                w.taken, w.fewest
+            );
         }
     }
     Ok(())

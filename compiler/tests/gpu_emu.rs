@@ -612,13 +612,18 @@ fn projections_in_k_parts_compute_the_golden_logits() {
     }
 }
 
-/// Shared memory without bank conflicts, by the interpreter's count of wavefronts
-/// (`emu/banks.rs`): every kernel of a prefill chunk, a decode step and the device argmax of
-/// gen-b64-bf16 (the published models' layouts: gate blocks on tensor cores, heads of 64 or
-/// more) takes the fewest wavefronts its accesses' words allow, with `mma.sync` and split
-/// inputs and with `wgmma` and f16 inputs (row scales).
+/// Memory transactions, by the interpreter's count (`emu/requests.rs`), of every kernel of a
+/// prefill chunk, a decode step and the device argmax of gen-b64-bf16 (the published models'
+/// layouts: gate blocks on tensor cores, heads of 64 or more), with `mma.sync` and split
+/// inputs and with `wgmma` and f16 inputs (row scales). Shared memory: every access takes the
+/// fewest wavefronts its words allow (no bank conflicts). Global memory: every access touches
+/// no more 32-byte sectors than its bytes fill (coalesced), but for three known places, each
+/// with its companion access filling the other half of the same sectors: the RG-LRU's conv
+/// taps (a 4-byte load per tap, K floats apart), the tensor-core epilogues' scalar
+/// stores and residual loads (a lane's two adjacent columns, one instruction each), and chunk
+/// attention's two 16-byte halves of a lane's 32 bytes.
 #[test]
-fn shared_memory_accesses_are_free_of_bank_conflicts() {
+fn memory_accesses_are_free_of_bank_conflicts_and_coalesced() {
     use griffin_backend_ptx::tc::{TcInputs, TcMma};
     use griffinc::gpu::GpuOptions;
     let e = expected("gen-b64-bf16");
@@ -634,19 +639,34 @@ fn shared_memory_accesses_are_free_of_bank_conflicts() {
             ..GpuOptions::default()
         };
         let mut engine = EmuEngine::with_options(&model, &opts).unwrap();
-        engine.enable_bank_stats();
+        engine.enable_access_stats();
         engine.reset();
         let (prompt, last) = e.input_ids.split_at(e.input_ids.len() - 1);
         engine.prefill(prompt, &mut |_| {}).unwrap();
         engine.step(last[0], &mut |_| {}).unwrap();
         engine.device_argmax().unwrap();
-        let stats = engine.bank_stats().unwrap();
+        let stats = &engine.access_stats().unwrap().shared;
         // Prefill projections, gates, attention and norms; decode GEMVs, step and attention.
         assert!(stats.kernels.len() >= 10, "{:?}", stats.kernels.keys());
         assert!(
-            stats.conflicted().is_empty(),
+            stats.excess().is_empty(),
             "{tc_mma:?}: {:#?}",
-            stats.conflicted()
+            stats.excess()
         );
+        let global = &engine.access_stats().unwrap().global;
+        assert!(global.kernels.len() >= 15, "{:?}", global.kernels.keys());
+        for ((kernel, line), c) in global.excess() {
+            let conv_taps = kernel.contains("rg_lru") && line.starts_with("ld.global.nc.f32");
+            let epilogue = kernel.starts_with('p')
+                && (line.starts_with("st.global.f32") || line.starts_with("ld.global.f32"));
+            let attention_halves = kernel.ends_with("attend_tokens_tc") && line.contains(".v4.b32");
+            assert!(
+                (conv_taps || epilogue || attention_halves) && c.taken == 2 * c.fewest
+                    || conv_taps && c.taken == 4 * c.fewest,
+                "{tc_mma:?}: {kernel}: `{line}`: {} sectors for {}",
+                c.taken,
+                c.fewest
+            );
+        }
     }
 }

@@ -101,7 +101,7 @@ fn main() {
     ]))
     .unwrap();
     let mut mem = Memory::new();
-    mem.enable_bank_stats();
+    mem.enable_access_stats();
     let q = mem.alloc_f32(&rng.vec(tokens * h * hd));
     let ck = mem.alloc_f32(&rng.vec(tokens * hd));
     let cv = mem.alloc_f32(&rng.vec(tokens * hd));
@@ -293,13 +293,16 @@ fn main() {
         println!("| {name} | {:.3e} | {:.3e} |", n, n / 32.0);
     }
     // Shared-memory bank conflicts of the kernels above (the interpreter's count).
-    if let Some(stats) = mem.bank_stats() {
+    if let Some(stats) = mem.access_stats().map(|s| &s.shared) {
         println!("\nshared-memory wavefronts per kernel (taken / fewest its words allow):");
         for (kernel, w) in &stats.kernels {
-            println!("- {kernel}: {} / {}", w.taken, w.ideal);
+            println!("- {kernel}: {} / {}", w.taken, w.fewest);
         }
-        for ((kernel, line), w) in stats.conflicted().iter().take(20) {
-            println!("  - conflicted: {kernel}: `{line}`: {} / {}", w.taken, w.ideal);
+        for ((kernel, line), w) in stats.excess().iter().take(20) {
+            println!(
+                "  - conflicted: {kernel}: `{line}`: {} / {}",
+                w.taken, w.fewest
+            );
         }
     }
 }

@@ -126,14 +126,15 @@ impl EmuEngine {
         self.memory.set_block_order(order);
     }
 
-    /// Counts the shared-memory wavefronts of every later launch (bank conflicts).
-    pub fn enable_bank_stats(&mut self) {
-        self.memory.enable_bank_stats();
+    /// Counts the memory transactions of every later launch: shared-memory wavefronts (bank
+    /// conflicts) and global sectors (coalescing).
+    pub fn enable_access_stats(&mut self) {
+        self.memory.enable_access_stats();
     }
 
-    /// What `enable_bank_stats` counted so far.
-    pub fn bank_stats(&self) -> Option<&emu::BankStats> {
-        self.memory.bank_stats()
+    /// What `enable_access_stats` counted so far.
+    pub fn access_stats(&self) -> Option<&emu::AccessStats> {
+        self.memory.access_stats()
     }
 
     /// Writes a decode step's token id and position into device memory.

@@ -4,10 +4,10 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
-use super::banks::BankRecorder;
 use super::collective::*;
 use super::memory::*;
 use super::parse::*;
+use super::requests::AccessRecorder;
 use super::sync::{BlockSync, Releases, Sees, ThreadSync};
 use super::timing::{latency, Clock};
 use super::{err, EmuError};
@@ -154,7 +154,10 @@ pub(super) fn run_block(
         unfenced: vec![0; (f.shared_bytes as usize).div_ceil(16)],
         unfenced_by: HashMap::new(),
         async_readers: vec![0; (f.shared_bytes as usize).div_ceil(16)],
-        banks: memory.bank_stats.as_ref().map(|_| BankRecorder::default()),
+        requests: memory
+            .access_stats
+            .as_ref()
+            .map(|_| AccessRecorder::default()),
     };
     // Each warpgroup's `wgmma`s in flight.
     let mut async_groups: Vec<AsyncGroups> = (0..n.div_ceil(128))
@@ -197,8 +200,8 @@ pub(super) fn run_block(
             }
         }
         if threads.iter().all(|t| t.wait == Wait::Done) {
-            if let (Some(stats), Some(banks)) = (&mut memory.bank_stats, shared.banks.take()) {
-                stats.add_block(&f.name, |pc| &f.code[pc].line, banks.finish());
+            if let (Some(stats), Some(rec)) = (&mut memory.access_stats, shared.requests.take()) {
+                stats.add_block(&f.name, |pc| &f.code[pc].line, rec);
             }
             if let Some(timing) = &mut memory.timing {
                 let longest = threads
@@ -237,8 +240,8 @@ pub(super) fn run_block(
                     };
                     let rows = ldmatrix(&f.code[pc], warp, &mut shared, who)
                         .map_err(|e| EmuError(format!("{}: {e}", f.name)))?;
-                    if let Some(b) = &mut shared.banks {
-                        b.ldmatrix(warp_index as u32, pc, &rows);
+                    if let Some(rec) = &mut shared.requests {
+                        rec.ldmatrix(warp_index as u32, pc, &rows);
                     }
                 }
                 _ => shuffle(&f.code[pc], warp)?,
@@ -609,17 +612,22 @@ impl Ctx<'_> {
                     continue;
                 }
                 _ => {
-                    let counted =
-                        shared.banks.is_some() && ins.op.get(1).is_some_and(|s| s == "shared");
+                    // Memory instructions, where transactions are counted (`requests.rs`).
+                    let counted = shared.requests.is_some()
+                        && ins.op[0] != "prefetch"
+                        && ins
+                            .op
+                            .get(1)
+                            .is_some_and(|s| s == "shared" || s == "global");
                     if counted {
-                        if let Some(b) = &mut shared.banks {
-                            b.begin(self.tid, t.pc);
+                        if let Some(rec) = &mut shared.requests {
+                            rec.begin(self.tid, t.pc);
                         }
                     }
                     self.step(ins, t, memory, shared)
                         .map_err(|e| EmuError(format!("{}: `{}`: {e}", self.f.name, ins.line)))?;
-                    if let Some(b) = shared.banks.as_mut().filter(|_| counted) {
-                        b.end();
+                    if let Some(rec) = shared.requests.as_mut().filter(|_| counted) {
+                        rec.end();
                     }
                     if let (Some(timing), Some(c)) = (&memory.timing, &mut t.clock) {
                         let lat = self
@@ -653,6 +661,7 @@ impl Ctx<'_> {
                 if let LoadKind::Read { waited, nc } = kind {
                     self.global_access(memory, addr, size, Touch::Read { nc }, waited)?;
                 }
+                shared.count_global(addr, size);
                 if let Some(l) = memory.load_latency(addr, self.now.get()) {
                     let longest = self.memory_latency.get().map_or(l, |m| m.max(l));
                     self.memory_latency.set(Some(longest));
@@ -681,6 +690,7 @@ impl Ctx<'_> {
             Base::Param(_) => err("store to a parameter"),
             _ => {
                 self.global_access(memory, addr, size, Touch::Write, waited)?;
+                shared.count_global(addr, size);
                 memory.write_bytes(addr, bytes)
             }
         }
@@ -810,6 +820,7 @@ impl Ctx<'_> {
                     (Base::Shared(_), _) => return err("only adds on shared memory"),
                     (Base::Param(_), _) => return err("atomic on a parameter"),
                     _ => {
+                        shared.count_global(addr, size);
                         let mut sync = self.sync.borrow_mut();
                         let ThreadSync {
                             acquired, pending, ..

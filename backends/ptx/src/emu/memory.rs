@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::banks::{BankRecorder, BankStats};
+use super::requests::{AccessRecorder, AccessStats};
 use super::sync::{AtomicWords, Releases, Sees};
 use super::timing::{Latencies, Timing};
 use super::{err, EmuError};
@@ -237,8 +237,9 @@ pub(super) struct SharedMemory {
     /// `wgmma.wait_group` read it. The tensor cores may read it at any time until then, so a
     /// store to it (by any thread) is an error.
     pub(super) async_readers: Vec<u16>,
-    /// Bank-conflict counting, where asked for (`Memory::enable_bank_stats`).
-    pub(super) banks: Option<BankRecorder>,
+    /// The block's accesses for counting transactions, where asked for
+    /// (`Memory::enable_access_stats`).
+    pub(super) requests: Option<AccessRecorder>,
 }
 
 impl SharedMemory {
@@ -292,10 +293,18 @@ impl SharedMemory {
         Ok(AtomicOp::Add(value).apply(&mut self.bytes[r]))
     }
 
-    /// The bytes in `r` for the access under way, where banks are counted (`banks.rs`).
+    /// The bytes in `r` for the access under way, where transactions are counted
+    /// (`requests.rs`).
     fn count_banks(&mut self, r: &std::ops::Range<usize>) {
-        if let Some(b) = &mut self.banks {
-            b.touch(r.start, r.len());
+        if let Some(rec) = &mut self.requests {
+            rec.touch_shared(r.start, r.len());
+        }
+    }
+
+    /// Global bytes touched by the access under way, where transactions are counted.
+    pub(super) fn count_global(&mut self, addr: u64, len: usize) {
+        if let Some(rec) = &mut self.requests {
+            rec.touch_global(addr, len);
         }
     }
 
@@ -371,8 +380,8 @@ pub struct Memory {
     pub(super) atomic_words: AtomicWords,
     /// The order blocks run in.
     pub(super) block_order: BlockOrder,
-    /// Shared-memory wavefronts per kernel and instruction, where asked for.
-    pub(super) bank_stats: Option<BankStats>,
+    /// Transactions per kernel and instruction, where asked for.
+    pub(super) access_stats: Option<AccessStats>,
 }
 
 /// The order the interpreter runs a launch's blocks in, one after the other. The hardware
@@ -405,7 +414,7 @@ impl Memory {
             timing: None,
             atomic_words: AtomicWords::default(),
             block_order: BlockOrder::Forward,
-            bank_stats: None,
+            access_stats: None,
         }
     }
 
@@ -440,14 +449,15 @@ impl Memory {
         self.timing = Some(Timing::new(lat));
     }
 
-    /// Counts the wavefronts of every later launch's shared-memory accesses (`banks.rs`).
-    pub fn enable_bank_stats(&mut self) {
-        self.bank_stats = Some(BankStats::default());
+    /// Counts the transactions of every later launch's memory accesses: shared-memory
+    /// wavefronts and global sectors (`requests.rs`).
+    pub fn enable_access_stats(&mut self) {
+        self.access_stats = Some(AccessStats::default());
     }
 
-    /// What was counted since `enable_bank_stats`.
-    pub fn bank_stats(&self) -> Option<&BankStats> {
-        self.bank_stats.as_ref()
+    /// What was counted since `enable_access_stats`.
+    pub fn access_stats(&self) -> Option<&AccessStats> {
+        self.access_stats.as_ref()
     }
 
     /// Stops timing launches.

@@ -10,22 +10,22 @@
 //!
 //! `parse` reads a module, `exec` runs a launch (`memory` holds global and shared memory and
 //! finds races, `collective` the warp- and warpgroup-wide instructions, `timing` an optional
-//! latency model, `banks` optional counts of shared-memory bank conflicts).
+//! latency model, `requests` optional counts of transactions: bank conflicts, coalescing).
 
-mod banks;
 mod collective;
 mod exec;
 mod memory;
 mod parse;
+mod requests;
 mod sync;
 #[cfg(test)]
 mod tests;
 mod timing;
 
-pub use banks::{BankStats, Wavefronts};
 pub use exec::{run, Launch};
 pub use memory::{BlockOrder, Memory};
 pub use parse::{Function, Module};
+pub use requests::{AccessStats, Cost, CostTable};
 pub use timing::Latencies;
 
 /// A failure to parse or run a kernel.
