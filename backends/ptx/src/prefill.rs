@@ -263,7 +263,60 @@ pub(crate) struct Outputs<'a> {
 /// Finishes the result of (token `t`, output column `col`) from its accumulator(s) `vals`
 /// (gate and up for GeGLU) and stores it: bias, the epilogue, the residual (in the unsplit
 /// layout), then the split output the column falls in.
-pub(crate) fn finish_token(k: &mut Kernel, o: &Outputs, mut vals: Vec<Reg>, t: Reg, col: Reg) {
+pub(crate) fn finish_token(k: &mut Kernel, o: &Outputs, vals: Vec<Reg>, t: Reg, col: Reg) {
+    let mut value = biased_epilogue(k, o, vals, col);
+    if let Some(res) = o.residual {
+        let re = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {re}, {t}, {}, {col};", o.spec.width));
+        let ra = addr4(k, res, re);
+        let rv = k.reg(Class::F32);
+        k.ins(format!("ld.global.f32 {rv}, [{ra}];"));
+        let s = k.reg(Class::F32);
+        k.ins(format!("add.f32 {s}, {value}, {rv};"));
+        value = s;
+    }
+    let oa = output_address(k, o, t, col);
+    k.ins(format!("st.global.f32 [{oa}], {value};"));
+}
+
+/// Finishes the results of token `t` at output columns `col` (even) and `col + 1` (`cols`:
+/// each column's accumulators) as `finish_token` does, with one 8-byte residual load and one
+/// 8-byte store for both: a warp's lanes then fill whole 32-byte sectors, where a column at a
+/// time leaves half of each untouched. Split parts must have even widths (tensor-core
+/// projections' are multiples of 8), so both columns fall in one.
+pub(crate) fn finish_tokens(k: &mut Kernel, o: &Outputs, cols: [Vec<Reg>; 2], t: Reg, col: Reg) {
+    assert!(
+        o.parts.iter().all(|p| p % 2 == 0),
+        "split parts of even width"
+    );
+    let second = k.reg(Class::B32);
+    k.ins(format!("add.u32 {second}, {col}, 1;"));
+    let mut values: Vec<Reg> = cols
+        .into_iter()
+        .zip([col, second])
+        .map(|(vals, c)| biased_epilogue(k, o, vals, c))
+        .collect();
+    if let Some(res) = o.residual {
+        let re = k.reg(Class::B32);
+        k.ins(format!("mad.lo.u32 {re}, {t}, {}, {col};", o.spec.width));
+        let ra = addr4(k, res, re);
+        let (r0, r1) = (k.reg(Class::F32), k.reg(Class::F32));
+        k.ins(format!("ld.global.v2.f32 {{{r0}, {r1}}}, [{ra}];"));
+        for (v, r) in values.iter_mut().zip([r0, r1]) {
+            let s = k.reg(Class::F32);
+            k.ins(format!("add.f32 {s}, {v}, {r};"));
+            *v = s;
+        }
+    }
+    let oa = output_address(k, o, t, col);
+    k.ins(format!(
+        "st.global.v2.f32 [{oa}], {{{}, {}}};",
+        values[0], values[1]
+    ));
+}
+
+/// Output column `col`'s accumulators with its bias and the epilogue applied.
+fn biased_epilogue(k: &mut Kernel, o: &Outputs, mut vals: Vec<Reg>, col: Reg) -> Reg {
     let spec = o.spec;
     if let Some(b) = o.bias {
         let mut row = col;
@@ -281,17 +334,11 @@ pub(crate) fn finish_token(k: &mut Kernel, o: &Outputs, mut vals: Vec<Reg>, t: R
         }
     }
     let up = *vals.get(1).unwrap_or(&vals[0]);
-    let mut value = apply_epilogue(k, spec.epilogue, vals[0], up);
-    if let Some(res) = o.residual {
-        let re = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {re}, {t}, {}, {col};", spec.width));
-        let ra = addr4(k, res, re);
-        let rv = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {rv}, [{ra}];"));
-        let s = k.reg(Class::F32);
-        k.ins(format!("add.f32 {s}, {value}, {rv};"));
-        value = s;
-    }
+    apply_epilogue(k, spec.epilogue, vals[0], up)
+}
+
+/// The address of (token `t`, output column `col`) in the split output the column falls in.
+fn output_address(k: &mut Kernel, o: &Outputs, t: Reg, col: Reg) -> Reg {
     let out = k.reg(Class::B64);
     k.ins(format!("mov.u64 {out}, {};", o.outs[0]));
     let stride = k.reg(Class::B32);
@@ -309,8 +356,7 @@ pub(crate) fn finish_token(k: &mut Kernel, o: &Outputs, mut vals: Vec<Reg>, t: R
     }
     let oe = k.reg(Class::B32);
     k.ins(format!("mad.lo.u32 {oe}, {t}, {stride}, {ocol};"));
-    let oa = addr4(k, out, oe);
-    k.ins(format!("st.global.f32 [{oa}], {value};"));
+    addr4(k, out, oe)
 }
 
 /// Parameters: count `i32[1]`, x `f32[T, I]`, w `[rows, I]`, [bias `f32[rows]`], [residual

@@ -7,7 +7,7 @@
 
 use crate::builder::{Class, Kernel, Reg};
 use crate::gemv::{Epilogue, GemvSpec};
-use crate::prefill::{finish_token, Outputs, ProjectionParams, TARGET_SMS};
+use crate::prefill::{finish_token, finish_tokens, Outputs, ProjectionParams, TARGET_SMS};
 use crate::rg_lru::{addr4, block_size, gated_input, load_weight, RgLruSpec, Storage};
 
 /// Warps of a block across its output columns.
@@ -314,8 +314,9 @@ struct TcShape {
     k_split: u32,
 }
 
-/// Finishes one result: `(kernel, accumulators, token, output column)`.
-type Finish<'a> = dyn FnMut(&mut Kernel, Vec<Reg>, Reg, Reg) + 'a;
+/// Finishes the results of one token at two adjacent output columns: `(kernel, each column's
+/// accumulators, token, the first column, which is even)`.
+type Finish<'a> = dyn FnMut(&mut Kernel, [Vec<Reg>; 2], Reg, Reg) + 'a;
 
 /// The body both kernels share. A block of 4 · `token_warps` warps computes 128 output
 /// columns (64 with pairs, whose two rows make 128 weight rows) for one group of up to 64 ·
@@ -978,7 +979,20 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
             row_ups.push((dt, up));
         }
     }
-    for (dt, dc, mut vals) in results {
+    // A thread's accumulators come in pairs of adjacent columns (2q, 2q + 1) of a row (listed
+    // one after the other): with the width a multiple of 8 both are in range or neither, and
+    // are finished together.
+    assert!(width % 8 == 0, "tensor-core widths are multiples of 8");
+    let mut results = results.into_iter();
+    let mut groups: Vec<(u32, u32, [Vec<Reg>; 2])> = Vec::new();
+    while let (Some((dt, dc, first)), Some((dt2, dc2, second))) = (results.next(), results.next()) {
+        assert!(
+            dt == dt2 && dc + 1 == dc2 && dc % 2 == 0,
+            "adjacent columns"
+        );
+        groups.push((dt, dc, [first, second]));
+    }
+    for (dt, dc, mut cols) in groups {
         let skip = k.label("skip");
         let t = k.reg(Class::B32);
         k.ins(format!("add.u32 {t}, {t0}, {dt};"));
@@ -988,13 +1002,13 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
         k.leave_unless_below(col, width, &skip);
         if let Some(&(_, up)) = row_ups.iter().find(|&&(seen, _)| seen == dt) {
             // The row's sums times its 2^k (exact).
-            for v in vals.iter_mut() {
+            for v in cols.iter_mut().flatten() {
                 let scaled = k.reg(Class::F32);
                 k.ins(format!("mul.f32 {scaled}, {v}, {up};"));
                 *v = scaled;
             }
         }
-        finish(k, vals, t, col);
+        finish(k, cols, t, col);
         k.place(&skip);
     }
     k.place(&group_end);
@@ -1037,8 +1051,8 @@ pub fn gemm_tokens_tc(
         token_warps,
         k_split: 1,
     };
-    tc_body(&mut k, &shape, &mut |k, vals, t, col| {
-        finish_token(k, &outputs, vals, t, col)
+    tc_body(&mut k, &shape, &mut |k, cols, t, col| {
+        finish_tokens(k, &outputs, cols, t, col)
     });
     k.finish()
 }
@@ -1126,12 +1140,14 @@ pub fn gemm_tokens_tc_partial(
     let b = k.reg(Class::B32);
     k.ins(format!("mov.u32 {b}, %ctaid.x;"));
     k.ins(format!("div.u32 {part}, {b}, {part};"));
-    tc_body(&mut k, &shape, &mut |k, vals, t, col| {
+    tc_body(&mut k, &shape, &mut |k, cols, t, col| {
         let e = k.reg(Class::B32);
         k.ins(format!("mad.lo.u32 {e}, {part}, {max_tokens}, {t};"));
         k.ins(format!("mad.lo.u32 {e}, {e}, {width}, {col};"));
         let at = addr4(k, partial, e);
-        k.ins(format!("st.global.f32 [{at}], {};", vals[0]));
+        // Two adjacent columns, the first even: one 8-byte store.
+        let [a, b] = &cols;
+        k.ins(format!("st.global.v2.f32 [{at}], {{{}, {}}};", a[0], b[0]));
     });
     k.finish()
 }
@@ -1217,26 +1233,43 @@ pub fn rg_lru_gates_tc(s: &RgLruSpec, inputs_as: TcInputs, token_warps: u32) -> 
     // `tc_body` also reads before waiting for the kernel before).
     let p0 = k.reg(Class::B32);
     k.ins(format!("ld.global.u32 {p0}, [{start}];"));
-    tc_body(&mut k, &shape, &mut |k, vals, t, col| {
+    // Token t's (position p) gates at columns `first` (even) and `first + 1`: the biases, the
+    // gated input, a_t and b_t; the two columns' conv outputs read and a_t, b_t stored 8 bytes
+    // at a time, filling whole sectors.
+    tc_body(&mut k, &shape, &mut |k, cols, t, first| {
         let p = k.reg(Class::B32);
         k.ins(format!("add.u32 {p}, {p0}, {t};"));
-        let zx = k.reg(Class::F32);
-        let bx = load_weight(k, Storage::F32, igb, col);
-        k.ins(format!("add.f32 {zx}, {}, {bx};", vals[0]));
-        let zr = k.reg(Class::F32);
-        let br = load_weight(k, Storage::F32, rgb, col);
-        k.ins(format!("add.f32 {zr}, {}, {br};", vals[1]));
-        let rate = load_weight(k, Storage::F32, decay, col);
         let at = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {at}, {t}, {c}, {col};"));
+        k.ins(format!("mad.lo.u32 {at}, {t}, {c}, {first};"));
         let ca = addr4(k, conv, at);
-        let cv = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {cv}, [{ca}];"));
-        let (a, bv) = gated_input(k, zx, zr, rate, cv, p);
-        let aa = addr4(k, a_out, at);
-        k.ins(format!("st.global.f32 [{aa}], {a};"));
-        let ba = addr4(k, b_out, at);
-        k.ins(format!("st.global.f32 [{ba}], {bv};"));
+        let conv_in = [k.reg(Class::F32), k.reg(Class::F32)];
+        k.ins(format!(
+            "ld.global.v2.f32 {{{}, {}}}, [{ca}];",
+            conv_in[0], conv_in[1]
+        ));
+        let mut a_t = Vec::new();
+        let mut b_t = Vec::new();
+        for ((i, vals), cv) in cols.into_iter().enumerate().zip(conv_in) {
+            let col = k.reg(Class::B32);
+            k.ins(format!("add.u32 {col}, {first}, {i};"));
+            let zx = k.reg(Class::F32);
+            let bx = load_weight(k, Storage::F32, igb, col);
+            k.ins(format!("add.f32 {zx}, {}, {bx};", vals[0]));
+            let zr = k.reg(Class::F32);
+            let br = load_weight(k, Storage::F32, rgb, col);
+            k.ins(format!("add.f32 {zr}, {}, {br};", vals[1]));
+            let rate = load_weight(k, Storage::F32, decay, col);
+            let (a, bv) = gated_input(k, zx, zr, rate, cv, p);
+            a_t.push(a);
+            b_t.push(bv);
+        }
+        for (out, vals) in [(a_out, a_t), (b_out, b_t)] {
+            let oa = addr4(k, out, at);
+            k.ins(format!(
+                "st.global.v2.f32 [{oa}], {{{}, {}}};",
+                vals[0], vals[1]
+            ));
+        }
     });
     k.finish()
 }
