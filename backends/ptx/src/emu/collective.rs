@@ -229,12 +229,6 @@ pub(super) fn wgmma(
             }
             t.regs[reg] = bits_f32(acc as f32);
         }
-        for &r in &a {
-            t.in_flight[r] |= ASYNC_READS;
-        }
-        for &r in &d {
-            t.in_flight[r] |= ASYNC_WRITES;
-        }
     }
     Ok(AsyncMma {
         rows,
@@ -262,8 +256,10 @@ pub(super) struct AsyncGroups {
 }
 
 impl AsyncGroups {
-    pub(super) fn issue(&mut self, mma: AsyncMma) {
+    /// A `wgmma` issued by the warpgroup's threads (`group`).
+    pub(super) fn issue(&mut self, mma: AsyncMma, group: &mut [Thread]) {
         self.open.push(mma);
+        self.mark(group);
     }
 
     /// `wgmma.commit_group`: the open `wgmma`s become a group.
@@ -289,6 +285,12 @@ impl AsyncGroups {
                 }
             }
         }
+        self.mark(group);
+        Ok(())
+    }
+
+    /// The threads' `in_flight` flags: the registers of the `wgmma`s still in flight.
+    fn mark(&self, group: &mut [Thread]) {
         let pending: Vec<&AsyncMma> = self.committed.iter().flatten().chain(&self.open).collect();
         for t in group.iter_mut() {
             t.in_flight.fill(0);
@@ -301,7 +303,6 @@ impl AsyncGroups {
                 }
             }
         }
-        Ok(())
     }
 }
 

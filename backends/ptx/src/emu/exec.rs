@@ -270,7 +270,9 @@ pub(super) fn run_block(
             let ins = &f.code[pc];
             let pending = &mut async_groups[group_index];
             let done = match ins.op[1].as_str() {
-                "mma_async" => wgmma(ins, group, &mut shared, who).map(|mma| pending.issue(mma)),
+                "mma_async" => {
+                    wgmma(ins, group, &mut shared, who).map(|mma| pending.issue(mma, group))
+                }
                 "commit_group" => {
                     pending.commit();
                     Ok(())
@@ -505,7 +507,7 @@ impl Ctx<'_> {
 
     /// The thread ends: an error with a `wgmma` of its still in flight.
     fn leave(&self, t: &mut Thread) -> Result<(), EmuError> {
-        if t.in_flight.iter().any(|&f| f != 0) {
+        if self.f.issues_wgmma && t.in_flight.iter().any(|&f| f != 0) {
             return err(format!(
                 "{}: thread {} ends with a wgmma in flight (no wgmma.wait_group retired it)",
                 self.f.name, self.tid
@@ -543,7 +545,7 @@ impl Ctx<'_> {
                     continue;
                 }
             }
-            if ins.op[0] != "wgmma" {
+            if self.f.issues_wgmma && ins.op[0] != "wgmma" {
                 self.not_in_flight(t, ins)?;
             }
             match ins.op[0].as_str() {
@@ -619,10 +621,8 @@ impl Ctx<'_> {
                             .op
                             .get(1)
                             .is_some_and(|s| s == "shared" || s == "global");
-                    if counted {
-                        if let Some(rec) = &mut shared.requests {
-                            rec.begin(self.tid, t.pc);
-                        }
+                    if let Some(rec) = shared.requests.as_mut().filter(|_| counted) {
+                        rec.begin(self.tid, t.pc);
                     }
                     self.step(ins, t, memory, shared)
                         .map_err(|e| EmuError(format!("{}: `{}`: {e}", self.f.name, ins.line)))?;

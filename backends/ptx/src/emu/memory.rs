@@ -255,7 +255,7 @@ impl SharedMemory {
 
     pub(super) fn read(&mut self, at: u64, len: usize, who: Access) -> Result<&[u8], EmuError> {
         let r = self.range(at, len)?;
-        self.count_banks(&r);
+        self.count_shared(&r);
         self.shadow
             .access(1, r.start, len, who, Touch::Read { nc: false }, None)?;
         Ok(&self.bytes[r])
@@ -264,7 +264,7 @@ impl SharedMemory {
     pub(super) fn write(&mut self, at: u64, data: &[u8], who: Access) -> Result<(), EmuError> {
         let r = self.range(at, data.len())?;
         self.not_read_in_flight(&r)?;
-        self.count_banks(&r);
+        self.count_shared(&r);
         self.shadow
             .access(1, r.start, data.len(), who, Touch::Write, None)?;
         for unit in r.start / 16..=(r.end - 1) / 16 {
@@ -287,7 +287,7 @@ impl SharedMemory {
     ) -> Result<u64, EmuError> {
         let r = self.range(at, len)?;
         self.not_read_in_flight(&r)?;
-        self.count_banks(&r);
+        self.count_shared(&r);
         self.shadow
             .access(1, r.start, len, who, Touch::Atomic, None)?;
         Ok(AtomicOp::Add(value).apply(&mut self.bytes[r]))
@@ -295,7 +295,7 @@ impl SharedMemory {
 
     /// The bytes in `r` for the access under way, where transactions are counted
     /// (`requests.rs`).
-    fn count_banks(&mut self, r: &std::ops::Range<usize>) {
+    fn count_shared(&mut self, r: &std::ops::Range<usize>) {
         if let Some(rec) = &mut self.requests {
             rec.touch_shared(r.start, r.len());
         }

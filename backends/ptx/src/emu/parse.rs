@@ -96,6 +96,8 @@ pub struct Function {
     /// `.maxntid`: the most threads a block of this kernel may have.
     pub(super) max_threads: Option<u32>,
     pub(super) code: Vec<Instr>,
+    /// Whether it has `wgmma` instructions (only then can registers be in flight).
+    pub(super) issues_wgmma: bool,
 }
 
 /// A parsed PTX module.
@@ -373,6 +375,7 @@ impl Module {
                 ins.starts_block = true;
             }
         }
+        let issues_wgmma = code.iter().any(|i| i.op[0] == "wgmma");
         Ok(Function {
             name,
             params,
@@ -380,6 +383,7 @@ impl Module {
             shared_bytes,
             max_threads: None,
             code,
+            issues_wgmma,
         })
     }
 
