@@ -285,18 +285,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (k, extra) in by_kernel {
         println!("- {k}: {extra:.1} µs over its bandwidth time");
     }
-    // Shared-memory bank conflicts of the step's kernels (the interpreter's count).
-    if let Some(stats) = engine.access_stats().map(|s| &s.shared) {
-        println!("\nshared-memory wavefronts per kernel (taken / fewest its words allow):");
-        for (kernel, w) in &stats.kernels {
-            println!("- {kernel}: {} / {}", w.taken, w.fewest);
-        }
-        for ((kernel, line), w) in stats.excess() {
-            println!(
-                "  - conflicted: {kernel}: `{line}`: {} / {}",
-                w.taken, w.fewest
-            );
-        }
+    // The step's memory transactions (the interpreter's count).
+    if let Some(stats) = engine.access_stats() {
+        println!(
+            "\nshared-memory wavefronts (taken / fewest its words allow):\n{}",
+            stats.shared
+        );
+        println!(
+            "global sectors (taken / fewest its bytes allow):\n{}",
+            stats.global
+        );
     }
     Ok(())
 }

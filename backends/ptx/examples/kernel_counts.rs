@@ -292,17 +292,15 @@ fn main() {
     for (name, n) in rows {
         println!("| {name} | {:.3e} | {:.3e} |", n, n / 32.0);
     }
-    // Shared-memory bank conflicts of the kernels above (the interpreter's count).
-    if let Some(stats) = mem.access_stats().map(|s| &s.shared) {
-        println!("\nshared-memory wavefronts per kernel (taken / fewest its words allow):");
-        for (kernel, w) in &stats.kernels {
-            println!("- {kernel}: {} / {}", w.taken, w.fewest);
-        }
-        for ((kernel, line), w) in stats.excess().iter().take(20) {
-            println!(
-                "  - conflicted: {kernel}: `{line}`: {} / {}",
-                w.taken, w.fewest
-            );
-        }
+    // The memory transactions of the kernels above (the interpreter's count).
+    if let Some(stats) = mem.access_stats() {
+        println!(
+            "\nshared-memory wavefronts (taken / fewest its words allow):\n{}",
+            stats.shared
+        );
+        println!(
+            "global sectors (taken / fewest its bytes allow):\n{}",
+            stats.global
+        );
     }
 }

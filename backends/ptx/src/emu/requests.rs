@@ -111,6 +111,24 @@ impl CostTable {
     }
 }
 
+/// Each kernel's transactions (taken / fewest), then each instruction taking more than the
+/// fewest, worst first.
+impl std::fmt::Display for CostTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (kernel, c) in &self.kernels {
+            writeln!(f, "- {kernel}: {} / {}", c.taken, c.fewest)?;
+        }
+        for ((kernel, line), c) in self.excess() {
+            writeln!(
+                f,
+                "  - more: {kernel}: `{line}`: {} / {}",
+                c.taken, c.fewest
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Shared-memory wavefronts and global sectors.
 #[derive(Clone, Debug, Default)]
 pub struct AccessStats {
@@ -182,15 +200,11 @@ impl AccessRecorder {
     /// An `ldmatrix` of `rows` (16-byte rows at these byte addresses, 8 per matrix) by the
     /// warp at `pc`: each matrix is one phase.
     pub(super) fn ldmatrix(&mut self, warp: u32, pc: usize, rows: &[usize]) {
-        let n = self.instances.entry((32 * warp, pc)).or_insert(0);
-        let lanes = self.shared.entry((warp, pc, *n)).or_default();
-        *n += 1;
-        // As lanes 4 words wide, so 8 make a phase: one matrix.
+        // Each row as its lane's 16-byte access, so 8 make a phase: one matrix.
         for (lane, &at) in rows.iter().enumerate() {
-            lanes
-                .entry(lane as u32)
-                .or_default()
-                .extend((at / 4) as u32..(at / 4 + 4) as u32);
+            self.begin(32 * warp + lane as u32, pc);
+            self.touch_shared(at, 16);
+            self.end();
         }
     }
 
