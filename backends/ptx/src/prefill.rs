@@ -264,19 +264,7 @@ pub(crate) struct Outputs<'a> {
 /// (gate and up for GeGLU) and stores it: bias, the epilogue, the residual (in the unsplit
 /// layout), then the split output the column falls in.
 pub(crate) fn finish_token(k: &mut Kernel, o: &Outputs, vals: Vec<Reg>, t: Reg, col: Reg) {
-    let mut value = biased_epilogue(k, o, vals, col);
-    if let Some(res) = o.residual {
-        let re = k.reg(Class::B32);
-        k.ins(format!("mad.lo.u32 {re}, {t}, {}, {col};", o.spec.width));
-        let ra = addr4(k, res, re);
-        let rv = k.reg(Class::F32);
-        k.ins(format!("ld.global.f32 {rv}, [{ra}];"));
-        let s = k.reg(Class::F32);
-        k.ins(format!("add.f32 {s}, {value}, {rv};"));
-        value = s;
-    }
-    let oa = output_address(k, o, t, col);
-    k.ins(format!("st.global.f32 [{oa}], {value};"));
+    finish_columns(k, o, vec![vals], t, col);
 }
 
 /// Finishes the results of token `t` at output columns `col` (even) and `col + 1` (`cols`:
@@ -289,20 +277,39 @@ pub(crate) fn finish_tokens(k: &mut Kernel, o: &Outputs, cols: [Vec<Reg>; 2], t:
         o.parts.iter().all(|p| p % 2 == 0),
         "split parts of even width"
     );
-    let second = k.reg(Class::B32);
-    k.ins(format!("add.u32 {second}, {col}, 1;"));
+    finish_columns(k, o, cols.into(), t, col);
+}
+
+/// Token `t`'s results at the adjacent columns `col`.. (one, or two in one split part), their
+/// residual loaded and their results stored with one (vector) instruction each.
+fn finish_columns(k: &mut Kernel, o: &Outputs, cols: Vec<Vec<Reg>>, t: Reg, col: Reg) {
+    let at: Vec<Reg> = (0..cols.len())
+        .map(|i| {
+            if i == 0 {
+                return col;
+            }
+            let c = k.reg(Class::B32);
+            k.ins(format!("add.u32 {c}, {col}, {i};"));
+            c
+        })
+        .collect();
     let mut values: Vec<Reg> = cols
         .into_iter()
-        .zip([col, second])
+        .zip(at)
         .map(|(vals, c)| biased_epilogue(k, o, vals, c))
         .collect();
+    // `.v2` for two values, nothing for one (with `operands`).
+    let shape = match values.len() {
+        1 => String::new(),
+        n => format!(".v{n}"),
+    };
     if let Some(res) = o.residual {
         let re = k.reg(Class::B32);
         k.ins(format!("mad.lo.u32 {re}, {t}, {}, {col};", o.spec.width));
         let ra = addr4(k, res, re);
-        let (r0, r1) = (k.reg(Class::F32), k.reg(Class::F32));
-        k.ins(format!("ld.global.v2.f32 {{{r0}, {r1}}}, [{ra}];"));
-        for (v, r) in values.iter_mut().zip([r0, r1]) {
+        let rs: Vec<Reg> = values.iter().map(|_| k.reg(Class::F32)).collect();
+        k.ins(format!("ld.global{shape}.f32 {}, [{ra}];", operands(&rs)));
+        for (v, r) in values.iter_mut().zip(rs) {
             let s = k.reg(Class::F32);
             k.ins(format!("add.f32 {s}, {v}, {r};"));
             *v = s;
@@ -310,9 +317,23 @@ pub(crate) fn finish_tokens(k: &mut Kernel, o: &Outputs, cols: [Vec<Reg>; 2], t:
     }
     let oa = output_address(k, o, t, col);
     k.ins(format!(
-        "st.global.v2.f32 [{oa}], {{{}, {}}};",
-        values[0], values[1]
+        "st.global{shape}.f32 [{oa}], {};",
+        operands(&values)
     ));
+}
+
+/// Registers as a vector instruction's operand: `a` alone, or `{a, b, ...}`.
+fn operands(regs: &[Reg]) -> String {
+    match regs {
+        [one] => one.to_string(),
+        _ => format!(
+            "{{{}}}",
+            regs.iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// Output column `col`'s accumulators with its bias and the epilogue applied.

@@ -923,36 +923,41 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
     // Epilogue. `mma.sync`: accumulator i of (token tile, column tile j) is (token t0 +
     // 64·token_warp + 16·tile + g + 8·(i >> 1), column col0 + warp's first + 8j + 2q + (i &
     // 1)). `wgmma`: register i of n tile j is (token t0 + 64·token_warp + 16·warp + g + 8·(i
-    // >> 1), column col0 + 8j + 2q + (i & 1)), the second rows' 8 tiles further on. As (token
-    // offset, column offset, accumulators) from the thread's bases:
-    let results: Vec<(u32, u32, Vec<Reg>)> = if wgmma {
+    // >> 1), column col0 + 8j + 2q + (i & 1)), the second rows' 8 tiles further on. So
+    // accumulators 2h and 2h + 1 are adjacent columns (2q, 2q + 1) of one row: with the width a
+    // multiple of 8 both are in range or neither, and they are finished together. As (token
+    // offset, first column's offset, both columns' accumulators) from the thread's bases:
+    type Pair = (u32, u32, [Vec<Reg>; 2]);
+    let results: Vec<Pair> = if wgmma {
         let tiles = if pairs { 8 } else { 16 };
+        let column = |j: usize, i: usize| {
+            let mut vals = vec![wg_accs[j][i]];
+            if pairs {
+                vals.push(wg_accs[j + 8][i]);
+            }
+            vals
+        };
         (0..tiles)
-            .flat_map(|j| (0..4usize).map(move |i| (j, i)))
-            .map(|(j, i)| {
-                let mut vals = vec![wg_accs[j][i]];
-                if pairs {
-                    vals.push(wg_accs[j + 8][i]);
-                }
-                (8 * (i as u32 >> 1), 8 * j as u32 + (i as u32 & 1), vals)
+            .flat_map(|j| (0..2usize).map(move |h| (j, h)))
+            .map(|(j, h)| {
+                let cols = [column(j, 2 * h), column(j, 2 * h + 1)];
+                (8 * h as u32, 8 * j as u32, cols)
             })
             .collect()
     } else {
         let mut out = Vec::new();
         for (tile, tile_accs) in accs.iter().enumerate() {
             for (j, column_accs) in tile_accs.iter().enumerate() {
-                for i in 0..4u32 {
-                    let vals = column_accs.iter().map(|a| a[i as usize]).collect();
-                    out.push((
-                        16 * tile as u32 + 8 * (i >> 1),
-                        8 * j as u32 + (i & 1),
-                        vals,
-                    ));
+                let column = |i: usize| column_accs.iter().map(|a| a[i]).collect();
+                for h in 0..2u32 {
+                    let cols = [column(2 * h as usize), column(2 * h as usize + 1)];
+                    out.push((16 * tile as u32 + 8 * h, 8 * j as u32, cols));
                 }
             }
         }
         out
     };
+    assert!(width % 8 == 0, "tensor-core widths are multiples of 8");
     k.ins(format!("mad.lo.u32 {t0}, {token_warp}, 64, {t0};"));
     k.ins(format!("add.u32 {t0}, {t0}, {g};"));
     let col_base = k.reg(Class::B32);
@@ -979,20 +984,7 @@ fn tc_body(k: &mut Kernel, s: &TcShape, finish: &mut Finish) {
             row_ups.push((dt, up));
         }
     }
-    // A thread's accumulators come in pairs of adjacent columns (2q, 2q + 1) of a row (listed
-    // one after the other): with the width a multiple of 8 both are in range or neither, and
-    // are finished together.
-    assert!(width % 8 == 0, "tensor-core widths are multiples of 8");
-    let mut results = results.into_iter();
-    let mut groups: Vec<(u32, u32, [Vec<Reg>; 2])> = Vec::new();
-    while let (Some((dt, dc, first)), Some((dt2, dc2, second))) = (results.next(), results.next()) {
-        assert!(
-            dt == dt2 && dc + 1 == dc2 && dc % 2 == 0,
-            "adjacent columns"
-        );
-        groups.push((dt, dc, [first, second]));
-    }
-    for (dt, dc, mut cols) in groups {
+    for (dt, dc, mut cols) in results {
         let skip = k.label("skip");
         let t = k.reg(Class::B32);
         k.ins(format!("add.u32 {t}, {t0}, {dt};"));
